@@ -1,0 +1,1 @@
+//! Client library for wqd (filled in by the daemon-and-clients work).

@@ -1,0 +1,1 @@
+//! Reading sysfs/procfs (stub; filled in by the topology reader work).

@@ -1,0 +1,1 @@
+//! CPU hotplug uevents (stub; filled in by the topology reader work).
