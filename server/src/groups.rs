@@ -1,3 +1,56 @@
 //! Groups: which CPUs each target names, the widening chain, and placement (pure functions).
 //!
-//! STUB — filled in by the groups work.
+//! STUB — filled in by the groups work; the signatures below are the contract.
+
+use std::collections::BTreeMap;
+
+use crate::cpuset::CpuSet;
+use crate::target::Target;
+use crate::topology::Topology;
+
+/// Group settings from config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupsConfig {
+    /// Cores per shard when an LLC is split into shards.
+    pub shard_cores: u32,
+    /// Named groups: `NAME` -> CPUs.
+    pub named: BTreeMap<String, CpuSet>,
+    /// Named partitions: `NAME:N` -> the N-th range.
+    pub partitions: BTreeMap<String, Vec<CpuSet>>,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        Self {
+            shard_cores: 8,
+            named: BTreeMap::new(),
+            partitions: BTreeMap::new(),
+        }
+    }
+}
+
+/// Levels, narrowest first; `List` is any explicit cpulist (cpus:, named, partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    Cpu,
+    Core,
+    Shard,
+    Cache,
+    Node,
+    Package,
+    All,
+    List,
+}
+
+/// Every group of one topology.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupMap {}
+
+impl GroupMap {
+    pub fn build(_topo: &Topology, _cfg: &GroupsConfig) -> GroupMap {
+        GroupMap {}
+    }
+    pub fn members(&self, _t: &Target) -> Option<CpuSet> {
+        None
+    }
+}
