@@ -54,3 +54,72 @@ impl GroupMap {
         None
     }
 }
+
+// ---- provisional implementation (replaced by the groups work) ----
+
+/// What a workqueue does when a target's group has no live CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fallback {
+    Widen,
+    Wait,
+    Reject,
+}
+
+/// Where in a group an item runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Placement {
+    First,
+    Spread,
+    LeastLoaded,
+    Idle,
+}
+
+/// Errors resolving a target against the topology.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    #[error("cpu {cpu} is not a possible CPU")]
+    UnknownCpu { cpu: u32, possible: CpuSet },
+}
+
+/// The CPUs an item of a target may start on now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub eligible: CpuSet,
+    pub fallback: Option<Level>,
+    pub members: CpuSet,
+}
+
+impl GroupMap {
+    pub fn resolve(
+        &self,
+        t: &Target,
+        live: &CpuSet,
+        policy: Fallback,
+    ) -> Result<Resolution, GroupError> {
+        let members = match t {
+            Target::Cpu(c) => CpuSet::single(*c),
+            Target::Cpus(s) => s.clone(),
+            _ => CpuSet::range(0, 63),
+        };
+        let eligible = members.intersection(live);
+        if !eligible.is_empty() {
+            return Ok(Resolution {
+                eligible,
+                fallback: None,
+                members,
+            });
+        }
+        if policy == Fallback::Widen {
+            return Ok(Resolution {
+                eligible: live.clone(),
+                fallback: Some(Level::All),
+                members,
+            });
+        }
+        Ok(Resolution {
+            eligible,
+            fallback: None,
+            members,
+        })
+    }
+}

@@ -29,3 +29,20 @@ pub enum Target {
     /// `all`
     All,
 }
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Cpu(n) => write!(f, "cpu:{n}"),
+            Target::Core(n) => write!(f, "core:{n}"),
+            Target::Cache(n) => write!(f, "cache:{n}"),
+            Target::Shard(n) => write!(f, "shard:{n}"),
+            Target::Node(n) => write!(f, "node:{n}"),
+            Target::Package(n) => write!(f, "package:{n}"),
+            Target::Cpus(s) => write!(f, "cpus:{s}"),
+            Target::Named(n) => write!(f, "{n}"),
+            Target::Partition { name, index } => write!(f, "{name}:{index}"),
+            Target::All => write!(f, "all"),
+        }
+    }
+}
