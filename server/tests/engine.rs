@@ -1,0 +1,506 @@
+//! Behaviour of the engine on a made-up topology (pinning off): placement, fallback, keys,
+//! delays, deadlines, flush, cancel, drain, ordered, limits, panics and batch atomicity.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use wqd::engine::{
+    CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult,
+    ItemSpec, State, WorkqueueAttrs,
+};
+use wqd::groups::{Fallback, Placement};
+use wqd::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
+use wqd::target::Target;
+
+/// Records every run: (item, cpu), concurrency per CPU, and the order of starts.
+#[derive(Default)]
+struct Probe {
+    runs: Mutex<Vec<(u64, u32)>>,
+    running: Mutex<BTreeMap<u32, usize>>,
+    max_running: Mutex<BTreeMap<u32, usize>>,
+    total_running: AtomicUsize,
+    max_total: AtomicUsize,
+}
+
+struct ProbeHandler(Arc<Probe>, &'static str, HandlerKind);
+
+impl Handler for ProbeHandler {
+    fn name(&self) -> &str {
+        self.1
+    }
+    fn kind(&self) -> HandlerKind {
+        self.2
+    }
+    fn validate(&self, args: &Args, _p: &[u8]) -> Result<(), HandlerError> {
+        match args.keys().find(|k| *k != "ms") {
+            Some(k) => Err(HandlerError::InvalidArgument(format!("unknown argument {k}"))),
+            None => Ok(()),
+        }
+    }
+    fn run(&self, ctx: &WorkCtx<'_>) -> Result<Vec<u8>, HandlerError> {
+        let p = &self.0;
+        p.runs.lock().push((ctx.item, ctx.cpu));
+        {
+            let mut r = p.running.lock();
+            let n = r.entry(ctx.cpu).or_default();
+            *n += 1;
+            let m = *n;
+            let mut mx = p.max_running.lock();
+            let e = mx.entry(ctx.cpu).or_default();
+            *e = (*e).max(m);
+        }
+        let t = p.total_running.fetch_add(1, Ordering::SeqCst) + 1;
+        p.max_total.fetch_max(t, Ordering::SeqCst);
+        let ms: u64 = ctx.args.get("ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let cancelled = ms > 0 && ctx.cancel.wait_timeout(Duration::from_millis(ms));
+        p.total_running.fetch_sub(1, Ordering::SeqCst);
+        *p.running.lock().entry(ctx.cpu).or_default() -= 1;
+        if cancelled {
+            return Err(HandlerError::Cancelled);
+        }
+        Ok(ctx.item.to_le_bytes().to_vec())
+    }
+}
+
+struct Rig {
+    engine: Engine,
+    probe: Arc<Probe>,
+    topo: wqd::topology::Topology,
+    snap: Mutex<Arc<wqd::live::Snapshot>>,
+}
+
+impl Rig {
+    fn new(n: u32, live: &str) -> Rig {
+        let topo = common::topology(n);
+        let snap = common::snapshot(&topo, 1, &live.parse().unwrap());
+        let probe = Arc::new(Probe::default());
+        let mut reg = Registry::with_builtins(None);
+        reg.register(Arc::new(ProbeHandler(probe.clone(), "probe", HandlerKind::CpuBound)));
+        reg.register(Arc::new(ProbeHandler(probe.clone(), "wait", HandlerKind::Waits)));
+        let cfg = EngineConfig {
+            pinning: false,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::start(cfg, reg, snap.clone()).unwrap();
+        Rig {
+            engine,
+            probe,
+            topo,
+            snap: Mutex::new(snap),
+        }
+    }
+    fn set_live(&self, live: &str) {
+        let mut s = self.snap.lock();
+        *s = common::next(&s, &live.parse().unwrap());
+        self.engine.apply_snapshot(&s);
+    }
+    fn wq(&self, name: &str, f: impl FnOnce(&mut WorkqueueAttrs)) {
+        let mut a = WorkqueueAttrs::named(name);
+        f(&mut a);
+        self.engine.create_workqueue(a).unwrap();
+    }
+    fn submit(&self, wq: &str, items: Vec<ItemSpec>) -> Vec<u64> {
+        let r = self.engine.submit(wq, items).unwrap();
+        r.items.iter().map(|s| s.id).collect()
+    }
+    fn flush(&self, ids: &[u64]) -> Vec<Arc<ItemResult>> {
+        let mut f = self.engine.flush(FlushScope::Items(ids.to_vec())).unwrap();
+        let deadline = Some(Instant::now() + Duration::from_secs(20));
+        let mut out = Vec::new();
+        while let Some(ev) = f.next_blocking(deadline).expect("flush timed out") {
+            match ev {
+                FlushEvent::Done(r) => out.push(r),
+                FlushEvent::Gone(id) => panic!("result of {id} gone"),
+            }
+        }
+        out.sort_by_key(|r| r.id);
+        out
+    }
+}
+
+fn item(t: &str, h: &str) -> ItemSpec {
+    ItemSpec::new(parse_target(t), h)
+}
+
+fn parse_target(t: &str) -> Target {
+    let (k, v) = t.split_once(':').unwrap_or((t, ""));
+    match k {
+        "cpu" => Target::Cpu(v.parse().unwrap()),
+        "cpus" => Target::Cpus(v.parse().unwrap()),
+        "all" => Target::All,
+        other => panic!("test target {other}"),
+    }
+}
+
+#[test]
+fn runs_on_the_named_cpu_and_reports_it() {
+    let rig = Rig::new(4, "0-3");
+    let ids = rig.submit("default", (0..20).map(|_| item("cpu:2", "probe")).collect());
+    let res = rig.flush(&ids);
+    assert_eq!(res.len(), 20);
+    for r in &res {
+        assert_eq!(r.state, State::Ok, "{r:?}");
+        assert_eq!(r.cpu_started, Some(2));
+        assert_eq!(r.cpu_finished, Some(2));
+        assert_eq!(r.fallback, None);
+        assert_eq!(r.output, r.id.to_le_bytes());
+        assert!(r.started_at.unwrap() >= r.queued_at);
+        assert_eq!(r.epoch_started, Some(1));
+    }
+    assert_eq!(rig.probe.runs.lock().len(), 20);
+}
+
+#[test]
+fn a_group_runs_one_per_live_cpu_in_parallel() {
+    let rig = Rig::new(8, "0-7");
+    let ids = rig.submit(
+        "default",
+        (0..32).map(|_| item("cpus:0-3", "probe").arg("ms", "20")).collect(),
+    );
+    let res = rig.flush(&ids);
+    let cpus: HashSet<u32> = res.iter().filter_map(|r| r.cpu_started).collect();
+    assert_eq!(cpus, HashSet::from([0, 1, 2, 3]), "spread over the group only");
+    // max_active 1: never two items of the workqueue on one CPU at once.
+    for (&cpu, &m) in rig.probe.max_running.lock().iter() {
+        assert_eq!(m, 1, "cpu {cpu} ran {m} at once");
+    }
+    assert!(rig.probe.max_total.load(Ordering::SeqCst) >= 2, "ran in parallel");
+}
+
+#[test]
+fn first_placement_uses_the_lowest_live_cpu() {
+    let rig = Rig::new(4, "1-3");
+    rig.wq("first", |a| a.placement = Placement::First);
+    let ids = rig.submit("first", (0..10).map(|_| item("cpus:0-3", "probe")).collect());
+    for r in rig.flush(&ids) {
+        assert_eq!(r.cpu_started, Some(1), "cpu 0 is offline; 1 is the first live");
+    }
+}
+
+#[test]
+fn widen_records_the_fallback_when_the_group_is_dead() {
+    let rig = Rig::new(4, "0-2");
+    let ids = rig.submit("default", vec![item("cpu:3", "probe")]);
+    let r = &rig.flush(&ids)[0];
+    assert_eq!(r.state, State::Ok);
+    assert!(r.fallback.is_some(), "{r:?}");
+    assert!(r.reason.contains("no live CPU in cpu:3"), "{}", r.reason);
+    assert!(r.cpu_started.unwrap() <= 2);
+}
+
+#[test]
+fn reject_policy_rejects_and_says_why() {
+    let rig = Rig::new(4, "0-2");
+    rig.wq("strict", |a| a.fallback = Fallback::Reject);
+    let ids = rig.submit("strict", vec![item("cpu:3", "probe"), item("cpu:1", "probe")]);
+    let res = rig.flush(&ids);
+    assert_eq!(res[0].state, State::Rejected);
+    assert!(res[0].reason.contains("reject"), "{}", res[0].reason);
+    assert_eq!(res[1].state, State::Ok);
+    assert_eq!(rig.probe.runs.lock().len(), 1);
+}
+
+#[test]
+fn wait_policy_waits_for_the_cpu_to_return() {
+    let rig = Rig::new(4, "0-2");
+    rig.wq("patient", |a| a.fallback = Fallback::Wait);
+    let ids = rig.submit("patient", vec![item("cpu:3", "probe")]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(rig.engine.results(&ids)[0].as_ref().unwrap().state, State::Pending);
+    assert!(rig.probe.runs.lock().is_empty());
+    rig.set_live("0-3");
+    let r = &rig.flush(&ids)[0];
+    assert_eq!((r.state, r.cpu_started, r.fallback), (State::Ok, Some(3), None));
+}
+
+#[test]
+fn pending_items_move_when_their_cpu_leaves() {
+    let rig = Rig::new(4, "0-3");
+    rig.wq("patient", |a| a.fallback = Fallback::Wait);
+    // Occupy cpu 1 so the rest stay pending, then take cpu 1 away.
+    let ids = rig.submit(
+        "default",
+        (0..6).map(|_| item("cpus:1-2", "probe").arg("ms", "30")).collect(),
+    );
+    rig.set_live("0,2-3");
+    let res = rig.flush(&ids);
+    assert!(res.iter().all(|r| r.state == State::Ok));
+    let late: Vec<_> = res
+        .iter()
+        .filter(|r| r.epoch_started == Some(2))
+        .map(|r| r.cpu_started)
+        .collect();
+    assert!(late.iter().all(|c| *c == Some(2)), "after the loss only cpu 2: {late:?}");
+}
+
+#[test]
+fn keys_dedupe_pending_items() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("patient", |a| a.fallback = Fallback::Wait);
+    rig.set_live("0");
+    let a = rig
+        .engine
+        .submit(
+            "patient",
+            vec![
+                {
+                    let mut i = item("cpu:1", "probe");
+                    i.key = Some("k".into());
+                    i
+                },
+                {
+                    let mut i = item("cpu:1", "probe");
+                    i.key = Some("k".into());
+                    i
+                },
+            ],
+        )
+        .unwrap();
+    assert!(a.items[0].queued);
+    assert!(!a.items[1].queued);
+    assert_eq!(a.items[1].id, a.items[0].id);
+    let b = rig
+        .engine
+        .submit("patient", vec![{
+            let mut i = item("cpu:1", "probe");
+            i.key = Some("k".into());
+            i
+        }])
+        .unwrap();
+    assert_eq!(b.items[0], wqd::engine::Submitted { id: a.items[0].id, queued: false });
+    rig.set_live("0-1");
+    rig.flush(&[a.items[0].id]);
+    // Once it has started the key is free again.
+    let c = rig
+        .engine
+        .submit("patient", vec![{
+            let mut i = item("cpu:1", "probe");
+            i.key = Some("k".into());
+            i
+        }])
+        .unwrap();
+    assert!(c.items[0].queued);
+    rig.flush(&[c.items[0].id]);
+    assert_eq!(rig.probe.runs.lock().len(), 2);
+}
+
+#[test]
+fn delayed_items_start_after_their_delay() {
+    let rig = Rig::new(2, "0-1");
+    let mut i = item("cpu:0", "probe");
+    i.delay = Some(Duration::from_millis(150));
+    let ids = rig.submit("default", vec![i]);
+    assert_eq!(rig.engine.results(&ids)[0].as_ref().unwrap().state, State::Delayed);
+    let r = &rig.flush(&ids)[0];
+    assert_eq!(r.state, State::Ok);
+    assert!(r.wait_time().unwrap() >= Duration::from_millis(150));
+}
+
+#[test]
+fn deadline_expires_items_that_cannot_start() {
+    let rig = Rig::new(2, "0");
+    rig.wq("patient", |a| a.fallback = Fallback::Wait);
+    let mut i = item("cpu:1", "probe");
+    i.deadline = Some(Duration::from_millis(50));
+    let ids = rig.submit("patient", vec![i]);
+    let r = &rig.flush(&ids)[0];
+    assert_eq!(r.state, State::Expired);
+    assert!(rig.probe.runs.lock().is_empty());
+}
+
+#[test]
+fn cancel_pending_never_runs_and_cancel_running_waits() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("patient", |a| a.fallback = Fallback::Wait);
+    rig.set_live("0");
+    let pending = rig.submit("patient", vec![item("cpu:1", "probe")]);
+    let running = rig.submit("default", vec![item("cpu:0", "probe").arg("ms", "5000")]);
+    while rig.probe.runs.lock().is_empty() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let t0 = Instant::now();
+    let rep = rig
+        .engine
+        .cancel(FlushScope::Items(vec![pending[0], running[0]]))
+        .unwrap();
+    assert_eq!(rep.outcomes[0].1, CancelOutcome::CancelledPending);
+    assert_eq!(rep.outcomes[1].1, CancelOutcome::WasRunning);
+    rep.running.wait(Some(Duration::from_secs(5))).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(4), "the handler saw the signal");
+    let res = rig.engine.results(&[pending[0], running[0]]);
+    assert_eq!(res[0].as_ref().unwrap().state, State::Cancelled);
+    assert_eq!(res[1].as_ref().unwrap().state, State::Cancelled);
+    rig.set_live("0-1");
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(rig.probe.runs.lock().len(), 1, "the pending one never ran");
+    let again = rig.engine.cancel(FlushScope::Items(vec![pending[0], 999_999])).unwrap();
+    assert_eq!(again.outcomes[0].1, CancelOutcome::AlreadyTerminal(State::Cancelled));
+    assert_eq!(again.outcomes[1].1, CancelOutcome::Unknown);
+}
+
+#[test]
+fn workqueue_flush_covers_only_what_was_queued_before() {
+    let rig = Rig::new(2, "0-1");
+    let before = rig.submit("default", (0..4).map(|_| item("cpu:0", "probe").arg("ms", "20")).collect());
+    let f = rig.engine.flush(FlushScope::Workqueue("default".into())).unwrap();
+    let after = rig.submit("default", (0..4).map(|_| item("cpu:0", "probe").arg("ms", "20")).collect());
+    assert_eq!(f.covered(), 4);
+    let sum = f.wait(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&4));
+    let now = rig.engine.results(&before);
+    assert!(now.iter().all(|r| r.as_ref().unwrap().state == State::Ok));
+    rig.flush(&after);
+}
+
+#[test]
+fn flush_timeout_ends_the_wait_not_the_work() {
+    let rig = Rig::new(2, "0-1");
+    let ids = rig.submit("default", vec![item("cpu:0", "probe").arg("ms", "300")]);
+    let f = rig.engine.flush(FlushScope::Items(ids.clone())).unwrap();
+    assert!(matches!(f.wait(Some(Duration::from_millis(20))), Err(EngineError::Timeout(_))));
+    assert_eq!(rig.flush(&ids)[0].state, State::Ok);
+    assert_eq!(rig.engine.stats().flushes, 0, "dropped flushes leave nothing behind");
+}
+
+#[test]
+fn drain_refuses_new_work_until_empty() {
+    let rig = Rig::new(2, "0-1");
+    rig.submit("default", (0..3).map(|_| item("cpu:0", "probe").arg("ms", "30")).collect());
+    let d = rig.engine.drain("default").unwrap();
+    assert!(matches!(
+        rig.engine.submit("default", vec![item("cpu:0", "probe")]),
+        Err(EngineError::Draining(_))
+    ));
+    d.wait(Some(Duration::from_secs(10))).unwrap();
+    rig.submit("default", vec![item("cpu:0", "probe")]);
+}
+
+#[test]
+fn ordered_runs_one_at_a_time_in_order() {
+    let rig = Rig::new(4, "0-3");
+    rig.wq("ord", |a| a.ordered = true);
+    let targets = ["cpu:0", "cpu:1", "cpu:2", "cpu:3", "all", "cpus:1-2"];
+    let ids = rig.submit(
+        "ord",
+        (0..24).map(|i| item(targets[i % targets.len()], "probe").arg("ms", "2")).collect(),
+    );
+    rig.flush(&ids);
+    let order: Vec<u64> = rig.probe.runs.lock().iter().map(|r| r.0).collect();
+    assert_eq!(order, ids, "strict FIFO");
+    assert_eq!(rig.probe.max_total.load(Ordering::SeqCst), 1, "one at a time");
+}
+
+#[test]
+fn max_active_and_group_cap_limit_concurrency() {
+    let rig = Rig::new(4, "0-3");
+    rig.wq("wide", |a| a.max_active = 3);
+    let ids = rig.submit("wide", (0..12).map(|_| item("cpu:1", "probe").arg("ms", "30")).collect());
+    rig.flush(&ids);
+    assert_eq!(rig.probe.max_running.lock().get(&1), Some(&3));
+    rig.wq("capped", |a| a.group_max_active = 2);
+    rig.probe.max_total.store(0, Ordering::SeqCst);
+    let ids = rig.submit("capped", (0..12).map(|_| item("all", "probe").arg("ms", "20")).collect());
+    rig.flush(&ids);
+    assert_eq!(rig.probe.max_total.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn waiting_handlers_do_not_hold_the_cpu_slot() {
+    let rig = Rig::new(2, "0-1");
+    // A long waiting item on cpu 0, then CPU-bound items there: they must not wait for it.
+    let w = rig.submit("default", vec![item("cpu:0", "wait").arg("ms", "3000")]);
+    std::thread::sleep(Duration::from_millis(30));
+    let t0 = Instant::now();
+    let ids = rig.submit("default", (0..3).map(|_| item("cpu:0", "probe")).collect());
+    let res = rig.flush(&ids);
+    assert!(res.iter().all(|r| r.state == State::Ok));
+    assert!(t0.elapsed() < Duration::from_secs(2), "CPU-bound work ran beside the waiter");
+    rig.engine.cancel(FlushScope::Items(w)).unwrap().running.wait(None).unwrap();
+}
+
+#[test]
+fn panics_fail_the_item_and_the_worker_carries_on() {
+    let rig = Rig::new(2, "0-1");
+    let ids = rig.submit(
+        "default",
+        vec![
+            item("cpu:0", "noop").arg("panic", "1"),
+            item("cpu:0", "noop").arg("fail", "boom"),
+            item("cpu:0", "noop"),
+        ],
+    );
+    let res = rig.flush(&ids);
+    assert_eq!(res[0].state, State::Failed);
+    assert!(res[0].error.contains("panicked"), "{}", res[0].error);
+    assert_eq!((res[1].state, res[1].error.as_str()), (State::Failed, "boom"));
+    assert_eq!(res[2].state, State::Ok);
+}
+
+#[test]
+fn a_bad_batch_changes_nothing() {
+    let rig = Rig::new(2, "0-1");
+    let before = rig.engine.workqueues();
+    let bad = vec![item("cpu:0", "probe"), item("cpu:0", "nope")];
+    match rig.engine.submit("default", bad) {
+        Err(EngineError::UnknownHandler { index: 1, name, .. }) => assert_eq!(name, "nope"),
+        other => panic!("{other:?}"),
+    }
+    let bad = vec![item("cpu:0", "probe"), item("cpu:0", "probe").arg("x", "1")];
+    assert!(matches!(
+        rig.engine.submit("default", bad),
+        Err(EngineError::Handler { index: 1, .. })
+    ));
+    let bad = vec![item("cpu:0", "probe"), item("cpu:9", "probe")];
+    assert!(matches!(rig.engine.submit("default", bad), Err(EngineError::Group { index: 1, .. })));
+    assert!(matches!(
+        rig.engine.submit("nope", vec![item("cpu:0", "probe")]),
+        Err(EngineError::UnknownWorkqueue(_))
+    ));
+    assert_eq!(rig.engine.workqueues(), before);
+    assert_eq!(rig.engine.stats().items, 0);
+    assert!(rig.probe.runs.lock().is_empty());
+}
+
+#[test]
+fn full_workqueue_pushes_back() {
+    let rig = Rig::new(2, "0");
+    rig.wq("small", |a| {
+        a.max_queued = 5;
+        a.fallback = Fallback::Wait;
+    });
+    rig.submit("small", (0..4).map(|_| item("cpu:1", "probe")).collect());
+    match rig.engine.submit("small", (0..2).map(|_| item("cpu:1", "probe")).collect()) {
+        Err(EngineError::QueueFull { limit: 5, pending: 4, adding: 2, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    rig.submit("small", vec![item("cpu:1", "probe")]);
+    let _ = &rig.topo;
+}
+
+#[test]
+fn workqueue_lifecycle() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("tmp", |_| {});
+    assert!(matches!(
+        rig.engine.create_workqueue(WorkqueueAttrs::named("tmp")),
+        Err(EngineError::WorkqueueExists(_))
+    ));
+    let mut a = WorkqueueAttrs::named("tmp");
+    a.max_active = 0;
+    assert!(matches!(rig.engine.update_workqueue(a), Err(EngineError::InvalidAttrs(_))));
+    let mut a = WorkqueueAttrs::named("tmp");
+    a.max_active = 4;
+    rig.engine.update_workqueue(a).unwrap();
+    assert_eq!(
+        rig.engine.workqueues().iter().find(|w| w.attrs.name == "tmp").unwrap().attrs.max_active,
+        4
+    );
+    assert!(matches!(rig.engine.delete_workqueue("default"), Err(EngineError::DefaultWorkqueue)));
+    rig.engine.delete_workqueue("tmp").unwrap();
+    assert!(matches!(rig.engine.delete_workqueue("tmp"), Err(EngineError::UnknownWorkqueue(_))));
+}
