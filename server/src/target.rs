@@ -44,6 +44,63 @@ pub const RESERVED: [&str; 8] = [
 const EXPECTED_FORMS: &str = "cpu, core, cache, shard, node, package (each as WORD:N), \
                               cpus:LIST, all, or a lowercase group name (NAME or NAME:N)";
 
+/// A level keyword that takes a number: how to build the target and how errors name the number.
+struct Numbered {
+    word: &'static str,
+    make: fn(u32) -> Target,
+    what: &'static str,
+    what_with_colon: &'static str,
+    max: u64,
+}
+
+const CPU_MAX: u64 = MAX_CPUS as u64 - 1;
+const U32_MAX: u64 = u32::MAX as u64;
+
+const NUMBERED: [Numbered; 6] = [
+    Numbered {
+        word: "cpu",
+        make: Target::Cpu,
+        what: "a CPU number",
+        what_with_colon: "\":\" and a CPU number",
+        max: CPU_MAX,
+    },
+    Numbered {
+        word: "core",
+        make: Target::Core,
+        what: "a CPU number",
+        what_with_colon: "\":\" and a CPU number",
+        max: CPU_MAX,
+    },
+    Numbered {
+        word: "cache",
+        make: Target::Cache,
+        what: "an LLC number",
+        what_with_colon: "\":\" and an LLC number",
+        max: U32_MAX,
+    },
+    Numbered {
+        word: "shard",
+        make: Target::Shard,
+        what: "a shard number",
+        what_with_colon: "\":\" and a shard number",
+        max: U32_MAX,
+    },
+    Numbered {
+        word: "node",
+        make: Target::Node,
+        what: "a node number",
+        what_with_colon: "\":\" and a node number",
+        max: U32_MAX,
+    },
+    Numbered {
+        word: "package",
+        make: Target::Package,
+        what: "a package number",
+        what_with_colon: "\":\" and a package number",
+        max: U32_MAX,
+    },
+];
+
 /// A parsed target. `Display` prints the canonical form (`cpus:` lists in canonical cpulist
 /// form), so two spellings of the same group map to the same queue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -265,32 +322,16 @@ impl FromStr for Target {
             None => (body, None),
         };
         let head_end = lead + head.len();
-        let level: Option<(fn(u32) -> Target, &'static str, u64)> = match head {
-            "cpu" => Some((Target::Cpu, "a CPU number", u64::from(MAX_CPUS - 1))),
-            "core" => Some((Target::Core, "a CPU number", u64::from(MAX_CPUS - 1))),
-            "cache" => Some((Target::Cache, "an LLC number", u64::from(u32::MAX))),
-            "shard" => Some((Target::Shard, "a shard number", u64::from(u32::MAX))),
-            "node" => Some((Target::Node, "a node number", u64::from(u32::MAX))),
-            "package" => Some((Target::Package, "a package number", u64::from(u32::MAX))),
-            _ => None,
-        };
-        if let Some((make, what, max)) = level {
+        if let Some(kw) = NUMBERED.iter().find(|k| k.word == head) {
             let Some((a, at)) = arg else {
-                let what = match head {
-                    "cpu" | "core" => "\":\" and a CPU number",
-                    "cache" => "\":\" and an LLC number",
-                    "shard" => "\":\" and a shard number",
-                    "node" => "\":\" and a node number",
-                    _ => "\":\" and a package number",
-                };
                 return Err(TargetError::Expected {
                     at: head_end,
-                    what,
+                    what: kw.what_with_colon,
                     after: head.to_string(),
                     found: String::new(),
                 });
             };
-            return number(a, at, what, format!("{head}:"), max).map(make);
+            return number(a, at, kw.what, format!("{head}:"), kw.max).map(kw.make);
         }
         match (head, arg) {
             ("all", None) => Ok(Target::All),
