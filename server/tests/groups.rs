@@ -580,3 +580,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn big_machine_builds_and_resolves() {
+    // 2 packages x 8 LLCs x 16 cores x 2 threads = 512 CPUs; 8 possible CPUs never seen.
+    let mut locs = Vec::new();
+    for th in 0..2 {
+        for core in 0..256 {
+            let llc = core / 16;
+            locs.push(cpu_loc(th * 256 + core, core, llc, llc / 4, llc / 8));
+        }
+    }
+    let topo = topo("0-519", &locs, &[], true);
+    let mut cfg = GroupsConfig::default();
+    cfg.partition_ranges("rcu", &topo.possible, 16).unwrap();
+    let start = std::time::Instant::now();
+    let m = GroupMap::build(&topo, &cfg);
+    let built = start.elapsed();
+    let live = s("0-99,300-519");
+    let targets: Vec<Target> = m.listing().into_iter().map(|g| g.target).collect();
+    let start = std::time::Instant::now();
+    for target in &targets {
+        let r = m.resolve(target, &live, Fallback::Widen).unwrap();
+        assert!(!r.eligible.is_empty(), "{target}");
+    }
+    eprintln!(
+        "build {built:?}; {} resolves in {:?}",
+        targets.len(),
+        start.elapsed()
+    );
+    assert_eq!(members(&m, "shard:1"), "8-15,264-271");
+    assert_eq!(members(&m, "node:3"), "192-255,448-511");
+}
