@@ -159,7 +159,12 @@ impl CpuSet {
 
     /// Members of both sets.
     pub fn intersection(&self, other: &CpuSet) -> CpuSet {
-        let words = self.words.iter().zip(&other.words).map(|(a, b)| a & b).collect();
+        let words = self
+            .words
+            .iter()
+            .zip(&other.words)
+            .map(|(a, b)| a & b)
+            .collect();
         let mut s = CpuSet { words };
         s.trim();
         s
@@ -258,7 +263,11 @@ fn parse_item(item: &str, at: usize, set: &mut CpuSet) -> Result<(), CpuListErro
             let used = parse_num(u, sat)?;
             let group = parse_num(g, sat + u.len() + 1)?;
             if used == 0 || group == 0 || used > group {
-                return Err(CpuListError::BadStride { at: sat, used, group });
+                return Err(CpuListError::BadStride {
+                    at: sat,
+                    used,
+                    group,
+                });
             }
             (used, group)
         }
@@ -363,7 +372,11 @@ mod tests {
         );
         assert!(matches!(
             CpuSet::parse_list("5-2"),
-            Err(CpuListError::Backwards { at: 0, lo: 5, hi: 2 })
+            Err(CpuListError::Backwards {
+                at: 0,
+                lo: 5,
+                hi: 2
+            })
         ));
         assert!(matches!(
             CpuSet::parse_list("0-7:3/2"),

@@ -1,1 +1,846 @@
-//! The engine (STUB).
+//! The engine: workqueues, per-CPU pools of pinned workers, late-binding dispatch, flush,
+//! cancel, delayed work, deadlines, results and the watchdog.
+//!
+//! [`Engine`] owns one scheduler state behind one lock (see `sched.rs`), a timer thread, a
+//! watchdog thread and, per live CPU, a pool of worker threads pinned to that CPU. Items wait
+//! in queues per (workqueue, target) and are bound to a CPU only when a worker of a live CPU of
+//! their group takes them, so pending work never sits on a CPU that went away.
+//!
+//! Invariant (the contract): every accepted item reaches exactly one terminal state, once; an
+//! item starts only on a CPU that is live at that moment and eligible for its group (or the
+//! widened group its workqueue's fallback chose, recorded in its result); a flush returns once
+//! every covered item is terminal. The protocol, its races and why each is safe are in
+//! `README.md` beside this file.
+
+mod sched;
+mod timer;
+mod watchdog;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::cpuset::{CpuSet, MAX_CPUS};
+use crate::groups::{Fallback, GroupError, Level, Placement};
+use crate::handler::{Args, HandlerError, Registry};
+use crate::live::Snapshot;
+use crate::target::Target;
+
+pub use sched::ItemId;
+
+/// A batch's id.
+pub type BatchId = u64;
+
+/// Errors of the engine layer. The RPC layer maps each to one gRPC status.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown workqueue {0:?}")]
+    UnknownWorkqueue(String),
+    #[error("workqueue {0:?} already exists")]
+    WorkqueueExists(String),
+    #[error("invalid workqueue attributes: {0}")]
+    InvalidAttrs(String),
+    #[error("workqueue {name:?} is not empty ({items} items not terminal)")]
+    WorkqueueNotEmpty { name: String, items: usize },
+    #[error("the default workqueue cannot be deleted")]
+    DefaultWorkqueue,
+    #[error("item {index}: {source}")]
+    Group {
+        index: usize,
+        #[source]
+        source: GroupError,
+    },
+    #[error("item {index}: unknown handler {name:?} (known: {known})")]
+    UnknownHandler {
+        index: usize,
+        name: String,
+        known: String,
+    },
+    #[error("item {index}: {source}")]
+    Handler {
+        index: usize,
+        #[source]
+        source: HandlerError,
+    },
+    #[error("workqueue {0:?} is draining and refuses new work")]
+    Draining(String),
+    #[error("workqueue {workqueue:?} is full: {pending} items not terminal, max_queued is {limit}, the batch adds {adding}")]
+    QueueFull {
+        workqueue: String,
+        limit: usize,
+        pending: usize,
+        adding: usize,
+    },
+    #[error("unknown batch {0}")]
+    UnknownBatch(BatchId),
+    #[error("unknown item {0}")]
+    UnknownItem(ItemId),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("timed out after {0:?}; the work goes on")]
+    Timeout(Duration),
+}
+
+/// An item's state. The last five are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum State {
+    /// Waiting for its `delay` to pass.
+    Delayed,
+    /// Queued, bound to no CPU.
+    Pending,
+    /// Bound to a worker of a CPU (about to start, or running).
+    Running,
+    Ok,
+    Failed,
+    Cancelled,
+    Expired,
+    Rejected,
+}
+
+impl State {
+    pub const ALL: [State; 8] = [
+        State::Delayed,
+        State::Pending,
+        State::Running,
+        State::Ok,
+        State::Failed,
+        State::Cancelled,
+        State::Expired,
+        State::Rejected,
+    ];
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, State::Delayed | State::Pending | State::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Delayed => "delayed",
+            State::Pending => "pending",
+            State::Running => "running",
+            State::Ok => "ok",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+            State::Expired => "expired",
+            State::Rejected => "rejected",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What happened to an item (terminal), or where it stands (pending/running).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemResult {
+    pub id: ItemId,
+    pub batch: BatchId,
+    pub workqueue: Arc<str>,
+    pub state: State,
+    pub output: Vec<u8>,
+    pub error: String,
+    pub target: Target,
+    pub handler: Arc<str>,
+    /// The CPU the item started on (where its worker verified it was running).
+    pub cpu_started: Option<u32>,
+    /// The CPU it was on when the handler returned (differs if the CPU went away meanwhile).
+    pub cpu_finished: Option<u32>,
+    /// The enclosing level it ran in because its own group had no live CPU.
+    pub fallback: Option<Level>,
+    /// Why a fallback, rejection or expiry happened, in words.
+    pub reason: String,
+    /// How often it was bound to a CPU and handed back before it started.
+    pub rebinds: u32,
+    pub queued_at: SystemTime,
+    pub started_at: Option<SystemTime>,
+    pub finished_at: Option<SystemTime>,
+    /// The topology epoch in which the item started.
+    pub epoch_started: Option<u64>,
+}
+
+impl ItemResult {
+    /// Time from queueing to start.
+    pub fn wait_time(&self) -> Option<Duration> {
+        self.started_at?.duration_since(self.queued_at).ok()
+    }
+    /// Time from start to finish.
+    pub fn run_time(&self) -> Option<Duration> {
+        self.finished_at?.duration_since(self.started_at?).ok()
+    }
+}
+
+/// A workqueue's attributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkqueueAttrs {
+    pub name: String,
+    /// CPU-bound items of this workqueue running at once on one CPU (default 1).
+    pub max_active: u32,
+    /// Waiting items (handlers of kind `Waits`) of this workqueue at once on one CPU.
+    pub max_waiting: u32,
+    /// Items of this workqueue running at once in one group (0 = no cap).
+    pub group_max_active: u32,
+    /// Strict FIFO across the whole workqueue, one item at a time.
+    pub ordered: bool,
+    /// Nice value of the worker while it runs this workqueue's items.
+    pub nice: i32,
+    pub placement: Placement,
+    pub fallback: Fallback,
+    /// Items not yet terminal that the workqueue holds at most; more is RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
+}
+
+impl WorkqueueAttrs {
+    /// Defaults with the given name.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks the attributes.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidAttrs`] naming the attribute and the allowed range.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::InvalidAttrs(m));
+        let ok_name = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !ok_name {
+            return bad(format!(
+                "name {:?} must be 1-64 characters of [A-Za-z0-9._-]",
+                self.name
+            ));
+        }
+        if self.max_active == 0 || self.max_active > 512 {
+            return bad(format!("max_active {} must be in 1..=512", self.max_active));
+        }
+        if self.max_waiting == 0 || self.max_waiting > 4096 {
+            return bad(format!(
+                "max_waiting {} must be in 1..=4096",
+                self.max_waiting
+            ));
+        }
+        if !(-20..=19).contains(&self.nice) {
+            return bad(format!("nice {} must be in -20..=19", self.nice));
+        }
+        if self.max_queued == 0 {
+            return bad("max_queued must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl Default for WorkqueueAttrs {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            max_active: 1,
+            max_waiting: 256,
+            group_max_active: 0,
+            ordered: false,
+            nice: 0,
+            placement: Placement::Spread,
+            fallback: Fallback::Widen,
+            max_queued: 1 << 20,
+        }
+    }
+}
+
+/// One item to submit.
+#[derive(Debug, Clone)]
+pub struct ItemSpec {
+    pub target: Target,
+    pub handler: String,
+    pub args: Args,
+    pub payload: Vec<u8>,
+    /// At most one pending item per key and workqueue (the kernel's `queue_work` returning false).
+    pub key: Option<String>,
+    /// Queue only after this long (delayed work).
+    pub delay: Option<Duration>,
+    /// Not started within this long of submission → `expired`.
+    pub deadline: Option<Duration>,
+}
+
+impl ItemSpec {
+    pub fn new(target: Target, handler: &str) -> Self {
+        Self {
+            target,
+            handler: handler.to_string(),
+            args: Args::new(),
+            payload: Vec::new(),
+            key: None,
+            delay: None,
+            deadline: None,
+        }
+    }
+    pub fn arg(mut self, k: &str, v: &str) -> Self {
+        self.args.insert(k.to_string(), v.to_string());
+        self
+    }
+}
+
+/// What submit did with one item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// The item's id; for a duplicate key, the id of the pending item it matched.
+    pub id: ItemId,
+    /// False when the key was already pending and nothing new was queued.
+    pub queued: bool,
+}
+
+/// What submit did with a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub batch: BatchId,
+    pub items: Vec<Submitted>,
+}
+
+/// What a flush covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlushScope {
+    Items(Vec<ItemId>),
+    Batch(BatchId),
+    /// Every item of the workqueue queued before the flush began (not those queued after).
+    Workqueue(String),
+}
+
+/// One event of a flush.
+#[derive(Debug, Clone)]
+pub enum FlushEvent {
+    /// A covered item is terminal.
+    Done(Arc<ItemResult>),
+    /// A covered item's result has already expired from the result store.
+    Gone(ItemId),
+}
+
+/// A flush in progress. Dropping it stops the wait, never the work.
+pub struct Flush {
+    inner: Arc<Inner>,
+    id: Option<u64>,
+    rx: flume::Receiver<FlushEvent>,
+    covered: usize,
+    began: Instant,
+}
+
+/// Counts of a finished flush.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FlushSummary {
+    pub covered: usize,
+    pub by_state: BTreeMap<State, usize>,
+    pub gone: usize,
+    pub waited: Duration,
+}
+
+impl Flush {
+    /// Items the flush covers.
+    pub fn covered(&self) -> usize {
+        self.covered
+    }
+    /// When the flush began.
+    pub fn began(&self) -> Instant {
+        self.began
+    }
+    /// The next covered item to finish; `None` once all are terminal.
+    pub async fn next(&mut self) -> Option<FlushEvent> {
+        self.rx.recv_async().await.ok()
+    }
+    /// Blocking [`Flush::next`]; `Err(())` when `deadline` passes first.
+    #[allow(clippy::result_unit_err)]
+    pub fn next_blocking(&mut self, deadline: Option<Instant>) -> Result<Option<FlushEvent>, ()> {
+        match deadline {
+            None => Ok(self.rx.recv().ok()),
+            Some(d) => match self.rx.recv_deadline(d) {
+                Ok(e) => Ok(Some(e)),
+                Err(flume::RecvTimeoutError::Disconnected) => Ok(None),
+                Err(flume::RecvTimeoutError::Timeout) => Err(()),
+            },
+        }
+    }
+    /// Waits until every covered item is terminal.
+    ///
+    /// On `Ok` return, every covered item is terminal (or its result expired).
+    ///
+    /// # Errors
+    /// [`EngineError::Timeout`] when `timeout` passes first; the items keep running.
+    pub fn wait(mut self, timeout: Option<Duration>) -> Result<FlushSummary, EngineError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut sum = FlushSummary {
+            covered: self.covered,
+            ..Default::default()
+        };
+        loop {
+            match self.next_blocking(deadline) {
+                Ok(Some(ev)) => sum.add(&ev),
+                Ok(None) => break,
+                Err(()) => return Err(EngineError::Timeout(timeout.unwrap_or_default())),
+            }
+        }
+        sum.waited = self.began.elapsed();
+        Ok(sum)
+    }
+}
+
+impl FlushSummary {
+    /// Counts one event.
+    pub fn add(&mut self, ev: &FlushEvent) {
+        match ev {
+            FlushEvent::Done(r) => *self.by_state.entry(r.state).or_default() += 1,
+            FlushEvent::Gone(_) => self.gone += 1,
+        }
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.inner.sched.lock().flushes.remove(&id);
+        }
+    }
+}
+
+/// What cancel did with one item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was pending or delayed; it will never run.
+    CancelledPending,
+    /// It was running; its cancellation signal is raised and the returned flush waits for it.
+    WasRunning,
+    /// It was already terminal in this state.
+    AlreadyTerminal(State),
+    /// No such item (or its result expired).
+    Unknown,
+}
+
+/// The answer to a cancel: per-item outcomes and a flush over the items that were running.
+pub struct CancelReport {
+    pub outcomes: Vec<(ItemId, CancelOutcome)>,
+    pub running: Flush,
+}
+
+/// Per-workqueue numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkqueueStats {
+    pub attrs: WorkqueueAttrs,
+    pub draining: bool,
+    pub delayed: usize,
+    pub pending: usize,
+    pub running: usize,
+    /// Terminal items by state since start.
+    pub totals: BTreeMap<State, u64>,
+    pub submitted: u64,
+}
+
+/// Engine-wide counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub epoch: u64,
+    pub live: CpuSet,
+    pub pools: usize,
+    pub workers: usize,
+    pub items: usize,
+    pub results: usize,
+    pub flushes: usize,
+    pub rebinds: BTreeMap<&'static str, u64>,
+    pub fallbacks: BTreeMap<String, u64>,
+    pub lockups: u64,
+    pub hogs: u64,
+    pub running_per_cpu: BTreeMap<u32, usize>,
+}
+
+/// Hook the engine calls when a worker finds its CPU gone or its affinity changed (the
+/// daemon wires it to the live view's worker-report source).
+pub type ReportHook = Arc<dyn Fn(u32, &str) + Send + Sync>;
+
+/// Host load per CPU, 0.0 (idle) to 1.0 (busy), for the `idle` placement.
+pub type LoadHook = Arc<dyn Fn(u32) -> f64 + Send + Sync>;
+
+/// Engine settings.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Pin workers with `sched_setaffinity` (off for fixture topologies naming absent CPUs).
+    pub pinning: bool,
+    /// Results kept at most, and for how long, after an item is terminal.
+    pub results_max: usize,
+    pub results_ttl: Duration,
+    /// Worker threads per CPU at most.
+    pub max_workers_per_cpu: usize,
+    /// An idle worker beyond the first retires after this long.
+    pub worker_idle: Duration,
+    /// A pool with runnable work and no progress this long is reported as a lockup (0 = off).
+    pub watchdog_thresh: Duration,
+    /// An item running longer than this is reported as a CPU hog (0 = off).
+    pub hog_thresh: Duration,
+    /// Attributes of the `default` workqueue.
+    pub default_wq: WorkqueueAttrs,
+    pub report: Option<ReportHook>,
+    pub load: Option<LoadHook>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            pinning: true,
+            results_max: 1 << 21,
+            results_ttl: Duration::from_secs(600),
+            max_workers_per_cpu: 64,
+            worker_idle: Duration::from_secs(60),
+            watchdog_thresh: Duration::from_secs(30),
+            hog_thresh: Duration::from_secs(10),
+            default_wq: WorkqueueAttrs::default(),
+            report: None,
+            load: None,
+        }
+    }
+}
+
+impl fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("pinning", &self.pinning)
+            .field("results_max", &self.results_max)
+            .field("results_ttl", &self.results_ttl)
+            .field("watchdog_thresh", &self.watchdog_thresh)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the engine's threads.
+pub(crate) struct Inner {
+    /// L: everything about items, queues, pools and flushes. See `sched.rs`.
+    pub(crate) sched: Mutex<sched::Sched>,
+    /// Wakes the timer thread (delays, deadlines, housekeeping). Used with `sched`.
+    pub(crate) timer_cv: Condvar,
+    /// Wakes the watchdog and shutdown waiters. Used with `sched`.
+    pub(crate) idle_cv: Condvar,
+    pub(crate) cfg: EngineConfig,
+    pub(crate) handlers: RwLock<Registry>,
+    /// Seqlock over (`pool_live`, `epoch`): odd while a topology change is being applied.
+    /// Written only under `sched`; read lock-free by workers right before an item starts.
+    pub(crate) topo_seq: AtomicU64,
+    pub(crate) epoch: AtomicU64,
+    pub(crate) pool_live: Box<[AtomicBool]>,
+    pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) next_worker: AtomicU64,
+}
+
+impl Inner {
+    /// Whether `cpu` is live right now, and the epoch that says so (lock-free seqlock read).
+    pub(crate) fn live_now(&self, cpu: u32) -> Option<u64> {
+        let flag = self.pool_live.get(cpu as usize)?;
+        loop {
+            let s1 = self.topo_seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let live = flag.load(Ordering::Acquire);
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let s2 = self.topo_seq.load(Ordering::Acquire);
+            if s1 == s2 {
+                return live.then_some(epoch);
+            }
+        }
+    }
+}
+
+/// The engine. Cheap to share behind an `Arc`; dropping the last handle shuts it down.
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts the engine on a first snapshot: creates the `default` workqueue, a pool per live
+    /// CPU, the timer and the watchdog.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidAttrs`] if the default workqueue's attributes are invalid.
+    pub fn start(
+        cfg: EngineConfig,
+        handlers: Registry,
+        first: Arc<Snapshot>,
+    ) -> Result<Engine, EngineError> {
+        cfg.default_wq.validate()?;
+        let pool_live = (0..MAX_CPUS).map(|_| AtomicBool::new(false)).collect();
+        let inner = Arc::new(Inner {
+            sched: Mutex::new(sched::Sched::new(&cfg, first.clone())),
+            timer_cv: Condvar::new(),
+            idle_cv: Condvar::new(),
+            cfg,
+            handlers: RwLock::new(handlers),
+            topo_seq: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            pool_live,
+            threads: Mutex::new(Vec::new()),
+            next_worker: AtomicU64::new(0),
+        });
+        timer::start(&inner);
+        watchdog::start(&inner);
+        let engine = Engine { inner };
+        engine.apply_snapshot(&first);
+        Ok(engine)
+    }
+
+    /// Applies a new topology snapshot: retires pools of CPUs that left, starts pools for CPUs
+    /// that came, re-resolves every queue (applying each workqueue's fallback) and wakes
+    /// workers. Snapshots older than the current epoch are ignored.
+    pub fn apply_snapshot(&self, snap: &Arc<Snapshot>) {
+        let mut fx = sched::Effects::default();
+        {
+            let mut s = self.inner.sched.lock();
+            s.apply_snapshot(&self.inner, snap, &mut fx);
+        }
+        fx.run(&self.inner);
+    }
+
+    /// The snapshot the engine currently schedules by.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.sched.lock().snapshot.clone()
+    }
+
+    /// Replaces the handler registry (config reload). Queued items keep their handler.
+    pub fn set_handlers(&self, r: Registry) {
+        *self.inner.handlers.write() = r;
+    }
+
+    /// Registered handler names.
+    pub fn handler_names(&self) -> Vec<String> {
+        self.inner.handlers.read().names()
+    }
+
+    /// Submits a batch to workqueue `wq`: all items are accepted, or none.
+    ///
+    /// # Errors
+    /// Unknown workqueue, draining, a bad target/handler/argument (naming the item's index),
+    /// or a full workqueue; nothing is queued then.
+    pub fn submit(&self, wq: &str, items: Vec<ItemSpec>) -> Result<Receipt, EngineError> {
+        let bodies = {
+            let reg = self.inner.handlers.read();
+            let mut bodies = Vec::with_capacity(items.len());
+            let mut last: Option<Arc<sched::Body>> = None;
+            for (index, it) in items.into_iter().enumerate() {
+                // Runs of identical items (wqctl --count) share one body.
+                if let Some(b) = &last {
+                    if b.same_as(&it) {
+                        bodies.push((b.clone(), it.key, it.delay, it.deadline));
+                        continue;
+                    }
+                }
+                let Some(h) = reg.get(&it.handler) else {
+                    return Err(EngineError::UnknownHandler {
+                        index,
+                        name: it.handler,
+                        known: reg.names().join(", "),
+                    });
+                };
+                h.validate(&it.args, &it.payload)
+                    .map_err(|source| EngineError::Handler { index, source })?;
+                let b = Arc::new(sched::Body {
+                    kind: h.kind(),
+                    handler: h.clone(),
+                    handler_name: Arc::from(it.handler.as_str()),
+                    target: it.target,
+                    args: it.args,
+                    payload: it.payload,
+                });
+                last = Some(b.clone());
+                bodies.push((b, it.key, it.delay, it.deadline));
+            }
+            bodies
+        };
+        let mut fx = sched::Effects::default();
+        let r = {
+            let mut s = self.inner.sched.lock();
+            s.submit(&self.inner, wq, bodies, &mut fx)
+        };
+        fx.run(&self.inner);
+        r
+    }
+
+    /// Starts a flush over `scope`.
+    ///
+    /// On completion of the returned [`Flush`], every covered item is terminal. A flush never
+    /// waits on a CPU that is gone: pending items are bound only to live CPUs.
+    ///
+    /// # Errors
+    /// Unknown workqueue, batch or item.
+    pub fn flush(&self, scope: FlushScope) -> Result<Flush, EngineError> {
+        let mut s = self.inner.sched.lock();
+        let ids = s.scope_ids(&scope)?;
+        Ok(s.register_flush(&self.inner, ids))
+    }
+
+    /// Cancels items: pending ones never run; running ones get their cancellation signal and
+    /// the report's flush waits for them (`cancel_work_sync`).
+    ///
+    /// # Errors
+    /// Unknown batch.
+    pub fn cancel(&self, scope: FlushScope) -> Result<CancelReport, EngineError> {
+        let mut fx = sched::Effects::default();
+        let r = {
+            let mut s = self.inner.sched.lock();
+            let ids = match &scope {
+                FlushScope::Items(v) => v.clone(),
+                other => s.scope_ids(other)?,
+            };
+            let outcomes = s.cancel(&ids, &mut fx);
+            let running: Vec<_> = outcomes
+                .iter()
+                .filter(|(_, o)| *o == CancelOutcome::WasRunning)
+                .map(|(id, _)| *id)
+                .collect();
+            let running = s.register_flush(&self.inner, running);
+            CancelReport { outcomes, running }
+        };
+        fx.run(&self.inner);
+        Ok(r)
+    }
+
+    /// Drains a workqueue: it refuses new work until every item in it is terminal; the
+    /// returned flush completes then.
+    ///
+    /// # Errors
+    /// Unknown workqueue.
+    pub fn drain(&self, wq: &str) -> Result<Flush, EngineError> {
+        let mut s = self.inner.sched.lock();
+        s.start_drain(wq)?;
+        let ids = s.scope_ids(&FlushScope::Workqueue(wq.to_string()))?;
+        Ok(s.register_flush(&self.inner, ids))
+    }
+
+    /// Results (or current state) of items; `None` for unknown or expired ids.
+    pub fn results(&self, ids: &[ItemId]) -> Vec<Option<Arc<ItemResult>>> {
+        let s = self.inner.sched.lock();
+        ids.iter().map(|id| s.result_of(*id)).collect()
+    }
+
+    /// Item ids of a batch.
+    ///
+    /// # Errors
+    /// Unknown (or expired) batch.
+    pub fn batch_items(&self, batch: BatchId) -> Result<Vec<ItemId>, EngineError> {
+        self.inner.sched.lock().scope_ids(&FlushScope::Batch(batch))
+    }
+
+    /// Creates a workqueue.
+    ///
+    /// # Errors
+    /// Invalid attributes or an existing name.
+    pub fn create_workqueue(&self, attrs: WorkqueueAttrs) -> Result<(), EngineError> {
+        attrs.validate()?;
+        self.inner.sched.lock().create_wq(attrs)
+    }
+
+    /// Changes a workqueue's attributes live (re-resolving its queues).
+    ///
+    /// # Errors
+    /// Unknown workqueue, invalid attributes, or toggling `ordered` on a non-empty workqueue.
+    pub fn update_workqueue(&self, attrs: WorkqueueAttrs) -> Result<(), EngineError> {
+        attrs.validate()?;
+        let mut fx = sched::Effects::default();
+        let r = self.inner.sched.lock().update_wq(attrs, &mut fx);
+        fx.run(&self.inner);
+        r
+    }
+
+    /// Deletes an empty workqueue.
+    ///
+    /// # Errors
+    /// Unknown, `default`, or not empty.
+    pub fn delete_workqueue(&self, name: &str) -> Result<(), EngineError> {
+        self.inner.sched.lock().delete_wq(name)
+    }
+
+    /// Every workqueue with its numbers, by name.
+    pub fn workqueues(&self) -> Vec<WorkqueueStats> {
+        self.inner.sched.lock().wq_stats()
+    }
+
+    /// Engine-wide counters.
+    pub fn stats(&self) -> EngineStats {
+        self.inner.sched.lock().stats()
+    }
+
+    /// Stops the engine: refuses new work, cancels what has not started, gives running items
+    /// `grace` to finish, then raises their cancellation signal and waits for them.
+    /// Returns how many items were cancelled.
+    pub fn shutdown(&self, grace: Duration) -> usize {
+        let mut fx = sched::Effects::default();
+        let cancelled = {
+            let mut s = self.inner.sched.lock();
+            if s.shutdown {
+                return 0;
+            }
+            s.shutdown = true;
+            let ids: Vec<_> = s.items.keys().copied().collect();
+            let mut n = 0;
+            for id in ids {
+                if s.items.get(&id).is_some_and(|i| i.state != State::Running) {
+                    s.cancel(&[id], &mut fx);
+                    n += 1;
+                }
+            }
+            let deadline = Instant::now() + grace;
+            while s.running_total() > 0 {
+                if self.inner.idle_cv.wait_until(&mut s, deadline).timed_out() {
+                    break;
+                }
+            }
+            let running: Vec<_> = s.items.keys().copied().collect();
+            n += running.len();
+            s.cancel(&running, &mut fx);
+            while s.running_total() > 0 {
+                if self
+                    .inner
+                    .idle_cv
+                    .wait_for(&mut s, Duration::from_secs(5))
+                    .timed_out()
+                {
+                    tracing::warn!(
+                        running = s.running_total(),
+                        "items still running at shutdown"
+                    );
+                    break;
+                }
+            }
+            s.wake_everyone(&mut fx);
+            n
+        };
+        fx.run(&self.inner);
+        self.inner.timer_cv.notify_all();
+        self.inner.idle_cv.notify_all();
+        let threads: Vec<_> = std::mem::take(&mut *self.inner.threads.lock());
+        let me = std::thread::current().id();
+        for t in threads {
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+        cancelled
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+/// Lowercase name of a level, as results and metrics print it.
+pub fn level_name(l: Level) -> String {
+    format!("{l:?}").to_ascii_lowercase()
+}

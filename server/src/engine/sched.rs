@@ -1,0 +1,1521 @@
+//! The scheduler state: every item, queue, pool and flush, behind the engine's one lock.
+//!
+//! Every state transition of an item happens here, under `Inner::sched`: submit (→ delayed or
+//! pending), bind (pending → running, by a worker of a live CPU), hand back (running → pending,
+//! when the worker's start check fails), finish and cancel/expire/reject (→ terminal). Each
+//! terminal transition goes through [`Sched::terminal`] and removes the item from `items`, so
+//! it can happen once only. Wake-ups and thread spawns decided under the lock are collected in
+//! [`Effects`] and carried out after it is released.
+//!
+//! Field ownership: all fields are protected by `Inner::sched` (L). `Pool::live` mirrors
+//! `Inner::pool_live`, which is written only here under L inside the topology seqlock.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_utils::sync::Unparker;
+use slab::Slab;
+
+use super::{
+    level_name, CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent,
+    FlushScope, Inner, ItemResult, ItemSpec, Receipt, State, Submitted, WorkqueueAttrs,
+    WorkqueueStats,
+};
+use crate::cpuset::CpuSet;
+use crate::groups::{Fallback, Level, Placement};
+use crate::handler::{Args, CancelToken, Handler, HandlerError, HandlerKind};
+use crate::live::Snapshot;
+use crate::target::Target;
+
+/// An item's id: unique for the engine's lifetime, increasing in submission order.
+pub type ItemId = u64;
+
+/// What an item does; shared by identical items of one batch.
+pub(crate) struct Body {
+    pub kind: HandlerKind,
+    pub handler: Arc<dyn Handler>,
+    pub handler_name: Arc<str>,
+    pub target: Target,
+    pub args: Args,
+    pub payload: Vec<u8>,
+}
+
+impl Body {
+    pub(crate) fn same_as(&self, it: &ItemSpec) -> bool {
+        self.target == it.target
+            && *self.handler_name == *it.handler
+            && self.args == it.args
+            && self.payload == it.payload
+    }
+}
+
+/// A worker's claim on an item.
+pub(crate) struct Bound {
+    pub cpu: u32,
+    pub at: Instant,
+    pub token: CancelToken,
+    pub hog_reported: bool,
+}
+
+/// An item that is not terminal yet.
+pub(crate) struct Item {
+    pub id: ItemId,
+    pub batch: u64,
+    pub wq: usize,
+    pub queue: usize,
+    pub body: Arc<Body>,
+    pub key: Option<Arc<str>>,
+    pub deadline: Option<Instant>,
+    pub state: State,
+    pub queued_at: SystemTime,
+    pub bound: Option<Bound>,
+    pub rebinds: u32,
+    pub fallback: Option<Level>,
+    pub reason: String,
+    /// Flushes waiting for this item.
+    pub waiters: Vec<u64>,
+}
+
+/// Work handed to a worker.
+pub(crate) struct Job {
+    pub id: ItemId,
+    pub body: Arc<Body>,
+    pub token: CancelToken,
+    pub cpu: u32,
+    pub nice: i32,
+}
+
+/// When and where an item started.
+pub(crate) struct Started {
+    pub cpu: u32,
+    pub at: SystemTime,
+    pub epoch: u64,
+}
+
+/// How a job ended, reported back by its worker.
+pub(crate) enum Outcome {
+    Ran(Result<Vec<u8>, HandlerError>),
+    /// The start check failed; the item goes back to its queue. The reason is a metric label.
+    HandBack(&'static str),
+    /// Cancelled after it was bound but before the handler was called.
+    CancelledBeforeStart,
+}
+
+pub(crate) struct Finish {
+    pub id: ItemId,
+    pub outcome: Outcome,
+    pub started: Option<Started>,
+    pub finished: Option<(u32, SystemTime)>,
+}
+
+/// Items of one workqueue aimed at one target.
+struct Queue {
+    wq: usize,
+    target: Target,
+    /// Pending item ids in FIFO order. May hold tombstones: ids no longer pending here.
+    items: VecDeque<ItemId>,
+    pending: usize,
+    delayed: usize,
+    running: usize,
+    /// CPUs whose workers may take from this queue now.
+    eligible: CpuSet,
+    fallback: Option<Level>,
+    reason: String,
+    /// Pools whose `ready` list holds this queue.
+    in_ready: CpuSet,
+    idle_since: Option<Instant>,
+}
+
+/// The workers of one CPU.
+struct Pool {
+    live: bool,
+    /// Bumped each time the CPU becomes live; workers of older generations exit.
+    gen: u64,
+    /// Workers of the current generation.
+    workers: usize,
+    idle: Vec<(u64, Unparker)>,
+    /// Queues with pending items this pool may take (may hold stale entries).
+    ready: VecDeque<usize>,
+    running: usize,
+    last_progress: Instant,
+    lockup_reported: bool,
+    /// After a worker failed to pin, spawn no more until this epoch.
+    no_spawn_before: u64,
+}
+
+struct Wq {
+    attrs: WorkqueueAttrs,
+    name: Arc<str>,
+    queues: HashMap<Target, usize>,
+    /// Keys of pending (not yet started) items.
+    keys: HashMap<Arc<str>, ItemId>,
+    draining: bool,
+    delayed: usize,
+    pending: usize,
+    running: usize,
+    /// (CPU-bound, waiting) items running per CPU.
+    running_on: HashMap<u32, [u32; 2]>,
+    /// Ordered workqueues: every pending item in submission order (with tombstones).
+    ordered: VecDeque<ItemId>,
+    totals: [u64; 8],
+    submitted: u64,
+}
+
+impl Wq {
+    fn live(&self) -> usize {
+        self.delayed + self.pending + self.running
+    }
+}
+
+struct BatchRec {
+    first: ItemId,
+    count: usize,
+    live: usize,
+    created: Instant,
+}
+
+pub(crate) struct FlushRec {
+    tx: flume::Sender<FlushEvent>,
+    remaining: usize,
+}
+
+const TIMER_DELAY: u8 = 0;
+const TIMER_DEADLINE: u8 = 1;
+
+/// Side effects decided under the lock, carried out after it is released.
+#[derive(Default)]
+pub(crate) struct Effects {
+    unpark: Vec<Unparker>,
+    spawn: Vec<(u32, u64)>,
+    timer_kick: bool,
+    idle_kick: bool,
+}
+
+impl Effects {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.unpark.is_empty() && self.spawn.is_empty() && !self.timer_kick && !self.idle_kick
+    }
+    pub(crate) fn run(self, inner: &Arc<Inner>) {
+        for u in self.unpark {
+            u.unpark();
+        }
+        for (cpu, gen) in self.spawn {
+            super::worker::spawn(inner, cpu, gen);
+        }
+        if self.timer_kick {
+            inner.timer_cv.notify_one();
+        }
+        if self.idle_kick {
+            inner.idle_cv.notify_all();
+        }
+    }
+}
+
+/// Terminal results, bounded by count and age.
+struct Results {
+    map: HashMap<ItemId, Arc<ItemResult>>,
+    order: VecDeque<(Instant, ItemId)>,
+    max: usize,
+    ttl: Duration,
+}
+
+impl Results {
+    fn insert(&mut self, r: Arc<ItemResult>) {
+        self.order.push_back((Instant::now(), r.id));
+        self.map.insert(r.id, r);
+        while self.map.len() > self.max {
+            match self.order.pop_front() {
+                Some((_, id)) => {
+                    self.map.remove(&id);
+                }
+                None => break,
+            }
+        }
+    }
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(at, id)) = self.order.front() {
+            if now.duration_since(at) < self.ttl {
+                break;
+            }
+            self.order.pop_front();
+            self.map.remove(&id);
+        }
+    }
+}
+
+/// The scheduler state (see the module docs).
+pub(crate) struct Sched {
+    pub epoch: u64,
+    pub live: CpuSet,
+    pub snapshot: Arc<Snapshot>,
+    wqs: Slab<Wq>,
+    wq_names: HashMap<String, usize>,
+    queues: Slab<Queue>,
+    pub items: HashMap<ItemId, Item>,
+    /// Items bound to a worker.
+    running: HashSet<ItemId>,
+    next_item: ItemId,
+    next_batch: u64,
+    next_flush: u64,
+    batches: HashMap<u64, BatchRec>,
+    batch_order: VecDeque<u64>,
+    pools: BTreeMap<u32, Pool>,
+    pub flushes: HashMap<u64, FlushRec>,
+    results: Results,
+    timers: BinaryHeap<Reverse<(Instant, u8, ItemId)>>,
+    pub shutdown: bool,
+    rr: u64,
+    max_workers: usize,
+    rebinds: BTreeMap<&'static str, u64>,
+    fallbacks: BTreeMap<String, u64>,
+    lockups: u64,
+    hogs: u64,
+    load: Option<super::LoadHook>,
+}
+
+impl Sched {
+    pub(crate) fn new(cfg: &EngineConfig, first: Arc<Snapshot>) -> Sched {
+        let mut s = Sched {
+            epoch: 0,
+            live: CpuSet::new(),
+            snapshot: first,
+            wqs: Slab::new(),
+            wq_names: HashMap::new(),
+            queues: Slab::new(),
+            items: HashMap::new(),
+            running: HashSet::new(),
+            next_item: 1,
+            next_batch: 1,
+            next_flush: 1,
+            batches: HashMap::new(),
+            batch_order: VecDeque::new(),
+            pools: BTreeMap::new(),
+            flushes: HashMap::new(),
+            results: Results {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                max: cfg.results_max.max(1),
+                ttl: cfg.results_ttl,
+            },
+            timers: BinaryHeap::new(),
+            shutdown: false,
+            rr: 0,
+            max_workers: cfg.max_workers_per_cpu.max(1),
+            rebinds: BTreeMap::new(),
+            fallbacks: BTreeMap::new(),
+            lockups: 0,
+            hogs: 0,
+            load: cfg.load.clone(),
+        };
+        let _ = s.create_wq(cfg.default_wq.clone());
+        s
+    }
+
+    // ----- workqueues -----
+
+    pub(crate) fn create_wq(&mut self, attrs: WorkqueueAttrs) -> Result<(), EngineError> {
+        if self.wq_names.contains_key(&attrs.name) {
+            return Err(EngineError::WorkqueueExists(attrs.name));
+        }
+        let name: Arc<str> = Arc::from(attrs.name.as_str());
+        let idx = self.wqs.insert(Wq {
+            attrs,
+            name: name.clone(),
+            queues: HashMap::new(),
+            keys: HashMap::new(),
+            draining: false,
+            delayed: 0,
+            pending: 0,
+            running: 0,
+            running_on: HashMap::new(),
+            ordered: VecDeque::new(),
+            totals: [0; 8],
+            submitted: 0,
+        });
+        self.wq_names.insert(name.to_string(), idx);
+        Ok(())
+    }
+
+    fn wq_index(&self, name: &str) -> Result<usize, EngineError> {
+        self.wq_names
+            .get(name)
+            .copied()
+            .ok_or_else(|| EngineError::UnknownWorkqueue(name.to_string()))
+    }
+
+    pub(crate) fn update_wq(
+        &mut self,
+        attrs: WorkqueueAttrs,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        let wi = self.wq_index(&attrs.name)?;
+        let wq = &mut self.wqs[wi];
+        if wq.attrs.ordered != attrs.ordered && wq.live() > 0 {
+            return Err(EngineError::WorkqueueNotEmpty {
+                name: attrs.name,
+                items: wq.live(),
+            });
+        }
+        wq.attrs = attrs;
+        let qids: Vec<usize> = wq.queues.values().copied().collect();
+        for qid in qids {
+            self.resolve_queue(qid, fx);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn delete_wq(&mut self, name: &str) -> Result<(), EngineError> {
+        if name == "default" {
+            return Err(EngineError::DefaultWorkqueue);
+        }
+        let wi = self.wq_index(name)?;
+        let live = self.wqs[wi].live();
+        if live > 0 {
+            return Err(EngineError::WorkqueueNotEmpty {
+                name: name.to_string(),
+                items: live,
+            });
+        }
+        let qids: Vec<usize> = self.wqs[wi].queues.values().copied().collect();
+        for qid in qids {
+            self.remove_queue(qid);
+        }
+        self.wqs.remove(wi);
+        self.wq_names.remove(name);
+        Ok(())
+    }
+
+    pub(crate) fn start_drain(&mut self, name: &str) -> Result<(), EngineError> {
+        let wi = self.wq_index(name)?;
+        let wq = &mut self.wqs[wi];
+        if wq.live() > 0 {
+            wq.draining = true;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn wq_stats(&self) -> Vec<WorkqueueStats> {
+        let mut v: Vec<_> = self
+            .wqs
+            .iter()
+            .map(|(_, wq)| WorkqueueStats {
+                attrs: wq.attrs.clone(),
+                draining: wq.draining,
+                delayed: wq.delayed,
+                pending: wq.pending,
+                running: wq.running,
+                totals: State::ALL
+                    .iter()
+                    .filter(|s| s.is_terminal())
+                    .map(|s| (*s, wq.totals[s.index()]))
+                    .collect(),
+                submitted: wq.submitted,
+            })
+            .collect();
+        v.sort_by(|a, b| a.attrs.name.cmp(&b.attrs.name));
+        v
+    }
+
+    pub(crate) fn running_total(&self) -> usize {
+        self.running.len()
+    }
+
+    pub(crate) fn stats(&self) -> EngineStats {
+        EngineStats {
+            epoch: self.epoch,
+            live: self.live.clone(),
+            pools: self.pools.values().filter(|p| p.live).count(),
+            workers: self.pools.values().map(|p| p.workers).sum(),
+            items: self.items.len(),
+            results: self.results.map.len(),
+            flushes: self.flushes.len(),
+            rebinds: self.rebinds.clone(),
+            fallbacks: self.fallbacks.clone(),
+            lockups: self.lockups,
+            hogs: self.hogs,
+            running_per_cpu: self
+                .pools
+                .iter()
+                .filter(|(_, p)| p.running > 0)
+                .map(|(c, p)| (*c, p.running))
+                .collect(),
+        }
+    }
+
+    // ----- queues -----
+
+    fn queue_for(&mut self, wi: usize, target: &Target) -> usize {
+        if let Some(&q) = self.wqs[wi].queues.get(target) {
+            return q;
+        }
+        let qid = self.queues.insert(Queue {
+            wq: wi,
+            target: target.clone(),
+            items: VecDeque::new(),
+            pending: 0,
+            delayed: 0,
+            running: 0,
+            eligible: CpuSet::new(),
+            fallback: None,
+            reason: String::new(),
+            in_ready: CpuSet::new(),
+            idle_since: None,
+        });
+        self.wqs[wi].queues.insert(target.clone(), qid);
+        let mut fx = Effects::default();
+        self.resolve_queue(qid, &mut fx);
+        qid
+    }
+
+    fn remove_queue(&mut self, qid: usize) {
+        let q = self.queues.remove(qid);
+        for c in q.in_ready.iter() {
+            if let Some(p) = self.pools.get_mut(&c) {
+                p.ready.retain(|&x| x != qid);
+            }
+        }
+        self.wqs[q.wq].queues.remove(&q.target);
+    }
+
+    /// Re-resolves a queue's eligible CPUs against the current live set and applies the
+    /// workqueue's fallback: `reject` rejects its pending items when no CPU is eligible.
+    fn resolve_queue(&mut self, qid: usize, fx: &mut Effects) {
+        let q = &self.queues[qid];
+        let wq = &self.wqs[q.wq];
+        let policy = wq.attrs.fallback;
+        let (eligible, fallback, reason) =
+            match self.snapshot.groups.resolve(&q.target, &self.live, policy) {
+                Ok(r) => {
+                    let reason = match (r.fallback, r.eligible.is_empty()) {
+                        (Some(l), _) => format!(
+                            "no live CPU in {}; widened to {} (cpus {})",
+                            q.target,
+                            level_name(l),
+                            r.eligible
+                        ),
+                        (None, true) => match policy {
+                            Fallback::Wait => {
+                                format!("no live CPU in {}; waiting for one to return", q.target)
+                            }
+                            _ => format!(
+                                "no live CPU in {} and the workqueue's fallback is {}",
+                                q.target,
+                                if policy == Fallback::Reject {
+                                    "reject"
+                                } else {
+                                    "widen"
+                                }
+                            ),
+                        },
+                        (None, false) => String::new(),
+                    };
+                    (r.eligible, r.fallback, reason)
+                }
+                Err(e) => (CpuSet::new(), None, format!("{}: {e}", q.target)),
+            };
+        let q = &mut self.queues[qid];
+        q.eligible = eligible;
+        q.fallback = fallback;
+        q.reason = reason;
+        if q.eligible.is_empty() && policy == Fallback::Reject && q.pending > 0 {
+            let ids: Vec<ItemId> = q.items.iter().copied().collect();
+            let reason = q.reason.clone();
+            for id in ids {
+                if self.is_pending_in(id, qid) {
+                    self.terminal(
+                        id,
+                        State::Rejected,
+                        Vec::new(),
+                        reason.clone(),
+                        None,
+                        None,
+                        fx,
+                    );
+                }
+            }
+        }
+        let n = self.queues[qid].pending;
+        self.make_ready(qid, n, fx);
+    }
+
+    fn is_pending_in(&self, id: ItemId, qid: usize) -> bool {
+        self.items
+            .get(&id)
+            .is_some_and(|it| it.state == State::Pending && it.queue == qid)
+    }
+
+    /// Drops tombstones from the front of a queue (and of its ordered workqueue's FIFO).
+    fn clean_front(&mut self, qid: usize) {
+        while let Some(&id) = self.queues[qid].items.front() {
+            if self.is_pending_in(id, qid) {
+                break;
+            }
+            self.queues[qid].items.pop_front();
+        }
+    }
+
+    fn ordered_head(&mut self, wi: usize) -> Option<ItemId> {
+        while let Some(&id) = self.wqs[wi].ordered.front() {
+            if self
+                .items
+                .get(&id)
+                .is_some_and(|it| it.state == State::Pending)
+            {
+                return Some(id);
+            }
+            self.wqs[wi].ordered.pop_front();
+        }
+        None
+    }
+
+    /// The CPUs that may take from a queue, in the order placement prefers them.
+    fn takers(&mut self, qid: usize) -> Vec<u32> {
+        let q = &self.queues[qid];
+        let placement = self.wqs[q.wq].attrs.placement;
+        match placement {
+            Placement::First => q.eligible.first().into_iter().collect(),
+            Placement::Spread => {
+                let mut v: Vec<u32> = q.eligible.iter().collect();
+                if !v.is_empty() {
+                    self.rr = self.rr.wrapping_add(1);
+                    let k = (self.rr % v.len() as u64) as usize;
+                    v.rotate_left(k);
+                }
+                v
+            }
+            Placement::LeastLoaded | Placement::Idle => {
+                let mut v: Vec<(f64, u32)> = q
+                    .eligible
+                    .iter()
+                    .map(|c| {
+                        let queued = self.pools.get(&c).map_or(0, |p| p.running) as f64;
+                        let host = match (placement, &self.load) {
+                            (Placement::Idle, Some(f)) => f(c),
+                            _ => 0.0,
+                        };
+                        (host * 1000.0 + queued, c)
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                v.into_iter().map(|(_, c)| c).collect()
+            }
+        }
+    }
+
+    fn may_take(&self, qid: usize, cpu: u32) -> bool {
+        let q = &self.queues[qid];
+        if self.wqs[q.wq].attrs.placement == Placement::First {
+            q.eligible.first() == Some(cpu)
+        } else {
+            q.eligible.contains(cpu)
+        }
+    }
+
+    /// Whether the queue's head may start on `cpu` now under the workqueue's limits.
+    /// Call after `clean_front`.
+    fn limits_allow(&mut self, qid: usize, cpu: u32) -> bool {
+        let Some(&head) = self.queues[qid].items.front() else {
+            return false;
+        };
+        let wi = self.queues[qid].wq;
+        if self.wqs[wi].attrs.ordered
+            && (self.wqs[wi].running > 0 || self.ordered_head(wi) != Some(head))
+        {
+            return false;
+        }
+        let q = &self.queues[qid];
+        let wq = &self.wqs[wi];
+        if wq.attrs.group_max_active > 0 && q.running >= wq.attrs.group_max_active as usize {
+            return false;
+        }
+        let [cb, w] = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
+        match self.items.get(&head).map(|i| i.body.kind) {
+            Some(HandlerKind::CpuBound) => cb < wq.attrs.max_active,
+            Some(HandlerKind::Waits) => w < wq.attrs.max_waiting,
+            None => false,
+        }
+    }
+
+    /// Puts a queue with pending items on the ready lists of the pools that may take from it
+    /// and wakes (or spawns) up to `n` workers, in placement order.
+    fn make_ready(&mut self, qid: usize, n: usize, fx: &mut Effects) {
+        if self.queues[qid].pending == 0 || self.shutdown {
+            return;
+        }
+        let takers = self.takers(qid);
+        for &c in &takers {
+            if self.queues[qid].in_ready.contains(c) {
+                continue;
+            }
+            if let Some(p) = self.pools.get_mut(&c).filter(|p| p.live) {
+                p.ready.push_back(qid);
+                self.queues[qid].in_ready.insert(c);
+            }
+        }
+        self.clean_front(qid);
+        let mut woken = 0;
+        for c in takers {
+            if woken >= n {
+                break;
+            }
+            // Only a CPU whose limits let it start the head now is worth a wake-up; waking
+            // one that cannot would use up the wake-up and leave an idle CPU asleep.
+            if !self.limits_allow(qid, c) {
+                continue;
+            }
+            let (epoch, max) = (self.epoch, self.max_workers);
+            let Some(p) = self.pools.get_mut(&c).filter(|p| p.live) else {
+                continue;
+            };
+            if let Some((_, u)) = p.idle.pop() {
+                fx.unpark.push(u);
+                woken += 1;
+            } else if p.workers < max && epoch >= p.no_spawn_before {
+                p.workers += 1;
+                fx.spawn.push((c, p.gen));
+                woken += 1;
+            }
+        }
+    }
+
+    fn enqueue(&mut self, id: ItemId, fx: &mut Effects) {
+        let Some(item) = self.items.get_mut(&id) else {
+            return;
+        };
+        item.state = State::Pending;
+        let (qid, wi) = (item.queue, item.wq);
+        let q = &mut self.queues[qid];
+        if q.eligible.is_empty() && self.wqs[wi].attrs.fallback == Fallback::Reject {
+            let reason = q.reason.clone();
+            q.pending += 1;
+            self.wqs[wi].pending += 1;
+            self.terminal(id, State::Rejected, Vec::new(), reason, None, None, fx);
+            return;
+        }
+        q.items.push_back(id);
+        q.pending += 1;
+        q.idle_since = None;
+        let wq = &mut self.wqs[wi];
+        wq.pending += 1;
+        if wq.attrs.ordered {
+            wq.ordered.push_back(id);
+        }
+    }
+
+    // ----- submit -----
+
+    pub(crate) fn submit(
+        &mut self,
+        inner: &Arc<Inner>,
+        wq_name: &str,
+        bodies: Vec<(
+            Arc<Body>,
+            Option<String>,
+            Option<Duration>,
+            Option<Duration>,
+        )>,
+        fx: &mut Effects,
+    ) -> Result<Receipt, EngineError> {
+        let _ = inner;
+        if self.shutdown {
+            return Err(EngineError::ShuttingDown);
+        }
+        let wi = self.wq_index(wq_name)?;
+        if self.wqs[wi].draining {
+            return Err(EngineError::Draining(wq_name.to_string()));
+        }
+        // Pass 1: validate everything and count what will be queued; change nothing.
+        let mut last: Option<&Target> = None;
+        let mut batch_keys: HashSet<&str> = HashSet::new();
+        let mut adding = 0usize;
+        for (index, (b, key, _, _)) in bodies.iter().enumerate() {
+            if last != Some(&b.target) {
+                self.snapshot
+                    .groups
+                    .resolve(&b.target, &self.live, Fallback::Wait)
+                    .map_err(|source| EngineError::Group { index, source })?;
+                last = Some(&b.target);
+            }
+            match key {
+                Some(k) if self.wqs[wi].keys.contains_key(k.as_str()) => {}
+                Some(k) if !batch_keys.insert(k.as_str()) => {}
+                _ => adding += 1,
+            }
+        }
+        let wq = &self.wqs[wi];
+        if wq.live() + adding > wq.attrs.max_queued {
+            return Err(EngineError::QueueFull {
+                workqueue: wq_name.to_string(),
+                limit: wq.attrs.max_queued,
+                pending: wq.live(),
+                adding,
+            });
+        }
+        // Pass 2: queue.
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        let first = self.next_item;
+        let mut out = Vec::with_capacity(bodies.len());
+        let mut touched: Vec<(usize, usize)> = Vec::new();
+        for (b, key, delay, deadline) in bodies {
+            let key: Option<Arc<str>> = key.map(Arc::from);
+            if let Some(k) = &key {
+                if let Some(&dup) = self.wqs[wi].keys.get(k) {
+                    out.push(Submitted {
+                        id: dup,
+                        queued: false,
+                    });
+                    continue;
+                }
+            }
+            let id = self.next_item;
+            self.next_item += 1;
+            let qid = match touched.last() {
+                Some(&(q, _)) if self.queues[q].target == b.target => q,
+                _ => self.queue_for(wi, &b.target),
+            };
+            match touched.last_mut() {
+                Some((q, n)) if *q == qid => *n += 1,
+                _ => touched.push((qid, 1)),
+            }
+            let wq = &mut self.wqs[wi];
+            wq.submitted += 1;
+            if let Some(k) = &key {
+                wq.keys.insert(k.clone(), id);
+            }
+            let deadline_at = deadline.map(|d| now + d);
+            self.items.insert(
+                id,
+                Item {
+                    id,
+                    batch,
+                    wq: wi,
+                    queue: qid,
+                    body: b,
+                    key,
+                    deadline: deadline_at,
+                    state: State::Delayed,
+                    queued_at: wall,
+                    bound: None,
+                    rebinds: 0,
+                    fallback: None,
+                    reason: String::new(),
+                    waiters: Vec::new(),
+                },
+            );
+            match delay.filter(|d| !d.is_zero()) {
+                Some(d) => {
+                    self.wqs[wi].delayed += 1;
+                    self.queues[qid].delayed += 1;
+                    self.timers.push(Reverse((now + d, TIMER_DELAY, id)));
+                    fx.timer_kick = true;
+                }
+                None => self.enqueue(id, fx),
+            }
+            if let Some(at) = deadline_at {
+                self.timers.push(Reverse((at, TIMER_DEADLINE, id)));
+                fx.timer_kick = true;
+            }
+            out.push(Submitted { id, queued: true });
+        }
+        let count = (self.next_item - first) as usize;
+        let live = (first..self.next_item)
+            .filter(|id| self.items.contains_key(id))
+            .count();
+        self.batches.insert(
+            batch,
+            BatchRec {
+                first,
+                count,
+                live,
+                created: now,
+            },
+        );
+        self.batch_order.push_back(batch);
+        for (qid, n) in touched {
+            if self.queues.contains(qid) {
+                self.make_ready(qid, n, fx);
+            }
+        }
+        Ok(Receipt { batch, items: out })
+    }
+
+    // ----- workers -----
+
+    /// Takes the next item `cpu`'s worker may start, binding it to `cpu`.
+    pub(crate) fn take(&mut self, cpu: u32, fx: &mut Effects) -> Option<Job> {
+        let now = Instant::now();
+        let mut budget = self.pools.get(&cpu).filter(|p| p.live)?.ready.len();
+        while budget > 0 {
+            budget -= 1;
+            let qid = self.pools.get_mut(&cpu)?.ready.pop_front()?;
+            if !self.queues.contains(qid) {
+                continue;
+            }
+            self.clean_front(qid);
+            if self.queues[qid].pending == 0 || !self.may_take(qid, cpu) {
+                self.queues[qid].in_ready.remove(cpu);
+                continue;
+            }
+            if !self.limits_allow(qid, cpu) {
+                self.pools.get_mut(&cpu)?.ready.push_back(qid);
+                continue;
+            }
+            let q = &mut self.queues[qid];
+            let Some(id) = q.items.pop_front() else {
+                continue;
+            };
+            let wi = q.wq;
+            if self.wqs[wi].attrs.ordered {
+                self.ordered_head(wi);
+                self.wqs[wi].ordered.pop_front();
+            }
+            // Requeue the queue for this pool before anything else can return.
+            if self.queues[qid].pending > 1 {
+                self.pools.get_mut(&cpu)?.ready.push_back(qid);
+            } else {
+                self.queues[qid].in_ready.remove(cpu);
+            }
+            let expired = self
+                .items
+                .get(&id)
+                .and_then(|i| i.deadline)
+                .is_some_and(|d| d <= now);
+            if expired {
+                self.terminal(
+                    id,
+                    State::Expired,
+                    Vec::new(),
+                    "not started before its deadline".into(),
+                    None,
+                    None,
+                    fx,
+                );
+                budget += 1;
+                continue;
+            }
+            let (fallback, reason) = (self.queues[qid].fallback, self.queues[qid].reason.clone());
+            let item = self.items.get_mut(&id)?;
+            let kind = item.body.kind;
+            let token = CancelToken::new();
+            item.state = State::Running;
+            item.bound = Some(Bound {
+                cpu,
+                at: now,
+                token: token.clone(),
+                hog_reported: false,
+            });
+            item.fallback = fallback;
+            if fallback.is_some() {
+                item.reason = reason;
+            }
+            if let Some(k) = &item.key {
+                let wq = &mut self.wqs[wi];
+                if wq.keys.get(k) == Some(&id) {
+                    wq.keys.remove(k);
+                }
+            }
+            let body = item.body.clone();
+            if let Some(l) = fallback {
+                *self.fallbacks.entry(level_name(l)).or_default() += 1;
+            }
+            self.running.insert(id);
+            let q = &mut self.queues[qid];
+            q.pending -= 1;
+            q.running += 1;
+            let wq = &mut self.wqs[wi];
+            wq.pending -= 1;
+            wq.running += 1;
+            let slot = wq.running_on.entry(cpu).or_insert([0, 0]);
+            slot[usize::from(kind == HandlerKind::Waits)] += 1;
+            let nice = wq.attrs.nice;
+            let max = self.max_workers;
+            let pool = self.pools.get_mut(&cpu)?;
+            pool.running += 1;
+            pool.last_progress = now;
+            pool.lockup_reported = false;
+            // Keep one worker in reserve while this pool has more it could start.
+            if pool.idle.is_empty() && !pool.ready.is_empty() && pool.workers < max {
+                pool.workers += 1;
+                fx.spawn.push((cpu, pool.gen));
+            }
+            return Some(Job {
+                id,
+                body,
+                token,
+                cpu,
+                nice,
+            });
+        }
+        None
+    }
+
+    /// Records how a job ended (or hands it back to its queue).
+    pub(crate) fn finish(&mut self, f: Finish, fx: &mut Effects) {
+        let Some(item) = self.items.get_mut(&f.id) else {
+            tracing::error!(item = f.id, "finish for an item that is not live");
+            return;
+        };
+        let Some(bound) = item.bound.take() else {
+            tracing::error!(item = f.id, "finish for an item that is not bound");
+            return;
+        };
+        let (qid, wi, kind) = (item.queue, item.wq, item.body.kind);
+        self.running.remove(&f.id);
+        let cap_was_full = {
+            let wq = &self.wqs[wi];
+            wq.attrs.group_max_active > 0
+                && self.queues[qid].running >= wq.attrs.group_max_active as usize
+        };
+        self.queues[qid].running -= 1;
+        let wq = &mut self.wqs[wi];
+        wq.running -= 1;
+        if let Some(slot) = wq.running_on.get_mut(&bound.cpu) {
+            slot[usize::from(kind == HandlerKind::Waits)] -= 1;
+        }
+        let ordered = wq.attrs.ordered;
+        if let Some(p) = self.pools.get_mut(&bound.cpu) {
+            p.running -= 1;
+            p.last_progress = Instant::now();
+            p.lockup_reported = false;
+        }
+        match f.outcome {
+            Outcome::HandBack(why) => {
+                *self.rebinds.entry(why).or_default() += 1;
+                let Some(item) = self.items.get_mut(&f.id) else {
+                    return;
+                };
+                item.state = State::Pending;
+                item.rebinds += 1;
+                let key = item.key.clone();
+                self.queues[qid].items.push_front(f.id);
+                self.queues[qid].pending += 1;
+                let wq = &mut self.wqs[wi];
+                wq.pending += 1;
+                if ordered {
+                    wq.ordered.push_front(f.id);
+                }
+                if let Some(k) = key {
+                    wq.keys.entry(k).or_insert(f.id);
+                }
+                self.make_ready(qid, 1, fx);
+            }
+            Outcome::CancelledBeforeStart => {
+                self.terminal(
+                    f.id,
+                    State::Cancelled,
+                    Vec::new(),
+                    "cancelled before it started".into(),
+                    None,
+                    None,
+                    fx,
+                );
+            }
+            Outcome::Ran(res) => {
+                let (state, out, err) = match res {
+                    Ok(out) => (State::Ok, out, String::new()),
+                    Err(HandlerError::Cancelled) => (
+                        State::Cancelled,
+                        Vec::new(),
+                        "cancelled while running".into(),
+                    ),
+                    Err(e) => (State::Failed, Vec::new(), e.to_string()),
+                };
+                self.terminal(f.id, state, out, err, f.started, f.finished, fx);
+            }
+        }
+        if cap_was_full {
+            let n = self.queues[qid].pending;
+            self.make_ready(qid, n, fx);
+        }
+        if ordered {
+            if let Some(head) = self.ordered_head(wi) {
+                if let Some(hq) = self.items.get(&head).map(|i| i.queue) {
+                    self.make_ready(hq, 1, fx);
+                }
+            }
+        }
+        let q = &mut self.queues[qid];
+        if q.pending == 0 && q.running == 0 && q.delayed == 0 {
+            q.idle_since = Some(Instant::now());
+        }
+        if self.shutdown {
+            fx.idle_kick = true;
+        }
+    }
+
+    /// The one way out: makes a live item terminal, notifies its flushes, stores its result.
+    #[allow(clippy::too_many_arguments)]
+    fn terminal(
+        &mut self,
+        id: ItemId,
+        state: State,
+        output: Vec<u8>,
+        error: String,
+        started: Option<Started>,
+        finished: Option<(u32, SystemTime)>,
+        fx: &mut Effects,
+    ) {
+        debug_assert!(state.is_terminal());
+        let Some(item) = self.items.remove(&id) else {
+            return;
+        };
+        let (qid, wi) = (item.queue, item.wq);
+        let wq = &mut self.wqs[wi];
+        match item.state {
+            State::Delayed => {
+                wq.delayed -= 1;
+                self.queues[qid].delayed -= 1;
+            }
+            State::Pending => {
+                wq.pending -= 1;
+                self.queues[qid].pending -= 1;
+            }
+            _ => {}
+        }
+        wq.totals[state.index()] += 1;
+        if let Some(k) = &item.key {
+            if wq.keys.get(k) == Some(&id) {
+                wq.keys.remove(k);
+            }
+        }
+        if wq.draining && wq.live() == 0 {
+            wq.draining = false;
+        }
+        let reason = if item.reason.is_empty() && state == State::Rejected {
+            error.clone()
+        } else {
+            item.reason.clone()
+        };
+        let result = Arc::new(ItemResult {
+            id,
+            batch: item.batch,
+            workqueue: wq.name.clone(),
+            state,
+            output,
+            error,
+            target: item.body.target.clone(),
+            handler: item.body.handler_name.clone(),
+            cpu_started: started.as_ref().map(|s| s.cpu),
+            cpu_finished: finished.map(|f| f.0),
+            fallback: item.fallback,
+            reason,
+            rebinds: item.rebinds,
+            queued_at: item.queued_at,
+            started_at: started.as_ref().map(|s| s.at),
+            finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),
+            epoch_started: started.map(|s| s.epoch),
+        });
+        for fid in item.waiters {
+            if let Some(f) = self.flushes.get_mut(&fid) {
+                let _ = f.tx.send(FlushEvent::Done(result.clone()));
+                f.remaining -= 1;
+                if f.remaining == 0 {
+                    self.flushes.remove(&fid);
+                }
+            }
+        }
+        if let Some(b) = self.batches.get_mut(&item.batch) {
+            b.live = b.live.saturating_sub(1);
+        }
+        self.results.insert(result);
+        if self.shutdown {
+            fx.idle_kick = true;
+        }
+    }
+
+    /// Registers an idle worker so wake-ups find it.
+    pub(crate) fn park(&mut self, cpu: u32, wid: u64, u: Unparker) {
+        if let Some(p) = self.pools.get_mut(&cpu) {
+            p.idle.push((wid, u));
+        }
+    }
+
+    /// Removes a worker from its pool's idle list; returns whether it was still there (i.e.
+    /// nobody woke it).
+    pub(crate) fn unpark_self(&mut self, cpu: u32, wid: u64) -> bool {
+        let Some(p) = self.pools.get_mut(&cpu) else {
+            return false;
+        };
+        match p.idle.iter().position(|(w, _)| *w == wid) {
+            Some(i) => {
+                p.idle.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a worker of generation `gen` on `cpu` should keep going.
+    pub(crate) fn worker_current(&self, cpu: u32, gen: u64) -> bool {
+        !self.shutdown && self.pools.get(&cpu).is_some_and(|p| p.live && p.gen == gen)
+    }
+
+    /// Accounts for a worker leaving. `pin_failed` holds off respawning until the next epoch.
+    pub(crate) fn worker_exit(&mut self, cpu: u32, gen: u64, pin_failed: bool) {
+        let epoch = self.epoch;
+        if let Some(p) = self.pools.get_mut(&cpu).filter(|p| p.gen == gen) {
+            p.workers = p.workers.saturating_sub(1);
+            if pin_failed {
+                p.no_spawn_before = epoch + 1;
+            }
+        }
+    }
+
+    /// Whether an idle worker may retire (another worker stays).
+    pub(crate) fn may_retire(&self, cpu: u32, gen: u64) -> bool {
+        self.pools
+            .get(&cpu)
+            .is_some_and(|p| p.gen == gen && p.workers > 1)
+    }
+
+    pub(crate) fn wake_everyone(&mut self, fx: &mut Effects) {
+        for p in self.pools.values_mut() {
+            fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
+        }
+    }
+
+    // ----- cancel, flush, results -----
+
+    pub(crate) fn cancel(
+        &mut self,
+        ids: &[ItemId],
+        fx: &mut Effects,
+    ) -> Vec<(ItemId, CancelOutcome)> {
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let o = match self.items.get(&id) {
+                Some(it) if it.state == State::Running => {
+                    if let Some(b) = &it.bound {
+                        b.token.cancel();
+                    }
+                    CancelOutcome::WasRunning
+                }
+                Some(_) => {
+                    self.terminal(
+                        id,
+                        State::Cancelled,
+                        Vec::new(),
+                        "cancelled before it started".into(),
+                        None,
+                        None,
+                        fx,
+                    );
+                    CancelOutcome::CancelledPending
+                }
+                None => match self.results.map.get(&id) {
+                    Some(r) => CancelOutcome::AlreadyTerminal(r.state),
+                    None => CancelOutcome::Unknown,
+                },
+            };
+            out.push((id, o));
+        }
+        out
+    }
+
+    pub(crate) fn scope_ids(&self, scope: &FlushScope) -> Result<Vec<ItemId>, EngineError> {
+        match scope {
+            FlushScope::Items(v) => {
+                if let Some(&bad) = v.iter().find(|&&id| id == 0 || id >= self.next_item) {
+                    return Err(EngineError::UnknownItem(bad));
+                }
+                Ok(v.clone())
+            }
+            FlushScope::Batch(b) => {
+                let rec = self.batches.get(b).ok_or(EngineError::UnknownBatch(*b))?;
+                Ok((rec.first..rec.first + rec.count as u64).collect())
+            }
+            FlushScope::Workqueue(name) => {
+                let wi = self.wq_index(name)?;
+                let mut v: Vec<ItemId> = self
+                    .items
+                    .values()
+                    .filter(|i| i.wq == wi)
+                    .map(|i| i.id)
+                    .collect();
+                v.sort_unstable();
+                Ok(v)
+            }
+        }
+    }
+
+    pub(crate) fn register_flush(&mut self, inner: &Arc<Inner>, ids: Vec<ItemId>) -> Flush {
+        let fid = self.next_flush;
+        self.next_flush += 1;
+        let (tx, rx) = flume::unbounded();
+        let mut remaining = 0;
+        for &id in &ids {
+            if let Some(it) = self.items.get_mut(&id) {
+                it.waiters.push(fid);
+                remaining += 1;
+            } else if let Some(r) = self.results.map.get(&id) {
+                let _ = tx.send(FlushEvent::Done(r.clone()));
+            } else {
+                let _ = tx.send(FlushEvent::Gone(id));
+            }
+        }
+        let id = if remaining > 0 {
+            self.flushes.insert(fid, FlushRec { tx, remaining });
+            Some(fid)
+        } else {
+            None
+        };
+        Flush {
+            inner: inner.clone(),
+            id,
+            rx,
+            covered: ids.len(),
+            began: Instant::now(),
+        }
+    }
+
+    pub(crate) fn result_of(&self, id: ItemId) -> Option<Arc<ItemResult>> {
+        if let Some(r) = self.results.map.get(&id) {
+            return Some(r.clone());
+        }
+        let it = self.items.get(&id)?;
+        Some(Arc::new(ItemResult {
+            id,
+            batch: it.batch,
+            workqueue: self.wqs[it.wq].name.clone(),
+            state: it.state,
+            output: Vec::new(),
+            error: String::new(),
+            target: it.body.target.clone(),
+            handler: it.body.handler_name.clone(),
+            cpu_started: it.bound.as_ref().map(|b| b.cpu),
+            cpu_finished: None,
+            fallback: it.fallback,
+            reason: if it.state == State::Pending {
+                self.queues[it.queue].reason.clone()
+            } else {
+                it.reason.clone()
+            },
+            rebinds: it.rebinds,
+            queued_at: it.queued_at,
+            started_at: None,
+            finished_at: None,
+            epoch_started: None,
+        }))
+    }
+
+    // ----- topology -----
+
+    /// Applies a new snapshot (see `Engine::apply_snapshot`).
+    pub(crate) fn apply_snapshot(
+        &mut self,
+        inner: &Arc<Inner>,
+        snap: &Arc<Snapshot>,
+        fx: &mut Effects,
+    ) {
+        if self.epoch != 0 && snap.epoch <= self.epoch {
+            return;
+        }
+        let new_live = snap.live.clone();
+        let gone = self.live.difference(&new_live);
+        let came = new_live.difference(&self.live);
+        let now = Instant::now();
+        inner.topo_seq.fetch_add(1, Ordering::AcqRel);
+        for c in gone.iter() {
+            if let Some(p) = self.pools.get_mut(&c) {
+                p.live = false;
+                p.gen += 1;
+                p.workers = 0;
+                fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
+                for qid in p.ready.drain(..) {
+                    if let Some(q) = self.queues.get_mut(qid) {
+                        q.in_ready.remove(c);
+                    }
+                }
+            }
+            if let Some(f) = inner.pool_live.get(c as usize) {
+                f.store(false, Ordering::Release);
+            }
+        }
+        let eager = new_live.len() <= 256 && !self.shutdown;
+        for c in came.iter() {
+            let Some(flag) = inner.pool_live.get(c as usize) else {
+                continue;
+            };
+            let p = self.pools.entry(c).or_insert_with(|| Pool {
+                live: false,
+                gen: 0,
+                workers: 0,
+                idle: Vec::new(),
+                ready: VecDeque::new(),
+                running: 0,
+                last_progress: now,
+                lockup_reported: false,
+                no_spawn_before: 0,
+            });
+            p.live = true;
+            p.gen += 1;
+            p.workers = 0;
+            p.last_progress = now;
+            p.lockup_reported = false;
+            if eager {
+                p.workers = 1;
+                fx.spawn.push((c, p.gen));
+            }
+            flag.store(true, Ordering::Release);
+        }
+        self.epoch = snap.epoch;
+        self.live = new_live;
+        self.snapshot = snap.clone();
+        inner.epoch.store(snap.epoch, Ordering::Release);
+        inner.topo_seq.fetch_add(1, Ordering::Release);
+        let qids: Vec<usize> = self.queues.iter().map(|(k, _)| k).collect();
+        for qid in qids {
+            self.resolve_queue(qid, fx);
+        }
+        if !gone.is_empty() || !came.is_empty() {
+            tracing::info!(epoch = snap.epoch, live = %self.live, gone = %gone, came = %came, "topology applied");
+        }
+    }
+
+    // ----- timers and housekeeping -----
+
+    pub(crate) fn next_timer(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    pub(crate) fn fire_timers(&mut self, now: Instant, fx: &mut Effects) {
+        while let Some(&Reverse((at, kind, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(state) = self.items.get(&id).map(|i| i.state) else {
+                continue;
+            };
+            match (kind, state) {
+                (TIMER_DELAY, State::Delayed) => {
+                    let Some(qid) = self.items.get(&id).map(|i| i.queue) else {
+                        continue;
+                    };
+                    self.wqs[self.queues[qid].wq].delayed -= 1;
+                    self.queues[qid].delayed -= 1;
+                    self.enqueue(id, fx);
+                    self.make_ready(qid, 1, fx);
+                }
+                (TIMER_DEADLINE, State::Delayed | State::Pending) => {
+                    self.terminal(
+                        id,
+                        State::Expired,
+                        Vec::new(),
+                        "not started before its deadline".into(),
+                        None,
+                        None,
+                        fx,
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(crate) fn housekeeping(&mut self, now: Instant) {
+        self.results.expire(now);
+        let ttl = self.results.ttl;
+        while let Some(&b) = self.batch_order.front() {
+            let Some(rec) = self.batches.get(&b) else {
+                self.batch_order.pop_front();
+                continue;
+            };
+            if rec.live > 0 || now.duration_since(rec.created) < ttl {
+                break;
+            }
+            self.batches.remove(&b);
+            self.batch_order.pop_front();
+        }
+        let idle: Vec<usize> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| {
+                q.pending == 0
+                    && q.running == 0
+                    && q.delayed == 0
+                    && q.idle_since
+                        .is_some_and(|t| now.duration_since(t) > Duration::from_secs(60))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for qid in idle {
+            self.remove_queue(qid);
+        }
+    }
+
+    /// The watchdog's look: pools with runnable work and no progress for `thresh` are
+    /// reported once per stall; items running longer than `hog` once each.
+    pub(crate) fn watchdog(&mut self, now: Instant, thresh: Duration, hog: Duration) {
+        if !thresh.is_zero() {
+            let mut stuck = Vec::new();
+            for (&cpu, p) in &self.pools {
+                let runnable = p.ready.iter().any(|&q| {
+                    self.queues
+                        .get(q)
+                        .is_some_and(|q| q.pending > 0 && q.eligible.contains(cpu))
+                });
+                let stalled = now.duration_since(p.last_progress);
+                if p.live && runnable && !p.lockup_reported && stalled >= thresh {
+                    stuck.push((cpu, stalled));
+                }
+            }
+            for (cpu, stalled) in stuck {
+                let busy: Vec<String> = self
+                    .wqs
+                    .iter()
+                    .filter(|(_, w)| w.running_on.get(&cpu).is_some_and(|s| s[0] + s[1] > 0))
+                    .map(|(_, w)| {
+                        let s = w.running_on.get(&cpu).copied().unwrap_or_default();
+                        format!("{} (active={} pending={})", w.name, s[0] + s[1], w.pending)
+                    })
+                    .collect();
+                let running: Vec<String> = self
+                    .running
+                    .iter()
+                    .filter_map(|id| self.items.get(id))
+                    .filter(|i| i.bound.as_ref().is_some_and(|b| b.cpu == cpu))
+                    .map(|i| format!("item {} {} on {}", i.id, i.body.handler_name, i.body.target))
+                    .collect();
+                tracing::error!(
+                    "BUG: wqd lockup - pool cpus={cpu} stuck for {}s! busy workqueues: [{}]; running: [{}]",
+                    stalled.as_secs(),
+                    busy.join(", "),
+                    running.join(", ")
+                );
+                self.lockups += 1;
+                if let Some(p) = self.pools.get_mut(&cpu) {
+                    p.lockup_reported = true;
+                }
+            }
+        }
+        if !hog.is_zero() {
+            let ids: Vec<ItemId> = self.running.iter().copied().collect();
+            for id in ids {
+                let Some(it) = self.items.get_mut(&id) else {
+                    continue;
+                };
+                let Some(b) = it.bound.as_mut() else { continue };
+                let ran = now.duration_since(b.at);
+                if !b.hog_reported && ran >= hog {
+                    b.hog_reported = true;
+                    tracing::warn!(
+                        "wqd: item {} ({} on {}) hogged cpu {} for {}ms",
+                        id,
+                        it.body.handler_name,
+                        it.body.target,
+                        b.cpu,
+                        ran.as_millis()
+                    );
+                    self.hogs += 1;
+                }
+            }
+        }
+    }
+}
