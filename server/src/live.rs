@@ -1,25 +1,559 @@
-//! The live view (provisional; replaced by the topology work).
+//! The live view: versioned snapshots of the topology, its groups and the live CPUs, and the
+//! [`Monitor`] threads that keep them current.
+//!
+//! [`LiveView`] owns the published [`Snapshot`]. Invariants:
+//!
+//! 1. Epochs are strictly increasing, start at 1, and a new epoch is published only when the
+//!    remembered [`Topology`] (hence possibly `live`) or the groups config changed; an identical
+//!    reading publishes nothing.
+//! 2. Every publication reaches, in this order and before `apply` returns: [`LiveView::current`]
+//!    (lock-free, `arc-swap`), the `watch` channel of [`LiveView::subscribe`], then every
+//!    [`LiveView::on_change`] listener. Because publications are serialised by one mutex,
+//!    listeners see every epoch exactly once, in epoch order, with no gap after registration.
+//! 3. `live = online ∩ allowed`, minus `isolated` unless [`LiveConfig::include_isolated`].
+//! 4. A snapshot's `groups` is `GroupMap::build(topology, groups config)`; when a rebuild gives an
+//!    equal map the previous `Arc` is kept, so `Arc::ptr_eq` tells "groups unchanged" cheaply.
+//!
+//! The publish protocol (all under `LiveView::state`):
+//!
+//! 1. count the event for its source;
+//! 2. merge the reading into the current topology ([`Topology::merge`]); stop if equal;
+//! 3. compute `live`, rebuild the group map;
+//! 4. store the snapshot in `current`, send it on the watch channel, call the listeners.
+//!
+//! Races and why they are safe: a reader of `current` between steps 4a and 4c sees the new
+//! snapshot before listeners ran — listeners must therefore not assume they run first, only in
+//! order. Two monitors or a monitor and `rescan_now` applying at once are serialised by the
+//! mutex; each reading is merged into whatever was published last, and merging is monotone in
+//! membership, so the order of two concurrent readings only decides which masks are current
+//! until the next read. Listeners run under the mutex: they must be quick and must not call
+//! back into `apply`, `set_groups_config` or `on_change` (that would deadlock). A panicking
+//! listener is logged and skipped; it does not stop later listeners or poison the view.
+//!
+//! [`Monitor`] runs the sources: a rescan thread (periodic, and on demand from the uevent thread,
+//! worker [`Reporter`]s) and an optional uevent thread. Triggers queue on one channel and are
+//! coalesced: a burst of reports costs one read, which starts after all of them were received,
+//! so it sees at least what each trigger saw.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use tokio::sync::watch;
 
 use crate::cpuset::CpuSet;
-use crate::groups::GroupMap;
-use crate::topology::Topology;
+use crate::groups::{GroupMap, GroupsConfig};
+use crate::topology::sysfs::Reader;
+use crate::topology::uevent::UeventSocket;
+use crate::topology::{Reading, Topology, TopologyError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Errors of the live layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("reading the topology: {0}")]
+    Read(#[from] TopologyError),
+    #[error("spawning thread {name}: {source}")]
+    Spawn {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What caused a snapshot (or an attempt to make one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Source {
+    /// The reading [`LiveView::new`] started from.
     Initial,
+    /// A kernel CPU online/offline uevent triggered a rescan.
     Uevent,
+    /// The periodic rescan.
     Rescan,
+    /// A worker reported trouble with its CPU ([`Reporter::report`]).
     Worker,
+    /// An explicit call: [`Monitor::rescan_now`], [`LiveView::set_groups_config`].
     Manual,
 }
 
+impl Source {
+    /// Every source, in declaration order.
+    pub const ALL: [Source; 5] = [
+        Source::Initial,
+        Source::Uevent,
+        Source::Rescan,
+        Source::Worker,
+        Source::Manual,
+    ];
+
+    /// A lower-case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Initial => "initial",
+            Source::Uevent => "uevent",
+            Source::Rescan => "rescan",
+            Source::Worker => "worker",
+            Source::Manual => "manual",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One published version of the machine. Immutable once published.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// Strictly increasing from 1.
     pub epoch: u64,
     pub topology: Arc<Topology>,
     pub groups: Arc<GroupMap>,
+    /// The CPUs work may run on now (see [`live_set`]).
     pub live: CpuSet,
+    /// What caused this snapshot.
     pub source: Source,
-    pub at: std::time::SystemTime,
+    /// When it was published.
+    pub at: SystemTime,
+}
+
+/// Settings of the live view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveConfig {
+    /// Count isolated CPUs (`isolated`, `isolcpus=`, `nohz_full=`) as live.
+    pub include_isolated: bool,
+    pub groups: GroupsConfig,
+}
+
+/// Counters of one source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Readings (or config changes) applied from this source, whether or not they changed
+    /// anything.
+    pub events: u64,
+    /// Epochs this source published.
+    pub epochs: u64,
+}
+
+/// Counters of a [`LiveView`], a consistent copy taken under its lock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LiveStats {
+    /// The current epoch.
+    pub epoch: u64,
+    by_source: [SourceStats; 5],
+}
+
+impl LiveStats {
+    /// The counters of `source`.
+    pub fn get(&self, source: Source) -> SourceStats {
+        self.by_source[source.index()]
+    }
+
+    /// Every source with its counters.
+    pub fn iter(&self) -> impl Iterator<Item = (Source, SourceStats)> + '_ {
+        Source::ALL.iter().map(|s| (*s, self.get(*s)))
+    }
+}
+
+/// A function called with every new snapshot; see [`LiveView::on_change`].
+pub type Listener = Box<dyn Fn(&Arc<Snapshot>) + Send + Sync>;
+
+/// `online ∩ allowed`, minus `isolated` unless `include_isolated`.
+pub fn live_set(topology: &Topology, include_isolated: bool) -> CpuSet {
+    let live = topology.online.intersection(&topology.allowed);
+    if include_isolated {
+        live
+    } else {
+        live.difference(&topology.isolated)
+    }
+}
+
+/// State that only the holder of [`LiveView::state`] may touch.
+struct State {
+    cfg: LiveConfig,
+    listeners: Vec<Listener>,
+    stats: LiveStats,
+}
+
+/// The versioned live view. Shared as `Arc<LiveView>`.
+pub struct LiveView {
+    /// The published snapshot. Stored only under `state`; loaded lock-free by anyone.
+    current: ArcSwap<Snapshot>,
+    /// Sent only under `state`; any number of receivers.
+    watch: watch::Sender<Arc<Snapshot>>,
+    /// Serialises every publication (see the module docs).
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for LiveView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveView")
+            .field("current", &self.current.load())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveView {
+    /// Starts at epoch 1 from `first` (source [`Source::Initial`]).
+    pub fn new(first: Reading, cfg: LiveConfig) -> Arc<LiveView> {
+        let topology = Topology::merge(None, first);
+        let snap = Arc::new(Snapshot {
+            epoch: 1,
+            live: live_set(&topology, cfg.include_isolated),
+            groups: Arc::new(GroupMap::build(&topology, &cfg.groups)),
+            topology: Arc::new(topology),
+            source: Source::Initial,
+            at: SystemTime::now(),
+        });
+        let mut stats = LiveStats {
+            epoch: 1,
+            ..LiveStats::default()
+        };
+        stats.by_source[Source::Initial.index()] = SourceStats {
+            events: 1,
+            epochs: 1,
+        };
+        let (watch, _) = watch::channel(snap.clone());
+        Arc::new(LiveView {
+            current: ArcSwap::new(snap),
+            watch,
+            state: Mutex::new(State {
+                cfg,
+                listeners: Vec::new(),
+                stats,
+            }),
+        })
+    }
+
+    /// The latest snapshot. Lock-free.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Folds `reading` into the remembered topology and publishes a new epoch if the topology
+    /// (hence `live`) changed. Returns the new snapshot, or `None` when nothing changed.
+    ///
+    /// On return the snapshot is visible through [`current`](Self::current) and the watch
+    /// channel, and every listener has been called with it.
+    pub fn apply(&self, reading: Reading, source: Source) -> Option<Arc<Snapshot>> {
+        let mut st = self.state.lock();
+        st.stats.by_source[source.index()].events += 1;
+        let prev = self.current.load_full();
+        let topology = Topology::merge(Some(&prev.topology), reading);
+        if topology == *prev.topology {
+            return None;
+        }
+        let groups = build_groups(&topology, &st.cfg.groups, &prev.groups);
+        let live = live_set(&topology, st.cfg.include_isolated);
+        tracing::debug!(
+            epoch = prev.epoch + 1,
+            source = source.as_str(),
+            live = %live,
+            online = %topology.online,
+            "topology changed"
+        );
+        Some(self.publish(&mut st, &prev, Arc::new(topology), groups, live, source))
+    }
+
+    /// Replaces the groups config (config reload) and publishes a new epoch, with source
+    /// [`Source::Manual`], when it differs from the current one. Returns the new snapshot.
+    pub fn set_groups_config(&self, groups: GroupsConfig) -> Option<Arc<Snapshot>> {
+        let mut st = self.state.lock();
+        st.stats.by_source[Source::Manual.index()].events += 1;
+        if st.cfg.groups == groups {
+            return None;
+        }
+        st.cfg.groups = groups;
+        let prev = self.current.load_full();
+        let map = build_groups(&prev.topology, &st.cfg.groups, &prev.groups);
+        let live = prev.live.clone();
+        let topology = prev.topology.clone();
+        Some(self.publish(&mut st, &prev, topology, map, live, Source::Manual))
+    }
+
+    /// A receiver that always holds the latest snapshot, for async watchers.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.watch.subscribe()
+    }
+
+    /// Registers `listener`, called synchronously inside every later publication, in epoch
+    /// order. Returns the snapshot current at registration: the listener sees every epoch after
+    /// it and none before. The listener must not call back into this view's mutating methods.
+    pub fn on_change(&self, listener: Listener) -> Arc<Snapshot> {
+        let mut st = self.state.lock();
+        st.listeners.push(listener);
+        self.current.load_full()
+    }
+
+    /// The counters, per source.
+    pub fn stats(&self) -> LiveStats {
+        self.state.lock().stats.clone()
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> LiveConfig {
+        self.state.lock().cfg.clone()
+    }
+
+    fn publish(
+        &self,
+        st: &mut State,
+        prev: &Snapshot,
+        topology: Arc<Topology>,
+        groups: Arc<GroupMap>,
+        live: CpuSet,
+        source: Source,
+    ) -> Arc<Snapshot> {
+        let snap = Arc::new(Snapshot {
+            epoch: prev.epoch + 1,
+            topology,
+            groups,
+            live,
+            source,
+            at: SystemTime::now(),
+        });
+        st.stats.epoch = snap.epoch;
+        st.stats.by_source[source.index()].epochs += 1;
+        self.current.store(snap.clone());
+        self.watch.send_replace(snap.clone());
+        for (i, listener) in st.listeners.iter().enumerate() {
+            if catch_unwind(AssertUnwindSafe(|| listener(&snap))).is_err() {
+                tracing::error!(
+                    listener = i,
+                    epoch = snap.epoch,
+                    "live view listener panicked"
+                );
+            }
+        }
+        snap
+    }
+}
+
+/// Rebuilds the group map, keeping `prev`'s `Arc` when the result is equal.
+fn build_groups(topology: &Topology, cfg: &GroupsConfig, prev: &Arc<GroupMap>) -> Arc<GroupMap> {
+    let map = GroupMap::build(topology, cfg);
+    if map == **prev {
+        prev.clone()
+    } else {
+        Arc::new(map)
+    }
+}
+
+/// Settings of a [`Monitor`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorConfig {
+    /// Period of the rescan.
+    pub rescan: Duration,
+    /// Listen to kernel uevents for immediate rescans.
+    pub netlink: bool,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            rescan: Duration::from_secs(1),
+            netlink: true,
+        }
+    }
+}
+
+enum Cmd {
+    Rescan(Source),
+    Stop,
+}
+
+/// How often the uevent thread looks at the stop flag.
+const UEVENT_SLICE: Duration = Duration::from_millis(100);
+
+/// Runs the sources of a [`LiveView`] on named threads until stopped or dropped.
+#[derive(Debug)]
+pub struct Monitor {
+    /// Immutable after start.
+    reader: Reader,
+    view: Arc<LiveView>,
+    tx: Sender<Cmd>,
+    /// Set once by `shutdown`; read by the uevent thread.
+    stop: Arc<AtomicBool>,
+    /// Owned by `shutdown`, which joins them.
+    threads: Vec<JoinHandle<()>>,
+    netlink_active: bool,
+    /// Shared with every [`Reporter`]; relaxed, a statistic only.
+    reports: Arc<AtomicU64>,
+}
+
+/// Lets workers ask for an immediate rescan. Cheap to clone; sending never blocks.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    tx: Sender<Cmd>,
+    reports: Arc<AtomicU64>,
+}
+
+impl Reporter {
+    /// A worker saw something wrong with `cpu` (it went offline under it, affinity failed):
+    /// triggers a rescan with source [`Source::Worker`]. Does nothing once the monitor stopped.
+    pub fn report(&self, cpu: u32, reason: &str) {
+        self.reports.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(cpu, reason, "worker reported a CPU problem; rescanning");
+        let _ = self.tx.send(Cmd::Rescan(Source::Worker));
+    }
+
+    /// Reports made to this monitor, through any of its reporters.
+    pub fn reports(&self) -> u64 {
+        self.reports.load(Ordering::Relaxed)
+    }
+}
+
+impl Monitor {
+    /// Starts the rescan thread (`wqd-topo-rescan`) and, if `cfg.netlink` and the socket opens,
+    /// the uevent thread (`wqd-topo-uevent`). A socket that cannot be opened is logged; the
+    /// periodic rescan then carries on alone (see [`netlink_active`](Self::netlink_active)).
+    ///
+    /// # Errors
+    /// [`LiveError::Spawn`] when a thread cannot be spawned (nothing is left running).
+    pub fn start(
+        reader: Reader,
+        view: Arc<LiveView>,
+        cfg: MonitorConfig,
+    ) -> Result<Monitor, LiveError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut monitor = Monitor {
+            reader,
+            view,
+            tx,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            netlink_active: false,
+            reports: Arc::new(AtomicU64::new(0)),
+        };
+        let (reader, view, period) = (monitor.reader.clone(), monitor.view.clone(), cfg.rescan);
+        let rescan = spawn("wqd-topo-rescan", move || {
+            rescan_loop(&reader, &view, &rx, period)
+        })?;
+        monitor.threads.push(rescan);
+        if cfg.netlink {
+            match UeventSocket::open() {
+                Ok(sock) => {
+                    let (tx, stop) = (monitor.tx.clone(), monitor.stop.clone());
+                    // On error `monitor` drops here, which stops the rescan thread.
+                    let t = spawn("wqd-topo-uevent", move || uevent_loop(&sock, &tx, &stop))?;
+                    monitor.threads.push(t);
+                    monitor.netlink_active = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no uevent socket; relying on periodic rescans")
+                }
+            }
+        }
+        Ok(monitor)
+    }
+
+    /// A handle for workers to report CPU trouble.
+    pub fn reporter(&self) -> Reporter {
+        Reporter {
+            tx: self.tx.clone(),
+            reports: self.reports.clone(),
+        }
+    }
+
+    /// Whether the uevent thread is running.
+    pub fn netlink_active(&self) -> bool {
+        self.netlink_active
+    }
+
+    /// Reads and applies now, on the calling thread, with source [`Source::Manual`].
+    ///
+    /// # Errors
+    /// [`LiveError::Read`] when the read fails; the view is then unchanged.
+    pub fn rescan_now(&self) -> Result<Option<Arc<Snapshot>>, LiveError> {
+        let reading = self.reader.read()?;
+        Ok(self.view.apply(reading, Source::Manual))
+    }
+
+    /// Stops and joins the threads. Postcondition: no monitor thread runs and no further
+    /// snapshot comes from this monitor. Takes at most about 100 ms plus one read in progress.
+    pub fn stop(self) {
+        drop(self);
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.tx.send(Cmd::Stop);
+        for t in self.threads.drain(..) {
+            let name = t.thread().name().unwrap_or("?").to_string();
+            if t.join().is_err() {
+                tracing::error!(thread = name, "monitor thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn spawn(
+    name: &'static str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, LiveError> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map_err(|source| LiveError::Spawn { name, source })
+}
+
+fn rescan_loop(reader: &Reader, view: &LiveView, rx: &Receiver<Cmd>, period: Duration) {
+    let mut next = Instant::now() + period;
+    loop {
+        let wait = next.saturating_duration_since(Instant::now());
+        let source = match rx.recv_timeout(wait) {
+            Ok(Cmd::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Cmd::Rescan(source)) => {
+                // Coalesce a burst into one read that starts after all of it.
+                for cmd in rx.try_iter() {
+                    if let Cmd::Stop = cmd {
+                        return;
+                    }
+                }
+                source
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                next = Instant::now() + period;
+                Source::Rescan
+            }
+        };
+        match reader.read() {
+            Ok(reading) => {
+                view.apply(reading, source);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, source = source.as_str(), "topology read failed; retrying at the next tick")
+            }
+        }
+    }
+}
+
+fn uevent_loop(sock: &UeventSocket, tx: &Sender<Cmd>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        match sock.recv_timeout(UEVENT_SLICE) {
+            Ok(None) => {}
+            Ok(Some(ev)) => {
+                tracing::debug!(cpu = ev.cpu, online = ev.online, "cpu uevent");
+                let _ = tx.send(Cmd::Rescan(Source::Uevent));
+            }
+            Err(TopologyError::Netlink(nix::errno::Errno::ENOBUFS)) => {
+                tracing::warn!("uevents were dropped (socket buffer full); rescanning");
+                let _ = tx.send(Cmd::Rescan(Source::Uevent));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "uevent socket failed; relying on periodic rescans");
+                return;
+            }
+        }
+    }
 }

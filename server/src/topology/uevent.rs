@@ -1,1 +1,216 @@
-//! CPU hotplug uevents (stub; filled in by the topology reader work).
+//! CPU hotplug events from the kernel's `NETLINK_KOBJECT_UEVENT` socket.
+//!
+//! This module owns the uevent socket and the uevent wire format, nothing more: an event only
+//! tells wqd *when* to re-read sysfs, never *what* the machine looks like (events can be lost
+//! when the socket buffer overflows, and a rescan is the truth). Invariant: [`parse_uevent`]
+//! yields a [`CpuEvent`] only for a kernel-formatted `online`/`offline` message whose device is
+//! exactly `/devices/system/cpu/cpuN`; [`UeventSocket::recv_timeout`] yields only those, and only
+//! from the kernel (sender port 0).
+//!
+//! Kernel format (one datagram): `ACTION@DEVPATH\0KEY=VALUE\0KEY=VALUE\0...`, for example
+//! `offline@/devices/system/cpu/cpu3\0ACTION=offline\0DEVPATH=/devices/system/cpu/cpu3\0`
+//! `SUBSYSTEM=cpu\0SEQNUM=4242\0`. udev re-broadcasts on group 2 with a binary header starting
+//! `libudev\0`; those are ignored should they ever arrive.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    bind, recvfrom, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag,
+    SockProtocol, SockType,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
+
+use super::TopologyError;
+
+/// A CPU went online or offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CpuEvent {
+    pub cpu: u32,
+    pub online: bool,
+}
+
+/// The kernel's uevent multicast group.
+const KERNEL_GROUP: u32 = 1;
+/// Receive buffer asked for, so that a burst (onlining hundreds of CPUs) is not dropped.
+const RCVBUF: usize = 1 << 20;
+/// Uevents are at most a few KiB (`UEVENT_BUFFER_SIZE` is 2048 plus the header).
+const MAX_MSG: usize = 8192;
+
+/// A bound `NETLINK_KOBJECT_UEVENT` socket listening to kernel group 1.
+#[derive(Debug)]
+pub struct UeventSocket {
+    fd: OwnedFd,
+}
+
+impl UeventSocket {
+    /// Opens and binds the socket.
+    ///
+    /// # Errors
+    /// [`TopologyError::Netlink`] when the socket cannot be opened or bound (as in some
+    /// containers); the caller then relies on periodic rescans alone.
+    pub fn open() -> Result<Self, TopologyError> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkKObjectUEvent,
+        )
+        .map_err(TopologyError::Netlink)?;
+        // Best effort: RcvBufForce needs CAP_NET_ADMIN, RcvBuf is capped by rmem_max.
+        if setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF).is_err() {
+            let _ = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
+        }
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, KERNEL_GROUP)).map_err(TopologyError::Netlink)?;
+        Ok(Self { fd })
+    }
+
+    /// Waits up to `timeout` for a CPU online/offline event, skipping every other uevent.
+    /// `Ok(None)` when the time ran out.
+    ///
+    /// # Errors
+    /// [`TopologyError::Netlink`]. `ENOBUFS` means the kernel dropped events because the buffer
+    /// was full: the caller must rescan, then may keep receiving.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<CpuEvent>, TopologyError> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; MAX_MSG];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // SO_RCVTIMEO of zero means "block forever": never pass less than 1 ms. Long waits
+            // are sliced (the loop goes round) so the microsecond count always fits.
+            let left = left.clamp(Duration::from_millis(1), Duration::from_secs(3600));
+            setsockopt(
+                &self.fd,
+                sockopt::ReceiveTimeout,
+                &TimeVal::microseconds(left.as_micros() as i64),
+            )
+            .map_err(TopologyError::Netlink)?;
+            match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), &mut buf) {
+                Ok((n, from)) => {
+                    // Only the kernel (port 0) is trusted; anything else is a forgery or udev.
+                    if from.is_some_and(|a| a.pid() != 0) {
+                        continue;
+                    }
+                    if let Some(ev) = parse_uevent(&buf[..n]) {
+                        return Ok(Some(ev));
+                    }
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => return Err(TopologyError::Netlink(e)),
+            }
+        }
+    }
+}
+
+/// Parses one kernel uevent datagram; `Some` only for a CPU going online or offline.
+pub fn parse_uevent(buf: &[u8]) -> Option<CpuEvent> {
+    if buf.starts_with(b"libudev\0") {
+        return None;
+    }
+    let mut fields = buf.split(|b| *b == 0).filter(|f| !f.is_empty());
+    let header = std::str::from_utf8(fields.next()?).ok()?;
+    let (action, devpath) = header.split_once('@')?;
+    let mut subsystem = None;
+    for f in fields {
+        let Ok(f) = std::str::from_utf8(f) else {
+            continue;
+        };
+        match f.split_once('=') {
+            // The header and the keys must agree; a message that contradicts itself is dropped.
+            Some(("ACTION", v)) if v != action => return None,
+            Some(("DEVPATH", v)) if v != devpath => return None,
+            Some(("SUBSYSTEM", v)) => subsystem = Some(v),
+            _ => {}
+        }
+    }
+    if subsystem.is_some_and(|s| s != "cpu") {
+        return None;
+    }
+    let online = match action {
+        "online" => true,
+        "offline" => false,
+        _ => return None,
+    };
+    let n = devpath.strip_prefix("/devices/system/cpu/cpu")?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(CpuEvent {
+        cpu: n.parse().ok()?,
+        online,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_cpu_events() {
+        let off = b"offline@/devices/system/cpu/cpu3\0ACTION=offline\0DEVPATH=/devices/system/cpu/cpu3\0SUBSYSTEM=cpu\0SEQNUM=4242\0";
+        assert_eq!(
+            parse_uevent(off),
+            Some(CpuEvent {
+                cpu: 3,
+                online: false
+            })
+        );
+        let on = b"online@/devices/system/cpu/cpu17\0ACTION=online\0DEVPATH=/devices/system/cpu/cpu17\0SUBSYSTEM=cpu\0SEQNUM=9\0";
+        assert_eq!(
+            parse_uevent(on),
+            Some(CpuEvent {
+                cpu: 17,
+                online: true
+            })
+        );
+        // Header only (no trailing keys) is still a well-formed event.
+        assert_eq!(
+            parse_uevent(b"online@/devices/system/cpu/cpu0\0"),
+            Some(CpuEvent {
+                cpu: 0,
+                online: true
+            })
+        );
+    }
+
+    #[test]
+    fn other_events_are_ignored() {
+        for msg in [
+            &b"add@/devices/system/cpu/cpu3\0ACTION=add\0SUBSYSTEM=cpu\0"[..],
+            b"change@/devices/system/cpu/cpu3\0ACTION=change\0",
+            b"offline@/devices/system/memory/memory7\0ACTION=offline\0SUBSYSTEM=memory\0",
+            b"online@/devices/system/cpu/cpu3/cache\0ACTION=online\0",
+            b"online@/devices/system/cpu/cpufreq\0ACTION=online\0",
+            b"online@/devices/system/cpu/cpu\0",
+            b"online@/devices/system/cpu/cpu3\0ACTION=offline\0",
+            b"online@/devices/system/cpu/cpu3\0SUBSYSTEM=memory\0",
+            b"libudev\0\xfe\xed\xca\xfe\0\0\0\0online@/devices/system/cpu/cpu3\0",
+            b"",
+            b"\0\0",
+            b"garbage without separator",
+            b"online@/devices/system/cpu/cpu99999999999999\0",
+        ] {
+            assert_eq!(
+                parse_uevent(msg),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(msg)
+            );
+        }
+    }
+
+    #[test]
+    fn open_or_fail_cleanly() {
+        // Containers may forbid the socket; either way this must not panic or hang.
+        if let Ok(s) = UeventSocket::open() {
+            let t = Instant::now();
+            let r = s.recv_timeout(Duration::from_millis(50));
+            assert!(r.is_ok());
+            assert!(t.elapsed() < Duration::from_secs(2));
+        }
+    }
+}
