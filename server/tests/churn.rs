@@ -141,7 +141,11 @@ fn churn_keeps_the_contract() {
                     5..=9 => CpuSet::range(0, CPUS - 1),
                     _ => (0..CPUS).filter(|_| rng.gen_bool(0.7)).collect(),
                 };
-                let live = if live.is_empty() { CpuSet::single(0) } else { live };
+                let live = if live.is_empty() {
+                    CpuSet::single(0)
+                } else {
+                    live
+                };
                 let mut cur = world.current.lock();
                 let next = common::next(&cur, &live);
                 world.history.lock().insert(next.epoch, live);
@@ -175,7 +179,6 @@ fn churn_keeps_the_contract() {
         subs.push(std::thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(seed ^ (t + 10));
             let targets = targets();
-            let mut recent: Vec<u64> = Vec::new();
             while total.load(Ordering::Relaxed) < ITEMS {
                 let wq = wqs[rng.gen_range(0..wqs.len())].0;
                 let n = rng.gen_range(1..300);
@@ -183,7 +186,11 @@ fn churn_keeps_the_contract() {
                 let mut batch = Vec::with_capacity(n);
                 for _ in 0..n {
                     let target = targets[rng.gen_range(0..targets.len())].clone();
-                    let h = if rng.gen_bool(0.05) { "count-wait" } else { "count" };
+                    let h = if rng.gen_bool(0.05) {
+                        "count-wait"
+                    } else {
+                        "count"
+                    };
                     let mut it = ItemSpec::new(target, h);
                     if rng.gen_bool(0.02) {
                         it.delay = Some(Duration::from_millis(rng.gen_range(1..5)));
@@ -209,17 +216,22 @@ fn churn_keeps_the_contract() {
                         s.push((it.id, epoch, tg));
                     }
                 }
-                recent = r.items.iter().map(|i| i.id).collect();
+                let recent: Vec<u64> = r.items.iter().map(|i| i.id).collect();
                 match rng.gen_range(0..100) {
                     0..=9 => {
                         let f = world.engine.flush(FlushScope::Batch(r.batch)).unwrap();
-                        let sum = f.wait(Some(FLUSH_BOUND)).expect("batch flush returned in bound");
+                        let sum = f
+                            .wait(Some(FLUSH_BOUND))
+                            .expect("batch flush returned in bound");
                         let mut m = max_flush.lock();
                         *m = (*m).max(sum.waited);
                         flushes.fetch_add(1, Ordering::Relaxed);
                     }
                     10..=11 => {
-                        let f = world.engine.flush(FlushScope::Workqueue(wq.into())).unwrap();
+                        let f = world
+                            .engine
+                            .flush(FlushScope::Workqueue(wq.into()))
+                            .unwrap();
                         let sum = f.wait(Some(FLUSH_BOUND)).expect("workqueue flush returned");
                         let mut m = max_flush.lock();
                         *m = (*m).max(sum.waited);
@@ -229,7 +241,9 @@ fn churn_keeps_the_contract() {
                         let k = rng.gen_range(0..recent.len());
                         let ids = recent[k..].to_vec();
                         let rep = world.engine.cancel(FlushScope::Items(ids)).unwrap();
-                        rep.running.wait(Some(FLUSH_BOUND)).expect("cancel wait returned");
+                        rep.running
+                            .wait(Some(FLUSH_BOUND))
+                            .expect("cancel wait returned");
                         cancels.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => {}
@@ -257,10 +271,16 @@ fn churn_keeps_the_contract() {
     let mut f = world.engine.flush(FlushScope::Items(ids.clone())).unwrap();
     let mut results = HashMap::new();
     let deadline = Some(Instant::now() + Duration::from_secs(60));
-    while let Some(ev) = f.next_blocking(deadline).expect("final flush returned in bound") {
+    while let Some(ev) = f
+        .next_blocking(deadline)
+        .expect("final flush returned in bound")
+    {
         match ev {
             FlushEvent::Done(r) => {
-                assert!(results.insert(r.id, r).is_none(), "one terminal event per item");
+                assert!(
+                    results.insert(r.id, r).is_none(),
+                    "one terminal event per item"
+                );
             }
             FlushEvent::Gone(id) => panic!("result of {id} expired"),
         }
@@ -272,7 +292,9 @@ fn churn_keeps_the_contract() {
     let mut by_state: HashMap<State, u64> = HashMap::new();
     let (mut fallbacks, mut rebinds) = (0u64, 0u64);
     for (id, submit_epoch, target) in &submitted {
-        let r = results.get(id).unwrap_or_else(|| panic!("item {id} has no result"));
+        let r = results
+            .get(id)
+            .unwrap_or_else(|| panic!("item {id} has no result"));
         assert!(r.state.is_terminal(), "item {id} is {:?}", r.state);
         *by_state.entry(r.state).or_default() += 1;
         let runs = cpu_runs.runs[*id as usize].load(Ordering::SeqCst)
@@ -287,8 +309,14 @@ fn churn_keeps_the_contract() {
         if runs == 1 {
             let cpu = r.cpu_started.expect("started cpu");
             let e = r.epoch_started.expect("start epoch");
-            assert!(history[&e].contains(cpu), "item {id} started on cpu {cpu}, dead in epoch {e}");
-            let members = groups.resolve(target, &all, Fallback::Wait).unwrap().members;
+            assert!(
+                history[&e].contains(cpu),
+                "item {id} started on cpu {cpu}, dead in epoch {e}"
+            );
+            let members = groups
+                .resolve(target, &all, Fallback::Wait)
+                .unwrap()
+                .members;
             match r.fallback {
                 None => assert!(
                     members.contains(cpu),
@@ -297,9 +325,14 @@ fn churn_keeps_the_contract() {
                 Some(_) => {
                     fallbacks += 1;
                     let dead_once = (*submit_epoch..=e).any(|ep| {
-                        history.get(&ep).is_some_and(|live| !live.intersects(&members))
+                        history
+                            .get(&ep)
+                            .is_some_and(|live| !live.intersects(&members))
                     });
-                    assert!(dead_once, "item {id} of {target} fell back while its group was live");
+                    assert!(
+                        dead_once,
+                        "item {id} of {target} fell back while its group was live"
+                    );
                 }
             }
         }

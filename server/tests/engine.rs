@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use wqd::engine::{
-    CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult,
-    ItemSpec, State, WorkqueueAttrs,
+    CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult, ItemSpec,
+    State, WorkqueueAttrs,
 };
 use wqd::groups::{Fallback, Placement};
 use wqd::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
@@ -38,7 +38,9 @@ impl Handler for ProbeHandler {
     }
     fn validate(&self, args: &Args, _p: &[u8]) -> Result<(), HandlerError> {
         match args.keys().find(|k| *k != "ms") {
-            Some(k) => Err(HandlerError::InvalidArgument(format!("unknown argument {k}"))),
+            Some(k) => Err(HandlerError::InvalidArgument(format!(
+                "unknown argument {k}"
+            ))),
             None => Ok(()),
         }
     }
@@ -80,8 +82,16 @@ impl Rig {
         let snap = common::snapshot(&topo, 1, &live.parse().unwrap());
         let probe = Arc::new(Probe::default());
         let mut reg = Registry::with_builtins(None);
-        reg.register(Arc::new(ProbeHandler(probe.clone(), "probe", HandlerKind::CpuBound)));
-        reg.register(Arc::new(ProbeHandler(probe.clone(), "wait", HandlerKind::Waits)));
+        reg.register(Arc::new(ProbeHandler(
+            probe.clone(),
+            "probe",
+            HandlerKind::CpuBound,
+        )));
+        reg.register(Arc::new(ProbeHandler(
+            probe.clone(),
+            "wait",
+            HandlerKind::Waits,
+        )));
         let cfg = EngineConfig {
             pinning: false,
             ..EngineConfig::default()
@@ -160,25 +170,41 @@ fn a_group_runs_one_per_live_cpu_in_parallel() {
     let rig = Rig::new(8, "0-7");
     let ids = rig.submit(
         "default",
-        (0..32).map(|_| item("cpus:0-3", "probe").arg("ms", "20")).collect(),
+        (0..32)
+            .map(|_| item("cpus:0-3", "probe").arg("ms", "20"))
+            .collect(),
     );
     let res = rig.flush(&ids);
     let cpus: HashSet<u32> = res.iter().filter_map(|r| r.cpu_started).collect();
-    assert_eq!(cpus, HashSet::from([0, 1, 2, 3]), "spread over the group only");
+    assert_eq!(
+        cpus,
+        HashSet::from([0, 1, 2, 3]),
+        "spread over the group only"
+    );
     // max_active 1: never two items of the workqueue on one CPU at once.
     for (&cpu, &m) in rig.probe.max_running.lock().iter() {
         assert_eq!(m, 1, "cpu {cpu} ran {m} at once");
     }
-    assert!(rig.probe.max_total.load(Ordering::SeqCst) >= 2, "ran in parallel");
+    assert!(
+        rig.probe.max_total.load(Ordering::SeqCst) >= 2,
+        "ran in parallel"
+    );
 }
 
 #[test]
 fn first_placement_uses_the_lowest_live_cpu() {
     let rig = Rig::new(4, "1-3");
     rig.wq("first", |a| a.placement = Placement::First);
-    let ids = rig.submit("first", (0..10).map(|_| item("cpus:0-3", "probe")).collect());
+    let ids = rig.submit(
+        "first",
+        (0..10).map(|_| item("cpus:0-3", "probe")).collect(),
+    );
     for r in rig.flush(&ids) {
-        assert_eq!(r.cpu_started, Some(1), "cpu 0 is offline; 1 is the first live");
+        assert_eq!(
+            r.cpu_started,
+            Some(1),
+            "cpu 0 is offline; 1 is the first live"
+        );
     }
 }
 
@@ -197,7 +223,10 @@ fn widen_records_the_fallback_when_the_group_is_dead() {
 fn reject_policy_rejects_and_says_why() {
     let rig = Rig::new(4, "0-2");
     rig.wq("strict", |a| a.fallback = Fallback::Reject);
-    let ids = rig.submit("strict", vec![item("cpu:3", "probe"), item("cpu:1", "probe")]);
+    let ids = rig.submit(
+        "strict",
+        vec![item("cpu:3", "probe"), item("cpu:1", "probe")],
+    );
     let res = rig.flush(&ids);
     assert_eq!(res[0].state, State::Rejected);
     assert!(res[0].reason.contains("reject"), "{}", res[0].reason);
@@ -211,11 +240,17 @@ fn wait_policy_waits_for_the_cpu_to_return() {
     rig.wq("patient", |a| a.fallback = Fallback::Wait);
     let ids = rig.submit("patient", vec![item("cpu:3", "probe")]);
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(rig.engine.results(&ids)[0].as_ref().unwrap().state, State::Pending);
+    assert_eq!(
+        rig.engine.results(&ids)[0].as_ref().unwrap().state,
+        State::Pending
+    );
     assert!(rig.probe.runs.lock().is_empty());
     rig.set_live("0-3");
     let r = &rig.flush(&ids)[0];
-    assert_eq!((r.state, r.cpu_started, r.fallback), (State::Ok, Some(3), None));
+    assert_eq!(
+        (r.state, r.cpu_started, r.fallback),
+        (State::Ok, Some(3), None)
+    );
 }
 
 #[test]
@@ -225,7 +260,9 @@ fn pending_items_move_when_their_cpu_leaves() {
     // Occupy cpu 1 so the rest stay pending, then take cpu 1 away.
     let ids = rig.submit(
         "default",
-        (0..6).map(|_| item("cpus:1-2", "probe").arg("ms", "30")).collect(),
+        (0..6)
+            .map(|_| item("cpus:1-2", "probe").arg("ms", "30"))
+            .collect(),
     );
     rig.set_live("0,2-3");
     let res = rig.flush(&ids);
@@ -235,7 +272,10 @@ fn pending_items_move_when_their_cpu_leaves() {
         .filter(|r| r.epoch_started == Some(2))
         .map(|r| r.cpu_started)
         .collect();
-    assert!(late.iter().all(|c| *c == Some(2)), "after the loss only cpu 2: {late:?}");
+    assert!(
+        late.iter().all(|c| *c == Some(2)),
+        "after the loss only cpu 2: {late:?}"
+    );
 }
 
 #[test]
@@ -266,23 +306,35 @@ fn keys_dedupe_pending_items() {
     assert_eq!(a.items[1].id, a.items[0].id);
     let b = rig
         .engine
-        .submit("patient", vec![{
-            let mut i = item("cpu:1", "probe");
-            i.key = Some("k".into());
-            i
-        }])
+        .submit(
+            "patient",
+            vec![{
+                let mut i = item("cpu:1", "probe");
+                i.key = Some("k".into());
+                i
+            }],
+        )
         .unwrap();
-    assert_eq!(b.items[0], wqd::engine::Submitted { id: a.items[0].id, queued: false });
+    assert_eq!(
+        b.items[0],
+        wqd::engine::Submitted {
+            id: a.items[0].id,
+            queued: false
+        }
+    );
     rig.set_live("0-1");
     rig.flush(&[a.items[0].id]);
     // Once it has started the key is free again.
     let c = rig
         .engine
-        .submit("patient", vec![{
-            let mut i = item("cpu:1", "probe");
-            i.key = Some("k".into());
-            i
-        }])
+        .submit(
+            "patient",
+            vec![{
+                let mut i = item("cpu:1", "probe");
+                i.key = Some("k".into());
+                i
+            }],
+        )
         .unwrap();
     assert!(c.items[0].queued);
     rig.flush(&[c.items[0].id]);
@@ -295,7 +347,10 @@ fn delayed_items_start_after_their_delay() {
     let mut i = item("cpu:0", "probe");
     i.delay = Some(Duration::from_millis(150));
     let ids = rig.submit("default", vec![i]);
-    assert_eq!(rig.engine.results(&ids)[0].as_ref().unwrap().state, State::Delayed);
+    assert_eq!(
+        rig.engine.results(&ids)[0].as_ref().unwrap().state,
+        State::Delayed
+    );
     let r = &rig.flush(&ids)[0];
     assert_eq!(r.state, State::Ok);
     assert!(r.wait_time().unwrap() >= Duration::from_millis(150));
@@ -331,24 +386,46 @@ fn cancel_pending_never_runs_and_cancel_running_waits() {
     assert_eq!(rep.outcomes[0].1, CancelOutcome::CancelledPending);
     assert_eq!(rep.outcomes[1].1, CancelOutcome::WasRunning);
     rep.running.wait(Some(Duration::from_secs(5))).unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(4), "the handler saw the signal");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "the handler saw the signal"
+    );
     let res = rig.engine.results(&[pending[0], running[0]]);
     assert_eq!(res[0].as_ref().unwrap().state, State::Cancelled);
     assert_eq!(res[1].as_ref().unwrap().state, State::Cancelled);
     rig.set_live("0-1");
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(rig.probe.runs.lock().len(), 1, "the pending one never ran");
-    let again = rig.engine.cancel(FlushScope::Items(vec![pending[0], 999_999])).unwrap();
-    assert_eq!(again.outcomes[0].1, CancelOutcome::AlreadyTerminal(State::Cancelled));
+    let again = rig
+        .engine
+        .cancel(FlushScope::Items(vec![pending[0], 999_999]))
+        .unwrap();
+    assert_eq!(
+        again.outcomes[0].1,
+        CancelOutcome::AlreadyTerminal(State::Cancelled)
+    );
     assert_eq!(again.outcomes[1].1, CancelOutcome::Unknown);
 }
 
 #[test]
 fn workqueue_flush_covers_only_what_was_queued_before() {
     let rig = Rig::new(2, "0-1");
-    let before = rig.submit("default", (0..4).map(|_| item("cpu:0", "probe").arg("ms", "20")).collect());
-    let f = rig.engine.flush(FlushScope::Workqueue("default".into())).unwrap();
-    let after = rig.submit("default", (0..4).map(|_| item("cpu:0", "probe").arg("ms", "20")).collect());
+    let before = rig.submit(
+        "default",
+        (0..4)
+            .map(|_| item("cpu:0", "probe").arg("ms", "20"))
+            .collect(),
+    );
+    let f = rig
+        .engine
+        .flush(FlushScope::Workqueue("default".into()))
+        .unwrap();
+    let after = rig.submit(
+        "default",
+        (0..4)
+            .map(|_| item("cpu:0", "probe").arg("ms", "20"))
+            .collect(),
+    );
     assert_eq!(f.covered(), 4);
     let sum = f.wait(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(sum.by_state.get(&State::Ok), Some(&4));
@@ -362,15 +439,27 @@ fn flush_timeout_ends_the_wait_not_the_work() {
     let rig = Rig::new(2, "0-1");
     let ids = rig.submit("default", vec![item("cpu:0", "probe").arg("ms", "300")]);
     let f = rig.engine.flush(FlushScope::Items(ids.clone())).unwrap();
-    assert!(matches!(f.wait(Some(Duration::from_millis(20))), Err(EngineError::Timeout(_))));
+    assert!(matches!(
+        f.wait(Some(Duration::from_millis(20))),
+        Err(EngineError::Timeout(_))
+    ));
     assert_eq!(rig.flush(&ids)[0].state, State::Ok);
-    assert_eq!(rig.engine.stats().flushes, 0, "dropped flushes leave nothing behind");
+    assert_eq!(
+        rig.engine.stats().flushes,
+        0,
+        "dropped flushes leave nothing behind"
+    );
 }
 
 #[test]
 fn drain_refuses_new_work_until_empty() {
     let rig = Rig::new(2, "0-1");
-    rig.submit("default", (0..3).map(|_| item("cpu:0", "probe").arg("ms", "30")).collect());
+    rig.submit(
+        "default",
+        (0..3)
+            .map(|_| item("cpu:0", "probe").arg("ms", "30"))
+            .collect(),
+    );
     let d = rig.engine.drain("default").unwrap();
     assert!(matches!(
         rig.engine.submit("default", vec![item("cpu:0", "probe")]),
@@ -387,24 +476,40 @@ fn ordered_runs_one_at_a_time_in_order() {
     let targets = ["cpu:0", "cpu:1", "cpu:2", "cpu:3", "all", "cpus:1-2"];
     let ids = rig.submit(
         "ord",
-        (0..24).map(|i| item(targets[i % targets.len()], "probe").arg("ms", "2")).collect(),
+        (0..24)
+            .map(|i| item(targets[i % targets.len()], "probe").arg("ms", "2"))
+            .collect(),
     );
     rig.flush(&ids);
     let order: Vec<u64> = rig.probe.runs.lock().iter().map(|r| r.0).collect();
     assert_eq!(order, ids, "strict FIFO");
-    assert_eq!(rig.probe.max_total.load(Ordering::SeqCst), 1, "one at a time");
+    assert_eq!(
+        rig.probe.max_total.load(Ordering::SeqCst),
+        1,
+        "one at a time"
+    );
 }
 
 #[test]
 fn max_active_and_group_cap_limit_concurrency() {
     let rig = Rig::new(4, "0-3");
     rig.wq("wide", |a| a.max_active = 3);
-    let ids = rig.submit("wide", (0..12).map(|_| item("cpu:1", "probe").arg("ms", "30")).collect());
+    let ids = rig.submit(
+        "wide",
+        (0..12)
+            .map(|_| item("cpu:1", "probe").arg("ms", "30"))
+            .collect(),
+    );
     rig.flush(&ids);
     assert_eq!(rig.probe.max_running.lock().get(&1), Some(&3));
     rig.wq("capped", |a| a.group_max_active = 2);
     rig.probe.max_total.store(0, Ordering::SeqCst);
-    let ids = rig.submit("capped", (0..12).map(|_| item("all", "probe").arg("ms", "20")).collect());
+    let ids = rig.submit(
+        "capped",
+        (0..12)
+            .map(|_| item("all", "probe").arg("ms", "20"))
+            .collect(),
+    );
     rig.flush(&ids);
     assert_eq!(rig.probe.max_total.load(Ordering::SeqCst), 2);
 }
@@ -419,8 +524,16 @@ fn waiting_handlers_do_not_hold_the_cpu_slot() {
     let ids = rig.submit("default", (0..3).map(|_| item("cpu:0", "probe")).collect());
     let res = rig.flush(&ids);
     assert!(res.iter().all(|r| r.state == State::Ok));
-    assert!(t0.elapsed() < Duration::from_secs(2), "CPU-bound work ran beside the waiter");
-    rig.engine.cancel(FlushScope::Items(w)).unwrap().running.wait(None).unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "CPU-bound work ran beside the waiter"
+    );
+    rig.engine
+        .cancel(FlushScope::Items(w))
+        .unwrap()
+        .running
+        .wait(None)
+        .unwrap();
 }
 
 #[test]
@@ -437,7 +550,10 @@ fn panics_fail_the_item_and_the_worker_carries_on() {
     let res = rig.flush(&ids);
     assert_eq!(res[0].state, State::Failed);
     assert!(res[0].error.contains("panicked"), "{}", res[0].error);
-    assert_eq!((res[1].state, res[1].error.as_str()), (State::Failed, "boom"));
+    assert_eq!(
+        (res[1].state, res[1].error.as_str()),
+        (State::Failed, "boom")
+    );
     assert_eq!(res[2].state, State::Ok);
 }
 
@@ -456,7 +572,10 @@ fn a_bad_batch_changes_nothing() {
         Err(EngineError::Handler { index: 1, .. })
     ));
     let bad = vec![item("cpu:0", "probe"), item("cpu:9", "probe")];
-    assert!(matches!(rig.engine.submit("default", bad), Err(EngineError::Group { index: 1, .. })));
+    assert!(matches!(
+        rig.engine.submit("default", bad),
+        Err(EngineError::Group { index: 1, .. })
+    ));
     assert!(matches!(
         rig.engine.submit("nope", vec![item("cpu:0", "probe")]),
         Err(EngineError::UnknownWorkqueue(_))
@@ -474,8 +593,16 @@ fn full_workqueue_pushes_back() {
         a.fallback = Fallback::Wait;
     });
     rig.submit("small", (0..4).map(|_| item("cpu:1", "probe")).collect());
-    match rig.engine.submit("small", (0..2).map(|_| item("cpu:1", "probe")).collect()) {
-        Err(EngineError::QueueFull { limit: 5, pending: 4, adding: 2, .. }) => {}
+    match rig
+        .engine
+        .submit("small", (0..2).map(|_| item("cpu:1", "probe")).collect())
+    {
+        Err(EngineError::QueueFull {
+            limit: 5,
+            pending: 4,
+            adding: 2,
+            ..
+        }) => {}
         other => panic!("{other:?}"),
     }
     rig.submit("small", vec![item("cpu:1", "probe")]);
@@ -492,15 +619,30 @@ fn workqueue_lifecycle() {
     ));
     let mut a = WorkqueueAttrs::named("tmp");
     a.max_active = 0;
-    assert!(matches!(rig.engine.update_workqueue(a), Err(EngineError::InvalidAttrs(_))));
+    assert!(matches!(
+        rig.engine.update_workqueue(a),
+        Err(EngineError::InvalidAttrs(_))
+    ));
     let mut a = WorkqueueAttrs::named("tmp");
     a.max_active = 4;
     rig.engine.update_workqueue(a).unwrap();
     assert_eq!(
-        rig.engine.workqueues().iter().find(|w| w.attrs.name == "tmp").unwrap().attrs.max_active,
+        rig.engine
+            .workqueues()
+            .iter()
+            .find(|w| w.attrs.name == "tmp")
+            .unwrap()
+            .attrs
+            .max_active,
         4
     );
-    assert!(matches!(rig.engine.delete_workqueue("default"), Err(EngineError::DefaultWorkqueue)));
+    assert!(matches!(
+        rig.engine.delete_workqueue("default"),
+        Err(EngineError::DefaultWorkqueue)
+    ));
     rig.engine.delete_workqueue("tmp").unwrap();
-    assert!(matches!(rig.engine.delete_workqueue("tmp"), Err(EngineError::UnknownWorkqueue(_))));
+    assert!(matches!(
+        rig.engine.delete_workqueue("tmp"),
+        Err(EngineError::UnknownWorkqueue(_))
+    ));
 }

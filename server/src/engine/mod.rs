@@ -636,7 +636,12 @@ impl Engine {
                 // Runs of identical items (wqctl --count) share one body.
                 if let Some(b) = &last {
                     if b.same_as(&it) {
-                        bodies.push((b.clone(), it.key, it.delay, it.deadline));
+                        bodies.push(sched::Entry {
+                            body: b.clone(),
+                            key: it.key,
+                            delay: it.delay,
+                            deadline: it.deadline,
+                        });
                         continue;
                     }
                 }
@@ -658,7 +663,12 @@ impl Engine {
                     payload: it.payload,
                 });
                 last = Some(b.clone());
-                bodies.push((b, it.key, it.delay, it.deadline));
+                bodies.push(sched::Entry {
+                    body: b,
+                    key: it.key,
+                    delay: it.delay,
+                    deadline: it.deadline,
+                });
             }
             bodies
         };

@@ -52,6 +52,14 @@ impl Body {
     }
 }
 
+/// One item of a batch as submit receives it: its (possibly shared) body and own options.
+pub(crate) struct Entry {
+    pub body: Arc<Body>,
+    pub key: Option<String>,
+    pub delay: Option<Duration>,
+    pub deadline: Option<Duration>,
+}
+
 /// A worker's claim on an item.
 pub(crate) struct Bound {
     pub cpu: u32,
@@ -711,12 +719,7 @@ impl Sched {
         &mut self,
         inner: &Arc<Inner>,
         wq_name: &str,
-        bodies: Vec<(
-            Arc<Body>,
-            Option<String>,
-            Option<Duration>,
-            Option<Duration>,
-        )>,
+        bodies: Vec<Entry>,
         fx: &mut Effects,
     ) -> Result<Receipt, EngineError> {
         let _ = inner;
@@ -731,7 +734,7 @@ impl Sched {
         let mut last: Option<&Target> = None;
         let mut batch_keys: HashSet<&str> = HashSet::new();
         let mut adding = 0usize;
-        for (index, (b, key, _, _)) in bodies.iter().enumerate() {
+        for (index, Entry { body: b, key, .. }) in bodies.iter().enumerate() {
             if last != Some(&b.target) {
                 self.snapshot
                     .groups
@@ -762,7 +765,13 @@ impl Sched {
         let first = self.next_item;
         let mut out = Vec::with_capacity(bodies.len());
         let mut touched: Vec<(usize, usize)> = Vec::new();
-        for (b, key, delay, deadline) in bodies {
+        for Entry {
+            body: b,
+            key,
+            delay,
+            deadline,
+        } in bodies
+        {
             let key: Option<Arc<str>> = key.map(Arc::from);
             if let Some(k) = &key {
                 if let Some(&dup) = self.wqs[wi].keys.get(k) {
