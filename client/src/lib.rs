@@ -1,1 +1,36 @@
-//! Client library for wqd (filled in by the daemon-and-clients work).
+//! Client library for wqd: connect to the daemon, build batches, submit, flush, cancel,
+//! drain, manage workqueues, read and watch the topology.
+//!
+//! Layers: [`endpoint`] (where the daemon listens, including [`default_socket_path`], which
+//! the daemon reuses so both sides agree), [`item`] (typed builders that turn into `wqd.v1`
+//! messages), [`chunk`] (splitting huge batches into stream messages under a size budget),
+//! [`client`] (the connected [`Client`]) and [`error`] (the one error enum of this crate,
+//! [`ClientError`], which carries the gRPC status unchanged).
+//!
+//! The generated protocol types are re-exported as [`proto`]; responses are returned as
+//! those types so nothing the daemon sends is lost in translation.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wqd_client::ClientError> {
+//! use wqd_client::{Batch, Client, Endpoint, Item, Target};
+//! let client = Client::connect(Endpoint::default()).await?;
+//! let batch = Batch::new()
+//!     .items((0..8).map(|_| Item::new(Target::cache(0), "spin").arg("ms", "5")))
+//!     .wait(true);
+//! let receipt = client.submit(batch).await?;
+//! println!("batch {} → {} results", receipt.batch_id, receipt.results.len());
+//! # Ok(()) }
+//! ```
+
+pub mod chunk;
+pub mod client;
+pub mod endpoint;
+pub mod error;
+pub mod item;
+
+pub use client::{CancelScope, Client, EventStream, FlushEvent, FlushScope};
+pub use endpoint::{default_socket_path, Endpoint};
+pub use error::ClientError;
+pub use item::{Batch, Item, Target};
+/// The generated `wqd.v1` types and service clients/servers.
+pub use wqd_proto::v1 as proto;

@@ -1,0 +1,187 @@
+//! Splitting a batch of any size into `SubmitStreamRequest` messages that each stay under a
+//! byte budget, for the client-streaming `SubmitStream` call.
+//!
+//! Invariants: the first message always carries the options (even for an empty batch, so
+//! the daemon sees the workqueue and answers for itself), later ones never do; items keep
+//! their order; every message but one holding a single oversized item encodes to at most
+//! the budget. Items are pulled lazily, so a million-item batch is never all in memory.
+
+use prost::Message;
+use wqd_proto::v1::{
+    ItemReceipt, SubmitOptions, SubmitStreamRequest, SubmitStreamResponse, WorkItem,
+};
+
+/// Default encoded size of one stream message: well under gRPC's usual 4 MiB limit.
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Lazily turns an item iterator into stream messages of at most `budget` encoded bytes.
+pub struct Chunker<I> {
+    items: I,
+    options: Option<SubmitOptions>,
+    budget: usize,
+    carry: Option<WorkItem>,
+}
+
+impl<I: Iterator<Item = WorkItem>> Chunker<I> {
+    /// Chunks `items` for a batch with `options`, each message at most `budget` bytes.
+    pub fn new(items: I, options: SubmitOptions, budget: usize) -> Self {
+        Chunker {
+            items,
+            options: Some(options),
+            budget: budget.max(1),
+            carry: None,
+        }
+    }
+}
+
+/// Encoded size of `item` as one element of the repeated `items` field (tag + length + body).
+fn framed_len(item: &WorkItem) -> usize {
+    let len = item.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
+}
+
+impl<I: Iterator<Item = WorkItem>> Iterator for Chunker<I> {
+    type Item = SubmitStreamRequest;
+
+    fn next(&mut self) -> Option<SubmitStreamRequest> {
+        let mut msg = SubmitStreamRequest {
+            options: self.options.take(),
+            items: Vec::new(),
+        };
+        let mut size = msg.encoded_len();
+        while let Some(item) = self.carry.take().or_else(|| self.items.next()) {
+            let framed = framed_len(&item);
+            if !msg.items.is_empty() && size + framed > self.budget {
+                self.carry = Some(item);
+                break;
+            }
+            size += framed;
+            msg.items.push(item);
+        }
+        if msg.items.is_empty() && msg.options.is_none() {
+            None
+        } else {
+            Some(msg)
+        }
+    }
+}
+
+/// Expands the compact receipt of a streamed batch into one [`ItemReceipt`] per item, in
+/// stream order — the same shape `Submit` returns.
+pub fn stream_receipts(resp: &SubmitStreamResponse) -> Vec<ItemReceipt> {
+    let mut dups = resp.duplicates.iter().peekable();
+    (0..resp.item_count)
+        .map(|i| match dups.peek() {
+            Some(d) if d.index == i => {
+                let r = ItemReceipt {
+                    item_id: 0,
+                    queued: false,
+                    duplicate_of: d.duplicate_of,
+                };
+                dups.next();
+                r
+            }
+            _ => ItemReceipt {
+                item_id: resp.first_item_id + i,
+                queued: true,
+                duplicate_of: 0,
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wqd_proto::v1::DuplicateItem;
+
+    fn item(n: usize) -> WorkItem {
+        WorkItem {
+            target: "cache:0".into(),
+            handler: "noop".into(),
+            payload: vec![0u8; n],
+            ..Default::default()
+        }
+    }
+
+    fn opts() -> SubmitOptions {
+        SubmitOptions {
+            workqueue: "w".into(),
+        }
+    }
+
+    #[test]
+    fn chunks_stay_under_budget_and_keep_order() {
+        let items: Vec<_> = (0..1000).map(|i| item(i % 50)).collect();
+        let msgs: Vec<_> = Chunker::new(items.clone().into_iter(), opts(), 4096).collect();
+        assert!(msgs.len() > 1);
+        assert!(msgs[0].options.is_some());
+        assert!(msgs[1..].iter().all(|m| m.options.is_none()));
+        for m in &msgs {
+            assert!(m.encoded_len() <= 4096, "{}", m.encoded_len());
+            assert!(!m.items.is_empty());
+        }
+        let back: Vec<_> = msgs.into_iter().flat_map(|m| m.items).collect();
+        assert_eq!(back, items);
+    }
+
+    #[test]
+    fn empty_batch_still_sends_options() {
+        let msgs: Vec<_> = Chunker::new(std::iter::empty(), opts(), 100).collect();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].options, Some(opts()));
+        assert!(msgs[0].items.is_empty());
+    }
+
+    #[test]
+    fn oversized_item_goes_alone() {
+        let items = vec![item(10), item(10_000), item(10)];
+        let msgs: Vec<_> = Chunker::new(items.into_iter(), opts(), 1000).collect();
+        let sizes: Vec<_> = msgs.iter().map(|m| m.items.len()).collect();
+        assert_eq!(sizes, vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn exact_budget_is_respected() {
+        // Every message must be <= budget even when items fit exactly.
+        let one = framed_len(&item(10));
+        let header = SubmitStreamRequest {
+            options: Some(opts()),
+            items: vec![],
+        }
+        .encoded_len();
+        let budget = header + 3 * one;
+        let msgs: Vec<_> = Chunker::new((0..7).map(|_| item(10)), opts(), budget).collect();
+        assert_eq!(msgs[0].items.len(), 3);
+        assert!(msgs.iter().all(|m| m.encoded_len() <= budget));
+        assert_eq!(msgs.iter().map(|m| m.items.len()).sum::<usize>(), 7);
+    }
+
+    #[test]
+    fn receipts_expand_the_id_range() {
+        let resp = SubmitStreamResponse {
+            batch_id: 1,
+            first_item_id: 100,
+            item_count: 4,
+            queued_count: 3,
+            duplicates: vec![DuplicateItem {
+                index: 2,
+                duplicate_of: 7,
+            }],
+        };
+        let r = stream_receipts(&resp);
+        let ids: Vec<_> = r
+            .iter()
+            .map(|x| (x.item_id, x.queued, x.duplicate_of))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                (100, true, 0),
+                (101, true, 0),
+                (0, false, 7),
+                (103, true, 0)
+            ]
+        );
+    }
+}
