@@ -304,6 +304,11 @@ fn keys_dedupe_pending_items() {
     assert!(a.items[0].queued);
     assert!(!a.items[1].queued);
     assert_eq!(a.items[1].id, a.items[0].id);
+    // The duplicate's slot in the batch's id range is left out of the batch.
+    assert_eq!(
+        rig.engine.batch_items(a.batch).unwrap(),
+        vec![a.items[0].id]
+    );
     let b = rig
         .engine
         .submit(

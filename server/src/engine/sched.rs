@@ -179,8 +179,11 @@ impl Wq {
 }
 
 struct BatchRec {
+    /// Entry i of the batch has id `first + i`.
     first: ItemId,
     count: usize,
+    /// Ids of entries that were duplicates of pending keys (never used; sorted).
+    unused: Vec<ItemId>,
     live: usize,
     created: Instant,
 }
@@ -765,6 +768,7 @@ impl Sched {
         let first = self.next_item;
         let mut out = Vec::with_capacity(bodies.len());
         let mut touched: Vec<(usize, usize)> = Vec::new();
+        let mut unused: Vec<ItemId> = Vec::new();
         for Entry {
             body: b,
             key,
@@ -773,17 +777,20 @@ impl Sched {
         } in bodies
         {
             let key: Option<Arc<str>> = key.map(Arc::from);
+            // Every entry takes the next id, so entry i of a batch is `first + i`; the id of
+            // a duplicate is never used and is left out of the batch's scope.
+            let id = self.next_item;
+            self.next_item += 1;
             if let Some(k) = &key {
                 if let Some(&dup) = self.wqs[wi].keys.get(k) {
                     out.push(Submitted {
                         id: dup,
                         queued: false,
                     });
+                    unused.push(id);
                     continue;
                 }
             }
-            let id = self.next_item;
-            self.next_item += 1;
             let qid = match touched.last() {
                 Some(&(q, _)) if self.queues[q].target == b.target => q,
                 _ => self.queue_for(wi, &b.target),
@@ -843,6 +850,7 @@ impl Sched {
                 count,
                 live,
                 created: now,
+                unused,
             },
         );
         self.batch_order.push_back(batch);
@@ -1237,7 +1245,9 @@ impl Sched {
             }
             FlushScope::Batch(b) => {
                 let rec = self.batches.get(b).ok_or(EngineError::UnknownBatch(*b))?;
-                Ok((rec.first..rec.first + rec.count as u64).collect())
+                Ok((rec.first..rec.first + rec.count as u64)
+                    .filter(|id| rec.unused.binary_search(id).is_err())
+                    .collect())
             }
             FlushScope::Workqueue(name) => {
                 let wi = self.wq_index(name)?;
