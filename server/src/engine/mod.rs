@@ -460,6 +460,25 @@ pub struct EngineStats {
     pub lockups: u64,
     pub hogs: u64,
     pub running_per_cpu: BTreeMap<u32, usize>,
+    /// Pending items by (workqueue, level of their target).
+    pub pending_by_level: BTreeMap<(String, String), usize>,
+}
+
+/// Receives the engine's events for metrics. Called outside the engine lock (from workers,
+/// the timer and submitters), so implementations must be cheap and must not call back into the
+/// engine. Every method has a no-op default.
+pub trait Observer: Send + Sync {
+    /// A batch was accepted: `queued` new items (duplicates excluded).
+    fn submitted(&self, _workqueue: &str, _queued: usize) {}
+    /// An item passed its start check on `cpu` after waiting `waited` since it was queued.
+    fn started(&self, _workqueue: &str, _cpu: u32, _waited: Duration) {}
+    /// An item reached a terminal state.
+    fn finished(&self, _result: &ItemResult) {}
+    /// An item was handed back before it started (`offline`, `affinity`).
+    fn rebound(&self, _reason: &'static str) {}
+    /// The watchdog reported a lockup of `cpu`'s pool, or a CPU hog on `cpu`.
+    fn lockup(&self, _cpu: u32) {}
+    fn hog(&self, _cpu: u32) {}
 }
 
 /// Hook the engine calls when a worker finds its CPU gone or its affinity changed (the
@@ -489,6 +508,7 @@ pub struct EngineConfig {
     pub default_wq: WorkqueueAttrs,
     pub report: Option<ReportHook>,
     pub load: Option<LoadHook>,
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 impl Default for EngineConfig {
@@ -504,6 +524,7 @@ impl Default for EngineConfig {
             default_wq: WorkqueueAttrs::default(),
             report: None,
             load: None,
+            observer: None,
         }
     }
 }

@@ -94,6 +94,8 @@ pub(crate) struct Job {
     pub token: CancelToken,
     pub cpu: u32,
     pub nice: i32,
+    pub workqueue: Arc<str>,
+    pub queued_at: SystemTime,
 }
 
 /// When and where an item started.
@@ -199,6 +201,10 @@ const TIMER_DEADLINE: u8 = 1;
 /// Side effects decided under the lock, carried out after it is released.
 #[derive(Default)]
 pub(crate) struct Effects {
+    /// Results for the observer (only collected when there is one).
+    finished: Vec<Arc<ItemResult>>,
+    rebound: Vec<&'static str>,
+    submitted: Option<(Arc<str>, usize)>,
     unpark: Vec<Unparker>,
     spawn: Vec<(u32, u64)>,
     timer_kick: bool,
@@ -207,9 +213,26 @@ pub(crate) struct Effects {
 
 impl Effects {
     pub(crate) fn is_empty(&self) -> bool {
-        self.unpark.is_empty() && self.spawn.is_empty() && !self.timer_kick && !self.idle_kick
+        self.finished.is_empty()
+            && self.rebound.is_empty()
+            && self.submitted.is_none()
+            && self.unpark.is_empty()
+            && self.spawn.is_empty()
+            && !self.timer_kick
+            && !self.idle_kick
     }
     pub(crate) fn run(self, inner: &Arc<Inner>) {
+        if let Some(o) = &inner.cfg.observer {
+            if let Some((wq, n)) = &self.submitted {
+                o.submitted(wq, *n);
+            }
+            for r in &self.finished {
+                o.finished(r);
+            }
+            for why in &self.rebound {
+                o.rebound(why);
+            }
+        }
         for u in self.unpark {
             u.unpark();
         }
@@ -285,6 +308,7 @@ pub(crate) struct Sched {
     lockups: u64,
     hogs: u64,
     load: Option<super::LoadHook>,
+    observed: bool,
 }
 
 impl Sched {
@@ -320,6 +344,7 @@ impl Sched {
             lockups: 0,
             hogs: 0,
             load: cfg.load.clone(),
+            observed: cfg.observer.is_some(),
         };
         let _ = s.create_wq(cfg.default_wq.clone());
         s
@@ -453,6 +478,17 @@ impl Sched {
                 .filter(|(_, p)| p.running > 0)
                 .map(|(c, p)| (*c, p.running))
                 .collect(),
+            pending_by_level: {
+                let mut m: BTreeMap<(String, String), usize> = BTreeMap::new();
+                for (_, q) in self.queues.iter().filter(|(_, q)| q.pending > 0) {
+                    let key = (
+                        self.wqs[q.wq].name.to_string(),
+                        crate::groups::Level::of(&q.target).to_string(),
+                    );
+                    *m.entry(key).or_default() += q.pending;
+                }
+                m
+            },
         }
     }
 
@@ -854,6 +890,10 @@ impl Sched {
             },
         );
         self.batch_order.push_back(batch);
+        if self.observed {
+            let queued = out.iter().filter(|s| s.queued).count();
+            fx.submitted = Some((self.wqs[wi].name.clone(), queued));
+        }
         for (qid, n) in touched {
             if self.queues.contains(qid) {
                 self.make_ready(qid, n, fx);
@@ -938,6 +978,7 @@ impl Sched {
                 }
             }
             let body = item.body.clone();
+            let queued_at = item.queued_at;
             if let Some(l) = fallback {
                 *self.fallbacks.entry(level_name(l)).or_default() += 1;
             }
@@ -967,6 +1008,8 @@ impl Sched {
                 token,
                 cpu,
                 nice,
+                workqueue: self.wqs[wi].name.clone(),
+                queued_at,
             });
         }
         None
@@ -1004,6 +1047,9 @@ impl Sched {
         match f.outcome {
             Outcome::HandBack(why) => {
                 *self.rebinds.entry(why).or_default() += 1;
+                if self.observed {
+                    fx.rebound.push(why);
+                }
                 let Some(item) = self.items.get_mut(&f.id) else {
                     return;
                 };
@@ -1139,6 +1185,9 @@ impl Sched {
         }
         if let Some(b) = self.batches.get_mut(&item.batch) {
             b.live = b.live.saturating_sub(1);
+        }
+        if self.observed {
+            fx.finished.push(result.clone());
         }
         self.results.insert(result);
         if self.shutdown {
@@ -1471,7 +1520,14 @@ impl Sched {
 
     /// The watchdog's look: pools with runnable work and no progress for `thresh` are
     /// reported once per stall; items running longer than `hog` once each.
-    pub(crate) fn watchdog(&mut self, now: Instant, thresh: Duration, hog: Duration) {
+    /// Returns the reports made: (`true` for a lockup, `false` for a hog, cpu).
+    pub(crate) fn watchdog(
+        &mut self,
+        now: Instant,
+        thresh: Duration,
+        hog: Duration,
+    ) -> Vec<(bool, u32)> {
+        let mut reports = Vec::new();
         if !thresh.is_zero() {
             let mut stuck = Vec::new();
             for (&cpu, p) in &self.pools {
@@ -1509,6 +1565,7 @@ impl Sched {
                     running.join(", ")
                 );
                 self.lockups += 1;
+                reports.push((true, cpu));
                 if let Some(p) = self.pools.get_mut(&cpu) {
                     p.lockup_reported = true;
                 }
@@ -1533,8 +1590,10 @@ impl Sched {
                         ran.as_millis()
                     );
                     self.hogs += 1;
+                    reports.push((false, b.cpu));
                 }
             }
         }
+        reports
     }
 }
