@@ -515,7 +515,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             pinning: true,
-            results_max: 1 << 21,
+            results_max: 1 << 20,
             results_ttl: Duration::from_secs(600),
             max_workers_per_cpu: 64,
             worker_idle: Duration::from_secs(60),

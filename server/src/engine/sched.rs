@@ -152,8 +152,20 @@ struct Pool {
     running: usize,
     last_progress: Instant,
     lockup_reported: bool,
-    /// After a worker failed to pin, spawn no more until this epoch.
-    no_spawn_before: u64,
+    /// After a worker failed to pin: spawn no more until a newer epoch than this, or until
+    /// the instant passes (a pinning can break without any topology change, e.g. `taskset`).
+    spawn_hold: Option<(u64, Instant)>,
+}
+
+/// How long a pool whose worker could not pin waits before trying again (unless the
+/// topology changes first).
+const SPAWN_HOLD: Duration = Duration::from_secs(1);
+
+impl Pool {
+    fn may_spawn(&self, epoch: u64) -> bool {
+        self.spawn_hold
+            .is_none_or(|(e, until)| epoch > e || Instant::now() >= until)
+    }
 }
 
 struct Wq {
@@ -720,7 +732,7 @@ impl Sched {
             if let Some((_, u)) = p.idle.pop() {
                 fx.unpark.push(u);
                 woken += 1;
-            } else if p.workers < max && epoch >= p.no_spawn_before {
+            } else if p.workers < max && p.may_spawn(epoch) {
                 p.workers += 1;
                 fx.spawn.push((c, p.gen));
                 woken += 1;
@@ -1228,7 +1240,7 @@ impl Sched {
         if let Some(p) = self.pools.get_mut(&cpu).filter(|p| p.gen == gen) {
             p.workers = p.workers.saturating_sub(1);
             if pin_failed {
-                p.no_spawn_before = epoch + 1;
+                p.spawn_hold = Some((epoch, Instant::now() + SPAWN_HOLD));
             }
         }
     }
@@ -1419,7 +1431,7 @@ impl Sched {
                 running: 0,
                 last_progress: now,
                 lockup_reported: false,
-                no_spawn_before: 0,
+                spawn_hold: None,
             });
             p.live = true;
             p.gen += 1;
@@ -1487,8 +1499,21 @@ impl Sched {
         }
     }
 
-    pub(crate) fn housekeeping(&mut self, now: Instant) {
+    pub(crate) fn housekeeping(&mut self, now: Instant, fx: &mut Effects) {
         self.results.expire(now);
+        // A live pool with work and no worker (its last one could not pin) gets a new one once
+        // its hold-off has passed.
+        let epoch = self.epoch;
+        for (&cpu, p) in self.pools.iter_mut() {
+            let has_work = p
+                .ready
+                .iter()
+                .any(|&q| self.queues.get(q).is_some_and(|q| q.pending > 0));
+            if p.live && p.workers == 0 && has_work && p.may_spawn(epoch) && !self.shutdown {
+                p.workers = 1;
+                fx.spawn.push((cpu, p.gen));
+            }
+        }
         let ttl = self.results.ttl;
         while let Some(&b) = self.batch_order.front() {
             let Some(rec) = self.batches.get(&b) else {
