@@ -392,7 +392,7 @@ mod tests {
         let ok = item_spec(0, item(" cpus:3,1-2 ", "noop"), &lim).unwrap();
         assert_eq!(ok.target.to_string(), "cpus:1-3");
         assert!(ok.key.is_none() && ok.delay.is_none());
-        let e = item_spec(5, item("cash:1", "noop"), &lim).unwrap_err();
+        let e = item_spec(5, item("CPU:1", "noop"), &lim).unwrap_err();
         assert!(e.to_string().starts_with("items[5].target: "), "{e}");
         let e = item_spec(1, item("all", ""), &lim).unwrap_err();
         assert!(
