@@ -13,7 +13,9 @@
 //!   it drops first.
 //! - A process started with [`Cgroup::command_inside`] is in the child *before* it executes:
 //!   the forked child writes `0` (itself) into the child's `cgroup.procs` in `pre_exec`, so every
-//!   thread it will ever have starts inside the cpuset.
+//!   thread it will ever have starts inside the cpuset. It also gets `PR_SET_PDEATHSIG` =
+//!   SIGKILL, so a test process killed from outside (no guard runs) does not leave it behind;
+//!   the leftover folder is removed by the next run.
 //! - Every wait here is bounded.
 
 use std::ffi::CString;
@@ -230,9 +232,15 @@ impl Cgroup {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut cmd = Command::new(program);
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe calls (open, write, close) on memory prepared before the fork.
+        // async-signal-safe calls (prctl, open, write, close) on memory prepared before the
+        // fork.
         unsafe {
             cmd.pre_exec(move || {
+                // If the test process is killed (a CI timeout), its guards never run: the
+                // kernel then kills the daemon instead of leaving it behind.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd < 0 {
                     return Err(io::Error::last_os_error());
