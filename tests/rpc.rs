@@ -592,8 +592,8 @@ async fn workqueues_create_list_update_delete() {
     assert_eq!(a.nice, 0);
     assert_eq!(
         a.placement(),
-        Placement::First,
-        "PLACEMENT_UNSPECIFIED means the documented default, FIRST"
+        Placement::Spread,
+        "PLACEMENT_UNSPECIFIED means the documented default, SPREAD"
     );
     assert_eq!(a.fallback(), FallbackPolicy::Widen);
     assert!(
