@@ -8,6 +8,12 @@
 //! [`Daemon`] always ends the process (SIGTERM, then SIGKILL after a grace period) and, when
 //! the test is failing, prints the daemon's stderr so the failure message says what the daemon
 //! saw. Every wait is bounded and names what it waited for.
+//!
+//! Binaries: `target/<profile>/wqd` and `wqctl` next to the test executable, built with
+//! `cargo build` in the same profile only when missing (`cargo test --workspace` builds both,
+//! since `wqd` and `wqd-client` have integration tests, so CI always runs fresh ones; when
+//! running only this crate, rebuild them first or a stale binary is used).
+//! `WQD_E2E_WQD` / `WQD_E2E_WQCTL` point the tests at other binaries.
 
 use std::collections::BTreeSet;
 use std::fs;
