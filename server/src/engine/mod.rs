@@ -307,6 +307,8 @@ pub struct Submitted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
     pub batch: BatchId,
+    /// The id reserved for entry 0; entry i's slot is `first + i` (duplicates included).
+    pub first: ItemId,
     pub items: Vec<Submitted>,
 }
 
@@ -757,6 +759,12 @@ impl Engine {
     pub fn results(&self, ids: &[ItemId]) -> Vec<Option<Arc<ItemResult>>> {
         let s = self.inner.sched.lock();
         ids.iter().map(|id| s.result_of(*id)).collect()
+    }
+
+    /// Whether `id` was ever issued by this engine, so a `None` from [`Engine::results`] can
+    /// be told apart: issued means its result was forgotten, not issued means never known.
+    pub fn issued(&self, id: ItemId) -> bool {
+        self.inner.sched.lock().issued(id)
     }
 
     /// Item ids of a batch.

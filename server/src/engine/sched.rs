@@ -911,7 +911,11 @@ impl Sched {
                 self.make_ready(qid, n, fx);
             }
         }
-        Ok(Receipt { batch, items: out })
+        Ok(Receipt {
+            batch,
+            first,
+            items: out,
+        })
     }
 
     // ----- workers -----
@@ -1352,6 +1356,11 @@ impl Sched {
             covered: ids.len(),
             began: Instant::now(),
         }
+    }
+
+    /// Whether `id` was ever handed out (as an item or a duplicate's reserved slot).
+    pub(crate) fn issued(&self, id: ItemId) -> bool {
+        id != 0 && id < self.next_item
     }
 
     pub(crate) fn result_of(&self, id: ItemId) -> Option<Arc<ItemResult>> {
