@@ -106,6 +106,9 @@ pub fn rate_spread(s: Spread) -> String {
 
 /// Nanoseconds in a short human form.
 pub fn dur_ns(x: f64) -> String {
+    if x < 0.0 {
+        return format!("−{}", dur_ns(-x));
+    }
     if x >= 1e9 {
         format!("{:.2}s", x / 1e9)
     } else if x >= 1e6 {

@@ -1,7 +1,8 @@
 //! `wqd-bench`: runs every measurement of `docs/benchmarks.md` in one process and writes the
 //! markdown table (stdout, and `--out FILE`).
 //!
-//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale]... [--out FILE]`.
+//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale]... [--out FILE]`, or
+//! `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler).
 //! `--quick` shrinks every section (a smoke run of a few seconds); the figures are then not
 //! worth comparing. The counting allocator is installed here, for memory per pending item.
 
@@ -51,6 +52,27 @@ fn main() {
         .collect();
     let want = |s: &str| only.is_empty() || only.contains(&s);
 
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--profile-engine")
+        .and_then(|i| args.get(i + 1))
+    {
+        // Only the engine's batch-of-10k loop, for a profiler (see docs/benchmarks.md).
+        let n: usize = n.parse().expect("--profile-engine ROUNDS");
+        let (s, w) = dispatch::cpus();
+        wqd_bench::topo::pin(s);
+        let mut e = dispatch::Wqd::start(w);
+        let t0 = Instant::now();
+        for _ in 0..n {
+            dispatch::System::batch(&mut e, 10_000);
+        }
+        let el = t0.elapsed();
+        println!(
+            "{n} x 10k items in {el:.1?}: {:.0} ns/item",
+            el.as_secs_f64() * 1e9 / (n * 10_000) as f64
+        );
+        return;
+    }
     let started = Instant::now();
     let mut md = String::new();
     let _ = writeln!(md, "## Results\n\n{}", machine());
