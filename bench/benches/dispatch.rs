@@ -2,6 +2,8 @@
 //! the engine and each peer, same pinned shape as the `wqd-bench` binary (see
 //! `wqd_bench::dispatch`).
 
+use std::time::Duration;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use wqd_bench::{dispatch, topo};
 
@@ -19,5 +21,12 @@ fn batches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, batches);
+criterion_group! {
+    name = benches;
+    // Short windows keep the whole harness (bench/run.sh) well under 10 minutes on 2 cores.
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = batches
+}
 criterion_main!(benches);

@@ -1,6 +1,8 @@
 //! Criterion view of `GroupMap::resolve` and `GroupMap::build` from 64 to 4096 CPUs (see
 //! `wqd_bench::scale`).
 
+use std::time::Duration;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use wqd::groups::{Fallback, GroupMap, GroupsConfig};
 use wqd_bench::{scale, topo};
@@ -28,5 +30,12 @@ fn resolve(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, resolve);
+criterion_group! {
+    name = benches;
+    // Short windows keep the whole harness (bench/run.sh) well under 10 minutes on 2 cores.
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = resolve
+}
 criterion_main!(benches);

@@ -392,7 +392,10 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         Verdict::new(
             "hotplug: flush after a CPU loss within 10 ms of the remaining work",
             extra.median <= 1e7,
-            format!("{} over the baseline (negative: faster)", report::dur_ns(extra.median)),
+            format!(
+                "{} over the baseline (negative: faster)",
+                report::dur_ns(extra.median)
+            ),
         ),
     ];
     (vec![t], v)
