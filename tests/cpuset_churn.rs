@@ -17,8 +17,8 @@
 //! reject: rejected); after each return items ran, and finished, on CPU 1 again.
 //!
 //! Skipped (with a printed reason) only when not root or when no writable cpuset hierarchy
-//! exists. The scratch cgroup is removed by a drop guard, also on failure. `WQD_BIN` names the
-//! daemon binary (default: `wqd` next to this test's `deps/` folder); `WQD_CPUSET_CYCLES`
+//! exists. The scratch cgroup is removed by a drop guard, also on failure. The daemon binary is
+//! found (or built) by [`wqd_e2e::binary`] (`WQD_E2E_WQD` overrides it); `WQD_CPUSET_CYCLES`
 //! overrides the number of cycles.
 
 #[path = "support/cpuset.rs"]
@@ -589,19 +589,6 @@ impl Report {
 // ---------------------------------------------------------------------------------------------
 // The live run.
 
-fn daemon_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("WQD_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/cpuset_churn-<hash> → target/<profile>/wqd
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary has no profile folder");
-    dir.join("wqd")
-}
-
 fn batch_items(policy: Policy) -> Vec<Item> {
     let _ = policy;
     let spin = |t: String| Item::new(t, "spin").arg("ms", SPIN_MS);
@@ -1016,12 +1003,7 @@ fn cpuset_churn() {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(CYCLES);
-    let bin = daemon_binary();
-    assert!(
-        bin.is_file(),
-        "no wqd binary at {} (build it: cargo build -p wqd --bin wqd [--release], or set WQD_BIN)",
-        bin.display()
-    );
+    let bin = wqd_e2e::binary("wqd", "wqd");
     let dir = std::env::temp_dir().join(format!("wqd-cpuset-churn-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");

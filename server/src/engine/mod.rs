@@ -12,6 +12,7 @@
 //! every covered item is terminal. The protocol, its races and why each is safe are in
 //! `README.md` beside this file.
 
+mod idhash;
 mod sched;
 mod timer;
 mod watchdog;

@@ -19,6 +19,8 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_utils::sync::Unparker;
 use slab::Slab;
 
+use super::idhash::{IdMap, IdSet};
+
 use super::{
     level_name, CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent,
     FlushScope, Inner, ItemResult, ItemSpec, Receipt, State, Submitted, WorkqueueAttrs,
@@ -179,7 +181,7 @@ struct Wq {
     pending: usize,
     running: usize,
     /// (CPU-bound, waiting) items running per CPU.
-    running_on: HashMap<u32, [u32; 2]>,
+    running_on: IdMap<u32, [u32; 2]>,
     /// Ordered workqueues: every pending item in submission order (with tombstones).
     ordered: VecDeque<ItemId>,
     totals: [u64; 8],
@@ -262,7 +264,7 @@ impl Effects {
 
 /// Terminal results, bounded by count and age.
 struct Results {
-    map: HashMap<ItemId, Arc<ItemResult>>,
+    map: IdMap<ItemId, Arc<ItemResult>>,
     order: VecDeque<(Instant, ItemId)>,
     max: usize,
     ttl: Duration,
@@ -300,16 +302,16 @@ pub(crate) struct Sched {
     wqs: Slab<Wq>,
     wq_names: HashMap<String, usize>,
     queues: Slab<Queue>,
-    pub items: HashMap<ItemId, Item>,
+    pub items: IdMap<ItemId, Item>,
     /// Items bound to a worker.
-    running: HashSet<ItemId>,
+    running: IdSet<ItemId>,
     next_item: ItemId,
     next_batch: u64,
     next_flush: u64,
-    batches: HashMap<u64, BatchRec>,
+    batches: IdMap<u64, BatchRec>,
     batch_order: VecDeque<u64>,
     pools: BTreeMap<u32, Pool>,
-    pub flushes: HashMap<u64, FlushRec>,
+    pub flushes: IdMap<u64, FlushRec>,
     results: Results,
     timers: BinaryHeap<Reverse<(Instant, u8, ItemId)>>,
     pub shutdown: bool,
@@ -332,17 +334,17 @@ impl Sched {
             wqs: Slab::new(),
             wq_names: HashMap::new(),
             queues: Slab::new(),
-            items: HashMap::new(),
-            running: HashSet::new(),
+            items: IdMap::default(),
+            running: IdSet::default(),
             next_item: 1,
             next_batch: 1,
             next_flush: 1,
-            batches: HashMap::new(),
+            batches: IdMap::default(),
             batch_order: VecDeque::new(),
             pools: BTreeMap::new(),
-            flushes: HashMap::new(),
+            flushes: IdMap::default(),
             results: Results {
-                map: HashMap::new(),
+                map: IdMap::default(),
                 order: VecDeque::new(),
                 max: cfg.results_max.max(1),
                 ttl: cfg.results_ttl,
@@ -378,7 +380,7 @@ impl Sched {
             delayed: 0,
             pending: 0,
             running: 0,
-            running_on: HashMap::new(),
+            running_on: IdMap::default(),
             ordered: VecDeque::new(),
             totals: [0; 8],
             submitted: 0,

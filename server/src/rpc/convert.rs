@@ -233,7 +233,7 @@ fn fallback_out(f: Fallback) -> v1::FallbackPolicy {
 }
 
 /// Create-time attributes: zero values take the defaults documented in the proto (max_active
-/// 1, placement first, fallback widen, max_queued the daemon's `limits.max_queued`).
+/// 1, placement spread, fallback widen, max_queued the daemon's `limits.max_queued`).
 ///
 /// # Errors
 /// [`RpcError::Field`] for enum values outside the proto's.
@@ -254,7 +254,7 @@ pub fn attrs_in(
     w.nice = a.nice;
     w.placement = placement_in(a.placement)
         .map_err(|p| field("placement", p))?
-        .unwrap_or(Placement::First);
+        .unwrap_or_default();
     w.fallback = fallback_in(a.fallback)
         .map_err(|p| field("fallback", p))?
         .unwrap_or(Fallback::Widen);
@@ -430,11 +430,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.max_active, 1);
-        assert_eq!(a.placement, Placement::First);
+        assert_eq!(a.placement, Placement::Spread);
         assert_eq!(a.fallback, Fallback::Widen);
         assert_eq!(a.max_queued, 77);
         let back = attrs_out(&a);
-        assert_eq!(back.placement, v1::Placement::First as i32);
+        assert_eq!(back.placement, v1::Placement::Spread as i32);
         assert!(attrs_in(
             v1::WorkqueueAttrs {
                 name: "w".into(),

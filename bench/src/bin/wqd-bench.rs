@@ -1,0 +1,146 @@
+//! `wqd-bench`: runs every measurement of `docs/benchmarks.md` in one process and writes the
+//! markdown table (stdout, and `--out FILE`).
+//!
+//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale]... [--out FILE]`, or
+//! `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler).
+//! `--quick` shrinks every section (a smoke run of a few seconds); the figures are then not
+//! worth comparing. The counting allocator is installed here, for memory per pending item.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use wqd_bench::{alloc, dispatch, hotplug, report, scale};
+
+#[global_allocator]
+static A: alloc::Counting = alloc::Counting;
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into());
+    let n = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "- CPUs available: {n} ({cpu})\n- kernel: {kernel}\n- load average at start: {load}\n- \
+         build: release, rustc as in the workspace\n"
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let only: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--only")
+        .map(|w| w[1].as_str())
+        .collect();
+    let want = |s: &str| only.is_empty() || only.contains(&s);
+
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--profile-engine")
+        .and_then(|i| args.get(i + 1))
+    {
+        // Only the engine's batch-of-10k loop, for a profiler (see docs/benchmarks.md).
+        let n: usize = n.parse().expect("--profile-engine ROUNDS");
+        let (s, w) = dispatch::cpus();
+        wqd_bench::topo::pin(s);
+        let mut e = dispatch::Wqd::start(w);
+        let t0 = Instant::now();
+        for _ in 0..n {
+            dispatch::System::batch(&mut e, 10_000);
+        }
+        let el = t0.elapsed();
+        println!(
+            "{n} x 10k items in {el:.1?}: {:.0} ns/item",
+            el.as_secs_f64() * 1e9 / (n * 10_000) as f64
+        );
+        return;
+    }
+    let started = Instant::now();
+    let mut md = String::new();
+    let _ = writeln!(md, "## Results\n\n{}", machine());
+    let mut verdicts = Vec::new();
+    let mut section =
+        |name: &str, f: &mut dyn FnMut() -> (Vec<report::Table>, Vec<report::Verdict>)| {
+            if !want(name) {
+                return;
+            }
+            eprintln!("wqd-bench: {name}...");
+            let t0 = Instant::now();
+            let (tables, v) = f();
+            eprintln!("wqd-bench: {name} took {:.1?}", t0.elapsed());
+            for t in tables {
+                let _ = writeln!(md, "{}", t.markdown());
+            }
+            verdicts.extend(v);
+        };
+    section("dispatch", &mut || {
+        let mut cfg = dispatch::Cfg::default();
+        if quick {
+            cfg = dispatch::Cfg {
+                runs: 2,
+                batches: [(1, 200), (100, 10), (10_000, 1)],
+                latency_samples: 100,
+            };
+        }
+        dispatch::run(cfg)
+    });
+    section("hotplug", &mut || {
+        let mut cfg = hotplug::Cfg::default();
+        if quick {
+            cfg = hotplug::Cfg {
+                trials: 2,
+                monitor_trials: 1,
+                pending: 100,
+                period: Duration::from_millis(200),
+            };
+        }
+        hotplug::run(cfg)
+    });
+    section("scale", &mut || {
+        let mut cfg = scale::Cfg::default();
+        if quick {
+            cfg = scale::Cfg {
+                runs: 2,
+                resolve_iters: 10_000,
+                groups: 1000,
+                pending: 20_000,
+                trees: [256, 512],
+            };
+        }
+        scale::run(cfg)
+    });
+    let _ = writeln!(md, "{}", report::verdicts(&verdicts));
+    let _ = writeln!(
+        md,
+        "Whole run: {:.0?}{}.",
+        started.elapsed(),
+        if quick {
+            " (--quick: figures not comparable)"
+        } else {
+            ""
+        }
+    );
+    print!("{md}");
+    if let Some(path) = out {
+        std::fs::write(&path, &md).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+        eprintln!("wqd-bench: wrote {path}");
+    }
+}

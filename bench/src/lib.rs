@@ -1,0 +1,22 @@
+//! wqd-bench: the measurements behind `docs/benchmarks.md`.
+//!
+//! Each module measures one area and returns plain numbers; the `wqd-bench` binary runs them
+//! all in one process and prints the markdown table, and the criterion benches under
+//! `benches/` reuse the same rigs for closer looks. Every figure is taken in the same run as
+//! its peer and reported as a ratio; every figure is repeated and given as min/median/max.
+//!
+//! - [`dispatch`]: in-process submit→start latency and batch throughput of the engine versus a
+//!   crossbeam-channel handoff to a pinned thread (the floor), rayon and tokio.
+//! - [`hotplug`]: the time from a CPU leaving to its pending items starting elsewhere, directly
+//!   through `Engine::apply_snapshot` and through the `LiveView`/`Monitor` path on a sysfs tree.
+//! - [`scale`]: `GroupMap::resolve`/`build`, `Reader::read`, memory per pending item and
+//!   `Engine::apply_snapshot` on generated machines of up to 4096 CPUs.
+//! - [`alloc`]: the counting allocator the binary installs to measure memory.
+
+pub mod alloc;
+pub mod dispatch;
+pub mod hotplug;
+pub mod report;
+pub mod scale;
+pub mod stats;
+pub mod topo;
