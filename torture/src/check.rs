@@ -1,30 +1,42 @@
-//! The checks: from the ledger, the results, the handlers' run counts and the hotplug log,
-//! decide whether wqd kept its contract. Pure functions over plain data; nothing here talks to
-//! wqd or the kernel.
+//! The checks: from the ledger, the results, the handlers' run counts, the hotplug log and (in
+//! library mode) the history of wqd's own live set, decide whether wqd kept its contract. Pure
+//! functions over plain data; nothing here talks to wqd or the kernel.
 //!
-//! The race window `W` (`--race-window-ms`, 100 ms by default) is how far a time stamp may sit
-//! from the moment it describes, and how stale wqd's view of the CPUs may be:
+//! Two bounds make the checks fair to a real kernel:
 //!
-//! - *Started offline*: an item that started on CPU C at time t fails the check only if C was
-//!   certainly offline during all of `[t-W, t+W]` — after an offline write had returned and
-//!   before the next online write began, with `W` to spare on both sides.
-//! - *Fallback / rejection*: an item widened (or rejected) at time t fails only if some member
-//!   of its group was certainly online during all of `[t-W, t]`: wqd learns of a CPU coming
-//!   back through a uevent and a rescan, and may act on the older view for up to `W`.
+//! - `W`, the race window (`--race-window-ms`, 100 ms): how far a time stamp may sit from the
+//!   moment it describes (the engine stamps a start after its start check; a thread may be
+//!   preempted in between).
+//! - `L`, the view lag bound (`--lag-bound`, 2 s): how long wqd may take to notice a
+//!   transition. wqd hears of it through a uevent and a sysfs rescan, with a periodic rescan
+//!   (1 s) as the backstop, so `L` = one rescan period plus one slow read. Every transition
+//!   wqd's live set took longer than `L` to reflect (library mode) fails the run.
 //!
-//! A write to `cpuN/online` takes 55-70 ms in the VM; the state during a write counts as
-//! unknown, so the window adds `W` to an interval that already excludes the write itself.
+//! The checks that use them:
+//!
+//! - *Started offline*: an item that started on CPU C at time t fails only if C was certainly
+//!   offline during all of `[t-W, t+W]` — after an offline write had returned and before the
+//!   next online write began, `W` to spare on both sides. The state during a write counts as
+//!   unknown (the kernel flips it somewhere inside), so the window is the write's own duration
+//!   plus `W` on each side. The engine's own `sched_getcpu` check and the handler's are both
+//!   held to this.
+//! - *Fallback / rejection*: an item widened (or rejected) at time t fails if some member of its
+//!   group was certainly online during all of `[t-W, t]` *and* wqd's live set had it live
+//!   during all of that interval too (library mode) — acting against its own view is a bug;
+//!   acting on a view that lags is bounded separately by `L`. Without the view (daemon mode) the
+//!   interval is `[t-W-L, t]` on the kernel's state alone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
+use wqd::cpuset::CpuSet;
 use wqd::engine::State;
 use wqd::groups::Fallback;
 
 use crate::backend::{Rec, Run};
 use crate::clock::secs;
-use crate::hotplug::HotplugLog;
+use crate::hotplug::{HotplugLog, Transition};
 use crate::load::{FlushRec, Plan, Submitted, WQS};
 
 /// A kind of broken promise.
@@ -56,6 +68,8 @@ pub enum Problem {
     FlushStuck,
     /// A submit was refused (not for a full workqueue).
     SubmitError,
+    /// wqd's live set took longer than the lag bound to reflect a transition, or never did.
+    SlowView,
 }
 
 impl Problem {
@@ -74,6 +88,7 @@ impl Problem {
             Problem::BadReject => "bad reject",
             Problem::FlushStuck => "flush stuck",
             Problem::SubmitError => "submit error",
+            Problem::SlowView => "slow topology view",
         }
     }
 }
@@ -136,10 +151,13 @@ pub struct Input<'a> {
     /// Handler runs by id (library mode).
     pub runs: Option<&'a HashMap<u64, Run>>,
     pub log: &'a HotplugLog,
+    /// wqd's live set over time, as it published it (library mode).
+    pub view: Option<&'a [(Duration, CpuSet)]>,
     pub flushes: &'a [FlushRec],
     pub submit_errors: &'a [String],
     pub reused_ids: &'a [u64],
     pub window: Duration,
+    pub lag_bound: Duration,
     pub flush_bound: Duration,
 }
 
@@ -183,6 +201,19 @@ pub fn check(inp: &Input<'_>) -> Findings {
                     format!("item {id} ran {} time(s) on cpu {}", r.count, r.cpu_seen)
                 });
             }
+        }
+    }
+    if let Some(view) = inp.view {
+        let lag = lags(inp.log, view, inp.lag_bound);
+        for (t, what) in &lag.slow {
+            f.add(Problem::SlowView, || {
+                format!(
+                    "cpu{} {} at {}: {what}",
+                    t.cpu,
+                    if t.now_online { "online" } else { "offline" },
+                    secs(t.end)
+                )
+            });
         }
     }
     for s in inp.items {
@@ -323,11 +354,30 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
     }
 }
 
-/// A member certainly online during all of `[t-w, t]`.
-fn up_member(inp: &Input<'_>, members: &wqd::CpuSet, t: Duration, w: Duration) -> Option<u32> {
-    members
+/// A member of the group that was certainly up during `[t-w, t]` by the rules in the module
+/// docs: online in the kernel and live in wqd's view (library mode), or online in the kernel
+/// since `t-w-L` (daemon mode).
+fn up_member(inp: &Input<'_>, members: &CpuSet, t: Duration, w: Duration) -> Option<u32> {
+    let from = t.saturating_sub(w);
+    members.iter().find(|&m| match inp.view {
+        Some(view) => inp.log.certainly(m, true, from, t) && view_live(view, m, from, t),
+        None => inp
+            .log
+            .certainly(m, true, from.saturating_sub(inp.lag_bound), t),
+    })
+}
+
+/// Whether wqd's published live set held `cpu` during all of `[from, to]`.
+pub fn view_live(view: &[(Duration, CpuSet)], cpu: u32, from: Duration, to: Duration) -> bool {
+    // The set in force at `from` is the last one published at or before it.
+    let first = view.partition_point(|(at, _)| *at <= from);
+    let Some(start) = first.checked_sub(1) else {
+        return false;
+    };
+    view[start..]
         .iter()
-        .find(|&m| inp.log.certainly(m, true, t.saturating_sub(w), t))
+        .take_while(|(at, _)| *at <= to)
+        .all(|(_, live)| live.contains(cpu))
 }
 
 /// Whether `cpu` had a transition within `w` of `t`.
@@ -337,31 +387,64 @@ fn near(log: &HotplugLog, cpu: u32, t: Duration, w: Duration) -> bool {
         .any(|x| x.cpu == cpu && x.begin <= t + w && x.end + w >= t)
 }
 
-/// How long wqd took to see each successful transition: from the write's end to the first
-/// live set published after the write began that agrees with it. Transitions it never saw
-/// (undone before wqd noticed) are counted separately.
-pub fn lags(log: &HotplugLog, history: &[(Duration, wqd::CpuSet)]) -> (Vec<Duration>, usize) {
-    let mut lags = Vec::new();
-    let mut missed = 0;
-    for t in log.transitions.iter().filter(|t| t.error.is_none()) {
-        let seen = history.iter().find(|(at, live)| {
-            *at + Duration::from_millis(1) >= t.begin && live.contains(t.cpu) == t.now_online
-        });
-        match seen {
-            Some((at, _)) => lags.push(at.saturating_sub(t.end)),
-            None => missed += 1,
+/// How long wqd took to see the transitions.
+#[derive(Debug, Default)]
+pub struct Lags {
+    /// Lag of every transition wqd saw, sorted.
+    pub seen: Vec<Duration>,
+    /// Transitions undone (by the next write of that CPU) within the bound, before wqd saw them.
+    pub undone: usize,
+    /// Transitions seen late or never, with why.
+    pub slow: Vec<(Transition, String)>,
+}
+
+/// For each successful transition: the time from the write's end to the first live set wqd
+/// published after the write began that agrees with it, looking only until the same CPU's next
+/// write. A state that lasted longer than `bound` and that wqd reflected late or never is slow.
+pub fn lags(log: &HotplugLog, view: &[(Duration, CpuSet)], bound: Duration) -> Lags {
+    let mut out = Lags::default();
+    let ok: Vec<&Transition> = log
+        .transitions
+        .iter()
+        .filter(|t| t.error.is_none())
+        .collect();
+    for (i, t) in ok.iter().enumerate() {
+        let next = ok[i + 1..].iter().find(|n| n.cpu == t.cpu).map(|n| n.begin);
+        let seen = view
+            .iter()
+            .skip_while(|(at, _)| *at < t.begin)
+            .take_while(|(at, _)| next.is_none_or(|n| *at < n))
+            .find(|(_, live)| live.contains(t.cpu) == t.now_online)
+            .map(|(at, _)| at.saturating_sub(t.end));
+        match (seen, next) {
+            (Some(lag), _) if lag <= bound => out.seen.push(lag),
+            (Some(lag), _) => {
+                out.seen.push(lag);
+                out.slow
+                    .push(((*t).clone(), format!("wqd saw it after {lag:?}")));
+            }
+            (None, Some(n)) if n.saturating_sub(t.end) <= bound => out.undone += 1,
+            (None, Some(n)) => out.slow.push((
+                (*t).clone(),
+                format!(
+                    "wqd never saw it in the {:?} before the next write",
+                    n.saturating_sub(t.end)
+                ),
+            )),
+            (None, None) => out
+                .slow
+                .push(((*t).clone(), "wqd never saw it".to_string())),
         }
     }
-    lags.sort();
-    (lags, missed)
+    out.seen.sort();
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hotplug::{Cause, Transition};
+    use crate::hotplug::Cause;
     use crate::load::{Plan, Submitted};
-    use wqd::cpuset::CpuSet;
 
     fn d(ms: u64) -> Duration {
         Duration::from_millis(ms)
@@ -411,6 +494,7 @@ mod tests {
         results: HashMap<u64, Rec>,
         runs: HashMap<u64, Run>,
         log: HotplugLog,
+        view: Vec<(Duration, CpuSet)>,
     }
 
     impl Case {
@@ -422,6 +506,14 @@ mod tests {
                 results: HashMap::new(),
                 runs: HashMap::new(),
                 log: log(),
+                // wqd sees each change 30 ms after the write's end.
+                view: vec![
+                    (d(0), CpuSet::range(0, 3)),
+                    (d(190), "0,2-3".parse().expect("cpulist")),
+                    (d(330), CpuSet::single(0)),
+                    (d(1090), CpuSet::range(0, 1)),
+                    (d(2090), CpuSet::range(0, 3)),
+                ],
             }
         }
         fn target(&self, t: &str) -> u16 {
@@ -460,10 +552,12 @@ mod tests {
                 results: &self.results,
                 runs: Some(&self.runs),
                 log: &self.log,
+                view: Some(&self.view),
                 flushes: &[],
                 submit_errors: &[],
                 reused_ids: &[],
                 window: d(100),
+                lag_bound: Duration::from_secs(2),
                 flush_bound: Duration::from_secs(30),
             })
         }
@@ -544,5 +638,41 @@ mod tests {
             f.examples
         );
         assert!(f.verdict().is_some());
+    }
+
+    #[test]
+    fn a_lagging_view_excuses_a_fallback_but_not_past_the_bound() {
+        let mut c = Case::new();
+        // wqd sees cpu1 come back (write ends at 1060 ms) only at 1560 ms.
+        c.view[3].0 = d(1560);
+        let mut w = rec(1, State::Ok, Some(0), Some(1300));
+        w.fallback = Some("node".into());
+        c.item(0, "cpu:1", w, true);
+        let f = c.check();
+        assert_eq!(f.verdict(), None, "{:?}", f.examples);
+        let l = lags(&c.log, &c.view, Duration::from_secs(2));
+        assert_eq!(l.seen.iter().max(), Some(&d(500)));
+
+        // The same fallback after wqd had it live for 100 ms is a bug.
+        let mut c2 = Case::new();
+        c2.view[3].0 = d(1560);
+        let mut w = rec(1, State::Ok, Some(0), Some(1700));
+        w.fallback = Some("node".into());
+        c2.item(0, "cpu:1", w, true);
+        assert_eq!(
+            c2.check().counts.keys().copied().collect::<Vec<_>>(),
+            vec![Problem::BadFallback]
+        );
+
+        // A view that never shows cpu2 and cpu3 back is slow.
+        let mut c3 = Case::new();
+        c3.view.truncate(4);
+        let f = c3.check();
+        assert_eq!(
+            f.counts.get(&Problem::SlowView),
+            Some(&2),
+            "{:?}",
+            f.examples
+        );
     }
 }

@@ -71,6 +71,9 @@ struct Args {
     /// Race window of the checks, in ms (see docs/torture.md).
     #[arg(long, default_value_t = 100)]
     race_window_ms: u64,
+    /// wqd must reflect every CPU transition in its live set within this (see docs/torture.md).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    lag_bound: Duration,
     /// A flush that waits longer than this fails the run.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     flush_bound: Duration,
@@ -242,11 +245,12 @@ fn run(args: &Args) -> Result<Option<String>> {
         (
             "run".to_string(),
             format!(
-                "seed {:#x}, duration {} s, cpus {present}, nodes [{}], race window {} ms, flush bound {:?}",
+                "seed {:#x}, duration {} s, cpus {present}, nodes [{}], race window {} ms, lag bound {:?}, flush bound {:?}",
                 args.seed,
                 secs(args.duration),
                 node_desc.join(" "),
                 args.race_window_ms,
+                args.lag_bound,
                 args.flush_bound
             ),
         ),
@@ -362,14 +366,16 @@ fn run(args: &Args) -> Result<Option<String>> {
         results: &results,
         runs: runs.as_ref(),
         log: &log,
+        view: (!history.is_empty()).then_some(history.as_slice()),
         flushes: &flushes,
         submit_errors: &submit_errors,
         reused_ids: &reused,
         window,
+        lag_bound: args.lag_bound,
         flush_bound: args.flush_bound,
     });
-    let lags =
-        (!history.is_empty() && !log.transitions.is_empty()).then(|| check::lags(&log, &history));
+    let lags = (!history.is_empty() && !log.transitions.is_empty())
+        .then(|| check::lags(&log, &history, args.lag_bound));
     let mut header = header;
     header[1].1 = format!("{} (ran {} s)", header[1].1, secs(ran));
     let summary = report::Summary {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use wqd::engine::State;
 
-use crate::check::Findings;
+use crate::check::{Findings, Lags};
 use crate::clock::ms;
 use crate::hotplug::{Cause, HotplugLog};
 use crate::load::{FlushRec, WaitKind, WQS};
@@ -21,8 +21,8 @@ pub struct Summary<'a> {
     pub queue_full: u64,
     pub log: &'a HotplugLog,
     pub flushes: &'a [FlushRec],
-    /// wqd's delay in seeing transitions, sorted; and how many it never saw.
-    pub lags: Option<(Vec<Duration>, usize)>,
+    /// wqd's delay in seeing transitions (library mode).
+    pub lags: Option<Lags>,
     pub counters: Vec<(String, u64)>,
     pub window: Duration,
 }
@@ -37,11 +37,10 @@ fn pct(v: &[Duration], p: f64) -> Duration {
 
 /// Renders the table.
 pub fn render(s: &Summary<'_>) -> String {
-    let mut o = String::new();
+    let mut o = String::from("==== wqd-torture summary ====\n");
     let mut row = |k: &str, v: String| {
         let _ = writeln!(o, "{k:<14}{v}");
     };
-    row("====", "wqd-torture summary ====".into());
     for (k, v) in &s.header {
         row(k, v.clone());
     }
@@ -92,15 +91,17 @@ pub fn render(s: &Summary<'_>) -> String {
             ms(pct(&writes, 1.0))
         ),
     );
-    if let Some((lags, missed)) = &s.lags {
+    if let Some(l) = &s.lags {
         row(
             "topology lag",
             format!(
-                "write end to wqd's live set: p50 {}, p99 {}, max {} over {} writes ({missed} undone before seen)",
-                ms(pct(lags, 0.5)),
-                ms(pct(lags, 0.99)),
-                ms(pct(lags, 1.0)),
-                lags.len()
+                "write end to wqd's live set: p50 {}, p99 {}, max {} over {} writes ({} undone before seen, {} slow)",
+                ms(pct(&l.seen, 0.5)),
+                ms(pct(&l.seen, 0.99)),
+                ms(pct(&l.seen, 1.0)),
+                l.seen.len(),
+                l.undone,
+                l.slow.len()
             ),
         );
     }
