@@ -1017,10 +1017,11 @@ impl GroupMap {
 /// How to pick one CPU from an eligible set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Placement {
-    /// The lowest eligible CPU: "the first online CPU of the group" (the RCU rule). Default.
-    #[default]
+    /// The lowest eligible CPU: "the first online CPU of the group" (the RCU rule).
     First,
-    /// Round robin: the `rr % len`-th eligible CPU in ascending order.
+    /// Round robin: the `rr % len`-th eligible CPU in ascending order. Default: a group of N
+    /// live CPUs runs N items at once.
+    #[default]
     Spread,
     /// The CPU with the lowest load, the caller giving queue length as load.
     LeastLoaded,

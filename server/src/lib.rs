@@ -7,11 +7,15 @@
 //! [`handler`] (what items do) and [`engine`] (workqueues, pinned pools, late-binding dispatch,
 //! flush and cancel). Each layer has its own error enum.
 
+pub mod config;
 pub mod cpuset;
+pub mod daemon;
 pub mod engine;
 pub mod groups;
 pub mod handler;
 pub mod live;
+pub mod load;
+pub mod rpc;
 pub mod target;
 pub mod topology;
 

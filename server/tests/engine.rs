@@ -651,3 +651,79 @@ fn workqueue_lifecycle() {
         Err(EngineError::UnknownWorkqueue(_))
     ));
 }
+
+#[derive(Default)]
+struct Seen {
+    submitted: AtomicUsize,
+    started: AtomicUsize,
+    finished: Mutex<Vec<State>>,
+    lockups: AtomicUsize,
+    hogs: AtomicUsize,
+}
+
+impl wqd::engine::Observer for Seen {
+    fn submitted(&self, _wq: &str, n: usize) {
+        self.submitted.fetch_add(n, Ordering::SeqCst);
+    }
+    fn started(&self, _wq: &str, _cpu: u32, _w: Duration) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+    }
+    fn finished(&self, r: &ItemResult) {
+        self.finished.lock().push(r.state);
+    }
+    fn lockup(&self, _cpu: u32) {
+        self.lockups.fetch_add(1, Ordering::SeqCst);
+    }
+    fn hog(&self, _cpu: u32) {
+        self.hogs.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn watchdog_reports_lockups_and_hogs_and_the_observer_sees_everything() {
+    let topo = common::topology(2);
+    let snap = common::snapshot(&topo, 1, &"0-1".parse().unwrap());
+    let probe = Arc::new(Probe::default());
+    let mut reg = Registry::with_builtins(None);
+    reg.register(Arc::new(ProbeHandler(
+        probe,
+        "probe",
+        HandlerKind::CpuBound,
+    )));
+    let seen = Arc::new(Seen::default());
+    let cfg = EngineConfig {
+        pinning: false,
+        watchdog_thresh: Duration::from_millis(100),
+        hog_thresh: Duration::from_millis(100),
+        observer: Some(seen.clone()),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, reg, snap).unwrap();
+    // A long item on cpu 0 and one queued behind it: the pool has work and makes no progress.
+    let r = engine
+        .submit(
+            "default",
+            vec![
+                ItemSpec::new(Target::Cpu(0), "probe").arg("ms", "600"),
+                ItemSpec::new(Target::Cpu(0), "probe"),
+                ItemSpec::new(Target::Cpu(1), "noop").arg("fail", "x"),
+            ],
+        )
+        .unwrap();
+    let ids: Vec<u64> = r.items.iter().map(|i| i.id).collect();
+    engine
+        .flush(FlushScope::Items(ids))
+        .unwrap()
+        .wait(Some(Duration::from_secs(10)))
+        .unwrap();
+    let st = engine.stats();
+    assert!(st.lockups >= 1, "lockup reported: {st:?}");
+    assert!(st.hogs >= 1, "hog reported");
+    assert_eq!(seen.lockups.load(Ordering::SeqCst) as u64, st.lockups);
+    assert_eq!(seen.hogs.load(Ordering::SeqCst) as u64, st.hogs);
+    assert_eq!(seen.submitted.load(Ordering::SeqCst), 3);
+    assert_eq!(seen.started.load(Ordering::SeqCst), 3);
+    let mut fin = seen.finished.lock().clone();
+    fin.sort();
+    assert_eq!(fin, vec![State::Ok, State::Ok, State::Failed]);
+}

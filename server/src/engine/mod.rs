@@ -307,6 +307,8 @@ pub struct Submitted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
     pub batch: BatchId,
+    /// The id reserved for entry 0; entry i's slot is `first + i` (duplicates included).
+    pub first: ItemId,
     pub items: Vec<Submitted>,
 }
 
@@ -460,6 +462,25 @@ pub struct EngineStats {
     pub lockups: u64,
     pub hogs: u64,
     pub running_per_cpu: BTreeMap<u32, usize>,
+    /// Pending items by (workqueue, level of their target).
+    pub pending_by_level: BTreeMap<(String, String), usize>,
+}
+
+/// Receives the engine's events for metrics. Called outside the engine lock (from workers,
+/// the timer and submitters), so implementations must be cheap and must not call back into the
+/// engine. Every method has a no-op default.
+pub trait Observer: Send + Sync {
+    /// A batch was accepted: `queued` new items (duplicates excluded).
+    fn submitted(&self, _workqueue: &str, _queued: usize) {}
+    /// An item passed its start check on `cpu` after waiting `waited` since it was queued.
+    fn started(&self, _workqueue: &str, _cpu: u32, _waited: Duration) {}
+    /// An item reached a terminal state.
+    fn finished(&self, _result: &ItemResult) {}
+    /// An item was handed back before it started (`offline`, `affinity`).
+    fn rebound(&self, _reason: &'static str) {}
+    /// The watchdog reported a lockup of `cpu`'s pool, or a CPU hog on `cpu`.
+    fn lockup(&self, _cpu: u32) {}
+    fn hog(&self, _cpu: u32) {}
 }
 
 /// Hook the engine calls when a worker finds its CPU gone or its affinity changed (the
@@ -489,13 +510,14 @@ pub struct EngineConfig {
     pub default_wq: WorkqueueAttrs,
     pub report: Option<ReportHook>,
     pub load: Option<LoadHook>,
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             pinning: true,
-            results_max: 1 << 21,
+            results_max: 1 << 20,
             results_ttl: Duration::from_secs(600),
             max_workers_per_cpu: 64,
             worker_idle: Duration::from_secs(60),
@@ -504,6 +526,7 @@ impl Default for EngineConfig {
             default_wq: WorkqueueAttrs::default(),
             report: None,
             load: None,
+            observer: None,
         }
     }
 }
@@ -736,6 +759,12 @@ impl Engine {
     pub fn results(&self, ids: &[ItemId]) -> Vec<Option<Arc<ItemResult>>> {
         let s = self.inner.sched.lock();
         ids.iter().map(|id| s.result_of(*id)).collect()
+    }
+
+    /// Whether `id` was ever issued by this engine, so a `None` from [`Engine::results`] can
+    /// be told apart: issued means its result was forgotten, not issued means never known.
+    pub fn issued(&self, id: ItemId) -> bool {
+        self.inner.sched.lock().issued(id)
     }
 
     /// Item ids of a batch.

@@ -94,6 +94,8 @@ pub(crate) struct Job {
     pub token: CancelToken,
     pub cpu: u32,
     pub nice: i32,
+    pub workqueue: Arc<str>,
+    pub queued_at: SystemTime,
 }
 
 /// When and where an item started.
@@ -150,8 +152,20 @@ struct Pool {
     running: usize,
     last_progress: Instant,
     lockup_reported: bool,
-    /// After a worker failed to pin, spawn no more until this epoch.
-    no_spawn_before: u64,
+    /// After a worker failed to pin: spawn no more until a newer epoch than this, or until
+    /// the instant passes (a pinning can break without any topology change, e.g. `taskset`).
+    spawn_hold: Option<(u64, Instant)>,
+}
+
+/// How long a pool whose worker could not pin waits before trying again (unless the
+/// topology changes first).
+const SPAWN_HOLD: Duration = Duration::from_secs(1);
+
+impl Pool {
+    fn may_spawn(&self, epoch: u64) -> bool {
+        self.spawn_hold
+            .is_none_or(|(e, until)| epoch > e || Instant::now() >= until)
+    }
 }
 
 struct Wq {
@@ -199,6 +213,10 @@ const TIMER_DEADLINE: u8 = 1;
 /// Side effects decided under the lock, carried out after it is released.
 #[derive(Default)]
 pub(crate) struct Effects {
+    /// Results for the observer (only collected when there is one).
+    finished: Vec<Arc<ItemResult>>,
+    rebound: Vec<&'static str>,
+    submitted: Option<(Arc<str>, usize)>,
     unpark: Vec<Unparker>,
     spawn: Vec<(u32, u64)>,
     timer_kick: bool,
@@ -207,9 +225,26 @@ pub(crate) struct Effects {
 
 impl Effects {
     pub(crate) fn is_empty(&self) -> bool {
-        self.unpark.is_empty() && self.spawn.is_empty() && !self.timer_kick && !self.idle_kick
+        self.finished.is_empty()
+            && self.rebound.is_empty()
+            && self.submitted.is_none()
+            && self.unpark.is_empty()
+            && self.spawn.is_empty()
+            && !self.timer_kick
+            && !self.idle_kick
     }
     pub(crate) fn run(self, inner: &Arc<Inner>) {
+        if let Some(o) = &inner.cfg.observer {
+            if let Some((wq, n)) = &self.submitted {
+                o.submitted(wq, *n);
+            }
+            for r in &self.finished {
+                o.finished(r);
+            }
+            for why in &self.rebound {
+                o.rebound(why);
+            }
+        }
         for u in self.unpark {
             u.unpark();
         }
@@ -285,6 +320,7 @@ pub(crate) struct Sched {
     lockups: u64,
     hogs: u64,
     load: Option<super::LoadHook>,
+    observed: bool,
 }
 
 impl Sched {
@@ -320,6 +356,7 @@ impl Sched {
             lockups: 0,
             hogs: 0,
             load: cfg.load.clone(),
+            observed: cfg.observer.is_some(),
         };
         let _ = s.create_wq(cfg.default_wq.clone());
         s
@@ -453,6 +490,17 @@ impl Sched {
                 .filter(|(_, p)| p.running > 0)
                 .map(|(c, p)| (*c, p.running))
                 .collect(),
+            pending_by_level: {
+                let mut m: BTreeMap<(String, String), usize> = BTreeMap::new();
+                for (_, q) in self.queues.iter().filter(|(_, q)| q.pending > 0) {
+                    let key = (
+                        self.wqs[q.wq].name.to_string(),
+                        crate::groups::Level::of(&q.target).to_string(),
+                    );
+                    *m.entry(key).or_default() += q.pending;
+                }
+                m
+            },
         }
     }
 
@@ -684,7 +732,7 @@ impl Sched {
             if let Some((_, u)) = p.idle.pop() {
                 fx.unpark.push(u);
                 woken += 1;
-            } else if p.workers < max && epoch >= p.no_spawn_before {
+            } else if p.workers < max && p.may_spawn(epoch) {
                 p.workers += 1;
                 fx.spawn.push((c, p.gen));
                 woken += 1;
@@ -854,12 +902,20 @@ impl Sched {
             },
         );
         self.batch_order.push_back(batch);
+        if self.observed {
+            let queued = out.iter().filter(|s| s.queued).count();
+            fx.submitted = Some((self.wqs[wi].name.clone(), queued));
+        }
         for (qid, n) in touched {
             if self.queues.contains(qid) {
                 self.make_ready(qid, n, fx);
             }
         }
-        Ok(Receipt { batch, items: out })
+        Ok(Receipt {
+            batch,
+            first,
+            items: out,
+        })
     }
 
     // ----- workers -----
@@ -938,6 +994,7 @@ impl Sched {
                 }
             }
             let body = item.body.clone();
+            let queued_at = item.queued_at;
             if let Some(l) = fallback {
                 *self.fallbacks.entry(level_name(l)).or_default() += 1;
             }
@@ -967,6 +1024,8 @@ impl Sched {
                 token,
                 cpu,
                 nice,
+                workqueue: self.wqs[wi].name.clone(),
+                queued_at,
             });
         }
         None
@@ -1004,6 +1063,9 @@ impl Sched {
         match f.outcome {
             Outcome::HandBack(why) => {
                 *self.rebinds.entry(why).or_default() += 1;
+                if self.observed {
+                    fx.rebound.push(why);
+                }
                 let Some(item) = self.items.get_mut(&f.id) else {
                     return;
                 };
@@ -1140,6 +1202,9 @@ impl Sched {
         if let Some(b) = self.batches.get_mut(&item.batch) {
             b.live = b.live.saturating_sub(1);
         }
+        if self.observed {
+            fx.finished.push(result.clone());
+        }
         self.results.insert(result);
         if self.shutdown {
             fx.idle_kick = true;
@@ -1179,7 +1244,7 @@ impl Sched {
         if let Some(p) = self.pools.get_mut(&cpu).filter(|p| p.gen == gen) {
             p.workers = p.workers.saturating_sub(1);
             if pin_failed {
-                p.no_spawn_before = epoch + 1;
+                p.spawn_hold = Some((epoch, Instant::now() + SPAWN_HOLD));
             }
         }
     }
@@ -1293,6 +1358,11 @@ impl Sched {
         }
     }
 
+    /// Whether `id` was ever handed out (as an item or a duplicate's reserved slot).
+    pub(crate) fn issued(&self, id: ItemId) -> bool {
+        id != 0 && id < self.next_item
+    }
+
     pub(crate) fn result_of(&self, id: ItemId) -> Option<Arc<ItemResult>> {
         if let Some(r) = self.results.map.get(&id) {
             return Some(r.clone());
@@ -1370,7 +1440,7 @@ impl Sched {
                 running: 0,
                 last_progress: now,
                 lockup_reported: false,
-                no_spawn_before: 0,
+                spawn_hold: None,
             });
             p.live = true;
             p.gen += 1;
@@ -1438,8 +1508,21 @@ impl Sched {
         }
     }
 
-    pub(crate) fn housekeeping(&mut self, now: Instant) {
+    pub(crate) fn housekeeping(&mut self, now: Instant, fx: &mut Effects) {
         self.results.expire(now);
+        // A live pool with work and no worker (its last one could not pin) gets a new one once
+        // its hold-off has passed.
+        let epoch = self.epoch;
+        for (&cpu, p) in self.pools.iter_mut() {
+            let has_work = p
+                .ready
+                .iter()
+                .any(|&q| self.queues.get(q).is_some_and(|q| q.pending > 0));
+            if p.live && p.workers == 0 && has_work && p.may_spawn(epoch) && !self.shutdown {
+                p.workers = 1;
+                fx.spawn.push((cpu, p.gen));
+            }
+        }
         let ttl = self.results.ttl;
         while let Some(&b) = self.batch_order.front() {
             let Some(rec) = self.batches.get(&b) else {
@@ -1471,7 +1554,14 @@ impl Sched {
 
     /// The watchdog's look: pools with runnable work and no progress for `thresh` are
     /// reported once per stall; items running longer than `hog` once each.
-    pub(crate) fn watchdog(&mut self, now: Instant, thresh: Duration, hog: Duration) {
+    /// Returns the reports made: (`true` for a lockup, `false` for a hog, cpu).
+    pub(crate) fn watchdog(
+        &mut self,
+        now: Instant,
+        thresh: Duration,
+        hog: Duration,
+    ) -> Vec<(bool, u32)> {
+        let mut reports = Vec::new();
         if !thresh.is_zero() {
             let mut stuck = Vec::new();
             for (&cpu, p) in &self.pools {
@@ -1509,6 +1599,7 @@ impl Sched {
                     running.join(", ")
                 );
                 self.lockups += 1;
+                reports.push((true, cpu));
                 if let Some(p) = self.pools.get_mut(&cpu) {
                     p.lockup_reported = true;
                 }
@@ -1533,8 +1624,10 @@ impl Sched {
                         ran.as_millis()
                     );
                     self.hogs += 1;
+                    reports.push((false, b.cpu));
                 }
             }
         }
+        reports
     }
 }

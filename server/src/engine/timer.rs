@@ -32,7 +32,7 @@ fn run(inner: &Arc<Inner>) {
             let now = Instant::now();
             s.fire_timers(now, &mut fx);
             if now >= housekeeping {
-                s.housekeeping(now);
+                s.housekeeping(now, &mut fx);
                 housekeeping = now + Duration::from_secs(1);
             }
             if fx.is_empty() {

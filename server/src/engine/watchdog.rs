@@ -31,7 +31,17 @@ pub(crate) fn start(inner: &Arc<Inner>) {
             if s.shutdown {
                 return;
             }
-            s.watchdog(Instant::now(), thresh, hog);
+            let reports = s.watchdog(Instant::now(), thresh, hog);
+            drop(s);
+            if let Some(o) = &me.cfg.observer {
+                for (lockup, cpu) in reports {
+                    if lockup {
+                        o.lockup(cpu);
+                    } else {
+                        o.hog(cpu);
+                    }
+                }
+            }
         }) {
         Ok(h) => inner.threads.lock().push(h),
         Err(e) => tracing::error!(error = %e, "cannot start the watchdog thread"),

@@ -195,6 +195,10 @@ fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bo
         at: SystemTime::now(),
         epoch,
     };
+    if let Some(o) = &inner.cfg.observer {
+        let waited = started.at.duration_since(job.queued_at).unwrap_or_default();
+        o.started(&job.workqueue, job.cpu, waited);
+    }
     let ctx = WorkCtx {
         item: id,
         cpu: job.cpu,

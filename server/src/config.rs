@@ -1,0 +1,688 @@
+//! The daemon's configuration: the TOML file (`--config FILE`, else `/etc/wqd/wqd.toml` when
+//! present, else the embedded defaults), its defaults, its checks, and the conversion into
+//! what the other layers take ([`EngineConfig`], [`LiveConfig`], [`MonitorConfig`], the
+//! handler [`Registry`]).
+//!
+//! Owns: the file format (every table is `deny_unknown_fields`) and [`ConfigError`].
+//! Invariant: a [`Config`] that [`Config::validate`] accepted converts into the engine, live
+//! view and handler settings without further errors; every error names the key (`limits.
+//! max_batch_items`, `group[2].cpus`, ...) and the problem. Command-line flags are applied on
+//! top of the file by the binary before `validate` runs.
+//!
+//! To add a section (metrics, security, reload), add a field with `#[serde(default)]` to
+//! [`Config`], its checks to [`Config::validate`], and its keys to `docs/daemon.md`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::cpuset::CpuSet;
+use crate::engine::{EngineConfig, WorkqueueAttrs};
+use crate::groups::{Fallback, GroupsConfig, Placement};
+use crate::handler::exec::ExecConfig;
+use crate::live::{LiveConfig, MonitorConfig};
+
+/// The file read when `--config` is not given, if it exists.
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/wqd/wqd.toml";
+
+/// Errors of the config layer. The binary exits 64 (`EX_USAGE`) on any of them.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config key {key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Whether worker threads are pinned to their CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Pinning {
+    /// On, unless `--sysfs-root` names CPUs this process may not run on.
+    #[default]
+    Auto,
+    /// Always pin.
+    On,
+    /// Never pin.
+    Off,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub metrics: MetricsConfig,
+    pub limits: Limits,
+    pub topology: TopologyConfig,
+    #[serde(rename = "group")]
+    pub groups: Vec<GroupEntry>,
+    #[serde(rename = "partition")]
+    pub partitions: Vec<PartitionEntry>,
+    #[serde(rename = "workqueue")]
+    pub workqueues: Vec<WorkqueueEntry>,
+    /// The `exec` handler's allowlist; absent means no `exec` handler.
+    pub exec: Option<ExecConfig>,
+    pub engine: EngineSection,
+    pub log: LogConfig,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// The Unix socket; default `wqd_client::default_socket_path()`.
+    pub socket: Option<PathBuf>,
+    /// Permission bits of the socket file (TOML `0o660` or the string `"0660"`).
+    #[serde(deserialize_with = "de_mode")]
+    pub socket_mode: u32,
+    /// An optional TCP listener, e.g. `127.0.0.1:7070` (port 0 picks a free port).
+    pub tcp: Option<SocketAddr>,
+    /// Allow `tcp` on a non-loopback address.
+    pub allow_remote: bool,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            socket_mode: 0o660,
+            tcp: None,
+            allow_remote: false,
+        }
+    }
+}
+
+impl ListenConfig {
+    /// The socket path in force.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(wqd_client::default_socket_path)
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve Prometheus metrics (not served yet).
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive such as `info` or `wqd=debug`; `--log-level` and `RUST_LOG`
+    /// take precedence.
+    pub level: Option<String>,
+}
+
+/// `[limits]`: what one request may carry. Every refusal names the limit.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest gRPC message decoded or encoded, in bytes.
+    pub max_message_bytes: usize,
+    /// Items in one batch (Submit or the whole of a SubmitStream), and ids in one GetResults.
+    pub max_batch_items: usize,
+    /// Payload bytes of one item.
+    pub max_payload_bytes: usize,
+    /// Default `max_queued` of every workqueue (items not yet terminal).
+    pub max_queued: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 << 20,
+            max_batch_items: 1 << 22,
+            max_payload_bytes: 1 << 20,
+            max_queued: 1 << 22,
+        }
+    }
+}
+
+/// `[topology]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopologyConfig {
+    /// A tree standing in for `/sys` (fixture); topology and allowed CPUs both come from it.
+    pub sysfs_root: Option<PathBuf>,
+    /// Period of the periodic rescan.
+    #[serde(deserialize_with = "de_duration")]
+    pub rescan: Duration,
+    /// Listen to kernel CPU uevents for immediate rescans.
+    pub netlink: bool,
+    /// Count isolated CPUs as live.
+    pub include_isolated: bool,
+    /// Cores per shard (0: one shard per LLC).
+    pub shard_cores: u32,
+    pub pinning: Pinning,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            sysfs_root: None,
+            rescan: Duration::from_secs(1),
+            netlink: true,
+            include_isolated: false,
+            shard_cores: GroupsConfig::default().shard_cores,
+            pinning: Pinning::Auto,
+        }
+    }
+}
+
+/// `[[group]]`: a named group.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupEntry {
+    pub name: String,
+    /// A kernel cpulist.
+    pub cpus: String,
+}
+
+/// `[[partition]]`: `name:0`, `name:1`, ... each `size` CPU numbers wide.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionEntry {
+    pub name: String,
+    pub cpus: String,
+    pub size: u32,
+}
+
+/// `[[workqueue]]`: created at start (`name = "default"` sets the default workqueue's
+/// attributes). Unset keys take the engine's defaults (and `limits.max_queued`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkqueueEntry {
+    pub name: String,
+    pub max_active: Option<u32>,
+    pub max_waiting: Option<u32>,
+    pub group_max_active: Option<u32>,
+    pub ordered: Option<bool>,
+    pub nice: Option<i32>,
+    /// `first`, `spread`, `least-loaded` or `idle`.
+    pub placement: Option<String>,
+    /// `widen`, `wait` or `reject`.
+    pub fallback: Option<String>,
+    pub max_queued: Option<usize>,
+}
+
+/// `[engine]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    /// Results kept at most after items are terminal.
+    pub results_max: usize,
+    /// How long results are kept.
+    #[serde(deserialize_with = "de_duration")]
+    pub results_ttl: Duration,
+    /// Lockup report threshold (0 = off).
+    #[serde(deserialize_with = "de_duration")]
+    pub watchdog_thresh: Duration,
+    /// CPU hog report threshold (0 = off).
+    #[serde(deserialize_with = "de_duration")]
+    pub hog_thresh: Duration,
+    /// Worker threads per CPU at most.
+    pub max_workers_per_cpu: usize,
+    /// On SIGTERM/SIGINT, how long running items get before they are cancelled.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+    /// Period of the host load sampler (GetTopology `busy`, `idle` placement).
+    #[serde(deserialize_with = "de_duration")]
+    pub load_sample: Duration,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        Self {
+            results_max: e.results_max,
+            results_ttl: e.results_ttl,
+            watchdog_thresh: e.watchdog_thresh,
+            hog_thresh: e.hog_thresh,
+            max_workers_per_cpu: e.max_workers_per_cpu,
+            shutdown_grace: Duration::from_secs(10),
+            load_sample: crate::load::DEFAULT_PERIOD,
+        }
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("bad duration {s:?}: {e} (e.g. \"500ms\", \"10s\")"))
+    })
+}
+
+fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Int(u32),
+        Str(String),
+    }
+    match Mode::deserialize(d)? {
+        Mode::Int(m) => Ok(m),
+        Mode::Str(s) => parse_mode(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses an octal mode such as `0660` or `0o660`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    u32::from_str_radix(digits, 8).map_err(|_| format!("bad octal mode {s:?} (e.g. \"0660\")"))
+}
+
+/// Parses `first|spread|least-loaded|idle`.
+fn parse_placement(s: &str) -> Result<Placement, String> {
+    Placement::from_str(s).map_err(|e| e.to_string())
+}
+
+/// Parses `widen|wait|reject`.
+pub fn parse_fallback(s: &str) -> Result<Fallback, String> {
+    match s.trim() {
+        "widen" => Ok(Fallback::Widen),
+        "wait" => Ok(Fallback::Wait),
+        "reject" => Ok(Fallback::Reject),
+        _ => Err(format!(
+            "unknown fallback {s:?}; expected one of widen, wait, reject"
+        )),
+    }
+}
+
+impl Config {
+    /// Reads `path` if given, else [`SYSTEM_CONFIG_PATH`] if it exists, else the defaults.
+    /// Does not [`validate`](Self::validate) (flags are applied first).
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] for a given file that cannot be read, [`ConfigError::Parse`]
+    /// naming the key and line for bad TOML, unknown keys or wrong types.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = PathBuf::from(SYSTEM_CONFIG_PATH);
+                if !p.exists() {
+                    return Ok(Config::default());
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`].
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// Checks everything the types cannot.
+    ///
+    /// # Errors
+    /// The first [`ConfigError::Invalid`] found, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.listen;
+        if l.socket_mode > 0o777 {
+            return Err(invalid(
+                "listen.socket_mode",
+                format!(
+                    "{:o} is not a permission mode (at most 0777)",
+                    l.socket_mode
+                ),
+            ));
+        }
+        if let Some(p) = &l.socket {
+            if p.as_os_str().is_empty() {
+                return Err(invalid("listen.socket", "empty path"));
+            }
+        }
+        if let Some(addr) = l.tcp {
+            if !addr.ip().is_loopback() && !l.allow_remote {
+                return Err(invalid(
+                    "listen.tcp",
+                    format!("{addr} is not a loopback address; set listen.allow_remote = true (or pass --allow-remote) to listen on it"),
+                ));
+            }
+        }
+        let lim = &self.limits;
+        for (key, v) in [
+            ("limits.max_message_bytes", lim.max_message_bytes),
+            ("limits.max_batch_items", lim.max_batch_items),
+            ("limits.max_queued", lim.max_queued),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if lim.max_message_bytes < 1024 {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                format!("{} is too small (at least 1024)", lim.max_message_bytes),
+            ));
+        }
+        if self.topology.rescan < Duration::from_millis(10) {
+            return Err(invalid(
+                "topology.rescan",
+                format!("{:?} is too short (at least 10ms)", self.topology.rescan),
+            ));
+        }
+        self.groups_config()?;
+        let mut names = BTreeSet::new();
+        for (i, w) in self.workqueues.iter().enumerate() {
+            if !names.insert(w.name.as_str()) {
+                return Err(invalid(
+                    format!("workqueue[{i}].name"),
+                    format!("workqueue {:?} is defined twice", w.name),
+                ));
+            }
+            self.wq_attrs(i, w)?;
+        }
+        if let Some(exec) = &self.exec {
+            exec.validate().map_err(|e| invalid("exec", e))?;
+        }
+        let e = &self.engine;
+        if e.results_max == 0 {
+            return Err(invalid("engine.results_max", "must be at least 1"));
+        }
+        if e.max_workers_per_cpu == 0 {
+            return Err(invalid("engine.max_workers_per_cpu", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The groups settings from `[topology]`, `[[group]]` and `[[partition]]`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the entry.
+    pub fn groups_config(&self) -> Result<GroupsConfig, ConfigError> {
+        let mut g = GroupsConfig {
+            shard_cores: self.topology.shard_cores,
+            ..GroupsConfig::default()
+        };
+        for (i, e) in self.groups.iter().enumerate() {
+            let cpus = CpuSet::parse_list(&e.cpus)
+                .map_err(|err| invalid(format!("group[{i}].cpus"), err.to_string()))?;
+            if cpus.is_empty() {
+                return Err(invalid(format!("group[{i}].cpus"), "names no CPU"));
+            }
+            crate::target::check_name(&e.name)
+                .map_err(|err| invalid(format!("group[{i}].name"), err.to_string()))?;
+            if g.named.insert(e.name.clone(), cpus).is_some() {
+                return Err(invalid(
+                    format!("group[{i}].name"),
+                    format!("group {:?} is defined twice", e.name),
+                ));
+            }
+        }
+        for (i, e) in self.partitions.iter().enumerate() {
+            let cpus = CpuSet::parse_list(&e.cpus)
+                .map_err(|err| invalid(format!("partition[{i}].cpus"), err.to_string()))?;
+            if g.partitions.contains_key(&e.name) {
+                return Err(invalid(
+                    format!("partition[{i}].name"),
+                    format!("partition {:?} is defined twice", e.name),
+                ));
+            }
+            g.partition_ranges(&e.name, &cpus, e.size)
+                .map_err(|err| invalid(format!("partition[{i}]"), err.to_string()))?;
+        }
+        g.validate()
+            .map_err(|err| invalid("group", err.to_string()))?;
+        Ok(g)
+    }
+
+    fn wq_attrs(&self, i: usize, w: &WorkqueueEntry) -> Result<WorkqueueAttrs, ConfigError> {
+        let key = |k: &str| format!("workqueue[{i}].{k}");
+        let mut a = WorkqueueAttrs::named(&w.name);
+        a.max_queued = self.limits.max_queued;
+        if let Some(v) = w.max_active {
+            a.max_active = v;
+        }
+        if let Some(v) = w.max_waiting {
+            a.max_waiting = v;
+        }
+        if let Some(v) = w.group_max_active {
+            a.group_max_active = v;
+        }
+        if let Some(v) = w.ordered {
+            a.ordered = v;
+        }
+        if let Some(v) = w.nice {
+            a.nice = v;
+        }
+        if let Some(p) = &w.placement {
+            a.placement = parse_placement(p).map_err(|e| invalid(key("placement"), e))?;
+        }
+        if let Some(f) = &w.fallback {
+            a.fallback = parse_fallback(f).map_err(|e| invalid(key("fallback"), e))?;
+        }
+        if let Some(v) = w.max_queued {
+            a.max_queued = v;
+        }
+        a.validate()
+            .map_err(|e| invalid(format!("workqueue[{i}]"), e.to_string()))?;
+        Ok(a)
+    }
+
+    /// The workqueues to create at start (not `default`), in file order.
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate).
+    pub fn extra_workqueues(&self) -> Result<Vec<WorkqueueAttrs>, ConfigError> {
+        self.workqueues
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.name != "default")
+            .map(|(i, w)| self.wq_attrs(i, w))
+            .collect()
+    }
+
+    /// The engine settings (hooks and pinning are the daemon's to fill in).
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate).
+    pub fn engine_config(&self) -> Result<EngineConfig, ConfigError> {
+        let mut default_wq = WorkqueueAttrs {
+            max_queued: self.limits.max_queued,
+            ..WorkqueueAttrs::default()
+        };
+        if let Some((i, w)) = self
+            .workqueues
+            .iter()
+            .enumerate()
+            .find(|(_, w)| w.name == "default")
+        {
+            default_wq = self.wq_attrs(i, w)?;
+        }
+        let e = &self.engine;
+        Ok(EngineConfig {
+            results_max: e.results_max,
+            results_ttl: e.results_ttl,
+            watchdog_thresh: e.watchdog_thresh,
+            hog_thresh: e.hog_thresh,
+            max_workers_per_cpu: e.max_workers_per_cpu,
+            default_wq,
+            ..EngineConfig::default()
+        })
+    }
+
+    /// The live view settings.
+    ///
+    /// # Errors
+    /// As [`groups_config`](Self::groups_config).
+    pub fn live_config(&self) -> Result<LiveConfig, ConfigError> {
+        Ok(LiveConfig {
+            include_isolated: self.topology.include_isolated,
+            groups: self.groups_config()?,
+        })
+    }
+
+    /// The monitor settings.
+    pub fn monitor_config(&self) -> MonitorConfig {
+        MonitorConfig {
+            rescan: self.topology.rescan,
+            netlink: self.topology.netlink,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        let c = Config::from_toml(t, "test.toml")?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn err(t: &str) -> String {
+        parse(t).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen.socket_mode, 0o660);
+        assert_eq!(c.limits.max_batch_items, 1 << 22);
+        assert_eq!(c.engine.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.engine_config().unwrap().default_wq.max_queued, 1 << 22);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = parse(
+            r#"
+[listen]
+socket = "/tmp/x.sock"
+socket_mode = "0600"
+tcp = "127.0.0.1:7070"
+[metrics]
+listen = "127.0.0.1:9100"
+[limits]
+max_message_bytes = 1048576
+max_batch_items = 100
+max_payload_bytes = 10
+max_queued = 50
+[topology]
+rescan = "250ms"
+netlink = false
+include_isolated = true
+shard_cores = 2
+pinning = "off"
+[[group]]
+name = "io"
+cpus = "0-1"
+[[partition]]
+name = "rcu"
+cpus = "0-7"
+size = 4
+[[workqueue]]
+name = "default"
+max_active = 2
+[[workqueue]]
+name = "bulk"
+placement = "least-loaded"
+fallback = "wait"
+ordered = true
+[exec]
+[engine]
+results_ttl = "1m"
+hog_thresh = "0s"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.socket_mode, 0o600);
+        assert_eq!(c.topology.pinning, Pinning::Off);
+        assert_eq!(c.topology.rescan, Duration::from_millis(250));
+        let g = c.groups_config().unwrap();
+        assert_eq!(g.partitions["rcu"].len(), 2);
+        assert_eq!(g.named["io"].to_string(), "0-1");
+        let e = c.engine_config().unwrap();
+        assert_eq!(e.default_wq.max_active, 2);
+        assert_eq!(e.default_wq.max_queued, 50);
+        assert_eq!(e.results_ttl, Duration::from_secs(60));
+        let w = c.extra_workqueues().unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].placement, Placement::LeastLoaded);
+        assert_eq!(w[0].fallback, Fallback::Wait);
+        assert!(c.exec.is_some());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("[limits]\nmax_batch_itmes = 3").contains("max_batch_itmes"));
+        assert!(err("[limits]\nmax_batch_items = 0").contains("limits.max_batch_items"));
+        assert!(err("[topology]\nrescan = \"soon\"").contains("rescan"));
+        assert!(err("[topology]\npinning = \"maybe\"").contains("pinning"));
+        assert!(err("[listen]\nsocket_mode = \"999\"").contains("socket_mode"));
+        assert!(err("[listen]\nsocket_mode = 0o7777").contains("listen.socket_mode"));
+        let e = err("[listen]\ntcp = \"0.0.0.0:7070\"");
+        assert!(
+            e.contains("listen.tcp") && e.contains("allow_remote"),
+            "{e}"
+        );
+        assert!(parse("[listen]\ntcp = \"0.0.0.0:7070\"\nallow_remote = true").is_ok());
+        let e = err("[[group]]\nname = \"io\"\ncpus = \"3-1\"");
+        assert!(e.contains("group[0].cpus"), "{e}");
+        let e = err("[[group]]\nname = \"cpu\"\ncpus = \"1\"");
+        assert!(e.contains("group[0].name") && e.contains("reserved"), "{e}");
+        let e = err("[[partition]]\nname = \"p\"\ncpus = \"0-3\"\nsize = 0");
+        assert!(e.contains("partition[0]"), "{e}");
+        let e = err("[[workqueue]]\nname = \"a\"\nmax_active = 0");
+        assert!(
+            e.contains("workqueue[0]") && e.contains("max_active"),
+            "{e}"
+        );
+        let e = err("[[workqueue]]\nname = \"a\"\nplacement = \"random\"");
+        assert!(e.contains("workqueue[0].placement"), "{e}");
+        let e = err("[[workqueue]]\nname = \"a\"\n[[workqueue]]\nname = \"a\"");
+        assert!(e.contains("workqueue[1].name"), "{e}");
+        let e = err("[exec.commands.x]\npath = \"relative\"");
+        assert!(
+            e.contains("config key exec") && e.contains("absolute"),
+            "{e}"
+        );
+        assert!(err("[bogus]\n").contains("bogus"));
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error_naming_it() {
+        let e = Config::load(Some(Path::new("/nonexistent/wqd.toml"))).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert!(e.to_string().contains("/nonexistent/wqd.toml"));
+    }
+}

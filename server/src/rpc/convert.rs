@@ -1,0 +1,448 @@
+//! Conversions between `wqd.v1` messages and engine types. Pure functions.
+//!
+//! Invariant: every conversion from the wire checks what the engine's types cannot express
+//! (negative durations, unset enums, sizes) and names the field it refused; conversions to the
+//! wire never fail and lose nothing the proto can carry.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use wqd_proto::v1;
+
+use super::RpcError;
+use crate::config::Limits;
+use crate::cpuset::CpuSet;
+use crate::engine::{ItemResult, ItemSpec, State, WorkqueueAttrs, WorkqueueStats};
+use crate::groups::{Fallback, Level, Placement};
+use crate::live::Snapshot;
+use crate::target::Target;
+use crate::topology::AllowedSource;
+
+/// Longest de-duplication key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// One wire item to an engine item; `index` is its index in the whole batch (or stream).
+///
+/// # Errors
+/// [`RpcError::Item`] naming the field, or [`RpcError::OverLimit`] for the payload size.
+pub fn item_spec(index: usize, it: v1::WorkItem, limits: &Limits) -> Result<ItemSpec, RpcError> {
+    let bad = |field, problem: String| RpcError::Item {
+        index,
+        field,
+        problem,
+    };
+    if it.target.trim().is_empty() {
+        return Err(bad("target", "required (e.g. \"cache:0\", \"all\")".into()));
+    }
+    let target = Target::from_str(&it.target).map_err(|e| bad("target", e.to_string()))?;
+    if it.handler.is_empty() {
+        return Err(bad("handler", "required (e.g. \"noop\")".into()));
+    }
+    if it.payload.len() > limits.max_payload_bytes {
+        return Err(RpcError::OverLimit {
+            what: format!("items[{index}].payload size in bytes"),
+            found: it.payload.len(),
+            limit: "limits.max_payload_bytes",
+            max: limits.max_payload_bytes,
+        });
+    }
+    if it.key.len() > MAX_KEY_BYTES {
+        return Err(bad(
+            "key",
+            format!("{} bytes is longer than {MAX_KEY_BYTES}", it.key.len()),
+        ));
+    }
+    let delay = duration_in(it.delay).map_err(|p| bad("delay", p))?;
+    let deadline = duration_in(it.deadline).map_err(|p| bad("deadline", p))?;
+    Ok(ItemSpec {
+        target,
+        handler: it.handler,
+        args: it.args.into_iter().collect(),
+        payload: it.payload,
+        key: (!it.key.is_empty()).then_some(it.key),
+        delay: delay.filter(|d| !d.is_zero()),
+        deadline: deadline.filter(|d| !d.is_zero()),
+    })
+}
+
+/// A wire duration to a std one; unset is `None`.
+///
+/// # Errors
+/// A text saying why: negative, or nanos out of range.
+pub fn duration_in(d: Option<prost_types::Duration>) -> Result<Option<Duration>, String> {
+    let Some(d) = d else { return Ok(None) };
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(format!(
+            "must not be negative (got {}s {}ns)",
+            d.seconds, d.nanos
+        ));
+    }
+    if d.nanos >= 1_000_000_000 {
+        return Err(format!("nanos {} must be below 1e9", d.nanos));
+    }
+    Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32)))
+}
+
+/// A std duration to the wire (saturating).
+pub fn duration_out(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// A wall-clock time to the wire.
+pub fn timestamp_out(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+/// An engine state to the wire (`Delayed` is PENDING there).
+pub fn state_out(s: State) -> v1::ItemState {
+    match s {
+        State::Delayed | State::Pending => v1::ItemState::Pending,
+        State::Running => v1::ItemState::Running,
+        State::Ok => v1::ItemState::Ok,
+        State::Failed => v1::ItemState::Failed,
+        State::Cancelled => v1::ItemState::Cancelled,
+        State::Expired => v1::ItemState::Expired,
+        State::Rejected => v1::ItemState::Rejected,
+    }
+}
+
+/// A fallback level to the wire; `None` (no fallback) is UNSPECIFIED.
+pub fn fallback_level_out(l: Option<Level>) -> v1::FallbackLevel {
+    match l {
+        None | Some(Level::Cpu) | Some(Level::List) => v1::FallbackLevel::Unspecified,
+        Some(Level::Core) => v1::FallbackLevel::Core,
+        Some(Level::Shard) => v1::FallbackLevel::Shard,
+        Some(Level::Cache) => v1::FallbackLevel::Cache,
+        Some(Level::Node) => v1::FallbackLevel::Node,
+        Some(Level::Package) => v1::FallbackLevel::Package,
+        Some(Level::All) => v1::FallbackLevel::All,
+    }
+}
+
+/// A group level to the wire.
+pub fn group_level_out(l: Level) -> v1::GroupLevel {
+    match l {
+        Level::Cpu => v1::GroupLevel::Cpu,
+        Level::Core => v1::GroupLevel::Core,
+        Level::Shard => v1::GroupLevel::Shard,
+        Level::Cache => v1::GroupLevel::Cache,
+        Level::Node => v1::GroupLevel::Node,
+        Level::Package => v1::GroupLevel::Package,
+        Level::All => v1::GroupLevel::All,
+        Level::List => v1::GroupLevel::List,
+    }
+}
+
+/// An item's result (or current state) to the wire.
+pub fn result_out(r: &ItemResult) -> v1::ItemResult {
+    v1::ItemResult {
+        item_id: r.id,
+        batch_id: r.batch,
+        workqueue: r.workqueue.to_string(),
+        state: state_out(r.state) as i32,
+        output: r.output.clone(),
+        error: r.error.clone(),
+        target: r.target.to_string(),
+        cpu_started: r.cpu_started,
+        cpu_finished: r.cpu_finished,
+        fallback_level: fallback_level_out(r.fallback) as i32,
+        fallback_reason: if r.fallback.is_some() {
+            r.reason.clone()
+        } else {
+            String::new()
+        },
+        rebinds: r.rebinds,
+        queued_at: Some(timestamp_out(r.queued_at)),
+        started_at: r.started_at.map(timestamp_out),
+        finished_at: r.finished_at.map(timestamp_out),
+        topology_epoch: r.epoch_started.unwrap_or(0),
+        handler: r.handler.to_string(),
+    }
+}
+
+/// Adds `n` items in state `s` to wire counts.
+pub fn count_state(c: &mut v1::StateCounts, s: State, n: u64) {
+    match s {
+        State::Delayed | State::Pending => c.pending += n,
+        State::Running => c.running += n,
+        State::Ok => c.ok += n,
+        State::Failed => c.failed += n,
+        State::Cancelled => c.cancelled += n,
+        State::Expired => c.expired += n,
+        State::Rejected => c.rejected += n,
+    }
+}
+
+/// Counts by state to the wire.
+pub fn counts_out<N: Copy + Into<u64>>(m: &BTreeMap<State, N>) -> v1::StateCounts {
+    let mut c = v1::StateCounts::default();
+    for (s, n) in m {
+        count_state(&mut c, *s, (*n).into());
+    }
+    c
+}
+
+/// A wire placement to the engine's; UNSPECIFIED is `None`.
+///
+/// # Errors
+/// A text for values outside the enum.
+pub fn placement_in(p: i32) -> Result<Option<Placement>, String> {
+    match v1::Placement::try_from(p) {
+        Ok(v1::Placement::Unspecified) => Ok(None),
+        Ok(v1::Placement::First) => Ok(Some(Placement::First)),
+        Ok(v1::Placement::Spread) => Ok(Some(Placement::Spread)),
+        Ok(v1::Placement::LeastLoaded) => Ok(Some(Placement::LeastLoaded)),
+        Ok(v1::Placement::Idle) => Ok(Some(Placement::Idle)),
+        Err(_) => Err(format!("unknown placement value {p}")),
+    }
+}
+
+/// A wire fallback policy to the engine's; UNSPECIFIED is `None`.
+///
+/// # Errors
+/// A text for values outside the enum.
+pub fn fallback_in(f: i32) -> Result<Option<Fallback>, String> {
+    match v1::FallbackPolicy::try_from(f) {
+        Ok(v1::FallbackPolicy::Unspecified) => Ok(None),
+        Ok(v1::FallbackPolicy::Widen) => Ok(Some(Fallback::Widen)),
+        Ok(v1::FallbackPolicy::Wait) => Ok(Some(Fallback::Wait)),
+        Ok(v1::FallbackPolicy::Reject) => Ok(Some(Fallback::Reject)),
+        Err(_) => Err(format!("unknown fallback policy value {f}")),
+    }
+}
+
+fn placement_out(p: Placement) -> v1::Placement {
+    match p {
+        Placement::First => v1::Placement::First,
+        Placement::Spread => v1::Placement::Spread,
+        Placement::LeastLoaded => v1::Placement::LeastLoaded,
+        Placement::Idle => v1::Placement::Idle,
+    }
+}
+
+fn fallback_out(f: Fallback) -> v1::FallbackPolicy {
+    match f {
+        Fallback::Widen => v1::FallbackPolicy::Widen,
+        Fallback::Wait => v1::FallbackPolicy::Wait,
+        Fallback::Reject => v1::FallbackPolicy::Reject,
+    }
+}
+
+/// Create-time attributes: zero values take the defaults documented in the proto (max_active
+/// 1, placement first, fallback widen, max_queued the daemon's `limits.max_queued`).
+///
+/// # Errors
+/// [`RpcError::Field`] for enum values outside the proto's.
+pub fn attrs_in(
+    a: v1::WorkqueueAttrs,
+    default_max_queued: usize,
+) -> Result<WorkqueueAttrs, RpcError> {
+    let field = |f: &str, problem| RpcError::Field {
+        field: format!("attrs.{f}"),
+        problem,
+    };
+    let mut w = WorkqueueAttrs::named(&a.name);
+    if a.max_active != 0 {
+        w.max_active = a.max_active;
+    }
+    w.group_max_active = a.group_max_active;
+    w.ordered = a.ordered;
+    w.nice = a.nice;
+    w.placement = placement_in(a.placement)
+        .map_err(|p| field("placement", p))?
+        .unwrap_or(Placement::First);
+    w.fallback = fallback_in(a.fallback)
+        .map_err(|p| field("fallback", p))?
+        .unwrap_or(Fallback::Widen);
+    w.max_queued = if a.max_queued == 0 {
+        default_max_queued
+    } else {
+        usize::try_from(a.max_queued).unwrap_or(usize::MAX)
+    };
+    Ok(w)
+}
+
+/// Engine attributes to the wire.
+pub fn attrs_out(a: &WorkqueueAttrs) -> v1::WorkqueueAttrs {
+    v1::WorkqueueAttrs {
+        name: a.name.clone(),
+        max_active: a.max_active,
+        group_max_active: a.group_max_active,
+        ordered: a.ordered,
+        nice: a.nice,
+        placement: placement_out(a.placement) as i32,
+        fallback: fallback_out(a.fallback) as i32,
+        max_queued: a.max_queued as u64,
+    }
+}
+
+/// A workqueue with its counters to the wire.
+pub fn wq_info_out(s: &WorkqueueStats) -> v1::WorkqueueInfo {
+    v1::WorkqueueInfo {
+        attrs: Some(attrs_out(&s.attrs)),
+        stats: Some(v1::WorkqueueStats {
+            pending: (s.delayed + s.pending) as u64,
+            running: s.running as u64,
+            totals: Some(counts_out(&s.totals)),
+            draining: s.draining,
+        }),
+    }
+}
+
+/// Where the allowed set came from, as the wire names it.
+pub fn allowed_source_out(s: AllowedSource) -> &'static str {
+    match s {
+        AllowedSource::CgroupV1 => "cgroup-v1:cpuset.effective_cpus",
+        AllowedSource::CgroupV2 => "cgroup-v2:cpuset.cpus.effective",
+        AllowedSource::Affinity => "sched_getaffinity",
+        AllowedSource::AllOnline => "sysfs-root",
+    }
+}
+
+/// A snapshot to the wire; `busy(cpu)` gives the host load column.
+pub fn snapshot_out(s: &Snapshot, busy: &dyn Fn(u32) -> f64) -> v1::TopologySnapshot {
+    let topo = &s.topology;
+    let listing = s.groups.listing();
+    // Per-CPU group indexes, read back from the listing (each CPU is in at most one group
+    // per level).
+    let mut idx: BTreeMap<u32, [u32; 5]> = BTreeMap::new();
+    let mut groups = Vec::with_capacity(listing.len());
+    for g in &listing {
+        let slot = match g.target {
+            Target::Core(n) => Some((0, n)),
+            Target::Shard(n) => Some((1, n)),
+            Target::Cache(n) => Some((2, n)),
+            Target::Node(n) => Some((3, n)),
+            Target::Package(n) => Some((4, n)),
+            _ => None,
+        };
+        if let Some((k, n)) = slot {
+            for c in g.members.iter() {
+                idx.entry(c).or_insert([u32::MAX; 5])[k] = n;
+            }
+        }
+        groups.push(v1::GroupInfo {
+            level: group_level_out(g.level) as i32,
+            target: g.target.to_string(),
+            members: g.members.to_string(),
+            live_members: g.members.intersection(&s.live).to_string(),
+        });
+    }
+    let mut cpus_all: CpuSet = topo.possible.clone();
+    for c in topo.cpus.keys() {
+        cpus_all.insert(*c);
+    }
+    let cpus = cpus_all
+        .iter()
+        .map(|c| {
+            let i = idx.get(&c).copied().unwrap_or([u32::MAX; 5]);
+            // A CPU never seen online is its own core; other levels have no group for it.
+            let or = |v: u32, d: u32| if v == u32::MAX { d } else { v };
+            v1::CpuState {
+                cpu: c,
+                online: topo.online.contains(c),
+                allowed: topo.allowed.contains(c),
+                isolated: topo.isolated.contains(c),
+                live: s.live.contains(c),
+                core: or(i[0], c),
+                shard: or(i[1], 0),
+                cache: or(i[2], 0),
+                node: or(i[3], 0),
+                package: or(i[4], 0),
+                busy: busy(c),
+            }
+        })
+        .collect();
+    v1::TopologySnapshot {
+        epoch: s.epoch,
+        cpus,
+        groups,
+        possible: topo.possible.to_string(),
+        online: topo.online.to_string(),
+        allowed: topo.allowed.to_string(),
+        isolated: topo.isolated.to_string(),
+        live: s.live.to_string(),
+        allowed_source: allowed_source_out(topo.allowed_source).to_string(),
+        taken_at: Some(timestamp_out(s.at)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(target: &str, handler: &str) -> v1::WorkItem {
+        v1::WorkItem {
+            target: target.into(),
+            handler: handler.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn items_are_checked_field_by_field() {
+        let lim = Limits {
+            max_payload_bytes: 4,
+            ..Limits::default()
+        };
+        let ok = item_spec(0, item(" cpus:3,1-2 ", "noop"), &lim).unwrap();
+        assert_eq!(ok.target.to_string(), "cpus:1-3");
+        assert!(ok.key.is_none() && ok.delay.is_none());
+        let e = item_spec(5, item("CPU:1", "noop"), &lim).unwrap_err();
+        assert!(e.to_string().starts_with("items[5].target: "), "{e}");
+        let e = item_spec(1, item("all", ""), &lim).unwrap_err();
+        assert!(
+            e.to_string().starts_with("items[1].handler: required"),
+            "{e}"
+        );
+        let mut big = item("all", "noop");
+        big.payload = vec![0; 5];
+        let e = item_spec(2, big, &lim).unwrap_err();
+        assert!(
+            e.to_string().contains("limits.max_payload_bytes = 4"),
+            "{e}"
+        );
+        let mut neg = item("all", "noop");
+        neg.delay = Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        });
+        let e = item_spec(3, neg, &lim).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("items[3].delay: must not be negative"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn attrs_defaults_on_create() {
+        let a = attrs_in(
+            v1::WorkqueueAttrs {
+                name: "w".into(),
+                ..Default::default()
+            },
+            77,
+        )
+        .unwrap();
+        assert_eq!(a.max_active, 1);
+        assert_eq!(a.placement, Placement::First);
+        assert_eq!(a.fallback, Fallback::Widen);
+        assert_eq!(a.max_queued, 77);
+        let back = attrs_out(&a);
+        assert_eq!(back.placement, v1::Placement::First as i32);
+        assert!(attrs_in(
+            v1::WorkqueueAttrs {
+                name: "w".into(),
+                placement: 99,
+                ..Default::default()
+            },
+            1
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,580 @@
+//! `wqd.v1.DispatchService`: submit (single message and streamed), flush, cancel, drain and
+//! result look-ups.
+//!
+//! Invariants: a batch reaches `Engine::submit` once, whole, after every item was converted and
+//! checked against the limits (streamed batches only at a clean end of stream); a flush stream
+//! ends with exactly one summary unless it ends with an error status (deadline, client gone);
+//! every wait selects on the client's deadline, and the engine `Flush` it holds is dropped when
+//! the wait ends, whatever ends it.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use wqd_proto::v1;
+
+use super::convert::{count_state, duration_out, item_spec, result_out, state_out};
+use super::{
+    deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
+};
+use crate::engine::{CancelOutcome, Flush, FlushEvent, FlushScope, ItemResult, ItemSpec, Receipt};
+
+type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn wq_name(s: String) -> String {
+    if s.is_empty() {
+        "default".to_string()
+    } else {
+        s
+    }
+}
+
+/// Every event of `flush` until it completes, or the deadline.
+async fn collect(
+    flush: &mut Flush,
+    deadline: Option<Instant>,
+    what: &str,
+) -> Result<Vec<FlushEvent>, RpcError> {
+    let began = Instant::now();
+    let mut out = Vec::with_capacity(flush.covered());
+    loop {
+        tokio::select! {
+            ev = flush.next() => match ev {
+                Some(ev) => out.push(ev),
+                None => return Ok(out),
+            },
+            _ = sleep_until(deadline) => {
+                return Err(RpcError::Deadline { waited: began.elapsed(), what: what.to_string() })
+            }
+        }
+    }
+}
+
+impl Rpc {
+    pub(super) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::engine::Engine) -> T + Send + 'static,
+    ) -> Result<T, RpcError> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || f(&engine))
+            .await
+            .map_err(|e| RpcError::Internal(format!("engine call failed: {e}")))
+    }
+
+    fn check_count(&self, what: &str, n: usize) -> Result<(), RpcError> {
+        let max = self.limits.max_batch_items;
+        if n > max {
+            return Err(RpcError::OverLimit {
+                what: what.to_string(),
+                found: n,
+                limit: "limits.max_batch_items",
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Submits a checked batch once, counting it.
+    async fn submit_specs(&self, wq: String, specs: Vec<ItemSpec>) -> Result<Receipt, RpcError> {
+        let r = self
+            .blocking(move |e| e.submit(&wq, specs))
+            .await?
+            .map_err(RpcError::from);
+        let c = &self.counters;
+        match &r {
+            Ok(rec) => {
+                c.batches_accepted.fetch_add(1, Ordering::Relaxed);
+                let dups = rec.items.iter().filter(|s| !s.queued).count() as u64;
+                c.deduplicated.fetch_add(dups, Ordering::Relaxed);
+            }
+            Err(_) => {
+                c.batches_refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn refused(&self) {
+        self.counters
+            .batches_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn do_submit(
+        &self,
+        r: v1::SubmitRequest,
+        deadline: Option<Instant>,
+    ) -> Result<v1::SubmitResponse, RpcError> {
+        let specs = (|| {
+            if r.items.is_empty() {
+                return Err(RpcError::Field {
+                    field: "items".into(),
+                    problem: "at least one item is required".into(),
+                });
+            }
+            self.check_count("the batch's item count", r.items.len())?;
+            r.items
+                .into_iter()
+                .enumerate()
+                .map(|(i, it)| item_spec(i, it, &self.limits))
+                .collect::<Result<Vec<_>, _>>()
+        })()
+        .inspect_err(|_| self.refused())?;
+        let rec = self.submit_specs(wq_name(r.workqueue), specs).await?;
+        let items: Vec<v1::ItemReceipt> = rec
+            .items
+            .iter()
+            .map(|s| v1::ItemReceipt {
+                item_id: if s.queued { s.id } else { 0 },
+                queued: s.queued,
+                duplicate_of: if s.queued { 0 } else { s.id },
+            })
+            .collect();
+        let mut resp = v1::SubmitResponse {
+            batch_id: rec.batch,
+            items,
+            results: Vec::new(),
+        };
+        if r.wait {
+            let mut flush = self.engine.flush(FlushScope::Batch(rec.batch))?;
+            let what = format!("waiting for batch {}", rec.batch);
+            let events = collect(&mut flush, deadline, &what).await?;
+            let mut by_id: HashMap<u64, Arc<ItemResult>> = events
+                .into_iter()
+                .filter_map(|e| match e {
+                    FlushEvent::Done(r) => Some((r.id, r)),
+                    FlushEvent::Gone(_) => None,
+                })
+                .collect();
+            resp.results = rec
+                .items
+                .iter()
+                .filter(|s| s.queued)
+                .filter_map(|s| by_id.remove(&s.id))
+                .map(|r| result_out(&r))
+                .collect();
+            let len = resp.encoded_len();
+            if len > self.limits.max_message_bytes {
+                return Err(RpcError::Exhausted {
+                    what: format!(
+                        "batch {} was accepted and is done, but its {} results take {len} bytes, \
+                         over limits.max_message_bytes = {}; fetch them with Flush (batch_id {})",
+                        rec.batch,
+                        resp.results.len(),
+                        self.limits.max_message_bytes,
+                        rec.batch
+                    ),
+                });
+            }
+        }
+        Ok(resp)
+    }
+
+    async fn do_submit_stream(
+        &self,
+        mut s: Streaming<v1::SubmitStreamRequest>,
+        deadline: Option<Instant>,
+    ) -> Result<v1::SubmitStreamResponse, RpcError> {
+        let mut wq: Option<String> = None;
+        let mut specs: Vec<ItemSpec> = Vec::new();
+        let began = Instant::now();
+        let read = async {
+            loop {
+                let msg = tokio::select! {
+                    m = s.message() => m.map_err(RpcError::Transport)?,
+                    _ = sleep_until(deadline) => return Err(RpcError::Deadline {
+                        waited: began.elapsed(),
+                        what: "reading the streamed batch (nothing was queued)".into(),
+                    }),
+                };
+                let Some(m) = msg else { break };
+                match (&wq, m.options) {
+                    (None, Some(o)) => wq = Some(wq_name(o.workqueue)),
+                    (None, None) => {
+                        return Err(RpcError::Field {
+                            field: "options".into(),
+                            problem: "required on the first message of the stream".into(),
+                        })
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(RpcError::Field {
+                            field: "options".into(),
+                            problem: "allowed only on the first message of the stream".into(),
+                        })
+                    }
+                    (Some(_), None) => {}
+                }
+                self.check_count(
+                    "the streamed batch's item count",
+                    specs.len() + m.items.len(),
+                )?;
+                specs.reserve(m.items.len());
+                for it in m.items {
+                    let index = specs.len();
+                    specs.push(item_spec(index, it, &self.limits)?);
+                }
+            }
+            Ok(())
+        };
+        read.await.inspect_err(|_| self.refused())?;
+        let Some(wq) = wq else {
+            self.refused();
+            return Err(RpcError::Field {
+                field: "options".into(),
+                problem: "the stream carried no message".into(),
+            });
+        };
+        if specs.is_empty() {
+            self.refused();
+            return Err(RpcError::Field {
+                field: "items".into(),
+                problem: "at least one item is required".into(),
+            });
+        }
+        let count = specs.len();
+        let rec = self.submit_specs(wq, specs).await?;
+        let duplicates: Vec<v1::DuplicateItem> = rec
+            .items
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.queued)
+            .map(|(i, s)| v1::DuplicateItem {
+                index: i as u64,
+                duplicate_of: s.id,
+            })
+            .collect();
+        Ok(v1::SubmitStreamResponse {
+            batch_id: rec.batch,
+            first_item_id: rec.first,
+            item_count: count as u64,
+            queued_count: (count - duplicates.len()) as u64,
+            duplicates,
+        })
+    }
+
+    /// The engine scope of a flush request, and the never-issued ids of an items scope.
+    fn flush_scope(
+        &self,
+        scope: Option<v1::flush_request::Scope>,
+    ) -> Result<(FlushScope, Vec<u64>), RpcError> {
+        use v1::flush_request::Scope;
+        match scope {
+            None => Err(RpcError::Field {
+                field: "scope".into(),
+                problem: "required: items, batch_id or workqueue".into(),
+            }),
+            Some(Scope::Items(ids)) => {
+                self.check_count("the number of item ids", ids.ids.len())?;
+                let mut ids = ids.ids;
+                ids.sort_unstable();
+                ids.dedup();
+                let (known, unknown): (Vec<u64>, Vec<u64>) =
+                    ids.into_iter().partition(|id| self.engine.issued(*id));
+                Ok((FlushScope::Items(known), unknown))
+            }
+            Some(Scope::BatchId(b)) => Ok((FlushScope::Batch(b), Vec::new())),
+            Some(Scope::Workqueue(w)) => Ok((FlushScope::Workqueue(wq_name(w)), Vec::new())),
+        }
+    }
+
+    async fn do_cancel(
+        &self,
+        r: v1::CancelRequest,
+        deadline: Option<Instant>,
+    ) -> Result<v1::CancelResponse, RpcError> {
+        use v1::cancel_request::Scope;
+        let scope = match r.scope {
+            None => {
+                return Err(RpcError::Field {
+                    field: "scope".into(),
+                    problem: "required: items or batch_id".into(),
+                })
+            }
+            Some(Scope::Items(ids)) => {
+                self.check_count("the number of item ids", ids.ids.len())?;
+                let mut ids = ids.ids;
+                ids.sort_unstable();
+                ids.dedup();
+                FlushScope::Items(ids)
+            }
+            Some(Scope::BatchId(b)) => FlushScope::Batch(b),
+        };
+        let mut report = self.blocking(move |e| e.cancel(scope)).await??;
+        let running = report.running.covered();
+        collect(
+            &mut report.running,
+            deadline,
+            &format!("waiting for {running} running items to stop after cancel"),
+        )
+        .await?;
+        let mut outcomes = report.outcomes;
+        outcomes.sort_unstable_by_key(|(id, _)| *id);
+        let ids: Vec<u64> = outcomes.iter().map(|(id, _)| *id).collect();
+        let results = self.engine.results(&ids);
+        let items = outcomes
+            .into_iter()
+            .zip(results)
+            .map(|((id, o), r)| {
+                let outcome = match o {
+                    CancelOutcome::CancelledPending => v1::CancelOutcome::CancelledPending,
+                    CancelOutcome::WasRunning => v1::CancelOutcome::WaitedRunning,
+                    CancelOutcome::AlreadyTerminal(_) => v1::CancelOutcome::AlreadyTerminal,
+                    CancelOutcome::Unknown => v1::CancelOutcome::Unknown,
+                };
+                let state = match (o, r) {
+                    (CancelOutcome::Unknown, _) => v1::ItemState::Unspecified,
+                    (_, Some(r)) => state_out(r.state),
+                    (CancelOutcome::AlreadyTerminal(s), None) => state_out(s),
+                    (_, None) => v1::ItemState::Unspecified,
+                };
+                v1::CancelledItem {
+                    item_id: id,
+                    outcome: outcome as i32,
+                    state: state as i32,
+                }
+            })
+            .collect();
+        Ok(v1::CancelResponse { items })
+    }
+
+    /// Drains `wq` and waits; the counts of what was in it.
+    pub(super) async fn drain_wait(
+        &self,
+        wq: String,
+        deadline: Option<Instant>,
+    ) -> Result<(v1::StateCounts, Duration), RpcError> {
+        let began = Instant::now();
+        let w = wq.clone();
+        let mut flush = self.blocking(move |e| e.drain(&w)).await??;
+        let events = collect(&mut flush, deadline, &format!("draining workqueue {wq:?}")).await?;
+        let mut counts = v1::StateCounts::default();
+        for ev in &events {
+            if let FlushEvent::Done(r) = ev {
+                count_state(&mut counts, r.state, 1);
+            }
+        }
+        Ok((counts, began.elapsed()))
+    }
+
+    fn do_get_results(&self, r: v1::GetResultsRequest) -> Result<v1::GetResultsResponse, RpcError> {
+        self.check_count("the number of item ids", r.item_ids.len())?;
+        let results = self.engine.results(&r.item_ids);
+        let items = r
+            .item_ids
+            .iter()
+            .zip(results)
+            .map(|(&id, res)| match res {
+                Some(res) => v1::ItemLookup {
+                    item_id: id,
+                    status: v1::LookupStatus::Found as i32,
+                    result: Some(result_out(&res)),
+                },
+                None => v1::ItemLookup {
+                    item_id: id,
+                    status: if self.engine.issued(id) {
+                        v1::LookupStatus::Forgotten
+                    } else {
+                        v1::LookupStatus::Unknown
+                    } as i32,
+                    result: None,
+                },
+            })
+            .collect();
+        Ok(v1::GetResultsResponse { items })
+    }
+}
+
+/// Sends `msg` unless the client is gone or the deadline passes first; `false` then.
+async fn send<T>(
+    tx: &mpsc::Sender<Result<T, Status>>,
+    msg: Result<T, Status>,
+    deadline: Option<Instant>,
+) -> bool {
+    tokio::select! {
+        r = tx.send(msg) => r.is_ok(),
+        _ = sleep_until(deadline) => false,
+    }
+}
+
+/// Streams a flush's results in groups, then its summary. Ends early (dropping the engine
+/// flush, never the work) when the client goes away or its deadline passes.
+async fn stream_flush(
+    mut flush: Flush,
+    tx: mpsc::Sender<Result<v1::FlushResponse, Status>>,
+    deadline: Option<Instant>,
+    summary_only: bool,
+    mut unknown: Vec<u64>,
+    max_bytes: usize,
+) {
+    use v1::flush_response::Event;
+    let budget = (max_bytes / 2).max(1);
+    let mut counts = v1::StateCounts::default();
+    let mut group: Vec<v1::ItemResult> = Vec::new();
+    let mut group_bytes = 0usize;
+    let mut group_due: Option<Instant> = None;
+    let deadline_err = |began: Instant| {
+        Err(status(RpcError::Deadline {
+            waited: began.elapsed(),
+            what: "flushing".into(),
+        }))
+    };
+    let began = flush.began();
+    loop {
+        let due = group_due;
+        let ev = tokio::select! {
+            _ = tx.closed() => {
+                tracing::debug!("flush client went away; the work goes on");
+                return;
+            }
+            _ = sleep_until(deadline) => {
+                let _ = tx.try_send(deadline_err(began));
+                return;
+            }
+            _ = sleep_until(due), if due.is_some() => None,
+            ev = flush.next() => Some(ev),
+        };
+        let done = match ev {
+            // The group's time is up.
+            None => false,
+            Some(None) => true,
+            Some(Some(FlushEvent::Gone(id))) => {
+                unknown.push(id);
+                continue;
+            }
+            Some(Some(FlushEvent::Done(r))) => {
+                count_state(&mut counts, r.state, 1);
+                if !summary_only {
+                    let m = result_out(&r);
+                    group_bytes += m.encoded_len() + 8;
+                    group.push(m);
+                    group_due.get_or_insert_with(|| Instant::now() + FLUSH_BATCH_DELAY);
+                    if group.len() < FLUSH_BATCH_ITEMS && group_bytes < budget {
+                        continue;
+                    }
+                }
+                false
+            }
+        };
+        if !group.is_empty() {
+            let msg = v1::FlushResponse {
+                event: Some(Event::Results(v1::ItemResults {
+                    results: std::mem::take(&mut group),
+                })),
+            };
+            group_bytes = 0;
+            if !send(&tx, Ok(msg), deadline).await {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    let _ = tx.try_send(deadline_err(began));
+                }
+                return;
+            }
+        }
+        group_due = None;
+        if done {
+            break;
+        }
+    }
+    unknown.sort_unstable();
+    let summary = v1::FlushSummary {
+        counts: Some(counts),
+        items_covered: flush.covered() as u64,
+        waited: Some(duration_out(began.elapsed())),
+        unknown_item_ids: unknown,
+    };
+    drop(flush);
+    let _ = send(
+        &tx,
+        Ok(v1::FlushResponse {
+            event: Some(Event::Summary(summary)),
+        }),
+        deadline,
+    )
+    .await;
+}
+
+#[tonic::async_trait]
+impl v1::dispatch_service_server::DispatchService for Rpc {
+    async fn submit(
+        &self,
+        req: Request<v1::SubmitRequest>,
+    ) -> Result<Response<v1::SubmitResponse>, Status> {
+        let deadline = deadline_of(req.metadata());
+        self.do_submit(req.into_inner(), deadline)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn submit_stream(
+        &self,
+        req: Request<Streaming<v1::SubmitStreamRequest>>,
+    ) -> Result<Response<v1::SubmitStreamResponse>, Status> {
+        let deadline = deadline_of(req.metadata());
+        self.do_submit_stream(req.into_inner(), deadline)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    type FlushStream = Out<v1::FlushResponse>;
+
+    async fn flush(
+        &self,
+        req: Request<v1::FlushRequest>,
+    ) -> Result<Response<Self::FlushStream>, Status> {
+        let deadline = deadline_of(req.metadata());
+        let r = req.into_inner();
+        let (scope, unknown) = self.flush_scope(r.scope).map_err(status)?;
+        let flush = self.engine.flush(scope).map_err(|e| status(e.into()))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(stream_flush(
+            flush,
+            tx,
+            deadline,
+            r.summary_only,
+            unknown,
+            self.limits.max_message_bytes,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<v1::CancelRequest>,
+    ) -> Result<Response<v1::CancelResponse>, Status> {
+        let deadline = deadline_of(req.metadata());
+        self.do_cancel(req.into_inner(), deadline)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn drain(
+        &self,
+        req: Request<v1::DrainRequest>,
+    ) -> Result<Response<v1::DrainResponse>, Status> {
+        let deadline = deadline_of(req.metadata());
+        let wq = wq_name(req.into_inner().workqueue);
+        let (counts, waited) = self.drain_wait(wq, deadline).await.map_err(status)?;
+        Ok(Response::new(v1::DrainResponse {
+            counts: Some(counts),
+            waited: Some(duration_out(waited)),
+        }))
+    }
+
+    async fn get_results(
+        &self,
+        req: Request<v1::GetResultsRequest>,
+    ) -> Result<Response<v1::GetResultsResponse>, Status> {
+        self.do_get_results(req.into_inner())
+            .map(Response::new)
+            .map_err(status)
+    }
+}

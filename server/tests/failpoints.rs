@@ -1,0 +1,169 @@
+//! The seed's race, forced deterministically: a CPU goes offline after a worker bound an item
+//! to it and before the handler started. The failpoint `engine::before-start` pauses the
+//! worker exactly there. Run with `--features failpoints`.
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use wqd::cpuset::CpuSet;
+use wqd::engine::{
+    CancelOutcome, Engine, EngineConfig, FlushScope, ItemSpec, State, WorkqueueAttrs,
+};
+use wqd::groups::Fallback;
+use wqd::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
+use wqd::live::Snapshot;
+use wqd::target::Target;
+
+const SEAM: &str = "engine::before-start";
+
+/// Counts runs and remembers the CPUs they ran on.
+#[derive(Default)]
+struct Runs {
+    n: AtomicU32,
+    cpus: Mutex<Vec<u32>>,
+}
+
+struct Count(Arc<Runs>);
+
+impl Handler for Count {
+    fn name(&self) -> &str {
+        "count"
+    }
+    fn validate(&self, _a: &Args, _p: &[u8]) -> Result<(), HandlerError> {
+        Ok(())
+    }
+    fn run(&self, ctx: &WorkCtx<'_>) -> Result<Vec<u8>, HandlerError> {
+        self.0.n.fetch_add(1, Ordering::SeqCst);
+        self.0.cpus.lock().push(ctx.cpu);
+        Ok(Vec::new())
+    }
+}
+
+struct Rig {
+    engine: Engine,
+    runs: Arc<Runs>,
+    snap: Mutex<Arc<Snapshot>>,
+}
+
+fn rig(fallback: Fallback) -> Rig {
+    let topo = common::topology(2);
+    let snap = common::snapshot(&topo, 1, &CpuSet::range(0, 1));
+    let runs = Arc::new(Runs::default());
+    let mut reg = Registry::new();
+    reg.register(Arc::new(Count(runs.clone())));
+    let cfg = EngineConfig {
+        pinning: false,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, reg, snap.clone()).unwrap();
+    let mut a = WorkqueueAttrs::named("wq");
+    a.fallback = fallback;
+    engine.create_workqueue(a).unwrap();
+    Rig {
+        engine,
+        runs,
+        snap: Mutex::new(snap),
+    }
+}
+
+impl Rig {
+    fn set_live(&self, live: &str) {
+        let mut s = self.snap.lock();
+        *s = common::next(&s, &live.parse().unwrap());
+        self.engine.apply_snapshot(&s);
+    }
+    /// Submits one item to cpu:1 and waits until a worker has bound it (and paused).
+    fn bind_one(&self) -> u64 {
+        let r = self
+            .engine
+            .submit("wq", vec![ItemSpec::new(Target::Cpu(1), "count")])
+            .unwrap();
+        let id = r.items[0].id;
+        let t0 = Instant::now();
+        while self.engine.results(&[id])[0].as_ref().map(|r| r.state) != Some(State::Running) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "item never bound");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        id
+    }
+}
+
+#[test]
+fn cpu_lost_between_bind_and_start_rebinds_and_widens() {
+    let scenario = fail::FailScenario::setup();
+    let rig = rig(Fallback::Widen);
+    fail::cfg(SEAM, "pause").unwrap();
+    let id = rig.bind_one();
+    let flush = rig.engine.flush(FlushScope::Items(vec![id])).unwrap();
+    rig.set_live("0");
+    fail::remove(SEAM);
+    let sum = flush
+        .wait(Some(Duration::from_secs(10)))
+        .expect("flush returns");
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&1));
+    let r = rig.engine.results(&[id])[0].clone().unwrap();
+    assert_eq!(r.state, State::Ok);
+    assert_eq!(r.cpu_started, Some(0), "never started on the dead cpu 1");
+    assert_eq!(r.rebinds, 1);
+    assert!(
+        r.fallback.is_some(),
+        "ran outside cpu:1 with the fallback recorded"
+    );
+    assert_eq!(*rig.runs.cpus.lock(), vec![0]);
+    assert_eq!(rig.engine.stats().rebinds.get("offline"), Some(&1));
+    scenario.teardown();
+}
+
+#[test]
+fn cpu_lost_between_bind_and_start_waits_for_return() {
+    let scenario = fail::FailScenario::setup();
+    let rig = rig(Fallback::Wait);
+    fail::cfg(SEAM, "pause").unwrap();
+    let id = rig.bind_one();
+    rig.set_live("0");
+    fail::remove(SEAM);
+    let t0 = Instant::now();
+    while rig.engine.results(&[id])[0].as_ref().map(|r| r.state) != Some(State::Pending) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "not handed back");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        rig.runs.n.load(Ordering::SeqCst),
+        0,
+        "waits; does not run elsewhere"
+    );
+    rig.set_live("0-1");
+    let sum = rig
+        .engine
+        .flush(FlushScope::Items(vec![id]))
+        .unwrap()
+        .wait(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&1));
+    let r = rig.engine.results(&[id])[0].clone().unwrap();
+    assert_eq!((r.cpu_started, r.rebinds, r.fallback), (Some(1), 1, None));
+    scenario.teardown();
+}
+
+#[test]
+fn cancel_between_bind_and_start_never_runs() {
+    let scenario = fail::FailScenario::setup();
+    let rig = rig(Fallback::Widen);
+    fail::cfg(SEAM, "pause").unwrap();
+    let id = rig.bind_one();
+    let rep = rig.engine.cancel(FlushScope::Items(vec![id])).unwrap();
+    assert_eq!(rep.outcomes[0].1, CancelOutcome::WasRunning);
+    fail::remove(SEAM);
+    rep.running.wait(Some(Duration::from_secs(10))).unwrap();
+    let r = rig.engine.results(&[id])[0].clone().unwrap();
+    assert_eq!(r.state, State::Cancelled);
+    assert_eq!(r.cpu_started, None);
+    assert_eq!(rig.runs.n.load(Ordering::SeqCst), 0);
+    scenario.teardown();
+}
