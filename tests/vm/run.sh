@@ -75,12 +75,17 @@ if [[ -f $repo/server/src/main.rs || -f $repo/server/src/bin/wqd.rs || -f $repo/
 fi
 if [[ $no_build != 1 ]]; then
     pkgs=(-p wqd-torture)
-    [[ $have_daemon == 1 ]] && pkgs+=(-p wqd --bin wqd --bin wqd-torture)
+    # The daemon (tonic and all) only when it is driven: library mode does not need it.
+    if [[ $mode == daemon && $have_daemon == 1 ]]; then
+        pkgs+=(-p wqd --bin wqd --bin wqd-torture)
+    fi
     say "building ${pkgs[*]} (release)"
     (cd "$repo" && cargo build --release --locked "${pkgs[@]}") >&2
 fi
 bins=("$target_dir/release/wqd-torture")
-[[ $have_daemon == 1 && -x $target_dir/release/wqd ]] && bins+=("$target_dir/release/wqd")
+if [[ $mode == daemon && -x $target_dir/release/wqd ]]; then
+    bins+=("$target_dir/release/wqd")
+fi
 [[ -x ${bins[0]} ]] || { say "no ${bins[0]}; build first or drop --no-build"; exit 1; }
 if [[ $mode == daemon && ${#bins[@]} -lt 2 ]]; then
     say "daemon mode needs the wqd daemon binary, which this tree does not build yet"

@@ -37,7 +37,7 @@ use wqd::groups::Fallback;
 use crate::backend::{Rec, Run};
 use crate::clock::secs;
 use crate::hotplug::{HotplugLog, Transition};
-use crate::load::{FlushRec, Plan, Submitted, WQS};
+use crate::load::{wq_name, FlushRec, Plan, Submitted, WQS};
 
 /// A kind of broken promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -177,7 +177,7 @@ pub fn check(inp: &Input<'_>) -> Findings {
                 format!(
                     "{} flush on {} at {}: {e}",
                     fl.kind.as_str(),
-                    WQS[fl.wq as usize].0,
+                    wq_name(fl.wq),
                     secs(fl.at)
                 )
             });
@@ -186,7 +186,7 @@ pub fn check(inp: &Input<'_>) -> Findings {
                 format!(
                     "{} flush on {} at {} waited {:?}",
                     fl.kind.as_str(),
-                    WQS[fl.wq as usize].0,
+                    wq_name(fl.wq),
                     secs(fl.at),
                     fl.waited
                 )

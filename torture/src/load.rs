@@ -106,6 +106,12 @@ pub struct Submitted {
     pub scenario: bool,
 }
 
+/// The workqueue a flush covered, for messages.
+pub fn wq_name(wq: Option<u8>) -> &'static str {
+    wq.and_then(|w| WQS.get(w as usize))
+        .map_or("every workqueue", |w| w.0)
+}
+
 /// What a wait was for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum WaitKind {
@@ -142,7 +148,8 @@ impl WaitKind {
 #[derive(Debug, Clone)]
 pub struct FlushRec {
     pub kind: WaitKind,
-    pub wq: u8,
+    /// Index into [`WQS`]; `None` when it covers items of every workqueue (the scenario).
+    pub wq: Option<u8>,
     pub covered: usize,
     /// Timeline time it began.
     pub at: Duration,
@@ -185,7 +192,13 @@ impl Ledger {
         }));
     }
 
-    fn flushed(&self, kind: WaitKind, wq: u8, at: Duration, r: Result<crate::backend::Waited>) {
+    fn flushed(
+        &self,
+        kind: WaitKind,
+        wq: Option<u8>,
+        at: Duration,
+        r: Result<crate::backend::Waited>,
+    ) {
         let rec = match r {
             Ok(w) => FlushRec {
                 kind,
@@ -276,7 +289,7 @@ pub fn submitter(ctx: &Ctx, thread: u64) -> Result<()> {
         ctx.ledger.record(wq as u8, &targets, &ids, now, false);
         let roll = rng.gen_range(0..100);
         let at = ctx.clock.now();
-        let wq8 = wq as u8;
+        let wq8 = Some(wq as u8);
         match roll {
             0..=7 => {
                 let r = ctx.backend.flush(Scope::Batch(batch), ctx.flush_bound);
@@ -426,7 +439,7 @@ pub fn scenario(ctx: &Ctx, sc: &Scenario) -> Result<()> {
         }
         let at = ctx.clock.now();
         let r = ctx.backend.flush(Scope::Items(all), ctx.flush_bound);
-        ctx.ledger.flushed(WaitKind::Scenario, 0, at, r);
+        ctx.ledger.flushed(WaitKind::Scenario, None, at, r);
         ctx.ledger.scenario_runs.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -438,6 +451,6 @@ pub fn final_flush(ctx: &Ctx) {
         let r = ctx
             .backend
             .flush(Scope::Workqueue(name.to_string()), ctx.flush_bound);
-        ctx.ledger.flushed(WaitKind::Final, wq as u8, at, r);
+        ctx.ledger.flushed(WaitKind::Final, Some(wq as u8), at, r);
     }
 }

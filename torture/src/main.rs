@@ -319,18 +319,20 @@ fn run(args: &Args) -> Result<Option<String>> {
         }
     }
     stop.store(true, Ordering::Relaxed);
+    // The hotplug thread first, then every CPU back, and only then wait for the submitters:
+    // a flush on `tw-wait` may be waiting for a CPU that only the final online returns.
     let mut thread_errors = Vec::new();
-    for h in workers.into_iter().chain(std::iter::once(hp_thread)) {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => thread_errors.push(format!("{e:#}")),
-            Err(_) => thread_errors.push("a driver thread panicked".to_string()),
-        }
-    }
+    let mut join = |h: std::thread::JoinHandle<Result<()>>| match h.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => thread_errors.push(format!("{e:#}")),
+        Err(_) => thread_errors.push("a driver thread panicked".to_string()),
+    };
+    join(hp_thread);
     let ran = clock.now();
-
-    // Every CPU back, wqd sees them, everything flushed.
     let left = writer.all_online(&hotpluggable, Cause::Final);
+    for h in workers {
+        join(h);
+    }
     if !left.is_empty() {
         thread_errors.push(format!("cannot bring CPUs {left:?} back online"));
     }

@@ -9,7 +9,7 @@ use wqd::engine::State;
 use crate::check::{Findings, Lags};
 use crate::clock::ms;
 use crate::hotplug::{Cause, HotplugLog};
-use crate::load::{FlushRec, WaitKind, WQS};
+use crate::load::{wq_name, FlushRec, WaitKind};
 
 /// What the table shows besides the findings.
 pub struct Summary<'a> {
@@ -126,7 +126,7 @@ pub fn render(s: &Summary<'_>) -> String {
                 "longest {} ({} on {}, {} items), p50 {}, p99 {}",
                 ms(l.waited),
                 l.kind.as_str(),
-                WQS[l.wq as usize].0,
+                wq_name(l.wq),
                 l.covered,
                 ms(pct(&waits, 0.5)),
                 ms(pct(&waits, 0.99))
