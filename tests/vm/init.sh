@@ -1,0 +1,64 @@
+#!/bin/sh
+# /init of the torture VM (busybox ash). Mounts what the driver needs, runs wqd-torture with the
+# settings the harness packed into /etc/torture.env, makes sure a WQD-TORTURE marker reaches the
+# serial console whatever happens, and powers off.
+export PATH=/usr/bin:/bin:/sbin:/usr/sbin
+mount -t devtmpfs devtmpfs /dev
+# The initramfs has no /dev/console node: take the console only now that devtmpfs is up.
+exec 0</dev/console 1>/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /tmp
+mkdir -p /run
+
+finish() {
+    sync
+    poweroff -f
+    sleep 5
+    echo "WQD-TORTURE: FAIL poweroff did not stop the VM"
+}
+
+# shellcheck disable=SC1091
+. /etc/torture.env
+
+echo "init: kernel $(uname -r), CPUs present $(cat /sys/devices/system/cpu/present), online $(cat /sys/devices/system/cpu/online), uptime $(cut -d' ' -f1 /proc/uptime) s"
+for n in /sys/devices/system/node/node*; do
+    [ -e "$n/cpulist" ] && echo "init: ${n##*/} cpus $(cat "$n/cpulist")"
+done
+
+case "$MODE" in
+    library)
+        # shellcheck disable=SC2086
+        /usr/bin/wqd-torture --mode library --allow-hotplug --duration "$DURATION" --seed "$SEED" $EXTRA
+        rc=$?
+        ;;
+    daemon)
+        if [ ! -x /usr/bin/wqd ]; then
+            echo "WQD-TORTURE: FAIL daemon mode asked but no wqd binary was packed"
+            finish
+        fi
+        /usr/bin/wqd --socket /run/wqd.sock >/tmp/wqd.log 2>&1 &
+        wqd_pid=$!
+        i=0
+        while [ ! -S /run/wqd.sock ] && [ $i -lt 100 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        # shellcheck disable=SC2086
+        /usr/bin/wqd-torture --mode daemon --socket /run/wqd.sock --allow-hotplug --duration "$DURATION" --seed "$SEED" $EXTRA
+        rc=$?
+        kill "$wqd_pid" 2>/dev/null
+        wait "$wqd_pid"
+        echo "init: wqd exited with status $?; its last log lines:"
+        tail -n 20 /tmp/wqd.log
+        ;;
+    *)
+        echo "WQD-TORTURE: FAIL unknown mode $MODE"
+        finish
+        ;;
+esac
+echo "init: driver exited with status $rc at uptime $(cut -d' ' -f1 /proc/uptime) s"
+if [ "$rc" -ne 0 ]; then
+    echo "WQD-TORTURE: FAIL driver exited with status $rc"
+fi
+finish

@@ -1,0 +1,364 @@
+//! What the driver drives: wqd in-process ([`Library`]) or a running daemon (later, through
+//! `wqd-client`). Both sit behind [`Backend`], so the workload and the checks are the same.
+//!
+//! [`Library`] runs the engine exactly as the daemon wires it: the host topology
+//! (`Reader::host()`), a [`LiveView`], a [`Monitor`] with the netlink uevent socket, pinned
+//! workers, the workers' reports feeding the monitor. Its handlers are the built-ins wrapped in
+//! [`Counted`], which counts every run of every item and notes the CPU the handler really ran
+//! on (`sched_getcpu`) and when, so duplicates and strays are seen directly, not inferred from
+//! results.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use parking_lot::Mutex;
+use wqd::cpuset::CpuSet;
+use wqd::engine::{
+    Engine, EngineConfig, EngineError, FlushScope, ItemResult, ItemSpec, State, WorkqueueAttrs,
+};
+use wqd::groups::Fallback;
+use wqd::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
+use wqd::live::{LiveConfig, LiveView, Monitor, MonitorConfig};
+use wqd::target::Target;
+use wqd::topology::sysfs::Reader;
+
+use crate::clock::Clock;
+
+/// One item to submit.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub target: Target,
+    pub handler: &'static str,
+    pub args: Vec<(&'static str, String)>,
+}
+
+/// What a flush or cancel covers.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Items(Vec<u64>),
+    Batch(u64),
+    Workqueue(String),
+}
+
+/// An item's result as the checks need it, whatever the backend.
+#[derive(Debug, Clone)]
+pub struct Rec {
+    pub id: u64,
+    pub state: State,
+    pub cpu_started: Option<u32>,
+    /// Timeline times (see [`Clock::on_timeline`]).
+    pub started: Option<Duration>,
+    pub finished: Option<Duration>,
+    /// The level it was widened to, lowercase.
+    pub fallback: Option<String>,
+    pub rebinds: u32,
+    pub error: String,
+    pub reason: String,
+}
+
+impl Rec {
+    /// Converts an engine result, mapping its wall-clock times onto the timeline.
+    pub fn from_result(r: &ItemResult, clock: &Clock) -> Rec {
+        Rec {
+            id: r.id,
+            state: r.state,
+            cpu_started: r.cpu_started,
+            started: r.started_at.map(|t| clock.on_timeline(t)),
+            finished: r.finished_at.map(|t| clock.on_timeline(t)),
+            fallback: r.fallback.map(wqd::engine::level_name),
+            rebinds: r.rebinds,
+            error: r.error.clone(),
+            reason: r.reason.clone(),
+        }
+    }
+}
+
+/// A run of one item as its handler saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// How many times the handler was called for the item.
+    pub count: u32,
+    /// `sched_getcpu()` at the first call's start.
+    pub cpu_seen: i32,
+    /// The CPU the engine said it started on (`WorkCtx::cpu`).
+    pub cpu_ctx: u32,
+    /// Timeline time of the first call's start.
+    pub at: Duration,
+}
+
+/// Outcome of a flush or a cancel's wait.
+#[derive(Debug, Clone)]
+pub struct Waited {
+    pub covered: usize,
+    pub waited: Duration,
+}
+
+/// What the driver needs from wqd.
+pub trait Backend: Send + Sync {
+    /// One line saying what runs.
+    fn describe(&self) -> String;
+    /// Creates a workqueue with this fallback.
+    ///
+    /// # Errors
+    /// The backend refused it.
+    fn create_workqueue(&self, name: &str, fallback: Fallback, max_active: u32) -> Result<()>;
+    /// Submits a batch; returns the batch id and the item ids in order. `Ok(None)` when the
+    /// workqueue is full for now (try again later).
+    ///
+    /// # Errors
+    /// Any other refusal.
+    fn submit(&self, wq: &str, items: &[Spec]) -> Result<Option<(u64, Vec<u64>)>>;
+    /// Flushes and waits at most `bound`.
+    ///
+    /// # Errors
+    /// The flush could not start, or `bound` passed (the message says so).
+    fn flush(&self, scope: Scope, bound: Duration) -> Result<Waited>;
+    /// Cancels the items and waits at most `bound` for the running ones.
+    ///
+    /// # Errors
+    /// As [`Backend::flush`].
+    fn cancel(&self, ids: &[u64], bound: Duration) -> Result<Waited>;
+    /// Results of `ids`, `None` for an id the backend does not know.
+    ///
+    /// # Errors
+    /// The backend could not answer.
+    fn results(&self, ids: &[u64]) -> Result<Vec<Option<Rec>>>;
+    /// The CPUs the backend schedules on now.
+    ///
+    /// # Errors
+    /// The backend could not answer.
+    fn live(&self) -> Result<CpuSet>;
+    /// Runs seen by the handlers, when the backend can see them (library mode).
+    fn runs(&self) -> Option<HashMap<u64, Run>>;
+    /// When the backend's view of the live CPUs changed, with the new set (library mode).
+    fn live_history(&self) -> Vec<(Duration, CpuSet)>;
+    /// Backend counters for the summary: (name, value).
+    fn counters(&self) -> Vec<(String, u64)>;
+    /// Stops everything the backend started.
+    fn shutdown(&self);
+}
+
+/// Runs per item, filled by [`Counted`].
+type Runs = Mutex<HashMap<u64, Run>>;
+
+/// A handler that counts runs per item and delegates to a built-in.
+struct Counted {
+    inner: Arc<dyn Handler>,
+    runs: Arc<Runs>,
+    clock: Arc<Clock>,
+}
+
+impl Handler for Counted {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn kind(&self) -> HandlerKind {
+        self.inner.kind()
+    }
+    fn validate(&self, args: &Args, payload: &[u8]) -> Result<(), HandlerError> {
+        self.inner.validate(args, payload)
+    }
+    fn run(&self, ctx: &WorkCtx<'_>) -> Result<Vec<u8>, HandlerError> {
+        // SAFETY: sched_getcpu has no preconditions; it returns -1 on error.
+        let cpu_seen = unsafe { libc::sched_getcpu() };
+        let at = self.clock.now();
+        self.runs
+            .lock()
+            .entry(ctx.item)
+            .and_modify(|r| r.count += 1)
+            .or_insert(Run {
+                count: 1,
+                cpu_seen,
+                cpu_ctx: ctx.cpu,
+                at,
+            });
+        self.inner.run(ctx)
+    }
+}
+
+/// wqd in-process on the real host topology.
+pub struct Library {
+    engine: Arc<Engine>,
+    view: Arc<LiveView>,
+    monitor: Mutex<Option<Monitor>>,
+    runs: Arc<Runs>,
+    history: Arc<Mutex<Vec<(Duration, CpuSet)>>>,
+    clock: Arc<Clock>,
+    netlink: bool,
+}
+
+impl Library {
+    /// Starts the live view, the monitor (netlink on) and the engine (pinning on), wired as the
+    /// daemon wires them. `keep` is how long results must be kept (the run's length and then
+    /// some).
+    ///
+    /// # Errors
+    /// The host topology cannot be read, or a thread cannot start.
+    pub fn start(clock: Arc<Clock>, keep: Duration) -> Result<Library> {
+        let reader = Reader::host();
+        let first = reader.read().context("reading the host topology")?;
+        let view = LiveView::new(first, LiveConfig::default());
+        let monitor = Monitor::start(reader, view.clone(), MonitorConfig::default())
+            .context("starting the topology monitor")?;
+        let netlink = monitor.netlink_active();
+        let reporter = monitor.reporter();
+        let runs: Arc<Runs> = Arc::new(Mutex::new(HashMap::new()));
+        let builtins = Registry::with_builtins(None);
+        let mut reg = Registry::new();
+        for name in ["noop", "spin", "sleep"] {
+            let inner = builtins
+                .get(name)
+                .ok_or_else(|| anyhow!("no built-in handler {name}"))?
+                .clone();
+            reg.register(Arc::new(Counted {
+                inner,
+                runs: runs.clone(),
+                clock: clock.clone(),
+            }));
+        }
+        let cfg = EngineConfig {
+            pinning: true,
+            results_max: 1 << 23,
+            results_ttl: keep,
+            report: Some(Arc::new(move |cpu, why| reporter.report(cpu, why))),
+            ..EngineConfig::default()
+        };
+        let engine =
+            Arc::new(Engine::start(cfg, reg, view.current()).context("starting the engine")?);
+        let history = Arc::new(Mutex::new(Vec::new()));
+        let (e2, h2, c2) = (engine.clone(), history.clone(), clock.clone());
+        let cur = view.on_change(Box::new(move |snap| {
+            e2.apply_snapshot(snap);
+            h2.lock().push((c2.now(), snap.live.clone()));
+        }));
+        history.lock().push((clock.now(), cur.live.clone()));
+        engine.apply_snapshot(&cur);
+        Ok(Library {
+            engine,
+            view,
+            monitor: Mutex::new(Some(monitor)),
+            runs,
+            history,
+            clock,
+            netlink,
+        })
+    }
+
+    fn wait_flush(f: wqd::engine::Flush, bound: Duration) -> Result<Waited> {
+        let covered = f.covered();
+        let s = f.wait(Some(bound)).map_err(|e| match e {
+            EngineError::Timeout(_) => anyhow!("did not return within {bound:?}"),
+            e => anyhow!(e),
+        })?;
+        Ok(Waited {
+            covered,
+            waited: s.waited,
+        })
+    }
+}
+
+impl Backend for Library {
+    fn describe(&self) -> String {
+        let snap = self.view.current();
+        format!(
+            "library (in-process engine, pinning on, netlink {}), live {} at epoch {}",
+            if self.netlink { "on" } else { "OFF" },
+            snap.live,
+            snap.epoch
+        )
+    }
+
+    fn create_workqueue(&self, name: &str, fallback: Fallback, max_active: u32) -> Result<()> {
+        let mut a = WorkqueueAttrs::named(name);
+        a.fallback = fallback;
+        a.max_active = max_active;
+        self.engine
+            .create_workqueue(a)
+            .with_context(|| format!("creating workqueue {name}"))
+    }
+
+    fn submit(&self, wq: &str, items: &[Spec]) -> Result<Option<(u64, Vec<u64>)>> {
+        let specs = items
+            .iter()
+            .map(|s| {
+                let mut it = ItemSpec::new(s.target.clone(), s.handler);
+                for (k, v) in &s.args {
+                    it = it.arg(k, v);
+                }
+                it
+            })
+            .collect();
+        match self.engine.submit(wq, specs) {
+            Ok(r) => Ok(Some((r.batch, r.items.iter().map(|s| s.id).collect()))),
+            Err(EngineError::QueueFull { .. }) => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("submitting to {wq}"))),
+        }
+    }
+
+    fn flush(&self, scope: Scope, bound: Duration) -> Result<Waited> {
+        let scope = match scope {
+            Scope::Items(v) => FlushScope::Items(v),
+            Scope::Batch(b) => FlushScope::Batch(b),
+            Scope::Workqueue(w) => FlushScope::Workqueue(w),
+        };
+        let f = self.engine.flush(scope)?;
+        Self::wait_flush(f, bound)
+    }
+
+    fn cancel(&self, ids: &[u64], bound: Duration) -> Result<Waited> {
+        let rep = self.engine.cancel(FlushScope::Items(ids.to_vec()))?;
+        Self::wait_flush(rep.running, bound)
+    }
+
+    fn results(&self, ids: &[u64]) -> Result<Vec<Option<Rec>>> {
+        Ok(self
+            .engine
+            .results(ids)
+            .into_iter()
+            .map(|r| r.map(|r| Rec::from_result(&r, &self.clock)))
+            .collect())
+    }
+
+    fn live(&self) -> Result<CpuSet> {
+        Ok(self.engine.snapshot().live.clone())
+    }
+
+    fn runs(&self) -> Option<HashMap<u64, Run>> {
+        Some(self.runs.lock().clone())
+    }
+
+    fn live_history(&self) -> Vec<(Duration, CpuSet)> {
+        self.history.lock().clone()
+    }
+
+    fn counters(&self) -> Vec<(String, u64)> {
+        let s = self.engine.stats();
+        let mut v = vec![
+            ("epoch".to_string(), s.epoch),
+            ("lockups".to_string(), s.lockups),
+            ("hogs".to_string(), s.hogs),
+        ];
+        v.extend(s.rebinds.iter().map(|(k, n)| (format!("rebinds.{k}"), *n)));
+        v.extend(
+            s.fallbacks
+                .iter()
+                .map(|(k, n)| (format!("fallbacks.{k}"), *n)),
+        );
+        let live = self.view.stats();
+        v.extend(
+            live.iter()
+                .filter(|(_, st)| st.events > 0)
+                .map(|(src, st)| (format!("topology.{}", src.as_str()), st.epochs)),
+        );
+        v
+    }
+
+    fn shutdown(&self) {
+        if let Some(m) = self.monitor.lock().take() {
+            m.stop();
+        }
+        self.engine.shutdown(Duration::from_secs(5));
+    }
+}
