@@ -1004,9 +1004,12 @@ fn cpuset_churn() {
         .and_then(|c| c.parse().ok())
         .unwrap_or(CYCLES);
     let bin = wqd_e2e::binary("wqd", "wqd");
-    let dir = std::env::temp_dir().join(format!("wqd-cpuset-churn-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    // Removed on drop, after the daemon (declared later, dropped first).
+    let tmp = tempfile::Builder::new()
+        .prefix("wqd-cpuset-churn-")
+        .tempdir()
+        .expect("temp dir");
+    let dir = tmp.path();
     let socket = dir.join("wqd.sock");
     // Our own config file, so a host's /etc/wqd/wqd.toml cannot change the run.
     let config = dir.join("wqd.toml");
@@ -1078,7 +1081,6 @@ fn cpuset_churn() {
     }
     drop(daemon);
     drop(cg);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Negative controls: [`check`] on a made-up run that is correct passes, and each kind of wrong
