@@ -199,7 +199,7 @@ impl System for Wqd {
         let r = self.engine.submit("default", items).expect("submit");
         let s = self
             .engine
-            .flush(FlushScope::Batch(r.batch))
+            .flush_summary(FlushScope::Batch(r.batch))
             .expect("flush")
             .wait(None)
             .expect("wait");

@@ -727,3 +727,34 @@ fn watchdog_reports_lockups_and_hogs_and_the_observer_sees_everything() {
     fin.sort();
     assert_eq!(fin, vec![State::Ok, State::Ok, State::Failed]);
 }
+
+#[test]
+fn summary_flush_counts_without_per_item_events() {
+    let rig = Rig::new(2, "0-1");
+    let early = rig.submit("default", vec![item("cpu:0", "noop")]);
+    rig.flush(&early);
+    let ids = rig.submit(
+        "default",
+        vec![
+            item("cpu:0", "probe").arg("ms", "10"),
+            item("cpu:1", "noop").arg("fail", "x"),
+            item("cpu:1", "probe"),
+        ],
+    );
+    let mut all = early.clone();
+    all.extend(&ids);
+    let mut f = rig.engine.flush_summary(FlushScope::Items(all)).unwrap();
+    assert_eq!(f.covered(), 4);
+    let sum = {
+        // No per-item event ever arrives; the channel just closes at the end.
+        assert!(f
+            .next_blocking(Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap()
+            .is_none());
+        f.wait(Some(Duration::from_secs(1))).unwrap()
+    };
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&3));
+    assert_eq!(sum.by_state.get(&State::Failed), Some(&1));
+    assert_eq!(sum.gone, 0);
+    assert_eq!(rig.engine.stats().flushes, 0);
+}

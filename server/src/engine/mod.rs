@@ -338,6 +338,16 @@ pub struct Flush {
     rx: flume::Receiver<FlushEvent>,
     covered: usize,
     began: Instant,
+    /// Set for summary-only flushes (`Engine::flush_summary`): the counts, filled under the
+    /// engine lock; final once `rx` is disconnected.
+    tally: Option<Arc<Mutex<Tally>>>,
+}
+
+/// Terminal counts of a summary-only flush.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    pub(crate) by_state: [usize; 8],
+    pub(crate) gone: Vec<ItemId>,
 }
 
 /// Counts of a finished flush.
@@ -353,6 +363,17 @@ impl Flush {
     /// Items the flush covers.
     pub fn covered(&self) -> usize {
         self.covered
+    }
+    /// For a summary-only flush ([`Engine::flush_summary`]): the terminal counts so far (final
+    /// once [`Flush::next`] returned `None`) and the ids whose results had already expired.
+    pub fn tally(&self) -> Option<(BTreeMap<State, usize>, Vec<ItemId>)> {
+        let t = self.tally.as_ref()?.lock();
+        let by_state = State::ALL
+            .into_iter()
+            .filter(|s| t.by_state[s.index()] > 0)
+            .map(|s| (s, t.by_state[s.index()]))
+            .collect();
+        Some((by_state, t.gone.clone()))
     }
     /// When the flush began.
     pub fn began(&self) -> Instant {
@@ -392,6 +413,16 @@ impl Flush {
                 Ok(None) => break,
                 Err(()) => return Err(EngineError::Timeout(timeout.unwrap_or_default())),
             }
+        }
+        if let Some(t) = &self.tally {
+            let t = t.lock();
+            for s in State::ALL {
+                let n = t.by_state[s.index()];
+                if n > 0 {
+                    *sum.by_state.entry(s).or_default() += n;
+                }
+            }
+            sum.gone += t.gone.len();
         }
         sum.waited = self.began.elapsed();
         Ok(sum)
@@ -715,7 +746,18 @@ impl Engine {
     pub fn flush(&self, scope: FlushScope) -> Result<Flush, EngineError> {
         let mut s = self.inner.sched.lock();
         let ids = s.scope_ids(&scope)?;
-        Ok(s.register_flush(&self.inner, ids))
+        Ok(s.register_flush(&self.inner, ids, false))
+    }
+
+    /// Like [`Engine::flush`], but the flush yields no per-item events: [`Flush::wait`]
+    /// returns the counts. Much cheaper for large flushes whose results nobody reads.
+    ///
+    /// # Errors
+    /// Unknown workqueue, batch or item.
+    pub fn flush_summary(&self, scope: FlushScope) -> Result<Flush, EngineError> {
+        let mut s = self.inner.sched.lock();
+        let ids = s.scope_ids(&scope)?;
+        Ok(s.register_flush(&self.inner, ids, true))
     }
 
     /// Cancels items: pending ones never run; running ones get their cancellation signal and
@@ -737,7 +779,7 @@ impl Engine {
                 .filter(|(_, o)| *o == CancelOutcome::WasRunning)
                 .map(|(id, _)| *id)
                 .collect();
-            let running = s.register_flush(&self.inner, running);
+            let running = s.register_flush(&self.inner, running, false);
             CancelReport { outcomes, running }
         };
         fx.run(&self.inner);
@@ -753,7 +795,7 @@ impl Engine {
         let mut s = self.inner.sched.lock();
         s.start_drain(wq)?;
         let ids = s.scope_ids(&FlushScope::Workqueue(wq.to_string()))?;
-        Ok(s.register_flush(&self.inner, ids))
+        Ok(s.register_flush(&self.inner, ids, false))
     }
 
     /// Results (or current state) of items; `None` for unknown or expired ids.

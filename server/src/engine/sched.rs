@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_utils::sync::Unparker;
 use slab::Slab;
+use smallvec::SmallVec;
 
 use super::idhash::{IdMap, IdSet};
 
@@ -86,7 +87,7 @@ pub(crate) struct Item {
     pub fallback: Option<Level>,
     pub reason: String,
     /// Flushes waiting for this item.
-    pub waiters: Vec<u64>,
+    pub waiters: SmallVec<[u64; 1]>,
 }
 
 /// Work handed to a worker.
@@ -207,6 +208,8 @@ struct BatchRec {
 pub(crate) struct FlushRec {
     tx: flume::Sender<FlushEvent>,
     remaining: usize,
+    /// Summary-only flushes count here instead of sending an event per item.
+    tally: Option<Arc<parking_lot::Mutex<super::Tally>>>,
 }
 
 const TIMER_DELAY: u8 = 0;
@@ -871,7 +874,7 @@ impl Sched {
                     rebinds: 0,
                     fallback: None,
                     reason: String::new(),
-                    waiters: Vec::new(),
+                    waiters: SmallVec::new(),
                 },
             );
             match delay.filter(|d| !d.is_zero()) {
@@ -923,7 +926,8 @@ impl Sched {
     // ----- workers -----
 
     /// Takes the next item `cpu`'s worker may start, binding it to `cpu`.
-    pub(crate) fn take(&mut self, cpu: u32, fx: &mut Effects) -> Option<Job> {
+    /// `token` is the worker's own cancel token, reset here for the item it binds.
+    pub(crate) fn take(&mut self, cpu: u32, token: &CancelToken, fx: &mut Effects) -> Option<Job> {
         let now = Instant::now();
         let mut budget = self.pools.get(&cpu).filter(|p| p.live)?.ready.len();
         while budget > 0 {
@@ -977,7 +981,8 @@ impl Sched {
             let (fallback, reason) = (self.queues[qid].fallback, self.queues[qid].reason.clone());
             let item = self.items.get_mut(&id)?;
             let kind = item.body.kind;
-            let token = CancelToken::new();
+            token.reset();
+            let token = token.clone();
             item.state = State::Running;
             item.bound = Some(Bound {
                 cpu,
@@ -1194,7 +1199,12 @@ impl Sched {
         });
         for fid in item.waiters {
             if let Some(f) = self.flushes.get_mut(&fid) {
-                let _ = f.tx.send(FlushEvent::Done(result.clone()));
+                match &f.tally {
+                    Some(t) => t.lock().by_state[state.index()] += 1,
+                    None => {
+                        let _ = f.tx.send(FlushEvent::Done(result.clone()));
+                    }
+                }
                 f.remaining -= 1;
                 if f.remaining == 0 {
                     self.flushes.remove(&fid);
@@ -1330,23 +1340,49 @@ impl Sched {
         }
     }
 
-    pub(crate) fn register_flush(&mut self, inner: &Arc<Inner>, ids: Vec<ItemId>) -> Flush {
+    /// Registers a flush over `ids`. With `summary_only`, no per-item events are sent: the
+    /// flush's tally counts terminal states and `Flush::wait` reports them.
+    pub(crate) fn register_flush(
+        &mut self,
+        inner: &Arc<Inner>,
+        ids: Vec<ItemId>,
+        summary_only: bool,
+    ) -> Flush {
         let fid = self.next_flush;
         self.next_flush += 1;
         let (tx, rx) = flume::unbounded();
+        let tally =
+            summary_only.then(|| Arc::new(parking_lot::Mutex::new(super::Tally::default())));
         let mut remaining = 0;
         for &id in &ids {
             if let Some(it) = self.items.get_mut(&id) {
                 it.waiters.push(fid);
                 remaining += 1;
             } else if let Some(r) = self.results.map.get(&id) {
-                let _ = tx.send(FlushEvent::Done(r.clone()));
+                match &tally {
+                    Some(t) => t.lock().by_state[r.state.index()] += 1,
+                    None => {
+                        let _ = tx.send(FlushEvent::Done(r.clone()));
+                    }
+                }
             } else {
-                let _ = tx.send(FlushEvent::Gone(id));
+                match &tally {
+                    Some(t) => t.lock().gone.push(id),
+                    None => {
+                        let _ = tx.send(FlushEvent::Gone(id));
+                    }
+                }
             }
         }
         let id = if remaining > 0 {
-            self.flushes.insert(fid, FlushRec { tx, remaining });
+            self.flushes.insert(
+                fid,
+                FlushRec {
+                    tx,
+                    remaining,
+                    tally: tally.clone(),
+                },
+            );
             Some(fid)
         } else {
             None
@@ -1357,6 +1393,7 @@ impl Sched {
             rx,
             covered: ids.len(),
             began: Instant::now(),
+            tally,
         }
     }
 

@@ -16,7 +16,7 @@ use crossbeam_utils::sync::Parker;
 
 use super::sched::{Effects, Finish, Job, Outcome, Started};
 use super::Inner;
-use crate::handler::{HandlerError, WorkCtx};
+use crate::handler::{CancelToken, HandlerError, WorkCtx};
 
 static NICE_WARNED: AtomicBool = AtomicBool::new(false);
 
@@ -89,6 +89,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             return;
         }
     }
+    let token = CancelToken::new();
     let parker = Parker::new();
     let unparker = parker.unparker().clone();
     let mut done: Option<Finish> = None;
@@ -108,7 +109,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 fx.run(&inner);
                 return;
             }
-            match s.take(cpu, &mut fx) {
+            match s.take(cpu, &token, &mut fx) {
                 Some(job) => {
                     idle_since = None;
                     Some(job)

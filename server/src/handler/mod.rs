@@ -63,6 +63,12 @@ impl CancelToken {
         *g = true;
         self.0 .1.notify_all();
     }
+    /// Lowers the signal. The engine reuses one token per worker: it resets it under its lock
+    /// when it binds the worker's next item, after the previous item finished (so no cancel can
+    /// still target that item). A handler must not keep the token beyond its `run`.
+    pub fn reset(&self) {
+        *self.0 .0.lock() = false;
+    }
     pub fn is_cancelled(&self) -> bool {
         *self.0 .0.lock()
     }

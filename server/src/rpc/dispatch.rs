@@ -481,6 +481,12 @@ async fn stream_flush(
             break;
         }
     }
+    if let Some((by_state, gone)) = flush.tally() {
+        for (st, n) in by_state {
+            count_state(&mut counts, st, n as u64);
+        }
+        unknown.extend(gone);
+    }
     unknown.sort_unstable();
     let summary = v1::FlushSummary {
         counts: Some(counts),
@@ -532,7 +538,13 @@ impl v1::dispatch_service_server::DispatchService for Rpc {
         let deadline = deadline_of(req.metadata());
         let r = req.into_inner();
         let (scope, unknown) = self.flush_scope(r.scope).map_err(status)?;
-        let flush = self.engine.flush(scope).map_err(|e| status(e.into()))?;
+        // A summary-only flush needs no per-item events: the engine tallies them.
+        let flush = if r.summary_only {
+            self.engine.flush_summary(scope)
+        } else {
+            self.engine.flush(scope)
+        }
+        .map_err(|e| status(e.into()))?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(stream_flush(
             flush,
