@@ -150,6 +150,39 @@ pub struct Limits {
     pub max_queued: usize,
 }
 
+/// The limits in force, shared by the RPC layer and swapped whole by a SIGHUP reload. Readers
+/// take a snapshot with [`load`](Self::load) (lock-free); a request sees one version throughout.
+#[derive(Clone, Default)]
+pub struct SharedLimits(std::sync::Arc<arc_swap::ArcSwap<Limits>>);
+
+impl SharedLimits {
+    pub fn new(l: Limits) -> Self {
+        Self(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(l)))
+    }
+
+    /// The limits in force now.
+    pub fn load(&self) -> std::sync::Arc<Limits> {
+        self.0.load_full()
+    }
+
+    /// Replaces the limits; requests already past their checks keep the old ones.
+    pub fn store(&self, l: Limits) {
+        self.0.store(std::sync::Arc::new(l));
+    }
+}
+
+impl std::fmt::Debug for SharedLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.load().fmt(f)
+    }
+}
+
+impl From<Limits> for SharedLimits {
+    fn from(l: Limits) -> Self {
+        Self::new(l)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -419,6 +452,16 @@ impl Config {
         if e.max_workers_per_cpu == 0 {
             return Err(invalid("engine.max_workers_per_cpu", "must be at least 1"));
         }
+        if let Some(level) = &self.log.level {
+            tracing_subscriber::EnvFilter::try_new(level).map_err(|err| {
+                invalid(
+                    "log.level",
+                    format!(
+                        "bad filter {level:?}: {err} (e.g. \"info\", \"wqd=debug,tonic=warn\")"
+                    ),
+                )
+            })?;
+        }
         Ok(())
     }
 
@@ -677,6 +720,63 @@ hog_thresh = "0s"
             "{e}"
         );
         assert!(err("[bogus]\n").contains("bogus"));
+    }
+
+    /// `deploy/wqd.toml` documents every key: as shipped it is exactly the defaults, and with
+    /// its `#=` example lines switched on it still parses (no key in it is misspelled or
+    /// gone) and mentions every field the structs have (no key is undocumented).
+    #[test]
+    fn deploy_wqd_toml_is_the_defaults_and_documents_every_key() {
+        let text = include_str!("../../deploy/wqd.toml");
+        assert_eq!(parse(text).unwrap(), Config::default());
+        let full: String = text
+            .lines()
+            .map(|l| l.strip_prefix("#= ").unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        // Parsed, not validated: the example exec user need not exist on this machine.
+        let c = Config::from_toml(&full, "deploy/wqd.toml with examples").unwrap();
+        assert!(c.listen.socket.is_some() && c.listen.tcp.is_some());
+        assert!(!c.groups.is_empty() && !c.partitions.is_empty() && !c.workqueues.is_empty());
+        assert!(c.exec.as_ref().is_some_and(|e| !e.commands.is_empty()));
+        // Field names from the Debug form of the fully populated config.
+        let debug = format!("{c:#?}");
+        let renamed = [
+            ("groups", "[[group]]"),
+            ("partitions", "[[partition]]"),
+            ("workqueues", "[[workqueue]]"),
+        ];
+        let mut missing = Vec::new();
+        for line in debug.lines() {
+            let t = line.trim_start();
+            let Some((field, _)) = t.split_once(": ") else {
+                continue;
+            };
+            if field.is_empty() || !field.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_') {
+                continue;
+            }
+            let documented = match renamed.iter().find(|(f, _)| *f == field) {
+                Some((_, table)) => text.contains(table),
+                None => {
+                    text.contains(&format!("{field} ="))
+                        || text.contains(&format!("[{field}]"))
+                        || text.contains(&format!(".{field}."))
+                }
+            };
+            if !documented {
+                missing.push(field.to_string());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "deploy/wqd.toml does not document: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn bad_log_level_names_the_key() {
+        let e = err("[log]\nlevel = \"wqd=loud\"");
+        assert!(e.contains("log.level"), "{e}");
     }
 
     #[test]

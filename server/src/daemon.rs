@@ -12,7 +12,13 @@
 //!    sees every epoch after its first one, in order;
 //! 5. start the [`Monitor`] (rescan + uevents);
 //! 6. bind the Unix socket (refusing if a live daemon answers on it, replacing a stale file),
-//!    then the optional TCP listener, and serve.
+//!    then the optional TCP listener, and serve. Under socket activation the listener systemd
+//!    passed (fd 3) is used instead: no bind, no mode change, and the file is never removed
+//!    (it belongs to `wqd.socket`).
+//!
+//! Run ([`run`]): after start, `READY=1` to systemd, a supervisor task sending `STATUS=` and
+//! `WATCHDOG=1` (see [`crate::systemd`]); SIGHUP reloads the config ([`Daemon::reload`],
+//! [`crate::reload`]); SIGTERM/SIGINT sends `STOPPING=1` and stops.
 //!
 //! Stop ([`Daemon::shutdown`]): mark health NOT_SERVING and stop accepting; shut the engine
 //! down with the grace period (pending items are cancelled, running ones get the grace, then
@@ -31,13 +37,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
-use crate::config::{Config, ConfigError, Pinning};
+use crate::config::{Config, ConfigError, Pinning, SharedLimits};
 use crate::cpuset::CpuSet;
 use crate::engine::{Engine, EngineError};
 use crate::handler::Registry;
 use crate::live::{LiveError, LiveView, Monitor, Reporter};
 use crate::load::LoadSampler;
+use crate::reload::{LogSetter, Plan, ReloadError, Targets};
 use crate::rpc::{Counters, Rpc};
+use crate::systemd::Notifier;
 use crate::topology::sysfs::Reader;
 use crate::topology::TopologyError;
 
@@ -80,6 +88,10 @@ pub enum DaemonError {
     Load(#[source] io::Error),
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("installing a signal handler: {0}")]
+    Signal(#[source] io::Error),
+    #[error("starting the systemd health probe: {0}")]
+    Probe(#[source] io::Error),
 }
 
 impl DaemonError {
@@ -113,13 +125,17 @@ pub struct Daemon {
     monitor: Option<Monitor>,
     load: Option<Arc<LoadSampler>>,
     socket: PathBuf,
-    /// Declared after the servers' handles are aborted in `drop`; removes the file.
+    /// Declared after the servers' handles are aborted in `drop`; removes the file. `None`
+    /// under socket activation.
     socket_file: Option<SocketFile>,
+    /// The config in force (the last one started or reloaded).
+    cfg: Config,
+    /// Whether the Unix listener came from systemd.
+    activated: bool,
     tcp: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     health: tonic_health::server::HealthReporter,
     servers: Vec<JoinHandle<()>>,
-    grace: Duration,
     pinning: bool,
 }
 
@@ -198,11 +214,40 @@ impl Daemon {
     /// Configuration errors (exit 64); an unreadable topology, a socket in use or any other
     /// start failure (exit 1). Nothing is left running on error.
     pub async fn start(cfg: Config) -> Result<Daemon, DaemonError> {
+        Daemon::start_with(cfg, None).await
+    }
+
+    /// As [`start`](Self::start), serving `activated` (a listening Unix socket passed by
+    /// systemd, see [`crate::systemd::take_listener`]) instead of binding `listen.socket`.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub async fn start_with(
+        cfg: Config,
+        activated: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<Daemon, DaemonError> {
         cfg.validate()?;
+        let is_activated = activated.is_some();
         // The socket first: a second daemon must refuse before it touches anything else.
-        let socket = cfg.listen.socket_path();
-        let unix = bind_unix(&socket, cfg.listen.socket_mode)?;
-        let socket_file = SocketFile(socket.clone());
+        let (socket, unix, socket_file) = match activated {
+            Some(l) => {
+                let path = l
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                    .unwrap_or_else(|| PathBuf::from("<socket passed by systemd>"));
+                if cfg.listen.socket.as_deref().is_some_and(|p| p != path) {
+                    tracing::info!(passed = %path.display(), "listen.socket is ignored: serving the socket systemd passed");
+                }
+                (path, l, None)
+            }
+            None => {
+                let socket = cfg.listen.socket_path();
+                let unix = bind_unix(&socket, cfg.listen.socket_mode)?;
+                let file = SocketFile(socket.clone());
+                (socket, unix, Some(file))
+            }
+        };
         let unix = tokio::net::UnixListener::from_std(unix).map_err(|e| DaemonError::Socket {
             path: socket.clone(),
             what: "registering it with the runtime",
@@ -280,7 +325,7 @@ impl Daemon {
             engine: engine.clone(),
             view: view.clone(),
             load: load.clone(),
-            limits: cfg.limits.clone(),
+            limits: SharedLimits::new(cfg.limits.clone()),
             started: SystemTime::now(),
             counters: Arc::new(Counters::default()),
             stopping: stopping.clone(),
@@ -322,6 +367,7 @@ impl Daemon {
         };
         tracing::info!(
             socket = %socket.display(),
+            activated = is_activated,
             tcp = ?tcp_addr,
             pinning,
             epoch = view.current().epoch,
@@ -335,12 +381,13 @@ impl Daemon {
             monitor: Some(monitor),
             load,
             socket,
-            socket_file: Some(socket_file),
+            socket_file,
+            cfg,
+            activated: is_activated,
             tcp: tcp_addr,
             stop,
             health,
             servers,
-            grace: cfg.engine.shutdown_grace,
             pinning,
         })
     }
@@ -365,14 +412,51 @@ impl Daemon {
         &self.rpc
     }
 
+    /// The config in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Whether the Unix listener was passed by systemd (socket activation).
+    pub fn activated(&self) -> bool {
+        self.activated
+    }
+
+    /// Reloads: checks `new` against the config in force and the engine's contents, then
+    /// applies the live changes (see [`crate::reload`]). Queued and running items are not
+    /// touched. `log` sets the log filter, `None` when flags or `RUST_LOG` fixed it.
+    ///
+    /// # Errors
+    /// [`ReloadError`]: the file is invalid, a restart-only key changed, or a workqueue change
+    /// cannot apply now. The config in force is then unchanged in every respect.
+    pub fn reload(&mut self, new: Config, log: Option<&LogSetter>) -> Result<Plan, ReloadError> {
+        let plan = crate::reload::plan(&self.cfg, &new, &self.engine.workqueues())?;
+        crate::reload::apply(
+            &plan,
+            &Targets {
+                engine: &self.engine,
+                view: &self.rpc.view,
+                limits: &self.rpc.limits,
+                log,
+            },
+        )?;
+        self.cfg = new;
+        Ok(plan)
+    }
+
+    /// Live CPUs, pending and running items, for `STATUS=` and logs. Takes the engine lock.
+    pub fn status_line(&self) -> String {
+        status_line(&self.engine, &self.rpc.view)
+    }
+
     /// Stops in order (see the module docs). Postcondition: no wqd thread or task runs and the
     /// socket file is removed. Returns how many items the engine cancelled.
     pub async fn shutdown(mut self) -> usize {
-        tracing::info!(grace = ?self.grace, "shutting down");
+        let grace = self.cfg.engine.shutdown_grace;
+        tracing::info!(?grace, "shutting down");
         Rpc::set_health(&self.health, false).await;
         let _ = self.stop.send(true);
         let engine = self.engine.clone();
-        let grace = self.grace;
         let cancelled = tokio::task::spawn_blocking(move || engine.shutdown(grace))
             .await
             .unwrap_or(0);
@@ -410,28 +494,254 @@ impl Drop for Daemon {
     }
 }
 
+/// How often `STATUS=` is refreshed (and the health probes run) when no watchdog asks for
+/// more often.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Live CPUs, pending and running items. Takes the engine lock once.
+fn status_line(engine: &Engine, view: &LiveView) -> String {
+    let (mut pending, mut running) = (0, 0);
+    for w in engine.workqueues() {
+        pending += w.delayed + w.pending;
+        running += w.running;
+    }
+    let live = view.current().live.clone();
+    format!(
+        "{} live CPUs ({live}), {pending} pending, {running} running",
+        live.len()
+    )
+}
+
+/// Applies the command-line flags on top of a config read from the file.
+pub type Overrides = Box<dyn Fn(&mut Config) + Send + Sync>;
+
+/// What [`run`] needs beyond the config: how to re-read it on SIGHUP, and what systemd handed
+/// the process. `Default` is a plain foreground run with no reload source.
+#[derive(Default)]
+pub struct RunOptions {
+    /// The file to re-read on SIGHUP (`None`: the same rule as at start, see
+    /// [`Config::load`]).
+    pub config_path: Option<PathBuf>,
+    /// Applies the command-line flags on top of a re-read file, as at start.
+    pub overrides: Option<Overrides>,
+    /// Sets the log filter on reload; `None` when flags or `RUST_LOG` fixed it.
+    pub log: Option<LogSetter>,
+    /// The listener systemd passed (socket activation).
+    pub activated: Option<std::os::unix::net::UnixListener>,
+    /// Where to send `sd_notify` messages (`NOTIFY_SOCKET`).
+    pub notify: Option<Notifier>,
+    /// systemd's watchdog timeout (`WATCHDOG_USEC`); `WATCHDOG=1` goes out at half of it.
+    pub watchdog: Option<Duration>,
+}
+
+/// Health as the watchdog sees it: the engine lock can be taken within a bound, and the
+/// topology monitor keeps applying readings.
+struct Probe {
+    /// Written by the probe thread after each `status_line` (which takes the engine lock).
+    last: parking_lot::Mutex<(std::time::Instant, String)>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// Starts the `wqd-sd-probe` thread: takes the engine lock every `period` and records when it
+/// got it. A wedged engine leaves the record stale, which stops the watchdog pings. Holds only
+/// weak references, so it never keeps the engine alive.
+fn start_probe(
+    engine: &Arc<Engine>,
+    view: &Arc<LiveView>,
+    period: Duration,
+) -> io::Result<Arc<Probe>> {
+    let probe = Arc::new(Probe {
+        last: parking_lot::Mutex::new((std::time::Instant::now(), String::new())),
+        stop: std::sync::atomic::AtomicBool::new(false),
+    });
+    let (p, e, v) = (probe.clone(), Arc::downgrade(engine), Arc::downgrade(view));
+    std::thread::Builder::new()
+        .name("wqd-sd-probe".into())
+        .spawn(move || {
+            while !p.stop.load(std::sync::atomic::Ordering::Acquire) {
+                let (Some(engine), Some(view)) = (e.upgrade(), v.upgrade()) else {
+                    return;
+                };
+                let line = status_line(&engine, &view);
+                drop((engine, view));
+                *p.last.lock() = (std::time::Instant::now(), line);
+                std::thread::sleep(period);
+            }
+        })?;
+    Ok(probe)
+}
+
+/// Sends `STATUS=` and, while healthy, `WATCHDOG=1` every `tick` until aborted.
+async fn supervise(
+    notify: Arc<Notifier>,
+    probe: Arc<Probe>,
+    view: Arc<LiveView>,
+    watchdog: Option<Duration>,
+    tick: Duration,
+    rescan: Duration,
+) {
+    let events = |v: &LiveView| v.stats().iter().map(|(_, s)| s.events).sum::<u64>();
+    // A monitor that applied no reading for this long is stuck (its rescan period, thrice, and
+    // a read's worth of slack).
+    let monitor_bound = rescan * 3 + Duration::from_secs(2);
+    let engine_bound = watchdog.map_or(STATUS_EVERY * 2, |w| (w / 2).max(tick * 2));
+    let mut seen = (events(&view), std::time::Instant::now());
+    let mut warned = false;
+    let mut every = tokio::time::interval(tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = std::time::Instant::now();
+        let ev = events(&view);
+        if ev != seen.0 {
+            seen = (ev, now);
+        }
+        let (at, line) = probe.last.lock().clone();
+        let problem = if now.duration_since(at) > engine_bound {
+            Some(format!(
+                "engine lock not taken for {:?}",
+                now.duration_since(at)
+            ))
+        } else if now.duration_since(seen.1) > monitor_bound {
+            Some(format!(
+                "topology monitor applied no reading for {:?}",
+                now.duration_since(seen.1)
+            ))
+        } else {
+            None
+        };
+        match &problem {
+            None => {
+                if !line.is_empty() {
+                    notify.send(&format!("STATUS={line}"));
+                }
+                if watchdog.is_some() {
+                    notify.send("WATCHDOG=1");
+                }
+                warned = false;
+            }
+            Some(p) => {
+                if !warned {
+                    tracing::error!(
+                        problem = %p,
+                        "unhealthy: withholding the systemd watchdog ping"
+                    );
+                    warned = true;
+                }
+                notify.send(&format!("STATUS=unhealthy: {p}"));
+            }
+        }
+    }
+}
+
+/// Re-reads the config (the file, then the flags on top) and reloads it into `daemon`,
+/// logging and reporting the outcome. Never stops the daemon.
+async fn reload(daemon: &mut Daemon, opts: &RunOptions) {
+    if let Some(n) = &opts.notify {
+        n.send(&crate::systemd::reloading_message());
+    }
+    let path = opts.config_path.clone();
+    let loaded = tokio::task::spawn_blocking(move || Config::load(path.as_deref()))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigError::Parse {
+                origin: "reload".into(),
+                message: e.to_string(),
+            })
+        });
+    let outcome = loaded.map_err(ReloadError::from).and_then(|mut cfg| {
+        if let Some(o) = &opts.overrides {
+            o(&mut cfg);
+        }
+        daemon.reload(cfg, opts.log.as_ref())
+    });
+    let status = match outcome {
+        Ok(plan) => {
+            tracing::info!(changes = %plan.summary(), "config reloaded");
+            format!("reloaded ({}); {}", plan.summary(), daemon.status_line())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "config reload refused; the running config stays in force");
+            format!("reload refused: {e}")
+        }
+    };
+    if let Some(n) = &opts.notify {
+        n.send(&format!("READY=1\nSTATUS={status}"));
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT, then shuts it down. `ready` is called once the
-/// listeners are bound (the binary prints its "listening" lines there).
+/// listeners are bound (the binary prints its "listening" lines there); `READY=1` follows.
+/// SIGHUP reloads the config ([`Daemon::reload`]).
 ///
 /// # Errors
 /// As [`Daemon::start`], and a signal handler that cannot be installed (exit 1).
-pub async fn run(cfg: Config, ready: impl FnOnce(&Daemon)) -> Result<(), DaemonError> {
+pub async fn run(
+    cfg: Config,
+    mut opts: RunOptions,
+    ready: impl FnOnce(&Daemon),
+) -> Result<(), DaemonError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let sig = |k| {
-        signal(k).map_err(|source| DaemonError::Socket {
-            path: PathBuf::from("<signal>"),
-            what: "installing a signal handler",
-            source,
-        })
-    };
+    let sig = |k| signal(k).map_err(DaemonError::Signal);
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
-    let daemon = Daemon::start(cfg).await?;
+    let mut hup = sig(SignalKind::hangup())?;
+    let rescan = cfg.topology.rescan;
+    let mut daemon = Daemon::start_with(cfg, opts.activated.take()).await?;
     ready(&daemon);
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+    let notify = opts.notify.take().map(Arc::new);
+    let mut supervisor = None;
+    let mut probe = None;
+    if let Some(n) = &notify {
+        let tick = opts
+            .watchdog
+            .map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+        let p = start_probe(
+            &daemon.engine,
+            &daemon.rpc.view,
+            (tick / 2).min(Duration::from_secs(1)),
+        )
+        .map_err(DaemonError::Probe)?;
+        n.send(&format!("READY=1\nSTATUS={}", daemon.status_line()));
+        supervisor = Some(tokio::spawn(supervise(
+            n.clone(),
+            p.clone(),
+            daemon.rpc.view.clone(),
+            opts.watchdog,
+            tick,
+            rescan,
+        )));
+        probe = Some(p);
+        if let Some(w) = opts.watchdog {
+            tracing::info!(timeout = ?w, "systemd watchdog on; pinging every {:?}", tick);
+        }
     }
-    daemon.shutdown().await;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT"); break; }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                reload(&mut daemon, &opts).await;
+            }
+        }
+    }
+    if let Some(s) = supervisor {
+        s.abort();
+    }
+    if let Some(p) = probe {
+        p.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+    if let Some(n) = &notify {
+        n.send(&format!(
+            "STOPPING=1\nSTATUS=stopping: refusing new work, giving running items up to {:?}; {}",
+            daemon.cfg.engine.shutdown_grace,
+            daemon.status_line()
+        ));
+    }
+    let cancelled = daemon.shutdown().await;
+    if let Some(n) = &notify {
+        n.send(&format!("STATUS=stopped; cancelled {cancelled} items"));
+    }
     Ok(())
 }

@@ -15,7 +15,9 @@ pub mod groups;
 pub mod handler;
 pub mod live;
 pub mod load;
+pub mod reload;
 pub mod rpc;
+pub mod systemd;
 pub mod target;
 pub mod topology;
 

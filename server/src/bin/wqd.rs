@@ -2,7 +2,12 @@
 //! [`wqd::daemon::run`] on a tokio runtime.
 //!
 //! Exit codes: 0 after a clean SIGTERM/SIGINT shutdown; 64 for bad flags or config; 1 when the
-//! daemon cannot start (unreadable topology, a live daemon on the socket, a bind error).
+//! daemon cannot start (unreadable topology, a live daemon on the socket, a bind error, a bad
+//! socket passed by systemd).
+//!
+//! Under systemd: the socket passed by `wqd.socket` (`LISTEN_FDS`) is taken here, before any
+//! thread starts, and `NOTIFY_SOCKET` / `WATCHDOG_USEC` are read; [`wqd::daemon::run`] does
+//! the rest. The log filter sits behind a reload handle so SIGHUP can change `[log] level`.
 //! Once listening it prints `wqd: listening on unix:PATH` (and `wqd: listening on
 //! tcp:ADDR`) on stderr, so scripts and tests can wait for that line.
 
@@ -12,8 +17,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 use wqd::config::{parse_mode, Config, Pinning};
+use wqd::daemon::RunOptions;
+use wqd::reload::LogSetter;
 
 const EX_USAGE: u8 = 64;
 
@@ -22,7 +31,7 @@ const EX_USAGE: u8 = 64;
 /// wqd serves the wqd.v1 gRPC API (plus grpc.health.v1 and server reflection) on a Unix
 /// socket, and optionally on TCP. Flags override the config file, which overrides the
 /// built-in defaults. See docs/daemon.md for every config key.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "wqd", version)]
 struct Cli {
     /// The Unix socket to listen on. Default: $XDG_RUNTIME_DIR/wqd/wqd.sock for a non-root
@@ -149,10 +158,12 @@ fn main() -> ExitCode {
         eprintln!("wqd: {e}");
         return ExitCode::from(EX_USAGE);
     }
-    let filter = cli
+    let fixed_filter = cli
         .log_level
         .clone()
-        .or_else(|| std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()))
+        .or_else(|| std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty()));
+    let from_file = fixed_filter.is_none();
+    let filter = fixed_filter
         .or_else(|| cfg.log.level.clone())
         .unwrap_or_else(|| "info".to_string());
     let filter = match EnvFilter::try_new(&filter) {
@@ -162,11 +173,47 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
+    // Only a level that came from the file may be changed by reloading the file.
+    let log: Option<LogSetter> = from_file.then(|| {
+        Box::new(move |level: &str| {
+            let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            handle.reload(f).map_err(|e| e.to_string())
+        }) as LogSetter
+    });
+
+    // Before any thread starts: this edits the environment.
+    let activated = match wqd::systemd::take_listener() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wqd: socket activation: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let notify = match wqd::systemd::Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("wqd: NOTIFY_SOCKET: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let flags = cli.clone();
+    let opts = RunOptions {
+        config_path: cli.config.clone(),
+        overrides: Some(Box::new(move |c: &mut Config| flags.apply(c))),
+        log,
+        activated,
+        watchdog: notify.as_ref().and(wqd::systemd::watchdog_from_env()),
+        notify,
+    };
 
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -180,7 +227,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let r = rt.block_on(wqd::daemon::run(cfg, |d| {
+    let r = rt.block_on(wqd::daemon::run(cfg, opts, |d| {
         eprintln!("wqd: listening on unix:{}", d.socket_path().display());
         if let Some(a) = d.tcp_addr() {
             eprintln!("wqd: listening on tcp:{a}");

@@ -69,7 +69,7 @@ impl Rpc {
     }
 
     fn check_count(&self, what: &str, n: usize) -> Result<(), RpcError> {
-        let max = self.limits.max_batch_items;
+        let max = self.limits.load().max_batch_items;
         if n > max {
             return Err(RpcError::OverLimit {
                 what: what.to_string(),
@@ -112,6 +112,7 @@ impl Rpc {
         r: v1::SubmitRequest,
         deadline: Option<Instant>,
     ) -> Result<v1::SubmitResponse, RpcError> {
+        let limits = self.limits.load();
         let specs = (|| {
             if r.items.is_empty() {
                 return Err(RpcError::Field {
@@ -123,7 +124,7 @@ impl Rpc {
             r.items
                 .into_iter()
                 .enumerate()
-                .map(|(i, it)| item_spec(i, it, &self.limits))
+                .map(|(i, it)| item_spec(i, it, &limits))
                 .collect::<Result<Vec<_>, _>>()
         })()
         .inspect_err(|_| self.refused())?;
@@ -161,14 +162,14 @@ impl Rpc {
                 .map(|r| result_out(&r))
                 .collect();
             let len = resp.encoded_len();
-            if len > self.limits.max_message_bytes {
+            if len > self.limits.load().max_message_bytes {
                 return Err(RpcError::Exhausted {
                     what: format!(
                         "batch {} was accepted and is done, but its {} results take {len} bytes, \
                          over limits.max_message_bytes = {}; fetch them with Flush (batch_id {})",
                         rec.batch,
                         resp.results.len(),
-                        self.limits.max_message_bytes,
+                        self.limits.load().max_message_bytes,
                         rec.batch
                     ),
                 });
@@ -185,6 +186,7 @@ impl Rpc {
         let mut wq: Option<String> = None;
         let mut specs: Vec<ItemSpec> = Vec::new();
         let began = Instant::now();
+        let limits = self.limits.load();
         let read = async {
             loop {
                 let msg = tokio::select! {
@@ -218,7 +220,7 @@ impl Rpc {
                 specs.reserve(m.items.len());
                 for it in m.items {
                     let index = specs.len();
-                    specs.push(item_spec(index, it, &self.limits)?);
+                    specs.push(item_spec(index, it, &limits)?);
                 }
             }
             Ok(())
@@ -552,7 +554,7 @@ impl v1::dispatch_service_server::DispatchService for Rpc {
             deadline,
             r.summary_only,
             unknown,
-            self.limits.max_message_bytes,
+            self.limits.load().max_message_bytes,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 use wqd_proto::v1;
 
-use crate::config::Limits;
+use crate::config::SharedLimits;
 use crate::engine::{Engine, EngineError};
 use crate::live::LiveView;
 use crate::load::LoadSampler;
@@ -149,7 +149,8 @@ pub struct Rpc {
     pub view: Arc<LiveView>,
     /// `None` in tests that run without a sampler (busy reads 0).
     pub load: Option<Arc<LoadSampler>>,
-    pub limits: Limits,
+    /// Swapped whole by a config reload; a request loads them once.
+    pub limits: SharedLimits,
     pub started: SystemTime,
     pub counters: Arc<Counters>,
     /// Flips to `true` once when the daemon shuts down; streams end then.
@@ -177,7 +178,7 @@ impl Rpc {
         use v1::stats_service_server::StatsServiceServer;
         use v1::topology_service_server::TopologyServiceServer;
         use v1::workqueue_service_server::WorkqueueServiceServer;
-        let max = self.limits.max_message_bytes;
+        let max = self.limits.load().max_message_bytes;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(wqd_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -146,7 +146,7 @@ impl v1::workqueue_service_server::WorkqueueService for Rpc {
                 field: "attrs".into(),
                 problem: "required".into(),
             })?;
-            let a = attrs_in(a, self.limits.max_queued)?;
+            let a = attrs_in(a, self.limits.load().max_queued)?;
             self.engine.create_workqueue(a.clone())?;
             Ok(v1::CreateWorkqueueResponse {
                 attrs: Some(attrs_out(&a)),
