@@ -85,7 +85,9 @@ if [[ $mode == daemon ]]; then
     # test enabled. Cargo is incremental, so this is quick when nothing changed; it also works
     # from inside `cargo test` (the build lock is free while tests run).
     bins+=("$target_dir/release/wqd")
-    pkgs=(-p wqd --bin wqd -p wqd-torture)
+    # Target flags apply to every selected package: `-p wqd --bin wqd -p wqd-torture` would
+    # build no wqd-torture at all (that package has no bin named wqd), so name both bins.
+    pkgs=(-p wqd -p wqd-torture --bin wqd --bin wqd-torture)
 fi
 if [[ $no_build != 1 ]]; then
     say "building ${pkgs[*]} (release)"
