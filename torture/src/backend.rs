@@ -50,6 +50,7 @@ pub struct Rec {
     pub state: State,
     pub cpu_started: Option<u32>,
     /// Timeline times (see [`Clock::on_timeline`]).
+    pub queued: Duration,
     pub started: Option<Duration>,
     pub finished: Option<Duration>,
     /// The level it was widened to, lowercase.
@@ -68,6 +69,7 @@ impl Rec {
             id: r.id,
             state: r.state,
             cpu_started: r.cpu_started,
+            queued: clock.on_timeline(r.queued_at),
             started: r.started_at.map(|t| clock.on_timeline(t)),
             finished: r.finished_at.map(|t| clock.on_timeline(t)),
             fallback: r.fallback.map(wqd::engine::level_name),

@@ -22,12 +22,15 @@
 //!   unknown (the kernel flips it somewhere inside), so the window is the write's own duration
 //!   plus `W` on each side. The engine's own `sched_getcpu` check and the handler's are both
 //!   held to this.
-//! - *Fallback / rejection*: an item widened (or rejected) at time t fails if some member of its
-//!   group was certainly online during all of `[t-W, t]` *and* wqd's live set had it live
-//!   during all of that interval too — acting against its own view is a bug; acting on a view
-//!   that lags is bounded separately by `L`. In daemon mode the view is `WatchTopology`'s, timed
-//!   by each snapshot's `taken_at`; a stretch where the watch skipped epochs counts as not live.
-//!   Without any view the interval is `[t-W-L, t]` on the kernel's state alone.
+//! - *Fallback / rejection*: wqd decides a fallback when a worker binds the item, somewhere
+//!   between its submit (`queued_at`, q) and its start (t); a preempted worker may start it
+//!   long after. So an item widened fails if some member of its group was certainly online
+//!   during all of `[q-W, t]` *and* wqd's live set had it live during all of that interval too.
+//!   A rejection is decided and stamped at once: rejected at t fails on `[t-W, t]`. Acting
+//!   against its own view is a bug; acting on a view that lags is bounded separately by `L`. In
+//!   daemon mode the view is `WatchTopology`'s, timed by each snapshot's `taken_at`; a stretch
+//!   where the watch skipped epochs counts as not live. Without any view the interval starts
+//!   `L` earlier, on the kernel's state alone.
 //! - *Started in its epoch*: the CPU an item started on must be live in the snapshot of the
 //!   epoch its result names (the engine's start check read that epoch). Exact, no window.
 //! - *Counts* (daemon mode): each workqueue's terminal totals and the re-bind counter must equal
@@ -417,13 +420,15 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
                 f.add(Problem::BadFallback, || {
                     format!("{}: widened to {level} on a non-widen queue", what())
                 });
-            } else if let Some(m) = up_member(inp, &info.members, t, w) {
+            } else if let Some(m) = up_member(inp, &info.members, r.queued.min(t), t, w) {
                 f.add(Problem::BadFallback, || {
                     format!(
-                        "{}: widened to {level} at {} while cpu{m} was online since before {}",
+                        "{}: widened to {level} (queued {}, started {} in epoch {:?}) while cpu{m} was online and live since before {}",
                         what(),
+                        secs(r.queued),
                         secs(t),
-                        secs(t.saturating_sub(w))
+                        r.epoch,
+                        secs(r.queued.min(t).saturating_sub(w))
                     )
                 });
             }
@@ -436,25 +441,32 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
             f.add(Problem::BadReject, || {
                 format!("{}: rejected on a {policy:?} queue: {}", what(), r.reason)
             });
-        } else if let Some(m) = up_member(inp, &info.members, t, w) {
+        } else if let Some(m) = up_member(inp, &info.members, t, t, w) {
             f.add(Problem::BadReject, || {
                 format!(
-                    "{}: rejected at {} while cpu{m} was online since before {} ({})",
+                    "{}: rejected at {} (queued {}) while cpu{m} was online and live since before {}: {:?}",
                     what(),
                     secs(t),
+                    secs(r.queued),
                     secs(t.saturating_sub(w)),
-                    r.reason
+                    if r.error.is_empty() { &r.reason } else { &r.error }
                 )
             });
         }
     }
 }
 
-/// A member of the group that was certainly up during `[t-w, t]` by the rules in the module
-/// docs: online in the kernel and live in wqd's view (library mode), or online in the kernel
-/// since `t-w-L` (daemon mode).
-fn up_member(inp: &Input<'_>, members: &CpuSet, t: Duration, w: Duration) -> Option<u32> {
-    let from = t.saturating_sub(w);
+/// A member of the group that was certainly up during `[from-w, t]` by the rules in the module
+/// docs: online in the kernel and live in wqd's view, or (no view) online in the kernel since
+/// `from-w-L`.
+fn up_member(
+    inp: &Input<'_>,
+    members: &CpuSet,
+    from: Duration,
+    t: Duration,
+    w: Duration,
+) -> Option<u32> {
+    let from = from.saturating_sub(w);
     members.iter().find(|&m| match inp.view {
         Some(view) => inp.log.certainly(m, true, from, t) && view_live(view, m, from, t),
         None => inp
@@ -592,6 +604,7 @@ mod tests {
             id,
             state,
             cpu_started: cpu,
+            queued: started.map_or(d(0), |s| d(s.saturating_sub(5))),
             started: started.map(d),
             finished: started.map(|s| d(s + 1)),
             fallback: None,

@@ -392,6 +392,10 @@ impl Backend for Daemon {
                     id: r.item_id,
                     state: state_of(r.state()),
                     cpu_started: r.cpu_started,
+                    queued: r
+                        .queued_at
+                        .as_ref()
+                        .map_or(Duration::ZERO, |t| self.clock.on_timeline(to_system(t))),
                     started: r
                         .started_at
                         .as_ref()
