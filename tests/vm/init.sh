@@ -1,7 +1,8 @@
 #!/bin/sh
-# /init of the torture VM (busybox ash). Mounts what the driver needs, runs wqd-torture with the
-# settings the harness packed into /etc/torture.env, makes sure a WQD-TORTURE marker reaches the
-# serial console whatever happens, and powers off.
+# /init of the torture VM (busybox ash). Mounts what the driver needs; in daemon mode starts the
+# real wqd and waits for its ready line; runs wqd-torture with the settings the harness packed
+# into /etc/torture.env; makes sure a WQD-TORTURE marker reaches the serial console whatever
+# happens, and powers off.
 export PATH=/usr/bin:/bin:/sbin:/usr/sbin
 mount -t devtmpfs devtmpfs /dev
 # The initramfs has no /dev/console node: take the console only now that devtmpfs is up.
@@ -37,20 +38,36 @@ case "$MODE" in
             echo "WQD-TORTURE: FAIL daemon mode asked but no wqd binary was packed"
             finish
         fi
-        /usr/bin/wqd --socket /run/wqd.sock >/tmp/wqd.log 2>&1 &
+        # The real daemon: host topology, real pinning, netlink uevents, a short rescan, and
+        # results kept long enough for a long run (/etc/wqd/wqd.toml, packed by run.sh).
+        # shellcheck disable=SC2086
+        set -- --socket /run/wqd/wqd.sock --config /etc/wqd/wqd.toml --pinning on \
+            --rescan "$RESCAN" --shutdown-grace 2s --log-level "$WQD_LOG" $WQD_ARGS
+        echo "init: starting wqd $*"
+        /usr/bin/wqd "$@" >/tmp/wqd.log 2>&1 &
         wqd_pid=$!
         i=0
-        while [ ! -S /run/wqd.sock ] && [ $i -lt 100 ]; do
+        while ! grep -q 'listening on unix:' /tmp/wqd.log && [ $i -lt 300 ]; do
+            if ! kill -0 "$wqd_pid" 2>/dev/null; then
+                cat /tmp/wqd.log
+                echo "WQD-TORTURE: FAIL wqd exited before it listened"
+                finish
+            fi
             sleep 0.1
             i=$((i + 1))
         done
+        echo "init: $(grep -m1 'listening on unix:' /tmp/wqd.log) after $((i / 10)).$((i % 10)) s"
         # shellcheck disable=SC2086
-        /usr/bin/wqd-torture --mode daemon --socket /run/wqd.sock --allow-hotplug --duration "$DURATION" --seed "$SEED" $EXTRA
+        /usr/bin/wqd-torture --mode daemon --socket /run/wqd/wqd.sock --allow-hotplug --duration "$DURATION" --seed "$SEED" $EXTRA
         rc=$?
-        kill "$wqd_pid" 2>/dev/null
+        kill -TERM "$wqd_pid" 2>/dev/null
         wait "$wqd_pid"
-        echo "init: wqd exited with status $?; its last log lines:"
-        tail -n 20 /tmp/wqd.log
+        wqd_rc=$?
+        echo "init: wqd exited with status $wqd_rc after SIGTERM; its last log lines:"
+        tail -n 12 /tmp/wqd.log
+        if [ "$wqd_rc" -ne 0 ]; then
+            echo "WQD-TORTURE: FAIL wqd exited with status $wqd_rc after SIGTERM (expected 0)"
+        fi
         ;;
     *)
         echo "WQD-TORTURE: FAIL unknown mode $MODE"

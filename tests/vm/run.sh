@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # CPU hotplug torture of wqd in a VM: fetch qemu, the Debian kernel and busybox (cached, host
 # packages untouched), build the release binaries, pack an initramfs, boot qemu (TCG) and grep
-# the WQD-TORTURE marker the guest prints on its serial console.
+# the WQD-TORTURE marker the guest prints on its serial console. In daemon mode (the default)
+# the guest runs the real wqd and wqd-torture drives it through wqd-client; in library mode
+# wqd-torture runs the engine in-process.
 #
-# Usage: tests/vm/run.sh [--duration 30s] [--seed N] [--smp 4] [--numa] [--mode library|daemon]
-#                        [--mem MB] [--timeout SECS] [--no-build] [--keep] [-- DRIVER-ARGS...]
+# Usage: tests/vm/run.sh [--duration 30s] [--seed N] [--smp 4] [--numa] [--mode daemon|library]
+#                        [--mem MB] [--timeout SECS] [--rescan 200ms] [--wqd-args 'ARGS']
+#                        [--no-build] [--keep] [-- DRIVER-ARGS...]
 # Every flag also has an environment variable: WQD_VM_DURATION, WQD_VM_SEED, WQD_VM_SMP,
-# WQD_VM_NUMA=1, WQD_VM_MODE, WQD_VM_MEM, WQD_VM_TIMEOUT, WQD_VM_NO_BUILD=1, WQD_VM_ARGS,
-# WQD_VM_CACHE (download cache, default tests/vm/work), WQD_VM_LOG (serial log path).
+# WQD_VM_NUMA=1, WQD_VM_MODE, WQD_VM_MEM, WQD_VM_TIMEOUT, WQD_VM_RESCAN, WQD_VM_WQD_ARGS,
+# WQD_VM_NO_BUILD=1, WQD_VM_ARGS, WQD_VM_CACHE (download cache, default tests/vm/work),
+# WQD_VM_LOG (serial log path). WQD_VM_WQD_LOG sets wqd's --log-level (default info).
 #
 # Exit status: 0 PASS; 1 FAIL, no marker, or timeout (the log's tail is printed);
 # 77 the packages cannot be fetched (no network): the caller may skip; 2 bad usage.
@@ -20,7 +24,10 @@ duration=${WQD_VM_DURATION:-30s}
 seed=${WQD_VM_SEED:-1}
 smp=${WQD_VM_SMP:-4}
 numa=${WQD_VM_NUMA:-0}
-mode=${WQD_VM_MODE:-library}
+mode=${WQD_VM_MODE:-daemon}
+rescan=${WQD_VM_RESCAN:-200ms}
+wqd_args=${WQD_VM_WQD_ARGS:-}
+wqd_log=${WQD_VM_WQD_LOG:-info}
 mem=${WQD_VM_MEM:-512}
 timeout_s=${WQD_VM_TIMEOUT:-}
 no_build=${WQD_VM_NO_BUILD:-0}
@@ -29,7 +36,7 @@ log=${WQD_VM_LOG:-}
 keep=0
 read -r -a extra <<<"${WQD_VM_ARGS:-}"
 
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
     case $1 in
         --duration) duration=$2; shift 2 ;;
@@ -39,6 +46,8 @@ while [[ $# -gt 0 ]]; do
         --mode) mode=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
         --timeout) timeout_s=$2; shift 2 ;;
+        --rescan) rescan=$2; shift 2 ;;
+        --wqd-args) wqd_args=$2; shift 2 ;;
         --no-build) no_build=1; shift ;;
         --keep) keep=1; shift ;;
         --) shift; extra+=("$@"); break ;;
@@ -69,35 +78,31 @@ qroot=$cache/root
 export LD_LIBRARY_PATH=$qroot/usr/lib/x86_64-linux-gnu:$qroot/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-have_daemon=0
-if [[ -f $repo/server/src/main.rs || -f $repo/server/src/bin/wqd.rs || -f $repo/server/src/bin/wqd/main.rs ]]; then
-    have_daemon=1
+bins=("$target_dir/release/wqd-torture")
+pkgs=(-p wqd-torture)
+if [[ $mode == daemon ]]; then
+    # The daemon as shipped: default features (no failpoints), whatever the caller's cargo
+    # test enabled. Cargo is incremental, so this is quick when nothing changed; it also works
+    # from inside `cargo test` (the build lock is free while tests run).
+    bins+=("$target_dir/release/wqd")
+    # Target flags apply to every selected package: `-p wqd --bin wqd -p wqd-torture` would
+    # build no wqd-torture at all (that package has no bin named wqd), so name both bins.
+    pkgs=(-p wqd -p wqd-torture --bin wqd --bin wqd-torture)
 fi
 if [[ $no_build != 1 ]]; then
-    pkgs=(-p wqd-torture)
-    # The daemon (tonic and all) only when it is driven: library mode does not need it.
-    if [[ $mode == daemon && $have_daemon == 1 ]]; then
-        pkgs+=(-p wqd --bin wqd --bin wqd-torture)
-    fi
     say "building ${pkgs[*]} (release)"
     (cd "$repo" && cargo build --release --locked "${pkgs[@]}") >&2
 fi
-bins=("$target_dir/release/wqd-torture")
-if [[ $mode == daemon && -x $target_dir/release/wqd ]]; then
-    bins+=("$target_dir/release/wqd")
-fi
-[[ -x ${bins[0]} ]] || { say "no ${bins[0]}; build first or drop --no-build"; exit 1; }
-if [[ $mode == daemon && ${#bins[@]} -lt 2 ]]; then
-    say "daemon mode needs the wqd daemon binary, which this tree does not build yet"
-    exit 1
-fi
+for b in "${bins[@]}"; do
+    [[ -x $b ]] || { say "no $b; build first or drop --no-build"; exit 1; }
+done
 
 # --- initramfs -----------------------------------------------------------------------------
 run_dir=$(mktemp -d "$cache/run.XXXXXX")
 cleanup() { [[ $keep == 1 ]] || rm -rf "$run_dir"; }
 trap cleanup EXIT
 root=$run_dir/root
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,usr/bin,usr/sbin}
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc/wqd,usr/bin,usr/sbin}
 cp "$cache/busybox" "$root/bin/busybox"
 # Debian's busybox lists itself as an applet; linking it over itself breaks the boot.
 for applet in $("$cache/busybox" --list); do
@@ -115,7 +120,13 @@ done
 install -m 0755 "$here/init.sh" "$root/init"
 {
     printf 'MODE=%q\nDURATION=%q\nSEED=%q\nEXTRA=%q\n' "$mode" "$duration" "$seed" "${extra[*]:-}"
+    printf 'RESCAN=%q\nWQD_ARGS=%q\nWQD_LOG=%q\n' "$rescan" "$wqd_args" "$wqd_log"
 } >"$root/etc/torture.env"
+# Results must outlive a long run (the default results_ttl is 10 minutes).
+cat >"$root/etc/wqd/wqd.toml" <<'EOF'
+[engine]
+results_ttl = "6h"
+EOF
 initrd=$run_dir/initrd.gz
 (cd "$root" && find . | "$cache/busybox" cpio -o -H newc -R 0:0 2>/dev/null) | gzip -1 >"$initrd"
 

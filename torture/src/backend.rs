@@ -1,5 +1,6 @@
-//! What the driver drives: wqd in-process ([`Library`]) or a running daemon (later, through
-//! `wqd-client`). Both sit behind [`Backend`], so the workload and the checks are the same.
+//! What the driver drives: wqd in-process ([`Library`]) or a running daemon
+//! ([`crate::daemon::Daemon`], through `wqd-client`). Both sit behind [`Backend`], so the
+//! workload and the checks are the same.
 //!
 //! [`Library`] runs the engine exactly as the daemon wires it: the host topology
 //! (`Reader::host()`), a [`LiveView`], a [`Monitor`] with the netlink uevent socket, pinned
@@ -8,7 +9,7 @@
 //! on (`sched_getcpu`) and when, so duplicates and strays are seen directly, not inferred from
 //! results.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,11 +50,14 @@ pub struct Rec {
     pub state: State,
     pub cpu_started: Option<u32>,
     /// Timeline times (see [`Clock::on_timeline`]).
+    pub queued: Duration,
     pub started: Option<Duration>,
     pub finished: Option<Duration>,
     /// The level it was widened to, lowercase.
     pub fallback: Option<String>,
     pub rebinds: u32,
+    /// The topology epoch that proved its CPU live at start (`None` if it never started).
+    pub epoch: Option<u64>,
     pub error: String,
     pub reason: String,
 }
@@ -65,10 +69,12 @@ impl Rec {
             id: r.id,
             state: r.state,
             cpu_started: r.cpu_started,
+            queued: clock.on_timeline(r.queued_at),
             started: r.started_at.map(|t| clock.on_timeline(t)),
             finished: r.finished_at.map(|t| clock.on_timeline(t)),
             fallback: r.fallback.map(wqd::engine::level_name),
             rebinds: r.rebinds,
+            epoch: r.epoch_started,
             error: r.error.clone(),
             reason: r.reason.clone(),
         }
@@ -93,6 +99,22 @@ pub struct Run {
 pub struct Waited {
     pub covered: usize,
     pub waited: Duration,
+    /// What the answer got wrong (daemon mode: an item streamed twice, a non-terminal result,
+    /// a count that does not add up). Each is a failure.
+    pub bad: Vec<String>,
+}
+
+/// wqd's published live sets over time: from each time on, the set in force; `None` where it
+/// is not known (daemon mode: the topology watch skipped an epoch).
+pub type View = Vec<(Duration, Option<CpuSet>)>;
+
+/// What the daemon counted, to hold against the results (daemon mode).
+#[derive(Debug, Clone, Default)]
+pub struct DaemonCounts {
+    /// Per workqueue, items that reached each terminal state (bumped once per item end).
+    pub totals: BTreeMap<String, BTreeMap<State, u64>>,
+    /// Re-binds summed over items.
+    pub rebinds: u64,
 }
 
 /// What the driver needs from wqd.
@@ -132,8 +154,17 @@ pub trait Backend: Send + Sync {
     fn live(&self) -> Result<CpuSet>;
     /// Runs seen by the handlers, when the backend can see them (library mode).
     fn runs(&self) -> Option<HashMap<u64, Run>>;
-    /// When the backend's view of the live CPUs changed, with the new set (library mode).
-    fn live_history(&self) -> Vec<(Duration, CpuSet)>;
+    /// When the backend's view of the live CPUs changed, with the new set.
+    fn live_history(&self) -> View;
+    /// The live set of every epoch the backend published (that the driver saw).
+    fn epochs(&self) -> HashMap<u64, CpuSet>;
+    /// The daemon's own counts, when it has an API for them (daemon mode).
+    ///
+    /// # Errors
+    /// The backend could not answer.
+    fn daemon_counts(&self) -> Result<Option<DaemonCounts>> {
+        Ok(None)
+    }
     /// Backend counters for the summary: (name, value).
     fn counters(&self) -> Vec<(String, u64)>;
     /// Stops everything the backend started.
@@ -184,7 +215,8 @@ pub struct Library {
     view: Arc<LiveView>,
     monitor: Mutex<Option<Monitor>>,
     runs: Arc<Runs>,
-    history: Arc<Mutex<Vec<(Duration, CpuSet)>>>,
+    history: Arc<Mutex<View>>,
+    epochs: Arc<Mutex<HashMap<u64, CpuSet>>>,
     clock: Arc<Clock>,
     netlink: bool,
 }
@@ -228,12 +260,20 @@ impl Library {
         let engine =
             Arc::new(Engine::start(cfg, reg, view.current()).context("starting the engine")?);
         let history = Arc::new(Mutex::new(Vec::new()));
-        let (e2, h2, c2) = (engine.clone(), history.clone(), clock.clone());
+        let epochs = Arc::new(Mutex::new(HashMap::new()));
+        let (e2, h2, p2, c2) = (
+            engine.clone(),
+            history.clone(),
+            epochs.clone(),
+            clock.clone(),
+        );
         let cur = view.on_change(Box::new(move |snap| {
             e2.apply_snapshot(snap);
-            h2.lock().push((c2.now(), snap.live.clone()));
+            h2.lock().push((c2.now(), Some(snap.live.clone())));
+            p2.lock().insert(snap.epoch, snap.live.clone());
         }));
-        history.lock().push((clock.now(), cur.live.clone()));
+        history.lock().push((clock.now(), Some(cur.live.clone())));
+        epochs.lock().insert(cur.epoch, cur.live.clone());
         engine.apply_snapshot(&cur);
         Ok(Library {
             engine,
@@ -241,6 +281,7 @@ impl Library {
             monitor: Mutex::new(Some(monitor)),
             runs,
             history,
+            epochs,
             clock,
             netlink,
         })
@@ -255,6 +296,7 @@ impl Library {
         Ok(Waited {
             covered,
             waited: s.waited,
+            bad: Vec::new(),
         })
     }
 }
@@ -329,8 +371,12 @@ impl Backend for Library {
         Some(self.runs.lock().clone())
     }
 
-    fn live_history(&self) -> Vec<(Duration, CpuSet)> {
+    fn live_history(&self) -> View {
         self.history.lock().clone()
+    }
+
+    fn epochs(&self) -> HashMap<u64, CpuSet> {
+        self.epochs.lock().clone()
     }
 
     fn counters(&self) -> Vec<(String, u64)> {

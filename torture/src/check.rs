@@ -1,6 +1,7 @@
-//! The checks: from the ledger, the results, the handlers' run counts, the hotplug log and (in
-//! library mode) the history of wqd's own live set, decide whether wqd kept its contract. Pure
-//! functions over plain data; nothing here talks to wqd or the kernel.
+//! The checks: from the ledger, the results, the handlers' run counts (library mode), the
+//! daemon's own counts (daemon mode), the hotplug log and the history of wqd's own live set,
+//! decide whether wqd kept its contract. Pure functions over plain data; nothing here talks to
+//! wqd or the kernel.
 //!
 //! Two bounds make the checks fair to a real kernel:
 //!
@@ -9,8 +10,9 @@
 //!   preempted in between).
 //! - `L`, the view lag bound (`--lag-bound`, 2 s): how long wqd may take to notice a
 //!   transition. wqd hears of it through a uevent and a sysfs rescan, with a periodic rescan
-//!   (1 s) as the backstop, so `L` = one rescan period plus one slow read. Every transition
-//!   wqd's live set took longer than `L` to reflect (library mode) fails the run.
+//!   (1 s in library mode, 200 ms for the daemon in the VM) as the backstop, so `L` = one
+//!   rescan period plus one slow read. Every transition wqd's live set took longer than `L` to
+//!   reflect fails the run.
 //!
 //! The checks that use them:
 //!
@@ -20,11 +22,19 @@
 //!   unknown (the kernel flips it somewhere inside), so the window is the write's own duration
 //!   plus `W` on each side. The engine's own `sched_getcpu` check and the handler's are both
 //!   held to this.
-//! - *Fallback / rejection*: an item widened (or rejected) at time t fails if some member of its
-//!   group was certainly online during all of `[t-W, t]` *and* wqd's live set had it live
-//!   during all of that interval too (library mode) — acting against its own view is a bug;
-//!   acting on a view that lags is bounded separately by `L`. Without the view (daemon mode) the
-//!   interval is `[t-W-L, t]` on the kernel's state alone.
+//! - *Fallback / rejection*: wqd decides a fallback when a worker binds the item, somewhere
+//!   between its submit (`queued_at`, q) and its start (t); a preempted worker may start it
+//!   long after. So an item widened fails if some member of its group was certainly online
+//!   during all of `[q-W, t]` *and* wqd's live set had it live during all of that interval too.
+//!   A rejection is decided and stamped at once: rejected at t fails on `[t-W, t]`. Acting
+//!   against its own view is a bug; acting on a view that lags is bounded separately by `L`. In
+//!   daemon mode the view is `WatchTopology`'s, timed by each snapshot's `taken_at`; a stretch
+//!   where the watch skipped epochs counts as not live. Without any view the interval starts
+//!   `L` earlier, on the kernel's state alone.
+//! - *Started in its epoch*: the CPU an item started on must be live in the snapshot of the
+//!   epoch its result names (the engine's start check read that epoch). Exact, no window.
+//! - *Counts* (daemon mode): each workqueue's terminal totals and the re-bind counter must equal
+//!   what the results add up to; an item that ended twice would count twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -34,7 +44,7 @@ use wqd::cpuset::CpuSet;
 use wqd::engine::State;
 use wqd::groups::Fallback;
 
-use crate::backend::{Rec, Run};
+use crate::backend::{DaemonCounts, Rec, Run};
 use crate::clock::secs;
 use crate::hotplug::{HotplugLog, Transition};
 use crate::load::{wq_name, FlushRec, Plan, Submitted, WQS};
@@ -58,6 +68,8 @@ pub enum Problem {
     BadState,
     /// Started on a CPU that was certainly offline then.
     StartedOffline,
+    /// Started on a CPU that was not live in the epoch its result names.
+    StartedNotLive,
     /// Started outside its group without a recorded fallback.
     OutsideGroup,
     /// Widened while its group had a CPU certainly online, or widened on a non-widen queue.
@@ -66,6 +78,10 @@ pub enum Problem {
     BadReject,
     /// A flush or cancel wait did not return within the bound, or failed.
     FlushStuck,
+    /// A flush or cancel answered wrongly: an item twice, one not terminal, a count off.
+    BadAnswer,
+    /// The daemon's own counters disagree with the results (an item ended twice, ...).
+    CountMismatch,
     /// A submit was refused (not for a full workqueue).
     SubmitError,
     /// wqd's live set took longer than the lag bound to reflect a transition, or never did.
@@ -83,10 +99,13 @@ impl Problem {
             Problem::RanUnknown => "ran unknown id",
             Problem::BadState => "failed/expired",
             Problem::StartedOffline => "started on offline CPU",
+            Problem::StartedNotLive => "started on a CPU not live in its epoch",
             Problem::OutsideGroup => "outside group",
             Problem::BadFallback => "bad fallback",
             Problem::BadReject => "bad reject",
             Problem::FlushStuck => "flush stuck",
+            Problem::BadAnswer => "bad flush/cancel answer",
+            Problem::CountMismatch => "daemon count mismatch",
             Problem::SubmitError => "submit error",
             Problem::SlowView => "slow topology view",
         }
@@ -117,6 +136,8 @@ pub struct Findings {
     pub cpu_moved: u64,
     /// Items that started on a CPU within `W` of one of its transitions (the race was exercised).
     pub near_transition: u64,
+    /// Started items whose start CPU was held against the live set of their epoch.
+    pub epoch_checked: u64,
 }
 
 impl Findings {
@@ -151,8 +172,12 @@ pub struct Input<'a> {
     /// Handler runs by id (library mode).
     pub runs: Option<&'a HashMap<u64, Run>>,
     pub log: &'a HotplugLog,
-    /// wqd's live set over time, as it published it (library mode).
-    pub view: Option<&'a [(Duration, CpuSet)]>,
+    /// wqd's live set over time, as it published it.
+    pub view: Option<&'a [(Duration, Option<CpuSet>)]>,
+    /// The live set of each epoch wqd published (those the driver saw).
+    pub epochs: &'a HashMap<u64, CpuSet>,
+    /// The daemon's own counts (daemon mode).
+    pub daemon: Option<&'a DaemonCounts>,
     pub flushes: &'a [FlushRec],
     pub submit_errors: &'a [String],
     pub reused_ids: &'a [u64],
@@ -181,7 +206,18 @@ pub fn check(inp: &Input<'_>) -> Findings {
                     secs(fl.at)
                 )
             });
-        } else if fl.waited > inp.flush_bound {
+        }
+        for b in &fl.bad {
+            f.add(Problem::BadAnswer, || {
+                format!(
+                    "{} on {} at {}: {b}",
+                    fl.kind.as_str(),
+                    wq_name(fl.wq),
+                    secs(fl.at)
+                )
+            });
+        }
+        if fl.error.is_none() && fl.waited > inp.flush_bound {
             f.add(Problem::FlushStuck, || {
                 format!(
                     "{} flush on {} at {} waited {:?}",
@@ -219,7 +255,49 @@ pub fn check(inp: &Input<'_>) -> Findings {
     for s in inp.items {
         check_item(inp, s, w, &mut f);
     }
+    if let Some(d) = inp.daemon {
+        check_counts(inp, d, &mut f);
+    }
     f
+}
+
+/// The daemon's per-workqueue terminal totals and re-bind counter against the results.
+fn check_counts(inp: &Input<'_>, d: &DaemonCounts, f: &mut Findings) {
+    let mut ours: BTreeMap<&str, BTreeMap<State, u64>> = BTreeMap::new();
+    let mut rebinds = 0u64;
+    for s in inp.items {
+        let Some(r) = inp.results.get(&s.id) else {
+            continue;
+        };
+        rebinds += u64::from(r.rebinds);
+        if r.state.is_terminal() {
+            *ours
+                .entry(WQS[s.wq as usize].0)
+                .or_default()
+                .entry(r.state)
+                .or_default() += 1;
+        }
+    }
+    for (wq, _) in WQS {
+        let theirs = d.totals.get(wq);
+        for st in State::ALL.iter().filter(|s| s.is_terminal()) {
+            let a = theirs.and_then(|t| t.get(st)).copied().unwrap_or(0);
+            let b = ours.get(wq).and_then(|t| t.get(st)).copied().unwrap_or(0);
+            if a != b {
+                f.add(Problem::CountMismatch, || {
+                    format!("{wq}: the daemon counted {a} items {st}, the results say {b}")
+                });
+            }
+        }
+    }
+    if d.rebinds != rebinds {
+        f.add(Problem::CountMismatch, || {
+            format!(
+                "the daemon counted {} re-binds, the results add up to {rebinds}",
+                d.rebinds
+            )
+        });
+    }
 }
 
 fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
@@ -272,6 +350,27 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
         f.add(Problem::RunMismatch, || {
             format!("{}: ok without a start CPU", what())
         });
+    } else if r.state == State::Rejected && r.cpu_started.is_some() {
+        f.add(Problem::RunMismatch, || {
+            format!(
+                "{}: rejected after it started on {:?}",
+                what(),
+                r.cpu_started
+            )
+        });
+    }
+    if let (Some(cpu), Some(e)) = (r.cpu_started, r.epoch) {
+        if let Some(live) = inp.epochs.get(&e) {
+            f.epoch_checked += 1;
+            if !live.contains(cpu) {
+                f.add(Problem::StartedNotLive, || {
+                    format!(
+                        "{}: started on cpu{cpu} in epoch {e}, whose live set is {live}",
+                        what()
+                    )
+                });
+            }
+        }
     }
 
     // Where and when it started.
@@ -321,13 +420,15 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
                 f.add(Problem::BadFallback, || {
                     format!("{}: widened to {level} on a non-widen queue", what())
                 });
-            } else if let Some(m) = up_member(inp, &info.members, t, w) {
+            } else if let Some(m) = up_member(inp, &info.members, r.queued.min(t), t, w) {
                 f.add(Problem::BadFallback, || {
                     format!(
-                        "{}: widened to {level} at {} while cpu{m} was online since before {}",
+                        "{}: widened to {level} (queued {}, started {} in epoch {:?}) while cpu{m} was online and live since before {}",
                         what(),
+                        secs(r.queued),
                         secs(t),
-                        secs(t.saturating_sub(w))
+                        r.epoch,
+                        secs(r.queued.min(t).saturating_sub(w))
                     )
                 });
             }
@@ -340,25 +441,32 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
             f.add(Problem::BadReject, || {
                 format!("{}: rejected on a {policy:?} queue: {}", what(), r.reason)
             });
-        } else if let Some(m) = up_member(inp, &info.members, t, w) {
+        } else if let Some(m) = up_member(inp, &info.members, t, t, w) {
             f.add(Problem::BadReject, || {
                 format!(
-                    "{}: rejected at {} while cpu{m} was online since before {} ({})",
+                    "{}: rejected at {} (queued {}) while cpu{m} was online and live since before {}: {:?}",
                     what(),
                     secs(t),
+                    secs(r.queued),
                     secs(t.saturating_sub(w)),
-                    r.reason
+                    if r.error.is_empty() { &r.reason } else { &r.error }
                 )
             });
         }
     }
 }
 
-/// A member of the group that was certainly up during `[t-w, t]` by the rules in the module
-/// docs: online in the kernel and live in wqd's view (library mode), or online in the kernel
-/// since `t-w-L` (daemon mode).
-fn up_member(inp: &Input<'_>, members: &CpuSet, t: Duration, w: Duration) -> Option<u32> {
-    let from = t.saturating_sub(w);
+/// A member of the group that was certainly up during `[from-w, t]` by the rules in the module
+/// docs: online in the kernel and live in wqd's view, or (no view) online in the kernel since
+/// `from-w-L`.
+fn up_member(
+    inp: &Input<'_>,
+    members: &CpuSet,
+    from: Duration,
+    t: Duration,
+    w: Duration,
+) -> Option<u32> {
+    let from = from.saturating_sub(w);
     members.iter().find(|&m| match inp.view {
         Some(view) => inp.log.certainly(m, true, from, t) && view_live(view, m, from, t),
         None => inp
@@ -367,8 +475,14 @@ fn up_member(inp: &Input<'_>, members: &CpuSet, t: Duration, w: Duration) -> Opt
     })
 }
 
-/// Whether wqd's published live set held `cpu` during all of `[from, to]`.
-pub fn view_live(view: &[(Duration, CpuSet)], cpu: u32, from: Duration, to: Duration) -> bool {
+/// Whether wqd's published live set held `cpu` during all of `[from, to]` (an unknown stretch
+/// does not).
+pub fn view_live(
+    view: &[(Duration, Option<CpuSet>)],
+    cpu: u32,
+    from: Duration,
+    to: Duration,
+) -> bool {
     // The set in force at `from` is the last one published at or before it.
     let first = view.partition_point(|(at, _)| *at <= from);
     let Some(start) = first.checked_sub(1) else {
@@ -377,7 +491,7 @@ pub fn view_live(view: &[(Duration, CpuSet)], cpu: u32, from: Duration, to: Dura
     view[start..]
         .iter()
         .take_while(|(at, _)| *at <= to)
-        .all(|(_, live)| live.contains(cpu))
+        .all(|(_, live)| live.as_ref().is_some_and(|l| l.contains(cpu)))
 }
 
 /// Whether `cpu` had a transition within `w` of `t`.
@@ -394,6 +508,8 @@ pub struct Lags {
     pub seen: Vec<Duration>,
     /// Transitions undone (by the next write of that CPU) within the bound, before wqd saw them.
     pub undone: usize,
+    /// Transitions not seen while the view had an unknown stretch (skipped epochs): not judged.
+    pub unknown: usize,
     /// Transitions seen late or never, with why.
     pub slow: Vec<(Transition, String)>,
 }
@@ -401,7 +517,7 @@ pub struct Lags {
 /// For each successful transition: the time from the write's end to the first live set wqd
 /// published after the write began that agrees with it, looking only until the same CPU's next
 /// write. A state that lasted longer than `bound` and that wqd reflected late or never is slow.
-pub fn lags(log: &HotplugLog, view: &[(Duration, CpuSet)], bound: Duration) -> Lags {
+pub fn lags(log: &HotplugLog, view: &[(Duration, Option<CpuSet>)], bound: Duration) -> Lags {
     let mut out = Lags::default();
     let ok: Vec<&Transition> = log
         .transitions
@@ -410,12 +526,21 @@ pub fn lags(log: &HotplugLog, view: &[(Duration, CpuSet)], bound: Duration) -> L
         .collect();
     for (i, t) in ok.iter().enumerate() {
         let next = ok[i + 1..].iter().find(|n| n.cpu == t.cpu).map(|n| n.begin);
-        let seen = view
-            .iter()
-            .skip_while(|(at, _)| *at < t.begin)
-            .take_while(|(at, _)| next.is_none_or(|n| *at < n))
-            .find(|(_, live)| live.contains(t.cpu) == t.now_online)
+        let window = || {
+            view.iter()
+                .skip_while(|(at, _)| *at < t.begin)
+                .take_while(|(at, _)| next.is_none_or(|n| *at < n))
+        };
+        let seen = window()
+            .find(|(_, live)| {
+                live.as_ref()
+                    .is_some_and(|l| l.contains(t.cpu) == t.now_online)
+            })
             .map(|(at, _)| at.saturating_sub(t.end));
+        if seen.is_none() && window().any(|(_, live)| live.is_none()) {
+            out.unknown += 1;
+            continue;
+        }
         match (seen, next) {
             (Some(lag), _) if lag <= bound => out.seen.push(lag),
             (Some(lag), _) => {
@@ -479,10 +604,12 @@ mod tests {
             id,
             state,
             cpu_started: cpu,
+            queued: started.map_or(d(0), |s| d(s.saturating_sub(5))),
             started: started.map(d),
             finished: started.map(|s| d(s + 1)),
             fallback: None,
             rebinds: 0,
+            epoch: None,
             error: String::new(),
             reason: String::new(),
         }
@@ -494,7 +621,8 @@ mod tests {
         results: HashMap<u64, Rec>,
         runs: HashMap<u64, Run>,
         log: HotplugLog,
-        view: Vec<(Duration, CpuSet)>,
+        view: Vec<(Duration, Option<CpuSet>)>,
+        epochs: HashMap<u64, CpuSet>,
     }
 
     impl Case {
@@ -508,12 +636,15 @@ mod tests {
                 log: log(),
                 // wqd sees each change 30 ms after the write's end.
                 view: vec![
-                    (d(0), CpuSet::range(0, 3)),
-                    (d(190), "0,2-3".parse().expect("cpulist")),
-                    (d(330), CpuSet::single(0)),
-                    (d(1090), CpuSet::range(0, 1)),
-                    (d(2090), CpuSet::range(0, 3)),
+                    (d(0), Some(CpuSet::range(0, 3))),
+                    (d(190), Some("0,2-3".parse().expect("cpulist"))),
+                    (d(330), Some(CpuSet::single(0))),
+                    (d(1090), Some(CpuSet::range(0, 1))),
+                    (d(2090), Some(CpuSet::range(0, 3))),
                 ],
+                epochs: [(1, CpuSet::range(0, 3)), (2, CpuSet::single(0))]
+                    .into_iter()
+                    .collect(),
             }
         }
         fn target(&self, t: &str) -> u16 {
@@ -553,6 +684,8 @@ mod tests {
                 runs: Some(&self.runs),
                 log: &self.log,
                 view: Some(&self.view),
+                epochs: &self.epochs,
+                daemon: None,
                 flushes: &[],
                 submit_errors: &[],
                 reused_ids: &[],
@@ -638,6 +771,89 @@ mod tests {
             f.examples
         );
         assert!(f.verdict().is_some());
+    }
+
+    #[test]
+    fn the_epoch_and_the_daemon_counts_are_held_against_the_results() {
+        let mut c = Case::new();
+        // Epoch 2 had only cpu0 live: starting on cpu1 in it is a bug, on cpu0 is not.
+        let mut a = rec(1, State::Ok, Some(1), Some(50));
+        a.epoch = Some(2);
+        c.item(0, "cpu:1", a, true);
+        let mut b = rec(2, State::Ok, Some(0), Some(50));
+        b.epoch = Some(2);
+        c.item(0, "cpu:0", b, true);
+        let f = c.check();
+        assert_eq!(
+            f.counts.keys().copied().collect::<Vec<_>>(),
+            vec![Problem::StartedNotLive],
+            "{:?}",
+            f.examples
+        );
+        assert_eq!(f.epoch_checked, 2);
+
+        // The daemon counted one ok more on tw-widen than the results show (an item ended
+        // twice), and one re-bind the results lack.
+        let mut c = Case::new();
+        c.item(0, "cpu:1", rec(1, State::Ok, Some(1), Some(50)), true);
+        let totals = [(
+            "tw-widen".to_string(),
+            [(State::Ok, 2)].into_iter().collect(),
+        )]
+        .into_iter()
+        .collect();
+        let counted = DaemonCounts { totals, rebinds: 1 };
+        let mut inp = Input {
+            plan: &c.plan,
+            items: &c.items,
+            results: &c.results,
+            runs: None,
+            log: &c.log,
+            view: Some(&c.view),
+            epochs: &c.epochs,
+            daemon: Some(&counted),
+            flushes: &[],
+            submit_errors: &[],
+            reused_ids: &[],
+            window: d(100),
+            lag_bound: Duration::from_secs(2),
+            flush_bound: Duration::from_secs(30),
+        };
+        let f = check(&inp);
+        assert_eq!(
+            f.counts.get(&Problem::CountMismatch),
+            Some(&2),
+            "{:?}",
+            f.examples
+        );
+        let ok = DaemonCounts {
+            totals: [(
+                "tw-widen".to_string(),
+                [(State::Ok, 1)].into_iter().collect(),
+            )]
+            .into_iter()
+            .collect(),
+            rebinds: 0,
+        };
+        inp.daemon = Some(&ok);
+        assert_eq!(check(&inp).verdict(), None);
+    }
+
+    #[test]
+    fn a_skipped_stretch_of_the_view_is_never_live() {
+        let mut c = Case::new();
+        // wqd's view is unknown from 1000 ms to 1560 ms (the watch skipped epochs there).
+        c.view.insert(3, (d(1000), None));
+        c.view[4].0 = d(1560);
+        // A widen at 1300 ms while cpu1 was back in the kernel: not judged against an unknown
+        // view (and the lag of cpu1's return is not judged either).
+        let mut w = rec(1, State::Ok, Some(0), Some(1300));
+        w.fallback = Some("node".into());
+        c.item(0, "cpu:1", w, true);
+        let f = c.check();
+        assert_eq!(f.verdict(), None, "{:?}", f.examples);
+        assert!(!view_live(&c.view, 1, d(1100), d(1200)));
+        assert!(view_live(&c.view, 0, d(0), d(900)));
     }
 
     #[test]

@@ -155,6 +155,8 @@ pub struct FlushRec {
     pub at: Duration,
     pub waited: Duration,
     pub error: Option<String>,
+    /// What its answer got wrong (see [`crate::backend::Waited::bad`]).
+    pub bad: Vec<String>,
 }
 
 /// Everything the workload did. Appended by many threads; read by the checks after they stop.
@@ -207,6 +209,7 @@ impl Ledger {
                 at,
                 waited: w.waited,
                 error: None,
+                bad: w.bad,
             },
             Err(e) => FlushRec {
                 kind,
@@ -215,6 +218,7 @@ impl Ledger {
                 at,
                 waited: Duration::ZERO,
                 error: Some(format!("{e:#}")),
+                bad: Vec::new(),
             },
         };
         self.flushes.lock().push(rec);

@@ -9,6 +9,9 @@
 //! Then it brings every CPU back, flushes everything and checks the contract (see `check.rs`
 //! and `docs/torture.md`). The last line is `WQD-TORTURE: PASS` or `WQD-TORTURE: FAIL <why>`.
 //!
+//! `--mode library` (the default) runs the engine in-process; `--mode daemon --socket PATH`
+//! drives a running `wqd` through `wqd-client` (the VM harness starts the real daemon for it).
+//!
 //! Writing `cpuN/online` needs `--allow-hotplug`: it is meant for a VM (tests/vm) or a host you
 //! mean to torture. Without it the workload and checks run with every CPU left alone.
 //!
@@ -17,6 +20,7 @@
 mod backend;
 mod check;
 mod clock;
+mod daemon;
 mod hotplug;
 mod load;
 mod report;
@@ -56,6 +60,9 @@ struct Args {
     /// The daemon's socket (daemon mode).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// How long to wait for the daemon to answer on its socket (daemon mode).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
     /// How long to torture (e.g. 30s, 10m).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -164,10 +171,11 @@ fn start_backend(args: &Args, clock: &Arc<Clock>) -> Result<Arc<dyn Backend>> {
                 .socket
                 .as_ref()
                 .ok_or_else(|| anyhow!("--mode daemon needs --socket PATH"))?;
-            bail!(
-                "daemon mode is not implemented yet (socket {}): the wqd daemon binary has not landed",
-                socket.display()
-            )
+            Ok(Arc::new(daemon::Daemon::start(
+                socket,
+                clock.clone(),
+                args.connect_timeout,
+            )?))
         }
     }
 }
@@ -344,6 +352,7 @@ fn run(args: &Args) -> Result<Option<String>> {
     load::final_flush(&ctx);
 
     let items = ledger.items.lock().clone();
+    let mut submit_errors_late = Vec::new();
     let mut results = HashMap::with_capacity(items.len());
     for chunk in items.chunks(4096) {
         let ids: Vec<u64> = chunk.iter().map(|s| s.id).collect();
@@ -353,13 +362,22 @@ fn run(args: &Args) -> Result<Option<String>> {
     }
     let runs = backend.runs();
     let history = backend.live_history();
+    let epochs = backend.epochs();
     let counters = backend.counters();
+    let daemon_counts = match backend.daemon_counts() {
+        Ok(c) => c,
+        Err(e) => {
+            submit_errors_late.push(format!("reading the daemon's counters: {e:#}"));
+            None
+        }
+    };
     backend.shutdown();
 
     let log = log.lock();
     let flushes = ledger.flushes.lock().clone();
     let mut submit_errors = ledger.errors.lock().clone();
     submit_errors.extend(thread_errors);
+    submit_errors.extend(submit_errors_late);
     let reused = ledger.reused_ids.lock().clone();
     let window = Duration::from_millis(args.race_window_ms);
     let findings = check::check(&check::Input {
@@ -369,6 +387,8 @@ fn run(args: &Args) -> Result<Option<String>> {
         runs: runs.as_ref(),
         log: &log,
         view: (!history.is_empty()).then_some(history.as_slice()),
+        epochs: &epochs,
+        daemon: daemon_counts.as_ref(),
         flushes: &flushes,
         submit_errors: &submit_errors,
         reused_ids: &reused,

@@ -21,7 +21,7 @@ pub struct Summary<'a> {
     pub queue_full: u64,
     pub log: &'a HotplugLog,
     pub flushes: &'a [FlushRec],
-    /// wqd's delay in seeing transitions (library mode).
+    /// wqd's delay in seeing transitions.
     pub lags: Option<Lags>,
     pub counters: Vec<(String, u64)>,
     pub window: Duration,
@@ -95,12 +95,13 @@ pub fn render(s: &Summary<'_>) -> String {
         row(
             "topology lag",
             format!(
-                "write end to wqd's live set: p50 {}, p99 {}, max {} over {} writes ({} undone before seen, {} slow)",
+                "write end to wqd's live set: p50 {}, p99 {}, max {} over {} writes ({} undone before seen, {} in skipped epochs, {} slow)",
                 ms(pct(&l.seen, 0.5)),
                 ms(pct(&l.seen, 0.99)),
                 ms(pct(&l.seen, 1.0)),
                 l.seen.len(),
                 l.undone,
+                l.unknown,
                 l.slow.len()
             ),
         );
@@ -162,6 +163,13 @@ pub fn render(s: &Summary<'_>) -> String {
             f.near_transition,
             ms(s.window),
             f.cpu_moved
+        ),
+    );
+    row(
+        "epochs",
+        format!(
+            "{} started items held against the live set of the epoch that let them start",
+            f.epoch_checked
         ),
     );
     row(
