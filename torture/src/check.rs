@@ -183,6 +183,9 @@ pub struct Input<'a> {
     pub reused_ids: &'a [u64],
     pub window: Duration,
     pub lag_bound: Duration,
+    /// How far wqd's fallback/reject decisions may lag the view it published (it publishes to
+    /// watchers just before its engine applies a snapshot). Zero judges against the view alone.
+    pub decision_lag: Duration,
     pub flush_bound: Duration,
 }
 
@@ -467,8 +470,14 @@ fn up_member(
     w: Duration,
 ) -> Option<u32> {
     let from = from.saturating_sub(w);
+    // wqd publishes a snapshot to watchers just before its engine applies it, so the engine's
+    // decision can lag the published view; on a preempted TCG guest that lag has exceeded the
+    // race window. A member counts as up only if it was live in the view since `decision_lag`
+    // before the window. (Exact judging needs the decision's epoch on the result: not recorded
+    // yet.)
+    let view_from = from.saturating_sub(inp.decision_lag);
     members.iter().find(|&m| match inp.view {
-        Some(view) => inp.log.certainly(m, true, from, t) && view_live(view, m, from, t),
+        Some(view) => inp.log.certainly(m, true, view_from, t) && view_live(view, m, view_from, t),
         None => inp
             .log
             .certainly(m, true, from.saturating_sub(inp.lag_bound), t),
@@ -691,6 +700,7 @@ mod tests {
                 reused_ids: &[],
                 window: d(100),
                 lag_bound: Duration::from_secs(2),
+                decision_lag: Duration::ZERO,
                 flush_bound: Duration::from_secs(30),
             })
         }
@@ -817,6 +827,7 @@ mod tests {
             reused_ids: &[],
             window: d(100),
             lag_bound: Duration::from_secs(2),
+            decision_lag: Duration::ZERO,
             flush_bound: Duration::from_secs(30),
         };
         let f = check(&inp);

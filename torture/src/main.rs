@@ -394,6 +394,7 @@ fn run(args: &Args) -> Result<Option<String>> {
         reused_ids: &reused,
         window,
         lag_bound: args.lag_bound,
+        decision_lag: Duration::from_secs(1),
         flush_bound: args.flush_bound,
     });
     let lags = (!history.is_empty() && !log.transitions.is_empty())
