@@ -4,7 +4,8 @@
 //! Exit codes: 0 after a clean SIGTERM/SIGINT shutdown; 64 for bad flags or config; 1 when the
 //! daemon cannot start (unreadable topology, a live daemon on the socket, a bind error).
 //! Once listening it prints `wqd: listening on unix:PATH` (and `wqd: listening on
-//! tcp:ADDR`) on stderr, so scripts and tests can wait for that line.
+//! tcp:ADDR`, and `wqd: metrics on http://ADDR/metrics`) on stderr, so scripts and tests can
+//! wait for that line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,7 +57,8 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Where to serve Prometheus metrics (kept in the config; not served by this build yet).
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
+    /// free one). Only loopback addresses unless --allow-remote. Default: not served.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
 
@@ -184,6 +186,9 @@ fn main() -> ExitCode {
         eprintln!("wqd: listening on unix:{}", d.socket_path().display());
         if let Some(a) = d.tcp_addr() {
             eprintln!("wqd: listening on tcp:{a}");
+        }
+        if let Some(a) = d.metrics_addr() {
+            eprintln!("wqd: metrics on http://{a}/metrics");
         }
     }));
     match r {
