@@ -50,18 +50,19 @@ const REFLECTION: [&str; 2] = [
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
-/// Handles of one method label value: duration now, a counter per code on first use.
+/// Handles of one method label value, registered on first use (so an idle daemon does not
+/// render a zero histogram per method).
 struct MethodHandles {
     label: String,
-    duration: Histogram,
+    duration: OnceLock<Histogram>,
     codes: [OnceLock<Counter>; 17],
 }
 
 impl MethodHandles {
-    fn new(reg: &Registry, label: &str) -> MethodHandles {
+    fn new(label: &str) -> MethodHandles {
         MethodHandles {
             label: label.to_string(),
-            duration: reg.histogram(names::RPC_DURATION, &[("method", label.to_string())]),
+            duration: OnceLock::new(),
             codes: std::array::from_fn(|_| OnceLock::new()),
         }
     }
@@ -109,11 +110,11 @@ impl RpcMetrics {
             .chain(methods_of(tonic_health::pb::FILE_DESCRIPTOR_SET))
             .chain(REFLECTION.iter().map(|s| s.to_string()));
         for m in all {
-            let h = Arc::new(MethodHandles::new(&reg, &m));
+            let h = Arc::new(MethodHandles::new(&m));
             methods.insert(format!("/{m}"), h);
         }
         RpcMetrics {
-            unknown: Arc::new(MethodHandles::new(&reg, "unknown")),
+            unknown: Arc::new(MethodHandles::new("unknown")),
             methods,
             reg,
         }
@@ -136,7 +137,12 @@ impl RpcMetrics {
                 )
             })
             .increment(1);
-        m.duration.record(began.elapsed().as_secs_f64());
+        m.duration
+            .get_or_init(|| {
+                self.reg
+                    .histogram(names::RPC_DURATION, &[("method", m.label.clone())])
+            })
+            .record(began.elapsed().as_secs_f64());
     }
 }
 

@@ -28,7 +28,7 @@ mod observer;
 mod scrape;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
@@ -221,7 +221,7 @@ impl Metrics {
         Ok(Metrics {
             observer: Arc::new(observer::EngineMetrics::new(reg.clone())),
             rpc: Arc::new(grpc::RpcMetrics::new(reg.clone())),
-            flush: FlushMetrics::new(&reg),
+            flush: FlushMetrics::new(),
             scrape: Mutex::new(scrape::ScrapeState::default()),
             handle,
             reg,
@@ -240,7 +240,9 @@ impl Metrics {
 
     /// Records how long a flush (or a Submit/Cancel/Drain wait) took and how it ended.
     pub fn observe_flush(&self, method: FlushMethod, outcome: FlushOutcome, took: Duration) {
-        self.flush.h[method as usize][outcome as usize].record(took.as_secs_f64());
+        self.flush
+            .get(&self.reg, method, outcome)
+            .record(took.as_secs_f64());
     }
 
     /// Refreshes the gauges from `engine` and `view`, then renders the Prometheus text format.
@@ -279,12 +281,6 @@ pub enum FlushOutcome {
 }
 
 impl FlushMethod {
-    const ALL: [FlushMethod; 4] = [
-        FlushMethod::Flush,
-        FlushMethod::Submit,
-        FlushMethod::Cancel,
-        FlushMethod::Drain,
-    ];
     fn as_str(self) -> &'static str {
         match self {
             FlushMethod::Flush => "Flush",
@@ -296,11 +292,6 @@ impl FlushMethod {
 }
 
 impl FlushOutcome {
-    const ALL: [FlushOutcome; 3] = [
-        FlushOutcome::Complete,
-        FlushOutcome::Deadline,
-        FlushOutcome::Abandoned,
-    ];
     fn as_str(self) -> &'static str {
         match self {
             FlushOutcome::Complete => "complete",
@@ -310,31 +301,28 @@ impl FlushOutcome {
     }
 }
 
-/// Cached flush histograms, by [method][outcome].
+/// Flush histograms by [method][outcome], registered on first use.
 struct FlushMetrics {
-    h: Vec<Vec<Histogram>>,
+    h: [[OnceLock<Histogram>; 3]; 4],
 }
 
 impl FlushMetrics {
-    fn new(reg: &Registry) -> FlushMetrics {
-        let h = FlushMethod::ALL
-            .iter()
-            .map(|m| {
-                FlushOutcome::ALL
-                    .iter()
-                    .map(|o| {
-                        reg.histogram(
-                            names::FLUSH_DURATION,
-                            &[
-                                ("method", m.as_str().to_string()),
-                                ("outcome", o.as_str().to_string()),
-                            ],
-                        )
-                    })
-                    .collect()
-            })
-            .collect();
-        FlushMetrics { h }
+    fn new() -> FlushMetrics {
+        FlushMetrics {
+            h: Default::default(),
+        }
+    }
+
+    fn get(&self, reg: &Registry, m: FlushMethod, o: FlushOutcome) -> &Histogram {
+        self.h[m as usize][o as usize].get_or_init(|| {
+            reg.histogram(
+                names::FLUSH_DURATION,
+                &[
+                    ("method", m.as_str().to_string()),
+                    ("outcome", o.as_str().to_string()),
+                ],
+            )
+        })
     }
 }
 
