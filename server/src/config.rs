@@ -123,7 +123,8 @@ impl ListenConfig {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Where to serve Prometheus metrics (not served yet).
+    /// Where to serve Prometheus metrics (`GET /metrics`); loopback unless
+    /// `listen.allow_remote`. See docs/metrics.md.
     pub listen: Option<SocketAddr>,
 }
 
@@ -409,6 +410,7 @@ impl Config {
                 ));
             }
         }
+        crate::metrics::check_config(self)?;
         let lim = &self.limits;
         for (key, v) in [
             ("limits.max_message_bytes", lim.max_message_bytes),

@@ -92,6 +92,8 @@ pub enum DaemonError {
     Signal(#[source] io::Error),
     #[error("starting the systemd health probe: {0}")]
     Probe(#[source] io::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 impl DaemonError {
@@ -133,6 +135,7 @@ pub struct Daemon {
     /// Whether the Unix listener came from systemd.
     activated: bool,
     tcp: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     health: tonic_health::server::HealthReporter,
     servers: Vec<JoinHandle<()>>,
@@ -289,6 +292,8 @@ impl Daemon {
             }
         }));
         ecfg.load = load.as_ref().map(|l| l.hook());
+        let metrics = crate::metrics::for_config(&cfg)?;
+        ecfg.observer = metrics.as_ref().map(|m| m.observer());
         let registry = Registry::with_builtins(cfg.exec.clone());
         let engine = Arc::new(Engine::start(ecfg, registry, view.current())?);
         for attrs in cfg.extra_workqueues()? {
@@ -316,11 +321,11 @@ impl Daemon {
             }
             None => None,
         };
-        if let Some(m) = cfg.metrics.listen {
-            tracing::warn!(addr = %m, "metrics endpoint configured but not served yet (this build has no metrics exporter)");
-        }
 
         let (stop, stopping) = watch::channel(false);
+        let metrics_server =
+            crate::metrics::serve(&metrics, &cfg, &engine, &view, &stopping).await?;
+        let metrics_addr = metrics_server.as_ref().map(|m| m.local_addr());
         let rpc = Rpc {
             engine: engine.clone(),
             view: view.clone(),
@@ -329,10 +334,11 @@ impl Daemon {
             started: SystemTime::now(),
             counters: Arc::new(Counters::default()),
             stopping: stopping.clone(),
+            metrics,
         };
         let health = tonic_health::server::HealthReporter::new();
         Rpc::set_health(&health, true).await;
-        let mut servers = Vec::new();
+        let mut servers: Vec<_> = metrics_server.into_iter().map(|m| m.into_task()).collect();
         let router = rpc.router(&health)?;
         let st = stopping.clone();
         servers.push(tokio::spawn(async move {
@@ -385,6 +391,7 @@ impl Daemon {
             cfg,
             activated: is_activated,
             tcp: tcp_addr,
+            metrics_addr,
             stop,
             health,
             servers,
@@ -400,6 +407,11 @@ impl Daemon {
     /// The TCP address served (with the real port when 0 was asked), if any.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp
+    }
+
+    /// The metrics address served (with the real port when 0 was asked), if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Whether workers are pinned.

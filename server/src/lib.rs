@@ -15,6 +15,7 @@ pub mod groups;
 pub mod handler;
 pub mod live;
 pub mod load;
+pub mod metrics;
 pub mod reload;
 pub mod rpc;
 pub mod systemd;

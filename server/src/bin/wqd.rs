@@ -9,7 +9,8 @@
 //! thread starts, and `NOTIFY_SOCKET` / `WATCHDOG_USEC` are read; [`wqd::daemon::run`] does
 //! the rest. The log filter sits behind a reload handle so SIGHUP can change `[log] level`.
 //! Once listening it prints `wqd: listening on unix:PATH` (and `wqd: listening on
-//! tcp:ADDR`) on stderr, so scripts and tests can wait for that line.
+//! tcp:ADDR`, and `wqd: metrics on http://ADDR/metrics`) on stderr, so scripts and tests can
+//! wait for that line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,7 +66,8 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// Where to serve Prometheus metrics (kept in the config; not served by this build yet).
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0 picks a
+    /// free one). Only loopback addresses unless --allow-remote. Default: not served.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
 
@@ -231,6 +233,9 @@ fn main() -> ExitCode {
         eprintln!("wqd: listening on unix:{}", d.socket_path().display());
         if let Some(a) = d.tcp_addr() {
             eprintln!("wqd: listening on tcp:{a}");
+        }
+        if let Some(a) = d.metrics_addr() {
+            eprintln!("wqd: metrics on http://{a}/metrics");
         }
     }));
     match r {

@@ -25,6 +25,7 @@ use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
 };
 use crate::engine::{CancelOutcome, Flush, FlushEvent, FlushScope, ItemResult, ItemSpec, Receipt};
+use crate::metrics::{FlushMethod, FlushOutcome, Metrics};
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -57,7 +58,24 @@ async fn collect(
     }
 }
 
+/// Records a finished flush wait in the metrics, if they are on.
+fn observe_flush(m: Option<&Metrics>, method: FlushMethod, outcome: FlushOutcome, began: Instant) {
+    if let Some(m) = m {
+        m.observe_flush(method, outcome, began.elapsed());
+    }
+}
+
 impl Rpc {
+    /// [`observe_flush`] for a wait that ended with `r`.
+    fn flush_waited<T>(&self, method: FlushMethod, began: Instant, r: &Result<T, RpcError>) {
+        let outcome = match r {
+            Ok(_) => FlushOutcome::Complete,
+            Err(RpcError::Deadline { .. }) => FlushOutcome::Deadline,
+            Err(_) => FlushOutcome::Abandoned,
+        };
+        observe_flush(self.metrics.as_deref(), method, outcome, began);
+    }
+
     pub(super) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&crate::engine::Engine) -> T + Send + 'static,
@@ -146,7 +164,9 @@ impl Rpc {
         if r.wait {
             let mut flush = self.engine.flush(FlushScope::Batch(rec.batch))?;
             let what = format!("waiting for batch {}", rec.batch);
-            let events = collect(&mut flush, deadline, &what).await?;
+            let events = collect(&mut flush, deadline, &what).await;
+            self.flush_waited(FlushMethod::Submit, flush.began(), &events);
+            let events = events?;
             let mut by_id: HashMap<u64, Arc<ItemResult>> = events
                 .into_iter()
                 .filter_map(|e| match e {
@@ -310,12 +330,14 @@ impl Rpc {
         };
         let mut report = self.blocking(move |e| e.cancel(scope)).await??;
         let running = report.running.covered();
-        collect(
+        let waited = collect(
             &mut report.running,
             deadline,
             &format!("waiting for {running} running items to stop after cancel"),
         )
-        .await?;
+        .await;
+        self.flush_waited(FlushMethod::Cancel, report.running.began(), &waited);
+        waited?;
         let mut outcomes = report.outcomes;
         outcomes.sort_unstable_by_key(|(id, _)| *id);
         let ids: Vec<u64> = outcomes.iter().map(|(id, _)| *id).collect();
@@ -355,7 +377,9 @@ impl Rpc {
         let began = Instant::now();
         let w = wq.clone();
         let mut flush = self.blocking(move |e| e.drain(&w)).await??;
-        let events = collect(&mut flush, deadline, &format!("draining workqueue {wq:?}")).await?;
+        let events = collect(&mut flush, deadline, &format!("draining workqueue {wq:?}")).await;
+        self.flush_waited(FlushMethod::Drain, flush.began(), &events);
+        let events = events?;
         let mut counts = v1::StateCounts::default();
         for ev in &events {
             if let FlushEvent::Done(r) = ev {
@@ -414,6 +438,7 @@ async fn stream_flush(
     summary_only: bool,
     mut unknown: Vec<u64>,
     max_bytes: usize,
+    metrics: Option<Arc<Metrics>>,
 ) {
     use v1::flush_response::Event;
     let budget = (max_bytes / 2).max(1);
@@ -428,14 +453,17 @@ async fn stream_flush(
         }))
     };
     let began = flush.began();
+    let observe = |o| observe_flush(metrics.as_deref(), FlushMethod::Flush, o, began);
     loop {
         let due = group_due;
         let ev = tokio::select! {
             _ = tx.closed() => {
                 tracing::debug!("flush client went away; the work goes on");
+                observe(FlushOutcome::Abandoned);
                 return;
             }
             _ = sleep_until(deadline) => {
+                observe(FlushOutcome::Deadline);
                 let _ = tx.try_send(deadline_err(began));
                 return;
             }
@@ -473,7 +501,10 @@ async fn stream_flush(
             group_bytes = 0;
             if !send(&tx, Ok(msg), deadline).await {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
+                    observe(FlushOutcome::Deadline);
                     let _ = tx.try_send(deadline_err(began));
+                } else {
+                    observe(FlushOutcome::Abandoned);
                 }
                 return;
             }
@@ -489,6 +520,7 @@ async fn stream_flush(
         }
         unknown.extend(gone);
     }
+    observe(FlushOutcome::Complete);
     unknown.sort_unstable();
     let summary = v1::FlushSummary {
         counts: Some(counts),
@@ -555,6 +587,7 @@ impl v1::dispatch_service_server::DispatchService for Rpc {
             r.summary_only,
             unknown,
             self.limits.load().max_message_bytes,
+            self.metrics.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

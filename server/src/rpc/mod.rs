@@ -155,6 +155,8 @@ pub struct Rpc {
     pub counters: Arc<Counters>,
     /// Flips to `true` once when the daemon shuts down; streams end then.
     pub stopping: watch::Receiver<bool>,
+    /// Prometheus metrics (RPC counts, flush timings); `None` when not served.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for Rpc {
@@ -166,14 +168,23 @@ impl std::fmt::Debug for Rpc {
 }
 
 impl Rpc {
-    /// Every service (wqd.v1, health, reflection) on one router, with the message limits.
+    /// Every service (wqd.v1, health, reflection) on one router, with the message limits,
+    /// behind the metrics layer (a pass-through when metrics are off).
     ///
     /// # Errors
     /// The reflection service's error if the descriptor set does not decode (a build bug).
     pub fn router(
         &self,
         health: &tonic_health::server::HealthReporter,
-    ) -> Result<tonic::transport::server::Router, tonic_reflection::server::Error> {
+    ) -> Result<
+        tonic::transport::server::Router<
+            tower::layer::util::Stack<
+                crate::metrics::grpc::RpcMetricsLayer,
+                tower::layer::util::Identity,
+            >,
+        >,
+        tonic_reflection::server::Error,
+    > {
         use v1::dispatch_service_server::DispatchServiceServer;
         use v1::stats_service_server::StatsServiceServer;
         use v1::topology_service_server::TopologyServiceServer;
@@ -187,7 +198,12 @@ impl Rpc {
             .register_encoded_file_descriptor_set(wqd_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
+        let rpc_metrics = match &self.metrics {
+            Some(m) => m.rpc_layer(),
+            None => crate::metrics::grpc::RpcMetricsLayer::default(),
+        };
         Ok(tonic::transport::Server::builder()
+            .layer(rpc_metrics)
             .add_service(
                 DispatchServiceServer::new(self.clone())
                     .max_decoding_message_size(max)

@@ -47,6 +47,10 @@ impl v1::stats_service_server::StatsService for Rpc {
             workqueues: wqs.len() as u32,
             handlers: self.engine.handler_names(),
             results_retained: es.results as u64,
+            flushes_active: es.flushes as u64,
+            watchdog_lockups: es.lockups,
+            cpu_hogs: es.hogs,
+            workers: es.workers as u64,
         }))
     }
 }

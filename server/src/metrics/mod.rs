@@ -1,0 +1,452 @@
+//! Prometheus metrics: the registry, the engine [`Observer`](crate::engine::Observer), the
+//! gauges refreshed at scrape time, the gRPC layer counting RPCs, flush timings, and the HTTP
+//! listener serving `/metrics`.
+//!
+//! Owns one [`Metrics`]: a `metrics-exporter-prometheus` recorder that is *not* installed as
+//! the global recorder. The daemon builds it and hands out what each part needs: the engine
+//! gets an `Observer` (counters and histograms updated as items move), the RPC layer a
+//! [`grpc::RpcMetricsLayer`] and [`Metrics::observe_flush`], the listener a scrape that first
+//! refreshes the gauges from `Engine::stats()`, `Engine::workqueues()` and the `LiveView`, then
+//! renders. Every metric, its type, labels and meaning are in `docs/metrics.md`; the names are
+//! the constants of [`names`].
+//!
+//! Invariants:
+//! * Label values are bounded: workqueue names (capped at [`MAX_WORKQUEUE_LABELS`], then
+//!   `_other`), levels, CPU numbers, group targets of the topology and config, handler-free
+//!   states, fixed reasons and sources, known RPC methods (others are `unknown`), gRPC code
+//!   names. Never item or batch ids.
+//! * The per-item path (observer) takes a read lock and one hash lookup per call, then updates
+//!   atomics through cached handles; it allocates only the first time it sees a workqueue.
+//! * Gauges are set only at scrape time. A label set that disappears from its source is set
+//!   to 0 once, then dropped from the output after [`GAUGE_IDLE`] without updates.
+//! * Histogram samples are drained into buckets by an upkeep tick ([`UPKEEP`]) even when
+//!   nobody scrapes, so memory stays bounded.
+
+pub mod grpc;
+mod http;
+mod observer;
+mod scrape;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ::metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use metrics_util::MetricKindMask;
+use parking_lot::Mutex;
+
+use crate::config::{Config, ConfigError};
+use crate::engine::{Engine, Observer};
+use crate::live::LiveView;
+
+pub use http::MetricsServer;
+
+/// Distinct workqueue label values at most; later workqueues are counted as `_other`.
+pub const MAX_WORKQUEUE_LABELS: usize = 256;
+/// A gauge label set not updated for this long leaves the output (a deleted workqueue, a
+/// group removed by a config change).
+pub const GAUGE_IDLE: Duration = Duration::from_secs(120);
+/// How often histogram samples are folded into buckets.
+pub const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Metric names (see `docs/metrics.md`).
+pub mod names {
+    pub const ITEMS_SUBMITTED: &str = "wqd_items_submitted_total";
+    pub const ITEMS_FINISHED: &str = "wqd_items_finished_total";
+    pub const ITEM_QUEUE_WAIT: &str = "wqd_item_queue_wait_seconds";
+    pub const ITEM_RUN: &str = "wqd_item_run_seconds";
+    pub const ITEMS_PENDING: &str = "wqd_items_pending";
+    pub const WORKQUEUE_ITEMS: &str = "wqd_workqueue_items";
+    pub const WORKQUEUE_MAX_QUEUED: &str = "wqd_workqueue_max_queued";
+    pub const WORKQUEUE_DRAINING: &str = "wqd_workqueue_draining";
+    pub const CPU_RUNNING_ITEMS: &str = "wqd_cpu_running_items";
+    pub const REBINDS: &str = "wqd_rebinds_total";
+    pub const FALLBACKS: &str = "wqd_fallbacks_total";
+    pub const FLUSH_DURATION: &str = "wqd_flush_duration_seconds";
+    pub const LIVE_CPUS: &str = "wqd_live_cpus";
+    pub const ONLINE_CPUS: &str = "wqd_online_cpus";
+    pub const CPU_LIVE: &str = "wqd_cpu_live";
+    pub const GROUP_LIVE_CPUS: &str = "wqd_group_live_cpus";
+    pub const TOPOLOGY_EPOCH: &str = "wqd_topology_epoch";
+    pub const ENGINE_TOPOLOGY_EPOCH: &str = "wqd_engine_topology_epoch";
+    pub const TOPOLOGY_EVENTS: &str = "wqd_topology_events_total";
+    pub const TOPOLOGY_EPOCHS: &str = "wqd_topology_epochs_total";
+    pub const WATCHDOG_LOCKUPS: &str = "wqd_watchdog_lockups_total";
+    pub const CPU_HOGS: &str = "wqd_cpu_hogs_total";
+    pub const RPC_HANDLED: &str = "wqd_rpc_handled_total";
+    pub const RPC_DURATION: &str = "wqd_rpc_duration_seconds";
+    pub const WORKERS: &str = "wqd_workers";
+    pub const FLUSHES_ACTIVE: &str = "wqd_flushes_active";
+    pub const RESULTS_RETAINED: &str = "wqd_results_retained";
+    pub const BUILD_INFO: &str = "wqd_build_info";
+}
+
+/// Bucket upper bounds, in seconds, for item wait and run times: 100µs to 10 minutes.
+pub const ITEM_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+];
+/// Bucket upper bounds, in seconds, for flushes and RPCs: 1ms to 10 minutes.
+pub const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 600.0,
+];
+
+/// Errors of the metrics layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("bad histogram buckets: {0}")]
+    Buckets(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks `[metrics] listen`: a non-loopback address needs `listen.allow_remote` (the endpoint
+/// has no authentication, like the plain TCP API).
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `metrics.listen`.
+pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
+    match cfg.metrics.listen {
+        Some(addr) if !addr.ip().is_loopback() && !cfg.listen.allow_remote => {
+            Err(ConfigError::Invalid {
+                key: "metrics.listen".into(),
+                problem: format!(
+                    "{addr} is not a loopback address; set listen.allow_remote = true (or pass \
+                     --allow-remote) to serve metrics on it"
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+static META: Metadata<'static> =
+    Metadata::new(module_path!(), ::metrics::Level::INFO, Some(module_path!()));
+
+/// The recorder, shared by everything that registers handles. Registering is idempotent: the
+/// same name and labels give a handle to the same value.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    recorder: PrometheusRecorder,
+}
+
+/// A label set: fixed keys, owned values.
+pub(crate) type Labels = Vec<(&'static str, String)>;
+
+fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(k, v)| Label::new(*k, v.clone()))
+        .collect();
+    Key::from_parts(name, labels)
+}
+
+impl Registry {
+    pub(crate) fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
+        self.recorder.register_counter(&key(name, labels), &META)
+    }
+    pub(crate) fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &META)
+    }
+    pub(crate) fn histogram(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, String)],
+    ) -> Histogram {
+        self.recorder.register_histogram(&key(name, labels), &META)
+    }
+}
+
+/// Every metric of one daemon. Build one with [`Metrics::new`], hand
+/// [`Metrics::observer`] to the engine config, [`Metrics::rpc_layer`] to the gRPC server, and
+/// serve it with [`MetricsServer::start`].
+pub struct Metrics {
+    reg: Arc<Registry>,
+    handle: PrometheusHandle,
+    observer: Arc<observer::EngineMetrics>,
+    rpc: Arc<grpc::RpcMetrics>,
+    flush: FlushMetrics,
+    /// L: serialises scrapes (each refresh compares with the previous one).
+    scrape: Mutex<scrape::ScrapeState>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The daemon's metrics when `[metrics] listen` is set, else `None` (then nothing is
+/// recorded and the engine runs without an observer).
+///
+/// # Errors
+/// As [`Metrics::new`].
+pub fn for_config(cfg: &Config) -> Result<Option<Arc<Metrics>>, MetricsError> {
+    match cfg.metrics.listen {
+        Some(_) => Ok(Some(Arc::new(Metrics::new()?))),
+        None => Ok(None),
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every histogram's buckets and the gauge idle timeout.
+    ///
+    /// # Errors
+    /// [`MetricsError::Buckets`] (a bug: the bucket lists are constants).
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let full = |n: &str| Matcher::Full(n.to_string());
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(full(names::ITEM_QUEUE_WAIT), ITEM_BUCKETS)?
+            .set_buckets_for_metric(full(names::ITEM_RUN), ITEM_BUCKETS)?
+            .set_buckets_for_metric(full(names::FLUSH_DURATION), WAIT_BUCKETS)?
+            .set_buckets_for_metric(full(names::RPC_DURATION), WAIT_BUCKETS)?
+            .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
+            .build_recorder();
+        let handle = recorder.handle();
+        let reg = Arc::new(Registry { recorder });
+        describe(&reg.recorder);
+        reg.gauge(
+            names::BUILD_INFO,
+            &[("version", env!("CARGO_PKG_VERSION").to_string())],
+        )
+        .set(1.0);
+        Ok(Metrics {
+            observer: Arc::new(observer::EngineMetrics::new(reg.clone())),
+            rpc: Arc::new(grpc::RpcMetrics::new(reg.clone())),
+            flush: FlushMetrics::new(),
+            scrape: Mutex::new(scrape::ScrapeState::default()),
+            handle,
+            reg,
+        })
+    }
+
+    /// The engine observer feeding the item, re-bind and watchdog metrics.
+    pub fn observer(&self) -> Arc<dyn Observer> {
+        self.observer.clone()
+    }
+
+    /// The tower layer counting every RPC by method and final status code.
+    pub fn rpc_layer(&self) -> grpc::RpcMetricsLayer {
+        grpc::RpcMetricsLayer::new(Some(self.rpc.clone()))
+    }
+
+    /// Records how long a flush (or a Submit/Cancel/Drain wait) took and how it ended.
+    pub fn observe_flush(&self, method: FlushMethod, outcome: FlushOutcome, took: Duration) {
+        self.flush
+            .get(&self.reg, method, outcome)
+            .record(took.as_secs_f64());
+    }
+
+    /// Refreshes the gauges from `engine` and `view`, then renders the Prometheus text format.
+    /// Blocking (takes the engine lock briefly): call it off the async threads.
+    pub fn scrape(&self, engine: &Engine, view: &LiveView) -> String {
+        self.scrape
+            .lock()
+            .refresh(&self.reg, &self.observer, engine, view);
+        self.handle.render()
+    }
+
+    /// Folds recorded histogram samples into buckets (the [`UPKEEP`] tick).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+/// Which RPC waited for a flush (the `method` label of `wqd_flush_duration_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushMethod {
+    Flush,
+    Submit,
+    Cancel,
+    Drain,
+}
+
+/// How a flush wait ended (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// Every covered item is terminal.
+    Complete,
+    /// The client's deadline passed first.
+    Deadline,
+    /// The client went away first.
+    Abandoned,
+}
+
+impl FlushMethod {
+    fn as_str(self) -> &'static str {
+        match self {
+            FlushMethod::Flush => "Flush",
+            FlushMethod::Submit => "Submit",
+            FlushMethod::Cancel => "Cancel",
+            FlushMethod::Drain => "Drain",
+        }
+    }
+}
+
+impl FlushOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            FlushOutcome::Complete => "complete",
+            FlushOutcome::Deadline => "deadline",
+            FlushOutcome::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Flush histograms by [method][outcome], registered on first use.
+struct FlushMetrics {
+    h: [[OnceLock<Histogram>; 3]; 4],
+}
+
+impl FlushMetrics {
+    fn new() -> FlushMetrics {
+        FlushMetrics {
+            h: Default::default(),
+        }
+    }
+
+    fn get(&self, reg: &Registry, m: FlushMethod, o: FlushOutcome) -> &Histogram {
+        self.h[m as usize][o as usize].get_or_init(|| {
+            reg.histogram(
+                names::FLUSH_DURATION,
+                &[
+                    ("method", m.as_str().to_string()),
+                    ("outcome", o.as_str().to_string()),
+                ],
+            )
+        })
+    }
+}
+
+/// `# HELP` lines (units are in the names, so none are passed).
+fn describe(r: &PrometheusRecorder) {
+    use names::*;
+    let c = |n: &'static str, d: &'static str| r.describe_counter(n.into(), None, d.into());
+    let g = |n: &'static str, d: &'static str| r.describe_gauge(n.into(), None, d.into());
+    let h = |n: &'static str, d: &'static str| r.describe_histogram(n.into(), None, d.into());
+    c(
+        ITEMS_SUBMITTED,
+        "Items queued by accepted batches (duplicates of a pending key excluded).",
+    );
+    c(
+        ITEMS_FINISHED,
+        "Items that reached a terminal state, by workqueue and state.",
+    );
+    h(
+        ITEM_QUEUE_WAIT,
+        "Time from queueing to start of items, by workqueue.",
+    );
+    h(
+        ITEM_RUN,
+        "Run time of items that started, from start to finish, by workqueue.",
+    );
+    g(
+        ITEMS_PENDING,
+        "Items queued and not bound to a CPU, by workqueue and level of their target.",
+    );
+    g(
+        WORKQUEUE_ITEMS,
+        "Items of a workqueue not yet terminal, by state (delayed, pending, running).",
+    );
+    g(
+        WORKQUEUE_MAX_QUEUED,
+        "The workqueue's max_queued: non-terminal items it accepts at most.",
+    );
+    g(
+        WORKQUEUE_DRAINING,
+        "1 while the workqueue drains and refuses new work.",
+    );
+    g(
+        CPU_RUNNING_ITEMS,
+        "Items bound to a worker of the CPU (running or about to start).",
+    );
+    c(
+        REBINDS,
+        "Items handed back before they started, by reason (offline, affinity).",
+    );
+    c(
+        FALLBACKS,
+        "Items started outside their own group, by the widened level they ran in.",
+    );
+    h(
+        FLUSH_DURATION,
+        "How long flush waits took, by RPC and outcome.",
+    );
+    g(
+        LIVE_CPUS,
+        "CPUs work may run on now (online, allowed, not isolated).",
+    );
+    g(ONLINE_CPUS, "CPUs online in the current topology snapshot.");
+    g(
+        CPU_LIVE,
+        "1 if the CPU is live, 0 if it is known but not live.",
+    );
+    g(
+        GROUP_LIVE_CPUS,
+        "Live CPUs of each group (target) of the topology and config.",
+    );
+    g(TOPOLOGY_EPOCH, "The live view's current topology epoch.");
+    g(
+        ENGINE_TOPOLOGY_EPOCH,
+        "The topology epoch the engine schedules by.",
+    );
+    c(
+        TOPOLOGY_EVENTS,
+        "Topology readings applied, by source, whether or not they changed anything.",
+    );
+    c(TOPOLOGY_EPOCHS, "Topology epochs published, by source.");
+    c(
+        WATCHDOG_LOCKUPS,
+        "Watchdog lockup reports: the CPU's pool had runnable work and made no progress.",
+    );
+    c(
+        CPU_HOGS,
+        "Items reported as running longer than the CPU-hog threshold, by CPU.",
+    );
+    c(
+        RPC_HANDLED,
+        "RPCs completed, by method and final gRPC status code (streams when they end).",
+    );
+    h(
+        RPC_DURATION,
+        "Time from request to final status of RPCs, by method.",
+    );
+    g(WORKERS, "Worker threads of all CPU pools.");
+    g(
+        FLUSHES_ACTIVE,
+        "Flushes (and cancel/drain waits) in progress in the engine.",
+    );
+    g(RESULTS_RETAINED, "Terminal results kept for GetResults.");
+    g(
+        BUILD_INFO,
+        "Always 1; the version label says which wqd runs.",
+    );
+}
+
+/// The daemon's scrape endpoint: started on `[metrics] listen` when metrics are on.
+///
+/// # Errors
+/// [`MetricsError::Listen`].
+pub async fn serve(
+    metrics: &Option<Arc<Metrics>>,
+    cfg: &Config,
+    engine: &Arc<Engine>,
+    view: &Arc<LiveView>,
+    stopping: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<MetricsServer>, MetricsError> {
+    let (Some(m), Some(addr)) = (metrics, cfg.metrics.listen) else {
+        return Ok(None);
+    };
+    let (e, v, s) = (engine.clone(), view.clone(), stopping.clone());
+    MetricsServer::start(m.clone(), addr, e, v, s)
+        .await
+        .map(Some)
+}

@@ -1,0 +1,185 @@
+//! The engine [`Observer`]: per-item counters and histograms, re-binds and watchdog reports.
+//!
+//! Owns the cached handles per workqueue ([`WqHandles`]). Invariant: a workqueue's handles are
+//! registered once, the first time it is seen, under the write lock; every later event takes
+//! the read lock, looks the name up (no allocation) and updates atomics. Past
+//! [`MAX_WORKQUEUE_LABELS`] names, new workqueues share the `_other` handles, so the label stays
+//! bounded whatever clients create. Called outside the engine lock, never calls back into it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::metrics::{Counter, Histogram};
+use parking_lot::RwLock;
+
+use super::{names, Registry, MAX_WORKQUEUE_LABELS};
+use crate::engine::{ItemResult, Observer, State};
+
+/// The label value of workqueues beyond [`MAX_WORKQUEUE_LABELS`].
+pub(crate) const OTHER_WORKQUEUE: &str = "_other";
+
+/// Terminal states in label order.
+const TERMINAL: [State; 5] = [
+    State::Ok,
+    State::Failed,
+    State::Cancelled,
+    State::Expired,
+    State::Rejected,
+];
+
+fn terminal_index(s: State) -> Option<usize> {
+    TERMINAL.iter().position(|t| *t == s)
+}
+
+/// Handles of one workqueue label value.
+struct WqHandles {
+    submitted: Counter,
+    finished: [Counter; 5],
+    wait: Histogram,
+    run: Histogram,
+}
+
+impl WqHandles {
+    fn new(reg: &Registry, wq: &str) -> WqHandles {
+        let l = |extra: Option<State>| {
+            let mut v = vec![("workqueue", wq.to_string())];
+            if let Some(s) = extra {
+                v.push(("state", s.as_str().to_string()));
+            }
+            v
+        };
+        WqHandles {
+            submitted: reg.counter(names::ITEMS_SUBMITTED, &l(None)),
+            finished: TERMINAL.map(|s| reg.counter(names::ITEMS_FINISHED, &l(Some(s)))),
+            wait: reg.histogram(names::ITEM_QUEUE_WAIT, &l(None)),
+            run: reg.histogram(names::ITEM_RUN, &l(None)),
+        }
+    }
+}
+
+/// See the module docs.
+pub(crate) struct EngineMetrics {
+    reg: Arc<Registry>,
+    /// L: read on every event; written when a new workqueue name shows up.
+    wqs: RwLock<HashMap<Box<str>, Arc<WqHandles>>>,
+    other: Arc<WqHandles>,
+    rebind_offline: Counter,
+    rebind_affinity: Counter,
+}
+
+impl EngineMetrics {
+    pub(crate) fn new(reg: Arc<Registry>) -> EngineMetrics {
+        let rb = |r: &str| reg.counter(names::REBINDS, &[("reason", r.to_string())]);
+        let m = EngineMetrics {
+            rebind_offline: rb("offline"),
+            rebind_affinity: rb("affinity"),
+            other: Arc::new(WqHandles::new(&reg, OTHER_WORKQUEUE)),
+            wqs: RwLock::new(HashMap::new()),
+            reg,
+        };
+        // The default workqueue always exists: its series start at 0.
+        m.wq("default");
+        m
+    }
+
+    fn wq(&self, name: &str) -> Arc<WqHandles> {
+        if let Some(h) = self.wqs.read().get(name) {
+            return h.clone();
+        }
+        let mut w = self.wqs.write();
+        if let Some(h) = w.get(name) {
+            return h.clone();
+        }
+        if w.len() >= MAX_WORKQUEUE_LABELS {
+            return self.other.clone();
+        }
+        let h = Arc::new(WqHandles::new(&self.reg, name));
+        w.insert(name.into(), h.clone());
+        h
+    }
+
+    /// The label value of workqueue `name`: its own while under the cap, else `_other`
+    /// (registering it, so the scrape and the events agree).
+    pub(crate) fn label(&self, name: &str) -> String {
+        if Arc::ptr_eq(&self.wq(name), &self.other) {
+            OTHER_WORKQUEUE.to_string()
+        } else {
+            name.to_string()
+        }
+    }
+
+    /// Runs `f` on the handles of `name` without cloning the `Arc` on the common path.
+    fn with_wq(&self, name: &str, f: impl FnOnce(&WqHandles)) {
+        if let Some(h) = self.wqs.read().get(name) {
+            f(h);
+            return;
+        }
+        f(&self.wq(name));
+    }
+
+    fn cpu_counter(&self, name: &'static str, cpu: u32) -> Counter {
+        self.reg.counter(name, &[("cpu", cpu.to_string())])
+    }
+}
+
+impl Observer for EngineMetrics {
+    fn submitted(&self, workqueue: &str, queued: usize) {
+        self.with_wq(workqueue, |h| h.submitted.increment(queued as u64));
+    }
+
+    fn started(&self, workqueue: &str, _cpu: u32, waited: Duration) {
+        self.with_wq(workqueue, |h| h.wait.record(waited.as_secs_f64()));
+    }
+
+    fn finished(&self, r: &ItemResult) {
+        self.with_wq(&r.workqueue, |h| {
+            if let Some(i) = terminal_index(r.state) {
+                h.finished[i].increment(1);
+            }
+            if let Some(t) = r.run_time() {
+                h.run.record(t.as_secs_f64());
+            }
+        });
+    }
+
+    fn rebound(&self, reason: &'static str) {
+        match reason {
+            "offline" => self.rebind_offline.increment(1),
+            "affinity" => self.rebind_affinity.increment(1),
+            other => self
+                .reg
+                .counter(names::REBINDS, &[("reason", other.to_string())])
+                .increment(1),
+        }
+    }
+
+    // Rare events: registering per call is fine (the registry returns the same value).
+    fn lockup(&self, cpu: u32) {
+        self.cpu_counter(names::WATCHDOG_LOCKUPS, cpu).increment(1);
+    }
+
+    fn hog(&self, cpu: u32) {
+        self.cpu_counter(names::CPU_HOGS, cpu).increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workqueue_labels_are_capped() {
+        let m = super::super::Metrics::new().unwrap();
+        let o = &m.observer;
+        for i in 0..MAX_WORKQUEUE_LABELS + 10 {
+            o.submitted(&format!("wq{i}"), 1);
+        }
+        assert_eq!(o.wqs.read().len(), MAX_WORKQUEUE_LABELS);
+        let text = m.handle.render();
+        assert!(
+            text.contains("wqd_items_submitted_total{workqueue=\"_other\"} 11"),
+            "{text}"
+        );
+    }
+}
