@@ -11,12 +11,19 @@
 //!   through `Engine::apply_snapshot` and through the `LiveView`/`Monitor` path on a sysfs tree.
 //! - [`scale`]: `GroupMap::resolve`/`build`, `Reader::read`, memory per pending item and
 //!   `Engine::apply_snapshot` on generated machines of up to 4096 CPUs.
+//! - [`grpc`]: the real `wqd` binary over a Unix socket and TCP loopback against the
+//!   transport floor ([`floor`], a decode-and-acknowledge server run by the `wqd-bench-floor`
+//!   binary, and the empty unary RPC): batch throughput, single-item round trip, and
+//!   `wqctl topology` on generated machines; [`wire`] is the client side.
 //! - [`alloc`]: the counting allocator the binary installs to measure memory.
 
 pub mod alloc;
 pub mod dispatch;
+pub mod floor;
+pub mod grpc;
 pub mod hotplug;
 pub mod report;
 pub mod scale;
 pub mod stats;
 pub mod topo;
+pub mod wire;

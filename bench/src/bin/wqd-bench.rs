@@ -1,15 +1,17 @@
 //! `wqd-bench`: runs every measurement of `docs/benchmarks.md` in one process and writes the
 //! markdown table (stdout, and `--out FILE`).
 //!
-//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale]... [--out FILE]`, or
-//! `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler).
+//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc]... [--out FILE]`, or
+//! `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler),
+//! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait]` to drive a daemon already
+//! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
 //! `--quick` shrinks every section (a smoke run of a few seconds); the figures are then not
 //! worth comparing. The counting allocator is installed here, for memory per pending item.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use wqd_bench::{alloc, dispatch, hotplug, report, scale};
+use wqd_bench::{alloc, dispatch, grpc, hotplug, report, scale};
 
 #[global_allocator]
 static A: alloc::Counting = alloc::Counting;
@@ -73,6 +75,17 @@ fn main() {
         );
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--profile-grpc") {
+        // Only a client loop against a daemon already running (under a profiler).
+        let socket = args
+            .get(i + 1)
+            .expect("--profile-grpc SOCKET ROUNDS [BATCH] [nowait]");
+        let rounds: usize = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(20);
+        let batch: usize = args.get(i + 3).and_then(|s| s.parse().ok()).unwrap_or(1000);
+        let wait = !args.iter().any(|a| a == "nowait");
+        grpc::profile_client(std::path::Path::new(socket), rounds, batch, wait);
+        return;
+    }
     let started = Instant::now();
     let mut md = String::new();
     let _ = writeln!(md, "## Results\n\n{}", machine());
@@ -126,6 +139,21 @@ fn main() {
             };
         }
         scale::run(cfg)
+    });
+    section("grpc", &mut || {
+        let mut cfg = grpc::Cfg::default();
+        if quick {
+            cfg = grpc::Cfg {
+                runs: 2,
+                window: Duration::from_millis(30),
+                latency_samples: 50,
+                topology_reps: 2,
+                topology_cpus: vec![256],
+                topology_groups: 1000,
+                ..cfg
+            };
+        }
+        grpc::run(cfg)
     });
     let _ = writeln!(md, "{}", report::verdicts(&verdicts));
     let _ = writeln!(

@@ -1,0 +1,851 @@
+//! Over gRPC: the real `wqd` binary against the transport floor, on a Unix socket and TCP
+//! loopback, plus `wqctl topology` on generated machines.
+//!
+//! Servers (each its own process, started here and stopped with SIGTERM when done):
+//! - **wqd**: the release `wqd` binary next to this one (`WQD_BENCH_WQD` overrides), on the
+//!   host topology (workers pinned as in production), an empty config file, default limits,
+//!   listening on a temporary Unix socket and `127.0.0.1:0`.
+//! - **floor**: `wqd-bench-floor` ([`crate::floor`]): `Submit` only decodes and
+//!   acknowledges; served with the daemon's tonic setup and runtime shape.
+//!
+//! Figures (the client is this process: a 2-worker tokio runtime; requests are pre-encoded
+//! and responses counted, not parsed, see [`crate::wire`]):
+//! - Throughput: `noop` items targeting `all` on the default workqueue, batches of 1, 100,
+//!   1000 and 10k, with 1 and 4 connections, each with one call in flight (closed loop) for
+//!   a fixed window. Systems: the floor's `Submit` (decode + ack), wqd's `Submit` with
+//!   `wait = true` (returns when every item is done, with every result), and wqd's `Submit`
+//!   (no wait) followed by `Flush(batch_id, summary_only)`; plus the empty unary RPC
+//!   (`grpc.health.v1.Health/Check` on wqd) in calls/s. Ratios are wqd ÷ floor items/s per
+//!   run (1.00 = as fast as the floor).
+//! - Latency: one connection to wqd and one to the floor per transport; one call at a time,
+//!   alternating the empty RPC, wqd `Submit(wait)` of one item (both on the same wqd
+//!   connection) and the floor's `Submit` of one item. p50/p99 per run, ratios per run.
+//! - `wqctl topology`: wqd on generated sysfs trees of 1024 and 4096 CPUs with 10k named
+//!   groups (`--sysfs-root`, rescan period 1 h so a rescan never overlaps a timing), and on the
+//!   host for reference; wall time of the whole `wqctl` process (text and `-o json`, output
+//!   to /dev/null), and of the `GetTopology` call alone from an open connection.
+//!
+//! Every run interleaves the systems (their order rotates) so a burst of load from elsewhere
+//! hits all of them; every loop is bounded by its window or sample count.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::report::{self, Table, Verdict};
+use crate::stats::{ns, percentile, Spread};
+use crate::wire::{self, Addr, Conn, Pre};
+
+/// How much work the gRPC section does.
+#[derive(Debug, Clone)]
+pub struct Cfg {
+    pub runs: usize,
+    /// How long each throughput figure keeps calling (at least one call per connection).
+    pub window: Duration,
+    pub batches: Vec<usize>,
+    pub conns: Vec<usize>,
+    /// Calls of each kind per latency run.
+    pub latency_samples: usize,
+    /// `wqctl topology` invocations per machine and format.
+    pub topology_reps: usize,
+    /// Generated machines for `wqctl topology` (CPUs), and their named groups.
+    pub topology_cpus: Vec<u32>,
+    pub topology_groups: usize,
+}
+
+impl Default for Cfg {
+    fn default() -> Self {
+        Cfg {
+            runs: 5,
+            window: Duration::from_millis(120),
+            batches: vec![1, 100, 1000, 10_000],
+            conns: vec![1, 4],
+            latency_samples: 500,
+            topology_reps: 5,
+            topology_cpus: vec![1024, 4096],
+            topology_groups: 10_000,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server processes
+
+/// A binary next to this one (`target/release/NAME`), or `$WQD_BENCH_<NAME>`.
+pub fn binary(name: &str) -> PathBuf {
+    let var = format!("WQD_BENCH_{}", name.to_ascii_uppercase().replace('-', "_"));
+    let path = std::env::var_os(&var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent().expect("exe folder").join(name)
+        });
+    assert!(
+        path.exists(),
+        "{name} not found at {} (bench/run.sh builds it: cargo build --release -p wqd --bin wqd \
+         -p wqd-client --bin wqctl; or set {var})",
+        path.display()
+    );
+    path
+}
+
+/// A server process on a temporary Unix socket and a loopback TCP port; SIGTERM on drop.
+pub struct Server {
+    child: Child,
+    pub name: &'static str,
+    pub socket: PathBuf,
+    pub tcp: String,
+    /// How long from spawn to its "listening on tcp:" line.
+    pub started_in: Duration,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Spawns `bin` with `args` plus `--socket DIR/s.sock --tcp-listen 127.0.0.1:0` and waits
+    /// (at most `timeout`) for `<prefix>: listening on tcp:ADDR` on its stderr.
+    pub fn start(
+        name: &'static str,
+        bin: &Path,
+        args: &[String],
+        prefix: &str,
+        timeout: Duration,
+    ) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("wqd-bench-")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("s.sock");
+        let t0 = Instant::now();
+        let mut child = Command::new(bin)
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--tcp-listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let want = format!("{prefix}: listening on tcp:");
+        let l = log.clone();
+        // Drains stderr for the process's whole life (a full pipe would block it).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix(&want) {
+                    let _ = tx.send(a.trim().to_string());
+                }
+                let mut l = l.lock().unwrap_or_else(|e| e.into_inner());
+                if l.len() < 200 {
+                    l.push(line);
+                }
+            }
+        });
+        let tcp = match rx.recv_timeout(timeout) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{name} did not start within {timeout:?}; stderr:\n{}",
+                    log.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+                );
+            }
+        };
+        Server {
+            child,
+            name,
+            socket,
+            tcp: format!("http://{tcp}"),
+            started_in: t0.elapsed(),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn unix(&self) -> Addr {
+        Addr::Unix(self.socket.clone())
+    }
+
+    pub fn tcp(&self) -> Addr {
+        Addr::Tcp(self.tcp.clone())
+    }
+
+    /// Its stderr so far (at most 200 lines).
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "wqd-bench: {} ignored SIGTERM for 15s; killing it",
+            self.name
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real daemon on the host topology (extra flags in `args`; an empty config file).
+pub fn start_wqd(args: &[String]) -> Server {
+    let cfg = tempfile::Builder::new()
+        .prefix("wqd-bench-cfg")
+        .suffix(".toml")
+        .tempfile()
+        .expect("config file");
+    let mut a = vec![
+        "--config".to_string(),
+        cfg.path().display().to_string(),
+        "--log-level".into(),
+        "warn".into(),
+    ];
+    a.extend_from_slice(args);
+    let s = Server::start("wqd", &binary("wqd"), &a, "wqd", Duration::from_secs(120));
+    drop(cfg);
+    s
+}
+
+/// The floor server.
+pub fn start_floor(nodelay: bool) -> Server {
+    let args: Vec<String> = if nodelay {
+        vec!["--nodelay".into()]
+    } else {
+        Vec::new()
+    };
+    Server::start(
+        "floor",
+        &binary("wqd-bench-floor"),
+        &args,
+        "floor",
+        Duration::from_secs(30),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput
+
+/// What one throughput figure calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sys {
+    /// The empty unary RPC (health check on wqd).
+    Empty,
+    /// The floor's decode-and-ack `Submit`.
+    Floor,
+    /// The same, served with `TCP_NODELAY` on accepted sockets (TCP only).
+    FloorNd,
+    /// wqd `Submit` with `wait`.
+    Wait,
+    /// wqd `Submit` without `wait` (accepted, not yet run; latency only).
+    NoWait,
+    /// wqd `Submit`, then `Flush(batch, summary_only)`.
+    Flush,
+}
+
+impl Sys {
+    pub fn label(self) -> &'static str {
+        match self {
+            Sys::Empty => "empty RPC (health Check on wqd)",
+            Sys::Floor => "floor: decode + ack",
+            Sys::FloorNd => "floor: decode + ack, TCP_NODELAY",
+            Sys::Wait => "wqd Submit(wait)",
+            Sys::NoWait => "wqd Submit (no wait)",
+            Sys::Flush => "wqd Submit + Flush(summary)",
+        }
+    }
+}
+
+/// The connections of one transport: to wqd and to the floor.
+#[derive(Clone)]
+pub struct Side {
+    pub wqd: Vec<Conn>,
+    pub floor: Vec<Conn>,
+    /// To the `--nodelay` floor (TCP only; empty on the Unix side).
+    pub floor_nd: Vec<Conn>,
+}
+
+/// One call of `sys` with a batch of `n` (`wait`/`nowait` pre-encoded); panics when the
+/// server did less than asked.
+pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
+    match sys {
+        Sys::Empty => c.empty().await.expect("empty RPC"),
+        Sys::Floor | Sys::FloorNd => {
+            let a = c.submit(nowait).await.expect("floor Submit");
+            assert_eq!(a.items.len(), n, "floor receipts");
+        }
+        Sys::Wait => {
+            let a = c.submit(wait).await.expect("wqd Submit(wait)");
+            assert_eq!(a.results.len(), n, "wqd results");
+        }
+        Sys::NoWait => {
+            let a = c.submit(nowait).await.expect("wqd Submit");
+            assert_eq!(a.items.len(), n, "wqd receipts");
+        }
+        Sys::Flush => {
+            let a = c.submit(nowait).await.expect("wqd Submit");
+            assert_eq!(a.items.len(), n, "wqd receipts");
+            let s = c.flush_summary(a.batch_id).await.expect("wqd Flush");
+            let ok = s.counts.map_or(0, |c| c.ok);
+            assert_eq!(ok as usize, n, "flushed items ok: {s:?}");
+        }
+    }
+}
+
+/// Items/s (calls/s for [`Sys::Empty`]) over `conns`, each with one call in flight, for
+/// `window` (at least one timed call per connection; batches of up to 100 after one untimed
+/// call, larger ones start timed at once: the connections are warm from the figures before).
+pub async fn throughput(conns: &[Conn], sys: Sys, n: usize, window: Duration) -> f64 {
+    let wait = wire::noop_batch(n, true);
+    let nowait = wire::noop_batch(n, false);
+    let per_call = if sys == Sys::Empty { 1 } else { n as u64 };
+    let mut tasks = Vec::new();
+    let barrier = Arc::new(tokio::sync::Barrier::new(conns.len()));
+    for c in conns {
+        let (c, wait, nowait, barrier) = (c.clone(), wait.clone(), nowait.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            if n <= 100 {
+                call(&c, sys, n, &wait, &nowait).await;
+            }
+            barrier.wait().await;
+            let t0 = Instant::now();
+            let mut items = 0u64;
+            loop {
+                call(&c, sys, n, &wait, &nowait).await;
+                items += per_call;
+                if t0.elapsed() >= window {
+                    break;
+                }
+            }
+            (items, t0.elapsed())
+        }));
+    }
+    let (mut items, mut el) = (0u64, Duration::ZERO);
+    for t in tasks {
+        let (i, e) = t.await.expect("client task");
+        items += i;
+        el = el.max(e);
+    }
+    items as f64 / el.as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency
+
+/// Per-run p50/p99 of the single-call kinds on one transport.
+#[derive(Debug, Default, Clone)]
+pub struct Lat {
+    /// (p50, p99) in ns, per run, for Empty, Wait, NoWait and Floor (one item each).
+    pub runs: HashMap<Sys, Vec<(f64, f64)>>,
+}
+
+/// One latency run: `samples` of each kind, alternating, on `wqd` (empty, submit-wait and
+/// submit, the same connection) and `floor`.
+pub async fn latency(wqd: &Conn, floor: &Conn, samples: usize, lat: &mut Lat) {
+    let one_wait = wire::noop_batch(1, true);
+    let one = wire::noop_batch(1, false);
+    let kinds = [Sys::Empty, Sys::Wait, Sys::NoWait, Sys::Floor];
+    for _ in 0..20 {
+        for k in kinds {
+            let c = if k == Sys::Floor { floor } else { wqd };
+            call(c, k, 1, &one_wait, &one).await;
+        }
+    }
+    let mut t: HashMap<Sys, Vec<Duration>> = HashMap::new();
+    for i in 0..samples {
+        for j in 0..kinds.len() {
+            let k = kinds[(i + j) % kinds.len()];
+            let c = if k == Sys::Floor { floor } else { wqd };
+            let t0 = Instant::now();
+            call(c, k, 1, &one_wait, &one).await;
+            t.entry(k).or_default().push(t0.elapsed());
+        }
+    }
+    for (k, mut v) in t {
+        let p50 = ns(percentile(&mut v, 50.0));
+        let p99 = ns(percentile(&mut v, 99.0));
+        lat.runs.entry(k).or_default().push((p50, p99));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wqctl topology
+
+/// Wall time of `wqctl ARGS topology` (output to /dev/null), `reps` times.
+fn wqctl_times(socket: &Path, json: bool, reps: usize) -> Vec<f64> {
+    let bin = binary("wqctl");
+    (0..reps)
+        .map(|_| {
+            let mut c = Command::new(&bin);
+            c.arg("--socket").arg(socket);
+            if json {
+                c.args(["-o", "json"]);
+            }
+            c.arg("topology")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            let t0 = Instant::now();
+            let out = c.output().expect("running wqctl");
+            let el = t0.elapsed();
+            assert!(
+                out.status.success(),
+                "wqctl topology failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ns(el)
+        })
+        .collect()
+}
+
+/// The `[[group]]` entries of `count` named groups on an `n`-CPU machine (as the scale
+/// section's, so the figures compare).
+fn groups_toml(n: u32, count: usize) -> String {
+    let g = crate::scale::named_groups(n, count);
+    let mut s = String::new();
+    for (name, cpus) in &g.named {
+        let _ = writeln!(s, "[[group]]\nname = \"{name}\"\ncpus = \"{cpus}\"");
+    }
+    s
+}
+
+/// One machine's `wqctl topology` figures.
+struct TopoFig {
+    label: String,
+    start: Duration,
+    bytes: usize,
+    rpc: Vec<f64>,
+    text: Vec<f64>,
+    json: Vec<f64>,
+}
+
+fn topology_on(rt: &tokio::runtime::Runtime, label: String, s: &Server, reps: usize) -> TopoFig {
+    let c = rt.block_on(wire::connect(&s.unix()));
+    let mut bytes = 0;
+    let mut rpc = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        bytes = rt
+            .block_on(c.topology_bytes())
+            .unwrap_or_else(|e| panic!("GetTopology: {e}\n{}", s.log()));
+        rpc.push(ns(t0.elapsed()));
+    }
+    let mut text = Vec::new();
+    let mut json = Vec::new();
+    // Interleaved, so load hits both formats alike.
+    for _ in 0..reps {
+        text.extend(wqctl_times(&s.socket, false, 1));
+        json.extend(wqctl_times(&s.socket, true, 1));
+    }
+    TopoFig {
+        label,
+        start: s.started_in,
+        bytes,
+        rpc,
+        text,
+        json,
+    }
+}
+
+fn topology_table(rt: &tokio::runtime::Runtime, cfg: &Cfg, host: &Server) -> Table {
+    let mut figs = vec![topology_on(
+        rt,
+        "host (this VM), default groups".into(),
+        host,
+        cfg.topology_reps,
+    )];
+    for &n in &cfg.topology_cpus {
+        let tree = crate::topo::sysfs_tree_tmpfs(n);
+        let conf = tempfile::Builder::new()
+            .prefix("wqd-bench-topo")
+            .suffix(".toml")
+            .tempfile()
+            .expect("config");
+        std::fs::write(conf.path(), groups_toml(n, cfg.topology_groups)).expect("config");
+        let args: Vec<String> = vec![
+            "--config".into(),
+            conf.path().display().to_string(),
+            "--log-level".into(),
+            "warn".into(),
+            "--sysfs-root".into(),
+            tree.path().display().to_string(),
+            "--pinning".into(),
+            "off".into(),
+            "--rescan".into(),
+            "1h".into(),
+            "--no-netlink".into(),
+        ];
+        let s = Server::start(
+            "wqd",
+            &binary("wqd"),
+            &args,
+            "wqd",
+            Duration::from_secs(300),
+        );
+        figs.push(topology_on(
+            rt,
+            format!("generated, {n} CPUs, {} named groups", cfg.topology_groups),
+            &s,
+            cfg.topology_reps,
+        ));
+    }
+    let mut t = Table::new(
+        "gRPC: `wqctl topology` (wall time, lower is better)",
+        &format!(
+            "The whole `wqctl --socket S topology` process (start, connect, `GetTopology`, \
+             render, write to /dev/null), text and `-o json` interleaved, and the \
+             `GetTopology` call alone on an open connection (decoded); {} times each, \
+             min / median / max. wqd runs on a generated sysfs tree (on /dev/shm, `--sysfs-root`, pinning \
+             off, rescan 1 h, no netlink) with the named groups in its config; no items are \
+             pending (`GetTopology` reads only the topology snapshot, never the engine). \
+             `x host` is the median over the host's median.",
+            cfg.topology_reps
+        ),
+        &[
+            "machine",
+            "daemon start (to listening)",
+            "snapshot bytes",
+            "`GetTopology` call",
+            "`wqctl topology`",
+            "`wqctl -o json topology`",
+            "wqctl text x host",
+        ],
+    );
+    let host_text = Spread::of(&mut figs[0].text.clone()).median;
+    for mut f in figs {
+        let text = Spread::of(&mut f.text);
+        t.row(vec![
+            f.label,
+            report::dur_ns(ns(f.start)),
+            f.bytes.to_string(),
+            report::dur_spread(Spread::of(&mut f.rpc)),
+            report::dur_spread(text),
+            report::dur_spread(Spread::of(&mut f.json)),
+            format!("{:.1}", text.median / host_text),
+        ]);
+    }
+    t
+}
+
+// ---------------------------------------------------------------------------------------------
+// The section
+
+fn rotate<T: Copy>(v: &[T], k: usize) -> Vec<T> {
+    let mut v = v.to_vec();
+    if !v.is_empty() {
+        let r = k % v.len();
+        v.rotate_left(r);
+    }
+    v
+}
+
+/// Runs the gRPC section: throughput, latency and `wqctl topology` tables, and the verdicts.
+pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-client")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    let wqd = start_wqd(&[]);
+    let floor = start_floor(false);
+    let floor_nd = start_floor(true);
+    eprintln!(
+        "wqd-bench: grpc: wqd started in {:.1?}, floor in {:.1?}",
+        wqd.started_in, floor.started_in
+    );
+    let maxc = cfg.conns.iter().copied().max().unwrap_or(1);
+    let sides: Vec<(&'static str, Side)> = [
+        (wqd.unix(), floor.unix(), None),
+        (wqd.tcp(), floor.tcp(), Some(floor_nd.tcp())),
+    ]
+    .into_iter()
+    .map(|(w, f, nd)| {
+        let side = rt.block_on(async {
+            let mut s = Side {
+                wqd: Vec::new(),
+                floor: Vec::new(),
+                floor_nd: Vec::new(),
+            };
+            for _ in 0..maxc {
+                s.wqd.push(wire::connect(&w).await);
+                s.floor.push(wire::connect(&f).await);
+                if let Some(nd) = &nd {
+                    s.floor_nd.push(wire::connect(nd).await);
+                }
+            }
+            s
+        });
+        (w.transport(), side)
+    })
+    .collect();
+
+    // (transport, conns, batch, sys) → per-run items/s.
+    let mut tp: HashMap<(&str, usize, usize, Sys), Vec<f64>> = HashMap::new();
+    let mut lat: HashMap<&str, Lat> = HashMap::new();
+    let t_runs = Instant::now();
+    for run in 0..cfg.runs {
+        for (ti, (tr, side)) in rotate(&[0usize, 1], run)
+            .into_iter()
+            .map(|i| (i, &sides[i]))
+        {
+            let _ = ti;
+            for &nc in &cfg.conns {
+                let (w, f) = (&side.wqd[..nc], &side.floor[..nc]);
+                let r = rt.block_on(throughput(w, Sys::Empty, 1, cfg.window));
+                tp.entry((tr, nc, 0, Sys::Empty)).or_default().push(r);
+                for (bi, &n) in cfg.batches.iter().enumerate() {
+                    let systems: &[Sys] = if side.floor_nd.is_empty() {
+                        &[Sys::Floor, Sys::Wait, Sys::Flush]
+                    } else {
+                        &[Sys::Floor, Sys::FloorNd, Sys::Wait, Sys::Flush]
+                    };
+                    for sys in rotate(systems, run + bi) {
+                        let conns = match sys {
+                            Sys::Floor => f,
+                            Sys::FloorNd => &side.floor_nd[..nc],
+                            _ => w,
+                        };
+                        let r = rt.block_on(throughput(conns, sys, n, cfg.window));
+                        tp.entry((tr, nc, n, sys)).or_default().push(r);
+                    }
+                }
+            }
+            rt.block_on(latency(
+                &side.wqd[0],
+                &side.floor[0],
+                cfg.latency_samples,
+                lat.entry(tr).or_default(),
+            ));
+        }
+        eprintln!("wqd-bench: grpc: run {}/{} done", run + 1, cfg.runs);
+    }
+
+    let mut verdicts = Vec::new();
+    let mut t = Table::new(
+        "gRPC: batch throughput (items/s, higher is better)",
+        &format!(
+            "Real `wqd` binary (host topology, pinned workers, default workqueue, `noop` items \
+             targeting `all`) vs the decode-and-acknowledge floor server (same tonic setup, \
+             separate process); client in the bench process, requests pre-encoded, one call \
+             in flight per connection, {:?} window per figure; {} runs, min / median / max. \
+             `of floor` is wqd's items/s ÷ the floor's in the same run (1.00 = as fast as the \
+             floor; the target is ≥ 0.70 at 1000). The floor is served as wqd serves (tonic \
+             `serve_with_incoming` over a `TcpListenerStream`, which leaves Nagle on for \
+             accepted sockets); `floor, nodelay` is a second floor process that sets \
+             `TCP_NODELAY` on them (TCP only), and `of nodelay floor` compares wqd with it.",
+            cfg.window, cfg.runs
+        ),
+        &[
+            "transport",
+            "conns",
+            "batch",
+            "floor: decode + ack",
+            "wqd Submit(wait)",
+            "Submit(wait) of floor",
+            "wqd Submit + Flush(summary)",
+            "Submit+Flush of floor",
+            "floor, nodelay",
+            "Submit(wait) of nodelay floor",
+        ],
+    );
+    let mut empty = Table::new(
+        "gRPC: the empty unary RPC (calls/s, higher is better)",
+        "`grpc.health.v1.Health/Check` on the same wqd process and connections, in the same \
+         runs; `batch 1 x empty` is wqd `Submit(wait)` of one item per call ÷ the empty \
+         RPC's calls/s, per run.",
+        &[
+            "transport",
+            "conns",
+            "empty RPC calls/s",
+            "floor batch 1 of empty",
+            "wqd Submit(wait) batch 1 of empty",
+        ],
+    );
+    for (tr, _) in &sides {
+        for &nc in &cfg.conns {
+            let get = |n, s| tp[&(*tr, nc, n, s)].clone();
+            let per_run = |a: &[f64], b: &[f64]| {
+                let mut v: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+                Spread::of(&mut v)
+            };
+            let e = get(0, Sys::Empty);
+            let b1 = *cfg.batches.first().unwrap_or(&1);
+            empty.row(vec![
+                tr.to_string(),
+                nc.to_string(),
+                report::rate_spread(Spread::of(&mut e.clone())),
+                report::spread(per_run(&get(b1, Sys::Floor), &e), 2),
+                report::spread(per_run(&get(b1, Sys::Wait), &e), 2),
+            ]);
+            for &n in &cfg.batches {
+                let (fl, wa, fu) = (get(n, Sys::Floor), get(n, Sys::Wait), get(n, Sys::Flush));
+                let (rw, rf) = (per_run(&wa, &fl), per_run(&fu, &fl));
+                let nd = tp.get(&(*tr, nc, n, Sys::FloorNd)).cloned();
+                let (nd_rate, nd_ratio) = match &nd {
+                    Some(v) => (
+                        report::rate_spread(Spread::of(&mut v.clone())),
+                        report::spread(per_run(&wa, v), 2),
+                    ),
+                    None => ("—".to_string(), "—".to_string()),
+                };
+                t.row(vec![
+                    tr.to_string(),
+                    nc.to_string(),
+                    n.to_string(),
+                    report::rate_spread(Spread::of(&mut fl.clone())),
+                    report::rate_spread(Spread::of(&mut wa.clone())),
+                    report::spread(rw, 2),
+                    report::rate_spread(Spread::of(&mut fu.clone())),
+                    report::spread(rf, 2),
+                    nd_rate,
+                    nd_ratio,
+                ]);
+                if n == 1000 {
+                    // Judged against the faster floor: with Nagle on, the as-served TCP floor
+                    // stalls on delayed ACKs and any ratio to it flatters wqd.
+                    let nd_med = nd.as_ref().map(|v| per_run(&wa, v).median);
+                    let judged = nd_med.map_or(rw.median, |x| x.min(rw.median));
+                    verdicts.push(Verdict::new(
+                        &format!(
+                            "gRPC batches of 1000 ({tr}, {nc} conn): ≥ 70% of the \
+                             decode-and-ack floor's items/s"
+                        ),
+                        judged >= 0.70,
+                        format!(
+                            "Submit(wait) {:.0}% of floor ({} vs {} items/s){}; Submit+Flush \
+                             {:.0}% of floor",
+                            rw.median * 100.0,
+                            report::rate(Spread::of(&mut wa.clone()).median),
+                            report::rate(Spread::of(&mut fl.clone()).median),
+                            nd_med.map_or(String::new(), |x| format!(
+                                ", {:.0}% of the nodelay floor",
+                                x * 100.0
+                            )),
+                            rf.median * 100.0
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut lt = Table::new(
+        "gRPC: single-item round trip (lower is better)",
+        &format!(
+            "One call at a time on one connection per server, the four kinds alternating \
+             (order rotating); {} calls of each per run, p50 and p99 per run, min / median / \
+             max over {} runs. The empty RPC, `Submit` and `Submit(wait)` share the wqd \
+             connection; `Submit (no wait)` returns once the item is accepted, so it splits \
+             the round trip into accepting and running + waiting; `x empty` is per run.",
+            cfg.latency_samples, cfg.runs
+        ),
+        &[
+            "transport",
+            "call",
+            "p50",
+            "p99",
+            "p50 x empty",
+            "p99 x empty",
+        ],
+    );
+    for (tr, _) in &sides {
+        let l = &lat[tr];
+        let e = &l.runs[&Sys::Empty];
+        for k in [Sys::Empty, Sys::Floor, Sys::NoWait, Sys::Wait] {
+            let v = &l.runs[&k];
+            let mut p50: Vec<f64> = v.iter().map(|x| x.0).collect();
+            let mut p99: Vec<f64> = v.iter().map(|x| x.1).collect();
+            let mut r50: Vec<f64> = v.iter().zip(e).map(|(x, y)| x.0 / y.0).collect();
+            let mut r99: Vec<f64> = v.iter().zip(e).map(|(x, y)| x.1 / y.1).collect();
+            let r50 = Spread::of(&mut r50);
+            let p50s = Spread::of(&mut p50);
+            lt.row(vec![
+                tr.to_string(),
+                match k {
+                    Sys::Empty => "empty RPC (health Check on wqd)".into(),
+                    Sys::Floor => "floor Submit, 1 item (decode + ack)".into(),
+                    Sys::NoWait => "wqd Submit (no wait), 1 item".into(),
+                    _ => "wqd Submit(wait), 1 item".into(),
+                },
+                report::dur_spread(p50s),
+                report::dur_spread(Spread::of(&mut p99)),
+                report::spread(r50, 2),
+                report::spread(Spread::of(&mut r99), 2),
+            ]);
+            if k == Sys::Wait {
+                let mut ep50: Vec<f64> = e.iter().map(|x| x.0).collect();
+                verdicts.push(Verdict::new(
+                    &format!(
+                        "gRPC submit-and-wait, single item ({tr}): ≤ 1.3x the empty RPC's p50"
+                    ),
+                    r50.median <= 1.3,
+                    format!(
+                        "{:.2}x ({} vs {})",
+                        r50.median,
+                        report::dur_ns(p50s.median),
+                        report::dur_ns(Spread::of(&mut ep50).median)
+                    ),
+                ));
+            }
+        }
+    }
+    drop(sides);
+    drop(floor);
+    drop(floor_nd);
+    eprintln!(
+        "wqd-bench: grpc: throughput + latency took {:.1?}; wqctl topology...",
+        t_runs.elapsed()
+    );
+    let t_topo = Instant::now();
+    let topo = topology_table(&rt, &cfg, &wqd);
+    eprintln!(
+        "wqd-bench: grpc: wqctl topology took {:.1?}",
+        t_topo.elapsed()
+    );
+    drop(wqd);
+    (vec![t, empty, lt, topo], verdicts)
+}
+
+/// For a profiler on the daemon side: `rounds` `Submit(wait)` calls of `batch` `noop` items
+/// (`wait = false`: `Submit` only) to the daemon on `socket`, one at a time; prints the rate.
+pub fn profile_client(socket: &Path, rounds: usize, batch: usize, wait: bool) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let c = wire::connect(&Addr::Unix(socket.to_path_buf())).await;
+        let req = wire::noop_batch(batch, wait);
+        let t0 = Instant::now();
+        for _ in 0..rounds {
+            let a = c.submit(&req).await.expect("Submit");
+            assert_eq!(a.items.len(), batch);
+        }
+        let el = t0.elapsed();
+        println!(
+            "{rounds} x Submit(wait = {wait}) of {batch} in {el:.1?}: {:.0} items/s",
+            (rounds * batch) as f64 / el.as_secs_f64()
+        );
+    });
+}

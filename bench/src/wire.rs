@@ -1,0 +1,194 @@
+//! The client side of the gRPC benchmarks: connections, and calls that keep the client's
+//! own CPU cost small and the same for every server (the client shares the machine's two
+//! cores with the server it measures).
+//!
+//! - A batch is encoded once ([`Pre`]) and every call sends the same bytes (a refcount
+//!   bump, no re-encoding of 10k items per call).
+//! - A `SubmitResponse` is decoded as [`Ack`]: receipts and results are counted (each kept
+//!   as its undecoded bytes), not parsed field by field. The count is checked, so a call
+//!   that did less than asked fails the run.
+//! - One [`Conn`] is one HTTP/2 connection (its own tonic `Channel`), used by one task at a
+//!   time: one call in flight per connection (a closed loop).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes};
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use tokio::net::UnixStream;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::transport::{Channel, Uri};
+use tonic_prost::ProstCodec;
+use wqd_proto::v1;
+
+/// Largest message either side sends (as the daemon's default limit).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    Unix(PathBuf),
+    /// `http://127.0.0.1:PORT`
+    Tcp(String),
+}
+
+impl Addr {
+    /// `unix` or `tcp`.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Addr::Unix(_) => "unix",
+            Addr::Tcp(_) => "tcp",
+        }
+    }
+}
+
+/// An already-encoded protobuf message: encoding it copies its bytes (decoding skips).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pre(pub Bytes);
+
+impl Message for Pre {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.0);
+    }
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // Never decoded in practice; skipping keeps the type a valid message.
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+    fn clear(&mut self) {
+        self.0 = Bytes::new();
+    }
+}
+
+/// `SubmitResponse` read lazily: the batch id, and each receipt and result as raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Ack {
+    #[prost(uint64, tag = "1")]
+    pub batch_id: u64,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub items: Vec<Bytes>,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub results: Vec<Bytes>,
+}
+
+/// A `SubmitRequest` of `n` `noop` items targeting `all` on the default workqueue, encoded.
+pub fn noop_batch(n: usize, wait: bool) -> Pre {
+    let req = v1::SubmitRequest {
+        workqueue: String::new(),
+        items: (0..n)
+            .map(|_| v1::WorkItem {
+                target: "all".into(),
+                handler: "noop".into(),
+                ..Default::default()
+            })
+            .collect(),
+        wait,
+    };
+    Pre(req.encode_to_vec().into())
+}
+
+/// One HTTP/2 connection.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    ch: Channel,
+}
+
+/// Connects one new HTTP/2 connection to `addr` (eagerly).
+///
+/// # Panics
+/// When the server cannot be reached (the harness started it; that is a bug).
+pub async fn connect(addr: &Addr) -> Conn {
+    let ch = match addr {
+        Addr::Unix(path) => {
+            let path = Arc::new(path.clone());
+            tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = Arc::clone(&path);
+                    async move { UnixStream::connect(&*path).await.map(TokioIo::new) }
+                }))
+                .await
+        }
+        // tonic's client sets TCP_NODELAY by default.
+        Addr::Tcp(url) => {
+            tonic::transport::Endpoint::from_shared(url.clone())
+                .expect("url")
+                .connect()
+                .await
+        }
+    }
+    .unwrap_or_else(|e| panic!("connecting to {addr:?}: {e}"));
+    Conn { ch }
+}
+
+impl Conn {
+    /// `DispatchService/Submit` with pre-encoded `req`; the response's receipts and results
+    /// counted.
+    pub async fn submit(&self, req: &Pre) -> Result<Ack, tonic::Status> {
+        let mut g = tonic::client::Grpc::new(self.ch.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        g.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let codec: ProstCodec<Pre, Ack> = ProstCodec::default();
+        g.unary(
+            tonic::Request::new(req.clone()),
+            PathAndQuery::from_static("/wqd.v1.DispatchService/Submit"),
+            codec,
+        )
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// `grpc.health.v1.Health/Check` of the server as a whole: the empty unary RPC.
+    pub async fn empty(&self) -> Result<(), tonic::Status> {
+        use tonic_health::pb::health_client::HealthClient;
+        HealthClient::new(self.ch.clone())
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// `DispatchService/Flush` of `batch`, summary only; the summary.
+    pub async fn flush_summary(&self, batch: u64) -> Result<v1::FlushSummary, tonic::Status> {
+        use v1::dispatch_service_client::DispatchServiceClient;
+        use v1::flush_response::Event;
+        let mut s = DispatchServiceClient::new(self.ch.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .flush(v1::FlushRequest {
+                scope: Some(v1::flush_request::Scope::BatchId(batch)),
+                summary_only: true,
+            })
+            .await?
+            .into_inner();
+        let mut summary = None;
+        while let Some(m) = s.message().await? {
+            if let Some(Event::Summary(x)) = m.event {
+                summary = Some(x);
+            }
+        }
+        summary.ok_or_else(|| tonic::Status::internal("flush stream ended without a summary"))
+    }
+
+    /// `TopologyService/GetTopology`: the snapshot's encoded size.
+    pub async fn topology_bytes(&self) -> Result<usize, tonic::Status> {
+        use v1::topology_service_client::TopologyServiceClient;
+        let r = TopologyServiceClient::new(self.ch.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .get_topology(v1::GetTopologyRequest::default())
+            .await?
+            .into_inner();
+        Ok(r.encoded_len())
+    }
+}
