@@ -36,6 +36,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt as _;
 
 use crate::config::{Config, ConfigError, Pinning, SharedLimits};
 use crate::cpuset::CpuSet;
@@ -359,7 +360,14 @@ impl Daemon {
                 servers.push(tokio::spawn(async move {
                     let r = router
                         .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(l),
+                            // tonic's own nodelay setting does not reach sockets of a passed-in
+                            // stream; without it Nagle holds multi-write responses ~40 ms.
+                            TcpListenerStream::new(l).map(|r| {
+                                r.and_then(|s| {
+                                    s.set_nodelay(true)?;
+                                    Ok(s)
+                                })
+                            }),
                             crate::rpc::stopped(st),
                         )
                         .await;
