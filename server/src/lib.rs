@@ -16,6 +16,7 @@ pub mod handler;
 pub mod live;
 pub mod load;
 pub mod rpc;
+pub mod security;
 pub mod target;
 pub mod topology;
 
