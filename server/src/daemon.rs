@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{Config, ConfigError, Pinning};
 use crate::cpuset::CpuSet;
@@ -38,6 +38,7 @@ use crate::handler::Registry;
 use crate::live::{LiveError, LiveView, Monitor, Reporter};
 use crate::load::LoadSampler;
 use crate::rpc::{Counters, Rpc};
+use crate::security::{Security, SecurityError};
 use crate::topology::sysfs::Reader;
 use crate::topology::TopologyError;
 
@@ -80,6 +81,8 @@ pub enum DaemonError {
     Load(#[source] io::Error),
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 impl DaemonError {
@@ -87,6 +90,7 @@ impl DaemonError {
     pub fn exit_code(&self) -> i32 {
         match self {
             DaemonError::Config(_) => 64,
+            DaemonError::Security(e) if e.is_config() => 64,
             _ => 1,
         }
     }
@@ -203,6 +207,10 @@ impl Daemon {
         let socket = cfg.listen.socket_path();
         let unix = bind_unix(&socket, cfg.listen.socket_mode)?;
         let socket_file = SocketFile(socket.clone());
+        // [security]: the socket's group, then the guarded servers below (see security.rs).
+        let security = Security::resolve(&cfg.security, &cfg.listen)?;
+        security.chown_socket(&socket)?;
+        security.log_summary();
         let unix = tokio::net::UnixListener::from_std(unix).map_err(|e| DaemonError::Socket {
             path: socket.clone(),
             what: "registering it with the runtime",
@@ -288,12 +296,12 @@ impl Daemon {
         let health = tonic_health::server::HealthReporter::new();
         Rpc::set_health(&health, true).await;
         let mut servers = Vec::new();
-        let router = rpc.router(&health)?;
+        let router = rpc.router_with(&health, security.unix_server())?;
         let st = stopping.clone();
         servers.push(tokio::spawn(async move {
             let r = router
                 .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(unix),
+                    crate::security::peer_incoming(unix),
                     crate::rpc::stopped(st),
                 )
                 .await;
@@ -303,7 +311,7 @@ impl Daemon {
         }));
         let tcp_addr = match tcp {
             Some((l, local)) => {
-                let router = rpc.router(&health)?;
+                let router = rpc.router_with(&health, security.tcp_server()?)?;
                 let st = stopping.clone();
                 servers.push(tokio::spawn(async move {
                     let r = router

@@ -173,6 +173,19 @@ impl Rpc {
         &self,
         health: &tonic_health::server::HealthReporter,
     ) -> Result<tonic::transport::server::Router, tonic_reflection::server::Error> {
+        self.router_with(health, tonic::transport::Server::builder())
+    }
+
+    /// As [`Rpc::router`], on a server the caller configured (TLS, tower layers such as
+    /// [`crate::security::GuardLayer`]).
+    ///
+    /// # Errors
+    /// As [`Rpc::router`].
+    pub fn router_with<L: Clone>(
+        &self,
+        health: &tonic_health::server::HealthReporter,
+        mut server: tonic::transport::Server<L>,
+    ) -> Result<tonic::transport::server::Router<L>, tonic_reflection::server::Error> {
         use v1::dispatch_service_server::DispatchServiceServer;
         use v1::stats_service_server::StatsServiceServer;
         use v1::topology_service_server::TopologyServiceServer;
@@ -186,7 +199,7 @@ impl Rpc {
             .register_encoded_file_descriptor_set(wqd_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        Ok(tonic::transport::Server::builder()
+        Ok(server
             .add_service(
                 DispatchServiceServer::new(self.clone())
                     .max_decoding_message_size(max)
