@@ -137,6 +137,13 @@ fn item(t: &str, h: &str) -> ItemSpec {
     ItemSpec::new(parse_target(t), h)
 }
 
+/// A `probe` item on `t` with dedupe key `k`.
+fn keyed(t: &str, k: &str) -> ItemSpec {
+    let mut i = item(t, "probe");
+    i.key = Some(k.into());
+    i
+}
+
 fn parse_target(t: &str) -> Target {
     let (k, v) = t.split_once(':').unwrap_or((t, ""));
     match k {
@@ -285,21 +292,7 @@ fn keys_dedupe_pending_items() {
     rig.set_live("0");
     let a = rig
         .engine
-        .submit(
-            "patient",
-            vec![
-                {
-                    let mut i = item("cpu:1", "probe");
-                    i.key = Some("k".into());
-                    i
-                },
-                {
-                    let mut i = item("cpu:1", "probe");
-                    i.key = Some("k".into());
-                    i
-                },
-            ],
-        )
+        .submit("patient", vec![keyed("cpu:1", "k"), keyed("cpu:1", "k")])
         .unwrap();
     assert!(a.items[0].queued);
     assert!(!a.items[1].queued);
@@ -311,14 +304,7 @@ fn keys_dedupe_pending_items() {
     );
     let b = rig
         .engine
-        .submit(
-            "patient",
-            vec![{
-                let mut i = item("cpu:1", "probe");
-                i.key = Some("k".into());
-                i
-            }],
-        )
+        .submit("patient", vec![keyed("cpu:1", "k")])
         .unwrap();
     assert_eq!(
         b.items[0],
@@ -332,14 +318,7 @@ fn keys_dedupe_pending_items() {
     // Once it has started the key is free again.
     let c = rig
         .engine
-        .submit(
-            "patient",
-            vec![{
-                let mut i = item("cpu:1", "probe");
-                i.key = Some("k".into());
-                i
-            }],
-        )
+        .submit("patient", vec![keyed("cpu:1", "k")])
         .unwrap();
     assert!(c.items[0].queued);
     rig.flush(&[c.items[0].id]);
