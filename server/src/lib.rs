@@ -18,6 +18,7 @@ pub mod load;
 pub mod metrics;
 pub mod reload;
 pub mod rpc;
+pub mod security;
 pub mod systemd;
 pub mod target;
 pub mod topology;
