@@ -82,6 +82,8 @@ pub struct Config {
     pub exec: Option<ExecConfig>,
     pub engine: EngineSection,
     pub log: LogConfig,
+    /// Who may connect and call what: see `crate::security` and `docs/security.md`.
+    pub security: crate::security::SecurityConfig,
 }
 
 /// `[listen]`
@@ -464,6 +466,12 @@ impl Config {
                 )
             })?;
         }
+        // [security]: resolves users and groups, reads the TLS and token files (see security.rs).
+        crate::security::Security::resolve(&self.security, &self.listen)
+            .map_err(crate::security::SecurityError::into_config)?;
+        let euid = nix::unistd::geteuid().as_raw();
+        crate::security::check_exec(&self.security, self.exec.as_ref(), euid)
+            .map_err(crate::security::SecurityError::into_config)?;
         Ok(())
     }
 
@@ -667,6 +675,9 @@ ordered = true
 [engine]
 results_ttl = "1m"
 hog_thresh = "0s"
+[security]
+tcp_plaintext_loopback = true
+read_open = true
 "#,
         )
         .unwrap();
@@ -685,6 +696,7 @@ hog_thresh = "0s"
         assert_eq!(w[0].placement, Placement::LeastLoaded);
         assert_eq!(w[0].fallback, Fallback::Wait);
         assert!(c.exec.is_some());
+        assert!(c.security.tcp_plaintext_loopback);
     }
 
     #[test]
@@ -700,7 +712,12 @@ hog_thresh = "0s"
             e.contains("listen.tcp") && e.contains("allow_remote"),
             "{e}"
         );
-        assert!(parse("[listen]\ntcp = \"0.0.0.0:7070\"\nallow_remote = true").is_ok());
+        // allow_remote passes [listen]; [security] still refuses plaintext off loopback.
+        let e = err("[listen]\ntcp = \"0.0.0.0:7070\"\nallow_remote = true");
+        assert!(
+            e.contains("config key security.tcp_plaintext_loopback"),
+            "{e}"
+        );
         let e = err("[[group]]\nname = \"io\"\ncpus = \"3-1\"");
         assert!(e.contains("group[0].cpus"), "{e}");
         let e = err("[[group]]\nname = \"cpu\"\ncpus = \"1\"");

@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt as _;
 
 use crate::config::{Config, ConfigError, Pinning, SharedLimits};
@@ -46,6 +46,7 @@ use crate::live::{LiveError, LiveView, Monitor, Reporter};
 use crate::load::LoadSampler;
 use crate::reload::{LogSetter, Plan, ReloadError, Targets};
 use crate::rpc::{Counters, Rpc};
+use crate::security::{Security, SecurityError};
 use crate::systemd::Notifier;
 use crate::topology::sysfs::Reader;
 use crate::topology::TopologyError;
@@ -95,6 +96,8 @@ pub enum DaemonError {
     Probe(#[source] io::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 impl DaemonError {
@@ -102,6 +105,7 @@ impl DaemonError {
     pub fn exit_code(&self) -> i32 {
         match self {
             DaemonError::Config(_) => 64,
+            DaemonError::Security(e) if e.is_config() => 64,
             _ => 1,
         }
     }
@@ -252,6 +256,13 @@ impl Daemon {
                 (socket, unix, Some(file))
             }
         };
+        // [security]: the socket's group (systemd's SocketGroup= sets it on a passed socket),
+        // then the guarded servers below (see security.rs).
+        let security = Security::resolve(&cfg.security, &cfg.listen)?;
+        if socket_file.is_some() {
+            security.chown_socket(&socket)?;
+        }
+        security.log_summary();
         let unix = tokio::net::UnixListener::from_std(unix).map_err(|e| DaemonError::Socket {
             path: socket.clone(),
             what: "registering it with the runtime",
@@ -340,12 +351,14 @@ impl Daemon {
         let health = tonic_health::server::HealthReporter::new();
         Rpc::set_health(&health, true).await;
         let mut servers: Vec<_> = metrics_server.into_iter().map(|m| m.into_task()).collect();
-        let router = rpc.router(&health)?;
+        // Metrics outermost, so calls the guard refuses are counted too.
+        let base = || tonic::transport::Server::builder().layer(rpc.metrics_layer());
+        let router = rpc.router_with(&health, security.unix_server(base()))?;
         let st = stopping.clone();
         servers.push(tokio::spawn(async move {
             let r = router
                 .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(unix),
+                    crate::security::peer_incoming(unix),
                     crate::rpc::stopped(st),
                 )
                 .await;
@@ -355,7 +368,7 @@ impl Daemon {
         }));
         let tcp_addr = match tcp {
             Some((l, local)) => {
-                let router = rpc.router(&health)?;
+                let router = rpc.router_with(&health, security.tcp_server(base())?)?;
                 let st = stopping.clone();
                 servers.push(tokio::spawn(async move {
                     let r = router

@@ -202,8 +202,9 @@ impl std::fmt::Debug for Policy {
     }
 }
 
-/// The servers of both listeners: tonic's, with the [`GuardLayer`] in front of every route.
-pub type GuardedServer = Server<Stack<GuardLayer, NoLayer>>;
+/// The servers of both listeners: tonic's, with the [`GuardLayer`] in front of every route
+/// (inside whatever layers `L` the caller put first, such as the RPC metrics layer).
+pub type GuardedServer<L = NoLayer> = Server<Stack<GuardLayer, L>>;
 
 impl Security {
     /// Resolves names, reads and checks every file, builds the TLS acceptor once, and applies
@@ -370,9 +371,10 @@ impl Security {
         })
     }
 
-    /// The Unix listener's server: the guard checks peer credentials.
-    pub fn unix_server(&self) -> GuardedServer {
-        Server::builder().layer(GuardLayer {
+    /// The Unix listener's server: `base` (e.g. `Server::builder()` with outer layers) with
+    /// the guard checking peer credentials.
+    pub fn unix_server<L>(&self, base: Server<L>) -> GuardedServer<L> {
+        base.layer(GuardLayer {
             policy: self.policy.clone(),
             door: Door::Unix,
         })
@@ -383,8 +385,8 @@ impl Security {
     ///
     /// # Errors
     /// [`SecurityError::Tls`] if the acceptor cannot be built (it was built at load already).
-    pub fn tcp_server(&self) -> Result<GuardedServer, SecurityError> {
-        let mut s = Server::builder();
+    pub fn tcp_server<L>(&self, base: Server<L>) -> Result<GuardedServer<L>, SecurityError> {
+        let mut s = base;
         if let Some(t) = &self.tls {
             s = s
                 .tls_config(t.clone())

@@ -185,6 +185,31 @@ impl Rpc {
         >,
         tonic_reflection::server::Error,
     > {
+        self.router_with(
+            health,
+            tonic::transport::Server::builder().layer(self.metrics_layer()),
+        )
+    }
+
+    /// The RPC metrics layer (a pass-through when metrics are off). Put it outermost so that
+    /// calls refused by inner layers (the security guard) are counted too.
+    pub fn metrics_layer(&self) -> crate::metrics::grpc::RpcMetricsLayer {
+        match &self.metrics {
+            Some(m) => m.rpc_layer(),
+            None => crate::metrics::grpc::RpcMetricsLayer::default(),
+        }
+    }
+
+    /// As [`Rpc::router`], on a server the caller configured (TLS, tower layers such as
+    /// [`Rpc::metrics_layer`] and [`crate::security::GuardLayer`]).
+    ///
+    /// # Errors
+    /// As [`Rpc::router`].
+    pub fn router_with<L: Clone>(
+        &self,
+        health: &tonic_health::server::HealthReporter,
+        mut server: tonic::transport::Server<L>,
+    ) -> Result<tonic::transport::server::Router<L>, tonic_reflection::server::Error> {
         use v1::dispatch_service_server::DispatchServiceServer;
         use v1::stats_service_server::StatsServiceServer;
         use v1::topology_service_server::TopologyServiceServer;
@@ -198,12 +223,7 @@ impl Rpc {
             .register_encoded_file_descriptor_set(wqd_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        let rpc_metrics = match &self.metrics {
-            Some(m) => m.rpc_layer(),
-            None => crate::metrics::grpc::RpcMetricsLayer::default(),
-        };
-        Ok(tonic::transport::Server::builder()
-            .layer(rpc_metrics)
+        Ok(server
             .add_service(
                 DispatchServiceServer::new(self.clone())
                     .max_decoding_message_size(max)
