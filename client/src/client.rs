@@ -72,6 +72,30 @@ pub struct Client {
     stats: StatsServiceClient<Channel>,
     timeout: Option<Duration>,
     chunk_bytes: usize,
+    /// `Bearer <token>`, sent as `authorization` metadata with every call (marked sensitive).
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+/// TLS settings for an `https://` endpoint (PEM bytes, as read from files).
+#[derive(Clone, Default)]
+pub struct TlsOptions {
+    /// CA certificate(s) the daemon's certificate must chain to. Without it only a certificate
+    /// from no known CA verifies, so set it for a private CA (the usual case).
+    pub ca_pem: Option<Vec<u8>>,
+    /// This client's certificate chain and private key (mTLS: `[security] client_ca`).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to verify the daemon's certificate against; default: the URL's host.
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca", &self.ca_pem.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -90,7 +114,26 @@ impl Client {
     /// [`ClientError::Connect`] naming the address when the socket or host cannot be
     /// reached; [`ClientError::InvalidEndpoint`] for a malformed URL.
     pub async fn connect(endpoint: Endpoint) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, None).await
+    }
+
+    /// As [`Client::connect`], with TLS settings for an `https://` endpoint (an `https://`
+    /// endpoint always uses TLS; settings for another endpoint are refused).
+    ///
+    /// # Errors
+    /// As [`Client::connect`]; [`ClientError::InvalidRequest`] for TLS settings on a
+    /// `unix:` or `http://` endpoint.
+    pub async fn connect_with(
+        endpoint: Endpoint,
+        tls: Option<TlsOptions>,
+    ) -> Result<Self, ClientError> {
         let addr = endpoint.to_string();
+        let https = matches!(&endpoint, Endpoint::Http(u) if u.starts_with("https://"));
+        if tls.is_some() && !https {
+            return Err(ClientError::InvalidRequest(format!(
+                "TLS settings need an https:// address, not {addr}"
+            )));
+        }
         let conn_err = |e: tonic::transport::Error| ClientError::Connect {
             addr: addr.clone(),
             reason: chain(&e),
@@ -107,14 +150,29 @@ impl Client {
                     .await
                     .map_err(conn_err)?
             }
-            Endpoint::Http(url) => tonic::transport::Endpoint::from_shared(url.clone())
-                .map_err(|e| ClientError::InvalidEndpoint {
+            Endpoint::Http(url) => {
+                let invalid = |e: tonic::transport::Error| ClientError::InvalidEndpoint {
                     endpoint: url.clone(),
                     reason: chain(&e),
-                })?
-                .connect()
-                .await
-                .map_err(conn_err)?,
+                };
+                let mut ep =
+                    tonic::transport::Endpoint::from_shared(url.clone()).map_err(invalid)?;
+                if https {
+                    let o = tls.unwrap_or_default();
+                    let mut t = tonic::transport::ClientTlsConfig::new();
+                    if let Some(ca) = o.ca_pem {
+                        t = t.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+                    }
+                    if let Some((cert, key)) = o.identity {
+                        t = t.identity(tonic::transport::Identity::from_pem(cert, key));
+                    }
+                    if let Some(d) = o.domain {
+                        t = t.domain_name(d);
+                    }
+                    ep = ep.tls_config(t).map_err(invalid)?;
+                }
+                ep.connect().await.map_err(conn_err)?
+            }
         };
         debug!(%endpoint, "connected to wqd");
         Ok(Self::from_channel(endpoint, channel))
@@ -134,6 +192,7 @@ impl Client {
             stats: StatsServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
             timeout: None,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            token: None,
         }
     }
 
@@ -142,6 +201,27 @@ impl Client {
     pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Sends `authorization: Bearer <token>` with every call (the daemon's TCP listener with
+    /// `[security] token_file`). Surrounding whitespace is dropped.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidRequest`] for an empty token or one that is not visible ASCII.
+    pub fn with_token(mut self, token: &str) -> Result<Self, ClientError> {
+        let t = token.trim();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClientError::InvalidRequest(
+                "the bearer token must be non-empty visible ASCII without spaces".into(),
+            ));
+        }
+        let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {t}").parse().map_err(|_| {
+                ClientError::InvalidRequest("the bearer token is not a valid header value".into())
+            })?;
+        v.set_sensitive(true);
+        self.token = Some(v);
+        Ok(self)
     }
 
     /// Sets the encoded size budget of one `SubmitStream` message.
@@ -159,6 +239,9 @@ impl Client {
         let mut r = Request::new(msg);
         if let Some(t) = self.timeout {
             r.set_timeout(t);
+        }
+        if let Some(t) = &self.token {
+            r.metadata_mut().insert("authorization", t.clone());
         }
         r
     }

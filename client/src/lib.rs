@@ -28,7 +28,7 @@ pub mod endpoint;
 pub mod error;
 pub mod item;
 
-pub use client::{CancelScope, Client, EventStream, FlushEvent, FlushScope};
+pub use client::{CancelScope, Client, EventStream, FlushEvent, FlushScope, TlsOptions};
 pub use endpoint::{default_socket_path, Endpoint};
 pub use error::ClientError;
 pub use item::{Batch, Item, Target};

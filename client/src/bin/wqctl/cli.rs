@@ -32,6 +32,41 @@ pub struct Cli {
     /// Daemon address: unix:/path or http(s)://host:port (takes precedence over --socket)
     #[arg(long, global = true, env = "WQD_ADDR", value_name = "URL")]
     pub addr: Option<String>,
+    /// PEM CA certificate(s) the daemon's TLS certificate must chain to (https:// addresses)
+    #[arg(long, global = true, env = "WQD_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for a daemon that requires one (mTLS); needs --tls-key
+    #[arg(
+        long,
+        global = true,
+        env = "WQD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(
+        long,
+        global = true,
+        env = "WQD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// File holding the bearer token for a daemon with [security] token_file (sent as
+    /// `authorization: Bearer ...`); WQD_TOKEN gives the token itself
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer --token-file: the environment can leak)
+    #[arg(
+        long = "token",
+        global = true,
+        env = "WQD_TOKEN",
+        hide_env_values = true,
+        hide = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
     /// Output format: human-readable text, or one JSON document on stdout
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -265,6 +300,30 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn tls_and_token_flags() {
+        let cli = parse(&[
+            "--addr",
+            "https://h:7070",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "me.pem",
+            "--tls-key",
+            "me.key",
+            "--token-file",
+            "tok",
+            "topology",
+        ])
+        .unwrap();
+        assert_eq!(cli.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(cli.tls_key, Some(PathBuf::from("me.key")));
+        assert_eq!(cli.token_file, Some(PathBuf::from("tok")));
+        // A certificate without its key (or the reverse) is a usage error.
+        assert!(parse(&["--tls-cert", "me.pem", "topology"]).is_err());
+        assert!(parse(&["--tls-key", "me.key", "topology"]).is_err());
     }
 
     #[test]

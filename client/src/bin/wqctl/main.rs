@@ -23,7 +23,9 @@ use wqd_client::proto::{
     self, FallbackPolicy, ItemReceipt, ItemResult, Placement, UpdateWorkqueueRequest,
     WorkqueueAttrs,
 };
-use wqd_client::{Batch, CancelScope, Client, ClientError, Endpoint, FlushEvent, FlushScope, Item};
+use wqd_client::{
+    Batch, CancelScope, Client, ClientError, Endpoint, FlushEvent, FlushScope, Item, TlsOptions,
+};
 
 use cli::{Cli, Command, FallbackArg, Output, PlacementArg, SubmitArgs, WqAttrArgs, WqCommand};
 use summary::{States, Summary};
@@ -88,10 +90,42 @@ fn emit(output: Output, v: impl FnOnce() -> Value, text: impl FnOnce() -> String
     }
 }
 
+/// The TLS settings from --tls-ca/--tls-cert/--tls-key, read from their files.
+fn tls_options(cli: &Cli) -> Result<Option<TlsOptions>, CliError> {
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| CliError::Local(format!("{flag} {}: {e}", p.display())))
+    };
+    if cli.tls_ca.is_none() && cli.tls_cert.is_none() {
+        return Ok(None);
+    }
+    let mut o = TlsOptions::default();
+    if let Some(p) = &cli.tls_ca {
+        o.ca_pem = Some(read("--tls-ca", p)?);
+    }
+    if let (Some(c), Some(k)) = (&cli.tls_cert, &cli.tls_key) {
+        o.identity = Some((read("--tls-cert", c)?, read("--tls-key", k)?));
+    }
+    Ok(Some(o))
+}
+
+/// The bearer token from --token-file or WQD_TOKEN.
+fn token(cli: &Cli) -> Result<Option<String>, CliError> {
+    match (&cli.token_file, &cli.token) {
+        (Some(p), _) => std::fs::read_to_string(p)
+            .map(Some)
+            .map_err(|e| CliError::Local(format!("--token-file {}: {e}", p.display()))),
+        (None, Some(t)) => Ok(Some(t.clone())),
+        (None, None) => Ok(None),
+    }
+}
+
 async fn run(cli: Cli) -> Result<Done, CliError> {
-    let client = Client::connect(endpoint(&cli)?)
+    let mut client = Client::connect_with(endpoint(&cli)?, tls_options(&cli)?)
         .await?
         .with_timeout(cli.timeout);
+    if let Some(t) = token(&cli)? {
+        client = client.with_token(&t)?;
+    }
     let out = cli.output;
     match cli.command {
         Command::Topology { watch: false } => {
