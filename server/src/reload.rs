@@ -14,8 +14,8 @@
 //! published as a new epoch), `limits.*` except `max_message_bytes`, `[exec]` (the handler
 //! registry is replaced; queued items keep their handler), `[log] level`, and
 //! `engine.shutdown_grace`. Every other key (listeners, metrics address, sysfs root, pinning,
-//! rescan, netlink, isolated CPUs, the engine's tuning, and any section this module does not
-//! know, such as `[security]`) needs a restart: a change to it refuses the whole reload.
+//! rescan, netlink, isolated CPUs, the engine's tuning, `[security]`, and any section this module
+//! does not know) needs a restart: a change to it refuses the whole reload.
 //!
 //! An entry whose attributes did not change in the file is not touched, so changes made over
 //! the API (`UpdateWorkqueue`) survive a reload that did not mention that workqueue.
@@ -192,6 +192,21 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         hog_thresh,
         max_workers_per_cpu,
         load_sample
+    );
+    same!(
+        old.security,
+        new.security,
+        "security",
+        socket_group,
+        allowed_uids,
+        allowed_gids,
+        read_open,
+        tcp_plaintext_loopback,
+        tls_cert,
+        tls_key,
+        client_ca,
+        token_file,
+        exec_as_root
     );
     if restart_only_part(old) != restart_only_part(new) {
         return Err(ReloadError::NeedsRestart {
@@ -417,7 +432,12 @@ level = "debug"
         let old = cfg("");
         for (t, key) in [
             ("[listen]\nsocket = \"/tmp/other.sock\"", "listen.socket"),
-            ("[listen]\ntcp = \"127.0.0.1:1\"", "listen.tcp"),
+            (
+                "[listen]\ntcp = \"127.0.0.1:1\"\n[security]\ntcp_plaintext_loopback = true",
+                "listen.tcp",
+            ),
+            ("[security]\nallowed_uids = [0]", "security.allowed_uids"),
+            ("[security]\nread_open = false", "security.read_open"),
             ("[topology]\nsysfs_root = \"/x\"", "topology.sysfs_root"),
             ("[topology]\npinning = \"off\"", "topology.pinning"),
             (
