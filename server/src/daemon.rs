@@ -247,6 +247,12 @@ impl Daemon {
                 if cfg.listen.socket.as_deref().is_some_and(|p| p != path) {
                     tracing::info!(passed = %path.display(), "listen.socket is ignored: serving the socket systemd passed");
                 }
+                // tokio needs it non-blocking; take_listener does this, other callers may not.
+                l.set_nonblocking(true).map_err(|e| DaemonError::Socket {
+                    path: path.clone(),
+                    what: "making the passed socket non-blocking",
+                    source: e,
+                })?;
                 (path, l, None)
             }
             None => {
@@ -351,9 +357,7 @@ impl Daemon {
         let health = tonic_health::server::HealthReporter::new();
         Rpc::set_health(&health, true).await;
         let mut servers: Vec<_> = metrics_server.into_iter().map(|m| m.into_task()).collect();
-        // Metrics outermost, so calls the guard refuses are counted too.
-        let base = || tonic::transport::Server::builder().layer(rpc.metrics_layer());
-        let router = rpc.router_with(&health, security.unix_server(base()))?;
+        let router = rpc.router_with(&health, security.unix_server(rpc.server()))?;
         let st = stopping.clone();
         servers.push(tokio::spawn(async move {
             let r = router
@@ -368,7 +372,7 @@ impl Daemon {
         }));
         let tcp_addr = match tcp {
             Some((l, local)) => {
-                let router = rpc.router_with(&health, security.tcp_server(base())?)?;
+                let router = rpc.router_with(&health, security.tcp_server(rpc.server())?)?;
                 let st = stopping.clone();
                 servers.push(tokio::spawn(async move {
                     let r = router

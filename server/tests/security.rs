@@ -209,6 +209,54 @@ async fn a_uid_not_allowed_gets_permission_denied_and_nothing_happens() {
     d.shutdown().await;
 }
 
+/// The seams between security and the rest of the daemon: a socket passed by systemd (socket
+/// activation) is guarded like a bound one, and the calls the guard refuses are counted by the
+/// RPC metrics (the metrics layer sits outside the guard). Root only: the refused peer is
+/// `nobody`, so the guard and not the file mode refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activated_socket_is_guarded_and_refusals_are_counted() {
+    if !is_root() {
+        eprintln!("skipped: needs root to connect as another uid");
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cfg = config(dir.path());
+    cfg.security.allowed_uids = vec![IdSpec::Id(4242)];
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    // What systemd does for wqd.socket: bind and listen, then hand the socket over (left
+    // blocking here: start_with must cope).
+    let path = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let d = Daemon::start_with(cfg, Some(listener))
+        .await
+        .expect("start");
+    assert_eq!(d.socket_path(), path);
+
+    let c = connect_as(&path, NOBODY, NOBODY).await;
+    let m = expect_code(c.submit(noop().wait(true)).await, Code::PermissionDenied);
+    assert!(m.contains("security.allowed_uids"), "{m}");
+    expect_code(c.drain("default").await, Code::PermissionDenied);
+    assert_nothing_happened(&c, 0).await;
+
+    let addr = d.metrics_addr().expect("metrics served");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: wqd\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    for method in ["Submit", "Drain"] {
+        let series = format!(
+            "wqd_rpc_handled_total{{method=\"wqd.v1.DispatchService/{method}\",code=\"PERMISSION_DENIED\"}} 1"
+        );
+        assert!(body.contains(&series), "no {series} in:\n{body}");
+    }
+    d.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_open_false_closes_observing_calls_and_groups_can_allow() {
     if !is_root() {
