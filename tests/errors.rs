@@ -228,6 +228,52 @@ async fn oversized_batch_and_payload_name_the_limit() {
     .await;
 }
 
+/// A request message over `limits.max_message_bytes` is refused by tonic before wqd's
+/// handlers see it; wqd still answers RESOURCE_EXHAUSTED naming the limit (not tonic's
+/// OUT_OF_RANGE), by Submit or by one SubmitStream message, and accepts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_message_bytes_is_resource_exhausted_naming_the_limit() {
+    let d = Daemon::builder("two-socket")
+        .config("[limits]\nmax_message_bytes = 4096\nmax_payload_bytes = 1024\n")
+        .start();
+    let c = d.client().await;
+    let item = || Item::new("cpu:0", "digest").payload(vec![7u8; 1000]);
+    // Three payloads fit in one message; ten do not (each payload is within its own limit).
+    c.submit(Batch::new().items((0..3).map(|_| item())).wait(true))
+        .await
+        .expect("a message under the limit");
+    let before = stats(&c).await;
+    let e = c
+        .submit(Batch::new().items((0..10).map(|_| item())).wait(true))
+        .await
+        .expect_err("a 10 KB Submit");
+    check_status(
+        &e,
+        Code::ResourceExhausted,
+        &["limits.max_message_bytes", "4096"],
+        "Submit over the message limit",
+    );
+    let e = c
+        .clone()
+        .with_chunk_bytes(64 << 10)
+        .submit_stream("", (0..10).map(|_| item()))
+        .await
+        .expect_err("a 10 KB SubmitStream message");
+    check_status(
+        &e,
+        Code::ResourceExhausted,
+        &["limits.max_message_bytes"],
+        "SubmitStream message over the message limit",
+    );
+    let now = stats(&c).await;
+    assert_eq!(
+        now.batches_accepted, before.batches_accepted,
+        "nothing accepted"
+    );
+    let (b, n) = (before.items.unwrap(), now.items.unwrap());
+    assert_eq!(total(&n), total(&b), "no item from the refused messages");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_is_resource_exhausted_and_keeps_what_it_had() {
     let d = daemon();

@@ -18,6 +18,7 @@
 
 pub mod convert;
 mod dispatch;
+pub mod limits;
 mod stats;
 mod topology;
 mod workqueue;
@@ -119,10 +120,10 @@ pub fn status(e: RpcError) -> Status {
         RpcError::Engine(E::Handler { index, source }) => {
             format!("items[{index}].args/payload: {source}")
         }
-        RpcError::Transport(st) if is_too_large(&st) => format!(
-            "{} (limits.max_message_bytes; split the batch into smaller messages)",
-            st.message()
-        ),
+        RpcError::Transport(st) => match too_large(&st) {
+            Some(ours) => return ours,
+            None => st.message().to_string(),
+        },
         other => other.to_string(),
     };
     Status::new(code, msg)
@@ -132,6 +133,17 @@ pub fn status(e: RpcError) -> Status {
 /// RESOURCE_EXHAUSTED and names the limit).
 fn is_too_large(st: &Status) -> bool {
     st.code() == Code::OutOfRange && st.message().contains("message length too large")
+}
+
+/// wqd's status for tonic's refusal of a message over the size limit (streamed requests here,
+/// unary ones in [`limits::TooLargeLayer`]); `None` for any other status.
+pub(crate) fn too_large(st: &Status) -> Option<Status> {
+    is_too_large(st).then(|| {
+        Status::resource_exhausted(format!(
+            "{} (limits.max_message_bytes; split the batch into smaller messages)",
+            st.message()
+        ))
+    })
 }
 
 /// Counters kept by this layer (the engine does not see refused batches).
@@ -167,6 +179,12 @@ impl std::fmt::Debug for Rpc {
     }
 }
 
+/// The layers of [`Rpc::server`]: the metrics layer wraps [`limits::TooLargeLayer`].
+pub type BaseLayers = tower::layer::util::Stack<
+    limits::TooLargeLayer,
+    tower::layer::util::Stack<crate::metrics::grpc::RpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
 impl Rpc {
     /// Every service (wqd.v1, health, reflection) on one router, with the message limits,
     /// behind the metrics layer (a pass-through when metrics are off).
@@ -176,32 +194,25 @@ impl Rpc {
     pub fn router(
         &self,
         health: &tonic_health::server::HealthReporter,
-    ) -> Result<
-        tonic::transport::server::Router<
-            tower::layer::util::Stack<
-                crate::metrics::grpc::RpcMetricsLayer,
-                tower::layer::util::Identity,
-            >,
-        >,
-        tonic_reflection::server::Error,
-    > {
-        self.router_with(
-            health,
-            tonic::transport::Server::builder().layer(self.metrics_layer()),
-        )
+    ) -> Result<tonic::transport::server::Router<BaseLayers>, tonic_reflection::server::Error> {
+        self.router_with(health, self.server())
     }
 
-    /// The RPC metrics layer (a pass-through when metrics are off). Put it outermost so that
-    /// calls refused by inner layers (the security guard) are counted too.
-    pub fn metrics_layer(&self) -> crate::metrics::grpc::RpcMetricsLayer {
-        match &self.metrics {
+    /// tonic's server with wqd's outer layers: the RPC metrics (a pass-through when metrics
+    /// are off) outermost, so calls refused by inner layers (the security guard) are counted
+    /// too, then [`limits::TooLargeLayer`]. Add more layers (the guard), TLS, then routes.
+    pub fn server(&self) -> tonic::transport::Server<BaseLayers> {
+        let metrics = match &self.metrics {
             Some(m) => m.rpc_layer(),
             None => crate::metrics::grpc::RpcMetricsLayer::default(),
-        }
+        };
+        tonic::transport::Server::builder()
+            .layer(metrics)
+            .layer(limits::TooLargeLayer)
     }
 
-    /// As [`Rpc::router`], on a server the caller configured (TLS, tower layers such as
-    /// [`Rpc::metrics_layer`] and [`crate::security::GuardLayer`]).
+    /// As [`Rpc::router`], on a server the caller configured (normally [`Rpc::server`] plus
+    /// TLS and the [`crate::security::GuardLayer`]).
     ///
     /// # Errors
     /// As [`Rpc::router`].
