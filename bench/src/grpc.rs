@@ -208,13 +208,18 @@ impl Drop for Server {
     }
 }
 
-/// The real daemon on the host topology (extra flags in `args`; an empty config file).
+/// Lets the bench's `--tcp-listen 127.0.0.1:0` listener run without TLS (see docs/security.md).
+const PLAINTEXT_LOOPBACK: &str = "[security]\ntcp_plaintext_loopback = true\n";
+
+/// The real daemon on the host topology (extra flags in `args`; a config file with defaults
+/// except plain TCP on loopback).
 pub fn start_wqd(args: &[String]) -> Server {
     let cfg = tempfile::Builder::new()
         .prefix("wqd-bench-cfg")
         .suffix(".toml")
         .tempfile()
         .expect("config file");
+    std::fs::write(cfg.path(), PLAINTEXT_LOOPBACK).expect("config file");
     let mut a = vec![
         "--config".to_string(),
         cfg.path().display().to_string(),
@@ -481,7 +486,11 @@ fn topology_table(rt: &tokio::runtime::Runtime, cfg: &Cfg, host: &Server) -> Tab
             .suffix(".toml")
             .tempfile()
             .expect("config");
-        std::fs::write(conf.path(), groups_toml(n, cfg.topology_groups)).expect("config");
+        let toml = format!(
+            "{PLAINTEXT_LOOPBACK}{}",
+            groups_toml(n, cfg.topology_groups)
+        );
+        std::fs::write(conf.path(), toml).expect("config");
         let args: Vec<String> = vec![
             "--config".into(),
             conf.path().display().to_string(),
