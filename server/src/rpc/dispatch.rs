@@ -7,7 +7,6 @@
 //! every wait selects on the client's deadline, and the engine `Flush` it holds is dropped when
 //! the wait ends, whatever ends it.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +19,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use wqd_proto::v1;
 
-use super::convert::{count_state, duration_out, item_spec, result_out, state_out};
+use super::convert::{
+    count_state, duration_out, item_spec_with, state_out, submit_response_len_bound, ResultsOut,
+    TargetCache,
+};
 use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
 };
@@ -139,10 +141,11 @@ impl Rpc {
                 });
             }
             self.check_count("the batch's item count", r.items.len())?;
+            let mut targets = TargetCache::default();
             r.items
                 .into_iter()
                 .enumerate()
-                .map(|(i, it)| item_spec(i, it, &limits))
+                .map(|(i, it)| item_spec_with(i, it, &limits, &mut targets))
                 .collect::<Result<Vec<_>, _>>()
         })()
         .inspect_err(|_| self.refused())?;
@@ -167,32 +170,47 @@ impl Rpc {
             let events = collect(&mut flush, deadline, &what).await;
             self.flush_waited(FlushMethod::Submit, flush.began(), &events);
             let events = events?;
-            let mut by_id: HashMap<u64, Arc<ItemResult>> = events
-                .into_iter()
-                .filter_map(|e| match e {
-                    FlushEvent::Done(r) => Some((r.id, r)),
-                    FlushEvent::Gone(_) => None,
-                })
-                .collect();
+            // Entry i of the batch has id `first + i`: a slot per entry puts the results
+            // back in submission order without hashing.
+            let mut by_slot: Vec<Option<Arc<ItemResult>>> = vec![None; rec.items.len()];
+            for e in events {
+                if let FlushEvent::Done(r) = e {
+                    let slot =
+                        r.id.checked_sub(rec.first)
+                            .and_then(|i| usize::try_from(i).ok());
+                    if let Some(s) = slot.and_then(|i| by_slot.get_mut(i)) {
+                        *s = Some(r);
+                    }
+                }
+            }
+            let mut out = ResultsOut::default();
             resp.results = rec
                 .items
                 .iter()
                 .filter(|s| s.queued)
-                .filter_map(|s| by_id.remove(&s.id))
-                .map(|r| result_out(&r))
+                .filter_map(|s| {
+                    let i = usize::try_from(s.id.checked_sub(rec.first)?).ok()?;
+                    by_slot.get_mut(i)?.take()
+                })
+                .map(|r| out.result(&r))
                 .collect();
-            let len = resp.encoded_len();
-            if len > self.limits.load().max_message_bytes {
-                return Err(RpcError::Exhausted {
-                    what: format!(
-                        "batch {} was accepted and is done, but its {} results take {len} bytes, \
-                         over limits.max_message_bytes = {}; fetch them with Flush (batch_id {})",
-                        rec.batch,
-                        resp.results.len(),
-                        self.limits.load().max_message_bytes,
-                        rec.batch
-                    ),
-                });
+            // The exact size walks every result; a cheap upper bound spares that walk for a
+            // response that plainly fits. Over the bound, the exact size decides, as before.
+            let max = self.limits.load().max_message_bytes;
+            if submit_response_len_bound(&resp) > max {
+                let len = resp.encoded_len();
+                if len > max {
+                    return Err(RpcError::Exhausted {
+                        what: format!(
+                            "batch {} was accepted and is done, but its {} results take {len} \
+                             bytes, over limits.max_message_bytes = {max}; fetch them with Flush \
+                             (batch_id {})",
+                            rec.batch,
+                            resp.results.len(),
+                            rec.batch
+                        ),
+                    });
+                }
             }
         }
         Ok(resp)
@@ -207,6 +225,7 @@ impl Rpc {
         let mut specs: Vec<ItemSpec> = Vec::new();
         let began = Instant::now();
         let limits = self.limits.load();
+        let mut targets = TargetCache::default();
         let read = async {
             loop {
                 let msg = tokio::select! {
@@ -240,7 +259,7 @@ impl Rpc {
                 specs.reserve(m.items.len());
                 for it in m.items {
                     let index = specs.len();
-                    specs.push(item_spec(index, it, &limits)?);
+                    specs.push(item_spec_with(index, it, &limits, &mut targets)?);
                 }
             }
             Ok(())
@@ -392,6 +411,7 @@ impl Rpc {
     fn do_get_results(&self, r: v1::GetResultsRequest) -> Result<v1::GetResultsResponse, RpcError> {
         self.check_count("the number of item ids", r.item_ids.len())?;
         let results = self.engine.results(&r.item_ids);
+        let mut out = ResultsOut::default();
         let items = r
             .item_ids
             .iter()
@@ -400,7 +420,7 @@ impl Rpc {
                 Some(res) => v1::ItemLookup {
                     item_id: id,
                     status: v1::LookupStatus::Found as i32,
-                    result: Some(result_out(&res)),
+                    result: Some(out.result(&res)),
                 },
                 None => v1::ItemLookup {
                     item_id: id,
@@ -446,6 +466,7 @@ async fn stream_flush(
     let mut group: Vec<v1::ItemResult> = Vec::new();
     let mut group_bytes = 0usize;
     let mut group_due: Option<Instant> = None;
+    let mut out = ResultsOut::default();
     let deadline_err = |began: Instant| {
         Err(status(RpcError::Deadline {
             waited: began.elapsed(),
@@ -481,7 +502,7 @@ async fn stream_flush(
             Some(Some(FlushEvent::Done(r))) => {
                 count_state(&mut counts, r.state, 1);
                 if !summary_only {
-                    let m = result_out(&r);
+                    let m = out.result(&r);
                     group_bytes += m.encoded_len() + 8;
                     group.push(m);
                     group_due.get_or_insert_with(|| Instant::now() + FLUSH_BATCH_DELAY);
