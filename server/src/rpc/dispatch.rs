@@ -187,28 +187,26 @@ impl Rpc {
             let events = events?;
             // Entry i of the batch has id `first + i`: a slot per entry puts the results
             // back in submission order without hashing.
+            let first = rec.first;
+            let slot_of = |id: u64| id.checked_sub(first).and_then(|i| usize::try_from(i).ok());
             let mut by_slot: Vec<Option<Arc<ItemResult>>> = vec![None; rec.items.len()];
             for e in events {
                 if let FlushEvent::Done(r) = e {
-                    let slot =
-                        r.id.checked_sub(rec.first)
-                            .and_then(|i| usize::try_from(i).ok());
-                    if let Some(s) = slot.and_then(|i| by_slot.get_mut(i)) {
+                    if let Some(s) = slot_of(r.id).and_then(|i| by_slot.get_mut(i)) {
                         *s = Some(r);
                     }
                 }
             }
+            // Sized up front: a filtered iterator would grow the Vec by doubling, copying the
+            // results already converted at each step.
             let mut out = ResultsOut::default();
-            resp.results = rec
-                .items
-                .iter()
-                .filter(|s| s.queued)
-                .filter_map(|s| {
-                    let i = usize::try_from(s.id.checked_sub(rec.first)?).ok()?;
-                    by_slot.get_mut(i)?.take()
-                })
-                .map(|r| out.result(&r))
-                .collect();
+            resp.results.reserve_exact(rec.items.len());
+            for s in rec.items.iter().filter(|s| s.queued) {
+                let done = slot_of(s.id).and_then(|i| by_slot.get_mut(i)?.take());
+                if let Some(r) = done {
+                    resp.results.push(out.result(&r));
+                }
+            }
             // The exact size walks every result; a cheap upper bound spares that walk for a
             // response that plainly fits. Over the bound, the exact size decides, as before.
             let max = self.limits.load().max_message_bytes;
