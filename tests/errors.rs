@@ -451,3 +451,52 @@ impl Decoder for RawCodec {
         Ok(Some(src.copy_to_bytes(n).to_vec()))
     }
 }
+
+/// A `Submit(wait)` response over `limits.max_message_bytes` is RESOURCE_EXHAUSTED (the batch
+/// was accepted and ran; Flush fetches its results), and one under it comes back whole, even
+/// when the daemon's cheap size bound is over the limit and only the exact size fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_response_over_the_message_limit_is_resource_exhausted() {
+    // A `noop` result on `all` takes ≈ 90 bytes here; the daemon's bound counts ≈ 300.
+    let d = Daemon::builder("two-socket")
+        .config("[limits]\nmax_message_bytes = 16384\n")
+        .start();
+    let c = d.client().await;
+    let wait = |n: usize| {
+        Batch::new()
+            .items((0..n).map(|_| Item::new("all", "noop")))
+            .wait(true)
+    };
+    // Under the bound (and inline in the daemon), then over the bound but under the limit
+    // (through the blocking pool): every result, in order.
+    for n in [10, 100] {
+        let r = c.submit(wait(n)).await.expect("fits in one message");
+        assert_eq!(r.results.len(), n);
+        for (res, rec) in r.results.iter().zip(&r.items) {
+            assert_eq!(res.item_id, rec.item_id, "results in submission order");
+            assert_eq!(res.state(), ItemState::Ok);
+        }
+    }
+    let before = stats(&c).await;
+    let e = c
+        .submit(wait(300))
+        .await
+        .expect_err("300 results do not fit");
+    check_status(
+        &e,
+        Code::ResourceExhausted,
+        &["limits.max_message_bytes = 16384", "Flush (batch_id "],
+        "response over the limit",
+    );
+    let now = stats(&c).await;
+    assert_eq!(
+        now.batches_accepted,
+        before.batches_accepted + 1,
+        "it was accepted"
+    );
+    assert_eq!(
+        now.items.unwrap().ok,
+        before.items.unwrap().ok + 300,
+        "and it ran"
+    );
+}

@@ -27,15 +27,43 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// # Errors
 /// [`RpcError::Item`] naming the field, or [`RpcError::OverLimit`] for the payload size.
 pub fn item_spec(index: usize, it: v1::WorkItem, limits: &Limits) -> Result<ItemSpec, RpcError> {
+    item_spec_with(index, it, limits, &mut TargetCache::default())
+}
+
+/// The last target text parsed and its parse. A batch nearly always names one target for all
+/// its items, so [`item_spec_with`] parses each run of equal texts once. Only a text that
+/// parsed is kept, so a hit is exactly what a fresh parse would return.
+#[derive(Debug, Default)]
+pub struct TargetCache {
+    last: Option<(String, Target)>,
+}
+
+/// [`item_spec`], reusing `cache` for the target (one cache per request).
+///
+/// # Errors
+/// As [`item_spec`].
+pub fn item_spec_with(
+    index: usize,
+    it: v1::WorkItem,
+    limits: &Limits,
+    cache: &mut TargetCache,
+) -> Result<ItemSpec, RpcError> {
     let bad = |field, problem: String| RpcError::Item {
         index,
         field,
         problem,
     };
-    if it.target.trim().is_empty() {
-        return Err(bad("target", "required (e.g. \"cache:0\", \"all\")".into()));
-    }
-    let target = Target::from_str(&it.target).map_err(|e| bad("target", e.to_string()))?;
+    let target = match &cache.last {
+        Some((text, t)) if *text == it.target => t.clone(),
+        _ => {
+            if it.target.trim().is_empty() {
+                return Err(bad("target", "required (e.g. \"cache:0\", \"all\")".into()));
+            }
+            let t = Target::from_str(&it.target).map_err(|e| bad("target", e.to_string()))?;
+            cache.last = Some((it.target, t.clone()));
+            t
+        }
+    };
     if it.handler.is_empty() {
         return Err(bad("handler", "required (e.g. \"noop\")".into()));
     }
@@ -139,29 +167,78 @@ pub fn group_level_out(l: Level) -> v1::GroupLevel {
 
 /// An item's result (or current state) to the wire.
 pub fn result_out(r: &ItemResult) -> v1::ItemResult {
-    v1::ItemResult {
-        item_id: r.id,
-        batch_id: r.batch,
-        workqueue: r.workqueue.to_string(),
-        state: state_out(r.state) as i32,
-        output: r.output.clone(),
-        error: r.error.clone(),
-        target: r.target.to_string(),
-        cpu_started: r.cpu_started,
-        cpu_finished: r.cpu_finished,
-        fallback_level: fallback_level_out(r.fallback) as i32,
-        fallback_reason: if r.fallback.is_some() {
-            r.reason.clone()
-        } else {
-            String::new()
-        },
-        rebinds: r.rebinds,
-        queued_at: Some(timestamp_out(r.queued_at)),
-        started_at: r.started_at.map(timestamp_out),
-        finished_at: r.finished_at.map(timestamp_out),
-        topology_epoch: r.epoch_started.unwrap_or(0),
-        handler: r.handler.to_string(),
+    ResultsOut::default().result(r)
+}
+
+/// Converts results to the wire, keeping the text of the last target: the items of a batch
+/// usually share one target, so its canonical text is formatted once per run, then copied.
+#[derive(Debug, Default)]
+pub struct ResultsOut {
+    last_target: Option<(Target, String)>,
+}
+
+impl ResultsOut {
+    /// [`result_out`] of `r`.
+    pub fn result(&mut self, r: &ItemResult) -> v1::ItemResult {
+        let target = match &self.last_target {
+            Some((t, text)) if *t == r.target => text.clone(),
+            _ => {
+                let text = r.target.to_string();
+                self.last_target = Some((r.target.clone(), text.clone()));
+                text
+            }
+        };
+        v1::ItemResult {
+            item_id: r.id,
+            batch_id: r.batch,
+            workqueue: String::from(&*r.workqueue),
+            state: state_out(r.state) as i32,
+            output: r.output.clone(),
+            error: r.error.clone(),
+            target,
+            cpu_started: r.cpu_started,
+            cpu_finished: r.cpu_finished,
+            fallback_level: fallback_level_out(r.fallback) as i32,
+            fallback_reason: if r.fallback.is_some() {
+                r.reason.clone()
+            } else {
+                String::new()
+            },
+            rebinds: r.rebinds,
+            queued_at: Some(timestamp_out(r.queued_at)),
+            started_at: r.started_at.map(timestamp_out),
+            finished_at: r.finished_at.map(timestamp_out),
+            topology_epoch: r.epoch_started.unwrap_or(0),
+            handler: String::from(&*r.handler),
+        }
     }
+}
+
+/// Encoded bytes of an [`v1::ItemResult`] without its variable-length fields, at most (every
+/// key, varint and length prefix at its widest, as a `repeated` entry: key + length prefix).
+/// Fields 1–15 take a 1-byte key, 16–17 two; a varint takes at most 10 bytes (5 for uint32);
+/// a Timestamp at most 1 + 1 + 11 + 11. Rounded up.
+const RESULT_FIXED_MAX: usize = 256;
+/// Encoded bytes of one `ItemReceipt` in a `SubmitResponse`, at most (key, length, three
+/// fields), rounded up.
+const RECEIPT_MAX: usize = 32;
+
+/// An upper bound of `r.encoded_len()` as an entry of a `repeated` field, cheap to compute
+/// (no varint sizing): [`RESULT_FIXED_MAX`] plus the lengths of its strings and bytes.
+pub fn result_len_bound(r: &v1::ItemResult) -> usize {
+    RESULT_FIXED_MAX
+        + r.workqueue.len()
+        + r.output.len()
+        + r.error.len()
+        + r.target.len()
+        + r.fallback_reason.len()
+        + r.handler.len()
+}
+
+/// An upper bound of `resp.encoded_len()`: the exact size is needed only when this exceeds
+/// the message limit.
+pub fn submit_response_len_bound(resp: &v1::SubmitResponse) -> usize {
+    16 + resp.items.len() * RECEIPT_MAX + resp.results.iter().map(result_len_bound).sum::<usize>()
 }
 
 /// Adds `n` items in state `s` to wire counts.
@@ -373,6 +450,10 @@ pub fn snapshot_out(s: &Snapshot, busy: &dyn Fn(u32) -> f64) -> v1::TopologySnap
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use prost::Message;
+
     use super::*;
 
     fn item(target: &str, handler: &str) -> v1::WorkItem {
@@ -417,6 +498,135 @@ mod tests {
                 .starts_with("items[3].delay: must not be negative"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_cached_target_is_what_a_fresh_parse_gives() {
+        let lim = Limits::default();
+        let mut cache = TargetCache::default();
+        for (i, t) in [
+            "cpus:3,1-2",
+            "cpus:3,1-2",
+            "all",
+            "node:0",
+            "node:0",
+            "cpus:1-3",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let cached = item_spec_with(i, item(t, "noop"), &lim, &mut cache).unwrap();
+            let fresh = item_spec(i, item(t, "noop"), &lim).unwrap();
+            assert_eq!(cached.target, fresh.target, "{t}");
+        }
+        // A refused text is never cached: it is refused again, with its own index.
+        for i in 0..2 {
+            let e = item_spec_with(i, item("CPU:1", "noop"), &lim, &mut cache).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("items[{i}].target: ")),
+                "{e}"
+            );
+            let e = item_spec_with(i, item("  ", "noop"), &lim, &mut cache).unwrap_err();
+            assert!(e.to_string().contains("target: required"), "{e}");
+        }
+        // The other checks still run on a cache hit.
+        item_spec_with(0, item("all", "noop"), &lim, &mut cache).unwrap();
+        let e = item_spec_with(1, item("all", ""), &lim, &mut cache).unwrap_err();
+        assert!(e.to_string().starts_with("items[1].handler"), "{e}");
+    }
+
+    fn result(target: Target) -> ItemResult {
+        ItemResult {
+            id: 7,
+            batch: 3,
+            workqueue: Arc::from("default"),
+            state: State::Ok,
+            output: b"out".to_vec(),
+            error: String::new(),
+            target,
+            handler: Arc::from("noop"),
+            cpu_started: Some(1),
+            cpu_finished: Some(1),
+            fallback: None,
+            reason: "ignored without a fallback".into(),
+            rebinds: 0,
+            queued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(5),
+            started_at: Some(SystemTime::now()),
+            finished_at: None,
+            epoch_started: Some(2),
+        }
+    }
+
+    #[test]
+    fn results_out_copies_the_texts_of_each_result() {
+        let mut out = ResultsOut::default();
+        for t in [
+            Target::All,
+            Target::All,
+            Target::Node(0),
+            Target::Cpus("1-3".parse().unwrap()),
+            Target::All,
+        ] {
+            let r = result(t.clone());
+            let m = out.result(&r);
+            assert_eq!(m.target, t.to_string());
+            assert_eq!(m, result_out(&r));
+            assert_eq!(
+                (m.workqueue.as_str(), m.handler.as_str()),
+                ("default", "noop")
+            );
+            assert!(m.fallback_reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_response_bound_is_never_below_the_exact_size() {
+        let wide = prost_types::Timestamp {
+            seconds: i64::MIN,
+            nanos: i32::MIN,
+        };
+        let worst = v1::ItemResult {
+            item_id: u64::MAX,
+            batch_id: u64::MAX,
+            workqueue: "w".repeat(300),
+            state: i32::MIN,
+            output: vec![0xff; 20_000],
+            error: "e".repeat(130),
+            target: "cpus:0-4095".into(),
+            cpu_started: Some(u32::MAX),
+            cpu_finished: Some(u32::MAX),
+            fallback_level: i32::MIN,
+            fallback_reason: "r".repeat(17_000),
+            rebinds: u32::MAX,
+            queued_at: Some(wide),
+            started_at: Some(wide),
+            finished_at: Some(wide),
+            topology_epoch: u64::MAX,
+            handler: "h".repeat(200),
+        };
+        let empty = v1::ItemResult::default();
+        for results in [
+            vec![],
+            vec![empty.clone()],
+            vec![worst.clone(); 3],
+            vec![worst, empty],
+        ] {
+            let resp = v1::SubmitResponse {
+                batch_id: u64::MAX,
+                items: vec![
+                    v1::ItemReceipt {
+                        item_id: u64::MAX,
+                        queued: true,
+                        duplicate_of: u64::MAX,
+                    };
+                    results.len() + 2
+                ],
+                results,
+            };
+            let bound = submit_response_len_bound(&resp);
+            let exact = resp.encoded_len();
+            assert!(bound >= exact, "bound {bound} < exact {exact}");
+        }
     }
 
     #[test]

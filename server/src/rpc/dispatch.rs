@@ -7,7 +7,6 @@
 //! every wait selects on the client's deadline, and the engine `Flush` it holds is dropped when
 //! the wait ends, whatever ends it.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +19,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use wqd_proto::v1;
 
-use super::convert::{count_state, duration_out, item_spec, result_out, state_out};
+use super::convert::{
+    count_state, duration_out, item_spec_with, state_out, submit_response_len_bound, ResultsOut,
+    TargetCache,
+};
 use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
 };
@@ -28,6 +30,13 @@ use crate::engine::{CancelOutcome, Flush, FlushEvent, FlushScope, ItemResult, It
 use crate::metrics::{FlushMethod, FlushOutcome, Metrics};
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Batches up to this many items call `Engine::submit` on the request's own task; larger ones
+/// go to the blocking pool. A small submit takes microseconds under the engine's lock, less
+/// than the thread wake-up of a `spawn_blocking` (≈ 20 µs on a loaded 2-CPU VM), which is
+/// on the latency path of every single-item `Submit`. Large batches stay off the async
+/// workers so that one big submit never stalls the other connections.
+const INLINE_SUBMIT_ITEMS: usize = 64;
 
 fn wq_name(s: String) -> String {
     if s.is_empty() {
@@ -37,11 +46,12 @@ fn wq_name(s: String) -> String {
     }
 }
 
-/// Every event of `flush` until it completes, or the deadline.
+/// Every event of `flush` until it completes, or the deadline (`what` names the wait in the
+/// error; it is built only then).
 async fn collect(
     flush: &mut Flush,
     deadline: Option<Instant>,
-    what: &str,
+    what: impl FnOnce() -> String,
 ) -> Result<Vec<FlushEvent>, RpcError> {
     let began = Instant::now();
     let mut out = Vec::with_capacity(flush.covered());
@@ -52,7 +62,7 @@ async fn collect(
                 None => return Ok(out),
             },
             _ = sleep_until(deadline) => {
-                return Err(RpcError::Deadline { waited: began.elapsed(), what: what.to_string() })
+                return Err(RpcError::Deadline { waited: began.elapsed(), what: what() })
             }
         }
     }
@@ -99,12 +109,18 @@ impl Rpc {
         Ok(())
     }
 
-    /// Submits a checked batch once, counting it.
+    /// Submits a checked batch once, counting it. Small batches are submitted inline (see
+    /// [`INLINE_SUBMIT_ITEMS`]); a panic there is an internal error, as in the blocking pool.
     async fn submit_specs(&self, wq: String, specs: Vec<ItemSpec>) -> Result<Receipt, RpcError> {
-        let r = self
-            .blocking(move |e| e.submit(&wq, specs))
-            .await?
-            .map_err(RpcError::from);
+        let r = if specs.len() <= INLINE_SUBMIT_ITEMS {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.engine.submit(&wq, specs)
+            }))
+            .map_err(|_| RpcError::Internal("engine call failed: submit panicked".into()))?
+        } else {
+            self.blocking(move |e| e.submit(&wq, specs)).await?
+        }
+        .map_err(RpcError::from);
         let c = &self.counters;
         match &r {
             Ok(rec) => {
@@ -139,10 +155,11 @@ impl Rpc {
                 });
             }
             self.check_count("the batch's item count", r.items.len())?;
+            let mut targets = TargetCache::default();
             r.items
                 .into_iter()
                 .enumerate()
-                .map(|(i, it)| item_spec(i, it, &limits))
+                .map(|(i, it)| item_spec_with(i, it, &limits, &mut targets))
                 .collect::<Result<Vec<_>, _>>()
         })()
         .inspect_err(|_| self.refused())?;
@@ -163,36 +180,50 @@ impl Rpc {
         };
         if r.wait {
             let mut flush = self.engine.flush(FlushScope::Batch(rec.batch))?;
-            let what = format!("waiting for batch {}", rec.batch);
-            let events = collect(&mut flush, deadline, &what).await;
+            let batch = rec.batch;
+            let what = || format!("waiting for batch {batch}");
+            let events = collect(&mut flush, deadline, what).await;
             self.flush_waited(FlushMethod::Submit, flush.began(), &events);
             let events = events?;
-            let mut by_id: HashMap<u64, Arc<ItemResult>> = events
-                .into_iter()
-                .filter_map(|e| match e {
-                    FlushEvent::Done(r) => Some((r.id, r)),
-                    FlushEvent::Gone(_) => None,
-                })
-                .collect();
-            resp.results = rec
-                .items
-                .iter()
-                .filter(|s| s.queued)
-                .filter_map(|s| by_id.remove(&s.id))
-                .map(|r| result_out(&r))
-                .collect();
-            let len = resp.encoded_len();
-            if len > self.limits.load().max_message_bytes {
-                return Err(RpcError::Exhausted {
-                    what: format!(
-                        "batch {} was accepted and is done, but its {} results take {len} bytes, \
-                         over limits.max_message_bytes = {}; fetch them with Flush (batch_id {})",
-                        rec.batch,
-                        resp.results.len(),
-                        self.limits.load().max_message_bytes,
-                        rec.batch
-                    ),
-                });
+            // Entry i of the batch has id `first + i`: a slot per entry puts the results
+            // back in submission order without hashing.
+            let first = rec.first;
+            let slot_of = |id: u64| id.checked_sub(first).and_then(|i| usize::try_from(i).ok());
+            let mut by_slot: Vec<Option<Arc<ItemResult>>> = vec![None; rec.items.len()];
+            for e in events {
+                if let FlushEvent::Done(r) = e {
+                    if let Some(s) = slot_of(r.id).and_then(|i| by_slot.get_mut(i)) {
+                        *s = Some(r);
+                    }
+                }
+            }
+            // Sized up front: a filtered iterator would grow the Vec by doubling, copying the
+            // results already converted at each step.
+            let mut out = ResultsOut::default();
+            resp.results.reserve_exact(rec.items.len());
+            for s in rec.items.iter().filter(|s| s.queued) {
+                let done = slot_of(s.id).and_then(|i| by_slot.get_mut(i)?.take());
+                if let Some(r) = done {
+                    resp.results.push(out.result(&r));
+                }
+            }
+            // The exact size walks every result; a cheap upper bound spares that walk for a
+            // response that plainly fits. Over the bound, the exact size decides, as before.
+            let max = self.limits.load().max_message_bytes;
+            if submit_response_len_bound(&resp) > max {
+                let len = resp.encoded_len();
+                if len > max {
+                    return Err(RpcError::Exhausted {
+                        what: format!(
+                            "batch {} was accepted and is done, but its {} results take {len} \
+                             bytes, over limits.max_message_bytes = {max}; fetch them with Flush \
+                             (batch_id {})",
+                            rec.batch,
+                            resp.results.len(),
+                            rec.batch
+                        ),
+                    });
+                }
             }
         }
         Ok(resp)
@@ -207,6 +238,7 @@ impl Rpc {
         let mut specs: Vec<ItemSpec> = Vec::new();
         let began = Instant::now();
         let limits = self.limits.load();
+        let mut targets = TargetCache::default();
         let read = async {
             loop {
                 let msg = tokio::select! {
@@ -240,7 +272,7 @@ impl Rpc {
                 specs.reserve(m.items.len());
                 for it in m.items {
                     let index = specs.len();
-                    specs.push(item_spec(index, it, &limits)?);
+                    specs.push(item_spec_with(index, it, &limits, &mut targets)?);
                 }
             }
             Ok(())
@@ -330,11 +362,9 @@ impl Rpc {
         };
         let mut report = self.blocking(move |e| e.cancel(scope)).await??;
         let running = report.running.covered();
-        let waited = collect(
-            &mut report.running,
-            deadline,
-            &format!("waiting for {running} running items to stop after cancel"),
-        )
+        let waited = collect(&mut report.running, deadline, || {
+            format!("waiting for {running} running items to stop after cancel")
+        })
         .await;
         self.flush_waited(FlushMethod::Cancel, report.running.began(), &waited);
         waited?;
@@ -377,7 +407,10 @@ impl Rpc {
         let began = Instant::now();
         let w = wq.clone();
         let mut flush = self.blocking(move |e| e.drain(&w)).await??;
-        let events = collect(&mut flush, deadline, &format!("draining workqueue {wq:?}")).await;
+        let events = collect(&mut flush, deadline, || {
+            format!("draining workqueue {wq:?}")
+        })
+        .await;
         self.flush_waited(FlushMethod::Drain, flush.began(), &events);
         let events = events?;
         let mut counts = v1::StateCounts::default();
@@ -392,6 +425,7 @@ impl Rpc {
     fn do_get_results(&self, r: v1::GetResultsRequest) -> Result<v1::GetResultsResponse, RpcError> {
         self.check_count("the number of item ids", r.item_ids.len())?;
         let results = self.engine.results(&r.item_ids);
+        let mut out = ResultsOut::default();
         let items = r
             .item_ids
             .iter()
@@ -400,7 +434,7 @@ impl Rpc {
                 Some(res) => v1::ItemLookup {
                     item_id: id,
                     status: v1::LookupStatus::Found as i32,
-                    result: Some(result_out(&res)),
+                    result: Some(out.result(&res)),
                 },
                 None => v1::ItemLookup {
                     item_id: id,
@@ -446,6 +480,7 @@ async fn stream_flush(
     let mut group: Vec<v1::ItemResult> = Vec::new();
     let mut group_bytes = 0usize;
     let mut group_due: Option<Instant> = None;
+    let mut out = ResultsOut::default();
     let deadline_err = |began: Instant| {
         Err(status(RpcError::Deadline {
             waited: began.elapsed(),
@@ -481,7 +516,7 @@ async fn stream_flush(
             Some(Some(FlushEvent::Done(r))) => {
                 count_state(&mut counts, r.state, 1);
                 if !summary_only {
-                    let m = result_out(&r);
+                    let m = out.result(&r);
                     group_bytes += m.encoded_len() + 8;
                     group.push(m);
                     group_due.get_or_insert_with(|| Instant::now() + FLUSH_BATCH_DELAY);
