@@ -97,10 +97,12 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     let mut idle_since: Option<Instant> = None;
     loop {
         let mut fx = Effects::default();
+        // One clock reading serves the whole lock hold (finish, take, idle accounting).
+        let now = Instant::now();
         let job = {
             let mut s = inner.sched.lock();
             if let Some(f) = done.take() {
-                s.finish(f, &mut fx);
+                s.finish(f, now, &mut fx);
             }
             let timed_out = idle_since.is_some() && s.unpark_self(cpu, wid);
             if !s.worker_current(cpu, gen) {
@@ -109,15 +111,15 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 fx.run(&inner);
                 return;
             }
-            match s.take(cpu, &token, &mut fx) {
+            match s.take(cpu, &token, now, &mut fx) {
                 Some(job) => {
                     idle_since = None;
                     Some(job)
                 }
                 None => {
-                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    let since = *idle_since.get_or_insert(now);
                     if timed_out
-                        && since.elapsed() >= inner.cfg.worker_idle
+                        && now.duration_since(since) >= inner.cfg.worker_idle
                         && s.may_retire(cpu, gen)
                     {
                         s.worker_exit(cpu, gen, false);
@@ -140,7 +142,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                     {
                         let mut s = inner.sched.lock();
                         if let Some(f) = done.take() {
-                            s.finish(f, &mut fx);
+                            s.finish(f, Instant::now(), &mut fx);
                         }
                         s.worker_exit(cpu, gen, true);
                     }
