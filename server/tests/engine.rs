@@ -737,3 +737,28 @@ fn summary_flush_counts_without_per_item_events() {
     assert_eq!(sum.gone, 0);
     assert_eq!(rig.engine.stats().flushes, 0);
 }
+
+/// `Flush::wait` on an event flush switches it to counting while items are still finishing:
+/// each item must be counted exactly once, whether its event was already sent or it found
+/// the tally.
+#[test]
+fn waiting_on_an_event_flush_counts_every_item_once() {
+    let rig = Rig::new(2, "0-1");
+    for round in 0..20 {
+        let mut items: Vec<ItemSpec> = (0..50).map(|_| item("cpu:0", "noop")).collect();
+        items.extend((0..50).map(|_| item("cpu:1", "noop").arg("fail", "x")));
+        items.push(item("cpu:1", "probe").arg("ms", "2"));
+        let ids = rig.submit("default", items);
+        let f = rig.engine.flush(FlushScope::Items(ids)).unwrap();
+        if round % 2 == 0 {
+            // Let some items end (and send their events) before the switch.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let sum = f.wait(Some(Duration::from_secs(20))).unwrap();
+        assert_eq!(sum.covered, 101);
+        assert_eq!(sum.by_state.get(&State::Ok), Some(&51), "round {round}");
+        assert_eq!(sum.by_state.get(&State::Failed), Some(&50), "round {round}");
+        assert_eq!(sum.gone, 0);
+    }
+    assert_eq!(rig.engine.stats().flushes, 0);
+}

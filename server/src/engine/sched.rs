@@ -124,14 +124,14 @@ impl Item {
     }
 }
 
-/// Work handed to a worker.
+/// Work handed to a worker. Its cancel token is the worker's own (reset by `take`).
 pub(crate) struct Job {
     pub id: ItemId,
     pub body: Arc<Body>,
-    pub token: CancelToken,
     pub cpu: u32,
     pub nice: i32,
-    pub workqueue: Arc<str>,
+    /// The workqueue's name, for the observer (`None` when there is none).
+    pub workqueue: Option<Arc<str>>,
     pub queued_at: SystemTime,
 }
 
@@ -244,6 +244,13 @@ pub(crate) struct FlushRec {
     remaining: usize,
     /// Summary-only flushes count here instead of sending an event per item.
     tally: Option<Arc<parking_lot::Mutex<super::Tally>>>,
+}
+
+impl FlushRec {
+    /// Stops per-item events: items that end from now on are counted in `t` instead.
+    pub(crate) fn count_instead(&mut self, t: Arc<parking_lot::Mutex<super::Tally>>) {
+        self.tally = Some(t);
+    }
 }
 
 const TIMER_DELAY: u8 = 0;
@@ -1088,10 +1095,9 @@ impl Sched {
             return Some(Job {
                 id,
                 body,
-                token: token.clone(),
                 cpu,
                 nice,
-                workqueue: self.wqs[wi].name.clone(),
+                workqueue: self.observed.then(|| self.wqs[wi].name.clone()),
                 queued_at,
             });
         }

@@ -135,7 +135,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         fx.run(&inner);
         match job {
             Some(job) => {
-                let (f, exit) = execute(&inner, job, pinned, &mut nice);
+                let (f, exit) = execute(&inner, job, &token, pinned, &mut nice);
                 done = Some(f);
                 if exit {
                     let mut fx = Effects::default();
@@ -156,7 +156,13 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
 }
 
 /// Runs one job; returns how it ended and whether the worker must exit (its pinning broke).
-fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bool) {
+fn execute(
+    inner: &Inner,
+    job: Job,
+    token: &CancelToken,
+    pinned: bool,
+    nice: &mut i32,
+) -> (Finish, bool) {
     let id = job.id;
     let handback = |why: &'static str| Finish {
         id,
@@ -180,7 +186,7 @@ fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bo
     let Some(epoch) = inner.live_now(job.cpu) else {
         return (handback("offline"), false);
     };
-    if job.token.is_cancelled() {
+    if token.is_cancelled() {
         let f = Finish {
             id,
             outcome: Outcome::CancelledBeforeStart,
@@ -198,9 +204,9 @@ fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bo
         at: SystemTime::now(),
         epoch,
     };
-    if let Some(o) = &inner.cfg.observer {
+    if let (Some(o), Some(wq)) = (&inner.cfg.observer, &job.workqueue) {
         let waited = started.at.duration_since(job.queued_at).unwrap_or_default();
-        o.started(&job.workqueue, job.cpu, waited);
+        o.started(wq, job.cpu, waited);
     }
     let ctx = WorkCtx {
         item: id,
@@ -208,7 +214,7 @@ fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bo
         pinned,
         args: &job.body.args,
         payload: &job.body.payload,
-        cancel: &job.token,
+        cancel: token,
     };
     let res = catch_unwind(AssertUnwindSafe(|| job.body.handler.run(&ctx))).unwrap_or_else(|p| {
         let msg = p
