@@ -69,6 +69,10 @@ pub(crate) struct Bound {
     pub at: Instant,
     pub token: CancelToken,
     pub hog_reported: bool,
+    /// Whether this item holds its worker's slot in `Wq::running_on`. The first item a worker
+    /// takes in a lock hold does; items claimed with it (`Sched::claim_more`) run after it on
+    /// the same worker, one at a time, and share that slot.
+    pub slot: bool,
 }
 
 /// An item that is not terminal yet. Kept small (one of these per pending item): the fields
@@ -128,8 +132,14 @@ impl Item {
 pub(crate) struct Job {
     pub id: ItemId,
     pub body: Arc<Body>,
+    /// The epoch in which it was bound. A job claimed behind another (`claim_more`) must
+    /// start in this same epoch, or it is handed back.
+    pub epoch: u64,
+    /// Claimed behind another job of the same lock hold (see `Sched::claim_more`).
+    pub claimed: bool,
     pub cpu: u32,
     pub nice: i32,
+    pub queue: usize,
     /// The workqueue's name, for the observer (`None` when there is none).
     pub workqueue: Option<Arc<str>>,
     pub queued_at: SystemTime,
@@ -156,6 +166,25 @@ pub(crate) struct Finish {
     pub outcome: Outcome,
     pub started: Option<Started>,
     pub finished: Option<(u32, SystemTime)>,
+}
+
+impl Finish {
+    /// The job did not start; its item goes back to its queue.
+    pub(crate) fn handback(id: ItemId, why: &'static str) -> Finish {
+        Finish {
+            id,
+            outcome: Outcome::HandBack(why),
+            started: None,
+            finished: None,
+        }
+    }
+    /// Whether the handler ran and returned within `d` (by the wall clock).
+    pub(crate) fn ran_within(&self, d: Duration) -> bool {
+        match (&self.started, &self.finished) {
+            (Some(s), Some((_, f))) => f.duration_since(s.at).is_ok_and(|r| r < d),
+            _ => false,
+        }
+    }
 }
 
 /// Items of one workqueue aimed at one target.
@@ -1071,6 +1100,7 @@ impl Sched {
                     at: now,
                     token: token.clone(),
                     hog_reported: false,
+                    slot: true,
                 },
             );
             let q = &mut self.queues[qid];
@@ -1095,13 +1125,112 @@ impl Sched {
             return Some(Job {
                 id,
                 body,
+                epoch: self.epoch,
+                claimed: false,
                 cpu,
                 nice,
+                queue: qid,
                 workqueue: self.observed.then(|| self.wqs[wi].name.clone()),
                 queued_at,
             });
         }
         None
+    }
+
+    /// Right after `take` gave `first`, in the same lock hold: binds up to `tokens.len()` more
+    /// items of the same queue to this worker, which will run them after `first`, one at a
+    /// time, each after its own start check (see README, "Batched take").
+    ///
+    /// Only plain items qualify: CPU-bound, no key (a key is released when its item is bound,
+    /// and these wait a while bound), no deadline (checked only here), not of an ordered
+    /// workqueue, within the queue's group cap. They count as running everywhere except in
+    /// `Wq::running_on`, where they share `first`'s slot: the worker runs one at a time and
+    /// releases the slot only when it reports them all, in its next lock hold.
+    pub(crate) fn claim_more(
+        &mut self,
+        first: &Job,
+        tokens: &[CancelToken],
+        now: Instant,
+        out: &mut Vec<Job>,
+    ) {
+        let (qid, cpu) = (first.queue, first.cpu);
+        for token in tokens {
+            if !self.queues.contains(qid) {
+                return;
+            }
+            self.clean_front(qid);
+            let q = &self.queues[qid];
+            let wi = q.wq;
+            let wq = &self.wqs[wi];
+            if q.pending == 0
+                || wq.attrs.ordered
+                || (wq.attrs.group_max_active > 0
+                    && q.running >= wq.attrs.group_max_active as usize)
+                || !self.may_take(qid, cpu)
+                || !self.pools.get(&cpu).is_some_and(|p| p.live)
+            {
+                return;
+            }
+            let Some(&id) = q.items.front() else { return };
+            let Some(item) = self.items.get_mut(&id) else {
+                return;
+            };
+            if item.body.kind != HandlerKind::CpuBound || item.key.is_some() || item.cold.is_some()
+            {
+                return;
+            }
+            self.queues[qid].items.pop_front();
+            let fallback = self.queues[qid].fallback;
+            item.state = State::Running;
+            item.fallback = fallback;
+            if fallback.is_some() {
+                item.cold().reason = self.queues[qid].reason.clone();
+            }
+            let body = item.body.clone();
+            let queued_at = item.queued_at;
+            if let Some(l) = fallback {
+                *self.fallbacks.entry(level_name(l)).or_default() += 1;
+            }
+            token.reset();
+            self.running.insert(
+                id,
+                Bound {
+                    cpu,
+                    at: now,
+                    token: token.clone(),
+                    hog_reported: false,
+                    slot: false,
+                },
+            );
+            let q = &mut self.queues[qid];
+            q.pending -= 1;
+            q.running += 1;
+            let wq = &mut self.wqs[wi];
+            wq.pending -= 1;
+            wq.running += 1;
+            if let Some(p) = self.pools.get_mut(&cpu) {
+                p.running += 1;
+            }
+            out.push(Job {
+                id,
+                body,
+                epoch: first.epoch,
+                claimed: true,
+                cpu,
+                nice: first.nice,
+                queue: qid,
+                workqueue: first.workqueue.clone(),
+                queued_at,
+            });
+        }
+    }
+
+    /// Records how a worker's jobs of one batch ended, emptying `done`. Last to first: a
+    /// hand-back goes to the front of its queue, so the batch's hand-backs keep their order.
+    pub(crate) fn finish_all(&mut self, done: &mut Vec<Finish>, now: Instant, fx: &mut Effects) {
+        while let Some(f) = done.pop() {
+            self.finish(f, now, fx);
+        }
     }
 
     /// Records how a job ended (or hands it back to its queue).
@@ -1124,8 +1253,10 @@ impl Sched {
         self.queues[qid].running -= 1;
         let wq = &mut self.wqs[wi];
         wq.running -= 1;
-        if let Some(slot) = wq.running_on.get_mut(&bound.cpu) {
-            slot[usize::from(kind == HandlerKind::Waits)] -= 1;
+        if bound.slot {
+            if let Some(slot) = wq.running_on.get_mut(&bound.cpu) {
+                slot[usize::from(kind == HandlerKind::Waits)] -= 1;
+            }
         }
         let ordered = wq.attrs.ordered;
         if let Some(p) = self.pools.get_mut(&bound.cpu) {
