@@ -1,11 +1,15 @@
 //! Workers: OS threads pinned to one CPU that take items from their pool's ready queues.
 //!
 //! A worker belongs to one (CPU, generation). It takes an item under the engine lock (binding
-//! it), then — outside the lock, right before calling the handler — checks that it really is
-//! on its CPU (`sched_getcpu`, when pinned) and that the CPU is live in the current epoch
-//! (lock-free seqlock read). If either check fails the item is handed back to its queue
-//! (counted as a re-bind) and never starts here. Invariant: a handler is called only after
-//! both checks passed, with the epoch that proved the CPU live recorded in the result.
+//! it) — and, while its items run in microseconds, up to 15 more of the same queue in that
+//! same lock hold (a batch, see README "Batched take") — then, outside the lock, right before
+//! calling each handler, checks that it really is on its CPU (`sched_getcpu`, when pinned),
+//! that the CPU is live in the current epoch (lock-free seqlock read; for batched items, the
+//! epoch they were bound in) and that the item's own cancel token is not raised. If a check
+//! fails the item is handed back to its queue (counted as a re-bind) or cancelled, and never
+//! starts here. Finishes are reported at the next entry into the lock. Invariant: a handler is
+//! called only after its own checks passed, with the epoch that proved the CPU live recorded
+//! in the result.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
