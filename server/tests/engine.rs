@@ -737,3 +737,97 @@ fn summary_flush_counts_without_per_item_events() {
     assert_eq!(sum.gone, 0);
     assert_eq!(rig.engine.stats().flushes, 0);
 }
+
+/// `Flush::wait` on an event flush switches it to counting while items are still finishing:
+/// each item must be counted exactly once, whether its event was already sent or it found
+/// the tally.
+#[test]
+fn waiting_on_an_event_flush_counts_every_item_once() {
+    let rig = Rig::new(2, "0-1");
+    for round in 0..20 {
+        let mut items: Vec<ItemSpec> = (0..50).map(|_| item("cpu:0", "noop")).collect();
+        items.extend((0..50).map(|_| item("cpu:1", "noop").arg("fail", "x")));
+        items.push(item("cpu:1", "probe").arg("ms", "2"));
+        let ids = rig.submit("default", items);
+        let f = rig.engine.flush(FlushScope::Items(ids)).unwrap();
+        if round % 2 == 0 {
+            // Let some items end (and send their events) before the switch.
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let sum = f.wait(Some(Duration::from_secs(20))).unwrap();
+        assert_eq!(sum.covered, 101);
+        assert_eq!(sum.by_state.get(&State::Ok), Some(&51), "round {round}");
+        assert_eq!(sum.by_state.get(&State::Failed), Some(&50), "round {round}");
+        assert_eq!(sum.gone, 0);
+    }
+    assert_eq!(rig.engine.stats().flushes, 0);
+}
+
+/// Batched takes: a worker whose items run in microseconds binds several per lock hold and
+/// runs them one by one, each after its own start check. With the CPU leaving and returning
+/// and cancels landing while items wait bound in such a batch, every item still ends exactly
+/// once, a cancelled item never runs, an item runs on its own CPU or through a recorded
+/// fallback, and the CPU never runs two of them at once (`max_active` 1).
+#[test]
+fn batched_takes_lose_nothing_under_hotplug_and_cancel() {
+    let rig = Rig::new(2, "0-1");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ids, results) = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut k = 0;
+            while !stop.load(Ordering::SeqCst) {
+                rig.set_live(if k % 2 == 0 { "1" } else { "0-1" });
+                k += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            rig.set_live("0-1");
+        });
+        // Submit in chunks; cancel every 7th item of the previous chunk, which by then is
+        // partly pending, partly bound in a worker's batch, running or done.
+        let mut ids: Vec<u64> = Vec::new();
+        let mut prev: Vec<u64> = Vec::new();
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            let chunk = rig.submit(
+                "default",
+                (0..200).map(|_| item("cpu:0", "probe")).collect(),
+            );
+            let doomed: Vec<u64> = prev.iter().copied().filter(|id| id % 7 == 0).collect();
+            rig.engine.cancel(FlushScope::Items(doomed)).unwrap();
+            ids.extend(&chunk);
+            prev = chunk;
+        }
+        let results = rig.flush(&ids);
+        stop.store(true, Ordering::SeqCst);
+        (ids, results)
+    });
+    let n = ids.len();
+    assert_eq!(results.len(), n, "every item ends once");
+    let mut ran: BTreeMap<u64, usize> = BTreeMap::new();
+    for (id, _) in rig.probe.runs.lock().iter() {
+        *ran.entry(*id).or_default() += 1;
+    }
+    for r in &results {
+        let runs = ran.get(&r.id).copied().unwrap_or(0);
+        match r.state {
+            State::Ok => assert_eq!(runs, 1, "item {} ran {runs} times", r.id),
+            State::Cancelled => {
+                assert_eq!(runs, 0, "cancelled item {} ran", r.id);
+                assert_eq!(r.id % 7, 0, "item {} cancelled without being asked", r.id);
+            }
+            s => panic!("item {} ended {s}", r.id),
+        }
+        if r.state == State::Ok {
+            assert!(
+                r.cpu_started == Some(0) || r.fallback.is_some(),
+                "item {} started on {:?} without a fallback",
+                r.id,
+                r.cpu_started
+            );
+        }
+    }
+    assert_eq!(ran.values().sum::<usize>(), ran.len(), "no item ran twice");
+    for (&cpu, &m) in rig.probe.max_running.lock().iter() {
+        assert!(m <= 1, "cpu {cpu} ran {m} items at once");
+    }
+}

@@ -11,7 +11,7 @@
 //! hashbrown takes the bucket from the low bits, which for sequential ids stay distinct, and
 //! its control byte from the top bits, which the multiplication mixes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// See the module docs. Only for integer keys.
@@ -43,4 +43,3 @@ impl Hasher for IdHasher {
 }
 
 pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
-pub(crate) type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;

@@ -407,6 +407,19 @@ impl Flush {
             covered: self.covered,
             ..Default::default()
         };
+        // Nobody reads per-item events from here on: turn the flush into a counting one, so
+        // the items still to finish bump a tally instead of each sending (and waking us).
+        // Under the engine lock, so every item is counted once: either its event is already
+        // in the channel (drained below) or it finds the tally.
+        if self.tally.is_none() {
+            if let Some(id) = self.id {
+                let t = Arc::new(Mutex::new(Tally::default()));
+                if let Some(rec) = self.inner.sched.lock().flushes.get_mut(&id) {
+                    rec.count_instead(t.clone());
+                }
+                self.tally = Some(t);
+            }
+        }
         loop {
             match self.next_blocking(deadline) {
                 Ok(Some(ev)) => sum.add(&ev),
@@ -687,6 +700,8 @@ impl Engine {
             let reg = self.inner.handlers.read();
             let mut bodies = Vec::with_capacity(items.len());
             let mut last: Option<Arc<sched::Body>> = None;
+            // Bodies of one batch naming the same handler share one copy of its name.
+            let mut names: Vec<Arc<str>> = Vec::new();
             for (index, it) in items.into_iter().enumerate() {
                 // Runs of identical items (wqctl --count) share one body.
                 if let Some(b) = &last {
@@ -709,10 +724,18 @@ impl Engine {
                 };
                 h.validate(&it.args, &it.payload)
                     .map_err(|source| EngineError::Handler { index, source })?;
+                let handler_name = match names.iter().find(|n| &***n == it.handler.as_str()) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let n: Arc<str> = Arc::from(it.handler.as_str());
+                        names.push(n.clone());
+                        n
+                    }
+                };
                 let b = Arc::new(sched::Body {
                     kind: h.kind(),
                     handler: h.clone(),
-                    handler_name: Arc::from(it.handler.as_str()),
+                    handler_name,
                     target: it.target,
                     args: it.args,
                     payload: it.payload,

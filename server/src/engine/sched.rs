@@ -18,9 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_utils::sync::Unparker;
 use slab::Slab;
-use smallvec::SmallVec;
 
-use super::idhash::{IdMap, IdSet};
+use super::idhash::IdMap;
 
 use super::{
     level_name, CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent,
@@ -63,41 +62,86 @@ pub(crate) struct Entry {
     pub deadline: Option<Duration>,
 }
 
-/// A worker's claim on an item.
+/// A worker's claim on an item. Kept in `Sched::running`, not in the item: only the few
+/// items bound to a worker need it.
 pub(crate) struct Bound {
     pub cpu: u32,
     pub at: Instant,
     pub token: CancelToken,
     pub hog_reported: bool,
+    /// Whether this item holds its worker's slot in `Wq::running_on`. The first item a worker
+    /// takes in a lock hold does; items claimed with it (`Sched::claim_more`) run after it on
+    /// the same worker, one at a time, and share that slot.
+    pub slot: bool,
 }
 
-/// An item that is not terminal yet.
+/// An item that is not terminal yet. Kept small (one of these per pending item): the fields
+/// most items never use live out of line in [`Cold`], the worker's claim in `Sched::running`.
 pub(crate) struct Item {
-    pub id: ItemId,
     pub batch: u64,
-    pub wq: usize,
-    pub queue: usize,
     pub body: Arc<Body>,
     pub key: Option<Arc<str>>,
-    pub deadline: Option<Instant>,
-    pub state: State,
     pub queued_at: SystemTime,
-    pub bound: Option<Bound>,
+    /// The first flush waiting for this item (0 = none; flush ids start at 1); any further
+    /// ones are in `cold.waiters`.
+    pub waiter: u64,
+    pub cold: Option<Box<Cold>>,
+    pub wq: u32,
+    pub queue: u32,
     pub rebinds: u32,
+    pub state: State,
     pub fallback: Option<Level>,
-    pub reason: String,
-    /// Flushes waiting for this item.
-    pub waiters: SmallVec<[u64; 1]>,
 }
 
-/// Work handed to a worker.
+/// The rarely used part of an item, allocated only when one of its fields is set.
+#[derive(Default)]
+pub(crate) struct Cold {
+    pub deadline: Option<Instant>,
+    /// Why its fallback applied (set when it is bound through a widened queue).
+    pub reason: String,
+    /// Flushes waiting for this item beyond `Item::waiter`.
+    pub waiters: Vec<u64>,
+}
+
+impl Item {
+    fn qid(&self) -> usize {
+        self.queue as usize
+    }
+    fn wi(&self) -> usize {
+        self.wq as usize
+    }
+    fn cold(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_with(Box::default)
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.cold.as_ref().and_then(|c| c.deadline)
+    }
+    fn reason(&self) -> &str {
+        self.cold.as_ref().map_or("", |c| c.reason.as_str())
+    }
+    fn add_waiter(&mut self, fid: u64) {
+        if self.waiter == 0 {
+            self.waiter = fid;
+        } else {
+            self.cold().waiters.push(fid);
+        }
+    }
+}
+
+/// Work handed to a worker. Its cancel token is the worker's own (reset by `take`).
 pub(crate) struct Job {
     pub id: ItemId,
     pub body: Arc<Body>,
-    pub token: CancelToken,
+    /// The epoch in which it was bound. A job claimed behind another (`claim_more`) must
+    /// start in this same epoch, or it is handed back.
+    pub epoch: u64,
+    /// Claimed behind another job of the same lock hold (see `Sched::claim_more`).
+    pub claimed: bool,
     pub cpu: u32,
     pub nice: i32,
-    pub workqueue: Arc<str>,
+    pub queue: usize,
+    /// The workqueue's name, for the observer (`None` when there is none).
+    pub workqueue: Option<Arc<str>>,
     pub queued_at: SystemTime,
 }
 
@@ -122,6 +166,25 @@ pub(crate) struct Finish {
     pub outcome: Outcome,
     pub started: Option<Started>,
     pub finished: Option<(u32, SystemTime)>,
+}
+
+impl Finish {
+    /// The job did not start; its item goes back to its queue.
+    pub(crate) fn handback(id: ItemId, why: &'static str) -> Finish {
+        Finish {
+            id,
+            outcome: Outcome::HandBack(why),
+            started: None,
+            finished: None,
+        }
+    }
+    /// Whether the handler ran and returned within `d` (by the wall clock).
+    pub(crate) fn ran_within(&self, d: Duration) -> bool {
+        match (&self.started, &self.finished) {
+            (Some(s), Some((_, f))) => f.duration_since(s.at).is_ok_and(|r| r < d),
+            _ => false,
+        }
+    }
 }
 
 /// Items of one workqueue aimed at one target.
@@ -212,6 +275,13 @@ pub(crate) struct FlushRec {
     tally: Option<Arc<parking_lot::Mutex<super::Tally>>>,
 }
 
+impl FlushRec {
+    /// Stops per-item events: items that end from now on are counted in `t` instead.
+    pub(crate) fn count_instead(&mut self, t: Arc<parking_lot::Mutex<super::Tally>>) {
+        self.tally = Some(t);
+    }
+}
+
 const TIMER_DELAY: u8 = 0;
 const TIMER_DEADLINE: u8 = 1;
 
@@ -274,8 +344,8 @@ struct Results {
 }
 
 impl Results {
-    fn insert(&mut self, r: Arc<ItemResult>) {
-        self.order.push_back((Instant::now(), r.id));
+    fn insert(&mut self, r: Arc<ItemResult>, now: Instant) {
+        self.order.push_back((now, r.id));
         self.map.insert(r.id, r);
         while self.map.len() > self.max {
             match self.order.pop_front() {
@@ -306,8 +376,8 @@ pub(crate) struct Sched {
     wq_names: HashMap<String, usize>,
     queues: Slab<Queue>,
     pub items: IdMap<ItemId, Item>,
-    /// Items bound to a worker.
-    running: IdSet<ItemId>,
+    /// Items bound to a worker, and the worker's claim on each.
+    running: IdMap<ItemId, Bound>,
     next_item: ItemId,
     next_batch: u64,
     next_flush: u64,
@@ -338,7 +408,7 @@ impl Sched {
             wq_names: HashMap::new(),
             queues: Slab::new(),
             items: IdMap::default(),
-            running: IdSet::default(),
+            running: IdMap::default(),
             next_item: 1,
             next_batch: 1,
             next_flush: 1,
@@ -596,6 +666,7 @@ impl Sched {
                         reason.clone(),
                         None,
                         None,
+                        Instant::now(),
                         fx,
                     );
                 }
@@ -608,7 +679,7 @@ impl Sched {
     fn is_pending_in(&self, id: ItemId, qid: usize) -> bool {
         self.items
             .get(&id)
-            .is_some_and(|it| it.state == State::Pending && it.queue == qid)
+            .is_some_and(|it| it.state == State::Pending && it.qid() == qid)
     }
 
     /// Drops tombstones from the front of a queue (and of its ordered workqueue's FIFO).
@@ -750,13 +821,14 @@ impl Sched {
             return;
         };
         item.state = State::Pending;
-        let (qid, wi) = (item.queue, item.wq);
+        let (qid, wi) = (item.qid(), item.wi());
         let q = &mut self.queues[qid];
         if q.eligible.is_empty() && self.wqs[wi].attrs.fallback == Fallback::Reject {
             let reason = q.reason.clone();
             q.pending += 1;
             self.wqs[wi].pending += 1;
-            self.terminal(id, State::Rejected, Vec::new(), reason, None, None, fx);
+            let now = Instant::now();
+            self.terminal(id, State::Rejected, Vec::new(), reason, None, None, now, fx);
             return;
         }
         q.items.push_back(id);
@@ -819,9 +891,26 @@ impl Sched {
         let batch = self.next_batch;
         self.next_batch += 1;
         let first = self.next_item;
+        // The batch's record exists before its items do, so an item that ends during the
+        // submit (rejected: no eligible CPU) is counted out of `live` like any other.
+        self.batches.insert(
+            batch,
+            BatchRec {
+                first,
+                count: bodies.len(),
+                live: 0,
+                created: now,
+                unused: Vec::new(),
+            },
+        );
+        self.batch_order.push_back(batch);
+        let wq32 = wi as u32;
         let mut out = Vec::with_capacity(bodies.len());
         let mut touched: Vec<(usize, usize)> = Vec::new();
         let mut unused: Vec<ItemId> = Vec::new();
+        // The body of the previous entry and its queue: runs of entries sharing a body (the
+        // common case) find their queue without comparing targets.
+        let mut last_body: Option<(Arc<Body>, usize)> = None;
         for Entry {
             body: b,
             key,
@@ -844,9 +933,16 @@ impl Sched {
                     continue;
                 }
             }
-            let qid = match touched.last() {
-                Some(&(q, _)) if self.queues[q].target == b.target => q,
-                _ => self.queue_for(wi, &b.target),
+            let qid = match &last_body {
+                Some((lb, q)) if Arc::ptr_eq(lb, &b) => *q,
+                _ => {
+                    let q = match touched.last() {
+                        Some(&(q, _)) if self.queues[q].target == b.target => q,
+                        _ => self.queue_for(wi, &b.target),
+                    };
+                    last_body = Some((b.clone(), q));
+                    q
+                }
             };
             match touched.last_mut() {
                 Some((q, n)) if *q == qid => *n += 1,
@@ -861,22 +957,27 @@ impl Sched {
             self.items.insert(
                 id,
                 Item {
-                    id,
                     batch,
-                    wq: wi,
-                    queue: qid,
                     body: b,
                     key,
-                    deadline: deadline_at,
-                    state: State::Delayed,
                     queued_at: wall,
-                    bound: None,
+                    waiter: 0,
+                    cold: deadline_at.map(|d| {
+                        Box::new(Cold {
+                            deadline: Some(d),
+                            ..Cold::default()
+                        })
+                    }),
+                    wq: wq32,
+                    queue: qid as u32,
                     rebinds: 0,
+                    state: State::Delayed,
                     fallback: None,
-                    reason: String::new(),
-                    waiters: SmallVec::new(),
                 },
             );
+            if let Some(rec) = self.batches.get_mut(&batch) {
+                rec.live += 1;
+            }
             match delay.filter(|d| !d.is_zero()) {
                 Some(d) => {
                     self.wqs[wi].delayed += 1;
@@ -892,21 +993,9 @@ impl Sched {
             }
             out.push(Submitted { id, queued: true });
         }
-        let count = (self.next_item - first) as usize;
-        let live = (first..self.next_item)
-            .filter(|id| self.items.contains_key(id))
-            .count();
-        self.batches.insert(
-            batch,
-            BatchRec {
-                first,
-                count,
-                live,
-                created: now,
-                unused,
-            },
-        );
-        self.batch_order.push_back(batch);
+        if let Some(rec) = self.batches.get_mut(&batch) {
+            rec.unused = unused;
+        }
         if self.observed {
             let queued = out.iter().filter(|s| s.queued).count();
             fx.submitted = Some((self.wqs[wi].name.clone(), queued));
@@ -926,9 +1015,15 @@ impl Sched {
     // ----- workers -----
 
     /// Takes the next item `cpu`'s worker may start, binding it to `cpu`.
-    /// `token` is the worker's own cancel token, reset here for the item it binds.
-    pub(crate) fn take(&mut self, cpu: u32, token: &CancelToken, fx: &mut Effects) -> Option<Job> {
-        let now = Instant::now();
+    /// `token` is the worker's own cancel token, reset here for the item it binds; `now` is
+    /// the worker's clock reading for this lock hold.
+    pub(crate) fn take(
+        &mut self,
+        cpu: u32,
+        token: &CancelToken,
+        now: Instant,
+        fx: &mut Effects,
+    ) -> Option<Job> {
         let mut budget = self.pools.get(&cpu).filter(|p| p.live)?.ready.len();
         while budget > 0 {
             budget -= 1;
@@ -960,12 +1055,13 @@ impl Sched {
             } else {
                 self.queues[qid].in_ready.remove(cpu);
             }
-            let expired = self
-                .items
-                .get(&id)
-                .and_then(|i| i.deadline)
-                .is_some_and(|d| d <= now);
-            if expired {
+            let fallback = self.queues[qid].fallback;
+            let reason = match fallback {
+                Some(_) => self.queues[qid].reason.clone(),
+                None => String::new(),
+            };
+            let item = self.items.get_mut(&id)?;
+            if item.deadline().is_some_and(|d| d <= now) {
                 self.terminal(
                     id,
                     State::Expired,
@@ -973,26 +1069,18 @@ impl Sched {
                     "not started before its deadline".into(),
                     None,
                     None,
+                    now,
                     fx,
                 );
                 budget += 1;
                 continue;
             }
-            let (fallback, reason) = (self.queues[qid].fallback, self.queues[qid].reason.clone());
-            let item = self.items.get_mut(&id)?;
             let kind = item.body.kind;
             token.reset();
-            let token = token.clone();
             item.state = State::Running;
-            item.bound = Some(Bound {
-                cpu,
-                at: now,
-                token: token.clone(),
-                hog_reported: false,
-            });
             item.fallback = fallback;
             if fallback.is_some() {
-                item.reason = reason;
+                item.cold().reason = reason;
             }
             if let Some(k) = &item.key {
                 let wq = &mut self.wqs[wi];
@@ -1005,7 +1093,16 @@ impl Sched {
             if let Some(l) = fallback {
                 *self.fallbacks.entry(level_name(l)).or_default() += 1;
             }
-            self.running.insert(id);
+            self.running.insert(
+                id,
+                Bound {
+                    cpu,
+                    at: now,
+                    token: token.clone(),
+                    hog_reported: false,
+                    slot: true,
+                },
+            );
             let q = &mut self.queues[qid];
             q.pending -= 1;
             q.running += 1;
@@ -1028,28 +1125,126 @@ impl Sched {
             return Some(Job {
                 id,
                 body,
-                token,
+                epoch: self.epoch,
+                claimed: false,
                 cpu,
                 nice,
-                workqueue: self.wqs[wi].name.clone(),
+                queue: qid,
+                workqueue: self.observed.then(|| self.wqs[wi].name.clone()),
                 queued_at,
             });
         }
         None
     }
 
+    /// Right after `take` gave `first`, in the same lock hold: binds up to `tokens.len()` more
+    /// items of the same queue to this worker, which will run them after `first`, one at a
+    /// time, each after its own start check (see README, "Batched take").
+    ///
+    /// Only plain items qualify: CPU-bound, no key (a key is released when its item is bound,
+    /// and these wait a while bound), no deadline (checked only here), not of an ordered
+    /// workqueue, within the queue's group cap. They count as running everywhere except in
+    /// `Wq::running_on`, where they share `first`'s slot: the worker runs one at a time and
+    /// releases the slot only when it reports them all, in its next lock hold.
+    pub(crate) fn claim_more(
+        &mut self,
+        first: &Job,
+        tokens: &[CancelToken],
+        now: Instant,
+        out: &mut Vec<Job>,
+    ) {
+        let (qid, cpu) = (first.queue, first.cpu);
+        for token in tokens {
+            if !self.queues.contains(qid) {
+                return;
+            }
+            self.clean_front(qid);
+            let q = &self.queues[qid];
+            let wi = q.wq;
+            let wq = &self.wqs[wi];
+            if q.pending == 0
+                || wq.attrs.ordered
+                || (wq.attrs.group_max_active > 0
+                    && q.running >= wq.attrs.group_max_active as usize)
+                || !self.may_take(qid, cpu)
+                || !self.pools.get(&cpu).is_some_and(|p| p.live)
+            {
+                return;
+            }
+            let Some(&id) = q.items.front() else { return };
+            let Some(item) = self.items.get_mut(&id) else {
+                return;
+            };
+            if item.body.kind != HandlerKind::CpuBound || item.key.is_some() || item.cold.is_some()
+            {
+                return;
+            }
+            self.queues[qid].items.pop_front();
+            let fallback = self.queues[qid].fallback;
+            item.state = State::Running;
+            item.fallback = fallback;
+            if fallback.is_some() {
+                item.cold().reason = self.queues[qid].reason.clone();
+            }
+            let body = item.body.clone();
+            let queued_at = item.queued_at;
+            if let Some(l) = fallback {
+                *self.fallbacks.entry(level_name(l)).or_default() += 1;
+            }
+            token.reset();
+            self.running.insert(
+                id,
+                Bound {
+                    cpu,
+                    at: now,
+                    token: token.clone(),
+                    hog_reported: false,
+                    slot: false,
+                },
+            );
+            let q = &mut self.queues[qid];
+            q.pending -= 1;
+            q.running += 1;
+            let wq = &mut self.wqs[wi];
+            wq.pending -= 1;
+            wq.running += 1;
+            if let Some(p) = self.pools.get_mut(&cpu) {
+                p.running += 1;
+            }
+            out.push(Job {
+                id,
+                body,
+                epoch: first.epoch,
+                claimed: true,
+                cpu,
+                nice: first.nice,
+                queue: qid,
+                workqueue: first.workqueue.clone(),
+                queued_at,
+            });
+        }
+    }
+
+    /// Records how a worker's jobs of one batch ended, emptying `done`. Last to first: a
+    /// hand-back goes to the front of its queue, so the batch's hand-backs keep their order.
+    pub(crate) fn finish_all(&mut self, done: &mut Vec<Finish>, now: Instant, fx: &mut Effects) {
+        while let Some(f) = done.pop() {
+            self.finish(f, now, fx);
+        }
+    }
+
     /// Records how a job ended (or hands it back to its queue).
-    pub(crate) fn finish(&mut self, f: Finish, fx: &mut Effects) {
-        let Some(item) = self.items.get_mut(&f.id) else {
+    /// `now` is the worker's clock reading for this lock hold.
+    pub(crate) fn finish(&mut self, f: Finish, now: Instant, fx: &mut Effects) {
+        let Some(item) = self.items.get(&f.id) else {
             tracing::error!(item = f.id, "finish for an item that is not live");
             return;
         };
-        let Some(bound) = item.bound.take() else {
+        let (qid, wi, kind) = (item.qid(), item.wi(), item.body.kind);
+        let Some(bound) = self.running.remove(&f.id) else {
             tracing::error!(item = f.id, "finish for an item that is not bound");
             return;
         };
-        let (qid, wi, kind) = (item.queue, item.wq, item.body.kind);
-        self.running.remove(&f.id);
         let cap_was_full = {
             let wq = &self.wqs[wi];
             wq.attrs.group_max_active > 0
@@ -1058,13 +1253,15 @@ impl Sched {
         self.queues[qid].running -= 1;
         let wq = &mut self.wqs[wi];
         wq.running -= 1;
-        if let Some(slot) = wq.running_on.get_mut(&bound.cpu) {
-            slot[usize::from(kind == HandlerKind::Waits)] -= 1;
+        if bound.slot {
+            if let Some(slot) = wq.running_on.get_mut(&bound.cpu) {
+                slot[usize::from(kind == HandlerKind::Waits)] -= 1;
+            }
         }
         let ordered = wq.attrs.ordered;
         if let Some(p) = self.pools.get_mut(&bound.cpu) {
             p.running -= 1;
-            p.last_progress = Instant::now();
+            p.last_progress = now;
             p.lockup_reported = false;
         }
         match f.outcome {
@@ -1099,6 +1296,7 @@ impl Sched {
                     "cancelled before it started".into(),
                     None,
                     None,
+                    now,
                     fx,
                 );
             }
@@ -1112,7 +1310,7 @@ impl Sched {
                     ),
                     Err(e) => (State::Failed, Vec::new(), e.to_string()),
                 };
-                self.terminal(f.id, state, out, err, f.started, f.finished, fx);
+                self.terminal(f.id, state, out, err, f.started, f.finished, now, fx);
             }
         }
         if cap_was_full {
@@ -1121,14 +1319,14 @@ impl Sched {
         }
         if ordered {
             if let Some(head) = self.ordered_head(wi) {
-                if let Some(hq) = self.items.get(&head).map(|i| i.queue) {
+                if let Some(hq) = self.items.get(&head).map(Item::qid) {
                     self.make_ready(hq, 1, fx);
                 }
             }
         }
         let q = &mut self.queues[qid];
         if q.pending == 0 && q.running == 0 && q.delayed == 0 {
-            q.idle_since = Some(Instant::now());
+            q.idle_since = Some(now);
         }
         if self.shutdown {
             fx.idle_kick = true;
@@ -1145,13 +1343,14 @@ impl Sched {
         error: String,
         started: Option<Started>,
         finished: Option<(u32, SystemTime)>,
+        now: Instant,
         fx: &mut Effects,
     ) {
         debug_assert!(state.is_terminal());
         let Some(item) = self.items.remove(&id) else {
             return;
         };
-        let (qid, wi) = (item.queue, item.wq);
+        let (qid, wi) = (item.qid(), item.wi());
         let wq = &mut self.wqs[wi];
         match item.state {
             State::Delayed => {
@@ -1173,10 +1372,14 @@ impl Sched {
         if wq.draining && wq.live() == 0 {
             wq.draining = false;
         }
-        let reason = if item.reason.is_empty() && state == State::Rejected {
+        let (cold_waiters, item_reason) = match item.cold {
+            Some(c) => (c.waiters, c.reason),
+            None => (Vec::new(), String::new()),
+        };
+        let reason = if item_reason.is_empty() && state == State::Rejected {
             error.clone()
         } else {
-            item.reason.clone()
+            item_reason
         };
         let result = Arc::new(ItemResult {
             id,
@@ -1197,7 +1400,8 @@ impl Sched {
             finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),
             epoch_started: started.map(|s| s.epoch),
         });
-        for fid in item.waiters {
+        let first = (item.waiter != 0).then_some(item.waiter);
+        for fid in first.into_iter().chain(cold_waiters) {
             if let Some(f) = self.flushes.get_mut(&fid) {
                 match &f.tally {
                     Some(t) => t.lock().by_state[state.index()] += 1,
@@ -1217,7 +1421,7 @@ impl Sched {
         if self.observed {
             fx.finished.push(result.clone());
         }
-        self.results.insert(result);
+        self.results.insert(result, now);
         if self.shutdown {
             fx.idle_kick = true;
         }
@@ -1282,10 +1486,11 @@ impl Sched {
         fx: &mut Effects,
     ) -> Vec<(ItemId, CancelOutcome)> {
         let mut out = Vec::with_capacity(ids.len());
+        let now = Instant::now();
         for &id in ids {
             let o = match self.items.get(&id) {
                 Some(it) if it.state == State::Running => {
-                    if let Some(b) = &it.bound {
+                    if let Some(b) = self.running.get(&id) {
                         b.token.cancel();
                     }
                     CancelOutcome::WasRunning
@@ -1298,6 +1503,7 @@ impl Sched {
                         "cancelled before it started".into(),
                         None,
                         None,
+                        now,
                         fx,
                     );
                     CancelOutcome::CancelledPending
@@ -1330,9 +1536,9 @@ impl Sched {
                 let wi = self.wq_index(name)?;
                 let mut v: Vec<ItemId> = self
                     .items
-                    .values()
-                    .filter(|i| i.wq == wi)
-                    .map(|i| i.id)
+                    .iter()
+                    .filter(|(_, i)| i.wi() == wi)
+                    .map(|(&id, _)| id)
                     .collect();
                 v.sort_unstable();
                 Ok(v)
@@ -1356,7 +1562,7 @@ impl Sched {
         let mut remaining = 0;
         for &id in &ids {
             if let Some(it) = self.items.get_mut(&id) {
-                it.waiters.push(fid);
+                it.add_waiter(fid);
                 remaining += 1;
             } else if let Some(r) = self.results.map.get(&id) {
                 match &tally {
@@ -1410,19 +1616,19 @@ impl Sched {
         Some(Arc::new(ItemResult {
             id,
             batch: it.batch,
-            workqueue: self.wqs[it.wq].name.clone(),
+            workqueue: self.wqs[it.wi()].name.clone(),
             state: it.state,
             output: Vec::new(),
             error: String::new(),
             target: it.body.target.clone(),
             handler: it.body.handler_name.clone(),
-            cpu_started: it.bound.as_ref().map(|b| b.cpu),
+            cpu_started: self.running.get(&id).map(|b| b.cpu),
             cpu_finished: None,
             fallback: it.fallback,
             reason: if it.state == State::Pending {
-                self.queues[it.queue].reason.clone()
+                self.queues[it.qid()].reason.clone()
             } else {
-                it.reason.clone()
+                it.reason().to_string()
             },
             rebinds: it.rebinds,
             queued_at: it.queued_at,
@@ -1523,7 +1729,7 @@ impl Sched {
             };
             match (kind, state) {
                 (TIMER_DELAY, State::Delayed) => {
-                    let Some(qid) = self.items.get(&id).map(|i| i.queue) else {
+                    let Some(qid) = self.items.get(&id).map(Item::qid) else {
                         continue;
                     };
                     self.wqs[self.queues[qid].wq].delayed -= 1;
@@ -1539,6 +1745,7 @@ impl Sched {
                         "not started before its deadline".into(),
                         None,
                         None,
+                        now,
                         fx,
                     );
                 }
@@ -1627,9 +1834,11 @@ impl Sched {
                 let running: Vec<String> = self
                     .running
                     .iter()
-                    .filter_map(|id| self.items.get(id))
-                    .filter(|i| i.bound.as_ref().is_some_and(|b| b.cpu == cpu))
-                    .map(|i| format!("item {} {} on {}", i.id, i.body.handler_name, i.body.target))
+                    .filter(|(_, b)| b.cpu == cpu)
+                    .filter_map(|(id, _)| self.items.get(id).map(|i| (id, i)))
+                    .map(|(id, i)| {
+                        format!("item {id} {} on {}", i.body.handler_name, i.body.target)
+                    })
                     .collect();
                 tracing::error!(
                     "BUG: wqd lockup - pool cpus={cpu} stuck for {}s! busy workqueues: [{}]; running: [{}]",
@@ -1645,12 +1854,10 @@ impl Sched {
             }
         }
         if !hog.is_zero() {
-            let ids: Vec<ItemId> = self.running.iter().copied().collect();
-            for id in ids {
-                let Some(it) = self.items.get_mut(&id) else {
+            for (&id, b) in self.running.iter_mut() {
+                let Some(it) = self.items.get(&id) else {
                     continue;
                 };
-                let Some(b) = it.bound.as_mut() else { continue };
                 let ran = now.duration_since(b.at);
                 if !b.hog_reported && ran >= hog {
                     b.hog_reported = true;
@@ -1668,5 +1875,21 @@ impl Sched {
             }
         }
         reports
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One `Item` per pending item, in a hash map: its size is most of the engine's memory
+    /// per pending item (target: at most 256 bytes all told, see docs/benchmarks.md).
+    #[test]
+    fn item_stays_small() {
+        assert!(
+            std::mem::size_of::<Item>() <= 80,
+            "Item grew to {} bytes",
+            std::mem::size_of::<Item>()
+        );
     }
 }

@@ -1,16 +1,20 @@
 //! Workers: OS threads pinned to one CPU that take items from their pool's ready queues.
 //!
 //! A worker belongs to one (CPU, generation). It takes an item under the engine lock (binding
-//! it), then — outside the lock, right before calling the handler — checks that it really is
-//! on its CPU (`sched_getcpu`, when pinned) and that the CPU is live in the current epoch
-//! (lock-free seqlock read). If either check fails the item is handed back to its queue
-//! (counted as a re-bind) and never starts here. Invariant: a handler is called only after
-//! both checks passed, with the epoch that proved the CPU live recorded in the result.
+//! it) — and, while its items run in microseconds, up to 15 more of the same queue in that
+//! same lock hold (a batch, see README "Batched take") — then, outside the lock, right before
+//! calling each handler, checks that it really is on its CPU (`sched_getcpu`, when pinned),
+//! that the CPU is live in the current epoch (lock-free seqlock read; for batched items, the
+//! epoch they were bound in) and that the item's own cancel token is not raised. If a check
+//! fails the item is handed back to its queue (counted as a re-bind) or cancelled, and never
+//! starts here. Finishes are reported at the next entry into the lock. Invariant: a handler is
+//! called only after its own checks passed, with the epoch that proved the CPU live recorded
+//! in the result.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_utils::sync::Parker;
 
@@ -19,6 +23,14 @@ use super::Inner;
 use crate::handler::{CancelToken, HandlerError, WorkCtx};
 
 static NICE_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Most jobs a worker binds in one lock hold (see `Sched::claim_more`).
+const BATCH: usize = 16;
+
+/// A worker binds more than one job per lock hold only while its last handler ran within
+/// this: batching pays off for items that take microseconds, and it must not keep items
+/// waiting behind a long one that another CPU of their group could start.
+const QUICK: Duration = Duration::from_micros(50);
 
 /// Starts a worker for `cpu` in generation `gen` (the pool already counted it).
 pub(crate) fn spawn(inner: &Arc<Inner>, cpu: u32, gen: u64) {
@@ -89,19 +101,23 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             return;
         }
     }
-    let token = CancelToken::new();
+    // One cancel token per job of a batch (the first and those `claim_more` binds behind it),
+    // reused: a token is reset only when its previous item has been reported finished.
+    let tokens: Vec<CancelToken> = (0..BATCH).map(|_| CancelToken::new()).collect();
     let parker = Parker::new();
     let unparker = parker.unparker().clone();
-    let mut done: Option<Finish> = None;
+    let mut done: Vec<Finish> = Vec::with_capacity(BATCH);
+    let mut extra: Vec<Job> = Vec::with_capacity(BATCH);
+    let mut quick = false;
     let mut nice = 0;
     let mut idle_since: Option<Instant> = None;
     loop {
         let mut fx = Effects::default();
-        let job = {
+        // One clock reading serves the whole lock hold (finish, take, idle accounting).
+        let now = Instant::now();
+        let first = {
             let mut s = inner.sched.lock();
-            if let Some(f) = done.take() {
-                s.finish(f, &mut fx);
-            }
+            s.finish_all(&mut done, now, &mut fx);
             let timed_out = idle_since.is_some() && s.unpark_self(cpu, wid);
             if !s.worker_current(cpu, gen) {
                 s.worker_exit(cpu, gen, false);
@@ -109,15 +125,19 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 fx.run(&inner);
                 return;
             }
-            match s.take(cpu, &token, &mut fx) {
+            match s.take(cpu, &tokens[0], now, &mut fx) {
                 Some(job) => {
                     idle_since = None;
+                    // Items that run in microseconds: bind a few more in this same lock hold.
+                    if quick {
+                        s.claim_more(&job, &tokens[1..], now, &mut extra);
+                    }
                     Some(job)
                 }
                 None => {
-                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    let since = *idle_since.get_or_insert(now);
                     if timed_out
-                        && since.elapsed() >= inner.cfg.worker_idle
+                        && now.duration_since(since) >= inner.cfg.worker_idle
                         && s.may_retire(cpu, gen)
                     {
                         s.worker_exit(cpu, gen, false);
@@ -131,37 +151,45 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             }
         };
         fx.run(&inner);
-        match job {
-            Some(job) => {
-                let (f, exit) = execute(&inner, job, pinned, &mut nice);
-                done = Some(f);
-                if exit {
-                    let mut fx = Effects::default();
-                    {
-                        let mut s = inner.sched.lock();
-                        if let Some(f) = done.take() {
-                            s.finish(f, &mut fx);
-                        }
-                        s.worker_exit(cpu, gen, true);
-                    }
-                    fx.run(&inner);
-                    return;
-                }
+        let Some(first) = first else {
+            parker.park_timeout(inner.cfg.worker_idle);
+            continue;
+        };
+        let mut exit = false;
+        for (job, token) in std::iter::once(first).chain(extra.drain(..)).zip(&tokens) {
+            if exit {
+                // The pinning broke: the rest of the batch goes back to its queue unstarted.
+                done.push(Finish::handback(job.id, "affinity"));
+                continue;
             }
-            None => parker.park_timeout(inner.cfg.worker_idle),
+            let (f, ex) = execute(&inner, job, token, pinned, &mut nice);
+            quick = f.ran_within(QUICK);
+            done.push(f);
+            exit = ex;
+        }
+        if exit {
+            let mut fx = Effects::default();
+            {
+                let mut s = inner.sched.lock();
+                s.finish_all(&mut done, Instant::now(), &mut fx);
+                s.worker_exit(cpu, gen, true);
+            }
+            fx.run(&inner);
+            return;
         }
     }
 }
 
 /// Runs one job; returns how it ended and whether the worker must exit (its pinning broke).
-fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bool) {
+fn execute(
+    inner: &Inner,
+    job: Job,
+    token: &CancelToken,
+    pinned: bool,
+    nice: &mut i32,
+) -> (Finish, bool) {
     let id = job.id;
-    let handback = |why: &'static str| Finish {
-        id,
-        outcome: Outcome::HandBack(why),
-        started: None,
-        finished: None,
-    };
+    let handback = |why: &'static str| Finish::handback(id, why);
     fail::fail_point!("engine::before-start");
     if pinned {
         let on = current_cpu();
@@ -178,7 +206,13 @@ fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bo
     let Some(epoch) = inner.live_now(job.cpu) else {
         return (handback("offline"), false);
     };
-    if job.token.is_cancelled() {
+    // A job claimed behind another waited bound while its predecessors ran: if the topology
+    // changed meanwhile (its queue may have been re-resolved away from this CPU), it goes back
+    // to be placed afresh.
+    if job.claimed && epoch != job.epoch {
+        return (handback("offline"), false);
+    }
+    if token.is_cancelled() {
         let f = Finish {
             id,
             outcome: Outcome::CancelledBeforeStart,
@@ -196,9 +230,9 @@ fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bo
         at: SystemTime::now(),
         epoch,
     };
-    if let Some(o) = &inner.cfg.observer {
+    if let (Some(o), Some(wq)) = (&inner.cfg.observer, &job.workqueue) {
         let waited = started.at.duration_since(job.queued_at).unwrap_or_default();
-        o.started(&job.workqueue, job.cpu, waited);
+        o.started(wq, job.cpu, waited);
     }
     let ctx = WorkCtx {
         item: id,
@@ -206,7 +240,7 @@ fn execute(inner: &Inner, job: Job, pinned: bool, nice: &mut i32) -> (Finish, bo
         pinned,
         args: &job.body.args,
         payload: &job.body.payload,
-        cancel: &job.token,
+        cancel: token,
     };
     let res = catch_unwind(AssertUnwindSafe(|| job.body.handler.run(&ctx))).unwrap_or_else(|p| {
         let msg = p
