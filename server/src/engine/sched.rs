@@ -1141,7 +1141,8 @@ impl Sched {
     /// items of the same queue to this worker, which will run them after `first`, one at a
     /// time, each after its own start check (see README, "Batched take").
     ///
-    /// Only plain items qualify: CPU-bound, no key (a key is released when its item is bound,
+    /// Only plain items doing the same work as `first` qualify (same body, or same handler and
+    /// arguments): CPU-bound, no key (a key is released when its item is bound,
     /// and these wait a while bound), no deadline (checked only here), not of an ordered
     /// workqueue, within the queue's group cap. They count as running everywhere except in
     /// `Wq::running_on`, where they share `first`'s slot: the worker runs one at a time and
@@ -1175,7 +1176,15 @@ impl Sched {
             let Some(item) = self.items.get_mut(&id) else {
                 return;
             };
-            if item.body.kind != HandlerKind::CpuBound || item.key.is_some() || item.cold.is_some()
+            // The same work as `first` (whose predecessor just returned quickly): a different
+            // handler or arguments may be slow and would hold the rest of the batch behind it.
+            let same_work = Arc::ptr_eq(&item.body, &first.body)
+                || (item.body.handler_name == first.body.handler_name
+                    && item.body.args == first.body.args);
+            if item.body.kind != HandlerKind::CpuBound
+                || !same_work
+                || item.key.is_some()
+                || item.cold.is_some()
             {
                 return;
             }
