@@ -256,7 +256,7 @@ async fn a_message_over_max_message_bytes_is_resource_exhausted_naming_the_limit
     let e = c
         .clone()
         .with_chunk_bytes(64 << 10)
-        .submit_stream("", (0..10).map(|_| item()))
+        .submit_stream("", (0..10).map(move |_| item()))
         .await
         .expect_err("a 10 KB SubmitStream message");
     check_status(
