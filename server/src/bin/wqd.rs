@@ -46,11 +46,14 @@ struct Cli {
     socket_mode: Option<u32>,
 
     /// Also listen on TCP at ADDR (e.g. 127.0.0.1:7070; port 0 picks a free one). Only
-    /// loopback addresses unless --allow-remote. Default: no TCP listener.
+    /// loopback addresses unless --allow-remote. Needs TLS ([security] tls_cert, tls_key) or,
+    /// on loopback, [security] tcp_plaintext_loopback = true in --config (docs/security.md).
+    /// Default: no TCP listener.
     #[arg(long, value_name = "ADDR")]
     tcp_listen: Option<SocketAddr>,
 
-    /// Allow --tcp-listen on a non-loopback address (the API has no authentication).
+    /// Allow --tcp-listen on a non-loopback address (set up TLS and client authentication in
+    /// [security] first: docs/security.md).
     #[arg(long)]
     allow_remote: bool,
 
