@@ -13,6 +13,7 @@
 //! `README.md` beside this file.
 
 mod idhash;
+mod items;
 mod sched;
 mod timer;
 mod watchdog;

@@ -20,6 +20,7 @@ use crossbeam_utils::sync::Unparker;
 use slab::Slab;
 
 use super::idhash::IdMap;
+use super::items::Items;
 
 use super::{
     level_name, CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent,
@@ -375,7 +376,7 @@ pub(crate) struct Sched {
     wqs: Slab<Wq>,
     wq_names: HashMap<String, usize>,
     queues: Slab<Queue>,
-    pub items: IdMap<ItemId, Item>,
+    pub items: Items,
     /// Items bound to a worker, and the worker's claim on each.
     running: IdMap<ItemId, Bound>,
     next_item: ItemId,
@@ -407,7 +408,7 @@ impl Sched {
             wqs: Slab::new(),
             wq_names: HashMap::new(),
             queues: Slab::new(),
-            items: IdMap::default(),
+            items: Items::default(),
             running: IdMap::default(),
             next_item: 1,
             next_batch: 1,
