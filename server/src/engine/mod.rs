@@ -701,8 +701,9 @@ impl Engine {
             let reg = self.inner.handlers.read();
             let mut bodies = Vec::with_capacity(items.len());
             let mut last: Option<Arc<sched::Body>> = None;
-            // Bodies of one batch naming the same handler share one copy of its name.
-            let mut names: Vec<Arc<str>> = Vec::new();
+            // Bodies of one batch naming the same handler share one record of it (name,
+            // handler, kind).
+            let mut handlers: Vec<Arc<sched::HandlerRef>> = Vec::new();
             for (index, it) in items.into_iter().enumerate() {
                 // Runs of identical items (wqctl --count) share one body.
                 if let Some(b) = &last {
@@ -725,22 +726,19 @@ impl Engine {
                 };
                 h.validate(&it.args, &it.payload)
                     .map_err(|source| EngineError::Handler { index, source })?;
-                let handler_name = match names.iter().find(|n| &***n == it.handler.as_str()) {
-                    Some(n) => n.clone(),
+                let handler = match handlers.iter().find(|r| &*r.name == it.handler.as_str()) {
+                    Some(r) => r.clone(),
                     None => {
-                        let n: Arc<str> = Arc::from(it.handler.as_str());
-                        names.push(n.clone());
-                        n
+                        let r = Arc::new(sched::HandlerRef {
+                            name: Arc::from(it.handler.as_str()),
+                            handler: h.clone(),
+                            kind: h.kind(),
+                        });
+                        handlers.push(r.clone());
+                        r
                     }
                 };
-                let b = Arc::new(sched::Body {
-                    kind: h.kind(),
-                    handler: h.clone(),
-                    handler_name,
-                    target: it.target,
-                    args: it.args,
-                    payload: it.payload,
-                });
+                let b = Arc::new(sched::Body::new(handler, it.target, it.args, it.payload));
                 last = Some(b.clone());
                 bodies.push(sched::Entry {
                     body: b,

@@ -238,18 +238,19 @@ fn execute(
         item: id,
         cpu: job.cpu,
         pinned,
-        args: &job.body.args,
-        payload: &job.body.payload,
+        args: job.body.args(),
+        payload: job.body.payload(),
         cancel: token,
     };
-    let res = catch_unwind(AssertUnwindSafe(|| job.body.handler.run(&ctx))).unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(HandlerError::Failed(format!("handler panicked: {msg}")))
-    });
+    let res =
+        catch_unwind(AssertUnwindSafe(|| job.body.handler.handler.run(&ctx))).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(HandlerError::Failed(format!("handler panicked: {msg}")))
+        });
     let finished_cpu = if pinned {
         current_cpu().unwrap_or(job.cpu)
     } else {
