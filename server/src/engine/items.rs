@@ -22,34 +22,34 @@ pub(crate) struct Items {
 }
 
 impl Items {
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.index.len()
     }
 
+    #[inline]
     pub(crate) fn get(&self, id: &ItemId) -> Option<&Item> {
         let &s = self.index.get(id)?;
         self.slots.get(s as usize)
     }
 
+    #[inline]
     pub(crate) fn get_mut(&mut self, id: &ItemId) -> Option<&mut Item> {
         let &s = self.index.get(id)?;
         self.slots.get_mut(s as usize)
     }
 
     /// Adds item `id`, replacing (and returning) an item already under that id.
+    #[inline]
     pub(crate) fn insert(&mut self, id: ItemId, item: Item) -> Option<Item> {
-        if let Some(&s) = self.index.get(&id) {
-            if let Some(old) = self.slots.get_mut(s as usize) {
-                return Some(std::mem::replace(old, item));
-            }
-        }
         let s = self.slots.insert(item);
         // More than 2^32 live items cannot be queued (`max_queued` and memory bound them long
         // before); the slot number is kept in 4 bytes to keep the index entry at 16.
-        self.index.insert(id, s as u32);
-        None
+        let old = self.index.insert(id, s as u32)?;
+        self.slots.try_remove(old as usize)
     }
 
+    #[inline]
     pub(crate) fn remove(&mut self, id: &ItemId) -> Option<Item> {
         let s = self.index.remove(id)?;
         self.slots.try_remove(s as usize)
@@ -133,5 +133,7 @@ mod tests {
         ids.sort_unstable();
         assert_eq!(ids, vec![(1, 1), (3, 3), (4, 4), (5, 5)]);
         assert_eq!(t.get_mut(&5).map(|it| it.batch), Some(5));
+        assert_eq!(t.insert(5, item(6)).map(|it| it.batch), Some(5), "replaced");
+        assert_eq!((t.len(), t.get(&5).map(|it| it.batch)), (4, Some(6)));
     }
 }
