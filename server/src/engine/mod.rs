@@ -890,7 +890,10 @@ impl Engine {
                 return 0;
             }
             s.shutdown = true;
-            let ids: Vec<_> = s.items.keys().copied().collect();
+            let mut ids: Vec<_> = s.items.keys().copied().collect();
+            // Oldest first: in id order the items sit in slot order (the table fills its slots
+            // in submission order), so cancelling walks memory in sequence instead of at random.
+            ids.sort_unstable();
             let mut n = 0;
             for id in ids {
                 if s.items.get(&id).is_some_and(|i| i.state != State::Running) {
