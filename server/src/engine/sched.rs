@@ -1100,11 +1100,6 @@ impl Sched {
             } else {
                 self.queues[qid].in_ready.remove(cpu);
             }
-            let fallback = self.queues[qid].fallback;
-            let reason = match fallback {
-                Some(_) => self.queues[qid].reason.clone(),
-                None => String::new(),
-            };
             let item = self.items.get_mut(&id)?;
             if item.deadline().is_some_and(|d| d <= now) {
                 self.terminal(
@@ -1121,39 +1116,14 @@ impl Sched {
                 continue;
             }
             let kind = item.body.kind();
-            token.reset();
-            item.state = State::Running;
-            item.fallback = fallback;
-            if fallback.is_some() {
-                item.cold().reason = reason;
-            }
             if let Some(k) = &item.key {
                 let wq = &mut self.wqs[wi];
                 if wq.keys.get(k) == Some(&id) {
                     wq.keys.remove(k);
                 }
             }
-            let body = item.body.clone();
-            let queued_at = item.queued_at;
-            if let Some(l) = fallback {
-                *self.fallbacks.entry(level_name(l)).or_default() += 1;
-            }
-            self.running.insert(
-                id,
-                Bound {
-                    cpu,
-                    at: now,
-                    token: token.clone(),
-                    hog_reported: false,
-                    slot: true,
-                },
-            );
-            let q = &mut self.queues[qid];
-            q.pending -= 1;
-            q.running += 1;
+            let (body, queued_at) = self.bind(id, qid, cpu, token, now, true)?;
             let wq = &mut self.wqs[wi];
-            wq.pending -= 1;
-            wq.running += 1;
             let slot = wq.running_on.entry(cpu).or_insert([0, 0]);
             slot[usize::from(kind == HandlerKind::Waits)] += 1;
             let nice = wq.attrs.nice;
@@ -1180,6 +1150,52 @@ impl Sched {
             });
         }
         None
+    }
+
+    /// The bind step shared by [`take`](Self::take) and [`claim_more`](Self::claim_more):
+    /// pending item `id`, already popped from queue `qid`, becomes running on `cpu` under
+    /// `token` (reset here), with the queue's fallback and reason, the fallback tally, its
+    /// `running` entry (`slot`: whether it holds a `running_on` slot) and the queue and
+    /// workqueue counters. Returns its body and queue time for the [`Job`].
+    fn bind(
+        &mut self,
+        id: ItemId,
+        qid: usize,
+        cpu: u32,
+        token: &CancelToken,
+        now: Instant,
+        slot: bool,
+    ) -> Option<(Arc<Body>, SystemTime)> {
+        let q = &self.queues[qid];
+        let (wi, fallback) = (q.wq, q.fallback);
+        let item = self.items.get_mut(&id)?;
+        item.state = State::Running;
+        item.fallback = fallback;
+        if fallback.is_some() {
+            item.cold().reason = q.reason.clone();
+        }
+        let out = (item.body.clone(), item.queued_at);
+        if let Some(l) = fallback {
+            *self.fallbacks.entry(level_name(l)).or_default() += 1;
+        }
+        token.reset();
+        self.running.insert(
+            id,
+            Bound {
+                cpu,
+                at: now,
+                token: token.clone(),
+                hog_reported: false,
+                slot,
+            },
+        );
+        let q = &mut self.queues[qid];
+        q.pending -= 1;
+        q.running += 1;
+        let wq = &mut self.wqs[wi];
+        wq.pending -= 1;
+        wq.running += 1;
+        Some(out)
     }
 
     /// Right after `take` gave `first`, in the same lock hold: binds up to `tokens.len()` more
@@ -1234,34 +1250,9 @@ impl Sched {
                 return;
             }
             self.queues[qid].items.pop_front();
-            let fallback = self.queues[qid].fallback;
-            item.state = State::Running;
-            item.fallback = fallback;
-            if fallback.is_some() {
-                item.cold().reason = self.queues[qid].reason.clone();
-            }
-            let body = item.body.clone();
-            let queued_at = item.queued_at;
-            if let Some(l) = fallback {
-                *self.fallbacks.entry(level_name(l)).or_default() += 1;
-            }
-            token.reset();
-            self.running.insert(
-                id,
-                Bound {
-                    cpu,
-                    at: now,
-                    token: token.clone(),
-                    hog_reported: false,
-                    slot: false,
-                },
-            );
-            let q = &mut self.queues[qid];
-            q.pending -= 1;
-            q.running += 1;
-            let wq = &mut self.wqs[wi];
-            wq.pending -= 1;
-            wq.running += 1;
+            let Some((body, queued_at)) = self.bind(id, qid, cpu, token, now, false) else {
+                return;
+            };
             if let Some(p) = self.pools.get_mut(&cpu) {
                 p.running += 1;
             }
