@@ -7,12 +7,10 @@
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Code;
 use wqd_client::proto::{self, FallbackPolicy, GetStatsResponse, ItemState};
 use wqd_client::{Batch, CancelScope, Client, ClientError, Item};
-use wqd_e2e::{stats, total, wait_for, wq_attrs, Daemon};
+use wqd_e2e::{stats, total, wait_for, wq_attrs, Daemon, RawCodec};
 
 const LIMITS: &str = "[limits]\nmax_batch_items = 100\nmax_payload_bytes = 1024\n";
 
@@ -357,6 +355,7 @@ async fn malformed_requests_are_refused() {
             vec![proto::SubmitStreamRequest {
                 options: None,
                 items: vec![item.clone()],
+                commit: true,
             }],
             "no options on the first message",
         ),
@@ -365,10 +364,12 @@ async fn malformed_requests_are_refused() {
                 proto::SubmitStreamRequest {
                     options: opts.clone(),
                     items: vec![item.clone()],
+                    commit: false,
                 },
                 proto::SubmitStreamRequest {
                     options: opts.clone(),
                     items: vec![item.clone()],
+                    commit: true,
                 },
             ],
             "options on a later message",
@@ -396,9 +397,10 @@ async fn malformed_requests_are_refused() {
         )
         .await
         .unwrap_err();
-    assert!(
-        matches!(e.code(), Code::InvalidArgument | Code::Internal),
-        "an undecodable request is refused as INVALID_ARGUMENT or INTERNAL: {e:?}"
+    assert_eq!(
+        e.code(),
+        Code::InvalidArgument,
+        "an undecodable request is the caller's error, not INTERNAL: {e:?}"
     );
     let now = stats(&c).await;
     assert_eq!(now.batches_accepted, before.batches_accepted);
@@ -415,41 +417,6 @@ async fn malformed_requests_are_refused() {
         (s.pending + s.running == 0).then_some(())
     })
     .await;
-}
-
-/// Sends raw bytes as a gRPC message and reads the answer as raw bytes.
-#[derive(Debug, Clone, Copy)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let n = src.remaining();
-        Ok(Some(src.copy_to_bytes(n).to_vec()))
-    }
 }
 
 /// A `Submit(wait)` response over `limits.max_message_bytes` is RESOURCE_EXHAUSTED (the batch

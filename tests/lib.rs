@@ -717,5 +717,50 @@ pub fn wq_attrs(name: &str) -> proto::WorkqueueAttrs {
 
 /// The total of all terminal and transient counts.
 pub fn total(c: &proto::StateCounts) -> u64 {
-    c.pending + c.running + c.ok + c.failed + c.cancelled + c.expired + c.rejected
+    c.delayed + c.pending + c.running + c.ok + c.failed + c.cancelled + c.expired + c.rejected
+}
+
+/// A codec that sends raw bytes as a gRPC message and reads the answer as raw bytes, for
+/// requests no well-behaved client would build.
+#[derive(Debug, Clone, Copy)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let n = src.remaining();
+        Ok(Some(src.copy_to_bytes(n).to_vec()))
+    }
 }

@@ -368,7 +368,7 @@ async fn flush_items_batch_and_workqueue_stream_results_then_summary() {
         .dispatch_stub()
         .flush(proto::FlushRequest {
             scope: None,
-            summary_only: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();

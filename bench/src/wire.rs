@@ -169,6 +169,7 @@ impl Conn {
             .flush(v1::FlushRequest {
                 scope: Some(v1::flush_request::Scope::BatchId(batch)),
                 summary_only: true,
+                include_delayed: false,
             })
             .await?
             .into_inner();

@@ -831,3 +831,330 @@ fn batched_takes_lose_nothing_under_hotplug_and_cancel() {
         assert!(m <= 1, "cpu {cpu} ran {m} items at once");
     }
 }
+
+// ----- issue #10: hostile input and faults -----
+
+/// A `probe` item with a delay and/or deadline.
+fn timed(t: &str, delay: Option<Duration>, deadline: Option<Duration>) -> ItemSpec {
+    let mut i = item(t, "probe");
+    i.delay = delay;
+    i.deadline = deadline;
+    i
+}
+
+#[test]
+fn huge_delays_and_deadlines_refuse_the_whole_batch() {
+    let rig = Rig::new(2, "0-1");
+    let before = rig.engine.workqueues();
+    let huge = Duration::from_secs(i64::MAX as u64);
+    for (bad, field) in [
+        (timed("cpu:0", Some(huge), None), "delay"),
+        (timed("cpu:0", None, Some(huge)), "deadline"),
+        (timed("cpu:0", Some(Duration::MAX), None), "delay"),
+        // Just over the default limit of 365 days.
+        (
+            timed("cpu:0", Some(Duration::from_secs(366 * 86_400)), None),
+            "delay",
+        ),
+    ] {
+        let mut batch = vec![keyed("cpu:0", "k0"), keyed("cpu:0", "k1")];
+        batch.push(bad);
+        match rig.engine.submit("default", batch) {
+            Err(EngineError::Duration {
+                index: 2,
+                field: f,
+                problem,
+            }) => {
+                assert_eq!(f, field, "{problem}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(rig.engine.workqueues(), before, "nothing half-applied");
+    assert_eq!(rig.engine.stats().items, 0);
+    assert!(rig.probe.runs.lock().is_empty());
+    // The keys were never taken: the same keys queue now.
+    let ids = rig.submit("default", vec![keyed("cpu:0", "k0"), keyed("cpu:0", "k1")]);
+    let res = rig.flush(&ids);
+    assert!(res.iter().all(|r| r.state == State::Ok), "{res:?}");
+    // A limit set lower refuses what the default accepted.
+    rig.engine
+        .set_max_durations(Duration::from_secs(1), Duration::from_secs(1));
+    assert!(matches!(
+        rig.engine.submit(
+            "default",
+            vec![timed("cpu:0", None, Some(Duration::from_secs(2)))]
+        ),
+        Err(EngineError::Duration {
+            field: "deadline",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn flushing_a_delayed_item_queues_it_at_once() {
+    let rig = Rig::new(2, "0-1");
+    let hour = Some(Duration::from_secs(3600));
+    let ids = rig.submit(
+        "default",
+        vec![timed("cpu:0", hour, None), timed("cpu:1", hour, None)],
+    );
+    let r = rig.engine.results(&ids);
+    assert!(
+        r.iter()
+            .all(|r| r.as_ref().unwrap().state == State::Delayed),
+        "{r:?}"
+    );
+    // A workqueue flush leaves delayed items out, says so, and returns at once.
+    let f = rig
+        .engine
+        .flush(FlushScope::Workqueue("default".into()))
+        .unwrap();
+    assert_eq!(f.covered(), 0);
+    assert_eq!(f.delayed_not_covered(), 2);
+    let sum = f.wait(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(sum.delayed_not_covered, 2);
+    // Flushing one item by id queues it now (flush_delayed_work) and waits for it.
+    let t0 = Instant::now();
+    let res = rig.flush(&ids[..1]);
+    assert_eq!(res[0].state, State::Ok);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        rig.engine.results(&ids[1..])[0].as_ref().unwrap().state,
+        State::Delayed
+    );
+    // Including delayed items in a workqueue flush covers the other one.
+    let sum = rig
+        .engine
+        .flush(FlushScope::WorkqueueAll("default".into()))
+        .unwrap()
+        .wait(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(sum.covered, 1);
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&1));
+    assert_eq!(rig.engine.stats().items, 0);
+}
+
+#[test]
+fn drain_queues_delayed_items_and_a_batch_flush_covers_them() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("d", |_| {});
+    let far = Some(Duration::from_secs(50 * 365 * 86_400 / 100));
+    let r = rig
+        .engine
+        .submit(
+            "d",
+            vec![timed("cpu:0", far, None), timed("cpu:1", far, None)],
+        )
+        .unwrap();
+    let sum = rig
+        .engine
+        .flush(FlushScope::Batch(r.batch))
+        .unwrap()
+        .wait(Some(Duration::from_secs(10)))
+        .expect("a batch flush does not wait out the delay");
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&2));
+    rig.submit("d", vec![timed("cpu:0", far, None)]);
+    let sum = rig
+        .engine
+        .drain("d")
+        .unwrap()
+        .wait(Some(Duration::from_secs(10)))
+        .expect("drain empties the workqueue");
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&1));
+    rig.engine.delete_workqueue("d").unwrap();
+}
+
+#[test]
+fn totals_never_go_down_when_a_workqueue_is_deleted() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("gone", |_| {});
+    let ids = rig.submit("gone", (0..7).map(|_| item("cpu:0", "probe")).collect());
+    rig.flush(&ids);
+    let ids = rig.submit("default", (0..3).map(|_| item("cpu:1", "probe")).collect());
+    rig.flush(&ids);
+    let before = rig.engine.stats().totals;
+    assert_eq!(before.get(&State::Ok), Some(&10));
+    rig.engine.delete_workqueue("gone").unwrap();
+    assert_eq!(rig.engine.stats().totals, before);
+}
+
+#[test]
+fn dot_names_are_refused_and_an_update_ends_a_left_drain() {
+    let rig = Rig::new(2, "0-1");
+    for bad in [".", ".."] {
+        assert!(matches!(
+            rig.engine.create_workqueue(WorkqueueAttrs::named(bad)),
+            Err(EngineError::InvalidAttrs(_))
+        ));
+    }
+    rig.wq("w", |a| a.fallback = Fallback::Wait);
+    rig.set_live("0");
+    // Pending forever on the offline cpu 1: a drain's caller gives up.
+    rig.submit("w", vec![item("cpu:1", "probe")]);
+    let f = rig.engine.drain("w").unwrap();
+    assert!(f.wait(Some(Duration::from_millis(50))).is_err());
+    assert!(rig
+        .engine
+        .workqueues()
+        .iter()
+        .any(|w| w.attrs.name == "w" && w.draining));
+    assert!(matches!(
+        rig.engine.submit("w", vec![item("cpu:0", "probe")]),
+        Err(EngineError::Draining(_))
+    ));
+    // An update takes the workqueue back.
+    let mut a = WorkqueueAttrs::named("w");
+    a.fallback = Fallback::Wait;
+    rig.engine.update_workqueue(a).unwrap();
+    assert!(rig
+        .engine
+        .workqueues()
+        .iter()
+        .any(|w| w.attrs.name == "w" && !w.draining));
+    let ids = rig.submit("w", vec![item("cpu:0", "probe")]);
+    assert_eq!(rig.flush(&ids)[0].state, State::Ok);
+}
+
+#[test]
+fn timers_of_ended_items_do_not_pile_up() {
+    let rig = Rig::new(2, "0-1");
+    // Each item has a deadline an hour away and ends at once: its timer is garbage.
+    for _ in 0..10 {
+        let ids = rig.submit(
+            "default",
+            (0..1000)
+                .map(|_| timed("cpu:0", None, Some(Duration::from_secs(3600))))
+                .collect(),
+        );
+        rig.flush(&ids);
+    }
+    let st = rig.engine.stats();
+    assert_eq!(st.items, 0);
+    assert!(
+        st.timers <= 2048,
+        "{} timer entries for 0 live items",
+        st.timers
+    );
+}
+
+#[test]
+fn results_are_bounded_in_bytes() {
+    struct Big;
+    impl Handler for Big {
+        fn name(&self) -> &str {
+            "big"
+        }
+        fn validate(&self, _a: &Args, _p: &[u8]) -> Result<(), HandlerError> {
+            Ok(())
+        }
+        fn run(&self, ctx: &WorkCtx<'_>) -> Result<Vec<u8>, HandlerError> {
+            if ctx.item % 2 == 0 {
+                Err(HandlerError::Failed("e".repeat(100_000)))
+            } else {
+                Ok(vec![1; 100_000])
+            }
+        }
+    }
+    let topo = common::topology(2);
+    let snap = common::snapshot(&topo, 1, &"0-1".parse().unwrap());
+    let mut reg = Registry::new();
+    reg.register(Arc::new(Big));
+    let cfg = EngineConfig {
+        pinning: false,
+        max_result_bytes: 1000,
+        results_memory: 50_000,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, reg, snap).unwrap();
+    let r = engine
+        .submit("default", (0..200).map(|_| item("cpu:0", "big")).collect())
+        .unwrap();
+    let ids: Vec<u64> = r.items.iter().map(|s| s.id).collect();
+    let mut f = engine.flush(FlushScope::Items(ids.clone())).unwrap();
+    let mut seen = 0;
+    while let Some(ev) = f
+        .next_blocking(Some(Instant::now() + Duration::from_secs(20)))
+        .unwrap()
+    {
+        if let FlushEvent::Done(r) = ev {
+            seen += 1;
+            assert!(
+                r.output.len() <= 1000 && r.error.len() <= 1000,
+                "{}",
+                r.error.len()
+            );
+            if r.state == State::Ok {
+                assert!(
+                    r.error.contains("output cut from 100000 to 1000 bytes"),
+                    "{}",
+                    r.error
+                );
+            } else {
+                assert!(r.error.ends_with("bytes, cut)"), "{}", &r.error[900..]);
+            }
+        }
+    }
+    assert_eq!(seen, 200);
+    let st = engine.stats();
+    assert!(st.results_bytes <= 50_000, "{} bytes", st.results_bytes);
+    assert!(st.results < 200 && st.results > 0, "{}", st.results);
+}
+
+#[test]
+fn shutdown_is_bounded_by_a_handler_that_ignores_cancellation() {
+    struct Stubborn;
+    impl Handler for Stubborn {
+        fn name(&self) -> &str {
+            "stubborn"
+        }
+        fn validate(&self, _a: &Args, _p: &[u8]) -> Result<(), HandlerError> {
+            Ok(())
+        }
+        fn run(&self, _ctx: &WorkCtx<'_>) -> Result<Vec<u8>, HandlerError> {
+            std::thread::sleep(Duration::from_secs(30));
+            Ok(Vec::new())
+        }
+    }
+    let topo = common::topology(2);
+    let snap = common::snapshot(&topo, 1, &"0-1".parse().unwrap());
+    let mut reg = Registry::new();
+    reg.register(Arc::new(Stubborn));
+    let cfg = EngineConfig {
+        pinning: false,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, reg, snap).unwrap();
+    let r = engine
+        .submit("default", vec![item("cpu:0", "stubborn")])
+        .unwrap();
+    let t0 = Instant::now();
+    while engine.results(&[r.first])[0].as_ref().map(|r| r.state) != Some(State::Running) {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let t0 = Instant::now();
+    engine.shutdown(Duration::from_millis(100));
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    assert_eq!(engine.stragglers(), 1);
+}
+
+#[test]
+fn fallback_results_say_which_epoch_decided() {
+    let rig = Rig::new(4, "0-3");
+    rig.wq("rej", |a| a.fallback = Fallback::Reject);
+    rig.set_live("0-1"); // epoch 2
+    let ids = rig.submit("default", vec![item("cpu:3", "probe")]);
+    let r = &rig.flush(&ids)[0];
+    assert!(r.fallback.is_some(), "{r:?}");
+    assert_eq!(r.epoch_decided, Some(2));
+    rig.set_live("0"); // epoch 3
+    let ids = rig.submit("rej", vec![item("cpu:3", "probe")]);
+    let r = &rig.flush(&ids)[0];
+    assert_eq!(r.state, State::Rejected);
+    assert_eq!(r.epoch_decided, Some(3));
+    let ids = rig.submit("default", vec![item("cpu:0", "probe")]);
+    assert_eq!(rig.flush(&ids)[0].epoch_decided, None);
+}

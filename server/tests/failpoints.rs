@@ -167,3 +167,126 @@ fn cancel_between_bind_and_start_never_runs() {
     assert_eq!(rig.runs.n.load(Ordering::SeqCst), 0);
     scenario.teardown();
 }
+
+/// A snapshot of the rig's topology in which `cpu` is not live for `why`: offline, out of the
+/// cpuset, or isolated.
+fn without(prev: &Snapshot, cpu: u32, why: &str) -> Arc<Snapshot> {
+    let mut t = (*prev.topology).clone();
+    match why {
+        "offline" => {
+            t.online.remove(cpu);
+        }
+        "cpuset" => {
+            t.allowed.remove(cpu);
+        }
+        "isolated" => {
+            t.isolated.insert(cpu);
+        }
+        other => panic!("{other}"),
+    }
+    let mut live = prev.live.clone();
+    live.remove(cpu);
+    Arc::new(Snapshot {
+        epoch: prev.epoch + 1,
+        topology: Arc::new(t),
+        groups: prev.groups.clone(),
+        live,
+        source: prev.source,
+        at: std::time::SystemTime::now(),
+    })
+}
+
+#[test]
+fn a_hand_back_says_why_the_cpu_left() {
+    for why in ["offline", "cpuset", "isolated"] {
+        let scenario = fail::FailScenario::setup();
+        let rig = rig(Fallback::Widen);
+        fail::cfg(SEAM, "pause").unwrap();
+        let id = rig.bind_one();
+        let flush = rig.engine.flush(FlushScope::Items(vec![id])).unwrap();
+        {
+            let mut s = rig.snap.lock();
+            *s = without(&s, 1, why);
+            rig.engine.apply_snapshot(&s);
+        }
+        fail::remove(SEAM);
+        flush
+            .wait(Some(Duration::from_secs(10)))
+            .expect("flush returns");
+        let st = rig.engine.stats();
+        assert_eq!(st.rebinds.get(why), Some(&1), "{why}: {:?}", st.rebinds);
+        assert_eq!(
+            st.rebinds.values().sum::<u64>(),
+            1,
+            "{why}: {:?}",
+            st.rebinds
+        );
+        let r = rig.engine.results(&[id])[0].clone().unwrap();
+        assert_eq!((r.cpu_started, r.rebinds), (Some(0), 1), "{why}");
+        scenario.teardown();
+    }
+}
+
+/// The engine call that panics between two items of a batch (a bug, forced here) leaves no
+/// half batch: nothing of it is queued, counted or keyed, and the engine goes on.
+#[test]
+fn a_submit_that_panics_between_items_leaves_nothing_behind() {
+    const BETWEEN: &str = "engine::submit-between-items";
+    let scenario = fail::FailScenario::setup();
+    let rig = rig(Fallback::Reject);
+    let mut w = WorkqueueAttrs::named("waits");
+    w.fallback = Fallback::Wait;
+    rig.engine.create_workqueue(w).unwrap();
+    rig.set_live("0");
+    let before_wqs = rig.engine.workqueues();
+    let before = rig.engine.stats();
+    let spec = |key: &str, delay: bool, deadline: bool| {
+        let mut s = ItemSpec::new(Target::Cpu(1), "count");
+        s.key = Some(key.into());
+        s.delay = delay.then(|| Duration::from_secs(60));
+        s.deadline = deadline.then(|| Duration::from_secs(600));
+        s
+    };
+    for wq in ["waits", "wq"] {
+        // Panic at the third entry: two are queued (or, on "wq", rejected at once) by then.
+        fail::cfg(BETWEEN, "2*off->panic").unwrap();
+        let batch = vec![
+            spec("a", false, true),
+            spec("b", true, true),
+            spec("c", false, false),
+            spec("d", false, false),
+        ];
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rig.engine.submit(wq, batch)
+        }));
+        assert!(r.is_err(), "{wq}: the failpoint panics");
+        fail::remove(BETWEEN);
+        assert_eq!(
+            rig.engine.workqueues(),
+            before_wqs,
+            "{wq}: counters restored"
+        );
+        let st = rig.engine.stats();
+        assert_eq!(st.items, 0, "{wq}");
+        assert_eq!(st.totals, before.totals, "{wq}: rejections rolled back");
+        assert_eq!(st.timers, 0, "{wq}: timers rolled back");
+    }
+    // The keys are free and the engine works: the same batch goes through.
+    rig.set_live("0-1");
+    let r = rig
+        .engine
+        .submit(
+            "waits",
+            vec![spec("a", false, false), spec("b", false, false)],
+        )
+        .unwrap();
+    assert!(r.items.iter().all(|s| s.queued));
+    let sum = rig
+        .engine
+        .flush(FlushScope::Batch(r.batch))
+        .unwrap()
+        .wait(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&2));
+    scenario.teardown();
+}

@@ -91,6 +91,7 @@ fn state_of(s: ItemState) -> State {
         ItemState::Rejected => State::Rejected,
         ItemState::Running => State::Running,
         // Unspecified is never reported for a real item: count it as not terminal.
+        ItemState::Delayed => State::Delayed,
         ItemState::Pending | ItemState::Unspecified => State::Pending,
     }
 }

@@ -538,6 +538,11 @@ pub struct EngineStats {
     pub workers: usize,
     pub items: usize,
     pub results: usize,
+    /// Estimated bytes the retained results take (bounded by `results_memory`).
+    pub results_bytes: usize,
+    /// Entries in the timer heap (delays and deadlines; bounded by about twice the live
+    /// items that have one).
+    pub timers: usize,
     pub flushes: usize,
     /// Terminal items by state since the engine started, over every workqueue (deleted ones
     /// included): these never go down.

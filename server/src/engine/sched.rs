@@ -726,6 +726,8 @@ impl Sched {
             workers: self.pools.values().map(|p| p.workers).sum(),
             items: self.items.len(),
             results: self.results.map.len(),
+            results_bytes: self.results.bytes,
+            timers: self.timers.len(),
             flushes: self.flushes.len(),
             totals: State::ALL
                 .iter()

@@ -111,28 +111,21 @@ impl Rpc {
 
     /// Submits a checked batch once, counting it. Small batches are submitted inline (see
     /// [`INLINE_SUBMIT_ITEMS`]); a panic there is an internal error, as in the blocking pool.
+    ///
+    /// The submit and its counting happen together, in one synchronous step: if the client
+    /// goes away while a large batch is in the blocking pool (the handler is dropped at the
+    /// `.await`), the batch that the pool accepted is still counted.
     async fn submit_specs(&self, wq: String, specs: Vec<ItemSpec>) -> Result<Receipt, RpcError> {
-        let r = if specs.len() <= INLINE_SUBMIT_ITEMS {
+        if specs.len() <= INLINE_SUBMIT_ITEMS {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.engine.submit(&wq, specs)
+                submit_counted(&self.engine, &self.counters, &wq, specs)
             }))
             .map_err(|_| RpcError::Internal("engine call failed: submit panicked".into()))?
         } else {
-            self.blocking(move |e| e.submit(&wq, specs)).await?
+            let counters = self.counters.clone();
+            self.blocking(move |e| submit_counted(e, &counters, &wq, specs))
+                .await?
         }
-        .map_err(RpcError::from);
-        let c = &self.counters;
-        match &r {
-            Ok(rec) => {
-                c.batches_accepted.fetch_add(1, Ordering::Relaxed);
-                let dups = rec.items.iter().filter(|s| !s.queued).count() as u64;
-                c.deduplicated.fetch_add(dups, Ordering::Relaxed);
-            }
-            Err(_) => {
-                c.batches_refused.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        r
     }
 
     fn refused(&self) {
@@ -499,6 +492,27 @@ impl Rpc {
             .collect();
         Ok(v1::GetResultsResponse { items })
     }
+}
+
+/// `Engine::submit`, then the batch counters, in one step (see [`Rpc::submit_specs`]).
+fn submit_counted(
+    engine: &crate::engine::Engine,
+    c: &super::Counters,
+    wq: &str,
+    specs: Vec<ItemSpec>,
+) -> Result<Receipt, RpcError> {
+    let r = engine.submit(wq, specs).map_err(RpcError::from);
+    match &r {
+        Ok(rec) => {
+            c.batches_accepted.fetch_add(1, Ordering::Relaxed);
+            let dups = rec.items.iter().filter(|s| !s.queued).count() as u64;
+            c.deduplicated.fetch_add(dups, Ordering::Relaxed);
+        }
+        Err(_) => {
+            c.batches_refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    r
 }
 
 /// Sends `msg` unless the client is gone or the deadline passes first; `false` then.

@@ -1,8 +1,8 @@
 //! The one place a request refused by tonic itself gets wqd's status: tonic rejects a unary
 //! request over `limits.max_message_bytes` with `OUT_OF_RANGE`, and one whose body ends
-//! inside a message with `INTERNAL` ("Unexpected EOF decoding stream"), before any handler
+//! inside a message or whose compressed flag is invalid with `INTERNAL`, before any handler
 //! sees it, as a trailers-only response. [`TooLargeLayer`] rewrites exactly those responses:
-//! `RESOURCE_EXHAUSTED` naming the limit, and `INVALID_ARGUMENT` for the truncated request
+//! `RESOURCE_EXHAUSTED` naming the limit, and `INVALID_ARGUMENT` for the malformed framing
 //! (a client error, not a daemon bug), as [`super::status`] does for the streaming path.
 //!
 //! Owns: nothing but those rewrites. Invariant: only a trailers-only response whose status is
@@ -65,7 +65,7 @@ fn rewrite(h: &mut http::HeaderMap) {
     let Some(st) = Status::from_header_map(h) else {
         return;
     };
-    let Some(ours) = super::too_large(&st).or_else(|| super::truncated(&st)) else {
+    let Some(ours) = super::too_large(&st).or_else(|| super::bad_framing(&st)) else {
         return;
     };
     h.remove("grpc-status");

@@ -111,7 +111,7 @@ pub fn status(e: RpcError) -> Status {
         RpcError::Deadline { .. } => Code::DeadlineExceeded,
         RpcError::ShuttingDown => Code::Unavailable,
         RpcError::Transport(st) if is_too_large(st) => Code::ResourceExhausted,
-        RpcError::Transport(st) if is_truncated(st) => Code::InvalidArgument,
+        RpcError::Transport(st) if is_bad_framing(st) => Code::InvalidArgument,
         RpcError::Transport(st) => st.code(),
         RpcError::Internal(_) => Code::Internal,
     };
@@ -132,7 +132,7 @@ pub fn status(e: RpcError) -> Status {
             field,
             problem,
         }) => format!("items[{index}].{field}: {problem}"),
-        RpcError::Transport(st) => match too_large(&st).or_else(|| truncated(&st)) {
+        RpcError::Transport(st) => match too_large(&st).or_else(|| bad_framing(&st)) {
             Some(ours) => return ours,
             None => st.message().to_string(),
         },
@@ -145,18 +145,25 @@ pub fn status(e: RpcError) -> Status {
 /// Bytes of a status message at most.
 pub const MAX_STATUS_MESSAGE: usize = 1024;
 
-/// Whether tonic's decoder found the request body ending inside a message (it says
-/// INTERNAL; it is the client's malformed request).
-fn is_truncated(st: &Status) -> bool {
-    st.code() == Code::Internal && st.message().contains("Unexpected EOF decoding stream")
+/// Whether tonic's decoder refused the request's gRPC framing: the body ended inside a
+/// message, or a message's compressed flag is neither 0 nor 1. Tonic says INTERNAL; it is the
+/// client's malformed request. (A flag of 1 without `grpc-encoding` stays INTERNAL: the gRPC
+/// spec asks for exactly that.)
+fn is_bad_framing(st: &Status) -> bool {
+    st.code() == Code::Internal
+        && (st.message().contains("Unexpected EOF decoding stream")
+            || st.message().contains("invalid compression flag"))
 }
 
-/// wqd's status for a request body that ended inside a gRPC message; `None` for any other.
-pub(crate) fn truncated(st: &Status) -> Option<Status> {
-    is_truncated(st).then(|| {
-        Status::invalid_argument(
-            "malformed request: the body ended inside a gRPC message (truncated)",
-        )
+/// wqd's status for a request whose gRPC framing tonic refused; `None` for any other.
+pub(crate) fn bad_framing(st: &Status) -> Option<Status> {
+    is_bad_framing(st).then(|| {
+        let what = if st.message().contains("compression flag") {
+            "a gRPC message's compressed flag is neither 0 nor 1"
+        } else {
+            "the body ended inside a gRPC message (truncated)"
+        };
+        Status::invalid_argument(format!("malformed request: {what}"))
     })
 }
 
