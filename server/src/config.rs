@@ -456,6 +456,17 @@ impl Config {
                 ));
             }
         }
+        // Under TLS the idle clock starts at accept (see crate::conn): a shorter idle timeout
+        // would cut handshakes short.
+        if !l.idle_timeout.is_zero() && l.idle_timeout < l.handshake_timeout {
+            return Err(invalid(
+                "listen.idle_timeout",
+                format!(
+                    "{:?} is shorter than listen.handshake_timeout ({:?}); use at least that, or \"0s\" for off",
+                    l.idle_timeout, l.handshake_timeout
+                ),
+            ));
+        }
         crate::metrics::check_config(self)?;
         let lim = &self.limits;
         for (key, v) in [
@@ -757,6 +768,11 @@ read_open = true
         let e = err("[listen]\nidle_timeout = \"1ms\"");
         assert!(e.contains("listen.idle_timeout"), "{e}");
         assert!(err("[listen]\nkeepalive_interval = \"soon\"").contains("keepalive_interval"));
+        let e = err("[listen]\nidle_timeout = \"5s\"");
+        assert!(
+            e.contains("listen.idle_timeout") && e.contains("handshake_timeout"),
+            "{e}"
+        );
         let c = parse("[listen]\nidle_timeout = \"0s\"\nkeepalive_interval = \"0s\"").unwrap();
         assert!(c.listen.idle_timeout.is_zero());
         let e = err("[listen]\ntcp = \"0.0.0.0:7070\"");
