@@ -52,10 +52,27 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A blocking socket whose reads can be bounded.
+trait Sock: Read {
+    fn read_timeout(&self, d: Duration);
+}
+
+impl Sock for UnixStream {
+    fn read_timeout(&self, d: Duration) {
+        self.set_read_timeout(Some(d)).unwrap();
+    }
+}
+
+impl Sock for std::net::TcpStream {
+    fn read_timeout(&self, d: Duration) {
+        self.set_read_timeout(Some(d)).unwrap();
+    }
+}
+
 /// Reads once with a bound: `Some(0)` is EOF (closed by the daemon), `Some(n)` bytes arrived,
 /// `None` nothing within `limit`.
-fn read_once(s: &mut UnixStream, limit: Duration) -> Option<usize> {
-    s.set_read_timeout(Some(limit)).unwrap();
+fn read_once(s: &mut impl Sock, limit: Duration) -> Option<usize> {
+    s.read_timeout(limit);
     let mut buf = [0u8; 4096];
     match s.read(&mut buf) {
         Ok(n) => Some(n),
@@ -73,7 +90,7 @@ fn read_once(s: &mut UnixStream, limit: Duration) -> Option<usize> {
 }
 
 /// Reads until EOF or `limit`; returns when EOF came, measured from `since`.
-fn closed_after(s: &mut UnixStream, since: Instant, limit: Duration) -> Option<Duration> {
+fn closed_after(s: &mut impl Sock, since: Instant, limit: Duration) -> Option<Duration> {
     let end = Instant::now() + limit;
     while Instant::now() < end {
         match read_once(
@@ -196,7 +213,7 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_idle_connections_are_closed_busy_ones_are_not() {
     let d = Daemon::builder("two-socket")
-        .config("[listen]\nhandshake_timeout = \"300ms\"\nidle_timeout = \"1500ms\"\n")
+        .config("[listen]\nhandshake_timeout = \"300ms\"\nidle_timeout = \"2s\"\n")
         .args_metrics()
         .start();
     let maddr = metrics_addr(&d).await;
@@ -207,8 +224,8 @@ async fn silent_and_idle_connections_are_closed_busy_ones_are_not() {
     let took = closed_after(&mut silent, t0, Duration::from_secs(5))
         .expect("a silent connection is closed within 5 s");
     assert!(
-        took >= Duration::from_millis(250) && took < Duration::from_millis(1300),
-        "closed after {took:?}; handshake_timeout is 300ms"
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1800),
+        "closed after {took:?}; handshake_timeout is 300ms (idle_timeout 2s)"
     );
 
     // A connection that completes the HTTP/2 handshake (preface, SETTINGS, and the ACK of the
@@ -219,11 +236,11 @@ async fn silent_and_idle_connections_are_closed_busy_ones_are_not() {
     hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
     hello.extend_from_slice(&[0, 0, 0, 4, 1, 0, 0, 0, 0]); // SETTINGS ACK
     idle.write_all(&hello).unwrap();
-    let took = closed_after(&mut idle, t0, Duration::from_secs(6))
+    let took = closed_after(&mut idle, t0, Duration::from_secs(8))
         .expect("an idle HTTP/2 connection is closed within 6 s");
     assert!(
-        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
-        "closed after {took:?}; idle_timeout is 1500ms"
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "closed after {took:?}; idle_timeout is 2s"
     );
 
     // A call open for twice the idle timeout keeps its connection.
@@ -231,20 +248,20 @@ async fn silent_and_idle_connections_are_closed_busy_ones_are_not() {
     let t0 = Instant::now();
     c.submit(
         Batch::new()
-            .item(Item::new("cpu:0", "sleep").arg("ms", "3000"))
+            .item(Item::new("cpu:0", "sleep").arg("ms", "4000"))
             .wait(true),
     )
     .await
-    .expect("a 3 s Submit(wait) outlives idle_timeout = 1.5 s");
-    assert!(t0.elapsed() >= Duration::from_millis(2900));
-    // So does a stream: WatchTopology open for 2.5 s, then a change arrives on it.
+    .expect("a 4 s Submit(wait) outlives idle_timeout = 2 s");
+    assert!(t0.elapsed() >= Duration::from_millis(3900));
+    // So does a stream: WatchTopology open for 3 s, then a change arrives on it.
     let mut watch = c.watch_topology().await.expect("watch");
     let first = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .expect("first snapshot in time")
         .expect("stream open")
         .expect("first snapshot");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     d.fixture().set_offline(3);
     let next = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
@@ -254,7 +271,7 @@ async fn silent_and_idle_connections_are_closed_busy_ones_are_not() {
     assert!(next.epoch > first.epoch);
     drop(watch);
     // After the idle close the same client reconnects on its next call.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     wait_for(
         "the client's next call after an idle close",
         Duration::from_secs(5),
@@ -365,6 +382,101 @@ async fn at_the_descriptor_limit_the_daemon_neither_spins_nor_loses_its_topology
     .await;
     let cpu3 = topo.cpus.iter().find(|c| c.cpu == 3).expect("cpu 3 listed");
     assert!(!cpu3.live, "CPU 3 is offline in the topology");
+}
+
+/// The daemon's TCP address, from its `wqd: listening on tcp:ADDR` line.
+async fn tcp_addr(d: &Daemon) -> SocketAddr {
+    wait_for("the tcp line", Duration::from_secs(10), || async {
+        d.stderr().lines().find_map(|l| {
+            l.strip_prefix("wqd: listening on tcp:")
+                .and_then(|a| a.parse().ok())
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_listener_has_its_own_cap_and_handshake_timeout() {
+    let d = Daemon::builder("two-socket")
+        .config(
+            "[listen]\nmax_connections = 2\nhandshake_timeout = \"300ms\"\n\
+             [security]\ntcp_plaintext_loopback = true\n",
+        )
+        .arg("--tcp-listen")
+        .arg("127.0.0.1:0")
+        .args_metrics()
+        .start();
+    let addr = tcp_addr(&d).await;
+    let maddr = metrics_addr(&d).await;
+    let t0 = Instant::now();
+    let mut socks: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let (mut served, mut refused) = (Vec::new(), 0);
+    for (i, s) in socks.iter_mut().enumerate() {
+        match read_once(s, Duration::from_secs(3)) {
+            Some(0) => refused += 1,
+            Some(_) => served.push(i),
+            None => panic!("tcp socket {i}: neither served nor closed within 3 s"),
+        }
+    }
+    assert_eq!((served.len(), refused), (2, 2), "served {served:?}");
+    // The served ones send nothing: closed at the handshake timeout.
+    for i in served {
+        let took = closed_after(&mut socks[i], t0, Duration::from_secs(5))
+            .expect("a silent tcp connection is closed within 5 s");
+        assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    }
+    // The Unix listener's cap is its own: still served.
+    try_call(&d)
+        .await
+        .expect("the unix socket serves while tcp is full");
+    let m = scrape(maddr).await;
+    let tcp = |name: &str, extra: &[&str]| {
+        let mut l = vec!["listener=\"tcp\""];
+        l.extend_from_slice(extra);
+        metric(&m, name, &l)
+    };
+    assert_eq!(tcp("wqd_connections_max", &[]), Some(2.0), "{m}");
+    assert_eq!(
+        tcp("wqd_connections_refused_total", &["reason=\"limit\""]),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        tcp("wqd_connections_closed_total", &["reason=\"handshake\""]),
+        Some(2.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_that_never_handshakes_is_closed() {
+    let pki = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (pki.path().join("server.pem"), pki.path().join("server.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let d = Daemon::builder("two-socket")
+        .config(&format!(
+            "[listen]\nhandshake_timeout = \"300ms\"\n[security]\ntls_cert = {cert_path:?}\ntls_key = {key_path:?}\n"
+        ))
+        .arg("--tcp-listen")
+        .arg("127.0.0.1:0")
+        .start();
+    let addr = tcp_addr(&d).await;
+    let t0 = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let took = closed_after(&mut s, t0, Duration::from_secs(5))
+        .expect("a connection that never starts TLS is closed within 5 s");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "closed after {took:?}; handshake_timeout is 300ms"
+    );
 }
 
 /// `--metrics-listen 127.0.0.1:0` on the builder.
