@@ -292,9 +292,15 @@ pub struct DaemonBuilder {
     config: Option<String>,
     args: Vec<String>,
     socket: Option<PathBuf>,
+    nofile: Option<u64>,
 }
 
 impl DaemonBuilder {
+    /// Starts the daemon with RLIMIT_NOFILE soft = hard = `n` (it cannot raise it).
+    pub fn rlimit_nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
+    }
     /// Adds `--config FILE` with this TOML text.
     pub fn config(mut self, toml: &str) -> Self {
         self.config = Some(toml.to_string());
@@ -323,6 +329,23 @@ impl DaemonBuilder {
             let path = dir.join("wqd.toml");
             fs::write(&path, text).unwrap();
             cmd.arg("--config").arg(path);
+        }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and only reads `lim`, a plain value moved
+            // into the closure; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.args(&self.args)
             .env_remove("RUST_LOG")
@@ -432,6 +455,7 @@ impl Daemon {
             config: None,
             args: Vec::new(),
             socket: None,
+            nofile: None,
         }
     }
 

@@ -99,7 +99,23 @@ pub struct ListenConfig {
     pub tcp: Option<SocketAddr>,
     /// Allow `tcp` on a non-loopback address.
     pub allow_remote: bool,
+    /// Open connections per listener at most; more are accepted and closed at once. Lowered
+    /// at start when RLIMIT_NOFILE leaves less room (see `crate::conn`).
+    pub max_connections: usize,
+    /// A connection must finish its handshake (TLS, then the HTTP/2 preface) this soon.
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// A connection without an open request for this long is closed (0 = never).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING every this long on each connection; a peer that does not answer within
+    /// [`KEEPALIVE_TIMEOUT`] is dropped, even with a stream open (0 = no pings).
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive_interval: Duration,
 }
+
+/// How long a keepalive PING may go unanswered (`listen.keepalive_interval`).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Default for ListenConfig {
     fn default() -> Self {
@@ -108,6 +124,10 @@ impl Default for ListenConfig {
             socket_mode: 0o660,
             tcp: None,
             allow_remote: false,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(60),
         }
     }
 }
@@ -431,6 +451,41 @@ impl Config {
                 ));
             }
         }
+        if l.max_connections == 0 {
+            return Err(invalid("listen.max_connections", "must be at least 1"));
+        }
+        let ms10 = Duration::from_millis(10);
+        if l.handshake_timeout < ms10 {
+            return Err(invalid(
+                "listen.handshake_timeout",
+                format!(
+                    "{:?} is too short (at least 10ms; it cannot be off)",
+                    l.handshake_timeout
+                ),
+            ));
+        }
+        for (key, d) in [
+            ("listen.idle_timeout", l.idle_timeout),
+            ("listen.keepalive_interval", l.keepalive_interval),
+        ] {
+            if !d.is_zero() && d < ms10 {
+                return Err(invalid(
+                    key,
+                    format!("{d:?} is too short (at least 10ms, or \"0s\" for off)"),
+                ));
+            }
+        }
+        // Under TLS the idle clock starts at accept (see crate::conn): a shorter idle timeout
+        // would cut handshakes short.
+        if !l.idle_timeout.is_zero() && l.idle_timeout < l.handshake_timeout {
+            return Err(invalid(
+                "listen.idle_timeout",
+                format!(
+                    "{:?} is shorter than listen.handshake_timeout ({:?}); use at least that, or \"0s\" for off",
+                    l.idle_timeout, l.handshake_timeout
+                ),
+            ));
+        }
         crate::metrics::check_config(self)?;
         let lim = &self.limits;
         for (key, v) in [
@@ -750,6 +805,19 @@ read_open = true
         assert!(err("[topology]\npinning = \"maybe\"").contains("pinning"));
         assert!(err("[listen]\nsocket_mode = \"999\"").contains("socket_mode"));
         assert!(err("[listen]\nsocket_mode = 0o7777").contains("listen.socket_mode"));
+        assert!(err("[listen]\nmax_connections = 0").contains("listen.max_connections"));
+        let e = err("[listen]\nhandshake_timeout = \"0s\"");
+        assert!(e.contains("listen.handshake_timeout"), "{e}");
+        let e = err("[listen]\nidle_timeout = \"1ms\"");
+        assert!(e.contains("listen.idle_timeout"), "{e}");
+        assert!(err("[listen]\nkeepalive_interval = \"soon\"").contains("keepalive_interval"));
+        let e = err("[listen]\nidle_timeout = \"5s\"");
+        assert!(
+            e.contains("listen.idle_timeout") && e.contains("handshake_timeout"),
+            "{e}"
+        );
+        let c = parse("[listen]\nidle_timeout = \"0s\"\nkeepalive_interval = \"0s\"").unwrap();
+        assert!(c.listen.idle_timeout.is_zero());
         let e = err("[listen]\ntcp = \"0.0.0.0:7070\"");
         assert!(
             e.contains("listen.tcp") && e.contains("allow_remote"),

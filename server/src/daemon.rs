@@ -14,7 +14,10 @@
 //! 6. bind the Unix socket (refusing if a live daemon answers on it, replacing a stale file),
 //!    then the optional TCP listener, and serve. Under socket activation the listener systemd
 //!    passed (fd 3) is used instead: no bind, no mode change, and the file is never removed
-//!    (it belongs to `wqd.socket`).
+//!    (it belongs to `wqd.socket`). Each listener serves through [`crate::conn::Incoming`]:
+//!    its cap is `listen.max_connections`, lowered to what RLIMIT_NOFILE (raised to the hard
+//!    limit first thing) leaves once every listening socket is open and a reserve is set aside
+//!    (see [`crate::conn`]).
 //!
 //! Run ([`run`]): after start, `READY=1` to systemd, a supervisor task sending `STATUS=` and
 //! `WATCHDOG=1` (see [`crate::systemd`]); SIGHUP reloads the config ([`Daemon::reload`],
@@ -35,10 +38,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt as _;
 
-use crate::config::{Config, ConfigError, Pinning, SharedLimits};
+use crate::config::{Config, ConfigError, ListenConfig, Pinning, SharedLimits, KEEPALIVE_TIMEOUT};
+use crate::conn::{ConnLayer, ConnSettings, Incoming, Listener, ListenerStats};
 use crate::cpuset::CpuSet;
 use crate::engine::{Engine, EngineError};
 use crate::handler::Registry;
@@ -108,6 +110,48 @@ impl DaemonError {
             DaemonError::Security(e) if e.is_config() => 64,
             _ => 1,
         }
+    }
+}
+
+/// Connections per listener: `listen.max_connections`, lowered (with a warning) to what
+/// RLIMIT_NOFILE leaves once the descriptors open now and [`crate::conn::fd_budget`]'s reserve
+/// are set aside. `nofile` is `(soft, hard)`; unknown means no clamp.
+fn connection_cap(listen: &ListenConfig, nofile: Option<(u64, u64)>, listeners: usize) -> usize {
+    let want = listen.max_connections;
+    let (Some((soft, _)), Some(in_use)) = (nofile, crate::conn::fds_in_use()) else {
+        return want;
+    };
+    let budget = crate::conn::fd_budget(soft, in_use, listeners);
+    if budget.per_listener < want {
+        tracing::warn!(
+            configured = want,
+            effective = budget.per_listener,
+            rlimit_nofile = soft,
+            fds_in_use = in_use,
+            reserve = budget.reserve,
+            listeners,
+            "listen.max_connections lowered to what RLIMIT_NOFILE allows (raise LimitNOFILE= to serve more)"
+        );
+        budget.per_listener
+    } else {
+        tracing::info!(
+            max_connections = want,
+            rlimit_nofile = soft,
+            fds_in_use = in_use,
+            reserve = budget.reserve,
+            "connection limits"
+        );
+        want
+    }
+}
+
+/// One listener's connection settings from `[listen]`.
+fn conn_settings(listen: &ListenConfig, max: usize, tls: bool) -> ConnSettings {
+    ConnSettings {
+        max_connections: max,
+        handshake_timeout: listen.handshake_timeout,
+        idle_timeout: (!listen.idle_timeout.is_zero()).then_some(listen.idle_timeout),
+        tls,
     }
 }
 
@@ -235,6 +279,8 @@ impl Daemon {
         activated: Option<std::os::unix::net::UnixListener>,
     ) -> Result<Daemon, DaemonError> {
         cfg.validate()?;
+        // Before anything opens descriptors: the budget below is computed from the raised limit.
+        let nofile = crate::conn::raise_nofile().ok();
         let is_activated = activated.is_some();
         // The socket first: a second daemon must refuse before it touches anything else.
         let (socket, unix, socket_file) = match activated {
@@ -357,14 +403,28 @@ impl Daemon {
         let health = tonic_health::server::HealthReporter::new();
         Rpc::set_health(&health, true).await;
         let mut servers: Vec<_> = metrics_server.into_iter().map(|m| m.into_task()).collect();
-        let router = rpc.router_with(&health, security.unix_server(rpc.server()))?;
+        // Every listening socket is open now: what the descriptor limit leaves for connections.
+        let max_conns = connection_cap(&cfg.listen, nofile, 1 + usize::from(tcp.is_some()));
+        let server = || {
+            let ka =
+                (!cfg.listen.keepalive_interval.is_zero()).then_some(cfg.listen.keepalive_interval);
+            rpc.server()
+                .http2_keepalive_interval(ka)
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .layer(ConnLayer)
+        };
+        let unix_stats = Arc::new(ListenerStats::new(Listener::Unix, max_conns));
+        let unix_incoming = Incoming::new(
+            unix,
+            conn_settings(&cfg.listen, max_conns, false),
+            unix_stats.clone(),
+        );
+        let mut conn_stats = vec![unix_stats];
+        let router = rpc.router_with(&health, security.unix_server(server()))?;
         let st = stopping.clone();
         servers.push(tokio::spawn(async move {
             let r = router
-                .serve_with_incoming_shutdown(
-                    crate::security::peer_incoming(unix),
-                    crate::rpc::stopped(st),
-                )
+                .serve_with_incoming_shutdown(unix_incoming, crate::rpc::stopped(st))
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "unix listener failed");
@@ -372,21 +432,21 @@ impl Daemon {
         }));
         let tcp_addr = match tcp {
             Some((l, local)) => {
-                let router = rpc.router_with(&health, security.tcp_server(rpc.server())?)?;
+                let router = rpc.router_with(
+                    &health,
+                    security.tcp_server(server(), cfg.listen.handshake_timeout)?,
+                )?;
+                let stats = Arc::new(ListenerStats::new(Listener::Tcp, max_conns));
+                let incoming = Incoming::new(
+                    l,
+                    conn_settings(&cfg.listen, max_conns, security.tls()),
+                    stats.clone(),
+                );
+                conn_stats.push(stats);
                 let st = stopping.clone();
                 servers.push(tokio::spawn(async move {
                     let r = router
-                        .serve_with_incoming_shutdown(
-                            // tonic's own nodelay setting does not reach sockets of a passed-in
-                            // stream; without it Nagle holds multi-write responses ~40 ms.
-                            TcpListenerStream::new(l).map(|r| {
-                                r.and_then(|s| {
-                                    s.set_nodelay(true)?;
-                                    Ok(s)
-                                })
-                            }),
-                            crate::rpc::stopped(st),
-                        )
+                        .serve_with_incoming_shutdown(incoming, crate::rpc::stopped(st))
                         .await;
                     if let Err(e) = r {
                         tracing::error!(error = %e, "tcp listener failed");
@@ -396,6 +456,9 @@ impl Daemon {
             }
             None => None,
         };
+        if let Some(m) = &rpc.metrics {
+            m.watch_listeners(conn_stats);
+        }
         tracing::info!(
             socket = %socket.display(),
             activated = is_activated,

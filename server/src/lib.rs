@@ -8,6 +8,7 @@
 //! flush and cancel). Each layer has its own error enum.
 
 pub mod config;
+pub mod conn;
 pub mod cpuset;
 pub mod daemon;
 pub mod engine;

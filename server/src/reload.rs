@@ -13,9 +13,10 @@
 //! `wqctl wq delete`), `[[group]]`, `[[partition]]`, `topology.shard_cores` (a new group map,
 //! published as a new epoch), `limits.*` except `max_message_bytes` and `max_result_bytes`, `[exec]` (the handler
 //! registry is replaced; queued items keep their handler), `[log] level`, and
-//! `engine.shutdown_grace`. Every other key (listeners, metrics address, sysfs root, pinning,
-//! rescan, netlink, isolated CPUs, the engine's tuning, `[security]`, and any section this module
-//! does not know) needs a restart: a change to it refuses the whole reload.
+//! `engine.shutdown_grace`. Every other key (listeners and their connection limits, metrics
+//! address, sysfs root, pinning, rescan, netlink, isolated CPUs, the engine's tuning,
+//! `[security]`, and any section this module does not know) needs a restart: a change to it
+//! refuses the whole reload.
 //!
 //! An entry whose attributes did not change in the file is not touched, so changes made over
 //! the API (`UpdateWorkqueue`) survive a reload that did not mention that workqueue.
@@ -169,7 +170,11 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         socket,
         socket_mode,
         tcp,
-        allow_remote
+        allow_remote,
+        max_connections,
+        handshake_timeout,
+        idle_timeout,
+        keepalive_interval
     );
     same!(old.metrics, new.metrics, "metrics", listen);
     same!(

@@ -4,7 +4,8 @@
 //!
 //! Owns: [`SecurityConfig`] (the file section), [`Security`] (the resolved, checked form),
 //! [`PeerStream`] (a Unix connection carrying its peer's credentials, read once at accept with
-//! `SO_PEERCRED` and `SO_PEERGROUPS`), and [`GuardLayer`]/[`Guard`] (the tower layer both
+//! `SO_PEERCRED` and `SO_PEERGROUPS`; served wrapped in a [`crate::conn::Conn`], so requests
+//! carry `ConnInfo<UnixPeer>`), and [`GuardLayer`]/[`Guard`] (the tower layer both
 //! listeners' servers are built with). See `docs/security.md` for the model and every setting.
 //!
 //! Invariants:
@@ -39,7 +40,6 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::codegen::http;
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Server, ServerTlsConfig};
@@ -48,6 +48,7 @@ use tower::layer::util::{Identity as NoLayer, Stack};
 use tower::{Layer, Service};
 
 use crate::config::{ConfigError, ListenConfig};
+use crate::conn::ConnInfo;
 use crate::handler::exec::ExecConfig;
 
 /// A user or group in the config: a number, or a name resolved when the config is loaded.
@@ -380,22 +381,32 @@ impl Security {
         })
     }
 
-    /// The TCP listener's server: TLS when configured, the guard checking the client
+    /// The TCP listener's server: TLS when configured (its handshake bounded by
+    /// `handshake_timeout`, `listen.handshake_timeout`), the guard checking the client
     /// certificate and the bearer token.
     ///
     /// # Errors
     /// [`SecurityError::Tls`] if the acceptor cannot be built (it was built at load already).
-    pub fn tcp_server<L>(&self, base: Server<L>) -> Result<GuardedServer<L>, SecurityError> {
+    pub fn tcp_server<L>(
+        &self,
+        base: Server<L>,
+        handshake_timeout: std::time::Duration,
+    ) -> Result<GuardedServer<L>, SecurityError> {
         let mut s = base;
         if let Some(t) = &self.tls {
             s = s
-                .tls_config(t.clone())
+                .tls_config(t.clone().timeout(handshake_timeout))
                 .map_err(|e| SecurityError::Tls(error_chain(&e)))?;
         }
         Ok(s.layer(GuardLayer {
             policy: self.policy.clone(),
             door: Door::Tcp,
         }))
+    }
+
+    /// Whether the TCP listener serves TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// Gives the bound socket file to `socket_group`, if set. Call right after binding.
@@ -715,12 +726,8 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// The accepted connections of `listener`, each carrying its peer's credentials.
-pub fn peer_incoming(
-    listener: tokio::net::UnixListener,
-) -> impl Stream<Item = io::Result<PeerStream>> {
-    tokio_stream::wrappers::UnixListenerStream::new(listener).map(|r| r.map(PeerStream::new))
-}
+// The daemon accepts Unix connections through `crate::conn::Incoming`, which wraps each
+// `PeerStream` in a `crate::conn::Conn`: requests then carry `ConnInfo<UnixPeer>`.
 
 // ---------------------------------------------------------------------------------------------
 // Method classes.
@@ -914,8 +921,8 @@ impl<S> Guard<S> {
             Door::Unix => {
                 let peer = req
                     .extensions()
-                    .get::<UnixPeer>()
-                    .and_then(|p| p.0.as_deref());
+                    .get::<ConnInfo<UnixPeer>>()
+                    .and_then(|c| c.peer.0.as_deref());
                 let r = self.policy.check_unix(peer, class, method);
                 let (uid, gid, pid) = match peer {
                     Some(p) => (Some(p.uid), Some(p.gid), p.pid),
@@ -935,11 +942,12 @@ impl<S> Guard<S> {
             Door::Tcp => {
                 let ext = req.extensions();
                 let (addr, certs): (Option<SocketAddr>, _) =
-                    if let Some(t) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
-                        (t.get_ref().remote_addr(), t.peer_certs())
+                    if let Some(t) = ext.get::<TlsConnectInfo<ConnInfo<TcpConnectInfo>>>() {
+                        (t.get_ref().peer.remote_addr(), t.peer_certs())
                     } else {
                         (
-                            ext.get::<TcpConnectInfo>().and_then(|t| t.remote_addr()),
+                            ext.get::<ConnInfo<TcpConnectInfo>>()
+                                .and_then(|t| t.peer.remote_addr()),
                             None,
                         )
                     };

@@ -82,6 +82,12 @@ pub mod names {
     pub const FLUSHES_ACTIVE: &str = "wqd_flushes_active";
     pub const RESULTS_RETAINED: &str = "wqd_results_retained";
     pub const BUILD_INFO: &str = "wqd_build_info";
+    pub const CONNECTIONS_OPEN: &str = "wqd_connections_open";
+    pub const CONNECTIONS_MAX: &str = "wqd_connections_max";
+    pub const CONNECTIONS_ACCEPTED: &str = "wqd_connections_accepted_total";
+    pub const CONNECTIONS_REFUSED: &str = "wqd_connections_refused_total";
+    pub const CONNECTIONS_CLOSED: &str = "wqd_connections_closed_total";
+    pub const ACCEPT_ERRORS: &str = "wqd_accept_errors_total";
 }
 
 /// Bucket upper bounds, in seconds, for item wait and run times: 100µs to 10 minutes.
@@ -176,6 +182,8 @@ pub struct Metrics {
     flush: FlushMetrics,
     /// L: serialises scrapes (each refresh compares with the previous one).
     scrape: Mutex<scrape::ScrapeState>,
+    /// Set once by the daemon after its listeners are up; read at scrape time.
+    conns: OnceLock<Vec<Arc<crate::conn::ListenerStats>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -223,6 +231,7 @@ impl Metrics {
             rpc: Arc::new(grpc::RpcMetrics::new(reg.clone())),
             flush: FlushMetrics::new(),
             scrape: Mutex::new(scrape::ScrapeState::default()),
+            conns: OnceLock::new(),
             handle,
             reg,
         })
@@ -245,12 +254,21 @@ impl Metrics {
             .record(took.as_secs_f64());
     }
 
+    /// Publishes the connection counters of these listeners at every scrape (the daemon calls
+    /// it once, after binding; later calls are ignored).
+    pub fn watch_listeners(&self, stats: Vec<Arc<crate::conn::ListenerStats>>) {
+        let _ = self.conns.set(stats);
+    }
+
     /// Refreshes the gauges from `engine` and `view`, then renders the Prometheus text format.
     /// Blocking (takes the engine lock briefly): call it off the async threads.
     pub fn scrape(&self, engine: &Engine, view: &LiveView) -> String {
         self.scrape
             .lock()
             .refresh(&self.reg, &self.observer, engine, view);
+        if let Some(conns) = self.conns.get() {
+            scrape::connections(&self.reg, conns);
+        }
         self.handle.render()
     }
 
@@ -428,6 +446,30 @@ fn describe(r: &PrometheusRecorder) {
     g(
         BUILD_INFO,
         "Always 1; the version label says which wqd runs.",
+    );
+    g(
+        CONNECTIONS_OPEN,
+        "Open gRPC connections, by listener (unix, tcp).",
+    );
+    g(
+        CONNECTIONS_MAX,
+        "Open connections a listener accepts at most (listen.max_connections, after the fd clamp).",
+    );
+    c(
+        CONNECTIONS_ACCEPTED,
+        "Connections accepted and served, by listener.",
+    );
+    c(
+        CONNECTIONS_REFUSED,
+        "Connections accepted and closed at once, by listener and reason (limit).",
+    );
+    c(
+        CONNECTIONS_CLOSED,
+        "Connections closed by the daemon's deadlines, by listener and reason (handshake, idle).",
+    );
+    c(
+        ACCEPT_ERRORS,
+        "Failed accepts, by listener and reason (fds: out of descriptors or memory; other).",
     );
 }
 

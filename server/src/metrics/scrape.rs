@@ -5,12 +5,14 @@
 //! Invariant: after a refresh every family shows exactly the current label sets with their
 //! current values, plus 0 for a label set that was published before and is gone now (set once;
 //! the registry's idle timeout then drops it). Counters kept by the engine or the view (fallbacks,
-//! topology events and epochs) are copied with `absolute`, so they never go backwards.
+//! topology events and epochs) are copied with `absolute`, so they never go backwards; so are
+//! the connection counters of the listeners ([`connections`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::observer::EngineMetrics;
 use super::{names, Labels, Registry};
+use crate::conn::ListenerStats;
 use crate::engine::Engine;
 use crate::groups::Level;
 use crate::live::LiveView;
@@ -163,6 +165,40 @@ impl ScrapeState {
                 .absolute(s.events);
             reg.counter(names::TOPOLOGY_EPOCHS, &l1("source", source.as_str()))
                 .absolute(s.epochs);
+        }
+    }
+}
+
+/// Publishes each listener's connection gauges and counters (every series from the first
+/// scrape, at 0 until something happens).
+pub(crate) fn connections(reg: &Registry, listeners: &[std::sync::Arc<ListenerStats>]) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for st in listeners {
+        let l = || ("listener", st.listener.as_str().to_string());
+        reg.gauge(names::CONNECTIONS_OPEN, &[l()])
+            .set(st.open() as f64);
+        reg.gauge(names::CONNECTIONS_MAX, &[l()])
+            .set(st.max_connections as f64);
+        reg.counter(names::CONNECTIONS_ACCEPTED, &[l()])
+            .absolute(st.accepted.load(Relaxed));
+        reg.counter(
+            names::CONNECTIONS_REFUSED,
+            &[l(), ("reason", "limit".into())],
+        )
+        .absolute(st.refused_limit.load(Relaxed));
+        for (reason, c) in [
+            ("handshake", &st.closed_handshake),
+            ("idle", &st.closed_idle),
+        ] {
+            reg.counter(names::CONNECTIONS_CLOSED, &[l(), ("reason", reason.into())])
+                .absolute(c.load(Relaxed));
+        }
+        for (reason, c) in [
+            ("fds", &st.accept_errors_fds),
+            ("other", &st.accept_errors_other),
+        ] {
+            reg.counter(names::ACCEPT_ERRORS, &[l(), ("reason", reason.into())])
+                .absolute(c.load(Relaxed));
         }
     }
 }
