@@ -17,9 +17,17 @@
 //! every broken rule; the run panics at the end if there was any (a dead or silent daemon
 //! stops it at once).
 //!
-//! Reproduce with the seed the run prints: `WQD_FUZZ_SEED=<seed>`; run longer with
-//! `WQD_FUZZ_CASES=<n>` (random cases, default 400) and `WQD_FUZZ_SECS=<s>` (their time
-//! budget, default 30).
+//! The daemon runs on the `two-socket` fixture with its default limits (64 MiB messages,
+//! 4 194 304 items per batch, 1 MiB payloads). Statuses the contract fixes per case: a message
+//! prost cannot decode is INVALID_ARGUMENT; a delay or deadline that is negative, has nanos
+//! outside 0..1e9, or lies beyond `google.protobuf.Duration`'s ±315 576 000 000 s is
+//! INVALID_ARGUMENT naming `items[i].delay` / `items[i].deadline` with nothing queued; a
+//! committed SubmitStream is OK, one without commit or with a message after it is
+//! INVALID_ARGUMENT; a Submit(wait) whose client leaves is accepted whole or not at all.
+//!
+//! Reproduce with the seed the run prints: `WQD_FUZZ_SEED=<seed>`. Run longer with
+//! `WQD_FUZZ_CASES=<n>` (random cases after the seven fixed oversize ones; default 400 within
+//! 30 s, or no time limit but an hour when the count is given) or `WQD_FUZZ_SECS=<s>`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -2105,7 +2113,12 @@ impl Fuzz {
 async fn fuzz_grpc_surface() {
     let seed = env_num("WQD_FUZZ_SEED").unwrap_or_else(|| rand::thread_rng().gen());
     let cases = env_num("WQD_FUZZ_CASES").unwrap_or(400) as usize;
-    let budget = Duration::from_secs(env_num("WQD_FUZZ_SECS").unwrap_or(30));
+    let default_secs = if env_num("WQD_FUZZ_CASES").is_some() {
+        3600
+    } else {
+        30
+    };
+    let budget = Duration::from_secs(env_num("WQD_FUZZ_SECS").unwrap_or(default_secs));
     eprintln!("fuzz_grpc: seed {seed} (WQD_FUZZ_SEED={seed} reproduces), {cases} random cases");
     let began = Instant::now();
 
