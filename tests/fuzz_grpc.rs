@@ -26,8 +26,8 @@
 //! INVALID_ARGUMENT; a Submit(wait) whose client leaves is accepted whole or not at all.
 //!
 //! Reproduce with the seed the run prints: `WQD_FUZZ_SEED=<seed>`. Run longer with
-//! `WQD_FUZZ_CASES=<n>` (random cases after the seven fixed oversize ones; default 400 within
-//! 30 s, or no time limit but an hour when the count is given) or `WQD_FUZZ_SECS=<s>`.
+//! `WQD_FUZZ_CASES=<n>` (random cases after the seven fixed oversize ones; default 800 within
+//! 40 s, or no time limit but an hour when the count is given) or `WQD_FUZZ_SECS=<s>`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -836,7 +836,7 @@ impl Fuzz {
             self.violation(
                 "counters",
                 format!(
-                    "counters: the daemon has {} batches / {items} items accepted, the fuzzer was \
+                    "the daemon has {} batches / {items} items accepted, the fuzzer was \
                  told {} / {}",
                     s.batches_accepted, self.batches, self.items
                 ),
@@ -851,7 +851,7 @@ impl Fuzz {
             self.violation(
                 "memory",
                 format!(
-                    "memory: peak RSS {} MiB, over {} MiB (baseline {} MiB, or what the last \
+                    "peak RSS {} MiB, over {} MiB (baseline {} MiB, or what the last \
                      spike left, + {} MiB)",
                     peak >> 20,
                     self.rss_limit >> 20,
@@ -2065,6 +2065,7 @@ impl Fuzz {
     /// Every accepted item terminal at the end: flush each workqueue, then the totals.
     async fn finish_all(&mut self) {
         self.kind = "final";
+        self.note.clear();
         let wqs = match self.client.list_workqueues(None).await {
             Ok(w) => w,
             Err(e) => panic!("seed {}: ListWorkqueues at the end: {e}", self.seed),
@@ -2112,11 +2113,11 @@ impl Fuzz {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuzz_grpc_surface() {
     let seed = env_num("WQD_FUZZ_SEED").unwrap_or_else(|| rand::thread_rng().gen());
-    let cases = env_num("WQD_FUZZ_CASES").unwrap_or(400) as usize;
+    let cases = env_num("WQD_FUZZ_CASES").unwrap_or(800) as usize;
     let default_secs = if env_num("WQD_FUZZ_CASES").is_some() {
         3600
     } else {
-        30
+        40
     };
     let budget = Duration::from_secs(env_num("WQD_FUZZ_SECS").unwrap_or(default_secs));
     eprintln!("fuzz_grpc: seed {seed} (WQD_FUZZ_SEED={seed} reproduces), {cases} random cases");
