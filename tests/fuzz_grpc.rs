@@ -84,6 +84,17 @@ const UPD_WQ: &str = "fz-upd";
 /// stalls only flushes of this workqueue.
 const DUR_WQ: &str = "fz-dur";
 
+/// The codes for a gRPC message whose compressed flag is `flag` (not 0) on a call without
+/// `grpc-encoding`: INVALID_ARGUMENT, except that the gRPC compression spec requires
+/// INTERNAL for flag 1 ("MUST fail with INTERNAL status"), so both are accepted there.
+fn compressed_flag_codes(flag: u8) -> &'static [Code] {
+    if flag == 1 {
+        &[Code::InvalidArgument, Code::Internal]
+    } else {
+        &[Code::InvalidArgument]
+    }
+}
+
 /// Codes a fuzzed call may end with (`docs/status-codes.md`); never INTERNAL, UNKNOWN or
 /// OUT_OF_RANGE.
 const DOCUMENTED: &[Code] = &[
@@ -648,8 +659,9 @@ impl Fuzz {
     }
 
     /// Checks the status rules every fuzzed call obeys, then that the code is one of
-    /// `allowed` (empty: any documented code) and, unless OK, that the message names every
-    /// one of `needles`. Returns the code.
+    /// `allowed` (empty: any documented code; an undocumented code is accepted only when
+    /// `allowed` names it) and, unless OK, that the message names every one of `needles`.
+    /// Returns the code.
     fn judge(&mut self, what: &str, end: &End, allowed: &[Code], needles: &[&str]) -> Option<Code> {
         let (code, message) = match end {
             End::Status { code, message, .. } => (*code, message.as_str()),
@@ -668,7 +680,7 @@ impl Fuzz {
                 return None;
             }
         };
-        if !DOCUMENTED.contains(&code) {
+        if !DOCUMENTED.contains(&code) && !allowed.contains(&code) {
             self.violation(
                 "status code",
                 format!(
@@ -1391,7 +1403,7 @@ impl Fuzz {
                 b.extend_from_slice(&tail);
                 (
                     b,
-                    &[Code::InvalidArgument],
+                    compressed_flag_codes(flag),
                     None,
                     format!("{path}: compressed flag {flag} without grpc-encoding"),
                 )
@@ -1403,8 +1415,11 @@ impl Fuzz {
                 let claim = b
                     .get(1..5)
                     .map(|x| u32::from_be_bytes([x[0], x[1], x[2], x[3]]) as u64);
-                let over = b[0] <= 1 && claim.is_some_and(|c| c > MAX_MESSAGE_BYTES);
-                if over {
+                let over = b[0] == 0 && claim.is_some_and(|c| c > MAX_MESSAGE_BYTES);
+                if b[0] != 0 {
+                    let codes = compressed_flag_codes(b[0]);
+                    (b, codes, None, what)
+                } else if over {
                     (
                         b,
                         &[Code::ResourceExhausted, Code::InvalidArgument],
