@@ -555,18 +555,14 @@ fn mutate(rng: &mut StdRng, b: &mut Vec<u8>) {
 }
 
 fn stream_msg(options: Option<&str>, items: Vec<v1::WorkItem>, commit: bool) -> Vec<u8> {
-    let mut b = v1::SubmitStreamRequest {
+    v1::SubmitStreamRequest {
         options: options.map(|w| v1::SubmitOptions {
             workqueue: w.to_string(),
         }),
         items,
+        commit,
     }
-    .encode_to_vec();
-    if commit {
-        // `bool commit = 3;` (today's generated type lacks the field).
-        b.extend_from_slice(&[0x18, 0x01]);
-    }
-    b
+    .encode_to_vec()
 }
 
 fn random_reason(rng: &mut StdRng) -> Reason {
@@ -954,6 +950,7 @@ impl Fuzz {
                         _ => flush_request::Scope::Workqueue(String::new()),
                     }),
                     summary_only: self.rng.gen(),
+                    include_delayed: false,
                 }
                 .encode_to_vec(),
             ),
@@ -1291,6 +1288,7 @@ impl Fuzz {
                 v1::FlushRequest {
                     scope: Some(flush_request::Scope::Workqueue(huge.clone())),
                     summary_only: false,
+                    include_delayed: false,
                 }
                 .encode_to_vec(),
                 &[Code::NotFound, Code::InvalidArgument],
@@ -1617,6 +1615,7 @@ impl Fuzz {
         let req = v1::FlushRequest {
             scope: Some(scope),
             summary_only: self.rng.gen(),
+            include_delayed: false,
         };
         let mut c = Conn::open(&self.sock).await;
         let (resp, mut tx) = match c.call(FLUSH, Some("5S")).await {
@@ -1879,6 +1878,7 @@ impl Fuzz {
                 let r = v1::FlushRequest {
                     scope: Some(scope),
                     summary_only: false,
+                    include_delayed: false,
                 };
                 (FLUSH, r.encode_to_vec())
             }
@@ -2027,6 +2027,7 @@ impl Fuzz {
                     let r = v1::FlushRequest {
                         scope: Some(flush_request::Scope::Items(ids)),
                         summary_only: true,
+                        include_delayed: false,
                     };
                     (FLUSH, r.encode_to_vec())
                 } else {
@@ -2089,7 +2090,9 @@ impl Fuzz {
             let name = w.attrs.map(|a| a.name).unwrap_or_default();
             let flushed = tokio::time::timeout(
                 Duration::from_secs(15),
-                self.client.flush_all(FlushScope::Workqueue(name.clone())),
+                // Delayed items too: a plain workqueue flush leaves them out.
+                self.client
+                    .flush_all(FlushScope::WorkqueueAll(name.clone())),
             )
             .await;
             match flushed {
@@ -2102,12 +2105,13 @@ impl Fuzz {
         }
         let s = self.stats().await;
         let c = s.items.unwrap_or_default();
-        if c.pending + c.running != 0 {
+        if c.delayed + c.pending + c.running != 0 {
             self.violation(
                 "final",
                 format!(
-                    "after flushing every workqueue {} items are pending and {} running",
-                    c.pending, c.running
+                    "after flushing every workqueue {} items are delayed, {} pending and {} \
+                     running",
+                    c.delayed, c.pending, c.running
                 ),
             );
         }

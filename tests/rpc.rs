@@ -401,7 +401,7 @@ async fn cancel_pending_never_runs_running_is_waited_for() {
     wait_states(&c, &ids[..1], ItemState::Running, LONG).await;
     assert_eq!(
         wqd_e2e::states(&c, &ids[1..]).await,
-        vec![ItemState::Pending, ItemState::Pending]
+        vec![ItemState::Pending, ItemState::Delayed]
     );
 
     let t0 = Instant::now();
@@ -571,8 +571,8 @@ async fn get_results_reports_found_and_unknown_per_id() {
     let rb = l.items[0].result.as_ref().unwrap();
     assert_eq!(
         rb.state(),
-        ItemState::Pending,
-        "a delayed item reads pending"
+        ItemState::Delayed,
+        "a delayed item reads delayed"
     );
     assert!(rb.finished_at.is_none() && rb.cpu_started.is_none());
     c.cancel(CancelScope::Items(vec![b])).await.expect("Cancel");

@@ -547,6 +547,11 @@ pub struct EngineStats {
     /// Terminal items by state since the engine started, over every workqueue (deleted ones
     /// included): these never go down.
     pub totals: BTreeMap<State, u64>,
+    /// Items now delayed, pending and running, read in the same lock hold as `totals` (so an
+    /// item ending between two reads is never missed or counted twice).
+    pub delayed: usize,
+    pub pending: usize,
+    pub running: usize,
     pub rebinds: BTreeMap<&'static str, u64>,
     pub fallbacks: BTreeMap<String, u64>,
     pub lockups: u64,
@@ -895,12 +900,35 @@ impl Engine {
     /// # Errors
     /// Unknown workqueue.
     pub fn drain(&self, wq: &str) -> Result<Flush, EngineError> {
+        self.drain_with(wq, false)
+    }
+
+    /// [`Engine::drain`]; with `cancel_pending`, its pending and delayed items are cancelled
+    /// (in the same lock hold as the drain mark, so none starts in between) and the flush
+    /// waits only for the running ones (`destroy_workqueue` after cancelling everything).
+    ///
+    /// # Errors
+    /// Unknown workqueue.
+    pub fn drain_with(&self, wq: &str, cancel_pending: bool) -> Result<Flush, EngineError> {
         let mut fx = sched::Effects::default();
         let r = {
             let mut s = self.inner.sched.lock();
             s.start_drain(wq)?;
-            let (ids, _) = s.flush_ids(&FlushScope::WorkqueueAll(wq.to_string()), &mut fx)?;
-            s.register_flush(&self.inner, ids, true)
+            let all = FlushScope::WorkqueueAll(wq.to_string());
+            if cancel_pending {
+                // Covered first, so the flush counts the cancelled ones too.
+                let ids = s.scope_ids(&all)?;
+                let waiting: Vec<ItemId> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| s.items.get(id).is_some_and(|i| i.state != State::Running))
+                    .collect();
+                s.cancel(&waiting, &mut fx);
+                s.register_flush(&self.inner, ids, true)
+            } else {
+                let (ids, _) = s.flush_ids(&all, &mut fx)?;
+                s.register_flush(&self.inner, ids, true)
+            }
         };
         fx.run(&self.inner);
         Ok(r)

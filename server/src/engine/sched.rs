@@ -734,6 +734,9 @@ impl Sched {
                 .filter(|s| s.is_terminal())
                 .map(|s| (*s, self.totals[s.index()]))
                 .collect(),
+            delayed: self.wqs.iter().map(|(_, w)| w.delayed).sum(),
+            pending: self.wqs.iter().map(|(_, w)| w.pending).sum(),
+            running: self.wqs.iter().map(|(_, w)| w.running).sum(),
             rebinds: self.rebinds.clone(),
             fallbacks: self.fallbacks.clone(),
             lockups: self.lockups,

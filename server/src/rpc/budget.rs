@@ -19,6 +19,7 @@
 //! cannot follow (malformed, compressed) passes unscanned, for the decoder to refuse.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -86,11 +87,13 @@ fn rule_for(path: &str) -> Option<Rule> {
 #[derive(Debug, Clone)]
 pub struct BudgetLayer {
     limits: SharedLimits,
+    /// A refused Submit or SubmitStream counts as a refused batch, like any other.
+    counters: Arc<super::Counters>,
 }
 
 impl BudgetLayer {
-    pub fn new(limits: SharedLimits) -> Self {
-        Self { limits }
+    pub fn new(limits: SharedLimits, counters: Arc<super::Counters>) -> Self {
+        Self { limits, counters }
     }
 }
 
@@ -100,6 +103,7 @@ impl<S> tower::Layer<S> for BudgetLayer {
         Budget {
             inner,
             limits: self.limits.clone(),
+            counters: self.counters.clone(),
         }
     }
 }
@@ -109,6 +113,7 @@ impl<S> tower::Layer<S> for BudgetLayer {
 pub struct Budget<S> {
     inner: S,
     limits: SharedLimits,
+    counters: Arc<super::Counters>,
 }
 
 impl<S> tower::Service<http::Request<Body>> for Budget<S>
@@ -128,11 +133,16 @@ where
             return self.inner.call(req);
         };
         let limits = self.limits.load();
-        let scan = Scan::new(
+        let mut scan = Scan::new(
             rule,
             limits.max_batch_items as u64,
             limits.max_request_memory as u64,
         );
+        // A unary Submit refused here never reaches its handler, so the refusal is counted
+        // here; a SubmitStream handler sees the refusal in its stream and counts it itself.
+        if rule.per_entry == ITEM_OVERHEAD && !rule.cumulative {
+            scan.batches = Some(self.counters.clone());
+        }
         let req = req.map(|body| Body::new(Scanned { inner: body, scan }));
         self.inner.call(req)
     }
@@ -198,6 +208,8 @@ struct Scan {
     bytes: u64,
     /// A refusal decided but not yet delivered.
     refused: Option<Status>,
+    /// Where a refused batch is counted (batch methods only).
+    batches: Option<Arc<super::Counters>>,
 }
 
 impl Scan {
@@ -214,6 +226,7 @@ impl Scan {
             entries: 0,
             bytes: 0,
             refused: None,
+            batches: None,
         }
     }
 
@@ -262,8 +275,19 @@ impl Scan {
         Ok(())
     }
 
-    /// A whole message is in `parts`: count and check it.
+    /// A whole message is in `parts`: count and check it; a refusal is counted once.
     fn complete(&mut self) -> Result<(), Status> {
+        let r = self.check();
+        if r.is_err() {
+            if let Some(c) = self.batches.take() {
+                c.batches_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn check(&mut self) -> Result<(), Status> {
         self.left = None;
         let parts = std::mem::take(&mut self.parts);
         if std::mem::take(&mut self.skip) {

@@ -243,6 +243,9 @@ impl Rpc {
                     }),
                 };
                 let Some(m) = msg else {
+                    if committed {
+                        break;
+                    }
                     // A clean end of stream — or a reset: hyper reports RST_STREAM(CANCEL or
                     // NO_ERROR) as the end of the body too, so only `commit` accepts.
                     return Err(RpcError::Field {
@@ -286,10 +289,10 @@ impl Rpc {
                     specs.push(item_spec_with(index, it, &limits, &mut targets)?);
                 }
                 if m.commit {
-                    // Accept now: the client said so explicitly, and a reset after this
-                    // point cannot take it back (it is as if it came after the response).
+                    // Accepted once the stream ends after this message (a further message
+                    // refuses it); the client said so explicitly, so a reset from here on
+                    // (which hyper reports as an end of stream) cannot take it back.
                     committed = true;
-                    break;
                 }
             }
             Ok(())
@@ -424,11 +427,12 @@ impl Rpc {
         &self,
         wq: String,
         deadline: Option<Instant>,
+        cancel_pending: bool,
     ) -> Result<(v1::StateCounts, Duration), RpcError> {
         let began = Instant::now();
         let w = wq.clone();
         // A drain's flush counts (no event per item), so this wait holds no results.
-        let mut flush = self.engine.drain(&w)?;
+        let mut flush = self.engine.drain_with(&w, cancel_pending)?;
         let waited = collect(&mut flush, deadline, || {
             format!(
                 "draining workqueue {} (it stays draining, refusing submissions, until it is \
@@ -711,7 +715,7 @@ impl v1::dispatch_service_server::DispatchService for Rpc {
     ) -> Result<Response<v1::DrainResponse>, Status> {
         let deadline = deadline_of(req.metadata());
         let wq = wq_name(req.into_inner().workqueue);
-        let (counts, waited) = self.drain_wait(wq, deadline).await.map_err(status)?;
+        let (counts, waited) = self.drain_wait(wq, deadline, false).await.map_err(status)?;
         Ok(Response::new(v1::DrainResponse {
             counts: Some(counts),
             waited: Some(duration_out(waited)),

@@ -254,7 +254,10 @@ impl Rpc {
         tonic::transport::Server::builder()
             .layer(metrics)
             .layer(limits::TooLargeLayer)
-            .layer(budget::BudgetLayer::new(self.limits.clone()))
+            .layer(budget::BudgetLayer::new(
+                self.limits.clone(),
+                self.counters.clone(),
+            ))
     }
 
     /// As [`Rpc::router`], on a server the caller configured (normally [`Rpc::server`] plus

@@ -21,13 +21,12 @@ impl v1::stats_service_server::StatsService for Rpc {
         let es = self.engine.stats();
         let wqs = self.engine.workqueues();
         let mut items = v1::StateCounts::default();
-        for w in &wqs {
-            count_state(&mut items, State::Delayed, w.delayed as u64);
-            count_state(&mut items, State::Pending, w.pending as u64);
-            count_state(&mut items, State::Running, w.running as u64);
-        }
-        // Terminal totals are the engine's own, kept across workqueue deletions: documented as
-        // totals since start, they never go down.
+        // One engine snapshot for live counts and totals, so an item ending meanwhile is
+        // counted exactly once. Terminal totals are the engine's own, kept across workqueue
+        // deletions: documented as totals since start, they never go down.
+        count_state(&mut items, State::Delayed, es.delayed as u64);
+        count_state(&mut items, State::Pending, es.pending as u64);
+        count_state(&mut items, State::Running, es.running as u64);
         for (s, n) in &es.totals {
             count_state(&mut items, *s, *n);
         }

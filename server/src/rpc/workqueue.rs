@@ -11,7 +11,7 @@ use wqd_proto::v1;
 
 use super::convert::{attrs_in, attrs_out, count_state, fallback_in, placement_in, wq_info_out};
 use super::{deadline_of, status, Rpc, RpcError};
-use crate::engine::{EngineError, FlushEvent, FlushScope, WorkqueueAttrs};
+use crate::engine::{EngineError, WorkqueueAttrs};
 
 fn required_name(name: &str) -> Result<(), RpcError> {
     if name.is_empty() {
@@ -82,33 +82,9 @@ impl Rpc {
         let mut counts = v1::StateCounts::default();
         // A submission can slip in between the end of a drain and the delete; drain again.
         for attempt in 0..3 {
-            let (c, _) = if r.cancel_pending {
-                let began = Instant::now();
-                let name = r.name.clone();
-                let mut flush = self.blocking(move |e| e.drain(&name)).await??;
-                let name = r.name.clone();
-                // The drain's flush covers the running items too; the report is not needed.
-                let _report = self
-                    .blocking(move |e| e.cancel(FlushScope::Workqueue(name)))
-                    .await??;
-                let mut c = v1::StateCounts::default();
-                let what = format!("deleting workqueue {:?}", r.name);
-                loop {
-                    tokio::select! {
-                        ev = flush.next() => match ev {
-                            Some(FlushEvent::Done(res)) => count_state(&mut c, res.state, 1),
-                            Some(FlushEvent::Gone(_)) => {}
-                            None => break,
-                        },
-                        _ = super::sleep_until(deadline) => {
-                            return Err(RpcError::Deadline { waited: began.elapsed(), what })
-                        }
-                    }
-                }
-                (c, began.elapsed())
-            } else {
-                self.drain_wait(r.name.clone(), deadline).await?
-            };
+            let (c, _) = self
+                .drain_wait(r.name.clone(), deadline, r.cancel_pending)
+                .await?;
             for (s, n) in [
                 (crate::engine::State::Ok, c.ok),
                 (crate::engine::State::Failed, c.failed),
