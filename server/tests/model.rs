@@ -10,7 +10,7 @@
 //! purpose: a `gate` handler blocks until the test opens its gate (and honours its cancel
 //! token), `quick` returns at once, `boom` panics and `fail` returns an error; the `w`
 //! workqueue waits when its group has no live CPU (CPUs 6-7 start offline), so its items stay
-//! pending; delays of an hour or more keep items delayed.
+//! pending, and the `r` workqueue rejects them; delays of an hour or more keep items delayed.
 //!
 //! Invariant checked after each step: every operation's result (value or error kind) is one
 //! the model allows; a refused batch changes nothing (no id or batch issued, no counter
@@ -314,6 +314,8 @@ enum Name {
     Default,
     /// Pre-created with the `wait` fallback.
     W,
+    /// Pre-created with the `reject` fallback.
+    R,
     A,
     B,
     Dot,
@@ -329,6 +331,7 @@ impl Name {
         match self {
             Name::Default => "default",
             Name::W => "w",
+            Name::R => "r",
             Name::A => "a",
             Name::B => "b",
             Name::Dot => ".",
@@ -512,6 +515,7 @@ fn name_s() -> impl Strategy<Value = Name> {
     prop_oneof![
         3 => Just(Name::Default),
         3 => Just(Name::W),
+        1 => Just(Name::R),
         4 => Just(Name::A),
         2 => Just(Name::B),
         1 => Just(Name::Dot),
@@ -523,10 +527,11 @@ fn name_s() -> impl Strategy<Value = Name> {
 
 fn submit_name_s() -> impl Strategy<Value = Name> {
     prop_oneof![
-        6 => Just(Name::Default),
-        5 => Just(Name::W),
-        3 => Just(Name::A),
-        2 => Just(Name::B),
+        12 => Just(Name::Default),
+        10 => Just(Name::W),
+        6 => Just(Name::R),
+        6 => Just(Name::A),
+        3 => Just(Name::B),
         1 => Just(Name::Dot),
         1 => Just(Name::Zz),
     ]
@@ -563,12 +568,12 @@ fn wq_spec_s() -> impl Strategy<Value = WqSpec> {
 
 fn target_s() -> impl Strategy<Value = Tgt> {
     prop_oneof![
-        8 => (0u32..CPUS).prop_map(Tgt::Cpu),
-        2 => (0u32..CPUS).prop_map(Tgt::Core),
-        2 => (0u32..2).prop_map(Tgt::Cache),
-        2 => (0u32..2).prop_map(Tgt::Node),
-        2 => Just(Tgt::All),
-        2 => (1u8..=255).prop_map(Tgt::Cpus),
+        24 => (0u32..CPUS).prop_map(Tgt::Cpu),
+        6 => (0u32..CPUS).prop_map(Tgt::Core),
+        6 => (0u32..2).prop_map(Tgt::Cache),
+        6 => (0u32..2).prop_map(Tgt::Node),
+        4 => Just(Tgt::All),
+        6 => (1u8..=255).prop_map(Tgt::Cpus),
         1 => prop_oneof![Just(Tgt::BadCpu(CPUS)), Just(Tgt::BadCpu(200))],
         1 => prop_oneof![Just(Tgt::BadCache), Just(Tgt::BadNode), Just(Tgt::BadName), Just(Tgt::BadList)],
     ]
@@ -576,10 +581,10 @@ fn target_s() -> impl Strategy<Value = Tgt> {
 
 fn handler_s() -> impl Strategy<Value = Hgen> {
     prop_oneof![
-        6 => Just(Hgen::Quick),
-        5 => (0u8..GATES as u8).prop_map(Hgen::Gate),
-        1 => Just(Hgen::Boom),
-        1 => Just(Hgen::Fail),
+        30 => Just(Hgen::Quick),
+        25 => (0u8..GATES as u8).prop_map(Hgen::Gate),
+        5 => Just(Hgen::Boom),
+        5 => Just(Hgen::Fail),
         1 => Just(Hgen::Unknown),
         1 => Just(Hgen::BadArg),
     ]
@@ -835,6 +840,7 @@ impl Model {
         };
         m.add_wq("default", Fallback::Widen, false, 1 << 20);
         m.add_wq("w", Fallback::Wait, false, 1 << 20);
+        m.add_wq("r", Fallback::Reject, false, 1 << 20);
         m
     }
 
@@ -1176,6 +1182,9 @@ impl Harness {
         let mut w = WorkqueueAttrs::named("w");
         w.fallback = Fallback::Wait;
         engine.create_workqueue(w).expect("w created");
+        let mut r = WorkqueueAttrs::named("r");
+        r.fallback = Fallback::Reject;
+        engine.create_workqueue(r).expect("r created");
         Harness {
             engine: Some(engine),
             model: Model::new(rules),
@@ -1388,6 +1397,10 @@ impl Harness {
     // ----- steps -----
 
     fn step(&mut self, op: &Op) -> Res {
+        note(format!(
+            "op {}",
+            format!("{op:?}").split([' ', '(']).next().unwrap_or("?")
+        ));
         match op {
             Op::CreateWq(s) => self.create(s),
             Op::UpdateWq(s) => self.update(s),
@@ -1597,6 +1610,10 @@ impl Harness {
         match got {
             Err(e) => {
                 let kind = err_kind(&e);
+                note(format!(
+                    "submit refused {}",
+                    kind.split('(').next().unwrap_or("")
+                ));
                 let dur_ok = duration_error(&e).is_some_and(|(i, f)| {
                     (f == "delay" && exp.bad_delay.contains(&i))
                         || (f == "deadline" && exp.bad_deadline.contains(&i))
@@ -1640,6 +1657,11 @@ impl Harness {
                 if self.model.wqs[wq].drain_started {
                     self.all_terminal(wq, "a draining workqueue accepted a batch")?;
                 }
+                note("submit accepted");
+                note(format!(
+                    "submit duplicates {}",
+                    receipt.items.iter().filter(|i| !i.queued).count().min(1)
+                ));
                 self.accept(wq, gens, &receipt, lo, hi)
             }
         }
@@ -1912,6 +1934,10 @@ impl Harness {
         let r = call("Flush::wait", || {
             f.wait(Some(if must { BOUND } else { SHORT }))
         })?;
+        note(format!(
+            "flush must={must} {}",
+            if r.is_ok() { "completed" } else { "timed out" }
+        ));
         match r {
             Ok(s) => Ok(Some(s)),
             Err(EngineError::Timeout(_)) if !must => Ok(None),
@@ -2165,6 +2191,7 @@ impl Harness {
         }
         let mut running = Vec::new();
         for (id, o) in &rep.outcomes {
+            note(format!("cancel {o:?}"));
             let Some(it) = self.model.items.get(id) else {
                 if *o != CancelOutcome::Unknown {
                     return Err(format!("cancel of id {id}, never an item, said {o:?}"));
@@ -2334,7 +2361,9 @@ impl Harness {
         self.wait_flush("finale, flush all", f, true, &ids)?;
         self.observe().map_err(|e| format!("finale: {e}"))?;
         for id in &ids {
-            if self.model.items[id].terminal.is_none() {
+            let it = &self.model.items[id];
+            note(format!("final {:?} {:?}", it.handler, it.terminal));
+            if it.terminal.is_none() {
                 return Err(format!("finale: {} is not terminal", self.describe(*id)));
             }
         }
@@ -2406,6 +2435,12 @@ impl Harness {
 // The test.
 
 static SEQUENCES: AtomicUsize = AtomicUsize::new(0);
+/// What the sequences exercised (operation outcomes, final item states), for the summary.
+static COVERAGE: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+
+fn note(what: impl Into<String>) {
+    *COVERAGE.lock().entry(what.into()).or_default() += 1;
+}
 static OPS: AtomicUsize = AtomicUsize::new(0);
 static LONGEST: AtomicUsize = AtomicUsize::new(0);
 
@@ -2472,6 +2507,11 @@ fn engine_matches_the_model() {
         t0.elapsed(),
         rules
     );
+    if std::env::var_os("WQD_MODEL_COVERAGE").is_some() {
+        for (k, n) in COVERAGE.lock().iter() {
+            println!("  {n:>6}  {k}");
+        }
+    }
     match result {
         Ok(()) => {}
         Err(TestError::Fail(why, ops)) => panic!(
