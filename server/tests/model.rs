@@ -23,8 +23,8 @@
 //!
 //! A failing sequence is shrunk by proptest and printed, one step per line.
 //! `PROPTEST_CASES` sets the number of sequences (default 64); `WQD_MODEL_RULES=today`
-//! models the engine as it was before issue #10's rules (see [`Rules`]), to look for other
-//! failures past the known ones.
+//! models the engine as it was before issue #10's rules (see [`Rules::from_env`]), to look
+//! for other failures past the known ones; `WQD_MODEL_COVERAGE=1` prints what was exercised.
 
 mod common;
 
@@ -59,7 +59,7 @@ const GATES: usize = 3;
 /// How late a timer (delay or deadline) may fire on a loaded machine.
 const SLACK: Duration = Duration::from_secs(2);
 /// How long something the model says must complete may take.
-const BOUND: Duration = Duration::from_secs(3);
+const BOUND: Duration = Duration::from_secs(2);
 /// How long to wait on a flush the model says may not complete.
 const SHORT: Duration = Duration::from_millis(20);
 /// What counts as "soon" for a small delay or deadline during a settle.
@@ -101,11 +101,31 @@ impl Rules {
             dot_names_invalid: false,
         }
     }
+    /// `WQD_MODEL_RULES`: unset or `new` for [`Rules::new`], `today` for [`Rules::today`],
+    /// or a comma list of the old rules to use with the new ones: `old-durations`,
+    /// `old-flush`, `old-names`.
     fn from_env() -> Rules {
-        match std::env::var("WQD_MODEL_RULES").as_deref() {
-            Ok("today") => Rules::today(),
-            _ => Rules::new(),
+        let v = std::env::var("WQD_MODEL_RULES").unwrap_or_default();
+        if v == "today" {
+            return Rules::today();
         }
+        let mut r = Rules::new();
+        for w in v
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty() && *w != "new")
+        {
+            match w {
+                "old-durations" => r.max_duration = None,
+                "old-flush" => {
+                    r.flush_queues_delayed = false;
+                    r.wq_flush_skips_delayed = false;
+                }
+                "old-names" => r.dot_names_invalid = false,
+                other => panic!("WQD_MODEL_RULES: unknown rule {other:?}"),
+            }
+        }
+        r
     }
     /// Why `d` is refused, if it is.
     fn duration_problem(&self, d: Duration) -> Option<String> {
@@ -468,8 +488,8 @@ impl ItemGen {
     }
 }
 
-/// An id or batch as an operation picks it: one the model knows, a duplicate's unused slot,
-/// zero, or one not issued yet.
+/// An id or batch as an operation picks it: one the model knows (counted from the newest),
+/// a duplicate's unused slot, zero, or one not issued yet.
 #[derive(Debug, Clone)]
 enum Pick {
     Known(Index),
@@ -774,6 +794,8 @@ struct MItem {
     key: Option<u8>,
     delay: Delay,
     deadline: Option<Instant>,
+    /// As submitted, for messages.
+    asked: (Option<Dur>, Option<Dur>),
     /// A worker could have taken it at some point (out of its delay, its queue had an
     /// eligible CPU).
     ever_runnable: bool,
@@ -1201,14 +1223,15 @@ impl Harness {
     fn describe(&self, id: u64) -> String {
         match self.model.items.get(&id) {
             Some(it) => format!(
-                "item {id} (batch {}, wq {:?}, cpus {}, {:?}, key {:?}, delay {:?}, deadline {}, cancel {:?}, runnable {}, live {})",
+                "item {id} (batch {}, wq {:?}, cpus {}, {:?}, key {:?}, delay {:?} now {:?}, deadline {:?}, cancel {:?}, runnable {}, live {})",
                 it.batch,
                 it.wq,
                 mask_str(it.members),
                 it.handler,
                 it.key,
+                it.asked.0,
                 it.delay,
-                it.deadline.is_some(),
+                it.asked.1,
                 it.cancel,
                 it.ever_runnable,
                 mask_str(self.model.live)
@@ -1867,6 +1890,7 @@ impl Harness {
                 key: g.key,
                 delay,
                 deadline,
+                asked: (g.delay, g.deadline),
                 ever_runnable: delay != Delay::Huge && eligible(members, live, fb),
                 rejectable: delay != Delay::Huge && fb == Fallback::Reject && dead,
                 must_reject: now_enq && fb == Fallback::Reject && dead,
@@ -1897,14 +1921,17 @@ impl Harness {
     /// An id as an operation picks it.
     fn pick_id(&self, p: &Pick) -> u64 {
         match p {
+            // Newest first, so a pick names the same item when shrinking drops older steps.
             Pick::Known(i) if !self.model.items.is_empty() => *self
                 .model
                 .items
                 .keys()
+                .rev()
                 .nth(i.index(self.model.items.len()))
                 .unwrap(),
             Pick::DupSlot(i) if !self.model.dup_slots.is_empty() => {
-                self.model.dup_slots[i.index(self.model.dup_slots.len())]
+                let n = self.model.dup_slots.len();
+                self.model.dup_slots[n - 1 - i.index(n)]
             }
             Pick::Zero => 0,
             _ => self.model.next_id + 7,
@@ -1915,7 +1942,8 @@ impl Harness {
     fn pick_batch(&self, p: &Pick) -> (u64, Option<Vec<u64>>) {
         match p {
             Pick::Known(i) | Pick::DupSlot(i) if !self.model.batches.is_empty() => {
-                let (b, ids) = &self.model.batches[i.index(self.model.batches.len())];
+                let n = self.model.batches.len();
+                let (b, ids) = &self.model.batches[n - 1 - i.index(n)];
                 (*b, Some(ids.clone()))
             }
             Pick::Zero => (0, None),
@@ -2012,9 +2040,7 @@ impl Harness {
             ));
         }
         if queues_delayed {
-            for id in &ids {
-                self.model.queue_now(*id);
-            }
+            self.queue_now(&ids, "a flush of items or of a batch")?;
         }
         let now = Instant::now();
         let must = ids.iter().all(|id| {
@@ -2051,6 +2077,32 @@ impl Harness {
         Ok(())
     }
 
+    /// A flush queued the delayed items among `ids` at once: none may still be delayed.
+    fn queue_now(&mut self, ids: &[u64], what: &str) -> Res {
+        let delayed: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.model
+                    .items
+                    .get(id)
+                    .is_some_and(|it| it.terminal.is_none() && it.delay != Delay::No)
+            })
+            .collect();
+        for id in &delayed {
+            self.model.queue_now(*id);
+        }
+        for (id, s) in delayed.iter().zip(self.states(&delayed)) {
+            if s == Some(State::Delayed) {
+                return Err(format!(
+                    "{what} must queue delayed items at once, yet {} is still delayed",
+                    self.describe(*id)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn wq_flush(&mut self, name: &str, all: bool, summary: bool) -> Res {
         let rules = self.model.rules;
         let scope = if all {
@@ -2083,9 +2135,7 @@ impl Harness {
         let skips_delayed = !all && rules.wq_flush_skips_delayed;
         let ids: Vec<u64> = self.model.wq_items(name).map(|i| i.id).collect();
         if all {
-            for id in &ids {
-                self.model.queue_now(*id);
-            }
+            self.queue_now(&ids, "a flush of a workqueue's items and delayed items")?;
         }
         // Bounds on what it covers.
         let (mut min, mut max, mut dmin, mut dmax) = (0, 0, 0, 0);
@@ -2490,7 +2540,7 @@ fn engine_matches_the_model() {
         cases,
         failure_persistence: None,
         max_shrink_iters: 2000,
-        max_shrink_time: 180_000,
+        max_shrink_time: 120_000,
         ..Config::default()
     };
     let mut runner = TestRunner::new(config);
