@@ -31,6 +31,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The generated `connect()` would force tonic's transport feature on every user;
         // clients build a Channel themselves (see wqd-client).
         .build_transport(false)
+        // prost's codec, but a message that does not decode is INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -2,8 +2,9 @@
 //! byte budget, for the client-streaming `SubmitStream` call.
 //!
 //! Invariants: the first message always carries the options (even for an empty batch, so
-//! the daemon sees the workqueue and answers for itself), later ones never do; items keep
-//! their order; every message but one holding a single oversized item encodes to at most
+//! the daemon sees the workqueue and answers for itself), later ones never do; the last one,
+//! and only it, sets `commit` (the daemon accepts the batch on it, never on a bare end of
+//! stream); items keep their order; every message but one holding a single oversized item encodes to at most
 //! the budget. Items are pulled lazily, so a million-item batch is never all in memory.
 
 use prost::Message;
@@ -20,6 +21,8 @@ pub struct Chunker<I> {
     options: Option<SubmitOptions>,
     budget: usize,
     carry: Option<WorkItem>,
+    /// The message with `commit` was produced.
+    done: bool,
 }
 
 impl<I: Iterator<Item = WorkItem>> Chunker<I> {
@@ -30,6 +33,7 @@ impl<I: Iterator<Item = WorkItem>> Chunker<I> {
             options: Some(options),
             budget: budget.max(1),
             carry: None,
+            done: false,
         }
     }
 }
@@ -44,9 +48,13 @@ impl<I: Iterator<Item = WorkItem>> Iterator for Chunker<I> {
     type Item = SubmitStreamRequest;
 
     fn next(&mut self) -> Option<SubmitStreamRequest> {
+        if self.done {
+            return None;
+        }
         let mut msg = SubmitStreamRequest {
             options: self.options.take(),
             items: Vec::new(),
+            commit: false,
         };
         let mut size = msg.encoded_len();
         while let Some(item) = self.carry.take().or_else(|| self.items.next()) {
@@ -58,11 +66,16 @@ impl<I: Iterator<Item = WorkItem>> Iterator for Chunker<I> {
             size += framed;
             msg.items.push(item);
         }
-        if msg.items.is_empty() && msg.options.is_none() {
-            None
-        } else {
-            Some(msg)
+        // The last message commits the batch: without it the daemon queues nothing, which is
+        // what makes a reset stream safe. Look ahead one item to know.
+        if self.carry.is_none() {
+            self.carry = self.items.next();
         }
+        if self.carry.is_none() {
+            msg.commit = true;
+            self.done = true;
+        }
+        Some(msg)
     }
 }
 
@@ -117,6 +130,12 @@ mod tests {
         assert!(msgs.len() > 1);
         assert!(msgs[0].options.is_some());
         assert!(msgs[1..].iter().all(|m| m.options.is_none()));
+        let commits: Vec<bool> = msgs.iter().map(|m| m.commit).collect();
+        assert!(
+            commits[..commits.len() - 1].iter().all(|c| !c),
+            "{commits:?}"
+        );
+        assert!(commits[commits.len() - 1], "the last message commits");
         for m in &msgs {
             assert!(m.encoded_len() <= 4096, "{}", m.encoded_len());
             assert!(!m.items.is_empty());
@@ -131,6 +150,7 @@ mod tests {
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].options, Some(opts()));
         assert!(msgs[0].items.is_empty());
+        assert!(msgs[0].commit);
     }
 
     #[test]
@@ -148,6 +168,7 @@ mod tests {
         let header = SubmitStreamRequest {
             options: Some(opts()),
             items: vec![],
+            commit: true,
         }
         .encoded_len();
         let budget = header + 3 * one;

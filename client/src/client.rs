@@ -40,8 +40,11 @@ pub enum FlushScope {
     Items(Vec<u64>),
     /// Every item of a batch.
     Batch(u64),
-    /// Everything pending or running on a workqueue when the flush starts.
+    /// Everything pending or running on a workqueue when the flush starts (not its delayed
+    /// items: the summary counts them in `delayed_not_covered`).
     Workqueue(String),
+    /// As `Workqueue`, and its delayed items too, queued at once.
+    WorkqueueAll(String),
 }
 
 /// What a cancel applies to.
@@ -307,14 +310,18 @@ impl Client {
         scope: FlushScope,
         summary_only: bool,
     ) -> Result<EventStream<FlushEvent>, ClientError> {
+        let include_delayed = matches!(scope, FlushScope::WorkqueueAll(_));
         let scope = match scope {
             FlushScope::Items(ids) => v1::flush_request::Scope::Items(v1::ItemIds { ids }),
             FlushScope::Batch(b) => v1::flush_request::Scope::BatchId(b),
-            FlushScope::Workqueue(w) => v1::flush_request::Scope::Workqueue(w),
+            FlushScope::Workqueue(w) | FlushScope::WorkqueueAll(w) => {
+                v1::flush_request::Scope::Workqueue(w)
+            }
         };
         let req = v1::FlushRequest {
             scope: Some(scope),
             summary_only,
+            include_delayed,
         };
         let stream = self
             .dispatch

@@ -2,9 +2,12 @@
 //! `proto/wqd/v1/*.proto` (the .proto files are the source of truth; their comments are
 //! the field-by-field documentation).
 //!
-//! This crate owns only generated code and the descriptor set. Invariant: it adds no
-//! behaviour, so any other-language client compiled from the same .proto files sees exactly
-//! what Rust clients and the daemon see.
+//! This crate owns the generated code, the descriptor set and the one codec both sides use
+//! ([`codec::Codec`]). Invariant: it adds no behaviour beyond that codec's error mapping, so
+//! any other-language client compiled from the same .proto files sees exactly what Rust
+//! clients and the daemon see.
+
+pub mod codec;
 
 /// Generated types live under their protobuf package path.
 pub mod wqd {
@@ -12,6 +15,7 @@ pub mod wqd {
     /// module.
     #[allow(clippy::all, clippy::pedantic, missing_docs)]
     pub mod v1 {
+        // The generated services name their codec by path: `crate::codec::Codec`.
         tonic::include_proto!("wqd.v1");
     }
 }

@@ -151,6 +151,18 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// Default `max_queued` of every workqueue (items not yet terminal).
     pub max_queued: usize,
+    /// Longest `delay` an item may ask for.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_delay: Duration,
+    /// Longest `deadline` an item may ask for.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_deadline: Duration,
+    /// Bytes of one result's output, and of its error text, kept at most (longer ones are
+    /// cut, saying so). Restart-only.
+    pub max_result_bytes: usize,
+    /// Memory one request may make the daemon hold while it decodes and checks it, estimated
+    /// from its item count and size before it is decoded (see docs/status-codes.md).
+    pub max_request_memory: usize,
 }
 
 /// The limits in force, shared by the RPC layer and swapped whole by a SIGHUP reload. Readers
@@ -193,6 +205,10 @@ impl Default for Limits {
             max_batch_items: 1 << 22,
             max_payload_bytes: 1 << 20,
             max_queued: 1 << 22,
+            max_delay: Duration::from_secs(365 * 86_400),
+            max_deadline: Duration::from_secs(365 * 86_400),
+            max_result_bytes: 64 << 10,
+            max_request_memory: 512 << 20,
         }
     }
 }
@@ -287,6 +303,8 @@ pub struct EngineSection {
     /// Period of the host load sampler (GetTopology `busy`, `idle` placement).
     #[serde(deserialize_with = "de_duration")]
     pub load_sample: Duration,
+    /// Bytes all retained results may take (estimated); the oldest are forgotten beyond it.
+    pub results_memory: usize,
 }
 
 impl Default for EngineSection {
@@ -300,6 +318,7 @@ impl Default for EngineSection {
             max_workers_per_cpu: e.max_workers_per_cpu,
             shutdown_grace: Duration::from_secs(10),
             load_sample: crate::load::DEFAULT_PERIOD,
+            results_memory: e.results_memory,
         }
     }
 }
@@ -418,9 +437,29 @@ impl Config {
             ("limits.max_message_bytes", lim.max_message_bytes),
             ("limits.max_batch_items", lim.max_batch_items),
             ("limits.max_queued", lim.max_queued),
+            ("limits.max_result_bytes", lim.max_result_bytes),
+            ("limits.max_request_memory", lim.max_request_memory),
+            ("engine.results_memory", self.engine.results_memory),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        // The engine's clock must be able to hold now + the longest duration; a century is
+        // far past any use and far inside what `Instant` holds.
+        const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+        for (key, v) in [
+            ("limits.max_delay", lim.max_delay),
+            ("limits.max_deadline", lim.max_deadline),
+        ] {
+            if v > CENTURY {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} is too long (at most 100 years)",
+                        humantime::format_duration(v)
+                    ),
+                ));
             }
         }
         if lim.max_message_bytes < 1024 {
@@ -586,6 +625,10 @@ impl Config {
             watchdog_thresh: e.watchdog_thresh,
             hog_thresh: e.hog_thresh,
             max_workers_per_cpu: e.max_workers_per_cpu,
+            results_memory: e.results_memory,
+            max_result_bytes: self.limits.max_result_bytes,
+            max_delay: self.limits.max_delay,
+            max_deadline: self.limits.max_deadline,
             default_wq,
             ..EngineConfig::default()
         })

@@ -34,7 +34,7 @@ pub struct CpuSet {
 /// Why a cpulist did not parse. `at` is the byte offset of the offending item in the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CpuListError {
-    #[error("at byte {at}: expected a CPU number, found {found:?}")]
+    #[error("at byte {at}: expected a CPU number, found {}", crate::quote::quote(.found))]
     ExpectedNumber { at: usize, found: String },
     #[error("at byte {at}: CPU {cpu} is too large (at most {max})", max = MAX_CPUS - 1)]
     TooLarge { at: usize, cpu: u64 },

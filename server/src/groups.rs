@@ -206,7 +206,7 @@ pub enum GroupError {
     UnknownShard { shard: u32, count: u32 },
     #[error("no package {package} (packages: {})", id_list(.known))]
     UnknownPackage { package: u32, known: Vec<u32> },
-    #[error("unknown group name {name:?} (configured: {}){hint}",
+    #[error("unknown group name {} (configured: {}){hint}", crate::quote::quote(.name),
         if .known.is_empty() { "none".to_string() } else { .known.join(", ") })]
     UnknownName {
         name: String,

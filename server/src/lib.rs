@@ -16,6 +16,7 @@ pub mod handler;
 pub mod live;
 pub mod load;
 pub mod metrics;
+pub mod quote;
 pub mod reload;
 pub mod rpc;
 pub mod security;

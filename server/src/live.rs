@@ -6,9 +6,11 @@
 //! 1. Epochs are strictly increasing, start at 1, and a new epoch is published only when the
 //!    remembered [`Topology`] (hence possibly `live`) or the groups config changed; an identical
 //!    reading publishes nothing.
-//! 2. Every publication reaches, in this order and before `apply` returns: [`LiveView::current`]
-//!    (lock-free, `arc-swap`), the `watch` channel of [`LiveView::subscribe`], then every
-//!    [`LiveView::on_change`] listener. Because publications are serialised by one mutex,
+//! 2. Every publication reaches, in this order and before `apply` returns: every
+//!    [`LiveView::on_change`] listener (the engine applies it there), then
+//!    [`LiveView::current`] (lock-free, `arc-swap`) and the `watch` channel of
+//!    [`LiveView::subscribe`] — so a watcher that sees epoch *e* knows the engine already
+//!    schedules by it, and a result can be checked against exactly that epoch. Because publications are serialised by one mutex,
 //!    listeners see every epoch exactly once, in epoch order, with no gap after registration.
 //! 3. `live = online ∩ allowed`, minus `isolated` unless [`LiveConfig::include_isolated`].
 //! 4. A snapshot's `groups` is `GroupMap::build(topology, groups config)`; when a rebuild gives an
@@ -19,11 +21,12 @@
 //! 1. count the event for its source;
 //! 2. merge the reading into the current topology ([`Topology::merge`]); stop if equal;
 //! 3. compute `live`, rebuild the group map;
-//! 4. store the snapshot in `current`, send it on the watch channel, call the listeners.
+//! 4. call the listeners, then store the snapshot in `current` and send it on the watch
+//!    channel.
 //!
-//! Races and why they are safe: a reader of `current` between steps 4a and 4c sees the new
-//! snapshot before listeners ran — listeners must therefore not assume they run first, only in
-//! order. Two monitors or a monitor and `rescan_now` applying at once are serialised by the
+//! Races and why they are safe: a reader of `current` while listeners run still sees the
+//! previous snapshot, so nothing outside can observe an epoch the engine has not applied;
+//! listeners must not read `current` for the new snapshot (they are handed it). Two monitors or a monitor and `rescan_now` applying at once are serialised by the
 //! mutex; each reading is merged into whatever was published last, and merging is monotone in
 //! membership, so the order of two concurrent readings only decides which masks are current
 //! until the next read. Listeners run under the mutex: they must be quick and must not call
@@ -318,8 +321,8 @@ impl LiveView {
         });
         st.stats.epoch = snap.epoch;
         st.stats.by_source[source.index()].epochs += 1;
-        self.current.store(snap.clone());
-        self.watch.send_replace(snap.clone());
+        // Listeners (the engine) first: whoever sees the new epoch through `current` or the
+        // watch channel can count on the engine having applied it.
         for (i, listener) in st.listeners.iter().enumerate() {
             if catch_unwind(AssertUnwindSafe(|| listener(&snap))).is_err() {
                 tracing::error!(
@@ -329,6 +332,8 @@ impl LiveView {
                 );
             }
         }
+        self.current.store(snap.clone());
+        self.watch.send_replace(snap.clone());
         snap
     }
 }

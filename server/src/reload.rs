@@ -11,7 +11,7 @@
 //! Live keys: `[[workqueue]]` (new entries are created, changed ones updated; an entry removed
 //! from the file leaves its workqueue as it is, with a log line: deleting it is an explicit
 //! `wqctl wq delete`), `[[group]]`, `[[partition]]`, `topology.shard_cores` (a new group map,
-//! published as a new epoch), `limits.*` except `max_message_bytes`, `[exec]` (the handler
+//! published as a new epoch), `limits.*` except `max_message_bytes` and `max_result_bytes`, `[exec]` (the handler
 //! registry is replaced; queued items keep their handler), `[log] level`, and
 //! `engine.shutdown_grace`. Every other key (listeners, metrics address, sysfs root, pinning,
 //! rescan, netlink, isolated CPUs, the engine's tuning, `[security]`, and any section this module
@@ -154,6 +154,7 @@ fn restart_only_part(c: &Config) -> Config {
     r.topology.shard_cores = 0;
     r.limits = Limits {
         max_message_bytes: c.limits.max_message_bytes,
+        max_result_bytes: c.limits.max_result_bytes,
         ..Limits::default()
     };
     r.engine.shutdown_grace = Default::default();
@@ -181,7 +182,13 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         include_isolated,
         pinning
     );
-    same!(old.limits, new.limits, "limits", max_message_bytes);
+    same!(
+        old.limits,
+        new.limits,
+        "limits",
+        max_message_bytes,
+        max_result_bytes
+    );
     same!(
         old.engine,
         new.engine,
@@ -191,7 +198,8 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         watchdog_thresh,
         hog_thresh,
         max_workers_per_cpu,
-        load_sample
+        load_sample,
+        results_memory
     );
     same!(
         old.security,
@@ -343,6 +351,7 @@ pub fn apply(p: &Plan, t: &Targets<'_>) -> Result<(), ReloadError> {
         t.view.set_groups_config(g.clone());
     }
     if let Some(l) = &p.limits {
+        t.engine.set_max_durations(l.max_delay, l.max_deadline);
         t.limits.store(l.clone());
     }
     if let Some(exec) = &p.exec {

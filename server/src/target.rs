@@ -136,12 +136,13 @@ pub enum TargetError {
     Empty,
     /// The text before the first `:` is neither a keyword nor a valid group name.
     #[error(
-        "unknown level {found:?} at byte {at}; expected one of {}",
+        "unknown level {} at byte {at}; expected one of {}",
+        crate::quote::quote(.found),
         EXPECTED_FORMS
     )]
     UnknownLevel { at: usize, found: String },
     /// The argument after a keyword or name is missing or malformed.
-    #[error("at byte {at}: expected {what} after {after:?}, found {}", show_found(.found))]
+    #[error("at byte {at}: expected {what} after {}, found {}", crate::quote::quote(.after), show_found(.found))]
     Expected {
         at: usize,
         /// E.g. `a CPU number`, `":" and a cpulist`.
@@ -152,7 +153,7 @@ pub enum TargetError {
         found: String,
     },
     /// A number that does not fit.
-    #[error("at byte {at}: {what} {found} after {after:?} is too large (at most {max})")]
+    #[error("at byte {at}: {what} {} after {} is too large (at most {max})", crate::quote::prefix(.found), crate::quote::quote(.after))]
     TooLarge {
         at: usize,
         what: &'static str,
@@ -161,7 +162,7 @@ pub enum TargetError {
         max: u64,
     },
     /// `all` followed by an argument.
-    #[error("at byte {at}: {keyword:?} takes no argument, found {found:?}")]
+    #[error("at byte {at}: {keyword:?} takes no argument, found {}", crate::quote::quote(.found))]
     UnexpectedArgument {
         at: usize,
         keyword: &'static str,
@@ -173,7 +174,7 @@ pub enum TargetError {
     CpuList { error: CpuListError },
     /// A group name (from config, or built in code) with a character outside `[a-z0-9_-]`, or
     /// not starting with `[a-z]`.
-    #[error("at byte {at} of group name {name:?}: expected {}, found {found:?}",
+    #[error("at byte {at} of group name {}: expected {}, found {found:?}", crate::quote::quote(.name),
         if *.at == 0 { "a lowercase letter a-z" } else { "a-z, 0-9, '_' or '-'" })]
     BadName {
         name: String,
@@ -184,7 +185,7 @@ pub enum TargetError {
     #[error("empty group name; expected [a-z][a-z0-9_-]*")]
     EmptyName,
     /// A group name that is a keyword of the grammar.
-    #[error("group name {name:?} is reserved; expected a name other than {}", RESERVED.join(", "))]
+    #[error("group name {} is reserved; expected a name other than {}", crate::quote::quote(.name), RESERVED.join(", "))]
     ReservedName { name: String },
 }
 
@@ -192,7 +193,7 @@ fn show_found(found: &str) -> String {
     if found.is_empty() {
         "end of input".to_string()
     } else {
-        format!("{found:?}")
+        crate::quote::quote(found)
     }
 }
 

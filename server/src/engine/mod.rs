@@ -42,9 +42,9 @@ pub type BatchId = u64;
 /// Errors of the engine layer. The RPC layer maps each to one gRPC status.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
-    #[error("unknown workqueue {0:?}")]
+    #[error("unknown workqueue {}", crate::quote::quote(.0))]
     UnknownWorkqueue(String),
-    #[error("workqueue {0:?} already exists")]
+    #[error("workqueue {} already exists", crate::quote::quote(.0))]
     WorkqueueExists(String),
     #[error("invalid workqueue attributes: {0}")]
     InvalidAttrs(String),
@@ -58,7 +58,7 @@ pub enum EngineError {
         #[source]
         source: GroupError,
     },
-    #[error("item {index}: unknown handler {name:?} (known: {known})")]
+    #[error("item {index}: unknown handler {} (known: {known})", crate::quote::quote(.name))]
     UnknownHandler {
         index: usize,
         name: String,
@@ -70,7 +70,15 @@ pub enum EngineError {
         #[source]
         source: HandlerError,
     },
-    #[error("workqueue {0:?} is draining and refuses new work")]
+    /// An item's `delay` or `deadline` is over the engine's limit (or would overflow the
+    /// clock). Nothing of the batch is queued.
+    #[error("item {index}: {field}: {problem}")]
+    Duration {
+        index: usize,
+        field: &'static str,
+        problem: String,
+    },
+    #[error("workqueue {} is draining and refuses new work (it was drained or deleted; it accepts work again once empty, or after UpdateWorkqueue)", crate::quote::quote(.0))]
     Draining(String),
     #[error("workqueue {workqueue:?} is full: {pending} items not terminal, max_queued is {limit}, the batch adds {adding}")]
     QueueFull {
@@ -168,6 +176,9 @@ pub struct ItemResult {
     pub finished_at: Option<SystemTime>,
     /// The topology epoch in which the item started.
     pub epoch_started: Option<u64>,
+    /// The topology epoch in which its fallback (widening) or rejection was decided; `None`
+    /// when neither applied.
+    pub epoch_decided: Option<u64>,
 }
 
 impl ItemResult {
@@ -217,6 +228,8 @@ impl WorkqueueAttrs {
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::InvalidAttrs(m));
         let ok_name = !self.name.is_empty()
+            && self.name != "."
+            && self.name != ".."
             && self.name.len() <= 64
             && self
                 .name
@@ -224,8 +237,8 @@ impl WorkqueueAttrs {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
         if !ok_name {
             return bad(format!(
-                "name {:?} must be 1-64 characters of [A-Za-z0-9._-]",
-                self.name
+                "name {} must be 1-64 characters of [A-Za-z0-9._-], not \".\" or \"..\"",
+                crate::quote::quote(&self.name)
             ));
         }
         if self.max_active == 0 || self.max_active > 512 {
@@ -319,8 +332,21 @@ pub struct Receipt {
 pub enum FlushScope {
     Items(Vec<ItemId>),
     Batch(BatchId),
-    /// Every item of the workqueue queued before the flush began (not those queued after).
+    /// Every item of the workqueue queued or running when the flush began (not those queued
+    /// after, and not its delayed items: the flush counts those in
+    /// [`Flush::delayed_not_covered`]), like the kernel's `flush_workqueue()`.
     Workqueue(String),
+    /// As [`FlushScope::Workqueue`], and its delayed items too: they are queued at once (the
+    /// kernel's `flush_delayed_work()` on each) and covered.
+    WorkqueueAll(String),
+}
+
+impl FlushScope {
+    /// Whether a delayed item this scope covers is queued at once. Item and batch scopes do
+    /// (`flush_delayed_work`); a plain workqueue scope leaves delayed items out.
+    pub(crate) fn promotes_delayed(&self) -> bool {
+        !matches!(self, FlushScope::Workqueue(_))
+    }
 }
 
 /// One event of a flush.
@@ -338,6 +364,8 @@ pub struct Flush {
     id: Option<u64>,
     rx: flume::Receiver<FlushEvent>,
     covered: usize,
+    /// Delayed items of a workqueue scope that the flush left out.
+    delayed_not_covered: usize,
     began: Instant,
     /// Set for summary-only flushes (`Engine::flush_summary`): the counts, filled under the
     /// engine lock; final once `rx` is disconnected.
@@ -355,6 +383,8 @@ pub(crate) struct Tally {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FlushSummary {
     pub covered: usize,
+    /// Delayed items a workqueue flush left out (see [`Flush::delayed_not_covered`]).
+    pub delayed_not_covered: usize,
     pub by_state: BTreeMap<State, usize>,
     pub gone: usize,
     pub waited: Duration,
@@ -364,6 +394,11 @@ impl Flush {
     /// Items the flush covers.
     pub fn covered(&self) -> usize {
         self.covered
+    }
+    /// For a [`FlushScope::Workqueue`] flush: the workqueue's delayed items it does not cover
+    /// (0 for every other scope, which queue covered delayed items at once).
+    pub fn delayed_not_covered(&self) -> usize {
+        self.delayed_not_covered
     }
     /// For a summary-only flush ([`Engine::flush_summary`]): the terminal counts so far (final
     /// once [`Flush::next`] returned `None`) and the ids whose results had already expired.
@@ -406,6 +441,7 @@ impl Flush {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut sum = FlushSummary {
             covered: self.covered,
+            delayed_not_covered: self.delayed_not_covered,
             ..Default::default()
         };
         // Nobody reads per-item events from here on: turn the flush into a counting one, so
@@ -503,6 +539,9 @@ pub struct EngineStats {
     pub items: usize,
     pub results: usize,
     pub flushes: usize,
+    /// Terminal items by state since the engine started, over every workqueue (deleted ones
+    /// included): these never go down.
+    pub totals: BTreeMap<State, u64>,
     pub rebinds: BTreeMap<&'static str, u64>,
     pub fallbacks: BTreeMap<String, u64>,
     pub lockups: u64,
@@ -522,7 +561,9 @@ pub trait Observer: Send + Sync {
     fn started(&self, _workqueue: &str, _cpu: u32, _waited: Duration) {}
     /// An item reached a terminal state.
     fn finished(&self, _result: &ItemResult) {}
-    /// An item was handed back before it started (`offline`, `affinity`).
+    /// An item was handed back before it started: `offline`, `cpuset`, `isolated` (why its
+    /// CPU stopped being live), `affinity` (its worker found itself on another CPU) or
+    /// `stall` (it waited bound behind other work while the topology changed).
     fn rebound(&self, _reason: &'static str) {}
     /// The watchdog reported a lockup of `cpu`'s pool, or a CPU hog on `cpu`.
     fn lockup(&self, _cpu: u32) {}
@@ -544,6 +585,16 @@ pub struct EngineConfig {
     /// Results kept at most, and for how long, after an item is terminal.
     pub results_max: usize,
     pub results_ttl: Duration,
+    /// Bytes of one result's output and error text kept at most; longer ones are cut, saying
+    /// so (`limits.max_result_bytes`).
+    pub max_result_bytes: usize,
+    /// Bytes all stored results may take (estimated: texts plus a fixed overhead per result);
+    /// the oldest are forgotten beyond it (`engine.results_memory`).
+    pub results_memory: usize,
+    /// Longest `delay` and `deadline` an item may ask for (`limits.max_delay`,
+    /// `limits.max_deadline`); longer ones refuse the batch.
+    pub max_delay: Duration,
+    pub max_deadline: Duration,
     /// Worker threads per CPU at most.
     pub max_workers_per_cpu: usize,
     /// An idle worker beyond the first retires after this long.
@@ -565,6 +616,10 @@ impl Default for EngineConfig {
             pinning: true,
             results_max: 1 << 20,
             results_ttl: Duration::from_secs(600),
+            max_result_bytes: 64 << 10,
+            results_memory: 256 << 20,
+            max_delay: Duration::from_secs(365 * 86_400),
+            max_deadline: Duration::from_secs(365 * 86_400),
             max_workers_per_cpu: 64,
             worker_idle: Duration::from_secs(60),
             watchdog_thresh: Duration::from_secs(30),
@@ -605,7 +660,13 @@ pub(crate) struct Inner {
     pub(crate) pool_live: Box<[AtomicBool]>,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) next_worker: AtomicU64,
+    /// Threads the last shutdown left running.
+    pub(crate) stragglers: std::sync::atomic::AtomicUsize,
 }
+
+/// How long shutdown waits for cancelled running items, and then for the threads, beyond the
+/// grace period.
+const SHUTDOWN_JOIN: Duration = Duration::from_secs(5);
 
 impl Inner {
     /// Whether `cpu` is live right now, and the epoch that says so (lock-free seqlock read).
@@ -656,6 +717,7 @@ impl Engine {
             pool_live,
             threads: Mutex::new(Vec::new()),
             next_worker: AtomicU64::new(0),
+            stragglers: std::sync::atomic::AtomicUsize::new(0),
         });
         timer::start(&inner);
         watchdog::start(&inner);
@@ -752,13 +814,15 @@ impl Engine {
         let mut fx = sched::Effects::default();
         let r = {
             let mut s = self.inner.sched.lock();
-            s.submit(&self.inner, wq, bodies, &mut fx)
+            s.submit(wq, bodies, &mut fx)
         };
         fx.run(&self.inner);
         r
     }
 
-    /// Starts a flush over `scope`.
+    /// Starts a flush over `scope`. Delayed items an item or batch scope covers are queued at
+    /// once (the kernel's `flush_delayed_work()`); a [`FlushScope::Workqueue`] leaves them
+    /// out and counts them ([`Flush::delayed_not_covered`]).
     ///
     /// On completion of the returned [`Flush`], every covered item is terminal. A flush never
     /// waits on a CPU that is gone: pending items are bound only to live CPUs.
@@ -766,9 +830,7 @@ impl Engine {
     /// # Errors
     /// Unknown workqueue, batch or item.
     pub fn flush(&self, scope: FlushScope) -> Result<Flush, EngineError> {
-        let mut s = self.inner.sched.lock();
-        let ids = s.scope_ids(&scope)?;
-        Ok(s.register_flush(&self.inner, ids, false))
+        self.flush_with(scope, false)
     }
 
     /// Like [`Engine::flush`], but the flush yields no per-item events: [`Flush::wait`]
@@ -777,9 +839,20 @@ impl Engine {
     /// # Errors
     /// Unknown workqueue, batch or item.
     pub fn flush_summary(&self, scope: FlushScope) -> Result<Flush, EngineError> {
-        let mut s = self.inner.sched.lock();
-        let ids = s.scope_ids(&scope)?;
-        Ok(s.register_flush(&self.inner, ids, true))
+        self.flush_with(scope, true)
+    }
+
+    fn flush_with(&self, scope: FlushScope, summary_only: bool) -> Result<Flush, EngineError> {
+        let mut fx = sched::Effects::default();
+        let r = {
+            let mut s = self.inner.sched.lock();
+            let (ids, left_out) = s.flush_ids(&scope, &mut fx)?;
+            let mut f = s.register_flush(&self.inner, ids, summary_only);
+            f.delayed_not_covered = left_out;
+            f
+        };
+        fx.run(&self.inner);
+        Ok(r)
     }
 
     /// Cancels items: pending ones never run; running ones get their cancellation signal and
@@ -793,6 +866,8 @@ impl Engine {
             let mut s = self.inner.sched.lock();
             let ids = match &scope {
                 FlushScope::Items(v) => v.clone(),
+                // Cancel covers delayed items of a workqueue too: they never run.
+                FlushScope::Workqueue(w) => s.scope_ids(&FlushScope::WorkqueueAll(w.clone()))?,
                 other => s.scope_ids(other)?,
             };
             let outcomes = s.cancel(&ids, &mut fx);
@@ -808,16 +883,22 @@ impl Engine {
         Ok(r)
     }
 
-    /// Drains a workqueue: it refuses new work until every item in it is terminal; the
-    /// returned flush completes then.
+    /// Drains a workqueue: it refuses new work until every item in it is terminal; its
+    /// delayed items are queued at once. The returned flush counts (it sends no per-item
+    /// events: see [`Flush::tally`]) and completes when the workqueue is empty.
     ///
     /// # Errors
     /// Unknown workqueue.
     pub fn drain(&self, wq: &str) -> Result<Flush, EngineError> {
-        let mut s = self.inner.sched.lock();
-        s.start_drain(wq)?;
-        let ids = s.scope_ids(&FlushScope::Workqueue(wq.to_string()))?;
-        Ok(s.register_flush(&self.inner, ids, false))
+        let mut fx = sched::Effects::default();
+        let r = {
+            let mut s = self.inner.sched.lock();
+            s.start_drain(wq)?;
+            let (ids, _) = s.flush_ids(&FlushScope::WorkqueueAll(wq.to_string()), &mut fx)?;
+            s.register_flush(&self.inner, ids, true)
+        };
+        fx.run(&self.inner);
+        Ok(r)
     }
 
     /// Results (or current state) of items; `None` for unknown or expired ids.
@@ -849,7 +930,8 @@ impl Engine {
         self.inner.sched.lock().create_wq(attrs)
     }
 
-    /// Changes a workqueue's attributes live (re-resolving its queues).
+    /// Changes a workqueue's attributes live (re-resolving its queues). A workqueue left
+    /// draining (by a drain or delete whose caller stopped waiting) accepts work again.
     ///
     /// # Errors
     /// Unknown workqueue, invalid attributes, or toggling `ordered` on a non-empty workqueue.
@@ -877,6 +959,14 @@ impl Engine {
     /// Engine-wide counters.
     pub fn stats(&self) -> EngineStats {
         self.inner.sched.lock().stats()
+    }
+
+    /// Changes the longest `delay` and `deadline` items may ask for (config reload).
+    pub fn set_max_durations(&self, max_delay: Duration, max_deadline: Duration) {
+        self.inner
+            .sched
+            .lock()
+            .set_max_durations(max_delay, max_deadline);
     }
 
     /// Stops the engine: refuses new work, cancels what has not started, gives running items
@@ -914,7 +1004,7 @@ impl Engine {
                 if self
                     .inner
                     .idle_cv
-                    .wait_for(&mut s, Duration::from_secs(5))
+                    .wait_for(&mut s, SHUTDOWN_JOIN)
                     .timed_out()
                 {
                     tracing::warn!(
@@ -930,14 +1020,49 @@ impl Engine {
         fx.run(&self.inner);
         self.inner.timer_cv.notify_all();
         self.inner.idle_cv.notify_all();
+        self.join_threads(Instant::now() + SHUTDOWN_JOIN);
+        cancelled
+    }
+
+    /// Joins the engine's threads until `deadline`. A thread still running then (a handler
+    /// that ignores its cancel token) is left behind, detached, and reported: shutdown is
+    /// bounded whatever a handler does.
+    fn join_threads(&self, deadline: Instant) {
         let threads: Vec<_> = std::mem::take(&mut *self.inner.threads.lock());
         let me = std::thread::current().id();
+        let mut left = Vec::new();
         for t in threads {
-            if t.thread().id() != me {
+            if t.thread().id() == me {
+                continue;
+            }
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if t.is_finished() {
                 let _ = t.join();
+            } else {
+                left.push(t.thread().name().unwrap_or("?").to_string());
             }
         }
-        cancelled
+        if !left.is_empty() {
+            let running: Vec<String> = {
+                let s = self.inner.sched.lock();
+                s.running_items()
+            };
+            tracing::error!(
+                threads = left.len(),
+                names = ?left,
+                items = ?running,
+                "engine shutdown: threads still running after the grace period (handlers that \
+                 ignore cancellation); leaving them behind"
+            );
+        }
+        self.inner.stragglers.store(left.len(), Ordering::Relaxed);
+    }
+
+    /// Threads the last shutdown left running (handlers that ignored their cancel token).
+    pub fn stragglers(&self) -> usize {
+        self.inner.stragglers.load(Ordering::Relaxed)
     }
 }
 

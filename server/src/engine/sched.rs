@@ -100,6 +100,8 @@ impl Body {
 }
 
 /// One item of a batch as submit receives it: its (possibly shared) body and own options.
+/// `delay` and `deadline` are as the client gave them; pass 1 of [`Sched::submit`] checks them
+/// against the limits and the clock.
 pub(crate) struct Entry {
     pub body: Arc<Body>,
     pub key: Option<String>,
@@ -144,6 +146,8 @@ pub(crate) struct Cold {
     pub deadline: Option<Instant>,
     /// Why its fallback applied (set when it is bound through a widened queue).
     pub reason: String,
+    /// The epoch in which that fallback was decided (0: none).
+    pub decided: u64,
     /// Flushes waiting for this item beyond `Item::waiter`.
     pub waiters: Vec<u64>,
 }
@@ -330,6 +334,24 @@ impl FlushRec {
 const TIMER_DELAY: u8 = 0;
 const TIMER_DEADLINE: u8 = 1;
 
+/// What a worker's start check says when its CPU is not live; [`Sched::finish`] turns it
+/// into the reason (`offline`, `cpuset`, `isolated`) from the snapshot.
+pub(crate) const NOT_LIVE: &str = "not-live";
+
+/// Cuts a handler's output to `max` bytes (limits.max_result_bytes).
+fn cut_output(mut out: Vec<u8>, max: usize) -> Vec<u8> {
+    if out.len() > max {
+        tracing::debug!(
+            bytes = out.len(),
+            max,
+            "result output cut to limits.max_result_bytes"
+        );
+        out.truncate(max);
+        out.shrink_to_fit();
+    }
+    out
+}
+
 /// Side effects decided under the lock, carried out after it is released.
 #[derive(Default)]
 pub(crate) struct Effects {
@@ -380,35 +402,99 @@ impl Effects {
     }
 }
 
-/// Terminal results, bounded by count and age.
+/// Terminal results, bounded by count, age and bytes (oldest forgotten first).
 struct Results {
     map: IdMap<ItemId, Arc<ItemResult>>,
     order: VecDeque<(Instant, ItemId)>,
     max: usize,
     ttl: Duration,
+    /// Estimated bytes of the stored results ([`result_bytes`]).
+    bytes: usize,
+    max_bytes: usize,
+}
+
+/// What one stored result costs, estimated: its texts plus a fixed overhead (the record, its
+/// `Arc`, the map and order entries).
+pub(crate) fn result_bytes(r: &ItemResult) -> usize {
+    const OVERHEAD: usize = std::mem::size_of::<ItemResult>() + 64;
+    OVERHEAD + r.output.len() + r.error.len() + r.reason.len()
 }
 
 impl Results {
     fn insert(&mut self, r: Arc<ItemResult>, now: Instant) {
         self.order.push_back((now, r.id));
-        self.map.insert(r.id, r);
-        while self.map.len() > self.max {
-            match self.order.pop_front() {
-                Some((_, id)) => {
-                    self.map.remove(&id);
-                }
-                None => break,
+        self.bytes += result_bytes(&r);
+        if let Some(old) = self.map.insert(r.id, r) {
+            self.bytes -= result_bytes(&old);
+        }
+        while self.map.len() > self.max || (self.bytes > self.max_bytes && self.map.len() > 1) {
+            if !self.pop_oldest() {
+                break;
             }
         }
     }
+    /// Forgets the oldest result; `false` when there is none.
+    fn pop_oldest(&mut self) -> bool {
+        match self.order.pop_front() {
+            Some((_, id)) => {
+                if let Some(old) = self.map.remove(&id) {
+                    self.bytes -= result_bytes(&old);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+    /// Removes one result (a batch rolled back).
+    fn remove(&mut self, id: ItemId) {
+        if let Some(old) = self.map.remove(&id) {
+            self.bytes -= result_bytes(&old);
+        }
+    }
     fn expire(&mut self, now: Instant) {
-        while let Some(&(at, id)) = self.order.front() {
+        while let Some(&(at, _)) = self.order.front() {
             if now.duration_since(at) < self.ttl {
                 break;
             }
-            self.order.pop_front();
-            self.map.remove(&id);
+            self.pop_oldest();
         }
+    }
+}
+
+/// `now + d`, checked against `max` and the clock; `None` when `d` is unset or zero.
+fn instant_after(
+    index: usize,
+    field: &'static str,
+    d: Option<Duration>,
+    max: Duration,
+    now: Instant,
+) -> Result<Option<Instant>, EngineError> {
+    let Some(d) = d.filter(|d| !d.is_zero()) else {
+        return Ok(None);
+    };
+    let bad = |problem: String| EngineError::Duration {
+        index,
+        field,
+        problem,
+    };
+    if d > max {
+        return Err(bad(format!(
+            "{} is longer than the limit of {}",
+            humanize(d),
+            humanize(max)
+        )));
+    }
+    now.checked_add(d)
+        .map(Some)
+        .ok_or_else(|| bad(format!("{} is beyond what the clock can hold", humanize(d))))
+}
+
+/// A duration in whole seconds (or milliseconds below one second), for messages.
+fn humanize(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }
 
@@ -441,6 +527,14 @@ pub(crate) struct Sched {
     hogs: u64,
     load: Option<super::LoadHook>,
     observed: bool,
+    /// Terminal items by state since start, over every workqueue ever (never go down).
+    totals: [u64; 8],
+    max_delay: Duration,
+    max_deadline: Duration,
+    max_result_bytes: usize,
+    /// Timer-heap entries whose item ended or left the state the timer was for; the heap is
+    /// rebuilt when they are more than half of it (see [`Sched::timer_garbage`]).
+    stale_timers: usize,
 }
 
 impl Sched {
@@ -466,6 +560,8 @@ impl Sched {
                 order: VecDeque::new(),
                 max: cfg.results_max.max(1),
                 ttl: cfg.results_ttl,
+                bytes: 0,
+                max_bytes: cfg.results_memory,
             },
             timers: BinaryHeap::new(),
             shutdown: false,
@@ -477,6 +573,11 @@ impl Sched {
             hogs: 0,
             load: cfg.load.clone(),
             observed: cfg.observer.is_some(),
+            totals: [0; 8],
+            max_delay: cfg.max_delay,
+            max_deadline: cfg.max_deadline,
+            max_result_bytes: cfg.max_result_bytes,
+            stale_timers: 0,
         };
         let _ = s.create_wq(cfg.default_wq.clone());
         s
@@ -528,6 +629,12 @@ impl Sched {
             });
         }
         wq.attrs = attrs;
+        if wq.draining {
+            // A drain (or delete) whose caller stopped waiting left it refusing work; an update
+            // is the operator's way to take it back.
+            tracing::info!(workqueue = %wq.name, items = wq.live(), "workqueue update ends its drain; it accepts work again");
+            wq.draining = false;
+        }
         let qids: Vec<usize> = wq.queues.values().copied().collect();
         for qid in qids {
             self.resolve_queue(qid, fx);
@@ -591,6 +698,26 @@ impl Sched {
         self.running.len()
     }
 
+    /// The running items, described for a log line (shutdown stragglers).
+    pub(crate) fn running_items(&self) -> Vec<String> {
+        self.running
+            .iter()
+            .filter_map(|(id, b)| {
+                let it = self.items.get(id)?;
+                Some(format!(
+                    "item {id} {} on cpu {}",
+                    it.body.handler_name(),
+                    b.cpu
+                ))
+            })
+            .collect()
+    }
+
+    pub(crate) fn set_max_durations(&mut self, max_delay: Duration, max_deadline: Duration) {
+        self.max_delay = max_delay;
+        self.max_deadline = max_deadline;
+    }
+
     pub(crate) fn stats(&self) -> EngineStats {
         EngineStats {
             epoch: self.epoch,
@@ -600,6 +727,11 @@ impl Sched {
             items: self.items.len(),
             results: self.results.map.len(),
             flushes: self.flushes.len(),
+            totals: State::ALL
+                .iter()
+                .filter(|s| s.is_terminal())
+                .map(|s| (*s, self.totals[s.index()]))
+                .collect(),
             rebinds: self.rebinds.clone(),
             fallbacks: self.fallbacks.clone(),
             lockups: self.lockups,
@@ -890,12 +1022,10 @@ impl Sched {
 
     pub(crate) fn submit(
         &mut self,
-        inner: &Arc<Inner>,
         wq_name: &str,
         bodies: Vec<Entry>,
         fx: &mut Effects,
     ) -> Result<Receipt, EngineError> {
-        let _ = inner;
         if self.shutdown {
             return Err(EngineError::ShuttingDown);
         }
@@ -903,11 +1033,16 @@ impl Sched {
         if self.wqs[wi].draining {
             return Err(EngineError::Draining(wq_name.to_string()));
         }
-        // Pass 1: validate everything and count what will be queued; change nothing.
+        // Pass 1: validate everything, compute every instant and count what will be queued;
+        // change nothing. Everything that can fail fails here.
+        let now = Instant::now();
         let mut last: Option<&Target> = None;
         let mut batch_keys: HashSet<&str> = HashSet::new();
         let mut adding = 0usize;
-        for (index, Entry { body: b, key, .. }) in bodies.iter().enumerate() {
+        // (delay end, deadline) per entry; allocated only for a batch that uses either.
+        let mut times: Vec<(Option<Instant>, Option<Instant>)> = Vec::new();
+        for (index, e) in bodies.iter().enumerate() {
+            let b = &e.body;
             if last != Some(&b.target) {
                 self.snapshot
                     .groups
@@ -915,7 +1050,16 @@ impl Sched {
                     .map_err(|source| EngineError::Group { index, source })?;
                 last = Some(&b.target);
             }
-            match key {
+            if e.delay.is_some() || e.deadline.is_some() {
+                if times.is_empty() {
+                    times.resize(bodies.len(), (None, None));
+                }
+                times[index] = (
+                    instant_after(index, "delay", e.delay, self.max_delay, now)?,
+                    instant_after(index, "deadline", e.deadline, self.max_deadline, now)?,
+                );
+            }
+            match &e.key {
                 Some(k) if self.wqs[wi].keys.contains_key(k.as_str()) => {}
                 Some(k) if !batch_keys.insert(k.as_str()) => {}
                 _ => adding += 1,
@@ -930,11 +1074,42 @@ impl Sched {
                 adding,
             });
         }
-        // Pass 2: queue.
-        let now = Instant::now();
-        let wall = SystemTime::now();
+        drop(batch_keys);
+        // Pass 2: queue. It cannot fail; should it panic all the same (a bug), the batch is
+        // rolled back whole before the panic goes on, so no half batch is ever left behind.
         let batch = self.next_batch;
         self.next_batch += 1;
+        let first = self.next_item;
+        let finished_before = fx.finished.len();
+        let pass2 = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.queue_batch(wi, batch, now, bodies, &times, fx)
+        }));
+        let items = match pass2 {
+            Ok(items) => items,
+            Err(panic) => {
+                self.roll_back(wi, batch, first, finished_before, fx);
+                std::panic::resume_unwind(panic);
+            }
+        };
+        Ok(Receipt {
+            batch,
+            first,
+            items,
+        })
+    }
+
+    /// Pass 2 of [`Sched::submit`]: every entry takes the next id and is queued (or delayed,
+    /// or rejected at once when its queue has no eligible CPU and its fallback is `reject`).
+    fn queue_batch(
+        &mut self,
+        wi: usize,
+        batch: u64,
+        now: Instant,
+        bodies: Vec<Entry>,
+        times: &[(Option<Instant>, Option<Instant>)],
+        fx: &mut Effects,
+    ) -> Vec<Submitted> {
+        let wall = SystemTime::now();
         let first = self.next_item;
         // The batch's record exists before its items do, so an item that ends during the
         // submit (rejected: no eligible CPU) is counted out of `live` like any other.
@@ -956,13 +1131,11 @@ impl Sched {
         // The body of the previous entry and its queue: runs of entries sharing a body (the
         // common case) find their queue without comparing targets.
         let mut last_body: Option<(Arc<Body>, usize)> = None;
-        for Entry {
-            body: b,
-            key,
-            delay,
-            deadline,
-        } in bodies
-        {
+        for (index, Entry { body: b, key, .. }) in bodies.into_iter().enumerate() {
+            if index > 0 {
+                fail::fail_point!("engine::submit-between-items");
+            }
+            let (delay_at, deadline_at) = times.get(index).copied().unwrap_or((None, None));
             let key: Option<Arc<str>> = key.map(Arc::from);
             // Every entry takes the next id, so entry i of a batch is `first + i`; the id of
             // a duplicate is never used and is left out of the batch's scope.
@@ -998,7 +1171,6 @@ impl Sched {
             if let Some(k) = &key {
                 wq.keys.insert(k.clone(), id);
             }
-            let deadline_at = deadline.map(|d| now + d);
             self.items.insert(
                 id,
                 Item {
@@ -1023,11 +1195,11 @@ impl Sched {
             if let Some(rec) = self.batches.get_mut(&batch) {
                 rec.live += 1;
             }
-            match delay.filter(|d| !d.is_zero()) {
-                Some(d) => {
+            match delay_at.filter(|&at| at > now) {
+                Some(at) => {
                     self.wqs[wi].delayed += 1;
                     self.queues[qid].delayed += 1;
-                    self.timers.push(Reverse((now + d, TIMER_DELAY, id)));
+                    self.timers.push(Reverse((at, TIMER_DELAY, id)));
                     fx.timer_kick = true;
                 }
                 None => self.enqueue(id, fx),
@@ -1050,11 +1222,62 @@ impl Sched {
                 self.make_ready(qid, n, fx);
             }
         }
-        Ok(Receipt {
+        out
+    }
+
+    /// Undoes a batch whose pass 2 panicked after inserting items `first..next_item`: removes
+    /// them (and the results and totals of any it rejected at once), their keys, timers and
+    /// the batch record, and restores every counter. Their ids stay used (never reissued).
+    fn roll_back(
+        &mut self,
+        wi: usize,
+        batch: u64,
+        first: ItemId,
+        finished_before: usize,
+        fx: &mut Effects,
+    ) {
+        let ids = first..self.next_item;
+        tracing::error!(
             batch,
-            first,
-            items: out,
-        })
+            items = ids.end - ids.start,
+            "submit panicked; rolling the batch back whole"
+        );
+        for id in ids.clone() {
+            if let Some(item) = self.items.remove(&id) {
+                let qid = item.qid();
+                let wq = &mut self.wqs[wi];
+                match item.state {
+                    State::Delayed => {
+                        wq.delayed -= 1;
+                        self.queues[qid].delayed -= 1;
+                    }
+                    State::Pending => {
+                        wq.pending -= 1;
+                        self.queues[qid].pending -= 1;
+                    }
+                    _ => {}
+                }
+                wq.submitted -= 1;
+                if let Some(k) = &item.key {
+                    if wq.keys.get(k) == Some(&id) {
+                        wq.keys.remove(k);
+                    }
+                }
+            } else if let Some(r) = self.results.map.get(&id).cloned() {
+                // Rejected during the submit: its result and counts go too.
+                self.results.remove(id);
+                self.totals[r.state.index()] -= 1;
+                let wq = &mut self.wqs[wi];
+                wq.totals[r.state.index()] -= 1;
+                wq.submitted -= 1;
+            }
+        }
+        fx.finished.truncate(finished_before);
+        self.timers.retain(|Reverse((_, _, id))| !ids.contains(id));
+        self.batches.remove(&batch);
+        if self.batch_order.back() == Some(&batch) {
+            self.batch_order.pop_back();
+        }
     }
 
     // ----- workers -----
@@ -1062,6 +1285,9 @@ impl Sched {
     /// Takes the next item `cpu`'s worker may start, binding it to `cpu`.
     /// `token` is the worker's own cancel token, reset here for the item it binds; `now` is
     /// the worker's clock reading for this lock hold.
+    ///
+    /// Every check that can end the attempt comes before the first change: once an item is
+    /// popped from its queue it is bound (or expired) in the same step, never dropped.
     pub(crate) fn take(
         &mut self,
         cpu: u32,
@@ -1072,7 +1298,9 @@ impl Sched {
         let mut budget = self.pools.get(&cpu).filter(|p| p.live)?.ready.len();
         while budget > 0 {
             budget -= 1;
-            let qid = self.pools.get_mut(&cpu)?.ready.pop_front()?;
+            let Some(qid) = self.pools.get_mut(&cpu).and_then(|p| p.ready.pop_front()) else {
+                return None;
+            };
             if !self.queues.contains(qid) {
                 continue;
             }
@@ -1082,26 +1310,38 @@ impl Sched {
                 continue;
             }
             if !self.limits_allow(qid, cpu) {
-                self.pools.get_mut(&cpu)?.ready.push_back(qid);
+                if let Some(p) = self.pools.get_mut(&cpu) {
+                    p.ready.push_back(qid);
+                }
                 continue;
             }
-            let q = &mut self.queues[qid];
-            let Some(id) = q.items.pop_front() else {
+            // `clean_front` left a pending item of this queue at the front.
+            let Some(&id) = self.queues[qid].items.front() else {
                 continue;
             };
-            let wi = q.wq;
+            let Some((kind, expired)) = self
+                .items
+                .get(&id)
+                .map(|it| (it.body.kind(), it.deadline().is_some_and(|d| d <= now)))
+            else {
+                continue;
+            };
+            // From here on the item leaves its queue and is bound or expired.
+            self.queues[qid].items.pop_front();
+            let wi = self.queues[qid].wq;
             if self.wqs[wi].attrs.ordered {
                 self.ordered_head(wi);
                 self.wqs[wi].ordered.pop_front();
             }
-            // Requeue the queue for this pool before anything else can return.
+            // Requeue the queue for this pool while it has more.
             if self.queues[qid].pending > 1 {
-                self.pools.get_mut(&cpu)?.ready.push_back(qid);
+                if let Some(p) = self.pools.get_mut(&cpu) {
+                    p.ready.push_back(qid);
+                }
             } else {
                 self.queues[qid].in_ready.remove(cpu);
             }
-            let item = self.items.get_mut(&id)?;
-            if item.deadline().is_some_and(|d| d <= now) {
+            if expired {
                 self.terminal(
                     id,
                     State::Expired,
@@ -1115,27 +1355,23 @@ impl Sched {
                 budget += 1;
                 continue;
             }
-            let kind = item.body.kind();
-            if let Some(k) = &item.key {
-                let wq = &mut self.wqs[wi];
-                if wq.keys.get(k) == Some(&id) {
-                    wq.keys.remove(k);
-                }
-            }
-            let (body, queued_at) = self.bind(id, qid, cpu, token, now, true)?;
+            let Some((body, queued_at)) = self.bind(id, qid, cpu, token, now, true) else {
+                continue;
+            };
             let wq = &mut self.wqs[wi];
             let slot = wq.running_on.entry(cpu).or_insert([0, 0]);
             slot[usize::from(kind == HandlerKind::Waits)] += 1;
             let nice = wq.attrs.nice;
             let max = self.max_workers;
-            let pool = self.pools.get_mut(&cpu)?;
-            pool.running += 1;
-            pool.last_progress = now;
-            pool.lockup_reported = false;
-            // Keep one worker in reserve while this pool has more it could start.
-            if pool.idle.is_empty() && !pool.ready.is_empty() && pool.workers < max {
-                pool.workers += 1;
-                fx.spawn.push((cpu, pool.gen));
+            if let Some(pool) = self.pools.get_mut(&cpu) {
+                pool.running += 1;
+                pool.last_progress = now;
+                pool.lockup_reported = false;
+                // Keep one worker in reserve while this pool has more it could start.
+                if pool.idle.is_empty() && !pool.ready.is_empty() && pool.workers < max {
+                    pool.workers += 1;
+                    fx.spawn.push((cpu, pool.gen));
+                }
             }
             return Some(Job {
                 id,
@@ -1168,11 +1404,22 @@ impl Sched {
     ) -> Option<(Arc<Body>, SystemTime)> {
         let q = &self.queues[qid];
         let (wi, fallback) = (q.wq, q.fallback);
+        let epoch = self.epoch;
+        // The callers found this item pending under the same lock hold; were it gone, the id
+        // they popped was a tombstone and nothing has changed yet.
         let item = self.items.get_mut(&id)?;
         item.state = State::Running;
         item.fallback = fallback;
         if fallback.is_some() {
-            item.cold().reason = q.reason.clone();
+            let c = item.cold();
+            c.reason = q.reason.clone();
+            c.decided = epoch;
+        }
+        if let Some(k) = &item.key {
+            let wq = &mut self.wqs[wi];
+            if wq.keys.get(k) == Some(&id) {
+                wq.keys.remove(k);
+            }
         }
         let out = (item.body.clone(), item.queued_at);
         if let Some(l) = fallback {
@@ -1311,6 +1558,7 @@ impl Sched {
         }
         match f.outcome {
             Outcome::HandBack(why) => {
+                let why = self.handback_reason(why, bound.cpu);
                 *self.rebinds.entry(why).or_default() += 1;
                 if self.observed {
                     fx.rebound.push(why);
@@ -1378,6 +1626,29 @@ impl Sched {
         }
     }
 
+    /// The reason a hand-back is counted under: a worker that found its CPU not live (or
+    /// itself moved off it) says [`NOT_LIVE`] or `affinity`, and the current snapshot tells
+    /// why the CPU left: `offline`, `cpuset` (out of the process's cpuset or affinity) or
+    /// `isolated`. Other reasons (`stall`) pass through.
+    fn handback_reason(&self, why: &'static str, cpu: u32) -> &'static str {
+        if why != NOT_LIVE && why != "affinity" {
+            return why;
+        }
+        let t = &self.snapshot.topology;
+        if !t.online.contains(cpu) {
+            "offline"
+        } else if !t.allowed.contains(cpu) {
+            "cpuset"
+        } else if t.isolated.contains(cpu) && !self.live.contains(cpu) {
+            "isolated"
+        } else if why == "affinity" {
+            "affinity"
+        } else {
+            // Not live when the worker checked, live again now: it went and came back.
+            "offline"
+        }
+    }
+
     /// The one way out: makes a live item terminal, notifies its flushes, stores its result.
     #[allow(clippy::too_many_arguments)]
     fn terminal(
@@ -1395,6 +1666,10 @@ impl Sched {
         let Some(item) = self.items.remove(&id) else {
             return;
         };
+        // Its timers (a delay's, a deadline's) are garbage from now on.
+        self.stale_timers +=
+            usize::from(item.state == State::Delayed) + usize::from(item.deadline().is_some());
+        self.totals[state.index()] += 1;
         let (qid, wi) = (item.qid(), item.wi());
         let wq = &mut self.wqs[wi];
         match item.state {
@@ -1417,15 +1692,25 @@ impl Sched {
         if wq.draining && wq.live() == 0 {
             wq.draining = false;
         }
-        let (cold_waiters, item_reason) = match item.cold {
-            Some(c) => (c.waiters, c.reason),
-            None => (Vec::new(), String::new()),
+        let (cold_waiters, item_reason, decided) = match item.cold {
+            Some(c) => (c.waiters, c.reason, c.decided),
+            None => (Vec::new(), String::new(), 0),
         };
-        let reason = if item_reason.is_empty() && state == State::Rejected {
-            error.clone()
+        let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
+            (error.clone(), self.epoch)
         } else {
-            item_reason
+            (item_reason, decided)
         };
+        // A result's texts are bounded (limits.max_result_bytes): cut, saying so.
+        let mut error = crate::quote::cap(error, self.max_result_bytes);
+        let produced = output.len();
+        let output = cut_output(output, self.max_result_bytes);
+        if output.len() < produced && error.is_empty() {
+            error = format!(
+                "output cut from {produced} to {} bytes (limits.max_result_bytes)",
+                output.len()
+            );
+        }
         let result = Arc::new(ItemResult {
             id,
             batch: item.batch,
@@ -1444,6 +1729,7 @@ impl Sched {
             started_at: started.as_ref().map(|s| s.at),
             finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),
             epoch_started: started.map(|s| s.epoch),
+            epoch_decided: (decided != 0).then_some(decided),
         });
         let first = (item.waiter != 0).then_some(item.waiter);
         for fid in first.into_iter().chain(cold_waiters) {
@@ -1470,6 +1756,23 @@ impl Sched {
         if self.shutdown {
             fx.idle_kick = true;
         }
+        self.collect_timer_garbage();
+    }
+
+    /// Rebuilds the timer heap without its garbage once garbage is most of it, so the heap is
+    /// bounded by the live items' timers (amortised O(1) per item).
+    fn collect_timer_garbage(&mut self) {
+        if self.stale_timers < 1024 || self.stale_timers * 2 < self.timers.len() {
+            return;
+        }
+        let items = &self.items;
+        self.timers.retain(|Reverse((_, kind, id))| {
+            items.get(id).is_some_and(|it| match *kind {
+                TIMER_DELAY => it.state == State::Delayed,
+                _ => matches!(it.state, State::Delayed | State::Pending),
+            })
+        });
+        self.stale_timers = 0;
     }
 
     /// Registers an idle worker so wake-ups find it.
@@ -1577,7 +1880,7 @@ impl Sched {
                     .filter(|id| rec.unused.binary_search(id).is_err())
                     .collect())
             }
-            FlushScope::Workqueue(name) => {
+            FlushScope::Workqueue(name) | FlushScope::WorkqueueAll(name) => {
                 let wi = self.wq_index(name)?;
                 let mut v: Vec<ItemId> = self
                     .items
@@ -1588,6 +1891,37 @@ impl Sched {
                 v.sort_unstable();
                 Ok(v)
             }
+        }
+    }
+
+    /// The ids a flush of `scope` covers, and how many delayed items it leaves out. Delayed
+    /// items of an item, batch or `WorkqueueAll` scope are queued at once (the kernel's
+    /// `flush_delayed_work()`); a `Workqueue` scope leaves them out and counts them.
+    pub(crate) fn flush_ids(
+        &mut self,
+        scope: &FlushScope,
+        fx: &mut Effects,
+    ) -> Result<(Vec<ItemId>, usize), EngineError> {
+        let mut ids = self.scope_ids(scope)?;
+        let is_delayed =
+            |s: &Sched, id: &ItemId| s.items.get(id).is_some_and(|it| it.state == State::Delayed);
+        if scope.promotes_delayed() {
+            let delayed: Vec<ItemId> = ids
+                .iter()
+                .copied()
+                .filter(|id| is_delayed(self, id))
+                .collect();
+            for id in delayed {
+                // Its delay timer is garbage now.
+                self.stale_timers += 1;
+                self.undelay(id, fx);
+            }
+            Ok((ids, 0))
+        } else {
+            let before = ids.len();
+            ids.retain(|id| !is_delayed(self, id));
+            let left_out = before - ids.len();
+            Ok((ids, left_out))
         }
     }
 
@@ -1643,6 +1977,7 @@ impl Sched {
             id,
             rx,
             covered: ids.len(),
+            delayed_not_covered: 0,
             began: Instant::now(),
             tally,
         }
@@ -1680,6 +2015,10 @@ impl Sched {
             started_at: None,
             finished_at: None,
             epoch_started: None,
+            epoch_decided: it
+                .cold
+                .as_ref()
+                .and_then(|c| (c.decided != 0).then_some(c.decided)),
         }))
     }
 
@@ -1770,18 +2109,11 @@ impl Sched {
             }
             self.timers.pop();
             let Some(state) = self.items.get(&id).map(|i| i.state) else {
+                self.stale_timers = self.stale_timers.saturating_sub(1);
                 continue;
             };
             match (kind, state) {
-                (TIMER_DELAY, State::Delayed) => {
-                    let Some(qid) = self.items.get(&id).map(Item::qid) else {
-                        continue;
-                    };
-                    self.wqs[self.queues[qid].wq].delayed -= 1;
-                    self.queues[qid].delayed -= 1;
-                    self.enqueue(id, fx);
-                    self.make_ready(qid, 1, fx);
-                }
+                (TIMER_DELAY, State::Delayed) => self.undelay(id, fx),
                 (TIMER_DEADLINE, State::Delayed | State::Pending) => {
                     self.terminal(
                         id,
@@ -1794,9 +2126,25 @@ impl Sched {
                         fx,
                     );
                 }
-                _ => {}
+                _ => self.stale_timers = self.stale_timers.saturating_sub(1),
             }
         }
+    }
+
+    /// Moves a delayed item into its queue now (its delay passed, or a flush covers it).
+    fn undelay(&mut self, id: ItemId, fx: &mut Effects) {
+        let Some(qid) = self
+            .items
+            .get(&id)
+            .filter(|i| i.state == State::Delayed)
+            .map(Item::qid)
+        else {
+            return;
+        };
+        self.wqs[self.queues[qid].wq].delayed -= 1;
+        self.queues[qid].delayed -= 1;
+        self.enqueue(id, fx);
+        self.make_ready(qid, 1, fx);
     }
 
     pub(crate) fn housekeeping(&mut self, now: Instant, fx: &mut Effects) {

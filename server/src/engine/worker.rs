@@ -204,13 +204,14 @@ fn execute(
         }
     }
     let Some(epoch) = inner.live_now(job.cpu) else {
-        return (handback("offline"), false);
+        // `Sched::finish` names why: offline, cpuset or isolated.
+        return (handback(super::sched::NOT_LIVE), false);
     };
     // A job claimed behind another waited bound while its predecessors ran: if the topology
     // changed meanwhile (its queue may have been re-resolved away from this CPU), it goes back
     // to be placed afresh.
     if job.claimed && epoch != job.epoch {
-        return (handback("offline"), false);
+        return (handback("stall"), false);
     }
     if token.is_cancelled() {
         let f = Finish {

@@ -16,11 +16,17 @@ use crate::cpuset::CpuSet;
 use crate::engine::{ItemResult, ItemSpec, State, WorkqueueAttrs, WorkqueueStats};
 use crate::groups::{Fallback, Level, Placement};
 use crate::live::Snapshot;
+use crate::quote::quote;
 use crate::target::Target;
 use crate::topology::AllowedSource;
 
 /// Longest de-duplication key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
+/// Longest target text accepted, in bytes (a cpulist of every one of 8 192 CPUs, spelled
+/// out one by one, fits).
+pub const MAX_TARGET_BYTES: usize = 48 << 10;
+/// Longest handler name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
 
 /// One wire item to an engine item; `index` is its index in the whole batch (or stream).
 ///
@@ -59,6 +65,16 @@ pub fn item_spec_with(
             if it.target.trim().is_empty() {
                 return Err(bad("target", "required (e.g. \"cache:0\", \"all\")".into()));
             }
+            if it.target.len() > MAX_TARGET_BYTES {
+                return Err(bad(
+                    "target",
+                    format!(
+                        "{} is {} bytes, longer than {MAX_TARGET_BYTES}",
+                        quote(&it.target),
+                        it.target.len()
+                    ),
+                ));
+            }
             let t = Target::from_str(&it.target).map_err(|e| bad("target", e.to_string()))?;
             cache.last = Some((it.target, t.clone()));
             t
@@ -67,10 +83,30 @@ pub fn item_spec_with(
     if it.handler.is_empty() {
         return Err(bad("handler", "required (e.g. \"noop\")".into()));
     }
+    if it.handler.len() > MAX_NAME_BYTES {
+        return Err(bad(
+            "handler",
+            format!(
+                "{} is longer than {MAX_NAME_BYTES} bytes",
+                quote(&it.handler)
+            ),
+        ));
+    }
     if it.payload.len() > limits.max_payload_bytes {
         return Err(RpcError::OverLimit {
             what: format!("items[{index}].payload size in bytes"),
             found: it.payload.len(),
+            limit: "limits.max_payload_bytes",
+            max: limits.max_payload_bytes,
+        });
+    }
+    // Arguments count against the same budget as the payload: they are input bytes the
+    // engine keeps with the item.
+    let args_bytes: usize = it.args.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if args_bytes > limits.max_payload_bytes {
+        return Err(RpcError::OverLimit {
+            what: format!("items[{index}].args size in bytes"),
+            found: args_bytes,
             limit: "limits.max_payload_bytes",
             max: limits.max_payload_bytes,
         });
@@ -83,6 +119,26 @@ pub fn item_spec_with(
     }
     let delay = duration_in(it.delay).map_err(|p| bad("delay", p))?;
     let deadline = duration_in(it.deadline).map_err(|p| bad("deadline", p))?;
+    for (field, d, max, limit) in [
+        ("delay", delay, limits.max_delay, "limits.max_delay"),
+        (
+            "deadline",
+            deadline,
+            limits.max_deadline,
+            "limits.max_deadline",
+        ),
+    ] {
+        if let Some(d) = d.filter(|d| *d > max) {
+            return Err(bad(
+                field,
+                format!(
+                    "{} is longer than {limit} = {}",
+                    humantime::format_duration(Duration::from_secs(d.as_secs())),
+                    humantime::format_duration(max)
+                ),
+            ));
+        }
+    }
     Ok(ItemSpec {
         target,
         handler: it.handler,
@@ -94,12 +150,21 @@ pub fn item_spec_with(
     })
 }
 
+/// The range of `google.protobuf.Duration` seconds (about 10 000 years either way).
+pub const PROTO_DURATION_MAX_SECS: i64 = 315_576_000_000;
+
 /// A wire duration to a std one; unset is `None`.
 ///
 /// # Errors
-/// A text saying why: negative, or nanos out of range.
+/// A text saying why: out of the proto's documented range, negative, or nanos out of range.
 pub fn duration_in(d: Option<prost_types::Duration>) -> Result<Option<Duration>, String> {
     let Some(d) = d else { return Ok(None) };
+    if !(-PROTO_DURATION_MAX_SECS..=PROTO_DURATION_MAX_SECS).contains(&d.seconds) {
+        return Err(format!(
+            "{}s is outside google.protobuf.Duration's range (±{PROTO_DURATION_MAX_SECS}s)",
+            d.seconds
+        ));
+    }
     if d.seconds < 0 || d.nanos < 0 {
         return Err(format!(
             "must not be negative (got {}s {}ns)",
@@ -125,10 +190,11 @@ pub fn timestamp_out(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
 }
 
-/// An engine state to the wire (`Delayed` is PENDING there).
+/// An engine state to the wire.
 pub fn state_out(s: State) -> v1::ItemState {
     match s {
-        State::Delayed | State::Pending => v1::ItemState::Pending,
+        State::Delayed => v1::ItemState::Delayed,
+        State::Pending => v1::ItemState::Pending,
         State::Running => v1::ItemState::Running,
         State::Ok => v1::ItemState::Ok,
         State::Failed => v1::ItemState::Failed,
@@ -178,16 +244,31 @@ pub struct ResultsOut {
 }
 
 impl ResultsOut {
+    /// The canonical text of `t`, formatted once per run of equal targets.
+    fn target_text(&mut self, t: &Target) -> &str {
+        if !matches!(&self.last_target, Some((last, _)) if last == t) {
+            self.last_target = Some((t.clone(), t.to_string()));
+        }
+        self.last_target
+            .as_ref()
+            .map_or("", |(_, text)| text.as_str())
+    }
+
+    /// An upper bound of the encoded size of [`ResultsOut::result`] of `r` (as
+    /// [`result_len_bound`]), without converting it.
+    pub fn len_bound(&mut self, r: &ItemResult) -> usize {
+        RESULT_FIXED_MAX
+            + self.target_text(&r.target).len()
+            + r.workqueue.len()
+            + r.output.len()
+            + r.error.len()
+            + r.reason.len()
+            + r.handler.len()
+    }
+
     /// [`result_out`] of `r`.
     pub fn result(&mut self, r: &ItemResult) -> v1::ItemResult {
-        let target = match &self.last_target {
-            Some((t, text)) if *t == r.target => text.clone(),
-            _ => {
-                let text = r.target.to_string();
-                self.last_target = Some((r.target.clone(), text.clone()));
-                text
-            }
-        };
+        let target = self.target_text(&r.target).to_string();
         v1::ItemResult {
             item_id: r.id,
             batch_id: r.batch,
@@ -210,6 +291,7 @@ impl ResultsOut {
             finished_at: r.finished_at.map(timestamp_out),
             topology_epoch: r.epoch_started.unwrap_or(0),
             handler: String::from(&*r.handler),
+            decision_epoch: r.epoch_decided.unwrap_or(0),
         }
     }
 }
@@ -219,6 +301,9 @@ impl ResultsOut {
 /// Fields 1–15 take a 1-byte key, 16–17 two; a varint takes at most 10 bytes (5 for uint32);
 /// a Timestamp at most 1 + 1 + 11 + 11. Rounded up.
 const RESULT_FIXED_MAX: usize = 256;
+/// Encoded bytes of one `ItemLookup` in a `GetResultsResponse` beyond its result, at most (key,
+/// length, id, status, the result's key and length).
+pub const LOOKUP_FIXED_MAX: usize = 32;
 /// Encoded bytes of one `ItemReceipt` in a `SubmitResponse`, at most (key, length, three
 /// fields), rounded up.
 const RECEIPT_MAX: usize = 32;
@@ -244,7 +329,8 @@ pub fn submit_response_len_bound(resp: &v1::SubmitResponse) -> usize {
 /// Adds `n` items in state `s` to wire counts.
 pub fn count_state(c: &mut v1::StateCounts, s: State, n: u64) {
     match s {
-        State::Delayed | State::Pending => c.pending += n,
+        State::Delayed => c.delayed += n,
+        State::Pending => c.pending += n,
         State::Running => c.running += n,
         State::Ok => c.ok += n,
         State::Failed => c.failed += n,
@@ -362,8 +448,9 @@ pub fn wq_info_out(s: &WorkqueueStats) -> v1::WorkqueueInfo {
     v1::WorkqueueInfo {
         attrs: Some(attrs_out(&s.attrs)),
         stats: Some(v1::WorkqueueStats {
-            pending: (s.delayed + s.pending) as u64,
+            pending: s.pending as u64,
             running: s.running as u64,
+            delayed: s.delayed as u64,
             totals: Some(counts_out(&s.totals)),
             draining: s.draining,
         }),
@@ -554,6 +641,7 @@ mod tests {
             started_at: Some(SystemTime::now()),
             finished_at: None,
             epoch_started: Some(2),
+            epoch_decided: None,
         }
     }
 
@@ -603,6 +691,7 @@ mod tests {
             finished_at: Some(wide),
             topology_epoch: u64::MAX,
             handler: "h".repeat(200),
+            decision_epoch: u64::MAX,
         };
         let empty = v1::ItemResult::default();
         for results in [

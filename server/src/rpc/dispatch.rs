@@ -21,7 +21,7 @@ use wqd_proto::v1;
 
 use super::convert::{
     count_state, duration_out, item_spec_with, state_out, submit_response_len_bound, ResultsOut,
-    TargetCache,
+    TargetCache, LOOKUP_FIXED_MAX,
 };
 use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
@@ -236,6 +236,7 @@ impl Rpc {
     ) -> Result<v1::SubmitStreamResponse, RpcError> {
         let mut wq: Option<String> = None;
         let mut specs: Vec<ItemSpec> = Vec::new();
+        let mut committed = false;
         let began = Instant::now();
         let limits = self.limits.load();
         let mut targets = TargetCache::default();
@@ -248,7 +249,24 @@ impl Rpc {
                         what: "reading the streamed batch (nothing was queued)".into(),
                     }),
                 };
-                let Some(m) = msg else { break };
+                let Some(m) = msg else {
+                    // A clean end of stream — or a reset: hyper reports RST_STREAM(CANCEL or
+                    // NO_ERROR) as the end of the body too, so only `commit` accepts.
+                    return Err(RpcError::Field {
+                        field: "commit".into(),
+                        problem: "the stream ended without a message with commit = true; \
+                                  nothing was queued"
+                            .into(),
+                    });
+                };
+                if committed {
+                    return Err(RpcError::Field {
+                        field: "commit".into(),
+                        problem: "a message came after the one with commit = true; nothing \
+                                  was queued"
+                            .into(),
+                    });
+                }
                 match (&wq, m.options) {
                     (None, Some(o)) => wq = Some(wq_name(o.workqueue)),
                     (None, None) => {
@@ -273,6 +291,12 @@ impl Rpc {
                 for it in m.items {
                     let index = specs.len();
                     specs.push(item_spec_with(index, it, &limits, &mut targets)?);
+                }
+                if m.commit {
+                    // Accept now: the client said so explicitly, and a reset after this
+                    // point cannot take it back (it is as if it came after the response).
+                    committed = true;
+                    break;
                 }
             }
             Ok(())
@@ -317,6 +341,7 @@ impl Rpc {
     fn flush_scope(
         &self,
         scope: Option<v1::flush_request::Scope>,
+        include_delayed: bool,
     ) -> Result<(FlushScope, Vec<u64>), RpcError> {
         use v1::flush_request::Scope;
         match scope {
@@ -334,6 +359,9 @@ impl Rpc {
                 Ok((FlushScope::Items(known), unknown))
             }
             Some(Scope::BatchId(b)) => Ok((FlushScope::Batch(b), Vec::new())),
+            Some(Scope::Workqueue(w)) if include_delayed => {
+                Ok((FlushScope::WorkqueueAll(wq_name(w)), Vec::new()))
+            }
             Some(Scope::Workqueue(w)) => Ok((FlushScope::Workqueue(wq_name(w)), Vec::new())),
         }
     }
@@ -406,17 +434,22 @@ impl Rpc {
     ) -> Result<(v1::StateCounts, Duration), RpcError> {
         let began = Instant::now();
         let w = wq.clone();
-        let mut flush = self.blocking(move |e| e.drain(&w)).await??;
-        let events = collect(&mut flush, deadline, || {
-            format!("draining workqueue {wq:?}")
+        // A drain's flush counts (no event per item), so this wait holds no results.
+        let mut flush = self.engine.drain(&w)?;
+        let waited = collect(&mut flush, deadline, || {
+            format!(
+                "draining workqueue {} (it stays draining, refusing submissions, until it is \
+                 empty; UpdateWorkqueue takes it back)",
+                crate::quote::quote(&wq)
+            )
         })
         .await;
-        self.flush_waited(FlushMethod::Drain, flush.began(), &events);
-        let events = events?;
+        self.flush_waited(FlushMethod::Drain, flush.began(), &waited);
+        waited?;
         let mut counts = v1::StateCounts::default();
-        for ev in &events {
-            if let FlushEvent::Done(r) = ev {
-                count_state(&mut counts, r.state, 1);
+        if let Some((by_state, _)) = flush.tally() {
+            for (st, n) in by_state {
+                count_state(&mut counts, st, n as u64);
             }
         }
         Ok((counts, began.elapsed()))
@@ -426,6 +459,23 @@ impl Rpc {
         self.check_count("the number of item ids", r.item_ids.len())?;
         let results = self.engine.results(&r.item_ids);
         let mut out = ResultsOut::default();
+        // Refuse a response over the message limit before building it: the bound is cheap
+        // (no conversion), and it is what the response could take at most.
+        let max = self.limits.load().max_message_bytes;
+        let mut bound = 16usize;
+        for res in &results {
+            bound += LOOKUP_FIXED_MAX + res.as_ref().map_or(0, |r| out.len_bound(r));
+            if bound > max {
+                return Err(RpcError::Exhausted {
+                    what: format!(
+                        "the results of {} ids would take more than limits.max_message_bytes = \
+                         {max} bytes; ask for fewer ids at a time (or flush their batch, which \
+                         streams results)",
+                        r.item_ids.len()
+                    ),
+                });
+            }
+        }
         let items = r
             .item_ids
             .iter()
@@ -562,6 +612,7 @@ async fn stream_flush(
         items_covered: flush.covered() as u64,
         waited: Some(duration_out(began.elapsed())),
         unknown_item_ids: unknown,
+        delayed_not_covered: flush.delayed_not_covered() as u64,
     };
     drop(flush);
     let _ = send(
@@ -606,7 +657,9 @@ impl v1::dispatch_service_server::DispatchService for Rpc {
     ) -> Result<Response<Self::FlushStream>, Status> {
         let deadline = deadline_of(req.metadata());
         let r = req.into_inner();
-        let (scope, unknown) = self.flush_scope(r.scope).map_err(status)?;
+        let (scope, unknown) = self
+            .flush_scope(r.scope, r.include_delayed)
+            .map_err(status)?;
         // A summary-only flush needs no per-item events: the engine tallies them.
         let flush = if r.summary_only {
             self.engine.flush_summary(scope)

@@ -1,10 +1,12 @@
 //! The one place a request refused by tonic itself gets wqd's status: tonic rejects a unary
-//! request over `limits.max_message_bytes` with `OUT_OF_RANGE` before any handler sees it, as
-//! a trailers-only response. [`TooLargeLayer`] rewrites exactly that response to
-//! `RESOURCE_EXHAUSTED` naming the limit, as [`super::status`] does for the streaming path.
+//! request over `limits.max_message_bytes` with `OUT_OF_RANGE`, and one whose body ends
+//! inside a message with `INTERNAL` ("Unexpected EOF decoding stream"), before any handler
+//! sees it, as a trailers-only response. [`TooLargeLayer`] rewrites exactly those responses:
+//! `RESOURCE_EXHAUSTED` naming the limit, and `INVALID_ARGUMENT` for the truncated request
+//! (a client error, not a daemon bug), as [`super::status`] does for the streaming path.
 //!
-//! Owns: nothing but that rewrite. Invariant: only a trailers-only response whose status is
-//! tonic's "message length too large" is touched, and only its `grpc-status`/`grpc-message`
+//! Owns: nothing but those rewrites. Invariant: only a trailers-only response whose status is
+//! one of those two tonic refusals is touched, and only its `grpc-status`/`grpc-message`
 //! headers; bodies and every other response pass through unchanged.
 
 use std::task::{Context, Poll};
@@ -56,13 +58,14 @@ where
 /// Rewrites a trailers-only "too large" status in `h`, if that is what `h` holds.
 fn rewrite(h: &mut http::HeaderMap) {
     // Cheap test first: nearly every response has grpc-status only in its trailers.
-    if h.get("grpc-status").map(http::HeaderValue::as_bytes) != Some(b"11") {
+    let code = h.get("grpc-status").map(http::HeaderValue::as_bytes);
+    if code != Some(b"11") && code != Some(b"13") {
         return;
     }
     let Some(st) = Status::from_header_map(h) else {
         return;
     };
-    let Some(ours) = super::too_large(&st) else {
+    let Some(ours) = super::too_large(&st).or_else(|| super::truncated(&st)) else {
         return;
     };
     h.remove("grpc-status");

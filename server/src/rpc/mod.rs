@@ -16,6 +16,7 @@
 //! * Streams end when the daemon shuts down ([`Rpc::shutdown`]), so graceful shutdown never
 //!   waits on a watcher.
 
+pub mod budget;
 pub mod convert;
 mod dispatch;
 pub mod limits;
@@ -91,9 +92,11 @@ pub fn status(e: RpcError) -> Status {
         RpcError::Engine(ee) => match ee {
             E::UnknownWorkqueue(_) | E::UnknownBatch(_) | E::UnknownItem(_) => Code::NotFound,
             E::WorkqueueExists(_) => Code::AlreadyExists,
-            E::InvalidAttrs(_) | E::Group { .. } | E::UnknownHandler { .. } | E::Handler { .. } => {
-                Code::InvalidArgument
-            }
+            E::InvalidAttrs(_)
+            | E::Group { .. }
+            | E::UnknownHandler { .. }
+            | E::Handler { .. }
+            | E::Duration { .. } => Code::InvalidArgument,
             E::WorkqueueNotEmpty { .. } | E::DefaultWorkqueue | E::Draining(_) => {
                 Code::FailedPrecondition
             }
@@ -108,6 +111,7 @@ pub fn status(e: RpcError) -> Status {
         RpcError::Deadline { .. } => Code::DeadlineExceeded,
         RpcError::ShuttingDown => Code::Unavailable,
         RpcError::Transport(st) if is_too_large(st) => Code::ResourceExhausted,
+        RpcError::Transport(st) if is_truncated(st) => Code::InvalidArgument,
         RpcError::Transport(st) => st.code(),
         RpcError::Internal(_) => Code::Internal,
     };
@@ -115,18 +119,45 @@ pub fn status(e: RpcError) -> Status {
         // The engine names items "item N"; on the wire they are "items[N].field".
         RpcError::Engine(E::Group { index, source }) => format!("items[{index}].target: {source}"),
         RpcError::Engine(E::UnknownHandler { index, name, known }) => {
-            format!("items[{index}].handler: unknown handler {name:?} (known: {known})")
+            format!(
+                "items[{index}].handler: unknown handler {} (known: {known})",
+                crate::quote::quote(&name)
+            )
         }
         RpcError::Engine(E::Handler { index, source }) => {
             format!("items[{index}].args/payload: {source}")
         }
-        RpcError::Transport(st) => match too_large(&st) {
+        RpcError::Engine(E::Duration {
+            index,
+            field,
+            problem,
+        }) => format!("items[{index}].{field}: {problem}"),
+        RpcError::Transport(st) => match too_large(&st).or_else(|| truncated(&st)) {
             Some(ours) => return ours,
             None => st.message().to_string(),
         },
         other => other.to_string(),
     };
-    Status::new(code, msg)
+    // Whatever a message quotes, it stays short: clients refuse large status metadata.
+    Status::new(code, crate::quote::cap(msg, MAX_STATUS_MESSAGE))
+}
+
+/// Bytes of a status message at most.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// Whether tonic's decoder found the request body ending inside a message (it says
+/// INTERNAL; it is the client's malformed request).
+fn is_truncated(st: &Status) -> bool {
+    st.code() == Code::Internal && st.message().contains("Unexpected EOF decoding stream")
+}
+
+/// wqd's status for a request body that ended inside a gRPC message; `None` for any other.
+pub(crate) fn truncated(st: &Status) -> Option<Status> {
+    is_truncated(st).then(|| {
+        Status::invalid_argument(
+            "malformed request: the body ended inside a gRPC message (truncated)",
+        )
+    })
 }
 
 /// Whether tonic refused a message for its size (it says OUT_OF_RANGE; wqd says
@@ -179,10 +210,17 @@ impl std::fmt::Debug for Rpc {
     }
 }
 
-/// The layers of [`Rpc::server`]: the metrics layer wraps [`limits::TooLargeLayer`].
+/// The layers of [`Rpc::server`]: the metrics layer wraps [`limits::TooLargeLayer`], which
+/// wraps [`budget::BudgetLayer`].
 pub type BaseLayers = tower::layer::util::Stack<
-    limits::TooLargeLayer,
-    tower::layer::util::Stack<crate::metrics::grpc::RpcMetricsLayer, tower::layer::util::Identity>,
+    budget::BudgetLayer,
+    tower::layer::util::Stack<
+        limits::TooLargeLayer,
+        tower::layer::util::Stack<
+            crate::metrics::grpc::RpcMetricsLayer,
+            tower::layer::util::Identity,
+        >,
+    >,
 >;
 
 impl Rpc {
@@ -209,6 +247,7 @@ impl Rpc {
         tonic::transport::Server::builder()
             .layer(metrics)
             .layer(limits::TooLargeLayer)
+            .layer(budget::BudgetLayer::new(self.limits.clone()))
     }
 
     /// As [`Rpc::router`], on a server the caller configured (normally [`Rpc::server`] plus

@@ -22,11 +22,14 @@ impl v1::stats_service_server::StatsService for Rpc {
         let wqs = self.engine.workqueues();
         let mut items = v1::StateCounts::default();
         for w in &wqs {
-            count_state(&mut items, State::Pending, (w.delayed + w.pending) as u64);
+            count_state(&mut items, State::Delayed, w.delayed as u64);
+            count_state(&mut items, State::Pending, w.pending as u64);
             count_state(&mut items, State::Running, w.running as u64);
-            for (s, n) in &w.totals {
-                count_state(&mut items, *s, *n);
-            }
+        }
+        // Terminal totals are the engine's own, kept across workqueue deletions: documented as
+        // totals since start, they never go down.
+        for (s, n) in &es.totals {
+            count_state(&mut items, *s, *n);
         }
         let c = &self.counters;
         Ok(Response::new(v1::GetStatsResponse {

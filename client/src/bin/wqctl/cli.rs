@@ -183,6 +183,11 @@ pub struct FlushArgs {
     /// Do not stream per-item results; print only the final counts
     #[arg(long)]
     pub summary_only: bool,
+    /// With --workqueue: also cover its delayed items, queueing them at once (by default a
+    /// workqueue flush leaves them out and says how many). Item and batch flushes always
+    /// queue the delayed items they name.
+    #[arg(long)]
+    pub include_delayed: bool,
 }
 
 #[derive(Debug, Args)]

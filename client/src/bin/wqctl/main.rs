@@ -158,7 +158,11 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
             let scope = if let Some(b) = f.scope.batch {
                 FlushScope::Batch(b)
             } else if let Some(w) = f.scope.workqueue {
-                FlushScope::Workqueue(w)
+                if f.include_delayed {
+                    FlushScope::WorkqueueAll(w)
+                } else {
+                    FlushScope::Workqueue(w)
+                }
             } else {
                 FlushScope::Items(f.scope.items)
             };
@@ -173,6 +177,7 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
                         "items_covered": fs.items_covered,
                         "waited_us": render::dur_us(fs.waited.as_ref()),
                         "unknown_item_ids": fs.unknown_item_ids,
+                        "delayed_not_covered": fs.delayed_not_covered,
                         "states": states,
                         "all_ok": ok,
                         "summary": (!f.summary_only).then_some(&summary),
@@ -184,6 +189,12 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
                         fs.items_covered,
                         render::human_us(render::dur_us(fs.waited.as_ref()))
                     );
+                    if fs.delayed_not_covered > 0 {
+                        t.push_str(&format!(
+                            "not covered: {} delayed items (--include-delayed queues and flushes them)\n",
+                            fs.delayed_not_covered
+                        ));
+                    }
                     if f.summary_only {
                         let s = Summary {
                             states: states.clone(),

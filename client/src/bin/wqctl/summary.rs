@@ -30,7 +30,7 @@ impl States {
             ItemState::Cancelled => self.cancelled += 1,
             ItemState::Expired => self.expired += 1,
             ItemState::Rejected => self.rejected += 1,
-            ItemState::Pending | ItemState::Unspecified => self.pending += 1,
+            ItemState::Pending | ItemState::Delayed | ItemState::Unspecified => self.pending += 1,
             ItemState::Running => self.running += 1,
         }
     }
@@ -57,7 +57,7 @@ impl From<&StateCounts> for States {
             cancelled: c.cancelled,
             expired: c.expired,
             rejected: c.rejected,
-            pending: c.pending,
+            pending: c.pending + c.delayed,
             running: c.running,
         }
     }
@@ -161,6 +161,7 @@ pub fn state_name(s: ItemState) -> &'static str {
     match s {
         ItemState::Unspecified => "unspecified",
         ItemState::Pending => "pending",
+        ItemState::Delayed => "delayed",
         ItemState::Running => "running",
         ItemState::Ok => "ok",
         ItemState::Failed => "failed",
