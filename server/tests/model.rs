@@ -22,9 +22,8 @@
 //! `Observer::finished` call per id), and `Engine::shutdown` must return.
 //!
 //! A failing sequence is shrunk by proptest and printed, one step per line.
-//! `PROPTEST_CASES` sets the number of sequences (default 64); `WQD_MODEL_RULES=today`
-//! models the engine as it was before issue #10's rules (see [`Rules::from_env`]), to look
-//! for other failures past the known ones; `WQD_MODEL_COVERAGE=1` prints what was exercised.
+//! `PROPTEST_CASES` sets the number of sequences (default 64); `WQD_MODEL_COVERAGE=1` prints
+//! what they exercised.
 
 mod common;
 
@@ -60,6 +59,21 @@ const GATES: usize = 3;
 const SLACK: Duration = Duration::from_secs(2);
 /// How long something the model says must complete may take.
 const BOUND: Duration = Duration::from_secs(2);
+/// How long `Engine::shutdown` may take (it waits 5 s for running items, then 5 s for threads).
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(12);
+/// The same as [`BOUND`] while shrinking a failure: each attempt that fails by waiting costs this.
+const SHRINK_BOUND: Duration = Duration::from_millis(400);
+
+/// Set once a sequence failed: from then on proptest only shrinks.
+static SHRINKING: AtomicBool = AtomicBool::new(false);
+
+fn bound() -> Duration {
+    if SHRINKING.load(Ordering::Relaxed) {
+        SHRINK_BOUND
+    } else {
+        BOUND
+    }
+}
 /// How long to wait on a flush the model says may not complete.
 const SHORT: Duration = Duration::from_millis(20);
 /// What counts as "soon" for a small delay or deadline during a settle.
@@ -67,94 +81,22 @@ const HORIZON: Duration = Duration::from_millis(100);
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 // ---------------------------------------------------------------------------------------------
-// The rules issue #10 changes, in one place.
+// Limits the engine is configured with.
 
-/// The parts of the contract that issue #10 changes. [`Rules::new`] is the contract the
-/// engine must keep; [`Rules::today`] is the engine as it was before (huge durations are then
-/// not generated, since they panic the engine), to find other failures past the known ones.
-#[derive(Debug, Clone, Copy)]
-struct Rules {
-    /// Delays and deadlines above this are refused with `EngineError::Duration`.
-    max_duration: Option<Duration>,
-    /// A flush of items or of a batch queues the delayed items it covers at once.
-    flush_queues_delayed: bool,
-    /// A workqueue flush covers what is queued or running, not delayed items.
-    wq_flush_skips_delayed: bool,
-    /// Workqueue names "." and ".." are invalid.
-    dot_names_invalid: bool,
-}
+/// Longest delay an item may ask for (`EngineConfig::max_delay`).
+const MAX_DELAY: Duration = YEAR;
+/// Longest deadline (`EngineConfig::max_deadline`): shorter than the delay's, so a refusal
+/// must name the right field.
+const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
-impl Rules {
-    fn new() -> Rules {
-        Rules {
-            max_duration: Some(YEAR),
-            flush_queues_delayed: true,
-            wq_flush_skips_delayed: true,
-            dot_names_invalid: true,
-        }
-    }
-    fn today() -> Rules {
-        Rules {
-            max_duration: None,
-            flush_queues_delayed: false,
-            wq_flush_skips_delayed: false,
-            dot_names_invalid: false,
-        }
-    }
-    /// `WQD_MODEL_RULES`: unset or `new` for [`Rules::new`], `today` for [`Rules::today`],
-    /// or a comma list of the old rules to use with the new ones: `old-durations`,
-    /// `old-flush`, `old-names`.
-    fn from_env() -> Rules {
-        let v = std::env::var("WQD_MODEL_RULES").unwrap_or_default();
-        if v == "today" {
-            return Rules::today();
-        }
-        let mut r = Rules::new();
-        for w in v
-            .split(',')
-            .map(str::trim)
-            .filter(|w| !w.is_empty() && *w != "new")
-        {
-            match w {
-                "old-durations" => r.max_duration = None,
-                "old-flush" => {
-                    r.flush_queues_delayed = false;
-                    r.wq_flush_skips_delayed = false;
-                }
-                "old-names" => r.dot_names_invalid = false,
-                other => panic!("WQD_MODEL_RULES: unknown rule {other:?}"),
-            }
-        }
-        r
-    }
-    /// Why `d` is refused, if it is.
-    fn duration_problem(&self, d: Duration) -> Option<String> {
-        let max = self.max_duration?;
-        (d > max).then(|| format!("{d:?} is more than {max:?}"))
-    }
-}
-
-/// The scope "a workqueue's queued, running and delayed items" (issue #10's
-/// `FlushScope::WorkqueueAll`); `None` while the engine has no such scope.
-fn wq_all_scope(_name: &str) -> Option<FlushScope> {
-    None
-}
-
-/// How many delayed items a workqueue flush reports it did not cover (issue #10's
-/// `Flush::delayed_not_covered`); `None` while the engine does not report it.
-fn delayed_not_covered(_f: &Flush) -> Option<usize> {
-    None
-}
-
-/// Whether `e` is the refusal of a batch for a bad duration at `index` in `field`.
-fn duration_error(e: &EngineError) -> Option<(usize, &'static str)> {
-    let _ = e;
-    None
-}
-
-/// Daemon-wide terminal totals (issue #10's `EngineStats::totals`), if the engine has them.
-fn daemon_totals(_e: &Engine) -> Option<BTreeMap<State, u64>> {
-    None
+/// Whether `d` as `field` ("delay" or "deadline") refuses its batch.
+fn duration_refused(field: &str, d: Duration) -> bool {
+    let max = if field == "delay" {
+        MAX_DELAY
+    } else {
+        MAX_DEADLINE
+    };
+    d > max
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,7 +552,7 @@ fn handler_s() -> impl Strategy<Value = Hgen> {
     ]
 }
 
-fn dur_s(extreme: bool) -> BoxedStrategy<Option<Dur>> {
+fn dur_s() -> BoxedStrategy<Option<Dur>> {
     let common = prop_oneof![
         14 => Just(None),
         2 => Just(Some(Dur::Zero)),
@@ -618,26 +560,22 @@ fn dur_s(extreme: bool) -> BoxedStrategy<Option<Dur>> {
         3 => Just(Some(Dur::Hour)),
         1 => Just(Some(Dur::Year)),
     ];
-    if extreme {
-        prop_oneof![
-            20 => common,
-            1 => Just(Some(Dur::OverYear)),
-            1 => Just(Some(Dur::Max)),
-            1 => Just(Some(Dur::U64Secs)),
-        ]
-        .boxed()
-    } else {
-        common.boxed()
-    }
+    prop_oneof![
+        20 => common,
+        1 => Just(Some(Dur::OverYear)),
+        1 => Just(Some(Dur::Max)),
+        1 => Just(Some(Dur::U64Secs)),
+    ]
+    .boxed()
 }
 
-fn item_s(extreme: bool) -> impl Strategy<Value = ItemGen> {
+fn item_s() -> impl Strategy<Value = ItemGen> {
     (
         target_s(),
         handler_s(),
         prop::option::weighted(0.3, 0u8..3),
-        dur_s(extreme),
-        dur_s(extreme),
+        dur_s(),
+        dur_s(),
     )
         .prop_map(|(target, handler, key, delay, deadline)| ItemGen {
             target,
@@ -648,11 +586,11 @@ fn item_s(extreme: bool) -> impl Strategy<Value = ItemGen> {
         })
 }
 
-fn items_s(extreme: bool) -> impl Strategy<Value = Vec<ItemGen>> {
+fn items_s() -> impl Strategy<Value = Vec<ItemGen>> {
     prop_oneof![
-        4 => prop::collection::vec(item_s(extreme), 1..=8),
+        4 => prop::collection::vec(item_s(), 1..=8),
         // Runs of identical items: the engine binds several of them in one take.
-        1 => (item_s(extreme), 2usize..=6).prop_map(|(i, n)| vec![i; n]),
+        1 => (item_s(), 2usize..=6).prop_map(|(i, n)| vec![i; n]),
     ]
 }
 
@@ -681,12 +619,12 @@ fn cancel_scope_s() -> impl Strategy<Value = ScopeGen> {
     ]
 }
 
-fn op_s(extreme: bool) -> impl Strategy<Value = Op> {
+fn op_s() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => wq_spec_s().prop_map(Op::CreateWq),
         1 => wq_spec_s().prop_map(Op::UpdateWq),
         1 => name_s().prop_map(Op::DeleteWq),
-        10 => (submit_name_s(), items_s(extreme)).prop_map(|(wq, items)| Op::Submit { wq, items }),
+        10 => (submit_name_s(), items_s()).prop_map(|(wq, items)| Op::Submit { wq, items }),
         3 => (scope_s(), any::<bool>()).prop_map(|(scope, summary)| Op::Flush { scope, summary }),
         3 => cancel_scope_s().prop_map(Op::Cancel),
         1 => submit_name_s().prop_map(Op::Drain),
@@ -698,8 +636,8 @@ fn op_s(extreme: bool) -> impl Strategy<Value = Op> {
     ]
 }
 
-fn ops_s(extreme: bool) -> impl Strategy<Value = Vec<Op>> {
-    prop::collection::vec(op_s(extreme), 1..=40)
+fn ops_s() -> impl Strategy<Value = Vec<Op>> {
+    prop::collection::vec(op_s(), 1..=40)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -823,7 +761,6 @@ struct MWq {
 }
 
 struct Model {
-    rules: Rules,
     live: u8,
     epoch: u64,
     /// Snapshots applied (hand-backs happen only after one).
@@ -845,9 +782,8 @@ fn eligible(members: u8, live: u8, fb: Fallback) -> bool {
 }
 
 impl Model {
-    fn new(rules: Rules) -> Model {
+    fn new() -> Model {
         let mut m = Model {
-            rules,
             live: INITIAL_LIVE,
             epoch: 1,
             epochs: 0,
@@ -887,7 +823,7 @@ impl Model {
             && name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-        !ok || (self.rules.dot_names_invalid && (name == "." || name == ".."))
+        !ok || name == "." || name == ".."
     }
 
     fn attrs_invalid(&self, s: &WqSpec) -> bool {
@@ -1159,10 +1095,8 @@ struct Expect {
 }
 
 fn err_kind(e: &EngineError) -> String {
-    if let Some((i, f)) = duration_error(e) {
-        return format!("Duration({i},{f})");
-    }
     match e {
+        EngineError::Duration { index, field, .. } => format!("Duration({index},{field})"),
         EngineError::UnknownWorkqueue(_) => "UnknownWorkqueue".into(),
         EngineError::WorkqueueExists(_) => "WorkqueueExists".into(),
         EngineError::InvalidAttrs(_) => "InvalidAttrs".into(),
@@ -1177,13 +1111,11 @@ fn err_kind(e: &EngineError) -> String {
         EngineError::UnknownItem(i) => format!("UnknownItem({i})"),
         EngineError::ShuttingDown => "ShuttingDown".into(),
         EngineError::Timeout(_) => "Timeout".into(),
-        #[allow(unreachable_patterns)]
-        other => format!("{other:?}"),
     }
 }
 
 impl Harness {
-    fn new(rules: Rules) -> Harness {
+    fn new() -> Harness {
         let topo = topology();
         let snap = common::snapshot(&topo, 1, &cpuset(INITIAL_LIVE));
         let gates = Arc::new(Gates::default());
@@ -1198,6 +1130,8 @@ impl Harness {
             watchdog_thresh: Duration::ZERO,
             hog_thresh: Duration::ZERO,
             observer: Some(seen.clone()),
+            max_delay: MAX_DELAY,
+            max_deadline: MAX_DEADLINE,
             ..EngineConfig::default()
         };
         let engine = Engine::start(cfg, reg, snap.clone()).expect("engine starts");
@@ -1209,7 +1143,7 @@ impl Harness {
         engine.create_workqueue(r).expect("r created");
         Harness {
             engine: Some(engine),
-            model: Model::new(rules),
+            model: Model::new(),
             gates,
             seen,
             snap,
@@ -1337,7 +1271,7 @@ impl Harness {
         for _ in 0..20 {
             let before = self.states(&ids);
             let stats = self.engine().workqueues();
-            let totals = daemon_totals(self.engine());
+            let totals = self.engine().stats().totals;
             let after = self.states(&ids);
             if before != after {
                 continue;
@@ -1357,17 +1291,16 @@ impl Harness {
             for st in &stats {
                 self.check_wq_stats(st, &by_id)?;
             }
-            if let Some(t) = totals {
-                let mut want: BTreeMap<State, u64> = BTreeMap::new();
-                for s in by_id.values().filter(|s| s.is_terminal()) {
-                    *want.entry(*s).or_default() += 1;
-                }
-                let got: BTreeMap<State, u64> = t.into_iter().filter(|(_, n)| *n > 0).collect();
-                if got != want {
-                    return Err(format!(
-                        "daemon-wide totals are {got:?}; the items' states say {want:?}"
-                    ));
-                }
+            // Daemon-wide totals count every item, of deleted workqueues too.
+            let mut want: BTreeMap<State, u64> = BTreeMap::new();
+            for s in by_id.values().filter(|s| s.is_terminal()) {
+                *want.entry(*s).or_default() += 1;
+            }
+            let got: BTreeMap<State, u64> = totals.into_iter().filter(|(_, n)| *n > 0).collect();
+            if got != want {
+                return Err(format!(
+                    "daemon-wide totals are {got:?}; the items' states say {want:?}"
+                ));
             }
             return Ok(());
         }
@@ -1570,6 +1503,8 @@ impl Harness {
             }
             let inc = {
                 let w = self.model.wqs.get_mut(name).unwrap();
+                // An update ends a drain.
+                w.drain_started = false;
                 w.fallback = s.fallback;
                 w.ordered = s.ordered;
                 w.max_queued = s.max_queued;
@@ -1637,10 +1572,13 @@ impl Harness {
                     "submit refused {}",
                     kind.split('(').next().unwrap_or("")
                 ));
-                let dur_ok = duration_error(&e).is_some_and(|(i, f)| {
-                    (f == "delay" && exp.bad_delay.contains(&i))
-                        || (f == "deadline" && exp.bad_deadline.contains(&i))
-                });
+                let dur_ok = match &e {
+                    EngineError::Duration { index, field, .. } => {
+                        (*field == "delay" && exp.bad_delay.contains(index))
+                            || (*field == "deadline" && exp.bad_deadline.contains(index))
+                    }
+                    _ => false,
+                };
                 if !dur_ok && !exp.must.contains(&kind) && !exp.may.contains(&kind) {
                     return Err(format!(
                         "submit refused with {e:?}; the model expects {exp:?}"
@@ -1727,12 +1665,12 @@ impl Harness {
         }
         for (i, g) in gens.iter().enumerate() {
             if g.delay
-                .is_some_and(|d| m.rules.duration_problem(d.duration()).is_some())
+                .is_some_and(|d| duration_refused("delay", d.duration()))
             {
                 exp.bad_delay.push(i);
             }
             if g.deadline
-                .is_some_and(|d| m.rules.duration_problem(d.duration()).is_some())
+                .is_some_and(|d| duration_refused("deadline", d.duration()))
             {
                 exp.bad_deadline.push(i);
             }
@@ -1869,9 +1807,11 @@ impl Harness {
                 Some(d) if d < HORIZON * 10 => Delay::Until(lo + d),
                 Some(_) => Delay::Huge,
             };
+            // A zero deadline is no deadline (as a zero delay is no delay).
             let deadline = g
                 .deadline
                 .map(Dur::duration)
+                .filter(|d| !d.is_zero())
                 .and_then(|d| lo.checked_add(d));
             let now_enq = delay == Delay::No;
             let dead = members & live == 0;
@@ -1960,7 +1900,7 @@ impl Harness {
         covered: &[u64],
     ) -> Res<Option<wqd::engine::FlushSummary>> {
         let r = call("Flush::wait", || {
-            f.wait(Some(if must { BOUND } else { SHORT }))
+            f.wait(Some(if must { bound() } else { SHORT }))
         })?;
         note(format!(
             "flush must={must} {}",
@@ -1978,14 +1918,14 @@ impl Harness {
                     .map(|(id, s)| format!("{} is {s:?}", self.describe(*id)))
                     .collect();
                 Err(format!(
-                    "{what} did not complete within {BOUND:?} ({e:?}); stuck: {stuck:?}"
+                    "{what} did not complete within {:?} ({e:?}); stuck: {stuck:?}",
+                    bound()
                 ))
             }
         }
     }
 
     fn flush(&mut self, scope: &ScopeGen, summary: bool) -> Res {
-        let rules = self.model.rules;
         let start = |h: &Self, s: FlushScope| {
             call("flush", || {
                 if summary {
@@ -2009,14 +1949,14 @@ impl Harness {
                     };
                 }
                 let f = got.map_err(|e| format!("flush of {ids:?}: {e:?}"))?;
-                self.covered_flush(f, ids, rules.flush_queues_delayed)
+                self.covered_flush(f, ids)
             }
             ScopeGen::Batch(p) => {
                 let (b, ids) = self.pick_batch(p);
                 let got = start(self, FlushScope::Batch(b))?;
                 match (got, ids) {
                     (Err(EngineError::UnknownBatch(x)), None) if x == b => Ok(()),
-                    (Ok(f), Some(ids)) => self.covered_flush(f, ids, rules.flush_queues_delayed),
+                    (Ok(f), Some(ids)) => self.covered_flush(f, ids),
                     (got, ids) => Err(format!(
                         "flush of batch {b}: {:?}; the model knows it as {ids:?}",
                         got.map(|f| f.covered())
@@ -2031,7 +1971,7 @@ impl Harness {
     /// A flush over known ids (items or a batch): delayed ones are queued at once (new rule),
     /// it must complete when every covered item will finish, and on completion every covered
     /// item is terminal and counted once.
-    fn covered_flush(&mut self, f: Flush, ids: Vec<u64>, queues_delayed: bool) -> Res {
+    fn covered_flush(&mut self, f: Flush, ids: Vec<u64>) -> Res {
         if f.covered() != ids.len() {
             return Err(format!(
                 "flush covers {}; it was given {}",
@@ -2039,9 +1979,7 @@ impl Harness {
                 ids.len()
             ));
         }
-        if queues_delayed {
-            self.queue_now(&ids, "a flush of items or of a batch")?;
-        }
+        self.queue_now(&ids, "a flush of items or of a batch")?;
         let now = Instant::now();
         let must = ids.iter().all(|id| {
             self.model
@@ -2104,12 +2042,8 @@ impl Harness {
     }
 
     fn wq_flush(&mut self, name: &str, all: bool, summary: bool) -> Res {
-        let rules = self.model.rules;
         let scope = if all {
-            match wq_all_scope(name) {
-                Some(s) => s,
-                None => return Ok(()),
-            }
+            FlushScope::WorkqueueAll(name.to_string())
         } else {
             FlushScope::Workqueue(name.to_string())
         };
@@ -2132,7 +2066,7 @@ impl Harness {
             };
         }
         let f = got.map_err(|e| format!("flush of workqueue {name:?}: {e:?}"))?;
-        let skips_delayed = !all && rules.wq_flush_skips_delayed;
+        let skips_delayed = !all;
         let ids: Vec<u64> = self.model.wq_items(name).map(|i| i.id).collect();
         if all {
             self.queue_now(&ids, "a flush of a workqueue's items and delayed items")?;
@@ -2165,17 +2099,12 @@ impl Harness {
                 f.covered()
             ));
         }
-        if let Some(d) = delayed_not_covered(&f) {
-            let (dmin, dmax) = if all || !skips_delayed {
-                (0, 0)
-            } else {
-                (dmin, dmax)
-            };
-            if d < dmin || d > dmax {
-                return Err(format!(
-                    "flush of workqueue {name:?} left {d} delayed items uncovered; the model says {dmin}..={dmax}"
-                ));
-            }
+        let d = f.delayed_not_covered();
+        let (dmin, dmax) = if all { (0, 0) } else { (dmin, dmax) };
+        if d < dmin || d > dmax {
+            return Err(format!(
+                "flush of workqueue {name:?} left {d} delayed items uncovered; the model says {dmin}..={dmax}"
+            ));
         }
         let now = Instant::now();
         let must = ids.iter().all(|id| {
@@ -2316,20 +2245,20 @@ impl Harness {
         }
         let f = got.map_err(|e| format!("drain of {name:?}: {e:?}"))?;
         let (min, max) = self.model.live_bounds(name, lo, hi);
-        if f.covered() > max {
+        if f.covered() < min || f.covered() > max {
             return Err(format!(
-                "drain of {name:?} covers {}; at most {max} items are live",
+                "drain of {name:?} covers {}; the model says {min}..={max} items are live",
                 f.covered()
             ));
         }
-        let _ = min;
         self.model.wqs.get_mut(name).unwrap().drain_started = true;
+        // A drain queues the workqueue's delayed items at once and waits for everything.
         let ids: Vec<u64> = self.model.wq_items(name).map(|i| i.id).collect();
+        self.queue_now(&ids, "a drain")?;
         let now = Instant::now();
-        let must = ids.iter().all(|id| {
-            let it = &self.model.items[id];
-            it.delay != Delay::Huge && self.model.will_finish(it, now)
-        });
+        let must = ids
+            .iter()
+            .all(|id| self.model.will_finish(&self.model.items[id], now));
         if let Some(sum) = self.wait_flush(&format!("drain of {name:?}"), f, must, &ids)? {
             let n: usize = sum.by_state.values().sum::<usize>() + sum.gone;
             if n != sum.covered {
@@ -2368,7 +2297,7 @@ impl Harness {
             .filter(|i| i.terminal.is_none() && self.model.will_finish(i, now))
             .map(|i| i.id)
             .collect();
-        let until = Instant::now() + BOUND;
+        let until = Instant::now() + bound();
         loop {
             let states = self.states(&ids);
             let left: Vec<(u64, Option<State>)> = ids
@@ -2385,7 +2314,7 @@ impl Harness {
                     .iter()
                     .map(|(id, s)| format!("{} is {s:?}", self.describe(*id)))
                     .collect();
-                return Err(format!("stuck for {BOUND:?}: {d:?}"));
+                return Err(format!("stuck for {:?}: {d:?}", bound()));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -2470,12 +2399,12 @@ impl Harness {
             let _ = tx.send(r.ok());
             drop(engine);
         });
-        match rx.recv_timeout(BOUND * 2) {
+        match rx.recv_timeout(SHUTDOWN_BOUND) {
             Ok(Some(n)) => Ok(n),
             Ok(None) => Err("Engine::shutdown panicked".into()),
             Err(_) => Err(format!(
                 "Engine::shutdown did not return within {:?}",
-                BOUND * 2
+                SHUTDOWN_BOUND
             )),
         }
     }
@@ -2495,11 +2424,11 @@ static OPS: AtomicUsize = AtomicUsize::new(0);
 static LONGEST: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs one sequence against a fresh engine; `Err` says which step broke the contract.
-fn run_sequence(ops: &[Op], rules: Rules) -> Res {
+fn run_sequence(ops: &[Op]) -> Res {
     SEQUENCES.fetch_add(1, Ordering::Relaxed);
     OPS.fetch_add(ops.len(), Ordering::Relaxed);
     LONGEST.fetch_max(ops.len(), Ordering::Relaxed);
-    let mut h = Harness::new(rules);
+    let mut h = Harness::new();
     let mut r = Ok(());
     for (i, op) in ops.iter().enumerate() {
         if let Err(e) = h.step(op) {
@@ -2531,7 +2460,6 @@ fn print_sequence(ops: &[Op]) -> String {
 #[test]
 fn engine_matches_the_model() {
     quiet_boom();
-    let rules = Rules::from_env();
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -2544,18 +2472,19 @@ fn engine_matches_the_model() {
         ..Config::default()
     };
     let mut runner = TestRunner::new(config);
-    let extreme = rules.max_duration.is_some();
     let t0 = Instant::now();
-    let result = runner.run(&ops_s(extreme), |ops| {
-        run_sequence(&ops, rules).map_err(TestCaseError::fail)
+    let result = runner.run(&ops_s(), |ops| {
+        run_sequence(&ops).map_err(|e| {
+            SHRINKING.store(true, Ordering::Relaxed);
+            TestCaseError::fail(e)
+        })
     });
     println!(
-        "model: {} sequences ({} ops, longest {}) in {:.1?}, rules {:?}",
+        "model: {} sequences ({} ops, longest {}) in {:.1?}",
         SEQUENCES.load(Ordering::Relaxed),
         OPS.load(Ordering::Relaxed),
         LONGEST.load(Ordering::Relaxed),
         t0.elapsed(),
-        rules
     );
     if std::env::var_os("WQD_MODEL_COVERAGE").is_some() {
         for (k, n) in COVERAGE.lock().iter() {
