@@ -8,7 +8,9 @@
 //! The engine runs real worker threads, so the model is exact where the engine is
 //! deterministic and a set of allowed states where it is not. Items are made deterministic on
 //! purpose: a `gate` handler blocks until the test opens its gate (and honours its cancel
-//! token), `quick` returns at once, `boom` panics and `fail` returns an error; the `w`
+//! token), `quick` returns at once, `boom` panics and `fail` returns an error; workers can be
+//! held between binding an item and starting it (the `engine::before-start` failpoint, with
+//! the `failpoints` feature), so races with cancel and hotplug happen on demand; the `w`
 //! workqueue waits when its group has no live CPU (CPUs 6-7 start offline), so its items stay
 //! pending, and the `r` workqueue rejects them; delays of an hour or more keep items delayed.
 //!
@@ -471,6 +473,11 @@ enum Op {
     /// Wait until everything the model says will finish has finished.
     Settle,
     Sleep(u8),
+    /// Pause every worker between binding an item and its start check (the failpoint
+    /// `engine::before-start`), so cancels and topology changes land in that window.
+    Hold,
+    /// Let the paused workers go on.
+    Unhold,
 }
 
 fn name_s() -> impl Strategy<Value = Name> {
@@ -633,6 +640,8 @@ fn op_s() -> impl Strategy<Value = Op> {
         2 => (0u8..GATES as u8).prop_map(Op::Release),
         2 => Just(Op::Settle),
         1 => (1u8..20).prop_map(Op::Sleep),
+        1 => Just(Op::Hold),
+        2 => Just(Op::Unhold),
     ]
 }
 
@@ -744,8 +753,10 @@ struct MItem {
     must_reject: bool,
     cancel: Cx,
     last: Option<State>,
-    /// `Model::epochs` when `last` was seen.
-    last_epochs: u64,
+    /// `Model::epochs` when it was last seen not running (or submitted): a worker bound it
+    /// after that, so a topology change since may hand it back (at its start check, which
+    /// can come much later for an item bound behind others).
+    unbound_epochs: u64,
     terminal: Option<State>,
 }
 
@@ -775,6 +786,21 @@ struct Model {
     next_id: u64,
     next_batch: u64,
     open: [bool; GATES],
+    /// Workers pause before starting anything (see [`Op::Hold`]).
+    held: bool,
+}
+
+/// The seam where a worker has bound an item and not yet checked that it may start it.
+const SEAM: &str = "engine::before-start";
+
+/// Pauses (or lets go) every worker at [`SEAM`]. Needs the `failpoints` feature; without
+/// it nothing pauses, which the model allows too.
+fn hold(on: bool) {
+    if on {
+        fail::cfg(SEAM, "pause").expect("failpoint configured");
+    } else {
+        fail::remove(SEAM);
+    }
 }
 
 fn eligible(members: u8, live: u8, fb: Fallback) -> bool {
@@ -795,6 +821,7 @@ impl Model {
             next_id: 1,
             next_batch: 1,
             open: [false; GATES],
+            held: false,
         };
         m.add_wq("default", Fallback::Widen, false, 1 << 20);
         m.add_wq("w", Fallback::Wait, false, 1 << 20);
@@ -908,7 +935,7 @@ impl Model {
         if it.last == Some(State::Running) && self.gate_closed(it.handler) && it.cancel == Cx::None
         {
             let mut keep = States::of(&[State::Running]);
-            if self.epochs != it.last_epochs {
+            if self.epochs != it.unbound_epochs {
                 keep.add(State::Pending);
                 keep.add(State::Expired);
                 keep.add(State::Rejected);
@@ -975,6 +1002,10 @@ impl Model {
     fn will_finish(&self, it: &MItem, now: Instant) -> bool {
         if it.terminal.is_some() || it.cancel == Cx::Pending || it.must_reject {
             return true;
+        }
+        if self.held {
+            // Nothing starts: only timers act, and the model does not count on them here.
+            return false;
         }
         if matches!(it.cancel, Cx::Running { .. }) {
             return !self.behind_closed_gate(it);
@@ -1226,7 +1257,7 @@ impl Harness {
                 let back = rank(r.state) < rank(prev)
                     && !(prev == State::Running
                         && r.state == State::Pending
-                        && self.model.epochs != it.last_epochs);
+                        && self.model.epochs != it.unbound_epochs);
                 if (prev.is_terminal() && prev != r.state) || back {
                     return Err(format!(
                         "{} went from {prev} back to {}",
@@ -1248,7 +1279,9 @@ impl Harness {
             let epochs = self.model.epochs;
             let it = self.model.items.get_mut(id).unwrap();
             it.last = Some(r.state);
-            it.last_epochs = epochs;
+            if r.state != State::Running {
+                it.unbound_epochs = epochs;
+            }
             if r.state.is_terminal() {
                 it.terminal = Some(r.state);
             }
@@ -1394,9 +1427,43 @@ impl Harness {
                 std::thread::sleep(Duration::from_millis((*ms).into()));
                 Ok(())
             }
+            Op::Hold => {
+                hold(true);
+                self.model.held = true;
+                Ok(())
+            }
+            Op::Unhold => {
+                hold(false);
+                self.model.held = false;
+                Ok(())
+            }
         }?;
+        if self.model.held {
+            self.quiesce();
+        }
         self.observe()?;
         self.check_stats()
+    }
+
+    /// While workers are held, waits until no item changes state for a few milliseconds, so
+    /// the next step finds every item a worker could bind bound (and paused).
+    fn quiesce(&self) {
+        let ids: Vec<u64> = self
+            .model
+            .items
+            .values()
+            .filter(|i| i.terminal.is_none())
+            .map(|i| i.id)
+            .collect();
+        let until = Instant::now() + Duration::from_millis(200);
+        let mut last = self.states(&ids);
+        let mut calm = 0;
+        while calm < 4 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+            let now = self.states(&ids);
+            calm = if now == last { calm + 1 } else { 0 };
+            last = now;
+        }
     }
 
     fn topology(&mut self, mask: u8) {
@@ -1836,7 +1903,7 @@ impl Harness {
                 must_reject: now_enq && fb == Fallback::Reject && dead,
                 cancel: Cx::None,
                 last: None,
-                last_epochs: self.model.epochs,
+                unbound_epochs: self.model.epochs,
                 terminal: None,
             };
             if let Some(k) = g.key {
@@ -2068,10 +2135,8 @@ impl Harness {
         let f = got.map_err(|e| format!("flush of workqueue {name:?}: {e:?}"))?;
         let skips_delayed = !all;
         let ids: Vec<u64> = self.model.wq_items(name).map(|i| i.id).collect();
-        if all {
-            self.queue_now(&ids, "a flush of a workqueue's items and delayed items")?;
-        }
-        // Bounds on what it covers.
+        // Bounds on what it covers (computed as of the flush's start, before it queued the
+        // delayed items of a WorkqueueAll scope).
         let (mut min, mut max, mut dmin, mut dmax) = (0, 0, 0, 0);
         for id in &ids {
             let a = self.model.allowed(&self.model.items[id], lo, hi);
@@ -2092,6 +2157,9 @@ impl Harness {
             if a.has(State::Delayed) {
                 dmax += 1;
             }
+        }
+        if all {
+            self.queue_now(&ids, "a flush of a workqueue's items and delayed items")?;
         }
         if f.covered() < min || f.covered() > max {
             return Err(format!(
@@ -2323,6 +2391,8 @@ impl Harness {
     /// End of a sequence: all CPUs back, all gates open, everything cancelled and flushed;
     /// every item terminal exactly once.
     fn finale(&mut self) -> Res {
+        hold(false);
+        self.model.held = false;
         self.topology(ALL_LIVE);
         for g in 0..GATES {
             self.gates.open[g].store(true, Ordering::SeqCst);
@@ -2390,6 +2460,7 @@ impl Harness {
 
     /// Shuts the engine down on another thread; fails if it does not return in time.
     fn shutdown(&mut self) -> Res<usize> {
+        hold(false);
         let Some(engine) = self.engine.take() else {
             return Ok(0);
         };
@@ -2460,6 +2531,7 @@ fn print_sequence(ops: &[Op]) -> String {
 #[test]
 fn engine_matches_the_model() {
     quiet_boom();
+    let scenario = fail::FailScenario::setup();
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -2491,6 +2563,7 @@ fn engine_matches_the_model() {
             println!("  {n:>6}  {k}");
         }
     }
+    scenario.teardown();
     match result {
         Ok(()) => {}
         Err(TestError::Fail(why, ops)) => panic!(
