@@ -285,9 +285,11 @@ pub struct ItemSpec {
     pub payload: Vec<u8>,
     /// At most one pending item per key and workqueue (the kernel's `queue_work` returning false).
     pub key: Option<String>,
-    /// Queue only after this long (delayed work).
+    /// Queue only after this long (delayed work). Zero is the same as `None`. At most the
+    /// engine's `max_delay` ([`EngineError::Duration`] beyond it).
     pub delay: Option<Duration>,
-    /// Not started within this long of submission → `expired`.
+    /// Not started within this long of submission → `expired`. Zero is the same as `None`
+    /// (no deadline), as on the wire. At most the engine's `max_deadline`.
     pub deadline: Option<Duration>,
 }
 

@@ -1303,9 +1303,7 @@ impl Sched {
         let mut budget = self.pools.get(&cpu).filter(|p| p.live)?.ready.len();
         while budget > 0 {
             budget -= 1;
-            let Some(qid) = self.pools.get_mut(&cpu).and_then(|p| p.ready.pop_front()) else {
-                return None;
-            };
+            let qid = self.pools.get_mut(&cpu).and_then(|p| p.ready.pop_front())?;
             if !self.queues.contains(qid) {
                 continue;
             }
@@ -1562,6 +1560,20 @@ impl Sched {
             p.lockup_reported = false;
         }
         match f.outcome {
+            // A cancel raised while the item was bound wins over the hand-back: it never runs
+            // (cancel_work_sync's promise), wherever it would have gone next.
+            Outcome::HandBack(_) if bound.token.is_cancelled() => {
+                self.terminal(
+                    f.id,
+                    State::Cancelled,
+                    Vec::new(),
+                    "cancelled before it started".into(),
+                    None,
+                    None,
+                    now,
+                    fx,
+                );
+            }
             Outcome::HandBack(why) => {
                 let why = self.handback_reason(why, bound.cpu);
                 *self.rebinds.entry(why).or_default() += 1;
@@ -1574,6 +1586,7 @@ impl Sched {
                 item.state = State::Pending;
                 item.rebinds += 1;
                 let key = item.key.clone();
+                let deadline = item.deadline();
                 self.queues[qid].items.push_front(f.id);
                 self.queues[qid].pending += 1;
                 let wq = &mut self.wqs[wi];
@@ -1584,7 +1597,43 @@ impl Sched {
                 if let Some(k) = key {
                     wq.keys.entry(k).or_insert(f.id);
                 }
-                self.make_ready(qid, 1, fx);
+                let reject = self.queues[qid].eligible.is_empty()
+                    && self.wqs[wi].attrs.fallback == Fallback::Reject;
+                match deadline {
+                    // Its deadline timer may have fired while it was bound (and been ignored):
+                    // the deadline is applied now, or armed again.
+                    Some(d) if d <= now => self.terminal(
+                        f.id,
+                        State::Expired,
+                        Vec::new(),
+                        "not started before its deadline".into(),
+                        None,
+                        None,
+                        now,
+                        fx,
+                    ),
+                    // Its queue lost every CPU meanwhile: the reject fallback applies to it as
+                    // to the queue's other pending items.
+                    _ if reject => {
+                        let reason = self.queues[qid].reason.clone();
+                        self.terminal(
+                            f.id,
+                            State::Rejected,
+                            Vec::new(),
+                            reason,
+                            None,
+                            None,
+                            now,
+                            fx,
+                        );
+                    }
+                    Some(d) => {
+                        self.timers.push(Reverse((d, TIMER_DEADLINE, f.id)));
+                        fx.timer_kick = true;
+                        self.make_ready(qid, 1, fx);
+                    }
+                    None => self.make_ready(qid, 1, fx),
+                }
             }
             Outcome::CancelledBeforeStart => {
                 self.terminal(
@@ -1823,6 +1872,26 @@ impl Sched {
         self.pools
             .get(&cpu)
             .is_some_and(|p| p.gen == gen && p.workers > 1)
+    }
+
+    /// A worker of an old generation of `cpu` is leaving after it finished its jobs, which may
+    /// have freed `max_active` slots the CPU's current workers are waiting for: wake one of
+    /// them (or start one) if the pool has work, since the leaving worker will not rescan.
+    pub(crate) fn hand_off(&mut self, cpu: u32, fx: &mut Effects) {
+        let (epoch, max) = (self.epoch, self.max_workers);
+        let Some(p) = self
+            .pools
+            .get_mut(&cpu)
+            .filter(|p| p.live && !p.ready.is_empty())
+        else {
+            return;
+        };
+        if let Some((_, u)) = p.idle.pop() {
+            fx.unpark.push(u);
+        } else if p.workers < max && p.may_spawn(epoch) {
+            p.workers += 1;
+            fx.spawn.push((cpu, p.gen));
+        }
     }
 
     pub(crate) fn wake_everyone(&mut self, fx: &mut Effects) {
