@@ -58,6 +58,8 @@ pub struct Rec {
     pub rebinds: u32,
     /// The topology epoch that proved its CPU live at start (`None` if it never started).
     pub epoch: Option<u64>,
+    /// The epoch in which its fallback or rejection was decided (`None`: neither).
+    pub decided: Option<u64>,
     pub error: String,
     pub reason: String,
 }
@@ -75,6 +77,7 @@ impl Rec {
             fallback: r.fallback.map(wqd::engine::level_name),
             rebinds: r.rebinds,
             epoch: r.epoch_started,
+            decided: r.epoch_decided,
             error: r.error.clone(),
             reason: r.reason.clone(),
         }

@@ -31,6 +31,8 @@
 //!   daemon mode the view is `WatchTopology`'s, timed by each snapshot's `taken_at`; a stretch
 //!   where the watch skipped epochs counts as not live. Without any view the interval starts
 //!   `L` earlier, on the kernel's state alone.
+//!   When the result names the epoch its fallback or rejection was decided in and the driver
+//!   saw that epoch, the check is exact instead: no member of the group may be live in it.
 //! - *Started in its epoch*: the CPU an item started on must be live in the snapshot of the
 //!   epoch its result names (the engine's start check read that epoch). Exact, no window.
 //! - *Counts* (daemon mode): each workqueue's terminal totals and the re-bind counter must equal
@@ -138,6 +140,8 @@ pub struct Findings {
     pub near_transition: u64,
     /// Started items whose start CPU was held against the live set of their epoch.
     pub epoch_checked: u64,
+    /// Fallbacks and rejections held exactly against the live set of their decision's epoch.
+    pub decided_checked: u64,
 }
 
 impl Findings {
@@ -423,6 +427,16 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
                 f.add(Problem::BadFallback, || {
                     format!("{}: widened to {level} on a non-widen queue", what())
                 });
+            } else if let Some((e, m)) = live_member_in(inp, r, &info.members) {
+                f.decided_checked += 1;
+                f.add(Problem::BadFallback, || {
+                    format!(
+                        "{}: widened to {level} in epoch {e}, whose live set has member cpu{m}",
+                        what()
+                    )
+                });
+            } else if r.decided.is_some_and(|e| inp.epochs.contains_key(&e)) {
+                f.decided_checked += 1;
             } else if let Some(m) = up_member(inp, &info.members, r.queued.min(t), t, w) {
                 f.add(Problem::BadFallback, || {
                     format!(
@@ -444,6 +458,16 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
             f.add(Problem::BadReject, || {
                 format!("{}: rejected on a {policy:?} queue: {}", what(), r.reason)
             });
+        } else if let Some((e, m)) = live_member_in(inp, r, &info.members) {
+            f.decided_checked += 1;
+            f.add(Problem::BadReject, || {
+                format!(
+                    "{}: rejected in epoch {e}, whose live set has member cpu{m}",
+                    what()
+                )
+            });
+        } else if r.decided.is_some_and(|e| inp.epochs.contains_key(&e)) {
+            f.decided_checked += 1;
         } else if let Some(m) = up_member(inp, &info.members, t, t, w) {
             f.add(Problem::BadReject, || {
                 format!(
@@ -459,6 +483,16 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
     }
 }
 
+/// For a result that names the epoch of its fallback or rejection, and an epoch the driver
+/// saw: a member of the group live in that epoch (exact: the decision went against wqd's own
+/// live set). `None` when no member was live, or the epoch is unknown (then the timed check
+/// applies).
+fn live_member_in(inp: &Input<'_>, r: &Rec, members: &CpuSet) -> Option<(u64, u32)> {
+    let e = r.decided?;
+    let live = inp.epochs.get(&e)?;
+    members.iter().find(|&m| live.contains(m)).map(|m| (e, m))
+}
+
 /// A member of the group that was certainly up during `[from-w, t]` by the rules in the module
 /// docs: online in the kernel and live in wqd's view, or (no view) online in the kernel since
 /// `from-w-L`.
@@ -470,11 +504,10 @@ fn up_member(
     w: Duration,
 ) -> Option<u32> {
     let from = from.saturating_sub(w);
-    // wqd publishes a snapshot to watchers just before its engine applies it, so the engine's
-    // decision can lag the published view; on a preempted TCG guest that lag has exceeded the
-    // race window. A member counts as up only if it was live in the view since `decision_lag`
-    // before the window. (Exact judging needs the decision's epoch on the result: not recorded
-    // yet.)
+    // Used only when a result does not name its decision's epoch, or the driver did not see
+    // that epoch (see `live_member_in` for the exact check). wqd publishes an epoch to watchers
+    // after its engine applied it, so `decision_lag` is zero in practice; a member counts as
+    // up only if it was live in the view since `decision_lag` before the window.
     let view_from = from.saturating_sub(inp.decision_lag);
     members.iter().find(|&m| match inp.view {
         Some(view) => inp.log.certainly(m, true, view_from, t) && view_live(view, m, view_from, t),
@@ -619,6 +652,7 @@ mod tests {
             fallback: None,
             rebinds: 0,
             epoch: None,
+            decided: None,
             error: String::new(),
             reason: String::new(),
         }
@@ -704,6 +738,38 @@ mod tests {
                 flush_bound: Duration::from_secs(30),
             })
         }
+    }
+
+    #[test]
+    fn a_decision_epoch_is_judged_exactly() {
+        // Epoch 1 has cpu1 live, epoch 2 does not. Times that the timed check would excuse
+        // (started long after cpu1 left) do not matter: the epoch decides.
+        let mut c = Case::new();
+        let mut good = rec(1, State::Ok, Some(0), Some(500));
+        good.fallback = Some("node".into());
+        good.decided = Some(2);
+        c.item(0, "cpu:1", good, true);
+        let mut bad = rec(2, State::Ok, Some(0), Some(500));
+        bad.fallback = Some("node".into());
+        bad.decided = Some(1);
+        c.item(0, "cpu:1", bad, true);
+        let mut bad_reject = rec(3, State::Rejected, None, Some(1500));
+        bad_reject.decided = Some(1);
+        c.item(2, "cpus:2-3", bad_reject, false);
+        let f = c.check();
+        assert_eq!(f.decided_checked, 3);
+        assert_eq!(
+            f.counts.get(&Problem::BadFallback),
+            Some(&1),
+            "{:?}",
+            f.examples
+        );
+        assert_eq!(
+            f.counts.get(&Problem::BadReject),
+            Some(&1),
+            "{:?}",
+            f.examples
+        );
     }
 
     #[test]

@@ -408,6 +408,7 @@ impl Backend for Daemon {
                     fallback: level_of(r.fallback_level()),
                     rebinds: r.rebinds,
                     epoch: (r.topology_epoch != 0).then_some(r.topology_epoch),
+                    decided: (r.decision_epoch != 0).then_some(r.decision_epoch),
                     error: r.error.clone(),
                     reason: r.fallback_reason.clone(),
                 })

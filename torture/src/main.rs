@@ -394,7 +394,9 @@ fn run(args: &Args) -> Result<Option<String>> {
         reused_ids: &reused,
         window,
         lag_bound: args.lag_bound,
-        decision_lag: Duration::from_secs(1),
+        // Results name the epoch that decided a fallback or rejection, and the view publishes
+        // an epoch only after the engine applied it: judged exactly, no allowance.
+        decision_lag: Duration::ZERO,
         flush_bound: args.flush_bound,
     });
     let lags = (!history.is_empty() && !log.transitions.is_empty())

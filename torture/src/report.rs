@@ -168,8 +168,9 @@ pub fn render(s: &Summary<'_>) -> String {
     row(
         "epochs",
         format!(
-            "{} started items held against the live set of the epoch that let them start",
-            f.epoch_checked
+            "{} started items held against the live set of the epoch that let them start; \
+             {} fallbacks and rejections against the epoch that decided them",
+            f.epoch_checked, f.decided_checked
         ),
     );
     row(
