@@ -1249,19 +1249,8 @@ impl Sched {
         );
         for id in ids.clone() {
             if let Some(item) = self.items.remove(&id) {
-                let qid = item.qid();
+                self.uncount_waiting(&item);
                 let wq = &mut self.wqs[wi];
-                match item.state {
-                    State::Delayed => {
-                        wq.delayed -= 1;
-                        self.queues[qid].delayed -= 1;
-                    }
-                    State::Pending => {
-                        wq.pending -= 1;
-                        self.queues[qid].pending -= 1;
-                    }
-                    _ => {}
-                }
                 wq.submitted -= 1;
                 if let Some(k) = &item.key {
                     if wq.keys.get(k) == Some(&id) {
@@ -1724,19 +1713,9 @@ impl Sched {
         self.stale_timers +=
             usize::from(item.state == State::Delayed) + usize::from(item.deadline().is_some());
         self.totals[state.index()] += 1;
-        let (qid, wi) = (item.qid(), item.wi());
+        self.uncount_waiting(&item);
+        let wi = item.wi();
         let wq = &mut self.wqs[wi];
-        match item.state {
-            State::Delayed => {
-                wq.delayed -= 1;
-                self.queues[qid].delayed -= 1;
-            }
-            State::Pending => {
-                wq.pending -= 1;
-                self.queues[qid].pending -= 1;
-            }
-            _ => {}
-        }
         wq.totals[state.index()] += 1;
         if let Some(k) = &item.key {
             if wq.keys.get(k) == Some(&id) {
@@ -1811,6 +1790,23 @@ impl Sched {
             fx.idle_kick = true;
         }
         self.collect_timer_garbage();
+    }
+
+    /// Takes an item that left `items` out of its workqueue's and queue's delayed or pending
+    /// count (a running item is counted out by `finish`).
+    fn uncount_waiting(&mut self, item: &Item) {
+        let (qid, wq) = (item.qid(), &mut self.wqs[item.wi()]);
+        match item.state {
+            State::Delayed => {
+                wq.delayed -= 1;
+                self.queues[qid].delayed -= 1;
+            }
+            State::Pending => {
+                wq.pending -= 1;
+                self.queues[qid].pending -= 1;
+            }
+            _ => {}
+        }
     }
 
     /// Rebuilds the timer heap without its garbage once garbage is most of it, so the heap is

@@ -95,6 +95,7 @@ pub fn result_json(r: &ItemResult) -> Value {
         "started_at": ts_json(r.started_at.as_ref()),
         "finished_at": ts_json(r.finished_at.as_ref()),
         "topology_epoch": r.topology_epoch,
+        "decision_epoch": r.decision_epoch,
     })
 }
 
@@ -302,6 +303,7 @@ pub fn workqueues_json(list: &[WorkqueueInfo]) -> Value {
                     obj.insert(
                         "stats".into(),
                         json!({
+                            "delayed": s.delayed,
                             "pending": s.pending,
                             "running": s.running,
                             "draining": s.draining,
@@ -319,7 +321,7 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<16} {:>6} {:>9} {:>7} {:>4} {:<12} {:<7} {:>10} {:>8} {:>7} {:>9} {:>7} {:>5}",
+        "{:<16} {:>6} {:>9} {:>7} {:>4} {:<12} {:<7} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7} {:>5}",
         "NAME",
         "ACTIVE",
         "GRP_ACTV",
@@ -328,6 +330,7 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
         "PLACEMENT",
         "FALLBK",
         "MAX_QUEUED",
+        "DELAYED",
         "PENDING",
         "RUNNING",
         "OK",
@@ -340,7 +343,7 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
         let t = s.totals.unwrap_or_default();
         let _ = writeln!(
             o,
-            "{:<16} {:>6} {:>9} {:>7} {:>4} {:<12} {:<7} {:>10} {:>8} {:>7} {:>9} {:>7} {:>5}",
+            "{:<16} {:>6} {:>9} {:>7} {:>4} {:<12} {:<7} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7} {:>5}",
             a.name,
             a.max_active,
             a.group_max_active,
@@ -349,6 +352,7 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
             placement_name(a.placement()),
             fallback_policy_name(a.fallback()),
             a.max_queued,
+            s.delayed,
             s.pending,
             s.running,
             t.ok,
