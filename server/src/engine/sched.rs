@@ -1873,13 +1873,23 @@ impl Sched {
     /// A worker of an old generation of `cpu` is leaving after it finished its jobs, which may
     /// have freed `max_active` slots the CPU's current workers are waiting for: wake one of
     /// them (or start one) if the pool has work, since the leaving worker will not rescan.
-    pub(crate) fn hand_off(&mut self, cpu: u32, fx: &mut Effects) {
+    ///
+    /// Only a worker of an *older* generation hands off, and never during shutdown: a worker of
+    /// the current generation leaves only because the engine stops, and handing off then
+    /// would start a worker that leaves at once and hands off again, without end.
+    pub(crate) fn hand_off(&mut self, cpu: u32, gen: u64, fx: &mut Effects) {
+        if self.shutdown {
+            return;
+        }
         let (epoch, max) = (self.epoch, self.max_workers);
-        let Some(p) = self
-            .pools
-            .get_mut(&cpu)
-            .filter(|p| p.live && !p.ready.is_empty())
-        else {
+        let queues = &self.queues;
+        let Some(p) = self.pools.get_mut(&cpu).filter(|p| {
+            p.live
+                && p.gen != gen
+                && p.ready
+                    .iter()
+                    .any(|&q| queues.get(q).is_some_and(|q| q.pending > 0))
+        }) else {
             return;
         };
         if let Some((_, u)) = p.idle.pop() {

@@ -121,7 +121,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             let timed_out = idle_since.is_some() && s.unpark_self(cpu, wid);
             if !s.worker_current(cpu, gen) {
                 s.worker_exit(cpu, gen, false);
-                s.hand_off(cpu, &mut fx);
+                s.hand_off(cpu, gen, &mut fx);
                 drop(s);
                 fx.run(&inner);
                 return;
