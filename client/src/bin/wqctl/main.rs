@@ -537,16 +537,19 @@ mod tests {
                 item_id: 10,
                 queued: true,
                 duplicate_of: 0,
+                ..Default::default()
             },
             ItemReceipt {
                 item_id: 0,
                 queued: false,
                 duplicate_of: 10,
+                ..Default::default()
             },
             ItemReceipt {
                 item_id: 12,
                 queued: true,
                 duplicate_of: 0,
+                ..Default::default()
             },
         ];
         let v = receipt_json(4, &r, None);
