@@ -34,17 +34,22 @@ async fn each_cache_is_one_item_per_llc_in_one_batch_that_one_flush_covers() {
     let c = d.client().await;
     empty_llc3(&d, &c).await;
     let r = c
-        .submit(Batch::new().item(
-            Item::new(Target::each("cache"), "spin")
-                .arg("ms", "1")
-                .key("per-llc"),
-        ))
+        .submit(
+            Batch::new().item(
+                Item::new(Target::each("cache"), "spin")
+                    .arg("ms", "1")
+                    .key("per-llc"),
+            ),
+        )
         .await
         .expect("Submit");
     assert_eq!(r.items.len(), 4, "one receipt per LLC: {r:?}");
     let groups: Vec<&str> = r.items.iter().map(|x| x.target.as_str()).collect();
     assert_eq!(groups, ["cache:0", "cache:1", "cache:2", "cache:3"]);
-    assert!(r.items.iter().all(|x| x.queued && x.source_index == Some(0)));
+    assert!(r
+        .items
+        .iter()
+        .all(|x| x.queued && x.source_index == Some(0)));
     let ids: Vec<u64> = r.items.iter().map(|x| x.item_id).collect();
     assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
 
@@ -173,7 +178,10 @@ async fn fallback_policies_apply_to_the_group_with_no_live_cpu() {
         .expect("Flush");
     assert_eq!(summary.items_covered, 4);
     assert_eq!(summary.counts.expect("counts").ok, 4, "{results:#?}");
-    let x = results.iter().find(|x| x.item_id == waiting).expect("result");
+    let x = results
+        .iter()
+        .find(|x| x.item_id == waiting)
+        .expect("result");
     assert_eq!(x.cpu_started, Some(7), "{x:?}");
 }
 
@@ -228,7 +236,10 @@ async fn each_partition_from_config_and_refusals() {
     let m = refused(vec![Item::new("each:cpus:0-3", "noop")]).await;
     assert!(m.contains("a cpulist is one group"), "{m}");
     let m = refused(vec![Item::new("each:nope", "noop")]).await;
-    assert!(m.starts_with("items[0].target: each:nope: unknown group name"), "{m}");
+    assert!(
+        m.starts_with("items[0].target: each:nope: unknown group name"),
+        "{m}"
+    );
     let m = refused(vec![
         Item::new("all", "noop"),
         Item::new("each:cache", "no-such-handler"),
@@ -269,7 +280,9 @@ async fn the_count_limit_applies_to_the_expanded_batch() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     let m = e.status().expect("status").message().to_string();
     assert!(
-        m.contains("items[3] each:core names 8 groups) is 11, over the limit limits.max_batch_items = 10"),
+        m.contains(
+            "items[3] each:core names 8 groups) is 11, over the limit limits.max_batch_items = 10"
+        ),
         "{m}"
     );
 
@@ -310,14 +323,7 @@ async fn wqctl_submit_each_prints_a_table_per_group() {
     let d = Daemon::start("two-socket");
     let c = d.client().await;
     empty_llc3(&d, &c).await;
-    let args = [
-        "submit",
-        "-t",
-        "each:cache",
-        "--handler",
-        "noop",
-        "--wait",
-    ];
+    let args = ["submit", "-t", "each:cache", "--handler", "noop", "--wait"];
     let r = d.wqctl(&args);
     r.expect_code(0);
     let lines: Vec<&str> = r.stdout.lines().collect();
@@ -356,5 +362,9 @@ async fn wqctl_submit_each_prints_a_table_per_group() {
 
     // A plain target prints no group table.
     let plain = d.wqctl(&["submit", "-t", "cache:0", "--handler", "noop", "--wait"]);
-    assert!(!plain.expect_code(0).stdout.contains("GROUP"), "{}", plain.stdout);
+    assert!(
+        !plain.expect_code(0).stdout.contains("GROUP"),
+        "{}",
+        plain.stdout
+    );
 }

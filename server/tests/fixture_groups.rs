@@ -199,7 +199,13 @@ fn each_fans_out_over_every_group_of_a_level() {
     assert_eq!(each("each:node"), ["node:0", "node:1"]);
     assert_eq!(each("each:package"), ["package:0", "package:1"]);
     // Every target resolves on the same map.
-    for e in ["each:cpu", "each:core", "each:shard", "each:cache", "each:node"] {
+    for e in [
+        "each:cpu",
+        "each:core",
+        "each:shard",
+        "each:cache",
+        "each:node",
+    ] {
         for t in s.groups.each(&e.parse::<Each>().unwrap()).unwrap() {
             s.groups.members(&t).unwrap();
         }

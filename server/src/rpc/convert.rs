@@ -22,9 +22,9 @@ use crate::config::Limits;
 use crate::cpuset::CpuSet;
 use crate::engine::{ItemResult, ItemSpec, State, WorkqueueAttrs, WorkqueueStats};
 use crate::groups::{Fallback, GroupMap, Level, Placement};
-use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
 use crate::live::Snapshot;
 use crate::quote::quote;
+use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
 use crate::target::{Each, ItemTarget, Target, TargetError};
 use crate::topology::AllowedSource;
 
@@ -958,7 +958,10 @@ mod tests {
         // Copies keep everything but the target and the key, which gets the group.
         for (s, group) in specs[1..3].iter().zip(["rcu:0", "rcu:1"]) {
             assert_eq!(s.key.as_deref(), Some(format!("k/{group}").as_str()));
-            assert_eq!((s.handler.as_str(), s.payload.as_slice()), ("spin", &b"p"[..]));
+            assert_eq!(
+                (s.handler.as_str(), s.payload.as_slice()),
+                ("spin", &b"p"[..])
+            );
             assert_eq!(s.args.get("ms").map(String::as_str), Some("1"));
             assert_eq!(s.delay, Some(Duration::from_secs(1)));
         }
@@ -981,7 +984,8 @@ mod tests {
     #[test]
     fn each_refusals_name_the_item_sent() {
         let lim = Limits::default();
-        let err = |items: Vec<v1::WorkItem>, lim: &Limits| build(items, lim).unwrap_err().to_string();
+        let err =
+            |items: Vec<v1::WorkItem>, lim: &Limits| build(items, lim).unwrap_err().to_string();
         assert_eq!(
             err(vec![item("all", "noop"), item("each:db", "noop")], &lim),
             "items[1].target: each:db: \"db\" is a named group, not a partition; each: fans \
@@ -1002,18 +1006,35 @@ mod tests {
             .starts_with("items[0].target: at byte 5: each: takes a level"));
         // One group is required where there is no batch to expand into.
         let e = item_spec(0, item("each:cpu", "noop"), &lim).unwrap_err();
-        assert!(e.to_string().contains("fans out to one item per group"), "{e}");
+        assert!(
+            e.to_string().contains("fans out to one item per group"),
+            "{e}"
+        );
         // The count limit applies to the expanded batch.
         let small = Limits {
             max_batch_items: 9,
             ..Limits::default()
         };
         assert_eq!(
-            err(vec![item("all", "noop"), item("each:cpu", "noop"), item("all", "noop")], &small),
+            err(
+                vec![
+                    item("all", "noop"),
+                    item("each:cpu", "noop"),
+                    item("all", "noop")
+                ],
+                &small
+            ),
             "the batch's item count is 10, over the limit limits.max_batch_items = 9"
         );
         assert_eq!(
-            err(vec![item("all", "noop"), item("all", "noop"), item("each:cpu", "noop")], &small),
+            err(
+                vec![
+                    item("all", "noop"),
+                    item("all", "noop"),
+                    item("each:cpu", "noop")
+                ],
+                &small
+            ),
             "the batch's item count with each: expanded (items[2] each:cpu names 8 groups) is \
              10, over the limit limits.max_batch_items = 9"
         );

@@ -329,7 +329,7 @@ async fn submit(client: &Client, out: Output, a: SubmitArgs) -> Result<Done, Cli
     let groups = results
         .as_ref()
         .filter(|_| fans_out(&target))
-        .map(|r| summary::per_group(r));
+        .map(summary::per_group);
 
     emit(
         out,
