@@ -59,6 +59,7 @@ impl v1::dispatch_service_server::DispatchService for Floor {
                     item_id: id,
                     queued: true,
                     duplicate_of: 0,
+                    ..Default::default()
                 })
                 .collect(),
             results: Vec::new(),

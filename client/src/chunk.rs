@@ -90,6 +90,7 @@ pub fn stream_receipts(resp: &SubmitStreamResponse) -> Vec<ItemReceipt> {
                     item_id: 0,
                     queued: false,
                     duplicate_of: d.duplicate_of,
+                    ..Default::default()
                 };
                 dups.next();
                 r
@@ -98,6 +99,7 @@ pub fn stream_receipts(resp: &SubmitStreamResponse) -> Vec<ItemReceipt> {
                 item_id: resp.first_item_id + i,
                 queued: true,
                 duplicate_of: 0,
+                ..Default::default()
             },
         })
         .collect()

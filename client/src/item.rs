@@ -56,6 +56,12 @@ impl Target {
     pub fn partition(name: impl AsRef<str>, index: u32) -> Self {
         Target(format!("{}:{index}", name.as_ref()))
     }
+    /// `each:OVER` — a fan-out, for a submitted item only: the daemon replaces the item by one
+    /// item per group of the level OVER (`cpu`, `core`, `shard`, `cache`, `node`, `package`)
+    /// or per range of the partition OVER, in ascending group number.
+    pub fn each(over: impl AsRef<str>) -> Self {
+        Target(format!("each:{}", over.as_ref()))
+    }
     /// The wire form.
     pub fn as_str(&self) -> &str {
         &self.0

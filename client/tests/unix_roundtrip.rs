@@ -31,6 +31,7 @@ impl ds::DispatchService for Stub {
                     item_id: 100 + i,
                     queued: true,
                     duplicate_of: 0,
+                    ..Default::default()
                 })
                 .collect(),
             results: vec![],

@@ -833,6 +833,11 @@ read_open = true
         assert!(e.contains("group[0].cpus"), "{e}");
         let e = err("[[group]]\nname = \"cpu\"\ncpus = \"1\"");
         assert!(e.contains("group[0].name") && e.contains("reserved"), "{e}");
+        // `each` is the fan-out keyword (each:cache): no group or partition may take it.
+        let e = err("[[group]]\nname = \"each\"\ncpus = \"1\"");
+        assert!(e.contains("group[0].name") && e.contains("reserved"), "{e}");
+        let e = err("[[partition]]\nname = \"each\"\ncpus = \"0-3\"\nsize = 2");
+        assert!(e.contains("partition[0]") && e.contains("reserved"), "{e}");
         let e = err("[[partition]]\nname = \"p\"\ncpus = \"0-3\"\nsize = 0");
         assert!(e.contains("partition[0]"), "{e}");
         let e = err("[[workqueue]]\nname = \"a\"\nmax_active = 0");

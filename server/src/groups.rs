@@ -63,7 +63,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::cpuset::CpuSet;
-use crate::target::{check_name, Target, TargetError};
+use crate::target::{check_name, Each, Target, TargetError};
 use crate::topology::Topology;
 
 /// Group settings from config.
@@ -236,6 +236,12 @@ pub enum GroupError {
     ZeroRangeSize { name: String },
     #[error("unknown placement {found:?}; expected one of first, spread, least-loaded, idle")]
     UnknownPlacement { found: String },
+    /// `each:NAME` where NAME is a named group: it is one group, there is nothing to fan out.
+    #[error("each:{name}: {name:?} is a named group, not a partition; each: fans out over a level (cpu, core, shard, cache, node, package) or a partition's ranges; submit to {name} for the one group")]
+    EachOfNamed { name: String },
+    /// A fan-out with no group to fan out to (no LLC data, a partition of empty ranges, ...).
+    #[error("{each} names no group on this machine ({why})")]
+    EachEmpty { each: Each, why: &'static str },
 }
 
 /// `0-3, 7` style list of ids ("none" when empty).
@@ -949,6 +955,95 @@ impl GroupMap {
             fallback: None,
             members: members.into_owned(),
         })
+    }
+
+    /// The groups a fan-out names, one target per group, in ascending group number (for a
+    /// partition, ascending range index). Every group that can be addressed is included,
+    /// whether or not it has a live CPU — a memory-only node too, as `node:N` resolves (to the
+    /// fallback) — so per-group work is never silently skipped; only the empty ranges of a
+    /// partition are left out, since addressing one is an error ([`GroupError::EmptyList`]):
+    ///
+    /// | fan-out | targets |
+    /// |---|---|
+    /// | `each:cpu` | `cpu:N` for every possible or known CPU |
+    /// | `each:core` | `core:N` once per core, N its lowest CPU (as [`GroupMap::listing`]); a possible CPU never seen online is its own core |
+    /// | `each:shard` | `shard:0` ... `shard:K-1` |
+    /// | `each:cache`, `each:node`, `each:package` | every LLC / node / package by number (memory-only nodes included) |
+    /// | `each:NAME` | `NAME:k` for every non-empty range k of partition NAME |
+    ///
+    /// Every target returned resolves with [`GroupMap::members`] on this map.
+    ///
+    /// # Errors
+    /// [`GroupError::EachOfNamed`] for a named group, [`GroupError::UnknownName`] for a name
+    /// that is neither, [`GroupError::NotPossible`] for a partition range that names CPUs that
+    /// are not possible (as addressing that range would), [`GroupError::EachEmpty`] when no
+    /// group is left.
+    pub fn each(&self, e: &Each) -> Result<Vec<Target>, GroupError> {
+        let out: Vec<Target> = match e {
+            Each::Cpu => {
+                let mut cpus = self.set(self.all).clone();
+                for (c, k) in self.known.iter().enumerate() {
+                    if k.is_some() {
+                        cpus.insert(c as u32);
+                    }
+                }
+                cpus.iter().map(Target::Cpu).collect()
+            }
+            Each::Core => {
+                // Lowest CPU of every known core, plus every possible CPU never seen online
+                // (its own core); ascending, each once.
+                let mut firsts = self.set(self.all).clone();
+                for (c, k) in self.known.iter().enumerate() {
+                    if let Some(k) = k {
+                        if self.set(k.core.set).first() != Some(c as u32) {
+                            firsts.remove(c as u32);
+                        } else {
+                            firsts.insert(c as u32);
+                        }
+                    }
+                }
+                firsts.iter().map(Target::Core).collect()
+            }
+            Each::Shard => (0..self.shards.len() as u32).map(Target::Shard).collect(),
+            Each::Cache => self.caches.keys().copied().map(Target::Cache).collect(),
+            Each::Node => self.nodes.keys().copied().map(Target::Node).collect(),
+            Each::Package => self.packages.keys().copied().map(Target::Package).collect(),
+            Each::Partition(name) => {
+                let Some(ranges) = self.partitions.get(name) else {
+                    if self.named.contains_key(name) {
+                        return Err(GroupError::EachOfNamed { name: name.clone() });
+                    }
+                    return Err(self.unknown_name(name));
+                };
+                let mut out = Vec::with_capacity(ranges.len());
+                for (i, g) in ranges.iter().enumerate() {
+                    if self.set(g.set).is_empty() {
+                        continue;
+                    }
+                    let t = Target::Partition {
+                        name: name.clone(),
+                        index: i as u32,
+                    };
+                    self.check_list(&t, self.set(g.set))?;
+                    out.push(t);
+                }
+                out
+            }
+        };
+        if out.is_empty() {
+            let why = match e {
+                Each::Cpu | Each::Core => "no possible CPU",
+                Each::Shard | Each::Cache => "no CPU has last-level cache data",
+                Each::Node => "no NUMA node",
+                Each::Package => "no CPU has package data",
+                Each::Partition(_) => "every range of the partition is empty",
+            };
+            return Err(GroupError::EachEmpty {
+                each: e.clone(),
+                why,
+            });
+        }
+        Ok(out)
     }
 
     /// Every group, ordered by level (cpu, core, shard, cache, node, package, all, list) then

@@ -20,8 +20,15 @@
 //!                                        CPU numbers of cpu:/core: below MAX_CPUS)
 //! cpulist := the kernel cpulist grammar of crate::cpuset, non-empty, strides allowed
 //! name    := [a-z][a-z0-9_-]*          and not a reserved word
-//! reserved:= cpu core cache shard node package cpus all
+//! reserved:= cpu core cache shard node package cpus all each
+//!
+//! item-target := target | ws* "each:" (level | name) ws*     (submitted items only)
 //! ```
+//!
+//! `each:LEVEL` / `each:NAME` is a *fan-out* ([`Each`]): a submitted item that names it becomes
+//! one item per group of the level, or per range of the partition NAME (see
+//! [`crate::groups::GroupMap::each`]). It is not a group, so [`Target`]'s parser refuses it
+//! ([`TargetError::FanOut`]); only [`ItemTarget`] — what a submitted item names — accepts it.
 //!
 //! Keywords and names are lowercase; `CPU:1` is an unknown level, not `cpu:1`. Any text
 //! before the first `:` that is neither a keyword nor a valid name is an unknown level. A word
@@ -36,8 +43,8 @@ use std::str::FromStr;
 use crate::cpuset::{CpuListError, CpuSet, MAX_CPUS};
 
 /// The words a group name may not be.
-pub const RESERVED: [&str; 8] = [
-    "cpu", "core", "cache", "shard", "node", "package", "cpus", "all",
+pub const RESERVED: [&str; 9] = [
+    "cpu", "core", "cache", "shard", "node", "package", "cpus", "all", "each",
 ];
 
 /// What any target may look like; quoted by errors that cannot be more specific.
@@ -127,6 +134,159 @@ pub enum Target {
     All,
 }
 
+/// What `each:` fans out over: every group of a level, or every range of a partition.
+/// `Display` prints the canonical form (`each:cache`, `each:rcu`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Each {
+    /// `each:cpu` — every possible or known CPU.
+    Cpu,
+    /// `each:core` — every core.
+    Core,
+    /// `each:shard` — every shard.
+    Shard,
+    /// `each:cache` — every LLC.
+    Cache,
+    /// `each:node` — every NUMA node.
+    Node,
+    /// `each:package` — every package.
+    Package,
+    /// `each:NAME` — every range of the partition NAME.
+    Partition(String),
+}
+
+/// The levels `each:` accepts, as they are spelled.
+const EACH_LEVELS: [(&str, Each); 6] = [
+    ("cpu", Each::Cpu),
+    ("core", Each::Core),
+    ("shard", Each::Shard),
+    ("cache", Each::Cache),
+    ("node", Each::Node),
+    ("package", Each::Package),
+];
+
+/// What may follow `each:`; quoted by its errors.
+const EACH_EXPECTED: &str = "a level (cpu, core, shard, cache, node, package) or a partition name";
+
+impl fmt::Display for Each {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = match self {
+            Each::Partition(name) => name.as_str(),
+            level => EACH_LEVELS
+                .iter()
+                .find(|(_, l)| l == level)
+                .map_or("?", |(w, _)| w),
+        };
+        write!(f, "each:{word}")
+    }
+}
+
+impl FromStr for Each {
+    type Err = TargetError;
+
+    /// Parses `each:LEVEL` or `each:NAME` (white space around it is ignored).
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let lead = input.len() - input.trim_start().len();
+        let body = input.trim();
+        let Some(rest) = body.strip_prefix("each") else {
+            return Err(TargetError::UnknownLevel {
+                at: lead,
+                found: body.split(':').next().unwrap_or_default().to_string(),
+            });
+        };
+        let Some(arg) = rest.strip_prefix(':') else {
+            return Err(TargetError::Expected {
+                at: lead + 4,
+                what: "\":\" and a level or a partition name",
+                after: "each".to_string(),
+                found: rest.to_string(),
+            });
+        };
+        let at = lead + 5;
+        let (word, extra) = match arg.find(':') {
+            Some(i) => (&arg[..i], Some(&arg[i..])),
+            None => (arg, None),
+        };
+        let refuse = |why: &'static str| TargetError::NotFanOut {
+            at,
+            found: arg.to_string(),
+            why,
+        };
+        match word {
+            "" => {
+                return Err(TargetError::Expected {
+                    at,
+                    what: EACH_EXPECTED,
+                    after: "each:".to_string(),
+                    found: arg.to_string(),
+                })
+            }
+            "all" => return Err(refuse("\"all\" is one group; submit to all")),
+            "cpus" => {
+                return Err(refuse(
+                    "a cpulist is one group; submit to cpus:LIST, or use a partition",
+                ))
+            }
+            "each" => return Err(refuse("fan-outs do not nest")),
+            _ => {}
+        }
+        if let Some(extra) = extra {
+            return Err(TargetError::Expected {
+                at: at + word.len(),
+                what: "the end of the target (each: takes no index)",
+                after: format!("each:{word}"),
+                found: extra.to_string(),
+            });
+        }
+        if let Some((_, l)) = EACH_LEVELS.iter().find(|(w, _)| *w == word) {
+            return Ok(l.clone());
+        }
+        match check_name(word) {
+            Ok(()) => Ok(Each::Partition(word.to_string())),
+            Err(_) => Err(TargetError::Expected {
+                at,
+                what: EACH_EXPECTED,
+                after: "each:".to_string(),
+                found: arg.to_string(),
+            }),
+        }
+    }
+}
+
+/// What a submitted item names: one group, or a fan-out over groups.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ItemTarget {
+    One(Target),
+    Each(Each),
+}
+
+impl FromStr for ItemTarget {
+    type Err = TargetError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        if is_fan_out(input) {
+            input.parse().map(ItemTarget::Each)
+        } else {
+            input.parse().map(ItemTarget::One)
+        }
+    }
+}
+
+impl fmt::Display for ItemTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ItemTarget::One(t) => t.fmt(f),
+            ItemTarget::Each(e) => e.fmt(f),
+        }
+    }
+}
+
+/// True when `input` is spelled as a fan-out: `each` (or `each:...`) after white space.
+fn is_fan_out(input: &str) -> bool {
+    let body = input.trim_start();
+    body.strip_prefix("each")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(':') || rest.trim().is_empty())
+}
+
 /// Why a target (or a group name from config) did not parse. Every message says what was
 /// expected and at which byte of the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,6 +344,16 @@ pub enum TargetError {
     /// An empty group name.
     #[error("empty group name; expected [a-z][a-z0-9_-]*")]
     EmptyName,
+    /// `each:` followed by something that names one group, not groups to fan out over.
+    #[error("at byte {at}: each: takes {EACH_EXPECTED}, found {}; {why}", crate::quote::quote(.found))]
+    NotFanOut {
+        at: usize,
+        found: String,
+        why: &'static str,
+    },
+    /// A fan-out (`each:...`) where one group is required (config, workqueue defaults, ...).
+    #[error("{} fans out to one item per group and is accepted only as the target of a submitted item; name one group here", crate::quote::quote(.found))]
+    FanOut { found: String },
     /// A group name that is a keyword of the grammar.
     #[error("group name {} is reserved; expected a name other than {}", crate::quote::quote(.name), RESERVED.join(", "))]
     ReservedName { name: String },
@@ -316,6 +486,11 @@ impl FromStr for Target {
         let body = input.trim();
         if body.is_empty() {
             return Err(TargetError::Empty);
+        }
+        if is_fan_out(input) {
+            return Err(TargetError::FanOut {
+                found: body.to_string(),
+            });
         }
         // `arg` is the text after the first ':' and its byte offset in `input`.
         let (head, arg) = match body.find(':') {
@@ -604,10 +779,91 @@ mod tests {
         assert_eq!(
             check_name("cpus").unwrap_err().to_string(),
             "group name \"cpus\" is reserved; expected a name other than cpu, core, cache, \
-             shard, node, package, cpus, all"
+             shard, node, package, cpus, all, each"
         );
         assert!(Target::named("all").is_err());
         assert_eq!(Target::partition("rcu", 2).unwrap().to_string(), "rcu:2");
+    }
+
+    #[test]
+    fn fan_outs_parse_and_print_canonically() {
+        let cases: &[(&str, Each, &str)] = &[
+            ("each:cpu", Each::Cpu, "each:cpu"),
+            (" each:core\n", Each::Core, "each:core"),
+            ("each:shard", Each::Shard, "each:shard"),
+            ("each:cache", Each::Cache, "each:cache"),
+            ("each:node", Each::Node, "each:node"),
+            ("each:package", Each::Package, "each:package"),
+            ("each:rcu", Each::Partition("rcu".into()), "each:rcu"),
+            ("each:cpu3", Each::Partition("cpu3".into()), "each:cpu3"),
+        ];
+        for (s, e, canon) in cases {
+            assert_eq!(s.parse::<Each>().unwrap(), *e, "{s}");
+            assert_eq!(e.to_string(), *canon);
+            assert_eq!(canon.parse::<Each>().unwrap(), *e, "round trip of {canon}");
+            assert_eq!(
+                s.parse::<ItemTarget>().unwrap(),
+                ItemTarget::Each(e.clone())
+            );
+        }
+        // Plain targets are still plain, including names that start with "each".
+        assert_eq!(
+            "cache:1".parse::<ItemTarget>().unwrap(),
+            ItemTarget::One(Target::Cache(1))
+        );
+        assert_eq!(
+            "eachx".parse::<ItemTarget>().unwrap(),
+            ItemTarget::One(Target::Named("eachx".into()))
+        );
+        assert_eq!(
+            "each_1:2".parse::<ItemTarget>().unwrap().to_string(),
+            "each_1:2"
+        );
+    }
+
+    #[test]
+    fn fan_out_refusals() {
+        let e = |s: &str| s.parse::<ItemTarget>().unwrap_err().to_string();
+        assert_eq!(
+            e("each:all"),
+            "at byte 5: each: takes a level (cpu, core, shard, cache, node, package) or a \
+             partition name, found \"all\"; \"all\" is one group; submit to all"
+        );
+        assert!(
+            e("each:cpus:0-3").starts_with("at byte 5: each: takes a level")
+                && e("each:cpus:0-3").contains("a cpulist is one group"),
+            "{}",
+            e("each:cpus:0-3")
+        );
+        assert!(e("each:each").contains("fan-outs do not nest"));
+        assert_eq!(
+            e("each"),
+            "at byte 4: expected \":\" and a level or a partition name after \"each\", found \
+             end of input"
+        );
+        assert_eq!(
+            e(" each:"),
+            "at byte 6: expected a level (cpu, core, shard, cache, node, package) or a \
+             partition name after \"each:\", found end of input"
+        );
+        assert_eq!(
+            e("each:cache:3"),
+            "at byte 10: expected the end of the target (each: takes no index) after \
+             \"each:cache\", found \":3\""
+        );
+        assert!(e("each:Cache").starts_with("at byte 5: expected a level"));
+        assert!(e("each:rcu x").starts_with("at byte 5: expected a level"));
+        // A fan-out is not a group: where one group is required, it is refused.
+        assert_eq!(
+            err("each:cache"),
+            "\"each:cache\" fans out to one item per group and is accepted only as the target \
+             of a submitted item; name one group here"
+        );
+        assert_eq!(
+            check_name("each").unwrap_err().to_string(),
+            "group name \"each\" is reserved; expected a name other than cpu, core, cache, \
+             shard, node, package, cpus, all, each"
+        );
     }
 
     #[test]

@@ -168,3 +168,150 @@ fn an_offline_cpu_keeps_its_groups_and_leaves_the_live_set() {
         ("13".into(), Some(Level::Core))
     );
 }
+
+/// `each:` fan-outs on the fixture trees: one target per group, ascending, offline and
+/// isolated groups included.
+#[test]
+fn each_fans_out_over_every_group_of_a_level() {
+    use wqd::groups::{GroupError, GroupMap};
+    use wqd::target::Each;
+    let names = |ts: Vec<Target>| ts.iter().map(Target::to_string).collect::<Vec<_>>();
+    let v = view(&support::fixture("two-socket"), 1);
+    let s = v.current();
+    let each = |e: &str| names(s.groups.each(&e.parse::<Each>().unwrap()).unwrap());
+    assert_eq!(
+        each("each:cache"),
+        ["cache:0", "cache:1", "cache:2", "cache:3"]
+    );
+    assert_eq!(
+        each("each:cpu"),
+        (0..16).map(|c| format!("cpu:{c}")).collect::<Vec<_>>(),
+        "isolated 14-15 included"
+    );
+    assert_eq!(
+        each("each:core"),
+        (0..8).map(|c| format!("core:{c}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        each("each:shard"),
+        (0..8).map(|c| format!("shard:{c}")).collect::<Vec<_>>()
+    );
+    assert_eq!(each("each:node"), ["node:0", "node:1"]);
+    assert_eq!(each("each:package"), ["package:0", "package:1"]);
+    // Every target resolves on the same map.
+    for e in [
+        "each:cpu",
+        "each:core",
+        "each:shard",
+        "each:cache",
+        "each:node",
+    ] {
+        for t in s.groups.each(&e.parse::<Each>().unwrap()).unwrap() {
+            s.groups.members(&t).unwrap();
+        }
+    }
+
+    // An LLC whose CPUs all went offline is still one of the groups.
+    let tree = support::copy_fixture("two-socket");
+    let v = view(tree.path(), 1);
+    for c in [6, 7] {
+        support::set_offline(tree.path(), c);
+    }
+    let after = v
+        .apply(Reader::fixture(tree.path()).read().unwrap(), Source::Rescan)
+        .expect("a new epoch");
+    let caches = after.groups.each(&Each::Cache).unwrap();
+    assert_eq!(names(caches), ["cache:0", "cache:1", "cache:2", "cache:3"]);
+    assert!(after
+        .groups
+        .members(&Target::Cache(3))
+        .unwrap()
+        .intersection(&after.live)
+        .is_empty());
+
+    // Partitions: every non-empty range; named groups and unknown names are refused.
+    let mut cfg = GroupsConfig::default();
+    cfg.partition_ranges("rcu", &set("0-15"), 4).unwrap();
+    cfg.partition_ranges("gappy", &set("0-3,12-15"), 4).unwrap();
+    cfg.partition_ranges("wide", &set("0-63"), 16).unwrap();
+    cfg.partition_ranges("none", &set("40"), 100).unwrap();
+    cfg.named.insert("db".into(), set("0-3"));
+    let g = GroupMap::build(&s.topology, &cfg);
+    let each = |e: &str| g.each(&e.parse::<Each>().unwrap());
+    assert_eq!(
+        names(each("each:rcu").unwrap()),
+        ["rcu:0", "rcu:1", "rcu:2", "rcu:3"]
+    );
+    assert_eq!(
+        names(each("each:gappy").unwrap()),
+        ["gappy:0", "gappy:3"],
+        "empty ranges are left out"
+    );
+    let e = each("each:wide").unwrap_err();
+    assert!(matches!(e, GroupError::NotPossible { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "target wide:1 names CPUs 16-31 that are not possible on this machine (possible CPUs: 0-15)"
+    );
+    assert_eq!(
+        each("each:db").unwrap_err().to_string(),
+        "each:db: \"db\" is a named group, not a partition; each: fans out over a level (cpu, \
+         core, shard, cache, node, package) or a partition's ranges; submit to db for the one \
+         group"
+    );
+    assert!(matches!(
+        each("each:nope").unwrap_err(),
+        GroupError::UnknownName { .. }
+    ));
+    let e = each("each:none").unwrap_err();
+    assert!(matches!(e, GroupError::NotPossible { .. }), "{e}");
+}
+
+#[test]
+fn each_node_includes_a_memory_only_node() {
+    use wqd::target::Each;
+    let v = view(&support::fixture("empty-node"), 8);
+    let s = v.current();
+    let nodes: Vec<String> = s
+        .groups
+        .each(&Each::Node)
+        .unwrap()
+        .iter()
+        .map(Target::to_string)
+        .collect();
+    assert_eq!(nodes, ["node:0", "node:1"]);
+}
+
+#[test]
+fn each_cpu_and_core_include_cpus_never_seen_online() {
+    use wqd::groups::{GroupError, GroupMap};
+    use wqd::target::Each;
+    let v = view(&support::fixture("vm8-offline"), 8);
+    let s = v.current();
+    let names = |e: Each| -> Vec<String> {
+        s.groups
+            .each(&e)
+            .unwrap()
+            .iter()
+            .map(Target::to_string)
+            .collect()
+    };
+    let every = |w: &str| (0..8).map(|c| format!("{w}:{c}")).collect::<Vec<_>>();
+    assert_eq!(names(Each::Cpu), every("cpu"), "5 and 6 never seen online");
+    assert_eq!(names(Each::Core), every("core"), "each CPU is its own core");
+    assert_eq!(names(Each::Cache), ["cache:0"]);
+
+    // A machine with no CPU (no topology at all) has no LLC to fan out to.
+    let empty = GroupMap::default();
+    assert_eq!(
+        empty.each(&Each::Cache).unwrap_err(),
+        GroupError::EachEmpty {
+            each: Each::Cache,
+            why: "no CPU has last-level cache data"
+        }
+    );
+    assert_eq!(
+        empty.each(&Each::Cache).unwrap_err().to_string(),
+        "each:cache names no group on this machine (no CPU has last-level cache data)"
+    );
+}

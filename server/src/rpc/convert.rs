@@ -3,9 +3,16 @@
 //! Invariant: every conversion from the wire checks what the engine's types cannot express
 //! (negative durations, unset enums, sizes) and names the field it refused; conversions to the
 //! wire never fail and lose nothing the proto can carry.
+//!
+//! A submitted item's `each:LEVEL` / `each:NAME` target is expanded here, by [`BatchSpecs`],
+//! before the batch is checked against its limits and submitted: the engine only ever sees
+//! items naming one group. [`Origins`] maps every entry of the expanded batch back to the wire
+//! item it came from, for receipts and error messages (`items[2] (each:cache → cache:3)`).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use wqd_proto::v1;
@@ -14,10 +21,11 @@ use super::RpcError;
 use crate::config::Limits;
 use crate::cpuset::CpuSet;
 use crate::engine::{ItemResult, ItemSpec, State, WorkqueueAttrs, WorkqueueStats};
-use crate::groups::{Fallback, Level, Placement};
+use crate::groups::{Fallback, GroupMap, Level, Placement};
 use crate::live::Snapshot;
 use crate::quote::quote;
-use crate::target::Target;
+use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
+use crate::target::{Each, ItemTarget, Target, TargetError};
 use crate::topology::AllowedSource;
 
 /// Longest de-duplication key accepted, in bytes.
@@ -28,57 +36,324 @@ pub const MAX_TARGET_BYTES: usize = 48 << 10;
 /// Longest handler name accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 
-/// One wire item to an engine item; `index` is its index in the whole batch (or stream).
+/// One wire item naming one group to an engine item; `index` is its index in the whole batch
+/// (or stream). A fan-out (`each:...`) is refused here: expanding one needs the groups, see
+/// [`BatchSpecs`].
 ///
 /// # Errors
 /// [`RpcError::Item`] naming the field, or [`RpcError::OverLimit`] for the payload size.
 pub fn item_spec(index: usize, it: v1::WorkItem, limits: &Limits) -> Result<ItemSpec, RpcError> {
-    item_spec_with(index, it, limits, &mut TargetCache::default())
+    let target = parse_target(index, &it.target)?;
+    let ItemTarget::One(target) = target else {
+        return Err(RpcError::Item {
+            index,
+            field: "target",
+            problem: TargetError::FanOut {
+                found: it.target.trim().to_string(),
+            }
+            .to_string(),
+        });
+    };
+    checked(index, it, target, limits)
 }
 
-/// The last target text parsed and its parse. A batch nearly always names one target for all
-/// its items, so [`item_spec_with`] parses each run of equal texts once. Only a text that
-/// parsed is kept, so a hit is exactly what a fresh parse would return.
+/// Parses a wire target text, refusing empty and over-long ones.
+fn parse_target(index: usize, text: &str) -> Result<ItemTarget, RpcError> {
+    let bad = |problem: String| RpcError::Item {
+        index,
+        field: "target",
+        problem,
+    };
+    if text.trim().is_empty() {
+        return Err(bad("required (e.g. \"cache:0\", \"all\")".into()));
+    }
+    if text.len() > MAX_TARGET_BYTES {
+        return Err(bad(format!(
+            "{} is {} bytes, longer than {MAX_TARGET_BYTES}",
+            quote(text),
+            text.len()
+        )));
+    }
+    ItemTarget::from_str(text).map_err(|e| bad(e.to_string()))
+}
+
+/// What a target text names, ready to use: one group, or the groups a fan-out expanded to.
+#[derive(Debug, Clone)]
+enum Named {
+    One(Target),
+    Each(Each, Arc<[Target]>),
+}
+
+/// The last target text parsed and what it names. A batch nearly always names one target for
+/// all its items, so [`BatchSpecs::push`] parses (and expands) each run of equal texts once.
+/// Only a text that parsed and expanded is kept, so a hit is exactly what a fresh parse would
+/// return.
 #[derive(Debug, Default)]
 pub struct TargetCache {
-    last: Option<(String, Target)>,
+    last: Option<(String, Named)>,
 }
 
-/// [`item_spec`], reusing `cache` for the target (one cache per request).
+/// One fan-out of a batch: entries `first .. first + targets.len()` came from wire item `wire`.
+#[derive(Debug, Clone)]
+struct Fan {
+    first: usize,
+    wire: usize,
+    each: Each,
+    targets: Arc<[Target]>,
+}
+
+/// Where an entry of a built batch came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin<'a> {
+    /// The index of the wire item (in the request, or across the stream).
+    pub wire: usize,
+    /// For an entry expanded from a fan-out: the fan-out and the group of this entry.
+    pub fan: Option<(&'a Each, &'a Target)>,
+}
+
+/// Where the entries of a batch came from, once its [`ItemSpec`]s went to the engine: entry
+/// `i` of the batch is wire item `i` unless a fan-out came before it.
+#[derive(Debug, Default, Clone)]
+pub struct Origins {
+    fans: Vec<Fan>,
+}
+
+impl Origins {
+    /// True when some item of the batch was a fan-out.
+    pub fn any(&self) -> bool {
+        !self.fans.is_empty()
+    }
+
+    /// Where entry `entry` of the batch came from. O(log fan-outs).
+    pub fn of(&self, entry: usize) -> Origin<'_> {
+        // The last fan-out starting at or before `entry`.
+        let k = self.fans.partition_point(|f| f.first <= entry);
+        let Some(f) = k.checked_sub(1).and_then(|k| self.fans.get(k)) else {
+            return Origin {
+                wire: entry,
+                fan: None,
+            };
+        };
+        match f.targets.get(entry - f.first) {
+            Some(t) => Origin {
+                wire: f.wire,
+                fan: Some((&f.each, t)),
+            },
+            // After the fan-out: shift by the entries it added beyond its one wire item.
+            None => Origin {
+                wire: f.wire + 1 + (entry - f.first - f.targets.len()),
+                fan: None,
+            },
+        }
+    }
+}
+
+impl fmt::Display for Origin<'_> {
+    /// `items[2]`, or `items[2] (each:cache → cache:3)` for an expanded entry.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "items[{}]", self.wire)?;
+        if let Some((each, t)) = self.fan {
+            write!(f, " ({each} → {t})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A batch being converted from wire items: its engine items, with every fan-out expanded
+/// (against the groups of one snapshot, taken at the first fan-out), and where each came from.
 ///
-/// # Errors
-/// As [`item_spec`].
-pub fn item_spec_with(
+/// Invariants: `specs` holds the batch in order, an `each:` item replaced by one item per
+/// group in ascending group number; `limits.max_batch_items` holds for `specs.len()`; when the
+/// batch has a fan-out, the memory it holds by the [`held_bytes`] estimate (every entry's
+/// overhead, payload, args and key) is within `limits.max_request_memory`.
+#[derive(Debug, Default)]
+pub struct BatchSpecs {
+    pub specs: Vec<ItemSpec>,
+    targets: TargetCache,
+    origins: Origins,
+    wire: usize,
+    /// Payload, args and key bytes of every entry so far.
+    bytes: u64,
+    groups: Option<Arc<GroupMap>>,
+}
+
+impl BatchSpecs {
+    /// Wire items taken so far.
+    pub fn wire_items(&self) -> usize {
+        self.wire
+    }
+
+    /// The entries and where they came from.
+    pub fn into_parts(self) -> (Vec<ItemSpec>, Origins) {
+        (self.specs, self.origins)
+    }
+
+    /// Converts the next wire item (index [`BatchSpecs::wire_items`]) and appends it, or the
+    /// items its fan-out expands to. `groups` is called once, at the first fan-out of the
+    /// batch, for the groups to expand against.
+    ///
+    /// # Errors
+    /// As [`item_spec`], plus [`RpcError::Item`] for a fan-out that names no group here (or
+    /// whose key, suffixed, is too long) and [`RpcError::OverLimit`] when the expanded batch
+    /// is over `limits.max_batch_items` or `limits.max_request_memory`. Errors name the wire
+    /// item (`items[2]`).
+    pub fn push(
+        &mut self,
+        mut it: v1::WorkItem,
+        limits: &Limits,
+        groups: impl FnOnce() -> Arc<GroupMap>,
+    ) -> Result<(), RpcError> {
+        let index = self.wire;
+        let named = match &self.targets.last {
+            Some((text, n)) if *text == it.target => n.clone(),
+            _ => {
+                let n = match parse_target(index, &it.target)? {
+                    ItemTarget::One(t) => Named::One(t),
+                    ItemTarget::Each(e) => {
+                        let g = self.groups.get_or_insert_with(groups);
+                        let ts = g.each(&e).map_err(|err| {
+                            let msg = err.to_string();
+                            let each = e.to_string();
+                            RpcError::Item {
+                                index,
+                                field: "target",
+                                problem: if msg.starts_with(&each) {
+                                    msg
+                                } else {
+                                    format!("{each}: {msg}")
+                                },
+                            }
+                        })?;
+                        Named::Each(e, ts.into())
+                    }
+                };
+                self.targets.last = Some((std::mem::take(&mut it.target), n.clone()));
+                n
+            }
+        };
+        match named {
+            Named::One(t) => {
+                let spec = checked(index, it, t, limits)?;
+                self.bytes += spec_bytes(&spec);
+                self.specs.push(spec);
+                self.wire += 1;
+                check_count(self.specs.len(), limits, || {
+                    "the batch's item count".to_string()
+                })?;
+                if self.origins.any() {
+                    self.check_memory(0, 0, limits, || format!("items[{index}]"))?;
+                }
+                Ok(())
+            }
+            Named::Each(each, targets) => {
+                let first_target = targets.first().cloned().unwrap_or(Target::All);
+                let spec = checked(index, it, first_target, limits)?;
+                let n = targets.len();
+                check_count(self.specs.len() + n, limits, || {
+                    format!(
+                        "the batch's item count with each: expanded (items[{index}] {each} \
+                         names {n} groups)"
+                    )
+                })?;
+                let longest = targets.iter().map(|t| t.to_string().len()).max();
+                let suffix = spec.key.as_ref().map_or(0, |_| 1 + longest.unwrap_or(0));
+                if let Some(key) = &spec.key {
+                    let len = key.len() + suffix;
+                    if len > MAX_KEY_BYTES {
+                        return Err(RpcError::Item {
+                            index,
+                            field: "key",
+                            problem: format!(
+                                "{} bytes with its per-group suffix (\"/{}\" and alike) is \
+                                 longer than {MAX_KEY_BYTES}",
+                                len,
+                                targets.last().map(ToString::to_string).unwrap_or_default()
+                            ),
+                        });
+                    }
+                }
+                let per = spec_bytes(&spec) + suffix as u64;
+                self.check_memory(n, per.saturating_mul(n as u64), limits, || {
+                    format!("items[{index}] {each} copies its payload and args to {n} items")
+                })?;
+                self.origins.fans.push(Fan {
+                    first: self.specs.len(),
+                    wire: index,
+                    each,
+                    targets: targets.clone(),
+                });
+                self.specs.reserve(n);
+                for t in targets.iter() {
+                    let mut s = spec.clone();
+                    s.key = spec.key.as_ref().map(|k| format!("{k}/{t}"));
+                    s.target = t.clone();
+                    self.bytes += spec_bytes(&s);
+                    self.specs.push(s);
+                }
+                self.wire += 1;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl BatchSpecs {
+    /// With `entries` more entries holding `bytes` more bytes, checks the batch's
+    /// [`held_bytes`] estimate against `limits.max_request_memory`.
+    fn check_memory(
+        &self,
+        entries: usize,
+        bytes: u64,
+        limits: &Limits,
+        why: impl FnOnce() -> String,
+    ) -> Result<(), RpcError> {
+        let entries = (self.specs.len() + entries) as u64;
+        let held = held_bytes(entries, ITEM_OVERHEAD, self.bytes.saturating_add(bytes));
+        if held > limits.max_request_memory as u64 {
+            return Err(RpcError::OverLimit {
+                what: format!(
+                    "the memory the batch holds with each: expanded ({}), estimated in bytes,",
+                    why()
+                ),
+                found: usize::try_from(held).unwrap_or(usize::MAX),
+                limit: "limits.max_request_memory",
+                max: limits.max_request_memory,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Payload, args and key bytes of an entry.
+fn spec_bytes(s: &ItemSpec) -> u64 {
+    let args: usize = s.args.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (s.payload.len() + args + s.key.as_ref().map_or(0, String::len)) as u64
+}
+
+/// `n` entries against `limits.max_batch_items`; `what` names the count.
+fn check_count(n: usize, limits: &Limits, what: impl FnOnce() -> String) -> Result<(), RpcError> {
+    if n > limits.max_batch_items {
+        return Err(RpcError::OverLimit {
+            what: what(),
+            found: n,
+            limit: "limits.max_batch_items",
+            max: limits.max_batch_items,
+        });
+    }
+    Ok(())
+}
+
+/// Checks every field of `it` but its target (already parsed to `target`).
+fn checked(
     index: usize,
     it: v1::WorkItem,
+    target: Target,
     limits: &Limits,
-    cache: &mut TargetCache,
 ) -> Result<ItemSpec, RpcError> {
     let bad = |field, problem: String| RpcError::Item {
         index,
         field,
         problem,
-    };
-    let target = match &cache.last {
-        Some((text, t)) if *text == it.target => t.clone(),
-        _ => {
-            if it.target.trim().is_empty() {
-                return Err(bad("target", "required (e.g. \"cache:0\", \"all\")".into()));
-            }
-            if it.target.len() > MAX_TARGET_BYTES {
-                return Err(bad(
-                    "target",
-                    format!(
-                        "{} is {} bytes, longer than {MAX_TARGET_BYTES}",
-                        quote(&it.target),
-                        it.target.len()
-                    ),
-                ));
-            }
-            let t = Target::from_str(&it.target).map_err(|e| bad("target", e.to_string()))?;
-            cache.last = Some((it.target, t.clone()));
-            t
-        }
     };
     if it.handler.is_empty() {
         return Err(bad("handler", "required (e.g. \"noop\")".into()));
@@ -304,9 +579,9 @@ const RESULT_FIXED_MAX: usize = 256;
 /// Encoded bytes of one `ItemLookup` in a `GetResultsResponse` beyond its result, at most (key,
 /// length, id, status, the result's key and length).
 pub const LOOKUP_FIXED_MAX: usize = 32;
-/// Encoded bytes of one `ItemReceipt` in a `SubmitResponse`, at most (key, length, three
-/// fields), rounded up.
-const RECEIPT_MAX: usize = 32;
+/// Encoded bytes of one `ItemReceipt` in a `SubmitResponse` besides its `target` text, at most
+/// (key, length, four fixed fields and the target's key and length prefix), rounded up.
+const RECEIPT_MAX: usize = 56;
 
 /// An upper bound of `r.encoded_len()` as an entry of a `repeated` field, cheap to compute
 /// (no varint sizing): [`RESULT_FIXED_MAX`] plus the lengths of its strings and bytes.
@@ -323,7 +598,9 @@ pub fn result_len_bound(r: &v1::ItemResult) -> usize {
 /// An upper bound of `resp.encoded_len()`: the exact size is needed only when this exceeds
 /// the message limit.
 pub fn submit_response_len_bound(resp: &v1::SubmitResponse) -> usize {
-    16 + resp.items.len() * RECEIPT_MAX + resp.results.iter().map(result_len_bound).sum::<usize>()
+    16 + resp.items.len() * RECEIPT_MAX
+        + resp.items.iter().map(|r| r.target.len()).sum::<usize>()
+        + resp.results.iter().map(result_len_bound).sum::<usize>()
 }
 
 /// Adds `n` items in state `s` to wire counts.
@@ -587,39 +864,203 @@ mod tests {
         );
     }
 
+    /// Groups of a machine with possible CPUs 0-7 never seen online (so `each:cpu` and
+    /// `each:core` name 8 groups, other levels none), a partition `rcu` of 0-7 in ranges of 4
+    /// and a named group `db`.
+    fn groups() -> Arc<GroupMap> {
+        use crate::groups::GroupsConfig;
+        use crate::topology::{AllowedSource, Topology};
+        let all = CpuSet::range(0, 7);
+        let topo = Topology {
+            possible: all.clone(),
+            present: all.clone(),
+            online: all.clone(),
+            isolated: CpuSet::new(),
+            allowed: all.clone(),
+            allowed_source: AllowedSource::AllOnline,
+            cpus: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+        };
+        let mut cfg = GroupsConfig::default();
+        cfg.partition_ranges("rcu", &all, 4).unwrap();
+        cfg.named.insert("db".into(), CpuSet::range(0, 3));
+        Arc::new(GroupMap::build(&topo, &cfg))
+    }
+
+    fn build(items: Vec<v1::WorkItem>, lim: &Limits) -> Result<BatchSpecs, RpcError> {
+        let mut b = BatchSpecs::default();
+        for it in items {
+            b.push(it, lim, groups)?;
+        }
+        Ok(b)
+    }
+
     #[test]
     fn a_cached_target_is_what_a_fresh_parse_gives() {
         let lim = Limits::default();
-        let mut cache = TargetCache::default();
-        for (i, t) in [
+        let texts = [
             "cpus:3,1-2",
             "cpus:3,1-2",
             "all",
             "node:0",
             "node:0",
             "cpus:1-3",
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let cached = item_spec_with(i, item(t, "noop"), &lim, &mut cache).unwrap();
+        ];
+        let b = build(texts.iter().map(|t| item(t, "noop")).collect(), &lim).unwrap();
+        for (i, t) in texts.iter().enumerate() {
             let fresh = item_spec(i, item(t, "noop"), &lim).unwrap();
-            assert_eq!(cached.target, fresh.target, "{t}");
+            assert_eq!(b.specs[i].target, fresh.target, "{t}");
         }
         // A refused text is never cached: it is refused again, with its own index.
+        let mut b = BatchSpecs::default();
         for i in 0..2 {
-            let e = item_spec_with(i, item("CPU:1", "noop"), &lim, &mut cache).unwrap_err();
-            assert!(
-                e.to_string().starts_with(&format!("items[{i}].target: ")),
-                "{e}"
-            );
-            let e = item_spec_with(i, item("  ", "noop"), &lim, &mut cache).unwrap_err();
+            let e = b.push(item("CPU:1", "noop"), &lim, groups).unwrap_err();
+            assert!(e.to_string().starts_with("items[0].target: "), "{i}: {e}");
+            let e = b.push(item("  ", "noop"), &lim, groups).unwrap_err();
             assert!(e.to_string().contains("target: required"), "{e}");
         }
         // The other checks still run on a cache hit.
-        item_spec_with(0, item("all", "noop"), &lim, &mut cache).unwrap();
-        let e = item_spec_with(1, item("all", ""), &lim, &mut cache).unwrap_err();
+        b.push(item("all", "noop"), &lim, groups).unwrap();
+        let e = b.push(item("all", ""), &lim, groups).unwrap_err();
         assert!(e.to_string().starts_with("items[1].handler"), "{e}");
+    }
+
+    #[test]
+    fn each_expands_in_place_in_group_order() {
+        let lim = Limits::default();
+        let mut fan = item("each:rcu", "spin");
+        fan.key = "k".into();
+        fan.payload = b"p".to_vec();
+        fan.args.insert("ms".into(), "1".into());
+        fan.delay = Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        });
+        let b = build(
+            vec![
+                item("all", "noop"),
+                fan.clone(),
+                item("cpu:1", "noop"),
+                item(" each:cpu ", "noop"),
+                item("node:0", "noop"),
+            ],
+            &lim,
+        )
+        .unwrap();
+        assert_eq!(b.wire_items(), 5);
+        let (specs, origins) = b.into_parts();
+        let targets: Vec<String> = specs.iter().map(|s| s.target.to_string()).collect();
+        let mut want = vec!["all", "rcu:0", "rcu:1", "cpu:1"];
+        let cpus: Vec<String> = (0..8).map(|c| format!("cpu:{c}")).collect();
+        want.extend(cpus.iter().map(String::as_str));
+        want.push("node:0");
+        assert_eq!(targets, want);
+        // Copies keep everything but the target and the key, which gets the group.
+        for (s, group) in specs[1..3].iter().zip(["rcu:0", "rcu:1"]) {
+            assert_eq!(s.key.as_deref(), Some(format!("k/{group}").as_str()));
+            assert_eq!(
+                (s.handler.as_str(), s.payload.as_slice()),
+                ("spin", &b"p"[..])
+            );
+            assert_eq!(s.args.get("ms").map(String::as_str), Some("1"));
+            assert_eq!(s.delay, Some(Duration::from_secs(1)));
+        }
+        assert!(specs[4].key.is_none(), "no key, no suffix");
+        // Every entry maps back to the item the client sent.
+        let at: Vec<String> = (0..specs.len())
+            .map(|i| origins.of(i).to_string())
+            .collect();
+        assert_eq!(at[0], "items[0]");
+        assert_eq!(at[1], "items[1] (each:rcu → rcu:0)");
+        assert_eq!(at[2], "items[1] (each:rcu → rcu:1)");
+        assert_eq!(at[3], "items[2]");
+        assert_eq!(at[4], "items[3] (each:cpu → cpu:0)");
+        assert_eq!(at[11], "items[3] (each:cpu → cpu:7)");
+        assert_eq!(at[12], "items[4]");
+        assert!(origins.any());
+        assert!(!BatchSpecs::default().into_parts().1.any());
+    }
+
+    #[test]
+    fn each_refusals_name_the_item_sent() {
+        let lim = Limits::default();
+        let err =
+            |items: Vec<v1::WorkItem>, lim: &Limits| build(items, lim).unwrap_err().to_string();
+        assert_eq!(
+            err(vec![item("all", "noop"), item("each:db", "noop")], &lim),
+            "items[1].target: each:db: \"db\" is a named group, not a partition; each: fans \
+             out over a level (cpu, core, shard, cache, node, package) or a partition's \
+             ranges; submit to db for the one group"
+        );
+        assert_eq!(
+            err(vec![item("each:cache", "noop")], &lim),
+            "items[0].target: each:cache names no group on this machine (no CPU has \
+             last-level cache data)"
+        );
+        let e = err(vec![item("each:nope", "noop")], &lim);
+        assert!(
+            e.starts_with("items[0].target: each:nope: unknown group name \"nope\""),
+            "{e}"
+        );
+        assert!(err(vec![item("each:all", "noop")], &lim)
+            .starts_with("items[0].target: at byte 5: each: takes a level"));
+        // One group is required where there is no batch to expand into.
+        let e = item_spec(0, item("each:cpu", "noop"), &lim).unwrap_err();
+        assert!(
+            e.to_string().contains("fans out to one item per group"),
+            "{e}"
+        );
+        // The count limit applies to the expanded batch.
+        let small = Limits {
+            max_batch_items: 9,
+            ..Limits::default()
+        };
+        assert_eq!(
+            err(
+                vec![
+                    item("all", "noop"),
+                    item("each:cpu", "noop"),
+                    item("all", "noop")
+                ],
+                &small
+            ),
+            "the batch's item count is 10, over the limit limits.max_batch_items = 9"
+        );
+        assert_eq!(
+            err(
+                vec![
+                    item("all", "noop"),
+                    item("all", "noop"),
+                    item("each:cpu", "noop")
+                ],
+                &small
+            ),
+            "the batch's item count with each: expanded (items[2] each:cpu names 8 groups) is \
+             10, over the limit limits.max_batch_items = 9"
+        );
+        // So does the memory estimate: every copy holds the payload.
+        let tight = Limits {
+            max_request_memory: 8 * ITEM_OVERHEAD + 7 * 1000,
+            ..Limits::default()
+        };
+        let mut big = item("each:cpu", "noop");
+        big.payload = vec![0; 1000];
+        let e = err(vec![big], &tight);
+        assert!(
+            e.starts_with(
+                "the memory the batch holds with each: expanded (items[0] each:cpu copies its \
+                 payload and args to 8 items), estimated in bytes, is "
+            ) && e.contains("over the limit limits.max_request_memory"),
+            "{e}"
+        );
+        // A key that is too long once suffixed.
+        let mut keyed = item("each:rcu", "noop");
+        keyed.key = "k".repeat(MAX_KEY_BYTES - 3);
+        assert_eq!(
+            err(vec![keyed], &lim),
+            "items[0].key: 1027 bytes with its per-group suffix (\"/rcu:1\" and alike) is \
+             longer than 1024"
+        );
     }
 
     fn result(target: Target) -> ItemResult {
@@ -707,6 +1148,8 @@ mod tests {
                         item_id: u64::MAX,
                         queued: true,
                         duplicate_of: u64::MAX,
+                        target: "partition-name:4294967295".into(),
+                        source_index: Some(u64::MAX),
                     };
                     results.len() + 2
                 ],

@@ -20,13 +20,16 @@ use tonic::{Request, Response, Status, Streaming};
 use wqd_proto::v1;
 
 use super::convert::{
-    count_state, duration_out, item_spec_with, state_out, submit_response_len_bound, ResultsOut,
-    TargetCache, LOOKUP_FIXED_MAX,
+    count_state, duration_out, state_out, submit_response_len_bound, BatchSpecs, Origins,
+    ResultsOut, LOOKUP_FIXED_MAX,
 };
 use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
 };
-use crate::engine::{CancelOutcome, Flush, FlushEvent, FlushScope, ItemResult, ItemSpec, Receipt};
+use crate::engine::{
+    CancelOutcome, EngineError, Flush, FlushEvent, FlushScope, ItemResult, ItemSpec, Receipt,
+};
+use crate::groups::GroupMap;
 use crate::metrics::{FlushMethod, FlushOutcome, Metrics};
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -128,6 +131,13 @@ impl Rpc {
         }
     }
 
+    /// The groups `each:` targets expand against: the engine's own snapshot, so the expanded
+    /// targets are the ones the engine resolves the batch with (unless a new topology epoch
+    /// lands between the two, when a group that vanished refuses the batch like any target).
+    fn groups(&self) -> Arc<GroupMap> {
+        self.engine.snapshot().groups.clone()
+    }
+
     fn refused(&self) {
         self.counters
             .batches_refused
@@ -140,7 +150,7 @@ impl Rpc {
         deadline: Option<Instant>,
     ) -> Result<v1::SubmitResponse, RpcError> {
         let limits = self.limits.load();
-        let specs = (|| {
+        let (specs, origins) = (|| {
             if r.items.is_empty() {
                 return Err(RpcError::Field {
                     field: "items".into(),
@@ -148,22 +158,36 @@ impl Rpc {
                 });
             }
             self.check_count("the batch's item count", r.items.len())?;
-            let mut targets = TargetCache::default();
-            r.items
-                .into_iter()
-                .enumerate()
-                .map(|(i, it)| item_spec_with(i, it, &limits, &mut targets))
-                .collect::<Result<Vec<_>, _>>()
+            let mut batch = BatchSpecs::default();
+            for it in r.items {
+                batch.push(it, &limits, || self.groups())?;
+            }
+            Ok(batch.into_parts())
         })()
         .inspect_err(|_| self.refused())?;
-        let rec = self.submit_specs(wq_name(r.workqueue), specs).await?;
+        let rec = self
+            .submit_specs(wq_name(r.workqueue), specs)
+            .await
+            .map_err(|e| reindex(e, &origins))?;
         let items: Vec<v1::ItemReceipt> = rec
             .items
             .iter()
-            .map(|s| v1::ItemReceipt {
-                item_id: if s.queued { s.id } else { 0 },
-                queued: s.queued,
-                duplicate_of: if s.queued { 0 } else { s.id },
+            .enumerate()
+            .map(|(i, s)| {
+                let (target, source_index) = match origins.any().then(|| origins.of(i)) {
+                    Some(o) => match o.fan {
+                        Some((_, t)) => (t.to_string(), Some(o.wire as u64)),
+                        None => (String::new(), None),
+                    },
+                    None => (String::new(), None),
+                };
+                v1::ItemReceipt {
+                    item_id: if s.queued { s.id } else { 0 },
+                    queued: s.queued,
+                    duplicate_of: if s.queued { 0 } else { s.id },
+                    target,
+                    source_index,
+                }
             })
             .collect();
         let mut resp = v1::SubmitResponse {
@@ -228,11 +252,10 @@ impl Rpc {
         deadline: Option<Instant>,
     ) -> Result<v1::SubmitStreamResponse, RpcError> {
         let mut wq: Option<String> = None;
-        let mut specs: Vec<ItemSpec> = Vec::new();
+        let mut batch = BatchSpecs::default();
         let mut committed = false;
         let began = Instant::now();
         let limits = self.limits.load();
-        let mut targets = TargetCache::default();
         let read = async {
             loop {
                 let msg = tokio::select! {
@@ -281,12 +304,11 @@ impl Rpc {
                 }
                 self.check_count(
                     "the streamed batch's item count",
-                    specs.len() + m.items.len(),
+                    batch.specs.len() + m.items.len(),
                 )?;
-                specs.reserve(m.items.len());
+                batch.specs.reserve(m.items.len());
                 for it in m.items {
-                    let index = specs.len();
-                    specs.push(item_spec_with(index, it, &limits, &mut targets)?);
+                    batch.push(it, &limits, || self.groups())?;
                 }
                 if m.commit {
                     // Accepted once the stream ends after this message (a further message
@@ -305,6 +327,7 @@ impl Rpc {
                 problem: "the stream carried no message".into(),
             });
         };
+        let (specs, origins) = batch.into_parts();
         if specs.is_empty() {
             self.refused();
             return Err(RpcError::Field {
@@ -313,7 +336,10 @@ impl Rpc {
             });
         }
         let count = specs.len();
-        let rec = self.submit_specs(wq, specs).await?;
+        let rec = self
+            .submit_specs(wq, specs)
+            .await
+            .map_err(|e| reindex(e, &origins))?;
         let duplicates: Vec<v1::DuplicateItem> = rec
             .items
             .iter()
@@ -495,6 +521,51 @@ impl Rpc {
             })
             .collect();
         Ok(v1::GetResultsResponse { items })
+    }
+}
+
+/// An engine error about entry `index` of a batch with fan-outs, re-addressed to the item the
+/// client sent: `items[2]`, and for an expanded entry its group (`items[2].target: each:cache →
+/// cache:3: no LLC numbered 3`). Batches without a fan-out keep the engine's indexes, which are
+/// the wire indexes.
+fn reindex(e: RpcError, origins: &Origins) -> RpcError {
+    use EngineError as E;
+    if !origins.any() {
+        return e;
+    }
+    match e {
+        RpcError::Engine(E::Group { index, source }) => {
+            let o = origins.of(index);
+            RpcError::Item {
+                index: o.wire,
+                field: "target",
+                problem: match o.fan {
+                    Some((each, t)) => format!("{each} → {t}: {source}"),
+                    None => source.to_string(),
+                },
+            }
+        }
+        RpcError::Engine(E::UnknownHandler { index, name, known }) => {
+            RpcError::Engine(E::UnknownHandler {
+                index: origins.of(index).wire,
+                name,
+                known,
+            })
+        }
+        RpcError::Engine(E::Handler { index, source }) => RpcError::Engine(E::Handler {
+            index: origins.of(index).wire,
+            source,
+        }),
+        RpcError::Engine(E::Duration {
+            index,
+            field,
+            problem,
+        }) => RpcError::Engine(E::Duration {
+            index: origins.of(index).wire,
+            field,
+            problem,
+        }),
+        other => other,
     }
 }
 

@@ -122,7 +122,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// Where to run: cpu:N core:N cache:N shard:N node:N package:N cpus:LIST all NAME NAME:N
+    /// Where to run: cpu:N core:N cache:N shard:N node:N package:N cpus:LIST all NAME NAME:N,
+    /// or each:LEVEL / each:PARTITION for one item per group (a per-group table with --wait)
     #[arg(long, short = 't')]
     pub target: String,
     /// Handler name (noop, spin, sleep, digest, exec if configured)

@@ -270,6 +270,7 @@ fn read_payload(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
 }
 
 async fn submit(client: &Client, out: Output, a: SubmitArgs) -> Result<Done, CliError> {
+    let target = a.target.clone();
     let mut item = Item::new(a.target, a.handler);
     for (k, v) in a.args {
         item = item.arg(k, v);
@@ -324,10 +325,24 @@ async fn submit(client: &Client, out: Output, a: SubmitArgs) -> Result<Done, Cli
     };
     let summary = results.as_ref().map(Summary::of);
     let all_ok = summary.as_ref().map(|s| s.states.all_ok()).unwrap_or(true);
+    // A fan-out reports per group: the daemon expanded it, each result names its group.
+    let groups = results
+        .as_ref()
+        .filter(|_| fans_out(&target))
+        .map(summary::per_group);
 
     emit(
         out,
-        || receipt_json(batch_id, &receipts, summary.as_ref()),
+        || {
+            let mut v = receipt_json(batch_id, &receipts, summary.as_ref());
+            if let (Some(g), Some(obj)) = (&groups, v.as_object_mut()) {
+                obj.insert(
+                    "groups".into(),
+                    serde_json::to_value(g).unwrap_or(Value::Null),
+                );
+            }
+            v
+        },
         || {
             let mut t = format!(
                 "batch {batch_id}: {} items, {queued} queued, {} deduplicated{}\n",
@@ -335,6 +350,9 @@ async fn submit(client: &Client, out: Output, a: SubmitArgs) -> Result<Done, Cli
                 receipts.len() as u64 - queued,
                 id_range(&receipts)
             );
+            if let Some(g) = &groups {
+                t.push_str(&render::groups_text(g));
+            }
             if let Some(s) = &summary {
                 t.push_str(&render::summary_text(s));
             }
@@ -342,6 +360,11 @@ async fn submit(client: &Client, out: Output, a: SubmitArgs) -> Result<Done, Cli
         },
     );
     Ok(if all_ok { Done::Ok } else { Done::NotAllOk })
+}
+
+/// True when `target` is an `each:` fan-out, which the daemon expands to one item per group.
+fn fans_out(target: &str) -> bool {
+    target.trim_start().starts_with("each:")
 }
 
 /// ` (ids A-B)` when the queued ids are contiguous, ` (id A)` for one, else empty.
@@ -537,16 +560,19 @@ mod tests {
                 item_id: 10,
                 queued: true,
                 duplicate_of: 0,
+                ..Default::default()
             },
             ItemReceipt {
                 item_id: 0,
                 queued: false,
                 duplicate_of: 10,
+                ..Default::default()
             },
             ItemReceipt {
                 item_id: 12,
                 queued: true,
                 duplicate_of: 0,
+                ..Default::default()
             },
         ];
         let v = receipt_json(4, &r, None);

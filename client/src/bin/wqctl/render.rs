@@ -16,7 +16,7 @@ use wqd_client::proto::{
     WorkqueueInfo,
 };
 
-use crate::summary::{fallback_name, state_name, States, Summary};
+use crate::summary::{fallback_name, state_name, GroupRow, States, Summary};
 
 /// Strips the enum-name prefix and lower-cases (`PLACEMENT_LEAST_LOADED` → `least-loaded`).
 fn short(name: &str, prefix: &str) -> String {
@@ -157,6 +157,28 @@ pub fn summary_text(s: &Summary) -> String {
     }
     for e in &s.errors {
         let _ = writeln!(o, "error ×{}: {}", e.count, e.error);
+    }
+    o
+}
+
+/// The per-group table of a fan-out: one line per item, in group order.
+pub fn groups_text(rows: &[GroupRow]) -> String {
+    let w = rows
+        .iter()
+        .map(|r| r.group.len())
+        .max()
+        .unwrap_or(0)
+        .max("GROUP".len());
+    let mut o = String::new();
+    let _ = writeln!(o, "{:<w$}  {:<9}  {:>4}  FALLBACK", "GROUP", "STATE", "CPU");
+    for r in rows {
+        let cpu = r.cpu.map_or_else(|| "-".to_string(), |c| c.to_string());
+        let fb = if r.fallback_reason.is_empty() {
+            r.fallback.to_string()
+        } else {
+            format!("{} ({})", r.fallback, r.fallback_reason)
+        };
+        let _ = writeln!(o, "{:<w$}  {:<9}  {:>4}  {fb}", r.group, r.state, cpu);
     }
     o
 }

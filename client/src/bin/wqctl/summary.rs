@@ -221,9 +221,69 @@ impl Summary {
     }
 }
 
+/// One row of the per-group table of a fan-out (`--target each:cache`): one item and the group
+/// it was expanded to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupRow {
+    /// The group, canonical (`cache:3`): the result's target.
+    pub group: String,
+    pub item_id: u64,
+    /// Lower-case state name (`ok`, `rejected`, ...).
+    pub state: &'static str,
+    /// The CPU it started on; `None` when it never started.
+    pub cpu: Option<u32>,
+    /// The fallback level it ran at (`node`), `none` when it ran inside its group.
+    pub fallback: &'static str,
+    /// Why it fell back; empty without a fallback.
+    pub fallback_reason: String,
+}
+
+/// The per-group rows of a fan-out's results, in item id order — the order the daemon
+/// expanded the groups in (ascending group number), whatever order the results came in.
+pub fn per_group<'a>(results: impl IntoIterator<Item = &'a ItemResult>) -> Vec<GroupRow> {
+    let mut rows: Vec<GroupRow> = results
+        .into_iter()
+        .map(|r| GroupRow {
+            group: r.target.clone(),
+            item_id: r.item_id,
+            state: state_name(r.state()),
+            cpu: r.cpu_started,
+            fallback: fallback_name(r.fallback_level()),
+            fallback_reason: r.fallback_reason.clone(),
+        })
+        .collect();
+    rows.sort_by_key(|r| r.item_id);
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_group_rows_follow_item_ids() {
+        let mut a = result(ItemState::Ok, Some(3), 0, 1, 2);
+        a.item_id = 11;
+        a.target = "cache:1".into();
+        let mut b = result(ItemState::Ok, Some(4), 0, 1, 2);
+        b.item_id = 12;
+        b.target = "cache:2".into();
+        b.fallback_level = FallbackLevel::Node as i32;
+        b.fallback_reason = "no live CPU in cache:2".into();
+        let mut c = result(ItemState::Rejected, None, 0, 0, 2);
+        c.item_id = 10;
+        c.target = "cache:0".into();
+        let rows = per_group(&[a, b, c]);
+        let groups: Vec<_> = rows.iter().map(|r| r.group.as_str()).collect();
+        assert_eq!(groups, ["cache:0", "cache:1", "cache:2"]);
+        assert_eq!((rows[0].state, rows[0].cpu), ("rejected", None));
+        assert_eq!((rows[2].fallback, rows[2].cpu), ("node", Some(4)));
+        assert_eq!(rows[1].fallback, "none");
+        let v = serde_json::to_value(&rows[2]).unwrap();
+        assert_eq!(v["group"], "cache:2");
+        assert_eq!(v["fallback"], "node");
+        assert_eq!(v["cpu"], 4);
+    }
 
     fn ts(us: i64) -> Option<prost_types::Timestamp> {
         Some(prost_types::Timestamp {
