@@ -192,6 +192,17 @@ fn execute(
     let id = job.id;
     let handback = |why: &'static str| Finish::handback(id, why);
     fail::fail_point!("engine::before-start");
+    // A cancelled item never runs, wherever it is: checked first, so it is not handed back
+    // (and placed again) only to be cancelled then (`Sched::finish` enforces the same).
+    if token.is_cancelled() {
+        let f = Finish {
+            id,
+            outcome: Outcome::CancelledBeforeStart,
+            started: None,
+            finished: None,
+        };
+        return (f, false);
+    }
     if pinned {
         let on = current_cpu();
         if on != Some(job.cpu) {
@@ -213,15 +224,6 @@ fn execute(
     // to be placed afresh.
     if job.claimed && epoch != job.epoch {
         return (handback("stall"), false);
-    }
-    if token.is_cancelled() {
-        let f = Finish {
-            id,
-            outcome: Outcome::CancelledBeforeStart,
-            started: None,
-            finished: None,
-        };
-        return (f, false);
     }
     if job.nice != *nice {
         set_nice(job.nice);
