@@ -331,6 +331,10 @@ impl FlushRec {
     }
 }
 
+/// The error text of an item cancelled, or expired, before it started.
+const CANCELLED_UNSTARTED: &str = "cancelled before it started";
+const EXPIRED_UNSTARTED: &str = "not started before its deadline";
+
 const TIMER_DELAY: u8 = 0;
 const TIMER_DEADLINE: u8 = 1;
 
@@ -841,16 +845,7 @@ impl Sched {
             let reason = q.reason.clone();
             for id in ids {
                 if self.is_pending_in(id, qid) {
-                    self.terminal(
-                        id,
-                        State::Rejected,
-                        Vec::new(),
-                        reason.clone(),
-                        None,
-                        None,
-                        Instant::now(),
-                        fx,
-                    );
+                    self.end_unstarted(id, State::Rejected, reason.clone(), Instant::now(), fx);
                 }
             }
         }
@@ -1010,7 +1005,7 @@ impl Sched {
             q.pending += 1;
             self.wqs[wi].pending += 1;
             let now = Instant::now();
-            self.terminal(id, State::Rejected, Vec::new(), reason, None, None, now, fx);
+            self.end_unstarted(id, State::Rejected, reason, now, fx);
             return;
         }
         q.items.push_back(id);
@@ -1334,16 +1329,7 @@ impl Sched {
                 self.queues[qid].in_ready.remove(cpu);
             }
             if expired {
-                self.terminal(
-                    id,
-                    State::Expired,
-                    Vec::new(),
-                    "not started before its deadline".into(),
-                    None,
-                    None,
-                    now,
-                    fx,
-                );
+                self.end_unstarted(id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx);
                 budget += 1;
                 continue;
             }
@@ -1552,16 +1538,7 @@ impl Sched {
             // A cancel raised while the item was bound wins over the hand-back: it never runs
             // (cancel_work_sync's promise), wherever it would have gone next.
             Outcome::HandBack(_) if bound.token.is_cancelled() => {
-                self.terminal(
-                    f.id,
-                    State::Cancelled,
-                    Vec::new(),
-                    "cancelled before it started".into(),
-                    None,
-                    None,
-                    now,
-                    fx,
-                );
+                self.end_unstarted(f.id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
             }
             Outcome::HandBack(why) => {
                 let why = self.handback_reason(why, bound.cpu);
@@ -1591,30 +1568,14 @@ impl Sched {
                 match deadline {
                     // Its deadline timer may have fired while it was bound (and been ignored):
                     // the deadline is applied now, or armed again.
-                    Some(d) if d <= now => self.terminal(
-                        f.id,
-                        State::Expired,
-                        Vec::new(),
-                        "not started before its deadline".into(),
-                        None,
-                        None,
-                        now,
-                        fx,
-                    ),
+                    Some(d) if d <= now => {
+                        self.end_unstarted(f.id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx)
+                    }
                     // Its queue lost every CPU meanwhile: the reject fallback applies to it as
                     // to the queue's other pending items.
                     _ if reject => {
                         let reason = self.queues[qid].reason.clone();
-                        self.terminal(
-                            f.id,
-                            State::Rejected,
-                            Vec::new(),
-                            reason,
-                            None,
-                            None,
-                            now,
-                            fx,
-                        );
+                        self.end_unstarted(f.id, State::Rejected, reason, now, fx);
                     }
                     Some(d) => {
                         self.timers.push(Reverse((d, TIMER_DEADLINE, f.id)));
@@ -1625,16 +1586,7 @@ impl Sched {
                 }
             }
             Outcome::CancelledBeforeStart => {
-                self.terminal(
-                    f.id,
-                    State::Cancelled,
-                    Vec::new(),
-                    "cancelled before it started".into(),
-                    None,
-                    None,
-                    now,
-                    fx,
-                );
+                self.end_unstarted(f.id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
             }
             Outcome::Ran(res) => {
                 let (state, out, err) = match res {
@@ -1690,6 +1642,18 @@ impl Sched {
             // Not live when the worker checked, live again now: it went and came back.
             "offline"
         }
+    }
+
+    /// [`Sched::terminal`] for an item that never started: no output, no start or finish CPU.
+    fn end_unstarted(
+        &mut self,
+        id: ItemId,
+        state: State,
+        reason: String,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
+        self.terminal(id, state, Vec::new(), reason, None, None, now, fx);
     }
 
     /// The one way out: makes a live item terminal, notifies its flushes, stores its result.
@@ -1924,16 +1888,7 @@ impl Sched {
                     CancelOutcome::WasRunning
                 }
                 Some(_) => {
-                    self.terminal(
-                        id,
-                        State::Cancelled,
-                        Vec::new(),
-                        "cancelled before it started".into(),
-                        None,
-                        None,
-                        now,
-                        fx,
-                    );
+                    self.end_unstarted(id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
                     CancelOutcome::CancelledPending
                 }
                 None => match self.results.map.get(&id) {
@@ -2195,16 +2150,7 @@ impl Sched {
             match (kind, state) {
                 (TIMER_DELAY, State::Delayed) => self.undelay(id, fx),
                 (TIMER_DEADLINE, State::Delayed | State::Pending) => {
-                    self.terminal(
-                        id,
-                        State::Expired,
-                        Vec::new(),
-                        "not started before its deadline".into(),
-                        None,
-                        None,
-                        now,
-                        fx,
-                    );
+                    self.end_unstarted(id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx);
                 }
                 _ => self.stale_timers = self.stale_timers.saturating_sub(1),
             }
