@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Uri};
+#[path = "support/python.rs"]
+pub mod python;
+
 use wqd_client::proto;
 use wqd_client::{Client, Endpoint};
 
