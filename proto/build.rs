@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "wqd/v1/workqueue.proto",
     "wqd/v1/topology.proto",
     "wqd/v1/stats.proto",
+    "wqd/v1/worker.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

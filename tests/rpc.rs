@@ -611,6 +611,7 @@ async fn workqueues_create_list_update_delete() {
             placement: Placement::LeastLoaded as i32,
             fallback: FallbackPolicy::Wait as i32,
             max_queued: 10,
+            ..Default::default()
         })
         .await
         .expect("create beta");

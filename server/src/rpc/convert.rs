@@ -567,6 +567,7 @@ impl ResultsOut {
             topology_epoch: r.epoch_started.unwrap_or(0),
             handler: String::from(&*r.handler),
             decision_epoch: r.epoch_decided.unwrap_or(0),
+            ..Default::default()
         }
     }
 }
@@ -717,6 +718,7 @@ pub fn attrs_out(a: &WorkqueueAttrs) -> v1::WorkqueueAttrs {
         placement: placement_out(a.placement) as i32,
         fallback: fallback_out(a.fallback) as i32,
         max_queued: a.max_queued as u64,
+        ..Default::default()
     }
 }
 
