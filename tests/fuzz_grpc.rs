@@ -975,6 +975,8 @@ impl Fuzz {
                         placement: self.rng.gen_range(0..6),
                         fallback: self.rng.gen_range(0..5),
                         max_queued: self.rng.gen_range(0..100),
+                        on_worker_lost: self.rng.gen_range(0..4),
+                        unserved: self.rng.gen_range(0..4),
                     }),
                 }
                 .encode_to_vec(),
