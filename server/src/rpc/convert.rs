@@ -1135,6 +1135,10 @@ mod tests {
             topology_epoch: u64::MAX,
             handler: "h".repeat(200),
             decision_epoch: u64::MAX,
+            worker_id: u64::MAX,
+            worker_pid: u32::MAX,
+            worker_slot: u32::MAX,
+            worker_lost: u32::MAX,
         };
         let empty = v1::ItemResult::default();
         for results in [
