@@ -224,6 +224,22 @@ pub enum FallbackArg {
     Reject,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkerLostArg {
+    /// The item ends failed ("worker lost"): at-most-once
+    Fail,
+    /// The item is queued again (idempotent work): at-least-once, said in its result
+    Requeue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UnservedArg {
+    /// Items wait for a worker serving their handler to attach (bounded by their deadline)
+    Wait,
+    /// Items are rejected while no attached worker serves their handler
+    Reject,
+}
+
 #[derive(Debug, Args)]
 pub struct WqAttrArgs {
     /// Items that may run at once on each CPU
@@ -244,6 +260,12 @@ pub struct WqAttrArgs {
     /// Most items that may be pending on the workqueue
     #[arg(long)]
     pub max_queued: Option<u64>,
+    /// Attached-worker handlers: what an item becomes when the worker holding it is lost
+    #[arg(long, value_enum)]
+    pub on_worker_lost: Option<WorkerLostArg>,
+    /// Attached-worker handlers: what an item does while no attached worker serves it
+    #[arg(long, value_enum)]
+    pub unserved: Option<UnservedArg>,
 }
 
 #[derive(Debug, Subcommand)]

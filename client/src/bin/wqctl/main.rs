@@ -20,14 +20,17 @@ use tokio_stream::StreamExt;
 use wqd_client::chunk::stream_receipts;
 use wqd_client::error::code_name;
 use wqd_client::proto::{
-    self, FallbackPolicy, ItemReceipt, ItemResult, Placement, UpdateWorkqueueRequest,
-    WorkqueueAttrs,
+    self, FallbackPolicy, ItemReceipt, ItemResult, Placement, UnservedPolicy,
+    UpdateWorkqueueRequest, WorkerLostPolicy, WorkqueueAttrs,
 };
 use wqd_client::{
     Batch, CancelScope, Client, ClientError, Endpoint, FlushEvent, FlushScope, Item, TlsOptions,
 };
 
-use cli::{Cli, Command, FallbackArg, Output, PlacementArg, SubmitArgs, WqAttrArgs, WqCommand};
+use cli::{
+    Cli, Command, FallbackArg, Output, PlacementArg, SubmitArgs, UnservedArg, WorkerLostArg,
+    WqAttrArgs, WqCommand,
+};
 use summary::{States, Summary};
 
 /// Batches with more items than this go through `SubmitStream`.
@@ -463,6 +466,20 @@ fn fallback(f: FallbackArg) -> FallbackPolicy {
     }
 }
 
+fn worker_lost(w: WorkerLostArg) -> WorkerLostPolicy {
+    match w {
+        WorkerLostArg::Fail => WorkerLostPolicy::Fail,
+        WorkerLostArg::Requeue => WorkerLostPolicy::Requeue,
+    }
+}
+
+fn unserved(u: UnservedArg) -> UnservedPolicy {
+    match u {
+        UnservedArg::Wait => UnservedPolicy::Wait,
+        UnservedArg::Reject => UnservedPolicy::Reject,
+    }
+}
+
 /// `wq create` attributes; unset ones are zero, which the daemon reads as "default".
 fn create_attrs(name: String, ordered: bool, a: &WqAttrArgs) -> WorkqueueAttrs {
     WorkqueueAttrs {
@@ -477,6 +494,14 @@ fn create_attrs(name: String, ordered: bool, a: &WqAttrArgs) -> WorkqueueAttrs {
             .map(fallback)
             .unwrap_or(FallbackPolicy::Unspecified) as i32,
         max_queued: a.max_queued.unwrap_or(0),
+        on_worker_lost: a
+            .on_worker_lost
+            .map(worker_lost)
+            .unwrap_or(WorkerLostPolicy::Unspecified) as i32,
+        unserved: a
+            .unserved
+            .map(unserved)
+            .unwrap_or(UnservedPolicy::Unspecified) as i32,
     }
 }
 
@@ -490,6 +515,8 @@ fn update_request(name: String, ordered: Option<bool>, a: &WqAttrArgs) -> Update
         placement: a.placement.map(|p| placement(p) as i32),
         fallback: a.fallback.map(|f| fallback(f) as i32),
         max_queued: a.max_queued,
+        on_worker_lost: a.on_worker_lost.map(|w| worker_lost(w) as i32),
+        unserved: a.unserved.map(|u| unserved(u) as i32),
     }
 }
 
@@ -597,11 +624,15 @@ mod tests {
             placement: Some(PlacementArg::Spread),
             fallback: None,
             max_queued: None,
+            on_worker_lost: Some(WorkerLostArg::Requeue),
+            unserved: None,
         };
         let c = create_attrs("w".into(), true, &a);
         assert_eq!((c.max_active, c.group_max_active, c.nice), (2, 0, -3));
         assert_eq!(c.placement(), Placement::Spread);
         assert_eq!(c.fallback(), FallbackPolicy::Unspecified);
+        assert_eq!(c.on_worker_lost(), WorkerLostPolicy::Requeue);
+        assert_eq!(c.unserved(), UnservedPolicy::Unspecified);
         let u = update_request("w".into(), None, &a);
         assert_eq!(u.max_active, Some(2));
         assert_eq!(u.group_max_active, None);
