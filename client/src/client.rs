@@ -18,7 +18,7 @@ use tonic::Request;
 use tracing::debug;
 use wqd_proto::v1::{
     self, dispatch_service_client::DispatchServiceClient, stats_service_client::StatsServiceClient,
-    topology_service_client::TopologyServiceClient,
+    topology_service_client::TopologyServiceClient, worker_service_client::WorkerServiceClient,
     workqueue_service_client::WorkqueueServiceClient,
 };
 
@@ -73,6 +73,7 @@ pub struct Client {
     workqueues: WorkqueueServiceClient<Channel>,
     topology: TopologyServiceClient<Channel>,
     stats: StatsServiceClient<Channel>,
+    workers: WorkerServiceClient<Channel>,
     timeout: Option<Duration>,
     chunk_bytes: usize,
     /// `Bearer <token>`, sent as `authorization` metadata with every call (marked sensitive).
@@ -192,7 +193,11 @@ impl Client {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             topology: TopologyServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            stats: StatsServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            stats: StatsServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            workers: WorkerServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             timeout: None,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             token: None,
@@ -239,10 +244,16 @@ impl Client {
     }
 
     fn req<T>(&self, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
+        let mut r = self.req_without_deadline(msg);
         if let Some(t) = self.timeout {
             r.set_timeout(t);
         }
+        r
+    }
+
+    /// A request with the token but no deadline (sessions that last as long as the caller).
+    fn req_without_deadline<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
         if let Some(t) = &self.token {
             r.metadata_mut().insert("authorization", t.clone());
         }
@@ -527,6 +538,41 @@ impl Client {
             m?.snapshot
                 .ok_or_else(|| ClientError::Protocol("watch message without snapshot".into()))
         })))
+    }
+
+    /// The attached workers (`WorkerService.ListWorkers`).
+    ///
+    /// # Errors
+    /// The daemon's status.
+    pub async fn list_workers(&self) -> Result<Vec<v1::WorkerInfo>, ClientError> {
+        let r = self
+            .workers
+            .clone()
+            .list_workers(self.req(v1::ListWorkersRequest {}))
+            .await?;
+        Ok(r.into_inner().workers)
+    }
+
+    /// Opens a raw `WorkerService.Attach` session: `outbound` is what the worker sends, the
+    /// returned stream what the daemon answers. Carries the token, never the client's
+    /// timeout (a session lasts as long as the worker). [`crate::worker`] is the safe way to
+    /// serve handlers; this is for tests and other protocol-level users.
+    ///
+    /// # Errors
+    /// The daemon's status when the call itself is refused.
+    pub async fn attach<S>(
+        &self,
+        outbound: S,
+    ) -> Result<tonic::Streaming<v1::DaemonMessage>, ClientError>
+    where
+        S: Stream<Item = v1::WorkerMessage> + Send + 'static,
+    {
+        let r = self
+            .workers
+            .clone()
+            .attach(self.req_without_deadline(outbound))
+            .await?;
+        Ok(r.into_inner())
     }
 
     /// Daemon-wide counters.

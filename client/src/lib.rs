@@ -4,7 +4,8 @@
 //! Layers: [`endpoint`] (where the daemon listens, including [`default_socket_path`], which
 //! the daemon reuses so both sides agree), [`item`] (typed builders that turn into `wqd.v1`
 //! messages), [`chunk`] (splitting huge batches into stream messages under a size budget),
-//! [`client`] (the connected [`Client`]) and [`error`] (the one error enum of this crate,
+//! [`client`] (the connected [`Client`]), [`worker`] (serving handlers of your own as an
+//! attached worker, one pinned thread per CPU) and [`error`] (the one error enum of this crate,
 //! [`ClientError`], which carries the gRPC status unchanged).
 //!
 //! The generated protocol types are re-exported as [`proto`]; responses are returned as
@@ -27,6 +28,7 @@ pub mod client;
 pub mod endpoint;
 pub mod error;
 pub mod item;
+pub mod worker;
 
 pub use client::{CancelScope, Client, EventStream, FlushEvent, FlushScope, TlsOptions};
 pub use endpoint::{default_socket_path, Endpoint};
