@@ -118,6 +118,9 @@ pub enum Command {
     },
     /// Show daemon-wide counters
     Stats,
+    /// List attached workers: id, pid, uid, name, handlers, slots as CPU:IN_FLIGHT/DONE,
+    /// items done and handed back, time attached
+    Workers,
 }
 
 #[derive(Debug, Args)]

@@ -257,6 +257,14 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
             let s = client.stats().await?;
             emit(out, || render::stats_json(&s), || render::stats_text(&s));
         }
+        Command::Workers => {
+            let w = client.list_workers().await?;
+            emit(
+                out,
+                || json!({"workers": render::workers_json(&w)}),
+                || render::workers_text(&w),
+            );
+        }
     }
     Ok(Done::Ok)
 }

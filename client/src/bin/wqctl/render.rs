@@ -12,8 +12,8 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use wqd_client::proto::{
     CancelOutcome, CancelResponse, FallbackPolicy, GetResultsResponse, GetStatsResponse,
-    GroupLevel, ItemResult, LookupStatus, Placement, StateCounts, TopologySnapshot, WorkqueueAttrs,
-    WorkqueueInfo,
+    GroupLevel, ItemResult, LookupStatus, Placement, StateCounts, TopologySnapshot, WorkerInfo,
+    WorkqueueAttrs, WorkqueueInfo,
 };
 
 use crate::summary::{fallback_name, state_name, GroupRow, States, Summary};
@@ -96,6 +96,10 @@ pub fn result_json(r: &ItemResult) -> Value {
         "finished_at": ts_json(r.finished_at.as_ref()),
         "topology_epoch": r.topology_epoch,
         "decision_epoch": r.decision_epoch,
+        "worker_id": r.worker_id,
+        "worker_pid": r.worker_pid,
+        "worker_slot": r.worker_slot,
+        "worker_lost": r.worker_lost,
     })
 }
 
@@ -385,6 +389,98 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
     o
 }
 
+pub fn workers_json(list: &[WorkerInfo]) -> Value {
+    Value::Array(
+        list.iter()
+            .map(|w| {
+                json!({
+                    "worker_id": w.worker_id,
+                    "pid": w.pid,
+                    "uid": w.uid,
+                    "gid": w.gid,
+                    "cert_names": w.cert_names,
+                    "name": w.name,
+                    "handlers": w.handlers,
+                    "slots": w.slots.iter().map(|s| json!({
+                        "slot": s.slot, "cpu": s.cpu, "credits": s.credits,
+                        "in_flight": s.in_flight, "done": s.done, "closed": s.closed,
+                        "live": s.live,
+                    })).collect::<Vec<_>>(),
+                    "attached_seconds": w.attached_seconds,
+                    "done": w.done,
+                    "handed_back": w.handed_back,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `cpu:inflight/done` per slot, comma-separated; a closed slot ends in `x`, one whose CPU
+/// is not live in `!`.
+fn slots_text(w: &WorkerInfo) -> String {
+    let s: Vec<String> = w
+        .slots
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}/{}{}{}",
+                s.cpu,
+                s.in_flight,
+                s.done,
+                if s.closed { "x" } else { "" },
+                if s.live { "" } else { "!" }
+            )
+        })
+        .collect();
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.join(",")
+    }
+}
+
+pub fn workers_text(list: &[WorkerInfo]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:>6} {:>8} {:>6} {:<16} {:<20} {:>8} {:>8} {:>9}  SLOTS (cpu:in_flight/done)",
+        "ID", "PID", "UID", "NAME", "HANDLERS", "DONE", "HANDBACK", "ATTACHED"
+    );
+    for w in list {
+        let _ = writeln!(
+            o,
+            "{:>6} {:>8} {:>6} {:<16} {:<20} {:>8} {:>8} {:>9}  {}",
+            w.worker_id,
+            w.pid,
+            w.uid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+            or_dash(&w.name),
+            or_dash(&w.handlers.join(",")),
+            w.done,
+            w.handed_back,
+            human_secs(w.attached_seconds),
+            slots_text(w)
+        );
+    }
+    if list.is_empty() {
+        o.push_str("(no attached workers)\n");
+    }
+    o
+}
+
+/// Whole seconds for people: `42s`, `3m07s`, `2h05m`.
+fn human_secs(s: f64) -> String {
+    let s = if s.is_finite() && s > 0.0 {
+        s as u64
+    } else {
+        0
+    };
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 pub fn cancel_json(r: &CancelResponse) -> Value {
     json!({
         "items": r.items.iter().map(|i| json!({
@@ -606,5 +702,44 @@ mod tests {
         assert_eq!(human_us(850), "850µs");
         assert_eq!(human_us(12_340), "12.3ms");
         assert_eq!(human_us(4_560_000), "4.56s");
+    }
+
+    #[test]
+    fn workers_render_slots_and_names() {
+        use wqd_client::proto::SlotInfo;
+        let w = WorkerInfo {
+            worker_id: 3,
+            pid: 77,
+            uid: Some(1000),
+            name: "resizer".into(),
+            handlers: vec!["resize".into(), "thumb".into()],
+            slots: vec![
+                SlotInfo {
+                    slot: 0,
+                    cpu: 2,
+                    in_flight: 1,
+                    done: 5,
+                    live: true,
+                    ..Default::default()
+                },
+                SlotInfo {
+                    slot: 1,
+                    cpu: 3,
+                    closed: true,
+                    ..Default::default()
+                },
+            ],
+            attached_seconds: 187.4,
+            done: 5,
+            ..Default::default()
+        };
+        let t = workers_text(std::slice::from_ref(&w));
+        assert!(t.contains("resize,thumb"), "{t}");
+        assert!(t.contains("2:1/5,3:0/0x!"), "{t}");
+        assert!(t.contains("3m07s"), "{t}");
+        let v = workers_json(&[w]);
+        assert_eq!(v[0]["pid"], 77);
+        assert_eq!(v[0]["slots"][1]["closed"], true);
+        assert_eq!(workers_text(&[]).lines().count(), 2);
     }
 }
