@@ -128,6 +128,32 @@ fn main() -> ExitCode {
         line(&d);
         Ok(d.into_bytes())
     };
+    // Signal handlers first: a SIGTERM that arrives right after the "attached" line must
+    // stop the worker gracefully, not kill the process.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wqd-worker-example: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _guard = rt.enter();
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("wqd-worker-example: cannot install signal handlers: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
     let worker = Worker::builder(Endpoint::unix(&args.socket))
         .target(args.target.clone())
         .handler(args.handler.clone(), handler)
@@ -157,27 +183,9 @@ fn main() -> ExitCode {
             a.pinning
         );
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("wqd-worker-example: cannot start runtime: {e}");
-            worker.stop(Graceful::HandBack);
-            return ExitCode::from(1);
-        }
-    };
     // Wait for SIGTERM/SIGINT, or for the session to end on its own (lost).
+    let (mut term, mut int) = signals;
     let signalled = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            eprintln!("wqd-worker-example: cannot install signal handlers");
-            return true;
-        };
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {

@@ -124,7 +124,7 @@ pub enum Graceful {
 #[derive(Debug, Clone)]
 pub enum Connection {
     Endpoint(Endpoint),
-    Client(Client),
+    Client(Box<Client>),
 }
 
 impl From<Endpoint> for Connection {
@@ -134,12 +134,12 @@ impl From<Endpoint> for Connection {
 }
 impl From<Client> for Connection {
     fn from(c: Client) -> Self {
-        Connection::Client(c)
+        Connection::Client(Box::new(c))
     }
 }
 impl From<&Client> for Connection {
     fn from(c: &Client) -> Self {
-        Connection::Client(c.clone())
+        Connection::Client(Box::new(c.clone()))
     }
 }
 
@@ -305,7 +305,7 @@ impl WorkerBuilder {
                 rt.block_on(async move {
                     let client = match conn {
                         Connection::Endpoint(e) => Client::connect(e).await?,
-                        Connection::Client(c) => c,
+                        Connection::Client(c) => *c,
                     };
                     let cpus = match cpus {
                         Some(Cpus::List(l)) => normalize(l)?,

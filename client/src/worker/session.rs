@@ -90,10 +90,16 @@ pub(crate) async fn run(
         name: plan.name.clone(),
     };
     let _ = out_tx.send(msg(worker_message::Msg::Hello(hello)));
+    // A refusal can come as the call's own status (before any message): the same as a
+    // status that ends the stream.
     let mut inbound = plan
         .client
         .attach(UnboundedReceiverStream::new(out_rx))
-        .await?;
+        .await
+        .map_err(|e| match e {
+            crate::ClientError::Status(s) => WorkerError::Ended(s),
+            other => WorkerError::Client(other),
+        })?;
     let welcome = match inbound.message().await {
         Ok(Some(v1::DaemonMessage {
             msg: Some(daemon_message::Msg::Welcome(w)),
@@ -177,6 +183,7 @@ pub(crate) async fn run(
     drop(ready);
 
     let mut poll = tokio::time::interval(CLOSE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             m = inbound.message() => match m {
