@@ -9,11 +9,12 @@
 //! the test is failing, prints the daemon's stderr so the failure message says what the daemon
 //! saw. Every wait is bounded and names what it waited for.
 //!
-//! Binaries: `target/<profile>/wqd` and `wqctl` next to the test executable, built with
-//! `cargo build` in the same profile only when missing (`cargo test --workspace` builds both,
-//! since `wqd` and `wqd-client` have integration tests, so CI always runs fresh ones; when
-//! running only this crate, rebuild them first or a stale binary is used).
-//! `WQD_E2E_WQD` / `WQD_E2E_WQCTL` point the tests at other binaries.
+//! Binaries: `target/<profile>/wqd`, `wqctl` and `wqd-worker-example` next to the test
+//! executable, built with `cargo build` in the same profile only when missing (`cargo test
+//! --workspace` builds them, since `wqd` and `wqd-client` have integration tests, so CI always
+//! runs fresh ones; when running only this crate, rebuild them first or a stale binary is
+//! used). `WQD_E2E_WQD` / `WQD_E2E_WQCTL` / `WQD_E2E_WQD_WORKER_EXAMPLE` point the tests at
+//! other binaries.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -53,8 +54,8 @@ pub fn profile_dir() -> PathBuf {
 }
 
 /// The path of binary `bin` of package `package`, next to the test executable; built with
-/// `cargo build` in the same profile when missing. `WQD_E2E_<BIN>` (e.g. `WQD_E2E_WQD`)
-/// overrides the location.
+/// `cargo build` in the same profile when missing. `WQD_E2E_<BIN>` (e.g. `WQD_E2E_WQD`,
+/// `WQD_E2E_WQD_WORKER_EXAMPLE`; dashes become underscores) overrides the location.
 pub fn binary(bin: &'static str, package: &'static str) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<(&'static str, PathBuf)>>> = OnceLock::new();
     let lock = BUILT.get_or_init(|| Mutex::new(Vec::new()));
@@ -62,7 +63,7 @@ pub fn binary(bin: &'static str, package: &'static str) -> PathBuf {
     if let Some((_, p)) = built.iter().find(|(b, _)| *b == bin) {
         return p.clone();
     }
-    let var = format!("WQD_E2E_{}", bin.to_ascii_uppercase());
+    let var = format!("WQD_E2E_{}", bin.to_ascii_uppercase().replace('-', "_"));
     let path = match std::env::var_os(&var) {
         Some(p) => PathBuf::from(p),
         None => {
@@ -108,6 +109,11 @@ pub fn wqd_bin() -> PathBuf {
 /// The `wqctl` binary.
 pub fn wqctl_bin() -> PathBuf {
     binary("wqctl", "wqd-client")
+}
+
+/// The `wqd-worker-example` binary (`client/examples/worker.rs`): a scriptable attached worker.
+pub fn worker_example_bin() -> PathBuf {
+    binary("wqd-worker-example", "wqd-client")
 }
 
 // ---------------------------------------------------------------------------------------------
