@@ -963,3 +963,116 @@ async fn unserved_reject_and_a_builtin_name_cannot_be_shadowed() {
     assert!(matches!(e, WorkerError::Ended(_)), "{e:?}");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
 }
+
+/// A worker on CPU 2 whose `rec` handler takes `ms` and records the ids it started (first
+/// vector) and ran (second).
+fn slow_worker(c: &Client, ms: u64, ran: &Arc<Mutex<(Vec<u64>, Vec<u64>)>>) -> WorkerHandle {
+    let ran = Arc::clone(ran);
+    Worker::builder(c)
+        .cpus([2])
+        .prefetch(2)
+        .handler("rec", move |i: &WorkItem| {
+            ran.lock().unwrap().0.push(i.id);
+            std::thread::sleep(Duration::from_millis(ms));
+            ran.lock().unwrap().1.push(i.id);
+            Ok(Vec::new())
+        })
+        .spawn()
+        .expect("attach")
+}
+
+/// Waits until `ran` records `n` started items.
+async fn wait_started(ran: &Arc<Mutex<(Vec<u64>, Vec<u64>)>>, n: usize) {
+    wait_for(&format!("{n} items started"), LONG, || async {
+        (ran.lock().unwrap().0.len() >= n).then_some(())
+    })
+    .await
+}
+
+/// Waits until worker `id`'s slot holds `n` items.
+async fn wait_in_flight(c: &Client, id: u64, n: u32) {
+    wait_for(&format!("worker {id} to hold {n} items"), LONG, || async {
+        workers(c)
+            .await
+            .iter()
+            .find(|w| w.worker_id == id)
+            .is_some_and(|w| w.slots.iter().map(|s| s.in_flight).sum::<u32>() == n)
+            .then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stops_finish_or_hand_back_what_a_worker_holds() {
+    let d = daemon();
+    let c = d.client().await;
+    let ran: Arc<Mutex<(Vec<u64>, Vec<u64>)>> = Arc::default();
+    // max_active 2: a CPU may run two items of the workqueue, so a slot with 2 credits holds
+    // two (with the default 1, the daemon sends a CPU's slots one item at a time).
+    c.create_workqueue(proto::WorkqueueAttrs {
+        max_active: 2,
+        ..wq_attrs("two")
+    })
+    .await
+    .expect("create");
+
+    // HandBack: the running item finishes, the one waiting at the worker goes back to the
+    // daemon ("stopping") and a second worker runs it; nothing is lost or run twice.
+    let w1 = slow_worker(&c, 400, &ran);
+    let r = c
+        .submit(
+            Batch::new()
+                .workqueue("two")
+                .items((0..4).map(|_| Item::new("cpu:2", "rec"))),
+        )
+        .await
+        .expect("submit");
+    wait_in_flight(&c, w1.worker_id(), 2).await;
+    wait_started(&ran, 1).await;
+    w1.stop(Graceful::HandBack);
+    let rep = w1.wait().await.expect("a graceful stop ends Ok");
+    assert_eq!((rep.ok, rep.handed_back), (1, 1), "{rep:?}");
+    let st = wqd_e2e::states(&c, &ids(&r)).await;
+    assert_eq!(
+        st.iter().filter(|s| **s == ItemState::Pending).count(),
+        3,
+        "the handed-back item waits in the daemon again: {st:?}"
+    );
+    let w2 = slow_worker(&c, 10, &ran);
+    let res = flush(&c, r.batch_id).await;
+    assert!(res.iter().all(|x| x.state() == ItemState::Ok), "{res:?}");
+    let handed = res.iter().filter(|x| x.rebinds > 0).count();
+    assert_eq!(handed, 1, "the handed-back item counts a re-bind: {res:?}");
+    assert_eq!(
+        res.iter().filter(|x| x.worker_id == w2.worker_id()).count(),
+        3
+    );
+
+    // Finish: both items the worker holds run before it detaches (w2 gone first, so w3 is
+    // the only taker).
+    w2.stop(Graceful::HandBack);
+    w2.wait().await.expect("stop");
+    let r = c
+        .submit(
+            Batch::new()
+                .workqueue("two")
+                .items((0..2).map(|_| Item::new("cpu:2", "rec"))),
+        )
+        .await
+        .expect("submit");
+    let w3 = slow_worker(&c, 300, &ran);
+    wait_in_flight(&c, w3.worker_id(), 2).await;
+    w3.stop(Graceful::Finish);
+    let rep = w3.wait().await.expect("stop");
+    assert_eq!((rep.ok, rep.handed_back), (2, 0), "{rep:?}");
+    let res = flush(&c, r.batch_id).await;
+    assert!(res
+        .iter()
+        .all(|x| x.state() == ItemState::Ok && x.worker_id == rep.worker_id));
+    let mut all = ran.lock().unwrap().1.clone();
+    let n = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!((n, all.len()), (6, 6), "each item ran once");
+    assert!(workers(&c).await.is_empty());
+}
