@@ -88,6 +88,7 @@ pub mod names {
     pub const CONNECTIONS_REFUSED: &str = "wqd_connections_refused_total";
     pub const CONNECTIONS_CLOSED: &str = "wqd_connections_closed_total";
     pub const ACCEPT_ERRORS: &str = "wqd_accept_errors_total";
+    pub const AUTHORITY_REWRITTEN: &str = "wqd_conn_authority_rewritten_total";
 }
 
 /// Bucket upper bounds, in seconds, for item wait and run times: 100µs to 10 minutes.
@@ -470,6 +471,10 @@ fn describe(r: &PrometheusRecorder) {
     c(
         ACCEPT_ERRORS,
         "Failed accepts, by listener and reason (fds: out of descriptors or memory; other).",
+    );
+    c(
+        AUTHORITY_REWRITTEN,
+        "HTTP/2 :authority values h2 would refuse (a socket path), rewritten on the Unix listener.",
     );
 }
 
