@@ -14,7 +14,9 @@
 //!
 //! * Length-preserving: every frame comes out with its input length and header, every header
 //!   block with its length, every string with its length prefix and its decoded length. The
-//!   output is the input with some bytes of some `:authority` values changed.
+//!   output is the input with some bytes of some `:authority` values changed, in the same
+//!   order; only a header block (HEADERS and its CONTINUATIONs, at most [`MAX_BLOCK`]) is held
+//!   back, until its END_HEADERS, which `h2` waits for anyway.
 //! * HPACK state of both ends stays identical: a dynamic-table entry costs name length + value
 //!   length + 32 (RFC 7541 §4.1), decoded lengths do not change, and every representation
 //!   (indexed, literal with or without indexing, never indexed, table size update) is kept, so
@@ -25,7 +27,7 @@
 //!   (the parser `h2` uses) refuses it, and only when the rewritten value is accepted. The
 //!   rewrite maps every byte outside `[A-Za-z0-9.-]` to `-` (`tmp%2Fa.sock` → `tmp-2Fa.sock`);
 //!   for a Huffman-coded value a mapped byte may become `x` or `X` instead, to keep the coded
-//!   length in whole bytes (see [`rewrite_block`]).
+//!   length in whole bytes (see `mend`).
 //! * Anything unparseable passes through unchanged, from there on for the connection (bytes that
 //!   are not an HTTP/2 client preface, a header block interleaved with other frames) or for
 //!   the block (bad HPACK, a block over [`MAX_BLOCK`]): `h2` judges it and gives the precise
@@ -501,7 +503,7 @@ impl Rewriter {
                 n
             }
             // The frame's end needs `frame_done`: left to `feed`.
-            State::Pass(left) if self.held.is_empty() => {
+            State::Pass(left) if self.held.is_empty() && left > 0 => {
                 self.state = State::Pass(1);
                 left - 1
             }

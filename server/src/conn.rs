@@ -1173,4 +1173,71 @@ mod tests {
             self.0.store(true, Ordering::SeqCst);
         }
     }
+
+    /// A client stream read through [`Rewrite`] in tiny reads, with the writer pausing inside
+    /// a header block and a DATA frame: the reader gets exactly what a [`Rewriter`] fed the
+    /// whole stream gives, never an early EOF, and the rewrite is counted.
+    #[test]
+    fn rewrite_reads_what_the_rewriter_gives_whatever_the_reads() {
+        fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+            let len = payload.len() as u32;
+            let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+            f.extend_from_slice(&1u32.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        }
+        let path = b"/tmp/a/wqd.sock";
+        let mut block = vec![0x83, 0x86, 0x41, path.len() as u8];
+        block.extend_from_slice(path);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, &[]));
+        input.extend(frame(0x1, 0, &block[..5]));
+        input.extend(frame(0x9, 0x4, &block[5..]));
+        input.extend(frame(0x0, 0x1, &vec![7; 100_000]));
+        let mut want = Vec::new();
+        let mut rw = Rewriter::new();
+        assert_eq!(rw.feed(&input, &mut want), 1);
+        rw.finish(&mut want);
+        assert_ne!(want, input);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let writer = std::thread::spawn({
+                let input = input.clone();
+                move || {
+                    let mut a = a;
+                    // Pauses inside the HEADERS frame, the CONTINUATION and the DATA payload.
+                    for part in input.chunks(33) {
+                        std::io::Write::write_all(&mut a, part).unwrap();
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            });
+            b.set_nonblocking(true).unwrap();
+            let b = tokio::net::UnixStream::from_std(b).unwrap();
+            let stats = Arc::new(ListenerStats::new(Listener::Unix, 1));
+            let mut r = Rewrite::new(b, Some(Rewriter::new()), stats.clone());
+            let mut got = Vec::new();
+            loop {
+                let mut space = [0u8; 7];
+                let mut buf = ReadBuf::new(&mut space);
+                std::future::poll_fn(|cx| Pin::new(&mut r).poll_read(cx, &mut buf))
+                    .await
+                    .unwrap();
+                if buf.filled().is_empty() {
+                    break;
+                }
+                got.extend_from_slice(buf.filled());
+            }
+            writer.join().unwrap();
+            assert_eq!(stats.authority_rewritten.load(Ordering::Relaxed), 1);
+            got
+        });
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the bytes read differ from the rewriter's");
+    }
 }
