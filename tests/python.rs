@@ -46,11 +46,7 @@ fn py_command(d: Option<&Daemon>, args: &[&str]) -> Command {
         .current_dir(pkg())
         .env(
             "PYTHONPATH",
-            format!(
-                "{}:{}",
-                pkg().display(),
-                pkg().join("tests").display()
-            ),
+            format!("{}:{}", pkg().display(), pkg().join("tests").display()),
         )
         .env("PYTHONUNBUFFERED", "1")
         .env_remove("WQD_ADDR")
@@ -118,10 +114,10 @@ impl Py {
                 Err(_) => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
+                    let stderr = self.take_stderr();
                     panic!(
-                        "python {} ended or timed out before printing {prefix:?}; stderr:\n{}",
-                        self.what,
-                        self.take_stderr()
+                        "python {} ended or timed out before printing {prefix:?}; stderr:\n{stderr}",
+                        self.what
                     )
                 }
             }
@@ -155,10 +151,10 @@ impl Py {
             if Instant::now() >= end {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
+                let stderr = self.take_stderr();
                 panic!(
-                    "python {} still running after {PY_LIMIT:?}; killed. stderr:\n{}",
-                    self.what,
-                    self.take_stderr()
+                    "python {} still running after {PY_LIMIT:?}; killed. stderr:\n{stderr}",
+                    self.what
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -212,7 +208,14 @@ async fn wait_live(c: &Client, cpus: &[u32], live: bool) {
 /// Takes `cpus` offline and back `rounds` times, each state seen by the daemon and held for
 /// `hold` (the load keeps running meanwhile), stopping early when `py` exits. Returns the
 /// rounds completed.
-async fn flip(d: &Daemon, c: &Client, py: &mut Py, cpus: &[u32], rounds: u32, hold: Duration) -> u32 {
+async fn flip(
+    d: &Daemon,
+    c: &Client,
+    py: &mut Py,
+    cpus: &[u32],
+    rounds: u32,
+    hold: Duration,
+) -> u32 {
     let mut done = 0;
     while done < rounds && py.running() {
         for &cpu in cpus {
@@ -311,14 +314,23 @@ fn pip_install_then_import() {
     let py = python();
     let dir = tempfile::tempdir().expect("tempdir");
     let site = dir.path().join("site");
-    // grpcio and protobuf are in the venv already (--no-deps); setuptools too on most
-    // Pythons, else pip fetches it into an isolated build environment.
+    // grpcio and protobuf are in the venv already (--no-deps). A setuptools that builds
+    // wheels itself (70.1 and later) builds in place; with an older one pip fetches a newer
+    // one from PyPI into an isolated build environment.
     let has_setuptools = Command::new(&py)
-        .args(["-c", "import setuptools"])
+        .args(["-c", "import setuptools.command.bdist_wheel"])
+        .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     let mut pip = Command::new(&py);
-    pip.args(["-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps"]);
+    pip.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "-q",
+        "--no-deps",
+    ]);
     if has_setuptools {
         pip.arg("--no-build-isolation");
     }
@@ -331,14 +343,23 @@ fn pip_install_then_import() {
         .status()
         .expect("cp");
     assert!(cp.success());
-    let ran = pip.arg("--target").arg(&site).arg(&src).output().expect("pip");
+    let ran = pip
+        .arg("--target")
+        .arg(&site)
+        .arg(&src)
+        .output()
+        .expect("pip");
     assert!(
         ran.status.success(),
         "pip install client/python failed: {}{}",
         String::from_utf8_lossy(&ran.stdout),
         String::from_utf8_lossy(&ran.stderr)
     );
-    for f in ["wqd/py.typed", "wqd/v1/worker_pb2.pyi", "wqd/v1/worker_pb2_grpc.py"] {
+    for f in [
+        "wqd/py.typed",
+        "wqd/v1/worker_pb2.pyi",
+        "wqd/v1/worker_pb2_grpc.py",
+    ] {
         assert!(site.join(f).is_file(), "{f} not installed");
     }
     let ran = Command::new(&py)
@@ -366,4 +387,73 @@ fn pip_install_then_import() {
 fn client_round_trips() {
     let d = Daemon::start("two-socket");
     unittest(Some(&d), "e2e_client");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attached Python workers (WorkerService)
+
+#[test]
+fn workers_serve_their_handlers_in_the_items_groups() {
+    let d = Daemon::start("two-socket");
+    unittest(Some(&d), "e2e_worker");
+}
+
+/// CPUs 3 and 11 of `cache:1` leave and return three times while a Python worker with a slot
+/// on each CPU of `cache:1` serves a stream of items; the program checks every result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_keeps_serving_through_hotplug() {
+    let d = Daemon::start("two-socket");
+    let c = d.client().await;
+    let mut py = Py::spawn(Some(&d), &["e2e_hotplug.py"]);
+    py.expect_line("ready");
+    let rounds = flip(&d, &c, &mut py, &[3, 11], 3, Duration::from_millis(300)).await;
+    assert_eq!(
+        rounds, 3,
+        "the program ended while CPUs were still changing"
+    );
+    py.send("stop");
+    let report = py.expect_line("ok ");
+    eprintln!("{report}");
+    py.finish();
+    let mut workers =
+        wqd_client::proto::worker_service_client::WorkerServiceClient::new(d.channel().await);
+    let listed = workers
+        .list_workers(wqd_client::proto::ListWorkersRequest {})
+        .await
+        .expect("ListWorkers")
+        .into_inner();
+    assert!(listed.workers.is_empty(), "the worker detached: {listed:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The example
+
+/// `examples/rcu_like.py` runs to success while `cache:3` loses its live CPUs (6 and 7; 14
+/// and 15 are isolated) and gets them back: its items fall back and say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rcu_like_example_survives_cpus_going_away() {
+    let d = Daemon::start("two-socket");
+    let c = d.client().await;
+    let mut py = Py::spawn(
+        Some(&d),
+        &[
+            "examples/rcu_like.py",
+            "--rounds",
+            "60",
+            "--interval",
+            "0.05",
+        ],
+    );
+    py.expect_line("round 1:");
+    for cpu in [6, 7] {
+        d.fixture().set_offline(cpu);
+    }
+    wait_live(&c, &[6, 7], false).await;
+    // Bounded by the program's own limit: expect_line fails once it ends or times out.
+    while !py.expect_line("  cache:3").contains("fallback") {}
+    for cpu in [6, 7] {
+        d.fixture().set_online(cpu);
+    }
+    wait_live(&c, &[6, 7], true).await;
+    py.finish();
 }
