@@ -231,7 +231,7 @@ def work(item_id: int, slot: int, cpu: int, handler: str = "h") -> Any:
 
 
 class WorkerProtocolTest(FakeServer):
-    def attach(self, handlers: Any, cpus: List[int], **kw: Any
+    def attach(self, handlers: Any, cpus: List[int], pinning: bool = False, **kw: Any
                ) -> "tuple[wqd.Worker, FakeAttach]":
         w = wqd.Worker(handlers, cpus=cpus, endpoint=self.endpoint, name="t", **kw)
         started: "queue.Queue[Optional[BaseException]]" = queue.Queue()
@@ -249,7 +249,7 @@ class WorkerProtocolTest(FakeServer):
         self.assertEqual(list(hello.handlers), sorted(handlers))
         self.assertEqual((hello.pid, hello.name), (os.getpid(), "t"))
         a.send.put(worker_pb2.DaemonMessage(welcome=worker_pb2.Welcome(
-            worker_id=7, pinning=False, epoch=1, max_credits=2)))
+            worker_id=7, pinning=pinning, epoch=1, max_credits=2)))
         err = started.get(timeout=WAIT)
         if err is not None:
             raise err
@@ -336,6 +336,29 @@ class WorkerProtocolTest(FakeServer):
         stopper.join(WAIT)
         self.assertFalse(stopper.is_alive())
         self.assertTrue(w.wait(0))
+
+    def test_pinning_pins_each_slot_and_hands_back_off_cpu_items(self) -> None:
+        host = sorted(os.sched_getaffinity(0))
+        before = os.sched_getaffinity(0)
+        ran: "queue.Queue[tuple]" = queue.Queue()
+
+        def h(it: wqd.WorkItem) -> None:
+            ran.put((it.cpu, wqd.sched_getcpu(), os.sched_getaffinity(0)))
+
+        # Slot 1's CPU does not exist on this host: pinning fails as for an offline CPU, the
+        # slot stays open, and an item sent to it is handed back ("affinity"), not run.
+        w, a = self.attach({"h": h}, [host[-1], 4095], pinning=True)
+        self.assertTrue(w.pinning)
+        a.send.put(work(1, 0, host[-1]))
+        d = a.next("done")
+        self.assertEqual((d.item_id, d.cpu_finished), (1, host[-1]))
+        self.assertEqual(ran.get(timeout=WAIT), (host[-1], host[-1], {host[-1]}))
+        a.send.put(work(2, 1, 4095))
+        hb = a.next("hand_back")
+        self.assertEqual((hb.item_id, hb.reason, hb.credits), (2, "affinity", 1))
+        self.assertTrue(ran.empty(), "an item off its CPU never runs")
+        self.assertEqual(os.sched_getaffinity(0), before, "only slot threads are pinned")
+        w.stop(graceful=False, timeout=WAIT)
 
     def test_lost_stream_is_an_error_run_sees(self) -> None:
         w, a = self.attach({"h": lambda it: None}, [0])
