@@ -392,9 +392,13 @@ fn client_round_trips() {
 // ---------------------------------------------------------------------------------------------
 // Attached Python workers (WorkerService)
 
+/// `max_credits = 2` lets a slot hold a second item behind a running one, which the graceful
+/// stop test hands back.
 #[test]
 fn workers_serve_their_handlers_in_the_items_groups() {
-    let d = Daemon::start("two-socket");
+    let d = Daemon::builder("two-socket")
+        .config("[workers]\nmax_credits = 2\n")
+        .start();
     unittest(Some(&d), "e2e_worker");
 }
 

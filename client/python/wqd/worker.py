@@ -257,6 +257,7 @@ class Worker:
             self._stopping = True
             held = list(self._held.values())
         if self._call is None:
+            self._client.close()  # Never attached.
             return
         if not graceful or self._ended.is_set():
             for it in held:
