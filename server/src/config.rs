@@ -84,6 +84,50 @@ pub struct Config {
     pub log: LogConfig,
     /// Who may connect and call what: see `crate::security` and `docs/security.md`.
     pub security: crate::security::SecurityConfig,
+    /// Attached workers (`WorkerService`): who may serve which handler names; see
+    /// `docs/workers.md`.
+    pub workers: WorkersSection,
+}
+
+/// `[workers]`: worker processes that attach over `WorkerService.Attach`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Handler names attached workers will serve, declared so a submit may name them before
+    /// any worker serving them attaches (names served once stay known until restart anyway).
+    pub handlers: Vec<String>,
+    /// Attached workers at most (more are refused with RESOURCE_EXHAUSTED).
+    pub max_workers: usize,
+    /// Items one slot may hold at once (its credits are clamped to this). 1 sends an item
+    /// only to a slot that is idle, so it starts at once on a CPU checked live.
+    pub max_credits: u32,
+    /// Who may attach, serving what. Empty: root and the daemon's own user may serve any
+    /// name over the Unix socket; nobody over TCP.
+    pub allow: Vec<WorkerRule>,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        Self {
+            handlers: Vec::new(),
+            max_workers: 256,
+            max_credits: 1,
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// One `[[workers.allow]]` rule: a peer matching any of its uids, gids (primary or
+/// supplementary; Unix socket) or certificate names (subject CN or DNS SAN of the TCP
+/// client certificate) may serve the handler names matching its `handlers` patterns (exact
+/// names, `prefix*`, or `*`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerRule {
+    pub uids: Vec<crate::security::IdSpec>,
+    pub gids: Vec<crate::security::IdSpec>,
+    pub cert_names: Vec<String>,
+    pub handlers: Vec<String>,
 }
 
 /// `[listen]`
@@ -298,6 +342,10 @@ pub struct WorkqueueEntry {
     /// `widen`, `wait` or `reject`.
     pub fallback: Option<String>,
     pub max_queued: Option<usize>,
+    /// `fail` or `requeue` (attached-worker handlers).
+    pub on_worker_lost: Option<String>,
+    /// `wait` or `reject` (attached-worker handlers).
+    pub unserved: Option<String>,
 }
 
 /// `[engine]`
@@ -487,6 +535,41 @@ impl Config {
             ));
         }
         crate::metrics::check_config(self)?;
+        let w = &self.workers;
+        if w.max_workers == 0 {
+            return Err(invalid("workers.max_workers", "must be at least 1"));
+        }
+        if !(1..=64).contains(&w.max_credits) {
+            return Err(invalid(
+                "workers.max_credits",
+                format!("{} must be in 1..=64", w.max_credits),
+            ));
+        }
+        for h in &w.handlers {
+            crate::engine::check_worker_handler_name(h)
+                .map_err(|e| invalid("workers.handlers", e))?;
+        }
+        for (i, r) in w.allow.iter().enumerate() {
+            if r.handlers.is_empty() {
+                return Err(invalid(
+                    format!("workers.allow[{i}].handlers"),
+                    "must name at least one handler pattern (\"*\" for any)",
+                ));
+            }
+            if r.uids.is_empty() && r.gids.is_empty() && r.cert_names.is_empty() {
+                return Err(invalid(
+                    format!("workers.allow[{i}]"),
+                    "names nobody: give uids, gids or cert_names",
+                ));
+            }
+            for p in &r.handlers {
+                let name = p.strip_suffix('*').unwrap_or(p);
+                if !name.is_empty() {
+                    crate::engine::check_worker_handler_name(name)
+                        .map_err(|e| invalid(format!("workers.allow[{i}].handlers"), e))?;
+                }
+            }
+        }
         let lim = &self.limits;
         for (key, v) in [
             ("limits.max_message_bytes", lim.max_message_bytes),
@@ -638,6 +721,12 @@ impl Config {
         if let Some(v) = w.max_queued {
             a.max_queued = v;
         }
+        if let Some(v) = &w.on_worker_lost {
+            a.on_worker_lost = v.parse().map_err(|e| invalid(key("on_worker_lost"), e))?;
+        }
+        if let Some(v) = &w.unserved {
+            a.unserved = v.parse().map_err(|e| invalid(key("unserved"), e))?;
+        }
         a.validate()
             .map_err(|e| invalid(format!("workqueue[{i}]"), e.to_string()))?;
         Ok(a)
@@ -685,6 +774,7 @@ impl Config {
             max_delay: self.limits.max_delay,
             max_deadline: self.limits.max_deadline,
             default_wq,
+            max_credits: self.workers.max_credits,
             ..EngineConfig::default()
         })
     }

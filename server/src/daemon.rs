@@ -363,6 +363,17 @@ impl Daemon {
         for attrs in cfg.extra_workqueues()? {
             engine.create_workqueue(attrs)?;
         }
+        engine.declare_remote(&cfg.workers.handlers)?;
+        let workers = crate::rpc::worker::WorkerPolicy::resolve(
+            &cfg.workers,
+            nix::unistd::geteuid().as_raw(),
+        )
+        .map_err(|e| {
+            DaemonError::Config(ConfigError::Invalid {
+                key: "workers.allow".into(),
+                problem: e,
+            })
+        })?;
         let weak = Arc::downgrade(&engine);
         let at_registration = view.on_change(Box::new(move |snap| {
             if let Some(e) = weak.upgrade() {
@@ -399,6 +410,7 @@ impl Daemon {
             counters: Arc::new(Counters::default()),
             stopping: stopping.clone(),
             metrics,
+            workers: Arc::new(workers),
         };
         let health = tonic_health::server::HealthReporter::new();
         Rpc::set_health(&health, true).await;

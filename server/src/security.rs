@@ -534,7 +534,7 @@ fn read_token(path: &Path, warnings: &mut Vec<String>) -> Result<[u8; 32], Secur
     Ok(Sha256::digest(token).into())
 }
 
-fn lookup_user(id: &IdSpec) -> Result<u32, String> {
+pub(crate) fn lookup_user(id: &IdSpec) -> Result<u32, String> {
     match id {
         IdSpec::Id(n) => Ok(*n),
         IdSpec::Name(s) => match User::from_name(s) {
@@ -545,7 +545,7 @@ fn lookup_user(id: &IdSpec) -> Result<u32, String> {
     }
 }
 
-fn lookup_group(id: &IdSpec) -> Result<u32, String> {
+pub(crate) fn lookup_group(id: &IdSpec) -> Result<u32, String> {
     match id {
         IdSpec::Id(n) => Ok(*n),
         IdSpec::Name(s) => match Group::from_name(s) {
@@ -742,9 +742,12 @@ pub enum Class {
     /// Reads item results and outputs (Flush, GetResults). Gated like mutating calls, since
     /// outputs (of `exec`, say) may be sensitive; not logged at `info`.
     Results,
-    /// Observes the machine and the daemon (topology, stats, workqueue list, health,
-    /// reflection). Open when `read_open` (the default).
+    /// Observes the machine and the daemon (topology, stats, workqueue list, worker list,
+    /// health, reflection). Open when `read_open` (the default).
     Observe,
+    /// Attaching a worker (`WorkerService/Attach`): not gated here; the worker service admits
+    /// the peer by `[workers]` (which names it may serve), over either door.
+    Worker,
 }
 
 const RESULTS: &[&str] = &[
@@ -756,7 +759,9 @@ const OBSERVE: &[&str] = &[
     "/wqd.v1.TopologyService/WatchTopology",
     "/wqd.v1.StatsService/GetStats",
     "/wqd.v1.WorkqueueService/ListWorkqueues",
+    "/wqd.v1.WorkerService/ListWorkers",
 ];
+const WORKER: &str = "/wqd.v1.WorkerService/Attach";
 const OBSERVE_SERVICES: &[&str] = &[
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1.ServerReflection/",
@@ -766,7 +771,9 @@ const OBSERVE_SERVICES: &[&str] = &[
 /// The class of a request path (`/package.Service/Method`). Unknown paths are
 /// [`Class::Mutating`].
 pub fn classify(path: &str) -> Class {
-    if RESULTS.contains(&path) {
+    if path == WORKER {
+        Class::Worker
+    } else if RESULTS.contains(&path) {
         Class::Results
     } else if OBSERVE.contains(&path) || OBSERVE_SERVICES.iter().any(|s| path.starts_with(s)) {
         Class::Observe
@@ -798,7 +805,9 @@ impl Policy {
         class: Class,
         method: &str,
     ) -> Result<(), Status> {
-        let gated = class != Class::Observe || !self.read_open;
+        let gated = class == Class::Mutating
+            || class == Class::Results
+            || (class == Class::Observe && !self.read_open);
         if !gated || !self.restricted() {
             return Ok(());
         }

@@ -37,6 +37,8 @@ fn config(dir: &Path) -> Config {
         placement: None,
         fallback: None,
         max_queued: Some(2),
+        on_worker_lost: None,
+        unserved: None,
     });
     c.engine.shutdown_grace = Duration::from_millis(200);
     c

@@ -130,6 +130,8 @@ fn workqueue(name: &str, fallback: &str) -> WorkqueueEntry {
         placement: None,
         fallback: Some(fallback.into()),
         max_queued: Some(100),
+        on_worker_lost: None,
+        unserved: None,
     }
 }
 

@@ -1174,6 +1174,7 @@ fn err_kind(e: &EngineError) -> String {
         EngineError::UnknownItem(i) => format!("UnknownItem({i})"),
         EngineError::ShuttingDown => "ShuttingDown".into(),
         EngineError::Timeout(_) => "Timeout".into(),
+        EngineError::Worker(_) => "Worker".into(),
     }
 }
 

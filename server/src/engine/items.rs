@@ -91,6 +91,7 @@ mod tests {
                     name: Arc::from("noop"),
                     handler: h.clone(),
                     kind: h.kind(),
+                    remote: false,
                 }),
                 Target::All,
                 Args::new(),

@@ -19,7 +19,7 @@ mod timer;
 mod watchdog;
 mod worker;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +34,10 @@ use crate::handler::{Args, HandlerError, Registry};
 use crate::live::Snapshot;
 use crate::target::Target;
 
+pub use sched::remote::{
+    check_name as check_worker_handler_name, RemoteAnswer, RemoteInfo, RemoteJob, RemoteWorker,
+    SlotInfo, WorkerMeta,
+};
 pub use sched::ItemId;
 
 /// A batch's id.
@@ -95,6 +99,10 @@ pub enum EngineError {
     ShuttingDown,
     #[error("timed out after {0:?}; the work goes on")]
     Timeout(Duration),
+    /// An attached worker broke the protocol, or asked for something it may not have (a
+    /// built-in name, a CPU the machine lacks, a slot it did not open...).
+    #[error("{0}")]
+    Worker(String),
 }
 
 /// An item's state. The last five are terminal.
@@ -179,6 +187,20 @@ pub struct ItemResult {
     /// The topology epoch in which its fallback (widening) or rejection was decided; `None`
     /// when neither applied.
     pub epoch_decided: Option<u64>,
+    /// The attached worker that ran it (or held it last): its id, pid and slot. `None` for
+    /// built-in handlers and items no worker took.
+    pub worker: Option<WorkerRef>,
+    /// Times a worker was lost while holding it and it was queued again (`on_worker_lost =
+    /// requeue`): more than 0 means at-least-once.
+    pub worker_lost: u32,
+}
+
+/// An attached worker's slot as an item's result names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerRef {
+    pub worker: u64,
+    pub pid: u32,
+    pub slot: u32,
 }
 
 impl ItemResult {
@@ -210,6 +232,77 @@ pub struct WorkqueueAttrs {
     pub fallback: Fallback,
     /// Items not yet terminal that the workqueue holds at most; more is RESOURCE_EXHAUSTED.
     pub max_queued: usize,
+    /// Attached-worker handlers: what an item becomes when the worker holding it is lost.
+    pub on_worker_lost: WorkerLost,
+    /// Attached-worker handlers: what an item does while no attached worker serves it.
+    pub unserved: Unserved,
+}
+
+/// What an item held by a lost attached worker becomes (workqueue attribute `on_worker_lost`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerLost {
+    /// `failed`, error "worker lost: ...": at-most-once.
+    #[default]
+    Fail,
+    /// Queued again, its result counting the loss (`ItemResult::worker_lost`): at-least-once.
+    Requeue,
+}
+
+/// What an item of an attached-worker handler does while no worker serves that handler
+/// (workqueue attribute `unserved`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unserved {
+    /// It waits for a worker (bounded by its deadline).
+    #[default]
+    Wait,
+    /// It is rejected: at submit, or when the last worker serving its handler leaves.
+    Reject,
+}
+
+impl WorkerLost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerLost::Fail => "fail",
+            WorkerLost::Requeue => "requeue",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkerLost {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fail" => Ok(WorkerLost::Fail),
+            "requeue" => Ok(WorkerLost::Requeue),
+            _ => Err(format!(
+                "unknown on_worker_lost {}; expected fail or requeue",
+                crate::quote::quote(s)
+            )),
+        }
+    }
+}
+
+impl Unserved {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unserved::Wait => "wait",
+            Unserved::Reject => "reject",
+        }
+    }
+}
+
+impl std::str::FromStr for Unserved {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "wait" => Ok(Unserved::Wait),
+            "reject" => Ok(Unserved::Reject),
+            _ => Err(format!(
+                "unknown unserved policy {}; expected wait or reject",
+                crate::quote::quote(s)
+            )),
+        }
+    }
 }
 
 impl WorkqueueAttrs {
@@ -272,6 +365,8 @@ impl Default for WorkqueueAttrs {
             placement: Placement::Spread,
             fallback: Fallback::Widen,
             max_queued: 1 << 20,
+            on_worker_lost: WorkerLost::Fail,
+            unserved: Unserved::Wait,
         }
     }
 }
@@ -582,6 +677,15 @@ pub trait Observer: Send + Sync {
     fn hog(&self, _cpu: u32) {}
 }
 
+/// How the engine reaches an attached worker's session (its `Attach` stream). Called outside
+/// the engine lock; implementations must be cheap and must not call back into the engine.
+pub trait RemoteSink: Send + Sync {
+    /// A slot of this worker may find work now: call [`RemoteWorker::take`].
+    fn wake(&self);
+    /// Item `id`, which this worker holds, was cancelled: tell the worker.
+    fn cancel(&self, id: ItemId);
+}
+
 /// Hook the engine calls when a worker finds its CPU gone or its affinity changed (the
 /// daemon wires it to the live view's worker-report source).
 pub type ReportHook = Arc<dyn Fn(u32, &str) + Send + Sync>;
@@ -617,6 +721,8 @@ pub struct EngineConfig {
     pub hog_thresh: Duration,
     /// Attributes of the `default` workqueue.
     pub default_wq: WorkqueueAttrs,
+    /// Items one slot of an attached worker may hold at once (`workers.max_credits`).
+    pub max_credits: u32,
     pub report: Option<ReportHook>,
     pub load: Option<LoadHook>,
     pub observer: Option<Arc<dyn Observer>>,
@@ -637,6 +743,7 @@ impl Default for EngineConfig {
             watchdog_thresh: Duration::from_secs(30),
             hog_thresh: Duration::from_secs(10),
             default_wq: WorkqueueAttrs::default(),
+            max_credits: 1,
             report: None,
             load: None,
             observer: None,
@@ -674,13 +781,62 @@ pub(crate) struct Inner {
     pub(crate) next_worker: AtomicU64,
     /// Threads the last shutdown left running.
     pub(crate) stragglers: std::sync::atomic::AtomicUsize,
+    /// Handler names attached workers serve: those ever served since start, and those
+    /// declared in config (a submit may name them while no worker serves them; see
+    /// `WorkqueueAttrs::unserved`). At most `remote::MAX_KNOWN`.
+    pub(crate) remote_known: RwLock<HashMap<Arc<str>, Arc<sched::HandlerRef>>>,
 }
 
 /// How long shutdown waits for cancelled running items, and then for the threads, beyond the
 /// grace period.
 const SHUTDOWN_JOIN: Duration = Duration::from_secs(5);
 
+/// The handler items of attached-worker handlers refer to. Local workers never take such
+/// items (their queues are on `remote_ready` lists), so `run` is never called.
+struct RemoteHandler;
+
+impl crate::handler::Handler for RemoteHandler {
+    fn name(&self) -> &str {
+        "(attached worker)"
+    }
+    fn validate(&self, _: &Args, _: &[u8]) -> Result<(), HandlerError> {
+        Ok(())
+    }
+    fn run(&self, _: &crate::handler::WorkCtx<'_>) -> Result<Vec<u8>, HandlerError> {
+        Err(HandlerError::Failed(
+            "served by attached workers, not by the daemon".into(),
+        ))
+    }
+}
+
 impl Inner {
+    /// Remembers attached-worker handler names (see `remote_known`).
+    ///
+    /// # Errors
+    /// [`EngineError::Worker`] when that would pass `remote::MAX_KNOWN` names.
+    pub(crate) fn learn_remote(&self, names: &[Arc<str>]) -> Result<(), EngineError> {
+        let mut known = self.remote_known.write();
+        let new = names.iter().filter(|h| !known.contains_key(*h)).count();
+        if known.len() + new > sched::remote::MAX_KNOWN {
+            return Err(EngineError::Worker(format!(
+                "the daemon already knows {} attached-worker handler names; at most {} are kept",
+                known.len(),
+                sched::remote::MAX_KNOWN
+            )));
+        }
+        for h in names {
+            known.entry(h.clone()).or_insert_with(|| {
+                Arc::new(sched::HandlerRef {
+                    name: h.clone(),
+                    handler: Arc::new(RemoteHandler),
+                    kind: crate::handler::HandlerKind::CpuBound,
+                    remote: true,
+                })
+            });
+        }
+        Ok(())
+    }
+
     /// Whether `cpu` is live right now, and the epoch that says so (lock-free seqlock read).
     pub(crate) fn live_now(&self, cpu: u32) -> Option<u64> {
         let flag = self.pool_live.get(cpu as usize)?;
@@ -730,6 +886,7 @@ impl Engine {
             threads: Mutex::new(Vec::new()),
             next_worker: AtomicU64::new(0),
             stragglers: std::sync::atomic::AtomicUsize::new(0),
+            remote_known: RwLock::new(HashMap::new()),
         });
         timer::start(&inner);
         watchdog::start(&inner);
@@ -765,6 +922,85 @@ impl Engine {
         self.inner.handlers.read().names()
     }
 
+    /// Every handler name a submit may use: registered ones, then attached-worker names.
+    pub fn known_names(&self) -> Vec<String> {
+        let mut v = self.inner.handlers.read().names();
+        let mut remote: Vec<String> = self
+            .inner
+            .remote_known
+            .read()
+            .keys()
+            .map(|h| h.to_string())
+            .collect();
+        remote.sort();
+        v.extend(remote);
+        v
+    }
+
+    /// Declares handler names attached workers will serve (`workers.handlers` in config): a
+    /// submit may name them before any worker serving them attaches.
+    ///
+    /// # Errors
+    /// [`EngineError::Worker`] for a malformed name, one the daemon serves itself, or too many.
+    pub fn declare_remote(&self, names: &[String]) -> Result<(), EngineError> {
+        let reg = self.inner.handlers.read();
+        let mut v = Vec::with_capacity(names.len());
+        for h in names {
+            sched::remote::check_name(h).map_err(EngineError::Worker)?;
+            if reg.get(h).is_some() {
+                return Err(EngineError::Worker(format!(
+                    "handler name {} is served by the daemon itself",
+                    crate::quote::quote(h)
+                )));
+            }
+            v.push(Arc::from(h.as_str()));
+        }
+        drop(reg);
+        self.inner.learn_remote(&v)
+    }
+
+    /// Attaches a worker serving `handlers` (see `WorkerService.Attach`); `sink` is how the
+    /// engine wakes it and tells it about cancels.
+    ///
+    /// # Errors
+    /// [`EngineError::Worker`]: no names, too many, a malformed or repeated name, a name the
+    /// daemon serves itself; [`EngineError::ShuttingDown`].
+    pub fn attach(
+        &self,
+        meta: WorkerMeta,
+        handlers: Vec<String>,
+        sink: Arc<dyn RemoteSink>,
+    ) -> Result<RemoteWorker, EngineError> {
+        RemoteWorker::attach(&self.inner, meta, handlers, sink)
+    }
+
+    /// The attached workers, by id.
+    pub fn remote_workers(&self) -> Vec<RemoteInfo> {
+        let mut v = self.inner.remote_infos();
+        v.sort_by_key(|w| w.id);
+        v
+    }
+
+    /// Attached workers per handler name, and open slots per CPU (for metrics).
+    pub fn remote_counts(&self) -> (BTreeMap<String, usize>, BTreeMap<u32, usize>) {
+        self.inner.sched.lock().remote_counts()
+    }
+
+    /// Whether workers pin themselves (false on fixture topologies).
+    pub fn pinning(&self) -> bool {
+        self.inner.cfg.pinning
+    }
+
+    /// Most items one attached worker's slot may hold at once.
+    pub fn max_credits(&self) -> u32 {
+        self.inner.cfg.max_credits.max(1)
+    }
+
+    /// Bytes of output one result keeps at most.
+    pub fn max_result_bytes(&self) -> usize {
+        self.inner.cfg.max_result_bytes
+    }
+
     /// Submits a batch to workqueue `wq`: all items are accepted, or none.
     ///
     /// # Errors
@@ -791,27 +1027,36 @@ impl Engine {
                         continue;
                     }
                 }
-                let Some(h) = reg.get(&it.handler) else {
-                    return Err(EngineError::UnknownHandler {
-                        index,
-                        name: it.handler,
-                        known: reg.names().join(", "),
-                    });
-                };
-                h.validate(&it.args, &it.payload)
-                    .map_err(|source| EngineError::Handler { index, source })?;
                 let handler = match handlers.iter().find(|r| &*r.name == it.handler.as_str()) {
                     Some(r) => r.clone(),
                     None => {
-                        let r = Arc::new(sched::HandlerRef {
-                            name: Arc::from(it.handler.as_str()),
-                            handler: h.clone(),
-                            kind: h.kind(),
-                        });
+                        let r = match reg.get(&it.handler) {
+                            Some(h) => Arc::new(sched::HandlerRef {
+                                name: Arc::from(it.handler.as_str()),
+                                handler: h.clone(),
+                                kind: h.kind(),
+                                remote: false,
+                            }),
+                            // A name attached workers serve (or served, or config declares).
+                            None => match self.inner.remote_known.read().get(it.handler.as_str()) {
+                                Some(r) => r.clone(),
+                                None => {
+                                    return Err(EngineError::UnknownHandler {
+                                        index,
+                                        name: it.handler,
+                                        known: self.known_names().join(", "),
+                                    })
+                                }
+                            },
+                        };
                         handlers.push(r.clone());
                         r
                     }
                 };
+                handler
+                    .handler
+                    .validate(&it.args, &it.payload)
+                    .map_err(|source| EngineError::Handler { index, source })?;
                 let b = Arc::new(sched::Body::new(handler, it.target, it.args, it.payload));
                 last = Some(b.clone());
                 bodies.push(sched::Entry {

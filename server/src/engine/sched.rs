@@ -24,7 +24,7 @@ use super::items::Items;
 
 use super::{
     level_name, CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent,
-    FlushScope, Inner, ItemResult, ItemSpec, Receipt, State, Submitted, WorkqueueAttrs,
+    FlushScope, Inner, ItemResult, ItemSpec, Receipt, State, Submitted, WorkerLost, WorkqueueAttrs,
     WorkqueueStats,
 };
 use crate::cpuset::CpuSet;
@@ -51,6 +51,8 @@ pub(crate) struct HandlerRef {
     pub name: Arc<str>,
     pub handler: Arc<dyn Handler>,
     pub kind: HandlerKind,
+    /// Served by attached workers (`remote.rs`), not by this process's worker threads.
+    pub remote: bool,
 }
 
 /// The arguments and payload of a body that has either.
@@ -84,6 +86,10 @@ impl Body {
     }
     pub(crate) fn handler_name(&self) -> &Arc<str> {
         &self.handler.name
+    }
+    /// The handler name when attached workers serve it.
+    pub(crate) fn remote_name(&self) -> Option<&Arc<str>> {
+        self.handler.remote.then_some(&self.handler.name)
     }
     pub(crate) fn args(&self) -> &Args {
         self.extra.as_ref().map_or(&NO_ARGS, |e| &e.args)
@@ -120,6 +126,8 @@ pub(crate) struct Bound {
     /// takes in a lock hold does; items claimed with it (`Sched::claim_more`) run after it on
     /// the same worker, one at a time, and share that slot.
     pub slot: bool,
+    /// For an item held by an attached worker: (worker id, slot).
+    pub remote: Option<(u64, u32)>,
 }
 
 /// An item that is not terminal yet. Kept small (one of these per pending item): the fields
@@ -150,6 +158,10 @@ pub(crate) struct Cold {
     pub decided: u64,
     /// Flushes waiting for this item beyond `Item::waiter`.
     pub waiters: Vec<u64>,
+    /// The attached worker that holds it, or held it last.
+    pub worker: Option<super::WorkerRef>,
+    /// Times an attached worker was lost holding it and it was queued again.
+    pub lost: u32,
 }
 
 impl Item {
@@ -195,6 +207,7 @@ pub(crate) struct Job {
 }
 
 /// When and where an item started.
+#[derive(Clone, Copy)]
 pub(crate) struct Started {
     pub cpu: u32,
     pub at: SystemTime,
@@ -208,6 +221,8 @@ pub(crate) enum Outcome {
     HandBack(&'static str),
     /// Cancelled after it was bound but before the handler was called.
     CancelledBeforeStart,
+    /// The attached worker holding it was lost (why); it started when it was sent (`started`).
+    Lost(String),
 }
 
 pub(crate) struct Finish {
@@ -240,6 +255,9 @@ impl Finish {
 struct Queue {
     wq: usize,
     target: Target,
+    /// The handler name, for a queue of items attached workers serve (see `remote.rs`); such
+    /// a queue is on pools' `remote_ready` lists, never on `ready`.
+    remote: Option<Arc<str>>,
     /// Pending item ids in FIFO order. May hold tombstones: ids no longer pending here.
     items: VecDeque<ItemId>,
     pending: usize,
@@ -264,6 +282,10 @@ struct Pool {
     idle: Vec<(u64, Unparker)>,
     /// Queues with pending items this pool may take (may hold stale entries).
     ready: VecDeque<usize>,
+    /// The same for queues attached workers serve.
+    remote_ready: VecDeque<usize>,
+    /// Attached workers' slots of this CPU waiting for work: (worker, slot).
+    idle_slots: Vec<(u64, u32)>,
     running: usize,
     last_progress: Instant,
     lockup_reported: bool,
@@ -277,6 +299,28 @@ struct Pool {
 const SPAWN_HOLD: Duration = Duration::from_secs(1);
 
 impl Pool {
+    fn new(now: Instant) -> Pool {
+        Pool {
+            live: false,
+            gen: 0,
+            workers: 0,
+            idle: Vec::new(),
+            ready: VecDeque::new(),
+            remote_ready: VecDeque::new(),
+            idle_slots: Vec::new(),
+            running: 0,
+            last_progress: now,
+            lockup_reported: false,
+            spawn_hold: None,
+        }
+    }
+    fn ready_list(&mut self, remote: bool) -> &mut VecDeque<usize> {
+        if remote {
+            &mut self.remote_ready
+        } else {
+            &mut self.ready
+        }
+    }
     fn may_spawn(&self, epoch: u64) -> bool {
         self.spawn_hold
             .is_none_or(|(e, until)| epoch > e || Instant::now() >= until)
@@ -287,6 +331,8 @@ struct Wq {
     attrs: WorkqueueAttrs,
     name: Arc<str>,
     queues: HashMap<Target, usize>,
+    /// Queues of attached-worker handlers, by (target, handler name).
+    remote_queues: HashMap<(Target, Arc<str>), usize>,
     /// Keys of pending (not yet started) items.
     keys: HashMap<Arc<str>, ItemId>,
     draining: bool,
@@ -304,6 +350,12 @@ struct Wq {
 impl Wq {
     fn live(&self) -> usize {
         self.delayed + self.pending + self.running
+    }
+    fn all_queues(&self) -> impl Iterator<Item = usize> + '_ {
+        self.queues
+            .values()
+            .chain(self.remote_queues.values())
+            .copied()
     }
 }
 
@@ -367,6 +419,12 @@ pub(crate) struct Effects {
     spawn: Vec<(u32, u64)>,
     timer_kick: bool,
     idle_kick: bool,
+    /// Attached workers with a slot that may find work now (one entry per worker).
+    remote_wake: Vec<(u64, Arc<dyn super::RemoteSink>)>,
+    /// Items sent to attached workers, for the observer: (workqueue, cpu, time queued).
+    started: Vec<(Arc<str>, u32, Duration)>,
+    /// Items held by attached workers that were cancelled.
+    remote_cancel: Vec<(Arc<dyn super::RemoteSink>, ItemId)>,
 }
 
 impl Effects {
@@ -378,6 +436,9 @@ impl Effects {
             && self.spawn.is_empty()
             && !self.timer_kick
             && !self.idle_kick
+            && self.remote_wake.is_empty()
+            && self.started.is_empty()
+            && self.remote_cancel.is_empty()
     }
     pub(crate) fn run(self, inner: &Arc<Inner>) {
         if let Some(o) = &inner.cfg.observer {
@@ -389,6 +450,9 @@ impl Effects {
             }
             for why in &self.rebound {
                 o.rebound(why);
+            }
+            for (wq, cpu, waited) in &self.started {
+                o.started(wq, *cpu, *waited);
             }
         }
         for u in self.unpark {
@@ -402,6 +466,12 @@ impl Effects {
         }
         if self.idle_kick {
             inner.idle_cv.notify_all();
+        }
+        for (_, w) in self.remote_wake {
+            w.wake();
+        }
+        for (w, id) in self.remote_cancel {
+            w.cancel(id);
         }
     }
 }
@@ -502,6 +572,9 @@ fn humanize(d: Duration) -> String {
     }
 }
 
+#[path = "remote.rs"]
+pub(crate) mod remote;
+
 /// The scheduler state (see the module docs).
 pub(crate) struct Sched {
     pub epoch: u64,
@@ -539,6 +612,13 @@ pub(crate) struct Sched {
     /// Timer-heap entries whose item ended or left the state the timer was for; the heap is
     /// rebuilt when they are more than half of it (see [`Sched::timer_garbage`]).
     stale_timers: usize,
+    /// Attached workers (see `remote.rs`).
+    remotes: IdMap<u64, remote::RemoteRec>,
+    /// Attached workers serving each handler name now.
+    served: HashMap<Arc<str>, usize>,
+    next_remote: u64,
+    /// Items one slot of an attached worker may hold at once.
+    max_credits: u32,
 }
 
 impl Sched {
@@ -582,6 +662,10 @@ impl Sched {
             max_deadline: cfg.max_deadline,
             max_result_bytes: cfg.max_result_bytes,
             stale_timers: 0,
+            remotes: IdMap::default(),
+            served: HashMap::new(),
+            next_remote: 1,
+            max_credits: cfg.max_credits.max(1),
         };
         let _ = s.create_wq(cfg.default_wq.clone());
         s
@@ -598,6 +682,7 @@ impl Sched {
             attrs,
             name: name.clone(),
             queues: HashMap::new(),
+            remote_queues: HashMap::new(),
             keys: HashMap::new(),
             draining: false,
             delayed: 0,
@@ -639,7 +724,7 @@ impl Sched {
             tracing::info!(workqueue = %wq.name, items = wq.live(), "workqueue update ends its drain; it accepts work again");
             wq.draining = false;
         }
-        let qids: Vec<usize> = wq.queues.values().copied().collect();
+        let qids: Vec<usize> = wq.all_queues().collect();
         for qid in qids {
             self.resolve_queue(qid, fx);
         }
@@ -658,7 +743,7 @@ impl Sched {
                 items: live,
             });
         }
-        let qids: Vec<usize> = self.wqs[wi].queues.values().copied().collect();
+        let qids: Vec<usize> = self.wqs[wi].all_queues().collect();
         for qid in qids {
             self.remove_queue(qid);
         }
@@ -767,13 +852,19 @@ impl Sched {
 
     // ----- queues -----
 
-    fn queue_for(&mut self, wi: usize, target: &Target) -> usize {
-        if let Some(&q) = self.wqs[wi].queues.get(target) {
+    /// The queue of workqueue `wi` for `target` and, for an attached-worker handler, its name.
+    fn queue_for(&mut self, wi: usize, target: &Target, remote: Option<&Arc<str>>) -> usize {
+        let found = match remote {
+            None => self.wqs[wi].queues.get(target),
+            Some(h) => self.wqs[wi].remote_queues.get(&(target.clone(), h.clone())),
+        };
+        if let Some(&q) = found {
             return q;
         }
         let qid = self.queues.insert(Queue {
             wq: wi,
             target: target.clone(),
+            remote: remote.cloned(),
             items: VecDeque::new(),
             pending: 0,
             delayed: 0,
@@ -784,7 +875,12 @@ impl Sched {
             in_ready: CpuSet::new(),
             idle_since: None,
         });
-        self.wqs[wi].queues.insert(target.clone(), qid);
+        match remote {
+            None => self.wqs[wi].queues.insert(target.clone(), qid),
+            Some(h) => self.wqs[wi]
+                .remote_queues
+                .insert((target.clone(), h.clone()), qid),
+        };
         let mut fx = Effects::default();
         self.resolve_queue(qid, &mut fx);
         qid
@@ -794,10 +890,13 @@ impl Sched {
         let q = self.queues.remove(qid);
         for c in q.in_ready.iter() {
             if let Some(p) = self.pools.get_mut(&c) {
-                p.ready.retain(|&x| x != qid);
+                p.ready_list(q.remote.is_some()).retain(|&x| x != qid);
             }
         }
-        self.wqs[q.wq].queues.remove(&q.target);
+        match q.remote {
+            None => self.wqs[q.wq].queues.remove(&q.target),
+            Some(h) => self.wqs[q.wq].remote_queues.remove(&(q.target, h)),
+        };
     }
 
     /// Re-resolves a queue's eligible CPUs against the current live set and applies the
@@ -958,16 +1057,21 @@ impl Sched {
             return;
         }
         let takers = self.takers(qid);
+        let remote = self.queues[qid].remote.clone();
         for &c in &takers {
             if self.queues[qid].in_ready.contains(c) {
                 continue;
             }
             if let Some(p) = self.pools.get_mut(&c).filter(|p| p.live) {
-                p.ready.push_back(qid);
+                p.ready_list(remote.is_some()).push_back(qid);
                 self.queues[qid].in_ready.insert(c);
             }
         }
         self.clean_front(qid);
+        if let Some(h) = remote {
+            self.wake_slots(qid, &h, &takers, n, fx);
+            return;
+        }
         let mut woken = 0;
         for c in takers {
             if woken >= n {
@@ -999,9 +1103,11 @@ impl Sched {
         };
         item.state = State::Pending;
         let (qid, wi) = (item.qid(), item.wi());
+        let unserved = self.unserved(qid);
         let q = &mut self.queues[qid];
-        if q.eligible.is_empty() && self.wqs[wi].attrs.fallback == Fallback::Reject {
-            let reason = q.reason.clone();
+        let no_cpu = q.eligible.is_empty() && self.wqs[wi].attrs.fallback == Fallback::Reject;
+        if no_cpu || unserved.is_some() {
+            let reason = unserved.unwrap_or_else(|| q.reason.clone());
             q.pending += 1;
             self.wqs[wi].pending += 1;
             let now = Instant::now();
@@ -1154,9 +1260,15 @@ impl Sched {
             let qid = match &last_body {
                 Some((lb, q)) if Arc::ptr_eq(lb, &b) => *q,
                 _ => {
+                    let remote = b.remote_name();
                     let q = match touched.last() {
-                        Some(&(q, _)) if self.queues[q].target == b.target => q,
-                        _ => self.queue_for(wi, &b.target),
+                        Some(&(q, _))
+                            if self.queues[q].target == b.target
+                                && self.queues[q].remote.as_ref() == remote =>
+                        {
+                            q
+                        }
+                        _ => self.queue_for(wi, &b.target, remote),
                     };
                     last_body = Some((b.clone(), q));
                     q
@@ -1284,12 +1396,44 @@ impl Sched {
         now: Instant,
         fx: &mut Effects,
     ) -> Option<Job> {
-        let mut budget = self.pools.get(&cpu).filter(|p| p.live)?.ready.len();
+        self.take_from(cpu, None, token, now, fx)
+    }
+
+    /// [`take`](Self::take) for this process's workers (`serves` is `None`: queues on the
+    /// pool's `ready` list) or for a slot of an attached worker serving the handler names
+    /// `serves` (queues on `remote_ready` whose handler it serves; others are kept there).
+    pub(crate) fn take_from(
+        &mut self,
+        cpu: u32,
+        serves: Option<&[Arc<str>]>,
+        token: &CancelToken,
+        now: Instant,
+        fx: &mut Effects,
+    ) -> Option<Job> {
+        let remote = serves.is_some();
+        let mut budget = self
+            .pools
+            .get_mut(&cpu)
+            .filter(|p| p.live)?
+            .ready_list(remote)
+            .len();
         while budget > 0 {
             budget -= 1;
-            let qid = self.pools.get_mut(&cpu).and_then(|p| p.ready.pop_front())?;
+            let qid = self
+                .pools
+                .get_mut(&cpu)
+                .and_then(|p| p.ready_list(remote).pop_front())?;
             if !self.queues.contains(qid) {
                 continue;
+            }
+            if let Some(names) = serves {
+                let theirs = self.queues[qid].remote.as_ref();
+                if !theirs.is_some_and(|h| names.contains(h)) {
+                    if let Some(p) = self.pools.get_mut(&cpu) {
+                        p.remote_ready.push_back(qid);
+                    }
+                    continue;
+                }
             }
             self.clean_front(qid);
             if self.queues[qid].pending == 0 || !self.may_take(qid, cpu) {
@@ -1298,7 +1442,7 @@ impl Sched {
             }
             if !self.limits_allow(qid, cpu) {
                 if let Some(p) = self.pools.get_mut(&cpu) {
-                    p.ready.push_back(qid);
+                    p.ready_list(remote).push_back(qid);
                 }
                 continue;
             }
@@ -1323,7 +1467,7 @@ impl Sched {
             // Requeue the queue for this pool while it has more.
             if self.queues[qid].pending > 1 {
                 if let Some(p) = self.pools.get_mut(&cpu) {
-                    p.ready.push_back(qid);
+                    p.ready_list(remote).push_back(qid);
                 }
             } else {
                 self.queues[qid].in_ready.remove(cpu);
@@ -1346,7 +1490,7 @@ impl Sched {
                 pool.last_progress = now;
                 pool.lockup_reported = false;
                 // Keep one worker in reserve while this pool has more it could start.
-                if pool.idle.is_empty() && !pool.ready.is_empty() && pool.workers < max {
+                if !remote && pool.idle.is_empty() && !pool.ready.is_empty() && pool.workers < max {
                     pool.workers += 1;
                     fx.spawn.push((cpu, pool.gen));
                 }
@@ -1412,6 +1556,7 @@ impl Sched {
                 token: token.clone(),
                 hog_reported: false,
                 slot,
+                remote: None,
             },
         );
         let q = &mut self.queues[qid];
@@ -1546,44 +1691,45 @@ impl Sched {
                 if self.observed {
                     fx.rebound.push(why);
                 }
-                let Some(item) = self.items.get_mut(&f.id) else {
-                    return;
-                };
-                item.state = State::Pending;
-                item.rebinds += 1;
-                let key = item.key.clone();
-                let deadline = item.deadline();
-                self.queues[qid].items.push_front(f.id);
-                self.queues[qid].pending += 1;
-                let wq = &mut self.wqs[wi];
-                wq.pending += 1;
-                if ordered {
-                    wq.ordered.push_front(f.id);
+                if let Some(item) = self.items.get_mut(&f.id) {
+                    item.rebinds += 1;
                 }
-                if let Some(k) = key {
-                    wq.keys.entry(k).or_insert(f.id);
+                self.requeue(f.id, now, fx);
+            }
+            // A cancel asked while the worker held it: the worker's loss ends it cancelled.
+            Outcome::Lost(_) if bound.token.is_cancelled() => {
+                let err = "cancelled; its attached worker was lost before it answered".into();
+                self.terminal(
+                    f.id,
+                    State::Cancelled,
+                    Vec::new(),
+                    err,
+                    f.started,
+                    None,
+                    now,
+                    fx,
+                );
+            }
+            Outcome::Lost(why) if self.wqs[wi].attrs.on_worker_lost == WorkerLost::Requeue => {
+                if let Some(item) = self.items.get_mut(&f.id) {
+                    let c = item.cold();
+                    c.lost += 1;
+                    tracing::info!(item = f.id, lost = c.lost, %why, "worker lost holding an item; queued again (on_worker_lost = requeue)");
                 }
-                let reject = self.queues[qid].eligible.is_empty()
-                    && self.wqs[wi].attrs.fallback == Fallback::Reject;
-                match deadline {
-                    // Its deadline timer may have fired while it was bound (and been ignored):
-                    // the deadline is applied now, or armed again.
-                    Some(d) if d <= now => {
-                        self.end_unstarted(f.id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx)
-                    }
-                    // Its queue lost every CPU meanwhile: the reject fallback applies to it as
-                    // to the queue's other pending items.
-                    _ if reject => {
-                        let reason = self.queues[qid].reason.clone();
-                        self.end_unstarted(f.id, State::Rejected, reason, now, fx);
-                    }
-                    Some(d) => {
-                        self.timers.push(Reverse((d, TIMER_DEADLINE, f.id)));
-                        fx.timer_kick = true;
-                        self.make_ready(qid, 1, fx);
-                    }
-                    None => self.make_ready(qid, 1, fx),
-                }
+                self.requeue(f.id, now, fx);
+            }
+            Outcome::Lost(why) => {
+                let err = format!("worker lost: {why}");
+                self.terminal(
+                    f.id,
+                    State::Failed,
+                    Vec::new(),
+                    err,
+                    f.started,
+                    None,
+                    now,
+                    fx,
+                );
             }
             Outcome::CancelledBeforeStart => {
                 self.end_unstarted(f.id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
@@ -1618,6 +1764,56 @@ impl Sched {
         }
         if self.shutdown {
             fx.idle_kick = true;
+        }
+    }
+
+    /// A bound item goes back to the front of its queue (a hand-back, or a lost worker's item
+    /// with `on_worker_lost = requeue`), key restored if free; then, if its deadline passed
+    /// while it was bound (its timer fired and was ignored), it expires; if its queue has no
+    /// eligible CPU and the fallback is `reject`, or no attached worker serves it and the
+    /// workqueue rejects unserved items, it is rejected; otherwise its deadline timer is armed
+    /// again and the queue made ready.
+    fn requeue(&mut self, id: ItemId, now: Instant, fx: &mut Effects) {
+        let Some(item) = self.items.get_mut(&id) else {
+            return;
+        };
+        let (qid, wi) = (item.qid(), item.wi());
+        item.state = State::Pending;
+        let key = item.key.clone();
+        let deadline = item.deadline();
+        self.queues[qid].items.push_front(id);
+        self.queues[qid].pending += 1;
+        let wq = &mut self.wqs[wi];
+        wq.pending += 1;
+        if wq.attrs.ordered {
+            wq.ordered.push_front(id);
+        }
+        if let Some(k) = key {
+            wq.keys.entry(k).or_insert(id);
+        }
+        let reject = if self.queues[qid].eligible.is_empty()
+            && self.wqs[wi].attrs.fallback == Fallback::Reject
+        {
+            Some(self.queues[qid].reason.clone())
+        } else {
+            self.unserved(qid)
+        };
+        match deadline {
+            Some(d) if d <= now => {
+                self.end_unstarted(id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx)
+            }
+            // Its queue lost every CPU (or its last worker) meanwhile: the policy applies to
+            // it as to the queue's other pending items.
+            _ if reject.is_some() => {
+                let reason = reject.unwrap_or_default();
+                self.end_unstarted(id, State::Rejected, reason, now, fx);
+            }
+            Some(d) => {
+                self.timers.push(Reverse((d, TIMER_DEADLINE, id)));
+                fx.timer_kick = true;
+                self.make_ready(qid, 1, fx);
+            }
+            None => self.make_ready(qid, 1, fx),
         }
     }
 
@@ -1689,9 +1885,9 @@ impl Sched {
         if wq.draining && wq.live() == 0 {
             wq.draining = false;
         }
-        let (cold_waiters, item_reason, decided) = match item.cold {
-            Some(c) => (c.waiters, c.reason, c.decided),
-            None => (Vec::new(), String::new(), 0),
+        let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
+            Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
+            None => (Vec::new(), String::new(), 0, None, 0),
         };
         let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
             (error.clone(), self.epoch)
@@ -1727,6 +1923,8 @@ impl Sched {
             finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),
             epoch_started: started.map(|s| s.epoch),
             epoch_decided: (decided != 0).then_some(decided),
+            worker,
+            worker_lost: lost,
         });
         let first = (item.waiter != 0).then_some(item.waiter);
         for fid in first.into_iter().chain(cold_waiters) {
@@ -1884,6 +2082,11 @@ impl Sched {
                 Some(it) if it.state == State::Running => {
                     if let Some(b) = self.running.get(&id) {
                         b.token.cancel();
+                        // An attached worker holds it: tell it; the item ends when the worker
+                        // answers, or is lost.
+                        if let Some(rec) = b.remote.and_then(|(w, _)| self.remotes.get(&w)) {
+                            fx.remote_cancel.push((rec.sink.clone(), id));
+                        }
                     }
                     CancelOutcome::WasRunning
                 }
@@ -2054,6 +2257,8 @@ impl Sched {
                 .cold
                 .as_ref()
                 .and_then(|c| (c.decided != 0).then_some(c.decided)),
+            worker: it.cold.as_ref().and_then(|c| c.worker),
+            worker_lost: it.cold.as_ref().map_or(0, |c| c.lost),
         }))
     }
 
@@ -2080,7 +2285,9 @@ impl Sched {
                 p.gen += 1;
                 p.workers = 0;
                 fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
-                for qid in p.ready.drain(..) {
+                // Attached workers' slots of this CPU stay parked in `idle_slots`: they are
+                // woken when it is live again and a queue becomes ready on it.
+                for qid in p.ready.drain(..).chain(p.remote_ready.drain(..)) {
                     if let Some(q) = self.queues.get_mut(qid) {
                         q.in_ready.remove(c);
                     }
@@ -2095,17 +2302,7 @@ impl Sched {
             let Some(flag) = inner.pool_live.get(c as usize) else {
                 continue;
             };
-            let p = self.pools.entry(c).or_insert_with(|| Pool {
-                live: false,
-                gen: 0,
-                workers: 0,
-                idle: Vec::new(),
-                ready: VecDeque::new(),
-                running: 0,
-                last_progress: now,
-                lockup_reported: false,
-                spawn_hold: None,
-            });
+            let p = self.pools.entry(c).or_insert_with(|| Pool::new(now));
             p.live = true;
             p.gen += 1;
             p.workers = 0;

@@ -20,7 +20,9 @@ use wqd_proto::v1;
 use super::RpcError;
 use crate::config::Limits;
 use crate::cpuset::CpuSet;
-use crate::engine::{ItemResult, ItemSpec, State, WorkqueueAttrs, WorkqueueStats};
+use crate::engine::{
+    ItemResult, ItemSpec, State, Unserved, WorkerLost, WorkqueueAttrs, WorkqueueStats,
+};
 use crate::groups::{Fallback, GroupMap, Level, Placement};
 use crate::live::Snapshot;
 use crate::quote::quote;
@@ -567,7 +569,10 @@ impl ResultsOut {
             topology_epoch: r.epoch_started.unwrap_or(0),
             handler: String::from(&*r.handler),
             decision_epoch: r.epoch_decided.unwrap_or(0),
-            ..Default::default()
+            worker_id: r.worker.map_or(0, |w| w.worker),
+            worker_pid: r.worker.map_or(0, |w| w.pid),
+            worker_slot: r.worker.map_or(0, |w| w.slot),
+            worker_lost: r.worker_lost,
         }
     }
 }
@@ -656,6 +661,32 @@ pub fn fallback_in(f: i32) -> Result<Option<Fallback>, String> {
     }
 }
 
+/// A wire `on_worker_lost` to the engine's; UNSPECIFIED is `None`.
+///
+/// # Errors
+/// A text for values outside the enum.
+pub fn worker_lost_in(v: i32) -> Result<Option<WorkerLost>, String> {
+    match v1::WorkerLostPolicy::try_from(v) {
+        Ok(v1::WorkerLostPolicy::Unspecified) => Ok(None),
+        Ok(v1::WorkerLostPolicy::Fail) => Ok(Some(WorkerLost::Fail)),
+        Ok(v1::WorkerLostPolicy::Requeue) => Ok(Some(WorkerLost::Requeue)),
+        Err(_) => Err(format!("unknown worker-lost policy value {v}")),
+    }
+}
+
+/// A wire `unserved` policy to the engine's; UNSPECIFIED is `None`.
+///
+/// # Errors
+/// A text for values outside the enum.
+pub fn unserved_in(v: i32) -> Result<Option<Unserved>, String> {
+    match v1::UnservedPolicy::try_from(v) {
+        Ok(v1::UnservedPolicy::Unspecified) => Ok(None),
+        Ok(v1::UnservedPolicy::Wait) => Ok(Some(Unserved::Wait)),
+        Ok(v1::UnservedPolicy::Reject) => Ok(Some(Unserved::Reject)),
+        Err(_) => Err(format!("unknown unserved policy value {v}")),
+    }
+}
+
 fn placement_out(p: Placement) -> v1::Placement {
     match p {
         Placement::First => v1::Placement::First,
@@ -704,6 +735,12 @@ pub fn attrs_in(
     } else {
         usize::try_from(a.max_queued).unwrap_or(usize::MAX)
     };
+    w.on_worker_lost = worker_lost_in(a.on_worker_lost)
+        .map_err(|p| field("on_worker_lost", p))?
+        .unwrap_or_default();
+    w.unserved = unserved_in(a.unserved)
+        .map_err(|p| field("unserved", p))?
+        .unwrap_or_default();
     Ok(w)
 }
 
@@ -718,7 +755,14 @@ pub fn attrs_out(a: &WorkqueueAttrs) -> v1::WorkqueueAttrs {
         placement: placement_out(a.placement) as i32,
         fallback: fallback_out(a.fallback) as i32,
         max_queued: a.max_queued as u64,
-        ..Default::default()
+        on_worker_lost: match a.on_worker_lost {
+            WorkerLost::Fail => v1::WorkerLostPolicy::Fail,
+            WorkerLost::Requeue => v1::WorkerLostPolicy::Requeue,
+        } as i32,
+        unserved: match a.unserved {
+            Unserved::Wait => v1::UnservedPolicy::Wait,
+            Unserved::Reject => v1::UnservedPolicy::Reject,
+        } as i32,
     }
 }
 
@@ -1085,6 +1129,8 @@ mod tests {
             finished_at: None,
             epoch_started: Some(2),
             epoch_decided: None,
+            worker: None,
+            worker_lost: 0,
         }
     }
 

@@ -22,6 +22,7 @@ mod dispatch;
 pub mod limits;
 mod stats;
 mod topology;
+pub mod worker;
 mod workqueue;
 
 use std::sync::atomic::AtomicU64;
@@ -96,7 +97,8 @@ pub fn status(e: RpcError) -> Status {
             | E::Group { .. }
             | E::UnknownHandler { .. }
             | E::Handler { .. }
-            | E::Duration { .. } => Code::InvalidArgument,
+            | E::Duration { .. }
+            | E::Worker(_) => Code::InvalidArgument,
             E::WorkqueueNotEmpty { .. } | E::DefaultWorkqueue | E::Draining(_) => {
                 Code::FailedPrecondition
             }
@@ -207,6 +209,8 @@ pub struct Rpc {
     pub stopping: watch::Receiver<bool>,
     /// Prometheus metrics (RPC counts, flush timings); `None` when not served.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Who may attach workers, and how many are attached (`[workers]`).
+    pub workers: Arc<worker::WorkerPolicy>,
 }
 
 impl std::fmt::Debug for Rpc {
@@ -273,6 +277,7 @@ impl Rpc {
         use v1::dispatch_service_server::DispatchServiceServer;
         use v1::stats_service_server::StatsServiceServer;
         use v1::topology_service_server::TopologyServiceServer;
+        use v1::worker_service_server::WorkerServiceServer;
         use v1::workqueue_service_server::WorkqueueServiceServer;
         let max = self.limits.load().max_message_bytes;
         let reflection = tonic_reflection::server::Builder::configure()
@@ -304,6 +309,11 @@ impl Rpc {
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
+            .add_service(
+                WorkerServiceServer::new(self.clone())
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
             .add_service(tonic_health::pb::health_server::HealthServer::new(
                 tonic_health::server::HealthService::from_health_reporter(health.clone()),
             ))
@@ -325,6 +335,7 @@ impl Rpc {
             "wqd.v1.WorkqueueService",
             "wqd.v1.TopologyService",
             "wqd.v1.StatsService",
+            "wqd.v1.WorkerService",
         ] {
             reporter.set_service_status(name, st).await;
         }

@@ -9,7 +9,10 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 use wqd_proto::v1;
 
-use super::convert::{attrs_in, attrs_out, count_state, fallback_in, placement_in, wq_info_out};
+use super::convert::{
+    attrs_in, attrs_out, count_state, fallback_in, placement_in, unserved_in, worker_lost_in,
+    wq_info_out,
+};
 use super::{deadline_of, status, Rpc, RpcError};
 use crate::engine::{EngineError, WorkqueueAttrs};
 
@@ -64,6 +67,16 @@ impl Rpc {
         }
         if let Some(v) = r.max_queued {
             a.max_queued = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = r.on_worker_lost {
+            a.on_worker_lost = worker_lost_in(v)
+                .map_err(|e| field("on_worker_lost", e))?
+                .ok_or_else(|| field("on_worker_lost", "UNSPECIFIED is not a policy".into()))?;
+        }
+        if let Some(v) = r.unserved {
+            a.unserved = unserved_in(v)
+                .map_err(|e| field("unserved", e))?
+                .ok_or_else(|| field("unserved", "UNSPECIFIED is not a policy".into()))?;
         }
         self.engine.update_workqueue(a.clone())?;
         Ok(attrs_out(&a))
