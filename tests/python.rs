@@ -408,7 +408,7 @@ fn workers_serve_their_handlers_in_the_items_groups() {
 async fn worker_keeps_serving_through_hotplug() {
     let d = Daemon::start("two-socket");
     let c = d.client().await;
-    let mut py = Py::spawn(Some(&d), &["e2e_hotplug.py"]);
+    let mut py = Py::spawn(Some(&d), &["tests/e2e_hotplug.py"]);
     py.expect_line("ready");
     let rounds = flip(&d, &c, &mut py, &[3, 11], 3, Duration::from_millis(300)).await;
     assert_eq!(
