@@ -970,6 +970,7 @@ read_open = true
             ("groups", "[[group]]"),
             ("partitions", "[[partition]]"),
             ("workqueues", "[[workqueue]]"),
+            ("allow", "[[workers.allow]]"),
         ];
         let mut missing = Vec::new();
         for line in debug.lines() {

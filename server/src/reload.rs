@@ -221,6 +221,15 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         token_file,
         exec_as_root
     );
+    same!(
+        old.workers,
+        new.workers,
+        "workers",
+        handlers,
+        max_workers,
+        max_credits,
+        allow
+    );
     if restart_only_part(old) != restart_only_part(new) {
         return Err(ReloadError::NeedsRestart {
             key: "(a section that is not reloadable, e.g. [security])".into(),

@@ -1097,7 +1097,17 @@ mod tests {
                 "UpdateWorkqueue"
             ]
         );
-        assert_eq!(seen.len(), 13, "{seen:?}");
+        let worker: Vec<_> = seen
+            .iter()
+            .filter(|(_, c)| *c == Class::Worker)
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(worker, ["/wqd.v1.WorkerService/Attach"]);
+        assert_eq!(
+            classify("/wqd.v1.WorkerService/ListWorkers"),
+            Class::Observe
+        );
+        assert_eq!(seen.len(), 15, "{seen:?}");
     }
 
     #[test]

@@ -1711,6 +1711,10 @@ impl Sched {
                 );
             }
             Outcome::Lost(why) if self.wqs[wi].attrs.on_worker_lost == WorkerLost::Requeue => {
+                *self.rebinds.entry("worker-lost").or_default() += 1;
+                if self.observed {
+                    fx.rebound.push("worker-lost");
+                }
                 if let Some(item) = self.items.get_mut(&f.id) {
                     let c = item.cold();
                     c.lost += 1;

@@ -88,6 +88,11 @@ pub mod names {
     pub const CONNECTIONS_REFUSED: &str = "wqd_connections_refused_total";
     pub const CONNECTIONS_CLOSED: &str = "wqd_connections_closed_total";
     pub const ACCEPT_ERRORS: &str = "wqd_accept_errors_total";
+    pub const WORKERS_ATTACHED: &str = "wqd_workers_attached";
+    pub const WORKER_SLOTS: &str = "wqd_worker_slots";
+    pub const WORKER_IN_FLIGHT: &str = "wqd_worker_in_flight";
+    pub const WORKER_HANDLER_WORKERS: &str = "wqd_worker_handler_workers";
+    pub const WORKER_ITEMS: &str = "wqd_worker_items_total";
 }
 
 /// Bucket upper bounds, in seconds, for item wait and run times: 100µs to 10 minutes.
@@ -438,6 +443,26 @@ fn describe(r: &PrometheusRecorder) {
         "Time from request to final status of RPCs, by method.",
     );
     g(WORKERS, "Worker threads of all CPU pools.");
+    g(
+        WORKERS_ATTACHED,
+        "Worker processes attached over WorkerService.Attach.",
+    );
+    g(
+        WORKER_SLOTS,
+        "Open slots of attached workers (threads pinned to the CPU), by CPU.",
+    );
+    g(
+        WORKER_IN_FLIGHT,
+        "Items sent to attached workers' slots and not answered yet, by CPU.",
+    );
+    g(
+        WORKER_HANDLER_WORKERS,
+        "Attached workers serving each handler name (0: items of it wait or are rejected).",
+    );
+    c(
+        WORKER_ITEMS,
+        "Items of attached-worker handlers that reached a terminal state, by handler and state.",
+    );
     g(
         FLUSHES_ACTIVE,
         "Flushes (and cancel/drain waits) in progress in the engine.",

@@ -66,6 +66,9 @@ pub(crate) struct EngineMetrics {
     other: Arc<WqHandles>,
     rebind_offline: Counter,
     rebind_affinity: Counter,
+    /// Terminal counters of attached-worker handlers, by handler name (capped like
+    /// workqueues: past [`MAX_WORKQUEUE_LABELS`] names, `_other`).
+    handlers: RwLock<HashMap<Box<str>, Arc<[Counter; 5]>>>,
 }
 
 impl EngineMetrics {
@@ -76,6 +79,7 @@ impl EngineMetrics {
             rebind_affinity: rb("affinity"),
             other: Arc::new(WqHandles::new(&reg, OTHER_WORKQUEUE)),
             wqs: RwLock::new(HashMap::new()),
+            handlers: RwLock::new(HashMap::new()),
             reg,
         };
         // The default workqueue always exists: its series start at 0.
@@ -118,6 +122,32 @@ impl EngineMetrics {
         f(&self.wq(name));
     }
 
+    /// The terminal counters of attached-worker handler `name`.
+    fn handler(&self, name: &str) -> Arc<[Counter; 5]> {
+        if let Some(h) = self.handlers.read().get(name) {
+            return h.clone();
+        }
+        let mut w = self.handlers.write();
+        let label = if w.len() >= MAX_WORKQUEUE_LABELS && !w.contains_key(name) {
+            OTHER_WORKQUEUE
+        } else {
+            name
+        };
+        w.entry(label.into())
+            .or_insert_with(|| {
+                Arc::new(TERMINAL.map(|s| {
+                    self.reg.counter(
+                        names::WORKER_ITEMS,
+                        &[
+                            ("handler", label.to_string()),
+                            ("state", s.as_str().to_string()),
+                        ],
+                    )
+                }))
+            })
+            .clone()
+    }
+
     fn cpu_counter(&self, name: &'static str, cpu: u32) -> Counter {
         self.reg.counter(name, &[("cpu", cpu.to_string())])
     }
@@ -141,6 +171,11 @@ impl Observer for EngineMetrics {
                 h.run.record(t.as_secs_f64());
             }
         });
+        if r.worker.is_some() {
+            if let Some(i) = terminal_index(r.state) {
+                self.handler(&r.handler)[i].increment(1);
+            }
+        }
     }
 
     fn rebound(&self, reason: &'static str) {

@@ -8,7 +8,7 @@
 //! topology events and epochs) are copied with `absolute`, so they never go backwards; so are
 //! the connection counters of the listeners ([`connections`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use super::observer::EngineMetrics;
 use super::{names, Labels, Registry};
@@ -142,6 +142,42 @@ impl ScrapeState {
         reg.gauge(names::LIVE_CPUS, &[]).set(snap.live.len() as f64);
         reg.gauge(names::ONLINE_CPUS, &[])
             .set(topo.online.len() as f64);
+
+        // Attached workers: slots and items in flight per CPU, workers per handler name.
+        let workers = engine.remote_workers();
+        reg.gauge(names::WORKERS_ATTACHED, &[])
+            .set(workers.len() as f64);
+        let mut slots: BTreeMap<u32, (f64, f64)> = cpus.iter().map(|&c| (c, (0.0, 0.0))).collect();
+        for w in &workers {
+            for s in w.slots.iter().filter(|s| !s.closed) {
+                let e = slots.entry(s.cpu).or_default();
+                e.0 += 1.0;
+                e.1 += f64::from(s.in_flight);
+            }
+        }
+        self.publish(
+            reg,
+            names::WORKER_SLOTS,
+            slots
+                .iter()
+                .map(|(&c, v)| (l1("cpu", c), v.0))
+                .collect::<Vec<_>>(),
+        );
+        self.publish(
+            reg,
+            names::WORKER_IN_FLIGHT,
+            slots
+                .iter()
+                .map(|(&c, v)| (l1("cpu", c), v.1))
+                .collect::<Vec<_>>(),
+        );
+        let (served, _) = engine.remote_counts();
+        let served: Vec<_> = served
+            .into_iter()
+            .take(super::MAX_WORKQUEUE_LABELS)
+            .map(|(h, n)| (l1("handler", h), n as f64))
+            .collect();
+        self.publish(reg, names::WORKER_HANDLER_WORKERS, served);
 
         // Groups.
         let groups: Vec<_> = snap
