@@ -429,6 +429,18 @@ async fn worker_keeps_serving_through_hotplug() {
     assert!(listed.workers.is_empty(), "the worker detached: {listed:?}");
 }
 
+/// The daemon stops under an attached worker: no reconnect, `wait()` (and `run()`) raise.
+#[test]
+fn worker_sees_its_stream_lost() {
+    let mut d = Daemon::start("two-socket");
+    let mut py = Py::spawn(Some(&d), &["tests/e2e_lost.py"]);
+    py.expect_line("ready");
+    d.stop();
+    let lost = py.expect_line("lost ");
+    eprintln!("{lost}");
+    py.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // The example
 
