@@ -1,15 +1,11 @@
 """Helpers of the end-to-end tests (tests/python.rs runs them against a real daemon whose
-socket is in WQD_SOCKET): a client and workers with the test options, bounded polling.
-
-WQD_PY_AUTHORITY_WORKAROUND=1 makes the tests (only them) send ``localhost`` as the HTTP/2
-authority instead of the socket path stock grpcio sends, for daemons that refuse the latter.
-"""
+socket is in WQD_SOCKET): a client and workers on stock grpcio's default channel options,
+and bounded polling."""
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import wqd
 
@@ -19,18 +15,12 @@ T = TypeVar("T")
 WAIT = 30.0
 
 
-def options() -> List[Tuple[str, Any]]:
-    if os.environ.get("WQD_PY_AUTHORITY_WORKAROUND") == "1":
-        return [("grpc.default_authority", "localhost")]
-    return []
-
-
 def client() -> wqd.Client:
-    return wqd.Client(timeout=WAIT, options=options())
+    return wqd.Client(timeout=WAIT)
 
 
 def worker(handlers: Any, **kw: Any) -> wqd.Worker:
-    return wqd.Worker(handlers, options=options(), **kw)
+    return wqd.Worker(handlers, **kw)
 
 
 def poll(what: str, f: Callable[[], Optional[T]], limit: float = WAIT) -> T:

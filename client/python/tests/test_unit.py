@@ -224,6 +224,10 @@ class ClientTest(FakeServer):
                 wqd.resolve_cpus("cache:9", c)
 
 
+def slot_closed(slot: int) -> Any:
+    return worker_pb2.DaemonMessage(slot_closed=worker_pb2.SlotClosed(slot=slot))
+
+
 def work(item_id: int, slot: int, cpu: int, handler: str = "h") -> Any:
     return worker_pb2.DaemonMessage(work=worker_pb2.Work(
         item_id=item_id, slot=slot, cpu=cpu, handler=handler, args={"a": "1"},
@@ -288,6 +292,8 @@ class WorkerProtocolTest(FakeServer):
         stopper.start()
         self.assertEqual(a.next("close_slot").slot, 0)
         self.assertEqual(a.next("close_slot").slot, 1)
+        a.send.put(slot_closed(0))
+        a.send.put(slot_closed(1))
         a.next("half-close")
         a.send.put(None)
         stopper.join(WAIT)
@@ -331,6 +337,12 @@ class WorkerProtocolTest(FakeServer):
         self.assertEqual((d.item_id, d.ok, d.credits), (21, b"finished", 0))
         hb = a.next("hand_back")
         self.assertEqual((hb.item_id, hb.reason, hb.credits), (22, "stopping", 0))
+        # Holding nothing, the worker still waits for SlotClosed: a Work the daemon sent
+        # before it read CloseSlot may be on the wire, and is handed back, not lost.
+        a.send.put(work(23, 0, 0))
+        hb = a.next("hand_back")
+        self.assertEqual((hb.item_id, hb.reason), (23, "stopping"))
+        a.send.put(slot_closed(0))
         a.next("half-close")
         a.send.put(None)
         stopper.join(WAIT)

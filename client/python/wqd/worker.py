@@ -39,6 +39,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Set,
     Tuple,
     Union,
 )
@@ -161,6 +162,9 @@ class Worker:
         self._client = Client(endpoint, options=options, token=token)
         self._out: "queue.Queue[Optional[worker_pb2.WorkerMessage]]" = queue.Queue()
         self._lock = threading.Lock()
+        # Notified when an answer leaves _held or a SlotClosed arrives (graceful stop waits).
+        self._changed = threading.Condition(self._lock)
+        self._slots_closed: Set[int] = set()
         self._held: Dict[int, WorkItem] = {}
         self._stopping = False
         self._slots: Dict[int, _Slot] = {}
@@ -248,8 +252,8 @@ class Worker:
         Graceful: no more credits; every slot is closed (CloseSlot), so the
         daemon sends nothing new; items not started are handed back
         ("stopping"); running ones finish and are answered; once the daemon
-        shows no item in flight for this worker, the stream is half-closed
-        and ends OK. Not graceful: every held item's ``cancelled`` is set and
+        has answered SlotClosed for every slot and nothing is held, the stream
+        is half-closed and ends OK: the daemon holds nothing of this worker. Not graceful: every held item's ``cancelled`` is set and
         the call is cancelled: the daemon treats what it held as lost."""
         with self._lock:
             if self._stopping and self._ended.is_set():
@@ -284,26 +288,13 @@ class Worker:
             self._send(close_slot=worker_pb2.CloseSlot(slot=s.slot))
 
     def _wait_answered(self, end: float) -> None:
-        """Waits until this worker holds nothing and the daemon has sent
-        nothing more: CloseSlot has no answer of its own, so the daemon's
-        ListWorkers view (every slot closed, none in flight) is the proof that
-        no Work is still on the wire."""
-        while time.monotonic() < end and not self._ended.is_set():
-            with self._lock:
-                mine = not self._held
-            if mine and self._daemon_idle():
-                return
-            time.sleep(0.01)
-
-    def _daemon_idle(self) -> bool:
-        try:
-            workers = self._client.list_workers(timeout=5)
-        except WqdError:
-            return True  # Cannot tell: our own view is all we have.
-        for w in workers:
-            if w.worker_id == self.worker_id:
-                return all(s.closed and s.in_flight == 0 for s in w.slots)
-        return True
+        """Waits (until ``end``) for a SlotClosed for every slot — after it no Work for
+        that slot can still be on the wire — and for every held item to be answered."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._ended.is_set()
+                or (not self._held and len(self._slots_closed) == len(self._slots)),
+                timeout=max(0.0, end - time.monotonic()))
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -331,6 +322,10 @@ class Worker:
                     welcome.put(m.welcome)
                 elif kind == "work":
                     self._on_work(m.work)
+                elif kind == "slot_closed":
+                    with self._changed:
+                        self._slots_closed.add(m.slot_closed.slot)
+                        self._changed.notify_all()
                 elif kind == "cancel":
                     with self._lock:
                         it = self._held.get(m.cancel.item_id)
@@ -356,6 +351,8 @@ class Worker:
         for it in held:
             it.cancelled.set()  # Lost: nobody will take its answer.
         self._ended.set()
+        with self._changed:
+            self._changed.notify_all()  # A graceful stop waits no more: the stream is gone.
         self._out.put(None)  # Unblocks the request iterator.
         for s in self._slots.values():
             s.inbox.put(None)
@@ -383,8 +380,9 @@ class Worker:
                 item_id=it.id, reason=hand_back, credits=credits))
         else:
             self._send(done=worker_pb2.Done(item_id=it.id, credits=credits, **outcome))
-        with self._lock:
+        with self._changed:
             self._held.pop(it.id, None)
+            self._changed.notify_all()
 
     def _pin(self, cpu: int) -> bool:
         try:

@@ -23,14 +23,16 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., open_slot: _Optional[_Union[OpenSlot, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., hand_back: _Optional[_Union[HandBack, _Mapping]] = ..., close_slot: _Optional[_Union[CloseSlot, _Mapping]] = ...) -> None: ...
 
 class DaemonMessage(_message.Message):
-    __slots__ = ("welcome", "work", "cancel")
+    __slots__ = ("welcome", "work", "cancel", "slot_closed")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     WORK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    SLOT_CLOSED_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     work: Work
     cancel: Cancel
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., work: _Optional[_Union[Work, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+    slot_closed: SlotClosed
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., work: _Optional[_Union[Work, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., slot_closed: _Optional[_Union[SlotClosed, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("handlers", "pid", "name")
@@ -132,6 +134,12 @@ class HandBack(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., reason: _Optional[str] = ..., credits: _Optional[int] = ...) -> None: ...
 
 class CloseSlot(_message.Message):
+    __slots__ = ("slot",)
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    def __init__(self, slot: _Optional[int] = ...) -> None: ...
+
+class SlotClosed(_message.Message):
     __slots__ = ("slot",)
     SLOT_FIELD_NUMBER: _ClassVar[int]
     slot: int
