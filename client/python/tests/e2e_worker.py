@@ -84,6 +84,43 @@ class WorkerTest(unittest.TestCase):
         self.assertTrue(all(it.handler == "py.a" for it in a.seen.values()))
         self.assertTrue(all(it.handler == "py.b" for it in b.seen.values()))
 
+    def test_lost_worker_fails_its_items_or_they_are_requeued(self) -> None:
+        self.c.create_workqueue("py-requeue", on_worker_lost="requeue")
+        started = threading.Event()
+
+        def hold(it: wqd.WorkItem) -> bytes:
+            started.set()
+            it.cancelled.wait(WAIT)
+            raise RuntimeError("never reported: the stream is gone")
+
+        def result(item_id: int) -> "wqd.Result | None":
+            r = self.c.results([item_id])[0].result
+            return r if r is not None and r.state != wqd.State.RUNNING else None
+
+        w1 = self.start({"py.hold": hold}, target="cpu:4", name="lost-1")
+        (failing,) = self.c.submit([wqd.Item("cpu:4", "py.hold")]).item_ids
+        self.assertTrue(started.wait(WAIT))
+        w1.stop(graceful=False, timeout=WAIT)
+        r = poll("the lost item to end", lambda: result(failing))
+        self.assertEqual((r.state, r.worker_id), (wqd.State.FAILED, w1.worker_id), r)
+        self.assertIn("worker lost", r.error)
+
+        started.clear()
+        w2 = self.start({"py.hold": hold}, target="cpu:4", name="lost-2")
+        (again,) = self.c.submit([wqd.Item("cpu:4", "py.hold")],
+                                 workqueue="py-requeue").item_ids
+        self.assertTrue(started.wait(WAIT))
+        w2.stop(graceful=False, timeout=WAIT)
+        r = poll("the lost item to be queued again", lambda: result(again))
+        self.assertEqual((r.state, r.worker_lost), (wqd.State.PENDING, 1), r)
+        attempts: List[int] = []
+        w3 = self.start({"py.hold": lambda it: attempts.append(it.attempt) or b"at last"},
+                        target="cpu:4", name="lost-3")
+        (r,) = self.c.flush(items=[again], timeout=WAIT).results
+        self.assertEqual((r.state, r.output, r.worker_id, r.worker_lost),
+                         (wqd.State.OK, b"at last", w3.worker_id, 1), r)
+        self.assertEqual(attempts, [1], "the next worker is told it may have run before")
+
     @unittest.skip("daemon bug found by this package's tests: a built-in item queued on a CPU "
                    "right behind an attached worker's item of the same workqueue can stay "
                    "pending until another built-in item wakes that CPU (Sched::finish of a "

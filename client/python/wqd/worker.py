@@ -12,7 +12,9 @@ protocol) and one thread per slot. Who touches what:
   Welcome.pinning), takes one item at a time, checks ``sched_getcpu`` before
   it, runs the handler, answers Done or HandBack with the next credit, and
   removes the item from ``_held`` after the answer is queued.
-* ``_held`` (item id -> WorkItem) and ``_stopping`` are under ``_lock``.
+* ``_held`` (item id -> WorkItem), ``_slots_closed``, ``_stopping`` and ``_abandoned``
+  are under ``_lock`` (``_changed``, its condition, is notified when _held shrinks or a
+  SlotClosed arrives).
 
 Invariant: every Work received while the stream is up is answered exactly
 once (Done, or HandBack when stopping, cancelled before it started, or off
@@ -167,6 +169,7 @@ class Worker:
         self._slots_closed: Set[int] = set()
         self._held: Dict[int, WorkItem] = {}
         self._stopping = False
+        self._abandoned = False  # stop(graceful=False): answer nothing more.
         self._slots: Dict[int, _Slot] = {}
         self._call: Any = None
         self._reader: Optional[threading.Thread] = None
@@ -253,8 +256,9 @@ class Worker:
         daemon sends nothing new; items not started are handed back
         ("stopping"); running ones finish and are answered; once the daemon
         has answered SlotClosed for every slot and nothing is held, the stream
-        is half-closed and ends OK: the daemon holds nothing of this worker. Not graceful: every held item's ``cancelled`` is set and
-        the call is cancelled: the daemon treats what it held as lost."""
+        is half-closed and ends OK: the daemon holds nothing of this worker.
+        Not graceful: every held item's ``cancelled`` is set and the call is
+        cancelled: the daemon treats what it held as lost."""
         with self._lock:
             if self._stopping and self._ended.is_set():
                 return
@@ -264,9 +268,13 @@ class Worker:
             self._client.close()  # Never attached.
             return
         if not graceful or self._ended.is_set():
+            # The call goes first: a handler woken by its cancel must find nothing to answer
+            # to, or the daemon would see the item end cancelled instead of lost.
+            with self._lock:
+                self._abandoned = True
+            self._call.cancel()
             for it in held:
                 it.cancelled.set()
-            self._call.cancel()
         else:
             self._close_slots()
             self._wait_answered(time.monotonic() + timeout)
@@ -375,6 +383,9 @@ class Worker:
 
     def _answer(self, it: WorkItem, *, credits: int, hand_back: Optional[str] = None,
                 **outcome: Any) -> None:
+        with self._lock:
+            if self._abandoned:
+                return
         if hand_back is not None:
             self._send(hand_back=worker_pb2.HandBack(
                 item_id=it.id, reason=hand_back, credits=credits))
