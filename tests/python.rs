@@ -49,6 +49,7 @@ fn py_command(d: Option<&Daemon>, args: &[&str]) -> Command {
             format!("{}:{}", pkg().display(), pkg().join("tests").display()),
         )
         .env("PYTHONUNBUFFERED", "1")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .env_remove("WQD_ADDR")
         .env_remove("WQD_SOCKET")
         .stdin(Stdio::null())
