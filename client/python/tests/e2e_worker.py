@@ -48,7 +48,7 @@ class WorkerTest(unittest.TestCase):
         return w
 
     def test_each_handler_runs_on_its_worker_in_the_items_group(self) -> None:
-        # Built-in items go to a workqueue of their own: see the skipped test below.
+        # Built-in items go to a workqueue of their own, so this test is about handlers only.
         self.c.create_workqueue("py-local")
         a, b = Recorder("a"), Recorder("b")
         wa = self.start({"py.a": a}, target="cache:1", name="wa")
@@ -121,11 +121,9 @@ class WorkerTest(unittest.TestCase):
                          (wqd.State.OK, b"at last", w3.worker_id, 1), r)
         self.assertEqual(attempts, [1], "the next worker is told it may have run before")
 
-    @unittest.skip("daemon bug found by this package's tests: a built-in item queued on a CPU "
-                   "right behind an attached worker's item of the same workqueue can stay "
-                   "pending until another built-in item wakes that CPU (Sched::finish of a "
-                   "remote answer frees the CPU's max_active slot but wakes no local worker)")
     def test_builtin_item_behind_a_worker_item_on_the_same_cpu_runs(self) -> None:
+        # Found by this test: a remote answer freed the CPU's max_active slot and woke no local
+        # worker (fixed in Sched::offer_freed_slot).
         self.start({"py.a": lambda it: b"a"}, target="cpu:2")
         for _ in range(20):
             ids = self.c.submit([wqd.Item("cpu:2", "py.a"), wqd.Item("cpu:2", "noop")]).item_ids

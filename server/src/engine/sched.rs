@@ -1755,6 +1755,9 @@ impl Sched {
             let n = self.queues[qid].pending;
             self.make_ready(qid, n, fx);
         }
+        if bound.slot {
+            self.offer_freed_slot(bound.cpu, bound.remote.is_some(), fx);
+        }
         if ordered {
             if let Some(head) = self.ordered_head(wi) {
                 if let Some(hq) = self.items.get(&head).map(Item::qid) {
