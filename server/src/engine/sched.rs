@@ -1711,7 +1711,8 @@ impl Sched {
                 );
             }
             Outcome::Lost(why) if self.wqs[wi].attrs.on_worker_lost == WorkerLost::Requeue => {
-                *self.rebinds.entry("worker-lost").or_default() += 1;
+                // A metric only: the stats' re-bind count is the sum of the items' `rebinds`
+                // (hand-backs before a start), which a re-delivery is not.
                 if self.observed {
                     fx.rebound.push("worker-lost");
                 }
