@@ -13,7 +13,7 @@ out="${1:-target/wqd-bench.md}"
 start=$(date +%s)
 cargo build --release -p wqd-bench --bins --benches
 cargo build --release -p wqd --bin wqd
-cargo build --release -p wqd-client --bin wqctl
+cargo build --release -p wqd-client --bins
 ./target/release/wqd-bench --out "$out"
 cargo bench -p wqd-bench --benches -- --noplot 2>&1 | grep -vE "^(Benchmarking|Found [0-9]+ outliers|  [0-9]+ \\()"
 echo "bench/run.sh: done in $(( $(date +%s) - start ))s; table in $out"

@@ -308,3 +308,61 @@ async fn a_worker_that_goes_away_fails_what_it_held_and_cancel_reaches_it() {
     assert_eq!(rb.state(), ItemState::Failed);
     assert!(rb.error.starts_with("worker lost"), "{}", rb.error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_slot_is_answered_after_its_last_work_and_a_half_close_ends_ok() {
+    let d = Daemon::start("two-socket");
+    let c = d.client().await;
+    let mut s = open(&d, hello(&["tidy"])).await.expect("attach");
+    assert!(matches!(
+        s.next().await,
+        Ok(daemon_message::Msg::Welcome(_))
+    ));
+    s.send(worker_message::Msg::OpenSlot(proto::OpenSlot {
+        slot: 4,
+        cpu: 1,
+    }))
+    .await;
+    s.send(worker_message::Msg::Credit(proto::Credit {
+        slot: 4,
+        credits: 1,
+    }))
+    .await;
+    let r = c
+        .submit(
+            Batch::new()
+                .item(Item::new(Target::cpu(1), "tidy"))
+                .item(Item::new(Target::cpu(1), "tidy")),
+        )
+        .await
+        .expect("submit");
+    let w = s.work().await;
+    s.send(worker_message::Msg::CloseSlot(proto::CloseSlot { slot: 4 }))
+        .await;
+    match s.next().await {
+        Ok(daemon_message::Msg::SlotClosed(x)) => assert_eq!(x.slot, 4),
+        other => panic!("expected SlotClosed, got {other:?}"),
+    }
+    // Held items are still answered after the close; credits on the answer are moot.
+    s.send(worker_message::Msg::HandBack(proto::HandBack {
+        item_id: w.item_id,
+        reason: "stopping".into(),
+        credits: 1,
+    }))
+    .await;
+    // Half-close: the session ends OK, and both items are still pending, none lost.
+    let Session { tx, mut rx } = s;
+    drop(tx);
+    match tokio::time::timeout(LONG, rx.next()).await {
+        Ok(None) => {}
+        other => panic!("expected the stream to end OK, got {other:?}"),
+    }
+    let ids: Vec<u64> = r.items.iter().map(|x| x.item_id).collect();
+    let got = c.results(ids).await.expect("results");
+    assert!(
+        got.items
+            .iter()
+            .all(|x| x.result.as_ref().map(|r| r.state()) == Some(ItemState::Pending)),
+        "{got:?}"
+    );
+}

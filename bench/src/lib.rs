@@ -27,3 +27,4 @@ pub mod scale;
 pub mod stats;
 pub mod topo;
 pub mod wire;
+pub mod workers;

@@ -156,6 +156,9 @@ pub struct ListenConfig {
     /// [`KEEPALIVE_TIMEOUT`] is dropped, even with a stream open (0 = no pings).
     #[serde(deserialize_with = "de_duration")]
     pub keepalive_interval: Duration,
+    /// Rewrite the `:authority` values hyper's h2 refuses (the socket path that grpcio, grpc-java
+    /// and grpc-swift send) on the Unix socket; see `crate::authority`.
+    pub rewrite_authority: bool,
 }
 
 /// How long a keepalive PING may go unanswered (`listen.keepalive_interval`).
@@ -172,6 +175,7 @@ impl Default for ListenConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(60),
+            rewrite_authority: true,
         }
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Owns: [`Incoming`] (the stream of accepted connections tonic serves, replacing
 //! `tokio_stream`'s listener streams), [`Conn`] (each accepted connection's IO, with its
-//! handshake and idle deadlines), [`ConnLayer`] (the tower layer that counts each connection's
+//! handshake and idle deadlines), [`Rewrite`] (the read side of a Unix connection through a
+//! `crate::authority` rewriter), [`ConnLayer`] (the tower layer that counts each connection's
 //! open requests), [`ListenerStats`] (the counters `metrics` publishes) and the start-up fd
 //! budget ([`raise_nofile`], [`fd_budget`]).
 //!
@@ -29,6 +30,11 @@
 //!   of its last request) is closed. An open request is one whose response (body included,
 //!   so a Flush or WatchTopology stream) has not ended: [`ConnLayer`] counts them per
 //!   connection through the [`ConnInfo`] tonic puts in every request's extensions.
+//! * On the Unix listener (unless `listen.rewrite_authority` is off), hyper reads the client's
+//!   bytes through [`Rewrite`]: the same bytes, in the same order, except the `:authority`
+//!   values h2 would refuse (the socket path stock grpcio, grpc-java and grpc-swift send),
+//!   rewritten at the same length (see `crate::authority`). A header block is handed on once
+//!   complete, which h2 waits for anyway. TCP connections are read as they come.
 //!
 //! A timed-out connection is closed by failing its next read (or write) with `TimedOut`:
 //! hyper drops it without a GOAWAY. Nothing of a request can be lost that way: the idle
@@ -48,6 +54,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::authority::Rewriter;
 use crate::security::{PeerStream, UnixPeer};
 
 /// An fd-exhaustion or unexpected accept error is logged at most this often per listener.
@@ -94,6 +101,9 @@ pub struct ConnSettings {
     /// Whether the listener's connections carry TLS (tonic bounds that handshake; see the
     /// module docs).
     pub tls: bool,
+    /// Whether connections run through an authority rewriter ([`Rewrite`]). Only the Unix
+    /// listener reads it.
+    pub rewrite_authority: bool,
 }
 
 /// Counters of one listener. Written with relaxed atomics by the accept loop and the
@@ -116,6 +126,8 @@ pub struct ListenerStats {
     pub accept_errors_other: AtomicU64,
     pub closed_handshake: AtomicU64,
     pub closed_idle: AtomicU64,
+    /// `:authority` values rewritten by [`Rewrite`] (Unix listener only).
+    pub authority_rewritten: AtomicU64,
 }
 
 impl ListenerStats {
@@ -130,6 +142,7 @@ impl ListenerStats {
             accept_errors_other: AtomicU64::new(0),
             closed_handshake: AtomicU64::new(0),
             closed_idle: AtomicU64::new(0),
+            authority_rewritten: AtomicU64::new(0),
         }
     }
 
@@ -342,17 +355,18 @@ pub trait Accept: Unpin {
     type Io: AsyncRead + AsyncWrite + Connected + Unpin;
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Raw>>;
     /// Called only for connections under the cap.
-    fn prepare(raw: Self::Raw) -> Self::Io;
+    fn prepare(raw: Self::Raw, settings: &ConnSettings, stats: &Arc<ListenerStats>) -> Self::Io;
 }
 
 impl Accept for tokio::net::UnixListener {
     type Raw = tokio::net::UnixStream;
-    type Io = PeerStream;
+    type Io = Rewrite<PeerStream>;
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Raw>> {
         tokio::net::UnixListener::poll_accept(self, cx).map_ok(|(s, _)| s)
     }
-    fn prepare(raw: Self::Raw) -> PeerStream {
-        PeerStream::new(raw)
+    fn prepare(raw: Self::Raw, settings: &ConnSettings, stats: &Arc<ListenerStats>) -> Self::Io {
+        let rewriter = settings.rewrite_authority.then(Rewriter::new);
+        Rewrite::new(PeerStream::new(raw), rewriter, stats.clone())
     }
 }
 
@@ -362,7 +376,7 @@ impl Accept for tokio::net::TcpListener {
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Raw>> {
         tokio::net::TcpListener::poll_accept(self, cx).map_ok(|(s, _)| s)
     }
-    fn prepare(raw: Self::Raw) -> Self::Io {
+    fn prepare(raw: Self::Raw, _: &ConnSettings, _: &Arc<ListenerStats>) -> Self::Io {
         // tonic's own nodelay setting does not reach sockets of a passed-in stream; without it
         // Nagle holds multi-write responses ~40 ms.
         if let Err(e) = raw.set_nodelay(true) {
@@ -490,7 +504,7 @@ impl<L: Accept> tokio_stream::Stream for Incoming<L> {
                     match this.cap.try_take() {
                         Some(slot) => {
                             bump(&this.stats.accepted);
-                            let io = L::prepare(raw);
+                            let io = L::prepare(raw, &this.settings, &this.stats);
                             let conn = Conn::new(io, slot, this.settings, this.stats.clone());
                             return Poll::Ready(Some(Ok(conn)));
                         }
@@ -772,6 +786,131 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The authority rewrite
+
+/// A connection whose reads go through an authority [`Rewriter`] (when it has one); writes,
+/// and the connect info tonic reads (the peer's credentials), are the inner stream's.
+pub struct Rewrite<IO> {
+    io: IO,
+    rewriter: Option<Rewriter>,
+    /// Rewritten bytes not yet handed to the reader, from `at`.
+    out: Vec<u8>,
+    at: usize,
+    /// The inner stream ended (what was held has been moved to `out`).
+    eof: bool,
+    stats: Arc<ListenerStats>,
+}
+
+impl<IO> std::fmt::Debug for Rewrite<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewrite")
+            .field("rewriting", &self.rewriter.is_some())
+            .field("pending", &(self.out.len() - self.at))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO> Rewrite<IO> {
+    /// `io` read through `rewriter` (`None`: read as is), counting rewrites into `stats`.
+    pub fn new(io: IO, rewriter: Option<Rewriter>, stats: Arc<ListenerStats>) -> Self {
+        Self {
+            io,
+            rewriter,
+            out: Vec::new(),
+            at: 0,
+            eof: false,
+            stats,
+        }
+    }
+}
+
+impl<IO: Connected> Connected for Rewrite<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewrite<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(rw) = this.rewriter.as_mut() else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        loop {
+            if this.at < this.out.len() {
+                let n = (this.out.len() - this.at).min(buf.remaining());
+                buf.put_slice(&this.out[this.at..this.at + n]);
+                this.at += n;
+                if this.at == this.out.len() {
+                    this.out.clear();
+                    this.at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Read into the caller's buffer; the bytes the rewriter passes without looking
+            // (DATA payloads, the bulk) stay there, the rest goes through `out`.
+            let before = buf.filled().len();
+            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+            let new = &buf.filled()[before..];
+            if new.is_empty() {
+                rw.finish(&mut this.out);
+                this.eof = true;
+                continue;
+            }
+            let skip = rw.skip(new.len());
+            if skip == new.len() {
+                return Poll::Ready(Ok(()));
+            }
+            let n = rw.feed(&new[skip..], &mut this.out);
+            if n > 0 {
+                this.stats
+                    .authority_rewritten
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            buf.set_filled(before + skip);
+            if skip > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Everything read may be held (a header block not complete yet): read on.
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewrite<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Counting open requests
 
 /// The connection state of a request, from the [`ConnInfo`] tonic put in its extensions.
@@ -1033,5 +1172,72 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// A client stream read through [`Rewrite`] in tiny reads, with the writer pausing inside
+    /// a header block and a DATA frame: the reader gets exactly what a [`Rewriter`] fed the
+    /// whole stream gives, never an early EOF, and the rewrite is counted.
+    #[test]
+    fn rewrite_reads_what_the_rewriter_gives_whatever_the_reads() {
+        fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+            let len = payload.len() as u32;
+            let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+            f.extend_from_slice(&1u32.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        }
+        let path = b"/tmp/a/wqd.sock";
+        let mut block = vec![0x83, 0x86, 0x41, path.len() as u8];
+        block.extend_from_slice(path);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, &[]));
+        input.extend(frame(0x1, 0, &block[..5]));
+        input.extend(frame(0x9, 0x4, &block[5..]));
+        input.extend(frame(0x0, 0x1, &vec![7; 100_000]));
+        let mut want = Vec::new();
+        let mut rw = Rewriter::new();
+        assert_eq!(rw.feed(&input, &mut want), 1);
+        rw.finish(&mut want);
+        assert_ne!(want, input);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let writer = std::thread::spawn({
+                let input = input.clone();
+                move || {
+                    let mut a = a;
+                    // Pauses inside the HEADERS frame, the CONTINUATION and the DATA payload.
+                    for part in input.chunks(33) {
+                        std::io::Write::write_all(&mut a, part).unwrap();
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            });
+            b.set_nonblocking(true).unwrap();
+            let b = tokio::net::UnixStream::from_std(b).unwrap();
+            let stats = Arc::new(ListenerStats::new(Listener::Unix, 1));
+            let mut r = Rewrite::new(b, Some(Rewriter::new()), stats.clone());
+            let mut got = Vec::new();
+            loop {
+                let mut space = [0u8; 7];
+                let mut buf = ReadBuf::new(&mut space);
+                std::future::poll_fn(|cx| Pin::new(&mut r).poll_read(cx, &mut buf))
+                    .await
+                    .unwrap();
+                if buf.filled().is_empty() {
+                    break;
+                }
+                got.extend_from_slice(buf.filled());
+            }
+            writer.join().unwrap();
+            assert_eq!(stats.authority_rewritten.load(Ordering::Relaxed), 1);
+            got
+        });
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the bytes read differ from the rewriter's");
     }
 }

@@ -152,6 +152,7 @@ fn conn_settings(listen: &ListenConfig, max: usize, tls: bool) -> ConnSettings {
         handshake_timeout: listen.handshake_timeout,
         idle_timeout: (!listen.idle_timeout.is_zero()).then_some(listen.idle_timeout),
         tls,
+        rewrite_authority: listen.rewrite_authority,
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`handler`] (what items do) and [`engine`] (workqueues, pinned pools, late-binding dispatch,
 //! flush and cancel). Each layer has its own error enum.
 
+pub mod authority;
 pub mod config;
 pub mod conn;
 pub mod cpuset;

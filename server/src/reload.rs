@@ -174,7 +174,8 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         max_connections,
         handshake_timeout,
         idle_timeout,
-        keepalive_interval
+        keepalive_interval,
+        rewrite_authority
     );
     same!(old.metrics, new.metrics, "metrics", listen);
     same!(

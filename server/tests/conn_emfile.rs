@@ -29,6 +29,7 @@ fn accept_backs_off_at_emfile_and_recovers() {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: None,
             tls: false,
+            rewrite_authority: true,
         };
         let mut incoming = Incoming::new(listener, settings, stats.clone());
         // A client waits in the backlog.

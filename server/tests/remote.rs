@@ -513,3 +513,48 @@ fn stress_workers_topology_cancels_and_losses_lose_nothing() {
     );
     assert!(by_state.get(&State::Ok).copied().unwrap_or(0) > N / 2);
 }
+
+/// A built-in item queued behind an attached worker's item on the same CPU and workqueue
+/// (`max_active = 1`) starts when the worker answers, and the other way round: an attached
+/// item behind a built-in one is sent when the built-in one ends. (Found by the Python worker
+/// tests: nobody re-offered the freed `max_active` slot to the other kind of taker.)
+#[test]
+fn a_freed_max_active_slot_is_offered_to_the_other_kind_of_taker() {
+    let (e, _) = engine(4, "0-3", 1);
+    let (w, sink) = attach(&e, &["h"]);
+    w.open_slot(0, 2).unwrap();
+    w.credit(0, 1).unwrap();
+    let r = e
+        .submit("default", vec![item("cpu:2", "h"), item("cpu:2", "noop")])
+        .unwrap();
+    let (remote, local) = (r.items[0].id, r.items[1].id);
+    let jobs = take(&w);
+    assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![remote]);
+    w.answer(remote, RemoteAnswer::Ok(vec![]), None, 1).unwrap();
+    assert_eq!(results(&e, &[local])[0].state, State::Ok, "the noop ran");
+
+    // Now a slow built-in item runs first (spin holds the CPU's max_active slot); an attached
+    // item for the same CPU waits, and is sent when the spin ends (the slot is woken).
+    let spin = e
+        .submit("default", vec![item("cpu:2", "spin").arg("ms", "200")])
+        .unwrap()
+        .items[0]
+        .id;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.stats().running == 0 {
+        assert!(Instant::now() < deadline, "the spin never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let remote2 = e.submit("default", vec![item("cpu:2", "h")]).unwrap().items[0].id;
+    assert!(take(&w).is_empty(), "the CPU's max_active slot is taken");
+    let seen = *sink.wakes.lock();
+    assert!(
+        sink.wait_wake(seen, Duration::from_secs(10)) > seen,
+        "woken"
+    );
+    let jobs = take(&w);
+    assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![remote2]);
+    assert_eq!(results(&e, &[spin])[0].state, State::Ok);
+    w.answer(remote2, RemoteAnswer::Ok(vec![]), None, 1)
+        .unwrap();
+}

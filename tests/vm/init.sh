@@ -57,8 +57,12 @@ case "$MODE" in
             i=$((i + 1))
         done
         echo "init: $(grep -m1 'listening on unix:' /tmp/wqd.log) after $((i / 10)).$((i % 10)) s"
+        # Attached worker processes (wqd-client's wqd-worker-example) serve a share of the
+        # items; the driver kills one every few seconds and starts it again.
+        attached=""
+        [ -x /usr/bin/wqd-worker-example ] && attached="--attached-worker /usr/bin/wqd-worker-example"
         # shellcheck disable=SC2086
-        /usr/bin/wqd-torture --mode daemon --socket /run/wqd/wqd.sock --allow-hotplug --duration "$DURATION" --seed "$SEED" $EXTRA
+        /usr/bin/wqd-torture --mode daemon --socket /run/wqd/wqd.sock --allow-hotplug --duration "$DURATION" --seed "$SEED" $attached $EXTRA
         rc=$?
         kill -TERM "$wqd_pid" 2>/dev/null
         wait "$wqd_pid"

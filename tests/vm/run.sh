@@ -84,10 +84,11 @@ if [[ $mode == daemon ]]; then
     # The daemon as shipped: default features (no failpoints), whatever the caller's cargo
     # test enabled. Cargo is incremental, so this is quick when nothing changed; it also works
     # from inside `cargo test` (the build lock is free while tests run).
-    bins+=("$target_dir/release/wqd")
+    # And the attached workers the driver starts and kills (wqd-client's wqd-worker-example).
+    bins+=("$target_dir/release/wqd" "$target_dir/release/wqd-worker-example")
     # Target flags apply to every selected package: `-p wqd --bin wqd -p wqd-torture` would
-    # build no wqd-torture at all (that package has no bin named wqd), so name both bins.
-    pkgs=(-p wqd -p wqd-torture --bin wqd --bin wqd-torture)
+    # build no wqd-torture at all (that package has no bin named wqd), so name every bin.
+    pkgs=(-p wqd -p wqd-torture -p wqd-client --bin wqd --bin wqd-torture --bin wqd-worker-example)
 fi
 if [[ $no_build != 1 ]]; then
     say "building ${pkgs[*]} (release)"

@@ -62,6 +62,12 @@ pub struct Rec {
     pub decided: Option<u64>,
     pub error: String,
     pub reason: String,
+    /// The handler name, as submitted.
+    pub handler: String,
+    /// The attached worker that ran it (0: none, a built-in handler).
+    pub worker: u64,
+    /// Times an attached worker was lost holding it and it was re-delivered.
+    pub worker_lost: u32,
 }
 
 impl Rec {
@@ -79,6 +85,9 @@ impl Rec {
             epoch: r.epoch_started,
             decided: r.epoch_decided,
             error: r.error.clone(),
+            handler: r.handler.to_string(),
+            worker: r.worker.map_or(0, |w| w.worker),
+            worker_lost: r.worker_lost,
             reason: r.reason.clone(),
         }
     }
@@ -124,6 +133,13 @@ pub struct DaemonCounts {
 pub trait Backend: Send + Sync {
     /// One line saying what runs.
     fn describe(&self) -> String;
+    /// The handler names a submit may use now (daemon mode: attached workers' too).
+    ///
+    /// # Errors
+    /// The backend could not say.
+    fn handlers(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// Creates a workqueue with this fallback.
     ///
     /// # Errors

@@ -142,6 +142,10 @@ pub struct Findings {
     pub epoch_checked: u64,
     /// Fallbacks and rejections held exactly against the live set of their decision's epoch.
     pub decided_checked: u64,
+    /// Items of the attached workers' handler that ended ok (each run by a worker), and the
+    /// re-deliveries after a worker was killed holding an item.
+    pub attached_ok: u64,
+    pub worker_lost: u64,
 }
 
 impl Findings {
@@ -334,6 +338,24 @@ fn check_item(inp: &Input<'_>, s: &Submitted, w: Duration, f: &mut Findings) {
     if matches!(r.state, State::Failed | State::Expired) {
         f.add(Problem::BadState, || {
             format!("{}: {} ({}{})", what(), r.state, r.error, r.reason)
+        });
+    }
+    // Attached workers: an item of their handler that ran was run by a worker (and says
+    // which); no other item names one.
+    let attached = r.handler == crate::attached::HANDLER;
+    f.worker_lost += u64::from(r.worker_lost);
+    if r.state == State::Ok && attached {
+        f.attached_ok += 1;
+    }
+    if (r.state == State::Ok && attached && r.worker == 0) || (!attached && r.worker != 0) {
+        f.add(Problem::RunMismatch, || {
+            format!(
+                "{}: handler {} {} but names worker {}",
+                what(),
+                r.handler,
+                r.state,
+                r.worker
+            )
         });
     }
 
@@ -655,6 +677,9 @@ mod tests {
             decided: None,
             error: String::new(),
             reason: String::new(),
+            handler: "noop".into(),
+            worker: 0,
+            worker_lost: 0,
         }
     }
 

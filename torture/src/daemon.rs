@@ -267,6 +267,14 @@ fn check_flush(
 }
 
 impl Backend for Daemon {
+    fn handlers(&self) -> Result<Vec<String>> {
+        Ok(self
+            .rt
+            .block_on(self.client.stats())
+            .context("GetStats")?
+            .handlers)
+    }
+
     fn describe(&self) -> String {
         let w = self.watched.lock();
         format!(
@@ -283,6 +291,8 @@ impl Backend for Daemon {
             name: name.to_string(),
             max_active,
             fallback: policy_of(fallback) as i32,
+            // Attached workers are killed mid-run (`attached.rs`): their items are re-delivered.
+            on_worker_lost: proto::WorkerLostPolicy::Requeue as i32,
             ..Default::default()
         };
         self.rt
@@ -411,6 +421,9 @@ impl Backend for Daemon {
                     decided: (r.decision_epoch != 0).then_some(r.decision_epoch),
                     error: r.error.clone(),
                     reason: r.fallback_reason.clone(),
+                    handler: r.handler.clone(),
+                    worker: r.worker_id,
+                    worker_lost: r.worker_lost,
                 })
             })
             .collect())

@@ -237,9 +237,18 @@ pub struct Ctx {
     pub flush_bound: Duration,
     /// Where scenario offline requests go; `None` when hotplug is off.
     pub hotplug: Option<Sender<Cmd>>,
+    /// Attached workers serve [`crate::attached::HANDLER`]: a share of the items go to it.
+    pub attached: bool,
 }
 
-fn random_item(rng: &mut StdRng, target: Target) -> Spec {
+fn random_item(rng: &mut StdRng, target: Target, attached: bool) -> Spec {
+    if attached && rng.gen_range(0..100) < 20 {
+        return Spec {
+            target,
+            handler: crate::attached::HANDLER,
+            args: Vec::new(),
+        };
+    }
     match rng.gen_range(0..100) {
         0..=44 => Spec {
             target,
@@ -275,7 +284,11 @@ pub fn submitter(ctx: &Ctx, thread: u64) -> Result<()> {
         for _ in 0..n {
             let t = rng.gen_range(0..n_targets);
             targets.push(t as u16);
-            specs.push(random_item(&mut rng, ctx.plan.targets[t].target.clone()));
+            specs.push(random_item(
+                &mut rng,
+                ctx.plan.targets[t].target.clone(),
+                ctx.attached,
+            ));
         }
         let (batch, ids) = match ctx.backend.submit(wq_name, &specs) {
             Ok(Some(r)) => r,

@@ -17,6 +17,7 @@
 //!
 //! Exit status: 0 pass, 1 a check failed, 2 the run could not be set up.
 
+mod attached;
 mod backend;
 mod check;
 mod clock;
@@ -98,6 +99,14 @@ struct Args {
     /// Do not print each hotplug transition.
     #[arg(long)]
     quiet_hotplug: bool,
+    /// Daemon mode: start attached worker processes of this binary (`wqd-worker-example`)
+    /// serving the handler `tw`; a share of the items go to them, and one is killed with
+    /// SIGKILL every few seconds and started again (see attached.rs).
+    #[arg(long)]
+    attached_worker: Option<PathBuf>,
+    /// How many attached worker processes.
+    #[arg(long, default_value_t = 2)]
+    attached_workers: usize,
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {
@@ -270,6 +279,33 @@ fn run(args: &Args) -> Result<Option<String>> {
         println!("torture: {k}: {v}");
     }
 
+    let mut keeper = match (&args.attached_worker, args.mode, &args.socket) {
+        (Some(bin), Mode::Daemon, Some(socket)) => {
+            let k = attached::Keeper::start(
+                bin.clone(),
+                socket.clone(),
+                args.attached_workers.max(1),
+                args.seed,
+            )?;
+            // Their handler is known once one has attached: wait for that (bounded).
+            let t = std::time::Instant::now();
+            while !backend.handlers()?.iter().any(|h| h == attached::HANDLER) {
+                if t.elapsed() > Duration::from_secs(30) {
+                    bail!("no attached worker serves {} after 30 s", attached::HANDLER);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!(
+                "torture: attached: {} worker processes of {} serve {}, one killed every 2-6 s",
+                args.attached_workers.max(1),
+                bin.display(),
+                attached::HANDLER
+            );
+            Some(k)
+        }
+        (Some(_), _, _) => bail!("--attached-worker needs --mode daemon and --socket"),
+        _ => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let ledger = Arc::new(Ledger::default());
     let (hp_tx, hp_rx) = crossbeam_channel::unbounded();
@@ -282,6 +318,7 @@ fn run(args: &Args) -> Result<Option<String>> {
         seed: args.seed,
         flush_bound: args.flush_bound,
         hotplug: args.allow_hotplug.then_some(hp_tx),
+        attached: keeper.is_some(),
     };
     let hp_thread = {
         let cfg = HotplugConfig {
@@ -336,6 +373,16 @@ fn run(args: &Args) -> Result<Option<String>> {
         Err(_) => thread_errors.push("a driver thread panicked".to_string()),
     };
     join(hp_thread);
+    // Every attached worker alive again before the final flush needs them.
+    if let Some(k) = keeper.as_mut() {
+        k.finish();
+        println!(
+            "torture: attached: {} started, {} killed, {} running",
+            k.stats.started.load(Ordering::Relaxed),
+            k.stats.killed.load(Ordering::Relaxed),
+            k.running()
+        );
+    }
     let ran = clock.now();
     let left = writer.all_online(&hotpluggable, Cause::Final);
     for h in workers {

@@ -173,6 +173,15 @@ pub fn render(s: &Summary<'_>) -> String {
             f.epoch_checked, f.decided_checked
         ),
     );
+    if f.attached_ok > 0 || f.worker_lost > 0 {
+        row(
+            "attached",
+            format!(
+                "{} items run by attached worker processes; {} re-deliveries after a worker was killed holding an item",
+                f.attached_ok, f.worker_lost
+            ),
+        );
+    }
     row(
         "queue full",
         format!("{} submits refused for a full queue", s.queue_full),

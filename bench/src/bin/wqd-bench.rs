@@ -11,7 +11,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use wqd_bench::{alloc, dispatch, grpc, hotplug, report, scale};
+use wqd_bench::{alloc, dispatch, grpc, hotplug, report, scale, workers};
 
 #[global_allocator]
 static A: alloc::Counting = alloc::Counting;
@@ -154,6 +154,17 @@ fn main() {
             };
         }
         grpc::run(cfg)
+    });
+    section("workers", &mut || {
+        let mut cfg = workers::Cfg::default();
+        if quick {
+            cfg = workers::Cfg {
+                runs: 1,
+                window: Duration::from_millis(200),
+                ..cfg
+            };
+        }
+        workers::run(cfg)
     });
     let _ = writeln!(md, "{}", report::verdicts(&verdicts));
     let _ = writeln!(

@@ -184,7 +184,7 @@ impl Sched {
         takers: &[u32],
         n: usize,
         fx: &mut Effects,
-    ) {
+    ) -> usize {
         let mut woken = 0;
         for &c in takers {
             if woken >= n {
@@ -214,6 +214,60 @@ impl Sched {
                 }
             }
             woken += 1;
+        }
+        woken
+    }
+
+    /// An item that held a `max_active` slot of `cpu` ended. A worker thread that finishes
+    /// one loops back into `take` for the queues on its pool's `ready` list, but nobody does
+    /// that for the other kind of taker: when a thread's item ends, parked slots waiting for
+    /// that `max_active` slot are woken here; when an attached worker's item ends, a worker
+    /// thread (or another worker's slot) is. Cheap when nothing else waits: a pool without
+    /// remote queues costs one emptiness test per finish.
+    pub(crate) fn offer_freed_slot(&mut self, cpu: u32, remote_finished: bool, fx: &mut Effects) {
+        let Some(p) = self.pools.get(&cpu).filter(|p| p.live) else {
+            return;
+        };
+        if p.remote_ready.is_empty() && !remote_finished {
+            return;
+        }
+        let remote: Vec<usize> = p.remote_ready.iter().copied().collect();
+        let local: Vec<usize> = if remote_finished {
+            p.ready.iter().copied().collect()
+        } else {
+            Vec::new()
+        };
+        let startable = |s: &mut Sched, qid: usize| {
+            s.queues.contains(qid) && {
+                s.clean_front(qid);
+                s.queues[qid].pending > 0 && s.may_take(qid, cpu) && s.limits_allow(qid, cpu)
+            }
+        };
+        for qid in local {
+            if !startable(self, qid) {
+                continue;
+            }
+            let (epoch, max) = (self.epoch, self.max_workers);
+            if let Some(p) = self.pools.get_mut(&cpu) {
+                if let Some((_, u)) = p.idle.pop() {
+                    fx.unpark.push(u);
+                } else if p.workers < max && p.may_spawn(epoch) {
+                    p.workers += 1;
+                    fx.spawn.push((cpu, p.gen));
+                }
+            }
+            break;
+        }
+        for qid in remote {
+            if !startable(self, qid) {
+                continue;
+            }
+            let Some(h) = self.queues[qid].remote.clone() else {
+                continue;
+            };
+            if self.wake_slots(qid, &h, &[cpu], 1, fx) > 0 {
+                break;
+            }
         }
     }
 

@@ -1711,7 +1711,8 @@ impl Sched {
                 );
             }
             Outcome::Lost(why) if self.wqs[wi].attrs.on_worker_lost == WorkerLost::Requeue => {
-                *self.rebinds.entry("worker-lost").or_default() += 1;
+                // A metric only: the stats' re-bind count is the sum of the items' `rebinds`
+                // (hand-backs before a start), which a re-delivery is not.
                 if self.observed {
                     fx.rebound.push("worker-lost");
                 }
@@ -1754,6 +1755,9 @@ impl Sched {
         if cap_was_full {
             let n = self.queues[qid].pending;
             self.make_ready(qid, n, fx);
+        }
+        if bound.slot {
+            self.offer_freed_slot(bound.cpu, bound.remote.is_some(), fx);
         }
         if ordered {
             if let Some(head) = self.ordered_head(wi) {

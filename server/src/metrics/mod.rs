@@ -93,6 +93,7 @@ pub mod names {
     pub const WORKER_IN_FLIGHT: &str = "wqd_worker_in_flight";
     pub const WORKER_HANDLER_WORKERS: &str = "wqd_worker_handler_workers";
     pub const WORKER_ITEMS: &str = "wqd_worker_items_total";
+    pub const AUTHORITY_REWRITTEN: &str = "wqd_connections_authority_rewritten_total";
 }
 
 /// Bucket upper bounds, in seconds, for item wait and run times: 100µs to 10 minutes.
@@ -495,6 +496,10 @@ fn describe(r: &PrometheusRecorder) {
     c(
         ACCEPT_ERRORS,
         "Failed accepts, by listener and reason (fds: out of descriptors or memory; other).",
+    );
+    c(
+        AUTHORITY_REWRITTEN,
+        "HTTP/2 :authority values h2 would refuse (a socket path), rewritten on the Unix listener.",
     );
 }
 

@@ -236,5 +236,9 @@ pub(crate) fn connections(reg: &Registry, listeners: &[std::sync::Arc<ListenerSt
             reg.counter(names::ACCEPT_ERRORS, &[l(), ("reason", reason.into())])
                 .absolute(c.load(Relaxed));
         }
+        if st.listener == crate::conn::Listener::Unix {
+            reg.counter(names::AUTHORITY_REWRITTEN, &[l()])
+                .absolute(st.authority_rewritten.load(Relaxed));
+        }
     }
 }

@@ -101,6 +101,15 @@ mod tests {
             st.message()
         );
 
+        // A unary body without a whole message is the client's malformed request.
+        let mut r: http::Response<()> = Status::internal("Missing request message.").into_http();
+        rewrite(r.headers_mut());
+        let st = Status::from_header_map(r.headers()).unwrap();
+        assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+        assert!(st
+            .message()
+            .starts_with("malformed request: the body ended"));
+
         // Another OUT_OF_RANGE, and any other status, stay as they are.
         for other in [
             Status::out_of_range("offset past the end"),

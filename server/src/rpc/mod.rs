@@ -154,7 +154,11 @@ pub const MAX_STATUS_MESSAGE: usize = 1024;
 fn is_bad_framing(st: &Status) -> bool {
     st.code() == Code::Internal
         && (st.message().contains("Unexpected EOF decoding stream")
-            || st.message().contains("invalid compression flag"))
+            || st.message().contains("invalid compression flag")
+            // A unary body that ends before a whole message: tonic's decoder reads the 5-byte
+            // header, finds no more bytes and ends the stream without an error, and the unary
+            // wrapper calls the missing message INTERNAL.
+            || st.message().contains("Missing request message"))
 }
 
 /// wqd's status for a request whose gRPC framing tonic refused; `None` for any other.
@@ -162,6 +166,8 @@ pub(crate) fn bad_framing(st: &Status) -> Option<Status> {
     is_bad_framing(st).then(|| {
         let what = if st.message().contains("compression flag") {
             "a gRPC message's compressed flag is neither 0 nor 1"
+        } else if st.message().contains("Missing request message") {
+            "the body ended before a whole gRPC message (none, or one cut short)"
         } else {
             "the body ended inside a gRPC message (truncated)"
         };

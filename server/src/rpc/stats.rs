@@ -47,7 +47,7 @@ impl v1::stats_service_server::StatsService for Rpc {
             rebinds: es.rebinds.values().sum(),
             fallbacks: es.fallbacks.values().sum(),
             workqueues: wqs.len() as u32,
-            handlers: self.engine.handler_names(),
+            handlers: self.engine.known_names(),
             results_retained: es.results as u64,
             flushes_active: es.flushes as u64,
             watchdog_lockups: es.lockups,

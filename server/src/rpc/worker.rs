@@ -347,18 +347,24 @@ impl Session {
         true
     }
 
-    /// Applies one worker message; `Err` is a protocol violation.
-    fn apply(&self, m: v1::WorkerMessage) -> Result<(), String> {
+    /// Applies one worker message, returning the answer it calls for (if any); `Err` is a
+    /// protocol violation.
+    fn apply(&self, m: v1::WorkerMessage) -> Result<Option<v1::DaemonMessage>, String> {
         let w = &self.worker;
         let engine = |e: EngineError| e.to_string();
         match m.msg {
             None => Err("a WorkerMessage without a message".into()),
             Some(In::Hello(_)) => Err("a second Hello".into()),
-            Some(In::OpenSlot(o)) => w.open_slot(o.slot, o.cpu).map_err(engine),
-            Some(In::Credit(c)) => w.credit(c.slot, c.credits).map_err(engine),
-            Some(In::CloseSlot(c)) => w.close_slot(c.slot).map_err(engine),
+            Some(In::OpenSlot(o)) => w.open_slot(o.slot, o.cpu).map(|()| None).map_err(engine),
+            Some(In::Credit(c)) => w.credit(c.slot, c.credits).map(|()| None).map_err(engine),
+            // Every Work for the slot went out before this answer (one task sends both).
+            Some(In::CloseSlot(c)) => w
+                .close_slot(c.slot)
+                .map(|()| Some(msg(Out::SlotClosed(v1::SlotClosed { slot: c.slot }))))
+                .map_err(engine),
             Some(In::HandBack(h)) => w
                 .answer(h.item_id, RemoteAnswer::HandBack(h.reason), None, h.credits)
+                .map(|()| None)
                 .map_err(engine),
             Some(In::Done(d)) => {
                 use v1::done::Outcome;
@@ -374,6 +380,7 @@ impl Session {
                     }
                 };
                 w.answer(d.item_id, answer, d.cpu_finished, d.credits)
+                    .map(|()| None)
                     .map_err(engine)
             }
         }
@@ -388,8 +395,14 @@ impl Session {
             tokio::select! {
                 m = inbound.message() => match m {
                     Ok(Some(m)) => {
-                        if let Err(e) = self.apply(m) {
-                            return self.end(End::Protocol(e)).await;
+                        match self.apply(m) {
+                            Err(e) => return self.end(End::Protocol(e)).await,
+                            Ok(Some(answer)) => {
+                                if !self.send(answer).await {
+                                    return self.end(End::Gone).await;
+                                }
+                            }
+                            Ok(None) => {}
                         }
                         if !self.pump().await {
                             return self.end(End::Gone).await;

@@ -1,0 +1,108 @@
+"""wqd.Client against the real daemon on the two-socket fixture (built-in handlers only):
+every call's round trip and the errors it raises."""
+
+from __future__ import annotations
+
+import unittest
+
+import grpc
+
+import wqd
+from e2e import WAIT, client
+
+
+class ClientTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.c = client()
+
+    def tearDown(self) -> None:
+        self.c.close()
+
+    def test_submit_wait_places_items_in_their_group(self) -> None:
+        s = self.c.submit([wqd.Item("cache:1", "spin", args={"ms": "1"}) for _ in range(8)],
+                          wait=True)
+        self.assertEqual(len(s.results), 8)
+        for r in s.results:
+            self.assertEqual(r.state, wqd.State.OK, r)
+            self.assertIn(r.cpu_started, {2, 3, 10, 11}, r)
+            self.assertEqual((r.target, r.handler, r.batch_id), ("cache:1", "spin", s.batch_id))
+
+    def test_each_fans_out_and_flush_streams_every_result(self) -> None:
+        s = self.c.submit([wqd.Item("each:cache", "noop", key="k")])
+        self.assertEqual([r.target for r in s.receipts],
+                         ["cache:0", "cache:1", "cache:2", "cache:3"])
+        seen = []
+        summary = None
+        for x in self.c.flush_iter(batch=s.batch_id):
+            if isinstance(x, wqd.FlushSummary):
+                summary = x
+            else:
+                seen.append(x.item_id)
+        self.assertEqual(sorted(seen), s.item_ids)
+        assert summary is not None
+        self.assertEqual((summary.items_covered, summary.counts.ok), (4, 4))
+
+    def test_submit_stream_of_a_large_batch(self) -> None:
+        n = 2500
+        items = (wqd.Item("all", "noop", key=f"s{i}" if i % 1000 else "") for i in range(n))
+        s = self.c.submit_stream(items, chunk=700)
+        self.assertEqual((s.item_count, s.queued_count, len(s.item_ids)), (n, n, n))
+        f = self.c.flush(batch=s.batch_id, summary_only=True)
+        self.assertEqual(f.results, [])
+        self.assertEqual((f.summary.items_covered, f.summary.counts.ok), (n, n))
+
+    def test_cancel_pending_and_results(self) -> None:
+        s = self.c.submit([wqd.Item("all", "noop", delay=3600), wqd.Item("all", "noop")])
+        delayed, other = s.item_ids
+        out = self.c.cancel(items=[delayed])
+        self.assertEqual([(x.item_id, x.outcome, x.state) for x in out],
+                         [(delayed, "cancelled_pending", wqd.State.CANCELLED)])
+        self.c.flush(items=[other])
+        looked = self.c.results([delayed, other, 10**12])
+        self.assertEqual([x.status for x in looked], ["found", "found", "unknown"])
+        self.assertEqual(looked[0].result.state, wqd.State.CANCELLED)
+        self.assertEqual(looked[1].result.state, wqd.State.OK)
+        self.assertIsNone(looked[2].result)
+
+    def test_workqueues_and_drain(self) -> None:
+        a = self.c.create_workqueue("py-wq", max_active=2, placement="first", fallback="wait")
+        self.assertEqual((a.name, a.max_active), ("py-wq", 2))
+        with self.assertRaises(wqd.WqdError) as e:
+            self.c.create_workqueue("py-wq")
+        self.assertEqual(e.exception.code, grpc.StatusCode.ALREADY_EXISTS)
+        a = self.c.update_workqueue("py-wq", fallback="reject", unserved="reject")
+        self.assertEqual(a.fallback, wqd.v1.workqueue_pb2.FALLBACK_POLICY_REJECT)
+        names = [w.attrs.name for w in self.c.list_workqueues()]
+        self.assertIn("py-wq", names)
+        self.c.submit([wqd.Item("cpu:2", "sleep", args={"ms": "50"})] * 3, workqueue="py-wq")
+        counts = self.c.drain("py-wq")
+        self.assertEqual(counts.ok, 3)
+        self.c.delete_workqueue("py-wq")
+        with self.assertRaises(wqd.WqdError) as e:
+            self.c.list_workqueues("py-wq")
+        self.assertEqual(e.exception.code, grpc.StatusCode.NOT_FOUND)
+
+    def test_errors_carry_code_and_message(self) -> None:
+        with self.assertRaises(wqd.WqdError) as e:
+            self.c.submit([wqd.Item("all", "noop"), wqd.Item("cache:x", "noop")])
+        self.assertEqual(e.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("items[1].target", e.exception.message)
+        with self.assertRaises(wqd.WqdError) as e:
+            self.c.submit([wqd.Item("all", "noop")], workqueue="no-such-wq")
+        self.assertEqual(e.exception.code, grpc.StatusCode.NOT_FOUND)
+
+    def test_topology_and_stats(self) -> None:
+        t = self.c.topology()
+        self.assertEqual(wqd.parse_cpulist(t.live), set(range(14)))
+        self.assertIn("cache:1", [g.target for g in t.groups])
+        self.assertEqual(wqd.resolve_cpus("cache:1", self.c), [2, 3, 10, 11])
+        first = next(iter(self.c.watch_topology(timeout=WAIT)))
+        self.assertGreaterEqual(first.epoch, t.epoch)
+        st = self.c.stats()
+        self.assertIn("spin", list(st.handlers))
+        self.assertTrue(st.version)
+        self.assertGreaterEqual(st.topology_epoch, t.epoch)
+
+
+if __name__ == "__main__":
+    unittest.main()
