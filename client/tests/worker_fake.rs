@@ -1,10 +1,9 @@
 //! The worker library against a scripted fake `WorkerService` on a temporary Unix socket: the
 //! test plays the daemon message by message, so it can check the exact protocol the library
-//! speaks (Hello, OpenSlot, Credit, Done, HandBack, CloseSlot, half-close) without the real
+//! speaks (Hello, OpenSlot, Credit, Done, HandBack, CloseSlot, waiting for SlotClosed, half-close) without the real
 //! daemon. The real daemon is exercised by `tests/workers.rs` of the e2e crate.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -29,7 +28,6 @@ struct Session {
 
 struct Fake {
     sessions: mpsc::UnboundedSender<Session>,
-    workers: Arc<Mutex<Vec<v1::WorkerInfo>>>,
 }
 
 #[tonic::async_trait]
@@ -52,9 +50,8 @@ impl ws::WorkerService for Fake {
         &self,
         _r: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
-        Ok(Response::new(v1::ListWorkersResponse {
-            workers: self.workers.lock().unwrap().clone(),
-        }))
+        // The library does not call it (its graceful stop waits for SlotClosed).
+        Ok(Response::new(v1::ListWorkersResponse::default()))
     }
 }
 
@@ -62,7 +59,6 @@ struct Harness {
     _dir: tempfile::TempDir,
     endpoint: Endpoint,
     sessions: mpsc::UnboundedReceiver<Session>,
-    workers: Arc<Mutex<Vec<v1::WorkerInfo>>>,
 }
 
 async fn serve() -> Harness {
@@ -70,11 +66,7 @@ async fn serve() -> Harness {
     let path = dir.path().join("fake.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    let workers = Arc::new(Mutex::new(Vec::new()));
-    let fake = Fake {
-        sessions: tx,
-        workers: Arc::clone(&workers),
-    };
+    let fake = Fake { sessions: tx };
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(ws::WorkerServiceServer::new(fake))
@@ -86,7 +78,6 @@ async fn serve() -> Harness {
         _dir: dir,
         endpoint: Endpoint::unix(path),
         sessions: rx,
-        workers,
     }
 }
 
@@ -148,20 +139,6 @@ fn work(id: u64, slot: u32, cpu: u32, handler: &str, payload: &[u8]) -> daemon_m
         workqueue: "default".into(),
         ..Default::default()
     })
-}
-
-fn closed_slots(h: &Harness, n: u32) {
-    *h.workers.lock().unwrap() = vec![v1::WorkerInfo {
-        worker_id: 42,
-        slots: (0..n)
-            .map(|slot| v1::SlotInfo {
-                slot,
-                closed: true,
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    }];
 }
 
 fn handlers(b: wqd_client::worker::WorkerBuilder) -> wqd_client::worker::WorkerBuilder {
@@ -241,8 +218,7 @@ async fn handshake_work_outcomes_and_credits() {
         "every answer returns its credit; no cpu_finished without pinning: {dones:?}"
     );
 
-    // Finish: CloseSlot for both, then the half-close once ListWorkers shows them closed.
-    closed_slots(&h, 2);
+    // Finish: CloseSlot for both; the half-close waits for both SlotClosed.
     w.stop(Graceful::Finish);
     let mut closes = Vec::new();
     for _ in 0..2 {
@@ -253,6 +229,14 @@ async fn handshake_work_outcomes_and_credits() {
     }
     closes.sort_unstable();
     assert_eq!(closes, vec![0, 1]);
+    s.send(daemon_message::Msg::SlotClosed(v1::SlotClosed { slot: 0 }));
+    // One slot still open on the daemon's side: no half-close yet.
+    let early = tokio::time::timeout(Duration::from_millis(200), s.inbound.next()).await;
+    assert!(
+        early.is_err(),
+        "half-closed before every SlotClosed: {early:?}"
+    );
+    s.send(daemon_message::Msg::SlotClosed(v1::SlotClosed { slot: 1 }));
     s.expect_end().await;
     drop(s); // the daemon's side ends OK
     let report = w.wait().await.expect("a graceful stop ends Ok");
@@ -304,7 +288,6 @@ async fn cancel_running_and_queued_then_hand_back_on_stop() {
     // running 12 is still answered (here quickly, by a cancel) before the half-close.
     s.send(work(13, 0, 0, "echo", b"x"));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    closed_slots(&h, 1);
     w.stop(Graceful::HandBack);
     let mut seen = Vec::new();
     let mut injected = false;
@@ -325,7 +308,9 @@ async fn cancel_running_and_queued_then_hand_back_on_stop() {
         }
         if !injected && seen.iter().any(|x| x.starts_with("handback 13")) {
             injected = true;
+            // 14 was sent before the daemon read the close; SlotClosed follows it.
             s.send(work(14, 0, 0, "echo", b"late"));
+            s.send(daemon_message::Msg::SlotClosed(v1::SlotClosed { slot: 0 }));
             s.send(daemon_message::Msg::Cancel(v1::Cancel { item_id: 12 }));
         }
     }

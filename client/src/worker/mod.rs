@@ -111,7 +111,7 @@ impl WorkerError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Graceful {
     /// Stop crediting and close every slot; run every item already held (and any the daemon
-    /// sent before it read the close), then detach.
+    /// sent before it read the close, i.e. before its `SlotClosed`), then detach.
     Finish,
     /// Stop crediting and close every slot; hand back (`reason = "stopping"`) every item not
     /// started yet, finish the running ones, then detach.

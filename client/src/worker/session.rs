@@ -7,15 +7,15 @@
 //!   is open, unless the stream is lost, in which case the daemon's lost-worker policy applies;
 //! - a slot never holds more items than the credits this session granted it (it grants
 //!   `prefetch` at open and one more per answer, none once stopping);
-//! - the session half-closes only when it holds nothing and the daemon has shown (through
-//!   `ListWorkers`) that it has read every `CloseSlot` and has nothing in flight to us, so no
-//!   `Work` can cross the half-close.
+//! - the session half-closes only when it holds nothing and the daemon has answered every
+//!   `CloseSlot` with `SlotClosed` (no `Work` for that slot follows it), so no `Work` can cross
+//!   the half-close.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -29,9 +29,8 @@ use crate::Client;
 
 /// How long an affinity hand-back keeps the slot's credit before returning it.
 const AFFINITY_BACKOFF: Duration = Duration::from_millis(100);
-/// How often a stopping session asks `ListWorkers` whether its slots are closed.
-const CLOSE_POLL: Duration = Duration::from_millis(20);
-/// The longest a stopping session waits for that acknowledgement before half-closing anyway.
+/// The longest a stopping session waits for every `SlotClosed` before half-closing anyway
+/// (once it holds nothing).
 const CLOSE_ACK_LIMIT: Duration = Duration::from_secs(10);
 
 /// What the session needs to attach.
@@ -57,7 +56,6 @@ struct SlotHandle {
 
 /// One attached session, owned by the runtime thread.
 struct Session {
-    client: Client,
     worker_id: u64,
     /// `None` once half-closed.
     out: Option<UnboundedSender<v1::WorkerMessage>>,
@@ -66,7 +64,10 @@ struct Session {
     held: HashMap<u64, (u32, Arc<Held>)>,
     events_tx: UnboundedSender<Event>,
     stopping: Option<Graceful>,
-    stop_began: Option<Instant>,
+    /// Slots the daemon answered `SlotClosed` for.
+    closed: HashSet<u32>,
+    /// Set when [`CLOSE_ACK_LIMIT`] passed without every `SlotClosed`.
+    close_wait_over: bool,
     report: WorkerReport,
 }
 
@@ -123,14 +124,14 @@ pub(crate) async fn run(
     };
     let (events_tx, mut events_rx) = unbounded_channel::<Event>();
     let mut s = Session {
-        client: plan.client,
         worker_id: welcome.worker_id,
         out: Some(out_tx),
         slots: HashMap::new(),
         held: HashMap::new(),
         events_tx,
         stopping: None,
-        stop_began: None,
+        closed: HashSet::new(),
+        close_wait_over: false,
         report: WorkerReport {
             worker_id: welcome.worker_id,
             ..Default::default()
@@ -182,8 +183,9 @@ pub(crate) async fn run(
     });
     drop(ready);
 
-    let mut poll = tokio::time::interval(CLOSE_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Armed when a stop begins; until then far away (and its branch disabled).
+    let close_wait = tokio::time::sleep(Duration::from_secs(86_400));
+    tokio::pin!(close_wait);
     let result = loop {
         tokio::select! {
             m = inbound.message() => match m {
@@ -198,14 +200,19 @@ pub(crate) async fn run(
             stop = stop_rx.recv(), if s.stopping.is_none() => {
                 // A dropped handle stops the worker too, handing back what it has not started.
                 s.begin_stop(stop.unwrap_or(Graceful::HandBack));
+                close_wait
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + CLOSE_ACK_LIMIT);
             }
-            _ = poll.tick(), if s.stopping.is_some() && s.out.is_some() && s.held.is_empty() => {
-                if s.close_acknowledged().await {
-                    debug!(worker_id = s.worker_id, "slots closed and nothing in flight; half-closing");
-                    s.out = None;
-                }
+            () = &mut close_wait, if s.stopping.is_some() && !s.close_wait_over => {
+                warn!(
+                    worker_id = s.worker_id,
+                    "not every slot was answered SlotClosed in {CLOSE_ACK_LIMIT:?}; half-closing once nothing is held"
+                );
+                s.close_wait_over = true;
             }
         }
+        s.maybe_half_close();
     };
     s.shutdown(result.is_err());
     result.map(|()| s.report.clone())
@@ -246,6 +253,17 @@ impl Session {
         match m.msg {
             Some(daemon_message::Msg::Work(w)) => self.on_work(w),
             Some(daemon_message::Msg::Cancel(c)) => self.on_cancel(c.item_id),
+            Some(daemon_message::Msg::SlotClosed(c)) => {
+                if self.stopping.is_none() {
+                    warn!(
+                        worker_id = self.worker_id,
+                        slot = c.slot,
+                        "SlotClosed for a slot not being closed; ignored"
+                    );
+                } else {
+                    self.closed.insert(c.slot);
+                }
+            }
             Some(daemon_message::Msg::Welcome(_)) => {
                 warn!(worker_id = self.worker_id, "a second Welcome; ignored")
             }
@@ -378,8 +396,8 @@ impl Session {
     }
 
     /// Step 1 of a graceful stop: no more credits, every slot closed, and with `HandBack`
-    /// every unstarted item handed back. Items that arrive later are run (`Finish`) or handed
-    /// back (`HandBack`); the loop half-closes once nothing is held and the close is seen.
+    /// every unstarted item handed back. Items that arrive later (sent before the daemon read
+    /// the close) are run (`Finish`) or handed back (`HandBack`); see `maybe_half_close`.
     fn begin_stop(&mut self, mode: Graceful) {
         info!(
             worker_id = self.worker_id,
@@ -388,7 +406,6 @@ impl Session {
             "stopping"
         );
         self.stopping = Some(mode);
-        self.stop_began = Some(Instant::now());
         let mut slots: Vec<u32> = self.slots.keys().copied().collect();
         slots.sort_unstable();
         for slot in slots {
@@ -408,28 +425,19 @@ impl Session {
         }
     }
 
-    /// Whether the daemon lists every slot of this worker closed with nothing in flight (or
-    /// the wait for that has lasted [`CLOSE_ACK_LIMIT`], or `ListWorkers` is refused).
-    async fn close_acknowledged(&self) -> bool {
-        if self
-            .stop_began
-            .is_some_and(|t| t.elapsed() > CLOSE_ACK_LIMIT)
-        {
-            warn!(
-                worker_id = self.worker_id,
-                "no acknowledgement of CloseSlot; half-closing anyway"
-            );
-            return true;
+    /// Step 2 of a graceful stop: half-close once nothing is held and every slot's
+    /// `SlotClosed` has arrived (or the wait for them is over).
+    fn maybe_half_close(&mut self) {
+        if self.stopping.is_none() || self.out.is_none() || !self.held.is_empty() {
+            return;
         }
-        match self.client.list_workers().await {
-            Ok(list) => match list.iter().find(|w| w.worker_id == self.worker_id) {
-                Some(w) => w.slots.iter().all(|s| s.closed && s.in_flight == 0),
-                None => true,
-            },
-            Err(e) => {
-                warn!(worker_id = self.worker_id, error = %e, "ListWorkers failed; half-closing without the acknowledgement");
-                true
-            }
+        let all_closed = self.slots.keys().all(|k| self.closed.contains(k));
+        if all_closed || self.close_wait_over {
+            debug!(
+                worker_id = self.worker_id,
+                "slots closed, nothing held; half-closing"
+            );
+            self.out = None;
         }
     }
 
