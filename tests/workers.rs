@@ -5,7 +5,8 @@
 //! while items flow and every item ends exactly once; `kill -9` of a worker fails or re-queues
 //! what it held; a slow worker holds back only itself; a hostile session is cut off alone;
 //! cancel reaches a running item; `unserved = reject`; a built-in name cannot be shadowed;
-//! `wqctl workers` names the workers. The raw protocol and its refusals message by message are
+//! graceful stops finish or hand back what a worker holds; a daemon that stops ends workers
+//! with an error (no reconnect); `wqctl workers` names the workers. The raw protocol and its refusals message by message are
 //! `tests/attach.rs`.
 //!
 //! On `two-socket` the LLCs are cache:0 = 0-1,8-9, cache:1 = 2-3,10-11, cache:2 = 4-5,12-13.
@@ -1075,4 +1076,34 @@ async fn graceful_stops_finish_or_hand_back_what_a_worker_holds() {
     all.dedup();
     assert_eq!((n, all.len()), (6, 6), "each item ran once");
     assert!(workers(&c).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_stops_ends_workers_with_an_error_and_no_reconnect() {
+    let mut d = daemon();
+    let c = d.client().await;
+    let mut p = ExampleWorker::start(&d, "cpus:2", "lost", &[]);
+    let w = Worker::builder(&c)
+        .cpus([3])
+        .handler("rec", |_: &WorkItem| Ok(Vec::new()))
+        .spawn()
+        .expect("attach");
+    d.stop();
+    let e = tokio::time::timeout(LONG, w.wait())
+        .await
+        .expect("join returns")
+        .expect_err("a lost session is an error");
+    assert!(matches!(e, WorkerError::Ended(_)), "{e:?}");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    // The example exits 1 on its own (no reconnect, no signal needed).
+    let end = Instant::now() + LONG;
+    let code = loop {
+        if let Ok(Some(s)) = p.child.try_wait() {
+            break s.code();
+        }
+        assert!(Instant::now() < end, "the example did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(1));
+    assert!(p.stderr.lock().unwrap().contains("worker session ended"));
 }
