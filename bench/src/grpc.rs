@@ -214,12 +214,21 @@ const PLAINTEXT_LOOPBACK: &str = "[security]\ntcp_plaintext_loopback = true\n";
 /// The real daemon on the host topology (extra flags in `args`; a config file with defaults
 /// except plain TCP on loopback).
 pub fn start_wqd(args: &[String]) -> Server {
+    start_wqd_config(args, "")
+}
+
+/// [`start_wqd`] with more config (TOML appended to the file).
+pub fn start_wqd_with(extra: &str) -> Server {
+    start_wqd_config(&[], extra)
+}
+
+fn start_wqd_config(args: &[String], extra: &str) -> Server {
     let cfg = tempfile::Builder::new()
         .prefix("wqd-bench-cfg")
         .suffix(".toml")
         .tempfile()
         .expect("config file");
-    std::fs::write(cfg.path(), PLAINTEXT_LOOPBACK).expect("config file");
+    std::fs::write(cfg.path(), format!("{PLAINTEXT_LOOPBACK}{extra}")).expect("config file");
     let mut a = vec![
         "--config".to_string(),
         cfg.path().display().to_string(),

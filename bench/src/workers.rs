@@ -6,6 +6,9 @@
 //! - **Rust worker**: handler `bench.rs`, served by one `wqd-worker-example` process (the
 //!   `wqd_client::worker` library: one pinned thread per CPU, one credit per slot; its work
 //!   is a hash of the empty payload and one line to /dev/null);
+//! - **Rust worker, 16 credits**: handler `bench.rs16`, a second `wqd-worker-example` with
+//!   `--prefetch 16` (the daemon's `workers.max_credits = 16`) on a workqueue with `max_active`
+//!   16: a slot holds up to 16 items and answers them back to back;
 //! - **Python worker**: handler `bench.py`, served by one Python process running
 //!   `wqd.Worker` from `client/python` with stock grpcio (handler returns `None`), when the
 //!   venv `target/pyenv` exists (the test suite creates it); otherwise the row says skipped.
@@ -24,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use wqd_client::{Batch, Client, Endpoint, Item};
 
-use crate::grpc::{binary, start_wqd, Server};
+use crate::grpc::{binary, start_wqd_with, Server};
 use crate::report::{Table, Verdict};
 use crate::stats::{percentile, Spread};
 
@@ -51,6 +54,8 @@ enum Kind {
     Builtin,
     Rust,
     Python,
+    /// The Rust worker with 16 credits per slot, on a workqueue with `max_active` 16.
+    RustWide,
 }
 
 impl Kind {
@@ -59,6 +64,13 @@ impl Kind {
             Kind::Builtin => "noop",
             Kind::Rust => "bench.rs",
             Kind::Python => "bench.py",
+            Kind::RustWide => "bench.rs16",
+        }
+    }
+    fn workqueue(self) -> &'static str {
+        match self {
+            Kind::RustWide => "wide",
+            _ => "",
         }
     }
     fn label(self) -> &'static str {
@@ -66,6 +78,7 @@ impl Kind {
             Kind::Builtin => "built-in `noop`",
             Kind::Rust => "Rust attached worker",
             Kind::Python => "Python attached worker",
+            Kind::RustWide => "Rust attached worker, 16 credits, `max_active` 16",
         }
     }
 }
@@ -107,18 +120,12 @@ fn wait_ready(child: &mut Child, line_has: &str, what: &str) {
         .unwrap_or_else(|_| panic!("{what} did not attach within 60 s"));
 }
 
-fn rust_worker(s: &Server) -> Proc {
+fn rust_worker(s: &Server, handler: &str, prefetch: u32) -> Proc {
     let mut c = Command::new(binary("wqd-worker-example"))
         .arg("--socket")
         .arg(&s.socket)
-        .args([
-            "--target",
-            "all",
-            "--handler",
-            "bench.rs",
-            "--name",
-            "bench",
-        ])
+        .args(["--target", "all", "--handler", handler, "--name", "bench"])
+        .args(["--prefetch", &prefetch.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -163,7 +170,7 @@ async fn figure(c: &Client, kind: Kind, n: usize, window: Duration) -> (f64, Vec
     let mut lat = Vec::new();
     let t0 = Instant::now();
     while items == 0 || t0.elapsed() < window {
-        let mut b = Batch::new().wait(true);
+        let mut b = Batch::new().wait(true).workqueue(kind.workqueue());
         for _ in 0..n {
             b = b.item(Item::new("all", kind.handler()));
         }
@@ -190,18 +197,27 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         .enable_all()
         .build()
         .expect("client runtime");
-    let s = start_wqd(&[]);
-    let _rust = rust_worker(&s);
+    // Slots may hold 16 items (the `wide` row); the others ask for one at a time.
+    let s = start_wqd_with("[workers]\nmax_credits = 16\n");
+    let _rust = rust_worker(&s, "bench.rs", 1);
+    let _wide = rust_worker(&s, "bench.rs16", 16);
     let py = python_worker(&s);
-    let kinds: Vec<Kind> = if py.is_some() {
-        vec![Kind::Builtin, Kind::Rust, Kind::Python]
+    let mut kinds = vec![Kind::Builtin, Kind::Rust, Kind::RustWide];
+    if py.is_some() {
+        kinds.push(Kind::Python);
     } else {
         eprintln!("wqd-bench: workers: no target/pyenv (run the test suite once); Python skipped");
-        vec![Kind::Builtin, Kind::Rust]
-    };
+    }
     let c = rt
         .block_on(Client::connect(Endpoint::unix(&s.socket)))
         .expect("connect");
+    let wide = wqd_client::proto::WorkqueueAttrs {
+        name: "wide".into(),
+        max_active: 16,
+        ..Default::default()
+    };
+    rt.block_on(c.create_workqueue(wide))
+        .expect("create workqueue wide");
     // (kind, batch) → per-run items/s, and all latencies.
     let mut tp: std::collections::HashMap<(usize, usize), Vec<f64>> = Default::default();
     let mut lat: std::collections::HashMap<(usize, usize), Vec<Duration>> = Default::default();
@@ -242,9 +258,16 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 n.to_string(),
                 format!("{:.0} ({:.0}–{:.0})", sp.median, sp.min, sp.max),
                 format!("{:.2}", sp.median / base),
-                format!("{:.0?}", percentile(&mut l, 0.50)),
-                format!("{:.0?}", percentile(&mut l, 0.99)),
+                format!("{:.0?}", percentile(&mut l, 50.0)),
+                format!("{:.0?}", percentile(&mut l, 99.0)),
             ]);
+            if *k == Kind::RustWide && n == 1000 {
+                verdicts.push(Verdict::new(
+                    "attached Rust worker with 16 credits (max_active 16), batches of 1000: at least a third of the built-in's items/s",
+                    sp.median / base >= 0.33,
+                    format!("{:.2}x", sp.median / base),
+                ));
+            }
             if *k == Kind::Rust && n == 1000 {
                 verdicts.push(Verdict::new(
                     "attached Rust worker, batches of 1000: at least a third of the built-in's items/s",
