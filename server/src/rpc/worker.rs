@@ -657,6 +657,33 @@ mod tests {
     }
 
     #[test]
+    fn certificate_names_are_its_common_name_and_dns_alt_names() {
+        use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+        let key = KeyPair::generate().expect("key");
+        let mut params =
+            CertificateParams::new(vec!["w1.example".into(), "w1.internal".into()]).expect("p");
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "worker one");
+        params.distinguished_name = dn;
+        let cert = params.self_signed(&key).expect("cert");
+        let names = cert_names(cert.der());
+        assert_eq!(names, ["worker one", "w1.example", "w1.internal"]);
+        assert!(cert_names(b"not a certificate").is_empty());
+        // And a rule naming one of them lets that peer serve.
+        let p = policy(vec![WorkerRule {
+            cert_names: vec!["w1.internal".into()],
+            handlers: vec!["x.*".into()],
+            ..WorkerRule::default()
+        }]);
+        let who = Identity {
+            cert_names: names,
+            ..Identity::default()
+        };
+        assert!(p.check(&who, &["x.y".to_string()]).is_ok());
+        assert!(p.check(&who, &["z".to_string()]).is_err());
+    }
+
+    #[test]
     fn the_cap_counts_attached_workers() {
         let w = WorkersSection {
             max_workers: 2,
