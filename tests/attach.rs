@@ -307,6 +307,18 @@ async fn a_worker_that_goes_away_fails_what_it_held_and_cancel_reaches_it() {
     assert_eq!(ra.state(), ItemState::Cancelled);
     assert_eq!(rb.state(), ItemState::Failed);
     assert!(rb.error.starts_with("worker lost"), "{}", rb.error);
+    // ListWorkers counts the loss: one worker, one item (a was answered).
+    let l = c.list_workers_response().await.expect("ListWorkers");
+    assert!(l.workers.is_empty(), "{l:?}");
+    assert_eq!((l.workers_lost, l.items_lost), (1, 1));
+    let ran = d.wqctl(&["workers"]);
+    ran.expect_code(0);
+    assert!(
+        ran.stdout
+            .contains("lost since start: 1 workers holding 1 items"),
+        "{}",
+        ran.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -545,12 +545,18 @@ impl Client {
     /// # Errors
     /// The daemon's status.
     pub async fn list_workers(&self) -> Result<Vec<v1::WorkerInfo>, ClientError> {
+        Ok(self.list_workers_response().await?.workers)
+    }
+
+    /// `ListWorkers` whole: the workers, and the workers and items lost since the daemon
+    /// started.
+    pub async fn list_workers_response(&self) -> Result<v1::ListWorkersResponse, ClientError> {
         let r = self
             .workers
             .clone()
             .list_workers(self.req(v1::ListWorkersRequest {}))
             .await?;
-        Ok(r.into_inner().workers)
+        Ok(r.into_inner())
     }
 
     /// Opens a raw `WorkerService.Attach` session: `outbound` is what the worker sends, the

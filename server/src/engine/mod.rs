@@ -976,9 +976,15 @@ impl Engine {
 
     /// The attached workers, by id.
     pub fn remote_workers(&self) -> Vec<RemoteInfo> {
-        let mut v = self.inner.remote_infos();
+        self.remote_workers_and_losses().0
+    }
+
+    /// The attached workers, by id, and (workers, items) lost since start: workers that went
+    /// away holding items, and those items.
+    pub fn remote_workers_and_losses(&self) -> (Vec<RemoteInfo>, (u64, u64)) {
+        let (mut v, lost) = self.inner.remote_infos();
         v.sort_by_key(|w| w.id);
-        v
+        (v, lost)
     }
 
     /// Attached workers per handler name, and open slots per CPU (for metrics).

@@ -543,6 +543,8 @@ impl Sched {
             }
         }
         if !rec.held.is_empty() {
+            self.remote_lost.0 += 1;
+            self.remote_lost.1 += rec.held.len() as u64;
             tracing::warn!(worker = w, pid = rec.meta.pid, items = rec.held.len(), %why, "attached worker lost holding items");
         }
         for (id, h) in rec.held {
@@ -799,8 +801,9 @@ impl Drop for RemoteWorker {
 }
 
 impl Inner {
-    /// The attached workers, for `ListWorkers`.
-    pub(crate) fn remote_infos(&self) -> Vec<RemoteInfo> {
-        self.sched.lock().remote_infos(Instant::now())
+    /// The attached workers, for `ListWorkers`, and (workers, items) lost since start.
+    pub(crate) fn remote_infos(&self) -> (Vec<RemoteInfo>, (u64, u64)) {
+        let s = self.sched.lock();
+        (s.remote_infos(Instant::now()), s.remote_lost)
     }
 }

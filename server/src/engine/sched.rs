@@ -619,6 +619,8 @@ pub(crate) struct Sched {
     next_remote: u64,
     /// Items one slot of an attached worker may hold at once.
     max_credits: u32,
+    /// Workers detached holding items, and those items, since start.
+    remote_lost: (u64, u64),
 }
 
 impl Sched {
@@ -666,6 +668,7 @@ impl Sched {
             served: HashMap::new(),
             next_remote: 1,
             max_credits: cfg.max_credits.max(1),
+            remote_lost: (0, 0),
         };
         let _ = s.create_wq(cfg.default_wq.clone());
         s

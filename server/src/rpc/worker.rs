@@ -549,9 +549,8 @@ impl v1::worker_service_server::WorkerService for Rpc {
         &self,
         _req: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
-        let workers = self
-            .engine
-            .remote_workers()
+        let (list, (workers_lost, items_lost)) = self.engine.remote_workers_and_losses();
+        let workers = list
             .into_iter()
             .map(|w| v1::WorkerInfo {
                 worker_id: w.id,
@@ -579,7 +578,11 @@ impl v1::worker_service_server::WorkerService for Rpc {
                 handed_back: w.handed_back,
             })
             .collect();
-        Ok(Response::new(v1::ListWorkersResponse { workers }))
+        Ok(Response::new(v1::ListWorkersResponse {
+            workers,
+            workers_lost,
+            items_lost,
+        }))
     }
 }
 

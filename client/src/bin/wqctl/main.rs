@@ -258,11 +258,25 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
             emit(out, || render::stats_json(&s), || render::stats_text(&s));
         }
         Command::Workers => {
-            let w = client.list_workers().await?;
+            let r = client.list_workers_response().await?;
+            let w = &r.workers;
             emit(
                 out,
-                || json!({"workers": render::workers_json(&w)}),
-                || render::workers_text(&w),
+                || {
+                    json!({
+                        "workers": render::workers_json(w),
+                        "workers_lost": r.workers_lost,
+                        "items_lost": r.items_lost,
+                    })
+                },
+                || {
+                    format!(
+                        "{}lost since start: {} workers holding {} items\n",
+                        render::workers_text(w),
+                        r.workers_lost,
+                        r.items_lost
+                    )
+                },
             );
         }
     }
