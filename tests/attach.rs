@@ -47,6 +47,26 @@ async fn open(d: &Daemon, first: proto::WorkerMessage) -> Result<Session, tonic:
     Ok(Session { tx, rx })
 }
 
+/// A session welcomed by the daemon, serving `handlers`, with `slots` (slot, cpu) open and
+/// given one credit each.
+async fn ready(d: &Daemon, handlers: &[&str], slots: &[(u32, u32)]) -> Session {
+    let mut s = open(d, hello(handlers)).await.expect("attach");
+    assert!(matches!(
+        s.next().await,
+        Ok(daemon_message::Msg::Welcome(_))
+    ));
+    for &(slot, cpu) in slots {
+        s.send(worker_message::Msg::OpenSlot(proto::OpenSlot { slot, cpu }))
+            .await;
+        s.send(worker_message::Msg::Credit(proto::Credit {
+            slot,
+            credits: 1,
+        }))
+        .await;
+    }
+    s
+}
+
 impl Session {
     async fn send(&self, msg: worker_message::Msg) {
         self.tx.send(m(msg)).await.expect("send");
@@ -243,28 +263,7 @@ async fn refusals_name_what_is_wrong() {
 async fn a_worker_that_goes_away_fails_what_it_held_and_cancel_reaches_it() {
     let d = Daemon::start("two-socket");
     let c = d.client().await;
-    let mut s = open(&d, hello(&["slow"])).await.expect("attach");
-    assert!(matches!(
-        s.next().await,
-        Ok(daemon_message::Msg::Welcome(_))
-    ));
-    s.send(worker_message::Msg::OpenSlot(proto::OpenSlot {
-        slot: 0,
-        cpu: 1,
-    }))
-    .await;
-    s.send(worker_message::Msg::OpenSlot(proto::OpenSlot {
-        slot: 1,
-        cpu: 3,
-    }))
-    .await;
-    for slot in [0, 1] {
-        s.send(worker_message::Msg::Credit(proto::Credit {
-            slot,
-            credits: 1,
-        }))
-        .await;
-    }
+    let mut s = ready(&d, &["slow"], &[(0, 1), (1, 3)]).await;
     let r = c
         .submit(
             Batch::new()
@@ -325,21 +324,7 @@ async fn a_worker_that_goes_away_fails_what_it_held_and_cancel_reaches_it() {
 async fn close_slot_is_answered_after_its_last_work_and_a_half_close_ends_ok() {
     let d = Daemon::start("two-socket");
     let c = d.client().await;
-    let mut s = open(&d, hello(&["tidy"])).await.expect("attach");
-    assert!(matches!(
-        s.next().await,
-        Ok(daemon_message::Msg::Welcome(_))
-    ));
-    s.send(worker_message::Msg::OpenSlot(proto::OpenSlot {
-        slot: 4,
-        cpu: 1,
-    }))
-    .await;
-    s.send(worker_message::Msg::Credit(proto::Credit {
-        slot: 4,
-        credits: 1,
-    }))
-    .await;
+    let mut s = ready(&d, &["tidy"], &[(4, 1)]).await;
     let r = c
         .submit(
             Batch::new()
@@ -417,21 +402,7 @@ async fn metrics_show_attached_workers_their_slots_and_items() {
         .arg("127.0.0.1:0")
         .start();
     let c = d.client().await;
-    let mut s = open(&d, hello(&["m.h"])).await.expect("attach");
-    assert!(matches!(
-        s.next().await,
-        Ok(daemon_message::Msg::Welcome(_))
-    ));
-    s.send(worker_message::Msg::OpenSlot(proto::OpenSlot {
-        slot: 0,
-        cpu: 4,
-    }))
-    .await;
-    s.send(worker_message::Msg::Credit(proto::Credit {
-        slot: 0,
-        credits: 1,
-    }))
-    .await;
+    let mut s = ready(&d, &["m.h"], &[(0, 4)]).await;
     let r = c
         .submit(Batch::new().item(Item::new(Target::cpu(4), "m.h")))
         .await
