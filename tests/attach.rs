@@ -14,7 +14,7 @@ use tonic::Code;
 use wqd_client::proto::worker_service_client::WorkerServiceClient;
 use wqd_client::proto::{self, daemon_message, worker_message, ItemState};
 use wqd_client::{Batch, FlushScope, Item, Target};
-use wqd_e2e::Daemon;
+use wqd_e2e::{metric, Daemon};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -364,37 +364,6 @@ async fn close_slot_is_answered_after_its_last_work_and_a_half_close_ends_ok() {
     );
 }
 
-/// The metrics page of a daemon started with `--metrics-listen 127.0.0.1:0`.
-fn scrape(d: &Daemon) -> String {
-    use std::io::{Read, Write};
-    let end = std::time::Instant::now() + LONG;
-    let addr = loop {
-        if let Some(a) = d.stderr().lines().find_map(|l| {
-            l.strip_prefix("wqd: metrics on http://")
-                .and_then(|r| r.strip_suffix("/metrics"))
-                .map(str::to_string)
-        }) {
-            break a;
-        }
-        assert!(std::time::Instant::now() < end, "no metrics line");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    s.set_read_timeout(Some(LONG)).expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-        .expect("request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read metrics");
-    text
-}
-
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_attached_workers_their_slots_and_items() {
     let d = Daemon::builder("two-socket")
@@ -411,12 +380,12 @@ async fn metrics_show_attached_workers_their_slots_and_items() {
     // While the item is held: one attached worker, a slot on cpu 4 with one item in flight.
     let deadline = std::time::Instant::now() + LONG;
     loop {
-        let text = scrape(&d);
+        let text = d.scrape_metrics();
         let got = (
-            value(&text, "wqd_workers_attached"),
-            value(&text, "wqd_worker_slots{cpu=\"4\"}"),
-            value(&text, "wqd_worker_in_flight{cpu=\"4\"}"),
-            value(&text, "wqd_worker_handler_workers{handler=\"m.h\"}"),
+            metric(&text, "wqd_workers_attached"),
+            metric(&text, "wqd_worker_slots{cpu=\"4\"}"),
+            metric(&text, "wqd_worker_in_flight{cpu=\"4\"}"),
+            metric(&text, "wqd_worker_handler_workers{handler=\"m.h\"}"),
         );
         if got == (Some(1.0), Some(1.0), Some(1.0), Some(1.0)) {
             break;
@@ -436,9 +405,9 @@ async fn metrics_show_attached_workers_their_slots_and_items() {
         .flush_all(FlushScope::Batch(r.batch_id))
         .await
         .expect("flush");
-    let text = scrape(&d);
+    let text = d.scrape_metrics();
     assert_eq!(
-        value(
+        metric(
             &text,
             "wqd_worker_items_total{handler=\"m.h\",state=\"ok\"}"
         ),

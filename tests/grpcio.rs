@@ -21,9 +21,9 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use wqd_e2e::{python, Daemon};
+use wqd_e2e::{metric, python, Daemon};
 
 const SCRIPT: &str = r#"
 import sys
@@ -74,34 +74,11 @@ fn grpcio(dir: &Path, sock: &Path, channels: u32, calls: u32) -> (bool, String) 
     (out.status.success(), text)
 }
 
-/// The daemon's metrics address, from its `wqd: metrics on http://ADDR/metrics` line.
-fn metrics_addr(d: &Daemon) -> String {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(a) = d.stderr().lines().find_map(|l| {
-            l.strip_prefix("wqd: metrics on http://")
-                .and_then(|r| r.strip_suffix("/metrics"))
-                .map(str::to_string)
-        }) {
-            return a;
-        }
-        assert!(Instant::now() < end, "no metrics line: {}", d.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `wqd_connections_authority_rewritten_total{listener="unix"}` now.
-fn rewritten(addr: &str) -> f64 {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find(|l| l.starts_with("wqd_connections_authority_rewritten_total{listener=\"unix\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no wqd_connections_authority_rewritten_total in {text}"))
+fn rewritten(d: &Daemon) -> f64 {
+    let series = "wqd_connections_authority_rewritten_total{listener=\"unix\"}";
+    let text = d.scrape_metrics();
+    metric(&text, series).unwrap_or_else(|| panic!("no {series} in {text}"))
 }
 
 #[test]
@@ -110,7 +87,6 @@ fn stock_grpcio_works_with_its_defaults() {
         .arg("--metrics-listen")
         .arg("127.0.0.1:0")
         .start();
-    let maddr = metrics_addr(&d);
     // Two processes, so two connections; in each, three channels to the same target share one
     // connection (grpcio's global subchannel pool) and 150 calls one HPACK context.
     for run in 1..=2 {
@@ -119,7 +95,7 @@ fn stock_grpcio_works_with_its_defaults() {
         assert!(out.contains("grpcio 1.85.3 calls 150"), "{out}");
         // grpcio sends the literal with incremental indexing once per connection; the other
         // calls refer to the table entry, which holds the rewritten value.
-        let n = rewritten(&maddr);
+        let n = rewritten(&d);
         assert!(n >= f64::from(run), "rewritten {n} after {run} runs");
     }
 }
@@ -272,7 +248,6 @@ fn grpc_java_and_grpc_swift_authorities_work() {
         .arg("--metrics-listen")
         .arg("127.0.0.1:0")
         .start();
-    let maddr = metrics_addr(&d);
     let path = d.socket().to_str().unwrap().to_string();
     // grpc-java: the raw path; grpc-swift v2: `/` percent-encoded.
     let swift = path.replace('/', "%2F");
@@ -293,7 +268,7 @@ fn grpc_java_and_grpc_swift_authorities_work() {
         }
     }
     // One literal per connection; the indexed references are not rewritten again.
-    assert_eq!(rewritten(&maddr), literals);
+    assert_eq!(rewritten(&d), literals);
 }
 
 #[test]

@@ -547,6 +547,36 @@ impl Daemon {
         Endpoint::unix(&self.socket)
     }
 
+    /// The address of its metrics endpoint (started with `--metrics-listen 127.0.0.1:0`),
+    /// from its `wqd: metrics on http://ADDR/metrics` line; waits for it, bounded.
+    pub fn metrics_addr(&self) -> String {
+        let end = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(a) = self.stderr().lines().find_map(|l| {
+                l.strip_prefix("wqd: metrics on http://")
+                    .and_then(|r| r.strip_suffix("/metrics"))
+                    .map(str::to_string)
+            }) {
+                return a;
+            }
+            assert!(Instant::now() < end, "no metrics line: {}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its metrics page now (see [`Daemon::metrics_addr`]).
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics_addr()).expect("connect to metrics");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .expect("metrics request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read metrics");
+        text
+    }
+
     /// A connected client library handle.
     pub async fn client(&self) -> Client {
         Client::connect(self.endpoint())
@@ -796,4 +826,12 @@ impl tonic::codec::Decoder for RawCodec {
         let n = src.remaining();
         Ok(Some(src.copy_to_bytes(n).to_vec()))
     }
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) on a metrics page.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
