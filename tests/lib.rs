@@ -25,9 +25,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Uri};
+use tonic::transport::Channel;
 #[path = "support/python.rs"]
 pub mod python;
 
@@ -119,7 +117,7 @@ pub fn worker_example_bin() -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // Fixture trees
 
-/// A temporary copy of a committed sysfs fixture tree (`server/tests/fixtures/NAME`), changed
+/// A temporary copy of a committed sysfs fixture tree (`core/tests/fixtures/NAME`), changed
 /// in place the way the kernel changes sysfs.
 pub struct Fixture {
     _dir: tempfile::TempDir,
@@ -131,7 +129,7 @@ impl Fixture {
     /// Copies fixture `name` (two-socket, vm8-offline, cgroup-restricted, empty-node).
     pub fn new(name: &str) -> Fixture {
         let pristine = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../server/tests/fixtures")
+            .join("../core/tests/fixtures")
             .join(name);
         assert!(pristine.is_dir(), "no fixture tree {}", pristine.display());
         let dir = tempfile::Builder::new()
@@ -615,12 +613,7 @@ impl Drop for Daemon {
 
 /// A channel over the Unix socket at `path`.
 pub async fn unix_channel(path: &Path) -> Channel {
-    let path = Arc::new(path.to_path_buf());
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = Arc::clone(&path);
-            async move { UnixStream::connect(&*path).await.map(TokioIo::new) }
-        }))
+    wqd_client::unix_channel(path)
         .await
         .expect("connect a channel to the daemon socket")
 }

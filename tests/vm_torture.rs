@@ -3,7 +3,7 @@
 //! runs and `wqd-torture` drives it through `wqd-client` while it offlines and onlines CPUs.
 //! The test fails on a `WQD-TORTURE: FAIL` marker, a missing marker or a timeout.
 //!
-//! On by default: `cargo test --workspace --all-features --release` runs it (30 s of torture
+//! On by default: `cargo test --workspace --release` runs it (30 s of torture
 //! per boot, about 2 minutes in all after the harness's release build of `wqd` and
 //! `wqd-torture`). `WQD_VM_TORTURE=0` turns it off. It is skipped, printing `SKIPPED` and why,
 //! only when the harness cannot fetch its packages (exit 77: no network or no apt); with

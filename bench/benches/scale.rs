@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use wqd::groups::{Fallback, GroupMap, GroupsConfig};
 use wqd_bench::{scale, topo};
+use wqd_core::groups::{Fallback, GroupMap, GroupsConfig};
 
 fn resolve(c: &mut Criterion) {
     let mut g = c.benchmark_group("resolve");

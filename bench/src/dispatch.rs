@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
-use wqd::engine::{Engine, EngineConfig, FlushScope, ItemSpec};
-use wqd::handler::Registry;
-use wqd::target::Target;
+use wqd_core::engine::{Engine, EngineConfig, FlushScope, ItemSpec};
+use wqd_core::handler::Registry;
+use wqd_core::target::Target;
 
 use crate::report::{self, Table, Verdict};
 use crate::stats::{ns, percentile, Spread};

@@ -22,13 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
-use wqd::cpuset::CpuSet;
-use wqd::engine::{Engine, EngineConfig, FlushScope, ItemId, ItemSpec, WorkqueueAttrs};
-use wqd::groups::Fallback;
-use wqd::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
-use wqd::live::{LiveConfig, LiveView, MonitorConfig, Snapshot};
-use wqd::target::Target;
-use wqd::topology::sysfs::Reader;
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{Engine, EngineConfig, FlushScope, ItemId, ItemSpec, WorkqueueAttrs};
+use wqd_core::groups::Fallback;
+use wqd_core::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
+use wqd_core::live::{LiveConfig, LiveView, MonitorConfig, Snapshot};
+use wqd_core::target::Target;
+use wqd_core::topology::sysfs::Reader;
 
 use crate::report::{self, Table, Verdict};
 use crate::stats::{ns, Spread};
@@ -231,7 +231,7 @@ pub fn monitor(trials: usize, pending: usize, period: Duration, trigger: bool) -
     let engine = Arc::new(engine(view.current(), &gate));
     let e2 = engine.clone();
     view.on_change(Box::new(move |s| e2.apply_snapshot(s)));
-    let mon = wqd::live::Monitor::start(
+    let mon = wqd_core::live::Monitor::start(
         reader,
         view.clone(),
         MonitorConfig {

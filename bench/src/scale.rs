@@ -14,14 +14,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use wqd::cpuset::CpuSet;
-use wqd::engine::{Engine, EngineConfig, ItemSpec, WorkqueueAttrs};
-use wqd::groups::{Fallback, GroupMap, GroupsConfig};
-use wqd::handler::Registry;
-use wqd::live::{LiveConfig, LiveView, Snapshot, Source};
-use wqd::target::Target;
-use wqd::topology::sysfs::Reader;
-use wqd::topology::Topology;
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{Engine, EngineConfig, ItemSpec, WorkqueueAttrs};
+use wqd_core::groups::{Fallback, GroupMap, GroupsConfig};
+use wqd_core::handler::Registry;
+use wqd_core::live::{LiveConfig, LiveView, Snapshot, Source};
+use wqd_core::target::Target;
+use wqd_core::topology::sysfs::Reader;
+use wqd_core::topology::Topology;
 
 use crate::alloc;
 use crate::report::{self, Table, Verdict};

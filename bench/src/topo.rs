@@ -5,22 +5,22 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use wqd::cpuset::CpuSet;
-use wqd::live::{LiveConfig, LiveView, Snapshot};
-use wqd::topology::sysfs::Reader;
+use wqd_core::cpuset::CpuSet;
+use wqd_core::live::{LiveConfig, LiveView, Snapshot};
+use wqd_core::topology::sysfs::Reader;
 
-#[path = "../../server/tests/common/mod.rs"]
+#[path = "../../core/tests/common/mod.rs"]
 mod common;
-#[path = "../../server/tests/fixtures/support.rs"]
+#[path = "../../core/tests/fixtures/support.rs"]
 mod support;
 
 pub use common::{next, snapshot, topology};
 pub use support::{copy_tree, set_offline, set_online, write};
 
-/// The committed sysfs fixture tree `name` (under `server/tests/fixtures`).
+/// The committed sysfs fixture tree `name` (under `core/tests/fixtures`).
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../server/tests/fixtures")
+        .join("../core/tests/fixtures")
         .join(name)
 }
 

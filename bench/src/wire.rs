@@ -11,14 +11,11 @@
 //!   time: one call in flight per connection (a closed loop).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use bytes::{BufMut, Bytes};
-use hyper_util::rt::TokioIo;
 use prost::Message;
-use tokio::net::UnixStream;
 use tonic::codegen::http::uri::PathAndQuery;
-use tonic::transport::{Channel, Uri};
+use tonic::transport::Channel;
 use tonic_prost::ProstCodec;
 use wqd_proto::v1;
 
@@ -108,15 +105,7 @@ pub struct Conn {
 /// When the server cannot be reached (the harness started it; that is a bug).
 pub async fn connect(addr: &Addr) -> Conn {
     let ch = match addr {
-        Addr::Unix(path) => {
-            let path = Arc::new(path.clone());
-            tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = Arc::clone(&path);
-                    async move { UnixStream::connect(&*path).await.map(TokioIo::new) }
-                }))
-                .await
-        }
+        Addr::Unix(path) => wqd_client::unix_channel(path).await,
         // tonic's client sets TCP_NODELAY by default.
         Addr::Tcp(url) => {
             tonic::transport::Endpoint::from_shared(url.clone())

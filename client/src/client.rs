@@ -6,6 +6,7 @@
 //! the caller unchanged inside [`ClientError::Status`]. `Client` is cheap to clone and every
 //! clone shares the channel.
 
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +64,23 @@ pub enum FlushEvent {
     Results(Vec<v1::ItemResult>),
     /// The last event.
     Summary(v1::FlushSummary),
+}
+
+/// One HTTP/2 connection (a tonic [`Channel`]) to the daemon's Unix socket at `path`,
+/// connected eagerly. Every Rust client of the socket connects through here: this library,
+/// the worker library, the benchmarks and the end-to-end tests.
+///
+/// # Errors
+/// The socket cannot be connected to, or the HTTP/2 handshake fails.
+pub async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = Arc::new(path.to_path_buf());
+    // The URI is only used for the :authority header; the connector ignores it.
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = Arc::clone(&path);
+            async move { UnixStream::connect(&*path).await.map(TokioIo::new) }
+        }))
+        .await
 }
 
 /// A connection to wqd.
@@ -143,17 +161,7 @@ impl Client {
             reason: chain(&e),
         };
         let channel = match &endpoint {
-            Endpoint::Unix(path) => {
-                let path = Arc::new(path.clone());
-                // The URI is only used for the :authority header; the connector ignores it.
-                tonic::transport::Endpoint::from_static("http://localhost")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let path = Arc::clone(&path);
-                        async move { UnixStream::connect(&*path).await.map(TokioIo::new) }
-                    }))
-                    .await
-                    .map_err(conn_err)?
-            }
+            Endpoint::Unix(path) => unix_channel(path).await.map_err(conn_err)?,
             Endpoint::Http(url) => {
                 let invalid = |e: tonic::transport::Error| ClientError::InvalidEndpoint {
                     endpoint: url.clone(),

@@ -30,7 +30,9 @@ pub mod error;
 pub mod item;
 pub mod worker;
 
-pub use client::{CancelScope, Client, EventStream, FlushEvent, FlushScope, TlsOptions};
+pub use client::{
+    unix_channel, CancelScope, Client, EventStream, FlushEvent, FlushScope, TlsOptions,
+};
 pub use endpoint::{default_socket_path, Endpoint};
 pub use error::ClientError;
 pub use item::{Batch, Item, Target};

@@ -2,12 +2,13 @@
 //! `proto/wqd/v1/*.proto` (the .proto files are the source of truth; their comments are
 //! the field-by-field documentation).
 //!
-//! This crate owns the generated code, the descriptor set and the one codec both sides use
-//! ([`codec::Codec`]). Invariant: it adds no behaviour beyond that codec's error mapping, so
+//! This crate owns the generated code, the descriptor set, the one codec both sides use
+//! ([`codec::Codec`]) and the default socket path both sides meet at ([`socket`]). Invariant: it adds no behaviour beyond that codec's error mapping, so
 //! any other-language client compiled from the same .proto files sees exactly what Rust
 //! clients and the daemon see.
 
 pub mod codec;
+pub mod socket;
 
 /// Generated types live under their protobuf package path.
 pub mod wqd {

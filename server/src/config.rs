@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::cpuset::CpuSet;
-use crate::engine::{EngineConfig, WorkqueueAttrs};
-use crate::groups::{Fallback, GroupsConfig, Placement};
-use crate::handler::exec::ExecConfig;
-use crate::live::{LiveConfig, MonitorConfig};
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{EngineConfig, WorkqueueAttrs};
+use wqd_core::groups::{Fallback, GroupsConfig, Placement};
+use wqd_core::handler::exec::ExecConfig;
+use wqd_core::live::{LiveConfig, MonitorConfig};
 
 /// The file read when `--config` is not given, if it exists.
 pub const SYSTEM_CONFIG_PATH: &str = "/etc/wqd/wqd.toml";
@@ -134,7 +134,7 @@ pub struct WorkerRule {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
-    /// The Unix socket; default `wqd_client::default_socket_path()`.
+    /// The Unix socket; default `wqd_proto::socket::default_socket_path()`.
     pub socket: Option<PathBuf>,
     /// Permission bits of the socket file (TOML `0o660` or the string `"0660"`).
     #[serde(deserialize_with = "de_mode")]
@@ -185,7 +185,7 @@ impl ListenConfig {
     pub fn socket_path(&self) -> PathBuf {
         self.socket
             .clone()
-            .unwrap_or_else(wqd_client::default_socket_path)
+            .unwrap_or_else(wqd_proto::socket::default_socket_path)
     }
 }
 
@@ -389,7 +389,7 @@ impl Default for EngineSection {
             hog_thresh: e.hog_thresh,
             max_workers_per_cpu: e.max_workers_per_cpu,
             shutdown_grace: Duration::from_secs(10),
-            load_sample: crate::load::DEFAULT_PERIOD,
+            load_sample: wqd_core::load::DEFAULT_PERIOD,
             results_memory: e.results_memory,
         }
     }
@@ -550,7 +550,7 @@ impl Config {
             ));
         }
         for h in &w.handlers {
-            crate::engine::check_worker_handler_name(h)
+            wqd_core::engine::check_worker_handler_name(h)
                 .map_err(|e| invalid("workers.handlers", e))?;
         }
         for (i, r) in w.allow.iter().enumerate() {
@@ -569,7 +569,7 @@ impl Config {
             for p in &r.handlers {
                 let name = p.strip_suffix('*').unwrap_or(p);
                 if !name.is_empty() {
-                    crate::engine::check_worker_handler_name(name)
+                    wqd_core::engine::check_worker_handler_name(name)
                         .map_err(|e| invalid(format!("workers.allow[{i}].handlers"), e))?;
                 }
             }
@@ -671,7 +671,7 @@ impl Config {
             if cpus.is_empty() {
                 return Err(invalid(format!("group[{i}].cpus"), "names no CPU"));
             }
-            crate::target::check_name(&e.name)
+            wqd_core::target::check_name(&e.name)
                 .map_err(|err| invalid(format!("group[{i}].name"), err.to_string()))?;
             if g.named.insert(e.name.clone(), cpus).is_some() {
                 return Err(invalid(

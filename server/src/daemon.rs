@@ -41,17 +41,17 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError, ListenConfig, Pinning, SharedLimits, KEEPALIVE_TIMEOUT};
 use crate::conn::{ConnLayer, ConnSettings, Incoming, Listener, ListenerStats};
-use crate::cpuset::CpuSet;
-use crate::engine::{Engine, EngineError};
-use crate::handler::Registry;
-use crate::live::{LiveError, LiveView, Monitor, Reporter};
-use crate::load::LoadSampler;
 use crate::reload::{LogSetter, Plan, ReloadError, Targets};
 use crate::rpc::{Counters, Rpc};
 use crate::security::{Security, SecurityError};
 use crate::systemd::Notifier;
-use crate::topology::sysfs::Reader;
-use crate::topology::TopologyError;
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{Engine, EngineError};
+use wqd_core::handler::Registry;
+use wqd_core::live::{LiveError, LiveView, Monitor, Reporter};
+use wqd_core::load::LoadSampler;
+use wqd_core::topology::sysfs::Reader;
+use wqd_core::topology::TopologyError;
 
 /// How long the servers get to close their connections after the engine stopped.
 const SERVER_CLOSE_GRACE: Duration = Duration::from_secs(3);

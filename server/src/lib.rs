@@ -10,20 +10,9 @@
 pub mod authority;
 pub mod config;
 pub mod conn;
-pub mod cpuset;
 pub mod daemon;
-pub mod engine;
-pub mod groups;
-pub mod handler;
-pub mod live;
-pub mod load;
 pub mod metrics;
-pub mod quote;
 pub mod reload;
 pub mod rpc;
 pub mod security;
 pub mod systemd;
-pub mod target;
-pub mod topology;
-
-pub use cpuset::CpuSet;

@@ -24,11 +24,11 @@
 use std::collections::BTreeMap;
 
 use crate::config::{Config, ConfigError, Limits, SharedLimits};
-use crate::engine::{Engine, EngineError, WorkqueueAttrs, WorkqueueStats};
-use crate::groups::GroupsConfig;
-use crate::handler::exec::ExecConfig;
-use crate::handler::Registry;
-use crate::live::LiveView;
+use wqd_core::engine::{Engine, EngineError, WorkqueueAttrs, WorkqueueStats};
+use wqd_core::groups::GroupsConfig;
+use wqd_core::handler::exec::ExecConfig;
+use wqd_core::handler::Registry;
+use wqd_core::live::LiveView;
 
 /// Why a reload was refused. The old config stays in force in every case.
 #[derive(Debug, thiserror::Error)]

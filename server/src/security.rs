@@ -49,7 +49,7 @@ use tower::{Layer, Service};
 
 use crate::config::{ConfigError, ListenConfig};
 use crate::conn::ConnInfo;
-use crate::handler::exec::ExecConfig;
+use wqd_core::handler::exec::ExecConfig;
 
 /// A user or group in the config: a number, or a name resolved when the config is loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -1308,7 +1308,7 @@ mod tests {
         );
         exec.commands.insert(
             "true".into(),
-            crate::handler::exec::ExecCommand {
+            wqd_core::handler::exec::ExecCommand {
                 path: "/bin/true".into(),
                 ..Default::default()
             },

@@ -15,7 +15,7 @@ use wqd_client::{Batch, CancelScope, Client, Endpoint, FlushScope, Item};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("../core/tests/fixtures")
         .join(name)
 }
 
@@ -80,7 +80,7 @@ async fn every_rpc_round_trips_over_the_unix_socket() {
         .unwrap();
     assert_eq!(r.items.len(), 16);
     assert_eq!(r.results.len(), 16);
-    let members = wqd::CpuSet::parse_list(&cache1.members).unwrap();
+    let members = wqd_core::CpuSet::parse_list(&cache1.members).unwrap();
     for (rec, res) in r.items.iter().zip(&r.results) {
         assert_eq!(rec.item_id, res.item_id);
         assert_eq!(res.state, v1::ItemState::Ok as i32);

@@ -3,7 +3,7 @@
 //! then the real binary's `wqd: metrics on` line, the loopback rule, and the alert rules
 //! under `promtool` (skipped, saying why, when promtool is not installed).
 
-#[path = "fixtures/support.rs"]
+#[path = "../../core/tests/fixtures/support.rs"]
 mod support;
 
 use std::collections::BTreeMap;

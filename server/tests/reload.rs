@@ -14,7 +14,7 @@ use wqd_client::{Batch, Client, ClientError, Endpoint, Item};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("../core/tests/fixtures")
         .join(name)
 }
 

@@ -14,16 +14,16 @@ use hyper_util::rt::TokioIo;
 use tonic::Code;
 use wqd::config::{Config, Pinning};
 use wqd::daemon::Daemon;
-use wqd::handler::exec::{ExecCommand, ExecConfig};
 use wqd::security::IdSpec;
 use wqd_client::proto as v1;
 use wqd_client::{Batch, CancelScope, Client, ClientError, Endpoint, FlushScope, Item, TlsOptions};
+use wqd_core::handler::exec::{ExecCommand, ExecConfig};
 
 const NOBODY: u32 = 65534;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("../core/tests/fixtures")
         .join(name)
 }
 

@@ -81,9 +81,9 @@ target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | sed -n 
 bins=("$target_dir/release/wqd-torture")
 pkgs=(-p wqd-torture)
 if [[ $mode == daemon ]]; then
-    # The daemon as shipped: default features (no failpoints), whatever the caller's cargo
-    # test enabled. Cargo is incremental, so this is quick when nothing changed; it also works
-    # from inside `cargo test` (the build lock is free while tests run).
+    # The daemon as shipped (the workspace has no cargo features, so this is the binary the
+    # caller's cargo test built). Cargo is incremental, so this is quick when nothing changed;
+    # it also works from inside `cargo test` (the build lock is free while tests run).
     # And the attached workers the driver starts and kills (wqd-client's wqd-worker-example).
     bins+=("$target_dir/release/wqd" "$target_dir/release/wqd-worker-example")
     # Target flags apply to every selected package: `-p wqd --bin wqd -p wqd-torture` would

@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use parking_lot::Mutex;
-use wqd::cpuset::CpuSet;
-use wqd::engine::{
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{
     Engine, EngineConfig, EngineError, FlushScope, ItemResult, ItemSpec, State, WorkqueueAttrs,
 };
-use wqd::groups::Fallback;
-use wqd::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
-use wqd::live::{LiveConfig, LiveView, Monitor, MonitorConfig};
-use wqd::target::Target;
-use wqd::topology::sysfs::Reader;
+use wqd_core::groups::Fallback;
+use wqd_core::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
+use wqd_core::live::{LiveConfig, LiveView, Monitor, MonitorConfig};
+use wqd_core::target::Target;
+use wqd_core::topology::sysfs::Reader;
 
 use crate::clock::Clock;
 
@@ -80,7 +80,7 @@ impl Rec {
             queued: clock.on_timeline(r.queued_at),
             started: r.started_at.map(|t| clock.on_timeline(t)),
             finished: r.finished_at.map(|t| clock.on_timeline(t)),
-            fallback: r.fallback.map(wqd::engine::level_name),
+            fallback: r.fallback.map(wqd_core::engine::level_name),
             rebinds: r.rebinds,
             epoch: r.epoch_started,
             decided: r.epoch_decided,
@@ -306,7 +306,7 @@ impl Library {
         })
     }
 
-    fn wait_flush(f: wqd::engine::Flush, bound: Duration) -> Result<Waited> {
+    fn wait_flush(f: wqd_core::engine::Flush, bound: Duration) -> Result<Waited> {
         let covered = f.covered();
         let s = f.wait(Some(bound)).map_err(|e| match e {
             EngineError::Timeout(_) => anyhow!("did not return within {bound:?}"),

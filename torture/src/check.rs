@@ -42,9 +42,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
-use wqd::cpuset::CpuSet;
-use wqd::engine::State;
-use wqd::groups::Fallback;
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::State;
+use wqd_core::groups::Fallback;
 
 use crate::backend::{DaemonCounts, Rec, Run};
 use crate::clock::secs;

@@ -23,11 +23,11 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use parking_lot::Mutex;
 use tokio_stream::StreamExt;
-use wqd::cpuset::CpuSet;
-use wqd::engine::State;
-use wqd::groups::Fallback;
 use wqd_client::proto::{self, CancelOutcome, FallbackLevel, FallbackPolicy, ItemState};
 use wqd_client::{Batch, CancelScope, Client, Endpoint, FlushScope, Item};
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::State;
+use wqd_core::groups::Fallback;
 
 use crate::backend::{Backend, DaemonCounts, Rec, Run, Scope, Spec, View, Waited};
 use crate::clock::Clock;

@@ -20,9 +20,9 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use wqd::cpuset::CpuSet;
-use wqd::groups::Fallback;
-use wqd::target::Target;
+use wqd_core::cpuset::CpuSet;
+use wqd_core::groups::Fallback;
+use wqd_core::target::Target;
 
 use crate::backend::{Backend, Scope, Spec};
 use crate::clock::Clock;

@@ -36,7 +36,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use parking_lot::Mutex;
-use wqd::cpuset::CpuSet;
+use wqd_core::cpuset::CpuSet;
 
 use crate::backend::{Backend, Library};
 use crate::clock::{secs, Clock};

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use wqd::engine::State;
+use wqd_core::engine::State;
 
 use crate::check::{Findings, Lags};
 use crate::clock::ms;

@@ -18,8 +18,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::{Metrics, MetricsError, UPKEEP};
-use crate::engine::Engine;
-use crate::live::LiveView;
+use wqd_core::engine::Engine;
+use wqd_core::live::LiveView;
 
 /// Scrape connections served at once; more wait in the accept queue.
 pub const MAX_CONNECTIONS: usize = 8;

@@ -1,4 +1,4 @@
-//! Prometheus metrics: the registry, the engine [`Observer`](crate::engine::Observer), the
+//! Prometheus metrics: the registry, the engine [`Observer`](wqd_core::engine::Observer), the
 //! gauges refreshed at scrape time, the gRPC layer counting RPCs, flush timings, and the HTTP
 //! listener serving `/metrics`.
 //!
@@ -39,8 +39,8 @@ use metrics_util::MetricKindMask;
 use parking_lot::Mutex;
 
 use crate::config::{Config, ConfigError};
-use crate::engine::{Engine, Observer};
-use crate::live::LiveView;
+use wqd_core::engine::{Engine, Observer};
+use wqd_core::live::LiveView;
 
 pub use http::MetricsServer;
 

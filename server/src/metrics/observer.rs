@@ -14,7 +14,7 @@ use ::metrics::{Counter, Histogram};
 use parking_lot::RwLock;
 
 use super::{names, Registry, MAX_WORKQUEUE_LABELS};
-use crate::engine::{ItemResult, Observer, State};
+use wqd_core::engine::{ItemResult, Observer, State};
 
 /// The label value of workqueues beyond [`MAX_WORKQUEUE_LABELS`].
 pub(crate) const OTHER_WORKQUEUE: &str = "_other";

@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use super::observer::EngineMetrics;
 use super::{names, Labels, Registry};
 use crate::conn::ListenerStats;
-use crate::engine::Engine;
-use crate::groups::Level;
-use crate::live::LiveView;
+use wqd_core::engine::Engine;
+use wqd_core::groups::Level;
+use wqd_core::live::LiveView;
 
 /// The levels an item can widen to: their fallback series start at 0.
 const FALLBACK_LEVELS: [Level; 6] = [

@@ -33,7 +33,7 @@ use crate::config::SharedLimits;
 /// Memory held per decoded item besides its wire bytes: the decoded `WorkItem`, the checked
 /// `ItemSpec` it becomes, and the engine's entry for it while the batch is submitted.
 pub const ITEM_OVERHEAD: usize = std::mem::size_of::<wqd_proto::v1::WorkItem>()
-    + std::mem::size_of::<crate::engine::ItemSpec>()
+    + std::mem::size_of::<wqd_core::engine::ItemSpec>()
     + 64;
 
 /// Memory held per looked-up id: the id and the result handle the look-up returns.

@@ -19,16 +19,16 @@ use wqd_proto::v1;
 
 use super::RpcError;
 use crate::config::Limits;
-use crate::cpuset::CpuSet;
-use crate::engine::{
+use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{
     ItemResult, ItemSpec, State, Unserved, WorkerLost, WorkqueueAttrs, WorkqueueStats,
 };
-use crate::groups::{Fallback, GroupMap, Level, Placement};
-use crate::live::Snapshot;
-use crate::quote::quote;
-use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
-use crate::target::{Each, ItemTarget, Target, TargetError};
-use crate::topology::AllowedSource;
+use wqd_core::groups::{Fallback, GroupMap, Level, Placement};
+use wqd_core::live::Snapshot;
+use wqd_core::quote::quote;
+use wqd_core::target::{Each, ItemTarget, Target, TargetError};
+use wqd_core::topology::AllowedSource;
 
 /// Longest de-duplication key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -914,8 +914,8 @@ mod tests {
     /// `each:core` name 8 groups, other levels none), a partition `rcu` of 0-7 in ranges of 4
     /// and a named group `db`.
     fn groups() -> Arc<GroupMap> {
-        use crate::groups::GroupsConfig;
-        use crate::topology::{AllowedSource, Topology};
+        use wqd_core::groups::GroupsConfig;
+        use wqd_core::topology::{AllowedSource, Topology};
         let all = CpuSet::range(0, 7);
         let topo = Topology {
             possible: all.clone(),

@@ -26,11 +26,11 @@ use super::convert::{
 use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
 };
-use crate::engine::{
+use crate::metrics::{FlushMethod, FlushOutcome, Metrics};
+use wqd_core::engine::{
     CancelOutcome, EngineError, Flush, FlushEvent, FlushScope, ItemResult, ItemSpec, Receipt,
 };
-use crate::groups::GroupMap;
-use crate::metrics::{FlushMethod, FlushOutcome, Metrics};
+use wqd_core::groups::GroupMap;
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -91,7 +91,7 @@ impl Rpc {
 
     pub(super) async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&crate::engine::Engine) -> T + Send + 'static,
+        f: impl FnOnce(&wqd_core::engine::Engine) -> T + Send + 'static,
     ) -> Result<T, RpcError> {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || f(&engine))
@@ -463,7 +463,7 @@ impl Rpc {
             format!(
                 "draining workqueue {} (it stays draining, refusing submissions, until it is \
                  empty; UpdateWorkqueue takes it back)",
-                crate::quote::quote(&wq)
+                wqd_core::quote::quote(&wq)
             )
         })
         .await;
@@ -571,7 +571,7 @@ fn reindex(e: RpcError, origins: &Origins) -> RpcError {
 
 /// `Engine::submit`, then the batch counters, in one step (see [`Rpc::submit_specs`]).
 fn submit_counted(
-    engine: &crate::engine::Engine,
+    engine: &wqd_core::engine::Engine,
     c: &super::Counters,
     wq: &str,
     specs: Vec<ItemSpec>,

@@ -34,9 +34,9 @@ use tonic::{Code, Status};
 use wqd_proto::v1;
 
 use crate::config::SharedLimits;
-use crate::engine::{Engine, EngineError};
-use crate::live::LiveView;
-use crate::load::LoadSampler;
+use wqd_core::engine::{Engine, EngineError};
+use wqd_core::live::LiveView;
+use wqd_core::load::LoadSampler;
 
 /// Results per `FlushResponse` message at most.
 pub const FLUSH_BATCH_ITEMS: usize = 1000;
@@ -123,7 +123,7 @@ pub fn status(e: RpcError) -> Status {
         RpcError::Engine(E::UnknownHandler { index, name, known }) => {
             format!(
                 "items[{index}].handler: unknown handler {} (known: {known})",
-                crate::quote::quote(&name)
+                wqd_core::quote::quote(&name)
             )
         }
         RpcError::Engine(E::Handler { index, source }) => {
@@ -141,7 +141,7 @@ pub fn status(e: RpcError) -> Status {
         other => other.to_string(),
     };
     // Whatever a message quotes, it stays short: clients refuse large status metadata.
-    Status::new(code, crate::quote::cap(msg, MAX_STATUS_MESSAGE))
+    Status::new(code, wqd_core::quote::cap(msg, MAX_STATUS_MESSAGE))
 }
 
 /// Bytes of a status message at most.
@@ -395,8 +395,8 @@ pub(crate) async fn stopped(mut stopping: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::groups::GroupError;
-    use crate::handler::HandlerError;
+    use wqd_core::groups::GroupError;
+    use wqd_core::handler::HandlerError;
 
     fn code(e: impl Into<RpcError>) -> (Code, String) {
         let s = status(e.into());

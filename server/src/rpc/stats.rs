@@ -10,7 +10,7 @@ use wqd_proto::v1;
 
 use super::convert::{count_state, duration_out, timestamp_out};
 use super::Rpc;
-use crate::engine::State;
+use wqd_core::engine::State;
 
 #[tonic::async_trait]
 impl v1::stats_service_server::StatsService for Rpc {

@@ -15,7 +15,7 @@ use wqd_proto::v1;
 
 use super::convert::snapshot_out;
 use super::{stopped, Rpc};
-use crate::live::Snapshot;
+use wqd_core::live::Snapshot;
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

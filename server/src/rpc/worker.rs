@@ -31,10 +31,10 @@ use wqd_proto::v1::worker_message::Msg as In;
 use super::Rpc;
 use crate::config::{WorkerRule, WorkersSection};
 use crate::conn::ConnInfo;
-use crate::engine::{
+use crate::security::UnixPeer;
+use wqd_core::engine::{
     EngineError, ItemId, RemoteAnswer, RemoteJob, RemoteSink, RemoteWorker, WorkerMeta,
 };
-use crate::security::UnixPeer;
 
 /// How long a new stream may take to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -232,7 +232,7 @@ impl WorkerPolicy {
                 return Err(WorkerError::Denied(format!(
                     "{} may not serve handler {}: {why}",
                     who.describe(),
-                    crate::quote::quote(h)
+                    wqd_core::quote::quote(h)
                 )));
             }
         }
@@ -493,7 +493,7 @@ impl Rpc {
             uid: who.uid,
             gid: who.gid,
             cert_names: who.cert_names.clone(),
-            name: crate::quote::cap(hello.name, 128),
+            name: wqd_core::quote::cap(hello.name, 128),
         };
         let sink = Arc::new(Sink::default());
         let worker = self

@@ -14,7 +14,7 @@ use super::convert::{
     wq_info_out,
 };
 use super::{deadline_of, status, Rpc, RpcError};
-use crate::engine::{EngineError, WorkqueueAttrs};
+use wqd_core::engine::{EngineError, WorkqueueAttrs};
 
 fn required_name(name: &str) -> Result<(), RpcError> {
     if name.is_empty() {
@@ -99,11 +99,11 @@ impl Rpc {
                 .drain_wait(r.name.clone(), deadline, r.cancel_pending)
                 .await?;
             for (s, n) in [
-                (crate::engine::State::Ok, c.ok),
-                (crate::engine::State::Failed, c.failed),
-                (crate::engine::State::Cancelled, c.cancelled),
-                (crate::engine::State::Expired, c.expired),
-                (crate::engine::State::Rejected, c.rejected),
+                (wqd_core::engine::State::Ok, c.ok),
+                (wqd_core::engine::State::Failed, c.failed),
+                (wqd_core::engine::State::Cancelled, c.cancelled),
+                (wqd_core::engine::State::Expired, c.expired),
+                (wqd_core::engine::State::Rejected, c.rejected),
             ] {
                 count_state(&mut counts, s, n);
             }

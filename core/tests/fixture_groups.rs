@@ -4,12 +4,12 @@
 #[path = "fixtures/support.rs"]
 mod support;
 
-use wqd::cpuset::CpuSet;
-use wqd::groups::{Fallback, GroupsConfig, Level};
-use wqd::live::{LiveConfig, LiveView, Snapshot, Source};
-use wqd::target::Target;
-use wqd::topology::sysfs::Reader;
-use wqd::topology::AllowedSource;
+use wqd_core::cpuset::CpuSet;
+use wqd_core::groups::{Fallback, GroupsConfig, Level};
+use wqd_core::live::{LiveConfig, LiveView, Snapshot, Source};
+use wqd_core::target::Target;
+use wqd_core::topology::sysfs::Reader;
+use wqd_core::topology::AllowedSource;
 
 fn set(s: &str) -> CpuSet {
     s.parse().unwrap()
@@ -173,8 +173,8 @@ fn an_offline_cpu_keeps_its_groups_and_leaves_the_live_set() {
 /// isolated groups included.
 #[test]
 fn each_fans_out_over_every_group_of_a_level() {
-    use wqd::groups::{GroupError, GroupMap};
-    use wqd::target::Each;
+    use wqd_core::groups::{GroupError, GroupMap};
+    use wqd_core::target::Each;
     let names = |ts: Vec<Target>| ts.iter().map(Target::to_string).collect::<Vec<_>>();
     let v = view(&support::fixture("two-socket"), 1);
     let s = v.current();
@@ -269,7 +269,7 @@ fn each_fans_out_over_every_group_of_a_level() {
 
 #[test]
 fn each_node_includes_a_memory_only_node() {
-    use wqd::target::Each;
+    use wqd_core::target::Each;
     let v = view(&support::fixture("empty-node"), 8);
     let s = v.current();
     let nodes: Vec<String> = s
@@ -284,8 +284,8 @@ fn each_node_includes_a_memory_only_node() {
 
 #[test]
 fn each_cpu_and_core_include_cpus_never_seen_online() {
-    use wqd::groups::{GroupError, GroupMap};
-    use wqd::target::Each;
+    use wqd_core::groups::{GroupError, GroupMap};
+    use wqd_core::target::Each;
     let v = view(&support::fixture("vm8-offline"), 8);
     let s = v.current();
     let names = |e: Each| -> Vec<String> {

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use wqd::cpuset::CpuSet;
-use wqd::groups::{GroupMap, GroupsConfig};
-use wqd::live::{Snapshot, Source};
-use wqd::topology::{AllowedSource, CacheInfo, CpuTopo, Topology};
+use wqd_core::cpuset::CpuSet;
+use wqd_core::groups::{GroupMap, GroupsConfig};
+use wqd_core::live::{Snapshot, Source};
+use wqd_core::topology::{AllowedSource, CacheInfo, CpuTopo, Topology};
 
 /// `n` CPUs: SMT pairs, 4 CPUs per LLC, 8 per node and package.
 pub fn topology(n: u32) -> Topology {

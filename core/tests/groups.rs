@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use wqd::groups::{choose, Fallback, GroupError, GroupMap, GroupsConfig, Level, Placement};
-use wqd::target::Target;
-use wqd::topology::{AllowedSource, CacheInfo, CpuTopo, Topology};
-use wqd::CpuSet;
+use wqd_core::groups::{choose, Fallback, GroupError, GroupMap, GroupsConfig, Level, Placement};
+use wqd_core::target::Target;
+use wqd_core::topology::{AllowedSource, CacheInfo, CpuTopo, Topology};
+use wqd_core::CpuSet;
 
 /// Where one known CPU sits. `core` is a machine-wide core number (SMT siblings share it).
 #[derive(Clone, Copy)]

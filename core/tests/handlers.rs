@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use nix::sys::resource::{getrusage, UsageWho};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
-use wqd::handler::builtin::{Digest, Noop, Sleep, Spin};
-use wqd::handler::exec::{Exec, ExecCommand, ExecConfig};
-use wqd::handler::{Args, CancelToken, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
+use wqd_core::handler::builtin::{Digest, Noop, Sleep, Spin};
+use wqd_core::handler::exec::{Exec, ExecCommand, ExecConfig};
+use wqd_core::handler::{Args, CancelToken, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
 
 // ---------------------------------------------------------------------------------------------
 // helpers

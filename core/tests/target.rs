@@ -2,8 +2,8 @@
 //! panics on arbitrary input.
 
 use proptest::prelude::*;
-use wqd::target::{Target, RESERVED};
-use wqd::CpuSet;
+use wqd_core::target::{Target, RESERVED};
+use wqd_core::CpuSet;
 
 fn name() -> impl Strategy<Value = String> {
     "[a-z][a-z0-9_-]{0,10}".prop_filter("reserved", |n| !RESERVED.contains(&n.as_str()))

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use wqd::cpuset::CpuSet;
-use wqd::engine::{
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{
     Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemSpec, State, WorkqueueAttrs,
 };
-use wqd::groups::{Fallback, Placement};
-use wqd::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
-use wqd::live::Snapshot;
-use wqd::target::Target;
+use wqd_core::groups::{Fallback, Placement};
+use wqd_core::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
+use wqd_core::live::Snapshot;
+use wqd_core::target::Target;
 
 const CPUS: u32 = 16;
 const ITEMS: u64 = 120_000;

@@ -1,7 +1,6 @@
 //! The seed's race, forced deterministically: a CPU goes offline after a worker bound an item
 //! to it and before the handler started. The failpoint `engine::before-start` pauses the
-//! worker exactly there. Run with `--features failpoints`.
-#![cfg(feature = "failpoints")]
+//! worker exactly there. The seams are armed at run time through `wqd_core::failpoint`.
 
 mod common;
 
@@ -10,14 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use wqd::cpuset::CpuSet;
-use wqd::engine::{
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{
     CancelOutcome, Engine, EngineConfig, FlushScope, ItemSpec, State, WorkqueueAttrs,
 };
-use wqd::groups::Fallback;
-use wqd::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
-use wqd::live::Snapshot;
-use wqd::target::Target;
+use wqd_core::groups::Fallback;
+use wqd_core::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
+use wqd_core::live::Snapshot;
+use wqd_core::target::Target;
 
 const SEAM: &str = "engine::before-start";
 
@@ -97,11 +96,11 @@ impl Rig {
 fn cpu_lost_between_bind_and_start_rebinds_and_widens() {
     let scenario = fail::FailScenario::setup();
     let rig = rig(Fallback::Widen);
-    fail::cfg(SEAM, "pause").unwrap();
+    wqd_core::failpoint::cfg(SEAM, "pause").unwrap();
     let id = rig.bind_one();
     let flush = rig.engine.flush(FlushScope::Items(vec![id])).unwrap();
     rig.set_live("0");
-    fail::remove(SEAM);
+    wqd_core::failpoint::remove(SEAM);
     let sum = flush
         .wait(Some(Duration::from_secs(10)))
         .expect("flush returns");
@@ -123,10 +122,10 @@ fn cpu_lost_between_bind_and_start_rebinds_and_widens() {
 fn cpu_lost_between_bind_and_start_waits_for_return() {
     let scenario = fail::FailScenario::setup();
     let rig = rig(Fallback::Wait);
-    fail::cfg(SEAM, "pause").unwrap();
+    wqd_core::failpoint::cfg(SEAM, "pause").unwrap();
     let id = rig.bind_one();
     rig.set_live("0");
-    fail::remove(SEAM);
+    wqd_core::failpoint::remove(SEAM);
     let t0 = Instant::now();
     while rig.engine.results(&[id])[0].as_ref().map(|r| r.state) != Some(State::Pending) {
         assert!(t0.elapsed() < Duration::from_secs(10), "not handed back");
@@ -155,11 +154,11 @@ fn cpu_lost_between_bind_and_start_waits_for_return() {
 fn cancel_between_bind_and_start_never_runs() {
     let scenario = fail::FailScenario::setup();
     let rig = rig(Fallback::Widen);
-    fail::cfg(SEAM, "pause").unwrap();
+    wqd_core::failpoint::cfg(SEAM, "pause").unwrap();
     let id = rig.bind_one();
     let rep = rig.engine.cancel(FlushScope::Items(vec![id])).unwrap();
     assert_eq!(rep.outcomes[0].1, CancelOutcome::WasRunning);
-    fail::remove(SEAM);
+    wqd_core::failpoint::remove(SEAM);
     rep.running.wait(Some(Duration::from_secs(10))).unwrap();
     let r = rig.engine.results(&[id])[0].clone().unwrap();
     assert_eq!(r.state, State::Cancelled);
@@ -201,7 +200,7 @@ fn a_hand_back_says_why_the_cpu_left() {
     for why in ["offline", "cpuset", "isolated"] {
         let scenario = fail::FailScenario::setup();
         let rig = rig(Fallback::Widen);
-        fail::cfg(SEAM, "pause").unwrap();
+        wqd_core::failpoint::cfg(SEAM, "pause").unwrap();
         let id = rig.bind_one();
         let flush = rig.engine.flush(FlushScope::Items(vec![id])).unwrap();
         {
@@ -209,7 +208,7 @@ fn a_hand_back_says_why_the_cpu_left() {
             *s = without(&s, 1, why);
             rig.engine.apply_snapshot(&s);
         }
-        fail::remove(SEAM);
+        wqd_core::failpoint::remove(SEAM);
         flush
             .wait(Some(Duration::from_secs(10)))
             .expect("flush returns");
@@ -249,7 +248,7 @@ fn a_submit_that_panics_between_items_leaves_nothing_behind() {
     };
     for wq in ["waits", "wq"] {
         // Panic at the third entry: two are queued (or, on "wq", rejected at once) by then.
-        fail::cfg(BETWEEN, "2*off->panic").unwrap();
+        wqd_core::failpoint::cfg(BETWEEN, "2*off->panic").unwrap();
         let batch = vec![
             spec("a", false, true),
             spec("b", true, true),
@@ -260,7 +259,7 @@ fn a_submit_that_panics_between_items_leaves_nothing_behind() {
             rig.engine.submit(wq, batch)
         }));
         assert!(r.is_err(), "{wq}: the failpoint panics");
-        fail::remove(BETWEEN);
+        wqd_core::failpoint::remove(BETWEEN);
         assert_eq!(
             rig.engine.workqueues(),
             before_wqs,

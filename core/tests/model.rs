@@ -9,8 +9,8 @@
 //! deterministic and a set of allowed states where it is not. Items are made deterministic on
 //! purpose: a `gate` handler blocks until the test opens its gate (and honours its cancel
 //! token), `quick` returns at once, `boom` panics and `fail` returns an error; workers can be
-//! held between binding an item and starting it (the `engine::before-start` failpoint, with
-//! the `failpoints` feature), so races with cancel and hotplug happen on demand; the `w`
+//! held between binding an item and starting it (the `engine::before-start` failpoint, armed
+//! through `wqd_core::failpoint`), so races with cancel and hotplug happen on demand; the `w`
 //! workqueue waits when its group has no live CPU (CPUs 6-7 start offline), so its items stay
 //! pending, and the `r` workqueue rejects them; delays of an hour or more keep items delayed.
 //!
@@ -39,16 +39,16 @@ use parking_lot::Mutex;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
-use wqd::cpuset::CpuSet;
-use wqd::engine::{
+use wqd_core::cpuset::CpuSet;
+use wqd_core::engine::{
     CancelOutcome, Engine, EngineConfig, EngineError, Flush, FlushScope, ItemResult, ItemSpec,
     Observer, Receipt, State, WorkqueueAttrs, WorkqueueStats,
 };
-use wqd::groups::Fallback;
-use wqd::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
-use wqd::live::Snapshot;
-use wqd::target::Target;
-use wqd::topology::{AllowedSource, CacheInfo, CpuTopo, Topology};
+use wqd_core::groups::Fallback;
+use wqd_core::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
+use wqd_core::live::Snapshot;
+use wqd_core::target::Target;
+use wqd_core::topology::{AllowedSource, CacheInfo, CpuTopo, Topology};
 
 /// CPUs of the made-up machine.
 const CPUS: u32 = 8;
@@ -815,13 +815,12 @@ struct Model {
 /// The seam where a worker has bound an item and not yet checked that it may start it.
 const SEAM: &str = "engine::before-start";
 
-/// Pauses (or lets go) every worker at [`SEAM`]. Needs the `failpoints` feature; without
-/// it nothing pauses, which the model allows too.
+/// Pauses (or lets go) every worker at [`SEAM`] (armed through `wqd_core::failpoint`).
 fn hold(on: bool) {
     if on {
-        fail::cfg(SEAM, "pause").expect("failpoint configured");
+        wqd_core::failpoint::cfg(SEAM, "pause").expect("failpoint configured");
     } else {
-        fail::remove(SEAM);
+        wqd_core::failpoint::remove(SEAM);
     }
 }
 
@@ -1872,7 +1871,7 @@ impl Harness {
                     }
                 };
                 match (dup_of, s.queued) {
-                    (Err(h), _) if *s != wqd::engine::Submitted { id: h, queued: false } => {
+                    (Err(h), _) if *s != wqd_core::engine::Submitted { id: h, queued: false } => {
                         return Err(format!(
                             "entry {i} (key k{k}) got {s:?}; entry with id {h} of this batch holds the key"
                         ))
@@ -1998,7 +1997,7 @@ impl Harness {
         f: Flush,
         must: bool,
         covered: &[u64],
-    ) -> Res<Option<wqd::engine::FlushSummary>> {
+    ) -> Res<Option<wqd_core::engine::FlushSummary>> {
         let r = call("Flush::wait", || {
             f.wait(Some(if must { bound() } else { SHORT }))
         })?;

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use wqd::engine::{
+use wqd_core::engine::{
     CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult, ItemSpec,
     State, WorkqueueAttrs,
 };
-use wqd::groups::{Fallback, Placement};
-use wqd::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
-use wqd::target::Target;
+use wqd_core::groups::{Fallback, Placement};
+use wqd_core::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
+use wqd_core::target::Target;
 
 /// Records every run: (item, cpu), concurrency per CPU, and the order of starts.
 #[derive(Default)]
@@ -72,8 +72,8 @@ impl Handler for ProbeHandler {
 struct Rig {
     engine: Engine,
     probe: Arc<Probe>,
-    topo: wqd::topology::Topology,
-    snap: Mutex<Arc<wqd::live::Snapshot>>,
+    topo: wqd_core::topology::Topology,
+    snap: Mutex<Arc<wqd_core::live::Snapshot>>,
 }
 
 impl Rig {
@@ -308,7 +308,7 @@ fn keys_dedupe_pending_items() {
         .unwrap();
     assert_eq!(
         b.items[0],
-        wqd::engine::Submitted {
+        wqd_core::engine::Submitted {
             id: a.items[0].id,
             queued: false
         }
@@ -649,7 +649,7 @@ struct Seen {
     hogs: AtomicUsize,
 }
 
-impl wqd::engine::Observer for Seen {
+impl wqd_core::engine::Observer for Seen {
     fn submitted(&self, _wq: &str, n: usize) {
         self.submitted.fetch_add(n, Ordering::SeqCst);
     }

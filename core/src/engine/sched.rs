@@ -1242,7 +1242,7 @@ impl Sched {
         let mut last_body: Option<(Arc<Body>, usize)> = None;
         for (index, Entry { body: b, key, .. }) in bodies.into_iter().enumerate() {
             if index > 0 {
-                fail::fail_point!("engine::submit-between-items");
+                crate::failpoint::seam!("engine::submit-between-items");
             }
             let (delay_at, deadline_at) = times.get(index).copied().unwrap_or((None, None));
             let key: Option<Arc<str>> = key.map(Arc::from);

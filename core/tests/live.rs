@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{copy_fixture, fixture, set_offline, set_online, write};
-use wqd::groups::GroupsConfig;
-use wqd::live::{LiveConfig, LiveView, Monitor, MonitorConfig, Snapshot, Source};
-use wqd::topology::sysfs::Reader;
-use wqd::topology::Reading;
-use wqd::CpuSet;
+use wqd_core::groups::GroupsConfig;
+use wqd_core::live::{LiveConfig, LiveView, Monitor, MonitorConfig, Snapshot, Source};
+use wqd_core::topology::sysfs::Reader;
+use wqd_core::topology::Reading;
+use wqd_core::CpuSet;
 
 fn set(s: &str) -> CpuSet {
     CpuSet::parse_list(s).unwrap()

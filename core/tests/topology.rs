@@ -9,9 +9,9 @@ use std::fs;
 
 use proptest::prelude::*;
 use support::{copy_fixture, fixture, possible400, set_offline, set_online, write};
-use wqd::topology::sysfs::Reader;
-use wqd::topology::{AllowedSource, CacheInfo, CpuTopo, Topology, TopologyError};
-use wqd::CpuSet;
+use wqd_core::topology::sysfs::Reader;
+use wqd_core::topology::{AllowedSource, CacheInfo, CpuTopo, Topology, TopologyError};
+use wqd_core::CpuSet;
 
 fn set(s: &str) -> CpuSet {
     CpuSet::parse_list(s).unwrap()
@@ -164,7 +164,7 @@ fn cgroup_v2_root_cpuset_in_fixture_mode() {
     assert_eq!(r.allowed_source, AllowedSource::CgroupV2);
 }
 
-fn with_proc(variant: &str) -> wqd::topology::Reading {
+fn with_proc(variant: &str) -> wqd_core::topology::Reading {
     let proc = fixture("cgroup-restricted-proc").join(variant);
     Reader::with_proc(fixture("cgroup-restricted"), proc)
         .read()
@@ -242,7 +242,7 @@ fn offline_cpu_keeps_its_membership_and_comes_back() {
     assert_eq!(t2.cpus[&0].llc.as_ref().unwrap().cpus, set("0-1,8-9"));
     assert_eq!(t2.cpus[&3].package_cpus, set("0-3,8-11"));
     assert_eq!(t2.nodes[&0], set("0-3,8-11"));
-    assert!(!wqd::live::live_set(&t2, true).contains(9));
+    assert!(!wqd_core::live::live_set(&t2, true).contains(9));
 
     set_online(dir.path(), &pristine, 9);
     let r3 = reader.read().unwrap();
@@ -317,7 +317,7 @@ fn expand(lo: u32, hi: u32, used: u32, group: u32) -> Vec<u32> {
 
 proptest! {
     #[test]
-    fn cpulist_round_trip(cpus in proptest::collection::btree_set(0u32..wqd::cpuset::MAX_CPUS, 0..200)) {
+    fn cpulist_round_trip(cpus in proptest::collection::btree_set(0u32..wqd_core::cpuset::MAX_CPUS, 0..200)) {
         let s: CpuSet = cpus.iter().copied().collect();
         let text = s.to_string();
         let back = CpuSet::parse_list(&format!("{text}\n")).unwrap();

@@ -191,7 +191,7 @@ fn execute(
 ) -> (Finish, bool) {
     let id = job.id;
     let handback = |why: &'static str| Finish::handback(id, why);
-    fail::fail_point!("engine::before-start");
+    crate::failpoint::seam!("engine::before-start");
     // A cancelled item never runs, wherever it is: checked first, so it is not handed back
     // (and placed again) only to be cancelled then (`Sched::finish` enforces the same).
     if token.is_cancelled() {

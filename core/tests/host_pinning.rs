@@ -4,11 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wqd::engine::{Engine, EngineConfig, FlushScope, ItemSpec, State};
-use wqd::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
-use wqd::live::{LiveConfig, LiveView};
-use wqd::target::Target;
-use wqd::topology::sysfs::Reader;
+use wqd_core::engine::{Engine, EngineConfig, FlushScope, ItemSpec, State};
+use wqd_core::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
+use wqd_core::live::{LiveConfig, LiveView};
+use wqd_core::target::Target;
+use wqd_core::topology::sysfs::Reader;
 
 struct WhereAmI;
 

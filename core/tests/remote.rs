@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use wqd::engine::{
+use wqd_core::engine::{
     Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemId, ItemResult, ItemSpec,
     RemoteAnswer, RemoteJob, RemoteSink, RemoteWorker, State, Unserved, WorkerLost, WorkerMeta,
     WorkqueueAttrs,
 };
-use wqd::handler::Registry;
-use wqd::target::Target;
+use wqd_core::handler::Registry;
+use wqd_core::target::Target;
 
 /// A sink that counts wake-ups and records cancels, and lets a thread wait for either.
 #[derive(Default)]
@@ -47,7 +47,7 @@ impl Sink {
     }
 }
 
-fn engine(n: u32, live: &str, max_credits: u32) -> (Engine, Arc<wqd::live::Snapshot>) {
+fn engine(n: u32, live: &str, max_credits: u32) -> (Engine, Arc<wqd_core::live::Snapshot>) {
     let topo = common::topology(n);
     let snap = common::snapshot(&topo, 1, &live.parse().unwrap());
     let cfg = EngineConfig {
@@ -202,7 +202,7 @@ fn a_parked_slot_is_woken_when_its_cpu_comes_back_and_work_is_rebound_on_handbac
     assert!(take(&w).is_empty());
     // A policy that waits keeps the next item for cpu 4.
     e.create_workqueue(WorkqueueAttrs {
-        fallback: wqd::groups::Fallback::Wait,
+        fallback: wqd_core::groups::Fallback::Wait,
         ..WorkqueueAttrs::named("w")
     })
     .unwrap();
