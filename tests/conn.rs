@@ -4,6 +4,10 @@
 //! close them promptly, count and log it, keep serving new clients, keep its topology rescan and
 //! metrics working, and never spin. Every wait here is bounded.
 
+#[path = "../server/tests/support/pki.rs"]
+mod pki;
+
+use pki::Pki;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
@@ -452,15 +456,8 @@ async fn the_tcp_listener_has_its_own_cap_and_handshake_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_connection_that_never_handshakes_is_closed() {
-    let pki = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let (cert_path, key_path) = (pki.path().join("server.pem"), pki.path().join("server.key"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let pki = Pki::new();
+    let (cert_path, key_path) = (pki.path("server.pem"), pki.path("server.key"));
     let d = Daemon::builder("two-socket")
         .config(&format!(
             "[listen]\nhandshake_timeout = \"300ms\"\n[security]\ntls_cert = {cert_path:?}\ntls_key = {key_path:?}\n"

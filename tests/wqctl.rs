@@ -3,6 +3,10 @@
 //! the exit codes scripts rely on — 0 success, 1 a failed request with one line
 //! `wqctl: CODE: message` on stderr, 2 usage, 3 some items did not end OK.
 
+#[path = "../server/tests/support/pki.rs"]
+mod pki;
+
+use pki::Pki;
 use serde_json::Value;
 use wqd_e2e::{run_wqctl, Daemon};
 
@@ -553,34 +557,9 @@ fn errors_exit_1_with_one_line() {
 /// three, and each missing piece is a one-line refusal (exit 1) that ran nothing.
 #[test]
 fn https_with_client_certificate_and_token() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let pki = tempfile::tempdir().unwrap();
-    let p = |name: &str| pki.path().join(name).display().to_string();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
-    let (client, client_key) = leaf(vec!["client.test".into()]);
-    for (name, pem) in [
-        ("ca.pem", ca.pem()),
-        ("server.pem", server),
-        ("server.key", server_key),
-        ("client.pem", client),
-        ("client.key", client_key),
-        ("token", "s3cret-token\n".to_string()),
-    ] {
-        std::fs::write(pki.path().join(name), pem).unwrap();
-    }
+    let pki = Pki::new();
+    std::fs::write(pki.path("token"), "s3cret-token\n").unwrap();
+    let p = |name: &str| pki.path(name).display().to_string();
     let config = format!(
         "[security]\ntls_cert = {:?}\ntls_key = {:?}\nclient_ca = {:?}\ntoken_file = {:?}\n",
         p("server.pem"),

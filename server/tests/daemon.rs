@@ -2,45 +2,28 @@
 //! through `wqd-client`: every RPC round-trips and the error statuses name what was wrong.
 //! Then the real binary: readiness line, refusal of a second instance, SIGTERM, exit codes.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use support::fixture;
 use tokio_stream::StreamExt;
 use tonic::Code;
-use wqd::config::{Config, Pinning, WorkqueueEntry};
+use wqd::config::{Config, WorkqueueEntry};
 use wqd::daemon::Daemon;
 use wqd_client::proto as v1;
 use wqd_client::{Batch, CancelScope, Client, Endpoint, FlushScope, Item};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../core/tests/fixtures")
-        .join(name)
-}
-
 fn config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.listen.socket = Some(dir.join("wqd.sock"));
-    c.topology.sysfs_root = Some(fixture("two-socket"));
-    c.topology.netlink = false;
-    c.topology.pinning = Pinning::Auto;
+    let mut c = support::config(dir, &fixture("two-socket"));
     c.limits.max_batch_items = 50_000;
     c.limits.max_payload_bytes = 64;
     c.workqueues.push(WorkqueueEntry {
-        name: "tiny".into(),
-        max_active: None,
-        max_waiting: None,
-        group_max_active: None,
-        ordered: None,
-        nice: None,
-        placement: None,
-        fallback: None,
         max_queued: Some(2),
-        on_worker_lost: None,
-        unserved: None,
+        ..support::workqueue("tiny")
     });
-    c.engine.shutdown_grace = Duration::from_millis(200);
     c
 }
 

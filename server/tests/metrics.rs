@@ -3,7 +3,6 @@
 //! then the real binary's `wqd: metrics on` line, the loopback rule, and the alert rules
 //! under `promtool` (skipped, saying why, when promtool is not installed).
 
-#[path = "../../core/tests/fixtures/support.rs"]
 mod support;
 
 use std::collections::BTreeMap;
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 use support::{copy_fixture, fixture, set_offline, set_online};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
-use wqd::config::{Config, Pinning, WorkqueueEntry};
+use wqd::config::{Config, WorkqueueEntry};
 use wqd::daemon::Daemon;
 use wqd_client::{Batch, Client, Endpoint, FlushScope, Item};
 
@@ -121,30 +120,17 @@ async fn scrape_until(addr: SocketAddr, what: &str, ok: impl Fn(&Scrape) -> bool
 
 fn workqueue(name: &str, fallback: &str) -> WorkqueueEntry {
     WorkqueueEntry {
-        name: name.into(),
-        max_active: None,
-        max_waiting: None,
-        group_max_active: None,
-        ordered: None,
-        nice: None,
-        placement: None,
         fallback: Some(fallback.into()),
         max_queued: Some(100),
-        on_worker_lost: None,
-        unserved: None,
+        ..support::workqueue(name)
     }
 }
 
 fn config(dir: &Path, sys: &Path) -> Config {
-    let mut c = Config::default();
-    c.listen.socket = Some(dir.join("wqd.sock"));
-    c.topology.sysfs_root = Some(sys.to_path_buf());
-    c.topology.netlink = false;
+    let mut c = support::config(dir, sys);
     c.topology.rescan = Duration::from_millis(50);
-    c.topology.pinning = Pinning::Auto;
     c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
     c.workqueues.push(workqueue("hold", "wait"));
-    c.engine.shutdown_grace = Duration::from_millis(200);
     c
 }
 

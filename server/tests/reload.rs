@@ -3,20 +3,17 @@
 //! took effect while items kept running; then a file that cannot apply live, and a broken
 //! one, are refused with the old config kept and the daemon serving.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use support::fixture;
 
 use tonic::Code;
 use wqd_client::{Batch, Client, ClientError, Endpoint, Item};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../core/tests/fixtures")
-        .join(name)
-}
 
 /// The file around the part a step changes.
 fn config(sock: &Path, body: &str) -> String {

@@ -5,14 +5,18 @@
 //! status, and nothing is queued or run (the daemon's own counters and marker files say so).
 //! Each test also shows the allowed path works, so a refusal is not an accident of set-up.
 
+mod support;
+
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use support::fixture;
+use support::pki::Pki;
 use tonic::Code;
-use wqd::config::{Config, Pinning};
+use wqd::config::Config;
 use wqd::daemon::Daemon;
 use wqd::security::IdSpec;
 use wqd_client::proto as v1;
@@ -21,20 +25,8 @@ use wqd_core::handler::exec::{ExecCommand, ExecConfig};
 
 const NOBODY: u32 = 65534;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../core/tests/fixtures")
-        .join(name)
-}
-
 fn config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.listen.socket = Some(dir.join("wqd.sock"));
-    c.topology.sysfs_root = Some(fixture("two-socket"));
-    c.topology.netlink = false;
-    c.topology.pinning = Pinning::Auto;
-    c.engine.shutdown_grace = Duration::from_millis(200);
-    c
+    support::config(dir, &fixture("two-socket"))
 }
 
 fn is_root() -> bool {
@@ -314,69 +306,13 @@ async fn socket_group_is_applied_at_bind() {
 // ---------------------------------------------------------------------------------------------
 // TCP: TLS, client certificates, bearer token.
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, both
-    /// signed by the CA, and a client certificate from an unrelated CA.
-    fn new() -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        let dir = tempfile::tempdir().unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf = |names: Vec<String>, issuer: &rcgen::Issuer<'_, KeyPair>| {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(names)
-                .unwrap()
-                .signed_by(&key, issuer)
-                .unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], &issuer);
-        let (client, client_key) = leaf(vec!["client.test".into()], &issuer);
-        let rogue_key = KeyPair::generate().unwrap();
-        let mut rogue_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        rogue_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let rogue_issuer = rcgen::Issuer::new(rogue_params, rogue_key);
-        let (rogue, rogue_key) = leaf(vec!["client.test".into()], &rogue_issuer);
-        for (name, pem) in [
-            ("ca.pem", ca.pem()),
-            ("server.pem", server),
-            ("server.key", server_key),
-            ("client.pem", client),
-            ("client.key", client_key),
-            ("rogue.pem", rogue),
-            ("rogue.key", rogue_key),
-        ] {
-            std::fs::write(dir.path().join(name), pem).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.path(name)).unwrap()
-    }
-
-    fn tls(&self, client: Option<&str>) -> TlsOptions {
-        TlsOptions {
-            ca_pem: Some(self.read("ca.pem")),
-            identity: client.map(|c| {
-                (
-                    self.read(&format!("{c}.pem")),
-                    self.read(&format!("{c}.key")),
-                )
-            }),
-            domain: None,
-        }
+/// Client TLS settings trusting the test CA, with the client certificate `client` (`client`,
+/// `rogue`) if given.
+fn tls(pki: &Pki, client: Option<&str>) -> TlsOptions {
+    TlsOptions {
+        ca_pem: Some(pki.read("ca.pem")),
+        identity: client.map(|c| (pki.read(&format!("{c}.pem")), pki.read(&format!("{c}.key")))),
+        domain: None,
     }
 }
 
@@ -404,7 +340,7 @@ async fn mtls_refuses_a_client_without_a_valid_certificate() {
 
     // TLS, but no client certificate: the handshake completes (so the refusal can be precise)
     // and every call is UNAUTHENTICATED.
-    let c = tcp_client(&d, pki.tls(None)).await.expect("tls connect");
+    let c = tcp_client(&d, tls(&pki, None)).await.expect("tls connect");
     let m = expect_code(c.submit(noop().wait(true)).await, Code::Unauthenticated);
     assert!(
         m.contains("requires a client certificate signed by security.client_ca"),
@@ -415,7 +351,7 @@ async fn mtls_refuses_a_client_without_a_valid_certificate() {
     // only when it next reads (the server verifies after the client's Finished), so the first
     // call fails with the transport's error rather than `connect`; which code the client
     // library makes of the closed connection depends on timing.
-    let e = match tcp_client(&d, pki.tls(Some("rogue"))).await {
+    let e = match tcp_client(&d, tls(&pki, Some("rogue"))).await {
         Err(e) => e,
         Ok(c) => c.submit(noop()).await.expect_err("rogue certificate"),
     };
@@ -434,7 +370,9 @@ async fn mtls_refuses_a_client_without_a_valid_certificate() {
     assert_nothing_happened(&local, 0).await;
 
     // The CA's client certificate is let in.
-    let ok = tcp_client(&d, pki.tls(Some("client"))).await.expect("mtls");
+    let ok = tcp_client(&d, tls(&pki, Some("client")))
+        .await
+        .expect("mtls");
     assert_eq!(ok.submit(noop().wait(true)).await.unwrap().results.len(), 1);
     d.shutdown().await;
 }
@@ -451,7 +389,7 @@ async fn a_missing_or_wrong_token_is_unauthenticated() {
     let d = Daemon::start(cfg).await.expect("start");
     let local = connect(&d).await;
 
-    let none = tcp_client(&d, pki.tls(None)).await.expect("tls connect");
+    let none = tcp_client(&d, tls(&pki, None)).await.expect("tls connect");
     let m = expect_code(none.submit(noop().wait(true)).await, Code::Unauthenticated);
     assert!(m.contains("missing `authorization: Bearer <token>`"), "{m}");
     let wrong = none

@@ -3,6 +3,8 @@
 //! order, and what a graceful stop cancelled), and socket activation by handing the daemon a
 //! listening socket on fd 3 with `LISTEN_FDS`/`LISTEN_PID`, as systemd does.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixDatagram, UnixListener};
@@ -10,14 +12,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::fixture;
 
 use wqd_client::{Batch, Client, Endpoint, Item};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../core/tests/fixtures")
-        .join(name)
-}
 
 fn wqd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_wqd"));
