@@ -26,11 +26,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
+#[path = "../core/tests/common/fixtures.rs"]
+mod fixtures;
 #[path = "support/python.rs"]
 pub mod python;
 
 use wqd_client::proto;
 use wqd_client::{Client, Endpoint};
+
+/// Writes `text` to `path` atomically (temporary file, then rename), so the daemon's rescan
+/// never reads a half-written file.
+pub use fixtures::write;
 
 /// How long a daemon may take to print its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -128,16 +134,14 @@ pub struct Fixture {
 impl Fixture {
     /// Copies fixture `name` (two-socket, vm8-offline, cgroup-restricted, empty-node).
     pub fn new(name: &str) -> Fixture {
-        let pristine = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../core/tests/fixtures")
-            .join(name);
+        let pristine = fixtures::fixture(name);
         assert!(pristine.is_dir(), "no fixture tree {}", pristine.display());
         let dir = tempfile::Builder::new()
             .prefix("wqd-e2e-sys")
             .tempdir()
             .expect("tempdir");
         let root = dir.path().join("sys");
-        copy_tree(&pristine, &root);
+        fixtures::copy_tree(&pristine, &root);
         Fixture {
             _dir: dir,
             root,
@@ -150,108 +154,14 @@ impl Fixture {
         &self.root
     }
 
-    /// Offlines `cpu` as the kernel does: its `topology/` and `cache/` go, its `online` file
-    /// reads 0, and it leaves the online mask, every sibling list, every cache's
-    /// `shared_cpu_list` and its node's `cpulist`.
+    /// Offlines `cpu` as the kernel does (see `core/tests/common/fixtures.rs`).
     pub fn set_offline(&self, cpu: u32) {
-        let cpus = self.root.join("devices/system/cpu");
-        let dir = cpus.join(format!("cpu{cpu}"));
-        let _ = fs::remove_dir_all(dir.join("topology"));
-        let _ = fs::remove_dir_all(dir.join("cache"));
-        write(&dir.join("online"), "0\n");
-        let mut files = Vec::new();
-        list_files(&self.root.join("devices/system"), &mut files);
-        for f in files {
-            let mut set = read_list(&f);
-            if set.remove(&cpu) {
-                write(&f, &format!("{}\n", cpulist(&set)));
-            }
-        }
-        // The online mask last: a reader that sees the CPU gone sees everything else gone too.
-        let mut offline = read_list(&cpus.join("offline"));
-        offline.insert(cpu);
-        write(&cpus.join("offline"), &format!("{}\n", cpulist(&offline)));
-        let mut online = read_list(&cpus.join("online"));
-        online.remove(&cpu);
-        write(&cpus.join("online"), &format!("{}\n", cpulist(&online)));
+        fixtures::set_offline(&self.root, cpu);
     }
 
     /// Undoes [`Fixture::set_offline`] from the pristine tree.
     pub fn set_online(&self, cpu: u32) {
-        let rel = format!("devices/system/cpu/cpu{cpu}");
-        for sub in ["topology", "cache"] {
-            let from = self.pristine.join(&rel).join(sub);
-            if from.is_dir() {
-                copy_tree(&from, &self.root.join(&rel).join(sub));
-            }
-        }
-        write(&self.root.join(&rel).join("online"), "1\n");
-        let mut files = Vec::new();
-        list_files(&self.pristine.join("devices/system"), &mut files);
-        for f in files {
-            if read_list(&f).contains(&cpu) {
-                let mine = self.root.join(f.strip_prefix(&self.pristine).unwrap());
-                if mine.exists() {
-                    let mut set = read_list(&mine);
-                    set.insert(cpu);
-                    write(&mine, &format!("{}\n", cpulist(&set)));
-                }
-            }
-        }
-        let cpus = self.root.join("devices/system/cpu");
-        let mut offline = read_list(&cpus.join("offline"));
-        offline.remove(&cpu);
-        write(&cpus.join("offline"), &format!("{}\n", cpulist(&offline)));
-        let mut online = read_list(&cpus.join("online"));
-        online.insert(cpu);
-        write(&cpus.join("online"), &format!("{}\n", cpulist(&online)));
-    }
-}
-
-fn copy_tree(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).unwrap();
-    for e in fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let (from, to) = (e.path(), dst.join(e.file_name()));
-        let ty = e.file_type().unwrap();
-        if ty.is_symlink() {
-            let _ = fs::remove_file(&to);
-            std::os::unix::fs::symlink(fs::read_link(&from).unwrap(), &to).unwrap();
-        } else if ty.is_dir() {
-            copy_tree(&from, &to);
-        } else {
-            fs::copy(&from, &to).unwrap();
-        }
-    }
-}
-
-/// Writes `text` to `path` atomically (temporary file, then rename), so the daemon's rescan
-/// never reads a half-written file.
-pub fn write(path: &Path, text: &str) {
-    let tmp = path.with_extension("e2e-tmp");
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(&tmp, text).unwrap();
-    fs::rename(&tmp, path).unwrap();
-}
-
-fn read_list(path: &Path) -> BTreeSet<u32> {
-    parse_cpulist(&fs::read_to_string(path).unwrap())
-}
-
-/// Every cpulist file under `devices/system` that names CPUs: `*_list` and `cpulist`.
-fn list_files(root: &Path, out: &mut Vec<PathBuf>) {
-    for e in fs::read_dir(root).unwrap() {
-        let e = e.unwrap();
-        let ty = e.file_type().unwrap();
-        let p = e.path();
-        if ty.is_dir() {
-            list_files(&p, out);
-        } else if ty.is_file() {
-            let name = e.file_name().into_string().unwrap();
-            if name.ends_with("_list") || name == "cpulist" {
-                out.push(p);
-            }
-        }
+        fixtures::set_online(&self.root, &self.pristine, cpu);
     }
 }
 

@@ -11,11 +11,9 @@ use wqd_core::topology::sysfs::Reader;
 
 #[path = "../../core/tests/common/mod.rs"]
 mod common;
-#[path = "../../core/tests/fixtures/support.rs"]
-mod support;
 
+pub use common::fixtures::{copy_tree, set_offline, set_online, write};
 pub use common::{next, snapshot, topology};
-pub use support::{copy_tree, set_offline, set_online, write};
 
 /// The committed sysfs fixture tree `name` (under `core/tests/fixtures`).
 pub fn fixture(name: &str) -> PathBuf {

@@ -1,9 +1,9 @@
 //! The exact groups and live sets each sysfs fixture tree yields, read through the real reader,
 //! the live view and the group map — and how they behave when a CPU goes offline in the tree.
 
-#[path = "fixtures/support.rs"]
-mod support;
+mod common;
 
+use common::fixtures;
 use wqd_core::cpuset::CpuSet;
 use wqd_core::groups::{Fallback, GroupsConfig, Level};
 use wqd_core::live::{LiveConfig, LiveView, Snapshot, Source};
@@ -46,7 +46,7 @@ fn level(s: &Snapshot, l: Level) -> Vec<String> {
 
 #[test]
 fn two_socket_groups_are_exact() {
-    let v = view(&support::fixture("two-socket"), 1);
+    let v = view(&fixtures::fixture("two-socket"), 1);
     let s = v.current();
     assert_eq!(s.live, set("0-13"), "isolated 14-15 are not live");
     assert_eq!(
@@ -89,7 +89,7 @@ fn two_socket_groups_are_exact() {
 
 #[test]
 fn vm8_offline_keeps_never_seen_cpus_out_of_topology_groups() {
-    let v = view(&support::fixture("vm8-offline"), 8);
+    let v = view(&fixtures::fixture("vm8-offline"), 8);
     let s = v.current();
     assert_eq!(s.live, set("0-4,7"));
     assert_eq!(members(&s, "node:0"), "0-4,7");
@@ -116,7 +116,7 @@ fn vm8_offline_keeps_never_seen_cpus_out_of_topology_groups() {
 
 #[test]
 fn cgroup_restricted_live_set_follows_the_cpuset() {
-    let v = view(&support::fixture("cgroup-restricted"), 8);
+    let v = view(&fixtures::fixture("cgroup-restricted"), 8);
     let s = v.current();
     assert_eq!(s.topology.allowed_source, AllowedSource::CgroupV1);
     assert_eq!(s.live, set("1-2"));
@@ -129,7 +129,7 @@ fn cgroup_restricted_live_set_follows_the_cpuset() {
 
 #[test]
 fn empty_node_widens_or_waits() {
-    let v = view(&support::fixture("empty-node"), 8);
+    let v = view(&fixtures::fixture("empty-node"), 8);
     let s = v.current();
     assert_eq!(s.live, set("0-3"));
     assert_eq!(members(&s, "node:1"), "");
@@ -147,10 +147,10 @@ fn empty_node_widens_or_waits() {
 
 #[test]
 fn an_offline_cpu_keeps_its_groups_and_leaves_the_live_set() {
-    let tree = support::copy_fixture("two-socket");
+    let tree = fixtures::copy_fixture("two-socket");
     let v = view(tree.path(), 1);
     let before = v.current();
-    support::set_offline(tree.path(), 5);
+    fixtures::set_offline(tree.path(), 5);
     let after = v
         .apply(Reader::fixture(tree.path()).read().unwrap(), Source::Rescan)
         .expect("a new epoch");
@@ -176,7 +176,7 @@ fn each_fans_out_over_every_group_of_a_level() {
     use wqd_core::groups::{GroupError, GroupMap};
     use wqd_core::target::Each;
     let names = |ts: Vec<Target>| ts.iter().map(Target::to_string).collect::<Vec<_>>();
-    let v = view(&support::fixture("two-socket"), 1);
+    let v = view(&fixtures::fixture("two-socket"), 1);
     let s = v.current();
     let each = |e: &str| names(s.groups.each(&e.parse::<Each>().unwrap()).unwrap());
     assert_eq!(
@@ -212,10 +212,10 @@ fn each_fans_out_over_every_group_of_a_level() {
     }
 
     // An LLC whose CPUs all went offline is still one of the groups.
-    let tree = support::copy_fixture("two-socket");
+    let tree = fixtures::copy_fixture("two-socket");
     let v = view(tree.path(), 1);
     for c in [6, 7] {
-        support::set_offline(tree.path(), c);
+        fixtures::set_offline(tree.path(), c);
     }
     let after = v
         .apply(Reader::fixture(tree.path()).read().unwrap(), Source::Rescan)
@@ -270,7 +270,7 @@ fn each_fans_out_over_every_group_of_a_level() {
 #[test]
 fn each_node_includes_a_memory_only_node() {
     use wqd_core::target::Each;
-    let v = view(&support::fixture("empty-node"), 8);
+    let v = view(&fixtures::fixture("empty-node"), 8);
     let s = v.current();
     let nodes: Vec<String> = s
         .groups
@@ -286,7 +286,7 @@ fn each_node_includes_a_memory_only_node() {
 fn each_cpu_and_core_include_cpus_never_seen_online() {
     use wqd_core::groups::{GroupError, GroupMap};
     use wqd_core::target::Each;
-    let v = view(&support::fixture("vm8-offline"), 8);
+    let v = view(&fixtures::fixture("vm8-offline"), 8);
     let s = v.current();
     let names = |e: Each| -> Vec<String> {
         s.groups

@@ -1,15 +1,14 @@
 //! The live view (epochs, live sets, listeners, watch) and the Monitor threads, driven by fixture
 //! trees changed on disk.
 
-#[path = "fixtures/support.rs"]
-mod support;
+mod common;
 
 use std::fs;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{copy_fixture, fixture, set_offline, set_online, write};
+use common::fixtures::{copy_fixture, fixture, set_offline, set_online, write};
 use wqd_core::groups::GroupsConfig;
 use wqd_core::live::{LiveConfig, LiveView, Monitor, MonitorConfig, Snapshot, Source};
 use wqd_core::topology::sysfs::Reader;

@@ -1,14 +1,13 @@
 //! The sysfs reader against the fixture trees (and the real host), remembered membership across
 //! hotplug, and the cpulist grammar under random input.
 
-#[path = "fixtures/support.rs"]
-mod support;
+mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
 
+use common::fixtures::{copy_fixture, fixture, possible400, set_offline, set_online, write};
 use proptest::prelude::*;
-use support::{copy_fixture, fixture, possible400, set_offline, set_online, write};
 use wqd_core::topology::sysfs::Reader;
 use wqd_core::topology::{AllowedSource, CacheInfo, CpuTopo, Topology, TopologyError};
 use wqd_core::CpuSet;

@@ -1,5 +1,9 @@
-//! Helpers shared by the engine tests: made-up topologies and snapshots.
+//! The test support of wqd-core, shared by its tests (and included by path by the daemon's
+//! tests and the benchmarks): made-up topologies and snapshots here, the committed sysfs
+//! fixture trees and the edits hotplug makes to them in [`fixtures`].
 #![allow(dead_code)]
+
+pub mod fixtures;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

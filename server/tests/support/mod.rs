@@ -4,7 +4,7 @@
 //! `[[workqueue]]` entry with every key unset, and a throwaway PKI ([`pki`]).
 #![allow(dead_code)]
 
-#[path = "../../../core/tests/fixtures/support.rs"]
+#[path = "../../../core/tests/common/fixtures.rs"]
 mod fixtures;
 pub mod pki;
 
