@@ -41,7 +41,8 @@ use std::ops::Range;
 
 use smallvec::SmallVec;
 
-use crate::conn::PREFACE;
+/// The HTTP/2 client preface every connection opens with.
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Most bytes (frame headers included) of one header block held to rewrite it; a larger block
 /// passes through unchanged. Clients send a few hundred bytes.

@@ -55,7 +55,9 @@ use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::authority::Rewriter;
+pub use crate::authority::PREFACE;
 use crate::security::{PeerStream, UnixPeer};
+use crate::shared::write_through;
 
 /// An fd-exhaustion or unexpected accept error is logged at most this often per listener.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -269,8 +271,6 @@ pub fn fds_in_use() -> Option<u64> {
     Some(n.saturating_sub(1))
 }
 
-/// The HTTP/2 client preface every connection opens with.
-pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Largest first-frame payload counted: the default SETTINGS_MAX_FRAME_SIZE (hyper refuses
 /// a larger frame before any settings are exchanged).
 const MAX_FIRST_FRAME: usize = 16_384;
@@ -342,49 +342,6 @@ impl LogLimit {
         }
     }
 }
-
-/// `AsyncWrite` for a wrapper whose writes go straight to its field `$field` (the wrappers
-/// here change only what is read): `write_through!([generics] Type, field);`.
-macro_rules! write_through {
-    ([$($g:tt)*] $ty:ty, $field:ident) => {
-        impl<$($g)*> tokio::io::AsyncWrite for $ty {
-            fn poll_write(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                buf: &[u8],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.get_mut().$field), cx, buf)
-            }
-            fn poll_flush(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.get_mut().$field), cx)
-            }
-            fn poll_shutdown(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut self.get_mut().$field), cx)
-            }
-            fn poll_write_vectored(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                bufs: &[std::io::IoSlice<'_>],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                tokio::io::AsyncWrite::poll_write_vectored(
-                    std::pin::Pin::new(&mut self.get_mut().$field),
-                    cx,
-                    bufs,
-                )
-            }
-            fn is_write_vectored(&self) -> bool {
-                tokio::io::AsyncWrite::is_write_vectored(&self.$field)
-            }
-        }
-    };
-}
-pub(crate) use write_through;
 
 // ---------------------------------------------------------------------------------------------
 // The accept loop

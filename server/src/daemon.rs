@@ -437,7 +437,7 @@ impl Daemon {
         let st = stopping.clone();
         servers.push(tokio::spawn(async move {
             let r = router
-                .serve_with_incoming_shutdown(unix_incoming, crate::rpc::stopped(st))
+                .serve_with_incoming_shutdown(unix_incoming, crate::shared::stopped(st))
                 .await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "unix listener failed");
@@ -459,7 +459,7 @@ impl Daemon {
                 let st = stopping.clone();
                 servers.push(tokio::spawn(async move {
                     let r = router
-                        .serve_with_incoming_shutdown(incoming, crate::rpc::stopped(st))
+                        .serve_with_incoming_shutdown(incoming, crate::shared::stopped(st))
                         .await;
                     if let Err(e) = r {
                         tracing::error!(error = %e, "tcp listener failed");

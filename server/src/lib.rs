@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod reload;
 pub mod rpc;
 pub mod security;
+pub mod shared;
 pub mod systemd;

@@ -700,7 +700,7 @@ impl AsyncRead for PeerStream {
     }
 }
 
-crate::conn::write_through!([] PeerStream, io);
+crate::shared::write_through!([] PeerStream, io);
 
 // The daemon accepts Unix connections through `crate::conn::Incoming`, which wraps each
 // `PeerStream` in a `crate::conn::Conn`: requests then carry `ConnInfo<UnixPeer>`.

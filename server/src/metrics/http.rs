@@ -77,7 +77,7 @@ async fn accept_loop(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // Dropped (aborting every connection task) when the loop returns.
     let mut conns = tokio::task::JoinSet::new();
-    let stop = crate::rpc::stopped(stopping);
+    let stop = crate::shared::stopped(stopping);
     tokio::pin!(stop);
     let mut upkeep = tokio::time::interval(UPKEEP);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

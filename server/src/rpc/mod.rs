@@ -382,16 +382,6 @@ pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Resolves once `stopping` says the daemon is shutting down.
-pub(crate) async fn stopped(mut stopping: watch::Receiver<bool>) {
-    while !*stopping.borrow_and_update() {
-        if stopping.changed().await.is_err() {
-            // The daemon dropped its sender: treat as stopping.
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

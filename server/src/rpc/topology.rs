@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 use wqd_proto::v1;
 
 use super::convert::snapshot_out;
-use super::{stopped, Rpc};
+use super::Rpc;
+use crate::shared::stopped;
 use wqd_core::live::Snapshot;
 
 type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
