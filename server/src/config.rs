@@ -1,30 +1,50 @@
-//! The daemon's configuration: the TOML file (`--config FILE`, else `/etc/wqd/wqd.toml` when
-//! present, else the embedded defaults), its defaults, its checks, and the conversion into
-//! what the other layers take ([`EngineConfig`], [`LiveConfig`], [`MonitorConfig`], the
-//! handler [`Registry`]).
+//! The daemon's configuration file: the TOML (`--config FILE`, else `/etc/wqd/wqd.toml` when
+//! present, else the embedded defaults), the [`Config`] that aggregates its sections, and the
+//! conversion of the core's sections into what the core takes ([`EngineConfig`],
+//! [`LiveConfig`], [`MonitorConfig`], the handler allowlist).
 //!
-//! Owns: the file format (every table is `deny_unknown_fields`) and [`ConfigError`].
-//! Invariant: a [`Config`] that [`Config::validate`] accepted converts into the engine, live
+//! Owns: the file format (every table is `deny_unknown_fields`), the sections that configure
+//! the core (`[topology]`, `[[group]]`, `[[partition]]`, `[[workqueue]]`, `[engine]`, `[exec]`)
+//! and [`ConfigError`]. Each daemon layer owns its own section type and its pure check
+//! (`[listen]` in [`crate::listen`], `[metrics]` in [`crate::metrics`], `[security]` in
+//! [`crate::security`], `[limits]` in [`crate::rpc::limits`], `[workers]` in
+//! [`crate::rpc::worker`], `[log]` in [`crate::logging`]); they are re-exported here.
+//!
+//! Invariants: a [`Config`] is plain data, and [`Config::validate`] does no I/O of its own:
+//! it runs every section's pure check (resolving users and groups and reading TLS and token
+//! files is the daemon's, once at start; only `[exec]`'s own check, in the core, still looks
+//! its `run_as_user` up). A config that `validate` accepted converts into the engine, live
 //! view and handler settings without further errors; every error names the key (`limits.
 //! max_batch_items`, `group[2].cpus`, ...) and the problem. Command-line flags are applied on
-//! top of the file by the binary before `validate` runs.
+//! top of the file by the binary before `validate` runs. Only the daemon's wiring
+//! (`crate::daemon`, the binary) and `crate::reload` import this module.
 //!
-//! To add a section (metrics, security, reload), add a field with `#[serde(default)]` to
-//! [`Config`], its checks to [`Config::validate`], and its keys to `docs/daemon.md`.
+//! To add a section, give its layer the section type (`#[serde(default, deny_unknown_fields)]`)
+//! and a pure `check`, add a field to [`Config`] and the call to [`Config::validate`], and
+//! its keys to `docs/daemon.md` and `deploy/wqd.toml`.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{EngineConfig, WorkqueueAttrs};
 use wqd_core::groups::{Fallback, GroupsConfig, Placement};
 use wqd_core::handler::exec::ExecConfig;
 use wqd_core::live::{LiveConfig, MonitorConfig};
+
+use crate::settings::{de_duration, Invalid};
+
+// The sections each layer owns, re-exported so `wqd::config::X` names every section type.
+pub use crate::listen::{parse_mode, ListenConfig, KEEPALIVE_TIMEOUT};
+pub use crate::logging::LogConfig;
+pub use crate::metrics::MetricsConfig;
+pub use crate::rpc::limits::{Limits, SharedLimits};
+pub use crate::rpc::worker::{WorkerRule, WorkersSection};
+pub use crate::security::{IdSpec, SecurityConfig};
 
 /// The file read when `--config` is not given, if it exists.
 pub const SYSTEM_CONFIG_PATH: &str = "/etc/wqd/wqd.toml";
@@ -42,6 +62,15 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
     #[error("config key {key}: {problem}")]
     Invalid { key: String, problem: String },
+}
+
+impl From<Invalid> for ConfigError {
+    fn from(e: Invalid) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            problem: e.problem,
+        }
+    }
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
@@ -83,202 +112,10 @@ pub struct Config {
     pub engine: EngineSection,
     pub log: LogConfig,
     /// Who may connect and call what: see `crate::security` and `docs/security.md`.
-    pub security: crate::security::SecurityConfig,
+    pub security: SecurityConfig,
     /// Attached workers (`WorkerService`): who may serve which handler names; see
     /// `docs/workers.md`.
     pub workers: WorkersSection,
-}
-
-/// `[workers]`: worker processes that attach over `WorkerService.Attach`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct WorkersSection {
-    /// Handler names attached workers will serve, declared so a submit may name them before
-    /// any worker serving them attaches (names served once stay known until restart anyway).
-    pub handlers: Vec<String>,
-    /// Attached workers at most (more are refused with RESOURCE_EXHAUSTED).
-    pub max_workers: usize,
-    /// Items one slot may hold at once (its credits are clamped to this). 1 sends an item
-    /// only to a slot that is idle, so it starts at once on a CPU checked live.
-    pub max_credits: u32,
-    /// Who may attach, serving what. Empty: root and the daemon's own user may serve any
-    /// name over the Unix socket; nobody over TCP.
-    pub allow: Vec<WorkerRule>,
-}
-
-impl Default for WorkersSection {
-    fn default() -> Self {
-        Self {
-            handlers: Vec::new(),
-            max_workers: 256,
-            max_credits: 1,
-            allow: Vec::new(),
-        }
-    }
-}
-
-/// One `[[workers.allow]]` rule: a peer matching any of its uids, gids (primary or
-/// supplementary; Unix socket) or certificate names (subject CN or DNS SAN of the TCP
-/// client certificate) may serve the handler names matching its `handlers` patterns (exact
-/// names, `prefix*`, or `*`).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct WorkerRule {
-    pub uids: Vec<crate::security::IdSpec>,
-    pub gids: Vec<crate::security::IdSpec>,
-    pub cert_names: Vec<String>,
-    pub handlers: Vec<String>,
-}
-
-/// `[listen]`
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct ListenConfig {
-    /// The Unix socket; default `wqd_proto::socket::default_socket_path()`.
-    pub socket: Option<PathBuf>,
-    /// Permission bits of the socket file (TOML `0o660` or the string `"0660"`).
-    #[serde(deserialize_with = "de_mode")]
-    pub socket_mode: u32,
-    /// An optional TCP listener, e.g. `127.0.0.1:7070` (port 0 picks a free port).
-    pub tcp: Option<SocketAddr>,
-    /// Allow `tcp` on a non-loopback address.
-    pub allow_remote: bool,
-    /// Open connections per listener at most; more are accepted and closed at once. Lowered
-    /// at start when RLIMIT_NOFILE leaves less room (see `crate::conn`).
-    pub max_connections: usize,
-    /// A connection must finish its handshake (TLS, then the HTTP/2 preface) this soon.
-    #[serde(deserialize_with = "de_duration")]
-    pub handshake_timeout: Duration,
-    /// A connection without an open request for this long is closed (0 = never).
-    #[serde(deserialize_with = "de_duration")]
-    pub idle_timeout: Duration,
-    /// HTTP/2 PING every this long on each connection; a peer that does not answer within
-    /// [`KEEPALIVE_TIMEOUT`] is dropped, even with a stream open (0 = no pings).
-    #[serde(deserialize_with = "de_duration")]
-    pub keepalive_interval: Duration,
-    /// Rewrite the `:authority` values hyper's h2 refuses (the socket path that grpcio, grpc-java
-    /// and grpc-swift send) on the Unix socket; see `crate::authority`.
-    pub rewrite_authority: bool,
-}
-
-/// How long a keepalive PING may go unanswered (`listen.keepalive_interval`).
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
-impl Default for ListenConfig {
-    fn default() -> Self {
-        Self {
-            socket: None,
-            socket_mode: 0o660,
-            tcp: None,
-            allow_remote: false,
-            max_connections: 1024,
-            handshake_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(300),
-            keepalive_interval: Duration::from_secs(60),
-            rewrite_authority: true,
-        }
-    }
-}
-
-impl ListenConfig {
-    /// The socket path in force.
-    pub fn socket_path(&self) -> PathBuf {
-        self.socket
-            .clone()
-            .unwrap_or_else(wqd_proto::socket::default_socket_path)
-    }
-}
-
-/// `[metrics]`
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Where to serve Prometheus metrics (`GET /metrics`); loopback unless
-    /// `listen.allow_remote`. See docs/metrics.md.
-    pub listen: Option<SocketAddr>,
-}
-
-/// `[log]`
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// An `EnvFilter` directive such as `info` or `wqd=debug`; `--log-level` and `RUST_LOG`
-    /// take precedence.
-    pub level: Option<String>,
-}
-
-/// `[limits]`: what one request may carry. Every refusal names the limit.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(default, deny_unknown_fields)]
-pub struct Limits {
-    /// Largest gRPC message decoded or encoded, in bytes.
-    pub max_message_bytes: usize,
-    /// Items in one batch (Submit or the whole of a SubmitStream), and ids in one GetResults.
-    pub max_batch_items: usize,
-    /// Payload bytes of one item.
-    pub max_payload_bytes: usize,
-    /// Default `max_queued` of every workqueue (items not yet terminal).
-    pub max_queued: usize,
-    /// Longest `delay` an item may ask for.
-    #[serde(deserialize_with = "de_duration")]
-    pub max_delay: Duration,
-    /// Longest `deadline` an item may ask for.
-    #[serde(deserialize_with = "de_duration")]
-    pub max_deadline: Duration,
-    /// Bytes of one result's output, and of its error text, kept at most (longer ones are
-    /// cut, saying so). Restart-only.
-    pub max_result_bytes: usize,
-    /// Memory one request may make the daemon hold while it decodes and checks it, estimated
-    /// from its item count and size before it is decoded (see docs/status-codes.md).
-    pub max_request_memory: usize,
-}
-
-/// The limits in force, shared by the RPC layer and swapped whole by a SIGHUP reload. Readers
-/// take a snapshot with [`load`](Self::load) (lock-free); a request sees one version throughout.
-#[derive(Clone, Default)]
-pub struct SharedLimits(std::sync::Arc<arc_swap::ArcSwap<Limits>>);
-
-impl SharedLimits {
-    pub fn new(l: Limits) -> Self {
-        Self(std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(l)))
-    }
-
-    /// The limits in force now.
-    pub fn load(&self) -> std::sync::Arc<Limits> {
-        self.0.load_full()
-    }
-
-    /// Replaces the limits; requests already past their checks keep the old ones.
-    pub fn store(&self, l: Limits) {
-        self.0.store(std::sync::Arc::new(l));
-    }
-}
-
-impl std::fmt::Debug for SharedLimits {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.load().fmt(f)
-    }
-}
-
-impl From<Limits> for SharedLimits {
-    fn from(l: Limits) -> Self {
-        Self::new(l)
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 64 << 20,
-            max_batch_items: 1 << 22,
-            max_payload_bytes: 1 << 20,
-            max_queued: 1 << 22,
-            max_delay: Duration::from_secs(365 * 86_400),
-            max_deadline: Duration::from_secs(365 * 86_400),
-            max_result_bytes: 64 << 10,
-            max_request_memory: 512 << 20,
-        }
-    }
 }
 
 /// `[topology]`
@@ -395,33 +232,6 @@ impl Default for EngineSection {
     }
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!("bad duration {s:?}: {e} (e.g. \"500ms\", \"10s\")"))
-    })
-}
-
-fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Mode {
-        Int(u32),
-        Str(String),
-    }
-    match Mode::deserialize(d)? {
-        Mode::Int(m) => Ok(m),
-        Mode::Str(s) => parse_mode(&s).map_err(serde::de::Error::custom),
-    }
-}
-
-/// Parses an octal mode such as `0660` or `0o660`.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let digits = t.strip_prefix("0o").unwrap_or(t);
-    u32::from_str_radix(digits, 8).map_err(|_| format!("bad octal mode {s:?} (e.g. \"0660\")"))
-}
-
 /// Parses `first|spread|least-loaded|idle`.
 fn parse_placement(s: &str) -> Result<Placement, String> {
     Placement::from_str(s).map_err(|e| e.to_string())
@@ -480,135 +290,12 @@ impl Config {
     /// # Errors
     /// The first [`ConfigError::Invalid`] found, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.listen;
-        if l.socket_mode > 0o777 {
-            return Err(invalid(
-                "listen.socket_mode",
-                format!(
-                    "{:o} is not a permission mode (at most 0777)",
-                    l.socket_mode
-                ),
-            ));
-        }
-        if let Some(p) = &l.socket {
-            if p.as_os_str().is_empty() {
-                return Err(invalid("listen.socket", "empty path"));
-            }
-        }
-        if let Some(addr) = l.tcp {
-            if !addr.ip().is_loopback() && !l.allow_remote {
-                return Err(invalid(
-                    "listen.tcp",
-                    format!("{addr} is not a loopback address; set listen.allow_remote = true (or pass --allow-remote) to listen on it"),
-                ));
-            }
-        }
-        if l.max_connections == 0 {
-            return Err(invalid("listen.max_connections", "must be at least 1"));
-        }
-        let ms10 = Duration::from_millis(10);
-        if l.handshake_timeout < ms10 {
-            return Err(invalid(
-                "listen.handshake_timeout",
-                format!(
-                    "{:?} is too short (at least 10ms; it cannot be off)",
-                    l.handshake_timeout
-                ),
-            ));
-        }
-        for (key, d) in [
-            ("listen.idle_timeout", l.idle_timeout),
-            ("listen.keepalive_interval", l.keepalive_interval),
-        ] {
-            if !d.is_zero() && d < ms10 {
-                return Err(invalid(
-                    key,
-                    format!("{d:?} is too short (at least 10ms, or \"0s\" for off)"),
-                ));
-            }
-        }
-        // Under TLS the idle clock starts at accept (see crate::conn): a shorter idle timeout
-        // would cut handshakes short.
-        if !l.idle_timeout.is_zero() && l.idle_timeout < l.handshake_timeout {
-            return Err(invalid(
-                "listen.idle_timeout",
-                format!(
-                    "{:?} is shorter than listen.handshake_timeout ({:?}); use at least that, or \"0s\" for off",
-                    l.idle_timeout, l.handshake_timeout
-                ),
-            ));
-        }
-        crate::metrics::check_config(self)?;
-        let w = &self.workers;
-        if w.max_workers == 0 {
-            return Err(invalid("workers.max_workers", "must be at least 1"));
-        }
-        if !(1..=64).contains(&w.max_credits) {
-            return Err(invalid(
-                "workers.max_credits",
-                format!("{} must be in 1..=64", w.max_credits),
-            ));
-        }
-        for h in &w.handlers {
-            wqd_core::engine::check_worker_handler_name(h)
-                .map_err(|e| invalid("workers.handlers", e))?;
-        }
-        for (i, r) in w.allow.iter().enumerate() {
-            if r.handlers.is_empty() {
-                return Err(invalid(
-                    format!("workers.allow[{i}].handlers"),
-                    "must name at least one handler pattern (\"*\" for any)",
-                ));
-            }
-            if r.uids.is_empty() && r.gids.is_empty() && r.cert_names.is_empty() {
-                return Err(invalid(
-                    format!("workers.allow[{i}]"),
-                    "names nobody: give uids, gids or cert_names",
-                ));
-            }
-            for p in &r.handlers {
-                let name = p.strip_suffix('*').unwrap_or(p);
-                if !name.is_empty() {
-                    wqd_core::engine::check_worker_handler_name(name)
-                        .map_err(|e| invalid(format!("workers.allow[{i}].handlers"), e))?;
-                }
-            }
-        }
-        let lim = &self.limits;
-        for (key, v) in [
-            ("limits.max_message_bytes", lim.max_message_bytes),
-            ("limits.max_batch_items", lim.max_batch_items),
-            ("limits.max_queued", lim.max_queued),
-            ("limits.max_result_bytes", lim.max_result_bytes),
-            ("limits.max_request_memory", lim.max_request_memory),
-            ("engine.results_memory", self.engine.results_memory),
-        ] {
-            if v == 0 {
-                return Err(invalid(key, "must be at least 1"));
-            }
-        }
-        // The engine's clock must be able to hold now + the longest duration; a century is
-        // far past any use and far inside what `Instant` holds.
-        const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
-        for (key, v) in [
-            ("limits.max_delay", lim.max_delay),
-            ("limits.max_deadline", lim.max_deadline),
-        ] {
-            if v > CENTURY {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "{} is too long (at most 100 years)",
-                        humantime::format_duration(v)
-                    ),
-                ));
-            }
-        }
-        if lim.max_message_bytes < 1024 {
-            return Err(invalid(
-                "limits.max_message_bytes",
-                format!("{} is too small (at least 1024)", lim.max_message_bytes),
-            ));
+        self.listen.check()?;
+        self.metrics.check(self.listen.allow_remote)?;
+        self.workers.check()?;
+        self.limits.check()?;
+        if self.engine.results_memory == 0 {
+            return Err(invalid("engine.results_memory", "must be at least 1"));
         }
         if self.topology.rescan < Duration::from_millis(10) {
             return Err(invalid(
@@ -637,22 +324,10 @@ impl Config {
         if e.max_workers_per_cpu == 0 {
             return Err(invalid("engine.max_workers_per_cpu", "must be at least 1"));
         }
-        if let Some(level) = &self.log.level {
-            tracing_subscriber::EnvFilter::try_new(level).map_err(|err| {
-                invalid(
-                    "log.level",
-                    format!(
-                        "bad filter {level:?}: {err} (e.g. \"info\", \"wqd=debug,tonic=warn\")"
-                    ),
-                )
-            })?;
-        }
-        // [security]: resolves users and groups, reads the TLS and token files (see security.rs).
-        crate::security::Security::resolve(&self.security, &self.listen)
-            .map_err(crate::security::SecurityError::into_config)?;
-        let euid = nix::unistd::geteuid().as_raw();
-        crate::security::check_exec(&self.security, self.exec.as_ref(), euid)
-            .map_err(crate::security::SecurityError::into_config)?;
+        self.log.check()?;
+        // [security]: only what needs no I/O; users, groups and files are resolved once at
+        // start (crate::daemon) and re-checked on reload (crate::reload).
+        self.security.check(self.listen.tcp)?;
         Ok(())
     }
 

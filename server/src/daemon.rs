@@ -280,6 +280,8 @@ impl Daemon {
         activated: Option<std::os::unix::net::UnixListener>,
     ) -> Result<Daemon, DaemonError> {
         cfg.validate()?;
+        // [security]: users, groups, TLS and token files, resolved once here (see security.rs).
+        let security = Security::resolve(&cfg.security, cfg.listen.tcp, cfg.exec.as_ref())?;
         // Before anything opens descriptors: the budget below is computed from the raised limit.
         let nofile = crate::conn::raise_nofile().ok();
         let is_activated = activated.is_some();
@@ -311,7 +313,6 @@ impl Daemon {
         };
         // [security]: the socket's group (systemd's SocketGroup= sets it on a passed socket),
         // then the guarded servers below (see security.rs).
-        let security = Security::resolve(&cfg.security, &cfg.listen)?;
         if socket_file.is_some() {
             security.chown_socket(&socket)?;
         }
@@ -357,7 +358,7 @@ impl Daemon {
             }
         }));
         ecfg.load = load.as_ref().map(|l| l.hook());
-        let metrics = crate::metrics::for_config(&cfg)?;
+        let metrics = crate::metrics::for_config(&cfg.metrics)?;
         ecfg.observer = metrics.as_ref().map(|m| m.observer());
         let registry = Registry::with_builtins(cfg.exec.clone());
         let engine = Arc::new(Engine::start(ecfg, registry, view.current())?);
@@ -400,7 +401,7 @@ impl Daemon {
 
         let (stop, stopping) = watch::channel(false);
         let metrics_server =
-            crate::metrics::serve(&metrics, &cfg, &engine, &view, &stopping).await?;
+            crate::metrics::serve(&metrics, &cfg.metrics, &engine, &view, &stopping).await?;
         let metrics_addr = metrics_server.as_ref().map(|m| m.local_addr());
         let rpc = Rpc {
             engine: engine.clone(),

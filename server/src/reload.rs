@@ -3,7 +3,7 @@
 //!
 //! Owns: the split of config keys into *live* and *restart-only*, and the two-phase reload.
 //! Invariant: a reload is all or nothing. [`plan`] checks everything first (the new file's own
-//! validity, every restart-only key, every workqueue change against the engine's current
+//! validity, its `[security]` resolved again as at start, every restart-only key, every workqueue change against the engine's current
 //! contents) and touches nothing; only a complete [`Plan`] is [`apply`]d. The one step that can
 //! still fail while applying, toggling `ordered` on a workqueue that became non-empty after
 //! the check, runs first and is rolled back on failure, so the old config stays in force.
@@ -23,7 +23,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{Config, ConfigError, Limits, SharedLimits};
+use crate::config::{Config, ConfigError};
+use crate::rpc::limits::{Limits, SharedLimits};
+use crate::security::{Security, SecurityError};
 use wqd_core::engine::{Engine, EngineError, WorkqueueAttrs, WorkqueueStats};
 use wqd_core::groups::GroupsConfig;
 use wqd_core::handler::exec::ExecConfig;
@@ -35,6 +37,10 @@ use wqd_core::live::LiveView;
 pub enum ReloadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// `[security]` (or an `[exec]` that would run as root) no longer resolves: a user, group
+    /// or file changed under the running daemon.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     #[error("config key {key} changed ({old} -> {new}) but cannot change while wqd runs; restart wqd to apply it")]
     NeedsRestart {
         key: String,
@@ -51,8 +57,7 @@ pub enum ReloadError {
     },
 }
 
-/// Sets the log filter (the binary's reload handle); `Err` names the problem.
-pub type LogSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub use crate::logging::LogSetter;
 
 /// What a reload will do, computed by [`plan`] without side effects.
 #[derive(Debug, Default)]
@@ -264,11 +269,16 @@ fn wq_map(c: &Config) -> Result<BTreeMap<String, (usize, WorkqueueAttrs)>, Confi
 /// Touches nothing.
 ///
 /// # Errors
-/// [`ReloadError::Config`] when `new` is invalid, [`ReloadError::NeedsRestart`] naming the
+/// [`ReloadError::Config`] when `new` is invalid, [`ReloadError::Security`] when its
+/// `[security]` or `[exec]` no longer resolves, [`ReloadError::NeedsRestart`] naming the
 /// first restart-only key that changed, [`ReloadError::Workqueue`] for a change the engine
 /// would refuse (toggling `ordered` on a non-empty workqueue).
 pub fn plan(old: &Config, new: &Config, current: &[WorkqueueStats]) -> Result<Plan, ReloadError> {
     new.validate()?;
+    // The I/O half of the checks start-up made: `[security]` is restart-only, but its users,
+    // groups and files may have changed since, and `[exec]` is live (it must not start to run
+    // as root). The daemon keeps the `Security` it resolved at start.
+    Security::resolve(&new.security, new.listen.tcp, new.exec.as_ref())?;
     check_restart_only(old, new)?;
     let mut p = Plan::default();
     let was = wq_map(old)?;

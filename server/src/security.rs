@@ -47,8 +47,8 @@ use tonic::Status;
 use tower::layer::util::{Identity as NoLayer, Stack};
 use tower::{Layer, Service};
 
-use crate::config::{ConfigError, ListenConfig};
 use crate::conn::ConnInfo;
+use crate::settings::{invalid as invalid_setting, Invalid};
 use wqd_core::handler::exec::ExecConfig;
 
 /// A user or group in the config: a number, or a name resolved when the config is loaded.
@@ -118,6 +118,118 @@ impl Default for SecurityConfig {
     }
 }
 
+impl SecurityConfig {
+    /// The checks that need no I/O: a TLS identity is whole, client certificates come with
+    /// TLS, and the rules between these settings and the TCP listener `tcp` (`listen.tcp`;
+    /// see `docs/security.md`). Returns the settings that are allowed but weaker than they may
+    /// look, as warnings.
+    ///
+    /// # Errors
+    /// [`Invalid`] naming the first key found wrong.
+    pub fn check(&self, tcp: Option<SocketAddr>) -> Result<Vec<String>, Invalid> {
+        let tls = self.tls_files()?.is_some();
+        let mut warnings = Vec::new();
+        let authenticated = self.client_ca.is_some() || self.token_file.is_some();
+        let restricted = !self.allowed_uids.is_empty() || !self.allowed_gids.is_empty();
+        match tcp {
+            Some(addr) => {
+                let loopback = addr.ip().is_loopback();
+                if !tls && !self.tcp_plaintext_loopback {
+                    return Err(invalid_setting(
+                        "security.tcp_plaintext_loopback",
+                        format!(
+                            "listen.tcp {addr} would serve plaintext: set security.tls_cert and \
+                             security.tls_key, or security.tcp_plaintext_loopback = true \
+                             (loopback addresses only)"
+                        ),
+                    ));
+                }
+                if !tls && !loopback {
+                    return Err(invalid_setting(
+                        "security.tcp_plaintext_loopback",
+                        format!(
+                            "allows plaintext on a loopback address only, and listen.tcp {addr} \
+                             is not one: set security.tls_cert and security.tls_key"
+                        ),
+                    ));
+                }
+                if !loopback && !authenticated {
+                    return Err(invalid_setting(
+                        "security.client_ca",
+                        format!(
+                            "listen.tcp {addr} is reachable from other hosts but asks no \
+                             credentials: set security.client_ca and/or security.token_file"
+                        ),
+                    ));
+                }
+                if restricted && !authenticated {
+                    return Err(invalid_setting(
+                        "security.token_file",
+                        format!(
+                            "security.allowed_uids/allowed_gids restrict the Unix socket, but \
+                             any local user could reach listen.tcp {addr} without credentials: \
+                             set security.token_file or security.client_ca, or remove listen.tcp"
+                        ),
+                    ));
+                }
+                if !authenticated {
+                    warnings.push(format!(
+                        "listen.tcp {addr} asks no credentials: every local user can submit \
+                         work through it (set security.token_file or security.client_ca)"
+                    ));
+                }
+            }
+            None => {
+                if tls || self.token_file.is_some() {
+                    warnings.push(
+                        "security.tls_cert/client_ca/token_file apply to listen.tcp only, \
+                         which is not set"
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        if !self.read_open && !restricted {
+            warnings.push(
+                "security.read_open = false has no effect without security.allowed_uids or \
+                 security.allowed_gids"
+                    .to_string(),
+            );
+        }
+        Ok(warnings)
+    }
+
+    /// The TLS certificate and key files, when both are set.
+    ///
+    /// # Errors
+    /// [`Invalid`] when only one of them is, or `client_ca` is set without them.
+    fn tls_files(&self) -> Result<Option<(&PathBuf, &PathBuf)>, Invalid> {
+        let files = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid_setting(
+                    "security.tls_key",
+                    "security.tls_cert is set but its key is not",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid_setting(
+                    "security.tls_cert",
+                    "security.tls_key is set but its certificate is not",
+                ))
+            }
+        };
+        if self.client_ca.is_some() && files.is_none() {
+            return Err(invalid_setting(
+                "security.client_ca",
+                "client certificates need TLS: set security.tls_cert and security.tls_key",
+            ));
+        }
+        Ok(files)
+    }
+}
+
 /// Errors of the security layer.
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
@@ -142,15 +254,13 @@ impl SecurityError {
     pub fn is_config(&self) -> bool {
         matches!(self, SecurityError::Invalid { .. })
     }
+}
 
-    /// As a [`ConfigError`] (for [`crate::config::Config::validate`]).
-    pub fn into_config(self) -> ConfigError {
-        match self {
-            SecurityError::Invalid { key, problem } => ConfigError::Invalid { key, problem },
-            other => ConfigError::Invalid {
-                key: "security".into(),
-                problem: other.to_string(),
-            },
+impl From<Invalid> for SecurityError {
+    fn from(e: Invalid) -> Self {
+        SecurityError::Invalid {
+            key: e.key,
+            problem: e.problem,
         }
     }
 }
@@ -208,12 +318,20 @@ impl std::fmt::Debug for Policy {
 pub type GuardedServer<L = NoLayer> = Server<Stack<GuardLayer, L>>;
 
 impl Security {
-    /// Resolves names, reads and checks every file, builds the TLS acceptor once, and applies
-    /// the rules between the settings and `listen` (see `docs/security.md`).
+    /// Resolves names, reads and checks every file, builds the TLS acceptor once, applies the
+    /// rules between the settings and the TCP listener `tcp` (`listen.tcp`; see
+    /// [`SecurityConfig::check`] and `docs/security.md`), and refuses an `exec` allowlist that
+    /// would run as root ([`check_exec`], against this process's effective uid). Does I/O:
+    /// call it once at start (and on reload, to re-check), and pass the result on.
     ///
     /// # Errors
     /// [`SecurityError::Invalid`] naming the first key found wrong.
-    pub fn resolve(cfg: &SecurityConfig, listen: &ListenConfig) -> Result<Self, SecurityError> {
+    pub fn resolve(
+        cfg: &SecurityConfig,
+        tcp: Option<SocketAddr>,
+        exec: Option<&ExecConfig>,
+    ) -> Result<Self, SecurityError> {
+        let rule_warnings = cfg.check(tcp)?;
         let mut warnings = Vec::new();
         let uids = resolve_ids("security.allowed_uids", &cfg.allowed_uids, lookup_user)?;
         let gids = resolve_ids("security.allowed_gids", &cfg.allowed_gids, lookup_group)?;
@@ -228,30 +346,7 @@ impl Security {
             }
             None => None,
         };
-
-        let files = match (&cfg.tls_cert, &cfg.tls_key) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(invalid(
-                    "security.tls_key",
-                    "security.tls_cert is set but its key is not",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "security.tls_cert",
-                    "security.tls_key is set but its certificate is not",
-                ))
-            }
-        };
-        if cfg.client_ca.is_some() && files.is_none() {
-            return Err(invalid(
-                "security.client_ca",
-                "client certificates need TLS: set security.tls_cert and security.tls_key",
-            ));
-        }
-        let tls = match files {
+        let tls = match cfg.tls_files()? {
             Some((cert, key)) => {
                 let identity = tonic::transport::Identity::from_pem(
                     read_file("security.tls_cert", cert)?,
@@ -290,74 +385,8 @@ impl Security {
             Some(p) => Some(read_token(p, &mut warnings)?),
             None => None,
         };
-
-        let authenticated = cfg.client_ca.is_some() || token.is_some();
-        let restricted = !uids.is_empty() || !gids.is_empty();
-        match listen.tcp {
-            Some(addr) => {
-                let loopback = addr.ip().is_loopback();
-                if tls.is_none() && !cfg.tcp_plaintext_loopback {
-                    return Err(invalid(
-                        "security.tcp_plaintext_loopback",
-                        format!(
-                            "listen.tcp {addr} would serve plaintext: set security.tls_cert and \
-                             security.tls_key, or security.tcp_plaintext_loopback = true \
-                             (loopback addresses only)"
-                        ),
-                    ));
-                }
-                if tls.is_none() && !loopback {
-                    return Err(invalid(
-                        "security.tcp_plaintext_loopback",
-                        format!(
-                            "allows plaintext on a loopback address only, and listen.tcp {addr} \
-                             is not one: set security.tls_cert and security.tls_key"
-                        ),
-                    ));
-                }
-                if !loopback && !authenticated {
-                    return Err(invalid(
-                        "security.client_ca",
-                        format!(
-                            "listen.tcp {addr} is reachable from other hosts but asks no \
-                             credentials: set security.client_ca and/or security.token_file"
-                        ),
-                    ));
-                }
-                if restricted && !authenticated {
-                    return Err(invalid(
-                        "security.token_file",
-                        format!(
-                            "security.allowed_uids/allowed_gids restrict the Unix socket, but \
-                             any local user could reach listen.tcp {addr} without credentials: \
-                             set security.token_file or security.client_ca, or remove listen.tcp"
-                        ),
-                    ));
-                }
-                if !authenticated {
-                    warnings.push(format!(
-                        "listen.tcp {addr} asks no credentials: every local user can submit \
-                         work through it (set security.token_file or security.client_ca)"
-                    ));
-                }
-            }
-            None => {
-                if tls.is_some() || token.is_some() {
-                    warnings.push(
-                        "security.tls_cert/client_ca/token_file apply to listen.tcp only, \
-                         which is not set"
-                            .to_string(),
-                    );
-                }
-            }
-        }
-        if !cfg.read_open && !restricted {
-            warnings.push(
-                "security.read_open = false has no effect without security.allowed_uids or \
-                 security.allowed_gids"
-                    .to_string(),
-            );
-        }
+        warnings.extend(rule_warnings);
+        check_exec(cfg, exec, nix::unistd::geteuid().as_raw())?;
         Ok(Security {
             policy: Arc::new(Policy {
                 uids,
@@ -1191,11 +1220,8 @@ mod tests {
         assert!(!ct_eq(&a, &b));
     }
 
-    fn listen(tcp: Option<&str>) -> ListenConfig {
-        ListenConfig {
-            tcp: tcp.map(|t| t.parse().unwrap()),
-            ..ListenConfig::default()
-        }
+    fn tcp(addr: Option<&str>) -> Option<SocketAddr> {
+        addr.map(|t| t.parse().unwrap())
     }
 
     fn key_of<T: std::fmt::Debug>(r: Result<T, SecurityError>) -> String {
@@ -1209,21 +1235,21 @@ mod tests {
     fn tcp_rules() {
         let c = SecurityConfig::default();
         // No TCP: nothing to decide.
-        assert!(Security::resolve(&c, &listen(None)).is_ok());
+        assert!(Security::resolve(&c, tcp(None), None).is_ok());
         // Plain TCP needs the explicit loopback opt-in...
         assert_eq!(
-            key_of(Security::resolve(&c, &listen(Some("127.0.0.1:0")))),
+            key_of(Security::resolve(&c, tcp(Some("127.0.0.1:0")), None)),
             "security.tcp_plaintext_loopback"
         );
         let plain = SecurityConfig {
             tcp_plaintext_loopback: true,
             ..SecurityConfig::default()
         };
-        let s = Security::resolve(&plain, &listen(Some("127.0.0.1:0"))).unwrap();
+        let s = Security::resolve(&plain, tcp(Some("127.0.0.1:0")), None).unwrap();
         assert_eq!(s.warnings().len(), 1, "{:?}", s.warnings());
         // ... which does not reach off loopback.
         assert_eq!(
-            key_of(Security::resolve(&plain, &listen(Some("0.0.0.0:7070")))),
+            key_of(Security::resolve(&plain, tcp(Some("0.0.0.0:7070")), None)),
             "security.tcp_plaintext_loopback"
         );
         // Restricting the socket while loopback TCP asks nothing would be a bypass.
@@ -1232,7 +1258,11 @@ mod tests {
             ..plain.clone()
         };
         assert_eq!(
-            key_of(Security::resolve(&restricted, &listen(Some("127.0.0.1:0")))),
+            key_of(Security::resolve(
+                &restricted,
+                tcp(Some("127.0.0.1:0")),
+                None
+            )),
             "security.token_file"
         );
         // Half a TLS identity, or a CA without TLS.
@@ -1241,7 +1271,7 @@ mod tests {
             ..SecurityConfig::default()
         };
         assert_eq!(
-            key_of(Security::resolve(&half, &listen(None))),
+            key_of(Security::resolve(&half, tcp(None), None)),
             "security.tls_key"
         );
         let ca = SecurityConfig {
@@ -1249,7 +1279,7 @@ mod tests {
             ..SecurityConfig::default()
         };
         assert_eq!(
-            key_of(Security::resolve(&ca, &listen(None))),
+            key_of(Security::resolve(&ca, tcp(None), None)),
             "security.client_ca"
         );
         let missing = SecurityConfig {
@@ -1258,7 +1288,7 @@ mod tests {
             ..SecurityConfig::default()
         };
         assert_eq!(
-            key_of(Security::resolve(&missing, &listen(None))),
+            key_of(Security::resolve(&missing, tcp(None), None)),
             "security.tls_cert"
         );
     }
@@ -1274,7 +1304,7 @@ mod tests {
             allowed_gids: vec![IdSpec::Name("root".into())],
             ..SecurityConfig::default()
         };
-        let s = Security::resolve(&c, &listen(None)).unwrap();
+        let s = Security::resolve(&c, tcp(None), None).unwrap();
         assert_eq!(
             s.policy.uids.iter().copied().collect::<Vec<_>>(),
             [0, 777, 4242]
@@ -1285,7 +1315,7 @@ mod tests {
             ..SecurityConfig::default()
         };
         assert_eq!(
-            key_of(Security::resolve(&bad, &listen(None))),
+            key_of(Security::resolve(&bad, tcp(None), None)),
             "security.allowed_uids[1]"
         );
         let bad = SecurityConfig {
@@ -1293,7 +1323,7 @@ mod tests {
             ..SecurityConfig::default()
         };
         assert_eq!(
-            key_of(Security::resolve(&bad, &listen(None))),
+            key_of(Security::resolve(&bad, tcp(None), None)),
             "security.socket_group"
         );
     }

@@ -18,7 +18,7 @@ use support::pki::Pki;
 use tonic::Code;
 use wqd::config::Config;
 use wqd::daemon::Daemon;
-use wqd::security::IdSpec;
+use wqd::security::{IdSpec, Security, SecurityError};
 use wqd_client::proto as v1;
 use wqd_client::{Batch, CancelScope, Client, ClientError, Endpoint, FlushScope, Item, TlsOptions};
 use wqd_core::handler::exec::{ExecCommand, ExecConfig};
@@ -644,15 +644,20 @@ fn exec_as_root_without_a_user_is_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
     let (mut cfg, _) = exec_config(dir.path());
     cfg.exec.as_mut().unwrap().run_as_user = Some("root".into());
-    match cfg.validate() {
-        Err(wqd::config::ConfigError::Invalid { key, problem }) => {
+    // Who "root" is and who the daemon runs as are looked up at start, not by the pure
+    // `Config::validate`.
+    assert!(cfg.validate().is_ok());
+    let resolve =
+        |cfg: &Config| Security::resolve(&cfg.security, cfg.listen.tcp, cfg.exec.as_ref());
+    match resolve(&cfg) {
+        Err(SecurityError::Invalid { key, problem }) => {
             assert_eq!(key, "exec.run_as_user");
             assert!(problem.contains("security.exec_as_root"), "{problem}");
         }
         other => panic!("expected exec.run_as_user, got {other:?}"),
     }
     cfg.security.exec_as_root = true;
-    assert!(cfg.validate().is_ok());
+    assert!(resolve(&cfg).is_ok());
 }
 
 #[test]

@@ -37,7 +37,7 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Binds `addr` and serves until `stopping` says the daemon stops. The address check
-    /// (loopback unless allowed) is `super::check_config`'s, done with the rest of the config.
+    /// (loopback unless allowed) is `MetricsConfig::check`'s, done with the rest of the config.
     ///
     /// # Errors
     /// [`MetricsError::Listen`] when `addr` cannot be bound.

@@ -38,7 +38,9 @@ use metrics_exporter_prometheus::{
 use metrics_util::MetricKindMask;
 use parking_lot::Mutex;
 
-use crate::config::{Config, ConfigError};
+use serde::Deserialize;
+
+use crate::settings::{invalid, Invalid};
 use wqd_core::engine::{Engine, Observer};
 use wqd_core::live::LiveView;
 
@@ -120,23 +122,32 @@ pub enum MetricsError {
     },
 }
 
-/// Checks `[metrics] listen`: a non-loopback address needs `listen.allow_remote` (the endpoint
-/// has no authentication, like the plain TCP API).
-///
-/// # Errors
-/// [`ConfigError::Invalid`] naming `metrics.listen`.
-pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
-    match cfg.metrics.listen {
-        Some(addr) if !addr.ip().is_loopback() && !cfg.listen.allow_remote => {
-            Err(ConfigError::Invalid {
-                key: "metrics.listen".into(),
-                problem: format!(
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve Prometheus metrics (`GET /metrics`); loopback unless
+    /// `listen.allow_remote`. See docs/metrics.md.
+    pub listen: Option<SocketAddr>,
+}
+
+impl MetricsConfig {
+    /// Checks `[metrics] listen`: a non-loopback address needs `listen.allow_remote`
+    /// (`allow_remote`; the endpoint has no authentication, like the plain TCP API). Pure.
+    ///
+    /// # Errors
+    /// [`Invalid`] naming `metrics.listen`.
+    pub fn check(&self, allow_remote: bool) -> Result<(), Invalid> {
+        match self.listen {
+            Some(addr) if !addr.ip().is_loopback() && !allow_remote => Err(invalid(
+                "metrics.listen",
+                format!(
                     "{addr} is not a loopback address; set listen.allow_remote = true (or pass \
                      --allow-remote) to serve metrics on it"
                 ),
-            })
+            )),
+            _ => Ok(()),
         }
-        _ => Ok(()),
     }
 }
 
@@ -203,8 +214,8 @@ impl std::fmt::Debug for Metrics {
 ///
 /// # Errors
 /// As [`Metrics::new`].
-pub fn for_config(cfg: &Config) -> Result<Option<Arc<Metrics>>, MetricsError> {
-    match cfg.metrics.listen {
+pub fn for_config(cfg: &MetricsConfig) -> Result<Option<Arc<Metrics>>, MetricsError> {
+    match cfg.listen {
         Some(_) => Ok(Some(Arc::new(Metrics::new()?))),
         None => Ok(None),
     }
@@ -509,12 +520,12 @@ fn describe(r: &PrometheusRecorder) {
 /// [`MetricsError::Listen`].
 pub async fn serve(
     metrics: &Option<Arc<Metrics>>,
-    cfg: &Config,
+    cfg: &MetricsConfig,
     engine: &Arc<Engine>,
     view: &Arc<LiveView>,
     stopping: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<MetricsServer>, MetricsError> {
-    let (Some(m), Some(addr)) = (metrics, cfg.metrics.listen) else {
+    let (Some(m), Some(addr)) = (metrics, cfg.listen) else {
         return Ok(None);
     };
     let (e, v, s) = (engine.clone(), view.clone(), stopping.clone());

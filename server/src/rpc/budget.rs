@@ -28,7 +28,7 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::Status;
 
-use crate::config::SharedLimits;
+use super::limits::SharedLimits;
 
 /// Memory held per decoded item besides its wire bytes: the decoded `WorkItem`, the checked
 /// `ItemSpec` it becomes, and the engine's entry for it while the batch is submitted.

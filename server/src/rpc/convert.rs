@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime};
 
 use wqd_proto::v1;
 
+use super::limits::Limits;
 use super::RpcError;
-use crate::config::Limits;
 use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{

@@ -1,18 +1,147 @@
-//! The one place a request refused by tonic itself gets wqd's status: tonic rejects a unary
-//! request over `limits.max_message_bytes` with `OUT_OF_RANGE`, and one whose body ends
-//! inside a message or whose compressed flag is invalid with `INTERNAL`, before any handler
-//! sees it, as a trailers-only response. [`TooLargeLayer`] rewrites exactly those responses:
-//! `RESOURCE_EXHAUSTED` naming the limit, and `INVALID_ARGUMENT` for the malformed framing
-//! (a client error, not a daemon bug), as [`super::status`] does for the streaming path.
+//! `[limits]`, what one request may carry ([`Limits`], shared and swapped whole on reload as
+//! [`SharedLimits`]), and the one place a request refused by tonic itself gets wqd's status:
+//! tonic rejects a unary request over `limits.max_message_bytes` with `OUT_OF_RANGE`, and one
+//! whose body ends inside a message or whose compressed flag is invalid with `INTERNAL`,
+//! before any handler sees it, as a trailers-only response. [`TooLargeLayer`] rewrites exactly
+//! those responses: `RESOURCE_EXHAUSTED` naming the limit, and `INVALID_ARGUMENT` for the
+//! malformed framing (a client error, not a daemon bug), as [`super::status`] does for the
+//! streaming path.
 //!
-//! Owns: nothing but those rewrites. Invariant: only a trailers-only response whose status is
-//! one of those two tonic refusals is touched, and only its `grpc-status`/`grpc-message`
-//! headers; bodies and every other response pass through unchanged.
+//! Owns: the `[limits]` section and its pure check, and those rewrites. Invariants: limits
+//! that [`Limits::check`] accepted are all non-zero and the engine's clock can hold now plus
+//! the longest duration; a request sees one version of the limits throughout
+//! ([`SharedLimits::load`]); only a trailers-only response whose status is one of those two
+//! tonic refusals is touched, and only its `grpc-status`/`grpc-message` headers; bodies and
+//! every other response pass through unchanged.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde::Deserialize;
 
 use tonic::codegen::http;
 use tonic::Status;
+
+use crate::settings::{de_duration, invalid, Invalid};
+
+/// `[limits]`: what one request may carry. Every refusal names the limit.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest gRPC message decoded or encoded, in bytes.
+    pub max_message_bytes: usize,
+    /// Items in one batch (Submit or the whole of a SubmitStream), and ids in one GetResults.
+    pub max_batch_items: usize,
+    /// Payload bytes of one item.
+    pub max_payload_bytes: usize,
+    /// Default `max_queued` of every workqueue (items not yet terminal).
+    pub max_queued: usize,
+    /// Longest `delay` an item may ask for.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_delay: Duration,
+    /// Longest `deadline` an item may ask for.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_deadline: Duration,
+    /// Bytes of one result's output, and of its error text, kept at most (longer ones are
+    /// cut, saying so). Restart-only.
+    pub max_result_bytes: usize,
+    /// Memory one request may make the daemon hold while it decodes and checks it, estimated
+    /// from its item count and size before it is decoded (see docs/status-codes.md).
+    pub max_request_memory: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 << 20,
+            max_batch_items: 1 << 22,
+            max_payload_bytes: 1 << 20,
+            max_queued: 1 << 22,
+            max_delay: Duration::from_secs(365 * 86_400),
+            max_deadline: Duration::from_secs(365 * 86_400),
+            max_result_bytes: 64 << 10,
+            max_request_memory: 512 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks what the types cannot. Pure.
+    ///
+    /// # Errors
+    /// The first [`Invalid`] found, naming its `limits.` key.
+    pub fn check(&self) -> Result<(), Invalid> {
+        for (key, v) in [
+            ("limits.max_message_bytes", self.max_message_bytes),
+            ("limits.max_batch_items", self.max_batch_items),
+            ("limits.max_queued", self.max_queued),
+            ("limits.max_result_bytes", self.max_result_bytes),
+            ("limits.max_request_memory", self.max_request_memory),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        // The engine's clock must be able to hold now + the longest duration; a century is
+        // far past any use and far inside what `Instant` holds.
+        const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+        for (key, v) in [
+            ("limits.max_delay", self.max_delay),
+            ("limits.max_deadline", self.max_deadline),
+        ] {
+            if v > CENTURY {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} is too long (at most 100 years)",
+                        humantime::format_duration(v)
+                    ),
+                ));
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                format!("{} is too small (at least 1024)", self.max_message_bytes),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The limits in force, shared by the RPC layer and swapped whole by a SIGHUP reload. Readers
+/// take a snapshot with [`load`](Self::load) (lock-free); a request sees one version throughout.
+#[derive(Clone, Default)]
+pub struct SharedLimits(Arc<arc_swap::ArcSwap<Limits>>);
+
+impl SharedLimits {
+    pub fn new(l: Limits) -> Self {
+        Self(Arc::new(arc_swap::ArcSwap::from_pointee(l)))
+    }
+
+    /// The limits in force now.
+    pub fn load(&self) -> Arc<Limits> {
+        self.0.load_full()
+    }
+
+    /// Replaces the limits; requests already past their checks keep the old ones.
+    pub fn store(&self, l: Limits) {
+        self.0.store(Arc::new(l));
+    }
+}
+
+impl std::fmt::Debug for SharedLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.load().fmt(f)
+    }
+}
+
+impl From<Limits> for SharedLimits {
+    fn from(l: Limits) -> Self {
+        Self::new(l)
+    }
+}
 
 /// Wraps every route; see the module docs.
 #[derive(Debug, Clone, Copy, Default)]

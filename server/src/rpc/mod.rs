@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 use wqd_proto::v1;
 
-use crate::config::SharedLimits;
+use limits::SharedLimits;
 use wqd_core::engine::{Engine, EngineError};
 use wqd_core::live::LiveView;
 use wqd_core::load::LoadSampler;

@@ -2,8 +2,9 @@
 //! items of their own handlers (see `proto/wqd/v1/worker.proto` for the protocol and
 //! `docs/workers.md`), and `ListWorkers` shows them.
 //!
-//! Owns: who may attach serving which names ([`WorkerPolicy`], from `[workers]`: Unix peer
-//! credentials or the TCP client certificate's names), the cap on attached workers, and one
+//! Owns: the `[workers]` section ([`WorkersSection`], its pure check), who may attach serving
+//! which names ([`WorkerPolicy`], resolved from it once at start: Unix peer credentials or the
+//! TCP client certificate's names), the cap on attached workers, and one
 //! session task per stream that turns the worker's messages into calls on its engine
 //! [`RemoteWorker`] and the engine's wake-ups and cancels into messages.
 //!
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use serde::Deserialize;
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::Stream;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -29,9 +31,9 @@ use wqd_proto::v1::daemon_message::Msg as Out;
 use wqd_proto::v1::worker_message::Msg as In;
 
 use super::Rpc;
-use crate::config::{WorkerRule, WorkersSection};
 use crate::conn::ConnInfo;
-use crate::security::UnixPeer;
+use crate::security::{lookup_group, lookup_user, IdSpec, UnixPeer};
+use crate::settings::{invalid, Invalid};
 use wqd_core::engine::{
     EngineError, ItemId, RemoteAnswer, RemoteJob, RemoteSink, RemoteWorker, WorkerMeta,
 };
@@ -65,6 +67,92 @@ impl From<WorkerError> for Status {
             WorkerError::Full(m) => Status::resource_exhausted(m),
             WorkerError::Engine(e) => super::status(super::RpcError::Engine(e)),
         }
+    }
+}
+
+/// `[workers]`: worker processes that attach over `WorkerService.Attach`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Handler names attached workers will serve, declared so a submit may name them before
+    /// any worker serving them attaches (names served once stay known until restart anyway).
+    pub handlers: Vec<String>,
+    /// Attached workers at most (more are refused with RESOURCE_EXHAUSTED).
+    pub max_workers: usize,
+    /// Items one slot may hold at once (its credits are clamped to this). 1 sends an item
+    /// only to a slot that is idle, so it starts at once on a CPU checked live.
+    pub max_credits: u32,
+    /// Who may attach, serving what. Empty: root and the daemon's own user may serve any
+    /// name over the Unix socket; nobody over TCP.
+    pub allow: Vec<WorkerRule>,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        Self {
+            handlers: Vec::new(),
+            max_workers: 256,
+            max_credits: 1,
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// One `[[workers.allow]]` rule: a peer matching any of its uids, gids (primary or
+/// supplementary; Unix socket) or certificate names (subject CN or DNS SAN of the TCP
+/// client certificate) may serve the handler names matching its `handlers` patterns (exact
+/// names, `prefix*`, or `*`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerRule {
+    pub uids: Vec<IdSpec>,
+    pub gids: Vec<IdSpec>,
+    pub cert_names: Vec<String>,
+    pub handlers: Vec<String>,
+}
+
+impl WorkersSection {
+    /// Checks what the types cannot: the caps, and every handler name and pattern. Pure (users
+    /// and groups are resolved by [`WorkerPolicy::resolve`] at start).
+    ///
+    /// # Errors
+    /// The first [`Invalid`] found, naming its `workers.` key.
+    pub fn check(&self) -> Result<(), Invalid> {
+        if self.max_workers == 0 {
+            return Err(invalid("workers.max_workers", "must be at least 1"));
+        }
+        if !(1..=64).contains(&self.max_credits) {
+            return Err(invalid(
+                "workers.max_credits",
+                format!("{} must be in 1..=64", self.max_credits),
+            ));
+        }
+        for h in &self.handlers {
+            wqd_core::engine::check_worker_handler_name(h)
+                .map_err(|e| invalid("workers.handlers", e))?;
+        }
+        for (i, r) in self.allow.iter().enumerate() {
+            if r.handlers.is_empty() {
+                return Err(invalid(
+                    format!("workers.allow[{i}].handlers"),
+                    "must name at least one handler pattern (\"*\" for any)",
+                ));
+            }
+            if r.uids.is_empty() && r.gids.is_empty() && r.cert_names.is_empty() {
+                return Err(invalid(
+                    format!("workers.allow[{i}]"),
+                    "names nobody: give uids, gids or cert_names",
+                ));
+            }
+            for p in &r.handlers {
+                let name = p.strip_suffix('*').unwrap_or(p);
+                if !name.is_empty() {
+                    wqd_core::engine::check_worker_handler_name(name)
+                        .map_err(|e| invalid(format!("workers.allow[{i}].handlers"), e))?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -182,13 +270,13 @@ impl WorkerPolicy {
                     uids: r
                         .uids
                         .iter()
-                        .map(crate::security::lookup_user)
+                        .map(lookup_user)
                         .collect::<Result<_, _>>()
                         .map_err(at)?,
                     gids: r
                         .gids
                         .iter()
-                        .map(crate::security::lookup_group)
+                        .map(lookup_group)
                         .collect::<Result<_, _>>()
                         .map_err(at)?,
                     cert_names: r.cert_names.clone(),
@@ -627,7 +715,6 @@ mod tests {
 
     #[test]
     fn rules_match_people_and_name_patterns() {
-        use crate::security::IdSpec;
         let p = policy(vec![
             WorkerRule {
                 uids: vec![IdSpec::Id(7)],
