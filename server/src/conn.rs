@@ -56,7 +56,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::authority::Rewriter;
 pub use crate::authority::PREFACE;
-use crate::security::{PeerStream, UnixPeer};
+use crate::peer::{PeerStream, UnixPeer};
 use crate::shared::write_through;
 
 /// An fd-exhaustion or unexpected accept error is logged at most this often per listener.

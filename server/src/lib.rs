@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod listen;
 pub mod logging;
 pub mod metrics;
+pub mod peer;
 pub mod reload;
 pub mod rpc;
 pub mod security;
