@@ -2,22 +2,31 @@
 //! an orderly stop.
 //!
 //! Owns: the listening sockets (and the socket file), the server tasks, the monitor and the
-//! load sampler. Start order, and why:
+//! load sampler. [`Daemon::start_with`] runs four steps, each a function, in this order and
+//! for these reasons:
 //!
-//! 1. read the topology once (a machine that cannot be read is fatal: exit 1);
-//! 2. build the [`LiveView`] from that reading, start the load sampler;
-//! 3. start the [`Engine`] on the view's first snapshot, its `report` hook forwarding to the
-//!    monitor's reporter (set in step 5) and its `load` hook reading the sampler;
-//! 4. register `engine.apply_snapshot` on the view *before* the monitor runs, so the engine
-//!    sees every epoch after its first one, in order;
-//! 5. start the [`Monitor`] (rescan + uevents);
-//! 6. bind the Unix socket (refusing if a live daemon answers on it, replacing a stale file),
-//!    then the optional TCP listener, and serve. Under socket activation the listener systemd
-//!    passed (fd 3) is used instead: no bind, no mode change, and the file is never removed
-//!    (it belongs to `wqd.socket`). Each listener serves through [`crate::conn::Incoming`]:
-//!    its cap is `listen.max_connections`, lowered to what RLIMIT_NOFILE (raised to the hard
-//!    limit first thing) leaves once every listening socket is open and a reserve is set aside
-//!    (see [`crate::conn`]).
+//! 0. *check and resolve* (`Resolved`): validate the config (pure), then resolve what needs
+//!    I/O — `[security]` (users, groups, TLS and token files, exec-as-root) and `[workers]` —
+//!    once; a config error exits 64 before anything is bound or started;
+//! 1. *bind the listeners* (`Bound`): raise RLIMIT_NOFILE first thing, bind the Unix socket
+//!    (refusing if a live daemon answers on it, replacing a stale file; a second daemon must
+//!    refuse before it touches anything else) and give it to `socket_group`, then bind the
+//!    optional TCP listener. Under socket activation the listener systemd passed (fd 3) is
+//!    used instead: no bind, no mode change, and the file is never removed (it belongs to
+//!    `wqd.socket`);
+//! 2. *start the core* (`Core`): read the topology once (a machine that cannot be read is
+//!    fatal: exit 1); build the [`LiveView`] from that reading and start the load sampler;
+//!    start the [`Engine`] on the view's first snapshot, its `report` hook forwarding to the
+//!    monitor's reporter (set last) and its `load` hook reading the sampler; register
+//!    `engine.apply_snapshot` on the view *before* the monitor runs, so the engine sees every
+//!    epoch after its first one, in order; start the [`Monitor`] (rescan + uevents);
+//! 3. *start the servers* (`Serving`): the metrics endpoint, then the guarded gRPC routers on
+//!    both listeners. Each listener serves through [`crate::conn::Incoming`]: its cap is
+//!    `listen.max_connections`, lowered to what RLIMIT_NOFILE leaves once every listening
+//!    socket is open and a reserve is set aside (see [`crate::conn`]).
+//!
+//! systemd's notifications (`READY=1`, the watchdog) start in [`run`], once the binary has
+//! printed its "listening" lines.
 //!
 //! Run ([`run`]): after start, `READY=1` to systemd, a supervisor task sending `STATUS=` and
 //! `WATCHDOG=1` (see [`crate::systemd`]); SIGHUP reloads the config ([`Daemon::reload`],
@@ -39,11 +48,16 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ConfigError, ListenConfig, Pinning, SharedLimits, KEEPALIVE_TIMEOUT};
-use crate::conn::{ConnLayer, ConnSettings, Incoming, Listener, ListenerStats};
+use crate::config::{Config, ConfigError, Pinning};
+use crate::conn::{ConnLayer, Incoming, Listener, ListenerStats};
+use crate::listen::{ListenConfig, KEEPALIVE_TIMEOUT};
+use crate::metrics::Metrics;
 use crate::reload::{LogSetter, Plan, ReloadError, Targets};
+use crate::rpc::limits::SharedLimits;
+use crate::rpc::worker::WorkerPolicy;
 use crate::rpc::{Counters, Rpc};
 use crate::security::{Security, SecurityError};
+use crate::shared::stopped;
 use crate::systemd::Notifier;
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{Engine, EngineError};
@@ -142,17 +156,6 @@ fn connection_cap(listen: &ListenConfig, nofile: Option<(u64, u64)>, listeners: 
             "connection limits"
         );
         want
-    }
-}
-
-/// One listener's connection settings from `[listen]`.
-fn conn_settings(listen: &ListenConfig, max: usize, tls: bool) -> ConnSettings {
-    ConnSettings {
-        max_connections: max,
-        handshake_timeout: listen.handshake_timeout,
-        idle_timeout: (!listen.idle_timeout.is_zero()).then_some(listen.idle_timeout),
-        tls,
-        rewrite_authority: listen.rewrite_authority,
     }
 }
 
@@ -260,32 +263,60 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListe
     Ok(l)
 }
 
-impl Daemon {
-    /// Starts everything (see the module docs) and serves. Must run inside a tokio runtime.
-    ///
-    /// # Errors
-    /// Configuration errors (exit 64); an unreadable topology, a socket in use or any other
-    /// start failure (exit 1). Nothing is left running on error.
-    pub async fn start(cfg: Config) -> Result<Daemon, DaemonError> {
-        Daemon::start_with(cfg, None).await
-    }
+/// Step 0 of start-up: the config checked and everything in it that needs I/O (users,
+/// groups, TLS and token files, the daemon's own uid) resolved, once, before anything is
+/// bound. Later steps use these values; nothing resolves them again.
+struct Resolved {
+    security: Security,
+    workers: WorkerPolicy,
+}
 
-    /// As [`start`](Self::start), serving `activated` (a listening Unix socket passed by
-    /// systemd, see [`crate::systemd::take_listener`]) instead of binding `listen.socket`.
-    ///
-    /// # Errors
-    /// As [`start`](Self::start).
-    pub async fn start_with(
-        cfg: Config,
-        activated: Option<std::os::unix::net::UnixListener>,
-    ) -> Result<Daemon, DaemonError> {
+impl Resolved {
+    /// Validates `cfg` (pure) and resolves `[security]` and `[workers]`.
+    fn from_config(cfg: &Config) -> Result<Resolved, DaemonError> {
         cfg.validate()?;
-        // [security]: users, groups, TLS and token files, resolved once here (see security.rs).
         let security = Security::resolve(&cfg.security, cfg.listen.tcp, cfg.exec.as_ref())?;
-        // Before anything opens descriptors: the budget below is computed from the raised limit.
+        let workers = WorkerPolicy::resolve(&cfg.workers, nix::unistd::geteuid().as_raw())
+            .map_err(|e| {
+                DaemonError::Config(ConfigError::Invalid {
+                    key: "workers.allow".into(),
+                    problem: e,
+                })
+            })?;
+        Ok(Resolved { security, workers })
+    }
+}
+
+/// Step 1: the listening sockets, bound (or taken from systemd) and not yet served.
+struct Bound {
+    socket: PathBuf,
+    /// `None` under socket activation (the file is `wqd.socket`'s).
+    socket_file: Option<SocketFile>,
+    activated: bool,
+    listeners: Listeners,
+}
+
+/// The gRPC listeners [`Serving`] serves.
+struct Listeners {
+    unix: tokio::net::UnixListener,
+    tcp: Option<(tokio::net::TcpListener, SocketAddr)>,
+    /// RLIMIT_NOFILE `(soft, hard)` after raising it, if known.
+    nofile: Option<(u64, u64)>,
+}
+
+impl Bound {
+    /// Raises RLIMIT_NOFILE, binds the Unix socket (or takes `activated`) and gives it to
+    /// `security.socket_group`, then binds the optional TCP listener. The Unix socket comes
+    /// first: a second daemon must refuse before it touches anything else.
+    async fn listen(
+        listen: &ListenConfig,
+        activated: Option<std::os::unix::net::UnixListener>,
+        security: &Security,
+    ) -> Result<Bound, DaemonError> {
+        // Before anything opens descriptors: the connection budget is computed from the
+        // raised limit.
         let nofile = crate::conn::raise_nofile().ok();
         let is_activated = activated.is_some();
-        // The socket first: a second daemon must refuse before it touches anything else.
         let (socket, unix, socket_file) = match activated {
             Some(l) => {
                 let path = l
@@ -293,7 +324,7 @@ impl Daemon {
                     .ok()
                     .and_then(|a| a.as_pathname().map(Path::to_path_buf))
                     .unwrap_or_else(|| PathBuf::from("<socket passed by systemd>"));
-                if cfg.listen.socket.as_deref().is_some_and(|p| p != path) {
+                if listen.socket.as_deref().is_some_and(|p| p != path) {
                     tracing::info!(passed = %path.display(), "listen.socket is ignored: serving the socket systemd passed");
                 }
                 // tokio needs it non-blocking; take_listener does this, other callers may not.
@@ -305,14 +336,13 @@ impl Daemon {
                 (path, l, None)
             }
             None => {
-                let socket = cfg.listen.socket_path();
-                let unix = bind_unix(&socket, cfg.listen.socket_mode)?;
+                let socket = listen.socket_path();
+                let unix = bind_unix(&socket, listen.socket_mode)?;
                 let file = SocketFile(socket.clone());
                 (socket, unix, Some(file))
             }
         };
-        // [security]: the socket's group (systemd's SocketGroup= sets it on a passed socket),
-        // then the guarded servers below (see security.rs).
+        // The socket's group (systemd's SocketGroup= sets it on a passed socket).
         if socket_file.is_some() {
             security.chown_socket(&socket)?;
         }
@@ -322,6 +352,41 @@ impl Daemon {
             what: "registering it with the runtime",
             source: e,
         })?;
+        let tcp = match listen.tcp {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Tcp { addr, source })?;
+                let local = l
+                    .local_addr()
+                    .map_err(|source| DaemonError::Tcp { addr, source })?;
+                Some((l, local))
+            }
+            None => None,
+        };
+        Ok(Bound {
+            socket,
+            socket_file,
+            activated: is_activated,
+            listeners: Listeners { unix, tcp, nofile },
+        })
+    }
+}
+
+/// Step 2: the core running — topology read, live view, load sampler, engine with its
+/// handlers and workqueues, monitor.
+struct Core {
+    engine: Arc<Engine>,
+    view: Arc<LiveView>,
+    load: Option<Arc<LoadSampler>>,
+    monitor: Monitor,
+    pinning: bool,
+}
+
+impl Core {
+    /// Starts the core in the order the module docs give (steps 1 to 5 there), the engine
+    /// observed by `metrics` when they are on.
+    fn start(cfg: &Config, metrics: Option<&Arc<Metrics>>) -> Result<Core, DaemonError> {
         let fixture = cfg.topology.sysfs_root.is_some();
         let reader = match &cfg.topology.sysfs_root {
             Some(root) => Reader::fixture(root),
@@ -358,24 +423,13 @@ impl Daemon {
             }
         }));
         ecfg.load = load.as_ref().map(|l| l.hook());
-        let metrics = crate::metrics::for_config(&cfg.metrics)?;
-        ecfg.observer = metrics.as_ref().map(|m| m.observer());
+        ecfg.observer = metrics.map(|m| m.observer());
         let registry = Registry::with_builtins(cfg.exec.clone());
         let engine = Arc::new(Engine::start(ecfg, registry, view.current())?);
         for attrs in cfg.extra_workqueues()? {
             engine.create_workqueue(attrs)?;
         }
         engine.declare_remote(&cfg.workers.handlers)?;
-        let workers = crate::rpc::worker::WorkerPolicy::resolve(
-            &cfg.workers,
-            nix::unistd::geteuid().as_raw(),
-        )
-        .map_err(|e| {
-            DaemonError::Config(ConfigError::Invalid {
-                key: "workers.allow".into(),
-                problem: e,
-            })
-        })?;
         let weak = Arc::downgrade(&engine);
         let at_registration = view.on_change(Box::new(move |snap| {
             if let Some(e) = weak.upgrade() {
@@ -385,28 +439,48 @@ impl Daemon {
         engine.apply_snapshot(&at_registration);
         let monitor = Monitor::start(reader, view.clone(), cfg.monitor_config())?;
         let _ = reporter.set(monitor.reporter());
+        Ok(Core {
+            engine,
+            view,
+            load,
+            monitor,
+            pinning,
+        })
+    }
+}
 
-        let tcp = match cfg.listen.tcp {
-            Some(addr) => {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| DaemonError::Tcp { addr, source })?;
-                let local = l
-                    .local_addr()
-                    .map_err(|source| DaemonError::Tcp { addr, source })?;
-                Some((l, local))
-            }
-            None => None,
-        };
+/// Step 3: the servers running — metrics, then the gRPC routers on both listeners.
+struct Serving {
+    rpc: Rpc,
+    /// The TCP address served, with the real port.
+    tcp: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    health: tonic_health::server::HealthReporter,
+    servers: Vec<JoinHandle<()>>,
+}
 
+impl Serving {
+    /// Starts the metrics endpoint, builds the shared RPC state, caps connections by what
+    /// the descriptor limit leaves once every listening socket is open, and serves the
+    /// guarded routers on the bound listeners until the returned `stop` flips.
+    async fn start(
+        cfg: &Config,
+        resolved: Resolved,
+        bound: Listeners,
+        core: &Core,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Serving, DaemonError> {
+        let Resolved { security, workers } = resolved;
         let (stop, stopping) = watch::channel(false);
         let metrics_server =
-            crate::metrics::serve(&metrics, &cfg.metrics, &engine, &view, &stopping).await?;
+            crate::metrics::serve(&metrics, &cfg.metrics, &core.engine, &core.view, &stopping)
+                .await?;
         let metrics_addr = metrics_server.as_ref().map(|m| m.local_addr());
         let rpc = Rpc {
-            engine: engine.clone(),
-            view: view.clone(),
-            load: load.clone(),
+            engine: core.engine.clone(),
+            view: core.view.clone(),
+            load: core.load.clone(),
             limits: SharedLimits::new(cfg.limits.clone()),
             started: SystemTime::now(),
             counters: Arc::new(Counters::default()),
@@ -418,33 +492,30 @@ impl Daemon {
         Rpc::set_health(&health, true).await;
         let mut servers: Vec<_> = metrics_server.into_iter().map(|m| m.into_task()).collect();
         // Every listening socket is open now: what the descriptor limit leaves for connections.
-        let max_conns = connection_cap(&cfg.listen, nofile, 1 + usize::from(tcp.is_some()));
+        let max_conns = connection_cap(
+            &cfg.listen,
+            bound.nofile,
+            1 + usize::from(bound.tcp.is_some()),
+        );
         let server = || {
-            let ka =
-                (!cfg.listen.keepalive_interval.is_zero()).then_some(cfg.listen.keepalive_interval);
             rpc.server()
-                .http2_keepalive_interval(ka)
+                .http2_keepalive_interval(cfg.listen.keepalive())
                 .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
                 .layer(ConnLayer)
         };
         let unix_stats = Arc::new(ListenerStats::new(Listener::Unix, max_conns));
         let unix_incoming = Incoming::new(
-            unix,
-            conn_settings(&cfg.listen, max_conns, false),
+            bound.unix,
+            cfg.listen.conn_settings(max_conns, false),
             unix_stats.clone(),
         );
         let mut conn_stats = vec![unix_stats];
         let router = rpc.router_with(&health, security.unix_server(server()))?;
-        let st = stopping.clone();
-        servers.push(tokio::spawn(async move {
-            let r = router
-                .serve_with_incoming_shutdown(unix_incoming, crate::shared::stopped(st))
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "unix listener failed");
-            }
-        }));
-        let tcp_addr = match tcp {
+        servers.push(spawn_server(
+            "unix",
+            router.serve_with_incoming_shutdown(unix_incoming, stopped(stopping.clone())),
+        ));
+        let tcp = match bound.tcp {
             Some((l, local)) => {
                 let router = rpc.router_with(
                     &health,
@@ -453,19 +524,14 @@ impl Daemon {
                 let stats = Arc::new(ListenerStats::new(Listener::Tcp, max_conns));
                 let incoming = Incoming::new(
                     l,
-                    conn_settings(&cfg.listen, max_conns, security.tls()),
+                    cfg.listen.conn_settings(max_conns, security.tls()),
                     stats.clone(),
                 );
                 conn_stats.push(stats);
-                let st = stopping.clone();
-                servers.push(tokio::spawn(async move {
-                    let r = router
-                        .serve_with_incoming_shutdown(incoming, crate::shared::stopped(st))
-                        .await;
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "tcp listener failed");
-                    }
-                }));
+                servers.push(spawn_server(
+                    "tcp",
+                    router.serve_with_incoming_shutdown(incoming, stopped(stopping.clone())),
+                ));
                 Some(local)
             }
             None => None,
@@ -473,31 +539,83 @@ impl Daemon {
         if let Some(m) = &rpc.metrics {
             m.watch_listeners(conn_stats);
         }
-        tracing::info!(
-            socket = %socket.display(),
-            activated = is_activated,
-            tcp = ?tcp_addr,
-            pinning,
-            epoch = view.current().epoch,
-            live = %view.current().live,
-            netlink = monitor.netlink_active(),
-            "wqd serving"
-        );
-        Ok(Daemon {
+        Ok(Serving {
             rpc,
-            engine,
-            monitor: Some(monitor),
-            load,
-            socket,
-            socket_file,
-            cfg,
-            activated: is_activated,
-            tcp: tcp_addr,
+            tcp,
             metrics_addr,
             stop,
             health,
             servers,
-            pinning,
+        })
+    }
+}
+
+/// Runs one listener's server (`serving`) as a task, logging how it failed if it does.
+fn spawn_server(
+    listener: &'static str,
+    serving: impl std::future::Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "{listener} listener failed");
+        }
+    })
+}
+
+impl Daemon {
+    /// Starts everything (see the module docs) and serves. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// Configuration errors (exit 64); an unreadable topology, a socket in use or any other
+    /// start failure (exit 1). Nothing is left running on error.
+    pub async fn start(cfg: Config) -> Result<Daemon, DaemonError> {
+        Daemon::start_with(cfg, None).await
+    }
+
+    /// As [`start`](Self::start), serving `activated` (a listening Unix socket passed by
+    /// systemd, see [`crate::systemd::take_listener`]) instead of binding `listen.socket`.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub async fn start_with(
+        cfg: Config,
+        activated: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<Daemon, DaemonError> {
+        let resolved = Resolved::from_config(&cfg)?;
+        let Bound {
+            socket,
+            socket_file,
+            activated,
+            listeners,
+        } = Bound::listen(&cfg.listen, activated, &resolved.security).await?;
+        let metrics = crate::metrics::for_config(&cfg.metrics)?;
+        let core = Core::start(&cfg, metrics.as_ref())?;
+        let serving = Serving::start(&cfg, resolved, listeners, &core, metrics).await?;
+        tracing::info!(
+            socket = %socket.display(),
+            activated,
+            tcp = ?serving.tcp,
+            pinning = core.pinning,
+            epoch = core.view.current().epoch,
+            live = %core.view.current().live,
+            netlink = core.monitor.netlink_active(),
+            "wqd serving"
+        );
+        Ok(Daemon {
+            rpc: serving.rpc,
+            engine: core.engine,
+            monitor: Some(core.monitor),
+            load: core.load,
+            socket,
+            socket_file,
+            cfg,
+            activated,
+            tcp: serving.tcp,
+            metrics_addr: serving.metrics_addr,
+            stop: serving.stop,
+            health: serving.health,
+            servers: serving.servers,
+            pinning: core.pinning,
         })
     }
 

@@ -3,8 +3,9 @@
 //!
 //! Owns: the split of config keys into *live* and *restart-only*, and the two-phase reload.
 //! Invariant: a reload is all or nothing. [`plan`] checks everything first (the new file's own
-//! validity, its `[security]` resolved again as at start, every restart-only key, every workqueue change against the engine's current
-//! contents) and touches nothing; only a complete [`Plan`] is [`apply`]d. The one step that can
+//! validity, its `[security]` and `[exec]` resolved again as at start, every restart-only key,
+//! every workqueue change against the engine's current contents) and touches nothing; only a
+//! complete [`Plan`] is [`apply`]d. The one step that can
 //! still fail while applying, toggling `ordered` on a workqueue that became non-empty after
 //! the check, runs first and is rolled back on failure, so the old config stays in force.
 //!
