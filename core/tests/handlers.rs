@@ -778,6 +778,14 @@ fn exec_config_validation() {
         nobody_here.validate(),
         Err(r#"exec: run_as_user "no-such-user-wqd" does not exist"#.into())
     );
+    // The pure check looks nothing up; it still sees what is wrong in the file itself.
+    assert_eq!(nobody_here.check(), Ok(()));
+    let mut zero = command("/bin/cat", &[]);
+    zero.timeout_ms = 0;
+    assert!(cfg(zero)
+        .check()
+        .unwrap_err()
+        .contains("timeout_ms must be > 0"));
     // Fails closed: an unresolvable user disables the handler rather than running as root.
     assert_eq!(
         invalid(&Exec::new(nobody_here), &[("cmd", "c")]),

@@ -315,7 +315,8 @@ impl Config {
             self.wq_attrs(i, w)?;
         }
         if let Some(exec) = &self.exec {
-            exec.validate().map_err(|e| invalid("exec", e))?;
+            // The pure part; the user and group lookups run once, in `Security::resolve`.
+            exec.check().map_err(|e| invalid("exec", e))?;
         }
         let e = &self.engine;
         if e.results_max == 0 {

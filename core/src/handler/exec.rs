@@ -108,20 +108,35 @@ impl Default for ExecCommand {
 }
 
 impl ExecConfig {
-    /// Checks the whole configuration: command names, absolute paths, patterns that compile,
-    /// non-zero limits, and that `run_as_user`/`run_as_group` resolve. Call it when loading the
-    /// config and refuse to start on error.
+    /// The pure part of [`ExecConfig::validate`]: command names, absolute paths, patterns that
+    /// compile, non-zero limits. Reads nothing outside `self`.
+    ///
+    /// # Errors
+    /// Every problem found, joined by `"; "`.
+    pub fn check(&self) -> Result<(), String> {
+        self.problems(false)
+    }
+
+    /// Checks the whole configuration: what [`ExecConfig::check`] checks, and that
+    /// `run_as_user`/`run_as_group` resolve (a name-service lookup). Call it once when starting
+    /// (and when reloading) and refuse to start on error.
     ///
     /// # Errors
     /// Every problem found, joined by `"; "`.
     pub fn validate(&self) -> Result<(), String> {
+        self.problems(true)
+    }
+
+    fn problems(&self, lookup: bool) -> Result<(), String> {
         let mut problems: Vec<String> = self
             .commands
             .iter()
             .filter_map(|(name, c)| c.compile(name).err())
             .collect();
-        if let Err(e) = self.resolve_creds() {
-            problems.push(e);
+        if lookup {
+            if let Err(e) = self.resolve_creds() {
+                problems.push(e);
+            }
         }
         if problems.is_empty() {
             Ok(())

@@ -43,8 +43,9 @@ pub struct Security {
 impl Security {
     /// Resolves names, reads and checks every file, builds the TLS acceptor once, applies the
     /// rules between the settings and the TCP listener `tcp` (`listen.tcp`; see
-    /// [`SecurityConfig::check`] and `docs/security.md`), and refuses an `exec` allowlist that
-    /// would run as root ([`check_exec`], against this process's effective uid). Does I/O:
+    /// [`SecurityConfig::check`] and `docs/security.md`), resolves the `exec` allowlist's
+    /// `run_as_user`/`run_as_group` and refuses one that would run as root ([`check_exec`],
+    /// against this process's effective uid). Does I/O:
     /// call it once at start (and on reload, to re-check), and pass the result on.
     ///
     /// # Errors
@@ -109,6 +110,10 @@ impl Security {
             None => None,
         };
         warnings.extend(rule_warnings);
+        if let Some(exec) = exec {
+            // The lookups of `run_as_user`/`run_as_group` (`Config::validate` ran the pure part).
+            exec.validate().map_err(|e| invalid("exec", e))?;
+        }
         check_exec(cfg, exec, nix::unistd::geteuid().as_raw())?;
         Ok(Security {
             policy: Arc::new(Policy {
