@@ -1,10 +1,12 @@
 //! Client library for wqd: connect to the daemon, build batches, submit, flush, cancel,
 //! drain, manage workqueues, read and watch the topology.
 //!
-//! Layers: [`endpoint`] (where the daemon listens, including [`default_socket_path`], which
-//! the daemon reuses so both sides agree), [`item`] (typed builders that turn into `wqd.v1`
+//! It stands on `wqd-proto` (the wire contract, shared with the daemon; the default socket
+//! path both sides meet at is defined there) and nothing of the daemon. Layers: [`endpoint`]
+//! (where the daemon listens, re-exporting [`default_socket_path`]), [`item`] (typed builders that turn into `wqd.v1`
 //! messages), [`chunk`] (splitting huge batches into stream messages under a size budget),
-//! [`client`] (the connected [`Client`]), [`worker`] (serving handlers of your own as an
+//! [`client`] (the connected [`Client`], and [`unix_channel`], the one Unix-socket connector
+//! every Rust client uses), [`worker`] (serving handlers of your own as an
 //! attached worker, one pinned thread per CPU) and [`error`] (the one error enum of this crate,
 //! [`ClientError`], which carries the gRPC status unchanged).
 //!

@@ -1,14 +1,14 @@
 //! Failpoints at the engine's racy seams (see `engine/README.md`), compiled in always and armed
 //! only at run time. A disarmed seam costs one load of [`armed`]'s flag; nothing arms it but
-//! [`cfg`], which only tests call (the daemon never reads `FAILPOINTS` from its environment).
+//! [`cfg()`], which only tests call (the daemon never reads `FAILPOINTS` from its environment).
 //!
-//! Invariant: a seam fires only after [`cfg`] armed the seams and configured its name.
+//! Invariant: a seam fires only after [`cfg()`] armed the seams and configured its name.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static ARMED: AtomicBool = AtomicBool::new(false);
 
-/// Whether any failpoint was ever configured through [`cfg`].
+/// Whether any failpoint was ever configured through [`cfg()`].
 #[doc(hidden)]
 #[inline]
 pub fn armed() -> bool {
