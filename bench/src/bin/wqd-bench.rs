@@ -1,7 +1,7 @@
 //! `wqd-bench`: runs every measurement of `docs/benchmarks.md` in one process and writes the
 //! markdown table (stdout, and `--out FILE`).
 //!
-//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc]... [--out FILE]`, or
+//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers]... [--out FILE]`, or
 //! `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler),
 //! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait]` to drive a daemon already
 //! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
@@ -39,8 +39,58 @@ fn machine() -> String {
     )
 }
 
+const USAGE: &str = "usage: wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers]... \
+[--out FILE]
+       wqd-bench --profile-engine ROUNDS
+       wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait]
+Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
+--quick is a smoke run whose figures are not worth comparing.";
+
+const SECTIONS: [&str; 5] = ["dispatch", "hotplug", "scale", "grpc", "workers"];
+
+/// Refuses what a full run would otherwise ignore (a mistyped flag, or `--help`, must not start
+/// minutes of benchmarks): `Err` is the message, `Ok(false)` asks for the usage.
+fn check_args(args: &[String]) -> Result<bool, String> {
+    if args.iter().any(|a| a.starts_with("--profile-")) {
+        return Ok(true);
+    }
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Ok(false),
+            "--quick" => {}
+            "--out" => {
+                it.next().ok_or("--out needs a FILE")?;
+            }
+            "--only" => match it.next() {
+                Some(s) if SECTIONS.contains(&s.as_str()) => {}
+                other => {
+                    let got = other.map_or("nothing", String::as_str);
+                    return Err(format!(
+                        "--only takes one of {}, not {got:?}",
+                        SECTIONS.join("|")
+                    ));
+                }
+            },
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(true)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    match check_args(&args) {
+        Ok(true) => {}
+        Ok(false) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("wqd-bench: {e}\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
         .iter()
