@@ -1,6 +1,8 @@
 //! Groups: which CPUs each [`Target`] names on a remembered [`Topology`], the widening chain
-//! tried when none of them is live, and placement inside the eligible set. Everything here is
-//! a pure function of its arguments; `docs/targets.md` is the user-facing version of this text.
+//! tried when none of them is live, and placement inside the eligible set ([`Ranking`], the one
+//! placement rule: the engine wakes workers in its order). Everything here is a pure function
+//! of its arguments (a [`Ranking`] only keeps its buffers between calls); `docs/targets.md` is
+//! the user-facing version of this text.
 //!
 //! # Invariants
 //!
@@ -1125,7 +1127,9 @@ pub enum Placement {
 }
 
 impl Placement {
-    fn as_str(self) -> &'static str {
+    /// The word used in config, `wqctl` and docs (`least-loaded`, ...); what [`FromStr`]
+    /// reads.
+    pub fn as_str(self) -> &'static str {
         match self {
             Placement::First => "first",
             Placement::Spread => "spread",
@@ -1170,38 +1174,101 @@ impl<'de> serde::Deserialize<'de> for Placement {
     }
 }
 
-/// Picks one CPU of `eligible` (pure; `None` only when `eligible` is empty).
+/// The CPUs of an eligible set that may take work, best first: the one placement rule, used by
+/// the engine (which wakes workers in this order) and by [`choose`].
+///
+/// * `First`: only the lowest CPU (the others may not take the work at all).
+/// * `Spread`: every CPU, ascending, starting at the `rr % len`-th and wrapping around; the
+///   caller advances `rr`.
+/// * `LeastLoaded`, `Idle`: every CPU by ascending `load(cpu)`; equal loads (`-0.0` equals
+///   `0.0`) go to the lowest CPU first; a NaN load counts as +∞, so a CPU whose load is unknown
+///   comes after every CPU with a known load. `load` is called once per eligible CPU, so a
+///   load that changes while ranking cannot make the order inconsistent.
+///
+/// The buffers are kept between calls: once they have grown to the largest eligible set,
+/// ranking allocates nothing (the engine ranks on every wake-up, under its lock).
+#[derive(Debug, Clone, Default)]
+pub struct Ranking {
+    order: Vec<u32>,
+    keyed: Vec<(f64, u32)>,
+}
+
+impl Ranking {
+    /// Empty buffers.
+    pub fn new() -> Ranking {
+        Ranking::default()
+    }
+
+    /// Ranks `eligible` under `placement` (see [`Ranking`]) and returns the order; empty only
+    /// when `eligible` is empty. Pure apart from reusing the buffers.
+    pub fn rank(
+        &mut self,
+        placement: Placement,
+        eligible: &CpuSet,
+        mut load: impl FnMut(u32) -> f64,
+        rr: u64,
+    ) -> &[u32] {
+        self.order.clear();
+        match placement {
+            Placement::First => self.order.extend(eligible.first()),
+            Placement::Spread => {
+                let len = eligible.len() as u64;
+                if len > 0 {
+                    let k = (rr % len) as usize;
+                    self.order.extend(eligible.iter().skip(k));
+                    self.order.extend(eligible.iter().take(k));
+                }
+            }
+            Placement::LeastLoaded | Placement::Idle => {
+                self.keyed.clear();
+                self.keyed.extend(eligible.iter().map(|c| {
+                    let l = load(c);
+                    (if l.is_nan() { f64::INFINITY } else { l }, c)
+                }));
+                // No NaN is left, so `partial_cmp` is total here; it (unlike `total_cmp`)
+                // holds -0.0 and 0.0 equal. CPUs are distinct, so an unstable sort is exact
+                // and allocates nothing.
+                self.keyed.sort_unstable_by(|a, b| {
+                    a.0.partial_cmp(&b.0)
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                        .then(a.1.cmp(&b.1))
+                });
+                self.order.extend(self.keyed.iter().map(|&(_, c)| c));
+            }
+        }
+        &self.order
+    }
+
+    /// Whether `cpu` is one of the CPUs [`rank`](Ranking::rank) would list for `eligible`
+    /// (the lowest for `First`, any member otherwise), without ranking: O(1) for a member.
+    pub fn admits(placement: Placement, eligible: &CpuSet, cpu: u32) -> bool {
+        match placement {
+            Placement::First => eligible.first() == Some(cpu),
+            Placement::Spread | Placement::LeastLoaded | Placement::Idle => eligible.contains(cpu),
+        }
+    }
+
+    /// The order of the last [`rank`](Ranking::rank).
+    pub fn as_slice(&self) -> &[u32] {
+        &self.order
+    }
+}
+
+/// Picks one CPU of `eligible`: the first of its [`Ranking`] (`None` only when `eligible` is
+/// empty). For one-off use; it allocates the ranking's buffers.
 ///
 /// * `First`: the lowest CPU.
 /// * `Spread`: the `rr % len`-th CPU in ascending order; the caller increments `rr`.
 /// * `LeastLoaded`, `Idle`: the CPU with the lowest `load(cpu)`; ties go to the lowest CPU; a
-///   NaN load counts as +∞. Calls `load` once per eligible CPU.
+///   NaN load counts as +∞.
 pub fn choose(
     placement: Placement,
     eligible: &CpuSet,
     load: &dyn Fn(u32) -> f64,
     rr: u64,
 ) -> Option<u32> {
-    match placement {
-        Placement::First => eligible.first(),
-        Placement::Spread => {
-            let len = eligible.len() as u64;
-            if len == 0 {
-                return None;
-            }
-            eligible.nth((rr % len) as usize)
-        }
-        Placement::LeastLoaded | Placement::Idle => {
-            let mut best: Option<(u32, f64)> = None;
-            for c in eligible.iter() {
-                let l = load(c);
-                let l = if l.is_nan() { f64::INFINITY } else { l };
-                match best {
-                    Some((_, b)) if l >= b => {}
-                    _ => best = Some((c, l)),
-                }
-            }
-            best.map(|(c, _)| c)
-        }
-    }
+    Ranking::new()
+        .rank(placement, eligible, load, rr)
+        .first()
+        .copied()
 }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use wqd_core::groups::{choose, Fallback, GroupError, GroupMap, GroupsConfig, Level, Placement};
+use wqd_core::groups::{
+    choose, Fallback, GroupError, GroupMap, GroupsConfig, Level, Placement, Ranking,
+};
 use wqd_core::target::Target;
 use wqd_core::topology::{AllowedSource, CacheInfo, CpuTopo, Topology};
 use wqd_core::CpuSet;
@@ -431,6 +433,32 @@ fn listing_is_ordered_by_level_then_index() {
 }
 
 #[test]
+fn ranking_puts_nan_last_and_breaks_ties_by_cpu() {
+    let e = s("1,3,4,6,8");
+    let mut r = Ranking::new();
+    // A NaN load is +inf whatever its sign bit; -0.0 and 0.0 are equal loads.
+    let load = |c: u32| match c {
+        1 => -f64::NAN,
+        3 => 0.5,
+        4 => 0.0,
+        6 => -0.0,
+        _ => f64::NAN,
+    };
+    for p in [Placement::LeastLoaded, Placement::Idle] {
+        assert_eq!(r.rank(p, &e, load, 0), [4, 6, 3, 1, 8]);
+        assert_eq!(choose(p, &e, &load, 0), Some(4));
+    }
+    assert_eq!(r.rank(Placement::Spread, &e, load, 7), [4, 6, 8, 1, 3]);
+    assert_eq!(r.rank(Placement::First, &e, load, 7), [1]);
+    assert_eq!(r.as_slice(), [1]);
+    assert!(r.rank(Placement::Idle, &CpuSet::new(), load, 0).is_empty());
+    assert!(Ranking::admits(Placement::First, &e, 1));
+    assert!(!Ranking::admits(Placement::First, &e, 3));
+    assert!(Ranking::admits(Placement::Spread, &e, 3));
+    assert!(!Ranking::admits(Placement::Idle, &e, 2));
+}
+
+#[test]
 fn placement() {
     let e = s("2,5,9");
     let zero = |_: u32| 0.0;
@@ -571,6 +599,17 @@ proptest! {
             match choose(p, &e, &load, rr) {
                 Some(c) => prop_assert!(e.contains(c)),
                 None => prop_assert!(e.is_empty()),
+            }
+        }
+        let mut ranking = Ranking::new();
+        for p in [Placement::First, Placement::Spread, Placement::LeastLoaded, Placement::Idle] {
+            let order = ranking.rank(p, &e, load, rr).to_vec();
+            prop_assert_eq!(order.first().copied(), choose(p, &e, &load, rr));
+            prop_assert!(order.iter().all(|&c| Ranking::admits(p, &e, c)));
+            if p != Placement::First {
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                prop_assert_eq!(sorted, e.iter().collect::<Vec<_>>());
             }
         }
         if let Some(c) = choose(Placement::LeastLoaded, &e, &load, rr) {

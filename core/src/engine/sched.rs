@@ -28,7 +28,7 @@ use super::{
     WorkqueueStats,
 };
 use crate::cpuset::CpuSet;
-use crate::groups::{Fallback, Level, Placement};
+use crate::groups::{Fallback, Level, Placement, Ranking};
 use crate::handler::{Args, CancelToken, Handler, HandlerError, HandlerKind};
 use crate::live::Snapshot;
 use crate::target::Target;
@@ -597,6 +597,8 @@ pub(crate) struct Sched {
     timers: BinaryHeap<Reverse<(Instant, u8, ItemId)>>,
     pub shutdown: bool,
     rr: u64,
+    /// The buffers [`Sched::make_ready`] ranks takers into (kept so ranking allocates nothing).
+    ranking: Ranking,
     max_workers: usize,
     rebinds: BTreeMap<&'static str, u64>,
     fallbacks: BTreeMap<String, u64>,
@@ -652,6 +654,7 @@ impl Sched {
             timers: BinaryHeap::new(),
             shutdown: false,
             rr: 0,
+            ranking: Ranking::new(),
             max_workers: cfg.max_workers_per_cpu.max(1),
             rebinds: BTreeMap::new(),
             fallbacks: BTreeMap::new(),
@@ -985,47 +988,32 @@ impl Sched {
         None
     }
 
-    /// The CPUs that may take from a queue, in the order placement prefers them.
-    fn takers(&mut self, qid: usize) -> Vec<u32> {
+    /// Ranks the CPUs that may take from a queue into `out`, in the order placement prefers
+    /// them ([`Ranking`], the groups' one placement rule). The load of `least-loaded` is the
+    /// items running on the CPU; `idle` puts the host's busy fraction first (×1000, so it
+    /// decides unless equal) and the running items second. Allocates nothing once `out` has
+    /// grown (this runs on every submit).
+    fn takers(&mut self, qid: usize, out: &mut Ranking) {
         let q = &self.queues[qid];
         let placement = self.wqs[q.wq].attrs.placement;
-        match placement {
-            Placement::First => q.eligible.first().into_iter().collect(),
-            Placement::Spread => {
-                let mut v: Vec<u32> = q.eligible.iter().collect();
-                if !v.is_empty() {
-                    self.rr = self.rr.wrapping_add(1);
-                    let k = (self.rr % v.len() as u64) as usize;
-                    v.rotate_left(k);
-                }
-                v
-            }
-            Placement::LeastLoaded | Placement::Idle => {
-                let mut v: Vec<(f64, u32)> = q
-                    .eligible
-                    .iter()
-                    .map(|c| {
-                        let queued = self.pools.get(&c).map_or(0, |p| p.running) as f64;
-                        let host = match (placement, &self.load) {
-                            (Placement::Idle, Some(f)) => f(c),
-                            _ => 0.0,
-                        };
-                        (host * 1000.0 + queued, c)
-                    })
-                    .collect();
-                v.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-                v.into_iter().map(|(_, c)| c).collect()
-            }
+        if placement == Placement::Spread && !q.eligible.is_empty() {
+            self.rr = self.rr.wrapping_add(1);
         }
+        let (pools, host) = (&self.pools, &self.load);
+        let load = |c: u32| {
+            let running = pools.get(&c).map_or(0, |p| p.running) as f64;
+            let busy = match (placement, host) {
+                (Placement::Idle, Some(f)) => f(c),
+                _ => 0.0,
+            };
+            busy * 1000.0 + running
+        };
+        out.rank(placement, &q.eligible, load, self.rr);
     }
 
     fn may_take(&self, qid: usize, cpu: u32) -> bool {
         let q = &self.queues[qid];
-        if self.wqs[q.wq].attrs.placement == Placement::First {
-            q.eligible.first() == Some(cpu)
-        } else {
-            q.eligible.contains(cpu)
-        }
+        Ranking::admits(self.wqs[q.wq].attrs.placement, &q.eligible, cpu)
     }
 
     /// Whether the queue's head may start on `cpu` now under the workqueue's limits.
@@ -1059,9 +1047,18 @@ impl Sched {
         if self.queues[qid].pending == 0 || self.shutdown {
             return;
         }
-        let takers = self.takers(qid);
+        // The buffers go back into `self.ranking` at the end; a nested `make_ready` (none
+        // today) would only rank into fresh ones.
+        let mut ranking = std::mem::take(&mut self.ranking);
+        self.takers(qid, &mut ranking);
+        self.wake_takers(qid, ranking.as_slice(), n, fx);
+        self.ranking = ranking;
+    }
+
+    /// [`make_ready`](Self::make_ready) after ranking: `takers` in placement order.
+    fn wake_takers(&mut self, qid: usize, takers: &[u32], n: usize, fx: &mut Effects) {
         let remote = self.queues[qid].remote.clone();
-        for &c in &takers {
+        for &c in takers {
             if self.queues[qid].in_ready.contains(c) {
                 continue;
             }
@@ -1072,11 +1069,11 @@ impl Sched {
         }
         self.clean_front(qid);
         if let Some(h) = remote {
-            self.wake_slots(qid, &h, &takers, n, fx);
+            self.wake_slots(qid, &h, takers, n, fx);
             return;
         }
         let mut woken = 0;
-        for c in takers {
+        for &c in takers {
             if woken >= n {
                 break;
             }
@@ -2508,6 +2505,59 @@ impl Sched {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The engine ranks with `groups::Ranking`: a CPU whose host load is unknown (NaN, here
+    /// with the sign bit set, as 0.0 / 0.0 gives on x86) comes last, equal loads go to the
+    /// lowest CPU. Its own sort (`total_cmp`) once put a negative NaN first.
+    #[test]
+    fn idle_takers_put_an_unknown_load_last_and_break_ties_by_cpu() {
+        use crate::topology::{AllowedSource, Topology};
+        let all = CpuSet::range(0, 3);
+        let topo = Topology {
+            possible: all.clone(),
+            present: all.clone(),
+            online: all.clone(),
+            isolated: CpuSet::new(),
+            allowed: all.clone(),
+            allowed_source: AllowedSource::AllOnline,
+            cpus: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+        };
+        let groups = crate::groups::GroupMap::build(&topo, &Default::default());
+        let snap = Arc::new(Snapshot {
+            epoch: 1,
+            topology: Arc::new(topo),
+            groups: Arc::new(groups),
+            live: all.clone(),
+            source: crate::live::Source::Manual,
+            at: SystemTime::now(),
+        });
+        let load: super::super::LoadHook = Arc::new(|cpu| match cpu {
+            0 => -f64::NAN,
+            1 => 0.5,
+            _ => 0.25,
+        });
+        let cfg = EngineConfig {
+            load: Some(load),
+            ..EngineConfig::default()
+        };
+        let mut s = Sched::new(&cfg, snap);
+        s.live = all.clone();
+        let mut order = Ranking::new();
+        for (placement, want) in [
+            (Placement::Idle, [2, 3, 1, 0]),
+            // Without the host load, every CPU runs nothing: a tie, lowest first.
+            (Placement::LeastLoaded, [0, 1, 2, 3]),
+        ] {
+            let mut attrs = WorkqueueAttrs::named(placement.as_str());
+            attrs.placement = placement;
+            s.create_wq(attrs).unwrap();
+            let wi = s.wq_index(placement.as_str()).unwrap();
+            let qid = s.queue_for(wi, &Target::Cpus(all.clone()), None);
+            s.takers(qid, &mut order);
+            assert_eq!(order.as_slice(), want, "{placement}");
+        }
+    }
 
     /// One `Item` per pending item, in a hash map: its size is most of the engine's memory
     /// per pending item (target: at most 256 bytes all told, see docs/benchmarks.md).
