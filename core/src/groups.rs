@@ -365,6 +365,7 @@ enum ChainRef<'a> {
     List,
 }
 
+/// The chain of a known `cpu:N`; every other chain is a tail of it or [`LIST_CHAIN`].
 const CPU_CHAIN: [Level; 6] = [
     Level::Core,
     Level::Shard,
@@ -374,6 +375,13 @@ const CPU_CHAIN: [Level; 6] = [
     Level::All,
 ];
 const LIST_CHAIN: [Level; 2] = [Level::Node, Level::All];
+
+/// Every level work can widen to, narrowest first (core, shard, cache, node, package, all):
+/// the levels a [`Resolution::fallback`] can name. Every widening chain is made of these, in
+/// this order.
+pub fn widen_levels() -> &'static [Level] {
+    &CPU_CHAIN
+}
 
 /// Build-time state: the set arena, the per-CPU group ids, and the widening memo.
 struct Builder {

@@ -80,7 +80,7 @@ impl Rec {
             queued: clock.on_timeline(r.queued_at),
             started: r.started_at.map(|t| clock.on_timeline(t)),
             finished: r.finished_at.map(|t| clock.on_timeline(t)),
-            fallback: r.fallback.map(wqd_core::engine::level_name),
+            fallback: r.fallback.map(|l| l.to_string()),
             rebinds: r.rebinds,
             epoch: r.epoch_started,
             decided: r.epoch_decided,

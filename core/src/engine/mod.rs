@@ -1357,8 +1357,3 @@ impl Drop for Engine {
         self.shutdown(Duration::ZERO);
     }
 }
-
-/// Lowercase name of a level, as results and metrics print it.
-pub fn level_name(l: Level) -> String {
-    format!("{l:?}").to_ascii_lowercase()
-}

@@ -23,7 +23,7 @@ use super::idhash::IdMap;
 use super::items::Items;
 
 use super::{
-    level_name, CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent,
+    CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent,
     FlushScope, Inner, ItemResult, ItemSpec, Receipt, State, Submitted, WorkerLost, WorkqueueAttrs,
     WorkqueueStats,
 };
@@ -918,7 +918,7 @@ impl Sched {
                         (Some(l), _) => format!(
                             "no live CPU in {}; widened to {} (cpus {})",
                             q.target,
-                            level_name(l),
+                            l,
                             r.eligible
                         ),
                         (None, true) => match policy {
@@ -1545,7 +1545,7 @@ impl Sched {
         }
         let out = (item.body.clone(), item.queued_at);
         if let Some(l) = fallback {
-            *self.fallbacks.entry(level_name(l)).or_default() += 1;
+            *self.fallbacks.entry(l.to_string()).or_default() += 1;
         }
         token.reset();
         self.running.insert(

@@ -14,18 +14,8 @@ use super::observer::EngineMetrics;
 use super::{names, Labels, Registry};
 use crate::conn::ListenerStats;
 use wqd_core::engine::Engine;
-use wqd_core::groups::Level;
+use wqd_core::groups::widen_levels;
 use wqd_core::live::LiveView;
-
-/// The levels an item can widen to: their fallback series start at 0.
-const FALLBACK_LEVELS: [Level; 6] = [
-    Level::Core,
-    Level::Shard,
-    Level::Cache,
-    Level::Node,
-    Level::Package,
-    Level::All,
-];
 
 /// What the previous scrape published, per gauge family.
 #[derive(Debug, Default)]
@@ -79,13 +69,14 @@ impl ScrapeState {
             .set(es.results as f64);
         reg.gauge(names::ENGINE_TOPOLOGY_EPOCH, &[])
             .set(es.epoch as f64);
-        for l in FALLBACK_LEVELS {
+        // The levels an item can widen to: their fallback series start at 0.
+        for l in widen_levels() {
             let n = es.fallbacks.get(l.as_str()).copied().unwrap_or(0);
             reg.counter(names::FALLBACKS, &l1("level", l.as_str()))
                 .absolute(n);
         }
         for (level, n) in &es.fallbacks {
-            if !FALLBACK_LEVELS.iter().any(|l| l.as_str() == level) {
+            if !widen_levels().iter().any(|l| l.as_str() == level) {
                 reg.counter(names::FALLBACKS, &l1("level", level))
                     .absolute(*n);
             }
