@@ -238,6 +238,8 @@ pub enum GroupError {
     ZeroRangeSize { name: String },
     #[error("unknown placement {found:?}; expected one of first, spread, least-loaded, idle")]
     UnknownPlacement { found: String },
+    #[error("unknown fallback {found:?}; expected one of widen, wait, reject")]
+    UnknownFallback { found: String },
     /// `each:NAME` where NAME is a named group: it is one group, there is nothing to fan out.
     #[error("each:{name}: {name:?} is a named group, not a partition; each: fans out over a level (cpu, core, shard, cache, node, package) or a partition's ranges; submit to {name} for the one group")]
     EachOfNamed { name: String },
@@ -334,15 +336,49 @@ pub struct GroupInfo {
     pub members: CpuSet,
 }
 
-/// What to do when none of a target's members is live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What to do when none of a target's members is live. Spelled `widen`, `wait`, `reject` in
+/// config, results and docs ([`Display`](fmt::Display) and [`FromStr`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Fallback {
-    /// Use the first widening-chain entry that has a live CPU.
+    /// Use the first widening-chain entry that has a live CPU (the default).
+    #[default]
     Widen,
     /// Keep the work queued until a member comes back (the engine decides).
     Wait,
     /// Fail the submission (the engine decides).
     Reject,
+}
+
+impl Fallback {
+    /// The word used in config, results and docs; what [`FromStr`] reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Widen => "widen",
+            Fallback::Wait => "wait",
+            Fallback::Reject => "reject",
+        }
+    }
+}
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Fallback {
+    type Err = GroupError;
+    /// `widen`, `wait`, `reject`; surrounding white space is ignored.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "widen" => Ok(Fallback::Widen),
+            "wait" => Ok(Fallback::Wait),
+            "reject" => Ok(Fallback::Reject),
+            _ => Err(GroupError::UnknownFallback {
+                found: s.to_string(),
+            }),
+        }
+    }
 }
 
 /// The outcome of [`GroupMap::resolve`].

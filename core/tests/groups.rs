@@ -495,6 +495,20 @@ fn placement() {
     );
 }
 
+#[test]
+fn fallback_words() {
+    for f in [Fallback::Widen, Fallback::Wait, Fallback::Reject] {
+        assert_eq!(f.to_string().parse::<Fallback>().unwrap(), f);
+    }
+    assert_eq!(Fallback::default(), Fallback::Widen);
+    assert_eq!(" reject ".parse::<Fallback>().unwrap(), Fallback::Reject);
+    // The message config errors have always shown.
+    assert_eq!(
+        "shrink".parse::<Fallback>().unwrap_err().to_string(),
+        "unknown fallback \"shrink\"; expected one of widen, wait, reject"
+    );
+}
+
 // ---- properties ----
 
 /// A random machine: packages x LLCs x cores x threads, nodes per package or per LLC, some

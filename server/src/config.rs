@@ -25,7 +25,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -232,23 +231,6 @@ impl Default for EngineSection {
     }
 }
 
-/// Parses `first|spread|least-loaded|idle`.
-fn parse_placement(s: &str) -> Result<Placement, String> {
-    Placement::from_str(s).map_err(|e| e.to_string())
-}
-
-/// Parses `widen|wait|reject`.
-pub fn parse_fallback(s: &str) -> Result<Fallback, String> {
-    match s.trim() {
-        "widen" => Ok(Fallback::Widen),
-        "wait" => Ok(Fallback::Wait),
-        "reject" => Ok(Fallback::Reject),
-        _ => Err(format!(
-            "unknown fallback {s:?}; expected one of widen, wait, reject"
-        )),
-    }
-}
-
 impl Config {
     /// Reads `path` if given, else [`SYSTEM_CONFIG_PATH`] if it exists, else the defaults.
     /// Does not [`validate`](Self::validate) (flags are applied first).
@@ -393,10 +375,14 @@ impl Config {
             a.nice = v;
         }
         if let Some(p) = &w.placement {
-            a.placement = parse_placement(p).map_err(|e| invalid(key("placement"), e))?;
+            a.placement = p
+                .parse::<Placement>()
+                .map_err(|e| invalid(key("placement"), e.to_string()))?;
         }
         if let Some(f) = &w.fallback {
-            a.fallback = parse_fallback(f).map_err(|e| invalid(key("fallback"), e))?;
+            a.fallback = f
+                .parse::<Fallback>()
+                .map_err(|e| invalid(key("fallback"), e.to_string()))?;
         }
         if let Some(v) = w.max_queued {
             a.max_queued = v;

@@ -268,6 +268,12 @@ impl WorkerLost {
     }
 }
 
+impl fmt::Display for WorkerLost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for WorkerLost {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -288,6 +294,12 @@ impl Unserved {
             Unserved::Wait => "wait",
             Unserved::Reject => "reject",
         }
+    }
+}
+
+impl fmt::Display for Unserved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -362,8 +374,8 @@ impl Default for WorkqueueAttrs {
             group_max_active: 0,
             ordered: false,
             nice: 0,
-            placement: Placement::Spread,
-            fallback: Fallback::Widen,
+            placement: Placement::default(),
+            fallback: Fallback::default(),
             max_queued: 1 << 20,
             on_worker_lost: WorkerLost::Fail,
             unserved: Unserved::Wait,

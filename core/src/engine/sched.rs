@@ -23,9 +23,8 @@ use super::idhash::IdMap;
 use super::items::Items;
 
 use super::{
-    CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent,
-    FlushScope, Inner, ItemResult, ItemSpec, Receipt, State, Submitted, WorkerLost, WorkqueueAttrs,
-    WorkqueueStats,
+    CancelOutcome, EngineConfig, EngineError, EngineStats, Flush, FlushEvent, FlushScope, Inner,
+    ItemResult, ItemSpec, Receipt, State, Submitted, WorkerLost, WorkqueueAttrs, WorkqueueStats,
 };
 use crate::cpuset::CpuSet;
 use crate::groups::{Fallback, Level, Placement, Ranking};
@@ -917,22 +916,15 @@ impl Sched {
                     let reason = match (r.fallback, r.eligible.is_empty()) {
                         (Some(l), _) => format!(
                             "no live CPU in {}; widened to {} (cpus {})",
-                            q.target,
-                            l,
-                            r.eligible
+                            q.target, l, r.eligible
                         ),
                         (None, true) => match policy {
                             Fallback::Wait => {
                                 format!("no live CPU in {}; waiting for one to return", q.target)
                             }
                             _ => format!(
-                                "no live CPU in {} and the workqueue's fallback is {}",
-                                q.target,
-                                if policy == Fallback::Reject {
-                                    "reject"
-                                } else {
-                                    "widen"
-                                }
+                                "no live CPU in {} and the workqueue's fallback is {policy}",
+                                q.target
                             ),
                         },
                         (None, false) => String::new(),

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use super::observer::EngineMetrics;
 use super::{names, Labels, Registry};
 use crate::conn::ListenerStats;
-use wqd_core::engine::Engine;
+use wqd_core::engine::{Engine, State};
 use wqd_core::groups::widen_levels;
 use wqd_core::live::LiveView;
 
@@ -95,9 +95,9 @@ impl ScrapeState {
         for w in &wqs {
             let wq = obs.label(&w.attrs.name);
             for (state, n) in [
-                ("delayed", w.delayed),
-                ("pending", w.pending),
-                ("running", w.running),
+                (State::Delayed, w.delayed),
+                (State::Pending, w.pending),
+                (State::Running, w.running),
             ] {
                 let l = vec![("workqueue", wq.clone()), ("state", state.to_string())];
                 *items.entry(l).or_default() += n as f64;
