@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use wqd_core::engine::{
     CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult, ItemSpec,
-    State, WorkqueueAttrs,
+    State, WorkqueueAttrs, WorkqueueChanges,
 };
 use wqd_core::groups::{Fallback, Placement};
 use wqd_core::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
@@ -600,6 +600,38 @@ fn full_workqueue_pushes_back() {
     }
     rig.submit("small", vec![item("cpu:1", "probe")]);
     let _ = &rig.topo;
+}
+
+#[test]
+fn workqueue_attrs_defaults_and_changes() {
+    // The defaults docs/workqueues.md lists, in the one constructor.
+    let d = WorkqueueAttrs::named("w");
+    assert_eq!(
+        (
+            d.max_active,
+            d.max_waiting,
+            d.group_max_active,
+            d.ordered,
+            d.nice
+        ),
+        (1, 256, 0, false, 0)
+    );
+    assert_eq!(
+        (d.placement, d.fallback, d.max_queued),
+        (Placement::Spread, Fallback::Widen, 1 << 20)
+    );
+    assert_eq!(WorkqueueAttrs::default(), WorkqueueAttrs::named("default"));
+    assert_eq!(d.clone().with(&WorkqueueChanges::default()), d);
+    let c = WorkqueueChanges {
+        nice: Some(5),
+        placement: Some(Placement::First),
+        ..Default::default()
+    };
+    let a = WorkqueueAttrs::new("w", 7).with(&c);
+    assert_eq!(
+        (a.nice, a.placement, a.max_queued, a.max_active),
+        (5, Placement::First, 7, 1)
+    );
 }
 
 #[test]

@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use wqd_core::cpuset::CpuSet;
-use wqd_core::engine::{EngineConfig, WorkqueueAttrs};
+use wqd_core::engine::{EngineConfig, WorkqueueAttrs, WorkqueueChanges};
 use wqd_core::groups::{Fallback, GroupsConfig, Placement};
 use wqd_core::handler::exec::ExecConfig;
 use wqd_core::live::{LiveConfig, MonitorConfig};
@@ -357,42 +357,39 @@ impl Config {
 
     fn wq_attrs(&self, i: usize, w: &WorkqueueEntry) -> Result<WorkqueueAttrs, ConfigError> {
         let key = |k: &str| format!("workqueue[{i}].{k}");
-        let mut a = WorkqueueAttrs::named(&w.name);
-        a.max_queued = self.limits.max_queued;
-        if let Some(v) = w.max_active {
-            a.max_active = v;
-        }
-        if let Some(v) = w.max_waiting {
-            a.max_waiting = v;
-        }
-        if let Some(v) = w.group_max_active {
-            a.group_max_active = v;
-        }
-        if let Some(v) = w.ordered {
-            a.ordered = v;
-        }
-        if let Some(v) = w.nice {
-            a.nice = v;
-        }
-        if let Some(p) = &w.placement {
-            a.placement = p
-                .parse::<Placement>()
-                .map_err(|e| invalid(key("placement"), e.to_string()))?;
-        }
-        if let Some(f) = &w.fallback {
-            a.fallback = f
-                .parse::<Fallback>()
-                .map_err(|e| invalid(key("fallback"), e.to_string()))?;
-        }
-        if let Some(v) = w.max_queued {
-            a.max_queued = v;
-        }
-        if let Some(v) = &w.on_worker_lost {
-            a.on_worker_lost = v.parse().map_err(|e| invalid(key("on_worker_lost"), e))?;
-        }
-        if let Some(v) = &w.unserved {
-            a.unserved = v.parse().map_err(|e| invalid(key("unserved"), e))?;
-        }
+        let changes = WorkqueueChanges {
+            max_active: w.max_active,
+            max_waiting: w.max_waiting,
+            group_max_active: w.group_max_active,
+            ordered: w.ordered,
+            nice: w.nice,
+            placement: w
+                .placement
+                .as_deref()
+                .map(str::parse::<Placement>)
+                .transpose()
+                .map_err(|e| invalid(key("placement"), e.to_string()))?,
+            fallback: w
+                .fallback
+                .as_deref()
+                .map(str::parse::<Fallback>)
+                .transpose()
+                .map_err(|e| invalid(key("fallback"), e.to_string()))?,
+            max_queued: w.max_queued,
+            on_worker_lost: w
+                .on_worker_lost
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| invalid(key("on_worker_lost"), e))?,
+            unserved: w
+                .unserved
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e| invalid(key("unserved"), e))?,
+        };
+        let a = WorkqueueAttrs::new(&w.name, self.limits.max_queued).with(&changes);
         a.validate()
             .map_err(|e| invalid(format!("workqueue[{i}]"), e.to_string()))?;
         Ok(a)
@@ -416,10 +413,7 @@ impl Config {
     /// # Errors
     /// As [`validate`](Self::validate).
     pub fn engine_config(&self) -> Result<EngineConfig, ConfigError> {
-        let mut default_wq = WorkqueueAttrs {
-            max_queued: self.limits.max_queued,
-            ..WorkqueueAttrs::default()
-        };
+        let mut default_wq = WorkqueueAttrs::new("default", self.limits.max_queued);
         if let Some((i, w)) = self
             .workqueues
             .iter()

@@ -317,13 +317,87 @@ impl std::str::FromStr for Unserved {
     }
 }
 
+/// `max_queued` of a workqueue made with [`WorkqueueAttrs::named`] (an in-process engine); the
+/// daemon passes its `limits.max_queued` to [`WorkqueueAttrs::new`] instead.
+pub const DEFAULT_MAX_QUEUED: usize = 1 << 20;
+
+/// Attributes to set on a workqueue, `None` keeping the value there is (the default, for a new
+/// one): what a config entry, a `CreateWorkqueue` (zero values unset) or an `UpdateWorkqueue`
+/// asks for, in the engine's types. Applied by [`WorkqueueAttrs::apply`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkqueueChanges {
+    pub max_active: Option<u32>,
+    pub max_waiting: Option<u32>,
+    pub group_max_active: Option<u32>,
+    pub ordered: Option<bool>,
+    pub nice: Option<i32>,
+    pub placement: Option<Placement>,
+    pub fallback: Option<Fallback>,
+    pub max_queued: Option<usize>,
+    pub on_worker_lost: Option<WorkerLost>,
+    pub unserved: Option<Unserved>,
+}
+
 impl WorkqueueAttrs {
-    /// Defaults with the given name.
-    pub fn named(name: &str) -> Self {
+    /// The one constructor: workqueue `name` with the defaults `docs/workqueues.md` documents
+    /// (max_active 1, max_waiting 256, no group cap, not ordered, nice 0, placement spread,
+    /// fallback widen, on_worker_lost fail, unserved wait) and `max_queued`, the one default
+    /// that is the caller's to give (the daemon's `limits.max_queued`).
+    pub fn new(name: &str, max_queued: usize) -> Self {
         Self {
             name: name.to_string(),
-            ..Self::default()
+            max_active: 1,
+            max_waiting: 256,
+            group_max_active: 0,
+            ordered: false,
+            nice: 0,
+            placement: Placement::default(),
+            fallback: Fallback::default(),
+            max_queued,
+            on_worker_lost: WorkerLost::default(),
+            unserved: Unserved::default(),
         }
+    }
+
+    /// [`WorkqueueAttrs::new`] with [`DEFAULT_MAX_QUEUED`].
+    pub fn named(name: &str) -> Self {
+        Self::new(name, DEFAULT_MAX_QUEUED)
+    }
+
+    /// Sets every attribute `c` names and leaves the others. Does not [`validate`]: the engine
+    /// does when the attributes are used.
+    ///
+    /// [`validate`]: WorkqueueAttrs::validate
+    pub fn apply(&mut self, c: &WorkqueueChanges) {
+        let WorkqueueChanges {
+            max_active,
+            max_waiting,
+            group_max_active,
+            ordered,
+            nice,
+            placement,
+            fallback,
+            max_queued,
+            on_worker_lost,
+            unserved,
+        } = *c;
+        self.max_active = max_active.unwrap_or(self.max_active);
+        self.max_waiting = max_waiting.unwrap_or(self.max_waiting);
+        self.group_max_active = group_max_active.unwrap_or(self.group_max_active);
+        self.ordered = ordered.unwrap_or(self.ordered);
+        self.nice = nice.unwrap_or(self.nice);
+        self.placement = placement.unwrap_or(self.placement);
+        self.fallback = fallback.unwrap_or(self.fallback);
+        self.max_queued = max_queued.unwrap_or(self.max_queued);
+        self.on_worker_lost = on_worker_lost.unwrap_or(self.on_worker_lost);
+        self.unserved = unserved.unwrap_or(self.unserved);
+    }
+
+    /// `self` after [`apply`](WorkqueueAttrs::apply).
+    #[must_use]
+    pub fn with(mut self, c: &WorkqueueChanges) -> Self {
+        self.apply(c);
+        self
     }
 
     /// Checks the attributes.
@@ -366,20 +440,9 @@ impl WorkqueueAttrs {
 }
 
 impl Default for WorkqueueAttrs {
+    /// The `default` workqueue of an in-process engine: [`WorkqueueAttrs::named`]`("default")`.
     fn default() -> Self {
-        Self {
-            name: "default".into(),
-            max_active: 1,
-            max_waiting: 256,
-            group_max_active: 0,
-            ordered: false,
-            nice: 0,
-            placement: Placement::default(),
-            fallback: Fallback::default(),
-            max_queued: 1 << 20,
-            on_worker_lost: WorkerLost::Fail,
-            unserved: Unserved::Wait,
-        }
+        Self::named("default")
     }
 }
 

@@ -22,7 +22,8 @@ use super::RpcError;
 use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{
-    ItemResult, ItemSpec, State, Unserved, WorkerLost, WorkqueueAttrs, WorkqueueStats,
+    ItemResult, ItemSpec, State, Unserved, WorkerLost, WorkqueueAttrs, WorkqueueChanges,
+    WorkqueueStats,
 };
 use wqd_core::groups::{Fallback, GroupMap, Level, Placement};
 use wqd_core::live::Snapshot;
@@ -704,8 +705,9 @@ fn fallback_out(f: Fallback) -> v1::FallbackPolicy {
     }
 }
 
-/// Create-time attributes: zero values take the defaults documented in the proto (max_active
-/// 1, placement spread, fallback widen, max_queued the daemon's `limits.max_queued`).
+/// Create-time attributes: a zero value leaves the attribute unset, so it takes the default
+/// documented in the proto (max_active 1, placement spread, fallback widen, max_queued the
+/// daemon's `limits.max_queued`), which is [`WorkqueueAttrs::new`]'s.
 ///
 /// # Errors
 /// [`RpcError::Field`] for enum values outside the proto's.
@@ -717,31 +719,61 @@ pub fn attrs_in(
         field: format!("attrs.{f}"),
         problem,
     };
-    let mut w = WorkqueueAttrs::named(&a.name);
-    if a.max_active != 0 {
-        w.max_active = a.max_active;
-    }
-    w.group_max_active = a.group_max_active;
-    w.ordered = a.ordered;
-    w.nice = a.nice;
-    w.placement = placement_in(a.placement)
-        .map_err(|p| field("placement", p))?
-        .unwrap_or_default();
-    w.fallback = fallback_in(a.fallback)
-        .map_err(|p| field("fallback", p))?
-        .unwrap_or(Fallback::Widen);
-    w.max_queued = if a.max_queued == 0 {
-        default_max_queued
-    } else {
-        usize::try_from(a.max_queued).unwrap_or(usize::MAX)
+    let set = |v: u32| (v != 0).then_some(v);
+    let changes = WorkqueueChanges {
+        max_active: set(a.max_active),
+        max_waiting: None,
+        group_max_active: set(a.group_max_active),
+        ordered: a.ordered.then_some(true),
+        nice: (a.nice != 0).then_some(a.nice),
+        placement: placement_in(a.placement).map_err(|p| field("placement", p))?,
+        fallback: fallback_in(a.fallback).map_err(|p| field("fallback", p))?,
+        max_queued: (a.max_queued != 0)
+            .then(|| usize::try_from(a.max_queued).unwrap_or(usize::MAX)),
+        on_worker_lost: worker_lost_in(a.on_worker_lost).map_err(|p| field("on_worker_lost", p))?,
+        unserved: unserved_in(a.unserved).map_err(|p| field("unserved", p))?,
     };
-    w.on_worker_lost = worker_lost_in(a.on_worker_lost)
-        .map_err(|p| field("on_worker_lost", p))?
-        .unwrap_or_default();
-    w.unserved = unserved_in(a.unserved)
-        .map_err(|p| field("unserved", p))?
-        .unwrap_or_default();
-    Ok(w)
+    Ok(WorkqueueAttrs::new(&a.name, default_max_queued).with(&changes))
+}
+
+/// `UpdateWorkqueue`'s fields: an absent one is unset; a present UNSPECIFIED enum is an error.
+///
+/// # Errors
+/// [`RpcError::Field`] for an UNSPECIFIED enum or one outside the proto's.
+pub fn changes_in(r: &v1::UpdateWorkqueueRequest) -> Result<WorkqueueChanges, RpcError> {
+    fn required<T>(
+        v: Option<i32>,
+        f: &str,
+        what: &str,
+        conv: fn(i32) -> Result<Option<T>, String>,
+    ) -> Result<Option<T>, RpcError> {
+        let field = |problem| RpcError::Field {
+            field: f.to_string(),
+            problem,
+        };
+        v.map(|v| conv(v)?.ok_or_else(|| format!("UNSPECIFIED is not {what}")))
+            .transpose()
+            .map_err(field)
+    }
+    Ok(WorkqueueChanges {
+        max_active: r.max_active,
+        max_waiting: None,
+        group_max_active: r.group_max_active,
+        ordered: r.ordered,
+        nice: r.nice,
+        placement: required(r.placement, "placement", "a placement", placement_in)?,
+        fallback: required(r.fallback, "fallback", "a policy", fallback_in)?,
+        max_queued: r
+            .max_queued
+            .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
+        on_worker_lost: required(
+            r.on_worker_lost,
+            "on_worker_lost",
+            "a policy",
+            worker_lost_in,
+        )?,
+        unserved: required(r.unserved, "unserved", "a policy", unserved_in)?,
+    })
 }
 
 /// Engine attributes to the wire.
@@ -1238,5 +1270,34 @@ mod tests {
             1
         )
         .is_err());
+        // The same defaults as a config entry with no keys (WorkqueueAttrs::new).
+        assert_eq!(a, WorkqueueAttrs::new("w", 77));
+    }
+
+    #[test]
+    fn update_sets_only_the_fields_given() {
+        let r = v1::UpdateWorkqueueRequest {
+            name: "w".into(),
+            max_active: Some(4),
+            fallback: Some(v1::FallbackPolicy::Reject as i32),
+            ..Default::default()
+        };
+        let a = WorkqueueAttrs::new("w", 9).with(&changes_in(&r).unwrap());
+        let mut want = WorkqueueAttrs::new("w", 9);
+        want.max_active = 4;
+        want.fallback = Fallback::Reject;
+        assert_eq!(a, want);
+        let unspecified = v1::UpdateWorkqueueRequest {
+            name: "w".into(),
+            placement: Some(0),
+            ..Default::default()
+        };
+        match changes_in(&unspecified) {
+            Err(RpcError::Field { field, problem }) => {
+                assert_eq!(field, "placement");
+                assert_eq!(problem, "UNSPECIFIED is not a placement");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

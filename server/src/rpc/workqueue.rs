@@ -1,18 +1,16 @@
 //! `wqd.v1.WorkqueueService`: create, list, update and delete workqueues.
 //!
 //! Invariant: every change goes through the engine's checked calls (`validate` runs there);
-//! this module only fills in wire defaults and, for delete, drains (or cancels) first so the
-//! engine's "delete only when empty" rule holds when it is asked.
+//! this module only applies the request's fields (as `WorkqueueChanges`, read in `convert.rs`)
+//! to the defaults (`WorkqueueAttrs::new`) or the current attributes and, for delete, drains
+//! (or cancels) first so the engine's "delete only when empty" rule holds when it is asked.
 
 use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 use wqd_proto::v1;
 
-use super::convert::{
-    attrs_in, attrs_out, count_state, fallback_in, placement_in, unserved_in, worker_lost_in,
-    wq_info_out,
-};
+use super::convert::{attrs_in, attrs_out, changes_in, count_state, wq_info_out};
 use super::{deadline_of, status, Rpc, RpcError};
 use wqd_core::engine::{EngineError, WorkqueueAttrs};
 
@@ -38,46 +36,7 @@ impl Rpc {
 
     fn do_update(&self, r: v1::UpdateWorkqueueRequest) -> Result<v1::WorkqueueAttrs, RpcError> {
         required_name(&r.name)?;
-        let mut a = self.current_attrs(&r.name)?;
-        let field = |f: &str, p: String| RpcError::Field {
-            field: f.to_string(),
-            problem: p,
-        };
-        if let Some(v) = r.max_active {
-            a.max_active = v;
-        }
-        if let Some(v) = r.group_max_active {
-            a.group_max_active = v;
-        }
-        if let Some(v) = r.ordered {
-            a.ordered = v;
-        }
-        if let Some(v) = r.nice {
-            a.nice = v;
-        }
-        if let Some(p) = r.placement {
-            a.placement = placement_in(p)
-                .map_err(|e| field("placement", e))?
-                .ok_or_else(|| field("placement", "UNSPECIFIED is not a placement".into()))?;
-        }
-        if let Some(f) = r.fallback {
-            a.fallback = fallback_in(f)
-                .map_err(|e| field("fallback", e))?
-                .ok_or_else(|| field("fallback", "UNSPECIFIED is not a policy".into()))?;
-        }
-        if let Some(v) = r.max_queued {
-            a.max_queued = usize::try_from(v).unwrap_or(usize::MAX);
-        }
-        if let Some(v) = r.on_worker_lost {
-            a.on_worker_lost = worker_lost_in(v)
-                .map_err(|e| field("on_worker_lost", e))?
-                .ok_or_else(|| field("on_worker_lost", "UNSPECIFIED is not a policy".into()))?;
-        }
-        if let Some(v) = r.unserved {
-            a.unserved = unserved_in(v)
-                .map_err(|e| field("unserved", e))?
-                .ok_or_else(|| field("unserved", "UNSPECIFIED is not a policy".into()))?;
-        }
+        let a = self.current_attrs(&r.name)?.with(&changes_in(&r)?);
         self.engine.update_workqueue(a.clone())?;
         Ok(attrs_out(&a))
     }
