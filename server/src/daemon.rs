@@ -204,17 +204,6 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
-/// The CPUs this process may run on (its affinity).
-fn own_affinity() -> Option<CpuSet> {
-    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
-    Some(
-        (0..nix::sched::CpuSet::count())
-            .filter(|&c| set.is_set(c).unwrap_or(false))
-            .map(|c| c as u32)
-            .collect(),
-    )
-}
-
 /// Whether to pin workers: `auto` pins unless a fixture tree names online CPUs this process
 /// cannot run on.
 pub fn decide_pinning(mode: Pinning, fixture: bool, online: &CpuSet) -> bool {
@@ -222,7 +211,7 @@ pub fn decide_pinning(mode: Pinning, fixture: bool, online: &CpuSet) -> bool {
         Pinning::On => true,
         Pinning::Off => false,
         Pinning::Auto if !fixture => true,
-        Pinning::Auto => own_affinity().is_some_and(|a| online.is_subset(&a)),
+        Pinning::Auto => wqd_core::topology::sysfs::affinity().is_ok_and(|a| online.is_subset(&a)),
     }
 }
 

@@ -530,8 +530,13 @@ fn relative_to_mount(root: &str, path: &str) -> Option<PathBuf> {
     Some(PathBuf::from(rest.trim_start_matches('/')))
 }
 
-/// `sched_getaffinity(0)` with room for [`MAX_CPUS`] CPUs (`nix`'s `CpuSet` stops at 1024).
-fn affinity() -> Result<CpuSet, TopologyError> {
+/// The CPUs this process may run on: `sched_getaffinity(0)` with room for [`MAX_CPUS`] CPUs
+/// (`nix`'s `CpuSet` stops at 1024). The one reading of the process's affinity: the
+/// [`Reader`] falls back to it without a cpuset, the daemon asks it when deciding pinning.
+///
+/// # Errors
+/// [`TopologyError::Io`] when the call fails.
+pub fn affinity() -> Result<CpuSet, TopologyError> {
     let bits = libc::c_ulong::BITS;
     let mut words: Vec<libc::c_ulong> = vec![0; MAX_CPUS.div_ceil(bits) as usize];
     let bytes = std::mem::size_of_val(words.as_slice());
