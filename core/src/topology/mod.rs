@@ -85,30 +85,31 @@ pub enum AllowedSource {
     AllOnline,
 }
 
-/// One read of the machine. Plain data; produced by [`sysfs::Reader::read`].
+/// One read of the machine: the fields of a [`Topology`] as this one read saw them, so `cpus`
+/// holds only the CPUs whose `topology/` folder could be read now (the online ones) and
+/// `nodes` each `node/nodeK/cpulist` as read now. Plain data; produced by
+/// [`sysfs::Reader::read`], remembered by [`Topology::merge`]. Reads as a [`Topology`]
+/// (`Deref`); the type says that nothing has been merged into it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reading {
+pub struct Reading(pub Topology);
+
+impl std::ops::Deref for Reading {
+    type Target = Topology;
+    fn deref(&self) -> &Topology {
+        &self.0
+    }
+}
+
+/// The remembered topology: the latest reading plus membership learned from earlier ones
+/// (inside a [`Reading`], the same fields as one read saw them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
     pub possible: CpuSet,
     pub present: CpuSet,
     pub online: CpuSet,
     /// `isolated` plus the `isolcpus=`/`nohz_full=` CPUs of the kernel command line.
     pub isolated: CpuSet,
     /// The CPUs this process may run on.
-    pub allowed: CpuSet,
-    pub allowed_source: AllowedSource,
-    /// CPUs whose `topology/` folder could be read now (the online ones).
-    pub cpus: BTreeMap<u32, CpuTopo>,
-    /// `node/nodeK/cpulist` as read now.
-    pub nodes: BTreeMap<u32, CpuSet>,
-}
-
-/// The remembered topology: the latest reading plus membership learned from earlier ones.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Topology {
-    pub possible: CpuSet,
-    pub present: CpuSet,
-    pub online: CpuSet,
-    pub isolated: CpuSet,
     pub allowed: CpuSet,
     pub allowed_source: AllowedSource,
     /// Every CPU ever seen online, with the union of the memberships read for it.
@@ -122,6 +123,7 @@ impl Topology {
     /// are now offline and widening sets with CPUs read now (siblings lists shrink while a
     /// sibling is offline; the union is the real membership).
     pub fn merge(prev: Option<&Topology>, reading: Reading) -> Topology {
+        let Reading(reading) = reading;
         let mut cpus = prev.map(|p| p.cpus.clone()).unwrap_or_default();
         for (cpu, now) in reading.cpus {
             match cpus.get_mut(&cpu) {
@@ -166,14 +168,9 @@ impl Topology {
             }
         }
         Topology {
-            possible: reading.possible,
-            present: reading.present,
-            online: reading.online,
-            isolated: reading.isolated,
-            allowed: reading.allowed,
-            allowed_source: reading.allowed_source,
             cpus,
             nodes,
+            ..reading
         }
     }
 }

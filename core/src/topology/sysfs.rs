@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cpuset::{CpuSet, MAX_CPUS};
 
-use super::{AllowedSource, CacheInfo, CpuTopo, Reading, TopologyError};
+use super::{AllowedSource, CacheInfo, CpuTopo, Reading, Topology, TopologyError};
 
 /// Reads sysfs/procfs under injectable roots. Cheap to clone; holds only paths.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,7 +112,7 @@ impl Reader {
             }
         }
         let (allowed, allowed_source) = self.allowed(&online)?;
-        Ok(Reading {
+        Ok(Reading(Topology {
             possible,
             present,
             online,
@@ -121,7 +121,7 @@ impl Reader {
             allowed_source,
             cpus,
             nodes,
-        })
+        }))
     }
 
     fn read_nodes(&self) -> Result<BTreeMap<u32, CpuSet>, TopologyError> {
