@@ -61,7 +61,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
 use std::str::FromStr;
 
 use crate::cpuset::CpuSet;
@@ -189,11 +188,7 @@ impl Level {
     }
 }
 
-impl fmt::Display for Level {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::display_as_str!(Level);
 
 /// Why a target does not name a usable group on this topology and config.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -337,7 +332,7 @@ pub struct GroupInfo {
 }
 
 /// What to do when none of a target's members is live. Spelled `widen`, `wait`, `reject` in
-/// config, results and docs ([`Display`](fmt::Display) and [`FromStr`]).
+/// config, results and docs ([`Display`](std::fmt::Display) and [`FromStr`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Fallback {
     /// Use the first widening-chain entry that has a live CPU (the default).
@@ -360,11 +355,7 @@ impl Fallback {
     }
 }
 
-impl fmt::Display for Fallback {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::display_as_str!(Fallback);
 
 impl FromStr for Fallback {
     type Err = GroupError;
@@ -1183,11 +1174,7 @@ impl Placement {
     }
 }
 
-impl fmt::Display for Placement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::display_as_str!(Placement);
 
 impl FromStr for Placement {
     type Err = GroupError;

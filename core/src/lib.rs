@@ -11,6 +11,19 @@
 //! `README.md` is the protocol's home). Observers (the daemon's metrics among them) see the
 //! engine through [`engine::Observer`]. Each layer has its own error enum.
 
+/// `Display` for an enum that spells itself with `as_str` (the word config, results, metrics
+/// and docs use), so the spelling lives once, next to `FromStr`.
+macro_rules! display_as_str {
+    ($t:ty) => {
+        impl ::std::fmt::Display for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use display_as_str;
+
 pub mod cpuset;
 pub mod engine;
 pub mod failpoint;

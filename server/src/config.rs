@@ -31,7 +31,7 @@ use serde::Deserialize;
 
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{EngineConfig, WorkqueueAttrs, WorkqueueChanges};
-use wqd_core::groups::{Fallback, GroupsConfig, Placement};
+use wqd_core::groups::GroupsConfig;
 use wqd_core::handler::exec::ExecConfig;
 use wqd_core::live::{LiveConfig, MonitorConfig};
 
@@ -356,38 +356,31 @@ impl Config {
     }
 
     fn wq_attrs(&self, i: usize, w: &WorkqueueEntry) -> Result<WorkqueueAttrs, ConfigError> {
-        let key = |k: &str| format!("workqueue[{i}].{k}");
+        /// A word key (`placement = "spread"`) read with the type's `FromStr`.
+        fn word<T: std::str::FromStr>(
+            i: usize,
+            k: &str,
+            v: &Option<String>,
+        ) -> Result<Option<T>, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|e: T::Err| invalid(format!("workqueue[{i}].{k}"), e.to_string()))
+        }
         let changes = WorkqueueChanges {
             max_active: w.max_active,
             max_waiting: w.max_waiting,
             group_max_active: w.group_max_active,
             ordered: w.ordered,
             nice: w.nice,
-            placement: w
-                .placement
-                .as_deref()
-                .map(str::parse::<Placement>)
-                .transpose()
-                .map_err(|e| invalid(key("placement"), e.to_string()))?,
-            fallback: w
-                .fallback
-                .as_deref()
-                .map(str::parse::<Fallback>)
-                .transpose()
-                .map_err(|e| invalid(key("fallback"), e.to_string()))?,
+            placement: word(i, "placement", &w.placement)?,
+            fallback: word(i, "fallback", &w.fallback)?,
             max_queued: w.max_queued,
-            on_worker_lost: w
-                .on_worker_lost
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|e| invalid(key("on_worker_lost"), e))?,
-            unserved: w
-                .unserved
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|e| invalid(key("unserved"), e))?,
+            on_worker_lost: word(i, "on_worker_lost", &w.on_worker_lost)?,
+            unserved: word(i, "unserved", &w.unserved)?,
         };
         let a = WorkqueueAttrs::new(&w.name, self.limits.max_queued).with(&changes);
         a.validate()
@@ -462,6 +455,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wqd_core::groups::{Fallback, Placement};
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         let c = Config::from_toml(t, "test.toml")?;

@@ -152,11 +152,7 @@ impl State {
     }
 }
 
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::display_as_str!(State);
 
 /// What happened to an item (terminal), or where it stands (pending/running).
 #[derive(Debug, Clone, PartialEq)]
@@ -268,11 +264,7 @@ impl WorkerLost {
     }
 }
 
-impl fmt::Display for WorkerLost {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::display_as_str!(WorkerLost);
 
 impl std::str::FromStr for WorkerLost {
     type Err = String;
@@ -297,11 +289,7 @@ impl Unserved {
     }
 }
 
-impl fmt::Display for Unserved {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::display_as_str!(Unserved);
 
 impl std::str::FromStr for Unserved {
     type Err = String;
