@@ -524,12 +524,13 @@ fn a_freed_max_active_slot_is_offered_to_the_other_kind_of_taker() {
     let (w, sink) = attach(&e, &["h"]);
     w.open_slot(0, 2).unwrap();
     w.credit(0, 1).unwrap();
-    let r = e
-        .submit("default", vec![item("cpu:2", "h"), item("cpu:2", "noop")])
-        .unwrap();
-    let (remote, local) = (r.items[0].id, r.items[1].id);
+    // The attached item holds the CPU's max_active slot; a built-in item queued behind it runs
+    // when the answer frees the slot (the worker thread is woken). Submitted one after the
+    // other: submitted together, the thread could take the noop before the slot takes anything.
+    let remote = e.submit("default", vec![item("cpu:2", "h")]).unwrap().items[0].id;
     let jobs = take(&w);
     assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![remote]);
+    let local = e.submit("default", vec![item("cpu:2", "noop")]).unwrap().items[0].id;
     w.answer(remote, RemoteAnswer::Ok(vec![]), None, 1).unwrap();
     assert_eq!(results(&e, &[local])[0].state, State::Ok, "the noop ran");
 
