@@ -530,7 +530,11 @@ fn a_freed_max_active_slot_is_offered_to_the_other_kind_of_taker() {
     let remote = e.submit("default", vec![item("cpu:2", "h")]).unwrap().items[0].id;
     let jobs = take(&w);
     assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), vec![remote]);
-    let local = e.submit("default", vec![item("cpu:2", "noop")]).unwrap().items[0].id;
+    let local = e
+        .submit("default", vec![item("cpu:2", "noop")])
+        .unwrap()
+        .items[0]
+        .id;
     w.answer(remote, RemoteAnswer::Ok(vec![]), None, 1).unwrap();
     assert_eq!(results(&e, &[local])[0].state, State::Ok, "the noop ran");
 
