@@ -11,9 +11,9 @@
 //! [`crate::rpc::worker`], `[log]` in [`crate::logging`]); they are re-exported here.
 //!
 //! Invariants: a [`Config`] is plain data, and [`Config::validate`] does no I/O of its own:
-//! it runs every section's pure check (resolving users and groups and reading TLS and token
-//! files is the daemon's, once at start; only `[exec]`'s own check, in the core, still looks
-//! its `run_as_user` up). A config that `validate` accepted converts into the engine, live
+//! it runs every section's pure check (resolving users and groups, `[exec]`'s `run_as_user`
+//! among them, and reading TLS and token files is `Security::resolve`'s, once at start and
+//! again on reload). A config that `validate` accepted converts into the engine, live
 //! view and handler settings without further errors; every error names the key (`limits.
 //! max_batch_items`, `group[2].cpus`, ...) and the problem. Command-line flags are applied on
 //! top of the file by the binary before `validate` runs. Only the daemon's wiring
