@@ -92,7 +92,17 @@ if [[ $mode == daemon ]]; then
 fi
 if [[ $no_build != 1 ]]; then
     say "building ${pkgs[*]} (release)"
-    (cd "$repo" && cargo build --release --locked "${pkgs[@]}") >&2
+    # From inside `cargo test` the environment carries the test's CARGO_MANIFEST_DIR,
+    # CARGO_PKG_* and the like. Build scripts that ask to rerun when those change (ring's)
+    # would then see a change and rebuild ring, rustls, tonic and the daemon: build with the
+    # environment a shell has.
+    (cd "$repo" &&
+        for v in $(compgen -e); do
+            if [[ $v =~ ^(CARGO_(PKG_|MANIFEST_|CRATE_NAME|PRIMARY_PACKAGE|TARGET_TMPDIR|BIN_)|OUT_DIR$) ]]; then
+                unset "$v"
+            fi
+        done
+        cargo build --release --locked "${pkgs[@]}") >&2
 fi
 for b in "${bins[@]}"; do
     [[ -x $b ]] || { say "no $b; build first or drop --no-build"; exit 1; }
