@@ -73,10 +73,7 @@ impl From<Invalid> for ConfigError {
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        problem: problem.into(),
-    }
+    crate::settings::invalid(key, problem).into()
 }
 
 /// Whether worker threads are pinned to their CPU.

@@ -72,8 +72,5 @@ impl From<crate::settings::Invalid> for SecurityError {
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> SecurityError {
-    SecurityError::Invalid {
-        key: key.into(),
-        problem: problem.into(),
-    }
+    crate::settings::invalid(key, problem).into()
 }
