@@ -378,6 +378,7 @@ impl Config {
             max_queued: w.max_queued,
             on_worker_lost: word(i, "on_worker_lost", &w.on_worker_lost)?,
             unserved: word(i, "unserved", &w.unserved)?,
+            results: None,
         };
         let a = WorkqueueAttrs::new(&w.name, self.limits.max_queued).with(&changes);
         a.validate()

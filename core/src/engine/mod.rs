@@ -232,6 +232,52 @@ pub struct WorkqueueAttrs {
     pub on_worker_lost: WorkerLost,
     /// Attached-worker handlers: what an item does while no attached worker serves it.
     pub unserved: Unserved,
+    /// What the workqueue keeps of an item once it is terminal.
+    pub results: ResultsMode,
+}
+
+/// What a workqueue keeps of each item once it is terminal (workqueue attribute `results`).
+/// Whatever the mode, every item reaches exactly one terminal state and flushes wait for it;
+/// the mode only says what is recorded about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResultsMode {
+    /// A full [`ItemResult`] per item: flushes stream it, the result store keeps it (bounded by
+    /// count, age and bytes) for `GetResults`.
+    #[default]
+    Full,
+    /// Counts and latencies only: the per-state counts and the wait and run times (metrics,
+    /// [`FlushSummary`]), but no per-item record; flushes and waits report counts, and
+    /// `GetResults` knows the item only while it is live.
+    Summary,
+    /// Counts only: as `Summary`, without observing latencies.
+    None,
+}
+
+impl ResultsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultsMode::Full => "full",
+            ResultsMode::Summary => "summary",
+            ResultsMode::None => "none",
+        }
+    }
+}
+
+crate::display_as_str!(ResultsMode);
+
+impl std::str::FromStr for ResultsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(ResultsMode::Full),
+            "summary" => Ok(ResultsMode::Summary),
+            "none" => Ok(ResultsMode::None),
+            _ => Err(format!(
+                "unknown results mode {}; expected full, summary or none",
+                crate::quote::quote(s)
+            )),
+        }
+    }
 }
 
 /// What an item held by a lost attached worker becomes (workqueue attribute `on_worker_lost`).
@@ -324,12 +370,13 @@ pub struct WorkqueueChanges {
     pub max_queued: Option<usize>,
     pub on_worker_lost: Option<WorkerLost>,
     pub unserved: Option<Unserved>,
+    pub results: Option<ResultsMode>,
 }
 
 impl WorkqueueAttrs {
     /// The one constructor: workqueue `name` with the defaults `docs/workqueues.md` documents
     /// (max_active 1, max_waiting 256, no group cap, not ordered, nice 0, placement spread,
-    /// fallback widen, on_worker_lost fail, unserved wait) and `max_queued`, the one default
+    /// fallback widen, on_worker_lost fail, unserved wait, results full) and `max_queued`, the one default
     /// that is the caller's to give (the daemon's `limits.max_queued`).
     pub fn new(name: &str, max_queued: usize) -> Self {
         Self {
@@ -344,6 +391,7 @@ impl WorkqueueAttrs {
             max_queued,
             on_worker_lost: WorkerLost::default(),
             unserved: Unserved::default(),
+            results: ResultsMode::default(),
         }
     }
 
@@ -368,6 +416,7 @@ impl WorkqueueAttrs {
             max_queued,
             on_worker_lost,
             unserved,
+            results,
         } = *c;
         self.max_active = max_active.unwrap_or(self.max_active);
         self.max_waiting = max_waiting.unwrap_or(self.max_waiting);
@@ -379,6 +428,7 @@ impl WorkqueueAttrs {
         self.max_queued = max_queued.unwrap_or(self.max_queued);
         self.on_worker_lost = on_worker_lost.unwrap_or(self.on_worker_lost);
         self.unserved = unserved.unwrap_or(self.unserved);
+        self.results = results.unwrap_or(self.results);
     }
 
     /// `self` after [`apply`](WorkqueueAttrs::apply).

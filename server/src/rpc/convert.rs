@@ -732,6 +732,7 @@ pub fn attrs_in(
             .then(|| usize::try_from(a.max_queued).unwrap_or(usize::MAX)),
         on_worker_lost: worker_lost_in(a.on_worker_lost).map_err(|p| field("on_worker_lost", p))?,
         unserved: unserved_in(a.unserved).map_err(|p| field("unserved", p))?,
+        results: None,
     };
     Ok(WorkqueueAttrs::new(&a.name, default_max_queued).with(&changes))
 }
@@ -773,6 +774,7 @@ pub fn changes_in(r: &v1::UpdateWorkqueueRequest) -> Result<WorkqueueChanges, Rp
             worker_lost_in,
         )?,
         unserved: required(r.unserved, "unserved", "a policy", unserved_in)?,
+        results: None,
     })
 }
 
