@@ -566,6 +566,9 @@ pub enum FlushEvent {
     Done(Arc<ItemResult>),
     /// A covered item's result has already expired from the result store.
     Gone(ItemId),
+    /// A covered item of a workqueue that keeps no per-item results (`results = summary` or
+    /// `none`) is terminal, in this state.
+    Ended(ItemId, State),
 }
 
 /// A flush in progress. Dropping it stops the wait, never the work.
@@ -695,6 +698,7 @@ impl FlushSummary {
         match ev {
             FlushEvent::Done(r) => *self.by_state.entry(r.state).or_default() += 1,
             FlushEvent::Gone(_) => self.gone += 1,
+            FlushEvent::Ended(_, state) => *self.by_state.entry(*state).or_default() += 1,
         }
     }
 }

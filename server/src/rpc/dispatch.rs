@@ -652,6 +652,10 @@ async fn stream_flush(
                 unknown.push(id);
                 continue;
             }
+            Some(Some(FlushEvent::Ended(_, state))) => {
+                count_state(&mut counts, state, 1);
+                continue;
+            }
             Some(Some(FlushEvent::Done(r))) => {
                 count_state(&mut counts, r.state, 1);
                 if !summary_only {
