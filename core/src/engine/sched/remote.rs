@@ -326,7 +326,7 @@ impl Sched {
         );
         self.pools
             .entry(cpu)
-            .or_insert_with(|| super::Pool::new(now));
+            .or_insert_with(|| super::queue::Pool::new(now));
         Ok(())
     }
 

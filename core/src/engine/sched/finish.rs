@@ -1,0 +1,371 @@
+//! Finish: how a bound item ends or goes back. [`Sched::finish`] applies a worker's outcome —
+//! hand-back and requeue (with the reason from the snapshot), a lost attached worker, or the
+//! handler's result — and [`Sched::terminal`] is the one way out of `items`;
+//! [`Sched::end_unstarted`] is `terminal` for an item that never started.
+//!
+//! Invariant (under L): `terminal` removes the item from `items` before anything else and
+//! returns at once for an id not there, so each item reaches a terminal state exactly once;
+//! it is called directly only for an item that started (all others go through
+//! `end_unstarted`). A hand-back whose cancel token was raised ends `Cancelled`, never re-queued.
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::engine::{FlushEvent, ItemResult, State, WorkerLost};
+use crate::groups::Fallback;
+use crate::handler::{HandlerError, HandlerKind};
+
+use super::item::{Finish, Item, ItemId, Outcome, Started};
+use super::results::cut_output;
+use super::timers::TIMER_DEADLINE;
+use super::{Effects, Sched};
+
+/// The error text of an item cancelled, or expired, before it started.
+pub(super) const CANCELLED_UNSTARTED: &str = "cancelled before it started";
+pub(super) const EXPIRED_UNSTARTED: &str = "not started before its deadline";
+
+/// What a worker's start check says when its CPU is not live; [`Sched::finish`] turns it
+/// into the reason (`offline`, `cpuset`, `isolated`) from the snapshot.
+pub(crate) const NOT_LIVE: &str = "not-live";
+
+impl Sched {
+    /// Records how a worker's jobs of one batch ended, emptying `done`. Last to first: a
+    /// hand-back goes to the front of its queue, so the batch's hand-backs keep their order.
+    pub(crate) fn finish_all(&mut self, done: &mut Vec<Finish>, now: Instant, fx: &mut Effects) {
+        while let Some(f) = done.pop() {
+            self.finish(f, now, fx);
+        }
+    }
+
+    /// Records how a job ended (or hands it back to its queue).
+    /// `now` is the worker's clock reading for this lock hold.
+    pub(crate) fn finish(&mut self, f: Finish, now: Instant, fx: &mut Effects) {
+        let Some(item) = self.items.get(&f.id) else {
+            tracing::error!(item = f.id, "finish for an item that is not live");
+            return;
+        };
+        let (qid, wi, kind) = (item.qid(), item.wi(), item.body.kind());
+        let Some(bound) = self.running.remove(&f.id) else {
+            tracing::error!(item = f.id, "finish for an item that is not bound");
+            return;
+        };
+        let cap_was_full = {
+            let wq = &self.wqs[wi];
+            wq.attrs.group_max_active > 0
+                && self.queues[qid].running >= wq.attrs.group_max_active as usize
+        };
+        self.queues[qid].running -= 1;
+        let wq = &mut self.wqs[wi];
+        wq.running -= 1;
+        if bound.slot {
+            if let Some(slot) = wq.running_on.get_mut(&bound.cpu) {
+                slot[usize::from(kind == HandlerKind::Waits)] -= 1;
+            }
+        }
+        let ordered = wq.attrs.ordered;
+        if let Some(p) = self.pools.get_mut(&bound.cpu) {
+            p.running -= 1;
+            p.last_progress = now;
+            p.lockup_reported = false;
+        }
+        match f.outcome {
+            // A cancel raised while the item was bound wins over the hand-back: it never runs
+            // (cancel_work_sync's promise), wherever it would have gone next.
+            Outcome::HandBack(_) if bound.token.is_cancelled() => {
+                self.end_unstarted(f.id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
+            }
+            Outcome::HandBack(why) => {
+                let why = self.handback_reason(why, bound.cpu);
+                *self.rebinds.entry(why).or_default() += 1;
+                if self.observed {
+                    fx.rebound.push(why);
+                }
+                if let Some(item) = self.items.get_mut(&f.id) {
+                    item.rebinds += 1;
+                }
+                self.requeue(f.id, now, fx);
+            }
+            // A cancel asked while the worker held it: the worker's loss ends it cancelled.
+            Outcome::Lost(_) if bound.token.is_cancelled() => {
+                let err = "cancelled; its attached worker was lost before it answered".into();
+                self.terminal(
+                    f.id,
+                    State::Cancelled,
+                    Vec::new(),
+                    err,
+                    f.started,
+                    None,
+                    now,
+                    fx,
+                );
+            }
+            Outcome::Lost(why) if self.wqs[wi].attrs.on_worker_lost == WorkerLost::Requeue => {
+                // A metric only: the stats' re-bind count is the sum of the items' `rebinds`
+                // (hand-backs before a start), which a re-delivery is not.
+                if self.observed {
+                    fx.rebound.push("worker-lost");
+                }
+                if let Some(item) = self.items.get_mut(&f.id) {
+                    let c = item.cold();
+                    c.lost += 1;
+                    tracing::info!(item = f.id, lost = c.lost, %why, "worker lost holding an item; queued again (on_worker_lost = requeue)");
+                }
+                self.requeue(f.id, now, fx);
+            }
+            Outcome::Lost(why) => {
+                let err = format!("worker lost: {why}");
+                self.terminal(
+                    f.id,
+                    State::Failed,
+                    Vec::new(),
+                    err,
+                    f.started,
+                    None,
+                    now,
+                    fx,
+                );
+            }
+            Outcome::CancelledBeforeStart => {
+                self.end_unstarted(f.id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
+            }
+            Outcome::Ran(res) => {
+                let (state, out, err) = match res {
+                    Ok(out) => (State::Ok, out, String::new()),
+                    Err(HandlerError::Cancelled) => (
+                        State::Cancelled,
+                        Vec::new(),
+                        "cancelled while running".into(),
+                    ),
+                    Err(e) => (State::Failed, Vec::new(), e.to_string()),
+                };
+                self.terminal(f.id, state, out, err, f.started, f.finished, now, fx);
+            }
+        }
+        if cap_was_full {
+            let n = self.queues[qid].pending;
+            self.make_ready(qid, n, fx);
+        }
+        if bound.slot {
+            self.offer_freed_slot(bound.cpu, bound.remote.is_some(), fx);
+        }
+        if ordered {
+            if let Some(head) = self.ordered_head(wi) {
+                if let Some(hq) = self.items.get(&head).map(Item::qid) {
+                    self.make_ready(hq, 1, fx);
+                }
+            }
+        }
+        let q = &mut self.queues[qid];
+        if q.pending == 0 && q.running == 0 && q.delayed == 0 {
+            q.idle_since = Some(now);
+        }
+        if self.shutdown {
+            fx.idle_kick = true;
+        }
+    }
+
+    /// A bound item goes back to the front of its queue (a hand-back, or a lost worker's item
+    /// with `on_worker_lost = requeue`), key restored if free; then, if its deadline passed
+    /// while it was bound (its timer fired and was ignored), it expires; if its queue has no
+    /// eligible CPU and the fallback is `reject`, or no attached worker serves it and the
+    /// workqueue rejects unserved items, it is rejected; otherwise its deadline timer is armed
+    /// again and the queue made ready.
+    fn requeue(&mut self, id: ItemId, now: Instant, fx: &mut Effects) {
+        let Some(item) = self.items.get_mut(&id) else {
+            return;
+        };
+        let (qid, wi) = (item.qid(), item.wi());
+        item.state = State::Pending;
+        let key = item.key.clone();
+        let deadline = item.deadline();
+        self.queues[qid].items.push_front(id);
+        self.queues[qid].pending += 1;
+        let wq = &mut self.wqs[wi];
+        wq.pending += 1;
+        if wq.attrs.ordered {
+            wq.ordered.push_front(id);
+        }
+        if let Some(k) = key {
+            wq.keys.entry(k).or_insert(id);
+        }
+        let reject = if self.queues[qid].eligible.is_empty()
+            && self.wqs[wi].attrs.fallback == Fallback::Reject
+        {
+            Some(self.queues[qid].reason.clone())
+        } else {
+            self.unserved(qid)
+        };
+        match deadline {
+            Some(d) if d <= now => {
+                self.end_unstarted(id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx)
+            }
+            // Its queue lost every CPU (or its last worker) meanwhile: the policy applies to
+            // it as to the queue's other pending items.
+            _ if reject.is_some() => {
+                let reason = reject.unwrap_or_default();
+                self.end_unstarted(id, State::Rejected, reason, now, fx);
+            }
+            Some(d) => {
+                self.timers.push(Reverse((d, TIMER_DEADLINE, id)));
+                fx.timer_kick = true;
+                self.make_ready(qid, 1, fx);
+            }
+            None => self.make_ready(qid, 1, fx),
+        }
+    }
+
+    /// The reason a hand-back is counted under: a worker that found its CPU not live (or
+    /// itself moved off it) says [`NOT_LIVE`] or `affinity`, and the current snapshot tells
+    /// why the CPU left: `offline`, `cpuset` (out of the process's cpuset or affinity) or
+    /// `isolated`. Other reasons (`stall`) pass through.
+    fn handback_reason(&self, why: &'static str, cpu: u32) -> &'static str {
+        if why != NOT_LIVE && why != "affinity" {
+            return why;
+        }
+        let t = &self.snapshot.topology;
+        if !t.online.contains(cpu) {
+            "offline"
+        } else if !t.allowed.contains(cpu) {
+            "cpuset"
+        } else if t.isolated.contains(cpu) && !self.live.contains(cpu) {
+            "isolated"
+        } else if why == "affinity" {
+            "affinity"
+        } else {
+            // Not live when the worker checked, live again now: it went and came back.
+            "offline"
+        }
+    }
+
+    /// [`Sched::terminal`] for an item that never started: no output, no start or finish CPU.
+    pub(super) fn end_unstarted(
+        &mut self,
+        id: ItemId,
+        state: State,
+        reason: String,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
+        self.terminal(id, state, Vec::new(), reason, None, None, now, fx);
+    }
+
+    /// The one way out: makes a live item terminal, notifies its flushes, stores its result.
+    #[allow(clippy::too_many_arguments)]
+    fn terminal(
+        &mut self,
+        id: ItemId,
+        state: State,
+        output: Vec<u8>,
+        error: String,
+        started: Option<Started>,
+        finished: Option<(u32, SystemTime)>,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
+        debug_assert!(state.is_terminal());
+        let Some(item) = self.items.remove(&id) else {
+            return;
+        };
+        // Its timers (a delay's, a deadline's) are garbage from now on.
+        self.stale_timers +=
+            usize::from(item.state == State::Delayed) + usize::from(item.deadline().is_some());
+        self.totals[state.index()] += 1;
+        self.uncount_waiting(&item);
+        let wi = item.wi();
+        let wq = &mut self.wqs[wi];
+        wq.totals[state.index()] += 1;
+        if let Some(k) = &item.key {
+            if wq.keys.get(k) == Some(&id) {
+                wq.keys.remove(k);
+            }
+        }
+        if wq.draining && wq.live() == 0 {
+            wq.draining = false;
+        }
+        let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
+            Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
+            None => (Vec::new(), String::new(), 0, None, 0),
+        };
+        let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
+            (error.clone(), self.epoch)
+        } else {
+            (item_reason, decided)
+        };
+        // A result's texts are bounded (limits.max_result_bytes): cut, saying so.
+        let mut error = crate::quote::cap(error, self.max_result_bytes);
+        let produced = output.len();
+        let output = cut_output(output, self.max_result_bytes);
+        if output.len() < produced && error.is_empty() {
+            error = format!(
+                "output cut from {produced} to {} bytes (limits.max_result_bytes)",
+                output.len()
+            );
+        }
+        let result = Arc::new(ItemResult {
+            id,
+            batch: item.batch,
+            workqueue: wq.name.clone(),
+            state,
+            output,
+            error,
+            target: item.body.target.clone(),
+            handler: item.body.handler_name().clone(),
+            cpu_started: started.as_ref().map(|s| s.cpu),
+            cpu_finished: finished.map(|f| f.0),
+            fallback: item.fallback,
+            reason,
+            rebinds: item.rebinds,
+            queued_at: item.queued_at,
+            started_at: started.as_ref().map(|s| s.at),
+            finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),
+            epoch_started: started.map(|s| s.epoch),
+            epoch_decided: (decided != 0).then_some(decided),
+            worker,
+            worker_lost: lost,
+        });
+        let first = (item.waiter != 0).then_some(item.waiter);
+        for fid in first.into_iter().chain(cold_waiters) {
+            if let Some(f) = self.flushes.get_mut(&fid) {
+                match &f.tally {
+                    Some(t) => t.lock().by_state[state.index()] += 1,
+                    None => {
+                        let _ = f.tx.send(FlushEvent::Done(result.clone()));
+                    }
+                }
+                f.remaining -= 1;
+                if f.remaining == 0 {
+                    self.flushes.remove(&fid);
+                }
+            }
+        }
+        if let Some(b) = self.batches.get_mut(&item.batch) {
+            b.live = b.live.saturating_sub(1);
+        }
+        if self.observed {
+            fx.finished.push(result.clone());
+        }
+        self.results.insert(result, now);
+        if self.shutdown {
+            fx.idle_kick = true;
+        }
+        self.collect_timer_garbage();
+    }
+
+    /// Takes an item that left `items` out of its workqueue's and queue's delayed or pending
+    /// count (a running item is counted out by `finish`).
+    pub(super) fn uncount_waiting(&mut self, item: &Item) {
+        let (qid, wq) = (item.qid(), &mut self.wqs[item.wi()]);
+        match item.state {
+            State::Delayed => {
+                wq.delayed -= 1;
+                self.queues[qid].delayed -= 1;
+            }
+            State::Pending => {
+                wq.pending -= 1;
+                self.queues[qid].pending -= 1;
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Cancel and flush: [`Sched::cancel`] (pending items end now, running ones get their token
+//! raised), the ids a flush scope covers, and flush registration ([`FlushRec`]).
+//!
+//! Invariant (under L): coverage is computed and registered in one lock hold, so each covered
+//! item is either live (its waiters hold the flush, and `terminal` counts it) or already
+//! terminal (its stored result is sent at once); a flush's `remaining` reaches zero exactly
+//! when its last covered item ends, and its record is then removed, closing its channel.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::engine::{CancelOutcome, EngineError, Flush, FlushEvent, FlushScope, Inner, State};
+
+use super::finish::CANCELLED_UNSTARTED;
+use super::item::ItemId;
+use super::{Effects, Sched};
+
+pub(crate) struct FlushRec {
+    pub(super) tx: flume::Sender<FlushEvent>,
+    pub(super) remaining: usize,
+    /// Summary-only flushes count here instead of sending an event per item.
+    pub(super) tally: Option<Arc<parking_lot::Mutex<crate::engine::Tally>>>,
+}
+
+impl FlushRec {
+    /// Stops per-item events: items that end from now on are counted in `t` instead.
+    pub(crate) fn count_instead(&mut self, t: Arc<parking_lot::Mutex<crate::engine::Tally>>) {
+        self.tally = Some(t);
+    }
+}
+
+impl Sched {
+    pub(crate) fn cancel(
+        &mut self,
+        ids: &[ItemId],
+        fx: &mut Effects,
+    ) -> Vec<(ItemId, CancelOutcome)> {
+        let mut out = Vec::with_capacity(ids.len());
+        let now = Instant::now();
+        for &id in ids {
+            let o = match self.items.get(&id) {
+                Some(it) if it.state == State::Running => {
+                    if let Some(b) = self.running.get(&id) {
+                        b.token.cancel();
+                        // An attached worker holds it: tell it; the item ends when the worker
+                        // answers, or is lost.
+                        if let Some(rec) = b.remote.and_then(|(w, _)| self.remotes.get(&w)) {
+                            fx.remote_cancel.push((rec.sink.clone(), id));
+                        }
+                    }
+                    CancelOutcome::WasRunning
+                }
+                Some(_) => {
+                    self.end_unstarted(id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
+                    CancelOutcome::CancelledPending
+                }
+                None => match self.results.map.get(&id) {
+                    Some(r) => CancelOutcome::AlreadyTerminal(r.state),
+                    None => CancelOutcome::Unknown,
+                },
+            };
+            out.push((id, o));
+        }
+        out
+    }
+
+    pub(crate) fn scope_ids(&self, scope: &FlushScope) -> Result<Vec<ItemId>, EngineError> {
+        match scope {
+            FlushScope::Items(v) => {
+                if let Some(&bad) = v.iter().find(|&&id| id == 0 || id >= self.next_item) {
+                    return Err(EngineError::UnknownItem(bad));
+                }
+                Ok(v.clone())
+            }
+            FlushScope::Batch(b) => {
+                let rec = self.batches.get(b).ok_or(EngineError::UnknownBatch(*b))?;
+                Ok((rec.first..rec.first + rec.count as u64)
+                    .filter(|id| rec.unused.binary_search(id).is_err())
+                    .collect())
+            }
+            FlushScope::Workqueue(name) | FlushScope::WorkqueueAll(name) => {
+                let wi = self.wq_index(name)?;
+                let mut v: Vec<ItemId> = self
+                    .items
+                    .iter()
+                    .filter(|(_, i)| i.wi() == wi)
+                    .map(|(&id, _)| id)
+                    .collect();
+                v.sort_unstable();
+                Ok(v)
+            }
+        }
+    }
+
+    /// The ids a flush of `scope` covers, and how many delayed items it leaves out. Delayed
+    /// items of an item, batch or `WorkqueueAll` scope are queued at once (the kernel's
+    /// `flush_delayed_work()`); a `Workqueue` scope leaves them out and counts them.
+    pub(crate) fn flush_ids(
+        &mut self,
+        scope: &FlushScope,
+        fx: &mut Effects,
+    ) -> Result<(Vec<ItemId>, usize), EngineError> {
+        let mut ids = self.scope_ids(scope)?;
+        let is_delayed =
+            |s: &Sched, id: &ItemId| s.items.get(id).is_some_and(|it| it.state == State::Delayed);
+        if scope.promotes_delayed() {
+            let delayed: Vec<ItemId> = ids
+                .iter()
+                .copied()
+                .filter(|id| is_delayed(self, id))
+                .collect();
+            for id in delayed {
+                // Its delay timer is garbage now.
+                self.stale_timers += 1;
+                self.undelay(id, fx);
+            }
+            Ok((ids, 0))
+        } else {
+            let before = ids.len();
+            ids.retain(|id| !is_delayed(self, id));
+            let left_out = before - ids.len();
+            Ok((ids, left_out))
+        }
+    }
+
+    /// Registers a flush over `ids`. With `summary_only`, no per-item events are sent: the
+    /// flush's tally counts terminal states and `Flush::wait` reports them.
+    pub(crate) fn register_flush(
+        &mut self,
+        inner: &Arc<Inner>,
+        ids: Vec<ItemId>,
+        summary_only: bool,
+    ) -> Flush {
+        let fid = self.next_flush;
+        self.next_flush += 1;
+        let (tx, rx) = flume::unbounded();
+        let tally = summary_only
+            .then(|| Arc::new(parking_lot::Mutex::new(crate::engine::Tally::default())));
+        let mut remaining = 0;
+        for &id in &ids {
+            if let Some(it) = self.items.get_mut(&id) {
+                it.add_waiter(fid);
+                remaining += 1;
+            } else if let Some(r) = self.results.map.get(&id) {
+                match &tally {
+                    Some(t) => t.lock().by_state[r.state.index()] += 1,
+                    None => {
+                        let _ = tx.send(FlushEvent::Done(r.clone()));
+                    }
+                }
+            } else {
+                match &tally {
+                    Some(t) => t.lock().gone.push(id),
+                    None => {
+                        let _ = tx.send(FlushEvent::Gone(id));
+                    }
+                }
+            }
+        }
+        let id = if remaining > 0 {
+            self.flushes.insert(
+                fid,
+                FlushRec {
+                    tx,
+                    remaining,
+                    tally: tally.clone(),
+                },
+            );
+            Some(fid)
+        } else {
+            None
+        };
+        Flush {
+            inner: inner.clone(),
+            id,
+            rx,
+            covered: ids.len(),
+            delayed_not_covered: 0,
+            began: Instant::now(),
+            tally,
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! What an item is: its id, its [`Body`] (handler, target, arguments), the live [`Item`]
+//! record with its rarely used [`Cold`] part, a worker's claim on it ([`Bound`]), and what
+//! crosses between the scheduler and a worker: the [`Job`] handed out, and the [`Finish`]
+//! ([`Started`], [`Outcome`]) that comes back.
+//!
+//! Invariant: an `Item` exists (in `Sched::items`) exactly while its item is not terminal, and
+//! stays small (one per pending item: 80 bytes, checked below and in `items.rs`); a `Bound`
+//! exists (in `Sched::running`) exactly while its item is `Running`. Both are touched under L
+//! only; a `Job` and a `Finish` are the worker's own, outside L.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::engine::{ItemSpec, State};
+use crate::groups::Level;
+use crate::handler::{Args, CancelToken, Handler, HandlerError, HandlerKind};
+use crate::target::Target;
+
+/// An item's id: unique for the engine's lifetime, increasing in submission order.
+pub type ItemId = u64;
+
+/// What an item does; shared by identical items of one batch.
+pub(crate) struct Body {
+    /// The handler, shared by every body of a batch that names it.
+    pub handler: Arc<HandlerRef>,
+    pub target: Target,
+    /// Arguments and payload; `None` when both are empty (most items), which keeps a body at
+    /// 48 bytes instead of 88.
+    pub extra: Option<Box<Extra>>,
+}
+
+/// A handler as items refer to it: the name clients used, the handler and its kind.
+pub(crate) struct HandlerRef {
+    pub name: Arc<str>,
+    pub handler: Arc<dyn Handler>,
+    pub kind: HandlerKind,
+    /// Served by attached workers (`remote.rs`), not by this process's worker threads.
+    pub remote: bool,
+}
+
+/// The arguments and payload of a body that has either.
+pub(crate) struct Extra {
+    pub args: Args,
+    pub payload: Vec<u8>,
+}
+
+static NO_ARGS: Args = Args::new();
+
+impl Body {
+    pub(crate) fn new(
+        handler: Arc<HandlerRef>,
+        target: Target,
+        args: Args,
+        payload: Vec<u8>,
+    ) -> Body {
+        let extra = if args.is_empty() && payload.is_empty() {
+            None
+        } else {
+            Some(Box::new(Extra { args, payload }))
+        };
+        Body {
+            handler,
+            target,
+            extra,
+        }
+    }
+    pub(crate) fn kind(&self) -> HandlerKind {
+        self.handler.kind
+    }
+    pub(crate) fn handler_name(&self) -> &Arc<str> {
+        &self.handler.name
+    }
+    /// The handler name when attached workers serve it.
+    pub(crate) fn remote_name(&self) -> Option<&Arc<str>> {
+        self.handler.remote.then_some(&self.handler.name)
+    }
+    pub(crate) fn args(&self) -> &Args {
+        self.extra.as_ref().map_or(&NO_ARGS, |e| &e.args)
+    }
+    pub(crate) fn payload(&self) -> &[u8] {
+        self.extra.as_ref().map_or(&[], |e| e.payload.as_slice())
+    }
+    pub(crate) fn same_as(&self, it: &ItemSpec) -> bool {
+        self.target == it.target
+            && *self.handler.name == *it.handler
+            && *self.args() == it.args
+            && self.payload() == it.payload.as_slice()
+    }
+}
+
+/// One item of a batch as submit receives it: its (possibly shared) body and own options.
+/// `delay` and `deadline` are as the client gave them; pass 1 of [`Sched::submit`] checks them
+/// against the limits and the clock.
+pub(crate) struct Entry {
+    pub body: Arc<Body>,
+    pub key: Option<String>,
+    pub delay: Option<Duration>,
+    pub deadline: Option<Duration>,
+}
+
+/// A worker's claim on an item. Kept in `Sched::running`, not in the item: only the few
+/// items bound to a worker need it.
+pub(crate) struct Bound {
+    pub(super) cpu: u32,
+    pub(super) at: Instant,
+    pub(super) token: CancelToken,
+    pub(super) hog_reported: bool,
+    /// Whether this item holds its worker's slot in `Wq::running_on`. The first item a worker
+    /// takes in a lock hold does; items claimed with it (`Sched::claim_more`) run after it on
+    /// the same worker, one at a time, and share that slot.
+    pub(super) slot: bool,
+    /// For an item held by an attached worker: (worker id, slot).
+    pub(super) remote: Option<(u64, u32)>,
+}
+
+/// An item that is not terminal yet. Kept small (one of these per pending item): the fields
+/// most items never use live out of line in [`Cold`], the worker's claim in `Sched::running`.
+pub(crate) struct Item {
+    pub batch: u64,
+    pub body: Arc<Body>,
+    pub key: Option<Arc<str>>,
+    pub queued_at: SystemTime,
+    /// The first flush waiting for this item (0 = none; flush ids start at 1); any further
+    /// ones are in `cold.waiters`.
+    pub waiter: u64,
+    pub cold: Option<Box<Cold>>,
+    pub wq: u32,
+    pub queue: u32,
+    pub rebinds: u32,
+    pub state: State,
+    pub fallback: Option<Level>,
+}
+
+/// The rarely used part of an item, allocated only when one of its fields is set.
+#[derive(Default)]
+pub(crate) struct Cold {
+    pub(super) deadline: Option<Instant>,
+    /// Why its fallback applied (set when it is bound through a widened queue).
+    pub(super) reason: String,
+    /// The epoch in which that fallback was decided (0: none).
+    pub(super) decided: u64,
+    /// Flushes waiting for this item beyond `Item::waiter`.
+    pub(super) waiters: Vec<u64>,
+    /// The attached worker that holds it, or held it last.
+    pub(super) worker: Option<crate::engine::WorkerRef>,
+    /// Times an attached worker was lost holding it and it was queued again.
+    pub(super) lost: u32,
+}
+
+impl Item {
+    pub(super) fn qid(&self) -> usize {
+        self.queue as usize
+    }
+    pub(super) fn wi(&self) -> usize {
+        self.wq as usize
+    }
+    pub(super) fn cold(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_with(Box::default)
+    }
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.cold.as_ref().and_then(|c| c.deadline)
+    }
+    pub(super) fn reason(&self) -> &str {
+        self.cold.as_ref().map_or("", |c| c.reason.as_str())
+    }
+    pub(super) fn add_waiter(&mut self, fid: u64) {
+        if self.waiter == 0 {
+            self.waiter = fid;
+        } else {
+            self.cold().waiters.push(fid);
+        }
+    }
+}
+
+/// Work handed to a worker. Its cancel token is the worker's own (reset by `take`).
+pub(crate) struct Job {
+    pub id: ItemId,
+    pub body: Arc<Body>,
+    /// The epoch in which it was bound. A job claimed behind another (`claim_more`) must
+    /// start in this same epoch, or it is handed back.
+    pub epoch: u64,
+    /// Claimed behind another job of the same lock hold (see `Sched::claim_more`).
+    pub claimed: bool,
+    pub cpu: u32,
+    pub nice: i32,
+    pub queue: usize,
+    /// The workqueue's name, for the observer (`None` when there is none).
+    pub workqueue: Option<Arc<str>>,
+    pub queued_at: SystemTime,
+}
+
+/// When and where an item started.
+#[derive(Clone, Copy)]
+pub(crate) struct Started {
+    pub cpu: u32,
+    pub at: SystemTime,
+    pub epoch: u64,
+}
+
+/// How a job ended, reported back by its worker.
+pub(crate) enum Outcome {
+    Ran(Result<Vec<u8>, HandlerError>),
+    /// The start check failed; the item goes back to its queue. The reason is a metric label.
+    HandBack(&'static str),
+    /// Cancelled after it was bound but before the handler was called.
+    CancelledBeforeStart,
+    /// The attached worker holding it was lost (why); it started when it was sent (`started`).
+    Lost(String),
+}
+
+pub(crate) struct Finish {
+    pub id: ItemId,
+    pub outcome: Outcome,
+    pub started: Option<Started>,
+    pub finished: Option<(u32, SystemTime)>,
+}
+
+impl Finish {
+    /// The job did not start; its item goes back to its queue.
+    pub(crate) fn handback(id: ItemId, why: &'static str) -> Finish {
+        Finish {
+            id,
+            outcome: Outcome::HandBack(why),
+            started: None,
+            finished: None,
+        }
+    }
+    /// Whether the handler ran and returned within `d` (by the wall clock).
+    pub(crate) fn ran_within(&self, d: Duration) -> bool {
+        match (&self.started, &self.finished) {
+            (Some(s), Some((_, f))) => f.duration_since(s.at).is_ok_and(|r| r < d),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One `Item` per pending item, in a hash map: its size is most of the engine's memory
+    /// per pending item (target: at most 256 bytes all told, see docs/benchmarks.md).
+    #[test]
+    fn item_stays_small() {
+        assert!(
+            std::mem::size_of::<Item>() <= 80,
+            "Item grew to {} bytes",
+            std::mem::size_of::<Item>()
+        );
+    }
+}

@@ -1,0 +1,431 @@
+//! Queues and pools, and placement: a [`Queue`] holds the pending items of one (workqueue,
+//! target[, attached-worker handler]) in FIFO order with the CPUs eligible to take them; a
+//! [`Pool`] is one CPU's workers with its `ready` lists. This file resolves a queue's eligible
+//! CPUs (with the workqueue's fallback), ranks takers (`groups::Ranking`, the one placement
+//! rule), checks a workqueue's limits for a CPU, makes queues ready and wakes takers, and
+//! enqueues items.
+//!
+//! Invariant (under L): a queue's `eligible` set is recomputed on every topology change and
+//! workqueue update, so only a CPU live in the current epoch may take from it; `in_ready` marks
+//! the pools whose ready list holds the queue, so it is put there once per pool (the lists may
+//! also hold stale entries, which `take` drops); and a wake-up goes only to a CPU whose limits
+//! let it start the head now (README, race 4).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::sync::Unparker;
+
+use crate::cpuset::CpuSet;
+use crate::engine::State;
+use crate::groups::{Fallback, Level, Placement, Ranking};
+use crate::handler::HandlerKind;
+use crate::target::Target;
+
+use super::item::ItemId;
+use super::{Effects, Sched};
+
+/// Items of one workqueue aimed at one target.
+pub(super) struct Queue {
+    pub(super) wq: usize,
+    pub(super) target: Target,
+    /// The handler name, for a queue of items attached workers serve (see `remote.rs`); such
+    /// a queue is on pools' `remote_ready` lists, never on `ready`.
+    pub(super) remote: Option<Arc<str>>,
+    /// Pending item ids in FIFO order. May hold tombstones: ids no longer pending here.
+    pub(super) items: VecDeque<ItemId>,
+    pub(super) pending: usize,
+    pub(super) delayed: usize,
+    pub(super) running: usize,
+    /// CPUs whose workers may take from this queue now.
+    pub(super) eligible: CpuSet,
+    pub(super) fallback: Option<Level>,
+    pub(super) reason: String,
+    /// Pools whose `ready` list holds this queue.
+    pub(super) in_ready: CpuSet,
+    pub(super) idle_since: Option<Instant>,
+}
+
+/// The workers of one CPU.
+pub(super) struct Pool {
+    pub(super) live: bool,
+    /// Bumped each time the CPU becomes live; workers of older generations exit.
+    pub(super) gen: u64,
+    /// Workers of the current generation.
+    pub(super) workers: usize,
+    pub(super) idle: Vec<(u64, Unparker)>,
+    /// Queues with pending items this pool may take (may hold stale entries).
+    pub(super) ready: VecDeque<usize>,
+    /// The same for queues attached workers serve.
+    pub(super) remote_ready: VecDeque<usize>,
+    /// Attached workers' slots of this CPU waiting for work: (worker, slot).
+    pub(super) idle_slots: Vec<(u64, u32)>,
+    pub(super) running: usize,
+    pub(super) last_progress: Instant,
+    pub(super) lockup_reported: bool,
+    /// After a worker failed to pin: spawn no more until a newer epoch than this, or until
+    /// the instant passes (a pinning can break without any topology change, e.g. `taskset`).
+    pub(super) spawn_hold: Option<(u64, Instant)>,
+}
+
+/// How long a pool whose worker could not pin waits before trying again (unless the
+/// topology changes first).
+pub(super) const SPAWN_HOLD: Duration = Duration::from_secs(1);
+
+impl Pool {
+    pub(super) fn new(now: Instant) -> Pool {
+        Pool {
+            live: false,
+            gen: 0,
+            workers: 0,
+            idle: Vec::new(),
+            ready: VecDeque::new(),
+            remote_ready: VecDeque::new(),
+            idle_slots: Vec::new(),
+            running: 0,
+            last_progress: now,
+            lockup_reported: false,
+            spawn_hold: None,
+        }
+    }
+    pub(super) fn ready_list(&mut self, remote: bool) -> &mut VecDeque<usize> {
+        if remote {
+            &mut self.remote_ready
+        } else {
+            &mut self.ready
+        }
+    }
+    pub(super) fn may_spawn(&self, epoch: u64) -> bool {
+        self.spawn_hold
+            .is_none_or(|(e, until)| epoch > e || Instant::now() >= until)
+    }
+}
+
+impl Sched {
+    /// The queue of workqueue `wi` for `target` and, for an attached-worker handler, its name.
+    pub(super) fn queue_for(
+        &mut self,
+        wi: usize,
+        target: &Target,
+        remote: Option<&Arc<str>>,
+    ) -> usize {
+        let found = match remote {
+            None => self.wqs[wi].queues.get(target),
+            Some(h) => self.wqs[wi].remote_queues.get(&(target.clone(), h.clone())),
+        };
+        if let Some(&q) = found {
+            return q;
+        }
+        let qid = self.queues.insert(Queue {
+            wq: wi,
+            target: target.clone(),
+            remote: remote.cloned(),
+            items: VecDeque::new(),
+            pending: 0,
+            delayed: 0,
+            running: 0,
+            eligible: CpuSet::new(),
+            fallback: None,
+            reason: String::new(),
+            in_ready: CpuSet::new(),
+            idle_since: None,
+        });
+        match remote {
+            None => self.wqs[wi].queues.insert(target.clone(), qid),
+            Some(h) => self.wqs[wi]
+                .remote_queues
+                .insert((target.clone(), h.clone()), qid),
+        };
+        let mut fx = Effects::default();
+        self.resolve_queue(qid, &mut fx);
+        qid
+    }
+
+    pub(super) fn remove_queue(&mut self, qid: usize) {
+        let q = self.queues.remove(qid);
+        for c in q.in_ready.iter() {
+            if let Some(p) = self.pools.get_mut(&c) {
+                p.ready_list(q.remote.is_some()).retain(|&x| x != qid);
+            }
+        }
+        match q.remote {
+            None => self.wqs[q.wq].queues.remove(&q.target),
+            Some(h) => self.wqs[q.wq].remote_queues.remove(&(q.target, h)),
+        };
+    }
+
+    /// Re-resolves a queue's eligible CPUs against the current live set and applies the
+    /// workqueue's fallback: `reject` rejects its pending items when no CPU is eligible.
+    pub(super) fn resolve_queue(&mut self, qid: usize, fx: &mut Effects) {
+        let q = &self.queues[qid];
+        let wq = &self.wqs[q.wq];
+        let policy = wq.attrs.fallback;
+        let (eligible, fallback, reason) =
+            match self.snapshot.groups.resolve(&q.target, &self.live, policy) {
+                Ok(r) => {
+                    let reason = match (r.fallback, r.eligible.is_empty()) {
+                        (Some(l), _) => format!(
+                            "no live CPU in {}; widened to {} (cpus {})",
+                            q.target, l, r.eligible
+                        ),
+                        (None, true) => match policy {
+                            Fallback::Wait => {
+                                format!("no live CPU in {}; waiting for one to return", q.target)
+                            }
+                            _ => format!(
+                                "no live CPU in {} and the workqueue's fallback is {policy}",
+                                q.target
+                            ),
+                        },
+                        (None, false) => String::new(),
+                    };
+                    (r.eligible, r.fallback, reason)
+                }
+                Err(e) => (CpuSet::new(), None, format!("{}: {e}", q.target)),
+            };
+        let q = &mut self.queues[qid];
+        q.eligible = eligible;
+        q.fallback = fallback;
+        q.reason = reason;
+        if q.eligible.is_empty() && policy == Fallback::Reject && q.pending > 0 {
+            let ids: Vec<ItemId> = q.items.iter().copied().collect();
+            let reason = q.reason.clone();
+            for id in ids {
+                if self.is_pending_in(id, qid) {
+                    self.end_unstarted(id, State::Rejected, reason.clone(), Instant::now(), fx);
+                }
+            }
+        }
+        let n = self.queues[qid].pending;
+        self.make_ready(qid, n, fx);
+    }
+
+    pub(super) fn is_pending_in(&self, id: ItemId, qid: usize) -> bool {
+        self.items
+            .get(&id)
+            .is_some_and(|it| it.state == State::Pending && it.qid() == qid)
+    }
+
+    /// Drops tombstones from the front of a queue (and of its ordered workqueue's FIFO).
+    pub(super) fn clean_front(&mut self, qid: usize) {
+        while let Some(&id) = self.queues[qid].items.front() {
+            if self.is_pending_in(id, qid) {
+                break;
+            }
+            self.queues[qid].items.pop_front();
+        }
+    }
+
+    pub(super) fn ordered_head(&mut self, wi: usize) -> Option<ItemId> {
+        while let Some(&id) = self.wqs[wi].ordered.front() {
+            if self
+                .items
+                .get(&id)
+                .is_some_and(|it| it.state == State::Pending)
+            {
+                return Some(id);
+            }
+            self.wqs[wi].ordered.pop_front();
+        }
+        None
+    }
+
+    /// Ranks the CPUs that may take from a queue into `out`, in the order placement prefers
+    /// them ([`Ranking`], the groups' one placement rule). The load of `least-loaded` is the
+    /// items running on the CPU; `idle` puts the host's busy fraction first (×1000, so it
+    /// decides unless equal) and the running items second. Allocates nothing once `out` has
+    /// grown (this runs on every submit).
+    fn takers(&mut self, qid: usize, out: &mut Ranking) {
+        let q = &self.queues[qid];
+        let placement = self.wqs[q.wq].attrs.placement;
+        if placement == Placement::Spread && !q.eligible.is_empty() {
+            self.rr = self.rr.wrapping_add(1);
+        }
+        let (pools, host) = (&self.pools, &self.load);
+        let load = |c: u32| {
+            let running = pools.get(&c).map_or(0, |p| p.running) as f64;
+            let busy = match (placement, host) {
+                (Placement::Idle, Some(f)) => f(c),
+                _ => 0.0,
+            };
+            busy * 1000.0 + running
+        };
+        out.rank(placement, &q.eligible, load, self.rr);
+    }
+
+    pub(super) fn may_take(&self, qid: usize, cpu: u32) -> bool {
+        let q = &self.queues[qid];
+        Ranking::admits(self.wqs[q.wq].attrs.placement, &q.eligible, cpu)
+    }
+
+    /// Whether the queue's head may start on `cpu` now under the workqueue's limits.
+    /// Call after `clean_front`.
+    pub(super) fn limits_allow(&mut self, qid: usize, cpu: u32) -> bool {
+        let Some(&head) = self.queues[qid].items.front() else {
+            return false;
+        };
+        let wi = self.queues[qid].wq;
+        if self.wqs[wi].attrs.ordered
+            && (self.wqs[wi].running > 0 || self.ordered_head(wi) != Some(head))
+        {
+            return false;
+        }
+        let q = &self.queues[qid];
+        let wq = &self.wqs[wi];
+        if wq.attrs.group_max_active > 0 && q.running >= wq.attrs.group_max_active as usize {
+            return false;
+        }
+        let [cb, w] = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
+        match self.items.get(&head).map(|i| i.body.kind()) {
+            Some(HandlerKind::CpuBound) => cb < wq.attrs.max_active,
+            Some(HandlerKind::Waits) => w < wq.attrs.max_waiting,
+            None => false,
+        }
+    }
+
+    /// Puts a queue with pending items on the ready lists of the pools that may take from it
+    /// and wakes (or spawns) up to `n` workers, in placement order.
+    pub(super) fn make_ready(&mut self, qid: usize, n: usize, fx: &mut Effects) {
+        if self.queues[qid].pending == 0 || self.shutdown {
+            return;
+        }
+        // The buffers go back into `self.ranking` at the end; a nested `make_ready` (none
+        // today) would only rank into fresh ones.
+        let mut ranking = std::mem::take(&mut self.ranking);
+        self.takers(qid, &mut ranking);
+        self.wake_takers(qid, ranking.as_slice(), n, fx);
+        self.ranking = ranking;
+    }
+
+    /// [`make_ready`](Self::make_ready) after ranking: `takers` in placement order.
+    fn wake_takers(&mut self, qid: usize, takers: &[u32], n: usize, fx: &mut Effects) {
+        let remote = self.queues[qid].remote.clone();
+        for &c in takers {
+            if self.queues[qid].in_ready.contains(c) {
+                continue;
+            }
+            if let Some(p) = self.pools.get_mut(&c).filter(|p| p.live) {
+                p.ready_list(remote.is_some()).push_back(qid);
+                self.queues[qid].in_ready.insert(c);
+            }
+        }
+        self.clean_front(qid);
+        if let Some(h) = remote {
+            self.wake_slots(qid, &h, takers, n, fx);
+            return;
+        }
+        let mut woken = 0;
+        for &c in takers {
+            if woken >= n {
+                break;
+            }
+            // Only a CPU whose limits let it start the head now is worth a wake-up; waking
+            // one that cannot would use up the wake-up and leave an idle CPU asleep.
+            if !self.limits_allow(qid, c) {
+                continue;
+            }
+            let (epoch, max) = (self.epoch, self.max_workers);
+            let Some(p) = self.pools.get_mut(&c).filter(|p| p.live) else {
+                continue;
+            };
+            if let Some((_, u)) = p.idle.pop() {
+                fx.unpark.push(u);
+                woken += 1;
+            } else if p.workers < max && p.may_spawn(epoch) {
+                p.workers += 1;
+                fx.spawn.push((c, p.gen));
+                woken += 1;
+            }
+        }
+    }
+
+    pub(super) fn enqueue(&mut self, id: ItemId, fx: &mut Effects) {
+        let Some(item) = self.items.get_mut(&id) else {
+            return;
+        };
+        item.state = State::Pending;
+        let (qid, wi) = (item.qid(), item.wi());
+        let unserved = self.unserved(qid);
+        let q = &mut self.queues[qid];
+        let no_cpu = q.eligible.is_empty() && self.wqs[wi].attrs.fallback == Fallback::Reject;
+        if no_cpu || unserved.is_some() {
+            let reason = unserved.unwrap_or_else(|| q.reason.clone());
+            q.pending += 1;
+            self.wqs[wi].pending += 1;
+            let now = Instant::now();
+            self.end_unstarted(id, State::Rejected, reason, now, fx);
+            return;
+        }
+        q.items.push_back(id);
+        q.pending += 1;
+        q.idle_since = None;
+        let wq = &mut self.wqs[wi];
+        wq.pending += 1;
+        if wq.attrs.ordered {
+            wq.ordered.push_back(id);
+        }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::engine::{EngineConfig, WorkqueueAttrs};
+    use crate::live::Snapshot;
+
+    /// The engine ranks with `groups::Ranking`: a CPU whose host load is unknown (NaN, here
+    /// with the sign bit set, as 0.0 / 0.0 gives on x86) comes last, equal loads go to the
+    /// lowest CPU. Its own sort (`total_cmp`) once put a negative NaN first.
+    #[test]
+    fn idle_takers_put_an_unknown_load_last_and_break_ties_by_cpu() {
+        use crate::topology::{AllowedSource, Topology};
+        let all = CpuSet::range(0, 3);
+        let topo = Topology {
+            possible: all.clone(),
+            present: all.clone(),
+            online: all.clone(),
+            isolated: CpuSet::new(),
+            allowed: all.clone(),
+            allowed_source: AllowedSource::AllOnline,
+            cpus: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+        };
+        let groups = crate::groups::GroupMap::build(&topo, &Default::default());
+        let snap = Arc::new(Snapshot {
+            epoch: 1,
+            topology: Arc::new(topo),
+            groups: Arc::new(groups),
+            live: all.clone(),
+            source: crate::live::Source::Manual,
+            at: SystemTime::now(),
+        });
+        let load: crate::engine::LoadHook = Arc::new(|cpu| match cpu {
+            0 => -f64::NAN,
+            1 => 0.5,
+            _ => 0.25,
+        });
+        let cfg = EngineConfig {
+            load: Some(load),
+            ..EngineConfig::default()
+        };
+        let mut s = Sched::new(&cfg, snap);
+        s.live = all.clone();
+        let mut order = Ranking::new();
+        for (placement, want) in [
+            (Placement::Idle, [2, 3, 1, 0]),
+            // Without the host load, every CPU runs nothing: a tie, lowest first.
+            (Placement::LeastLoaded, [0, 1, 2, 3]),
+        ] {
+            let mut attrs = WorkqueueAttrs::named(placement.as_str());
+            attrs.placement = placement;
+            s.create_wq(attrs).unwrap();
+            let wi = s.wq_index(placement.as_str()).unwrap();
+            let qid = s.queue_for(wi, &Target::Cpus(all.clone()), None);
+            s.takers(qid, &mut order);
+            assert_eq!(order.as_slice(), want, "{placement}");
+        }
+    }
+}

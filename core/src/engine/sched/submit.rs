@@ -1,0 +1,287 @@
+//! Submit: pass 1 checks a whole batch (groups, delays and deadlines, `max_queued`) and
+//! changes nothing; pass 2 ([`Sched::queue_batch`]) cannot fail and queues every entry; should
+//! it panic all the same, [`Sched::roll_back`] undoes the batch. Also the batch records
+//! ([`BatchRec`]) that flushes of a batch scope read.
+//!
+//! Invariant: a batch is accepted whole or not at all — no half batch is ever left behind, and
+//! entry *i* of a batch always has id `first + i`.
+
+use std::cmp::Reverse;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::engine::{EngineError, Receipt, State, Submitted};
+use crate::groups::Fallback;
+use crate::target::Target;
+
+use super::item::{Body, Cold, Entry, Item, ItemId};
+use super::timers::{instant_after, TIMER_DEADLINE, TIMER_DELAY};
+use super::{Effects, Sched};
+
+pub(super) struct BatchRec {
+    /// Entry i of the batch has id `first + i`.
+    pub(super) first: ItemId,
+    pub(super) count: usize,
+    /// Ids of entries that were duplicates of pending keys (never used; sorted).
+    pub(super) unused: Vec<ItemId>,
+    pub(super) live: usize,
+    pub(super) created: Instant,
+}
+
+impl Sched {
+    pub(crate) fn submit(
+        &mut self,
+        wq_name: &str,
+        bodies: Vec<Entry>,
+        fx: &mut Effects,
+    ) -> Result<Receipt, EngineError> {
+        if self.shutdown {
+            return Err(EngineError::ShuttingDown);
+        }
+        let wi = self.wq_index(wq_name)?;
+        if self.wqs[wi].draining {
+            return Err(EngineError::Draining(wq_name.to_string()));
+        }
+        // Pass 1: validate everything, compute every instant and count what will be queued;
+        // change nothing. Everything that can fail fails here.
+        let now = Instant::now();
+        let mut last: Option<&Target> = None;
+        let mut batch_keys: HashSet<&str> = HashSet::new();
+        let mut adding = 0usize;
+        // (delay end, deadline) per entry; allocated only for a batch that uses either.
+        let mut times: Vec<(Option<Instant>, Option<Instant>)> = Vec::new();
+        for (index, e) in bodies.iter().enumerate() {
+            let b = &e.body;
+            if last != Some(&b.target) {
+                self.snapshot
+                    .groups
+                    .resolve(&b.target, &self.live, Fallback::Wait)
+                    .map_err(|source| EngineError::Group { index, source })?;
+                last = Some(&b.target);
+            }
+            if e.delay.is_some() || e.deadline.is_some() {
+                if times.is_empty() {
+                    times.resize(bodies.len(), (None, None));
+                }
+                times[index] = (
+                    instant_after(index, "delay", e.delay, self.max_delay, now)?,
+                    instant_after(index, "deadline", e.deadline, self.max_deadline, now)?,
+                );
+            }
+            match &e.key {
+                Some(k) if self.wqs[wi].keys.contains_key(k.as_str()) => {}
+                Some(k) if !batch_keys.insert(k.as_str()) => {}
+                _ => adding += 1,
+            }
+        }
+        let wq = &self.wqs[wi];
+        if wq.live() + adding > wq.attrs.max_queued {
+            return Err(EngineError::QueueFull {
+                workqueue: wq_name.to_string(),
+                limit: wq.attrs.max_queued,
+                pending: wq.live(),
+                adding,
+            });
+        }
+        drop(batch_keys);
+        // Pass 2: queue. It cannot fail; should it panic all the same (a bug), the batch is
+        // rolled back whole before the panic goes on, so no half batch is ever left behind.
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        let first = self.next_item;
+        let finished_before = fx.finished.len();
+        let pass2 = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.queue_batch(wi, batch, now, bodies, &times, fx)
+        }));
+        let items = match pass2 {
+            Ok(items) => items,
+            Err(panic) => {
+                self.roll_back(wi, batch, first, finished_before, fx);
+                std::panic::resume_unwind(panic);
+            }
+        };
+        Ok(Receipt {
+            batch,
+            first,
+            items,
+        })
+    }
+
+    /// Pass 2 of [`Sched::submit`]: every entry takes the next id and is queued (or delayed,
+    /// or rejected at once when its queue has no eligible CPU and its fallback is `reject`).
+    fn queue_batch(
+        &mut self,
+        wi: usize,
+        batch: u64,
+        now: Instant,
+        bodies: Vec<Entry>,
+        times: &[(Option<Instant>, Option<Instant>)],
+        fx: &mut Effects,
+    ) -> Vec<Submitted> {
+        let wall = SystemTime::now();
+        let first = self.next_item;
+        // The batch's record exists before its items do, so an item that ends during the
+        // submit (rejected: no eligible CPU) is counted out of `live` like any other.
+        self.batches.insert(
+            batch,
+            BatchRec {
+                first,
+                count: bodies.len(),
+                live: 0,
+                created: now,
+                unused: Vec::new(),
+            },
+        );
+        self.batch_order.push_back(batch);
+        let wq32 = wi as u32;
+        let mut out = Vec::with_capacity(bodies.len());
+        let mut touched: Vec<(usize, usize)> = Vec::new();
+        let mut unused: Vec<ItemId> = Vec::new();
+        // The body of the previous entry and its queue: runs of entries sharing a body (the
+        // common case) find their queue without comparing targets.
+        let mut last_body: Option<(Arc<Body>, usize)> = None;
+        for (index, Entry { body: b, key, .. }) in bodies.into_iter().enumerate() {
+            if index > 0 {
+                crate::failpoint::seam!("engine::submit-between-items");
+            }
+            let (delay_at, deadline_at) = times.get(index).copied().unwrap_or((None, None));
+            let key: Option<Arc<str>> = key.map(Arc::from);
+            // Every entry takes the next id, so entry i of a batch is `first + i`; the id of
+            // a duplicate is never used and is left out of the batch's scope.
+            let id = self.next_item;
+            self.next_item += 1;
+            if let Some(k) = &key {
+                if let Some(&dup) = self.wqs[wi].keys.get(k) {
+                    out.push(Submitted {
+                        id: dup,
+                        queued: false,
+                    });
+                    unused.push(id);
+                    continue;
+                }
+            }
+            let qid = match &last_body {
+                Some((lb, q)) if Arc::ptr_eq(lb, &b) => *q,
+                _ => {
+                    let remote = b.remote_name();
+                    let q = match touched.last() {
+                        Some(&(q, _))
+                            if self.queues[q].target == b.target
+                                && self.queues[q].remote.as_ref() == remote =>
+                        {
+                            q
+                        }
+                        _ => self.queue_for(wi, &b.target, remote),
+                    };
+                    last_body = Some((b.clone(), q));
+                    q
+                }
+            };
+            match touched.last_mut() {
+                Some((q, n)) if *q == qid => *n += 1,
+                _ => touched.push((qid, 1)),
+            }
+            let wq = &mut self.wqs[wi];
+            wq.submitted += 1;
+            if let Some(k) = &key {
+                wq.keys.insert(k.clone(), id);
+            }
+            self.items.insert(
+                id,
+                Item {
+                    batch,
+                    body: b,
+                    key,
+                    queued_at: wall,
+                    waiter: 0,
+                    cold: deadline_at.map(|d| {
+                        Box::new(Cold {
+                            deadline: Some(d),
+                            ..Cold::default()
+                        })
+                    }),
+                    wq: wq32,
+                    queue: qid as u32,
+                    rebinds: 0,
+                    state: State::Delayed,
+                    fallback: None,
+                },
+            );
+            if let Some(rec) = self.batches.get_mut(&batch) {
+                rec.live += 1;
+            }
+            match delay_at.filter(|&at| at > now) {
+                Some(at) => {
+                    self.wqs[wi].delayed += 1;
+                    self.queues[qid].delayed += 1;
+                    self.timers.push(Reverse((at, TIMER_DELAY, id)));
+                    fx.timer_kick = true;
+                }
+                None => self.enqueue(id, fx),
+            }
+            if let Some(at) = deadline_at {
+                self.timers.push(Reverse((at, TIMER_DEADLINE, id)));
+                fx.timer_kick = true;
+            }
+            out.push(Submitted { id, queued: true });
+        }
+        if let Some(rec) = self.batches.get_mut(&batch) {
+            rec.unused = unused;
+        }
+        if self.observed {
+            let queued = out.iter().filter(|s| s.queued).count();
+            fx.submitted = Some((self.wqs[wi].name.clone(), queued));
+        }
+        for (qid, n) in touched {
+            if self.queues.contains(qid) {
+                self.make_ready(qid, n, fx);
+            }
+        }
+        out
+    }
+
+    /// Undoes a batch whose pass 2 panicked after inserting items `first..next_item`: removes
+    /// them (and the results and totals of any it rejected at once), their keys, timers and
+    /// the batch record, and restores every counter. Their ids stay used (never reissued).
+    fn roll_back(
+        &mut self,
+        wi: usize,
+        batch: u64,
+        first: ItemId,
+        finished_before: usize,
+        fx: &mut Effects,
+    ) {
+        let ids = first..self.next_item;
+        tracing::error!(
+            batch,
+            items = ids.end - ids.start,
+            "submit panicked; rolling the batch back whole"
+        );
+        for id in ids.clone() {
+            if let Some(item) = self.items.remove(&id) {
+                self.uncount_waiting(&item);
+                let wq = &mut self.wqs[wi];
+                wq.submitted -= 1;
+                if let Some(k) = &item.key {
+                    if wq.keys.get(k) == Some(&id) {
+                        wq.keys.remove(k);
+                    }
+                }
+            } else if let Some(r) = self.results.map.get(&id).cloned() {
+                // Rejected during the submit: its result and counts go too.
+                self.results.remove(id);
+                self.totals[r.state.index()] -= 1;
+                let wq = &mut self.wqs[wi];
+                wq.totals[r.state.index()] -= 1;
+                wq.submitted -= 1;
+            }
+        }
+        fx.finished.truncate(finished_before);
+        self.timers.retain(|Reverse((_, _, id))| !ids.contains(id));
+        self.batches.remove(&batch);
+        if self.batch_order.back() == Some(&batch) {
+            self.batch_order.pop_back();
+        }
+    }
+}

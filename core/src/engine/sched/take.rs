@@ -1,0 +1,276 @@
+//! Take and bind: a worker of a live CPU (or an attached worker's slot) takes the next item
+//! its CPU may start, pending → running, and may claim more of the same work in the same lock
+//! hold ([`Sched::claim_more`], the batched take).
+//!
+//! Invariant (under L): every check that can end an attempt comes before the first change;
+//! once an item is popped from its queue it is bound (or expired) in the same step, never
+//! dropped, and it is bound only to a CPU live in the current epoch and eligible for its queue.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use crate::engine::State;
+use crate::handler::{CancelToken, HandlerKind};
+
+use super::finish::EXPIRED_UNSTARTED;
+use super::item::{Body, Bound, ItemId, Job};
+use super::{Effects, Sched};
+
+impl Sched {
+    /// Takes the next item `cpu`'s worker may start, binding it to `cpu`.
+    /// `token` is the worker's own cancel token, reset here for the item it binds; `now` is
+    /// the worker's clock reading for this lock hold.
+    ///
+    /// Every check that can end the attempt comes before the first change: once an item is
+    /// popped from its queue it is bound (or expired) in the same step, never dropped.
+    pub(crate) fn take(
+        &mut self,
+        cpu: u32,
+        token: &CancelToken,
+        now: Instant,
+        fx: &mut Effects,
+    ) -> Option<Job> {
+        self.take_from(cpu, None, token, now, fx)
+    }
+
+    /// [`take`](Self::take) for this process's workers (`serves` is `None`: queues on the
+    /// pool's `ready` list) or for a slot of an attached worker serving the handler names
+    /// `serves` (queues on `remote_ready` whose handler it serves; others are kept there).
+    pub(crate) fn take_from(
+        &mut self,
+        cpu: u32,
+        serves: Option<&[Arc<str>]>,
+        token: &CancelToken,
+        now: Instant,
+        fx: &mut Effects,
+    ) -> Option<Job> {
+        let remote = serves.is_some();
+        let mut budget = self
+            .pools
+            .get_mut(&cpu)
+            .filter(|p| p.live)?
+            .ready_list(remote)
+            .len();
+        while budget > 0 {
+            budget -= 1;
+            let qid = self
+                .pools
+                .get_mut(&cpu)
+                .and_then(|p| p.ready_list(remote).pop_front())?;
+            if !self.queues.contains(qid) {
+                continue;
+            }
+            if let Some(names) = serves {
+                let theirs = self.queues[qid].remote.as_ref();
+                if !theirs.is_some_and(|h| names.contains(h)) {
+                    if let Some(p) = self.pools.get_mut(&cpu) {
+                        p.remote_ready.push_back(qid);
+                    }
+                    continue;
+                }
+            }
+            self.clean_front(qid);
+            if self.queues[qid].pending == 0 || !self.may_take(qid, cpu) {
+                self.queues[qid].in_ready.remove(cpu);
+                continue;
+            }
+            if !self.limits_allow(qid, cpu) {
+                if let Some(p) = self.pools.get_mut(&cpu) {
+                    p.ready_list(remote).push_back(qid);
+                }
+                continue;
+            }
+            // `clean_front` left a pending item of this queue at the front.
+            let Some(&id) = self.queues[qid].items.front() else {
+                continue;
+            };
+            let Some((kind, expired)) = self
+                .items
+                .get(&id)
+                .map(|it| (it.body.kind(), it.deadline().is_some_and(|d| d <= now)))
+            else {
+                continue;
+            };
+            // From here on the item leaves its queue and is bound or expired.
+            self.queues[qid].items.pop_front();
+            let wi = self.queues[qid].wq;
+            if self.wqs[wi].attrs.ordered {
+                self.ordered_head(wi);
+                self.wqs[wi].ordered.pop_front();
+            }
+            // Requeue the queue for this pool while it has more.
+            if self.queues[qid].pending > 1 {
+                if let Some(p) = self.pools.get_mut(&cpu) {
+                    p.ready_list(remote).push_back(qid);
+                }
+            } else {
+                self.queues[qid].in_ready.remove(cpu);
+            }
+            if expired {
+                self.end_unstarted(id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx);
+                budget += 1;
+                continue;
+            }
+            let Some((body, queued_at)) = self.bind(id, qid, cpu, token, now, true) else {
+                continue;
+            };
+            let wq = &mut self.wqs[wi];
+            let slot = wq.running_on.entry(cpu).or_insert([0, 0]);
+            slot[usize::from(kind == HandlerKind::Waits)] += 1;
+            let nice = wq.attrs.nice;
+            let max = self.max_workers;
+            if let Some(pool) = self.pools.get_mut(&cpu) {
+                pool.running += 1;
+                pool.last_progress = now;
+                pool.lockup_reported = false;
+                // Keep one worker in reserve while this pool has more it could start.
+                if !remote && pool.idle.is_empty() && !pool.ready.is_empty() && pool.workers < max {
+                    pool.workers += 1;
+                    fx.spawn.push((cpu, pool.gen));
+                }
+            }
+            return Some(Job {
+                id,
+                body,
+                epoch: self.epoch,
+                claimed: false,
+                cpu,
+                nice,
+                queue: qid,
+                workqueue: self.observed.then(|| self.wqs[wi].name.clone()),
+                queued_at,
+            });
+        }
+        None
+    }
+
+    /// The bind step shared by [`take`](Self::take) and [`claim_more`](Self::claim_more):
+    /// pending item `id`, already popped from queue `qid`, becomes running on `cpu` under
+    /// `token` (reset here), with the queue's fallback and reason, the fallback tally, its
+    /// `running` entry (`slot`: whether it holds a `running_on` slot) and the queue and
+    /// workqueue counters. Returns its body and queue time for the [`Job`].
+    fn bind(
+        &mut self,
+        id: ItemId,
+        qid: usize,
+        cpu: u32,
+        token: &CancelToken,
+        now: Instant,
+        slot: bool,
+    ) -> Option<(Arc<Body>, SystemTime)> {
+        let q = &self.queues[qid];
+        let (wi, fallback) = (q.wq, q.fallback);
+        let epoch = self.epoch;
+        // The callers found this item pending under the same lock hold; were it gone, the id
+        // they popped was a tombstone and nothing has changed yet.
+        let item = self.items.get_mut(&id)?;
+        item.state = State::Running;
+        item.fallback = fallback;
+        if fallback.is_some() {
+            let c = item.cold();
+            c.reason = q.reason.clone();
+            c.decided = epoch;
+        }
+        if let Some(k) = &item.key {
+            let wq = &mut self.wqs[wi];
+            if wq.keys.get(k) == Some(&id) {
+                wq.keys.remove(k);
+            }
+        }
+        let out = (item.body.clone(), item.queued_at);
+        if let Some(l) = fallback {
+            *self.fallbacks.entry(l.to_string()).or_default() += 1;
+        }
+        token.reset();
+        self.running.insert(
+            id,
+            Bound {
+                cpu,
+                at: now,
+                token: token.clone(),
+                hog_reported: false,
+                slot,
+                remote: None,
+            },
+        );
+        let q = &mut self.queues[qid];
+        q.pending -= 1;
+        q.running += 1;
+        let wq = &mut self.wqs[wi];
+        wq.pending -= 1;
+        wq.running += 1;
+        Some(out)
+    }
+
+    /// Right after `take` gave `first`, in the same lock hold: binds up to `tokens.len()` more
+    /// items of the same queue to this worker, which will run them after `first`, one at a
+    /// time, each after its own start check (see README, "Batched take").
+    ///
+    /// Only plain items doing the same work as `first` qualify (same body, or same handler and
+    /// arguments): CPU-bound, no key (a key is released when its item is bound,
+    /// and these wait a while bound), no deadline (checked only here), not of an ordered
+    /// workqueue, within the queue's group cap. They count as running everywhere except in
+    /// `Wq::running_on`, where they share `first`'s slot: the worker runs one at a time and
+    /// releases the slot only when it reports them all, in its next lock hold.
+    pub(crate) fn claim_more(
+        &mut self,
+        first: &Job,
+        tokens: &[CancelToken],
+        now: Instant,
+        out: &mut Vec<Job>,
+    ) {
+        let (qid, cpu) = (first.queue, first.cpu);
+        for token in tokens {
+            if !self.queues.contains(qid) {
+                return;
+            }
+            self.clean_front(qid);
+            let q = &self.queues[qid];
+            let wi = q.wq;
+            let wq = &self.wqs[wi];
+            if q.pending == 0
+                || wq.attrs.ordered
+                || (wq.attrs.group_max_active > 0
+                    && q.running >= wq.attrs.group_max_active as usize)
+                || !self.may_take(qid, cpu)
+                || !self.pools.get(&cpu).is_some_and(|p| p.live)
+            {
+                return;
+            }
+            let Some(&id) = q.items.front() else { return };
+            let Some(item) = self.items.get_mut(&id) else {
+                return;
+            };
+            // The same work as `first` (whose predecessor just returned quickly): a different
+            // handler or arguments may be slow and would hold the rest of the batch behind it.
+            let same_work = Arc::ptr_eq(&item.body, &first.body)
+                || (item.body.handler_name() == first.body.handler_name()
+                    && item.body.args() == first.body.args());
+            if item.body.kind() != HandlerKind::CpuBound
+                || !same_work
+                || item.key.is_some()
+                || item.cold.is_some()
+            {
+                return;
+            }
+            self.queues[qid].items.pop_front();
+            let Some((body, queued_at)) = self.bind(id, qid, cpu, token, now, false) else {
+                return;
+            };
+            if let Some(p) = self.pools.get_mut(&cpu) {
+                p.running += 1;
+            }
+            out.push(Job {
+                id,
+                body,
+                epoch: first.epoch,
+                claimed: true,
+                cpu,
+                nice: first.nice,
+                queue: qid,
+                workqueue: first.workqueue.clone(),
+                queued_at,
+            });
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Topology: applying a new snapshot. CPUs that left lose their pool's generation, idle
+//! workers and ready lists; CPUs that came get a new generation and a worker; every queue is
+//! re-resolved.
+//!
+//! Invariant: this is the only writer of `Inner::pool_live` and `Inner::epoch`; it writes them
+//! under L inside the `topo_seq` seqlock (odd while writing), so a worker's lock-free start
+//! check sees the flag and epoch of one applied snapshot (README, races 1 and 2).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::engine::Inner;
+use crate::live::Snapshot;
+
+use super::queue::Pool;
+use super::{Effects, Sched};
+
+impl Sched {
+    /// Applies a new snapshot (see `Engine::apply_snapshot`).
+    pub(crate) fn apply_snapshot(
+        &mut self,
+        inner: &Arc<Inner>,
+        snap: &Arc<Snapshot>,
+        fx: &mut Effects,
+    ) {
+        if self.epoch != 0 && snap.epoch <= self.epoch {
+            return;
+        }
+        let new_live = snap.live.clone();
+        let gone = self.live.difference(&new_live);
+        let came = new_live.difference(&self.live);
+        let now = Instant::now();
+        inner.topo_seq.fetch_add(1, Ordering::AcqRel);
+        for c in gone.iter() {
+            if let Some(p) = self.pools.get_mut(&c) {
+                p.live = false;
+                p.gen += 1;
+                p.workers = 0;
+                fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
+                // Attached workers' slots of this CPU stay parked in `idle_slots`: they are
+                // woken when it is live again and a queue becomes ready on it.
+                for qid in p.ready.drain(..).chain(p.remote_ready.drain(..)) {
+                    if let Some(q) = self.queues.get_mut(qid) {
+                        q.in_ready.remove(c);
+                    }
+                }
+            }
+            if let Some(f) = inner.pool_live.get(c as usize) {
+                f.store(false, Ordering::Release);
+            }
+        }
+        let eager = new_live.len() <= 256 && !self.shutdown;
+        for c in came.iter() {
+            let Some(flag) = inner.pool_live.get(c as usize) else {
+                continue;
+            };
+            let p = self.pools.entry(c).or_insert_with(|| Pool::new(now));
+            p.live = true;
+            p.gen += 1;
+            p.workers = 0;
+            p.last_progress = now;
+            p.lockup_reported = false;
+            if eager {
+                p.workers = 1;
+                fx.spawn.push((c, p.gen));
+            }
+            flag.store(true, Ordering::Release);
+        }
+        self.epoch = snap.epoch;
+        self.live = new_live;
+        self.snapshot = snap.clone();
+        inner.epoch.store(snap.epoch, Ordering::Release);
+        inner.topo_seq.fetch_add(1, Ordering::Release);
+        let qids: Vec<usize> = self.queues.iter().map(|(k, _)| k).collect();
+        for qid in qids {
+            self.resolve_queue(qid, fx);
+        }
+        if !gone.is_empty() || !came.is_empty() {
+            tracing::info!(epoch = snap.epoch, live = %self.live, gone = %gone, came = %came, "topology applied");
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Worker threads as the scheduler sees them: parking and unparking, whether a worker of a
+//! generation should go on, exit or retire, and the hand-off of an old-generation worker.
+//!
+//! Invariant (under L): a worker registers itself idle in the same critical section in which
+//! it found nothing to take, so a submitter either sees it idle or the worker sees the item
+//! (README, race 3); `Pool::workers` counts the workers of the pool's current generation.
+
+use std::time::Instant;
+
+use crossbeam_utils::sync::Unparker;
+
+use super::queue::SPAWN_HOLD;
+use super::{Effects, Sched};
+
+impl Sched {
+    /// Registers an idle worker so wake-ups find it.
+    pub(crate) fn park(&mut self, cpu: u32, wid: u64, u: Unparker) {
+        if let Some(p) = self.pools.get_mut(&cpu) {
+            p.idle.push((wid, u));
+        }
+    }
+
+    /// Removes a worker from its pool's idle list; returns whether it was still there (i.e.
+    /// nobody woke it).
+    pub(crate) fn unpark_self(&mut self, cpu: u32, wid: u64) -> bool {
+        let Some(p) = self.pools.get_mut(&cpu) else {
+            return false;
+        };
+        match p.idle.iter().position(|(w, _)| *w == wid) {
+            Some(i) => {
+                p.idle.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a worker of generation `gen` on `cpu` should keep going.
+    pub(crate) fn worker_current(&self, cpu: u32, gen: u64) -> bool {
+        !self.shutdown && self.pools.get(&cpu).is_some_and(|p| p.live && p.gen == gen)
+    }
+
+    /// Accounts for a worker leaving. `pin_failed` holds off respawning until the next epoch.
+    pub(crate) fn worker_exit(&mut self, cpu: u32, gen: u64, pin_failed: bool) {
+        let epoch = self.epoch;
+        if let Some(p) = self.pools.get_mut(&cpu).filter(|p| p.gen == gen) {
+            p.workers = p.workers.saturating_sub(1);
+            if pin_failed {
+                p.spawn_hold = Some((epoch, Instant::now() + SPAWN_HOLD));
+            }
+        }
+    }
+
+    /// Whether an idle worker may retire (another worker stays).
+    pub(crate) fn may_retire(&self, cpu: u32, gen: u64) -> bool {
+        self.pools
+            .get(&cpu)
+            .is_some_and(|p| p.gen == gen && p.workers > 1)
+    }
+
+    /// A worker of an old generation of `cpu` is leaving after it finished its jobs, which may
+    /// have freed `max_active` slots the CPU's current workers are waiting for: wake one of
+    /// them (or start one) if the pool has work, since the leaving worker will not rescan.
+    ///
+    /// Only a worker of an *older* generation hands off, and never during shutdown: a worker of
+    /// the current generation leaves only because the engine stops, and handing off then
+    /// would start a worker that leaves at once and hands off again, without end.
+    pub(crate) fn hand_off(&mut self, cpu: u32, gen: u64, fx: &mut Effects) {
+        if self.shutdown {
+            return;
+        }
+        let (epoch, max) = (self.epoch, self.max_workers);
+        let queues = &self.queues;
+        let Some(p) = self.pools.get_mut(&cpu).filter(|p| {
+            p.live
+                && p.gen != gen
+                && p.ready
+                    .iter()
+                    .any(|&q| queues.get(q).is_some_and(|q| q.pending > 0))
+        }) else {
+            return;
+        };
+        if let Some((_, u)) = p.idle.pop() {
+            fx.unpark.push(u);
+        } else if p.workers < max && p.may_spawn(epoch) {
+            p.workers += 1;
+            fx.spawn.push((cpu, p.gen));
+        }
+    }
+
+    pub(crate) fn wake_everyone(&mut self, fx: &mut Effects) {
+        for p in self.pools.values_mut() {
+            fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
+        }
+    }
+}
