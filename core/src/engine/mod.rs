@@ -1,7 +1,7 @@
 //! The engine: workqueues, per-CPU pools of pinned workers, late-binding dispatch, flush,
 //! cancel, delayed work, deadlines, results and the watchdog.
 //!
-//! [`Engine`] owns one scheduler state behind one lock (see `sched.rs`), a timer thread, a
+//! [`Engine`] owns one scheduler state behind one lock (see `sched/mod.rs`), a timer thread, a
 //! watchdog thread and, per live CPU, a pool of worker threads pinned to that CPU. Items wait
 //! in queues per (workqueue, target) and are bound to a CPU only when a worker of a live CPU of
 //! their group takes them, so pending work never sits on a CPU that went away.
@@ -881,7 +881,7 @@ impl fmt::Debug for EngineConfig {
 
 /// State shared by the engine's threads.
 pub(crate) struct Inner {
-    /// L: everything about items, queues, pools and flushes. See `sched.rs`.
+    /// L: everything about items, queues, pools and flushes. See `sched/mod.rs`.
     pub(crate) sched: Mutex<sched::Sched>,
     /// Wakes the timer thread (delays, deadlines, housekeeping). Used with `sched`.
     pub(crate) timer_cv: Condvar,

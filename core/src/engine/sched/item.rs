@@ -23,10 +23,10 @@ pub type ItemId = u64;
 pub(crate) struct Body {
     /// The handler, shared by every body of a batch that names it.
     pub handler: Arc<HandlerRef>,
-    pub target: Target,
+    pub(super) target: Target,
     /// Arguments and payload; `None` when both are empty (most items), which keeps a body at
     /// 48 bytes instead of 88.
-    pub extra: Option<Box<Extra>>,
+    extra: Option<Box<Extra>>,
 }
 
 /// A handler as items refer to it: the name clients used, the handler and its kind.
@@ -39,9 +39,9 @@ pub(crate) struct HandlerRef {
 }
 
 /// The arguments and payload of a body that has either.
-pub(crate) struct Extra {
-    pub args: Args,
-    pub payload: Vec<u8>,
+struct Extra {
+    args: Args,
+    payload: Vec<u8>,
 }
 
 static NO_ARGS: Args = Args::new();

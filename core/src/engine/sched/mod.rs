@@ -149,8 +149,8 @@ impl Effects {
 
 /// The scheduler state (see the module docs).
 pub(crate) struct Sched {
-    pub epoch: u64,
-    pub live: CpuSet,
+    epoch: u64,
+    live: CpuSet,
     pub snapshot: Arc<Snapshot>,
     wqs: Slab<Wq>,
     wq_names: HashMap<String, usize>,

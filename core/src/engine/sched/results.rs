@@ -42,7 +42,7 @@ pub(super) struct Results {
 
 /// What one stored result costs, estimated: its texts plus a fixed overhead (the record, its
 /// `Arc`, the map and order entries).
-pub(crate) fn result_bytes(r: &ItemResult) -> usize {
+fn result_bytes(r: &ItemResult) -> usize {
     const OVERHEAD: usize = std::mem::size_of::<ItemResult>() + 64;
     OVERHEAD + r.output.len() + r.error.len() + r.reason.len()
 }
