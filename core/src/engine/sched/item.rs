@@ -89,8 +89,8 @@ impl Body {
 }
 
 /// One item of a batch as submit receives it: its (possibly shared) body and own options.
-/// `delay` and `deadline` are as the client gave them; pass 1 of [`Sched::submit`](super::Sched::submit) checks them
-/// against the limits and the clock.
+/// `delay` and `deadline` are as the client gave them; pass 1 of
+/// [`Sched::submit`](super::Sched::submit) checks them against the limits and the clock.
 pub(crate) struct Entry {
     pub body: Arc<Body>,
     pub key: Option<String>,

@@ -1,8 +1,8 @@
-//! Stalls: the look the watchdog thread (`engine/watchdog.rs`) takes under L — pools with
-//! runnable work and no progress (lockups) and items running too long (CPU hogs).
+//! Stalls: the look the watchdog thread (`engine/watchdog.rs`) takes under L — pools with runnable
+//! work and no progress (lockups) and items running too long (CPU hogs).
 //!
-//! Invariant: each stall is reported once (`Pool::lockup_reported`, cleared on progress) and
-//! each hog once (`Bound::hog_reported`); it only reports and counts, it changes no item.
+//! Invariant: each stall is reported once (`Pool::lockup_reported`, cleared on progress) and each
+//! hog once (`Bound::hog_reported`); it only reports and counts, and changes no item's state.
 
 use std::time::{Duration, Instant};
 

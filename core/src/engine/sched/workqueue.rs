@@ -1,10 +1,10 @@
-//! Workqueues: the [`Wq`] record (attributes, queues by target, pending keys, counters) and
-//! create, update, delete, drain and per-workqueue stats.
+//! Workqueues: the [`Wq`] record (attributes, queues by target, pending keys, counters) and create,
+//! update, delete, drain and per-workqueue stats.
 //!
-//! Invariant (under L): `delayed`, `pending` and `running` count the workqueue's live items in
-//! each state, so `live()` is zero exactly when none is left; a workqueue is deleted only when
-//! empty, and its drain mark is cleared by `terminal` when its last live item ends, or by
-//! [`Sched::update_wq`]. A key in `keys` belongs to a pending (not yet bound) item.
+//! Invariant (under L): `delayed`, `pending` and `running` count the workqueue's live items in each
+//! state, so `live()` is zero exactly when none is left; a workqueue is deleted only when empty,
+//! and its drain mark is cleared by `terminal` when its last live item ends, or by
+//! [`Sched::update_wq`]. A key in `keys` belongs to a delayed or pending (not yet bound) item.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
