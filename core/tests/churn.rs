@@ -283,6 +283,7 @@ fn churn_keeps_the_contract() {
                 );
             }
             FlushEvent::Gone(id) => panic!("result of {id} expired"),
+            FlushEvent::Ended(id, _) => panic!("{id} ended without a result (results = full)"),
         }
     }
     let final_wait = t0.elapsed();

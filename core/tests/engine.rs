@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use wqd_core::engine::{
     CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult, ItemSpec,
-    State, WorkqueueAttrs, WorkqueueChanges,
+    ResultsMode, State, WorkqueueAttrs, WorkqueueChanges,
 };
 use wqd_core::groups::{Fallback, Placement};
 use wqd_core::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
@@ -126,6 +126,7 @@ impl Rig {
             match ev {
                 FlushEvent::Done(r) => out.push(r),
                 FlushEvent::Gone(id) => panic!("result of {id} gone"),
+                FlushEvent::Ended(id, _) => panic!("{id} ended without a result (results = full)"),
             }
         }
         out.sort_by_key(|r| r.id);
@@ -688,7 +689,7 @@ impl wqd_core::engine::Observer for Seen {
     fn started(&self, _wq: &str, _cpu: u32, _w: Duration) {
         self.started.fetch_add(1, Ordering::SeqCst);
     }
-    fn finished(&self, r: &ItemResult) {
+    fn finished(&self, r: &wqd_core::engine::Ended) {
         self.finished.lock().push(r.state);
     }
     fn lockup(&self, _cpu: u32) {
@@ -1198,4 +1199,117 @@ fn fallback_results_say_which_epoch_decided() {
     assert_eq!(r.epoch_decided, Some(3));
     let ids = rig.submit("default", vec![item("cpu:0", "probe")]);
     assert_eq!(rig.flush(&ids)[0].epoch_decided, None);
+}
+
+/// Every terminal item the observer heard of: (id, state, run time known).
+#[derive(Default)]
+struct Ends(Mutex<Vec<(u64, State, bool)>>);
+
+impl wqd_core::engine::Observer for Ends {
+    fn finished(&self, e: &wqd_core::engine::Ended) {
+        self.0.lock().push((e.id, e.state, e.run_time.is_some()));
+    }
+}
+
+#[test]
+fn results_modes_keep_what_they_say_and_every_item_still_ends_once() {
+    let topo = common::topology(2);
+    let snap = common::snapshot(&topo, 1, &"0-1".parse().unwrap());
+    let probe = Arc::new(Probe::default());
+    let mut reg = Registry::with_builtins(None);
+    reg.register(Arc::new(ProbeHandler(
+        probe.clone(),
+        "probe",
+        HandlerKind::CpuBound,
+    )));
+    let ends = Arc::new(Ends::default());
+    let cfg = EngineConfig {
+        pinning: false,
+        observer: Some(ends.clone()),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, reg, snap).unwrap();
+    for (name, mode) in [("sum", ResultsMode::Summary), ("none", ResultsMode::None)] {
+        let mut a = WorkqueueAttrs::named(name);
+        a.results = mode;
+        a.max_active = 4;
+        engine.create_workqueue(a).unwrap();
+    }
+    let batch = |n: usize, fail_every: usize| -> Vec<ItemSpec> {
+        (0..n)
+            .map(|i| {
+                let it = ItemSpec::new(Target::Cpu((i % 2) as u32), "probe").arg("ms", "1");
+                if fail_every > 0 && i % fail_every == 0 {
+                    ItemSpec::new(Target::Cpu(0), "noop").arg("fail", "x")
+                } else {
+                    it
+                }
+            })
+            .collect()
+    };
+    for wq in ["sum", "none"] {
+        // Waiting through the flush registered with the submit: counts, no records.
+        let (rec, flush) = engine.submit_and_flush(wq, batch(40, 10), false).unwrap();
+        let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+        let sum = flush.wait(Some(Duration::from_secs(20))).unwrap();
+        assert_eq!(sum.covered, 40);
+        assert_eq!(sum.by_state.get(&State::Ok), Some(&36), "{wq}: {sum:?}");
+        assert_eq!(sum.by_state.get(&State::Failed), Some(&4), "{wq}: {sum:?}");
+        assert_eq!(
+            sum.gone, 0,
+            "{wq}: registered with the submit, nothing is gone"
+        );
+        assert!(
+            engine.results(&ids).iter().all(Option::is_none),
+            "{wq}: no record kept once ended"
+        );
+        // An event flush registered while items are live hears Ended, never Done.
+        let (rec, mut flush) = engine.submit_and_flush(wq, batch(6, 0), false).unwrap();
+        let mut ended = Vec::new();
+        let deadline = Some(Instant::now() + Duration::from_secs(20));
+        while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
+            match ev {
+                FlushEvent::Ended(id, s) => ended.push((id, s)),
+                other => panic!("{wq}: expected Ended, got {other:?}"),
+            }
+        }
+        ended.sort();
+        let want: Vec<(u64, State)> = rec.items.iter().map(|s| (s.id, State::Ok)).collect();
+        assert_eq!(ended, want, "{wq}: one Ended per item");
+        // A flush that begins after they ended learns only that their results are gone.
+        let late = engine
+            .flush_summary(FlushScope::Batch(rec.batch))
+            .unwrap()
+            .wait(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!((late.gone, late.by_state.len()), (6, 0), "{wq}: {late:?}");
+    }
+    // The observer heard of each item once, with a run time for summary only.
+    let seen = ends.0.lock().clone();
+    let mut ids: Vec<u64> = seen.iter().map(|e| e.0).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((seen.len(), ids.len()), (92, 92), "each item once");
+    let ran = |e: &&(u64, State, bool)| e.1 == State::Ok;
+    let timed: Vec<bool> = seen.iter().filter(ran).map(|e| e.2).collect();
+    assert_eq!(
+        timed.iter().filter(|t| **t).count(),
+        42,
+        "summary: run times kept"
+    );
+    // Back to full: later items have records again.
+    engine
+        .update_workqueue(WorkqueueAttrs::named("sum").with(&WorkqueueChanges {
+            results: Some(ResultsMode::Full),
+            max_active: Some(4),
+            ..Default::default()
+        }))
+        .unwrap();
+    let (rec, flush) = engine.submit_and_flush("sum", batch(3, 0), true).unwrap();
+    flush.wait(Some(Duration::from_secs(20))).unwrap();
+    let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+    let rs = engine.results(&ids);
+    assert!(rs
+        .iter()
+        .all(|r| r.as_ref().is_some_and(|r| r.state == State::Ok)));
 }

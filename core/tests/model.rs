@@ -41,8 +41,8 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{
-    CancelOutcome, Engine, EngineConfig, EngineError, Flush, FlushScope, ItemResult, ItemSpec,
-    Observer, Receipt, State, WorkqueueAttrs, WorkqueueStats,
+    CancelOutcome, Engine, EngineConfig, EngineError, Flush, FlushScope, ItemSpec, Observer,
+    Receipt, State, WorkqueueAttrs, WorkqueueStats,
 };
 use wqd_core::groups::Fallback;
 use wqd_core::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
@@ -245,7 +245,7 @@ struct Seen {
 }
 
 impl Observer for Seen {
-    fn finished(&self, r: &ItemResult) {
+    fn finished(&self, r: &wqd_core::engine::Ended) {
         self.finished.lock().entry(r.id).or_default().push(r.state);
     }
 }

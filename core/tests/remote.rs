@@ -464,6 +464,9 @@ fn stress_workers_topology_cancels_and_losses_lose_nothing() {
                 }
             }
             Ok(Some(FlushEvent::Gone(id))) => panic!("result {id} gone"),
+            Ok(Some(FlushEvent::Ended(id, _))) => {
+                panic!("{id} ended without a result (results = full)")
+            }
             Ok(None) => break,
             Err(()) => {
                 stuck = true;

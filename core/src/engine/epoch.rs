@@ -28,6 +28,11 @@ impl LiveFlags {
         }
     }
 
+    /// Whether `cpu` has a flag (CPUs beyond the range are never run by the engine).
+    pub(crate) fn covers(&self, cpu: u32) -> bool {
+        (cpu as usize) < self.live.len()
+    }
+
     /// Whether `cpu` is live, and the epoch of the snapshot that says so.
     pub(crate) fn read(&self, cpu: u32) -> Option<(bool, u64)> {
         let flag = self.live.get(cpu as usize)?;

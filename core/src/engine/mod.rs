@@ -12,6 +12,7 @@
 //! every covered item is terminal. The protocol, its races and why each is safe are in
 //! `README.md` beside this file.
 
+mod epoch;
 mod idhash;
 mod items;
 mod sched;
@@ -19,9 +20,18 @@ mod timer;
 mod watchdog;
 mod worker;
 
+/// The atomics `epoch` is written against: `std`'s here, loom's when `core/tests/loom_epoch.rs`
+/// includes the file to model-check it.
+mod sync {
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    pub(crate) fn spin_loop() {
+        std::hint::spin_loop();
+    }
+}
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -355,6 +365,22 @@ impl std::str::FromStr for Unserved {
 /// daemon passes its `limits.max_queued` to [`WorkqueueAttrs::new`] instead.
 pub const DEFAULT_MAX_QUEUED: usize = 1 << 20;
 
+/// How long a worker with nothing to take, and a thread waiting in [`Flush::wait`], keep
+/// checking for work (or the flush's end) before they sleep. Work that arrives within it is
+/// found without a futex wake-up, which costs tens of microseconds on a VM (rayon and tokio
+/// spin the same way). Bounded, and the spin yields the CPU every 64 rounds.
+pub(crate) const SPIN: Duration = Duration::from_micros(50);
+
+/// One round of a bounded spin: a pause hint, and a yield every 64 rounds.
+pub(crate) fn spin(rounds: &mut u32) {
+    *rounds = rounds.wrapping_add(1);
+    if *rounds % 64 == 0 {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
 /// Attributes to set on a workqueue, `None` keeping the value there is (the default, for a new
 /// one): what a config entry, a `CreateWorkqueue` (zero values unset) or an `UpdateWorkqueue`
 /// asks for, in the engine's types. Applied by [`WorkqueueAttrs::apply`].
@@ -670,10 +696,25 @@ impl Flush {
                 self.tally = Some(t);
             }
         }
-        loop {
+        // Spin first (see SPIN): a flush that ends within it returns without a futex wake-up.
+        let spin_until = Instant::now() + SPIN;
+        let mut closed = false;
+        let mut spins = 0u32;
+        while deadline.is_none_or(|d| Instant::now() < d) {
+            match self.rx.try_recv() {
+                Ok(ev) => sum.add(&ev),
+                Err(flume::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+                Err(flume::TryRecvError::Empty) if Instant::now() < spin_until => spin(&mut spins),
+                Err(flume::TryRecvError::Empty) => break,
+            }
+        }
+        while !closed {
             match self.next_blocking(deadline) {
                 Ok(Some(ev)) => sum.add(&ev),
-                Ok(None) => break,
+                Ok(None) => closed = true,
                 Err(()) => return Err(EngineError::Timeout(timeout.unwrap_or_default())),
             }
         }
@@ -784,7 +825,7 @@ pub trait Observer: Send + Sync {
     /// An item passed its start check on `cpu` after waiting `waited` since it was queued.
     fn started(&self, _workqueue: &str, _cpu: u32, _waited: Duration) {}
     /// An item reached a terminal state.
-    fn finished(&self, _result: &ItemResult) {}
+    fn finished(&self, _ended: &Ended) {}
     /// An item was handed back before it started: `offline`, `cpuset`, `isolated` (why its
     /// CPU stopped being live), `affinity` (its worker found itself on another CPU) or
     /// `stall` (it waited bound behind other work while the topology changed).
@@ -792,6 +833,21 @@ pub trait Observer: Send + Sync {
     /// The watchdog reported a lockup of `cpu`'s pool, or a CPU hog on `cpu`.
     fn lockup(&self, _cpu: u32) {}
     fn hog(&self, _cpu: u32) {}
+}
+
+/// What [`Observer::finished`] hears of an item that reached a terminal state: the same for
+/// every [`ResultsMode`] (the run time only when the mode keeps latencies).
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub id: ItemId,
+    pub workqueue: Arc<str>,
+    pub handler: Arc<str>,
+    pub state: State,
+    /// From its start to its end; `None` when it never started, or its workqueue's results
+    /// are `none`.
+    pub run_time: Option<Duration>,
+    /// Run (or held last) by an attached worker.
+    pub remote: bool,
 }
 
 /// How the engine reaches an attached worker's session (its `Attach` stream). Called outside
@@ -889,11 +945,9 @@ pub(crate) struct Inner {
     pub(crate) idle_cv: Condvar,
     pub(crate) cfg: EngineConfig,
     pub(crate) handlers: RwLock<Registry>,
-    /// Seqlock over (`pool_live`, `epoch`): odd while a topology change is being applied.
-    /// Written only under `sched`; read lock-free by workers right before an item starts.
-    pub(crate) topo_seq: AtomicU64,
-    pub(crate) epoch: AtomicU64,
-    pub(crate) pool_live: Box<[AtomicBool]>,
+    /// Which CPUs are live, and the epoch (a seqlock, `epoch.rs`). Published only under
+    /// `sched`; read lock-free by workers right before an item starts.
+    pub(crate) live: epoch::LiveFlags,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) next_worker: AtomicU64,
     /// Threads the last shutdown left running.
@@ -956,20 +1010,7 @@ impl Inner {
 
     /// Whether `cpu` is live right now, and the epoch that says so (lock-free seqlock read).
     pub(crate) fn live_now(&self, cpu: u32) -> Option<u64> {
-        let flag = self.pool_live.get(cpu as usize)?;
-        loop {
-            let s1 = self.topo_seq.load(Ordering::Acquire);
-            if s1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let live = flag.load(Ordering::Acquire);
-            let epoch = self.epoch.load(Ordering::Acquire);
-            let s2 = self.topo_seq.load(Ordering::Acquire);
-            if s1 == s2 {
-                return live.then_some(epoch);
-            }
-        }
+        self.live.live_now(cpu)
     }
 }
 
@@ -990,16 +1031,13 @@ impl Engine {
         first: Arc<Snapshot>,
     ) -> Result<Engine, EngineError> {
         cfg.default_wq.validate()?;
-        let pool_live = (0..MAX_CPUS).map(|_| AtomicBool::new(false)).collect();
         let inner = Arc::new(Inner {
             sched: Mutex::new(sched::Sched::new(&cfg, first.clone())),
             timer_cv: Condvar::new(),
             idle_cv: Condvar::new(),
             cfg,
             handlers: RwLock::new(handlers),
-            topo_seq: AtomicU64::new(0),
-            epoch: AtomicU64::new(0),
-            pool_live,
+            live: epoch::LiveFlags::new(MAX_CPUS as usize),
             threads: Mutex::new(Vec::new()),
             next_worker: AtomicU64::new(0),
             stragglers: std::sync::atomic::AtomicUsize::new(0),
@@ -1130,6 +1168,46 @@ impl Engine {
     /// Unknown workqueue, draining, a bad target/handler/argument (naming the item's index),
     /// or a full workqueue; nothing is queued then.
     pub fn submit(&self, wq: &str, items: Vec<ItemSpec>) -> Result<Receipt, EngineError> {
+        let bodies = self.bodies(items)?;
+        let mut fx = sched::Effects::default();
+        let r = {
+            let mut s = self.inner.sched.lock();
+            s.submit(wq, bodies, &mut fx)
+        };
+        fx.run(&self.inner);
+        r
+    }
+
+    /// [`Engine::submit`], and a flush of the batch registered in the same lock hold
+    /// (counting only with `summary_only`, as [`Engine::flush_summary`]): no item of the batch
+    /// can end before the flush hears of it, which matters for a workqueue that keeps no
+    /// results (`results = summary | none`): a flush registered later learns only that items
+    /// already ended are gone. Also one lock hold less than submit then flush.
+    ///
+    /// # Errors
+    /// As [`Engine::submit`].
+    pub fn submit_and_flush(
+        &self,
+        wq: &str,
+        items: Vec<ItemSpec>,
+        summary_only: bool,
+    ) -> Result<(Receipt, Flush), EngineError> {
+        let bodies = self.bodies(items)?;
+        let mut fx = sched::Effects::default();
+        let r = (|| {
+            let mut s = self.inner.sched.lock();
+            let rec = s.submit(wq, bodies, &mut fx)?;
+            let (ids, _) = s.flush_ids(&FlushScope::Batch(rec.batch), &mut fx)?;
+            let f = s.register_flush(&self.inner, ids, summary_only);
+            Ok((rec, f))
+        })();
+        fx.run(&self.inner);
+        r
+    }
+
+    /// The batch's entries: handlers looked up and `validate`d, runs of identical items sharing
+    /// one body. Outside L.
+    fn bodies(&self, items: Vec<ItemSpec>) -> Result<Vec<sched::Entry>, EngineError> {
         let bodies = {
             let reg = self.inner.handlers.read();
             let mut bodies = Vec::with_capacity(items.len());
@@ -1191,13 +1269,7 @@ impl Engine {
             }
             bodies
         };
-        let mut fx = sched::Effects::default();
-        let r = {
-            let mut s = self.inner.sched.lock();
-            s.submit(wq, bodies, &mut fx)
-        };
-        fx.run(&self.inner);
-        r
+        Ok(bodies)
     }
 
     /// Starts a flush over `scope`. Delayed items an item or batch scope covers are queued at

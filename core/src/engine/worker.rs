@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_utils::sync::Parker;
+use crossbeam_utils::sync::{Parker, Unparker};
 
 use super::sched::{Effects, Finish, Job, Outcome, Started};
 use super::Inner;
@@ -31,6 +31,42 @@ const BATCH: usize = 16;
 /// this: batching pays off for items that take microseconds, and it must not keep items
 /// waiting behind a long one that another CPU of their group could start.
 const QUICK: Duration = Duration::from_micros(50);
+
+/// How an idle worker is woken: a flag it can spin on (see [`super::SPIN`]) before it parks,
+/// and its parker's unparker for when it sleeps. Registered in its pool under L, like the
+/// unparker alone before: either a submitter finds it registered, or its take saw the item.
+pub(crate) struct Wake {
+    woken: AtomicBool,
+    unparker: Unparker,
+}
+
+impl Wake {
+    fn new(unparker: Unparker) -> Arc<Wake> {
+        Arc::new(Wake {
+            woken: AtomicBool::new(false),
+            unparker,
+        })
+    }
+
+    /// Wakes the worker, spinning or parked.
+    pub(crate) fn unpark(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.unparker.unpark();
+    }
+
+    /// Spins up to [`super::SPIN`] for a wake-up; true when one came (and is consumed).
+    fn spin_for_wake(&self) -> bool {
+        let until = Instant::now() + super::SPIN;
+        let mut rounds = 0;
+        while Instant::now() < until {
+            if self.woken.swap(false, Ordering::Acquire) {
+                return true;
+            }
+            super::spin(&mut rounds);
+        }
+        self.woken.swap(false, Ordering::Acquire)
+    }
+}
 
 /// Starts a worker for `cpu` in generation `gen` (the pool already counted it).
 pub(crate) fn spawn(inner: &Arc<Inner>, cpu: u32, gen: u64) {
@@ -105,7 +141,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     // reused: a token is reset only when its previous item has been reported finished.
     let tokens: Vec<CancelToken> = (0..BATCH).map(|_| CancelToken::new()).collect();
     let parker = Parker::new();
-    let unparker = parker.unparker().clone();
+    let wake = Wake::new(parker.unparker().clone());
     let mut done: Vec<Finish> = Vec::with_capacity(BATCH);
     let mut extra: Vec<Job> = Vec::with_capacity(BATCH);
     let mut quick = false;
@@ -146,14 +182,19 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                         fx.run(&inner);
                         return;
                     }
-                    s.park(cpu, wid, unparker.clone());
+                    s.park(cpu, wid, wake.clone());
                     None
                 }
             }
         };
         fx.run(&inner);
         let Some(first) = first else {
-            parker.park_timeout(inner.cfg.worker_idle);
+            // A wake-up within the spin skips the futex; the parker's token it also set makes
+            // at most one later park return at once (a harmless extra trip through L).
+            if !wake.spin_for_wake() {
+                parker.park_timeout(inner.cfg.worker_idle);
+                wake.woken.store(false, Ordering::Relaxed);
+            }
             continue;
         };
         let mut exit = false;

@@ -14,7 +14,7 @@ use ::metrics::{Counter, Histogram};
 use parking_lot::RwLock;
 
 use super::{names, Registry, MAX_WORKQUEUE_LABELS};
-use wqd_core::engine::{ItemResult, Observer, State};
+use wqd_core::engine::{Ended, Observer, State};
 
 /// The label value of workqueues beyond [`MAX_WORKQUEUE_LABELS`].
 pub(crate) const OTHER_WORKQUEUE: &str = "_other";
@@ -162,16 +162,16 @@ impl Observer for EngineMetrics {
         self.with_wq(workqueue, |h| h.wait.record(waited.as_secs_f64()));
     }
 
-    fn finished(&self, r: &ItemResult) {
+    fn finished(&self, r: &Ended) {
         self.with_wq(&r.workqueue, |h| {
             if let Some(i) = terminal_index(r.state) {
                 h.finished[i].increment(1);
             }
-            if let Some(t) = r.run_time() {
+            if let Some(t) = r.run_time {
                 h.run.record(t.as_secs_f64());
             }
         });
-        if r.worker.is_some() {
+        if r.remote {
             if let Some(i) = terminal_index(r.state) {
                 self.handler(&r.handler)[i].increment(1);
             }

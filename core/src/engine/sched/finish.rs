@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::engine::{FlushEvent, ItemResult, State, WorkerLost};
+use crate::engine::{Ended, FlushEvent, ItemResult, ResultsMode, State, WorkerLost};
 use crate::groups::Fallback;
 use crate::handler::{HandlerError, HandlerKind};
 
@@ -283,54 +283,72 @@ impl Sched {
         if wq.draining && wq.live() == 0 {
             wq.draining = false;
         }
+        let mode = wq.attrs.results;
+        let wq_name = wq.name.clone();
         let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
             Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
             None => (Vec::new(), String::new(), 0, None, 0),
         };
-        let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
-            (error.clone(), self.epoch)
-        } else {
-            (item_reason, decided)
-        };
-        // A result's texts are bounded (limits.max_result_bytes): cut, saying so.
-        let mut error = crate::quote::cap(error, self.max_result_bytes);
-        let produced = output.len();
-        let output = cut_output(output, self.max_result_bytes);
-        if output.len() < produced && error.is_empty() {
-            error = format!(
-                "output cut from {produced} to {} bytes (limits.max_result_bytes)",
-                output.len()
-            );
-        }
-        let result = Arc::new(ItemResult {
-            id,
-            batch: item.batch,
-            workqueue: wq.name.clone(),
-            state,
-            output,
-            error,
-            target: item.body.target.clone(),
-            handler: item.body.handler_name().clone(),
-            cpu_started: started.as_ref().map(|s| s.cpu),
-            cpu_finished: finished.map(|f| f.0),
-            fallback: item.fallback,
-            reason,
-            rebinds: item.rebinds,
-            queued_at: item.queued_at,
-            started_at: started.as_ref().map(|s| s.at),
-            finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),
-            epoch_started: started.map(|s| s.epoch),
-            epoch_decided: (decided != 0).then_some(decided),
-            worker,
-            worker_lost: lost,
-        });
         let first = (item.waiter != 0).then_some(item.waiter);
+        let finished_at = finished.map_or_else(SystemTime::now, |f| f.1);
+        // What the flushes, the observer and the store get: a full result, or (results =
+        // summary | none) only the state, and the run time for summary.
+        let (result, run_time) = if mode == ResultsMode::Full {
+            let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
+                (error.clone(), self.epoch)
+            } else {
+                (item_reason, decided)
+            };
+            // A result's texts are bounded (limits.max_result_bytes): cut, saying so.
+            let mut error = crate::quote::cap(error, self.max_result_bytes);
+            let produced = output.len();
+            let output = cut_output(output, self.max_result_bytes);
+            if output.len() < produced && error.is_empty() {
+                error = format!(
+                    "output cut from {produced} to {} bytes (limits.max_result_bytes)",
+                    output.len()
+                );
+            }
+            let r = Arc::new(ItemResult {
+                id,
+                batch: item.batch,
+                workqueue: wq_name.clone(),
+                state,
+                output,
+                error,
+                target: item.body.target.clone(),
+                handler: item.body.handler_name().clone(),
+                cpu_started: started.as_ref().map(|s| s.cpu),
+                cpu_finished: finished.map(|f| f.0),
+                fallback: item.fallback,
+                reason,
+                rebinds: item.rebinds,
+                queued_at: item.queued_at,
+                started_at: started.as_ref().map(|s| s.at),
+                finished_at: Some(finished_at),
+                epoch_started: started.map(|s| s.epoch),
+                epoch_decided: (decided != 0).then_some(decided),
+                worker,
+                worker_lost: lost,
+            });
+            let run = r.run_time();
+            (Some(r), run)
+        } else {
+            let run = match (mode, &started) {
+                (ResultsMode::Summary, Some(s)) => finished_at.duration_since(s.at).ok(),
+                _ => None,
+            };
+            (None, run)
+        };
         for fid in first.into_iter().chain(cold_waiters) {
             if let Some(f) = self.flushes.get_mut(&fid) {
-                match &f.tally {
-                    Some(t) => t.lock().by_state[state.index()] += 1,
-                    None => {
-                        let _ = f.tx.send(FlushEvent::Done(result.clone()));
+                match (&f.tally, &result) {
+                    (Some(t), _) => t.lock().by_state[state.index()] += 1,
+                    (None, Some(r)) => {
+                        let _ = f.tx.send(FlushEvent::Done(r.clone()));
+                    }
+                    (None, None) => {
+                        let _ = f.tx.send(FlushEvent::Ended(id, state));
                     }
                 }
                 f.remaining -= 1;
@@ -343,9 +361,18 @@ impl Sched {
             b.live = b.live.saturating_sub(1);
         }
         if self.observed {
-            fx.finished.push(result.clone());
+            fx.finished.push(Ended {
+                id,
+                workqueue: wq_name,
+                handler: item.body.handler_name().clone(),
+                state,
+                run_time,
+                remote: worker.is_some(),
+            });
         }
-        self.results.insert(result, now);
+        if let Some(r) = result {
+            self.results.insert(r, now);
+        }
         if self.shutdown {
             fx.idle_kick = true;
         }

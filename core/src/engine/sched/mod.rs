@@ -42,12 +42,12 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::sync::Unparker;
 use slab::Slab;
 
 use super::idhash::IdMap;
 use super::items::Items;
-use super::{EngineConfig, Inner, ItemResult};
+use super::worker::Wake;
+use super::{Ended, EngineConfig, Inner};
 use crate::cpuset::CpuSet;
 use crate::groups::Ranking;
 use crate::live::Snapshot;
@@ -82,11 +82,11 @@ use workqueue::Wq;
 /// Side effects decided under the lock, carried out after it is released.
 #[derive(Default)]
 pub(crate) struct Effects {
-    /// Results for the observer (only collected when there is one).
-    finished: Vec<Arc<ItemResult>>,
+    /// Terminal items for the observer (only collected when there is one).
+    finished: Vec<Ended>,
     rebound: Vec<&'static str>,
     submitted: Option<(Arc<str>, usize)>,
-    unpark: Vec<Unparker>,
+    unpark: Vec<Arc<Wake>>,
     spawn: Vec<(u32, u64)>,
     timer_kick: bool,
     idle_kick: bool,

@@ -15,8 +15,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_utils::sync::Unparker;
-
 use crate::cpuset::CpuSet;
 use crate::engine::State;
 use crate::groups::{Fallback, Level, Placement, Ranking};
@@ -25,6 +23,7 @@ use crate::target::Target;
 
 use super::item::ItemId;
 use super::{Effects, Sched};
+use crate::engine::worker::Wake;
 
 /// Items of one workqueue aimed at one target.
 pub(super) struct Queue {
@@ -54,7 +53,7 @@ pub(super) struct Pool {
     pub(super) gen: u64,
     /// Workers of the current generation.
     pub(super) workers: usize,
-    pub(super) idle: Vec<(u64, Unparker)>,
+    pub(super) idle: Vec<(u64, Arc<Wake>)>,
     /// Queues with pending items this pool may take (may hold stale entries).
     pub(super) ready: VecDeque<usize>,
     /// The same for queues attached workers serve.

@@ -2,11 +2,10 @@
 //! workers and ready lists; CPUs that came get a new generation and a worker; every queue is
 //! re-resolved.
 //!
-//! Invariant: this is the only writer of `Inner::pool_live` and `Inner::epoch`; it writes them
-//! under L inside the `topo_seq` seqlock (odd while writing), so a worker's lock-free start
-//! check sees the flag and epoch of one applied snapshot (README, races 1 and 2).
+//! Invariant: this is the only publisher of `Inner::live` (the live flags and the epoch); it
+//! publishes under L, through the seqlock of `epoch.rs`, so a worker's lock-free start check
+//! sees the flag and epoch of one applied snapshot (README, races 1 and 2).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,7 +30,7 @@ impl Sched {
         let gone = self.live.difference(&new_live);
         let came = new_live.difference(&self.live);
         let now = Instant::now();
-        inner.topo_seq.fetch_add(1, Ordering::AcqRel);
+        let publish = inner.live.publish();
         for c in gone.iter() {
             if let Some(p) = self.pools.get_mut(&c) {
                 p.live = false;
@@ -46,15 +45,13 @@ impl Sched {
                     }
                 }
             }
-            if let Some(f) = inner.pool_live.get(c as usize) {
-                f.store(false, Ordering::Release);
-            }
+            publish.set(c, false);
         }
         let eager = new_live.len() <= 256 && !self.shutdown;
         for c in came.iter() {
-            let Some(flag) = inner.pool_live.get(c as usize) else {
+            if !inner.live.covers(c) {
                 continue;
-            };
+            }
             let p = self.pools.entry(c).or_insert_with(|| Pool::new(now));
             p.live = true;
             p.gen += 1;
@@ -65,13 +62,12 @@ impl Sched {
                 p.workers = 1;
                 fx.spawn.push((c, p.gen));
             }
-            flag.store(true, Ordering::Release);
+            publish.set(c, true);
         }
         self.epoch = snap.epoch;
         self.live = new_live;
         self.snapshot = snap.clone();
-        inner.epoch.store(snap.epoch, Ordering::Release);
-        inner.topo_seq.fetch_add(1, Ordering::Release);
+        publish.finish(snap.epoch);
         let qids: Vec<usize> = self.queues.iter().map(|(k, _)| k).collect();
         for qid in qids {
             self.resolve_queue(qid, fx);

@@ -7,14 +7,15 @@
 
 use std::time::Instant;
 
-use crossbeam_utils::sync::Unparker;
+use std::sync::Arc;
 
 use super::queue::SPAWN_HOLD;
 use super::{Effects, Sched};
+use crate::engine::worker::Wake;
 
 impl Sched {
     /// Registers an idle worker so wake-ups find it.
-    pub(crate) fn park(&mut self, cpu: u32, wid: u64, u: Unparker) {
+    pub(crate) fn park(&mut self, cpu: u32, wid: u64, u: Arc<Wake>) {
         if let Some(p) = self.pools.get_mut(&cpu) {
             p.idle.push((wid, u));
         }
