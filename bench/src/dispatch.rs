@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
-use wqd_core::engine::{Engine, EngineConfig, FlushScope, ItemSpec};
+use wqd_core::engine::{Engine, EngineConfig, ItemSpec, ResultsMode, WorkqueueAttrs};
 use wqd_core::handler::Registry;
 use wqd_core::target::Target;
 
@@ -171,10 +171,19 @@ pub fn tokio(w: u32) -> Box<dyn System> {
 pub struct Wqd {
     engine: Engine,
     target: Target,
+    wq: &'static str,
+    name: &'static str,
 }
 
 impl Wqd {
+    /// The engine with its `default` workqueue (results `full`).
     pub fn start(w: u32) -> Wqd {
+        Wqd::with_results(w, ResultsMode::Full)
+    }
+
+    /// The engine, its items on a workqueue keeping `results` (`summary` is what the peers
+    /// keep: nothing per item).
+    pub fn with_results(w: u32, results: ResultsMode) -> Wqd {
         let cfg = EngineConfig {
             pinning: true,
             // Keep the result store small: the runs make ~10^5 results.
@@ -183,39 +192,47 @@ impl Wqd {
         };
         let engine = Engine::start(cfg, Registry::with_builtins(None), topo::host_snapshot())
             .expect("engine");
+        let (wq, name) = match results {
+            ResultsMode::Full => ("default", "wqd engine"),
+            ResultsMode::Summary => ("summary", "wqd engine, results summary"),
+            ResultsMode::None => ("none", "wqd engine, results none"),
+        };
+        if wq != "default" {
+            let mut a = WorkqueueAttrs::named(wq);
+            a.results = results;
+            engine.create_workqueue(a).expect("workqueue");
+        }
         Wqd {
             engine,
             target: format!("cpu:{w}").parse().expect("target"),
+            wq,
+            name,
         }
     }
 }
 
 impl System for Wqd {
     fn name(&self) -> &'static str {
-        "wqd engine"
+        self.name
     }
     fn batch(&mut self, n: usize) {
         let items = vec![ItemSpec::new(self.target.clone(), "noop"); n];
-        let r = self.engine.submit("default", items).expect("submit");
-        let s = self
+        let (_, flush) = self
             .engine
-            .flush_summary(FlushScope::Batch(r.batch))
-            .expect("flush")
-            .wait(None)
-            .expect("wait");
+            .submit_and_flush(self.wq, items, true)
+            .expect("submit");
+        let s = flush.wait(None).expect("wait");
         debug_assert_eq!(s.covered, n);
     }
     fn latency(&mut self) -> Duration {
         let wall = SystemTime::now();
-        let r = self
+        let item = vec![ItemSpec::new(self.target.clone(), "noop")];
+        let (r, flush) = self
             .engine
-            .submit("default", vec![ItemSpec::new(self.target.clone(), "noop")])
+            .submit_and_flush("default", item, false)
             .expect("submit");
-        self.engine
-            .flush(FlushScope::Batch(r.batch))
-            .expect("flush")
-            .wait(None)
-            .expect("wait");
+        flush.wait(None).expect("wait");
+        // The start time is in the item's result, which the `default` workqueue keeps.
         let res = self.engine.results(&[r.items[0].id])[0]
             .clone()
             .expect("result");
@@ -260,10 +277,19 @@ pub fn cpus() -> (u32, u32) {
     (s, w)
 }
 
-/// The systems, floor first.
+/// The systems: the floor, wqd (results full), rayon, tokio, wqd (results summary).
 pub fn systems(w: u32) -> Vec<Box<dyn System>> {
-    vec![floor(w), Box::new(Wqd::start(w)), rayon(w), tokio(w)]
+    vec![
+        floor(w),
+        Box::new(Wqd::start(w)),
+        rayon(w),
+        tokio(w),
+        Box::new(Wqd::with_results(w, ResultsMode::Summary)),
+    ]
 }
+
+/// Indexes in [`systems`] of the wqd rows the verdicts judge.
+const WQD_ROWS: [usize; 2] = [1, 4];
 
 /// Runs the dispatch comparison; returns its tables and verdicts.
 pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
@@ -331,16 +357,19 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 report::spread(r, 2),
             ]);
         }
-        // wqd (index 1) against rayon (2) and tokio (3), per run.
-        let vs = |k: usize| {
-            let mut v: Vec<f64> = figs[1].rate[j]
-                .iter()
-                .zip(&figs[k].rate[j])
-                .map(|(a, b)| a / b)
-                .collect();
-            Spread::of(&mut v)
-        };
-        wqd_vs.push((n, ratio(1, &|f: &Figures| &f.rate[j], true), vs(2), vs(3)));
+        // Each wqd row against rayon (2) and tokio (3), per run.
+        for &w in &WQD_ROWS {
+            let vs = |k: usize| {
+                let mut v: Vec<f64> = figs[w].rate[j]
+                    .iter()
+                    .zip(&figs[k].rate[j])
+                    .map(|(a, b)| a / b)
+                    .collect();
+                Spread::of(&mut v)
+            };
+            let floor = ratio(w, &|f: &Figures| &f.rate[j], true);
+            wqd_vs.push((names[w], n, floor, vs(2), vs(3)));
+        }
     }
     tables.push(t);
     let mut l = Table::new(
@@ -364,14 +393,16 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
     tables.push(l);
 
     let mut verdicts = Vec::new();
-    for (n, floor, rayon, tokio) in wqd_vs {
+    for (name, n, floor, rayon, tokio) in wqd_vs {
+        // Issue 13: within 2x of the floor at 10 000 (the long-run goal stays 1.5x).
+        let bound = if n >= 10_000 { 2.0 } else { 1.5 };
         verdicts.push(Verdict::new(
-            &format!("dispatch batch {n}: within 1.5x of the crossbeam floor"),
-            floor.median <= 1.5,
+            &format!("{name}, batch {n}: within {bound}x of the crossbeam floor"),
+            floor.median <= bound,
             format!("{:.2}x floor", floor.median),
         ));
         verdicts.push(Verdict::new(
-            &format!("dispatch batch {n}: ahead of rayon and tokio spawn"),
+            &format!("{name}, batch {n}: ahead of rayon and tokio spawn"),
             rayon.median >= 1.0 && tokio.median >= 1.0,
             format!(
                 "{:.2}x rayon's items/s, {:.2}x tokio's",
