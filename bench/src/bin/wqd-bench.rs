@@ -41,7 +41,7 @@ fn machine() -> String {
 
 const USAGE: &str = "usage: wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers]... \
 [--out FILE]
-       wqd-bench --profile-engine ROUNDS
+       wqd-bench --profile-engine ROUNDS [summary]
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
 --quick is a smoke run whose figures are not worth comparing.";
@@ -113,7 +113,12 @@ fn main() {
         let n: usize = n.parse().expect("--profile-engine ROUNDS");
         let (s, w) = dispatch::cpus();
         wqd_bench::topo::pin(s);
-        let mut e = dispatch::Wqd::start(w);
+        // `--profile-engine ROUNDS summary`: on a workqueue with results = summary.
+        let results = match args.iter().skip_while(|a| *a != "--profile-engine").nth(2) {
+            Some(m) if m == "summary" => wqd_core::engine::ResultsMode::Summary,
+            _ => wqd_core::engine::ResultsMode::Full,
+        };
+        let mut e = dispatch::Wqd::with_results(w, results);
         let t0 = Instant::now();
         for _ in 0..n {
             dispatch::System::batch(&mut e, 10_000);
