@@ -94,9 +94,48 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A child process of the bench, stopped on drop: SIGTERM, then SIGKILL if it is still there
+/// after 15 s (said on stderr).
+pub struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    pub fn new(child: Child, name: &'static str) -> Proc {
+        Proc { child, name }
+    }
+
+    /// Whether it has exited already (its status, if so).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "wqd-bench: {} ignored SIGTERM for 15s; killing it",
+            self.name
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A server process on a temporary Unix socket and a loopback TCP port; SIGTERM on drop.
 pub struct Server {
-    child: Child,
+    /// First field: the process is stopped before its folder is removed.
+    _proc: Proc,
     pub name: &'static str,
     pub socket: PathBuf,
     pub tcp: String,
@@ -161,7 +200,7 @@ impl Server {
             }
         };
         Server {
-            child,
+            _proc: Proc::new(child, name),
             name,
             socket,
             tcp: format!("http://{tcp}"),
@@ -185,26 +224,6 @@ impl Server {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .join("\n")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(15) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!(
-            "wqd-bench: {} ignored SIGTERM for 15s; killing it",
-            self.name
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -568,7 +587,8 @@ fn topology_table(rt: &tokio::runtime::Runtime, cfg: &Cfg, host: &Server) -> Tab
 // ---------------------------------------------------------------------------------------------
 // The section
 
-fn rotate<T: Copy>(v: &[T], k: usize) -> Vec<T> {
+/// `v` rotated left by `k` (the order of the systems in run `k`).
+pub fn rotate<T: Copy>(v: &[T], k: usize) -> Vec<T> {
     let mut v = v.to_vec();
     if !v.is_empty() {
         let r = k % v.len();

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use wqd_client::{Batch, Client, Endpoint, Item};
 
-use crate::grpc::{binary, start_wqd_with, Server};
+use crate::grpc::{binary, start_wqd_with, Proc, Server};
 use crate::report::{Table, Verdict};
 use crate::stats::{percentile, Spread};
 
@@ -83,25 +83,6 @@ impl Kind {
     }
 }
 
-/// A worker process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Waits (bounded) until `line_has` appears on the child's stdout, then drains the rest.
 fn wait_ready(child: &mut Child, line_has: &str, what: &str) {
     let out = child.stdout.take().expect("stdout piped");
@@ -132,7 +113,7 @@ fn rust_worker(s: &Server, handler: &str, prefetch: u32) -> Proc {
         .spawn()
         .expect("spawn wqd-worker-example");
     wait_ready(&mut c, "attached", "wqd-worker-example");
-    Proc(c)
+    Proc::new(c, "wqd-worker-example")
 }
 
 const PY_WORKER: &str = r#"
@@ -161,7 +142,7 @@ fn python_worker(s: &Server) -> Option<Proc> {
         .spawn()
         .ok()?;
     wait_ready(&mut c, "attached", "the Python worker");
-    Some(Proc(c))
+    Some(Proc::new(c, "the Python worker"))
 }
 
 /// One figure: items/s and the submit→start latencies of a window of `Submit(wait)` calls.
