@@ -15,6 +15,8 @@
 //!   transport floor ([`floor`], a decode-and-acknowledge server run by the `wqd-bench-floor`
 //!   binary, and the empty unary RPC): batch throughput, single-item round trip, and
 //!   `wqctl topology` on generated machines; [`wire`] is the client side.
+//! - [`peers`]: NATS JetStream and Redis run as work queues (servers, workers, client), for
+//!   the service section.
 //! - [`alloc`]: the counting allocator the binary installs to measure memory.
 
 pub mod alloc;
@@ -22,6 +24,7 @@ pub mod dispatch;
 pub mod floor;
 pub mod grpc;
 pub mod hotplug;
+pub mod peers;
 pub mod report;
 pub mod scale;
 pub mod stats;
