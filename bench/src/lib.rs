@@ -15,6 +15,9 @@
 //!   transport floor ([`floor`], a decode-and-acknowledge server run by the `wqd-bench-floor`
 //!   binary, and the empty unary RPC): batch throughput, single-item round trip, and
 //!   `wqctl topology` on generated machines; [`wire`] is the client side.
+//! - [`workers`]: attached workers against the same work done by a built-in handler.
+//! - [`service`]: the same job (noop items from one client, one worker per CPU, completion
+//!   awaited) through wqd, NATS JetStream and Redis, in one run.
 //! - [`peers`]: NATS JetStream and Redis run as work queues (servers, workers, client), for
 //!   the service section.
 //! - [`alloc`]: the counting allocator the binary installs to measure memory.
@@ -27,6 +30,7 @@ pub mod hotplug;
 pub mod peers;
 pub mod report;
 pub mod scale;
+pub mod service;
 pub mod stats;
 pub mod topo;
 pub mod wire;

@@ -48,12 +48,13 @@ const PUSH_CHUNK: usize = 1000;
 /// The command that installs both peers (Debian packages).
 pub const INSTALL: &str = "apt-get install nats-server redis-server";
 
-/// `$WQD_BENCH_<NAME>`, else `name` on `PATH`, else in the sbin folders Debian installs servers
-/// to (`nats-server` is in /usr/sbin, which is not on a normal user's `PATH`).
+/// `$WQD_BENCH_<NAME>` (e.g. `WQD_BENCH_NATS_SERVER`; when set, only there), else `name` on
+/// `PATH`, else in the sbin folders Debian installs servers to (`nats-server` is in /usr/sbin,
+/// which is not on a normal user's `PATH`). `None` when it is not an existing file.
 pub fn find(name: &str) -> Option<PathBuf> {
     let var = format!("WQD_BENCH_{}", name.to_ascii_uppercase().replace('-', "_"));
     if let Some(p) = std::env::var_os(&var) {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

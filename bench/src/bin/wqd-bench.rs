@@ -1,8 +1,8 @@
 //! `wqd-bench`: runs every measurement of `docs/benchmarks.md` in one process and writes the
 //! markdown table (stdout, and `--out FILE`).
 //!
-//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers]... [--out FILE]`, or
-//! `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler),
+//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers|service]...
+//! [--out FILE]`, or `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler),
 //! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait]` to drive a daemon already
 //! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
 //! `--quick` shrinks every section (a smoke run of a few seconds); the figures are then not
@@ -11,7 +11,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use wqd_bench::{alloc, dispatch, grpc, hotplug, report, scale, workers};
+use wqd_bench::{alloc, dispatch, grpc, hotplug, report, scale, service, workers};
 
 #[global_allocator]
 static A: alloc::Counting = alloc::Counting;
@@ -39,14 +39,15 @@ fn machine() -> String {
     )
 }
 
-const USAGE: &str = "usage: wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers]... \
+const USAGE: &str =
+    "usage: wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers|service]... \
 [--out FILE]
        wqd-bench --profile-engine ROUNDS [summary]
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
 --quick is a smoke run whose figures are not worth comparing.";
 
-const SECTIONS: [&str; 5] = ["dispatch", "hotplug", "scale", "grpc", "workers"];
+const SECTIONS: [&str; 6] = ["dispatch", "hotplug", "scale", "grpc", "workers", "service"];
 
 /// Refuses what a full run would otherwise ignore (a mistyped flag, or `--help`, must not start
 /// minutes of benchmarks): `Err` is the message, `Ok(false)` asks for the usage.
@@ -220,6 +221,18 @@ fn main() {
             };
         }
         workers::run(cfg)
+    });
+    section("service", &mut || {
+        let mut cfg = service::Cfg::default();
+        if quick {
+            cfg = service::Cfg {
+                runs: 2,
+                window: Duration::from_millis(50),
+                latency_samples: 100,
+                ..cfg
+            };
+        }
+        service::run(cfg)
     });
     let _ = writeln!(md, "{}", report::verdicts(&verdicts));
     let _ = writeln!(
