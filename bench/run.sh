@@ -5,12 +5,26 @@
 #    (default target/wqd-bench.md) and printed;
 #    The gRPC part starts the real daemon and wqctl from target/release (built here, each in
 #    its own cargo call so wqd links the same wqd-client features as in the bench build);
+#    the service section runs the same job through NATS JetStream and Redis too, and needs the
+#    Debian packages nats-server and redis-server: installed here when missing and running as
+#    root (otherwise the section says which is missing and reports wqd alone);
 # 2. the criterion benches (dispatch, resolve/build) for closer looks, reports in
 #    target/criterion/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/wqd-bench.md}"
 start=$(date +%s)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  for p in nats-server redis-server; do
+    command -v "$p" >/dev/null || [ -x "/usr/sbin/$p" ] || need="${need:-} $p"
+  done
+  if [ -n "${need:-}" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086
+    { apt-get install -y -qq $need || { apt-get update -qq && apt-get install -y -qq $need; }; } \
+      >/dev/null 2>&1 || echo "bench/run.sh: could not install$need; the service section skips it"
+  fi
+fi
 cargo build --release -p wqd-bench --bins --benches
 cargo build --release -p wqd --bin wqd
 cargo build --release -p wqd-client --bins
