@@ -977,6 +977,7 @@ impl Fuzz {
                         max_queued: self.rng.gen_range(0..100),
                         on_worker_lost: self.rng.gen_range(0..4),
                         unserved: self.rng.gen_range(0..4),
+                        results: self.rng.gen_range(0..5),
                     }),
                 }
                 .encode_to_vec(),
@@ -993,6 +994,7 @@ impl Fuzz {
                         .rng
                         .gen_bool(0.3)
                         .then(|| self.rng.gen_range(1..1 << 20)),
+                    results: self.rng.gen_bool(0.3).then(|| self.rng.gen_range(0..5)),
                     ..Default::default()
                 }
                 .encode_to_vec(),

@@ -35,6 +35,7 @@ impl ds::DispatchService for Stub {
                 })
                 .collect(),
             results: vec![],
+            counts: None,
         }))
     }
     async fn submit_stream(

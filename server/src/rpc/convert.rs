@@ -22,8 +22,8 @@ use super::RpcError;
 use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{
-    ItemResult, ItemSpec, State, Unserved, WorkerLost, WorkqueueAttrs, WorkqueueChanges,
-    WorkqueueStats,
+    ItemResult, ItemSpec, ResultsMode, State, Unserved, WorkerLost, WorkqueueAttrs,
+    WorkqueueChanges, WorkqueueStats,
 };
 use wqd_core::groups::{Fallback, GroupMap, Level, Placement};
 use wqd_core::live::Snapshot;
@@ -602,10 +602,15 @@ pub fn result_len_bound(r: &v1::ItemResult) -> usize {
         + r.handler.len()
 }
 
+/// Encoded `StateCounts` at most, with its tag and length: 8 fields of a 1-byte tag and a
+/// varint of at most 10 bytes, plus 2.
+const COUNTS_MAX: usize = 8 * 11 + 2;
+
 /// An upper bound of `resp.encoded_len()`: the exact size is needed only when this exceeds
 /// the message limit.
 pub fn submit_response_len_bound(resp: &v1::SubmitResponse) -> usize {
-    16 + resp.items.len() * RECEIPT_MAX
+    16 + COUNTS_MAX
+        + resp.items.len() * RECEIPT_MAX
         + resp.items.iter().map(|r| r.target.len()).sum::<usize>()
         + resp.results.iter().map(result_len_bound).sum::<usize>()
 }
@@ -688,6 +693,28 @@ pub fn unserved_in(v: i32) -> Result<Option<Unserved>, String> {
     }
 }
 
+/// A wire results mode to the engine's; UNSPECIFIED is `None`.
+///
+/// # Errors
+/// A text for values outside the enum.
+pub fn results_in(v: i32) -> Result<Option<ResultsMode>, String> {
+    match v1::ResultsMode::try_from(v) {
+        Ok(v1::ResultsMode::Unspecified) => Ok(None),
+        Ok(v1::ResultsMode::Full) => Ok(Some(ResultsMode::Full)),
+        Ok(v1::ResultsMode::Summary) => Ok(Some(ResultsMode::Summary)),
+        Ok(v1::ResultsMode::None) => Ok(Some(ResultsMode::None)),
+        Err(_) => Err(format!("unknown results mode value {v}")),
+    }
+}
+
+fn results_out(r: ResultsMode) -> v1::ResultsMode {
+    match r {
+        ResultsMode::Full => v1::ResultsMode::Full,
+        ResultsMode::Summary => v1::ResultsMode::Summary,
+        ResultsMode::None => v1::ResultsMode::None,
+    }
+}
+
 fn placement_out(p: Placement) -> v1::Placement {
     match p {
         Placement::First => v1::Placement::First,
@@ -732,7 +759,7 @@ pub fn attrs_in(
             .then(|| usize::try_from(a.max_queued).unwrap_or(usize::MAX)),
         on_worker_lost: worker_lost_in(a.on_worker_lost).map_err(|p| field("on_worker_lost", p))?,
         unserved: unserved_in(a.unserved).map_err(|p| field("unserved", p))?,
-        results: None,
+        results: results_in(a.results).map_err(|p| field("results", p))?,
     };
     Ok(WorkqueueAttrs::new(&a.name, default_max_queued).with(&changes))
 }
@@ -774,7 +801,7 @@ pub fn changes_in(r: &v1::UpdateWorkqueueRequest) -> Result<WorkqueueChanges, Rp
             worker_lost_in,
         )?,
         unserved: required(r.unserved, "unserved", "a policy", unserved_in)?,
-        results: None,
+        results: required(r.results, "results", "a results mode", results_in)?,
     })
 }
 
@@ -797,6 +824,7 @@ pub fn attrs_out(a: &WorkqueueAttrs) -> v1::WorkqueueAttrs {
             Unserved::Wait => v1::UnservedPolicy::Wait,
             Unserved::Reject => v1::UnservedPolicy::Reject,
         } as i32,
+        results: results_out(a.results) as i32,
     }
 }
 
@@ -1240,6 +1268,16 @@ mod tests {
                     results.len() + 2
                 ],
                 results,
+                counts: Some(v1::StateCounts {
+                    pending: u64::MAX,
+                    running: u64::MAX,
+                    ok: u64::MAX,
+                    failed: u64::MAX,
+                    cancelled: u64::MAX,
+                    expired: u64::MAX,
+                    rejected: u64::MAX,
+                    delayed: u64::MAX,
+                }),
             };
             let bound = submit_response_len_bound(&resp);
             let exact = resp.encoded_len();
@@ -1274,6 +1312,72 @@ mod tests {
         .is_err());
         // The same defaults as a config entry with no keys (WorkqueueAttrs::new).
         assert_eq!(a, WorkqueueAttrs::new("w", 77));
+        assert_eq!(a.results, ResultsMode::Full);
+        assert_eq!(back.results, v1::ResultsMode::Full as i32);
+    }
+
+    #[test]
+    fn results_mode_in_and_out() {
+        for (wire, mode) in [
+            (v1::ResultsMode::Full, ResultsMode::Full),
+            (v1::ResultsMode::Summary, ResultsMode::Summary),
+            (v1::ResultsMode::None, ResultsMode::None),
+        ] {
+            let a = attrs_in(
+                v1::WorkqueueAttrs {
+                    name: "w".into(),
+                    results: wire as i32,
+                    ..Default::default()
+                },
+                1,
+            )
+            .unwrap();
+            assert_eq!(a.results, mode);
+            assert_eq!(attrs_out(&a).results, wire as i32);
+            let r = v1::UpdateWorkqueueRequest {
+                name: "w".into(),
+                results: Some(wire as i32),
+                ..Default::default()
+            };
+            assert_eq!(changes_in(&r).unwrap().results, Some(mode));
+        }
+        match attrs_in(
+            v1::WorkqueueAttrs {
+                name: "w".into(),
+                results: 4,
+                ..Default::default()
+            },
+            1,
+        ) {
+            Err(RpcError::Field { field, problem }) => {
+                assert_eq!(field, "attrs.results");
+                assert_eq!(problem, "unknown results mode value 4");
+            }
+            other => panic!("{other:?}"),
+        }
+        for (v, problem) in [
+            (0, "UNSPECIFIED is not a results mode"),
+            (-1, "unknown results mode value -1"),
+        ] {
+            let r = v1::UpdateWorkqueueRequest {
+                name: "w".into(),
+                results: Some(v),
+                ..Default::default()
+            };
+            match changes_in(&r) {
+                Err(RpcError::Field { field, problem: p }) => {
+                    assert_eq!(field, "results");
+                    assert_eq!(p, problem);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Absent: unchanged.
+        let r = v1::UpdateWorkqueueRequest {
+            name: "w".into(),
+            ..Default::default()
+        };
+        assert_eq!(changes_in(&r).unwrap().results, None);
     }
 
     #[test]

@@ -194,6 +194,7 @@ impl Rpc {
             batch_id: rec.batch,
             items,
             results: Vec::new(),
+            counts: None,
         };
         if r.wait {
             let mut flush = self.engine.flush(FlushScope::Batch(rec.batch))?;
@@ -206,14 +207,24 @@ impl Rpc {
             // back in submission order without hashing.
             let first = rec.first;
             let slot_of = |id: u64| id.checked_sub(first).and_then(|i| usize::try_from(i).ok());
+            // Every item that ended counts, whatever its workqueue keeps; only a full result
+            // (`Done`) has a slot. A `Gone` item (its result forgotten before the wait began)
+            // is in neither, as in a flush, whose summary lists it apart.
+            let mut counts = v1::StateCounts::default();
             let mut by_slot: Vec<Option<Arc<ItemResult>>> = vec![None; rec.items.len()];
             for e in events {
-                if let FlushEvent::Done(r) = e {
-                    if let Some(s) = slot_of(r.id).and_then(|i| by_slot.get_mut(i)) {
-                        *s = Some(r);
+                match e {
+                    FlushEvent::Done(r) => {
+                        count_state(&mut counts, r.state, 1);
+                        if let Some(s) = slot_of(r.id).and_then(|i| by_slot.get_mut(i)) {
+                            *s = Some(r);
+                        }
                     }
+                    FlushEvent::Ended(_, state) => count_state(&mut counts, state, 1),
+                    FlushEvent::Gone(_) => {}
                 }
             }
+            resp.counts = Some(counts);
             // Sized up front: a filtered iterator would grow the Vec by doubling, copying the
             // results already converted at each step.
             let mut out = ResultsOut::default();

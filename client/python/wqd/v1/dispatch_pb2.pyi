@@ -60,14 +60,16 @@ class ItemReceipt(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., queued: _Optional[bool] = ..., duplicate_of: _Optional[int] = ..., target: _Optional[str] = ..., source_index: _Optional[int] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("batch_id", "items", "results")
+    __slots__ = ("batch_id", "items", "results", "counts")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     items: _containers.RepeatedCompositeFieldContainer[ItemReceipt]
     results: _containers.RepeatedCompositeFieldContainer[_item_pb2.ItemResult]
-    def __init__(self, batch_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ItemReceipt, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[_item_pb2.ItemResult, _Mapping]]] = ...) -> None: ...
+    counts: _item_pb2.StateCounts
+    def __init__(self, batch_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ItemReceipt, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[_item_pb2.ItemResult, _Mapping]]] = ..., counts: _Optional[_Union[_item_pb2.StateCounts, _Mapping]] = ...) -> None: ...
 
 class SubmitOptions(_message.Message):
     __slots__ = ("workqueue",)

@@ -85,7 +85,8 @@ class DispatchServiceServicer:
 
     def Submit(self, request, context):
         """Submits one batch. With wait = true the call returns once every item is
-        terminal, with all results; the client's deadline bounds that wait (on
+        terminal, with their counts by state and (for a workqueue that keeps full
+        results) all results; the client's deadline bounds that wait (on
         DEADLINE_EXCEEDED the items stay queued).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -107,8 +108,10 @@ class DispatchServiceServicer:
 
     def Flush(self, request, context):
         """Waits for the items in scope, streaming their results as they become
-        terminal, then one final summary. Postcondition when the summary arrives:
-        none of the covered items is pending or running. If the client goes away
+        terminal, then one final summary. Items of a workqueue with results =
+        RESULTS_MODE_SUMMARY or RESULTS_MODE_NONE stream no result: the summary
+        counts them. Postcondition when the summary arrives: none of the covered
+        items is pending or running. If the client goes away
         or its deadline passes, the flush stops and the work keeps running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import item_pb2 as wqd_dot_v1_dot_item__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16wqd/v1/workqueue.proto\x12\x06wqd.v1\x1a\x11wqd/v1/item.proto\"\xab\x02\n\x0eWorkqueueAttrs\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmax_active\x18\x02 \x01(\r\x12\x18\n\x10group_max_active\x18\x03 \x01(\r\x12\x0f\n\x07ordered\x18\x04 \x01(\x08\x12\x0c\n\x04nice\x18\x05 \x01(\x05\x12$\n\tplacement\x18\x06 \x01(\x0e\x32\x11.wqd.v1.Placement\x12(\n\x08\x66\x61llback\x18\x07 \x01(\x0e\x32\x16.wqd.v1.FallbackPolicy\x12\x12\n\nmax_queued\x18\x08 \x01(\x04\x12\x30\n\x0eon_worker_lost\x18\t \x01(\x0e\x32\x18.wqd.v1.WorkerLostPolicy\x12(\n\x08unserved\x18\n \x01(\x0e\x32\x16.wqd.v1.UnservedPolicy\"z\n\x0eWorkqueueStats\x12\x0f\n\x07pending\x18\x01 \x01(\x04\x12\x0f\n\x07running\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65layed\x18\x05 \x01(\x04\x12#\n\x06totals\x18\x03 \x01(\x0b\x32\x13.wqd.v1.StateCounts\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"]\n\rWorkqueueInfo\x12%\n\x05\x61ttrs\x18\x01 \x01(\x0b\x32\x16.wqd.v1.WorkqueueAttrs\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.wqd.v1.WorkqueueStats\"?\n\x16\x43reateWorkqueueRequest\x12%\n\x05\x61ttrs\x18\x01 \x01(\x0b\x32\x16.wqd.v1.WorkqueueAttrs\"@\n\x17\x43reateWorkqueueResponse\x12%\n\x05\x61ttrs\x18\x01 \x01(\x0b\x32\x16.wqd.v1.WorkqueueAttrs\"%\n\x15ListWorkqueuesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x16ListWorkqueuesResponse\x12)\n\nworkqueues\x18\x01 \x03(\x0b\x32\x15.wqd.v1.WorkqueueInfo\"\xe3\x03\n\x16UpdateWorkqueueRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\nmax_active\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1d\n\x10group_max_active\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x14\n\x07ordered\x18\x04 \x01(\x08H\x02\x88\x01\x01\x12\x11\n\x04nice\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12)\n\tplacement\x18\x06 \x01(\x0e\x32\x11.wqd.v1.PlacementH\x04\x88\x01\x01\x12-\n\x08\x66\x61llback\x18\x07 \x01(\x0e\x32\x16.wqd.v1.FallbackPolicyH\x05\x88\x01\x01\x12\x17\n\nmax_queued\x18\x08 \x01(\x04H\x06\x88\x01\x01\x12\x35\n\x0eon_worker_lost\x18\t \x01(\x0e\x32\x18.wqd.v1.WorkerLostPolicyH\x07\x88\x01\x01\x12-\n\x08unserved\x18\n \x01(\x0e\x32\x16.wqd.v1.UnservedPolicyH\x08\x88\x01\x01\x42\r\n\x0b_max_activeB\x13\n\x11_group_max_activeB\n\n\x08_orderedB\x07\n\x05_niceB\x0c\n\n_placementB\x0b\n\t_fallbackB\r\n\x0b_max_queuedB\x11\n\x0f_on_worker_lostB\x0b\n\t_unserved\"@\n\x17UpdateWorkqueueResponse\x12%\n\x05\x61ttrs\x18\x01 \x01(\x0b\x32\x16.wqd.v1.WorkqueueAttrs\">\n\x16\x44\x65leteWorkqueueRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61ncel_pending\x18\x02 \x01(\x08\">\n\x17\x44\x65leteWorkqueueResponse\x12#\n\x06\x63ounts\x18\x01 \x01(\x0b\x32\x13.wqd.v1.StateCounts*\x81\x01\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x13\n\x0fPLACEMENT_FIRST\x10\x01\x12\x14\n\x10PLACEMENT_SPREAD\x10\x02\x12\x1a\n\x16PLACEMENT_LEAST_LOADED\x10\x03\x12\x12\n\x0ePLACEMENT_IDLE\x10\x04*\x82\x01\n\x0e\x46\x61llbackPolicy\x12\x1f\n\x1b\x46\x41LLBACK_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46\x41LLBACK_POLICY_WIDEN\x10\x01\x12\x18\n\x14\x46\x41LLBACK_POLICY_WAIT\x10\x02\x12\x1a\n\x16\x46\x41LLBACK_POLICY_REJECT\x10\x03*s\n\x10WorkerLostPolicy\x12\"\n\x1eWORKER_LOST_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17WORKER_LOST_POLICY_FAIL\x10\x01\x12\x1e\n\x1aWORKER_LOST_POLICY_REQUEUE\x10\x02*g\n\x0eUnservedPolicy\x12\x1f\n\x1bUNSERVED_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14UNSERVED_POLICY_WAIT\x10\x01\x12\x1a\n\x16UNSERVED_POLICY_REJECT\x10\x02\x32\xdf\x02\n\x10WorkqueueService\x12R\n\x0f\x43reateWorkqueue\x12\x1e.wqd.v1.CreateWorkqueueRequest\x1a\x1f.wqd.v1.CreateWorkqueueResponse\x12O\n\x0eListWorkqueues\x12\x1d.wqd.v1.ListWorkqueuesRequest\x1a\x1e.wqd.v1.ListWorkqueuesResponse\x12R\n\x0fUpdateWorkqueue\x12\x1e.wqd.v1.UpdateWorkqueueRequest\x1a\x1f.wqd.v1.UpdateWorkqueueResponse\x12R\n\x0f\x44\x65leteWorkqueue\x12\x1e.wqd.v1.DeleteWorkqueueRequest\x1a\x1f.wqd.v1.DeleteWorkqueueResponseB\x16Z\x14wqd/gen/wqd/v1;wqdv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16wqd/v1/workqueue.proto\x12\x06wqd.v1\x1a\x11wqd/v1/item.proto\"\xd1\x02\n\x0eWorkqueueAttrs\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmax_active\x18\x02 \x01(\r\x12\x18\n\x10group_max_active\x18\x03 \x01(\r\x12\x0f\n\x07ordered\x18\x04 \x01(\x08\x12\x0c\n\x04nice\x18\x05 \x01(\x05\x12$\n\tplacement\x18\x06 \x01(\x0e\x32\x11.wqd.v1.Placement\x12(\n\x08\x66\x61llback\x18\x07 \x01(\x0e\x32\x16.wqd.v1.FallbackPolicy\x12\x12\n\nmax_queued\x18\x08 \x01(\x04\x12\x30\n\x0eon_worker_lost\x18\t \x01(\x0e\x32\x18.wqd.v1.WorkerLostPolicy\x12(\n\x08unserved\x18\n \x01(\x0e\x32\x16.wqd.v1.UnservedPolicy\x12$\n\x07results\x18\x0b \x01(\x0e\x32\x13.wqd.v1.ResultsMode\"z\n\x0eWorkqueueStats\x12\x0f\n\x07pending\x18\x01 \x01(\x04\x12\x0f\n\x07running\x18\x02 \x01(\x04\x12\x0f\n\x07\x64\x65layed\x18\x05 \x01(\x04\x12#\n\x06totals\x18\x03 \x01(\x0b\x32\x13.wqd.v1.StateCounts\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"]\n\rWorkqueueInfo\x12%\n\x05\x61ttrs\x18\x01 \x01(\x0b\x32\x16.wqd.v1.WorkqueueAttrs\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.wqd.v1.WorkqueueStats\"?\n\x16\x43reateWorkqueueRequest\x12%\n\x05\x61ttrs\x18\x01 \x01(\x0b\x32\x16.wqd.v1.WorkqueueAttrs\"@\n\x17\x43reateWorkqueueResponse\x12%\n\x05\x61ttrs\x18\x01 \x01(\x0b\x32\x16.wqd.v1.WorkqueueAttrs\"%\n\x15ListWorkqueuesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x16ListWorkqueuesResponse\x12)\n\nworkqueues\x18\x01 \x03(\x0b\x32\x15.wqd.v1.WorkqueueInfo\"\x9a\x04\n\x16UpdateWorkqueueRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\nmax_active\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1d\n\x10group_max_active\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x14\n\x07ordered\x18\x04 \x01(\x08H\x02\x88\x01\x01\x12\x11\n\x04nice\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12)\n\tplacement\x18\x06 \x01(\x0e\x32\x11.wqd.v1.PlacementH\x04\x88\x01\x01\x12-\n\x08\x66\x61llback\x18\x07 \x01(\x0e\x32\x16.wqd.v1.FallbackPolicyH\x05\x88\x01\x01\x12\x17\n\nmax_queued\x18\x08 \x01(\x04H\x06\x88\x01\x01\x12\x35\n\x0eon_worker_lost\x18\t \x01(\x0e\x32\x18.wqd.v1.WorkerLostPolicyH\x07\x88\x01\x01\x12-\n\x08unserved\x18\n \x01(\x0e\x32\x16.wqd.v1.UnservedPolicyH\x08\x88\x01\x01\x12)\n\x07results\x18\x0b \x01(\x0e\x32\x13.wqd.v1.ResultsModeH\t\x88\x01\x01\x42\r\n\x0b_max_activeB\x13\n\x11_group_max_activeB\n\n\x08_orderedB\x07\n\x05_niceB\x0c\n\n_placementB\x0b\n\t_fallbackB\r\n\x0b_max_queuedB\x11\n\x0f_on_worker_lostB\x0b\n\t_unservedB\n\n\x08_results\"@\n\x17UpdateWorkqueueResponse\x12%\n\x05\x61ttrs\x18\x01 \x01(\x0b\x32\x16.wqd.v1.WorkqueueAttrs\">\n\x16\x44\x65leteWorkqueueRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61ncel_pending\x18\x02 \x01(\x08\">\n\x17\x44\x65leteWorkqueueResponse\x12#\n\x06\x63ounts\x18\x01 \x01(\x0b\x32\x13.wqd.v1.StateCounts*\x81\x01\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x13\n\x0fPLACEMENT_FIRST\x10\x01\x12\x14\n\x10PLACEMENT_SPREAD\x10\x02\x12\x1a\n\x16PLACEMENT_LEAST_LOADED\x10\x03\x12\x12\n\x0ePLACEMENT_IDLE\x10\x04*\x82\x01\n\x0e\x46\x61llbackPolicy\x12\x1f\n\x1b\x46\x41LLBACK_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46\x41LLBACK_POLICY_WIDEN\x10\x01\x12\x18\n\x14\x46\x41LLBACK_POLICY_WAIT\x10\x02\x12\x1a\n\x16\x46\x41LLBACK_POLICY_REJECT\x10\x03*s\n\x10WorkerLostPolicy\x12\"\n\x1eWORKER_LOST_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17WORKER_LOST_POLICY_FAIL\x10\x01\x12\x1e\n\x1aWORKER_LOST_POLICY_REQUEUE\x10\x02*g\n\x0eUnservedPolicy\x12\x1f\n\x1bUNSERVED_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14UNSERVED_POLICY_WAIT\x10\x01\x12\x1a\n\x16UNSERVED_POLICY_REJECT\x10\x02*s\n\x0bResultsMode\x12\x1c\n\x18RESULTS_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11RESULTS_MODE_FULL\x10\x01\x12\x18\n\x14RESULTS_MODE_SUMMARY\x10\x02\x12\x15\n\x11RESULTS_MODE_NONE\x10\x03\x32\xdf\x02\n\x10WorkqueueService\x12R\n\x0f\x43reateWorkqueue\x12\x1e.wqd.v1.CreateWorkqueueRequest\x1a\x1f.wqd.v1.CreateWorkqueueResponse\x12O\n\x0eListWorkqueues\x12\x1d.wqd.v1.ListWorkqueuesRequest\x1a\x1e.wqd.v1.ListWorkqueuesResponse\x12R\n\x0fUpdateWorkqueue\x12\x1e.wqd.v1.UpdateWorkqueueRequest\x1a\x1f.wqd.v1.UpdateWorkqueueResponse\x12R\n\x0f\x44\x65leteWorkqueue\x12\x1e.wqd.v1.DeleteWorkqueueRequest\x1a\x1f.wqd.v1.DeleteWorkqueueResponseB\x16Z\x14wqd/gen/wqd/v1;wqdv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wqd.v1.workqueue_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\024wqd/gen/wqd/v1;wqdv1'
-  _globals['_PLACEMENT']._serialized_start=1494
-  _globals['_PLACEMENT']._serialized_end=1623
-  _globals['_FALLBACKPOLICY']._serialized_start=1626
-  _globals['_FALLBACKPOLICY']._serialized_end=1756
-  _globals['_WORKERLOSTPOLICY']._serialized_start=1758
-  _globals['_WORKERLOSTPOLICY']._serialized_end=1873
-  _globals['_UNSERVEDPOLICY']._serialized_start=1875
-  _globals['_UNSERVEDPOLICY']._serialized_end=1978
+  _globals['_PLACEMENT']._serialized_start=1587
+  _globals['_PLACEMENT']._serialized_end=1716
+  _globals['_FALLBACKPOLICY']._serialized_start=1719
+  _globals['_FALLBACKPOLICY']._serialized_end=1849
+  _globals['_WORKERLOSTPOLICY']._serialized_start=1851
+  _globals['_WORKERLOSTPOLICY']._serialized_end=1966
+  _globals['_UNSERVEDPOLICY']._serialized_start=1968
+  _globals['_UNSERVEDPOLICY']._serialized_end=2071
+  _globals['_RESULTSMODE']._serialized_start=2073
+  _globals['_RESULTSMODE']._serialized_end=2188
   _globals['_WORKQUEUEATTRS']._serialized_start=54
-  _globals['_WORKQUEUEATTRS']._serialized_end=353
-  _globals['_WORKQUEUESTATS']._serialized_start=355
-  _globals['_WORKQUEUESTATS']._serialized_end=477
-  _globals['_WORKQUEUEINFO']._serialized_start=479
-  _globals['_WORKQUEUEINFO']._serialized_end=572
-  _globals['_CREATEWORKQUEUEREQUEST']._serialized_start=574
-  _globals['_CREATEWORKQUEUEREQUEST']._serialized_end=637
-  _globals['_CREATEWORKQUEUERESPONSE']._serialized_start=639
-  _globals['_CREATEWORKQUEUERESPONSE']._serialized_end=703
-  _globals['_LISTWORKQUEUESREQUEST']._serialized_start=705
-  _globals['_LISTWORKQUEUESREQUEST']._serialized_end=742
-  _globals['_LISTWORKQUEUESRESPONSE']._serialized_start=744
-  _globals['_LISTWORKQUEUESRESPONSE']._serialized_end=811
-  _globals['_UPDATEWORKQUEUEREQUEST']._serialized_start=814
-  _globals['_UPDATEWORKQUEUEREQUEST']._serialized_end=1297
-  _globals['_UPDATEWORKQUEUERESPONSE']._serialized_start=1299
-  _globals['_UPDATEWORKQUEUERESPONSE']._serialized_end=1363
-  _globals['_DELETEWORKQUEUEREQUEST']._serialized_start=1365
-  _globals['_DELETEWORKQUEUEREQUEST']._serialized_end=1427
-  _globals['_DELETEWORKQUEUERESPONSE']._serialized_start=1429
-  _globals['_DELETEWORKQUEUERESPONSE']._serialized_end=1491
-  _globals['_WORKQUEUESERVICE']._serialized_start=1981
-  _globals['_WORKQUEUESERVICE']._serialized_end=2332
+  _globals['_WORKQUEUEATTRS']._serialized_end=391
+  _globals['_WORKQUEUESTATS']._serialized_start=393
+  _globals['_WORKQUEUESTATS']._serialized_end=515
+  _globals['_WORKQUEUEINFO']._serialized_start=517
+  _globals['_WORKQUEUEINFO']._serialized_end=610
+  _globals['_CREATEWORKQUEUEREQUEST']._serialized_start=612
+  _globals['_CREATEWORKQUEUEREQUEST']._serialized_end=675
+  _globals['_CREATEWORKQUEUERESPONSE']._serialized_start=677
+  _globals['_CREATEWORKQUEUERESPONSE']._serialized_end=741
+  _globals['_LISTWORKQUEUESREQUEST']._serialized_start=743
+  _globals['_LISTWORKQUEUESREQUEST']._serialized_end=780
+  _globals['_LISTWORKQUEUESRESPONSE']._serialized_start=782
+  _globals['_LISTWORKQUEUESRESPONSE']._serialized_end=849
+  _globals['_UPDATEWORKQUEUEREQUEST']._serialized_start=852
+  _globals['_UPDATEWORKQUEUEREQUEST']._serialized_end=1390
+  _globals['_UPDATEWORKQUEUERESPONSE']._serialized_start=1392
+  _globals['_UPDATEWORKQUEUERESPONSE']._serialized_end=1456
+  _globals['_DELETEWORKQUEUEREQUEST']._serialized_start=1458
+  _globals['_DELETEWORKQUEUEREQUEST']._serialized_end=1520
+  _globals['_DELETEWORKQUEUERESPONSE']._serialized_start=1522
+  _globals['_DELETEWORKQUEUERESPONSE']._serialized_end=1584
+  _globals['_WORKQUEUESERVICE']._serialized_start=2191
+  _globals['_WORKQUEUESERVICE']._serialized_end=2542
 # @@protoc_insertion_point(module_scope)

@@ -34,6 +34,13 @@ class UnservedPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNSERVED_POLICY_UNSPECIFIED: _ClassVar[UnservedPolicy]
     UNSERVED_POLICY_WAIT: _ClassVar[UnservedPolicy]
     UNSERVED_POLICY_REJECT: _ClassVar[UnservedPolicy]
+
+class ResultsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESULTS_MODE_UNSPECIFIED: _ClassVar[ResultsMode]
+    RESULTS_MODE_FULL: _ClassVar[ResultsMode]
+    RESULTS_MODE_SUMMARY: _ClassVar[ResultsMode]
+    RESULTS_MODE_NONE: _ClassVar[ResultsMode]
 PLACEMENT_UNSPECIFIED: Placement
 PLACEMENT_FIRST: Placement
 PLACEMENT_SPREAD: Placement
@@ -49,9 +56,13 @@ WORKER_LOST_POLICY_REQUEUE: WorkerLostPolicy
 UNSERVED_POLICY_UNSPECIFIED: UnservedPolicy
 UNSERVED_POLICY_WAIT: UnservedPolicy
 UNSERVED_POLICY_REJECT: UnservedPolicy
+RESULTS_MODE_UNSPECIFIED: ResultsMode
+RESULTS_MODE_FULL: ResultsMode
+RESULTS_MODE_SUMMARY: ResultsMode
+RESULTS_MODE_NONE: ResultsMode
 
 class WorkqueueAttrs(_message.Message):
-    __slots__ = ("name", "max_active", "group_max_active", "ordered", "nice", "placement", "fallback", "max_queued", "on_worker_lost", "unserved")
+    __slots__ = ("name", "max_active", "group_max_active", "ordered", "nice", "placement", "fallback", "max_queued", "on_worker_lost", "unserved", "results")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     GROUP_MAX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +73,7 @@ class WorkqueueAttrs(_message.Message):
     MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
     ON_WORKER_LOST_FIELD_NUMBER: _ClassVar[int]
     UNSERVED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_active: int
     group_max_active: int
@@ -72,7 +84,8 @@ class WorkqueueAttrs(_message.Message):
     max_queued: int
     on_worker_lost: WorkerLostPolicy
     unserved: UnservedPolicy
-    def __init__(self, name: _Optional[str] = ..., max_active: _Optional[int] = ..., group_max_active: _Optional[int] = ..., ordered: _Optional[bool] = ..., nice: _Optional[int] = ..., placement: _Optional[_Union[Placement, str]] = ..., fallback: _Optional[_Union[FallbackPolicy, str]] = ..., max_queued: _Optional[int] = ..., on_worker_lost: _Optional[_Union[WorkerLostPolicy, str]] = ..., unserved: _Optional[_Union[UnservedPolicy, str]] = ...) -> None: ...
+    results: ResultsMode
+    def __init__(self, name: _Optional[str] = ..., max_active: _Optional[int] = ..., group_max_active: _Optional[int] = ..., ordered: _Optional[bool] = ..., nice: _Optional[int] = ..., placement: _Optional[_Union[Placement, str]] = ..., fallback: _Optional[_Union[FallbackPolicy, str]] = ..., max_queued: _Optional[int] = ..., on_worker_lost: _Optional[_Union[WorkerLostPolicy, str]] = ..., unserved: _Optional[_Union[UnservedPolicy, str]] = ..., results: _Optional[_Union[ResultsMode, str]] = ...) -> None: ...
 
 class WorkqueueStats(_message.Message):
     __slots__ = ("pending", "running", "delayed", "totals", "draining")
@@ -121,7 +134,7 @@ class ListWorkqueuesResponse(_message.Message):
     def __init__(self, workqueues: _Optional[_Iterable[_Union[WorkqueueInfo, _Mapping]]] = ...) -> None: ...
 
 class UpdateWorkqueueRequest(_message.Message):
-    __slots__ = ("name", "max_active", "group_max_active", "ordered", "nice", "placement", "fallback", "max_queued", "on_worker_lost", "unserved")
+    __slots__ = ("name", "max_active", "group_max_active", "ordered", "nice", "placement", "fallback", "max_queued", "on_worker_lost", "unserved", "results")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
     GROUP_MAX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +145,7 @@ class UpdateWorkqueueRequest(_message.Message):
     MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
     ON_WORKER_LOST_FIELD_NUMBER: _ClassVar[int]
     UNSERVED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_active: int
     group_max_active: int
@@ -142,7 +156,8 @@ class UpdateWorkqueueRequest(_message.Message):
     max_queued: int
     on_worker_lost: WorkerLostPolicy
     unserved: UnservedPolicy
-    def __init__(self, name: _Optional[str] = ..., max_active: _Optional[int] = ..., group_max_active: _Optional[int] = ..., ordered: _Optional[bool] = ..., nice: _Optional[int] = ..., placement: _Optional[_Union[Placement, str]] = ..., fallback: _Optional[_Union[FallbackPolicy, str]] = ..., max_queued: _Optional[int] = ..., on_worker_lost: _Optional[_Union[WorkerLostPolicy, str]] = ..., unserved: _Optional[_Union[UnservedPolicy, str]] = ...) -> None: ...
+    results: ResultsMode
+    def __init__(self, name: _Optional[str] = ..., max_active: _Optional[int] = ..., group_max_active: _Optional[int] = ..., ordered: _Optional[bool] = ..., nice: _Optional[int] = ..., placement: _Optional[_Union[Placement, str]] = ..., fallback: _Optional[_Union[FallbackPolicy, str]] = ..., max_queued: _Optional[int] = ..., on_worker_lost: _Optional[_Union[WorkerLostPolicy, str]] = ..., unserved: _Optional[_Union[UnservedPolicy, str]] = ..., results: _Optional[_Union[ResultsMode, str]] = ...) -> None: ...
 
 class UpdateWorkqueueResponse(_message.Message):
     __slots__ = ("attrs",)

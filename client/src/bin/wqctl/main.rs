@@ -524,6 +524,7 @@ fn create_attrs(name: String, ordered: bool, a: &WqAttrArgs) -> WorkqueueAttrs {
             .unserved
             .map(unserved)
             .unwrap_or(UnservedPolicy::Unspecified) as i32,
+        results: 0,
     }
 }
 
@@ -539,6 +540,7 @@ fn update_request(name: String, ordered: Option<bool>, a: &WqAttrArgs) -> Update
         max_queued: a.max_queued,
         on_worker_lost: a.on_worker_lost.map(|w| worker_lost(w) as i32),
         unserved: a.unserved.map(|u| unserved(u) as i32),
+        results: None,
     }
 }
 
