@@ -183,6 +183,8 @@ pub struct WorkqueueEntry {
     pub on_worker_lost: Option<String>,
     /// `wait` or `reject` (attached-worker handlers).
     pub unserved: Option<String>,
+    /// `full`, `summary` or `none`: what is kept of each item once it ends.
+    pub results: Option<String>,
 }
 
 /// `[engine]`
@@ -378,7 +380,7 @@ impl Config {
             max_queued: w.max_queued,
             on_worker_lost: word(i, "on_worker_lost", &w.on_worker_lost)?,
             unserved: word(i, "unserved", &w.unserved)?,
-            results: None,
+            results: word(i, "results", &w.results)?,
         };
         let a = WorkqueueAttrs::new(&w.name, self.limits.max_queued).with(&changes);
         a.validate()
@@ -453,6 +455,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wqd_core::engine::ResultsMode;
     use wqd_core::groups::{Fallback, Placement};
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
@@ -511,6 +514,7 @@ name = "bulk"
 placement = "least-loaded"
 fallback = "wait"
 ordered = true
+results = "summary"
 [exec]
 [engine]
 results_ttl = "1m"
@@ -535,6 +539,8 @@ read_open = true
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].placement, Placement::LeastLoaded);
         assert_eq!(w[0].fallback, Fallback::Wait);
+        assert_eq!(w[0].results, ResultsMode::Summary);
+        assert_eq!(e.default_wq.results, ResultsMode::Full);
         assert!(c.exec.is_some());
         assert!(c.security.tcp_plaintext_loopback);
     }
@@ -589,6 +595,11 @@ read_open = true
         );
         let e = err("[[workqueue]]\nname = \"a\"\nplacement = \"random\"");
         assert!(e.contains("workqueue[0].placement"), "{e}");
+        let e = err("[[workqueue]]\nname = \"a\"\n[[workqueue]]\nname = \"b\"\nresults = \"some\"");
+        assert!(
+            e.contains("workqueue[1].results") && e.contains("expected full, summary or none"),
+            "{e}"
+        );
         let e = err("[[workqueue]]\nname = \"a\"\n[[workqueue]]\nname = \"a\"");
         assert!(e.contains("workqueue[1].name"), "{e}");
         let e = err("[exec.commands.x]\npath = \"relative\"");

@@ -41,5 +41,6 @@ pub fn workqueue(name: &str) -> WorkqueueEntry {
         max_queued: None,
         on_worker_lost: None,
         unserved: None,
+        results: None,
     }
 }
