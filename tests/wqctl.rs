@@ -437,10 +437,13 @@ fn wq_create_list_update_delete() {
             "reject",
             "--max-queued",
             "50",
+            "--results",
+            "summary",
         ])
         .expect_code(0)
         .json();
     assert_eq!(a["name"], "fast");
+    assert_eq!(a["results"], "summary");
     assert_eq!(a["max_active"], 4);
     assert_eq!(a["ordered"], true);
     assert_eq!(a["nice"], -5);
@@ -463,8 +466,18 @@ fn wq_create_list_update_delete() {
         .json();
     assert_eq!(one["workqueues"][0]["stats"]["pending"], 0);
     assert_eq!(one["workqueues"][0]["stats"]["draining"], false);
+    assert_eq!(one["workqueues"][0]["results"], "summary");
     let text = d.wqctl(&["wq", "list"]).expect_code(0).stdout.clone();
     assert!(text.contains("fast") && text.contains("default"), "{text}");
+    assert!(text.contains("RESULTS"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("fast"))
+        .unwrap_or_else(|| panic!("a row for fast: {text}"));
+    assert!(
+        row.split_whitespace().any(|w| w == "summary"),
+        "the row shows results: {row}"
+    );
 
     let u = d
         .wqctl(&[
@@ -477,9 +490,12 @@ fn wq_create_list_update_delete() {
             "false",
             "--max-active",
             "2",
+            "--results",
+            "full",
         ])
         .expect_code(0)
         .json();
+    assert_eq!(u["results"], "full");
     assert_eq!(
         (
             &u["ordered"],
@@ -518,6 +534,64 @@ fn wq_create_list_update_delete() {
         &d.wqctl(&["wq", "delete", "default"]),
         "FAILED_PRECONDITION",
     );
+}
+
+/// `--results` takes only the three words (a usage error otherwise).
+#[test]
+fn wq_results_flag_is_checked() {
+    let d = Daemon::start("two-socket");
+    let r = d.wqctl(&["wq", "create", "x", "--results", "some"]);
+    r.expect_code(2);
+    assert!(r.stderr.contains("--results"), "{}", r.stderr);
+}
+
+/// A waited submit to a workqueue that keeps no per-item results prints the daemon's counts
+/// (needs the engine to honour `results = summary`).
+#[test]
+fn submit_wait_on_a_summary_workqueue_prints_counts() {
+    let d = Daemon::start("two-socket");
+    d.wqctl(&["wq", "create", "sum", "--results", "summary"])
+        .expect_code(0);
+    let args = [
+        "submit",
+        "-w",
+        "sum",
+        "-t",
+        "all",
+        "--handler",
+        "noop",
+        "-n",
+        "7",
+        "--wait",
+    ];
+    let v = d
+        .wqctl(&[&["-o", "json"][..], &args[..]].concat())
+        .expect_code(0)
+        .json();
+    assert_eq!(v["all_ok"], true);
+    assert_eq!(v["summary"]["states"]["ok"], 7);
+    assert_eq!(v["summary"]["items"], 0, "no per-item results came back");
+    let r = d.wqctl(&args);
+    r.expect_code(0);
+    assert!(
+        r.stdout.contains("states:   ok 7") && r.stdout.contains("none kept (counts only)"),
+        "{}",
+        r.stdout
+    );
+    // A failed item still exits 3, from the counts alone.
+    d.wqctl(&[
+        "submit",
+        "-w",
+        "sum",
+        "-t",
+        "cpu:0",
+        "--handler",
+        "noop",
+        "--arg",
+        "fail=x",
+        "--wait",
+    ])
+    .expect_code(3);
 }
 
 #[test]

@@ -243,6 +243,16 @@ pub enum UnservedArg {
     Reject,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ResultsArg {
+    /// A full result per item: streamed by flushes, kept for `wqctl results`
+    Full,
+    /// Counts and latencies only, no per-item result (kept only while the item is live)
+    Summary,
+    /// Counts only: as summary, without latency metrics
+    None,
+}
+
 #[derive(Debug, Args)]
 pub struct WqAttrArgs {
     /// Items that may run at once on each CPU
@@ -269,6 +279,9 @@ pub struct WqAttrArgs {
     /// Attached-worker handlers: what an item does while no attached worker serves it
     #[arg(long, value_enum)]
     pub unserved: Option<UnservedArg>,
+    /// What is kept of each item once it ends (summary and none keep no per-item result)
+    #[arg(long, value_enum)]
+    pub results: Option<ResultsArg>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,16 +20,16 @@ use tokio_stream::StreamExt;
 use wqd_client::chunk::stream_receipts;
 use wqd_client::error::code_name;
 use wqd_client::proto::{
-    self, FallbackPolicy, ItemReceipt, ItemResult, Placement, UnservedPolicy,
-    UpdateWorkqueueRequest, WorkerLostPolicy, WorkqueueAttrs,
+    self, FallbackPolicy, ItemReceipt, ItemResult, Placement, ResultsMode, StateCounts,
+    UnservedPolicy, UpdateWorkqueueRequest, WorkerLostPolicy, WorkqueueAttrs,
 };
 use wqd_client::{
     Batch, CancelScope, Client, ClientError, Endpoint, FlushEvent, FlushScope, Item, TlsOptions,
 };
 
 use cli::{
-    Cli, Command, FallbackArg, Output, PlacementArg, SubmitArgs, UnservedArg, WorkerLostArg,
-    WqAttrArgs, WqCommand,
+    Cli, Command, FallbackArg, Output, PlacementArg, ResultsArg, SubmitArgs, UnservedArg,
+    WorkerLostArg, WqAttrArgs, WqCommand,
 };
 use summary::{States, Summary};
 
@@ -333,22 +333,26 @@ async fn submit(client: &Client, out: Output, a: SubmitArgs) -> Result<Done, Cli
             ))
             .wait(wait);
         let r = client.submit(batch).await?;
-        (r.batch_id, r.items, wait.then_some(r.results))
+        (r.batch_id, r.items, wait.then_some((r.results, r.counts)))
     };
     let queued = receipts.iter().filter(|r| r.queued).count() as u64;
 
-    // Wait, if asked.
-    let results: Option<Vec<ItemResult>> = match waited_results {
+    // Wait, if asked. The counts are the daemon's: the answer for a workqueue that keeps no
+    // per-item results (results = summary or none), whose waits return counts only.
+    let waited: Option<(Vec<ItemResult>, Option<StateCounts>)> = match waited_results {
         Some(r) => Some(r),
         None if a.wait || a.flush => {
             let bar =
                 (out == Output::Text && std::io::stdout().is_terminal()).then(|| progress(queued));
-            let (r, _) = flush(client, out, FlushScope::Batch(batch_id), false, bar).await?;
-            Some(r)
+            let (r, s) = flush(client, out, FlushScope::Batch(batch_id), false, bar).await?;
+            Some((r, s.counts))
         }
         None => None,
     };
-    let summary = results.as_ref().map(Summary::of);
+    let summary = waited
+        .as_ref()
+        .map(|(r, c)| Summary::of_wait(r, c.as_ref()));
+    let results = waited.map(|(r, _)| r);
     let all_ok = summary.as_ref().map(|s| s.states.all_ok()).unwrap_or(true);
     // A fan-out reports per group: the daemon expanded it, each result names its group.
     let groups = results
@@ -502,6 +506,14 @@ fn unserved(u: UnservedArg) -> UnservedPolicy {
     }
 }
 
+fn results_mode(r: ResultsArg) -> ResultsMode {
+    match r {
+        ResultsArg::Full => ResultsMode::Full,
+        ResultsArg::Summary => ResultsMode::Summary,
+        ResultsArg::None => ResultsMode::None,
+    }
+}
+
 /// `wq create` attributes; unset ones are zero, which the daemon reads as "default".
 fn create_attrs(name: String, ordered: bool, a: &WqAttrArgs) -> WorkqueueAttrs {
     WorkqueueAttrs {
@@ -524,7 +536,10 @@ fn create_attrs(name: String, ordered: bool, a: &WqAttrArgs) -> WorkqueueAttrs {
             .unserved
             .map(unserved)
             .unwrap_or(UnservedPolicy::Unspecified) as i32,
-        results: 0,
+        results: a
+            .results
+            .map(results_mode)
+            .unwrap_or(ResultsMode::Unspecified) as i32,
     }
 }
 
@@ -540,7 +555,7 @@ fn update_request(name: String, ordered: Option<bool>, a: &WqAttrArgs) -> Update
         max_queued: a.max_queued,
         on_worker_lost: a.on_worker_lost.map(|w| worker_lost(w) as i32),
         unserved: a.unserved.map(|u| unserved(u) as i32),
-        results: None,
+        results: a.results.map(|r| results_mode(r) as i32),
     }
 }
 
@@ -650,6 +665,7 @@ mod tests {
             max_queued: None,
             on_worker_lost: Some(WorkerLostArg::Requeue),
             unserved: None,
+            results: Some(ResultsArg::Summary),
         };
         let c = create_attrs("w".into(), true, &a);
         assert_eq!((c.max_active, c.group_max_active, c.nice), (2, 0, -3));
@@ -657,7 +673,9 @@ mod tests {
         assert_eq!(c.fallback(), FallbackPolicy::Unspecified);
         assert_eq!(c.on_worker_lost(), WorkerLostPolicy::Requeue);
         assert_eq!(c.unserved(), UnservedPolicy::Unspecified);
+        assert_eq!(c.results(), ResultsMode::Summary);
         let u = update_request("w".into(), None, &a);
+        assert_eq!(u.results, Some(ResultsMode::Summary as i32));
         assert_eq!(u.max_active, Some(2));
         assert_eq!(u.group_max_active, None);
         assert_eq!(u.placement, Some(Placement::Spread as i32));

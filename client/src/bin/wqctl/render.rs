@@ -12,8 +12,8 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use wqd_client::proto::{
     CancelOutcome, CancelResponse, FallbackPolicy, GetResultsResponse, GetStatsResponse,
-    GroupLevel, ItemResult, LookupStatus, Placement, StateCounts, TopologySnapshot, WorkerInfo,
-    WorkqueueAttrs, WorkqueueInfo,
+    GroupLevel, ItemResult, LookupStatus, Placement, ResultsMode, StateCounts, TopologySnapshot,
+    WorkerInfo, WorkqueueAttrs, WorkqueueInfo,
 };
 
 use crate::summary::{fallback_name, state_name, GroupRow, States, Summary};
@@ -31,6 +31,9 @@ pub fn placement_name(p: Placement) -> String {
 }
 pub fn fallback_policy_name(p: FallbackPolicy) -> String {
     short(p.as_str_name(), "FALLBACK_POLICY_")
+}
+pub fn results_mode_name(r: ResultsMode) -> String {
+    short(r.as_str_name(), "RESULTS_MODE_")
 }
 pub fn level_name(l: GroupLevel) -> String {
     short(l.as_str_name(), "GROUP_LEVEL_")
@@ -120,6 +123,11 @@ pub fn summary_text(s: &Summary) -> String {
             String::new()
         }
     );
+    if s.items == 0 && st.total() > 0 {
+        // Counts alone: the workqueue keeps no per-item results (results = summary or none).
+        let _ = writeln!(o, "results:  none kept (counts only)");
+        return o;
+    }
     if !s.per_cpu.is_empty() {
         let cpus: Vec<_> = s
             .per_cpu
@@ -313,6 +321,7 @@ pub fn attrs_json(a: &WorkqueueAttrs) -> Value {
         "placement": placement_name(a.placement()),
         "fallback": fallback_policy_name(a.fallback()),
         "max_queued": a.max_queued,
+        "results": results_mode_name(a.results()),
     })
 }
 
@@ -347,7 +356,7 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<16} {:>6} {:>9} {:>7} {:>4} {:<12} {:<7} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7} {:>5}",
+        "{:<16} {:>6} {:>9} {:>7} {:>4} {:<12} {:<7} {:>10} {:<7} {:>8} {:>8} {:>7} {:>9} {:>7} {:>5}",
         "NAME",
         "ACTIVE",
         "GRP_ACTV",
@@ -356,6 +365,7 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
         "PLACEMENT",
         "FALLBK",
         "MAX_QUEUED",
+        "RESULTS",
         "DELAYED",
         "PENDING",
         "RUNNING",
@@ -369,7 +379,7 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
         let t = s.totals.unwrap_or_default();
         let _ = writeln!(
             o,
-            "{:<16} {:>6} {:>9} {:>7} {:>4} {:<12} {:<7} {:>10} {:>8} {:>8} {:>7} {:>9} {:>7} {:>5}",
+            "{:<16} {:>6} {:>9} {:>7} {:>4} {:<12} {:<7} {:>10} {:<7} {:>8} {:>8} {:>7} {:>9} {:>7} {:>5}",
             a.name,
             a.max_active,
             a.group_max_active,
@@ -378,6 +388,7 @@ pub fn workqueues_text(list: &[WorkqueueInfo]) -> String {
             placement_name(a.placement()),
             fallback_policy_name(a.fallback()),
             a.max_queued,
+            results_mode_name(a.results()),
             s.delayed,
             s.pending,
             s.running,
@@ -643,6 +654,21 @@ mod tests {
         assert_eq!(level_name(GroupLevel::Cache), "cache");
         assert_eq!(outcome_name(CancelOutcome::WaitedRunning), "waited-running");
         assert_eq!(lookup_name(LookupStatus::Forgotten), "forgotten");
+        assert_eq!(results_mode_name(ResultsMode::Summary), "summary");
+    }
+
+    #[test]
+    fn a_summary_of_counts_alone_says_no_results_were_kept() {
+        let c = StateCounts {
+            ok: 3,
+            ..Default::default()
+        };
+        let t = summary_text(&Summary::of_wait(&[], Some(&c)));
+        assert_eq!(
+            t,
+            "states:   ok 3  failed 0  cancelled 0  expired 0  rejected 0\n\
+             results:  none kept (counts only)\n"
+        );
     }
 
     #[test]

@@ -219,6 +219,18 @@ impl Summary {
         s.errors = errs;
         s
     }
+
+    /// The summary of a wait: [`Summary::of`] the results, with the states taken from the
+    /// daemon's `counts` when it sent them. A workqueue with `results = summary` or `none`
+    /// returns counts and no results; `items` (the results summarised) is then below
+    /// `states.total()`.
+    pub fn of_wait(results: &[ItemResult], counts: Option<&StateCounts>) -> Self {
+        let mut s = Summary::of(results);
+        if let Some(c) = counts {
+            s.states = States::from(c);
+        }
+        s
+    }
 }
 
 /// One row of the per-group table of a fan-out (`--target each:cache`): one item and the group
@@ -259,6 +271,28 @@ pub fn per_group<'a>(results: impl IntoIterator<Item = &'a ItemResult>) -> Vec<G
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_takes_its_states_from_the_counts() {
+        // A summary/none workqueue: counts, no results.
+        let c = StateCounts {
+            ok: 4,
+            failed: 1,
+            ..Default::default()
+        };
+        let s = Summary::of_wait(&[], Some(&c));
+        assert_eq!((s.items, s.states.ok, s.states.failed), (0, 4, 1));
+        assert!(!s.states.all_ok());
+        // A full workqueue: the counts agree with the results.
+        let r = [result(ItemState::Ok, Some(1), 0, 1, 2)];
+        let c = StateCounts {
+            ok: 1,
+            ..Default::default()
+        };
+        assert_eq!(Summary::of_wait(&r, Some(&c)), Summary::of(&r));
+        // No counts (an older daemon): the results alone.
+        assert_eq!(Summary::of_wait(&r, None), Summary::of(&r));
+    }
 
     #[test]
     fn per_group_rows_follow_item_ids() {
