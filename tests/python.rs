@@ -390,6 +390,14 @@ fn client_round_trips() {
     unittest(Some(&d), "e2e_client");
 }
 
+/// Workqueues with `results = summary` / `none`: waits answer with counts, flushes stream no
+/// results, ended items are looked up as forgotten (needs the engine to honour the mode).
+#[test]
+fn client_results_modes() {
+    let d = Daemon::start("two-socket");
+    unittest(Some(&d), "e2e_results");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attached Python workers (WorkerService)
 

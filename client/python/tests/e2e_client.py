@@ -82,6 +82,29 @@ class ClientTest(unittest.TestCase):
             self.c.list_workqueues("py-wq")
         self.assertEqual(e.exception.code, grpc.StatusCode.NOT_FOUND)
 
+    def test_results_attribute_and_wait_counts(self) -> None:
+        wq = wqd.v1.workqueue_pb2
+        a = self.c.create_workqueue("py-res", results="summary")
+        self.assertEqual(a.results, wq.RESULTS_MODE_SUMMARY)
+        self.assertEqual(self.c.list_workqueues("py-res")[0].attrs.results,
+                         wq.RESULTS_MODE_SUMMARY)
+        a = self.c.update_workqueue("py-res", results="full")
+        self.assertEqual(a.results, wq.RESULTS_MODE_FULL)
+        self.assertEqual(self.c.create_workqueue("py-res2").results, wq.RESULTS_MODE_FULL)
+        with self.assertRaises(ValueError):
+            self.c.create_workqueue("py-res3", results="some")
+        with self.assertRaises(wqd.WqdError) as e:
+            self.c.update_workqueue("py-res", results=0)
+        self.assertEqual(e.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("results", e.exception.message)
+        # A waited submit counts its items by final state, whatever the workqueue keeps.
+        s = self.c.submit([wqd.Item("all", "noop")] * 3, workqueue="py-res", wait=True)
+        assert s.counts is not None
+        self.assertEqual((s.counts.ok, len(s.results)), (3, 3))
+        self.assertIsNone(self.c.submit([wqd.Item("all", "noop")], workqueue="py-res").counts)
+        for name in ("py-res", "py-res2"):
+            self.c.delete_workqueue(name)
+
     def test_errors_carry_code_and_message(self) -> None:
         with self.assertRaises(wqd.WqdError) as e:
             self.c.submit([wqd.Item("all", "noop"), wqd.Item("cache:x", "noop")])

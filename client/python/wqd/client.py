@@ -230,11 +230,15 @@ class Receipt:
 @dataclass
 class Submitted:
     """A Submit's answer: the batch id, one receipt per (expanded) item, and
-    with ``wait=True`` every queued item's result."""
+    with ``wait=True`` the queued items by final state (``counts``) and every
+    queued item's result. A workqueue created with ``results="summary"`` or
+    ``results="none"`` keeps no per-item results: ``results`` is then empty
+    and ``counts`` is the answer. ``counts`` is None without ``wait``."""
 
     batch_id: int
     receipts: List[Receipt]
     results: List[Result]
+    counts: Optional["Counts"] = None
 
     @property
     def item_ids(self) -> List[int]:
@@ -323,6 +327,7 @@ _WQ_ENUMS = {
     "fallback": (workqueue_pb2.FallbackPolicy, "FALLBACK_POLICY_"),
     "on_worker_lost": (workqueue_pb2.WorkerLostPolicy, "WORKER_LOST_POLICY_"),
     "unserved": (workqueue_pb2.UnservedPolicy, "UNSERVED_POLICY_"),
+    "results": (workqueue_pb2.ResultsMode, "RESULTS_MODE_"),
 }
 
 
@@ -403,8 +408,9 @@ class Client:
         timeout: Optional[float] = None,
     ) -> Submitted:
         """Submits one batch (all or nothing). With ``wait=True`` returns once
-        every item is terminal, with their results; the timeout bounds that
-        wait (on DEADLINE_EXCEEDED the items stay queued)."""
+        every item is terminal, with their counts by state and (on a workqueue
+        that keeps full results) their results; the timeout bounds that wait
+        (on DEADLINE_EXCEEDED the items stay queued)."""
         req = dispatch_pb2.SubmitRequest(
             workqueue=workqueue, items=[i.to_pb() for i in items], wait=wait)
         r = self._dispatch.Submit(req, **self._kw(timeout))
@@ -416,6 +422,7 @@ class Client:
                 for x in r.items
             ],
             results=[Result.from_pb(x) for x in r.results],
+            counts=Counts.from_pb(r.counts) if r.HasField("counts") else None,
         )
 
     @_rpc
@@ -569,7 +576,9 @@ class Client:
                          **attrs: Any) -> workqueue_pb2.WorkqueueAttrs:
         """Creates a workqueue. ``attrs`` are WorkqueueAttrs fields; the enum
         ones take names: ``placement="first"``, ``fallback="wait"``,
-        ``on_worker_lost="requeue"``, ``unserved="reject"``."""
+        ``on_worker_lost="requeue"``, ``unserved="reject"``,
+        ``results="summary"`` (``full``, ``summary`` or ``none``: what is kept
+        of each item once it ends; see docs/workqueues.md)."""
         a = workqueue_pb2.WorkqueueAttrs(name=name, **_wq_fields(attrs))
         return self._wq.CreateWorkqueue(
             workqueue_pb2.CreateWorkqueueRequest(attrs=a), **self._kw(timeout)).attrs
