@@ -1,8 +1,9 @@
 //! `wqd.v1.DispatchService`: submit (single message and streamed), flush, cancel, drain and
 //! result look-ups.
 //!
-//! Invariants: a batch reaches `Engine::submit` once, whole, after every item was converted and
-//! checked against the limits (streamed batches only at a clean end of stream); a flush stream
+//! Invariants: a batch reaches `Engine::submit` (or, waited, `Engine::submit_and_flush`) once,
+//! whole, after every item was converted and checked against the limits (streamed batches only
+//! at a clean end of stream); a flush stream
 //! ends with exactly one summary unless it ends with an error status (deadline, client gone);
 //! every wait selects on the client's deadline, and the engine `Flush` it holds is dropped when
 //! the wait ends, whatever ends it.
@@ -118,15 +119,25 @@ impl Rpc {
     /// The submit and its counting happen together, in one synchronous step: if the client
     /// goes away while a large batch is in the blocking pool (the handler is dropped at the
     /// `.await`), the batch that the pool accepted is still counted.
-    async fn submit_specs(&self, wq: String, specs: Vec<ItemSpec>) -> Result<Receipt, RpcError> {
+    ///
+    /// With `wait`, the batch's flush is registered in the same engine step
+    /// (`Engine::submit_and_flush`), so no item can end before the flush hears of it: an item
+    /// of a workqueue that keeps no results (`results = summary | none`) that ended first would
+    /// otherwise reach the flush only as gone, uncounted.
+    async fn submit_specs(
+        &self,
+        wq: String,
+        specs: Vec<ItemSpec>,
+        wait: bool,
+    ) -> Result<(Receipt, Option<Flush>), RpcError> {
         if specs.len() <= INLINE_SUBMIT_ITEMS {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                submit_counted(&self.engine, &self.counters, &wq, specs)
+                submit_counted(&self.engine, &self.counters, &wq, specs, wait)
             }))
             .map_err(|_| RpcError::Internal("engine call failed: submit panicked".into()))?
         } else {
             let counters = self.counters.clone();
-            self.blocking(move |e| submit_counted(e, &counters, &wq, specs))
+            self.blocking(move |e| submit_counted(e, &counters, &wq, specs, wait))
                 .await?
         }
     }
@@ -165,8 +176,8 @@ impl Rpc {
             Ok(batch.into_parts())
         })()
         .inspect_err(|_| self.refused())?;
-        let rec = self
-            .submit_specs(wq_name(r.workqueue), specs)
+        let (rec, flush) = self
+            .submit_specs(wq_name(r.workqueue), specs, r.wait)
             .await
             .map_err(|e| reindex(e, &origins))?;
         let items: Vec<v1::ItemReceipt> = rec
@@ -196,8 +207,7 @@ impl Rpc {
             results: Vec::new(),
             counts: None,
         };
-        if r.wait {
-            let mut flush = self.engine.flush(FlushScope::Batch(rec.batch))?;
+        if let Some(mut flush) = flush {
             let batch = rec.batch;
             let what = || format!("waiting for batch {batch}");
             let events = collect(&mut flush, deadline, what).await;
@@ -347,8 +357,8 @@ impl Rpc {
             });
         }
         let count = specs.len();
-        let rec = self
-            .submit_specs(wq, specs)
+        let (rec, _) = self
+            .submit_specs(wq, specs, false)
             .await
             .map_err(|e| reindex(e, &origins))?;
         let duplicates: Vec<v1::DuplicateItem> = rec
@@ -580,16 +590,25 @@ fn reindex(e: RpcError, origins: &Origins) -> RpcError {
     }
 }
 
-/// `Engine::submit`, then the batch counters, in one step (see [`Rpc::submit_specs`]).
+/// `Engine::submit` (with `wait`, `Engine::submit_and_flush`: the batch's flush too), then
+/// the batch counters, in one step (see [`Rpc::submit_specs`]).
 fn submit_counted(
     engine: &wqd_core::engine::Engine,
     c: &super::Counters,
     wq: &str,
     specs: Vec<ItemSpec>,
-) -> Result<Receipt, RpcError> {
-    let r = engine.submit(wq, specs).map_err(RpcError::from);
+    wait: bool,
+) -> Result<(Receipt, Option<Flush>), RpcError> {
+    let r = if wait {
+        engine
+            .submit_and_flush(wq, specs, false)
+            .map(|(rec, f)| (rec, Some(f)))
+    } else {
+        engine.submit(wq, specs).map(|rec| (rec, None))
+    }
+    .map_err(RpcError::from);
     match &r {
-        Ok(rec) => {
+        Ok((rec, _)) => {
             c.batches_accepted.fetch_add(1, Ordering::Relaxed);
             let dups = rec.items.iter().filter(|s| !s.queued).count() as u64;
             c.deduplicated.fetch_add(dups, Ordering::Relaxed);
