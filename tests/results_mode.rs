@@ -2,15 +2,14 @@
 //! `none`) end to end against the real daemon on the `two-socket` fixture — over gRPC, in the
 //! config file and through `SubmitResponse.counts`.
 //!
-//! Two kinds of tests here. The wire tests (round trip, validation, config, counts of a waited
-//! submit) hold for any engine. [`summary_and_none_workqueues_keep_counts_only`] checks what
-//! the engine does with the mode (no per-item result, a flush that streams none, a look-up
-//! that answers forgotten) and fails until the scheduler honours it.
+//! The wire tests (round trip, validation, config, counts of a waited submit) hold for any
+//! engine; [`summary_and_none_workqueues_keep_counts_only`] checks what the engine does with
+//! the mode (no per-item result, a flush that streams none, a look-up that answers forgotten).
 
 use tokio_stream::StreamExt;
 use wqd_client::proto::{self, LookupStatus, ResultsMode, UpdateWorkqueueRequest};
 use wqd_client::{Batch, Client, FlushEvent, FlushScope, Item};
-use wqd_e2e::{wq_attrs, Daemon};
+use wqd_e2e::{total, wq_attrs, Daemon};
 
 /// Two workqueues from the config, one per mode that keeps no per-item results.
 const CONFIG: &str = r#"
@@ -205,10 +204,11 @@ async fn a_waited_submit_counts_its_items_by_final_state() {
     assert!(r.counts.is_none(), "no counts without wait: {:?}", r.counts);
 }
 
-/// What the engine does with `summary` and `none` (waits for the engine part of issue 13):
-/// a waited submit answers with counts and no results, a flush streams no result but counts
-/// the items in its summary, an ended item is looked up as forgotten, and after an update to
-/// `full` later items have results again (the earlier ones stay without).
+/// What the engine does with `summary` and `none`: a waited submit answers with counts and no
+/// results; a flush streams no result but counts the items that end while it waits (those
+/// already ended are listed as unknown); an ended item is looked up as forgotten, a live one
+/// found; after an update to `full` later items have results again (the earlier ones stay
+/// without).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn summary_and_none_workqueues_keep_counts_only() {
     let d = Daemon::builder("two-socket").config(CONFIG).start();
@@ -233,13 +233,12 @@ async fn summary_and_none_workqueues_keep_counts_only() {
         assert_eq!(r.counts.expect("counts").ok, n as u64, "{name}");
         let ids: Vec<u64> = r.items.iter().map(|x| x.item_id).collect();
 
+        // A flush that begins after they ended finds no record of them: they are listed as
+        // unknown (forgotten), as items whose results expired.
         let (results, summary) = flush(&c, r.batch_id).await;
         assert!(results.is_empty(), "{name}: a flush streams no ItemResult");
-        assert_eq!(
-            summary.counts.expect("summary counts").ok,
-            n as u64,
-            "{name}"
-        );
+        assert_eq!(total(&summary.counts.expect("counts")), 0, "{name}");
+        assert_eq!(summary.unknown_item_ids, ids, "{name}");
 
         let l = c.results(ids.clone()).await.expect("GetResults");
         assert!(
@@ -250,25 +249,35 @@ async fn summary_and_none_workqueues_keep_counts_only() {
             l.items
         );
 
-        // A flush of a live item sees it end, without a result.
+        // A flush of live items streams no result for them, and its summary counts them. While
+        // live they are known; once ended, forgotten.
         let r = c
             .submit(
                 Batch::new()
                     .workqueue(name)
-                    .item(Item::new("cpu:1", "sleep").arg("ms", "1000")),
+                    .items((0..n).map(|_| Item::new("all", "sleep").arg("ms", "1000"))),
             )
             .await
             .expect("Submit");
-        let live = r.items[0].item_id;
-        let l = c.results([live]).await.expect("GetResults live");
-        assert_eq!(
-            l.items[0].status(),
-            LookupStatus::Found,
-            "{name}: a live item is known"
+        let live: Vec<u64> = r.items.iter().map(|x| x.item_id).collect();
+        let l = c.results(live.clone()).await.expect("GetResults live");
+        assert!(
+            l.items.iter().all(|x| x.status() == LookupStatus::Found),
+            "{name}: a live item is known: {:?}",
+            l.items
         );
         let (results, summary) = flush(&c, r.batch_id).await;
-        assert!(results.is_empty(), "{name}");
-        assert_eq!(summary.counts.expect("counts").ok, 1, "{name}");
+        assert!(results.is_empty(), "{name}: a flush streams no ItemResult");
+        assert_eq!(summary.counts.expect("counts").ok, n as u64, "{name}");
+        assert!(summary.unknown_item_ids.is_empty(), "{name}");
+        let l = c.results(live).await.expect("GetResults");
+        assert!(
+            l.items
+                .iter()
+                .all(|x| x.status() == LookupStatus::Forgotten),
+            "{name}: ended, forgotten: {:?}",
+            l.items
+        );
 
         // Back to full: later items have results; the earlier ones stay without.
         c.update_workqueue(UpdateWorkqueueRequest {

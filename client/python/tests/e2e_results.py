@@ -26,11 +26,15 @@ class ResultsModeTest(unittest.TestCase):
             self.assertEqual(s.results, [], mode)
             assert s.counts is not None
             self.assertEqual(s.counts.ok, n, mode)
+            looked = self.c.results(s.item_ids)
+            self.assertEqual([x.status for x in looked], ["forgotten"] * n, mode)
+            # A flush of items still live streams no result; its summary counts them.
+            s = self.c.submit([wqd.Item("all", "sleep", args={"ms": "500"})] * n,
+                              workqueue=name)
+            self.assertEqual([x.status for x in self.c.results(s.item_ids)], ["found"] * n)
             f = self.c.flush(batch=s.batch_id)
             self.assertEqual(f.results, [], mode)
             self.assertEqual(f.summary.counts.ok, n, mode)
-            looked = self.c.results(s.item_ids)
-            self.assertEqual([x.status for x in looked], ["forgotten"] * n, mode)
             # Back to full: later items have results again.
             self.c.update_workqueue(name, results="full")
             s = self.c.submit([wqd.Item("all", "noop")] * n, workqueue=name, wait=True)
