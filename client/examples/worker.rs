@@ -119,7 +119,7 @@ fn main() -> ExitCode {
             line("cancelled");
             return Err("cancelled".into());
         }
-        if fail_every > 0 && n % fail_every == 0 {
+        if fail_every > 0 && n.is_multiple_of(fail_every) {
             let e = format!("fail-every {fail_every}: run {n}");
             line(&format!("error {e}"));
             return Err(e);

@@ -512,7 +512,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
-            wait: n % 2 == 0,
+            wait: n.is_multiple_of(2),
         }
     }
 
