@@ -63,6 +63,7 @@ impl v1::dispatch_service_server::DispatchService for Floor {
                 })
                 .collect(),
             results: Vec::new(),
+            counts: None,
         }))
     }
 

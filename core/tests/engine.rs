@@ -1092,7 +1092,7 @@ fn results_are_bounded_in_bytes() {
             Ok(())
         }
         fn run(&self, ctx: &WorkCtx<'_>) -> Result<Vec<u8>, HandlerError> {
-            if ctx.item % 2 == 0 {
+            if ctx.item.is_multiple_of(2) {
                 Err(HandlerError::Failed("e".repeat(100_000)))
             } else {
                 Ok(vec![1; 100_000])

@@ -374,7 +374,7 @@ pub(crate) const SPIN: Duration = Duration::from_micros(50);
 /// One round of a bounded spin: a pause hint, and a yield every 64 rounds.
 pub(crate) fn spin(rounds: &mut u32) {
     *rounds = rounds.wrapping_add(1);
-    if *rounds % 64 == 0 {
+    if rounds.is_multiple_of(64) {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();
