@@ -290,7 +290,6 @@ impl Sched {
             None => (Vec::new(), String::new(), 0, None, 0),
         };
         let first = (item.waiter != 0).then_some(item.waiter);
-        let finished_at = finished.map_or_else(SystemTime::now, |f| f.1);
         // What the flushes, the observer and the store get: a full result, or (results =
         // summary | none) only the state, and the run time for summary.
         let (result, run_time) = if mode == ResultsMode::Full {
@@ -325,7 +324,7 @@ impl Sched {
                 rebinds: item.rebinds,
                 queued_at: item.queued_at,
                 started_at: started.as_ref().map(|s| s.at),
-                finished_at: Some(finished_at),
+                finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),
                 epoch_started: started.map(|s| s.epoch),
                 epoch_decided: (decided != 0).then_some(decided),
                 worker,
@@ -334,8 +333,11 @@ impl Sched {
             let run = r.run_time();
             (Some(r), run)
         } else {
+            // Only the observer reads it (two clock conversions per item otherwise).
             let run = match (mode, &started) {
-                (ResultsMode::Summary, Some(s)) => finished_at.duration_since(s.at).ok(),
+                (ResultsMode::Summary, Some(s)) if self.observed => {
+                    finished.and_then(|(_, at)| at.duration_since(s.at).ok())
+                }
                 _ => None,
             };
             (None, run)
