@@ -700,26 +700,30 @@ impl wqd_core::engine::Observer for Seen {
     }
 }
 
-#[test]
-fn watchdog_reports_lockups_and_hogs_and_the_observer_sees_everything() {
+/// An engine on 2 live CPUs with the built-in handlers and `probe`, configured by `cfg` (which
+/// names the observer).
+fn observed_engine(cfg: EngineConfig) -> Engine {
     let topo = common::topology(2);
     let snap = common::snapshot(&topo, 1, &"0-1".parse().unwrap());
-    let probe = Arc::new(Probe::default());
     let mut reg = Registry::with_builtins(None);
     reg.register(Arc::new(ProbeHandler(
-        probe,
+        Arc::new(Probe::default()),
         "probe",
         HandlerKind::CpuBound,
     )));
+    Engine::start(cfg, reg, snap).unwrap()
+}
+
+#[test]
+fn watchdog_reports_lockups_and_hogs_and_the_observer_sees_everything() {
     let seen = Arc::new(Seen::default());
-    let cfg = EngineConfig {
+    let engine = observed_engine(EngineConfig {
         pinning: false,
         watchdog_thresh: Duration::from_millis(100),
         hog_thresh: Duration::from_millis(100),
         observer: Some(seen.clone()),
         ..EngineConfig::default()
-    };
-    let engine = Engine::start(cfg, reg, snap).unwrap();
+    });
     // A long item on cpu 0 and one queued behind it: the pool has work and makes no progress.
     let r = engine
         .submit(
@@ -1110,11 +1114,16 @@ fn results_are_bounded_in_bytes() {
         ..EngineConfig::default()
     };
     let engine = Engine::start(cfg, reg, snap).unwrap();
-    let r = engine
-        .submit("default", (0..200).map(|_| item("cpu:0", "big")).collect())
+    // The flush is registered with the submit: 200 results of ~1 KB overflow the 50 KB store,
+    // so a flush that began after the first items ended could find them already forgotten.
+    let (r, mut f) = engine
+        .submit_and_flush(
+            "default",
+            (0..200).map(|_| item("cpu:0", "big")).collect(),
+            false,
+        )
         .unwrap();
     let ids: Vec<u64> = r.items.iter().map(|s| s.id).collect();
-    let mut f = engine.flush(FlushScope::Items(ids.clone())).unwrap();
     let mut seen = 0;
     while let Some(ev) = f
         .next_blocking(Some(Instant::now() + Duration::from_secs(20)))
@@ -1213,22 +1222,12 @@ impl wqd_core::engine::Observer for Ends {
 
 #[test]
 fn results_modes_keep_what_they_say_and_every_item_still_ends_once() {
-    let topo = common::topology(2);
-    let snap = common::snapshot(&topo, 1, &"0-1".parse().unwrap());
-    let probe = Arc::new(Probe::default());
-    let mut reg = Registry::with_builtins(None);
-    reg.register(Arc::new(ProbeHandler(
-        probe.clone(),
-        "probe",
-        HandlerKind::CpuBound,
-    )));
     let ends = Arc::new(Ends::default());
-    let cfg = EngineConfig {
+    let engine = observed_engine(EngineConfig {
         pinning: false,
         observer: Some(ends.clone()),
         ..EngineConfig::default()
-    };
-    let engine = Engine::start(cfg, reg, snap).unwrap();
+    });
     for (name, mode) in [("sum", ResultsMode::Summary), ("none", ResultsMode::None)] {
         let mut a = WorkqueueAttrs::named(name);
         a.results = mode;

@@ -36,15 +36,21 @@ fn publish(flags: &LiveFlags, live: [bool; 2], epoch: u64) {
     p.finish(epoch);
 }
 
+/// Snapshot 1 published, and a thread publishing snapshot 2 started.
+fn racing_publication() -> (Arc<LiveFlags>, loom::thread::JoinHandle<()>) {
+    let flags = Arc::new(LiveFlags::new(2));
+    publish(&flags, [true, false], 1);
+    let writer = {
+        let flags = flags.clone();
+        loom::thread::spawn(move || publish(&flags, [false, true], 2))
+    };
+    (flags, writer)
+}
+
 #[test]
 fn a_reader_sees_one_snapshot_never_a_mix() {
     loom::model(|| {
-        let flags = Arc::new(LiveFlags::new(2));
-        publish(&flags, [true, false], 1);
-        let writer = {
-            let flags = flags.clone();
-            loom::thread::spawn(move || publish(&flags, [false, true], 2))
-        };
+        let (flags, writer) = racing_publication();
         for cpu in [1, 0] {
             let got = flags.read(cpu).expect("cpu in range");
             assert!(allowed(cpu, got), "cpu {cpu}: torn read {got:?}");
@@ -60,12 +66,7 @@ fn a_reader_sees_one_snapshot_never_a_mix() {
 fn reads_after_a_newer_epoch_never_go_back() {
     // Once a reader has seen epoch 2, a later read by the same thread cannot return epoch 1.
     loom::model(|| {
-        let flags = Arc::new(LiveFlags::new(2));
-        publish(&flags, [true, false], 1);
-        let writer = {
-            let flags = flags.clone();
-            loom::thread::spawn(move || publish(&flags, [false, true], 2))
-        };
+        let (flags, writer) = racing_publication();
         let first = flags.read(1).expect("cpu in range");
         let second = flags.read(0).expect("cpu in range");
         assert!(allowed(1, first) && allowed(0, second));

@@ -89,16 +89,7 @@ impl Sched {
             // A cancel asked while the worker held it: the worker's loss ends it cancelled.
             Outcome::Lost(_) if bound.token.is_cancelled() => {
                 let err = "cancelled; its attached worker was lost before it answered".into();
-                self.terminal(
-                    f.id,
-                    State::Cancelled,
-                    Vec::new(),
-                    err,
-                    f.started,
-                    None,
-                    now,
-                    fx,
-                );
+                self.end_lost(f.id, State::Cancelled, err, f.started, now, fx);
             }
             Outcome::Lost(why) if self.wqs[wi].attrs.on_worker_lost == WorkerLost::Requeue => {
                 // A metric only: the stats' re-bind count is the sum of the items' `rebinds`
@@ -115,16 +106,7 @@ impl Sched {
             }
             Outcome::Lost(why) => {
                 let err = format!("worker lost: {why}");
-                self.terminal(
-                    f.id,
-                    State::Failed,
-                    Vec::new(),
-                    err,
-                    f.started,
-                    None,
-                    now,
-                    fx,
-                );
+                self.end_lost(f.id, State::Failed, err, f.started, now, fx);
             }
             Outcome::CancelledBeforeStart => {
                 self.end_unstarted(f.id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
@@ -236,6 +218,20 @@ impl Sched {
             // Not live when the worker checked, live again now: it went and came back.
             "offline"
         }
+    }
+
+    /// [`Sched::terminal`] for an item whose attached worker was lost holding it: no output,
+    /// no finish CPU (the worker never answered).
+    fn end_lost(
+        &mut self,
+        id: ItemId,
+        state: State,
+        error: String,
+        started: Option<Started>,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
+        self.terminal(id, state, Vec::new(), error, started, None, now, fx);
     }
 
     /// [`Sched::terminal`] for an item that never started: no output, no start or finish CPU.
