@@ -1116,14 +1116,13 @@ fn results_are_bounded_in_bytes() {
     let engine = Engine::start(cfg, reg, snap).unwrap();
     // The flush is registered with the submit: 200 results of ~1 KB overflow the 50 KB store,
     // so a flush that began after the first items ended could find them already forgotten.
-    let (r, mut f) = engine
+    let (_, mut f) = engine
         .submit_and_flush(
             "default",
             (0..200).map(|_| item("cpu:0", "big")).collect(),
             false,
         )
         .unwrap();
-    let ids: Vec<u64> = r.items.iter().map(|s| s.id).collect();
     let mut seen = 0;
     while let Some(ev) = f
         .next_blocking(Some(Instant::now() + Duration::from_secs(20)))
