@@ -250,6 +250,94 @@ fn offline_cpu_keeps_its_membership_and_comes_back() {
     assert_eq!(t3, t1);
 }
 
+/// What a CPU's `topology/core_id` says, as a test edit of the tree.
+fn set_core_id(root: &std::path::Path, cpu: u32, id: u32) {
+    let f = root.join(format!("devices/system/cpu/cpu{cpu}/topology/core_id"));
+    write(&f, &format!("{id}\n"));
+}
+
+#[test]
+fn unchanged_rescan_rereads_nothing_but_named_cpus() {
+    let dir = copy_fixture("two-socket");
+    let reader = Reader::fixture(dir.path());
+    let first = reader.read().unwrap();
+    let mut r = first.clone();
+    assert!(reader.rescan(&mut r, &CpuSet::new()).unwrap().is_empty());
+    assert_eq!(r, first);
+
+    // CPU 3's files change without a hotplug: a rescan keeps what it read before (this is
+    // what it saves), a full read sees it, and so does a rescan told about CPU 3.
+    set_core_id(dir.path(), 3, 9);
+    let reread = reader.rescan(&mut r, &CpuSet::new()).unwrap();
+    assert!(reread.is_empty(), "{reread}");
+    assert_eq!(r.cpus[&3].core_id, Some(3));
+    let full = reader.read().unwrap();
+    assert_eq!(full.cpus[&3].core_id, Some(9));
+
+    let reread = reader.rescan(&mut r, &set("3")).unwrap();
+    // CPU 3 and every CPU whose lists name it (core 3,11; package and LLC 0-3,8-11).
+    assert_eq!(reread, set("0-3,8-11"));
+    assert_eq!(r, full);
+
+    // Masks are read every time: an allowed-set change alone shows without re-reading CPUs.
+    write(&dir.path().join("fs/cgroup/cpuset.cpus.effective"), "0-7\n");
+    assert!(reader.rescan(&mut r, &CpuSet::new()).unwrap().is_empty());
+    assert_eq!(r.allowed, set("0-7"));
+    assert_eq!(r, reader.read().unwrap());
+}
+
+#[test]
+fn rescan_after_hotplug_rereads_the_cpu_and_its_siblings() {
+    let pristine = fixture("two-socket");
+    let dir = copy_fixture("two-socket");
+    let reader = Reader::fixture(dir.path());
+    let mut r = reader.read().unwrap();
+
+    set_offline(dir.path(), 9);
+    let reread = reader.rescan(&mut r, &CpuSet::new()).unwrap();
+    // 9's siblings as last read (core 1,9; package, die and LLC 0-3,8-11), 9 itself offline.
+    assert_eq!(reread, set("0-3,8,10-11"));
+    assert_eq!(r, reader.read().unwrap());
+    assert_eq!(r.cpus[&1].core_cpus, set("1"), "sibling lists are re-read");
+    assert!(!r.cpus.contains_key(&9));
+
+    // 9 comes back with another topology (some kernels renumber): its files are read again.
+    set_online(dir.path(), &pristine, 9);
+    set_core_id(dir.path(), 9, 7);
+    let reread = reader.rescan(&mut r, &CpuSet::new()).unwrap();
+    assert_eq!(reread, set("0-3,8-11"));
+    assert_eq!(r.cpus[&9].core_id, Some(7));
+    assert_eq!(r.cpus[&1].core_cpus, set("1,9"));
+    assert_eq!(r, reader.read().unwrap());
+
+    // Offline and back between two reads: the masks look unchanged, so only a rescan told
+    // about the CPU (as the monitor is, by its uevent) re-reads it.
+    set_offline(dir.path(), 9);
+    set_online(dir.path(), &pristine, 9);
+    assert!(reader.rescan(&mut r, &CpuSet::new()).unwrap().is_empty());
+    assert_eq!(r.cpus[&9].core_id, Some(7), "not re-read");
+    reader.rescan(&mut r, &set("9")).unwrap();
+    assert_eq!(r.cpus[&9].core_id, Some(1));
+    assert_eq!(r, reader.read().unwrap());
+}
+
+#[test]
+fn failed_rescan_leaves_the_reading_alone() {
+    let dir = copy_fixture("vm8-offline");
+    let reader = Reader::fixture(dir.path());
+    let first = reader.read().unwrap();
+    let mut r = first.clone();
+    set_offline(dir.path(), 2);
+    set_core_id(dir.path(), 1, 99);
+    write(
+        &dir.path().join("devices/system/cpu/cpu3/topology/core_id"),
+        "three\n",
+    );
+    let e = reader.rescan(&mut r, &CpuSet::new()).unwrap_err();
+    assert!(matches!(e, TopologyError::Number { .. }), "{e:?}");
+    assert_eq!(r, first);
+}
+
 #[test]
 fn errors_name_the_path() {
     let dir = copy_fixture("vm8-offline");
@@ -343,5 +431,36 @@ proptest! {
         }
         let got = CpuSet::parse_list(&text.join(",")).unwrap();
         prop_assert_eq!(got.iter().collect::<Vec<_>>(), want.into_iter().collect::<Vec<_>>());
+    }
+}
+
+proptest! {
+    // File system work per case: fewer cases than the default.
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Any sequence of hotplugs, each seen by a rescan of the previous reading: the rescan
+    /// always equals a full read of the tree.
+    #[test]
+    fn rescan_after_hotplug_equals_full_read(
+        tree in prop_oneof![Just("two-socket"), Just("vm8-offline")],
+        ops in proptest::collection::vec((0u32..16, any::<bool>()), 1..6),
+    ) {
+        let pristine = fixture(tree);
+        let dir = copy_fixture(tree);
+        let reader = Reader::fixture(dir.path());
+        let mut r = reader.read().unwrap();
+        let has = |c: u32| pristine.join(format!("devices/system/cpu/cpu{c}/topology")).is_dir();
+        for (cpu, online) in ops {
+            let cpu = cpu % r.possible.len() as u32;
+            // The helper restores a CPU's files from the fixture: only for an offline one, as
+            // the kernel does.
+            if online && has(cpu) && !r.online.contains(cpu) {
+                set_online(dir.path(), &pristine, cpu);
+            } else if !online {
+                set_offline(dir.path(), cpu);
+            }
+            reader.rescan(&mut r, &CpuSet::new()).unwrap();
+            prop_assert_eq!(&r, &reader.read().unwrap(), "after cpu {} online={}", cpu, online);
+        }
     }
 }

@@ -88,8 +88,9 @@ pub enum AllowedSource {
 /// One read of the machine: the fields of a [`Topology`] as this one read saw them, so `cpus`
 /// holds only the CPUs whose `topology/` folder could be read now (the online ones) and
 /// `nodes` each `node/nodeK/cpulist` as read now. Plain data; produced by
-/// [`sysfs::Reader::read`], remembered by [`Topology::merge`]. Reads as a [`Topology`]
-/// (`Deref`); the type says that nothing has been merged into it.
+/// [`sysfs::Reader::read`] (or brought up to date by [`sysfs::Reader::rescan`], which keeps the
+/// `cpus` entries that hotplug cannot have changed), remembered by [`Topology::merge`]. Reads
+/// as a [`Topology`] (`Deref`); the type says that nothing has been merged into it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reading(pub Topology);
 

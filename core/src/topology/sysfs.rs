@@ -1,10 +1,12 @@
 //! Reading the machine: [`Reader::read`] turns one pass over sysfs (and procfs, when a proc root
-//! is given) into a [`Reading`].
+//! is given) into a [`Reading`]; [`Reader::rescan`] brings an earlier reading up to date,
+//! re-reading the per-CPU files only of the CPUs that hotplug may have changed.
 //!
 //! This module owns every path wqd reads to learn about CPUs, and nothing else: it never writes,
-//! keeps no state between reads and remembers nothing (that is [`Topology::merge`]'s job).
-//! Invariant: every path is resolved under the injected roots, so the same code reads the host
-//! (`/sys`, `/proc`) and the fixture trees of the tests; every error names the path it concerns.
+//! keeps no state between reads (a rescan is handed the reading it updates) and remembers
+//! nothing (that is [`Topology::merge`]'s job). Invariant: every path is resolved under the
+//! injected roots, so the same code reads the host (`/sys`, `/proc`) and the fixture trees of
+//! the tests; every error names the path it concerns.
 //!
 //! What is read, all lists in the kernel cpulist grammar ([`CpuSet::parse_list`]):
 //!
@@ -30,6 +32,10 @@ use crate::cpuset::{CpuSet, MAX_CPUS};
 use super::{AllowedSource, CacheInfo, CpuTopo, Reading, Topology, TopologyError};
 
 /// Reads sysfs/procfs under injectable roots. Cheap to clone; holds only paths.
+///
+/// Cost: the masks, nodes and cpuset are a few files plus one per node; each online CPU adds
+/// about 30 (`topology/`, `cache/indexK/`), which is what a full read spends its time on
+/// (≈ 240 ms at 4 096 CPUs) and what [`rescan`](Self::rescan) mostly skips.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reader {
     /// Stands in for `/sys`.
@@ -84,13 +90,102 @@ impl Reader {
         self.proc.as_deref()
     }
 
-    /// One pass over the machine.
+    /// One full pass over the machine: the masks, then every online CPU's files.
     ///
     /// # Errors
     /// [`TopologyError`] naming the path when a required file (`possible`, `present`,
     /// `online`) cannot be read, or any file that exists does not parse. Files that vanish while
     /// being read (a CPU going offline) are not errors: that CPU simply has no [`CpuTopo`].
     pub fn read(&self) -> Result<Reading, TopologyError> {
+        let masks = self.read_masks()?;
+        let cpu_dir = self.sys.join("devices/system/cpu");
+        let mut cpus = BTreeMap::new();
+        for cpu in masks.online.iter() {
+            if let Some(t) = read_cpu(&cpu_dir, cpu, &masks.nodes)? {
+                cpus.insert(cpu, t);
+            }
+        }
+        Ok(masks.into_reading(cpus))
+    }
+
+    /// Brings `reading` (an earlier [`read`](Self::read) or `rescan` of this reader's roots) up
+    /// to date at a fraction of the cost of a full read: the masks, the nodes and the allowed
+    /// CPUs are read again, but the per-CPU files (about 30 per CPU) only for
+    ///
+    /// 1. CPUs online now that `reading` has no [`CpuTopo`] for (new ones, and ones whose
+    ///    folder was missing),
+    /// 2. CPUs whose online state differs from `reading`'s, and the CPUs of `also` (a CPU that
+    ///    went offline and came back between two reads looks unchanged in the masks; the
+    ///    caller names it, as the uevent thread does, since its topology may differ),
+    /// 3. the online CPUs that share a core, cluster, die, package or LLC with a CPU of 2 (as
+    ///    `reading` saw it, and as it reads now): the kernel adds and removes a CPU in the
+    ///    sibling lists of exactly those.
+    ///
+    /// Every other online CPU keeps its [`CpuTopo`] from `reading`. So the result equals a
+    /// full read when every per-CPU file that changed since `reading` changed through the
+    /// hotplug of a CPU of 2; a change of an online CPU's files without an online change (not
+    /// something the kernel does on hotplug, but a firmware update or a hypervisor could) is
+    /// seen only by the next full read, which [`crate::live::Monitor`] does at least every
+    /// [`FULL_READ_EVERY`](crate::live::FULL_READ_EVERY).
+    ///
+    /// Returns the CPUs whose files were read (empty when nothing changed).
+    ///
+    /// # Errors
+    /// As [`read`](Self::read); on error `reading` is unchanged.
+    pub fn rescan(&self, reading: &mut Reading, also: &CpuSet) -> Result<CpuSet, TopologyError> {
+        let masks = self.read_masks()?;
+        let prev = &reading.0;
+        let online = &masks.online;
+        let toggled = prev
+            .online
+            .difference(online)
+            .union(&online.difference(&prev.online));
+        let seeds = toggled.union(also);
+        let mut todo: CpuSet = online
+            .iter()
+            .filter(|c| !prev.cpus.contains_key(c))
+            .collect();
+        todo = todo.union(&seeds);
+        for c in seeds.iter() {
+            if let Some(t) = prev.cpus.get(&c) {
+                todo = todo.union(&siblings(t));
+            }
+        }
+        let todo = todo.intersection(online);
+
+        let cpu_dir = self.sys.join("devices/system/cpu");
+        let mut fresh = BTreeMap::new();
+        for cpu in todo.iter() {
+            fresh.insert(cpu, read_cpu(&cpu_dir, cpu, &masks.nodes)?);
+        }
+        // Siblings as the seeds read now: those that came online have none in `reading`.
+        let mut more = CpuSet::new();
+        for c in seeds.iter() {
+            if let Some(Some(t)) = fresh.get(&c) {
+                more = more.union(&siblings(t));
+            }
+        }
+        let more = more.intersection(online).difference(&todo);
+        for cpu in more.iter() {
+            fresh.insert(cpu, read_cpu(&cpu_dir, cpu, &masks.nodes)?);
+        }
+
+        // Nothing failed: commit.
+        let mut cpus = std::mem::take(&mut reading.0.cpus);
+        cpus.retain(|c, _| online.contains(*c));
+        for (cpu, t) in fresh {
+            match t {
+                Some(t) => cpus.insert(cpu, t),
+                None => cpus.remove(&cpu),
+            };
+        }
+        *reading = masks.into_reading(cpus);
+        Ok(todo.union(&more))
+    }
+
+    /// The cheap part of a read: the masks, the nodes and the allowed CPUs (a few files plus
+    /// one per node and, on a host, the cgroup files).
+    fn read_masks(&self) -> Result<Masks, TopologyError> {
         let cpu_dir = self.sys.join("devices/system/cpu");
         let possible = read_list(&cpu_dir.join("possible"))?;
         let present = read_list(&cpu_dir.join("present"))?;
@@ -102,26 +197,16 @@ impl Reader {
             }
         }
         let nodes = self.read_nodes()?;
-        let mut cpus = BTreeMap::new();
-        for cpu in online.iter() {
-            match read_cpu(&cpu_dir.join(format!("cpu{cpu}")), cpu, &nodes)? {
-                Some(t) => {
-                    cpus.insert(cpu, t);
-                }
-                None => tracing::debug!(cpu, "online CPU has no topology folder; skipped"),
-            }
-        }
         let (allowed, allowed_source) = self.allowed(&online)?;
-        Ok(Reading(Topology {
+        Ok(Masks {
             possible,
             present,
             online,
             isolated,
             allowed,
             allowed_source,
-            cpus,
             nodes,
-        }))
+        })
     }
 
     fn read_nodes(&self) -> Result<BTreeMap<u32, CpuSet>, TopologyError> {
@@ -230,15 +315,56 @@ impl Reader {
     }
 }
 
-/// Reads one online CPU's `topology/`, `cache/` and node link. `None` when the topology folder
-/// is absent, or vanished during the read (the CPU went offline meanwhile).
+/// Everything of a [`Reading`] but the per-CPU part.
+struct Masks {
+    possible: CpuSet,
+    present: CpuSet,
+    online: CpuSet,
+    isolated: CpuSet,
+    allowed: CpuSet,
+    allowed_source: AllowedSource,
+    nodes: BTreeMap<u32, CpuSet>,
+}
+
+impl Masks {
+    fn into_reading(self, cpus: BTreeMap<u32, CpuTopo>) -> Reading {
+        Reading(Topology {
+            possible: self.possible,
+            present: self.present,
+            online: self.online,
+            isolated: self.isolated,
+            allowed: self.allowed,
+            allowed_source: self.allowed_source,
+            cpus,
+            nodes: self.nodes,
+        })
+    }
+}
+
+/// The CPUs whose sibling lists name `t`'s CPU: its core, cluster, die, package and LLC.
+fn siblings(t: &CpuTopo) -> CpuSet {
+    let mut s = t.core_cpus.union(&t.package_cpus);
+    for set in [&t.cluster_cpus, &t.die_cpus].into_iter().flatten() {
+        s = s.union(set);
+    }
+    if let Some(llc) = &t.llc {
+        s = s.union(&llc.cpus);
+    }
+    s
+}
+
+/// Reads one online CPU's `topology/`, `cache/` and node link under `cpu_dir`
+/// (`devices/system/cpu`). `None` when the topology folder is absent, or vanished during the
+/// read (the CPU went offline meanwhile).
 fn read_cpu(
-    dir: &Path,
+    cpu_dir: &Path,
     cpu: u32,
     nodes: &BTreeMap<u32, CpuSet>,
 ) -> Result<Option<CpuTopo>, TopologyError> {
+    let dir = cpu_dir.join(format!("cpu{cpu}"));
     let topo = dir.join("topology");
     if !topo.is_dir() {
+        tracing::debug!(cpu, "online CPU has no topology folder; skipped");
         return Ok(None);
     }
     let id = |name: &str| read_id_opt(&topo.join(name));
@@ -263,7 +389,7 @@ fn read_cpu(
     let package_id = id("physical_package_id")?;
     let package_cpus = with_self(first_list("package_cpus_list", "core_siblings_list")?);
     let llc = read_llc(&dir.join("cache"))?;
-    let node = match numbered_entries(dir, "node")?.first() {
+    let node = match numbered_entries(&dir, "node")?.first() {
         Some((n, _)) => Some(*n),
         None => nodes
             .iter()
