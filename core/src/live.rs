@@ -36,7 +36,12 @@
 //! [`Monitor`] runs the sources: a rescan thread (periodic, and on demand from the uevent thread,
 //! worker [`Reporter`]s) and an optional uevent thread. Triggers queue on one channel and are
 //! coalesced: a burst of reports costs one read, which starts after all of them were received,
-//! so it sees at least what each trigger saw.
+//! so it sees at least what each trigger saw. Most reads are [`Reader::rescan`]s of the thread's
+//! previous reading (the masks, plus the per-CPU files of CPUs whose online state changed, of
+//! the CPUs named by the burst's uevents and reports, and of their siblings); a full
+//! [`Reader::read`] is done first, after lost uevents, and whenever the last full read is
+//! [`FULL_READ_EVERY`] old, which bounds how long a change of an online CPU's topology files
+//! without a hotplug goes unseen.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -367,12 +372,20 @@ impl Default for MonitorConfig {
 }
 
 enum Cmd {
-    Rescan(Source),
+    /// Read now; `Some(cpu)`: `cpu` had an event, re-read its files (and its siblings').
+    Rescan(Source, Option<u32>),
+    /// Read every CPU's files now (uevents were lost).
+    ReadAll(Source),
     Stop,
 }
 
 /// How often the uevent thread looks at the stop flag.
 const UEVENT_SLICE: Duration = Duration::from_millis(100);
+
+/// The monitor's rescans re-read every online CPU's files (a full [`Reader::read`]) at least
+/// this often; in between they re-read only what hotplug changes ([`Reader::rescan`]). With a
+/// rescan period at or above it, every periodic rescan is a full read.
+pub const FULL_READ_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs the sources of a [`LiveView`] on named threads until stopped or dropped.
 #[derive(Debug)]
@@ -403,7 +416,7 @@ impl Reporter {
     pub fn report(&self, cpu: u32, reason: &str) {
         self.reports.fetch_add(1, Ordering::Relaxed);
         tracing::info!(cpu, reason, "worker reported a CPU problem; rescanning");
-        let _ = self.tx.send(Cmd::Rescan(Source::Worker));
+        let _ = self.tx.send(Cmd::Rescan(Source::Worker, Some(cpu)));
     }
 
     /// Reports made to this monitor, through any of its reporters.
@@ -512,27 +525,78 @@ fn spawn(
         .map_err(|source| LiveError::Spawn { name, source })
 }
 
+/// What one coalesced burst of triggers asks the rescan thread to read.
+struct Ask {
+    /// The first trigger's source, which the reading is counted under.
+    source: Source,
+    /// CPUs that had an event: their files are re-read even if the masks look unchanged.
+    cpus: CpuSet,
+    /// Read every CPU's files.
+    all: bool,
+}
+
+impl Ask {
+    fn new(source: Source) -> Ask {
+        Ask {
+            source,
+            cpus: CpuSet::new(),
+            all: false,
+        }
+    }
+
+    /// Adds one trigger; `false` for [`Cmd::Stop`].
+    fn add(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Stop => return false,
+            Cmd::Rescan(_, Some(cpu)) => {
+                self.cpus.insert(cpu);
+            }
+            Cmd::Rescan(_, None) => {}
+            Cmd::ReadAll(_) => self.all = true,
+        }
+        true
+    }
+}
+
 fn rescan_loop(reader: &Reader, view: &LiveView, rx: &Receiver<Cmd>, period: Duration) {
     let mut next = Instant::now() + period;
+    // The previous reading, which a rescan brings up to date, and when the last full read was.
+    let mut last: Option<(Reading, Instant)> = None;
     loop {
         let wait = next.saturating_duration_since(Instant::now());
-        let source = match rx.recv_timeout(wait) {
+        let ask = match rx.recv_timeout(wait) {
             Ok(Cmd::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Ok(Cmd::Rescan(source)) => {
+            Ok(cmd @ (Cmd::Rescan(source, _) | Cmd::ReadAll(source))) => {
+                let mut ask = Ask::new(source);
+                ask.add(cmd);
                 // Coalesce a burst into one read that starts after all of it.
                 for cmd in rx.try_iter() {
-                    if let Cmd::Stop = cmd {
+                    if !ask.add(cmd) {
                         return;
                     }
                 }
-                source
+                ask
             }
             Err(RecvTimeoutError::Timeout) => {
                 next = Instant::now() + period;
-                Source::Rescan
+                Ask::new(Source::Rescan)
             }
         };
-        match reader.read() {
+        let source = ask.source;
+        let read = match &mut last {
+            Some((prev, full_at)) if !ask.all && full_at.elapsed() < FULL_READ_EVERY => {
+                reader.rescan(prev, &ask.cpus).map(|reread| {
+                    if !reread.is_empty() {
+                        tracing::debug!(cpus = %reread, "rescan re-read these CPUs' files");
+                    }
+                    prev.clone()
+                })
+            }
+            _ => reader
+                .read()
+                .inspect(|r| last = Some((r.clone(), Instant::now()))),
+        };
+        match read {
             Ok(reading) => {
                 view.apply(reading, source);
             }
@@ -549,11 +613,12 @@ fn uevent_loop(sock: &UeventSocket, tx: &Sender<Cmd>, stop: &AtomicBool) {
             Ok(None) => {}
             Ok(Some(ev)) => {
                 tracing::debug!(cpu = ev.cpu, online = ev.online, "cpu uevent");
-                let _ = tx.send(Cmd::Rescan(Source::Uevent));
+                let _ = tx.send(Cmd::Rescan(Source::Uevent, Some(ev.cpu)));
             }
             Err(TopologyError::Netlink(nix::errno::Errno::ENOBUFS)) => {
-                tracing::warn!("uevents were dropped (socket buffer full); rescanning");
-                let _ = tx.send(Cmd::Rescan(Source::Uevent));
+                // Which CPUs had events is lost with them.
+                tracing::warn!("uevents were dropped (socket buffer full); reading everything");
+                let _ = tx.send(Cmd::ReadAll(Source::Uevent));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "uevent socket failed; relying on periodic rescans");

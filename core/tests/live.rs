@@ -241,6 +241,43 @@ fn worker_report_triggers_an_immediate_rescan() {
 }
 
 #[test]
+fn periodic_rescans_reread_only_what_changed_or_was_reported() {
+    let dir = copy_fixture("two-socket");
+    let reader = Reader::fixture(dir.path());
+    let v = LiveView::new(reader.read().unwrap(), LiveConfig::default());
+    let m = quiet_monitor(reader, &v, Duration::from_millis(20));
+    let ticks = || v.stats().get(Source::Rescan).events;
+    // The monitor's first reading is a full one; the ticks after it are rescans.
+    assert!(wait_for(Duration::from_secs(5), || ticks() >= 1));
+    write(
+        &dir.path().join("devices/system/cpu/cpu3/topology/core_id"),
+        "9\n",
+    );
+    let seen = ticks();
+    assert!(wait_for(Duration::from_secs(5), || ticks() >= seen + 3));
+    assert_eq!(
+        v.current().epoch,
+        1,
+        "an online CPU's files are not re-read every tick"
+    );
+
+    // A worker reporting CPU 3 gets its files re-read.
+    m.reporter().report(3, "test: topology changed");
+    assert!(wait_for(Duration::from_secs(5), || v.current().epoch == 2));
+    let s = v.current();
+    assert_eq!(s.source, Source::Worker);
+    assert_eq!(s.topology.cpus[&3].core_id, Some(9));
+
+    // A hotplug is still seen at the next tick, through the masks.
+    set_offline(dir.path(), 11);
+    assert!(wait_for(Duration::from_secs(5), || !v
+        .current()
+        .live
+        .contains(11)));
+    m.stop();
+}
+
+#[test]
 fn failed_reads_are_retried() {
     let dir = copy_fixture("vm8-offline");
     let reader = Reader::fixture(dir.path());
