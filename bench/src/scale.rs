@@ -4,8 +4,9 @@
 //! - `GroupMap::resolve` per call for a low and a high CPU, a node, `all`, and a CPU whose
 //!   whole package is offline (widening to `all`); the target is a flat cost from 64 to 4096.
 //! - `GroupMap::build`, with and without 10k named groups.
-//! - The rescan: `Reader::read` of sysfs trees (the committed fixtures and generated trees),
-//!   and `LiveView::apply` of an unchanged reading.
+//! - The rescan: `Reader::read` (full) and `Reader::rescan` (masks only, nothing changed) of
+//!   sysfs trees (the committed fixtures and generated trees), and `LiveView::apply` of an
+//!   unchanged reading.
 //! - 1M pending items in 10k queues (one per named group, none of whose CPUs is live, on a
 //!   `wait`-fallback workqueue, so everything stays pending): bytes per pending item from the
 //!   counting allocator (the binary installs it), submit cost per item, and
@@ -204,21 +205,24 @@ fn resolution(cfg: &Cfg) -> (Table, Table, Verdict) {
     (t, b, v)
 }
 
-/// The rescan: `Reader::read` and `LiveView::apply` of an unchanged reading.
+/// The rescan: `Reader::read`, `Reader::rescan` and `LiveView::apply` of an unchanged reading.
 fn rescan(cfg: &Cfg) -> Table {
     let mut t = Table::new(
         "Scale: rescan cost (lower is better)",
         &format!(
             "`Reader::read` of a sysfs tree (committed fixtures; generated trees in the made-up \
-             layout, on the temp folder's file system) and `LiveView::apply` of the same, \
-             unchanged, reading (merge + compare; publishes nothing); min / median / max over {} \
-             runs.",
+             layout, on the temp folder's file system: every online CPU's files), \
+             `Reader::rescan` of the previous reading when nothing changed (the masks, nodes \
+             and cpuset; what the monitor's periodic rescan does between full reads) and \
+             `LiveView::apply` of the same, unchanged, reading (merge + compare; publishes \
+             nothing); min / median / max over {} runs.",
             cfg.runs
         ),
         &[
             "tree",
             "online CPUs",
             "Reader::read",
+            "Reader::rescan (no change)",
             "LiveView::apply (no change)",
         ],
     );
@@ -234,10 +238,13 @@ fn rescan(cfg: &Cfg) -> Table {
         let first = reader.read().expect("read");
         let online = first.online.len();
         let view = LiveView::new(first, LiveConfig::default());
-        let (mut read, mut apply) = (Vec::new(), Vec::new());
+        let (mut read, mut rescan, mut apply) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..cfg.runs {
-            let (r, d) = time(|| reader.read().expect("read"));
+            let (mut r, d) = time(|| reader.read().expect("read"));
             read.push(d);
+            let (again, d) = time(|| reader.rescan(&mut r, &CpuSet::new()).expect("rescan"));
+            assert!(again.is_empty(), "unchanged tree re-read CPUs {again}");
+            rescan.push(d);
             let (changed, d) = time(|| view.apply(r, Source::Rescan));
             assert!(changed.is_none(), "unchanged tree published");
             apply.push(d);
@@ -246,6 +253,7 @@ fn rescan(cfg: &Cfg) -> Table {
             name.clone(),
             online.to_string(),
             report::dur_spread(Spread::of(&mut read)),
+            report::dur_spread(Spread::of(&mut rescan)),
             report::dur_spread(Spread::of(&mut apply)),
         ]);
     }
