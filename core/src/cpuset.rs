@@ -170,6 +170,48 @@ impl CpuSet {
         s
     }
 
+    /// Members of both sets that are at least `floor`: `self ∩ other` minus the CPUs below
+    /// `floor`, reading only the words from `floor / 64` on and allocating only when the
+    /// result is not empty. With `floor` at or below `self`'s lowest member it equals
+    /// [`intersection`](Self::intersection), at a cost that depends on the span of `self`, not
+    /// on how high its CPU numbers are (what [`crate::groups`] uses to widen in flat time).
+    #[inline]
+    pub fn intersection_from(&self, other: &CpuSet, floor: u32) -> CpuSet {
+        let lo = (floor / 64) as usize;
+        let n = self.words.len().min(other.words.len());
+        if lo >= n {
+            return CpuSet::new();
+        }
+        let mask = !0u64 << (floor % 64);
+        if lo == 0 {
+            // Nothing to skip: the plain intersection is the fastest way to build the words
+            // (the check first keeps a miss from allocating).
+            if !self.intersects(other) {
+                return CpuSet::new();
+            }
+            let mut s = self.intersection(other);
+            // Not empty, so it has a first word. Only a `floor` above `self`'s lowest member
+            // has bits to clear.
+            if self.words[0] & !mask != 0 {
+                s.words[0] &= mask;
+                s.trim();
+            }
+            return s;
+        }
+        let (a, b) = (&self.words[lo..n], &other.words[lo..n]);
+        // The highest word of the result, relative to `lo`; nothing is allocated without one.
+        let top = match a.iter().zip(b).rposition(|(x, y)| x & y != 0) {
+            Some(0) if a[0] & b[0] & mask == 0 => return CpuSet::new(),
+            Some(top) => top,
+            None => return CpuSet::new(),
+        };
+        let mut words = Vec::with_capacity(lo + top + 1);
+        words.extend(std::iter::repeat_n(0, lo));
+        words.extend(a[..=top].iter().zip(&b[..=top]).map(|(x, y)| x & y));
+        words[lo] &= mask;
+        CpuSet { words }
+    }
+
     /// Members of `self` that are not in `other`.
     pub fn difference(&self, other: &CpuSet) -> CpuSet {
         let mut words = self.words.clone();
@@ -398,5 +440,23 @@ mod tests {
         assert_eq!(a.union(&b).to_string(), "0-127");
         assert_eq!(a.last(), Some(70));
         assert!(CpuSet::single(3).is_subset(&a));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn intersection_from_is_the_intersection_above_floor(
+            a in proptest::collection::btree_set(0u32..600, 0..40),
+            b in proptest::collection::btree_set(0u32..600, 0..300),
+            floor in 0u32..700,
+        ) {
+            let (a, b): (CpuSet, CpuSet) = (a.into_iter().collect(), b.into_iter().collect());
+            let want: CpuSet = a.intersection(&b).iter().filter(|&c| c >= floor).collect();
+            let got = a.intersection_from(&b, floor);
+            proptest::prop_assert_eq!(&got, &want);
+            // Canonical (no trailing zero word), so equal sets compare equal.
+            proptest::prop_assert_eq!(got.words.last().copied().unwrap_or(1) != 0, true);
+            let low = a.first().unwrap_or(0);
+            proptest::prop_assert_eq!(a.intersection_from(&b, low), a.intersection(&b));
+        }
     }
 }
