@@ -55,9 +55,13 @@
 //! memoised widening. [`GroupMap::members`] is one map or vector lookup plus a set clone;
 //! [`GroupMap::resolve`] is that plus at most one intersection per chain entry (≤ 6). Chains
 //! of every built-in group, named group and partition range are precomputed; only `cpus:`
-//! lists compute theirs per call, in O(|list| + nodes touched × set words). Measured on a
-//! made-up 512-CPU machine (release build): build ≈ 1 ms, `resolve` ≈ 50 ns per target
-//! (test `big_machine_builds_and_resolves`).
+//! lists compute theirs per call, in O(|list| + nodes touched × set words). Intersections in
+//! `resolve` start at the set's lowest CPU (recorded per interned set) and allocate only
+//! when they find a live CPU, so a chain entry that has none costs the words it spans: a
+//! widening `cpu:4095` costs what a widening `cpu:63` does, but for the one entry that hits
+//! (whose result has to be built) and the clone of the members. Measured on a made-up
+//! 512-CPU machine (release build): build ≈ 1 ms, `resolve` ≈ 50 ns per target (test
+//! `big_machine_builds_and_resolves`).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -294,6 +298,9 @@ struct KnownCpu {
 pub struct GroupMap {
     /// Interned sets; every `SetId` in this struct indexes it.
     sets: Vec<CpuSet>,
+    /// The lowest CPU of each interned set (0 for the empty set), where `resolve` starts
+    /// reading it: a set's cost is then its span, not the height of its CPU numbers.
+    firsts: Vec<u32>,
     /// Indexed by CPU number; `Some` for known CPUs.
     known: Vec<Option<KnownCpu>>,
     shards: Vec<Group>,
@@ -310,6 +317,7 @@ impl Default for GroupMap {
     fn default() -> Self {
         GroupMap {
             sets: vec![CpuSet::new()],
+            firsts: vec![0],
             known: Vec::new(),
             shards: Vec::new(),
             caches: BTreeMap::new(),
@@ -381,6 +389,14 @@ pub struct Resolution {
     pub fallback: Option<Level>,
     /// The target's members (live or not).
     pub members: CpuSet,
+}
+
+/// A looked-up target.
+struct Found<'a> {
+    members: Cow<'a, CpuSet>,
+    /// The lowest member (0 when there is none): where intersections with it start.
+    floor: u32,
+    chain: ChainRef<'a>,
 }
 
 /// Where a looked-up target's chain comes from.
@@ -726,8 +742,10 @@ impl GroupMap {
                 (n.clone(), groups)
             })
             .collect();
+        let firsts = b.sets.iter().map(|s| s.first().unwrap_or(0)).collect();
         GroupMap {
             sets: b.sets,
+            firsts,
             known: known_v,
             shards,
             caches,
@@ -763,11 +781,19 @@ impl GroupMap {
         Ok(set)
     }
 
-    fn group_ref<'a>(&'a self, g: &'a Group) -> (Cow<'a, CpuSet>, ChainRef<'a>) {
-        (Cow::Borrowed(self.set(g.set)), ChainRef::Pre(&g.chain))
+    fn first(&self, id: SetId) -> u32 {
+        self.firsts[id as usize]
     }
 
-    fn lookup<'a>(&'a self, t: &'a Target) -> Result<(Cow<'a, CpuSet>, ChainRef<'a>), GroupError> {
+    fn group_ref<'a>(&'a self, g: &'a Group) -> Found<'a> {
+        Found {
+            members: Cow::Borrowed(self.set(g.set)),
+            floor: self.first(g.set),
+            chain: ChainRef::Pre(&g.chain),
+        }
+    }
+
+    fn lookup<'a>(&'a self, t: &'a Target) -> Result<Found<'a>, GroupError> {
         let ids = |m: &BTreeMap<u32, Group>| m.keys().copied().collect::<Vec<_>>();
         match t {
             Target::Cpu(n) | Target::Core(n) => {
@@ -780,7 +806,11 @@ impl GroupMap {
                     return Ok(self.group_ref(g));
                 }
                 if self.set(self.all).contains(*n) {
-                    return Ok((Cow::Owned(CpuSet::single(*n)), ChainRef::Unseen));
+                    return Ok(Found {
+                        members: Cow::Owned(CpuSet::single(*n)),
+                        floor: *n,
+                        chain: ChainRef::Unseen,
+                    });
                 }
                 Err(GroupError::UnknownCpu {
                     cpu: *n,
@@ -815,8 +845,16 @@ impl GroupMap {
                     known: ids(&self.packages),
                 }),
             },
-            Target::All => Ok((Cow::Borrowed(self.set(self.all)), ChainRef::Pre(&[]))),
-            Target::Cpus(set) => Ok((Cow::Borrowed(self.check_list(t, set)?), ChainRef::List)),
+            Target::All => Ok(Found {
+                members: Cow::Borrowed(self.set(self.all)),
+                floor: self.first(self.all),
+                chain: ChainRef::Pre(&[]),
+            }),
+            Target::Cpus(set) => Ok(Found {
+                members: Cow::Borrowed(self.check_list(t, set)?),
+                floor: set.first().unwrap_or(0),
+                chain: ChainRef::List,
+            }),
             Target::Named(name) => match self.named.get(name) {
                 Some(g) => {
                     self.check_list(t, self.set(g.set))?;
@@ -918,7 +956,7 @@ impl GroupMap {
     /// node/LLC/shard/package/name, a partition index out of range, or a list that is empty or
     /// not within `possible`.
     pub fn members(&self, t: &Target) -> Result<CpuSet, GroupError> {
-        self.lookup(t).map(|(m, _)| m.into_owned())
+        self.lookup(t).map(|f| f.members.into_owned())
     }
 
     /// The enclosing groups to try when none of `t`'s members is live, narrowest first, each
@@ -941,7 +979,7 @@ impl GroupMap {
     /// # Errors
     /// As [`GroupMap::members`].
     pub fn widen_chain(&self, t: &Target) -> Result<Vec<(Level, CpuSet)>, GroupError> {
-        let (members, chain) = self.lookup(t)?;
+        let Found { members, chain, .. } = self.lookup(t)?;
         Ok(self
             .chain_of(&members, chain)
             .into_iter()
@@ -958,7 +996,8 @@ impl GroupMap {
     /// [`Fallback::Wait`]/[`Fallback::Reject`], `eligible` is empty and `fallback` is `None`.
     ///
     /// Cost: one lookup, one clone of the members, one intersection, plus (only when widening)
-    /// one intersection per chain entry — at most six; `cpus:` lists add their chain build.
+    /// one intersection per chain entry — at most six, each over the words its entry spans,
+    /// allocating only for the entry that has a live CPU; `cpus:` lists add their chain build.
     ///
     /// # Errors
     /// As [`GroupMap::members`].
@@ -968,8 +1007,12 @@ impl GroupMap {
         live: &CpuSet,
         policy: Fallback,
     ) -> Result<Resolution, GroupError> {
-        let (members, chain) = self.lookup(t)?;
-        let eligible = members.intersection(live);
+        let Found {
+            members,
+            floor,
+            chain,
+        } = self.lookup(t)?;
+        let eligible = members.intersection_from(live, floor);
         if !eligible.is_empty() || policy != Fallback::Widen {
             return Ok(Resolution {
                 eligible,
@@ -977,21 +1020,42 @@ impl GroupMap {
                 members: members.into_owned(),
             });
         }
-        for (level, set) in self.chain_of(&members, chain) {
-            let e = set.intersection(live);
-            if !e.is_empty() {
-                return Ok(Resolution {
-                    eligible: e,
-                    fallback: Some(level),
-                    members: members.into_owned(),
-                });
-            }
-        }
+        let hit = self.first_live_entry(&members, chain, live);
+        let (eligible, fallback) = match hit {
+            Some((level, e)) => (e, Some(level)),
+            None => (CpuSet::new(), None),
+        };
         Ok(Resolution {
-            eligible: CpuSet::new(),
-            fallback: None,
+            eligible,
+            fallback,
             members: members.into_owned(),
         })
+    }
+
+    /// The first widening-chain entry with a live CPU, with its live CPUs. Each entry is read
+    /// from its lowest CPU on and only the hit allocates, so a miss costs the words its entry
+    /// spans, not the height of its CPU numbers. Kept out of `resolve` (which mostly does not
+    /// widen) so that its fast path stays small.
+    #[inline(never)]
+    fn first_live_entry(
+        &self,
+        members: &CpuSet,
+        chain: ChainRef<'_>,
+        live: &CpuSet,
+    ) -> Option<(Level, CpuSet)> {
+        match chain {
+            ChainRef::Pre(c) => c.iter().find_map(|&(level, id)| {
+                let e = self.set(id).intersection_from(live, self.first(id));
+                (!e.is_empty()).then_some((level, e))
+            }),
+            chain => self
+                .chain_of(members, chain)
+                .into_iter()
+                .find_map(|(level, set)| {
+                    let e = set.intersection_from(live, set.first().unwrap_or(0));
+                    (!e.is_empty()).then_some((level, e))
+                }),
+        }
     }
 
     /// The groups a fan-out names, one target per group, in ascending group number (for a

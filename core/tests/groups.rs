@@ -553,6 +553,116 @@ fn targets_of(m: &GroupMap, extra: &CpuSet) -> Vec<Target> {
     ts
 }
 
+/// `topo` with every CPU number `c` renamed `c * stride + offset`, so that its groups spread
+/// over many words of a `CpuSet` and sit high in it, as on a big machine.
+fn spread(topo: &Topology, stride: u32, offset: u32) -> Topology {
+    let f = |c: u32| c * stride + offset;
+    let m = |s: &CpuSet| s.iter().map(f).collect::<CpuSet>();
+    Topology {
+        possible: m(&topo.possible),
+        present: m(&topo.present),
+        online: m(&topo.online),
+        isolated: m(&topo.isolated),
+        allowed: m(&topo.allowed),
+        allowed_source: topo.allowed_source,
+        cpus: topo
+            .cpus
+            .values()
+            .map(|t| {
+                let t = CpuTopo {
+                    cpu: f(t.cpu),
+                    core_cpus: m(&t.core_cpus),
+                    cluster_cpus: t.cluster_cpus.as_ref().map(m),
+                    die_cpus: t.die_cpus.as_ref().map(m),
+                    package_cpus: m(&t.package_cpus),
+                    llc: t.llc.as_ref().map(|l| CacheInfo {
+                        cpus: m(&l.cpus),
+                        ..l.clone()
+                    }),
+                    ..t.clone()
+                };
+                (t.cpu, t)
+            })
+            .collect(),
+        nodes: topo.nodes.iter().map(|(&n, s)| (n, m(s))).collect(),
+    }
+}
+
+/// `resolve` agrees with its definition on `topo`: the members' live CPUs, else the first
+/// widening-chain entry with a live CPU (as `widen_chain` lists them), else nothing.
+fn check_resolve(
+    topo: &Topology,
+    shard_cores: u32,
+    live_bits: u64,
+    list_bits: u64,
+) -> Result<(), TestCaseError> {
+    let mut cfg = GroupsConfig {
+        shard_cores,
+        ..GroupsConfig::default()
+    };
+    cfg.partition_ranges("rcu", &topo.possible, 3).unwrap();
+    let m = GroupMap::build(topo, &cfg);
+    // By position in `possible`, so that spread machines draw as many live sets.
+    let pick = |bits: u64| -> CpuSet {
+        topo.possible
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bits >> (i % 64) & 1 == 1)
+            .map(|(_, c)| c)
+            .collect()
+    };
+    let (live, list) = (pick(live_bits), pick(list_bits));
+    let known: CpuSet = topo.cpus.keys().copied().collect();
+    for target in targets_of(&m, &list) {
+        let members = match m.members(&target) {
+            // A partition range with no CPU (spread machines have holes): an error either way.
+            Err(GroupError::EmptyList { .. }) => {
+                prop_assert!(m.resolve(&target, &live, Fallback::Widen).is_err());
+                continue;
+            }
+            r => r.unwrap(),
+        };
+        let own = members.intersection(&live);
+        let chain = m.widen_chain(&target).unwrap();
+        // Chains strictly grow from the members.
+        let mut prev = members.clone();
+        for (_, set) in &chain {
+            prop_assert!(prev.is_subset(set) && prev != *set, "{target}: {chain:?}");
+            prev = set.clone();
+        }
+        // Topology-level groups hold only known CPUs (except a never-seen cpu:/core: itself).
+        if matches!(
+            target,
+            Target::Shard(_) | Target::Cache(_) | Target::Node(_) | Target::Package(_)
+        ) {
+            prop_assert!(members.is_subset(&known), "{target}");
+        }
+        let r = m.resolve(&target, &live, Fallback::Widen).unwrap();
+        prop_assert_eq!(&r.members, &members);
+        prop_assert!(r.eligible.is_subset(&live));
+        match r.fallback {
+            None if !own.is_empty() => prop_assert_eq!(&r.eligible, &own),
+            None => {
+                prop_assert!(r.eligible.is_empty());
+                prop_assert!(chain.iter().all(|(_, s)| !s.intersects(&live)));
+            }
+            Some(level) => {
+                prop_assert!(own.is_empty());
+                let pos = chain.iter().position(|(l, _)| *l == level).unwrap();
+                prop_assert_eq!(&r.eligible, &chain[pos].1.intersection(&live));
+                prop_assert!(!r.eligible.is_empty());
+                prop_assert!(chain[..pos].iter().all(|(_, s)| !s.intersects(&live)));
+            }
+        }
+        for p in [Fallback::Wait, Fallback::Reject] {
+            let r = m.resolve(&target, &live, p).unwrap();
+            prop_assert_eq!(&r.eligible, &own);
+            prop_assert_eq!(r.fallback, None);
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #[test]
     fn resolve_lands_in_members_or_a_recorded_fallback(
@@ -560,49 +670,22 @@ proptest! {
         live_bits in any::<u64>(),
         list_bits in any::<u64>(),
     ) {
-        let mut cfg = GroupsConfig { shard_cores, ..GroupsConfig::default() };
-        cfg.partition_ranges("rcu", &topo.possible, 3).unwrap();
-        let m = GroupMap::build(&topo, &cfg);
-        let live: CpuSet = topo.possible.iter().filter(|c| live_bits >> (c % 64) & 1 == 1).collect();
-        let list: CpuSet = topo.possible.iter().filter(|c| list_bits >> (c % 64) & 1 == 1).collect();
-        let known: CpuSet = topo.cpus.keys().copied().collect();
-        for target in targets_of(&m, &list) {
-            let members = m.members(&target).unwrap();
-            let own = members.intersection(&live);
-            let chain = m.widen_chain(&target).unwrap();
-            // Chains strictly grow from the members.
-            let mut prev = members.clone();
-            for (_, set) in &chain {
-                prop_assert!(prev.is_subset(set) && prev != *set, "{target}: {chain:?}");
-                prev = set.clone();
-            }
-            // Topology-level groups hold only known CPUs (except a never-seen cpu:/core: itself).
-            if matches!(target, Target::Shard(_) | Target::Cache(_) | Target::Node(_) | Target::Package(_)) {
-                prop_assert!(members.is_subset(&known), "{target}");
-            }
-            let r = m.resolve(&target, &live, Fallback::Widen).unwrap();
-            prop_assert_eq!(&r.members, &members);
-            prop_assert!(r.eligible.is_subset(&live));
-            match r.fallback {
-                None if !own.is_empty() => prop_assert_eq!(&r.eligible, &own),
-                None => {
-                    prop_assert!(r.eligible.is_empty());
-                    prop_assert!(chain.iter().all(|(_, s)| !s.intersects(&live)));
-                }
-                Some(level) => {
-                    prop_assert!(own.is_empty());
-                    let pos = chain.iter().position(|(l, _)| *l == level).unwrap();
-                    prop_assert_eq!(&r.eligible, &chain[pos].1.intersection(&live));
-                    prop_assert!(!r.eligible.is_empty());
-                    prop_assert!(chain[..pos].iter().all(|(_, s)| !s.intersects(&live)));
-                }
-            }
-            for p in [Fallback::Wait, Fallback::Reject] {
-                let r = m.resolve(&target, &live, p).unwrap();
-                prop_assert_eq!(&r.eligible, &own);
-                prop_assert_eq!(r.fallback, None);
-            }
-        }
+        check_resolve(&topo, shard_cores, live_bits, list_bits)?;
+    }
+
+    /// The same on machines whose CPU numbers are spread over many words and sit high (up to
+    /// about 4 400): `resolve` reads sets from their lowest CPU on, which must not change what
+    /// it finds.
+    #[test]
+    fn resolve_is_the_same_with_high_and_scattered_cpus(
+        (topo, shard_cores) in random_topology(),
+        stride in prop_oneof![Just(1u32), Just(3), Just(64), Just(67), Just(129)],
+        offset in prop_oneof![Just(0u32), 1u32..64, Just(4000)],
+        live_bits in any::<u64>(),
+        list_bits in any::<u64>(),
+    ) {
+        let topo = spread(&topo, stride, offset.min(8191 - 33 * stride));
+        check_resolve(&topo, shard_cores, live_bits, list_bits)?;
     }
 
     #[test]
