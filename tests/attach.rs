@@ -320,6 +320,90 @@ async fn a_worker_that_goes_away_fails_what_it_held_and_cancel_reaches_it() {
     );
 }
 
+/// Cancel waits for a running item until it ends (`WAITED_RUNNING`), and a client deadline
+/// ends that wait, not the work (`DEADLINE_EXCEEDED`; pending items are cancelled already).
+/// An attached worker holds the running item, so the test decides when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_waits_for_running_items_and_a_deadline_ends_the_wait_not_the_work() {
+    let d = Daemon::start("two-socket");
+    let c = d.client().await;
+    // One slot with one credit: a runs, b waits pending behind it.
+    let mut s = ready(&d, &["slow"], &[(0, 3)]).await;
+    let r = c
+        .submit(
+            Batch::new()
+                .item(Item::new(Target::cpu(3), "slow"))
+                .item(Item::new(Target::cpu(3), "slow")),
+        )
+        .await
+        .expect("submit");
+    let (a, b) = (r.items[0].item_id, r.items[1].item_id);
+    assert_eq!(s.work().await.item_id, a);
+
+    // The worker is told but does not answer within the client's 300 ms.
+    let t0 = std::time::Instant::now();
+    let e = c
+        .clone()
+        .with_timeout(Some(Duration::from_millis(300)))
+        .cancel(wqd_client::CancelScope::Batch(r.batch_id))
+        .await
+        .expect_err("a is still running");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    match s.next().await {
+        Ok(daemon_message::Msg::Cancel(x)) => assert_eq!(x.item_id, a),
+        other => panic!("expected Cancel, got {other:?}"),
+    }
+    assert_eq!(
+        wqd_e2e::states(&c, &[a, b]).await,
+        vec![ItemState::Running, ItemState::Cancelled]
+    );
+    // The work goes on: the worker may finish it anyway, and then it is ok.
+    s.send(worker_message::Msg::Done(proto::Done {
+        item_id: a,
+        outcome: Some(proto::done::Outcome::Ok(vec![])),
+        cpu_finished: Some(3),
+        credits: 1,
+    }))
+    .await;
+    wqd_e2e::wait_states(&c, &[a], ItemState::Ok, LONG).await;
+
+    // Without a deadline, Cancel returns only once the running item has ended.
+    let r = c
+        .submit(Batch::new().item(Item::new(Target::cpu(3), "slow")))
+        .await
+        .expect("submit");
+    let x = r.items[0].item_id;
+    assert_eq!(s.work().await.item_id, x);
+    let cancel = tokio::spawn({
+        let c = c.clone().with_timeout(Some(LONG));
+        async move { c.cancel(wqd_client::CancelScope::Items(vec![x])).await }
+    });
+    match s.next().await {
+        Ok(daemon_message::Msg::Cancel(m)) => assert_eq!(m.item_id, x),
+        other => panic!("expected Cancel, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!cancel.is_finished(), "Cancel returned while x was running");
+    s.send(worker_message::Msg::Done(proto::Done {
+        item_id: x,
+        outcome: Some(proto::done::Outcome::Cancelled(true)),
+        cpu_finished: Some(3),
+        credits: 1,
+    }))
+    .await;
+    let out = cancel.await.expect("join").expect("cancel");
+    let got: Vec<_> = out
+        .items
+        .iter()
+        .map(|i| (i.item_id, i.outcome(), i.state()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(x, proto::CancelOutcome::WaitedRunning, ItemState::Cancelled)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_slot_is_answered_after_its_last_work_and_a_half_close_ends_ok() {
     let d = Daemon::start("two-socket");
