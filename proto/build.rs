@@ -1,6 +1,7 @@
 //! Compiles `wqd/v1/*.proto` with protox (pure Rust, no protoc needed) and generates the
 //! message types plus tonic client and server code with tonic-prost-build. Also writes the
-//! encoded `FileDescriptorSet` (imports included) for server reflection.
+//! encoded `FileDescriptorSet` (imports included) for server reflection, and the daemon's own
+//! `DispatchService` server (src/out.rs).
 
 use std::path::PathBuf;
 
@@ -35,5 +36,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // prost's codec, but a message that does not decode is INVALID_ARGUMENT (src/codec.rs).
         .codec_path("crate::codec::Codec")
         .compile_fds(fds)?;
+
+    // `DispatchService`'s server once more, into OUT_DIR/out, for the daemon: every message is
+    // the stock one (`crate::v1`) except the two responses that carry item results, which the
+    // server sends pre-encoded (src/out.rs; same wire bytes). Clients keep the stock types.
+    let out = out_dir.join("out");
+    std::fs::create_dir_all(&out)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .build_transport(false)
+        .codec_path("crate::codec::Codec")
+        .extern_path(".wqd.v1", "crate::v1")
+        .extern_path(".wqd.v1.SubmitResponse", "crate::out::SubmitResponseOut")
+        .extern_path(".wqd.v1.FlushResponse", "crate::out::FlushResponseOut")
+        .out_dir(&out)
+        .compile_fds(protox::compile(["wqd/v1/dispatch.proto"], ["."])?)?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! clients and the daemon see.
 
 pub mod codec;
+pub mod out;
 pub mod socket;
 
 /// Generated types live under their protobuf package path.

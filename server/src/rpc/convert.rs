@@ -15,6 +15,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use wqd_proto::out::SubmitResponseOut;
 use wqd_proto::v1;
 
 use super::limits::Limits;
@@ -607,12 +608,12 @@ pub fn result_len_bound(r: &v1::ItemResult) -> usize {
 const COUNTS_MAX: usize = 8 * 11 + 2;
 
 /// An upper bound of `resp.encoded_len()`: the exact size is needed only when this exceeds
-/// the message limit.
-pub fn submit_response_len_bound(resp: &v1::SubmitResponse) -> usize {
+/// the message limit. The results are already encoded: their size is known.
+pub fn submit_response_len_bound(resp: &SubmitResponseOut) -> usize {
     16 + COUNTS_MAX
         + resp.items.len() * RECEIPT_MAX
         + resp.items.iter().map(|r| r.target.len()).sum::<usize>()
-        + resp.results.iter().map(result_len_bound).sum::<usize>()
+        + resp.results.bytes_len()
 }
 
 /// Adds `n` items in state `s` to wire counts.
@@ -1255,7 +1256,7 @@ mod tests {
             vec![worst.clone(); 3],
             vec![worst, empty],
         ] {
-            let resp = v1::SubmitResponse {
+            let stock = v1::SubmitResponse {
                 batch_id: u64::MAX,
                 items: vec![
                     v1::ItemReceipt {
@@ -1279,8 +1280,18 @@ mod tests {
                     delayed: u64::MAX,
                 }),
             };
+            let mut resp = SubmitResponseOut {
+                batch_id: stock.batch_id,
+                items: stock.items.clone(),
+                counts: stock.counts,
+                ..Default::default()
+            };
+            for r in &stock.results {
+                resp.results.push(&r.encode_to_vec());
+            }
             let bound = submit_response_len_bound(&resp);
             let exact = resp.encoded_len();
+            assert_eq!(exact, stock.encoded_len());
             assert!(bound >= exact, "bound {bound} < exact {exact}");
         }
     }

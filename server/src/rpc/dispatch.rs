@@ -18,12 +18,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+use wqd_proto::out::{EncodedResults, FlushEventOut, FlushResponseOut, SubmitResponseOut};
 use wqd_proto::v1;
 
 use super::convert::{
     count_state, duration_out, state_out, submit_response_len_bound, BatchSpecs, Origins,
     ResultsOut, LOOKUP_FIXED_MAX,
 };
+use super::encode::ResultEncoder;
 use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
 };
@@ -46,6 +48,10 @@ type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// (measured: ≈ 0.15 µs per pending item at 64, ≈ 0.5 µs at 10 000) is mostly spent under
 /// that lock, which every other engine call waits for wherever it runs.
 const INLINE_ITEMS: usize = 64;
+
+/// Encoded bytes of a `noop` item's result, about (key and length included): what
+/// `Submit(wait)` reserves per item for its results.
+const NOOP_RESULT_BYTES: usize = 96;
 
 fn wq_name(s: String) -> String {
     if s.is_empty() {
@@ -174,7 +180,7 @@ impl Rpc {
         &self,
         r: v1::SubmitRequest,
         deadline: Option<Instant>,
-    ) -> Result<v1::SubmitResponse, RpcError> {
+    ) -> Result<SubmitResponseOut, RpcError> {
         let limits = self.limits.load();
         let (specs, origins) = (|| {
             if r.items.is_empty() {
@@ -216,11 +222,10 @@ impl Rpc {
                 }
             })
             .collect();
-        let mut resp = v1::SubmitResponse {
+        let mut resp = SubmitResponseOut {
             batch_id: rec.batch,
             items,
-            results: Vec::new(),
-            counts: None,
+            ..Default::default()
         };
         if let Some(mut flush) = flush {
             let batch = rec.batch;
@@ -250,14 +255,14 @@ impl Rpc {
                 }
             }
             resp.counts = Some(counts);
-            // Sized up front: a filtered iterator would grow the Vec by doubling, copying the
-            // results already converted at each step.
-            let mut out = ResultsOut::default();
-            resp.results.reserve_exact(rec.items.len());
+            // Encoded once, straight from the engine's results (see `encode`); the buffer is
+            // sized for a noop result up front so that it seldom grows.
+            let mut enc = ResultEncoder::default();
+            resp.results.reserve(rec.items.len() * NOOP_RESULT_BYTES);
             for s in rec.items.iter().filter(|s| s.queued) {
                 let done = slot_of(s.id).and_then(|i| by_slot.get_mut(i)?.take());
                 if let Some(r) = done {
-                    resp.results.push(out.result(&r));
+                    enc.push(&r, &mut resp.results);
                 }
             }
             // The exact size walks every result; a cheap upper bound spares that walk for a
@@ -657,20 +662,19 @@ async fn send<T>(
 /// flush, never the work) when the client goes away or its deadline passes.
 async fn stream_flush(
     mut flush: Flush,
-    tx: mpsc::Sender<Result<v1::FlushResponse, Status>>,
+    tx: mpsc::Sender<Result<FlushResponseOut, Status>>,
     deadline: Option<Instant>,
     summary_only: bool,
     mut unknown: Vec<u64>,
     max_bytes: usize,
     metrics: Option<Arc<Metrics>>,
 ) {
-    use v1::flush_response::Event;
     let budget = (max_bytes / 2).max(1);
     let mut counts = v1::StateCounts::default();
-    let mut group: Vec<v1::ItemResult> = Vec::new();
-    let mut group_bytes = 0usize;
+    // `ItemResults.results` is field 1.
+    let mut group = EncodedResults::new(1);
     let mut group_due: Option<Instant> = None;
-    let mut out = ResultsOut::default();
+    let mut enc = ResultEncoder::default();
     let deadline_err = |began: Instant| {
         Err(status(RpcError::Deadline {
             waited: began.elapsed(),
@@ -710,11 +714,9 @@ async fn stream_flush(
             Some(Some(FlushEvent::Done(r))) => {
                 count_state(&mut counts, r.state, 1);
                 if !summary_only {
-                    let m = out.result(&r);
-                    group_bytes += m.encoded_len() + 8;
-                    group.push(m);
+                    enc.push(&r, &mut group);
                     group_due.get_or_insert_with(|| Instant::now() + FLUSH_BATCH_DELAY);
-                    if group.len() < FLUSH_BATCH_ITEMS && group_bytes < budget {
+                    if group.len() < FLUSH_BATCH_ITEMS && group.bytes_len() < budget {
                         continue;
                     }
                 }
@@ -722,12 +724,9 @@ async fn stream_flush(
             }
         };
         if !group.is_empty() {
-            let msg = v1::FlushResponse {
-                event: Some(Event::Results(v1::ItemResults {
-                    results: std::mem::take(&mut group),
-                })),
+            let msg = FlushResponseOut {
+                event: Some(FlushEventOut::Results(group.take())),
             };
-            group_bytes = 0;
             if !send(&tx, Ok(msg), deadline).await {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     observe(FlushOutcome::Deadline);
@@ -761,8 +760,8 @@ async fn stream_flush(
     drop(flush);
     let _ = send(
         &tx,
-        Ok(v1::FlushResponse {
-            event: Some(Event::Summary(summary)),
+        Ok(FlushResponseOut {
+            event: Some(FlushEventOut::Summary(summary)),
         }),
         deadline,
     )
@@ -770,11 +769,11 @@ async fn stream_flush(
 }
 
 #[tonic::async_trait]
-impl v1::dispatch_service_server::DispatchService for Rpc {
+impl wqd_proto::out::dispatch_service_server::DispatchService for Rpc {
     async fn submit(
         &self,
         req: Request<v1::SubmitRequest>,
-    ) -> Result<Response<v1::SubmitResponse>, Status> {
+    ) -> Result<Response<SubmitResponseOut>, Status> {
         let deadline = deadline_of(req.metadata());
         self.do_submit(req.into_inner(), deadline)
             .await
@@ -793,7 +792,7 @@ impl v1::dispatch_service_server::DispatchService for Rpc {
             .map_err(status)
     }
 
-    type FlushStream = Out<v1::FlushResponse>;
+    type FlushStream = Out<FlushResponseOut>;
 
     async fn flush(
         &self,

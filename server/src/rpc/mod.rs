@@ -19,6 +19,7 @@
 pub mod budget;
 pub mod convert;
 mod dispatch;
+mod encode;
 pub mod limits;
 mod stats;
 mod topology;
@@ -280,11 +281,12 @@ impl Rpc {
         health: &tonic_health::server::HealthReporter,
         mut server: tonic::transport::Server<L>,
     ) -> Result<tonic::transport::server::Router<L>, tonic_reflection::server::Error> {
-        use v1::dispatch_service_server::DispatchServiceServer;
+        // The daemon's own build of the service, sending results pre-encoded (wqd_proto::out).
         use v1::stats_service_server::StatsServiceServer;
         use v1::topology_service_server::TopologyServiceServer;
         use v1::worker_service_server::WorkerServiceServer;
         use v1::workqueue_service_server::WorkqueueServiceServer;
+        use wqd_proto::out::dispatch_service_server::DispatchServiceServer;
         let max = self.limits.load().max_message_bytes;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(wqd_proto::FILE_DESCRIPTOR_SET)
