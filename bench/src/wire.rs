@@ -75,12 +75,21 @@ pub struct Ack {
     pub items: Vec<Bytes>,
     #[prost(bytes = "bytes", repeated, tag = "3")]
     pub results: Vec<Bytes>,
+    /// Set by `Submit(wait)`: the items by end state (all a `results = summary` workqueue
+    /// returns).
+    #[prost(message, optional, tag = "4")]
+    pub counts: Option<v1::StateCounts>,
 }
 
 /// A `SubmitRequest` of `n` `noop` items targeting `all` on the default workqueue, encoded.
 pub fn noop_batch(n: usize, wait: bool) -> Pre {
+    noop_batch_in("", n, wait)
+}
+
+/// [`noop_batch`] on workqueue `wq` (`""`: the default one).
+pub fn noop_batch_in(wq: &str, n: usize, wait: bool) -> Pre {
     let req = v1::SubmitRequest {
-        workqueue: String::new(),
+        workqueue: wq.to_string(),
         items: (0..n)
             .map(|_| v1::WorkItem {
                 target: "all".into(),
@@ -169,6 +178,25 @@ impl Conn {
             }
         }
         summary.ok_or_else(|| tonic::Status::internal("flush stream ended without a summary"))
+    }
+
+    /// `WorkqueueService/CreateWorkqueue` of `name`, defaults but `results`.
+    pub async fn create_workqueue(
+        &self,
+        name: &str,
+        results: v1::ResultsMode,
+    ) -> Result<(), tonic::Status> {
+        use v1::workqueue_service_client::WorkqueueServiceClient;
+        WorkqueueServiceClient::new(self.ch.clone())
+            .create_workqueue(v1::CreateWorkqueueRequest {
+                attrs: Some(v1::WorkqueueAttrs {
+                    name: name.to_string(),
+                    results: results as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map(|_| ())
     }
 
     /// `TopologyService/GetTopology`: the snapshot's encoded size.

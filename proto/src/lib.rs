@@ -3,7 +3,9 @@
 //! the field-by-field documentation).
 //!
 //! This crate owns the generated code, the descriptor set, the one codec both sides use
-//! ([`codec::Codec`]) and the default socket path both sides meet at ([`socket`]). Invariant: it adds no behaviour beyond that codec's error mapping, so
+//! ([`codec::Codec`]), the default socket path both sides meet at ([`socket`]) and the daemon's
+//! build of `DispatchService`, which sends item results pre-encoded in the stock wire bytes
+//! ([`out`]). Invariant: it adds no behaviour beyond that codec's error mapping, so
 //! any other-language client compiled from the same .proto files sees exactly what Rust
 //! clients and the daemon see.
 

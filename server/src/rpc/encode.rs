@@ -1,7 +1,7 @@
 //! Item results straight from the engine's [`ItemResult`] to wire bytes, for `Submit(wait)`
 //! and the `Flush` stream.
 //!
-//! [`ResultsOut::result`](super::convert::ResultsOut::result) builds a [`v1::ItemResult`] per
+//! [`ResultsOut::result`](super::convert::ResultsOut::result) builds a [`wqd_proto::v1::ItemResult`] per
 //! result — a `String` for the workqueue, the target and the handler, copies of the output,
 //! the error and the reason — which prost then sizes twice, encodes and drops. The profile of
 //! batches of 1 000 put that at about a quarter of the daemon's instructions. [`ResultEncoder`]
