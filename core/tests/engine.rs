@@ -1311,3 +1311,68 @@ fn results_modes_keep_what_they_say_and_every_item_still_ends_once() {
         .iter()
         .all(|r| r.as_ref().is_some_and(|r| r.state == State::Ok)));
 }
+
+/// A queue whose items all ended without running (cancelled while delayed, rejected at
+/// submit) is still dropped once empty for `worker_idle`: before, only a finished run started
+/// a queue's idle time, so a client naming ever new targets grew the engine without bound.
+#[test]
+fn queues_whose_items_never_ran_are_dropped_when_idle() {
+    let topo = common::topology(4);
+    let snap = common::snapshot(&topo, 1, &"0-1".parse().unwrap());
+    let cfg = EngineConfig {
+        pinning: false,
+        worker_idle: Duration::from_millis(100),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(cfg, Registry::with_builtins(None), snap).unwrap();
+    let mut a = WorkqueueAttrs::named("strict");
+    a.fallback = Fallback::Reject;
+    engine.create_workqueue(a).unwrap();
+    let before = engine.stats().queues;
+    // Twenty delayed items on distinct cpulists, all cancelled before they are due.
+    let mut items = Vec::new();
+    for i in 0..20u32 {
+        let mut it = ItemSpec::new(format!("cpus:0,{}", 2 + i % 2).parse().unwrap(), "noop");
+        it.key = Some(format!("k{i}"));
+        it.delay = Some(Duration::from_secs(3600));
+        items.push(it);
+        let mut it = ItemSpec::new(format!("cpus:1-{}", 2 + i % 2).parse().unwrap(), "noop");
+        it.delay = Some(Duration::from_secs(3600));
+        items.push(it);
+    }
+    let rec = engine.submit("default", items).unwrap();
+    // Items on a workqueue that rejects, on CPUs that are not live: rejected at submit.
+    let rejected = engine
+        .submit(
+            "strict",
+            vec![ItemSpec::new("cpu:3".parse().unwrap(), "noop")],
+        )
+        .unwrap();
+    let grown = engine.stats().queues;
+    assert!(grown >= before + 5, "queues {before} -> {grown}");
+    let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+    let report = engine.cancel(FlushScope::Items(ids.clone())).unwrap();
+    assert_eq!(report.outcomes.len(), ids.len());
+    let all: Vec<u64> = ids.iter().copied().chain([rejected.items[0].id]).collect();
+    for r in engine.results(&all) {
+        let r = r.expect("result kept");
+        assert!(
+            matches!(r.state, State::Cancelled | State::Rejected),
+            "{r:?}"
+        );
+    }
+    let t0 = Instant::now();
+    loop {
+        let s = engine.stats();
+        if s.queues <= before {
+            assert_eq!(s.items, 0);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} queues still there ({before} before the items)",
+            s.queues
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

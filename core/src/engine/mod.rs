@@ -799,6 +799,9 @@ pub struct EngineStats {
     /// items that have one).
     pub timers: usize,
     pub flushes: usize,
+    /// Queues, one per (workqueue, target) (and handler, for attached workers) that has had
+    /// items; an empty one is dropped after `worker_idle`.
+    pub queues: usize,
     /// Terminal items by state since the engine started, over every workqueue (deleted ones
     /// included): these never go down.
     pub totals: BTreeMap<State, u64>,
@@ -886,7 +889,8 @@ pub struct EngineConfig {
     pub max_deadline: Duration,
     /// Worker threads per CPU at most.
     pub max_workers_per_cpu: usize,
-    /// An idle worker beyond the first retires after this long.
+    /// An idle worker beyond the first retires after this long; a queue (per workqueue and
+    /// target) left empty this long is dropped.
     pub worker_idle: Duration,
     /// A pool with runnable work and no progress this long is reported as a lockup (0 = off).
     pub watchdog_thresh: Duration,

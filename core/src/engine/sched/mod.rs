@@ -172,6 +172,8 @@ pub(crate) struct Sched {
     /// The buffers [`Sched::make_ready`] ranks takers into (kept so ranking allocates nothing).
     ranking: Ranking,
     max_workers: usize,
+    /// A queue empty this long is dropped (the engine's `worker_idle`).
+    queue_idle: Duration,
     rebinds: BTreeMap<&'static str, u64>,
     fallbacks: BTreeMap<String, u64>,
     lockups: u64,
@@ -228,6 +230,7 @@ impl Sched {
             rr: 0,
             ranking: Ranking::new(),
             max_workers: cfg.max_workers_per_cpu.max(1),
+            queue_idle: cfg.worker_idle,
             rebinds: BTreeMap::new(),
             fallbacks: BTreeMap::new(),
             lockups: 0,

@@ -40,6 +40,7 @@ impl Sched {
             results_bytes: self.results.bytes,
             timers: self.timers.len(),
             flushes: self.flushes.len(),
+            queues: self.queues.len(),
             totals: State::ALL
                 .iter()
                 .filter(|s| s.is_terminal())

@@ -124,18 +124,23 @@ impl Sched {
             self.batches.remove(&b);
             self.batch_order.pop_front();
         }
-        let idle: Vec<usize> = self
-            .queues
-            .iter()
-            .filter(|(_, q)| {
-                q.pending == 0
-                    && q.running == 0
-                    && q.delayed == 0
-                    && q.idle_since
-                        .is_some_and(|t| now.duration_since(t) > Duration::from_secs(60))
-            })
-            .map(|(k, _)| k)
-            .collect();
+        // A queue with nothing in it is dropped once it has been empty for `queue_idle`. Its
+        // idle time starts when its last running item finishes (`finish`) or, for a queue
+        // whose items all ended without running (cancelled, expired, rejected), when this
+        // pass first finds it empty: otherwise such a queue would never be dropped, and a
+        // client naming ever new targets would grow the engine without bound.
+        let queue_idle = self.queue_idle;
+        let mut idle: Vec<usize> = Vec::new();
+        for (k, q) in self.queues.iter_mut() {
+            if q.pending != 0 || q.running != 0 || q.delayed != 0 {
+                continue;
+            }
+            match q.idle_since {
+                None => q.idle_since = Some(now),
+                Some(t) if now.duration_since(t) >= queue_idle => idle.push(k),
+                Some(_) => {}
+            }
+        }
         for qid in idle {
             self.remove_queue(qid);
         }
