@@ -12,7 +12,7 @@
 //! in the result.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,39 +32,71 @@ const BATCH: usize = 16;
 /// waiting behind a long one that another CPU of their group could start.
 const QUICK: Duration = Duration::from_micros(50);
 
-/// How an idle worker is woken: a flag it can spin on (see [`super::SPIN`]) before it parks,
-/// and its parker's unparker for when it sleeps. Registered in its pool under L, like the
-/// unparker alone before: either a submitter finds it registered, or its take saw the item.
+/// How an idle worker is woken: a state word it can spin on (see [`super::SPIN`]) before it
+/// parks, and its parker's unparker for when it sleeps. Registered in its pool under L, like
+/// the unparker alone before: either a submitter finds it registered, or its take saw the item.
+///
+/// The word is `IDLE` (spinning, or between wake-ups), `WOKEN` (a wake-up not yet consumed) or
+/// `PARKED` (asleep, or about to be). A waker swaps in `WOKEN` and unparks only when it
+/// swapped out `PARKED`, so a wake-up caught by the spin leaves no token in the parker that
+/// would make the next park return at once; a worker parks only after moving `IDLE` to
+/// `PARKED`, so a wake-up between its spin and its park is never missed.
 pub(crate) struct Wake {
-    woken: AtomicBool,
+    state: AtomicU8,
     unparker: Unparker,
 }
+
+const IDLE: u8 = 0;
+const WOKEN: u8 = 1;
+const PARKED: u8 = 2;
 
 impl Wake {
     fn new(unparker: Unparker) -> Arc<Wake> {
         Arc::new(Wake {
-            woken: AtomicBool::new(false),
+            state: AtomicU8::new(IDLE),
             unparker,
         })
     }
 
     /// Wakes the worker, spinning or parked.
     pub(crate) fn unpark(&self) {
-        self.woken.store(true, Ordering::Release);
-        self.unparker.unpark();
+        if self.state.swap(WOKEN, Ordering::AcqRel) == PARKED {
+            self.unparker.unpark();
+        }
     }
 
-    /// Spins up to [`super::SPIN`] for a wake-up; true when one came (and is consumed).
-    fn spin_for_wake(&self) -> bool {
+    /// Takes a pending wake-up, if any.
+    fn consume(&self) -> bool {
+        self.state
+            .compare_exchange(WOKEN, IDLE, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Waits for a wake-up: spins up to [`super::SPIN`], then parks up to `timeout`. Returns
+    /// with the wake-up consumed (or the timeout passed); the state is `IDLE` again.
+    fn wait(&self, parker: &Parker, timeout: Duration) {
         let until = Instant::now() + super::SPIN;
         let mut rounds = 0;
         while Instant::now() < until {
-            if self.woken.swap(false, Ordering::Acquire) {
-                return true;
+            if self.consume() {
+                return;
             }
             super::spin(&mut rounds);
         }
-        self.woken.swap(false, Ordering::Acquire)
+        if self
+            .state
+            .compare_exchange(IDLE, PARKED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Woken between the last spin and now.
+            self.state.store(IDLE, Ordering::Release);
+            return;
+        }
+        parker.park_timeout(timeout);
+        // Woken, timed out, or a spurious return: either way the caller goes back to L and
+        // looks. A waker that swaps out `PARKED` after a timeout leaves one parker token
+        // (one extra trip through L at worst).
+        self.state.store(IDLE, Ordering::Release);
     }
 }
 
@@ -189,12 +221,8 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         };
         fx.run(&inner);
         let Some(first) = first else {
-            // A wake-up within the spin skips the futex; the parker's token it also set makes
-            // at most one later park return at once (a harmless extra trip through L).
-            if !wake.spin_for_wake() {
-                parker.park_timeout(inner.cfg.worker_idle);
-                wake.woken.store(false, Ordering::Relaxed);
-            }
+            // A wake-up within the spin skips the futex on both sides.
+            wake.wait(&parker, inner.cfg.worker_idle);
             continue;
         };
         let mut exit = false;
