@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
-use wqd_core::engine::{Engine, EngineConfig, ItemSpec, ResultsMode, WorkqueueAttrs};
+use wqd_core::engine::{Batch, Engine, EngineConfig, ItemSpec, ResultsMode, WorkqueueAttrs};
 use wqd_core::handler::Registry;
 use wqd_core::target::Target;
 
@@ -216,7 +216,9 @@ impl System for Wqd {
         self.name
     }
     fn batch(&mut self, n: usize) {
-        let items = vec![ItemSpec::new(self.target.clone(), "noop"); n];
+        // N copies of one item: what a caller submitting "N of this on that group" writes.
+        let mut items = Batch::new();
+        items.copies(ItemSpec::new(self.target.clone(), "noop"), n);
         let (_, flush) = self
             .engine
             .submit_and_flush(self.wq, items, true)

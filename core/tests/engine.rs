@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use wqd_core::engine::{
-    CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult, ItemSpec,
-    ResultsMode, State, WorkqueueAttrs, WorkqueueChanges,
+    Batch, CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult,
+    ItemSpec, ResultsMode, State, WorkqueueAttrs, WorkqueueChanges,
 };
 use wqd_core::groups::{Fallback, Placement};
 use wqd_core::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
@@ -587,10 +587,10 @@ fn full_workqueue_pushes_back() {
         a.fallback = Fallback::Wait;
     });
     rig.submit("small", (0..4).map(|_| item("cpu:1", "probe")).collect());
-    match rig
-        .engine
-        .submit("small", (0..2).map(|_| item("cpu:1", "probe")).collect())
-    {
+    match rig.engine.submit(
+        "small",
+        (0..2).map(|_| item("cpu:1", "probe")).collect::<Vec<_>>(),
+    ) {
         Err(EngineError::QueueFull {
             limit: 5,
             pending: 4,
@@ -1119,7 +1119,7 @@ fn results_are_bounded_in_bytes() {
     let (_, mut f) = engine
         .submit_and_flush(
             "default",
-            (0..200).map(|_| item("cpu:0", "big")).collect(),
+            (0..200).map(|_| item("cpu:0", "big")).collect::<Vec<_>>(),
             false,
         )
         .unwrap();
@@ -1375,4 +1375,56 @@ fn queues_whose_items_never_ran_are_dropped_when_idle() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A batch of runs of copies is the batch of the items written out: consecutive ids in
+/// order, every copy run once on its group, a keyed run de-duplicated to its first copy, and a
+/// bad run refusing the whole batch, named by its first entry's index.
+#[test]
+fn copies_are_items_like_any_other() {
+    let rig = Rig::new(2, "0-1");
+    let mut b = Batch::new();
+    b.copies(item("cpu:1", "probe"), 5)
+        .push(item("cpu:0", "probe"))
+        .copies(item("cpu:0", "probe"), 0)
+        .copies(keyed("cpu:0", "once"), 3);
+    assert_eq!(b.len(), 9);
+    let rec = rig.engine.submit("default", b).unwrap();
+    assert_eq!(rec.items.len(), 9);
+    let queued: Vec<u64> = rec
+        .items
+        .iter()
+        .filter(|s| s.queued)
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(queued, (rec.first..rec.first + 7).collect::<Vec<_>>());
+    // The keyed copies after the first are duplicates of it.
+    assert!(rec.items[7..]
+        .iter()
+        .all(|s| !s.queued && s.id == rec.first + 6));
+    let results = rig.flush(&queued);
+    assert!(results.iter().all(|r| r.state == State::Ok));
+    let cpus: Vec<Option<u32>> = results.iter().map(|r| r.cpu_started).collect();
+    assert_eq!(cpus[..5], [Some(1); 5]);
+    assert_eq!(cpus[5..], [Some(0); 2]);
+    let mut runs: Vec<u64> = rig.probe.runs.lock().iter().map(|r| r.0).collect();
+    runs.sort_unstable();
+    assert_eq!(runs, queued, "every copy ran exactly once");
+
+    let mut bad = Batch::new();
+    bad.copies(item("cpu:0", "probe"), 3)
+        .copies(item("cpu:0", "probe").arg("x", "1"), 4);
+    assert!(matches!(
+        rig.engine.submit("default", bad),
+        Err(EngineError::Handler { index: 3, .. })
+    ));
+    let mut bad = Batch::new();
+    bad.copies(item("cpu:0", "probe"), 2)
+        .copies(item("cpu:9", "probe"), 2);
+    assert!(matches!(
+        rig.engine.submit("default", bad),
+        Err(EngineError::Group { index: 2, .. })
+    ));
+    assert_eq!(rig.engine.stats().items, 0);
+    assert_eq!(rig.probe.runs.lock().len(), 7);
 }

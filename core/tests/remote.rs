@@ -108,7 +108,9 @@ fn items_go_only_to_slots_of_live_cpus_of_their_group_within_credits() {
     let r = e
         .submit(
             "default",
-            (0..6).map(|_| item("cache:1", "resize")).collect(),
+            (0..6)
+                .map(|_| item("cache:1", "resize"))
+                .collect::<Vec<_>>(),
         )
         .unwrap();
     assert!(take(&w).is_empty(), "no credits, nothing sent");

@@ -341,7 +341,7 @@ impl Backend for Library {
     }
 
     fn submit(&self, wq: &str, items: &[Spec]) -> Result<Option<(u64, Vec<u64>)>> {
-        let specs = items
+        let specs: Vec<ItemSpec> = items
             .iter()
             .map(|s| {
                 let mut it = ItemSpec::new(s.target.clone(), s.handler);

@@ -510,6 +510,68 @@ impl Default for WorkqueueAttrs {
     }
 }
 
+/// A batch of items to submit: runs of copies of an [`ItemSpec`]. `N` copies of one item (the
+/// common "N in parallel on this group") cost one spec, one handler look-up and one
+/// validation, not `N`; entry *i* of the batch is still item `first + i` of its receipt.
+/// A `Vec<ItemSpec>` (or one `ItemSpec`) converts into a batch of runs of one.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    runs: Vec<(ItemSpec, usize)>,
+    len: usize,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    /// Appends one item.
+    pub fn push(&mut self, spec: ItemSpec) -> &mut Batch {
+        self.copies(spec, 1)
+    }
+
+    /// Appends `n` copies of `spec` (nothing when `n` is 0).
+    pub fn copies(&mut self, spec: ItemSpec, n: usize) -> &mut Batch {
+        if n > 0 {
+            self.runs.push((spec, n));
+            self.len += n;
+        }
+        self
+    }
+
+    /// Items in the batch, copies counted.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The runs: each spec with its number of copies, in order.
+    pub fn runs(&self) -> &[(ItemSpec, usize)] {
+        &self.runs
+    }
+}
+
+impl From<Vec<ItemSpec>> for Batch {
+    fn from(items: Vec<ItemSpec>) -> Batch {
+        Batch {
+            len: items.len(),
+            runs: items.into_iter().map(|it| (it, 1)).collect(),
+        }
+    }
+}
+
+impl From<ItemSpec> for Batch {
+    fn from(item: ItemSpec) -> Batch {
+        Batch {
+            runs: vec![(item, 1)],
+            len: 1,
+        }
+    }
+}
+
 /// One item to submit.
 #[derive(Debug, Clone)]
 pub struct ItemSpec {
@@ -1171,8 +1233,8 @@ impl Engine {
     /// # Errors
     /// Unknown workqueue, draining, a bad target/handler/argument (naming the item's index),
     /// or a full workqueue; nothing is queued then.
-    pub fn submit(&self, wq: &str, items: Vec<ItemSpec>) -> Result<Receipt, EngineError> {
-        let bodies = self.bodies(items)?;
+    pub fn submit(&self, wq: &str, items: impl Into<Batch>) -> Result<Receipt, EngineError> {
+        let bodies = self.bodies(items.into())?;
         let mut fx = sched::Effects::default();
         let r = {
             let mut s = self.inner.sched.lock();
@@ -1193,10 +1255,10 @@ impl Engine {
     pub fn submit_and_flush(
         &self,
         wq: &str,
-        items: Vec<ItemSpec>,
+        items: impl Into<Batch>,
         summary_only: bool,
     ) -> Result<(Receipt, Flush), EngineError> {
-        let bodies = self.bodies(items)?;
+        let bodies = self.bodies(items.into())?;
         let mut fx = sched::Effects::default();
         let r = (|| {
             let mut s = self.inner.sched.lock();
@@ -1209,71 +1271,80 @@ impl Engine {
         r
     }
 
-    /// The batch's entries: handlers looked up and `validate`d, runs of identical items sharing
-    /// one body. Outside L.
-    fn bodies(&self, items: Vec<ItemSpec>) -> Result<Vec<sched::Entry>, EngineError> {
-        let bodies = {
-            let reg = self.inner.handlers.read();
-            let mut bodies = Vec::with_capacity(items.len());
-            let mut last: Option<Arc<sched::Body>> = None;
-            // Bodies of one batch naming the same handler share one record of it (name,
-            // handler, kind).
-            let mut handlers: Vec<Arc<sched::HandlerRef>> = Vec::new();
-            for (index, it) in items.into_iter().enumerate() {
-                // Runs of identical items (wqctl --count) share one body.
-                if let Some(b) = &last {
-                    if b.same_as(&it) {
-                        bodies.push(sched::Entry {
-                            body: b.clone(),
-                            key: it.key,
-                            delay: it.delay,
-                            deadline: it.deadline,
-                        });
-                        continue;
-                    }
+    /// The batch's entries: handlers looked up and `validate`d once per run of copies (and
+    /// per run of identical neighbours), every entry of such a run sharing one body. Outside L.
+    fn bodies(&self, batch: Batch) -> Result<Vec<sched::Entry>, EngineError> {
+        let reg = self.inner.handlers.read();
+        let mut bodies = Vec::with_capacity(batch.len);
+        let mut last: Option<Arc<sched::Body>> = None;
+        // Bodies of one batch naming the same handler share one record of it (name, handler,
+        // kind).
+        let mut handlers: Vec<Arc<sched::HandlerRef>> = Vec::new();
+        for (it, copies) in batch.runs {
+            let index = bodies.len();
+            let same = last.as_ref().filter(|b| b.same_as(&it)).cloned();
+            let body = match same {
+                Some(b) => b,
+                None => {
+                    let handler = match handlers.iter().find(|r| &*r.name == it.handler.as_str()) {
+                        Some(r) => r.clone(),
+                        None => {
+                            let r = self.handler_ref(&reg, index, &it.handler)?;
+                            handlers.push(r.clone());
+                            r
+                        }
+                    };
+                    handler
+                        .handler
+                        .validate(&it.args, &it.payload)
+                        .map_err(|source| EngineError::Handler { index, source })?;
+                    let b = Arc::new(sched::Body::new(handler, it.target, it.args, it.payload));
+                    last = Some(b.clone());
+                    b
                 }
-                let handler = match handlers.iter().find(|r| &*r.name == it.handler.as_str()) {
-                    Some(r) => r.clone(),
-                    None => {
-                        let r = match reg.get(&it.handler) {
-                            Some(h) => Arc::new(sched::HandlerRef {
-                                name: Arc::from(it.handler.as_str()),
-                                handler: h.clone(),
-                                kind: h.kind(),
-                                remote: false,
-                            }),
-                            // A name attached workers serve (or served, or config declares).
-                            None => match self.inner.remote_known.read().get(it.handler.as_str()) {
-                                Some(r) => r.clone(),
-                                None => {
-                                    return Err(EngineError::UnknownHandler {
-                                        index,
-                                        name: it.handler,
-                                        known: self.known_names().join(", "),
-                                    })
-                                }
-                            },
-                        };
-                        handlers.push(r.clone());
-                        r
-                    }
-                };
-                handler
-                    .handler
-                    .validate(&it.args, &it.payload)
-                    .map_err(|source| EngineError::Handler { index, source })?;
-                let b = Arc::new(sched::Body::new(handler, it.target, it.args, it.payload));
-                last = Some(b.clone());
+            };
+            for _ in 1..copies {
                 bodies.push(sched::Entry {
-                    body: b,
-                    key: it.key,
+                    body: body.clone(),
+                    key: it.key.clone(),
                     delay: it.delay,
                     deadline: it.deadline,
                 });
             }
-            bodies
-        };
+            bodies.push(sched::Entry {
+                body,
+                key: it.key,
+                delay: it.delay,
+                deadline: it.deadline,
+            });
+        }
         Ok(bodies)
+    }
+
+    /// The record of handler `name` for a batch: a built-in or registered handler, or a name
+    /// attached workers serve (or served, or config declares).
+    fn handler_ref(
+        &self,
+        reg: &Registry,
+        index: usize,
+        name: &str,
+    ) -> Result<Arc<sched::HandlerRef>, EngineError> {
+        if let Some(h) = reg.get(name) {
+            return Ok(Arc::new(sched::HandlerRef {
+                name: Arc::from(name),
+                handler: h.clone(),
+                kind: h.kind(),
+                remote: false,
+            }));
+        }
+        match self.inner.remote_known.read().get(name) {
+            Some(r) => Ok(r.clone()),
+            None => Err(EngineError::UnknownHandler {
+                index,
+                name: name.to_string(),
+                known: self.known_names().join(", "),
+            }),
+        }
     }
 
     /// Starts a flush over `scope`. Delayed items an item or batch scope covers are queued at
