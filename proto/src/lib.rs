@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod out;
 pub mod socket;
+pub mod submit_in;
 
 /// Generated types live under their protobuf package path.
 pub mod wqd {

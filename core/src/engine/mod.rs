@@ -552,6 +552,13 @@ impl Batch {
     pub fn runs(&self) -> &[(ItemSpec, usize)] {
         &self.runs
     }
+
+    /// Every entry in order, a run's spec once per copy.
+    pub fn iter(&self) -> impl Iterator<Item = &ItemSpec> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|(spec, n)| std::iter::repeat_n(spec, *n))
+    }
 }
 
 impl From<Vec<ItemSpec>> for Batch {

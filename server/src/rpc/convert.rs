@@ -23,7 +23,7 @@ use super::RpcError;
 use crate::rpc::budget::{held_bytes, ITEM_OVERHEAD};
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{
-    ItemResult, ItemSpec, ResultsMode, State, Unserved, WorkerLost, WorkqueueAttrs,
+    Batch, ItemResult, ItemSpec, ResultsMode, State, Unserved, WorkerLost, WorkqueueAttrs,
     WorkqueueChanges, WorkqueueStats,
 };
 use wqd_core::groups::{Fallback, GroupMap, Level, Placement};
@@ -172,7 +172,7 @@ impl fmt::Display for Origin<'_> {
 /// overhead, payload, args and key) is within `limits.max_request_memory`.
 #[derive(Debug, Default)]
 pub struct BatchSpecs {
-    pub specs: Vec<ItemSpec>,
+    pub specs: Batch,
     targets: TargetCache,
     origins: Origins,
     wire: usize,
@@ -188,7 +188,7 @@ impl BatchSpecs {
     }
 
     /// The entries and where they came from.
-    pub fn into_parts(self) -> (Vec<ItemSpec>, Origins) {
+    pub fn into_parts(self) -> (Batch, Origins) {
         (self.specs, self.origins)
     }
 
@@ -203,10 +203,27 @@ impl BatchSpecs {
     /// item (`items[2]`).
     pub fn push(
         &mut self,
-        mut it: v1::WorkItem,
+        it: v1::WorkItem,
         limits: &Limits,
         groups: impl FnOnce() -> Arc<GroupMap>,
     ) -> Result<(), RpcError> {
+        self.push_copies(it, 1, limits, groups)
+    }
+
+    /// As [`BatchSpecs::push`] for `copies` consecutive identical wire items: an item that
+    /// names one group is checked and converted once and goes to the engine as a run of
+    /// copies; a fan-out is expanded per copy, as the items written out would be. An error
+    /// names the first copy (every copy would fail the same way).
+    pub fn push_copies(
+        &mut self,
+        mut it: v1::WorkItem,
+        copies: usize,
+        limits: &Limits,
+        groups: impl FnOnce() -> Arc<GroupMap>,
+    ) -> Result<(), RpcError> {
+        if copies == 0 {
+            return Ok(());
+        }
         let index = self.wire;
         let named = match &self.targets.last {
             Some((text, n)) if *text == it.target => n.clone(),
@@ -238,66 +255,83 @@ impl BatchSpecs {
         match named {
             Named::One(t) => {
                 let spec = checked(index, it, t, limits)?;
-                self.bytes += spec_bytes(&spec);
-                self.specs.push(spec);
-                self.wire += 1;
-                check_count(self.specs.len(), limits, || {
+                check_count(self.specs.len().saturating_add(copies), limits, || {
                     "the batch's item count".to_string()
                 })?;
+                self.bytes = self
+                    .bytes
+                    .saturating_add(spec_bytes(&spec).saturating_mul(copies as u64));
+                self.specs.copies(spec, copies);
+                self.wire += copies;
                 if self.origins.any() {
                     self.check_memory(0, 0, limits, || format!("items[{index}]"))?;
                 }
                 Ok(())
             }
             Named::Each(each, targets) => {
-                let first_target = targets.first().cloned().unwrap_or(Target::All);
-                let spec = checked(index, it, first_target, limits)?;
-                let n = targets.len();
-                check_count(self.specs.len() + n, limits, || {
-                    format!(
-                        "the batch's item count with each: expanded (items[{index}] {each} \
-                         names {n} groups)"
-                    )
-                })?;
-                let longest = targets.iter().map(|t| t.to_string().len()).max();
-                let suffix = spec.key.as_ref().map_or(0, |_| 1 + longest.unwrap_or(0));
-                if let Some(key) = &spec.key {
-                    let len = key.len() + suffix;
-                    if len > MAX_KEY_BYTES {
-                        return Err(RpcError::Item {
-                            index,
-                            field: "key",
-                            problem: format!(
-                                "{} bytes with its per-group suffix (\"/{}\" and alike) is \
-                                 longer than {MAX_KEY_BYTES}",
-                                len,
-                                targets.last().map(ToString::to_string).unwrap_or_default()
-                            ),
-                        });
-                    }
+                for _ in 1..copies {
+                    self.push_each(it.clone(), &each, &targets, limits)?;
                 }
-                let per = spec_bytes(&spec) + suffix as u64;
-                self.check_memory(n, per.saturating_mul(n as u64), limits, || {
-                    format!("items[{index}] {each} copies its payload and args to {n} items")
-                })?;
-                self.origins.fans.push(Fan {
-                    first: self.specs.len(),
-                    wire: index,
-                    each,
-                    targets: targets.clone(),
-                });
-                self.specs.reserve(n);
-                for t in targets.iter() {
-                    let mut s = spec.clone();
-                    s.key = spec.key.as_ref().map(|k| format!("{k}/{t}"));
-                    s.target = t.clone();
-                    self.bytes += spec_bytes(&s);
-                    self.specs.push(s);
-                }
-                self.wire += 1;
-                Ok(())
+                self.push_each(it, &each, &targets, limits)
             }
         }
+    }
+
+    /// Appends one fan-out: wire item `self.wire` expanded to one entry per group of
+    /// `targets`.
+    fn push_each(
+        &mut self,
+        it: v1::WorkItem,
+        each: &Each,
+        targets: &Arc<[Target]>,
+        limits: &Limits,
+    ) -> Result<(), RpcError> {
+        let index = self.wire;
+        let first_target = targets.first().cloned().unwrap_or(Target::All);
+        let spec = checked(index, it, first_target, limits)?;
+        let n = targets.len();
+        check_count(self.specs.len() + n, limits, || {
+            format!(
+                "the batch's item count with each: expanded (items[{index}] {each} \
+                 names {n} groups)"
+            )
+        })?;
+        let longest = targets.iter().map(|t| t.to_string().len()).max();
+        let suffix = spec.key.as_ref().map_or(0, |_| 1 + longest.unwrap_or(0));
+        if let Some(key) = &spec.key {
+            let len = key.len() + suffix;
+            if len > MAX_KEY_BYTES {
+                return Err(RpcError::Item {
+                    index,
+                    field: "key",
+                    problem: format!(
+                        "{} bytes with its per-group suffix (\"/{}\" and alike) is \
+                         longer than {MAX_KEY_BYTES}",
+                        len,
+                        targets.last().map(ToString::to_string).unwrap_or_default()
+                    ),
+                });
+            }
+        }
+        let per = spec_bytes(&spec) + suffix as u64;
+        self.check_memory(n, per.saturating_mul(n as u64), limits, || {
+            format!("items[{index}] {each} copies its payload and args to {n} items")
+        })?;
+        self.origins.fans.push(Fan {
+            first: self.specs.len(),
+            wire: self.wire,
+            each: each.clone(),
+            targets: targets.clone(),
+        });
+        for t in targets.iter() {
+            let mut s = spec.clone();
+            s.key = spec.key.as_ref().map(|k| format!("{k}/{t}"));
+            s.target = t.clone();
+            self.bytes += spec_bytes(&s);
+            self.specs.push(s);
+        }
+        self.wire += 1;
+        Ok(())
     }
 }
 
@@ -1004,6 +1038,59 @@ mod tests {
         Ok(b)
     }
 
+    /// Runs of copies build the batch the items written out build: the same entries in order,
+    /// the same origins, and the same error (naming the same wire item) when one is refused.
+    #[test]
+    fn copies_build_the_batch_the_items_written_out_build() {
+        let mut keyed = item("each:rcu", "noop");
+        keyed.key = "k".into();
+        let mut bad = item("cpu:0", "noop");
+        bad.key = "x".repeat(MAX_KEY_BYTES + 1);
+        let runs: Vec<Vec<(v1::WorkItem, usize)>> = vec![
+            vec![
+                (item("cpu:1", "noop"), 3),
+                (keyed.clone(), 2),
+                (item("all", "noop"), 1),
+            ],
+            vec![(item("each:cpu", "noop"), 2), (item("cpu:2", "noop"), 4)],
+            vec![(item("cpu:1", "noop"), 2), (bad, 3)],
+            vec![(item("cpu:1", "noop"), 5), (item("cpu:9", "noop"), 2)],
+        ];
+        for (k, run) in runs.into_iter().enumerate() {
+            for lim in [
+                Limits::default(),
+                Limits {
+                    max_batch_items: 7,
+                    ..Limits::default()
+                },
+            ] {
+                let mut a = BatchSpecs::default();
+                let ra: Result<(), RpcError> = run
+                    .iter()
+                    .try_for_each(|(it, n)| a.push_copies(it.clone(), *n, &lim, groups));
+                let flat: Vec<v1::WorkItem> = run
+                    .iter()
+                    .flat_map(|(it, n)| std::iter::repeat_n(it.clone(), *n))
+                    .collect();
+                let rb = build(flat, &lim);
+                match (ra, rb) {
+                    (Ok(()), Ok(b)) => {
+                        let fa: Vec<String> = a.specs.iter().map(|s| format!("{s:?}")).collect();
+                        let fb: Vec<String> = b.specs.iter().map(|s| format!("{s:?}")).collect();
+                        assert_eq!(fa, fb, "run {k}");
+                        let (_, oa) = a.into_parts();
+                        let (_, ob) = b.into_parts();
+                        for i in 0..fa.len() {
+                            assert_eq!(oa.of(i), ob.of(i), "run {k} entry {i}");
+                        }
+                    }
+                    (Err(ea), Err(eb)) => assert_eq!(ea.to_string(), eb.to_string(), "run {k}"),
+                    (ra, rb) => panic!("run {k}: {ra:?} vs {:?}", rb.map(|b| b.specs.len())),
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_cached_target_is_what_a_fresh_parse_gives() {
         let lim = Limits::default();
@@ -1018,7 +1105,7 @@ mod tests {
         let b = build(texts.iter().map(|t| item(t, "noop")).collect(), &lim).unwrap();
         for (i, t) in texts.iter().enumerate() {
             let fresh = item_spec(i, item(t, "noop"), &lim).unwrap();
-            assert_eq!(b.specs[i].target, fresh.target, "{t}");
+            assert_eq!(b.specs.iter().nth(i).unwrap().target, fresh.target, "{t}");
         }
         // A refused text is never cached: it is refused again, with its own index.
         let mut b = BatchSpecs::default();
@@ -1058,6 +1145,7 @@ mod tests {
         .unwrap();
         assert_eq!(b.wire_items(), 5);
         let (specs, origins) = b.into_parts();
+        let specs: Vec<&ItemSpec> = specs.iter().collect();
         let targets: Vec<String> = specs.iter().map(|s| s.target.to_string()).collect();
         let mut want = vec!["all", "rcu:0", "rcu:1", "cpu:1"];
         let cpus: Vec<String> = (0..8).map(|c| format!("cpu:{c}")).collect();

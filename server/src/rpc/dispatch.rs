@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use wqd_proto::out::{EncodedResults, FlushEventOut, FlushResponseOut, SubmitResponseOut};
+use wqd_proto::submit_in::SubmitRequestIn;
 use wqd_proto::v1;
 
 use super::convert::{
@@ -31,7 +32,7 @@ use super::{
 };
 use crate::metrics::{FlushMethod, FlushOutcome, Metrics};
 use wqd_core::engine::{
-    CancelOutcome, EngineError, Flush, FlushEvent, FlushScope, ItemResult, ItemSpec, Receipt,
+    Batch, CancelOutcome, EngineError, Flush, FlushEvent, FlushScope, ItemResult, Receipt,
 };
 use wqd_core::groups::GroupMap;
 
@@ -149,7 +150,7 @@ impl Rpc {
     async fn submit_specs(
         &self,
         wq: String,
-        specs: Vec<ItemSpec>,
+        specs: Batch,
         wait: bool,
     ) -> Result<(Receipt, Option<Flush>), RpcError> {
         if specs.len() <= INLINE_ITEMS {
@@ -178,10 +179,11 @@ impl Rpc {
 
     async fn do_submit(
         &self,
-        r: v1::SubmitRequest,
+        mut r: SubmitRequestIn,
         deadline: Option<Instant>,
     ) -> Result<SubmitResponseOut, RpcError> {
         let limits = self.limits.load();
+        let (wq, wait) = (wq_name(std::mem::take(&mut r.workqueue)), r.wait);
         let (specs, origins) = (|| {
             if r.items.is_empty() {
                 return Err(RpcError::Field {
@@ -189,16 +191,18 @@ impl Rpc {
                     problem: "at least one item is required".into(),
                 });
             }
-            self.check_count("the batch's item count", r.items.len())?;
+            self.check_count("the batch's item count", r.item_count())?;
             let mut batch = BatchSpecs::default();
-            for it in r.items {
-                batch.push(it, &limits, || self.groups())?;
+            // Runs of identical wire items are checked and converted once (see
+            // `wqd_proto::submit_in`).
+            for (it, copies) in r.items {
+                batch.push_copies(it, copies, &limits, || self.groups())?;
             }
             Ok(batch.into_parts())
         })()
         .inspect_err(|_| self.refused())?;
         let (rec, flush) = self
-            .submit_specs(wq_name(r.workqueue), specs, r.wait)
+            .submit_specs(wq, specs, wait)
             .await
             .map_err(|e| reindex(e, &origins))?;
         let items: Vec<v1::ItemReceipt> = rec
@@ -347,7 +351,6 @@ impl Rpc {
                     "the streamed batch's item count",
                     batch.specs.len() + m.items.len(),
                 )?;
-                batch.specs.reserve(m.items.len());
                 for it in m.items {
                     batch.push(it, &limits, || self.groups())?;
                 }
@@ -622,7 +625,7 @@ fn submit_counted(
     engine: &wqd_core::engine::Engine,
     c: &super::Counters,
     wq: &str,
-    specs: Vec<ItemSpec>,
+    specs: Batch,
     wait: bool,
 ) -> Result<(Receipt, Option<Flush>), RpcError> {
     let r = if wait {
@@ -772,7 +775,7 @@ async fn stream_flush(
 impl wqd_proto::out::dispatch_service_server::DispatchService for Rpc {
     async fn submit(
         &self,
-        req: Request<v1::SubmitRequest>,
+        req: Request<SubmitRequestIn>,
     ) -> Result<Response<SubmitResponseOut>, Status> {
         let deadline = deadline_of(req.metadata());
         self.do_submit(req.into_inner(), deadline)

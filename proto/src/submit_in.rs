@@ -1,0 +1,248 @@
+//! The server's side of `SubmitRequest`: its items decoded as runs of identical items.
+//!
+//! A client submitting N copies of one item (the common "N of this on that group", or
+//! `wqctl submit --count N`) sends N identical `WorkItem` encodings. Decoding each into its own
+//! `WorkItem` (two `String`s, a map, a `Vec`) and checking and converting each was most of what
+//! the daemon spent per item. [`SubmitRequestIn`] compares each item's bytes with the previous
+//! item's and, when they are the same, counts one more copy instead of decoding them again;
+//! the daemon then checks and converts a run once.
+//!
+//! Invariant: the items, expanded (each run's item repeated its count), are exactly what prost
+//! decodes from the same bytes into the stock [`v1::SubmitRequest`], in order: equal bytes
+//! decode to equal items, and an item whose bytes differ is decoded by prost itself. A
+//! message the stock type refuses, this refuses too. Only the daemon's generated
+//! `DispatchService` server uses this type (see `build.rs`); clients keep the stock one.
+
+use prost::bytes::{Buf, BufMut};
+use prost::encoding::{self, decode_varint, DecodeContext, WireType};
+use prost::{DecodeError, Message};
+
+use crate::v1;
+
+/// [`v1::SubmitRequest`] with its items as runs (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubmitRequestIn {
+    /// Field 1.
+    pub workqueue: String,
+    /// Field 2, as (item, number of consecutive identical copies), in order; no count is 0.
+    pub items: Vec<(v1::WorkItem, usize)>,
+    /// Field 3.
+    pub wait: bool,
+    /// The encoded bytes of the last item decoded, when its bytes were seen whole (decoding
+    /// state; an item that follows with the same bytes is one more copy of it).
+    last: Option<Vec<u8>>,
+}
+
+impl SubmitRequestIn {
+    /// Items in the request, copies counted.
+    pub fn item_count(&self) -> usize {
+        self.items.iter().map(|(_, n)| n).sum()
+    }
+
+    /// The stock message with the same content (runs expanded).
+    pub fn into_stock(self) -> v1::SubmitRequest {
+        v1::SubmitRequest {
+            workqueue: self.workqueue,
+            items: self
+                .items
+                .into_iter()
+                .flat_map(|(it, n)| std::iter::repeat_n(it, n))
+                .collect(),
+            wait: self.wait,
+        }
+    }
+
+    fn merge_item(&mut self, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
+        // Peek at the item's length and bytes in the buffer's current chunk; when the chunk
+        // does not hold them whole (a body split across frames), decode as prost does.
+        let chunk = buf.chunk();
+        let mut peek = chunk;
+        let mut raw = None;
+        if let Ok(len) = decode_varint(&mut peek) {
+            let head = chunk.len() - peek.len();
+            if let Some(body) = usize::try_from(len).ok().and_then(|l| peek.get(..l)) {
+                if let (Some((_, n)), Some(last)) = (self.items.last_mut(), &self.last) {
+                    if body == last.as_slice() {
+                        let skip = head + body.len();
+                        buf.advance(skip);
+                        *n += 1;
+                        return Ok(());
+                    }
+                }
+                raw = Some(body.to_vec());
+            }
+        }
+        let mut item = v1::WorkItem::default();
+        encoding::message::merge(WireType::LengthDelimited, &mut item, buf, ctx)?;
+        self.items.push((item, 1));
+        self.last = raw;
+        Ok(())
+    }
+}
+
+impl Message for SubmitRequestIn {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        if !self.workqueue.is_empty() {
+            encoding::string::encode(1, &self.workqueue, buf);
+        }
+        for (it, n) in &self.items {
+            for _ in 0..*n {
+                encoding::message::encode(2, it, buf);
+            }
+        }
+        if self.wait {
+            encoding::bool::encode(3, &self.wait, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            1 => encoding::string::merge(wire_type, &mut self.workqueue, buf, ctx),
+            2 => {
+                encoding::check_wire_type(WireType::LengthDelimited, wire_type)?;
+                self.merge_item(buf, ctx)
+            }
+            3 => encoding::bool::merge(wire_type, &mut self.wait, buf, ctx),
+            _ => encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        let wq = if self.workqueue.is_empty() {
+            0
+        } else {
+            encoding::string::encoded_len(1, &self.workqueue)
+        };
+        let items: usize = self
+            .items
+            .iter()
+            .map(|(it, n)| encoding::message::encoded_len(2, it) * n)
+            .sum();
+        let wait = if self.wait {
+            encoding::bool::encoded_len(3, &self.wait)
+        } else {
+            0
+        };
+        wq + items + wait
+    }
+
+    fn clear(&mut self) {
+        *self = SubmitRequestIn::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn item(
+        target: &str,
+        handler: &str,
+        arg: Option<(&str, &str)>,
+        payload: &[u8],
+    ) -> v1::WorkItem {
+        v1::WorkItem {
+            target: target.into(),
+            handler: handler.into(),
+            args: arg
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            payload: payload.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// A buffer that hands out its bytes in chunks of `step`, as a body split across frames.
+    struct Chunked<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl Buf for Chunked<'_> {
+        fn remaining(&self) -> usize {
+            self.bytes.len()
+        }
+        fn chunk(&self) -> &[u8] {
+            &self.bytes[..self.step.min(self.bytes.len())]
+        }
+        fn advance(&mut self, n: usize) {
+            self.bytes = &self.bytes[n..];
+        }
+    }
+
+    proptest! {
+        /// Any sequence of items, runs or not, in one buffer or split in small chunks, decodes
+        /// to what the stock type decodes, and the runs merge exactly the equal neighbours.
+        #[test]
+        fn runs_expand_to_the_stock_decoding(
+            picks in proptest::collection::vec(0usize..5, 0..40),
+            step in 1usize..64,
+            wait: bool,
+        ) {
+            let pool = [
+                item("cpu:0", "noop", None, b""),
+                item("cpu:1", "noop", None, b""),
+                item("cpu:0", "noop", Some(("k", "v")), b""),
+                item("cpu:0", "noop", None, b"x"),
+                item("each:cache", "sleep", Some(("ms", "1")), b"payload"),
+            ];
+            let stock = v1::SubmitRequest {
+                workqueue: "wq".into(),
+                items: picks.iter().map(|&i| pool[i].clone()).collect(),
+                wait,
+            };
+            let bytes = stock.encode_to_vec();
+            let whole = SubmitRequestIn::decode(bytes.as_slice()).unwrap();
+            let split = SubmitRequestIn::decode(Chunked { bytes: &bytes, step }).unwrap();
+            let mut runs = 0;
+            for w in picks.windows(2) {
+                runs += usize::from(w[0] != w[1]);
+            }
+            prop_assert_eq!(whole.items.len(), if picks.is_empty() { 0 } else { runs + 1 });
+            prop_assert_eq!(whole.item_count(), picks.len());
+            prop_assert_eq!(whole.encode_to_vec(), bytes.clone());
+            prop_assert_eq!(whole.into_stock(), stock.clone());
+            prop_assert_eq!(split.into_stock(), stock);
+        }
+    }
+
+    #[test]
+    fn a_truncated_or_garbled_item_is_refused_as_the_stock_type_refuses_it() {
+        let stock = v1::SubmitRequest {
+            workqueue: String::new(),
+            items: vec![item("cpu:0", "noop", None, b""); 3],
+            wait: false,
+        };
+        let bytes = stock.encode_to_vec();
+        for cut in 0..bytes.len() {
+            let ours = SubmitRequestIn::decode(&bytes[..cut]).map(SubmitRequestIn::into_stock);
+            let theirs = v1::SubmitRequest::decode(&bytes[..cut]);
+            assert_eq!(ours.is_ok(), theirs.is_ok(), "cut at {cut}");
+            if let (Ok(a), Ok(b)) = (ours, theirs) {
+                assert_eq!(a, b);
+            }
+        }
+        // A string that is not UTF-8 inside the second (different) item.
+        let mut bad = v1::SubmitRequest {
+            workqueue: String::new(),
+            items: vec![
+                item("cpu:0", "noop", None, b""),
+                item("cpu:1", "noop", None, b""),
+            ],
+            wait: false,
+        }
+        .encode_to_vec();
+        let at = bad.iter().rposition(|&b| b == b'1').unwrap();
+        bad[at] = 0xff;
+        assert!(v1::SubmitRequest::decode(bad.as_slice()).is_err());
+        assert!(SubmitRequestIn::decode(bad.as_slice()).is_err());
+    }
+}
