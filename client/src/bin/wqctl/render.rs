@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use wqd_client::proto::{
     CancelOutcome, CancelResponse, FallbackPolicy, GetResultsResponse, GetStatsResponse,
     GroupLevel, ItemResult, LookupStatus, Placement, ResultsMode, StateCounts, TopologySnapshot,
-    WorkerInfo, WorkqueueAttrs, WorkqueueInfo,
+    UnservedPolicy, WorkerInfo, WorkerLostPolicy, WorkqueueAttrs, WorkqueueInfo,
 };
 
 use crate::summary::{fallback_name, state_name, GroupRow, States, Summary};
@@ -34,6 +34,12 @@ pub fn fallback_policy_name(p: FallbackPolicy) -> String {
 }
 pub fn results_mode_name(r: ResultsMode) -> String {
     short(r.as_str_name(), "RESULTS_MODE_")
+}
+pub fn worker_lost_name(w: WorkerLostPolicy) -> String {
+    short(w.as_str_name(), "WORKER_LOST_POLICY_")
+}
+pub fn unserved_name(u: UnservedPolicy) -> String {
+    short(u.as_str_name(), "UNSERVED_POLICY_")
 }
 pub fn level_name(l: GroupLevel) -> String {
     short(l.as_str_name(), "GROUP_LEVEL_")
@@ -322,6 +328,8 @@ pub fn attrs_json(a: &WorkqueueAttrs) -> Value {
         "fallback": fallback_policy_name(a.fallback()),
         "max_queued": a.max_queued,
         "results": results_mode_name(a.results()),
+        "on_worker_lost": worker_lost_name(a.on_worker_lost()),
+        "unserved": unserved_name(a.unserved()),
     })
 }
 
@@ -655,6 +663,24 @@ mod tests {
         assert_eq!(outcome_name(CancelOutcome::WaitedRunning), "waited-running");
         assert_eq!(lookup_name(LookupStatus::Forgotten), "forgotten");
         assert_eq!(results_mode_name(ResultsMode::Summary), "summary");
+        assert_eq!(worker_lost_name(WorkerLostPolicy::Requeue), "requeue");
+        assert_eq!(unserved_name(UnservedPolicy::Reject), "reject");
+    }
+
+    #[test]
+    fn attrs_json_has_every_attribute() {
+        let a = WorkqueueAttrs {
+            name: "w".into(),
+            on_worker_lost: WorkerLostPolicy::Requeue as i32,
+            unserved: UnservedPolicy::Reject as i32,
+            ..Default::default()
+        };
+        let v = attrs_json(&a);
+        assert_eq!(v["on_worker_lost"], "requeue");
+        assert_eq!(v["unserved"], "reject");
+        // Every field of the message has a key (a new attribute must be added here too).
+        let keys = v.as_object().map_or(0, |o| o.len());
+        assert_eq!(keys, 11, "{v}");
     }
 
     #[test]
