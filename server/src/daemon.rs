@@ -856,9 +856,10 @@ async fn supervise(
 }
 
 /// Re-reads the config (the file, then the flags on top) and reloads it into `daemon`,
-/// logging and reporting the outcome. Never stops the daemon.
-async fn reload(daemon: &mut Daemon, opts: &RunOptions) {
-    if let Some(n) = &opts.notify {
+/// logging and reporting the outcome (to systemd through `notify`, which [`run`] has taken out
+/// of `opts`). Never stops the daemon.
+async fn reload(daemon: &mut Daemon, opts: &RunOptions, notify: Option<&Notifier>) {
+    if let Some(n) = notify {
         n.send(&crate::systemd::reloading_message());
     }
     let path = opts.config_path.clone();
@@ -886,7 +887,7 @@ async fn reload(daemon: &mut Daemon, opts: &RunOptions) {
             format!("reload refused: {e}")
         }
     };
-    if let Some(n) = &opts.notify {
+    if let Some(n) = notify {
         n.send(&format!("READY=1\nSTATUS={status}"));
     }
 }
@@ -943,7 +944,7 @@ pub async fn run(
             _ = int.recv() => { tracing::info!("SIGINT"); break; }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");
-                reload(&mut daemon, &opts).await;
+                reload(&mut daemon, &opts, notify.as_deref()).await;
             }
         }
     }

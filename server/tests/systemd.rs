@@ -179,6 +179,60 @@ fn notify_protocol_ready_status_watchdog_stopping_in_order() {
     assert_eq!(all.last().unwrap(), "STATUS=stopped; cancelled 0 items");
 }
 
+/// SIGHUP under systemd: `RELOADING=1`, then `READY=1` with a status line saying what the
+/// reload did. (Found in the systemd VM scenario: these were never sent, because the reload
+/// looked for the notifier in the options `run` had already taken it from.)
+#[test]
+fn reload_is_bracketed_by_reloading_and_ready_with_its_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify");
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    let sock = dir.path().join("wqd.sock");
+    let cfg = dir.path().join("wqd.toml");
+    std::fs::write(&cfg, "[limits]\nmax_batch_items = 10\n").unwrap();
+    let mut c = wqd();
+    c.arg("--socket").arg(&sock).arg("--config").arg(&cfg);
+    common_args(&mut c);
+    c.env("NOTIFY_SOCKET", &notify);
+    let (mut child, _) = spawn_ready(c);
+    receive(&rx, Duration::from_secs(5), |m| !m.is_empty());
+
+    // A [live] key: applied.
+    std::fs::write(&cfg, "[limits]\nmax_batch_items = 5\n").unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGHUP);
+    let l = lines(&receive(&rx, Duration::from_secs(10), |m| {
+        lines(m).iter().any(|l| l.starts_with("STATUS=reloaded"))
+    }));
+    let reloading = first(&l, "RELOADING=1");
+    assert!(l[reloading + 1].starts_with("MONOTONIC_USEC="), "{l:#?}");
+    let ready = reloading + first(&l[reloading..], "READY=1");
+    assert!(
+        l[ready + 1].starts_with("STATUS=reloaded (new limits)"),
+        "{l:#?}"
+    );
+
+    // A restart-only key: refused, and the status line says so.
+    std::fs::write(
+        &cfg,
+        "[limits]\nmax_batch_items = 5\n[engine]\nresults_max = 7\n",
+    )
+    .unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGHUP);
+    let l = lines(&receive(&rx, Duration::from_secs(10), |m| {
+        lines(m)
+            .iter()
+            .any(|l| l.starts_with("STATUS=reload refused"))
+    }));
+    let ready = first(&l, "RELOADING=1") + first(&l[first(&l, "RELOADING=1")..], "READY=1");
+    assert!(
+        l[ready + 1].starts_with("STATUS=reload refused: ") && l[ready + 1].contains("results_max"),
+        "{l:#?}"
+    );
+
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
 #[test]
 fn graceful_stop_reports_what_it_cancelled() {
     let dir = tempfile::tempdir().unwrap();
