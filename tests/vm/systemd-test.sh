@@ -48,7 +48,7 @@ fatal() {
 }
 marker() {
     wqd_journal=$(journalctl -u wqd --no-pager -q 2>/dev/null | wc -l)
-    summary="boot_s=$boot_s restarts=$restarts items=$items hotplug_writes=$hp_writes allowedcpus_writes=$ac_writes checks=$checks partition=$partition anomalies=$anomalies journal_lines=$wqd_journal uptime_s=$(up)"
+    summary="boot_s=$boot_s systemd_s=${systemd_s:-?} target_s=${target_s:-?} restarts=$restarts items=$items hotplug_writes=$hp_writes allowedcpus_writes=$ac_writes checks=$checks partition=$partition anomalies=$anomalies journal_lines=$wqd_journal uptime_s=$(up)"
     if [ "$anomalies" -eq 0 ]; then
         echo "WQD-SYSTEMD: PASS $summary"
     else
@@ -123,7 +123,11 @@ churn_stop() {
 # --- install, as docs/operations.md says -----------------------------------------------------
 log "systemd $(systemctl --version | head -n1 | cut -d' ' -f2) is PID 1 ($(cat /proc/1/comm)); test unit started at uptime ${boot_s} s; $ncpu CPUs; $(systemctl is-system-running 2>/dev/null)"
 [ "$(cat /proc/1/comm)" = systemd ] || fatal 0 "PID 1 is $(cat /proc/1/comm), not systemd"
-log "$(systemd-analyze time 2>/dev/null | head -n1)"
+# Boot: the kernel started systemd (PID 1) at systemd_s, which reached multi-user.target at
+# target_s (seconds since the kernel started; systemd-analyze time would wait for this unit).
+systemd_s=$(systemctl show -p UserspaceTimestampMonotonic --value | awk '{ printf "%.2f", $1 / 1e6 }')
+target_s=$(systemctl show -p ActiveEnterTimestampMonotonic --value multi-user.target | awk '{ printf "%.2f", $1 / 1e6 }')
+log "boot: the kernel started systemd at $systemd_s s, multi-user.target at $target_s s"
 cgv2=$(awk '$2 == "/sys/fs/cgroup" { print $3 }' /proc/mounts)
 [ "$cgv2" = cgroup2 ] || fatal 0 "/sys/fs/cgroup is $cgv2, not cgroup v2"
 useradd -M alice && useradd -M bob || fatal 0 "useradd alice/bob failed"
@@ -142,7 +146,8 @@ rc=$?
 ck 1 "the first wqctl call succeeds through the socket (status $rc: $(cat /tmp/topo.err))" [ $rc -eq 0 ]
 ck 1 "wqd.service is active after it" systemctl -q is-active wqd.service
 log "first call answered after $(awk -v a="$t0" -v b="$(up)" 'BEGIN{printf "%.2f", b-a}') s"
-ck 1 "the journal shows the start triggered by the socket" sh -c 'journalctl -q --no-pager -u wqd.socket -u wqd.service | grep -q "Started wqd.service\|Starting wqd.service"'
+ck 1 "the journal shows systemd starting wqd.service (nothing but the socket asked it to)" sh -c 'journalctl -q --no-pager -u wqd.service | grep -q "Starting wqd.service\|Started wqd.service"'
+ck 1 "wqd.service is triggered by wqd.socket" has "$(systemctl show -p TriggeredBy --value wqd.service)" wqd.socket
 systemd-run -q --wait --pipe -p User=alice wqctl --socket /run/wqd/wqd.sock submit -t cpu:0 --handler noop --wait >/tmp/alice.out 2>&1
 rc=$?
 ck 1 "alice (wqd group, usermod step 6) may submit (status $rc)" [ $rc -eq 0 ]
