@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "wqd/v1/topology.proto",
     "wqd/v1/stats.proto",
     "wqd/v1/worker.proto",
+    "wqd/fleet/v1/fleet.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

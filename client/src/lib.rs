@@ -7,7 +7,8 @@
 //! messages), [`chunk`] (splitting huge batches into stream messages under a size budget),
 //! [`client`] (the connected [`Client`], and [`unix_channel`], the one Unix-socket connector
 //! every Rust client uses), [`worker`] (serving handlers of your own as an
-//! attached worker, one pinned thread per CPU) and [`error`] (the one error enum of this crate,
+//! attached worker, one pinned thread per CPU), `fleet` (feature `fleet`: submitting to a fleet
+//! of daemons over NATS JetStream, see `docs/fleet.md`) and [`error`] (the one error enum of this crate,
 //! [`ClientError`], which carries the gRPC status unchanged).
 //!
 //! The generated protocol types are re-exported as [`proto`]; responses are returned as
@@ -29,6 +30,8 @@ pub mod chunk;
 pub mod client;
 pub mod endpoint;
 pub mod error;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 pub mod item;
 pub mod worker;
 

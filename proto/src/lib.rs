@@ -10,6 +10,7 @@
 //! clients and the daemon see.
 
 pub mod codec;
+pub mod fleet;
 pub mod out;
 pub mod socket;
 pub mod submit_in;
@@ -22,6 +23,14 @@ pub mod wqd {
     pub mod v1 {
         // The generated services name their codec by path: `crate::codec::Codec`.
         tonic::include_proto!("wqd.v1");
+    }
+    /// Package `wqd.fleet.v1`: the messages fleet members and clients exchange over NATS
+    /// JetStream (no services; see [`crate::fleet`] and `docs/fleet.md`).
+    pub mod fleet {
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            tonic::include_proto!("wqd.fleet.v1");
+        }
     }
 }
 

@@ -8,7 +8,8 @@
 //! and [`ConfigError`]. Each daemon layer owns its own section type and its pure check
 //! (`[listen]` in [`crate::listen`], `[metrics]` in [`crate::metrics`], `[security]` in
 //! [`crate::security`], `[limits]` in [`crate::rpc::limits`], `[workers]` in
-//! [`crate::rpc::worker`], `[log]` in [`crate::logging`]); they are re-exported here.
+//! [`crate::rpc::worker`], `[log]` in [`crate::logging`], `[fleet]` in [`crate::fleet`]); they
+//! are re-exported here.
 //!
 //! Invariants: a [`Config`] is plain data, and [`Config::validate`] does no I/O of its own:
 //! it runs every section's pure check (resolving users and groups, `[exec]`'s `run_as_user`
@@ -38,6 +39,7 @@ use wqd_core::live::{LiveConfig, MonitorConfig};
 use crate::settings::{de_duration, Invalid};
 
 // The sections each layer owns, re-exported so `wqd::config::X` names every section type.
+pub use crate::fleet::FleetConfig;
 pub use crate::listen::{parse_mode, ListenConfig, KEEPALIVE_TIMEOUT};
 pub use crate::logging::LogConfig;
 pub use crate::metrics::MetricsConfig;
@@ -112,6 +114,9 @@ pub struct Config {
     /// Attached workers (`WorkerService`): who may serve which handler names; see
     /// `docs/workers.md`.
     pub workers: WorkersSection,
+    /// Membership of a fleet over NATS JetStream; absent (the default) means standalone: the
+    /// daemon never touches the network for it. See `docs/fleet.md`.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// `[topology]`
@@ -310,6 +315,9 @@ impl Config {
         // [security]: only what needs no I/O; users, groups and files are resolved once at
         // start (crate::daemon) and re-checked on reload (crate::reload).
         self.security.check(self.listen.tcp)?;
+        if let Some(f) = &self.fleet {
+            f.check()?;
+        }
         Ok(())
     }
 
@@ -660,6 +668,19 @@ read_open = true
             missing.is_empty(),
             "deploy/wqd.toml does not document: {missing:?}"
         );
+    }
+
+    #[test]
+    fn fleet_is_absent_unless_configured_and_its_errors_name_the_key() {
+        assert_eq!(parse("").unwrap().fleet, None);
+        let c = parse("[fleet]\nservers = [\"nats://127.0.0.1:4222\"]\nhost = \"h1\"").unwrap();
+        assert_eq!(c.fleet.as_ref().and_then(|f| f.host.as_deref()), Some("h1"));
+        let e = err("[fleet]\nservers = []");
+        assert!(e.contains("config key fleet.servers"), "{e}");
+        let e = err("[fleet]\nservers = [\"nats://a:1\"]\nnak_delay = \"1ms\"");
+        assert!(e.contains("config key fleet.nak_delay"), "{e}");
+        let e = err("[fleet]\nservers = [\"nats://a:1\"]\nack_wait = \"soon\"");
+        assert!(e.contains("ack_wait"), "{e}");
     }
 
     #[test]

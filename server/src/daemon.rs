@@ -25,6 +25,10 @@
 //!    `listen.max_connections`, lowered to what RLIMIT_NOFILE leaves once every listening
 //!    socket is open and a reserve is set aside (see [`crate::conn`]).
 //!
+//! 4. *join the fleet* (only with `[fleet]`): start the fleet member
+//!    ([`crate::fleet::member`]), which connects to NATS in the background and takes work only
+//!    now that everything above runs. Its I/O (host name, credential files) was step 0's.
+//!
 //! systemd's notifications (`READY=1`, the watchdog) start in [`run`], once the binary has
 //! printed its "listening" lines.
 //!
@@ -34,7 +38,9 @@
 //!
 //! Stop ([`Daemon::shutdown`]): mark health NOT_SERVING and stop accepting; shut the engine
 //! down with the grace period (pending items are cancelled, running ones get the grace, then
-//! their cancel signal), which ends every flush; end watch streams; wait briefly for the
+//! their cancel signal), which ends every flush — the fleet member, told first, hands the
+//! items this cancels back to the fleet and publishes the ones that finished, then leaves;
+//! end watch streams; wait briefly for the
 //! servers; stop the monitor and the sampler; remove the socket file. Invariant: once
 //! `shutdown` returns, no wqd thread or task runs and the socket file is gone.
 
@@ -50,6 +56,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError, Pinning};
 use crate::conn::{ConnLayer, Incoming, Listener, ListenerStats};
+use crate::fleet::member::{Member, MemberContext, Prepared};
+use crate::fleet::FleetError;
 use crate::listen::{ListenConfig, KEEPALIVE_TIMEOUT};
 use crate::metrics::Metrics;
 use crate::reload::{LogSetter, Plan, ReloadError, Targets};
@@ -114,6 +122,8 @@ pub enum DaemonError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Security(#[from] SecurityError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
 }
 
 impl DaemonError {
@@ -122,6 +132,7 @@ impl DaemonError {
         match self {
             DaemonError::Config(_) => 64,
             DaemonError::Security(e) if e.is_config() => 64,
+            DaemonError::Fleet(e) if e.is_config() => 64,
             _ => 1,
         }
     }
@@ -193,6 +204,8 @@ pub struct Daemon {
     health: tonic_health::server::HealthReporter,
     servers: Vec<JoinHandle<()>>,
     pinning: bool,
+    /// The fleet member, when `[fleet]` is set.
+    fleet: Option<Member>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -258,11 +271,13 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListe
 struct Resolved {
     security: Security,
     workers: WorkerPolicy,
+    /// `[fleet]`'s host name and credential files, when the section is present.
+    fleet: Option<Prepared>,
 }
 
 impl Resolved {
-    /// Validates `cfg` (pure) and resolves `[security]` and `[workers]`.
-    fn from_config(cfg: &Config) -> Result<Resolved, DaemonError> {
+    /// Validates `cfg` (pure) and resolves `[security]`, `[workers]` and `[fleet]`.
+    async fn from_config(cfg: &Config) -> Result<Resolved, DaemonError> {
         cfg.validate()?;
         let security = Security::resolve(&cfg.security, cfg.listen.tcp, cfg.exec.as_ref())?;
         let workers = WorkerPolicy::resolve(&cfg.workers, nix::unistd::geteuid().as_raw())
@@ -272,7 +287,15 @@ impl Resolved {
                     problem: e,
                 })
             })?;
-        Ok(Resolved { security, workers })
+        let fleet = match &cfg.fleet {
+            Some(f) => Some(Member::prepare(f).await?),
+            None => None,
+        };
+        Ok(Resolved {
+            security,
+            workers,
+            fleet,
+        })
     }
 }
 
@@ -460,7 +483,9 @@ impl Serving {
         core: &Core,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Serving, DaemonError> {
-        let Resolved { security, workers } = resolved;
+        let Resolved {
+            security, workers, ..
+        } = resolved;
         let (stop, stopping) = watch::channel(false);
         let metrics_server =
             crate::metrics::serve(&metrics, &cfg.metrics, &core.engine, &core.view, &stopping)
@@ -570,7 +595,8 @@ impl Daemon {
         cfg: Config,
         activated: Option<std::os::unix::net::UnixListener>,
     ) -> Result<Daemon, DaemonError> {
-        let resolved = Resolved::from_config(&cfg)?;
+        let mut resolved = Resolved::from_config(&cfg).await?;
+        let fleet = resolved.fleet.take();
         let Bound {
             socket,
             socket_file,
@@ -580,6 +606,24 @@ impl Daemon {
         let metrics = crate::metrics::for_config(&cfg.metrics)?;
         let core = Core::start(&cfg, metrics.as_ref())?;
         let serving = Serving::start(&cfg, resolved, listeners, &core, metrics).await?;
+        // Last: the fleet member takes work only once the daemon serves. Absent `[fleet]`,
+        // nothing here touches the network.
+        let fleet = match fleet {
+            Some(p) => Some(
+                Member::start(
+                    p,
+                    MemberContext {
+                        engine: core.engine.clone(),
+                        view: core.view.clone(),
+                        load: core.load.clone(),
+                        limits: serving.rpc.limits.clone(),
+                        metrics: serving.rpc.metrics.clone(),
+                    },
+                )
+                .await?,
+            ),
+            None => None,
+        };
         tracing::info!(
             socket = %socket.display(),
             activated,
@@ -605,6 +649,7 @@ impl Daemon {
             health: serving.health,
             servers: serving.servers,
             pinning: core.pinning,
+            fleet,
         })
     }
 
@@ -621,6 +666,11 @@ impl Daemon {
     /// The metrics address served (with the real port when 0 was asked), if any.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// This daemon's name in its fleet, when it is a member.
+    pub fn fleet_host(&self) -> Option<&str> {
+        self.fleet.as_ref().map(Member::host)
     }
 
     /// Whether workers are pinned.
@@ -677,10 +727,20 @@ impl Daemon {
         tracing::info!(?grace, "shutting down");
         Rpc::set_health(&self.health, false).await;
         let _ = self.stop.send(true);
+        // Before the engine cancels anything: the member stops pulling, and items the engine
+        // cancels now are handed back to the fleet rather than published as cancelled.
+        if let Some(f) = &self.fleet {
+            f.begin_stop();
+        }
         let engine = self.engine.clone();
         let cancelled = tokio::task::spawn_blocking(move || engine.shutdown(grace))
             .await
             .unwrap_or(0);
+        // The engine has stopped: items it cancelled are handed back to the fleet, finished
+        // ones are published, then the member leaves.
+        if let Some(f) = self.fleet.take() {
+            f.stop().await;
+        }
         for mut s in std::mem::take(&mut self.servers) {
             if tokio::time::timeout(SERVER_CLOSE_GRACE, &mut s)
                 .await

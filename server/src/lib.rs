@@ -20,6 +20,8 @@
 //!    and guard) → `conn`, `peer`, `settings`.
 //! 5. [`rpc`] (the gRPC services; `[limits]` in `rpc::limits`, `[workers]` in `rpc::worker`)
 //!    → `metrics`, `security`, `conn`, `shared`, `settings`.
+//! 5½. [`fleet`] (`[fleet]`, the member of a fleet over NATS JetStream) → `rpc`, `metrics`,
+//!    `shared`, `settings`.
 //! 6. [`config`] (the file: aggregates every section, parses TOML, runs the pure checks; no
 //!    I/O of its own) → the sections' modules.
 //! 7. [`reload`] → `config`, `rpc`, `security`, `logging`.
@@ -35,6 +37,7 @@ pub mod authority;
 pub mod config;
 pub mod conn;
 pub mod daemon;
+pub mod fleet;
 pub mod listen;
 pub mod logging;
 pub mod metrics;

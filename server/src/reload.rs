@@ -237,6 +237,9 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         max_credits,
         allow
     );
+    if old.fleet != new.fleet {
+        return Err(restart("fleet", &old.fleet, &new.fleet));
+    }
     if restart_only_part(old) != restart_only_part(new) {
         return Err(ReloadError::NeedsRestart {
             key: "(a section that is not reloadable, e.g. [security])".into(),

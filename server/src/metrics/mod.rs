@@ -96,6 +96,16 @@ pub mod names {
     pub const WORKER_HANDLER_WORKERS: &str = "wqd_worker_handler_workers";
     pub const WORKER_ITEMS: &str = "wqd_worker_items_total";
     pub const AUTHORITY_REWRITTEN: &str = "wqd_connections_authority_rewritten_total";
+    pub const FLEET_DELIVERIES: &str = "wqd_fleet_deliveries_total";
+    pub const FLEET_REDELIVERIES: &str = "wqd_fleet_redeliveries_total";
+    pub const FLEET_ACKS: &str = "wqd_fleet_acks_total";
+    pub const FLEET_NAKS: &str = "wqd_fleet_naks_total";
+    pub const FLEET_DUPLICATES: &str = "wqd_fleet_duplicates_suppressed_total";
+    pub const FLEET_RESULTS: &str = "wqd_fleet_results_published_total";
+    pub const FLEET_PUBLISH: &str = "wqd_fleet_result_publish_seconds";
+    pub const FLEET_CONSUMER_PENDING: &str = "wqd_fleet_consumer_pending";
+    pub const FLEET_CONSUMER_ACK_PENDING: &str = "wqd_fleet_consumer_ack_pending";
+    pub const FLEET_CONNECTED: &str = "wqd_fleet_connected";
 }
 
 /// Bucket upper bounds, in seconds, for item wait and run times: 100µs to 10 minutes.
@@ -233,6 +243,7 @@ impl Metrics {
             .set_buckets_for_metric(full(names::ITEM_RUN), ITEM_BUCKETS)?
             .set_buckets_for_metric(full(names::FLUSH_DURATION), WAIT_BUCKETS)?
             .set_buckets_for_metric(full(names::RPC_DURATION), WAIT_BUCKETS)?
+            .set_buckets_for_metric(full(names::FLEET_PUBLISH), WAIT_BUCKETS)?
             .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
             .build_recorder();
         let handle = recorder.handle();
@@ -289,10 +300,63 @@ impl Metrics {
         self.handle.render()
     }
 
+    /// The fleet member's handles (see [`FleetMetrics`]).
+    pub fn fleet(&self) -> FleetMetrics {
+        let r = &self.reg;
+        let c = |n, l: &[(&'static str, String)]| r.counter(n, l);
+        let g = |n, l: &[(&'static str, String)]| r.gauge(n, l);
+        FleetMetrics {
+            deliveries: c(names::FLEET_DELIVERIES, &[]),
+            redeliveries: c(names::FLEET_REDELIVERIES, &[]),
+            acks: c(names::FLEET_ACKS, &[]),
+            naks: c(names::FLEET_NAKS, &[("reason", "no_live_cpu".into())]),
+            naks_busy: c(names::FLEET_NAKS, &[("reason", "engine_refused".into())]),
+            dup_member: c(names::FLEET_DUPLICATES, &[("at", "member".into())]),
+            dup_publish: c(names::FLEET_DUPLICATES, &[("at", "publish".into())]),
+            results: c(names::FLEET_RESULTS, &[]),
+            publish: r.histogram(names::FLEET_PUBLISH, &[]),
+            pending_host: g(
+                names::FLEET_CONSUMER_PENDING,
+                &[("consumer", "host".into())],
+            ),
+            pending_any: g(names::FLEET_CONSUMER_PENDING, &[("consumer", "any".into())]),
+            ack_pending_host: g(
+                names::FLEET_CONSUMER_ACK_PENDING,
+                &[("consumer", "host".into())],
+            ),
+            ack_pending_any: g(
+                names::FLEET_CONSUMER_ACK_PENDING,
+                &[("consumer", "any".into())],
+            ),
+            connected: g(names::FLEET_CONNECTED, &[]),
+        }
+    }
+
     /// Folds recorded histogram samples into buckets (the [`UPKEEP`] tick).
     pub fn upkeep(&self) {
         self.handle.run_upkeep();
     }
+}
+
+/// The fleet member's metric handles (`crate::fleet`), updated as items move; the consumer
+/// gauges are set by the member's record refresh (every `fleet.host_ttl / 3`), not at scrape
+/// time, since reading them takes a JetStream request.
+#[derive(Clone)]
+pub struct FleetMetrics {
+    pub deliveries: Counter,
+    pub redeliveries: Counter,
+    pub acks: Counter,
+    pub naks: Counter,
+    pub naks_busy: Counter,
+    pub dup_member: Counter,
+    pub dup_publish: Counter,
+    pub results: Counter,
+    pub publish: Histogram,
+    pub pending_host: Gauge,
+    pub pending_any: Gauge,
+    pub ack_pending_host: Gauge,
+    pub ack_pending_any: Gauge,
+    pub connected: Gauge,
 }
 
 /// Which RPC waited for a flush (the `method` label of `wqd_flush_duration_seconds`).
@@ -511,6 +575,43 @@ fn describe(r: &PrometheusRecorder) {
     c(
         AUTHORITY_REWRITTEN,
         "HTTP/2 :authority values h2 would refuse (a socket path), rewritten on the Unix listener.",
+    );
+    c(
+        FLEET_DELIVERIES,
+        "Fleet items JetStream delivered to this member.",
+    );
+    c(
+        FLEET_REDELIVERIES,
+        "Fleet deliveries that were not an item's first (ack wait passed, a member died, a nak).",
+    );
+    c(
+        FLEET_ACKS,
+        "Fleet items acked (terminal, result published).",
+    );
+    c(
+        FLEET_NAKS,
+        "Fleet items handed back with a delay, by reason (no_live_cpu: an any item whose group has no live CPU here; engine_refused: full, draining or stopping).",
+    );
+    c(
+        FLEET_DUPLICATES,
+        "Fleet duplicates suppressed, by where (member: a redelivered item whose result was already published, not run again; publish: a result JetStream de-duplicated by id).",
+    );
+    c(FLEET_RESULTS, "Fleet results this member published.");
+    h(
+        FLEET_PUBLISH,
+        "Time to publish one fleet result and get JetStream's ack.",
+    );
+    g(
+        FLEET_CONSUMER_PENDING,
+        "Fleet items not yet delivered on this member's consumers (host, any): the consumer lag.",
+    );
+    g(
+        FLEET_CONSUMER_ACK_PENDING,
+        "Fleet items delivered and not yet acked on this member's consumers (all members, for any).",
+    );
+    g(
+        FLEET_CONNECTED,
+        "1 while the fleet member is connected to NATS.",
     );
 }
 

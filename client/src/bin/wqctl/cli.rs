@@ -74,6 +74,19 @@ pub struct Cli {
     /// flush that times out leaves the work running)
     #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Option<Duration>,
+    /// Talk to a fleet of daemons over NATS JetStream instead of one daemon: `submit` and
+    /// `flush` go to the fleet, and `fleet hosts` lists its members (comma-separated URLs
+    /// name several servers)
+    #[arg(
+        long,
+        global = true,
+        env = "WQD_FLEET",
+        value_name = "nats://HOST:PORT"
+    )]
+    pub fleet: Option<String>,
+    /// NATS credentials file (.creds) for --fleet
+    #[arg(long, global = true, env = "WQD_FLEET_CREDS", value_name = "FILE")]
+    pub fleet_creds: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -121,6 +134,16 @@ pub enum Command {
     /// List attached workers: id, pid, uid, name, handlers, slots as CPU:IN_FLIGHT/DONE,
     /// items done and handed back, time attached
     Workers,
+    /// The fleet (needs --fleet)
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// List the fleet's members from their host records: name, live CPUs, groups, load,
+    /// items pending and running, version, record age
+    Hosts,
 }
 
 #[derive(Debug, Args)]
@@ -164,6 +187,10 @@ pub struct SubmitArgs {
     /// Always use the streaming submit call, whatever the batch size
     #[arg(long)]
     pub stream: bool,
+    /// With --fleet: which member runs the items: host=NAME, any (the first member with a
+    /// live CPU in the target group) or each-host (one copy per member)
+    #[arg(long, value_name = "SELECTOR", default_value = "any")]
+    pub on: String,
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +205,10 @@ pub struct ScopeArgs {
     /// Everything pending or running on this workqueue when the flush starts (flush only)
     #[arg(long, value_name = "NAME")]
     pub workqueue: Option<String>,
+    /// A fleet batch id (with --fleet; the flush waits for a result of every item, bounded
+    /// by --timeout, default 10m)
+    #[arg(long, value_name = "ID")]
+    pub fleet_batch: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,5 @@
 //! `wqctl`: the command-line client of wqd. `cli` defines the command line, `summary`
-//! computes batch summaries, `render` formats responses; this file connects, calls the
+//! computes batch summaries, `render` formats responses, `fleet` serves `--fleet`; this file connects, calls the
 //! daemon, prints, and maps outcomes to exit codes.
 //!
 //! Invariant: stdout gets only the chosen output (text, or exactly one JSON document);
@@ -7,6 +7,7 @@
 //! `cli::EXIT_CODES` (0 ok, 1 request failed, 2 usage, 3 some items not OK).
 
 mod cli;
+mod fleet;
 mod render;
 mod summary;
 
@@ -45,6 +46,8 @@ enum CliError {
     Client(#[from] ClientError),
     #[error("{0}")]
     Local(String),
+    #[error("fleet: {0}")]
+    Fleet(#[from] wqd_client::fleet::FleetError),
 }
 
 /// What a successful command reports to the exit code.
@@ -123,6 +126,21 @@ fn token(cli: &Cli) -> Result<Option<String>, CliError> {
 }
 
 async fn run(cli: Cli) -> Result<Done, CliError> {
+    if let Some(url) = cli.fleet.clone() {
+        return fleet::run(cli, &url).await;
+    }
+    if matches!(cli.command, Command::Fleet(_)) {
+        return Err(CliError::Local(
+            "fleet commands need --fleet nats://HOST:PORT (or WQD_FLEET)".into(),
+        ));
+    }
+    if let Command::Flush(f) = &cli.command {
+        if f.scope.fleet_batch.is_some() {
+            return Err(CliError::Local(
+                "--fleet-batch needs --fleet nats://HOST:PORT (or WQD_FLEET)".into(),
+            ));
+        }
+    }
     let mut client = Client::connect_with(endpoint(&cli)?, tls_options(&cli)?)
         .await?
         .with_timeout(cli.timeout);
@@ -256,6 +274,11 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
         Command::Stats => {
             let s = client.stats().await?;
             emit(out, || render::stats_json(&s), || render::stats_text(&s));
+        }
+        Command::Fleet(_) => {
+            return Err(CliError::Local(
+                "fleet commands need --fleet nats://HOST:PORT (or WQD_FLEET)".into(),
+            ))
         }
         Command::Workers => {
             let r = client.list_workers_response().await?;
