@@ -124,8 +124,10 @@ struct Shared {
     stopping: watch::Receiver<bool>,
     /// Item tasks still running (stop waits for them, bounded).
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// L: every member's host record as last read by `refresh`.
+    /// L: every member's host record as last read.
     others: Mutex<Vec<HostRecord>>,
+    /// The hosts bucket, once set up.
+    kv: std::sync::OnceLock<kv::Store>,
 }
 
 /// Which durable consumer a loop serves.
@@ -191,6 +193,7 @@ impl Member {
             stopping,
             tasks: Mutex::new(Vec::new()),
             others: Mutex::new(Vec::new()),
+            kv: std::sync::OnceLock::new(),
         });
         let main = tokio::spawn(shared.clone().run());
         tracing::info!(host = %host, servers = ?cfg.servers, "fleet member starting");
@@ -356,6 +359,7 @@ impl Shared {
         else {
             return;
         };
+        let _ = self.kv.set(kv.clone());
         tracing::info!(host = %self.host, "fleet member joined");
         let tasks = vec![
             tokio::spawn(self.clone().refresh(kv)),
@@ -550,7 +554,8 @@ impl Shared {
             if let Some(why) = self.unplaceable(&item) {
                 // Give up only when no other member's record shows a live CPU in the group
                 // (after max_deliver tries), or at JetStream's bound; else hand it back.
-                let nobody = delivered >= self.cfg.max_deliver && !self.another_can_place(&item);
+                let nobody =
+                    delivered >= self.cfg.max_deliver && !self.another_can_place(&item).await;
                 if last_try || nobody {
                     bump(&self.stats.gave_up);
                     let reason = format!(
@@ -621,10 +626,10 @@ impl Shared {
         }
     }
 
-    /// Whether another member's host record (as last read) says it has a live CPU in the
-    /// item's group. Groups a record cannot show (named groups, partitions, `core:N`) count
-    /// as yes: only the member itself can tell.
-    fn another_can_place(&self, item: &FleetItem) -> bool {
+    /// Whether another member's host record (read now; the last read if the bucket cannot be
+    /// read) says it has a live CPU in the item's group. Groups a record cannot show (named
+    /// groups, partitions, `core:N`) count as yes: only the member itself can tell.
+    async fn another_can_place(&self, item: &FleetItem) -> bool {
         use wqd_core::target::Target;
         let text = item.item.as_ref().map(|w| w.target.as_str()).unwrap_or("");
         let Ok(ItemTarget::One(t)) = text.parse::<ItemTarget>() else {
