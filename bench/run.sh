@@ -7,7 +7,9 @@
 #    its own cargo call so wqd links the same wqd-client features as in the bench build);
 #    the service section runs the same job through NATS JetStream and Redis too, and needs the
 #    Debian packages nats-server and redis-server: installed here when missing and running as
-#    root (otherwise the section says which is missing and reports wqd alone);
+#    root (otherwise the section says which is missing and reports wqd alone); the fleet
+#    section (--only fleet) runs wqd as a fleet member over nats-server, against direct
+#    submission and a bare JetStream work queue (skipped without nats-server);
 # 2. the criterion benches (dispatch, resolve/build) for closer looks, reports in
 #    target/criterion/.
 set -euo pipefail

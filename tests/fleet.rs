@@ -254,14 +254,14 @@ fn member_dups(d: &Daemon) -> u64 {
         .unwrap_or(0.0) as u64
 }
 
+/// Per item of a batch: its selector, the host it must end on (if one), its target.
+type Meta = Vec<(Selector, Option<String>, String)>;
+
 /// Builds a batch: `(selector, target, handler args)` runs, and the expectation of each id.
 fn plan(
     runs: &[(Selector, &str, usize, Option<&str>)],
     handler: (&str, &[(&str, &str)]),
-) -> (
-    Vec<(Selector, Item)>,
-    Vec<(Selector, Option<String>, String)>,
-) {
+) -> (Vec<(Selector, Item)>, Meta) {
     let mut items = Vec::new();
     let mut meta = Vec::new();
     for (sel, target, n, only) in runs {
@@ -282,10 +282,7 @@ fn plan(
 }
 
 /// The expectation of every id of a submitted batch, from [`plan`]'s metadata.
-fn expectations(
-    batch: &wqd_client::fleet::FleetBatch,
-    meta: &[(Selector, Option<String>, String)],
-) -> HashMap<String, Expect> {
+fn expectations(batch: &wqd_client::fleet::FleetBatch, meta: &Meta) -> HashMap<String, Expect> {
     let mut out = HashMap::new();
     for (i, (sel, host, target)) in meta.iter().enumerate() {
         let i = u32::try_from(i).expect("index");

@@ -24,6 +24,7 @@
 
 pub mod alloc;
 pub mod dispatch;
+pub mod fleet;
 pub mod floor;
 pub mod grpc;
 pub mod hotplug;

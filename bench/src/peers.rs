@@ -193,6 +193,7 @@ pub struct Nats {
     js: async_nats::jetstream::Context,
     results: async_nats::Subscriber,
     round: u32,
+    url: String,
     _workers: Workers,
     _server: PeerServer,
 }
@@ -249,14 +250,23 @@ impl Nats {
             client.flush().await.expect("flush the subscription");
             (js, results)
         });
-        let workers = Workers::spawn(workers, "nats", move |_, stop| nats_worker(&url, &stop));
+        let worker_url = url.clone();
+        let workers = Workers::spawn(workers, "nats", move |_, stop| {
+            nats_worker(&worker_url, &stop)
+        });
         Nats {
             js,
             results,
             round: 0,
+            url,
             _workers: workers,
             _server: server,
         }
+    }
+
+    /// The server's URL (the fleet section runs its members on the same server).
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// Publishes `n` items (async publish, then every publish ack awaited) and awaits their `n`

@@ -445,6 +445,11 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
 }
 
 /// A peer server's version (`nats-server v2.9.10`, `redis-server v7.0.15`), from `--version`.
+/// A peer server's version, for other sections' notes.
+pub fn server_version(name: &str) -> String {
+    version(name)
+}
+
 fn version(name: &str) -> String {
     let out = peers::find(name)
         .and_then(|b| std::process::Command::new(b).arg("--version").output().ok());

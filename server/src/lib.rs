@@ -20,12 +20,12 @@
 //!    and guard) → `conn`, `peer`, `settings`.
 //! 5. [`rpc`] (the gRPC services; `[limits]` in `rpc::limits`, `[workers]` in `rpc::worker`)
 //!    → `metrics`, `security`, `conn`, `shared`, `settings`.
-//! 5½. [`fleet`] (`[fleet]`, the member of a fleet over NATS JetStream) → `rpc`, `metrics`,
+//! 6. [`fleet`] (`[fleet]`, the member of a fleet over NATS JetStream) → `rpc`, `metrics`,
 //!    `shared`, `settings`.
-//! 6. [`config`] (the file: aggregates every section, parses TOML, runs the pure checks; no
+//! 7. [`config`] (the file: aggregates every section, parses TOML, runs the pure checks; no
 //!    I/O of its own) → the sections' modules.
-//! 7. [`reload`] → `config`, `rpc`, `security`, `logging`.
-//! 8. [`daemon`] (start-up in named steps, run, stop) → everything; the binary (`bin/wqd.rs`)
+//! 8. [`reload`] → `config`, `rpc`, `security`, `logging`.
+//! 9. [`daemon`] (start-up in named steps, run, stop) → everything; the binary (`bin/wqd.rs`)
 //!    → `config`, `daemon`, `reload`, `systemd`.
 //!
 //! Only `daemon`, the binary and `reload` import `config`. Anything that does I/O about the

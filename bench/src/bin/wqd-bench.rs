@@ -1,7 +1,7 @@
 //! `wqd-bench`: runs every measurement of `docs/benchmarks.md` in one process and writes the
 //! markdown table (stdout, and `--out FILE`).
 //!
-//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers|service]...
+//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers|service|fleet]...
 //! [--out FILE]`, or `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler),
 //! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait]` to drive a daemon already
 //! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
@@ -11,7 +11,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use wqd_bench::{alloc, dispatch, grpc, hotplug, report, scale, service, workers};
+use wqd_bench::{alloc, dispatch, fleet, grpc, hotplug, report, scale, service, workers};
 
 #[global_allocator]
 static A: alloc::Counting = alloc::Counting;
@@ -40,14 +40,16 @@ fn machine() -> String {
 }
 
 const USAGE: &str =
-    "usage: wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers|service]... \
+    "usage: wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers|service|fleet]... \
 [--out FILE]
        wqd-bench --profile-engine ROUNDS [summary]
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
 --quick is a smoke run whose figures are not worth comparing.";
 
-const SECTIONS: [&str; 6] = ["dispatch", "hotplug", "scale", "grpc", "workers", "service"];
+const SECTIONS: [&str; 7] = [
+    "dispatch", "hotplug", "scale", "grpc", "workers", "service", "fleet",
+];
 
 /// Refuses what a full run would otherwise ignore (a mistyped flag, or `--help`, must not start
 /// minutes of benchmarks): `Err` is the message, `Ok(false)` asks for the usage.
@@ -233,6 +235,13 @@ fn main() {
             };
         }
         service::run(cfg)
+    });
+    section("fleet", &mut || {
+        let mut cfg = fleet::Cfg::default();
+        if quick {
+            cfg.window = Duration::from_millis(300);
+        }
+        fleet::run(cfg)
     });
     let _ = writeln!(md, "{}", report::verdicts(&verdicts));
     let _ = writeln!(

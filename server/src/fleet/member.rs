@@ -646,7 +646,7 @@ impl Shared {
                     Target::Cpu(n) => live().contains(*n),
                     Target::Cpus(set) => live().intersects(set),
                     Target::Core(_) | Target::Named(_) | Target::Partition { .. } => true,
-                    _ => r.groups.iter().any(|g| *g == canonical),
+                    _ => r.groups.contains(&canonical),
                 }
             })
     }
