@@ -107,7 +107,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
     let mut t = Table::new(
         "Fleet: the fleet layer vs direct submission vs bare JetStream",
         &format!(
-            "N noop items, every result awaited; closed loop of batches for {:?} per figure; one member (the release daemon, host topology), loopback nats-server {}; p50/p99 of the submit→all-results time of a batch.",
+            "N noop items, every result awaited; closed loop of batches for {:?} per figure; one member (the release daemon, host topology), loopback {}; p50/p99 of the submit→all-results time of a batch.",
             cfg.window,
             crate::service::server_version("nats-server")
         ),
