@@ -636,19 +636,26 @@ impl Shared {
             return false;
         };
         let canonical = t.to_string();
-        self.others
-            .lock()
-            .iter()
-            .filter(|r| r.name != self.host)
-            .any(|r| {
-                let live = || wqd_core::cpuset::CpuSet::parse_list(&r.live).unwrap_or_default();
-                match &t {
-                    Target::Cpu(n) => live().contains(*n),
-                    Target::Cpus(set) => live().intersects(set),
-                    Target::Core(_) | Target::Named(_) | Target::Partition { .. } => true,
-                    _ => r.groups.contains(&canonical),
-                }
-            })
+        let fresh = match self.kv.get() {
+            Some(kv) => read_records(kv).await,
+            None => None,
+        };
+        let records = match fresh {
+            Some(r) => {
+                *self.others.lock() = r.clone();
+                r
+            }
+            None => self.others.lock().clone(),
+        };
+        records.iter().filter(|r| r.name != self.host).any(|r| {
+            let live = || wqd_core::cpuset::CpuSet::parse_list(&r.live).unwrap_or_default();
+            match &t {
+                Target::Cpu(n) => live().contains(*n),
+                Target::Cpus(set) => live().intersects(set),
+                Target::Core(_) | Target::Named(_) | Target::Partition { .. } => true,
+                _ => r.groups.contains(&canonical),
+            }
+        })
     }
 
     /// Waits for the item's end (sending progress acks meanwhile), publishes its result, then
