@@ -416,6 +416,11 @@ async fn a_member_killed_mid_batch_loses_nothing() {
     let expect = expectations(&b, &meta);
     // Mid-batch: ka holds hundreds of items (20 ms each, 8 CPUs in its node 0).
     tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = f
+        .flush_ids(&b.batch, &b.ids, Duration::from_millis(100))
+        .await
+        .expect("partial flush");
+    assert!(!before.missing.is_empty(), "the kill happens mid-batch");
     let pid = libc::pid_t::try_from(ka.pid()).expect("pid");
     // SAFETY: plain syscall on our own child.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -463,6 +468,16 @@ async fn nats_server_restarted_mid_batch_loses_nothing() {
     let b = f.submit("one", items).await.expect("fleet submit");
     let expect = expectations(&b, &meta);
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = f
+        .flush_ids(&b.batch, &b.ids, Duration::from_millis(100))
+        .await
+        .expect("partial flush");
+    assert!(!before.missing.is_empty(), "the restart happens mid-batch");
+    println!(
+        "fleet nats-server restart: {} of {} results before the restart",
+        before.results.len(),
+        before.expected
+    );
     nats.stop();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     nats.spawn();

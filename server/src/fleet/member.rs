@@ -640,13 +640,7 @@ impl Shared {
             Some(kv) => read_records(kv).await,
             None => None,
         };
-        let records = match fresh {
-            Some(r) => {
-                *self.others.lock() = r.clone();
-                r
-            }
-            None => self.others.lock().clone(),
-        };
+        let records = self.merge_records(fresh);
         records.iter().filter(|r| r.name != self.host).any(|r| {
             let live = || wqd_core::cpuset::CpuSet::parse_list(&r.live).unwrap_or_default();
             match &t {
@@ -656,6 +650,32 @@ impl Shared {
                 _ => r.groups.contains(&canonical),
             }
         })
+    }
+
+    /// Folds a fresh read of the host records into the copy kept, and returns it. A read can
+    /// miss a key (listing races with puts), so a member absent from it is kept until its
+    /// record is older than `host_ttl`, as the bucket itself would keep it.
+    fn merge_records(&self, fresh: Option<Vec<HostRecord>>) -> Vec<HostRecord> {
+        let mut kept = self.others.lock();
+        for r in fresh.unwrap_or_default() {
+            match kept.iter_mut().find(|k| k.name == r.name) {
+                Some(k) => *k = r,
+                None => kept.push(r),
+            }
+        }
+        let now = SystemTime::now();
+        let ttl = self.cfg.host_ttl;
+        kept.retain(|r| {
+            r.updated_at.as_ref().is_some_and(|t| {
+                let at = SystemTime::UNIX_EPOCH
+                    + Duration::new(
+                        u64::try_from(t.seconds).unwrap_or(0),
+                        u32::try_from(t.nanos).unwrap_or(0),
+                    );
+                now.duration_since(at).map_or(true, |age| age <= ttl)
+            })
+        });
+        kept.clone()
     }
 
     /// Waits for the item's end (sending progress acks meanwhile), publishes its result, then
@@ -832,9 +852,7 @@ impl Shared {
             if let Err(e) = kv.put(&self.host, Bytes::from(rec.encode_to_vec())).await {
                 tracing::debug!(error = %e, "fleet: refreshing the host record failed");
             }
-            if let Some(all) = read_records(&kv).await {
-                *self.others.lock() = all;
-            }
+            let _ = self.merge_records(read_records(&kv).await);
             if let Some(x) = &self.metrics {
                 let up = self.client.connection_state() == async_nats::connection::State::Connected;
                 x.connected.set(if up { 1.0 } else { 0.0 });
