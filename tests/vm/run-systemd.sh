@@ -53,6 +53,8 @@ done
 timeout_s=${timeout_s:-$((240 + 120 * rounds))}
 
 say() { printf 'vm-systemd: %s\n' "$*" >&2; }
+# shellcheck source=tests/vm/lib.sh
+. "$here/lib.sh"
 t_start=$(date +%s)
 
 "$here/fetch.sh" "$cache" || exit $?   # 77 passes through: cannot fetch
@@ -66,15 +68,9 @@ if [[ $no_build != 1 ]]; then
     # Step 1 of docs/operations.md, the same binaries. The package selection is run.sh's (plus
     # wqctl's bin), so that cargo unifies the same features as the workspace's test build and
     # builds nothing new after `cargo test --workspace --release`. See run.sh for why the cargo
-    # test environment is dropped.
+    # test environment is dropped (lib.sh).
     say "building wqd and wqctl (release), as docs/operations.md step 1 does"
-    (cd "$repo" &&
-        for v in $(compgen -e); do
-            if [[ $v =~ ^(CARGO_(PKG_|MANIFEST_|CRATE_NAME|PRIMARY_PACKAGE|TARGET_TMPDIR|BIN_)|OUT_DIR$) ]]; then
-                unset "$v"
-            fi
-        done
-        cargo build --release --locked -p wqd -p wqd-torture -p wqd-client --bin wqd --bin wqctl) >&2
+    vm_cargo_build -p wqd -p wqd-torture -p wqd-client --bin wqd --bin wqctl
 fi
 for b in wqd wqctl; do
     [[ -x $target_dir/release/$b ]] || { say "no $target_dir/release/$b; build first or drop --no-build"; exit 1; }
@@ -162,36 +158,7 @@ initrd=$run_dir/initrd.gz
 log=${log:-$cache/serial-systemd-smp$smp.log}
 : >"$log"
 say "booting: $smp vCPUs, systemd as PID 1, rounds $rounds, churn ${churn_ms} ms, timeout ${timeout_s}s, initrd $(du -h "$initrd" | cut -f1), log $log"
-t_boot=$(date +%s)
-set +e
-timeout --kill-after=10 "$timeout_s" "$qroot/usr/bin/qemu-system-x86_64" \
-    -L "$qroot/usr/share/qemu" -L "$qroot/usr/share/seabios" \
-    -accel tcg -m "$mem" -smp "$smp" \
-    -nodefaults -no-user-config -nographic -no-reboot \
-    -serial "file:$log" -monitor none -net none \
-    -kernel "$cache/vmlinuz" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off rdinit=/sbin/init systemd.getty_auto=0 systemd.show_status=0"
-qrc=$?
-set -e
-t_end=$(date +%s)
-say "qemu exited with status $qrc after $((t_end - t_boot)) s (total $((t_end - t_start)) s)"
-
-tail_log() { say "last lines of $log:"; tail -n "${1:-60}" "$log" | tr -d '\r' >&2; }
-if grep -q 'WQD-SYSTEMD: FAIL' "$log"; then
-    grep -a 'CHECK FAIL\|sd: ' "$log" | tr -d '\r' >&2
-    tail_log 90
-    say "FAIL: $(grep -a -m1 'WQD-SYSTEMD: FAIL' "$log" | tr -d '\r')"
-    exit 1
-fi
-if [[ $qrc == 124 || $qrc == 137 ]]; then
-    tail_log
-    say "FAIL: timeout after ${timeout_s}s without a marker"
-    exit 1
-fi
-if ! grep -q 'WQD-SYSTEMD: PASS' "$log"; then
-    tail_log
-    say "FAIL: no WQD-SYSTEMD marker in $log (qemu status $qrc)"
-    exit 1
-fi
-grep -a 'sd: \|check ok\|WQD-SYSTEMD: PASS' "$log" | tr -d '\r' >&2
-say "PASS in $((t_end - t_boot)) s of VM time"
+on_fail() { grep -a 'CHECK FAIL\|sd: ' "$log" | tr -d '\r' >&2; }
+on_pass() { grep -a 'sd: \|check ok\|WQD-SYSTEMD: PASS' "$log" | tr -d '\r' >&2; }
+VM_APPEND="rdinit=/sbin/init systemd.getty_auto=0 systemd.show_status=0" vm_boot -smp "$smp"
+vm_verdict WQD-SYSTEMD 90

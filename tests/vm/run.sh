@@ -70,6 +70,8 @@ dur_s=$(awk -v d="$duration" 'BEGIN {
 timeout_s=${timeout_s:-$((dur_s + 120))}
 
 say() { printf 'vm: %s\n' "$*" >&2; }
+# shellcheck source=tests/vm/lib.sh
+. "$here/lib.sh"
 t_start=$(date +%s)
 
 "$here/fetch.sh" "$cache" || exit $?   # 77 passes through: cannot fetch
@@ -92,17 +94,7 @@ if [[ $mode == daemon ]]; then
 fi
 if [[ $no_build != 1 ]]; then
     say "building ${pkgs[*]} (release)"
-    # From inside `cargo test` the environment carries the test's CARGO_MANIFEST_DIR,
-    # CARGO_PKG_* and the like. Build scripts that ask to rerun when those change (ring's)
-    # would then see a change and rebuild ring, rustls, tonic and the daemon: build with the
-    # environment a shell has.
-    (cd "$repo" &&
-        for v in $(compgen -e); do
-            if [[ $v =~ ^(CARGO_(PKG_|MANIFEST_|CRATE_NAME|PRIMARY_PACKAGE|TARGET_TMPDIR|BIN_)|OUT_DIR$) ]]; then
-                unset "$v"
-            fi
-        done
-        cargo build --release --locked "${pkgs[@]}") >&2
+    vm_cargo_build "${pkgs[@]}"
 fi
 for b in "${bins[@]}"; do
     [[ -x $b ]] || { say "no $b; build first or drop --no-build"; exit 1; }
@@ -159,35 +151,7 @@ if [[ $numa == 1 ]]; then
         -numa node,nodeid=0,cpus=0-1,memdev=m0 -numa node,nodeid=1,cpus=2-3,memdev=m1)
 fi
 say "booting: $smp vCPUs$numa_words, mode $mode, duration $duration, seed $seed, timeout ${timeout_s}s, initrd $(du -h "$initrd" | cut -f1), log $log"
-t_boot=$(date +%s)
-set +e
-timeout --kill-after=10 "$timeout_s" "$qroot/usr/bin/qemu-system-x86_64" \
-    -L "$qroot/usr/share/qemu" -L "$qroot/usr/share/seabios" \
-    -accel tcg -m "$mem" "${smp_args[@]}" \
-    -nodefaults -no-user-config -nographic -no-reboot \
-    -serial "file:$log" -monitor none -net none \
-    -kernel "$cache/vmlinuz" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off"
-qrc=$?
-set -e
-t_end=$(date +%s)
-say "qemu exited with status $qrc after $((t_end - t_boot)) s (total $((t_end - t_start)) s)"
-
-tail_log() { say "last lines of $log:"; tail -n "${1:-60}" "$log" | tr -d '\r' >&2; }
-if grep -q 'WQD-TORTURE: FAIL' "$log"; then
-    tail_log 80
-    say "FAIL: $(grep -m1 'WQD-TORTURE: FAIL' "$log" | tr -d '\r')"
-    exit 1
-fi
-if [[ $qrc == 124 || $qrc == 137 ]]; then
-    tail_log
-    say "FAIL: timeout after ${timeout_s}s without a marker"
-    exit 1
-fi
-if ! grep -q 'WQD-TORTURE: PASS' "$log"; then
-    tail_log
-    say "FAIL: no WQD-TORTURE marker in $log (qemu status $qrc)"
-    exit 1
-fi
-sed -n '/^==== /,/WQD-TORTURE: PASS/p' "$log" | tr -d '\r' >&2
-say "PASS in $((t_end - t_boot)) s of VM time"
+on_fail() { :; }
+on_pass() { sed -n '/^==== /,/WQD-TORTURE: PASS/p' "$log" | tr -d '\r' >&2; }
+vm_boot "${smp_args[@]}"
+vm_verdict WQD-TORTURE 80
