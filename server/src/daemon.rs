@@ -820,6 +820,9 @@ pub struct RunOptions {
 struct Probe {
     /// Written by the probe thread after each `status_line` (which takes the engine lock).
     last: parking_lot::Mutex<(std::time::Instant, String)>,
+    /// The last reload's outcome ("reloaded (...)" or "reload refused: ..."), which every
+    /// periodic `STATUS=` carries after the line, so `systemctl status` keeps showing it.
+    reload: parking_lot::Mutex<Option<String>>,
     stop: std::sync::atomic::AtomicBool,
 }
 
@@ -833,6 +836,7 @@ fn start_probe(
 ) -> io::Result<Arc<Probe>> {
     let probe = Arc::new(Probe {
         last: parking_lot::Mutex::new((std::time::Instant::now(), String::new())),
+        reload: parking_lot::Mutex::new(None),
         stop: std::sync::atomic::AtomicBool::new(false),
     });
     let (p, e, v) = (probe.clone(), Arc::downgrade(engine), Arc::downgrade(view));
@@ -894,7 +898,10 @@ async fn supervise(
         match &problem {
             None => {
                 if !line.is_empty() {
-                    notify.send(&format!("STATUS={line}"));
+                    match probe.reload.lock().as_deref() {
+                        Some(r) => notify.send(&format!("STATUS={line}; last reload: {r}")),
+                        None => notify.send(&format!("STATUS={line}")),
+                    }
                 }
                 if watchdog.is_some() {
                     notify.send("WATCHDOG=1");
@@ -918,7 +925,12 @@ async fn supervise(
 /// Re-reads the config (the file, then the flags on top) and reloads it into `daemon`,
 /// logging and reporting the outcome (to systemd through `notify`, which [`run`] has taken out
 /// of `opts`). Never stops the daemon.
-async fn reload(daemon: &mut Daemon, opts: &RunOptions, notify: Option<&Notifier>) {
+async fn reload(
+    daemon: &mut Daemon,
+    opts: &RunOptions,
+    notify: Option<&Notifier>,
+    probe: Option<&Probe>,
+) {
     if let Some(n) = notify {
         n.send(&crate::systemd::reloading_message());
     }
@@ -937,16 +949,21 @@ async fn reload(daemon: &mut Daemon, opts: &RunOptions, notify: Option<&Notifier
         }
         daemon.reload(cfg, opts.log.as_ref())
     });
-    let status = match outcome {
+    let (status, last) = match outcome {
         Ok(plan) => {
             tracing::info!(changes = %plan.summary(), "config reloaded");
-            format!("reloaded ({}); {}", plan.summary(), daemon.status_line())
+            let done = format!("reloaded ({})", plan.summary());
+            (format!("{done}; {}", daemon.status_line()), done)
         }
         Err(e) => {
             tracing::error!(error = %e, "config reload refused; the running config stays in force");
-            format!("reload refused: {e}")
+            let refused = format!("reload refused: {e}");
+            (refused.clone(), refused)
         }
     };
+    if let Some(p) = probe {
+        *p.reload.lock() = Some(last);
+    }
     if let Some(n) = notify {
         n.send(&format!("READY=1\nSTATUS={status}"));
     }
@@ -1004,7 +1021,7 @@ pub async fn run(
             _ = int.recv() => { tracing::info!("SIGINT"); break; }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config");
-                reload(&mut daemon, &opts, notify.as_deref()).await;
+                reload(&mut daemon, &opts, notify.as_deref(), probe.as_deref()).await;
             }
         }
     }

@@ -210,6 +210,12 @@ fn reload_is_bracketed_by_reloading_and_ready_with_its_outcome() {
         l[ready + 1].starts_with("STATUS=reloaded (new limits)"),
         "{l:#?}"
     );
+    // The periodic status that follows keeps saying what the last reload did.
+    receive(&rx, Duration::from_secs(15), |m| {
+        lines(m).iter().any(|l| {
+            l.starts_with("STATUS=") && l.ends_with("; last reload: reloaded (new limits)")
+        })
+    });
 
     // A restart-only key: refused, and the status line says so.
     std::fs::write(
@@ -228,6 +234,13 @@ fn reload_is_bracketed_by_reloading_and_ready_with_its_outcome() {
         l[ready + 1].starts_with("STATUS=reload refused: ") && l[ready + 1].contains("results_max"),
         "{l:#?}"
     );
+    receive(&rx, Duration::from_secs(15), |m| {
+        lines(m).iter().any(|l| {
+            l.starts_with("STATUS=")
+                && l.contains("; last reload: reload refused: ")
+                && l.contains("results_max")
+        })
+    });
 
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(child.wait().unwrap().code(), Some(0));

@@ -208,9 +208,9 @@ EOF
 pid=$(mainpid)
 systemctl reload wqd.service
 rc=$?
-# The status line says what the reload did until wqd's next periodic status (every 5 s)
-# replaces it: read it at once. (systemd 252 has no Type=notify-reload: `systemctl reload`
-# returns once ExecReload's kill sent SIGHUP, so poll.)
+# The status line says what the reload did (right after it, and at the end of every periodic
+# status since: "; last reload: ..."). systemd 252 has no Type=notify-reload: `systemctl
+# reload` returns once ExecReload's kill sent SIGHUP, so poll.
 wait_status() {
     n=0
     while st=$(systemctl show -p StatusText --value wqd.service) && ! has "$st" "$1" && [ $n -lt 40 ]; do
