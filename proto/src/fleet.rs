@@ -138,6 +138,12 @@ pub fn item_id(batch: &str, index: u32, each_host: Option<&str>) -> String {
     }
 }
 
+/// The result id of group `group` (e.g. `cache:3`) of fan-out item `item_id`: the member
+/// that expands an `each:` item publishes one result per group under this id.
+pub fn group_id(item_id: &str, group: &str) -> String {
+    format!("{item_id}/{group}")
+}
+
 /// Every item id a manifest promises, in index order (each-host copies in host order).
 pub fn manifest_ids(m: &BatchManifest) -> Vec<String> {
     let each: std::collections::BTreeSet<u32> = m.each_index.iter().copied().collect();
@@ -202,5 +208,9 @@ mod tests {
         let n = Names::default();
         assert_eq!(n.result_subject("b1.1-h1"), "wqd.fleet.result.b1.1-h1");
         assert_eq!(n.batch_results("b1"), "wqd.fleet.result.b1.*");
+        // A group's result stays one token below the batch: the batch filter matches it.
+        let g = group_id("b1.1-h1", "cache:3");
+        assert_eq!(g, "b1.1-h1/cache:3");
+        assert_eq!(n.result_subject(&g), "wqd.fleet.result.b1.1-h1/cache:3");
     }
 }
