@@ -10,9 +10,12 @@
 //! * within this member an item id runs at most once at a time: a redelivery of an id in
 //!   `inflight` is dropped (the running copy acks), a redelivery whose result is already in
 //!   the results stream is acked without running;
-//! * items cancelled because the daemon is stopping are nak'd, not published as cancelled.
+//! * items cancelled because the daemon is stopping are nak'd, not published as cancelled;
+//! * a fan-out item (`each:`) is expanded here against this host's groups, one result per
+//!   group (id `<item id>/<group>`), acked when all are published; a redelivery skips the
+//!   groups whose result is published.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -34,7 +37,7 @@ use wqd_core::engine::{Engine, EngineError, FlushEvent};
 use wqd_core::groups::Level;
 use wqd_core::live::LiveView;
 use wqd_core::load::LoadSampler;
-use wqd_core::target::ItemTarget;
+use wqd_core::target::{Each, ItemTarget};
 use wqd_proto::fleet::{FleetItem, FleetResult, HostRecord, Names, ANY_CONSUMER};
 use wqd_proto::v1;
 
@@ -550,6 +553,20 @@ impl Shared {
             Which::Host => delivered >= self.cfg.max_deliver,
             Which::Any => delivered >= self.cfg.max_deliver.saturating_mul(ANY_DELIVER_FACTOR),
         };
+        let text = item.item.as_ref().map(|w| w.target.as_str()).unwrap_or("");
+        if let Ok(ItemTarget::Each(each)) = text.parse::<ItemTarget>() {
+            if which == Which::Any {
+                let reason = format!(
+                    "{each} with the any selector is ambiguous (which host's groups?); submit it \
+                     with each-host or host=NAME"
+                );
+                self.end_unrun(&m, &item, delivered, v1::ItemState::Rejected, reason)
+                    .await;
+            } else {
+                self.handle_each(m, item, each, delivered, last_try).await;
+            }
+            return;
+        }
         if which == Which::Any {
             if let Some(why) = self.unplaceable(&item) {
                 // Give up only when no other member's record shows a live CPU in the group
@@ -609,6 +626,204 @@ impl Shared {
                     .await;
             }
         }
+    }
+
+    /// A fan-out item (`each:LEVEL`, `each:NAME`): expanded against this host's groups now,
+    /// as `Submit` expands one (same groups, same order, keys suffixed `/GROUP`), minus the
+    /// groups whose result a previous delivery already published; the rest go to the engine
+    /// as one batch, and [`Shared::finish_each`] publishes one result per group, then acks.
+    async fn handle_each(
+        self: &Arc<Self>,
+        m: jetstream::Message,
+        item: FleetItem,
+        each: Each,
+        delivered: i64,
+        last_try: bool,
+    ) {
+        let snap = self.ctx.view.current();
+        let targets = match snap.groups.each(&each) {
+            Ok(t) if !t.is_empty() => t,
+            Ok(_) => {
+                let reason = format!("{each} names no group on {}", self.host);
+                self.end_unrun(&m, &item, delivered, v1::ItemState::Rejected, reason)
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let text = each.to_string();
+                let msg = if msg.starts_with(&text) {
+                    msg
+                } else {
+                    format!("{text}: {msg}")
+                };
+                let reason = format!("{msg} (on {})", self.host);
+                self.end_unrun(&m, &item, delivered, v1::ItemState::Rejected, reason)
+                    .await;
+                return;
+            }
+        };
+        let limits = self.ctx.limits.load();
+        let Some(wi) = item.item.clone() else {
+            let reason = "the fleet item has no work item".to_string();
+            self.end_unrun(&m, &item, delivered, v1::ItemState::Rejected, reason)
+                .await;
+            return;
+        };
+        if targets.len() > limits.max_batch_items {
+            let reason = format!(
+                "{each} names {} groups on {}, over the limit limits.max_batch_items = {}",
+                targets.len(),
+                self.host,
+                limits.max_batch_items
+            );
+            self.end_unrun(&m, &item, delivered, v1::ItemState::Rejected, reason)
+                .await;
+            return;
+        }
+        let expanded = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let mut todo: Vec<(String, String)> = Vec::with_capacity(targets.len());
+        let mut specs = Vec::with_capacity(targets.len());
+        for t in &targets {
+            let group = t.to_string();
+            let id = wqd_proto::fleet::group_id(&item.id, &group);
+            if delivered > 1 && self.result_exists(&id).await {
+                // Published by an earlier delivery: not run again.
+                bump(&self.stats.dup_member);
+                if let Some(x) = &self.metrics {
+                    x.dup_member.increment(1);
+                }
+                continue;
+            }
+            let mut w = wi.clone();
+            w.target.clone_from(&group);
+            if !w.key.is_empty() {
+                w.key = format!("{}/{group}", w.key);
+            }
+            match convert::item_spec(0, w, &limits) {
+                Ok(s) => specs.push(s),
+                Err(e) => {
+                    let reason = format!("{each} → {group}: {e}");
+                    self.end_unrun(&m, &item, delivered, v1::ItemState::Rejected, reason)
+                        .await;
+                    return;
+                }
+            }
+            todo.push((group, id));
+        }
+        if todo.is_empty() {
+            self.ack(&m).await;
+            return;
+        }
+        let wq = if item.workqueue.is_empty() {
+            "default"
+        } else {
+            item.workqueue.as_str()
+        };
+        match self.ctx.engine.submit_and_flush(wq, specs, false) {
+            Ok((receipt, flush)) => {
+                let mut groups: HashMap<u64, Vec<(String, String)>> = HashMap::new();
+                for (s, g) in receipt.items.iter().zip(todo) {
+                    groups.entry(s.id).or_default().push(g);
+                }
+                self.inflight.lock().insert(item.id.clone());
+                let t = tokio::spawn(
+                    self.clone()
+                        .finish_each(m, item, flush, groups, expanded, delivered),
+                );
+                let mut tasks = self.tasks.lock();
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(t);
+            }
+            Err(
+                EngineError::ShuttingDown
+                | EngineError::QueueFull { .. }
+                | EngineError::Draining(_),
+            ) if !last_try => self.nak(&m, true).await,
+            Err(e) => {
+                let reason = format!("{each} on {}: {e}", self.host);
+                self.end_unrun(&m, &item, delivered, v1::ItemState::Rejected, reason)
+                    .await;
+            }
+        }
+    }
+
+    /// Waits for every group of a fan-out item (sending progress acks meanwhile), publishing
+    /// each group's result as it ends; acks once all are published. If the engine stops or
+    /// cancels a group for the daemon's shutdown, the item is handed back (nak): the groups
+    /// already published are skipped on its next delivery.
+    async fn finish_each(
+        self: Arc<Self>,
+        m: jetstream::Message,
+        item: FleetItem,
+        mut flush: wqd_core::engine::Flush,
+        mut groups: HashMap<u64, Vec<(String, String)>>,
+        expanded: u32,
+        delivered: i64,
+    ) {
+        let mut progress =
+            tokio::time::interval((self.cfg.ack_wait / 3).max(Duration::from_millis(300)));
+        progress.tick().await;
+        let mut hand_back = false;
+        let mut unpublished = false;
+        while !groups.is_empty() {
+            let ev = tokio::select! {
+                ev = flush.next() => ev,
+                _ = progress.tick() => {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                    continue;
+                }
+            };
+            let (eid, result) = match ev {
+                Some(FlushEvent::Done(r)) => (r.id, convert::result_out(&r)),
+                Some(FlushEvent::Ended(id, state)) => (
+                    id,
+                    v1::ItemResult {
+                        item_id: id,
+                        state: convert::state_out(state).into(),
+                        ..Default::default()
+                    },
+                ),
+                Some(FlushEvent::Gone(id)) => (
+                    id,
+                    v1::ItemResult {
+                        item_id: id,
+                        state: v1::ItemState::Failed.into(),
+                        error: "the item's result expired from the engine before it was \
+                                published"
+                            .into(),
+                        ..Default::default()
+                    },
+                ),
+                None => {
+                    hand_back = true;
+                    break;
+                }
+            };
+            let Some(these) = groups.remove(&eid) else {
+                continue;
+            };
+            if *self.stopping.borrow() && result.state() == v1::ItemState::Cancelled {
+                hand_back = true;
+                continue;
+            }
+            for (group, id) in these {
+                let mut r = result.clone();
+                if r.target.is_empty() {
+                    r.target.clone_from(&group);
+                }
+                let fan = Some((id.as_str(), expanded));
+                if !self.publish_as(&item, fan, r, delivered).await {
+                    unpublished = true;
+                }
+            }
+        }
+        if hand_back {
+            self.nak(&m, false).await;
+        } else if !unpublished {
+            self.ack(&m).await;
+        }
+        self.inflight.lock().remove(&item.id);
     }
 
     /// Why an `any` item cannot be placed here (its group has no live CPU, or names nothing
@@ -747,9 +962,24 @@ impl Shared {
     /// Publishes the result of `item` with its id as `Nats-Msg-Id`, retrying until JetStream
     /// acks it; false if the member stopped first (the item is then left unacked).
     async fn publish(&self, item: &FleetItem, result: v1::ItemResult, delivered: i64) -> bool {
+        self.publish_as(item, None, result, delivered).await
+    }
+
+    /// As [`Shared::publish`]; `fan`: for one group of a fan-out item, the group's result id
+    /// and the item's expansion count (the result is published under that id).
+    async fn publish_as(
+        &self,
+        item: &FleetItem,
+        fan: Option<(&str, u32)>,
+        result: v1::ItemResult,
+        delivered: i64,
+    ) -> bool {
+        let id = fan.map_or(item.id.as_str(), |f| f.0);
         let fr = FleetResult {
             batch: item.batch.clone(),
-            id: item.id.clone(),
+            id: id.to_string(),
+            item: fan.map(|_| item.id.clone()).unwrap_or_default(),
+            expanded: fan.map_or(0, |f| f.1),
             selector: item.selector.clone(),
             host: self.host.clone(),
             result: Some(result),
@@ -758,12 +988,12 @@ impl Shared {
             submitted_at: item.submitted_at,
         };
         let payload = Bytes::from(fr.encode_to_vec());
-        let subject = self.names.result_subject(&item.id);
+        let subject = self.names.result_subject(id);
         let t0 = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
             let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Msg-Id", item.id.as_str());
+            h.insert("Nats-Msg-Id", id);
             let r = async {
                 self.js
                     .publish_with_headers(subject.clone(), h, payload.clone())
@@ -792,7 +1022,7 @@ impl Shared {
                     if *self.stopping.borrow() && t0.elapsed() > STOP_GRACE {
                         return false;
                     }
-                    tracing::debug!(id = %item.id, error = %e, "fleet: publishing a result failed; retrying");
+                    tracing::debug!(id = %id, error = %e, "fleet: publishing a result failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_BACKOFF);
                 }
