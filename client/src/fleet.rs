@@ -7,7 +7,9 @@
 //! published, so a flush by batch id alone knows every id to wait for; every item is published
 //! with its id as `Nats-Msg-Id`, so a retried publish is stored once; a flush counts each id
 //! once, whatever number of results JetStream holds for it (at-least-once delivery
-//! de-duplicated by id), and reports the ones seen again as duplicates.
+//! de-duplicated by id), and reports the ones seen again as duplicates; a fan-out item
+//! (`each:` target, expanded by its member) ends when it has as many distinct group results
+//! as its member says it expanded to, or one result under its own id.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), wqd_client::fleet::FleetError> {
@@ -23,7 +25,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -59,6 +61,11 @@ pub enum FleetError {
     Selector(String),
     #[error("each-host item, but no member has a host record (is any wqd with [fleet] running?)")]
     NoHosts,
+    #[error(
+        "items[{index}]: target {target:?} fans out to one item per group of a host, and any host \
+         is ambiguous; submit it with each-host (every member's groups) or host=NAME"
+    )]
+    EachAny { index: usize, target: String },
     #[error(
         "no manifest for fleet batch {0:?} (unknown batch, or older than the results stream keeps)"
     )]
@@ -170,9 +177,16 @@ pub struct HostTally {
 #[derive(Debug, Clone, Default)]
 pub struct FleetReport {
     pub batch: String,
+    /// Fleet items waited for (each-host copies counted once per host).
     pub expected: usize,
-    /// One result per id (the first one read).
+    /// Fleet items with all their results.
+    pub ended: usize,
+    /// One result per result id (the first one read). An item with an `each:` target has
+    /// one result per group its member expanded it to (id `<item id>/<group>`, with
+    /// [`FleetResult::item`] and [`FleetResult::expanded`] set), others one under their id.
     pub results: BTreeMap<String, FleetResult>,
+    /// Fan-out items: item id → the number of groups (results) it expanded to.
+    pub expanded: BTreeMap<String, u32>,
     /// Results read for an id already seen (de-duplicated away).
     pub duplicates: u64,
     /// Ids without a result when the flush ended.
@@ -184,9 +198,9 @@ pub struct FleetReport {
 }
 
 impl FleetReport {
-    /// Whether every expected id has a result.
+    /// Whether every expected item has all its results.
     pub fn complete(&self) -> bool {
-        self.missing.is_empty() && self.results.len() == self.expected
+        self.missing.is_empty() && self.ended == self.expected
     }
     /// Whether every result is `ok`.
     pub fn all_ok(&self) -> bool {
@@ -217,6 +231,11 @@ fn ts(t: SystemTime) -> prost_types::Timestamp {
 
 fn ts_nanos(t: &prost_types::Timestamp) -> i128 {
     i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+}
+
+/// Whether a target text is a fan-out (`each:LEVEL`, `each:NAME`), which a member expands.
+fn is_fan_out(target: &str) -> bool {
+    target.trim_start().starts_with("each:")
 }
 
 /// A fresh batch id: time, process and a counter, as one subject token.
@@ -322,6 +341,16 @@ impl Fleet {
         items: impl IntoIterator<Item = (Selector, Item)>,
     ) -> Result<FleetBatch, FleetError> {
         let items: Vec<(Selector, Item)> = items.into_iter().collect();
+        if let Some((index, (_, it))) = items
+            .iter()
+            .enumerate()
+            .find(|(_, (s, it))| *s == Selector::Any && is_fan_out(&it.as_proto().target))
+        {
+            return Err(FleetError::EachAny {
+                index,
+                target: it.as_proto().target.clone(),
+            });
+        }
         let batch = new_batch_id();
         let each: Vec<u32> = items
             .iter()
@@ -431,10 +460,11 @@ impl Fleet {
         Ok(wire::manifest_ids(&m))
     }
 
-    /// Waits until every item of `batch` has a terminal result from some member, or until
-    /// `deadline` passes. Postcondition: unless [`FleetReport::missing`] is non-empty, every
-    /// id of the batch has exactly one result in [`FleetReport::results`]. The work goes on
-    /// after a deadline.
+    /// Waits until every item of `batch` has a terminal result from some member (an `each:`
+    /// item: one per group it expanded to), or until `deadline` passes. Postcondition: unless
+    /// [`FleetReport::missing`] is non-empty, every id of the batch has exactly one result in
+    /// [`FleetReport::results`], or, for a fan-out item, exactly [`FleetReport::expanded`]
+    /// results under `<id>/<group>`. The work goes on after a deadline.
     ///
     /// # Errors
     /// As [`Fleet::batch_ids`]; [`FleetError::JetStream`] when the results cannot be read.
@@ -456,6 +486,8 @@ impl Fleet {
         let t0 = Instant::now();
         let end = tokio::time::Instant::now() + deadline;
         let mut want: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        // Fan-out items: distinct group results read so far.
+        let mut parts: HashMap<String, u32> = HashMap::new();
         let mut rep = FleetReport {
             batch: batch.to_string(),
             expected: want.len(),
@@ -495,7 +527,21 @@ impl Fleet {
                 rep.duplicates += 1;
                 continue;
             }
-            if !want.remove(r.id.as_str()) {
+            if r.expanded > 0 && !r.item.is_empty() {
+                // One group of a fan-out item: the item ends with its last group.
+                if !want.contains(r.item.as_str()) {
+                    continue; // Not of this flush, or the item already ended.
+                }
+                let n = parts.entry(r.item.clone()).or_default();
+                *n += 1;
+                let expanded = rep.expanded.entry(r.item.clone()).or_insert(r.expanded);
+                if *n >= *expanded {
+                    want.remove(r.item.as_str());
+                    rep.ended += 1;
+                }
+            } else if want.remove(r.id.as_str()) {
+                rep.ended += 1;
+            } else {
                 continue; // Not of this flush (another batch's id cannot match the filter).
             }
             let t = rep.per_host.entry(r.host.clone()).or_default();

@@ -148,7 +148,9 @@ fn report(out: Output, rep: &FleetReport, _batch: Option<&str>) -> Result<Done, 
             json!({
                 "batch": rep.batch,
                 "expected": rep.expected,
+                "ended": rep.ended,
                 "results": rep.results.len(),
+                "expanded": rep.expanded.len(),
                 "missing": rep.missing.len(),
                 "duplicates_suppressed": rep.duplicates,
                 "complete": rep.complete(),
@@ -163,10 +165,19 @@ fn report(out: Output, rep: &FleetReport, _batch: Option<&str>) -> Result<Done, 
         },
         || {
             let mut t = format!(
-                "fleet batch {}: {} of {} items terminal in {:.3}s (duplicates suppressed: {}; submit→result p50 {}us p99 {}us)\n",
+                "fleet batch {}: {} of {} items terminal{} in {:.3}s (duplicates suppressed: {}; submit→result p50 {}us p99 {}us)\n",
                 rep.batch,
-                rep.results.len(),
+                rep.ended,
                 rep.expected,
+                if rep.expanded.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", {} results ({} each: items expanded per group)",
+                        rep.results.len(),
+                        rep.expanded.len()
+                    )
+                },
                 rep.waited.as_secs_f64(),
                 rep.duplicates,
                 pct(0.5),
