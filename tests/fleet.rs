@@ -548,6 +548,302 @@ async fn an_empty_group_hands_any_items_to_another_member() {
     );
 }
 
+/// Asserts the fan-out item `id` (run on `host`, whose groups are `groups`) ended with
+/// exactly one `ok` result per group of `level` there, each on a CPU of its group (or, for a
+/// group without a live CPU, fallen back with the reason); returns the number of groups.
+fn check_each(
+    rep: &FleetReport,
+    id: &str,
+    host: &str,
+    level: &str,
+    groups: &HashMap<String, BTreeSet<u32>>,
+) -> usize {
+    let mine: BTreeSet<&String> = groups
+        .keys()
+        .filter(|g| g.strip_prefix(level).is_some_and(|n| n.starts_with(':')))
+        .collect();
+    assert!(!mine.is_empty(), "{host} has no {level} group");
+    assert_eq!(
+        rep.expanded.get(id).copied(),
+        u32::try_from(mine.len()).ok(),
+        "{id}: expansion count on {host}"
+    );
+    assert!(
+        !rep.results.contains_key(id),
+        "{id}: no result under the item's own id"
+    );
+    let got: Vec<&wqd_client::fleet::FleetResult> =
+        rep.results.values().filter(|r| r.item == id).collect();
+    assert_eq!(
+        got.len(),
+        mine.len(),
+        "{id}: one result per group of {host}"
+    );
+    for g in &mine {
+        let gid = format!("{id}/{g}");
+        let r = rep
+            .results
+            .get(&gid)
+            .unwrap_or_else(|| panic!("no result for {gid}"));
+        let x = r.result.as_ref().expect("an item result");
+        assert_eq!(r.host, host, "{gid} ran on the wrong host");
+        assert_eq!(
+            wqd_client::fleet::state_name(r),
+            "ok",
+            "{gid}: {} {}",
+            x.error,
+            x.fallback_reason
+        );
+        assert_eq!(&x.target, *g, "{gid}: the result names its group");
+        let cpu = x
+            .cpu_started
+            .unwrap_or_else(|| panic!("{gid}: no start CPU"));
+        if x.fallback_level() == wqd_client::proto::FallbackLevel::Unspecified {
+            assert!(
+                groups[*g].contains(&cpu),
+                "{gid}: CPU {cpu} is not in {g} on {host}"
+            );
+        } else {
+            // A group without a live CPU (the fixture's offline CPUs): the workqueue's
+            // fallback widened it, as for a local each: item, and says so.
+            assert!(
+                x.fallback_reason.contains(g.as_str()),
+                "{gid}: fell back without saying why: {x:?}"
+            );
+        }
+    }
+    mine.len()
+}
+
+/// `each-host` × `each:cache`: one item per LLC on every host. Every member expands the item
+/// against its own groups; the flush waits for every group's result; a host where the level
+/// names nothing ends the item rejected, saying so; `any` × `each:` is refused at submit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_host_each_cache_is_one_item_per_llc_of_every_host() {
+    let nats = Nats::start();
+    let url = nats.url();
+    let ds = [
+        ("xa", member("two-socket", &url, "xa")),
+        ("xb", member("vm8-offline", &url, "xb")),
+        ("xc", member("empty-node", &url, "xc")),
+    ];
+    let f = fleet(&url).await;
+    wait_members(&f, &["xa", "xb", "xc"]).await;
+    let mut groups = HashMap::new();
+    for (h, d) in &ds {
+        groups.insert(h.to_string(), groups_of(d).await);
+    }
+    let caches = |h: &str| groups[h].keys().filter(|g| g.starts_with("cache:")).count();
+    assert_eq!(caches("xa"), 4, "two-socket has four LLCs");
+    // any × each: is ambiguous: refused before anything is published.
+    let e = f
+        .submit(
+            "default",
+            [(Selector::Any, Item::new("each:cache", "noop"))],
+        )
+        .await
+        .expect_err("any with each:cache");
+    assert!(e.to_string().contains("each-host"), "{e}");
+    let items = vec![
+        (Selector::EachHost, Item::new("each:cache", "noop")),
+        (
+            Selector::EachHost,
+            Item::new("each:cache", "sleep").arg("ms", "20").key("k"),
+        ),
+        (Selector::Host("xa".into()), Item::new("each:node", "noop")),
+        (Selector::EachHost, Item::new("node:0", "noop")),
+        // A partition no member has: every host says so, with a rejected result.
+        (
+            Selector::Host("xb".into()),
+            Item::new("each:nosuch", "noop"),
+        ),
+    ];
+    let t0 = Instant::now();
+    let b = f.submit("default", items).await.expect("fleet submit");
+    let rep = f
+        .flush_ids(&b.batch, &b.ids, Duration::from_secs(60))
+        .await
+        .expect("fleet flush");
+    assert!(rep.missing.is_empty(), "lost: {:?}", rep.missing);
+    assert!(rep.complete(), "{} of {} ended", rep.ended, rep.expected);
+    assert_eq!(rep.expected, 3 + 3 + 1 + 3 + 1);
+    let mut per_host: BTreeMap<String, usize> = BTreeMap::new();
+    let mut results = 0;
+    for h in ["xa", "xb", "xc"] {
+        for i in [0, 1] {
+            let n = check_each(
+                &rep,
+                &wqd_proto_id(&b.batch, i, Some(h)),
+                h,
+                "cache",
+                &groups[h],
+            );
+            assert_eq!(n, caches(h));
+            *per_host.entry(h.into()).or_default() += n;
+            results += n;
+        }
+        let r = &rep.results[&wqd_proto_id(&b.batch, 3, Some(h))];
+        assert_eq!(wqd_client::fleet::state_name(r), "ok");
+        results += 1;
+    }
+    let nodes = check_each(
+        &rep,
+        &wqd_proto_id(&b.batch, 2, None),
+        "xa",
+        "node",
+        &groups["xa"],
+    );
+    assert_eq!(nodes, 2, "two-socket has two nodes");
+    results += nodes;
+    let rej = &rep.results[&wqd_proto_id(&b.batch, 4, None)];
+    assert_eq!(wqd_client::fleet::state_name(rej), "rejected");
+    let why = &rej.result.as_ref().expect("a result").error;
+    assert!(why.contains("each:nosuch") && why.contains("xb"), "{why}");
+    results += 1;
+    assert_eq!(rep.results.len(), results, "nothing beyond the groups");
+    assert_eq!(rep.duplicates, 0);
+    for (h, t) in &rep.per_host {
+        let own = per_host.get(h).copied().unwrap_or(0)
+            + 1
+            + if h == "xa" { nodes } else { 0 }
+            + if h == "xb" { 1 } else { 0 };
+        assert_eq!(t.items as usize, own, "{h}: {:?}", rep.per_host);
+    }
+    // The same through wqctl: one line per host, every LLC counted.
+    let out = Command::new(wqd_e2e::wqctl_bin())
+        .args([
+            "--fleet",
+            &url,
+            "submit",
+            "--on",
+            "each-host",
+            "-t",
+            "each:cache",
+        ])
+        .args(["--handler", "noop", "--flush", "--timeout", "60s"])
+        .output()
+        .expect("run wqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "wqctl: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let llcs: usize = ["xa", "xb", "xc"].map(caches).iter().sum();
+    assert!(
+        text.contains(&format!(
+            "3 of 3 items terminal, {llcs} results (3 each: items expanded per group)"
+        )),
+        "{text}"
+    );
+    for h in ["xa", "xb", "xc"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(h))
+            .unwrap_or_else(|| panic!("no line for {h}: {text}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols.get(1), Some(&caches(h).to_string().as_str()), "{line}");
+    }
+    println!("{text}");
+    println!(
+        "fleet each-host x each:cache: items {}, results {results} (LLCs per host {:?}), duplicates {}, lost {}, took {:.2}s",
+        rep.expected,
+        ["xa", "xb", "xc"].map(caches),
+        rep.duplicates,
+        rep.missing.len(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// `kill -9` of a member in the middle of an `each:` item: after the restart the item is
+/// delivered again; groups whose result was published are not run again (the member finds
+/// their results), the others run; every group ends with exactly one result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_each_item_redelivered_after_kill_reruns_only_unpublished_groups() {
+    let nats = Nats::start();
+    let url = nats.url();
+    let mut ra = member("two-socket", &url, "ra");
+    let f = fleet(&url).await;
+    wait_members(&f, &["ra"]).await;
+    let groups = groups_of(&ra).await;
+    let cpus = groups.keys().filter(|g| g.starts_with("cpu:")).count();
+    assert_eq!(cpus, 16);
+    // Workqueue `one` is ordered: the 16 groups run one after another, 250 ms each.
+    let b = f
+        .submit(
+            "one",
+            [(
+                Selector::Host("ra".into()),
+                Item::new("each:cpu", "sleep").arg("ms", "250"),
+            )],
+        )
+        .await
+        .expect("fleet submit");
+    let id = wqd_proto_id(&b.batch, 0, None);
+    let t0 = Instant::now();
+    let before = loop {
+        let r = f
+            .flush_ids(&b.batch, &b.ids, Duration::from_millis(100))
+            .await
+            .expect("partial flush");
+        if r.results.len() >= 4 {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no progress");
+    };
+    assert!(!before.complete(), "the kill happens mid-item");
+    let pid = libc::pid_t::try_from(ra.pid()).expect("pid");
+    // SAFETY: plain syscall on our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(ra.wait_exit(Duration::from_secs(10)).is_some(), "ra died");
+    drop(ra);
+    // Results published before the kill (the last ones may have landed during it).
+    let published = f
+        .flush_ids(&b.batch, &b.ids, Duration::from_millis(300))
+        .await
+        .expect("partial flush");
+    let ra2 = member("two-socket", &url, "ra");
+    let rep = f
+        .flush_ids(&b.batch, &b.ids, Duration::from_secs(60))
+        .await
+        .expect("fleet flush");
+    assert!(rep.complete(), "lost: {:?}", rep.missing);
+    let n = check_each(&rep, &id, "ra", "cpu", &groups);
+    assert_eq!(n, 16);
+    assert_eq!(rep.duplicates, 0, "no group has two results");
+    let page = ra2.scrape_metrics();
+    let skipped = metric(
+        &page,
+        "wqd_fleet_duplicates_suppressed_total{at=\"member\"}",
+    )
+    .unwrap_or(0.0) as usize;
+    let rerun_dups = metric(
+        &page,
+        "wqd_fleet_duplicates_suppressed_total{at=\"publish\"}",
+    )
+    .unwrap_or(0.0) as usize;
+    assert_eq!(
+        skipped,
+        published.results.len(),
+        "the redelivery skipped exactly the groups already published"
+    );
+    assert_eq!(rerun_dups, 0, "no published group ran again");
+    for gid in published.results.keys() {
+        assert_eq!(
+            rep.results[gid].deliveries, 1,
+            "{gid} kept its first result"
+        );
+    }
+    let again = rep.results.values().filter(|r| r.deliveries > 1).count();
+    assert_eq!(again + published.results.len(), 16);
+    println!(
+        "fleet each: kill -9: groups 16, published before the kill {}, skipped on redelivery {skipped}, run after the restart {again}, duplicates {}, lost {}",
+        published.results.len(),
+        rep.duplicates,
+        rep.missing.len()
+    );
+}
+
 /// The sockets (inodes) of TCP connections the process `pid` holds.
 fn tcp_sockets(pid: u32) -> usize {
     let fds = Path::new("/proc").join(pid.to_string()).join("fd");
