@@ -349,6 +349,14 @@ where
 }
 
 impl Shared {
+    /// Keeps `t` among the member's item tasks (dropping those that finished), so a stop can
+    /// wait for them.
+    fn track(&self, t: JoinHandle<()>) {
+        let mut tasks = self.tasks.lock();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(t);
+    }
+
     /// Creates (or finds) the streams and the bucket, then runs the refresher, both consumer
     /// loops and the advisory listener until stopping.
     async fn run(self: Arc<Self>) {
@@ -609,16 +617,9 @@ impl Shared {
         match self.ctx.engine.submit_and_flush(wq, vec![spec], false) {
             Ok((_, flush)) => {
                 self.inflight.lock().insert(item.id.clone());
-                let t = tokio::spawn(self.clone().finish(m, item, flush, delivered));
-                let mut tasks = self.tasks.lock();
-                tasks.retain(|t| !t.is_finished());
-                tasks.push(t);
+                self.track(tokio::spawn(self.clone().finish(m, item, flush, delivered)));
             }
-            Err(
-                EngineError::ShuttingDown
-                | EngineError::QueueFull { .. }
-                | EngineError::Draining(_),
-            ) if !last_try => self.nak(&m, true).await,
+            Err(e) if passing(&e) && !last_try => self.nak(&m, true).await,
             Err(e) => {
                 let e = e.to_string();
                 let e = e.strip_prefix("item 0: ").unwrap_or(&e).to_string();
@@ -727,19 +728,12 @@ impl Shared {
                     groups.entry(s.id).or_default().push(g);
                 }
                 self.inflight.lock().insert(item.id.clone());
-                let t = tokio::spawn(
+                self.track(tokio::spawn(
                     self.clone()
                         .finish_each(m, item, flush, groups, expanded, delivered),
-                );
-                let mut tasks = self.tasks.lock();
-                tasks.retain(|t| !t.is_finished());
-                tasks.push(t);
+                ));
             }
-            Err(
-                EngineError::ShuttingDown
-                | EngineError::QueueFull { .. }
-                | EngineError::Draining(_),
-            ) if !last_try => self.nak(&m, true).await,
+            Err(e) if passing(&e) && !last_try => self.nak(&m, true).await,
             Err(e) => {
                 let reason = format!("{each} on {}: {e}", self.host);
                 self.end_unrun(&m, &item, delivered, v1::ItemState::Rejected, reason)
@@ -1208,6 +1202,15 @@ impl Shared {
 }
 
 /// Every host record in the bucket; `None` if they cannot be read now.
+/// Engine refusals that pass (stopping, full, draining): the item is handed back for another
+/// try rather than ended.
+fn passing(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::ShuttingDown | EngineError::QueueFull { .. } | EngineError::Draining(_)
+    )
+}
+
 async fn read_records(kv: &kv::Store) -> Option<Vec<HostRecord>> {
     let mut keys = kv.keys().await.ok()?;
     let mut names = Vec::new();
