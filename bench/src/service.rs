@@ -7,19 +7,23 @@
 //!
 //! - **wqd**: the release daemon started as the gRPC section starts it
 //!   ([`crate::grpc::start_wqd`]: host topology, one pinned worker per CPU, default workqueue),
-//!   `noop` items targeting `all`, one client connection over the Unix socket, requests
-//!   pre-encoded ([`crate::wire`]); three rows: `Submit(wait)` on the default workqueue
+//!   `noop` items targeting `all`, one client connection over the Unix socket on a
+//!   current-thread runtime driven by the calling thread (as `wqctl`, and as the synchronous
+//!   Redis client), requests pre-encoded ([`crate::wire`]); three rows: `Submit(wait)` on the default workqueue
 //!   (returns every item's full result), `Submit` then `Flush(summary_only)` (returns counts) —
 //!   the gRPC section's [`crate::grpc::call`] — and `Submit(wait)` on a workqueue created at
 //!   start with `results = summary` (no per-item record; the call returns counts), which is
-//!   what the peers keep. The verdicts judge wqd's best row per figure and name it.
+//!   what the peers keep. The verdicts judge wqd's best row per figure and name it. One more
+//!   row, not judged, makes the summary call through a second connection on a 2-thread
+//!   runtime (the client of sessions 6 and 7), so the client's share stays visible.
 //! - **NATS JetStream** and **Redis**: see [`crate::peers`] (servers on loopback TCP, two
 //!   worker threads of this process with a connection each, completions are item ids).
 //!
 //! Figures: items/s of a closed loop of batches (one batch in flight, the next submitted when
 //! every item of the last is complete) for a fixed window per figure, batches of 100 and 1000;
 //! and the submit→completion time of one item at a time, p50 and p99 per run. Every run
-//! interleaves the systems (their order rotates), latency samples alternate between them; a
+//! interleaves the systems (their order rotates); latency samples come in a block per system,
+//! each after a pause (see the latency loop in [`run`]); a
 //! peer whose server is not installed is skipped with a line saying how to install it.
 
 use std::collections::HashMap;
@@ -40,6 +44,8 @@ pub struct Cfg {
     pub batches: Vec<usize>,
     /// Single items per system per latency run.
     pub latency_samples: usize,
+    /// The pause before each single item (see [`run`]'s latency loop).
+    pub latency_gap: Duration,
 }
 
 impl Default for Cfg {
@@ -48,7 +54,8 @@ impl Default for Cfg {
             runs: 7,
             window: Duration::from_millis(500),
             batches: vec![100, 1000],
-            latency_samples: 2000,
+            latency_samples: 1000,
+            latency_gap: Duration::from_millis(1),
         }
     }
 }
@@ -60,6 +67,9 @@ enum Sys {
     Flush,
     /// `Submit(wait)` on [`SUMMARY_WQ`].
     WaitSummary,
+    /// [`Sys::WaitSummary`] from a client whose connection runs on a 2-thread runtime (the
+    /// setup of sessions 6 and 7), for comparison: not one of wqd's judged rows.
+    WaitSummaryMt,
     Nats,
     Redis,
 }
@@ -70,6 +80,7 @@ impl Sys {
             Sys::Wait => grpc::Sys::Wait.label(),
             Sys::Flush => grpc::Sys::Flush.label(),
             Sys::WaitSummary => "wqd Submit(wait), results summary",
+            Sys::WaitSummaryMt => "wqd Submit(wait), results summary, client on a 2-thread runtime",
             Sys::Nats => "NATS JetStream",
             Sys::Redis => "Redis",
         }
@@ -93,8 +104,16 @@ const WQD: [Sys; 3] = [Sys::Wait, Sys::Flush, Sys::WaitSummary];
 
 /// Every system of the section, started.
 struct Rig {
+    /// The NATS client's runtime, and [`Sys::WaitSummaryMt`]'s.
     rt: tokio::runtime::Runtime,
+    /// wqd's client: a current-thread runtime driven by the calling thread, as `wqctl` runs and
+    /// as a synchronous caller would (Redis's client here is the `redis` crate's synchronous
+    /// connection, on the calling thread too). Its connection's tasks run only inside its
+    /// `block_on`, so a call costs no hand-off between client threads.
+    wqd_rt: tokio::runtime::Runtime,
     wqd: Conn,
+    /// A second connection, on `rt`.
+    wqd_mt: Conn,
     /// Batch size → (`Submit(wait)`, `Submit`, `Submit(wait)` on [`SUMMARY_WQ`]) requests.
     pre: HashMap<usize, (Pre, Pre, Pre)>,
     nats: Option<Nats>,
@@ -107,11 +126,14 @@ impl Rig {
     /// One batch of `n` through `sys`, completion awaited.
     fn batch(&mut self, sys: Sys, n: usize) {
         match sys {
-            Sys::WaitSummary => {
-                let a = self
-                    .rt
-                    .block_on(self.wqd.submit(&self.pre[&n].2))
-                    .expect("wqd Submit(wait), results summary");
+            Sys::WaitSummary | Sys::WaitSummaryMt => {
+                let req = &self.pre[&n].2;
+                let a = if sys == Sys::WaitSummary {
+                    self.wqd_rt.block_on(self.wqd.submit(req))
+                } else {
+                    self.rt.block_on(self.wqd_mt.submit(req))
+                }
+                .expect("wqd Submit(wait), results summary");
                 let ok = a.counts.map_or(0, |c| c.ok);
                 assert_eq!(ok as usize, n, "wqd summary: items ok");
             }
@@ -122,7 +144,8 @@ impl Rig {
                 } else {
                     grpc::Sys::Flush
                 };
-                self.rt.block_on(grpc::call(&self.wqd, s, n, wait, nowait));
+                self.wqd_rt
+                    .block_on(grpc::call(&self.wqd, s, n, wait, nowait));
             }
             Sys::Nats => {
                 let nats = self.nats.as_mut().expect("NATS started");
@@ -162,9 +185,15 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         .enable_all()
         .build()
         .expect("client runtime");
+    let wqd_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("wqd client runtime");
     let daemon = grpc::start_wqd(&[]);
-    let wqd = rt.block_on(wire::connect(&daemon.unix()));
-    rt.block_on(wqd.create_workqueue(SUMMARY_WQ, wqd_proto::v1::ResultsMode::Summary))
+    let wqd = wqd_rt.block_on(wire::connect(&daemon.unix()));
+    let wqd_mt = rt.block_on(wire::connect(&daemon.unix()));
+    wqd_rt
+        .block_on(wqd.create_workqueue(SUMMARY_WQ, wqd_proto::v1::ResultsMode::Summary))
         .expect("creating the summary workqueue");
     let mut sizes = cfg.batches.clone();
     sizes.push(1);
@@ -203,6 +232,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
     let nats = nats_bin.map(|b| Nats::start(&b, cpus, &rt));
     let redis = redis_bin.map(|b| Redis::start(&b, cpus));
     let mut systems = WQD.to_vec();
+    systems.push(Sys::WaitSummaryMt);
     if nats.is_some() {
         systems.push(Sys::Nats);
     }
@@ -211,7 +241,9 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
     }
     let mut rig = Rig {
         rt,
+        wqd_rt,
         wqd,
+        wqd_mt,
         pre,
         nats,
         redis,
@@ -246,8 +278,16 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             }
         }
         let mut t: HashMap<Sys, Vec<Duration>> = HashMap::new();
-        for i in 0..cfg.latency_samples {
-            for s in rotate(&systems, run + i) {
+        // Each system's items in a block of their own (the blocks' order rotating over
+        // runs), each item after the same pause: every item follows an item of its own system
+        // and finds that system's threads asleep (the pause outlasts every spin, wqd's 50 µs
+        // included). Sessions 6 and 7 alternated the systems item by item in a rotation whose
+        // cyclic order gave each system the same predecessor in every sample: a wqd row that
+        // followed another wqd row started with warm threads and caches, the others with a
+        // peer's, which moved p50s by up to 80 µs.
+        for s in rotate(&systems, run) {
+            for _ in 0..cfg.latency_samples {
+                std::thread::sleep(cfg.latency_gap);
                 let t0 = Instant::now();
                 rig.batch(s, 1);
                 t.entry(s).or_default().push(t0.elapsed());
@@ -276,7 +316,10 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
              by one client, run by one worker per CPU ({cpus} here), every completion awaited \
              before the next batch (closed loop), {:?} per figure; {} runs interleaved (order \
              rotating), min / median / max. wqd: the release daemon (host topology, pinned \
-             workers, default workqueue), one gRPC connection over its Unix socket, `noop` \
+             workers, default workqueue), one gRPC connection over its Unix socket driven by \
+             the calling thread (a current-thread tokio runtime, as `wqctl` runs, like Redis's \
+             synchronous client here; the row `client on a 2-thread runtime` is the same call \
+             through a connection on a 2-thread runtime, as sessions 6 and 7 measured), `noop` \
              items targeting `all`. NATS JetStream ({}): work-queue stream in memory, one durable \
              pull consumer (explicit ack) shared by {cpus} worker threads (`messages()`, acks \
              each item, publishes the ids of each run of ready items to a results subject), \
@@ -305,6 +348,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         Sys::Wait,
         Sys::Flush,
         Sys::WaitSummary,
+        Sys::WaitSummaryMt,
         Sys::Nats,
         Sys::Redis,
     ];
@@ -371,13 +415,14 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
     let mut lt = Table::new(
         "As a service: wqd vs NATS JetStream vs Redis, single-item submit→completion (lower is better)",
         &format!(
-            "One item at a time from the same client, the systems alternating (order rotating), \
-             each item's submit until its completion is known to the client (wqd: the call's \
+            "One item at a time from the same client, each system's items in a block of their \
+             own (blocks' order rotating over runs), each item's submit until its completion is known to the client (wqd: the call's \
              return; JetStream: the publish ack and the completion message; Redis: the \
-             completion popped); {} items per system per run, p50 and p99 per run, min / median \
-             / max over {} runs. `÷ wqd` is this row's figure over wqd `Submit(wait)`'s in the \
+             completion popped); {} items per system per run, each after a {:?} pause (so that \
+             none starts with threads the previous call left awake), p50 and p99 per run, min / \
+             median / max over {} runs. `÷ wqd` is this row's figure over wqd `Submit(wait)`'s in the \
              same run (above 1 = wqd ahead).",
-            cfg.latency_samples, cfg.runs
+            cfg.latency_samples, cfg.latency_gap, cfg.runs
         ),
         &[
             "system",
