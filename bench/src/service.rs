@@ -9,8 +9,8 @@
 //!   ([`crate::grpc::start_wqd`]: host topology, one pinned worker per CPU, default workqueue),
 //!   `noop` items targeting `all`, one client connection over the Unix socket on a
 //!   current-thread runtime driven by the calling thread (as `wqctl`, and as the synchronous
-//!   Redis client), requests pre-encoded ([`crate::wire`]); three rows: `Submit(wait)` on the default workqueue
-//!   (returns every item's full result), `Submit` then `Flush(summary_only)` (returns counts) —
+//!   Redis client), requests pre-encoded ([`crate::wire`]); three rows: `Submit(wait)` on the
+//!   default workqueue (returns every item's full result), `Submit` then `Flush(summary_only)` (returns counts) —
 //!   the gRPC section's [`crate::grpc::call`] — and `Submit(wait)` on a workqueue created at
 //!   start with `results = summary` (no per-item record; the call returns counts), which is
 //!   what the peers keep. The verdicts judge wqd's best row per figure and name it. One more
@@ -416,12 +416,12 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         "As a service: wqd vs NATS JetStream vs Redis, single-item submit→completion (lower is better)",
         &format!(
             "One item at a time from the same client, each system's items in a block of their \
-             own (blocks' order rotating over runs), each item's submit until its completion is known to the client (wqd: the call's \
-             return; JetStream: the publish ack and the completion message; Redis: the \
-             completion popped); {} items per system per run, each after a {:?} pause (so that \
-             none starts with threads the previous call left awake), p50 and p99 per run, min / \
-             median / max over {} runs. `÷ wqd` is this row's figure over wqd `Submit(wait)`'s in the \
-             same run (above 1 = wqd ahead).",
+             own (blocks' order rotating over runs), each item's submit until its completion \
+             is known to the client (wqd: the call's return; JetStream: the publish ack and the \
+             completion message; Redis: the completion popped); {} items per system per run, \
+             each after a {:?} pause (so that none starts with threads the previous call left \
+             awake), p50 and p99 per run, min / median / max over {} runs. `÷ wqd` is this \
+             row's figure over wqd `Submit(wait)`'s in the same run (above 1 = wqd ahead).",
             cfg.latency_samples, cfg.latency_gap, cfg.runs
         ),
         &[
