@@ -220,26 +220,37 @@ impl Sched {
         out: &mut Vec<Job>,
     ) {
         let (qid, cpu) = (first.queue, first.cpu);
-        for token in tokens {
-            if !self.queues.contains(qid) {
-                return;
-            }
-            self.clean_front(qid);
+        // What cannot change within this lock hold is checked once: the queue's existence,
+        // its workqueue's `ordered`, its eligibility on `cpu` and the pool's liveness are
+        // changed only by topology, update and housekeeping steps, each under L.
+        if !self.queues.contains(qid)
+            || self.wqs[self.queues[qid].wq].attrs.ordered
+            || !self.may_take(qid, cpu)
+            || !self.pools.get(&cpu).is_some_and(|p| p.live)
+        {
+            return;
+        }
+        let wi = self.queues[qid].wq;
+        let cap = self.wqs[wi].attrs.group_max_active as usize;
+        let mut claimed = 0;
+        'claim: for token in tokens {
             let q = &self.queues[qid];
-            let wi = q.wq;
-            let wq = &self.wqs[wi];
-            if q.pending == 0
-                || wq.attrs.ordered
-                || (wq.attrs.group_max_active > 0
-                    && q.running >= wq.attrs.group_max_active as usize)
-                || !self.may_take(qid, cpu)
-                || !self.pools.get(&cpu).is_some_and(|p| p.live)
-            {
-                return;
+            if q.pending == 0 || (cap > 0 && q.running >= cap) {
+                break;
             }
-            let Some(&id) = q.items.front() else { return };
-            let Some(item) = self.items.get_mut(&id) else {
-                return;
+            // One look-up per item: tombstones (ids no longer pending in this queue) are
+            // dropped from the front, as `clean_front` does; the first pending item is
+            // checked and bound.
+            let (id, item) = loop {
+                let Some(&id) = self.queues[qid].items.front() else {
+                    break 'claim;
+                };
+                match self.items.get(&id) {
+                    Some(it) if it.state == State::Pending && it.qid() == qid => break (id, it),
+                    _ => {
+                        self.queues[qid].items.pop_front();
+                    }
+                }
             };
             // The same work as `first` (whose predecessor just returned quickly): a different
             // handler or arguments may be slow and would hold the rest of the batch behind it.
@@ -251,15 +262,13 @@ impl Sched {
                 || item.key.is_some()
                 || item.cold.is_some()
             {
-                return;
+                break;
             }
             self.queues[qid].items.pop_front();
             let Some((body, queued_at)) = self.bind(id, qid, cpu, token, now, false) else {
-                return;
+                break;
             };
-            if let Some(p) = self.pools.get_mut(&cpu) {
-                p.running += 1;
-            }
+            claimed += 1;
             out.push(Job {
                 id,
                 body,
@@ -271,6 +280,11 @@ impl Sched {
                 workqueue: first.workqueue.clone(),
                 queued_at,
             });
+        }
+        if claimed > 0 {
+            if let Some(p) = self.pools.get_mut(&cpu) {
+                p.running += claimed;
+            }
         }
     }
 }
