@@ -163,6 +163,11 @@ impl Item {
     pub(super) fn reason(&self) -> &str {
         self.cold.as_ref().map_or("", |c| c.reason.as_str())
     }
+    /// Whether this item is still pending in queue `qid`: otherwise an id left in that
+    /// queue's FIFO is a tombstone.
+    pub(super) fn is_pending_in(&self, qid: usize) -> bool {
+        self.state == State::Pending && self.qid() == qid
+    }
     pub(super) fn add_waiter(&mut self, fid: u64) {
         if self.waiter == 0 {
             self.waiter = fid;

@@ -201,9 +201,7 @@ impl Sched {
     }
 
     pub(super) fn is_pending_in(&self, id: ItemId, qid: usize) -> bool {
-        self.items
-            .get(&id)
-            .is_some_and(|it| it.state == State::Pending && it.qid() == qid)
+        self.items.get(&id).is_some_and(|it| it.is_pending_in(qid))
     }
 
     /// Drops tombstones from the front of a queue (and of its ordered workqueue's FIFO).

@@ -246,7 +246,7 @@ impl Sched {
                     break 'claim;
                 };
                 match self.items.get(&id) {
-                    Some(it) if it.state == State::Pending && it.qid() == qid => break (id, it),
+                    Some(it) if it.is_pending_in(qid) => break (id, it),
                     _ => {
                         self.queues[qid].items.pop_front();
                     }
