@@ -19,6 +19,11 @@ vm_cargo_build() {
 # to $log, under a hard $timeout_s; $mem MB; then the qemu arguments given ("-smp ..." and
 # the like) and last the kernel command line's extra words in $VM_APPEND. Sets qrc (qemu's exit
 # status, 124/137 on timeout), t_boot and t_end.
+#
+# With $VM_BOOT_MARK set, the guest must print that text on its console within
+# $VM_BOOT_LIMIT seconds (default 180) of the start, or qemu is stopped and qrc is 200: a guest
+# that never reached its test (the emulated kernel stalled while booting, which TCG on a busy
+# host does now and then) is told apart from a test that failed, and the caller may boot again.
 vm_boot() {
     t_boot=$(date +%s)
     set +e
@@ -28,8 +33,25 @@ vm_boot() {
         -nodefaults -no-user-config -nographic -no-reboot \
         -serial "file:$log" -monitor none -net none \
         -kernel "$cache/vmlinuz" -initrd "$initrd" \
-        -append "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off${VM_APPEND:+ $VM_APPEND}"
+        -append "console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off${VM_APPEND:+ $VM_APPEND}" &
+    local qpid=$! stalled=0
+    if [[ -n ${VM_BOOT_MARK:-} ]]; then
+        local limit=${VM_BOOT_LIMIT:-180}
+        while kill -0 "$qpid" 2>/dev/null; do
+            grep -qaF -- "$VM_BOOT_MARK" "$log" && break
+            if (($(date +%s) - t_boot >= limit)); then
+                say "the guest printed no '$VM_BOOT_MARK' within ${limit}s: stopping it (boot stalled)"
+                stalled=1
+                # timeout(1) passes the TERM on to qemu and reaps it.
+                kill -TERM "$qpid" 2>/dev/null
+                break
+            fi
+            sleep 2
+        done
+    fi
+    wait "$qpid"
     qrc=$?
+    [[ $stalled == 1 ]] && qrc=200
     set -e
     t_end=$(date +%s)
     say "qemu exited with status $qrc after $((t_end - t_boot)) s (total $((t_end - t_start)) s)"
