@@ -867,7 +867,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
 
 /// For a profiler on the daemon side: `rounds` `Submit(wait)` calls of `batch` `noop` items
 /// (`wait = false`: `Submit` only) to the daemon on `socket`, one at a time; prints the rate.
-pub fn profile_client(socket: &Path, rounds: usize, batch: usize, wait: bool) {
+pub fn profile_client(socket: &Path, rounds: usize, batch: usize, wait: bool, pause: Duration) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -875,15 +875,25 @@ pub fn profile_client(socket: &Path, rounds: usize, batch: usize, wait: bool) {
     rt.block_on(async {
         let c = wire::connect(&Addr::Unix(socket.to_path_buf())).await;
         let req = wire::noop_batch(batch, wait);
+        let mut lat = Vec::with_capacity(rounds);
         let t0 = Instant::now();
         for _ in 0..rounds {
+            if !pause.is_zero() {
+                // As the service bench's single-item loop: every thread has gone to sleep.
+                std::thread::sleep(pause);
+            }
+            let t = Instant::now();
             let a = c.submit(&req).await.expect("Submit");
+            lat.push(t.elapsed());
             assert_eq!(a.items.len(), batch);
         }
         let el = t0.elapsed();
+        lat.sort();
         println!(
-            "{rounds} x Submit(wait = {wait}) of {batch} in {el:.1?}: {:.0} items/s",
-            (rounds * batch) as f64 / el.as_secs_f64()
+            "{rounds} x Submit(wait = {wait}) of {batch} in {el:.1?}: {:.0} items/s; call p50 {:.1?}, p99 {:.1?}",
+            (rounds * batch) as f64 / el.as_secs_f64(),
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
         );
     });
 }
