@@ -363,6 +363,22 @@ impl<'a> Cursor<'a> {
 
     /// A varint and the bytes it took.
     fn varint(&mut self) -> Option<(u64, usize)> {
+        // Fast path: the varint lies within the current part (nearly always: parts are
+        // frames of kilobytes, varints a byte or two), read straight from its slice.
+        if let Some(rest) = self.parts.get(self.part).and_then(|p| p.get(self.off..)) {
+            let mut v = 0u64;
+            for (i, &b) in rest.iter().take(10).enumerate() {
+                v |= u64::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    self.off += i + 1;
+                    return Some((v, i + 1));
+                }
+            }
+            if rest.len() >= 10 {
+                return None;
+            }
+        }
+        // Slow path: it may run over into the next part(s).
         let mut v = 0u64;
         for i in 0..10 {
             let b = self.byte()?;
