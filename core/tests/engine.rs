@@ -530,6 +530,39 @@ fn waiting_handlers_do_not_hold_the_cpu_slot() {
         .unwrap();
 }
 
+/// Back-to-back batches of CPU-bound items (`max_active` 1) must not start a thread per
+/// submit: a worker woken but not yet in the engine lock is coming, and another wake-up for
+/// the same free slot is not sent. Before the `coming` count, each submit that found the
+/// woken worker not yet running started another, up to `max_workers_per_cpu` (64) per CPU.
+#[test]
+fn back_to_back_batches_do_not_start_a_worker_per_submit() {
+    let rig = Rig::new(2, "0-1");
+    let mut ids = Vec::new();
+    let mut most = 0;
+    for _ in 0..300 {
+        ids.extend(rig.submit("default", (0..200).map(|_| item("all", "noop")).collect()));
+        most = most.max(rig.engine.stats().workers);
+    }
+    let res = rig.flush(&ids);
+    assert_eq!(res.len(), 60_000);
+    assert!(res.iter().all(|r| r.state == State::Ok));
+    // Per CPU: the worker that runs and the one kept in reserve.
+    assert!(most <= 4, "{most} workers for 2 CPUs of max_active 1");
+}
+
+/// The other side of the same rule: items that wait (`max_waiting` 256 per CPU) get a worker
+/// each, all of them at once, however quickly they are submitted one by one.
+#[test]
+fn waiting_items_submitted_one_by_one_all_wait_at_once() {
+    let rig = Rig::new(2, "0-1");
+    let ids: Vec<u64> = (0..12)
+        .flat_map(|_| rig.submit("default", vec![item("cpu:1", "wait").arg("ms", "300")]))
+        .collect();
+    let res = rig.flush(&ids);
+    assert!(res.iter().all(|r| r.state == State::Ok));
+    assert_eq!(rig.probe.max_total.load(Ordering::SeqCst), 12);
+}
+
 #[test]
 fn panics_fail_the_item_and_the_worker_carries_on() {
     let rig = Rig::new(2, "0-1");

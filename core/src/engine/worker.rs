@@ -115,7 +115,9 @@ pub(crate) fn spawn(inner: &Arc<Inner>, cpu: u32, gen: u64) {
         }
         Err(e) => {
             tracing::error!(cpu, error = %e, "cannot start a worker thread");
-            inner.sched.lock().worker_exit(cpu, gen, true);
+            let mut s = inner.sched.lock();
+            s.arrive(cpu, gen, wid, true, false);
+            s.worker_exit(cpu, gen, true);
         }
     }
 }
@@ -165,7 +167,9 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 cpu,
                 &format!("cannot pin a worker to cpu {cpu}: {e}"),
             );
-            inner.sched.lock().worker_exit(cpu, gen, true);
+            let mut s = inner.sched.lock();
+            s.arrive(cpu, gen, wid, true, false);
+            s.worker_exit(cpu, gen, true);
             return;
         }
     }
@@ -179,6 +183,8 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     let mut quick = false;
     let mut nice = 0;
     let mut idle_since: Option<Instant> = None;
+    // Started by a scheduler step that counts this worker as coming until it enters L.
+    let mut fresh = true;
     loop {
         let mut fx = Effects::default();
         // One clock reading serves the whole lock hold (finish, take, idle accounting).
@@ -186,7 +192,8 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         let first = {
             let mut s = inner.sched.lock();
             s.finish_all(&mut done, now, &mut fx);
-            let timed_out = idle_since.is_some() && s.unpark_self(cpu, wid);
+            let timed_out = s.arrive(cpu, gen, wid, fresh, idle_since.is_some());
+            fresh = false;
             if !s.worker_current(cpu, gen) {
                 s.worker_exit(cpu, gen, false);
                 s.hand_off(cpu, gen, &mut fx);

@@ -53,6 +53,10 @@ pub(super) struct Pool {
     pub(super) gen: u64,
     /// Workers of the current generation.
     pub(super) workers: usize,
+    /// Workers of the current generation woken (or started) that have not entered L since:
+    /// each will take from this pool's ready list. A wake-up is not repeated for a CPU whose
+    /// coming workers already fill the slots free there (see [`Pool::call_worker`]).
+    pub(super) coming: usize,
     pub(super) idle: Vec<(u64, Arc<Wake>)>,
     /// Queues with pending items this pool may take (may hold stale entries).
     pub(super) ready: VecDeque<usize>,
@@ -78,6 +82,7 @@ impl Pool {
             live: false,
             gen: 0,
             workers: 0,
+            coming: 0,
             idle: Vec::new(),
             ready: VecDeque::new(),
             remote_ready: VecDeque::new(),
@@ -98,6 +103,28 @@ impl Pool {
     pub(super) fn may_spawn(&self, epoch: u64) -> bool {
         self.spawn_hold
             .is_none_or(|(e, until)| epoch > e || Instant::now() >= until)
+    }
+
+    /// Wakes an idle worker of this pool, or starts one (below `max` workers, outside a
+    /// spawn hold), and counts it as coming until it enters L ([`Sched::arrive`]). Returns
+    /// whether one was called.
+    pub(super) fn call_worker(
+        &mut self,
+        cpu: u32,
+        epoch: u64,
+        max: usize,
+        fx: &mut Effects,
+    ) -> bool {
+        if let Some((_, u)) = self.idle.pop() {
+            fx.unpark.push(u);
+        } else if self.workers < max && self.may_spawn(epoch) {
+            self.workers += 1;
+            fx.spawn.push((cpu, self.gen));
+        } else {
+            return false;
+        }
+        self.coming += 1;
+        true
     }
 }
 
@@ -259,26 +286,34 @@ impl Sched {
     /// Whether the queue's head may start on `cpu` now under the workqueue's limits.
     /// Call after `clean_front`.
     pub(super) fn limits_allow(&mut self, qid: usize, cpu: u32) -> bool {
+        self.head_room(qid, cpu) > 0
+    }
+
+    /// How many items like the queue's head could start on `cpu` now under the workqueue's
+    /// limits: the free `max_active` (or `max_waiting`) slots of the head's kind there, within
+    /// the group cap; one at most for an ordered workqueue; 0 when the head cannot start.
+    /// Call after `clean_front`.
+    pub(super) fn head_room(&mut self, qid: usize, cpu: u32) -> usize {
         let Some(&head) = self.queues[qid].items.front() else {
-            return false;
+            return 0;
         };
         let wi = self.queues[qid].wq;
-        if self.wqs[wi].attrs.ordered
-            && (self.wqs[wi].running > 0 || self.ordered_head(wi) != Some(head))
-        {
-            return false;
+        if self.wqs[wi].attrs.ordered {
+            return usize::from(self.wqs[wi].running == 0 && self.ordered_head(wi) == Some(head));
         }
         let q = &self.queues[qid];
         let wq = &self.wqs[wi];
-        if wq.attrs.group_max_active > 0 && q.running >= wq.attrs.group_max_active as usize {
-            return false;
-        }
+        let cap = match wq.attrs.group_max_active as usize {
+            0 => usize::MAX,
+            g => g.saturating_sub(q.running),
+        };
         let [cb, w] = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
-        match self.items.get(&head).map(|i| i.body.kind()) {
-            Some(HandlerKind::CpuBound) => cb < wq.attrs.max_active,
-            Some(HandlerKind::Waits) => w < wq.attrs.max_waiting,
-            None => false,
-        }
+        let free = match self.items.get(&head).map(|i| i.body.kind()) {
+            Some(HandlerKind::CpuBound) => wq.attrs.max_active.saturating_sub(cb) as usize,
+            Some(HandlerKind::Waits) => wq.attrs.max_waiting.saturating_sub(w) as usize,
+            None => 0,
+        };
+        free.min(cap)
     }
 
     /// Puts a queue with pending items on the ready lists of the pools that may take from it
@@ -318,20 +353,15 @@ impl Sched {
                 break;
             }
             // Only a CPU whose limits let it start the head now is worth a wake-up; waking
-            // one that cannot would use up the wake-up and leave an idle CPU asleep.
-            if !self.limits_allow(qid, c) {
-                continue;
-            }
+            // one that cannot would use up the wake-up and leave an idle CPU asleep. Nor is
+            // one whose coming workers (woken, not yet in L) already fill the slots free
+            // there: they will take from its ready list, which has this queue.
+            let room = self.head_room(qid, c);
             let (epoch, max) = (self.epoch, self.max_workers);
-            let Some(p) = self.pools.get_mut(&c).filter(|p| p.live) else {
+            let Some(p) = self.pools.get_mut(&c).filter(|p| p.live && p.coming < room) else {
                 continue;
             };
-            if let Some((_, u)) = p.idle.pop() {
-                fx.unpark.push(u);
-                woken += 1;
-            } else if p.workers < max && p.may_spawn(epoch) {
-                p.workers += 1;
-                fx.spawn.push((c, p.gen));
+            if p.call_worker(c, epoch, max, fx) {
                 woken += 1;
             }
         }

@@ -247,14 +247,10 @@ impl Sched {
             if !startable(self, qid) {
                 continue;
             }
+            let room = self.head_room(qid, cpu);
             let (epoch, max) = (self.epoch, self.max_workers);
-            if let Some(p) = self.pools.get_mut(&cpu) {
-                if let Some((_, u)) = p.idle.pop() {
-                    fx.unpark.push(u);
-                } else if p.workers < max && p.may_spawn(epoch) {
-                    p.workers += 1;
-                    fx.spawn.push((cpu, p.gen));
-                }
+            if let Some(p) = self.pools.get_mut(&cpu).filter(|p| p.coming < room) {
+                p.call_worker(cpu, epoch, max, fx);
             }
             break;
         }

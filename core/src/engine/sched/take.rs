@@ -123,9 +123,16 @@ impl Sched {
                 pool.running += 1;
                 pool.last_progress = now;
                 pool.lockup_reported = false;
-                // Keep one worker in reserve while this pool has more it could start.
-                if !remote && pool.idle.is_empty() && !pool.ready.is_empty() && pool.workers < max {
+                // Keep one worker in reserve while this pool has more it could start (a
+                // coming worker is one).
+                if !remote
+                    && pool.idle.is_empty()
+                    && pool.coming == 0
+                    && !pool.ready.is_empty()
+                    && pool.workers < max
+                {
                     pool.workers += 1;
+                    pool.coming += 1;
                     fx.spawn.push((cpu, pool.gen));
                 }
             }

@@ -109,6 +109,7 @@ impl Sched {
                 .any(|&q| self.queues.get(q).is_some_and(|q| q.pending > 0));
             if p.live && p.workers == 0 && has_work && p.may_spawn(epoch) && !self.shutdown {
                 p.workers = 1;
+                p.coming += 1;
                 fx.spawn.push((cpu, p.gen));
             }
         }

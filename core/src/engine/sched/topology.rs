@@ -36,6 +36,7 @@ impl Sched {
                 p.live = false;
                 p.gen += 1;
                 p.workers = 0;
+                p.coming = 0;
                 fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
                 // Attached workers' slots of this CPU stay parked in `idle_slots`: they are
                 // woken when it is live again and a queue becomes ready on it.
@@ -56,10 +57,12 @@ impl Sched {
             p.live = true;
             p.gen += 1;
             p.workers = 0;
+            p.coming = 0;
             p.last_progress = now;
             p.lockup_reported = false;
             if eager {
                 p.workers = 1;
+                p.coming = 1;
                 fx.spawn.push((c, p.gen));
             }
             publish.set(c, true);

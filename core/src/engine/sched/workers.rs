@@ -3,7 +3,9 @@
 //!
 //! Invariant (under L): a worker registers itself idle in the same critical section in which
 //! it found nothing to take, so a submitter either sees it idle or the worker sees the item
-//! (README, race 3); `Pool::workers` counts the workers of the pool's current generation.
+//! (README, race 3); `Pool::workers` counts the workers of the pool's current generation, and
+//! `Pool::coming` those of them called (woken or started) that have not entered L since: each
+//! increment is matched by the called worker's next [`Sched::arrive`] (README, race 4).
 
 use std::time::Instant;
 
@@ -21,19 +23,33 @@ impl Sched {
         }
     }
 
-    /// Removes a worker from its pool's idle list; returns whether it was still there (i.e.
-    /// nobody woke it).
-    pub(crate) fn unpark_self(&mut self, cpu: u32, wid: u64) -> bool {
+    /// A worker of generation `gen` enters L: `fresh` on its first entry (it was started),
+    /// `parked` when it registered idle in its previous hold. Removes it from its pool's idle
+    /// list and returns whether it was still there (nobody woke it: its wait timed out);
+    /// a worker that was started or woken is no longer coming.
+    pub(crate) fn arrive(
+        &mut self,
+        cpu: u32,
+        gen: u64,
+        wid: u64,
+        fresh: bool,
+        parked: bool,
+    ) -> bool {
         let Some(p) = self.pools.get_mut(&cpu) else {
             return false;
         };
-        match p.idle.iter().position(|(w, _)| *w == wid) {
-            Some(i) => {
-                p.idle.swap_remove(i);
-                true
-            }
-            None => false,
+        let still_idle = parked
+            && match p.idle.iter().position(|(w, _)| *w == wid) {
+                Some(i) => {
+                    p.idle.swap_remove(i);
+                    true
+                }
+                None => false,
+            };
+        if (fresh || (parked && !still_idle)) && p.gen == gen {
+            p.coming = p.coming.saturating_sub(1);
         }
+        still_idle
     }
 
     /// Whether a worker of generation `gen` on `cpu` should keep going.
@@ -81,16 +97,12 @@ impl Sched {
         }) else {
             return;
         };
-        if let Some((_, u)) = p.idle.pop() {
-            fx.unpark.push(u);
-        } else if p.workers < max && p.may_spawn(epoch) {
-            p.workers += 1;
-            fx.spawn.push((cpu, p.gen));
-        }
+        p.call_worker(cpu, epoch, max, fx);
     }
 
     pub(crate) fn wake_everyone(&mut self, fx: &mut Effects) {
         for p in self.pools.values_mut() {
+            p.coming += p.idle.len();
             fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
         }
     }
