@@ -27,9 +27,10 @@ static NICE_WARNED: AtomicBool = AtomicBool::new(false);
 /// Most jobs a worker binds in one lock hold (see `Sched::claim_more`).
 const BATCH: usize = 16;
 
-/// A worker binds more than one job per lock hold only while its last handler ran within
-/// this: batching pays off for items that take microseconds, and it must not keep items
-/// waiting behind a long one that another CPU of their group could start.
+/// A worker binds more than one job per lock hold only while its last batch took less than
+/// this per job, from one lock hold to the next (handlers, start checks and the hold):
+/// batching pays off for items that take microseconds, and it must not keep items waiting
+/// behind a long one that another CPU of their group could start.
 const QUICK: Duration = Duration::from_micros(50);
 
 /// How an idle worker is woken: a state word it can spin on (see [`super::SPIN`]) before it
@@ -180,15 +181,20 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     let wake = Wake::new(parker.unparker().clone());
     let mut done: Vec<Finish> = Vec::with_capacity(BATCH);
     let mut extra: Vec<Job> = Vec::with_capacity(BATCH);
-    let mut quick = false;
+    // When the last batch's lock hold began, and how many jobs it had.
+    let mut last: Option<(Instant, u32)> = None;
     let mut nice = 0;
     let mut idle_since: Option<Instant> = None;
     // Started by a scheduler step that counts this worker as coming until it enters L.
     let mut fresh = true;
     loop {
         let mut fx = Effects::default();
-        // One clock reading serves the whole lock hold (finish, take, idle accounting).
+        // One clock reading serves the whole lock hold (finish, take, idle accounting) and
+        // times the batch before it.
         let now = Instant::now();
+        let quick = last
+            .take()
+            .is_some_and(|(t, n)| now.duration_since(t) < QUICK * n);
         let first = {
             let mut s = inner.sched.lock();
             s.finish_all(&mut done, now, &mut fx);
@@ -233,6 +239,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             continue;
         };
         let mut exit = false;
+        last = Some((now, 1 + extra.len() as u32));
         for (job, token) in std::iter::once(first).chain(extra.drain(..)).zip(&tokens) {
             if exit {
                 // The pinning broke: the rest of the batch goes back to its queue unstarted.
@@ -240,7 +247,6 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 continue;
             }
             let (f, ex) = execute(&inner, job, token, pinned, &mut nice);
-            quick = f.ran_within(QUICK);
             done.push(f);
             exit = ex;
         }
@@ -307,7 +313,11 @@ fn execute(
     }
     let started = Started {
         cpu: job.cpu,
-        at: SystemTime::now(),
+        at: if job.record {
+            SystemTime::now()
+        } else {
+            SystemTime::UNIX_EPOCH
+        },
         epoch,
     };
     if let (Some(o), Some(wq)) = (&inner.cfg.observer, &job.workqueue) {
@@ -331,16 +341,20 @@ fn execute(
                 .unwrap_or_else(|| "unknown panic".into());
             Err(HandlerError::Failed(format!("handler panicked: {msg}")))
         });
-    let finished_cpu = if pinned {
-        current_cpu().unwrap_or(job.cpu)
-    } else {
-        job.cpu
-    };
+    // Where and when it finished, only for a result or an observer that keeps them.
+    let finished = job.record.then(|| {
+        let cpu = if pinned {
+            current_cpu().unwrap_or(job.cpu)
+        } else {
+            job.cpu
+        };
+        (cpu, SystemTime::now())
+    });
     let f = Finish {
         id,
         outcome: Outcome::Ran(res),
         started: Some(started),
-        finished: Some((finished_cpu, SystemTime::now())),
+        finished,
     };
     (f, false)
 }

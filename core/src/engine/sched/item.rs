@@ -192,6 +192,10 @@ pub(crate) struct Job {
     /// The workqueue's name, for the observer (`None` when there is none).
     pub workqueue: Option<Arc<str>>,
     pub queued_at: SystemTime,
+    /// Whether its end is recorded with wall-clock times and CPUs: its workqueue keeps full
+    /// results, or an observer wants run times. Otherwise (results `summary` or `none`, no
+    /// observer) the worker reads no clock and no CPU for it beyond its start check.
+    pub record: bool,
 }
 
 /// When and where an item started.
@@ -228,13 +232,6 @@ impl Finish {
             outcome: Outcome::HandBack(why),
             started: None,
             finished: None,
-        }
-    }
-    /// Whether the handler ran and returned within `d` (by the wall clock).
-    pub(crate) fn ran_within(&self, d: Duration) -> bool {
-        match (&self.started, &self.finished) {
-            (Some(s), Some((_, f))) => f.duration_since(s.at).is_ok_and(|r| r < d),
-            _ => false,
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::engine::State;
+use crate::engine::{ResultsMode, State};
 use crate::handler::{CancelToken, HandlerKind};
 
 use super::finish::EXPIRED_UNSTARTED;
@@ -146,6 +146,7 @@ impl Sched {
                 queue: qid,
                 workqueue: self.observed.then(|| self.wqs[wi].name.clone()),
                 queued_at,
+                record: self.observed || self.wqs[wi].attrs.results == ResultsMode::Full,
             });
         }
         None
@@ -286,6 +287,7 @@ impl Sched {
                 queue: qid,
                 workqueue: first.workqueue.clone(),
                 queued_at,
+                record: first.record,
             });
         }
         if claimed > 0 {
