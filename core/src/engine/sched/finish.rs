@@ -280,7 +280,9 @@ impl Sched {
             wq.draining = false;
         }
         let mode = wq.attrs.results;
-        let wq_name = wq.name.clone();
+        // Only a full result and the observer name the workqueue (an `Arc` clone otherwise
+        // spent per item).
+        let wq_name = (mode == ResultsMode::Full || self.observed).then(|| wq.name.clone());
         let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
             Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
             None => (Vec::new(), String::new(), 0, None, 0),
@@ -307,7 +309,7 @@ impl Sched {
             let r = Arc::new(ItemResult {
                 id,
                 batch: item.batch,
-                workqueue: wq_name.clone(),
+                workqueue: wq_name.clone().unwrap_or_default(),
                 state,
                 output,
                 error,
@@ -358,10 +360,10 @@ impl Sched {
         if let Some(b) = self.batches.get_mut(&item.batch) {
             b.live = b.live.saturating_sub(1);
         }
-        if self.observed {
+        if let Some(workqueue) = wq_name.filter(|_| self.observed) {
             fx.finished.push(Ended {
                 id,
-                workqueue: wq_name,
+                workqueue,
                 handler: item.body.handler_name().clone(),
                 state,
                 run_time,
