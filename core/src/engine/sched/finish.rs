@@ -41,15 +41,13 @@ impl Sched {
     /// Records how a job ended (or hands it back to its queue).
     /// `now` is the worker's clock reading for this lock hold.
     pub(crate) fn finish(&mut self, f: Finish, now: Instant, fx: &mut Effects) {
-        let Some(item) = self.items.get(&f.id) else {
-            tracing::error!(item = f.id, "finish for an item that is not live");
-            return;
-        };
-        let (qid, wi, kind) = (item.qid(), item.wi(), item.body.kind());
+        // A bound item is live (`Bound` exists exactly while its item is `Running`), and its
+        // claim carries what the finish needs of it.
         let Some(bound) = self.running.remove(&f.id) else {
             tracing::error!(item = f.id, "finish for an item that is not bound");
             return;
         };
+        let (qid, wi, kind) = (bound.queue as usize, bound.wq as usize, bound.kind);
         let cap_was_full = {
             let wq = &self.wqs[wi];
             wq.attrs.group_max_active > 0

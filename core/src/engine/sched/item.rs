@@ -102,6 +102,11 @@ pub(crate) struct Entry {
 /// items bound to a worker need it.
 pub(crate) struct Bound {
     pub(super) cpu: u32,
+    /// The item's queue, workqueue and handler kind, copied from it at bind, so that a
+    /// finish reads them here instead of looking the item up a second time.
+    pub(super) queue: u32,
+    pub(super) wq: u32,
+    pub(super) kind: HandlerKind,
     pub(super) at: Instant,
     pub(super) token: CancelToken,
     pub(super) hog_reported: bool,

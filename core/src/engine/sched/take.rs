@@ -186,6 +186,7 @@ impl Sched {
             }
         }
         let out = (item.body.clone(), item.queued_at);
+        let kind = item.body.kind();
         if let Some(l) = fallback {
             *self.fallbacks.entry(l.to_string()).or_default() += 1;
         }
@@ -194,6 +195,9 @@ impl Sched {
             id,
             Bound {
                 cpu,
+                queue: qid as u32,
+                wq: wi as u32,
+                kind,
                 at: now,
                 token: token.clone(),
                 hog_reported: false,
