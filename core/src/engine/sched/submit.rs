@@ -122,13 +122,15 @@ impl Sched {
         let wall = SystemTime::now();
         let first = self.next_item;
         // The batch's record exists before its items do, so an item that ends during the
-        // submit (rejected: no eligible CPU) is counted out of `live` like any other.
+        // submit (rejected: no eligible CPU) is counted out of `live` like any other. Every
+        // entry counts as live from the start (one update, not one look-up per entry); the
+        // duplicates, which never become items, are taken out at the end.
         self.batches.insert(
             batch,
             BatchRec {
                 first,
                 count: bodies.len(),
-                live: 0,
+                live: bodies.len(),
                 created: now,
                 unused: Vec::new(),
             },
@@ -208,9 +210,6 @@ impl Sched {
                     fallback: None,
                 },
             );
-            if let Some(rec) = self.batches.get_mut(&batch) {
-                rec.live += 1;
-            }
             match delay_at.filter(|&at| at > now) {
                 Some(at) => {
                     self.wqs[wi].delayed += 1;
@@ -227,6 +226,7 @@ impl Sched {
             out.push(Submitted { id, queued: true });
         }
         if let Some(rec) = self.batches.get_mut(&batch) {
+            rec.live -= unused.len();
             rec.unused = unused;
         }
         if self.observed {
