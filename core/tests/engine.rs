@@ -563,6 +563,37 @@ fn waiting_items_submitted_one_by_one_all_wait_at_once() {
     assert_eq!(rig.probe.max_total.load(Ordering::SeqCst), 12);
 }
 
+/// A flush streams: a worker holds the events of the items it finishes in one lock hold and
+/// sends them together at the end of that hold, never later. The quick items' events arrive
+/// while a long item of the same flush still runs.
+#[test]
+fn flush_events_arrive_while_other_covered_items_still_run() {
+    let rig = Rig::new(2, "0-1");
+    let mut ids = rig.submit("default", vec![item("cpu:1", "probe").arg("ms", "1500")]);
+    ids.extend(rig.submit("default", (0..40).map(|_| item("cpu:0", "noop")).collect()));
+    let t0 = Instant::now();
+    let mut f = rig.engine.flush(FlushScope::Items(ids.clone())).unwrap();
+    let deadline = Some(t0 + Duration::from_secs(10));
+    let mut quick = 0;
+    while quick < 40 {
+        match f.next_blocking(deadline).expect("flush timed out") {
+            Some(FlushEvent::Done(r)) if r.id != ids[0] => quick += 1,
+            Some(ev) => panic!("the long item ended first: {ev:?}"),
+            None => panic!("the flush ended before its events"),
+        }
+    }
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000),
+        "40 noops' events took {:?}: held behind the long item?",
+        t0.elapsed()
+    );
+    match f.next_blocking(deadline).expect("flush timed out") {
+        Some(FlushEvent::Done(r)) => assert_eq!((r.id, r.state), (ids[0], State::Ok)),
+        other => panic!("expected the long item's result, got {other:?}"),
+    }
+    assert!(f.next_blocking(deadline).expect("closed").is_none());
+}
+
 #[test]
 fn panics_fail_the_item_and_the_worker_carries_on() {
     let rig = Rig::new(2, "0-1");

@@ -666,11 +666,20 @@ pub enum FlushEvent {
     Ended(ItemId, State),
 }
 
+/// What a flush's channel carries: one event, or the events of the items a worker's batch
+/// ended in one lock hold (one send and at most one wake-up of the waiter for all of them).
+pub(crate) enum FlushMsg {
+    One(FlushEvent),
+    Many(Vec<FlushEvent>),
+}
+
 /// A flush in progress. Dropping it stops the wait, never the work.
 pub struct Flush {
     inner: Arc<Inner>,
     id: Option<u64>,
-    rx: flume::Receiver<FlushEvent>,
+    rx: flume::Receiver<FlushMsg>,
+    /// Events of a received `FlushMsg::Many` not yet returned.
+    pending: std::collections::VecDeque<FlushEvent>,
     covered: usize,
     /// Delayed items of a workqueue scope that the flush left out.
     delayed_not_covered: usize,
@@ -725,18 +734,40 @@ impl Flush {
     }
     /// The next covered item to finish; `None` once all are terminal.
     pub async fn next(&mut self) -> Option<FlushEvent> {
-        self.rx.recv_async().await.ok()
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some(ev);
+            }
+            let msg = self.rx.recv_async().await.ok()?;
+            self.unpack(msg);
+        }
     }
     /// Blocking [`Flush::next`]; `Err(())` when `deadline` passes first.
     #[allow(clippy::result_unit_err)]
     pub fn next_blocking(&mut self, deadline: Option<Instant>) -> Result<Option<FlushEvent>, ()> {
-        match deadline {
-            None => Ok(self.rx.recv().ok()),
-            Some(d) => match self.rx.recv_deadline(d) {
-                Ok(e) => Ok(Some(e)),
-                Err(flume::RecvTimeoutError::Disconnected) => Ok(None),
-                Err(flume::RecvTimeoutError::Timeout) => Err(()),
-            },
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Ok(Some(ev));
+            }
+            let msg = match deadline {
+                None => self.rx.recv().ok(),
+                Some(d) => match self.rx.recv_deadline(d) {
+                    Ok(m) => Some(m),
+                    Err(flume::RecvTimeoutError::Disconnected) => None,
+                    Err(flume::RecvTimeoutError::Timeout) => return Err(()),
+                },
+            };
+            match msg {
+                Some(m) => self.unpack(m),
+                None => return Ok(None),
+            }
+        }
+    }
+    /// Queues the events of `msg` in `pending`.
+    fn unpack(&mut self, msg: FlushMsg) {
+        match msg {
+            FlushMsg::One(ev) => self.pending.push_back(ev),
+            FlushMsg::Many(evs) => self.pending.extend(evs),
         }
     }
     /// Waits until every covered item is terminal.
@@ -769,9 +800,13 @@ impl Flush {
         let spin_until = Instant::now() + SPIN;
         let mut closed = false;
         let mut spins = 0u32;
+        for ev in self.pending.drain(..) {
+            sum.add(&ev);
+        }
         while deadline.is_none_or(|d| Instant::now() < d) {
             match self.rx.try_recv() {
-                Ok(ev) => sum.add(&ev),
+                Ok(FlushMsg::One(ev)) => sum.add(&ev),
+                Ok(FlushMsg::Many(evs)) => evs.iter().for_each(|ev| sum.add(ev)),
                 Err(flume::TryRecvError::Disconnected) => {
                     closed = true;
                     break;

@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::engine::{Ended, FlushEvent, ItemResult, ResultsMode, State, WorkerLost};
+use crate::engine::{Ended, FlushEvent, FlushMsg, ItemResult, ResultsMode, State, WorkerLost};
 use crate::groups::Fallback;
 use crate::handler::{HandlerError, HandlerKind};
 
@@ -32,9 +32,28 @@ pub(crate) const NOT_LIVE: &str = "not-live";
 impl Sched {
     /// Records how a worker's jobs of one batch ended, emptying `done`. Last to first: a
     /// hand-back goes to the front of its queue, so the batch's hand-backs keep their order.
+    ///
+    /// The flush events of the items that end here are held and sent at the end, one message
+    /// per flush (one send and at most one wake-up of its waiter instead of one per item);
+    /// all of it under L, so a flush registering, or turning to a tally, in another hold
+    /// never finds an event held.
     pub(crate) fn finish_all(&mut self, done: &mut Vec<Finish>, now: Instant, fx: &mut Effects) {
+        self.holding = true;
         while let Some(f) = done.pop() {
             self.finish(f, now, fx);
+        }
+        self.holding = false;
+        self.send_held_events();
+    }
+
+    /// Sends the events held by [`Sched::finish_all`].
+    fn send_held_events(&mut self) {
+        for fid in self.held_flushes.drain(..) {
+            if let Some(f) = self.flushes.get_mut(&fid) {
+                if !f.held.is_empty() {
+                    let _ = f.tx.send(FlushMsg::Many(std::mem::take(&mut f.held)));
+                }
+            }
         }
     }
 
@@ -340,17 +359,32 @@ impl Sched {
         };
         for fid in first.into_iter().chain(cold_waiters) {
             if let Some(f) = self.flushes.get_mut(&fid) {
-                match (&f.tally, &result) {
-                    (Some(t), _) => t.lock().by_state[state.index()] += 1,
-                    (None, Some(r)) => {
-                        let _ = f.tx.send(FlushEvent::Done(r.clone()));
+                let ev = match (&f.tally, &result) {
+                    (Some(t), _) => {
+                        t.lock().by_state[state.index()] += 1;
+                        None
                     }
-                    (None, None) => {
-                        let _ = f.tx.send(FlushEvent::Ended(id, state));
+                    (None, Some(r)) => Some(FlushEvent::Done(r.clone())),
+                    (None, None) => Some(FlushEvent::Ended(id, state)),
+                };
+                match ev {
+                    Some(ev) if self.holding => {
+                        if f.held.is_empty() {
+                            self.held_flushes.push(fid);
+                        }
+                        f.held.push(ev);
                     }
+                    Some(ev) => {
+                        let _ = f.tx.send(FlushMsg::One(ev));
+                    }
+                    None => {}
                 }
                 f.remaining -= 1;
                 if f.remaining == 0 {
+                    // Its last item: what it holds goes now, before the channel closes.
+                    if !f.held.is_empty() {
+                        let _ = f.tx.send(FlushMsg::Many(std::mem::take(&mut f.held)));
+                    }
                     self.flushes.remove(&fid);
                 }
             }

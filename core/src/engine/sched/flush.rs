@@ -9,14 +9,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::engine::{CancelOutcome, EngineError, Flush, FlushEvent, FlushScope, Inner, State};
+use crate::engine::{
+    CancelOutcome, EngineError, Flush, FlushEvent, FlushMsg, FlushScope, Inner, State,
+};
 
 use super::finish::CANCELLED_UNSTARTED;
 use super::item::ItemId;
 use super::{Effects, Sched};
 
 pub(crate) struct FlushRec {
-    pub(super) tx: flume::Sender<FlushEvent>,
+    pub(super) tx: flume::Sender<FlushMsg>,
+    /// Events of items that ended in the current worker's finish batch, sent together when
+    /// it ends (see [`Sched::finish_all`]); empty whenever L is free.
+    pub(super) held: Vec<FlushEvent>,
     pub(super) remaining: usize,
     /// Summary-only flushes count here instead of sending an event per item.
     pub(super) tally: Option<Arc<parking_lot::Mutex<crate::engine::Tally>>>,
@@ -137,6 +142,8 @@ impl Sched {
         let tally = summary_only
             .then(|| Arc::new(parking_lot::Mutex::new(crate::engine::Tally::default())));
         let mut remaining = 0;
+        // Items already terminal: their events go in one message.
+        let mut ended = Vec::new();
         for &id in &ids {
             if let Some(it) = self.items.get_mut(&id) {
                 it.add_waiter(fid);
@@ -144,24 +151,24 @@ impl Sched {
             } else if let Some(r) = self.results.map.get(&id) {
                 match &tally {
                     Some(t) => t.lock().by_state[r.state.index()] += 1,
-                    None => {
-                        let _ = tx.send(FlushEvent::Done(r.clone()));
-                    }
+                    None => ended.push(FlushEvent::Done(r.clone())),
                 }
             } else {
                 match &tally {
                     Some(t) => t.lock().gone.push(id),
-                    None => {
-                        let _ = tx.send(FlushEvent::Gone(id));
-                    }
+                    None => ended.push(FlushEvent::Gone(id)),
                 }
             }
+        }
+        if !ended.is_empty() {
+            let _ = tx.send(FlushMsg::Many(ended));
         }
         let id = if remaining > 0 {
             self.flushes.insert(
                 fid,
                 FlushRec {
                     tx,
+                    held: Vec::new(),
                     remaining,
                     tally: tally.clone(),
                 },
@@ -174,6 +181,7 @@ impl Sched {
             inner: inner.clone(),
             id,
             rx,
+            pending: std::collections::VecDeque::new(),
             covered: ids.len(),
             delayed_not_covered: 0,
             began: Instant::now(),

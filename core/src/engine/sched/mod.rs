@@ -165,6 +165,10 @@ pub(crate) struct Sched {
     batch_order: VecDeque<u64>,
     pools: BTreeMap<u32, Pool>,
     pub flushes: IdMap<u64, FlushRec>,
+    /// Set while [`Sched::finish_all`] runs: flush events are held in their records.
+    holding: bool,
+    /// Flushes holding events (see `holding`).
+    held_flushes: Vec<u64>,
     results: Results,
     timers: BinaryHeap<Reverse<(Instant, u8, ItemId)>>,
     pub shutdown: bool,
@@ -217,6 +221,8 @@ impl Sched {
             batch_order: VecDeque::new(),
             pools: BTreeMap::new(),
             flushes: IdMap::default(),
+            holding: false,
+            held_flushes: Vec::new(),
             results: Results {
                 map: IdMap::default(),
                 order: VecDeque::new(),
