@@ -27,9 +27,9 @@ static NICE_WARNED: AtomicBool = AtomicBool::new(false);
 /// Most jobs a worker binds in one lock hold (see `Sched::claim_more`).
 const BATCH: usize = 16;
 
-/// A worker binds more than one job per lock hold only while its last batch took less than
-/// this per job, from one lock hold to the next (handlers, start checks and the hold):
-/// batching pays off for items that take microseconds, and it must not keep items waiting
+/// A worker binds more than one job per lock hold only while its last batch ran in less than
+/// this per job (its handlers and start checks, from after the lock hold that took it to
+/// before the next; not the wait for the lock): batching pays off for items that take microseconds, and it must not keep items waiting
 /// behind a long one that another CPU of their group could start.
 const QUICK: Duration = Duration::from_micros(50);
 
@@ -181,7 +181,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     let wake = Wake::new(parker.unparker().clone());
     let mut done: Vec<Finish> = Vec::with_capacity(BATCH);
     let mut extra: Vec<Job> = Vec::with_capacity(BATCH);
-    // When the last batch's lock hold began, and how many jobs it had.
+    // When the last batch began to run (after its lock hold), and how many jobs it had.
     let mut last: Option<(Instant, u32)> = None;
     let mut nice = 0;
     let mut idle_since: Option<Instant> = None;
@@ -190,7 +190,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     loop {
         let mut fx = Effects::default();
         // One clock reading serves the whole lock hold (finish, take, idle accounting) and
-        // times the batch before it.
+        // ends the timing of the batch before it.
         let now = Instant::now();
         let quick = last
             .take()
@@ -239,7 +239,9 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             continue;
         };
         let mut exit = false;
-        last = Some((now, 1 + extra.len() as u32));
+        // One clock reading per batch (not per job) times it; a long wait for L before this
+        // batch does not count against it.
+        last = Some((Instant::now(), 1 + extra.len() as u32));
         for (job, token) in std::iter::once(first).chain(extra.drain(..)).zip(&tokens) {
             if exit {
                 // The pinning broke: the rest of the batch goes back to its queue unstarted.
