@@ -57,6 +57,27 @@ vm_boot() {
     say "qemu exited with status $qrc after $((t_end - t_boot)) s (total $((t_end - t_start)) s)"
 }
 
+# vm_boot, watching for MARK within LIMIT seconds (see above), and once more when the guest
+# stalled while booting: that is no verdict on wqd (an emulated-kernel soft lockup before user
+# space, which TCG on a busy 2-core host does now and then). The stalled log is kept as
+# $log.stalled; two stalls in a row fail. Usage: vm_boot_retrying MARK LIMIT QEMU-ARGS...
+vm_boot_retrying() {
+    local mark=$1 limit=$2 attempt
+    shift 2
+    for attempt in 1 2; do
+        VM_BOOT_MARK=$mark VM_BOOT_LIMIT=$limit vm_boot "$@"
+        [[ $qrc == 200 && $attempt == 1 ]] || break
+        tail_log 20
+        cp "$log" "$log.stalled"
+        say "boot stalled before the guest printed '$mark' (log kept as $log.stalled); booting again"
+        : >"$log"
+    done
+    if [[ $qrc == 200 ]]; then
+        say "FAIL: the guest stalled while booting twice"
+        exit 1
+    fi
+}
+
 tail_log() { say "last lines of $log:"; tail -n "${1:-60}" "$log" | tr -d '\r' >&2; }
 
 # The verdict from the serial log: exits 1 on "MARKER: FAIL" (after calling `on_fail`, which
