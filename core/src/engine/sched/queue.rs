@@ -352,19 +352,24 @@ impl Sched {
             if woken >= n {
                 break;
             }
-            // Only a CPU whose limits let it start the head now is worth a wake-up; waking
-            // one that cannot would use up the wake-up and leave an idle CPU asleep. Nor is
-            // one whose coming workers (woken, not yet in L) already fill the slots free
-            // there: they will take from its ready list, which has this queue.
-            let room = self.head_room(qid, c);
-            let (epoch, max) = (self.epoch, self.max_workers);
-            let Some(p) = self.pools.get_mut(&c).filter(|p| p.live && p.coming < room) else {
-                continue;
-            };
-            if p.call_worker(c, epoch, max, fx) {
+            if self.call_worker_for(qid, c, fx) {
                 woken += 1;
             }
         }
+    }
+
+    /// Calls a worker of `cpu` (wakes or starts one) for the head of queue `qid`, if it is
+    /// worth it: only a CPU whose limits let it start the head now (waking one that cannot
+    /// would use up the wake-up and leave an idle CPU asleep), and whose coming workers (woken,
+    /// not yet in L) do not already fill the slots free there: they will take from its ready
+    /// list, which has this queue (README, race 4). Returns whether one was called.
+    pub(super) fn call_worker_for(&mut self, qid: usize, cpu: u32, fx: &mut Effects) -> bool {
+        let room = self.head_room(qid, cpu);
+        let (epoch, max) = (self.epoch, self.max_workers);
+        self.pools
+            .get_mut(&cpu)
+            .filter(|p| p.live && p.coming < room)
+            .is_some_and(|p| p.call_worker(cpu, epoch, max, fx))
     }
 
     pub(super) fn enqueue(&mut self, id: ItemId, fx: &mut Effects) {

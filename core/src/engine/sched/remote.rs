@@ -247,11 +247,7 @@ impl Sched {
             if !startable(self, qid) {
                 continue;
             }
-            let room = self.head_room(qid, cpu);
-            let (epoch, max) = (self.epoch, self.max_workers);
-            if let Some(p) = self.pools.get_mut(&cpu).filter(|p| p.coming < room) {
-                p.call_worker(cpu, epoch, max, fx);
-            }
+            self.call_worker_for(qid, cpu, fx);
             break;
         }
         for qid in remote {
