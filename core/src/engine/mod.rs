@@ -1047,6 +1047,9 @@ impl fmt::Debug for EngineConfig {
 pub(crate) struct Inner {
     /// L: everything about items, queues, pools and flushes. See `sched/mod.rs`.
     pub(crate) sched: Mutex<sched::Sched>,
+    /// R: the result store (also reached from `sched`, inside L). Look-ups of terminal
+    /// results take R alone.
+    pub(crate) results: sched::ResultStore,
     /// Wakes the timer thread (delays, deadlines, housekeeping). Used with `sched`.
     pub(crate) timer_cv: Condvar,
     /// Wakes the watchdog and shutdown waiters. Used with `sched`.
@@ -1139,8 +1142,10 @@ impl Engine {
         first: Arc<Snapshot>,
     ) -> Result<Engine, EngineError> {
         cfg.default_wq.validate()?;
+        let s = sched::Sched::new(&cfg, first.clone());
         let inner = Arc::new(Inner {
-            sched: Mutex::new(sched::Sched::new(&cfg, first.clone())),
+            results: s.results_store(),
+            sched: Mutex::new(s),
             timer_cv: Condvar::new(),
             idle_cv: Condvar::new(),
             cfg,
@@ -1494,9 +1499,25 @@ impl Engine {
     }
 
     /// Results (or current state) of items; `None` for unknown or expired ids.
+    ///
+    /// Stored results are read under the store's own lock R, without L: a large look-up does
+    /// not hold up submits, takes and finishes. Only the ids not stored (live items, or ids
+    /// never issued or forgotten) are looked up again under L, where an item that ended
+    /// meanwhile is found stored.
     pub fn results(&self, ids: &[ItemId]) -> Vec<Option<Arc<ItemResult>>> {
-        let s = self.inner.sched.lock();
-        ids.iter().map(|id| s.result_of(*id)).collect()
+        let mut out: Vec<Option<Arc<ItemResult>>> = {
+            let store = self.inner.results.lock();
+            ids.iter().map(|&id| store.get(id)).collect()
+        };
+        if out.iter().any(Option::is_none) {
+            let s = self.inner.sched.lock();
+            for (o, &id) in out.iter_mut().zip(ids) {
+                if o.is_none() {
+                    *o = s.result_of(id);
+                }
+            }
+        }
+        out
     }
 
     /// Whether `id` was ever issued by this engine, so a `None` from [`Engine::results`] can

@@ -403,7 +403,7 @@ impl Sched {
             });
         }
         if let Some(r) = result {
-            self.results.insert(r, now);
+            self.results.lock().insert(r, now);
         }
         if self.shutdown {
             fx.idle_kick = true;

@@ -59,7 +59,7 @@ impl Sched {
                     self.end_unstarted(id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
                     CancelOutcome::CancelledPending
                 }
-                None => match self.results.map.get(&id) {
+                None => match self.results.lock().get(id) {
                     Some(r) => CancelOutcome::AlreadyTerminal(r.state),
                     None => CancelOutcome::Unknown,
                 },
@@ -144,14 +144,15 @@ impl Sched {
         let mut remaining = 0;
         // Items already terminal: their events go in one message.
         let mut ended = Vec::new();
+        let store = self.results.lock();
         for &id in &ids {
             if let Some(it) = self.items.get_mut(&id) {
                 it.add_waiter(fid);
                 remaining += 1;
-            } else if let Some(r) = self.results.map.get(&id) {
+            } else if let Some(r) = store.get(id) {
                 match &tally {
                     Some(t) => t.lock().by_state[r.state.index()] += 1,
-                    None => ended.push(FlushEvent::Done(r.clone())),
+                    None => ended.push(FlushEvent::Done(r)),
                 }
             } else {
                 match &tally {
@@ -160,6 +161,7 @@ impl Sched {
                 }
             }
         }
+        drop(store);
         if !ended.is_empty() {
             let _ = tx.send(FlushMsg::Many(ended));
         }

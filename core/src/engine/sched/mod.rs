@@ -30,9 +30,10 @@
 //! The protocol they implement together is `engine/README.md`.
 //!
 //! Lock invariant: all of it is under `Inner::sched` (L). Every field of `Sched`, and of every
-//! record it holds (workqueues, queues, pools, items, flushes, results, timers, attached
-//! workers), is read and written only with L held; no method here takes another lock or
-//! blocks, and whatever must happen outside L (unparking, spawning, notifying) is returned in
+//! record it holds (workqueues, queues, pools, items, flushes, timers, attached workers), is
+//! read and written only with L held, except the result store, which has its own lock R,
+//! taken inside L (`results.rs`); no method here takes any other lock or blocks, and
+//! whatever must happen outside L (unparking, spawning, notifying) is returned in
 //! [`Effects`]. `Pool::live` mirrors `Inner::pool_live`, which is written only by
 //! `topology.rs`, under L inside the topology seqlock. The fields are private to this module:
 //! its files see them, the rest of the engine goes through methods.
@@ -72,6 +73,7 @@ pub(crate) use finish::NOT_LIVE;
 pub(crate) use flush::FlushRec;
 pub use item::ItemId;
 pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Started};
+pub(crate) use results::Store as ResultStore;
 
 use item::Bound;
 use queue::{Pool, Queue};
@@ -169,7 +171,8 @@ pub(crate) struct Sched {
     holding: bool,
     /// Flushes holding events (see `holding`).
     held_flushes: Vec<u64>,
-    results: Results,
+    /// The result store, behind its own lock R (taken inside L; see `results.rs`).
+    results: results::Store,
     timers: BinaryHeap<Reverse<(Instant, u8, ItemId)>>,
     pub shutdown: bool,
     rr: u64,
@@ -223,14 +226,14 @@ impl Sched {
             flushes: IdMap::default(),
             holding: false,
             held_flushes: Vec::new(),
-            results: Results {
+            results: Arc::new(parking_lot::Mutex::new(Results {
                 map: IdMap::default(),
                 order: VecDeque::new(),
                 max: cfg.results_max.max(1),
                 ttl: cfg.results_ttl,
                 bytes: 0,
                 max_bytes: cfg.results_memory,
-            },
+            })),
             timers: BinaryHeap::new(),
             shutdown: false,
             rr: 0,

@@ -30,14 +30,15 @@ impl Sched {
     }
 
     pub(crate) fn stats(&self) -> EngineStats {
+        let store = self.results.lock();
         EngineStats {
             epoch: self.epoch,
             live: self.live.clone(),
             pools: self.pools.values().filter(|p| p.live).count(),
             workers: self.pools.values().map(|p| p.workers).sum(),
             items: self.items.len(),
-            results: self.results.map.len(),
-            results_bytes: self.results.bytes,
+            results: store.map.len(),
+            results_bytes: store.bytes,
             timers: self.timers.len(),
             flushes: self.flushes.len(),
             queues: self.queues.len(),

@@ -268,9 +268,8 @@ impl Sched {
                         wq.keys.remove(k);
                     }
                 }
-            } else if let Some(r) = self.results.map.get(&id).cloned() {
+            } else if let Some(r) = self.results.lock().take(id) {
                 // Rejected during the submit: its result and counts go too.
-                self.results.remove(id);
                 self.totals[r.state.index()] -= 1;
                 let wq = &mut self.wqs[wi];
                 wq.totals[r.state.index()] -= 1;

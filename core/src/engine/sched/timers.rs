@@ -98,7 +98,7 @@ impl Sched {
     }
 
     pub(crate) fn housekeeping(&mut self, now: Instant, fx: &mut Effects) {
-        self.results.expire(now);
+        self.results.lock().expire(now);
         // A live pool with work and no worker (its last one could not pin) gets a new one once
         // its hold-off has passed.
         let epoch = self.epoch;
@@ -113,7 +113,7 @@ impl Sched {
                 fx.spawn.push((cpu, p.gen));
             }
         }
-        let ttl = self.results.ttl;
+        let ttl = self.results.lock().ttl;
         while let Some(&b) = self.batch_order.front() {
             let Some(rec) = self.batches.get(&b) else {
                 self.batch_order.pop_front();
