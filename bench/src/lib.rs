@@ -20,9 +20,12 @@
 //!   awaited) through wqd, NATS JetStream and Redis, in one run.
 //! - [`peers`]: NATS JetStream and Redis run as work queues (servers, workers, client), for
 //!   the service section.
+//! - [`contention`]: two groups busy at once on one engine against one engine per group
+//!   (what the engine's one lock costs).
 //! - [`alloc`]: the counting allocator the binary installs to measure memory.
 
 pub mod alloc;
+pub mod contention;
 pub mod dispatch;
 pub mod fleet;
 pub mod floor;

@@ -1,7 +1,7 @@
 //! `wqd-bench`: runs every measurement of `docs/benchmarks.md` in one process and writes the
 //! markdown table (stdout, and `--out FILE`).
 //!
-//! Usage: `wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers|service|fleet]...
+//! Usage: `wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]...
 //! [--out FILE]`, or `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler),
 //! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [pause=MS]` to drive a daemon already
 //! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
@@ -11,7 +11,9 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use wqd_bench::{alloc, dispatch, fleet, grpc, hotplug, report, scale, service, workers};
+use wqd_bench::{
+    alloc, contention, dispatch, fleet, grpc, hotplug, report, scale, service, workers,
+};
 
 #[global_allocator]
 static A: alloc::Counting = alloc::Counting;
@@ -40,15 +42,22 @@ fn machine() -> String {
 }
 
 const USAGE: &str =
-    "usage: wqd-bench [--quick] [--only dispatch|hotplug|scale|grpc|workers|service|fleet]... \
+    "usage: wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]... \
 [--out FILE]
        wqd-bench --profile-engine ROUNDS [summary]
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [pause=MS]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
 --quick is a smoke run whose figures are not worth comparing.";
 
-const SECTIONS: [&str; 7] = [
-    "dispatch", "hotplug", "scale", "grpc", "workers", "service", "fleet",
+const SECTIONS: [&str; 8] = [
+    "dispatch",
+    "contention",
+    "hotplug",
+    "scale",
+    "grpc",
+    "workers",
+    "service",
+    "fleet",
 ];
 
 /// Refuses what a full run would otherwise ignore (a mistyped flag, or `--help`, must not start
@@ -177,6 +186,16 @@ fn main() {
             };
         }
         dispatch::run(cfg)
+    });
+    section("contention", &mut || {
+        let mut cfg = contention::Cfg::default();
+        if quick {
+            cfg = contention::Cfg {
+                runs: 1,
+                batches: [(100, 20), (1000, 4)],
+            };
+        }
+        contention::run(cfg)
     });
     section("hotplug", &mut || {
         let mut cfg = hotplug::Cfg::default();
