@@ -117,6 +117,27 @@ fn both(a: u32, b: u32, f: &(dyn Fn(usize) + Sync)) -> f64 {
     t0.elapsed().as_secs_f64()
 }
 
+/// Only the wqd part of one system, for a profiler (`wqd-bench --profile-contention one|split
+/// ROUNDS`): both submitters run `rounds` batches of 1 000 through one engine (`one`) or one
+/// engine each (`split`); returns the wall time in s.
+pub fn profile(one_engine: bool, rounds: usize) -> f64 {
+    let cpus: Vec<u32> = topo::affinity().iter().collect();
+    let (a, b) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
+    let targets = [b, a];
+    let engines = if one_engine {
+        let e = engine();
+        [e.clone(), e]
+    } else {
+        [engine(), engine()]
+    };
+    for (side, e) in engines.iter().enumerate() {
+        wqd_rounds(e, targets[side], 1000, 2);
+    }
+    both(a, b, &|side| {
+        wqd_rounds(&engines[side], targets[side], 1000, rounds)
+    })
+}
+
 /// Runs the comparison; returns its table and verdicts (none: it measures, it judges nothing
 /// yet, see `docs/benchmarks.md`).
 pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {

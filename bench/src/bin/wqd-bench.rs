@@ -46,6 +46,7 @@ const USAGE: &str =
 [--out FILE]
        wqd-bench --profile-engine ROUNDS [summary]
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [pause=MS]
+       wqd-bench --profile-contention one|split ROUNDS
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
 --quick is a smoke run whose figures are not worth comparing.";
 
@@ -139,6 +140,25 @@ fn main() {
         println!(
             "{n} x 10k items in {el:.1?}: {:.0} ns/item",
             el.as_secs_f64() * 1e9 / (n * 10_000) as f64
+        );
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--profile-contention") {
+        // Only two submitters through one engine or one engine each (see contention.rs).
+        let one = match args.get(i + 1).map(String::as_str) {
+            Some("one") => true,
+            Some("split") => false,
+            _ => {
+                eprintln!("usage: wqd-bench --profile-contention one|split ROUNDS");
+                std::process::exit(2);
+            }
+        };
+        let rounds: usize = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(300);
+        let el = contention::profile(one, rounds);
+        println!(
+            "{} engine(s), 2 x {rounds} x 1000 items in {el:.2}s: {:.0} items/s",
+            if one { 1 } else { 2 },
+            (2 * rounds * 1000) as f64 / el
         );
         return;
     }
