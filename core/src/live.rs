@@ -627,3 +627,29 @@ fn uevent_loop(sock: &UeventSocket, tx: &Sender<Cmd>, stop: &AtomicBool) {
         }
     }
 }
+
+/// For unit tests: a snapshot (epoch 1) of a flat machine whose CPUs `all` are all online,
+/// allowed and live, without per-CPU topology (no caches, cores or nodes).
+#[cfg(test)]
+pub(crate) fn flat_snapshot(all: &CpuSet) -> Arc<Snapshot> {
+    use crate::topology::{AllowedSource, Topology};
+    let topo = Topology {
+        possible: all.clone(),
+        present: all.clone(),
+        online: all.clone(),
+        isolated: CpuSet::new(),
+        allowed: all.clone(),
+        allowed_source: AllowedSource::AllOnline,
+        cpus: Default::default(),
+        nodes: Default::default(),
+    };
+    let groups = crate::groups::GroupMap::build(&topo, &Default::default());
+    Arc::new(Snapshot {
+        epoch: 1,
+        topology: Arc::new(topo),
+        groups: Arc::new(groups),
+        live: all.clone(),
+        source: Source::Manual,
+        at: SystemTime::now(),
+    })
+}

@@ -399,41 +399,19 @@ impl Sched {
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::time::SystemTime;
-
     use super::*;
     use crate::engine::{EngineConfig, WorkqueueAttrs};
-    use crate::live::Snapshot;
 
     /// The engine ranks with `groups::Ranking`: a CPU whose host load is unknown (NaN, here
     /// with the sign bit set, as 0.0 / 0.0 gives on x86) comes last, equal loads go to the
     /// lowest CPU. Its own sort (`total_cmp`) once put a negative NaN first.
     #[test]
     fn idle_takers_put_an_unknown_load_last_and_break_ties_by_cpu() {
-        use crate::topology::{AllowedSource, Topology};
         let all = CpuSet::range(0, 3);
-        let topo = Topology {
-            possible: all.clone(),
-            present: all.clone(),
-            online: all.clone(),
-            isolated: CpuSet::new(),
-            allowed: all.clone(),
-            allowed_source: AllowedSource::AllOnline,
-            cpus: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-        };
-        let groups = crate::groups::GroupMap::build(&topo, &Default::default());
-        let snap = Arc::new(Snapshot {
-            epoch: 1,
-            topology: Arc::new(topo),
-            groups: Arc::new(groups),
-            live: all.clone(),
-            source: crate::live::Source::Manual,
-            at: SystemTime::now(),
-        });
+        let snap = crate::live::flat_snapshot(&all);
         let load: crate::engine::LoadHook = Arc::new(|cpu| match cpu {
             0 => -f64::NAN,
             1 => 0.5,

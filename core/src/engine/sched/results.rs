@@ -154,37 +154,15 @@ impl Sched {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use crate::cpuset::CpuSet;
     use crate::engine::{Engine, EngineConfig, ItemSpec, State};
     use crate::handler::Registry;
-    use crate::live::{Snapshot, Source};
     use crate::target::Target;
-    use crate::topology::{AllowedSource, Topology};
 
     fn engine() -> Engine {
-        let all = CpuSet::range(0, 1);
-        let topo = Topology {
-            possible: all.clone(),
-            present: all.clone(),
-            online: all.clone(),
-            isolated: CpuSet::new(),
-            allowed: all.clone(),
-            allowed_source: AllowedSource::AllOnline,
-            cpus: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-        };
-        let groups = crate::groups::GroupMap::build(&topo, &Default::default());
-        let snap = std::sync::Arc::new(Snapshot {
-            epoch: 1,
-            topology: std::sync::Arc::new(topo),
-            groups: std::sync::Arc::new(groups),
-            live: all,
-            source: Source::Manual,
-            at: SystemTime::now(),
-        });
+        let snap = crate::live::flat_snapshot(&CpuSet::range(0, 1));
         let cfg = EngineConfig {
             pinning: false,
             ..EngineConfig::default()
