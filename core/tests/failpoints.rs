@@ -289,3 +289,64 @@ fn a_submit_that_panics_between_items_leaves_nothing_behind() {
     assert_eq!(sum.by_state.get(&State::Ok), Some(&2));
     scenario.teardown();
 }
+
+/// A worker's full results are made and stored after the L hold they ended in, with R taken
+/// before that hold ends (`Finished` in `sched/finish.rs`). The seam pauses the worker between
+/// releasing L and storing: a flush, a look-up and a cancel that come then must wait for R and
+/// find the item ended, never forgotten (`Gone`, `Unknown`, `None`).
+#[test]
+fn a_result_stored_after_the_lock_is_found_by_whoever_comes_next() {
+    const UNSTORED: &str = "engine::results-unstored";
+    let scenario = fail::FailScenario::setup();
+    let rig = rig(Fallback::Widen);
+    wqd_core::failpoint::cfg(UNSTORED, "pause").unwrap();
+    let r = rig
+        .engine
+        .submit("wq", vec![ItemSpec::new(Target::Cpu(1), "count")])
+        .unwrap();
+    let id = r.items[0].id;
+    // Its end is counted under L: once another L hold sees it, its worker holds R and waits at
+    // the seam.
+    let t0 = Instant::now();
+    loop {
+        let ended = rig
+            .engine
+            .workqueues()
+            .into_iter()
+            .find(|w| w.attrs.name == "wq")
+            .and_then(|w| w.totals.get(&State::Ok).copied());
+        if ended == Some(1) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "item never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let e = &rig.engine;
+    std::thread::scope(|sc| {
+        let flush = sc.spawn(|| {
+            e.flush(FlushScope::Items(vec![id]))
+                .unwrap()
+                .wait(Some(Duration::from_secs(20)))
+                .unwrap()
+        });
+        let look = sc.spawn(|| e.results(&[id]));
+        let cancel = sc.spawn(|| e.cancel(FlushScope::Items(vec![id])).unwrap().outcomes);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !flush.is_finished() && !look.is_finished() && !cancel.is_finished(),
+            "nobody gets past R before the results are stored"
+        );
+        wqd_core::failpoint::remove(UNSTORED);
+        let sum = flush.join().unwrap();
+        assert_eq!(sum.by_state.get(&State::Ok), Some(&1), "{sum:?}");
+        assert_eq!(sum.gone, 0);
+        let got = look.join().unwrap();
+        assert_eq!(got[0].as_ref().map(|r| r.state), Some(State::Ok));
+        assert_eq!(
+            cancel.join().unwrap(),
+            vec![(id, CancelOutcome::AlreadyTerminal(State::Ok))]
+        );
+    });
+    assert_eq!(rig.runs.n.load(Ordering::SeqCst), 1);
+    scenario.teardown();
+}

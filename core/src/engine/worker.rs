@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_utils::sync::{Parker, Unparker};
 
-use super::sched::{Effects, Finish, Job, Outcome, Started};
+use super::sched::{Effects, Finish, Finished, Job, Outcome, Sched, Started};
 use super::Inner;
 use crate::handler::{CancelToken, HandlerError, WorkCtx};
 
@@ -180,6 +180,8 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     let parker = Parker::new();
     let wake = Wake::new(parker.unparker().clone());
     let mut done: Vec<Finish> = Vec::with_capacity(BATCH);
+    // The full results of the finish batch, made and stored after L (see `release`).
+    let mut fin = Finished::default();
     let mut extra: Vec<Job> = Vec::with_capacity(BATCH);
     // When the last batch began to run (after its lock hold), and how many jobs it had.
     let mut last: Option<(Instant, u32)> = None;
@@ -197,17 +199,17 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             .is_some_and(|(t, n)| now.duration_since(t) < QUICK * n);
         let first = {
             let mut s = inner.sched.lock();
-            s.finish_all(&mut done, now, &mut fx);
+            s.finish_all(&mut done, now, &mut fx, &mut fin);
             let timed_out = s.arrive(cpu, gen, wid, fresh, idle_since.is_some());
             fresh = false;
             if !s.worker_current(cpu, gen) {
                 s.worker_exit(cpu, gen, false);
                 s.hand_off(cpu, gen, &mut fx);
-                drop(s);
+                release(&inner, s, &mut fin);
                 fx.run(&inner);
                 return;
             }
-            match s.take(cpu, &tokens[0], now, &mut fx) {
+            let first = match s.take(cpu, &tokens[0], now, &mut fx) {
                 Some(job) => {
                     idle_since = None;
                     // Items that run in microseconds: bind a few more in this same lock hold.
@@ -223,14 +225,16 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                         && s.may_retire(cpu, gen)
                     {
                         s.worker_exit(cpu, gen, false);
-                        drop(s);
+                        release(&inner, s, &mut fin);
                         fx.run(&inner);
                         return;
                     }
                     s.park(cpu, wid, wake.clone());
                     None
                 }
-            }
+            };
+            release(&inner, s, &mut fin);
+            first
         };
         fx.run(&inner);
         let Some(first) = first else {
@@ -256,13 +260,27 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             let mut fx = Effects::default();
             {
                 let mut s = inner.sched.lock();
-                s.finish_all(&mut done, Instant::now(), &mut fx);
+                s.finish_all(&mut done, Instant::now(), &mut fx, &mut fin);
                 s.worker_exit(cpu, gen, true);
+                release(&inner, s, &mut fin);
             }
             fx.run(&inner);
             return;
         }
     }
+}
+
+/// Ends a lock hold that began with [`Sched::finish_all`]: R is taken before L is released
+/// (hand over hand, see [`Finished`]), and the batch's full results are made and stored with
+/// R alone.
+fn release(inner: &Inner, s: parking_lot::MutexGuard<'_, Sched>, fin: &mut Finished) {
+    if fin.is_empty() {
+        return;
+    }
+    let store = inner.results.lock();
+    drop(s);
+    crate::failpoint::seam!("engine::results-unstored");
+    fin.store(store);
 }
 
 /// Runs one job; returns how it ended and whether the worker must exit (its pinning broke).

@@ -16,8 +16,9 @@ use crate::engine::{Ended, FlushEvent, FlushMsg, ItemResult, ResultsMode, State,
 use crate::groups::Fallback;
 use crate::handler::{HandlerError, HandlerKind};
 
+use super::flush::FlushRec;
 use super::item::{Finish, Item, ItemId, Outcome, Started};
-use super::results::cut_output;
+use super::results::{cut_output, ResultsGuard};
 use super::timers::TIMER_DEADLINE;
 use super::{Effects, Sched};
 
@@ -29,6 +30,77 @@ pub(super) const EXPIRED_UNSTARTED: &str = "not started before its deadline";
 /// into the reason (`offline`, `cpuset`, `isolated`) from the snapshot.
 pub(crate) const NOT_LIVE: &str = "not-live";
 
+/// What `terminal` made of a full result.
+enum Made {
+    /// Nothing: the workqueue keeps no per-item result (`summary`, `none`).
+    Nothing,
+    /// The stored result, made under L.
+    Now(Arc<ItemResult>),
+    /// Index of the result in the finish batch's [`Finished`], made after L.
+    Later(u32),
+}
+
+/// The full results of one worker's finish batch, made and stored after the L hold they
+/// ended in, and the flushes waiting for them.
+///
+/// Invariant: hand over hand. The worker takes R *before* it releases the L hold in which
+/// these items left `items`, and releases R only after [`Finished::store`] has stored every
+/// one. Whoever takes L afterwards and then R (flush registration, cancel, `result_of`, the
+/// timers' expiry) therefore finds each of these items stored, exactly as if it had been
+/// stored under L; a reader of R alone that misses it looks again under L, then R. The
+/// flushes' `Done` events are sent after R is released, each on a clone of its flush's
+/// channel, so a flush whose record ended in that hold still sees them before it closes.
+#[derive(Default)]
+pub(crate) struct Finished {
+    results: Vec<ItemResult>,
+    /// (a waiting flush's channel, the indices of its results in `results`).
+    sends: Vec<(flume::Sender<FlushMsg>, Vec<u32>)>,
+    made: Vec<Arc<ItemResult>>,
+    now: Option<Instant>,
+}
+
+impl Finished {
+    /// No result waits to be stored.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.results.is_empty() && self.sends.is_empty()
+    }
+
+    /// Makes and stores the results, with `store` the R guard taken inside the L hold they
+    /// ended in, then releases R and sends the waiting flushes their events.
+    pub(crate) fn store(&mut self, mut store: ResultsGuard<'_>) {
+        let now = self.now.unwrap_or_else(Instant::now);
+        for r in self.results.drain(..) {
+            let r = Arc::new(r);
+            store.insert(r.clone(), now);
+            self.made.push(r);
+        }
+        drop(store);
+        for (tx, idx) in self.sends.drain(..) {
+            let evs = idx
+                .iter()
+                .filter_map(|&i| self.made.get(i as usize))
+                .map(|r| FlushEvent::Done(r.clone()))
+                .collect();
+            let _ = tx.send(FlushMsg::Many(evs));
+        }
+        self.made.clear();
+    }
+}
+
+impl FlushRec {
+    /// Sends what this flush holds from a finish batch: its events now, its full results'
+    /// indices to `fin` with a clone of its channel.
+    fn release_held(&mut self, fin: &mut Finished) {
+        if !self.held.is_empty() {
+            let _ = self.tx.send(FlushMsg::Many(std::mem::take(&mut self.held)));
+        }
+        if !self.held_full.is_empty() {
+            fin.sends
+                .push((self.tx.clone(), std::mem::take(&mut self.held_full)));
+        }
+    }
+}
+
 impl Sched {
     /// Records how a worker's jobs of one batch ended, emptying `done`. Last to first: a
     /// hand-back goes to the front of its queue, so the batch's hand-backs keep their order.
@@ -37,22 +109,36 @@ impl Sched {
     /// per flush (one send and at most one wake-up of its waiter instead of one per item);
     /// all of it under L, so a flush registering, or turning to a tally, in another hold
     /// never finds an event held.
-    pub(crate) fn finish_all(&mut self, done: &mut Vec<Finish>, now: Instant, fx: &mut Effects) {
+    ///
+    /// The full results of the items that end here are not made into stored `Arc`s under L:
+    /// they go to `out` by value, with the flushes waiting for them, and the caller must pass
+    /// `out` to [`Finished::store`] with R taken before it releases L (hand over hand, see
+    /// [`Finished`]).
+    pub(crate) fn finish_all(
+        &mut self,
+        done: &mut Vec<Finish>,
+        now: Instant,
+        fx: &mut Effects,
+        out: &mut Finished,
+    ) {
+        debug_assert!(self.fin.is_empty());
+        std::mem::swap(&mut self.fin, out);
+        self.fin.now = Some(now);
         self.holding = true;
         while let Some(f) = done.pop() {
             self.finish(f, now, fx);
         }
         self.holding = false;
         self.send_held_events();
+        std::mem::swap(&mut self.fin, out);
     }
 
-    /// Sends the events held by [`Sched::finish_all`].
+    /// Sends the events held by [`Sched::finish_all`]; the channels of those waiting for
+    /// full results go to `fin`, to be sent once the results are stored.
     fn send_held_events(&mut self) {
         for fid in self.held_flushes.drain(..) {
             if let Some(f) = self.flushes.get_mut(&fid) {
-                if !f.held.is_empty() {
-                    let _ = f.tx.send(FlushMsg::Many(std::mem::take(&mut f.held)));
-                }
+                f.release_held(&mut self.fin);
             }
         }
     }
@@ -323,7 +409,7 @@ impl Sched {
                     output.len()
                 );
             }
-            let r = Arc::new(ItemResult {
+            let r = ItemResult {
                 id,
                 batch: item.batch,
                 workqueue: wq_name.clone().unwrap_or_default(),
@@ -344,9 +430,17 @@ impl Sched {
                 epoch_decided: (decided != 0).then_some(decided),
                 worker,
                 worker_lost: lost,
-            });
+            };
             let run = r.run_time();
-            (Some(r), run)
+            // In a worker's finish batch the result is made and stored after L (see
+            // `finish_all`); anywhere else, here.
+            let made = if self.holding {
+                self.fin.results.push(r);
+                Made::Later(self.fin.results.len() as u32 - 1)
+            } else {
+                Made::Now(Arc::new(r))
+            };
+            (made, run)
         } else {
             // Only the observer reads it (two clock conversions per item otherwise).
             let run = match (mode, &started) {
@@ -355,7 +449,7 @@ impl Sched {
                 }
                 _ => None,
             };
-            (None, run)
+            (Made::Nothing, run)
         };
         for fid in first.into_iter().chain(cold_waiters) {
             if let Some(f) = self.flushes.get_mut(&fid) {
@@ -364,12 +458,19 @@ impl Sched {
                         t.lock().by_state[state.index()] += 1;
                         None
                     }
-                    (None, Some(r)) => Some(FlushEvent::Done(r.clone())),
-                    (None, None) => Some(FlushEvent::Ended(id, state)),
+                    (None, Made::Now(r)) => Some(FlushEvent::Done(r.clone())),
+                    (None, Made::Later(i)) => {
+                        if f.held.is_empty() && f.held_full.is_empty() {
+                            self.held_flushes.push(fid);
+                        }
+                        f.held_full.push(*i);
+                        None
+                    }
+                    (None, Made::Nothing) => Some(FlushEvent::Ended(id, state)),
                 };
                 match ev {
                     Some(ev) if self.holding => {
-                        if f.held.is_empty() {
+                        if f.held.is_empty() && f.held_full.is_empty() {
                             self.held_flushes.push(fid);
                         }
                         f.held.push(ev);
@@ -381,10 +482,9 @@ impl Sched {
                 }
                 f.remaining -= 1;
                 if f.remaining == 0 {
-                    // Its last item: what it holds goes now, before the channel closes.
-                    if !f.held.is_empty() {
-                        let _ = f.tx.send(FlushMsg::Many(std::mem::take(&mut f.held)));
-                    }
+                    // Its last item: what it holds goes now (or, for full results still to
+                    // be made, with a clone of its channel), before the channel closes.
+                    f.release_held(&mut self.fin);
                     self.flushes.remove(&fid);
                 }
             }
@@ -402,7 +502,7 @@ impl Sched {
                 remote: worker.is_some(),
             });
         }
-        if let Some(r) = result {
+        if let Made::Now(r) = result {
             self.results.lock().insert(r, now);
         }
         if self.shutdown {

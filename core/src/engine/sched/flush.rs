@@ -22,6 +22,10 @@ pub(crate) struct FlushRec {
     /// Events of items that ended in the current worker's finish batch, sent together when
     /// it ends (see [`Sched::finish_all`]); empty whenever L is free.
     pub(super) held: Vec<FlushEvent>,
+    /// Full results of the current finish batch this flush waits for, as indices into the
+    /// batch's [`Finished`](super::Finished): their `Done` events are sent once the results
+    /// are built and stored, after L (see [`Sched::finish_all`]); empty whenever L is free.
+    pub(super) held_full: Vec<u32>,
     pub(super) remaining: usize,
     /// Summary-only flushes count here instead of sending an event per item.
     pub(super) tally: Option<Arc<parking_lot::Mutex<crate::engine::Tally>>>,
@@ -171,6 +175,7 @@ impl Sched {
                 FlushRec {
                     tx,
                     held: Vec::new(),
+                    held_full: Vec::new(),
                     remaining,
                     tally: tally.clone(),
                 },

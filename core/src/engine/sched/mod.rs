@@ -69,7 +69,7 @@ mod workqueue;
 
 pub(crate) mod remote;
 
-pub(crate) use finish::NOT_LIVE;
+pub(crate) use finish::{Finished, NOT_LIVE};
 pub(crate) use flush::FlushRec;
 pub use item::ItemId;
 pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Started};
@@ -171,6 +171,8 @@ pub(crate) struct Sched {
     holding: bool,
     /// Flushes holding events (see `holding`).
     held_flushes: Vec<u64>,
+    /// While `holding`: the finish batch's full results, made and stored after L.
+    fin: Finished,
     /// The result store, behind its own lock R (taken inside L; see `results.rs`).
     results: results::Store,
     timers: BinaryHeap<Reverse<(Instant, u8, ItemId)>>,
@@ -226,6 +228,7 @@ impl Sched {
             flushes: IdMap::default(),
             holding: false,
             held_flushes: Vec::new(),
+            fin: Finished::default(),
             results: Arc::new(parking_lot::Mutex::new(Results {
                 map: IdMap::default(),
                 order: VecDeque::new(),

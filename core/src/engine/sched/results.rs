@@ -10,8 +10,9 @@
 //!
 //! Invariant (under R): `bytes` is the sum of [`result_bytes`] over the stored results, and
 //! after each insert the store is within `max` results and `max_bytes` (keeping at least one).
-//! An item leaves `items` and enters the store in one L hold, so a reader holding L finds
-//! every issued, unforgotten item in exactly one of them.
+//! An item leaves `items` and enters the store in one L hold, or (a worker's finish batch,
+//! `finish.rs`'s `Finished`) after it, with R taken before that hold ended; so a reader
+//! holding L, then R, finds every issued, unforgotten item in exactly one of them.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -50,6 +51,9 @@ pub(crate) struct Results {
 
 /// The store behind R, shared by the scheduler (inside L) and look-ups (R alone).
 pub(crate) type Store = Arc<parking_lot::Mutex<Results>>;
+
+/// R, held.
+pub(crate) type ResultsGuard<'a> = parking_lot::MutexGuard<'a, Results>;
 
 /// What one stored result costs, estimated: its texts plus a fixed overhead (the record, its
 /// `Arc`, the map and order entries).
