@@ -117,13 +117,19 @@ fn both(a: u32, b: u32, f: &(dyn Fn(usize) + Sync)) -> f64 {
     t0.elapsed().as_secs_f64()
 }
 
+/// The two CPUs the submitters run on (`a`, `b`) and the target of each side: the submitter
+/// on `a` targets `b` and the other way round. One CPU only: both sides share it.
+fn sides() -> (u32, u32, [u32; 2]) {
+    let cpus: Vec<u32> = topo::affinity().iter().collect();
+    let (a, b) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
+    (a, b, [b, a])
+}
+
 /// Only the wqd part of one system, for a profiler (`wqd-bench --profile-contention one|split
 /// ROUNDS`): both submitters run `rounds` batches of 1 000 through one engine (`one`) or one
 /// engine each (`split`); returns the wall time in s.
 pub fn profile(one_engine: bool, rounds: usize) -> f64 {
-    let cpus: Vec<u32> = topo::affinity().iter().collect();
-    let (a, b) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
-    let targets = [b, a];
+    let (a, b, targets) = sides();
     let engines = if one_engine {
         let e = engine();
         [e.clone(), e]
@@ -141,13 +147,10 @@ pub fn profile(one_engine: bool, rounds: usize) -> f64 {
 /// Runs the comparison; returns its table and verdicts (none: it measures, it judges nothing
 /// yet, see `docs/benchmarks.md`).
 pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
-    let cpus: Vec<u32> = topo::affinity().iter().collect();
-    let (a, b) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
-    let lanes = [Lane::new(b), Lane::new(a)];
+    let (a, b, targets) = sides();
+    let lanes = [Lane::new(targets[0]), Lane::new(targets[1])];
     let split = [engine(), engine()];
     let one = engine();
-    // Submitter on `a` targets `b` and the other way round.
-    let targets = [b, a];
     // Warm up: workers started on both CPUs of every engine.
     for e in split.iter().chain([&one]) {
         for &t in &targets {
