@@ -16,7 +16,6 @@ use crate::engine::{Ended, FlushEvent, FlushMsg, ItemResult, ResultsMode, State,
 use crate::groups::Fallback;
 use crate::handler::{HandlerError, HandlerKind};
 
-use super::flush::FlushRec;
 use super::item::{Finish, Item, ItemId, Outcome, Started};
 use super::results::{cut_output, ResultsGuard};
 use super::timers::TIMER_DEADLINE;
@@ -30,73 +29,32 @@ pub(super) const EXPIRED_UNSTARTED: &str = "not started before its deadline";
 /// into the reason (`offline`, `cpuset`, `isolated`) from the snapshot.
 pub(crate) const NOT_LIVE: &str = "not-live";
 
-/// What `terminal` made of a full result.
-enum Made {
-    /// Nothing: the workqueue keeps no per-item result (`summary`, `none`).
-    Nothing,
-    /// The stored result, made under L.
-    Now(Arc<ItemResult>),
-    /// Index of the result in the finish batch's [`Finished`], made after L.
-    Later(u32),
-}
-
-/// The full results of one worker's finish batch, made and stored after the L hold they
-/// ended in, and the flushes waiting for them.
+/// The full results of one worker's finish batch, stored after the L hold they were made in.
 ///
 /// Invariant: hand over hand. The worker takes R *before* it releases the L hold in which
 /// these items left `items`, and releases R only after [`Finished::store`] has stored every
 /// one. Whoever takes L afterwards and then R (flush registration, cancel, `result_of`, the
-/// timers' expiry) therefore finds each of these items stored, exactly as if it had been
-/// stored under L; a reader of R alone that misses it looks again under L, then R. The
-/// flushes' `Done` events are sent after R is released, each on a clone of its flush's
-/// channel, so a flush whose record ended in that hold still sees them before it closes.
+/// timers' expiry) therefore finds each of them stored, exactly as if it had been stored
+/// under L; a reader of R alone that misses one (a waiter looking up a result its flush's
+/// event, sent under L, just named) looks again under L, then R, and waits for the store.
 #[derive(Default)]
 pub(crate) struct Finished {
-    results: Vec<ItemResult>,
-    /// (a waiting flush's channel, the indices of its results in `results`).
-    sends: Vec<(flume::Sender<FlushMsg>, Vec<u32>)>,
-    made: Vec<Arc<ItemResult>>,
+    results: Vec<Arc<ItemResult>>,
     now: Option<Instant>,
 }
 
 impl Finished {
     /// No result waits to be stored.
     pub(crate) fn is_empty(&self) -> bool {
-        self.results.is_empty() && self.sends.is_empty()
+        self.results.is_empty()
     }
 
-    /// Makes and stores the results, with `store` the R guard taken inside the L hold they
-    /// ended in, then releases R and sends the waiting flushes their events.
+    /// Stores the results, with `store` the R guard taken inside the L hold they were made
+    /// in, then releases R.
     pub(crate) fn store(&mut self, mut store: ResultsGuard<'_>) {
         let now = self.now.unwrap_or_else(Instant::now);
         for r in self.results.drain(..) {
-            let r = Arc::new(r);
-            store.insert(r.clone(), now);
-            self.made.push(r);
-        }
-        drop(store);
-        for (tx, idx) in self.sends.drain(..) {
-            let evs = idx
-                .iter()
-                .filter_map(|&i| self.made.get(i as usize))
-                .map(|r| FlushEvent::Done(r.clone()))
-                .collect();
-            let _ = tx.send(FlushMsg::Many(evs));
-        }
-        self.made.clear();
-    }
-}
-
-impl FlushRec {
-    /// Sends what this flush holds from a finish batch: its events now, its full results'
-    /// indices to `fin` with a clone of its channel.
-    fn release_held(&mut self, fin: &mut Finished) {
-        if !self.held.is_empty() {
-            let _ = self.tx.send(FlushMsg::Many(std::mem::take(&mut self.held)));
-        }
-        if !self.held_full.is_empty() {
-            fin.sends
-                .push((self.tx.clone(), std::mem::take(&mut self.held_full)));
+            store.insert(r, now);
         }
     }
 }
@@ -110,10 +68,9 @@ impl Sched {
     /// all of it under L, so a flush registering, or turning to a tally, in another hold
     /// never finds an event held.
     ///
-    /// The full results of the items that end here are not made into stored `Arc`s under L:
-    /// they go to `out` by value, with the flushes waiting for them, and the caller must pass
-    /// `out` to [`Finished::store`] with R taken before it releases L (hand over hand, see
-    /// [`Finished`]).
+    /// The full results of the items that end here are made under L but not stored: they go
+    /// to `out`, and the caller must pass `out` to [`Finished::store`] with R taken before it
+    /// releases L (hand over hand, see [`Finished`]).
     pub(crate) fn finish_all(
         &mut self,
         done: &mut Vec<Finish>,
@@ -133,12 +90,13 @@ impl Sched {
         std::mem::swap(&mut self.fin, out);
     }
 
-    /// Sends the events held by [`Sched::finish_all`]; the channels of those waiting for
-    /// full results go to `fin`, to be sent once the results are stored.
+    /// Sends the events held by [`Sched::finish_all`].
     fn send_held_events(&mut self) {
         for fid in self.held_flushes.drain(..) {
             if let Some(f) = self.flushes.get_mut(&fid) {
-                f.release_held(&mut self.fin);
+                if !f.held.is_empty() {
+                    let _ = f.tx.send(FlushMsg::Many(std::mem::take(&mut f.held)));
+                }
             }
         }
     }
@@ -409,7 +367,7 @@ impl Sched {
                     output.len()
                 );
             }
-            let r = ItemResult {
+            let r = Arc::new(ItemResult {
                 id,
                 batch: item.batch,
                 workqueue: wq_name.clone().unwrap_or_default(),
@@ -430,17 +388,9 @@ impl Sched {
                 epoch_decided: (decided != 0).then_some(decided),
                 worker,
                 worker_lost: lost,
-            };
+            });
             let run = r.run_time();
-            // In a worker's finish batch the result is made and stored after L (see
-            // `finish_all`); anywhere else, here.
-            let made = if self.holding {
-                self.fin.results.push(r);
-                Made::Later(self.fin.results.len() as u32 - 1)
-            } else {
-                Made::Now(Arc::new(r))
-            };
-            (made, run)
+            (Some(r), run)
         } else {
             // Only the observer reads it (two clock conversions per item otherwise).
             let run = match (mode, &started) {
@@ -449,7 +399,7 @@ impl Sched {
                 }
                 _ => None,
             };
-            (Made::Nothing, run)
+            (None, run)
         };
         for fid in first.into_iter().chain(cold_waiters) {
             if let Some(f) = self.flushes.get_mut(&fid) {
@@ -458,19 +408,12 @@ impl Sched {
                         t.lock().by_state[state.index()] += 1;
                         None
                     }
-                    (None, Made::Now(r)) => Some(FlushEvent::Done(r.clone())),
-                    (None, Made::Later(i)) => {
-                        if f.held.is_empty() && f.held_full.is_empty() {
-                            self.held_flushes.push(fid);
-                        }
-                        f.held_full.push(*i);
-                        None
-                    }
-                    (None, Made::Nothing) => Some(FlushEvent::Ended(id, state)),
+                    (None, Some(r)) => Some(FlushEvent::Done(r.clone())),
+                    (None, None) => Some(FlushEvent::Ended(id, state)),
                 };
                 match ev {
                     Some(ev) if self.holding => {
-                        if f.held.is_empty() && f.held_full.is_empty() {
+                        if f.held.is_empty() {
                             self.held_flushes.push(fid);
                         }
                         f.held.push(ev);
@@ -482,9 +425,10 @@ impl Sched {
                 }
                 f.remaining -= 1;
                 if f.remaining == 0 {
-                    // Its last item: what it holds goes now (or, for full results still to
-                    // be made, with a clone of its channel), before the channel closes.
-                    f.release_held(&mut self.fin);
+                    // Its last item: what it holds goes now, before the channel closes.
+                    if !f.held.is_empty() {
+                        let _ = f.tx.send(FlushMsg::Many(std::mem::take(&mut f.held)));
+                    }
                     self.flushes.remove(&fid);
                 }
             }
@@ -502,8 +446,13 @@ impl Sched {
                 remote: worker.is_some(),
             });
         }
-        if let Made::Now(r) = result {
-            self.results.lock().insert(r, now);
+        if let Some(r) = result {
+            // In a worker's finish batch it is stored after L (see `finish_all`).
+            if self.holding {
+                self.fin.results.push(r);
+            } else {
+                self.results.lock().insert(r, now);
+            }
         }
         if self.shutdown {
             fx.idle_kick = true;

@@ -22,10 +22,6 @@ pub(crate) struct FlushRec {
     /// Events of items that ended in the current worker's finish batch, sent together when
     /// it ends (see [`Sched::finish_all`]); empty whenever L is free.
     pub(super) held: Vec<FlushEvent>,
-    /// Full results of the current finish batch this flush waits for, as indices into the
-    /// batch's [`Finished`](super::Finished): their `Done` events are sent once the results
-    /// are built and stored, after L (see [`Sched::finish_all`]); empty whenever L is free.
-    pub(super) held_full: Vec<u32>,
     pub(super) remaining: usize,
     /// Summary-only flushes count here instead of sending an event per item.
     pub(super) tally: Option<Arc<parking_lot::Mutex<crate::engine::Tally>>>,
@@ -148,12 +144,14 @@ impl Sched {
         let mut remaining = 0;
         // Items already terminal: their events go in one message.
         let mut ended = Vec::new();
-        let store = self.results.lock();
+        // R only for an id not live (a flush of a fresh batch never takes it): a worker
+        // storing its finish batch's results holds R after its L hold (see `Finished`).
+        let mut store = None;
         for &id in &ids {
             if let Some(it) = self.items.get_mut(&id) {
                 it.add_waiter(fid);
                 remaining += 1;
-            } else if let Some(r) = store.get(id) {
+            } else if let Some(r) = store.get_or_insert_with(|| self.results.lock()).get(id) {
                 match &tally {
                     Some(t) => t.lock().by_state[r.state.index()] += 1,
                     None => ended.push(FlushEvent::Done(r)),
@@ -175,7 +173,6 @@ impl Sched {
                 FlushRec {
                     tx,
                     held: Vec::new(),
-                    held_full: Vec::new(),
                     remaining,
                     tally: tally.clone(),
                 },
