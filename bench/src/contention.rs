@@ -41,6 +41,11 @@ impl Default for Cfg {
 }
 
 fn engine() -> Arc<Engine> {
+    engine_with(ResultsMode::Summary)
+}
+
+/// An engine whose workqueue "summary" keeps `results` (named for the section's default).
+fn engine_with(results: ResultsMode) -> Arc<Engine> {
     let cfg = EngineConfig {
         pinning: true,
         ..EngineConfig::default()
@@ -48,7 +53,7 @@ fn engine() -> Arc<Engine> {
     let e =
         Engine::start(cfg, Registry::with_builtins(None), topo::host_snapshot()).expect("engine");
     let mut a = WorkqueueAttrs::named("summary");
-    a.results = ResultsMode::Summary;
+    a.results = results;
     e.create_workqueue(a).expect("workqueue");
     Arc::new(e)
 }
@@ -126,15 +131,20 @@ fn sides() -> (u32, u32, [u32; 2]) {
 }
 
 /// Only the wqd part of one system, for a profiler (`wqd-bench --profile-contention one|split
-/// ROUNDS`): both submitters run `rounds` batches of 1 000 through one engine (`one`) or one
-/// engine each (`split`); returns the wall time in s.
-pub fn profile(one_engine: bool, rounds: usize) -> f64 {
+/// ROUNDS [full]`): both submitters run `rounds` batches of 1 000 through one engine (`one`) or one
+/// engine each (`split`), results `summary` or (`full`) full; returns the wall time in s.
+pub fn profile(one_engine: bool, rounds: usize, full: bool) -> f64 {
     let (a, b, targets) = sides();
+    let mode = if full {
+        ResultsMode::Full
+    } else {
+        ResultsMode::Summary
+    };
     let engines = if one_engine {
-        let e = engine();
+        let e = engine_with(mode);
         [e.clone(), e]
     } else {
-        [engine(), engine()]
+        [engine_with(mode), engine_with(mode)]
     };
     for (side, e) in engines.iter().enumerate() {
         wqd_rounds(e, targets[side], 1000, 2);

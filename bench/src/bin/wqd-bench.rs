@@ -46,7 +46,7 @@ const USAGE: &str =
 [--out FILE]
        wqd-bench --profile-engine ROUNDS [summary]
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [pause=MS]
-       wqd-bench --profile-contention one|split ROUNDS
+       wqd-bench --profile-contention one|split ROUNDS [full]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
 --quick is a smoke run whose figures are not worth comparing.";
 
@@ -149,12 +149,13 @@ fn main() {
             Some("one") => true,
             Some("split") => false,
             _ => {
-                eprintln!("usage: wqd-bench --profile-contention one|split ROUNDS");
+                eprintln!("usage: wqd-bench --profile-contention one|split ROUNDS [full]");
                 std::process::exit(2);
             }
         };
         let rounds: usize = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(300);
-        let el = contention::profile(one, rounds);
+        let full = args.get(i + 3).map(String::as_str) == Some("full");
+        let el = contention::profile(one, rounds, full);
         println!(
             "{} engine(s), 2 x {rounds} x 1000 items in {el:.2}s: {:.0} items/s",
             if one { 1 } else { 2 },
