@@ -7,7 +7,8 @@
 //! that the CPU is live in the current epoch (lock-free seqlock read; for batched items, the
 //! epoch they were bound in) and that the item's own cancel token is not raised. If a check
 //! fails the item is handed back to its queue (counted as a re-bind) or cancelled, and never
-//! starts here. Finishes are reported at the next entry into the lock. Invariant: a handler is
+//! starts here. Finishes are reported at the next entry into the lock (their full results
+//! stored right after that hold, under R taken before it ended). Invariant: a handler is
 //! called only after its own checks passed, with the epoch that proved the CPU live recorded
 //! in the result.
 
@@ -180,7 +181,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     let parker = Parker::new();
     let wake = Wake::new(parker.unparker().clone());
     let mut done: Vec<Finish> = Vec::with_capacity(BATCH);
-    // The full results of the finish batch, made and stored after L (see `release`).
+    // The full results of a finish batch, made under L and stored after it (see `release`).
     let mut fin = Finished::default();
     let mut extra: Vec<Job> = Vec::with_capacity(BATCH);
     // When the last batch began to run (after its lock hold), and how many jobs it had.
@@ -271,8 +272,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
 }
 
 /// Ends a lock hold that began with [`Sched::finish_all`]: R is taken before L is released
-/// (hand over hand, see [`Finished`]), and the batch's full results are made and stored with
-/// R alone.
+/// (hand over hand, see [`Finished`]), and the batch's full results are stored with R alone.
 fn release(inner: &Inner, s: parking_lot::MutexGuard<'_, Sched>, fin: &mut Finished) {
     if fin.is_empty() {
         return;

@@ -171,7 +171,7 @@ pub(crate) struct Sched {
     holding: bool,
     /// Flushes holding events (see `holding`).
     held_flushes: Vec<u64>,
-    /// While `holding`: the finish batch's full results, made and stored after L.
+    /// While `holding`: the finish batch's full results, made under L and stored after it.
     fin: Finished,
     /// The result store, behind its own lock R (taken inside L; see `results.rs`).
     results: results::Store,
