@@ -39,6 +39,25 @@ impl Items {
         self.slots.get_mut(s as usize)
     }
 
+    /// The slot of item `id`, for [`at`](Self::at) and [`at_mut`](Self::at_mut): valid until
+    /// the next insert or remove.
+    #[inline]
+    pub(crate) fn slot(&self, id: &ItemId) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+
+    /// The item in `slot` (from [`slot`](Self::slot), with no insert or remove since).
+    #[inline]
+    pub(crate) fn at(&self, slot: u32) -> Option<&Item> {
+        self.slots.get(slot as usize)
+    }
+
+    /// [`at`](Self::at), to change the item.
+    #[inline]
+    pub(crate) fn at_mut(&mut self, slot: u32) -> Option<&mut Item> {
+        self.slots.get_mut(slot as usize)
+    }
+
     /// Adds item `id`, replacing (and returning) an item already under that id.
     #[inline]
     pub(crate) fn insert(&mut self, id: ItemId, item: Item) -> Option<Item> {
@@ -103,6 +122,7 @@ mod tests {
             cold: None,
             wq: 0,
             queue: 0,
+            bound: crate::engine::sched::NOT_BOUND,
             rebinds: 0,
             state: State::Pending,
             fallback: None,

@@ -106,7 +106,7 @@ impl Sched {
     pub(crate) fn finish(&mut self, f: Finish, now: Instant, fx: &mut Effects) {
         // A bound item is live (`Bound` exists exactly while its item is `Running`), and its
         // claim carries what the finish needs of it.
-        let Some(bound) = self.running.remove(&f.id) else {
+        let Some(bound) = self.unbind(f.id) else {
             tracing::error!(item = f.id, "finish for an item that is not bound");
             return;
         };
@@ -143,7 +143,7 @@ impl Sched {
                     fx.rebound.push(why);
                 }
                 if let Some(item) = self.items.get_mut(&f.id) {
-                    item.rebinds += 1;
+                    item.rebinds = item.rebinds.saturating_add(1);
                 }
                 self.requeue(f.id, now, fx);
             }
@@ -380,7 +380,7 @@ impl Sched {
                 cpu_finished: finished.map(|f| f.0),
                 fallback: item.fallback,
                 reason,
-                rebinds: item.rebinds,
+                rebinds: item.rebinds.into(),
                 queued_at: item.queued_at,
                 started_at: started.as_ref().map(|s| s.at),
                 finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),

@@ -45,7 +45,7 @@ impl Sched {
         for &id in ids {
             let o = match self.items.get(&id) {
                 Some(it) if it.state == State::Running => {
-                    if let Some(b) = self.running.get(&id) {
+                    if let Some(b) = self.bound(id) {
                         b.token.cancel();
                         // An attached worker holds it: tell it; the item ends when the worker
                         // answers, or is lost.

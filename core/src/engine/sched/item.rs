@@ -101,6 +101,8 @@ pub(crate) struct Entry {
 /// A worker's claim on an item. Kept in `Sched::running`, not in the item: only the few
 /// items bound to a worker need it.
 pub(crate) struct Bound {
+    /// The bound item (its `Item::bound` names this record's slot in `Sched::running`).
+    pub(super) id: ItemId,
     pub(super) cpu: u32,
     /// The item's queue, workqueue and handler kind, copied from it at bind, so that a
     /// finish reads them here instead of looking the item up a second time.
@@ -131,7 +133,11 @@ pub(crate) struct Item {
     pub cold: Option<Box<Cold>>,
     pub wq: u32,
     pub queue: u32,
-    pub rebinds: u32,
+    /// While `Running`: its claim's slot in `Sched::running` ([`NOT_BOUND`] otherwise), so
+    /// that binding and finishing cost no id look-up beyond the item's own.
+    pub bound: u32,
+    /// Times it was handed back before a start (saturating: 65 535 is "at least that many").
+    pub rebinds: u16,
     pub state: State,
     pub fallback: Option<Level>,
 }
@@ -151,6 +157,9 @@ pub(crate) struct Cold {
     /// Times an attached worker was lost holding it and it was queued again.
     pub(super) lost: u32,
 }
+
+/// `Item::bound` of an item that is not bound.
+pub(crate) const NOT_BOUND: u32 = u32::MAX;
 
 impl Item {
     pub(super) fn qid(&self) -> usize {

@@ -72,6 +72,8 @@ pub(crate) mod remote;
 pub(crate) use finish::{Finished, NOT_LIVE};
 pub(crate) use flush::FlushRec;
 pub use item::ItemId;
+#[cfg(test)]
+pub(crate) use item::NOT_BOUND;
 pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Started};
 pub(crate) use results::Store as ResultStore;
 
@@ -158,8 +160,9 @@ pub(crate) struct Sched {
     wq_names: HashMap<String, usize>,
     queues: Slab<Queue>,
     pub items: Items,
-    /// Items bound to a worker, and the worker's claim on each.
-    running: IdMap<ItemId, Bound>,
+    /// The claims of the items bound to a worker: each bound item's `Item::bound` is its
+    /// slot here, and each claim names its item.
+    running: Slab<Bound>,
     next_item: ItemId,
     next_batch: u64,
     next_flush: u64,
@@ -218,7 +221,7 @@ impl Sched {
             wq_names: HashMap::new(),
             queues: Slab::new(),
             items: Items::default(),
-            running: IdMap::default(),
+            running: Slab::new(),
             next_item: 1,
             next_batch: 1,
             next_flush: 1,

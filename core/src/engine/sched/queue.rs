@@ -372,23 +372,46 @@ impl Sched {
             .is_some_and(|p| p.call_worker(cpu, epoch, max, fx))
     }
 
+    /// A delayed item whose delay ended becomes pending in its queue (or is rejected, see
+    /// [`refusal`](Self::refusal)).
     pub(super) fn enqueue(&mut self, id: ItemId, fx: &mut Effects) {
         let Some(item) = self.items.get_mut(&id) else {
             return;
         };
         item.state = State::Pending;
         let (qid, wi) = (item.qid(), item.wi());
-        let unserved = self.unserved(qid);
-        let q = &mut self.queues[qid];
-        let no_cpu = q.eligible.is_empty() && self.wqs[wi].attrs.fallback == Fallback::Reject;
-        if no_cpu || unserved.is_some() {
-            let reason = unserved.unwrap_or_else(|| q.reason.clone());
-            q.pending += 1;
-            self.wqs[wi].pending += 1;
-            let now = Instant::now();
-            self.end_unstarted(id, State::Rejected, reason, now, fx);
-            return;
+        match self.refusal(qid) {
+            Some(reason) => self.refuse(id, qid, reason, fx),
+            None => self.push_pending(id, qid, wi),
         }
+    }
+
+    /// Why queue `qid` refuses new pending items now, if it does: it has no eligible CPU and
+    /// its workqueue's fallback is `reject`, or no attached worker serves its handler and the
+    /// workqueue rejects unserved items. Nothing a submit does changes the answer, so a
+    /// submit asks once per run of entries of one queue.
+    pub(super) fn refusal(&self, qid: usize) -> Option<String> {
+        let q = &self.queues[qid];
+        if q.eligible.is_empty() && self.wqs[q.wq].attrs.fallback == Fallback::Reject {
+            return Some(q.reason.clone());
+        }
+        self.unserved(qid)
+    }
+
+    /// Ends pending item `id` of queue `qid` (live in `items`, not yet in the queue's FIFO)
+    /// `Rejected` at once, counted in and out of `pending` like any other pending item.
+    pub(super) fn refuse(&mut self, id: ItemId, qid: usize, reason: String, fx: &mut Effects) {
+        let wi = self.queues[qid].wq;
+        self.queues[qid].pending += 1;
+        self.wqs[wi].pending += 1;
+        self.end_unstarted(id, State::Rejected, reason, Instant::now(), fx);
+    }
+
+    /// Appends pending item `id` (live in `items`, state `Pending`) to queue `qid` of
+    /// workqueue `wi` and counts it.
+    #[inline]
+    pub(super) fn push_pending(&mut self, id: ItemId, qid: usize, wi: usize) {
+        let q = &mut self.queues[qid];
         q.items.push_back(id);
         q.pending += 1;
         q.idle_since = None;

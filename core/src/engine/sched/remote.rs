@@ -373,12 +373,12 @@ impl Sched {
                     break;
                 };
                 let epoch = job.epoch;
-                if let Some(b) = self.running.get_mut(&job.id) {
+                if let Some(b) = self.bound_mut(job.id) {
                     b.remote = Some((w, slot));
                 }
                 let (rebinds, attempt) = match self.items.get_mut(&job.id) {
                     Some(it) => {
-                        let rebinds = it.rebinds;
+                        let rebinds = it.rebinds.into();
                         let c = it.cold();
                         c.worker = Some(WorkerRef {
                             worker: w,

@@ -133,7 +133,7 @@ impl Sched {
             error: String::new(),
             target: it.body.target.clone(),
             handler: it.body.handler_name().clone(),
-            cpu_started: self.running.get(&id).map(|b| b.cpu),
+            cpu_started: self.bound(id).map(|b| b.cpu),
             cpu_finished: None,
             fallback: it.fallback,
             reason: if it.state == State::Pending {
@@ -141,7 +141,7 @@ impl Sched {
             } else {
                 it.reason().to_string()
             },
-            rebinds: it.rebinds,
+            rebinds: it.rebinds.into(),
             queued_at: it.queued_at,
             started_at: None,
             finished_at: None,

@@ -46,7 +46,7 @@ impl Sched {
                     .running
                     .iter()
                     .filter(|(_, b)| b.cpu == cpu)
-                    .filter_map(|(id, _)| self.items.get(id).map(|i| (id, i)))
+                    .filter_map(|(_, b)| self.items.get(&b.id).map(|i| (b.id, i)))
                     .map(|(id, i)| {
                         format!("item {id} {} on {}", i.body.handler_name(), i.body.target)
                     })
@@ -65,7 +65,8 @@ impl Sched {
             }
         }
         if !hog.is_zero() {
-            for (&id, b) in self.running.iter_mut() {
+            for (_, b) in self.running.iter_mut() {
+                let id = b.id;
                 let Some(it) = self.items.get(&id) else {
                     continue;
                 };

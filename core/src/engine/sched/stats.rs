@@ -18,8 +18,8 @@ impl Sched {
     pub(crate) fn running_items(&self) -> Vec<String> {
         self.running
             .iter()
-            .filter_map(|(id, b)| {
-                let it = self.items.get(id)?;
+            .filter_map(|(_, b)| {
+                let (id, it) = (b.id, self.items.get(&b.id)?);
                 Some(format!(
                     "item {id} {} on cpu {}",
                     it.body.handler_name(),

@@ -15,7 +15,7 @@ use crate::engine::{EngineError, Receipt, State, Submitted};
 use crate::groups::Fallback;
 use crate::target::Target;
 
-use super::item::{Body, Cold, Entry, Item, ItemId};
+use super::item::{Body, Cold, Entry, Item, ItemId, NOT_BOUND};
 use super::timers::{instant_after, TIMER_DEADLINE, TIMER_DELAY};
 use super::{Effects, Sched};
 
@@ -143,6 +143,8 @@ impl Sched {
         // The body of the previous entry and its queue: runs of entries sharing a body (the
         // common case) find their queue without comparing targets.
         let mut last_body: Option<(Arc<Body>, usize)> = None;
+        // The last queue asked for its refusal (see `Sched::refusal`), and the answer.
+        let mut refusal: Option<(usize, Option<String>)> = None;
         for (index, Entry { body: b, key, .. }) in bodies.into_iter().enumerate() {
             if index > 0 {
                 crate::failpoint::seam!("engine::submit-between-items");
@@ -189,6 +191,16 @@ impl Sched {
             if let Some(k) = &key {
                 wq.keys.insert(k.clone(), id);
             }
+            let delayed = delay_at.filter(|&at| at > now);
+            // Whether the queue refuses new pending items: asked once per run of one queue.
+            let refused = match &refusal {
+                Some((q, r)) if *q == qid => r.clone(),
+                _ => {
+                    let r = self.refusal(qid);
+                    refusal = Some((qid, r.clone()));
+                    r
+                }
+            };
             self.items.insert(
                 id,
                 Item {
@@ -205,19 +217,25 @@ impl Sched {
                     }),
                     wq: wq32,
                     queue: qid as u32,
+                    bound: NOT_BOUND,
                     rebinds: 0,
-                    state: State::Delayed,
+                    state: if delayed.is_some() {
+                        State::Delayed
+                    } else {
+                        State::Pending
+                    },
                     fallback: None,
                 },
             );
-            match delay_at.filter(|&at| at > now) {
-                Some(at) => {
+            match (delayed, refused) {
+                (Some(at), _) => {
                     self.wqs[wi].delayed += 1;
                     self.queues[qid].delayed += 1;
                     self.timers.push(Reverse((at, TIMER_DELAY, id)));
                     fx.timer_kick = true;
                 }
-                None => self.enqueue(id, fx),
+                (None, Some(reason)) => self.refuse(id, qid, reason, fx),
+                (None, None) => self.push_pending(id, qid, wi),
             }
             if let Some(at) = deadline_at {
                 self.timers.push(Reverse((at, TIMER_DEADLINE, id)));

@@ -13,7 +13,7 @@ use crate::engine::{ResultsMode, State};
 use crate::handler::{CancelToken, HandlerKind};
 
 use super::finish::EXPIRED_UNSTARTED;
-use super::item::{Body, Bound, ItemId, Job};
+use super::item::{Body, Bound, ItemId, Job, NOT_BOUND};
 use super::{Effects, Sched};
 
 impl Sched {
@@ -84,9 +84,12 @@ impl Sched {
             let Some(&id) = self.queues[qid].items.front() else {
                 continue;
             };
+            let Some(islot) = self.items.slot(&id) else {
+                continue;
+            };
             let Some((kind, expired)) = self
                 .items
-                .get(&id)
+                .at(islot)
                 .map(|it| (it.body.kind(), it.deadline().is_some_and(|d| d <= now)))
             else {
                 continue;
@@ -111,7 +114,7 @@ impl Sched {
                 budget += 1;
                 continue;
             }
-            let Some((body, queued_at)) = self.bind(id, qid, cpu, token, now, true) else {
+            let Some((body, queued_at)) = self.bind(id, islot, qid, cpu, token, now, true) else {
                 continue;
             };
             let wq = &mut self.wqs[wi];
@@ -156,10 +159,13 @@ impl Sched {
     /// pending item `id`, already popped from queue `qid`, becomes running on `cpu` under
     /// `token` (reset here), with the queue's fallback and reason, the fallback tally, its
     /// `running` entry (`slot`: whether it holds a `running_on` slot) and the queue and
-    /// workqueue counters. Returns its body and queue time for the [`Job`].
+    /// workqueue counters. `islot` is its slot in `items` (looked up in the same step).
+    /// Returns its body and queue time for the [`Job`].
+    #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
         id: ItemId,
+        islot: u32,
         qid: usize,
         cpu: u32,
         token: &CancelToken,
@@ -171,7 +177,7 @@ impl Sched {
         let epoch = self.epoch;
         // The callers found this item pending under the same lock hold; were it gone, the id
         // they popped was a tombstone and nothing has changed yet.
-        let item = self.items.get_mut(&id)?;
+        let item = self.items.at_mut(islot)?;
         item.state = State::Running;
         item.fallback = fallback;
         if fallback.is_some() {
@@ -191,20 +197,18 @@ impl Sched {
             *self.fallbacks.entry(l.to_string()).or_default() += 1;
         }
         token.reset();
-        self.running.insert(
+        item.bound = self.running.insert(Bound {
             id,
-            Bound {
-                cpu,
-                queue: qid as u32,
-                wq: wi as u32,
-                kind,
-                at: now,
-                token: token.clone(),
-                hog_reported: false,
-                slot,
-                remote: None,
-            },
-        );
+            cpu,
+            queue: qid as u32,
+            wq: wi as u32,
+            kind,
+            at: now,
+            token: token.clone(),
+            hog_reported: false,
+            slot,
+            remote: None,
+        }) as u32;
         let q = &mut self.queues[qid];
         q.pending -= 1;
         q.running += 1;
@@ -253,12 +257,12 @@ impl Sched {
             // One look-up per item: tombstones (ids no longer pending in this queue) are
             // dropped from the front, as `clean_front` does; the first pending item is
             // checked and bound.
-            let (id, item) = loop {
+            let (id, islot, item) = loop {
                 let Some(&id) = self.queues[qid].items.front() else {
                     break 'claim;
                 };
-                match self.items.get(&id) {
-                    Some(it) if it.is_pending_in(qid) => break (id, it),
+                match self.items.slot(&id).map(|s| (s, self.items.at(s))) {
+                    Some((s, Some(it))) if it.is_pending_in(qid) => break (id, s, it),
                     _ => {
                         self.queues[qid].items.pop_front();
                     }
@@ -277,7 +281,7 @@ impl Sched {
                 break;
             }
             self.queues[qid].items.pop_front();
-            let Some((body, queued_at)) = self.bind(id, qid, cpu, token, now, false) else {
+            let Some((body, queued_at)) = self.bind(id, islot, qid, cpu, token, now, false) else {
                 break;
             };
             claimed += 1;
@@ -299,5 +303,28 @@ impl Sched {
                 p.running += claimed;
             }
         }
+    }
+}
+
+impl Sched {
+    /// The claim of bound item `id`, if it is bound.
+    pub(super) fn bound(&self, id: ItemId) -> Option<&Bound> {
+        let it = self.items.get(&id)?;
+        self.running.get(it.bound as usize)
+    }
+
+    /// [`bound`](Self::bound), to change the claim.
+    pub(super) fn bound_mut(&mut self, id: ItemId) -> Option<&mut Bound> {
+        let it = self.items.get(&id)?;
+        self.running.get_mut(it.bound as usize)
+    }
+
+    /// Ends the claim of bound item `id` (it stays live, not bound) and returns it.
+    pub(super) fn unbind(&mut self, id: ItemId) -> Option<Bound> {
+        let it = self.items.get_mut(&id)?;
+        let slot = std::mem::replace(&mut it.bound, NOT_BOUND);
+        let b = self.running.try_remove(slot as usize)?;
+        debug_assert_eq!(b.id, id, "a claim names its item");
+        Some(b)
     }
 }
