@@ -183,7 +183,8 @@ pub struct ItemResult {
     pub fallback: Option<Level>,
     /// Why a fallback, rejection or expiry happened, in words.
     pub reason: String,
-    /// How often it was bound to a CPU and handed back before it started.
+    /// How often it was bound to a CPU and handed back before it started (counted up to
+    /// 65 535, then it stays there).
     pub rebinds: u32,
     pub queued_at: SystemTime,
     pub started_at: Option<SystemTime>,
@@ -1306,11 +1307,18 @@ impl Engine {
         summary_only: bool,
     ) -> Result<(Receipt, Flush), EngineError> {
         let bodies = self.bodies(items.into())?;
+        // Without a delayed entry the batch has no delayed item to promote: its ids are the
+        // flush's as they are (one look-up per item less under L).
+        let delays = bodies.iter().any(|e| e.delay.is_some());
         let mut fx = sched::Effects::default();
         let r = (|| {
             let mut s = self.inner.sched.lock();
             let rec = s.submit(wq, bodies, &mut fx)?;
-            let (ids, _) = s.flush_ids(&FlushScope::Batch(rec.batch), &mut fx)?;
+            let scope = FlushScope::Batch(rec.batch);
+            let ids = match delays {
+                true => s.flush_ids(&scope, &mut fx)?.0,
+                false => s.scope_ids(&scope)?,
+            };
             let f = s.register_flush(&self.inner, ids, summary_only);
             Ok((rec, f))
         })();
