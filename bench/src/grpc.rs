@@ -14,7 +14,8 @@
 //!   1000 and 10k, with 1 and 4 connections, each with one call in flight (closed loop) for
 //!   a fixed window. Systems: the floor's `Submit` (decode + ack), wqd's `Submit` with
 //!   `wait = true` (returns when every item is done, with every result), and wqd's `Submit`
-//!   (no wait) followed by `Flush(batch_id, summary_only)`; plus the empty unary RPC
+//!   (no wait) followed by `Flush(batch_id, summary_only)`, and `Submit(wait)` on a workqueue
+//!   with `results = summary` ([`SUMMARY_WQ`]); plus the empty unary RPC
 //!   (`grpc.health.v1.Health/Check` on wqd) in calls/s. Ratios are wqd ÷ floor items/s per
 //!   run (1.00 = as fast as the floor).
 //! - Latency: one connection to wqd and one to the floor per transport; one call at a time,
@@ -294,7 +295,17 @@ pub enum Sys {
     NoWait,
     /// wqd `Submit`, then `Flush(batch, summary_only)`.
     Flush,
+    /// wqd `Submit(wait)` on a workqueue with `results = summary` ([`SUMMARY_WQ`]): submit,
+    /// wait for every item and get the counts, in one call — what a client that wants counts
+    /// only configures (no per-item result is built or stored). A `Flush` after a `Submit`
+    /// cannot do this job there: items that ended before it registered have no result left
+    /// to count.
+    WaitSummaryWq,
 }
+
+/// The workqueue with `results = summary` that [`Sys::WaitSummaryWq`] submits to (created by
+/// the section on the daemon it starts).
+pub const SUMMARY_WQ: &str = "bench-summary";
 
 impl Sys {
     pub fn label(self) -> &'static str {
@@ -305,6 +316,7 @@ impl Sys {
             Sys::Wait => "wqd Submit(wait)",
             Sys::NoWait => "wqd Submit (no wait)",
             Sys::Flush => "wqd Submit + Flush(summary)",
+            Sys::WaitSummaryWq => "wqd Submit(wait), results = summary",
         }
     }
 }
@@ -335,6 +347,14 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
             let a = c.submit(nowait).await.expect("wqd Submit");
             assert_eq!(a.items.len(), n, "wqd receipts");
         }
+        Sys::WaitSummaryWq => {
+            let a = c
+                .submit(wait)
+                .await
+                .expect("wqd Submit(wait), results = summary");
+            let ok = a.counts.map_or(0, |c| c.ok);
+            assert_eq!(ok as usize, n, "wqd summary: items ok");
+        }
         Sys::Flush => {
             let a = c.submit(nowait).await.expect("wqd Submit");
             assert_eq!(a.items.len(), n, "wqd receipts");
@@ -349,7 +369,10 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
 /// `window` (at least one timed call per connection; batches of up to 100 after one untimed
 /// call, larger ones start timed at once: the connections are warm from the figures before).
 pub async fn throughput(conns: &[Conn], sys: Sys, n: usize, window: Duration) -> f64 {
-    let wait = wire::noop_batch(n, true);
+    let wait = match sys {
+        Sys::WaitSummaryWq => wire::noop_batch_in(SUMMARY_WQ, n, true),
+        _ => wire::noop_batch(n, true),
+    };
     let nowait = wire::noop_batch(n, false);
     let per_call = if sys == Sys::Empty { 1 } else { n as u64 };
     let mut tasks = Vec::new();
@@ -637,6 +660,10 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         (w.transport(), side)
     })
     .collect();
+    rt.block_on(
+        sides[0].1.wqd[0].create_workqueue(SUMMARY_WQ, wqd_proto::v1::ResultsMode::Summary),
+    )
+    .expect("creating the summary workqueue");
 
     // (transport, conns, batch, sys) → per-run items/s.
     let mut tp: HashMap<(&str, usize, usize, Sys), Vec<f64>> = HashMap::new();
@@ -654,9 +681,15 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 tp.entry((tr, nc, 0, Sys::Empty)).or_default().push(r);
                 for (bi, &n) in cfg.batches.iter().enumerate() {
                     let systems: &[Sys] = if side.floor_nd.is_empty() {
-                        &[Sys::Floor, Sys::Wait, Sys::Flush]
+                        &[Sys::Floor, Sys::Wait, Sys::Flush, Sys::WaitSummaryWq]
                     } else {
-                        &[Sys::Floor, Sys::FloorNd, Sys::Wait, Sys::Flush]
+                        &[
+                            Sys::Floor,
+                            Sys::FloorNd,
+                            Sys::Wait,
+                            Sys::Flush,
+                            Sys::WaitSummaryWq,
+                        ]
                     };
                     for sys in rotate(systems, run + bi) {
                         let conns = match sys {
@@ -687,6 +720,9 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
              targeting `all`) vs the decode-and-acknowledge floor server (same tonic setup, \
              separate process); client in the bench process, requests pre-encoded, one call \
              in flight per connection, {:?} window per figure; {} runs, min / median / max. \
+             `Submit(wait), results = summary` submits to a workqueue created with `results = \
+             summary` and waits in the same call (no per-item result built or stored; the \
+             counts come back: what a client that only wants counts configures). \
              `of floor` is wqd's items/s ÷ the floor's in the same run (1.00 = as fast as the \
              floor; the target is ≥ 0.70 at 1000). The floor is served as wqd serves (tonic \
              `serve_with_incoming` over a `TcpListenerStream`, which leaves Nagle on for \
@@ -703,6 +739,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             "Submit(wait) of floor",
             "wqd Submit + Flush(summary)",
             "Submit+Flush of floor",
+            "wqd Submit(wait), results = summary",
+            "of floor",
             "floor, nodelay",
             "Submit(wait) of nodelay floor",
         ],
@@ -739,6 +777,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             for &n in &cfg.batches {
                 let (fl, wa, fu) = (get(n, Sys::Floor), get(n, Sys::Wait), get(n, Sys::Flush));
                 let (rw, rf) = (per_run(&wa, &fl), per_run(&fu, &fl));
+                let fs = get(n, Sys::WaitSummaryWq);
+                let rs = per_run(&fs, &fl);
                 let nd = tp.get(&(*tr, nc, n, Sys::FloorNd)).cloned();
                 let (nd_rate, nd_ratio) = match &nd {
                     Some(v) => (
@@ -756,6 +796,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                     report::spread(rw, 2),
                     report::rate_spread(Spread::of(&mut fu.clone())),
                     report::spread(rf, 2),
+                    report::rate_spread(Spread::of(&mut fs.clone())),
+                    report::spread(rs, 2),
                     nd_rate,
                     nd_ratio,
                 ]);
@@ -772,6 +814,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                         judged >= 0.70,
                         format!(
                             "Submit(wait) {:.0}% of floor ({} vs {} items/s){}; Submit+Flush \
+                             {:.0}% of floor; Submit(wait) on a results = summary workqueue \
                              {:.0}% of floor",
                             rw.median * 100.0,
                             report::rate(Spread::of(&mut wa.clone()).median),
@@ -780,7 +823,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                                 ", {:.0}% of the nodelay floor",
                                 x * 100.0
                             )),
-                            rf.median * 100.0
+                            rf.median * 100.0,
+                            rs.median * 100.0
                         ),
                     ));
                 }
@@ -867,14 +911,30 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
 
 /// For a profiler on the daemon side: `rounds` `Submit(wait)` calls of `batch` `noop` items
 /// (`wait = false`: `Submit` only) to the daemon on `socket`, one at a time; prints the rate.
-pub fn profile_client(socket: &Path, rounds: usize, batch: usize, wait: bool, pause: Duration) {
+/// `summary`: on [`SUMMARY_WQ`] (created if missing), checking the counts instead of results.
+pub fn profile_client(
+    socket: &Path,
+    rounds: usize,
+    batch: usize,
+    wait: bool,
+    summary: bool,
+    pause: Duration,
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
         let c = wire::connect(&Addr::Unix(socket.to_path_buf())).await;
-        let req = wire::noop_batch(batch, wait);
+        let req = if summary {
+            // Already there from an earlier run against the same daemon: fine.
+            let _ = c
+                .create_workqueue(SUMMARY_WQ, wqd_proto::v1::ResultsMode::Summary)
+                .await;
+            wire::noop_batch_in(SUMMARY_WQ, batch, wait)
+        } else {
+            wire::noop_batch(batch, wait)
+        };
         let mut lat = Vec::with_capacity(rounds);
         let t0 = Instant::now();
         for _ in 0..rounds {
@@ -886,6 +946,9 @@ pub fn profile_client(socket: &Path, rounds: usize, batch: usize, wait: bool, pa
             let a = c.submit(&req).await.expect("Submit");
             lat.push(t.elapsed());
             assert_eq!(a.items.len(), batch);
+            if summary && wait {
+                assert_eq!(a.counts.map_or(0, |c| c.ok) as usize, batch, "items ok");
+            }
         }
         let el = t0.elapsed();
         lat.sort();

@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::grpc::{self, rotate};
+use crate::grpc::{self, rotate, SUMMARY_WQ};
 use crate::peers::{self, Nats, Redis};
 use crate::report::{self, Table, Verdict};
 use crate::stats::{ns, percentile, Spread};
@@ -95,9 +95,6 @@ impl Sys {
         }
     }
 }
-
-/// wqd's workqueue keeping `results = summary`, created over gRPC at start.
-const SUMMARY_WQ: &str = "bench-summary";
 
 /// wqd's rows.
 const WQD: [Sys; 3] = [Sys::Wait, Sys::Flush, Sys::WaitSummary];
