@@ -285,6 +285,10 @@ while [ $round -le "$ROUNDS" ]; do
     ck 3 "systemd restarted wqd after the watchdog timeout (NRestarts $r0 -> $r1)" [ "$r1" -gt "$r0" ]
     wd=$(journalctl -q --no-pager -u wqd | grep -c "Watchdog timeout")
     ck 3 "the journal shows the watchdog timeout (one a round so far: $wd)" [ "$wd" -ge "$round" ]
+    # WatchdogSignal=SIGKILL (deploy/wqd.service says why): no thread of the stopped wqd may run
+    # on after the kill and take the queued client with it.
+    wk=$(journalctl -q --no-pager -u wqd | grep -c "Main process exited, code=killed, status=9/KILL")
+    ck 3 "the watchdog killed wqd with SIGKILL (WatchdogSignal=$(systemctl show -p WatchdogSignal --value wqd.service); one a round so far: $wk)" [ "$wk" -ge "$round" ]
     ck 3 "the client queued during the hang got its answer from the new wqd (status $rc: $(head -c 200 /tmp/hung.json))" grep -q '"all_ok":true' /tmp/hung.json
     $W -o json submit -t all --handler noop -n 4 --wait >/tmp/after.json 2>&1
     ck 3 "new clients connect after the restart" grep -q '"all_ok":true' /tmp/after.json
