@@ -350,3 +350,57 @@ fn a_result_stored_after_the_lock_is_found_by_whoever_comes_next() {
     assert_eq!(rig.runs.n.load(Ordering::SeqCst), 1);
     scenario.teardown();
 }
+
+/// A worker's finish batch sends its flush events after L (and after its results are
+/// stored), each flush's channel kept open by a sender the batch holds (`Finished` in
+/// `sched/finish.rs`). The seam pauses the worker between releasing its locks and sending:
+/// L is free then (a look-up finds the item ended), the flush's waiter — turning to a tally
+/// under L, which no longer finds the item — must not return before the event arrives, and
+/// must count the item exactly once.
+#[test]
+fn a_flush_event_sent_after_the_lock_is_awaited_and_counted_once() {
+    const UNSENT: &str = "engine::events-unsent";
+    let scenario = fail::FailScenario::setup();
+    let rig = rig(Fallback::Widen);
+    wqd_core::failpoint::cfg(UNSENT, "pause").unwrap();
+    let (r, flush) = rig
+        .engine
+        .submit_and_flush("wq", vec![ItemSpec::new(Target::Cpu(1), "count")], false)
+        .unwrap();
+    let id = r.items[0].id;
+    // Its end is counted under L: once another L hold sees it, its worker has released L and
+    // R and waits at the seam with the flush's event.
+    let t0 = Instant::now();
+    loop {
+        let ended = rig
+            .engine
+            .workqueues()
+            .into_iter()
+            .find(|w| w.attrs.name == "wq")
+            .and_then(|w| w.totals.get(&State::Ok).copied());
+        if ended == Some(1) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "item never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let e = &rig.engine;
+    std::thread::scope(|sc| {
+        let waiter = sc.spawn(move || flush.wait(Some(Duration::from_secs(20))));
+        // L and R are free while the event is unsent: the result is there to look up.
+        let got = e.results(&[id]);
+        assert_eq!(got[0].as_ref().map(|r| r.state), Some(State::Ok));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !waiter.is_finished(),
+            "the flush returned before its item's event was sent"
+        );
+        wqd_core::failpoint::remove(UNSENT);
+        let sum = waiter.join().unwrap().unwrap();
+        assert_eq!(sum.by_state.get(&State::Ok), Some(&1), "{sum:?}");
+        assert_eq!(sum.by_state.values().sum::<usize>(), 1, "{sum:?}");
+        assert_eq!(sum.gone, 0);
+    });
+    assert_eq!(rig.runs.n.load(Ordering::SeqCst), 1);
+    scenario.teardown();
+}

@@ -207,7 +207,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 s.worker_exit(cpu, gen, false);
                 s.hand_off(cpu, gen, &mut fx);
                 release(&inner, s, &mut fin);
-                fx.run(&inner);
+                after_hold(&inner, fx, &mut fin);
                 return;
             }
             let first = match s.take(cpu, &tokens[0], now, &mut fx) {
@@ -227,7 +227,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                     {
                         s.worker_exit(cpu, gen, false);
                         release(&inner, s, &mut fin);
-                        fx.run(&inner);
+                        after_hold(&inner, fx, &mut fin);
                         return;
                     }
                     s.park(cpu, wid, wake.clone());
@@ -237,7 +237,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             release(&inner, s, &mut fin);
             first
         };
-        fx.run(&inner);
+        after_hold(&inner, fx, &mut fin);
         let Some(first) = first else {
             // A wake-up within the spin skips the futex on both sides.
             wake.wait(&parker, inner.cfg.worker_idle);
@@ -265,7 +265,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 s.worker_exit(cpu, gen, true);
                 release(&inner, s, &mut fin);
             }
-            fx.run(&inner);
+            after_hold(&inner, fx, &mut fin);
             return;
         }
     }
@@ -273,14 +273,27 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
 
 /// Ends a lock hold that began with [`Sched::finish_all`]: R is taken before L is released
 /// (hand over hand, see [`Finished`]), and the batch's full results are stored with R alone.
+/// Its flush events are sent by [`after_hold`].
 fn release(inner: &Inner, s: parking_lot::MutexGuard<'_, Sched>, fin: &mut Finished) {
     if fin.is_empty() {
-        return;
+        drop(s);
+    } else {
+        let store = inner.results.lock();
+        drop(s);
+        crate::failpoint::seam!("engine::results-unstored");
+        fin.store(store);
     }
-    let store = inner.results.lock();
-    drop(s);
-    crate::failpoint::seam!("engine::results-unstored");
-    fin.store(store);
+}
+
+/// What follows a lock hold that began with [`Sched::finish_all`], with no lock held: the
+/// hold's effects (wake-ups, spawns, the observer's `finished`), then the batch's flush
+/// events — so a flush's waiter returns only after the observer saw its items end.
+fn after_hold(inner: &Arc<Inner>, fx: Effects, fin: &mut Finished) {
+    fx.run(inner);
+    if fin.has_events() {
+        crate::failpoint::seam!("engine::events-unsent");
+        fin.send_events();
+    }
 }
 
 /// Runs one job; returns how it ended and whether the worker must exit (its pinning broke).

@@ -37,16 +37,39 @@ pub(crate) const NOT_LIVE: &str = "not-live";
 /// timers' expiry) therefore finds each of them stored, exactly as if it had been stored
 /// under L; a reader of R alone that misses one (a waiter looking up a result its flush's
 /// event, sent under L, just named) looks again under L, then R, and waits for the store.
+///
+/// The batch's flush events are made under L too and sent after it, by
+/// [`Finished::send_events`], once the results are stored: each flush's sender is cloned (or,
+/// for a flush whose last item ended, taken) under L, so its channel stays open until the
+/// events are in it, and its waiter, woken by the send, finds every result it names stored.
 #[derive(Default)]
 pub(crate) struct Finished {
     results: Vec<Arc<ItemResult>>,
     now: Option<Instant>,
+    /// Per flush: its sender and the events of the batch's items it covers (empty for a
+    /// counting flush whose last item ended: dropping the sender closes its channel).
+    sends: Vec<(flume::Sender<FlushMsg>, Vec<FlushEvent>)>,
 }
 
 impl Finished {
     /// No result waits to be stored.
     pub(crate) fn is_empty(&self) -> bool {
         self.results.is_empty()
+    }
+
+    /// Flush events (or a flush to close) wait to be sent.
+    pub(crate) fn has_events(&self) -> bool {
+        !self.sends.is_empty()
+    }
+
+    /// Sends the batch's flush events (call after L is released and the results are stored):
+    /// one message per flush, and a flush whose last item ended is closed here.
+    pub(crate) fn send_events(&mut self) {
+        for (tx, evs) in self.sends.drain(..) {
+            if !evs.is_empty() {
+                let _ = tx.send(FlushMsg::Many(evs));
+            }
+        }
     }
 
     /// Stores the results, with `store` the R guard taken inside the L hold they were made
@@ -63,14 +86,15 @@ impl Sched {
     /// Records how a worker's jobs of one batch ended, emptying `done`. Last to first: a
     /// hand-back goes to the front of its queue, so the batch's hand-backs keep their order.
     ///
-    /// The flush events of the items that end here are held and sent at the end, one message
-    /// per flush (one send and at most one wake-up of its waiter instead of one per item);
-    /// all of it under L, so a flush registering, or turning to a tally, in another hold
-    /// never finds an event held.
+    /// The flush events of the items that end here are made under L and collected per flush
+    /// in `out`, one message per flush (one send and at most one wake-up of its waiter instead
+    /// of one per item), to be sent after L: an item counted by an event in `out` has left
+    /// `items`, so a flush turning to a tally in a later hold does not count it again, and
+    /// the channel stays open (`out` holds a sender) until the event is in it.
     ///
     /// The full results of the items that end here are made under L but not stored: they go
     /// to `out`, and the caller must pass `out` to [`Finished::store`] with R taken before it
-    /// releases L (hand over hand, see [`Finished`]).
+    /// releases L (hand over hand, see [`Finished`]), then call [`Finished::send_events`].
     pub(crate) fn finish_all(
         &mut self,
         done: &mut Vec<Finish>,
@@ -90,12 +114,15 @@ impl Sched {
         std::mem::swap(&mut self.fin, out);
     }
 
-    /// Sends the events held by [`Sched::finish_all`].
+    /// Moves the events held by [`Sched::finish_all`] to its `Finished`, each flush's with a
+    /// clone of its sender, to be sent after L.
     fn send_held_events(&mut self) {
         for fid in self.held_flushes.drain(..) {
             if let Some(f) = self.flushes.get_mut(&fid) {
                 if !f.held.is_empty() {
-                    let _ = f.tx.send(FlushMsg::Many(std::mem::take(&mut f.held)));
+                    self.fin
+                        .sends
+                        .push((f.tx.clone(), std::mem::take(&mut f.held)));
                 }
             }
         }
@@ -425,11 +452,15 @@ impl Sched {
                 }
                 f.remaining -= 1;
                 if f.remaining == 0 {
-                    // Its last item: what it holds goes now, before the channel closes.
-                    if !f.held.is_empty() {
-                        let _ = f.tx.send(FlushMsg::Many(std::mem::take(&mut f.held)));
+                    // Its last item: the record goes, and with its sender the channel closes
+                    // once what it holds is sent (after L, in a worker's finish batch).
+                    if let Some(rec) = self.flushes.remove(&fid) {
+                        if self.holding {
+                            self.fin.sends.push((rec.tx, rec.held));
+                        } else if !rec.held.is_empty() {
+                            let _ = rec.tx.send(FlushMsg::Many(rec.held));
+                        }
                     }
-                    self.flushes.remove(&fid);
                 }
             }
         }
