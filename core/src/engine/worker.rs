@@ -250,7 +250,10 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         for (job, token) in std::iter::once(first).chain(extra.drain(..)).zip(&tokens) {
             if exit {
                 // The pinning broke: the rest of the batch goes back to its queue unstarted.
-                done.push(Finish::handback(job.id, "affinity"));
+                done.push(Finish {
+                    claim: job.claim,
+                    ..Finish::handback(job.id, "affinity")
+                });
                 continue;
             }
             let (f, ex) = execute(&inner, job, token, pinned, &mut nice);
@@ -305,13 +308,18 @@ fn execute(
     nice: &mut i32,
 ) -> (Finish, bool) {
     let id = job.id;
-    let handback = |why: &'static str| Finish::handback(id, why);
+    let claim = job.claim;
+    let handback = |why: &'static str| Finish {
+        claim,
+        ..Finish::handback(id, why)
+    };
     crate::failpoint::seam!("engine::before-start");
     // A cancelled item never runs, wherever it is: checked first, so it is not handed back
     // (and placed again) only to be cancelled then (`Sched::finish` enforces the same).
     if token.is_cancelled() {
         let f = Finish {
             id,
+            claim,
             outcome: Outcome::CancelledBeforeStart,
             started: None,
             finished: None,
@@ -385,6 +393,7 @@ fn execute(
     });
     let f = Finish {
         id,
+        claim,
         outcome: Outcome::Ran(res),
         started: Some(started),
         finished,

@@ -16,7 +16,7 @@ use crate::engine::{Ended, FlushEvent, FlushMsg, ItemResult, ResultsMode, State,
 use crate::groups::Fallback;
 use crate::handler::{HandlerError, HandlerKind};
 
-use super::item::{Finish, Item, ItemId, Outcome, Started};
+use super::item::{Finish, Item, ItemId, Outcome, Started, NOT_BOUND};
 use super::results::{cut_output, ResultsGuard};
 use super::timers::TIMER_DEADLINE;
 use super::{Effects, Sched};
@@ -133,7 +133,7 @@ impl Sched {
     pub(crate) fn finish(&mut self, f: Finish, now: Instant, fx: &mut Effects) {
         // A bound item is live (`Bound` exists exactly while its item is `Running`), and its
         // claim carries what the finish needs of it.
-        let Some(bound) = self.unbind(f.id) else {
+        let Some(bound) = self.unbind(f.id, f.claim) else {
             tracing::error!(item = f.id, "finish for an item that is not bound");
             return;
         };
@@ -247,6 +247,8 @@ impl Sched {
         };
         let (qid, wi) = (item.qid(), item.wi());
         item.state = State::Pending;
+        // Its claim ended in `finish` (perhaps without this look-up, see `Sched::unbind`).
+        item.bound = NOT_BOUND;
         let key = item.key.clone();
         let deadline = item.deadline();
         self.queues[qid].items.push_front(id);

@@ -194,6 +194,8 @@ impl Item {
 /// Work handed to a worker. Its cancel token is the worker's own (reset by `take`).
 pub(crate) struct Job {
     pub id: ItemId,
+    /// Its claim's slot in `Sched::running`, handed back in its [`Finish`].
+    pub claim: u32,
     pub body: Arc<Body>,
     /// The epoch in which it was bound. A job claimed behind another (`claim_more`) must
     /// start in this same epoch, or it is handed back.
@@ -233,6 +235,9 @@ pub(crate) enum Outcome {
 
 pub(crate) struct Finish {
     pub id: ItemId,
+    /// The job's claim slot ([`Job::claim`]), or [`NOT_BOUND`] when not known (the finish
+    /// then finds the claim through the item). Checked against `id` before it is used.
+    pub claim: u32,
     pub outcome: Outcome,
     pub started: Option<Started>,
     pub finished: Option<(u32, SystemTime)>,
@@ -243,6 +248,7 @@ impl Finish {
     pub(crate) fn handback(id: ItemId, why: &'static str) -> Finish {
         Finish {
             id,
+            claim: NOT_BOUND,
             outcome: Outcome::HandBack(why),
             started: None,
             finished: None,

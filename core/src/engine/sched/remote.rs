@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use super::item::NOT_BOUND;
 use super::{Effects, Finish, Outcome, Sched, Started};
 use crate::engine::{EngineError, Inner, ItemId, RemoteSink, WorkerRef};
 use crate::handler::{Args, CancelToken, HandlerError};
@@ -486,6 +487,7 @@ impl Sched {
         };
         let ran = |r: Result<Vec<u8>, HandlerError>| Finish {
             id,
+            claim: NOT_BOUND,
             outcome: Outcome::Ran(r),
             started: Some(started),
             finished: Some((cpu_finished.unwrap_or(held.cpu), SystemTime::now())),
@@ -542,6 +544,7 @@ impl Sched {
         for (id, h) in rec.held {
             let f = Finish {
                 id,
+                claim: NOT_BOUND,
                 outcome: Outcome::Lost(why.to_string()),
                 started: Some(Started {
                     cpu: h.cpu,

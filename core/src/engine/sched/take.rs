@@ -114,7 +114,8 @@ impl Sched {
                 budget += 1;
                 continue;
             }
-            let Some((body, queued_at)) = self.bind(id, islot, qid, cpu, token, now, true) else {
+            let Some((body, queued_at, claim)) = self.bind(id, islot, qid, cpu, token, now, true)
+            else {
                 continue;
             };
             let wq = &mut self.wqs[wi];
@@ -141,6 +142,7 @@ impl Sched {
             }
             return Some(Job {
                 id,
+                claim,
                 body,
                 epoch: self.epoch,
                 claimed: false,
@@ -160,7 +162,7 @@ impl Sched {
     /// `token` (reset here), with the queue's fallback and reason, the fallback tally, its
     /// `running` entry (`slot`: whether it holds a `running_on` slot) and the queue and
     /// workqueue counters. `islot` is its slot in `items` (looked up in the same step).
-    /// Returns its body and queue time for the [`Job`].
+    /// Returns its body, queue time and claim slot for the [`Job`].
     #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
@@ -171,7 +173,7 @@ impl Sched {
         token: &CancelToken,
         now: Instant,
         slot: bool,
-    ) -> Option<(Arc<Body>, SystemTime)> {
+    ) -> Option<(Arc<Body>, SystemTime, u32)> {
         let q = &self.queues[qid];
         let (wi, fallback) = (q.wq, q.fallback);
         let epoch = self.epoch;
@@ -197,7 +199,7 @@ impl Sched {
             *self.fallbacks.entry(l.to_string()).or_default() += 1;
         }
         token.reset();
-        item.bound = self.running.insert(Bound {
+        let claim = self.running.insert(Bound {
             id,
             cpu,
             queue: qid as u32,
@@ -209,13 +211,14 @@ impl Sched {
             slot,
             remote: None,
         }) as u32;
+        item.bound = claim;
         let q = &mut self.queues[qid];
         q.pending -= 1;
         q.running += 1;
         let wq = &mut self.wqs[wi];
         wq.pending -= 1;
         wq.running += 1;
-        Some(out)
+        Some((out.0, out.1, claim))
     }
 
     /// Right after `take` gave `first`, in the same lock hold: binds up to `tokens.len()` more
@@ -281,12 +284,14 @@ impl Sched {
                 break;
             }
             self.queues[qid].items.pop_front();
-            let Some((body, queued_at)) = self.bind(id, islot, qid, cpu, token, now, false) else {
+            let Some((body, queued_at, claim)) = self.bind(id, islot, qid, cpu, token, now, false)
+            else {
                 break;
             };
             claimed += 1;
             out.push(Job {
                 id,
+                claim,
                 body,
                 epoch: first.epoch,
                 claimed: true,
@@ -310,17 +315,25 @@ impl Sched {
     /// The claim of bound item `id`, if it is bound.
     pub(super) fn bound(&self, id: ItemId) -> Option<&Bound> {
         let it = self.items.get(&id)?;
-        self.running.get(it.bound as usize)
+        self.running.get(it.bound as usize).filter(|b| b.id == id)
     }
 
     /// [`bound`](Self::bound), to change the claim.
     pub(super) fn bound_mut(&mut self, id: ItemId) -> Option<&mut Bound> {
         let it = self.items.get(&id)?;
-        self.running.get_mut(it.bound as usize)
+        self.running
+            .get_mut(it.bound as usize)
+            .filter(|b| b.id == id)
     }
 
-    /// Ends the claim of bound item `id` (it stays live, not bound) and returns it.
-    pub(super) fn unbind(&mut self, id: ItemId) -> Option<Bound> {
+    /// Ends the claim of bound item `id` and returns it. `claim` is the slot its job was
+    /// given ([`NOT_BOUND`] if not known): when it holds `id`'s claim, no look-up of the item
+    /// is needed, and its `Item::bound` goes stale — the caller must end the item or, if it
+    /// stays live, set it to [`NOT_BOUND`] (`requeue` does).
+    pub(super) fn unbind(&mut self, id: ItemId, claim: u32) -> Option<Bound> {
+        if self.running.get(claim as usize).is_some_and(|b| b.id == id) {
+            return self.running.try_remove(claim as usize);
+        }
         let it = self.items.get_mut(&id)?;
         let slot = std::mem::replace(&mut it.bound, NOT_BOUND);
         let b = self.running.try_remove(slot as usize)?;
