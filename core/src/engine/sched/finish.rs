@@ -35,8 +35,9 @@ pub(crate) const NOT_LIVE: &str = "not-live";
 /// these items left `items`, and releases R only after [`Finished::store`] has stored every
 /// one. Whoever takes L afterwards and then R (flush registration, cancel, `result_of`, the
 /// timers' expiry) therefore finds each of them stored, exactly as if it had been stored
-/// under L; a reader of R alone that misses one (a waiter looking up a result its flush's
-/// event, sent under L, just named) looks again under L, then R, and waits for the store.
+/// under L; a reader of R alone that misses one looks again under L, then R, and waits for
+/// the store. (A flush's waiter cannot miss one its events name: a batch's events are sent
+/// after its results are stored, see below.)
 ///
 /// The batch's flush events are made under L too and sent after it, by
 /// [`Finished::send_events`], once the results are stored: each flush's sender is cloned (or,
