@@ -78,7 +78,7 @@ pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Start
 pub(crate) use results::Store as ResultStore;
 
 use item::Bound;
-use queue::{Pool, Queue};
+use queue::{Pools, Queue};
 use results::Results;
 use submit::BatchRec;
 use workqueue::Wq;
@@ -168,7 +168,7 @@ pub(crate) struct Sched {
     next_flush: u64,
     batches: IdMap<u64, BatchRec>,
     batch_order: VecDeque<u64>,
-    pools: BTreeMap<u32, Pool>,
+    pools: Pools,
     pub flushes: IdMap<u64, FlushRec>,
     /// Set while [`Sched::finish_all`] runs: flush events are held in their records.
     holding: bool,
@@ -227,7 +227,7 @@ impl Sched {
             next_flush: 1,
             batches: IdMap::default(),
             batch_order: VecDeque::new(),
-            pools: BTreeMap::new(),
+            pools: Pools::default(),
             flushes: IdMap::default(),
             holding: false,
             held_flushes: Vec::new(),

@@ -46,6 +46,61 @@ pub(super) struct Queue {
     pub(super) idle_since: Option<Instant>,
 }
 
+/// The pools, by CPU number: a dense vector (CPU numbers are below
+/// [`crate::cpuset::MAX_CPUS`] and mostly contiguous), so finding a CPU's pool — on every
+/// take, finish and wake-up — is an index, not a tree search. Iteration is in CPU order.
+#[derive(Default)]
+pub(super) struct Pools(Vec<Option<Pool>>);
+
+impl Pools {
+    #[inline]
+    pub(super) fn get(&self, cpu: &u32) -> Option<&Pool> {
+        self.0.get(*cpu as usize)?.as_ref()
+    }
+
+    #[inline]
+    pub(super) fn get_mut(&mut self, cpu: &u32) -> Option<&mut Pool> {
+        self.0.get_mut(*cpu as usize)?.as_mut()
+    }
+
+    /// CPU `cpu`'s pool, made by `make` if it has none. `cpu` is a CPU of the machine (below
+    /// `MAX_CPUS`): the vector grows to it.
+    pub(super) fn get_or_insert_with(
+        &mut self,
+        cpu: u32,
+        make: impl FnOnce() -> Pool,
+    ) -> &mut Pool {
+        debug_assert!(cpu < crate::cpuset::MAX_CPUS, "cpu {cpu} out of range");
+        let i = cpu as usize;
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        self.0[i].get_or_insert_with(make)
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, &Pool)> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(c, p)| Some((c as u32, p.as_ref()?)))
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Pool)> + '_ {
+        self.0
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(c, p)| Some((c as u32, p.as_mut()?)))
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Pool> + '_ {
+        self.0.iter().flatten()
+    }
+
+    pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Pool> + '_ {
+        self.0.iter_mut().flatten()
+    }
+}
+
 /// The workers of one CPU.
 pub(super) struct Pool {
     pub(super) live: bool,

@@ -318,8 +318,7 @@ impl Sched {
             },
         );
         self.pools
-            .entry(cpu)
-            .or_insert_with(|| super::queue::Pool::new(now));
+            .get_or_insert_with(cpu, || super::queue::Pool::new(now));
         Ok(())
     }
 

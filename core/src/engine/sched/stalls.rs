@@ -21,7 +21,7 @@ impl Sched {
         let mut reports = Vec::new();
         if !thresh.is_zero() {
             let mut stuck = Vec::new();
-            for (&cpu, p) in &self.pools {
+            for (cpu, p) in self.pools.iter() {
                 let runnable = p.ready.iter().any(|&q| {
                     self.queues
                         .get(q)

@@ -58,7 +58,7 @@ impl Sched {
                 .pools
                 .iter()
                 .filter(|(_, p)| p.running > 0)
-                .map(|(c, p)| (*c, p.running))
+                .map(|(c, p)| (c, p.running))
                 .collect(),
             pending_by_level: {
                 let mut m: BTreeMap<(String, String), usize> = BTreeMap::new();

@@ -102,7 +102,7 @@ impl Sched {
         // A live pool with work and no worker (its last one could not pin) gets a new one once
         // its hold-off has passed.
         let epoch = self.epoch;
-        for (&cpu, p) in self.pools.iter_mut() {
+        for (cpu, p) in self.pools.iter_mut() {
             let has_work = p
                 .ready
                 .iter()

@@ -53,7 +53,7 @@ impl Sched {
             if !inner.live.covers(c) {
                 continue;
             }
-            let p = self.pools.entry(c).or_insert_with(|| Pool::new(now));
+            let p = self.pools.get_or_insert_with(c, || Pool::new(now));
             p.live = true;
             p.gen += 1;
             p.workers = 0;
