@@ -28,10 +28,14 @@ pub struct SubmitRequestIn {
     pub items: Vec<(v1::WorkItem, usize)>,
     /// Field 3.
     pub wait: bool,
-    /// The encoded bytes of the last item decoded, when its bytes were seen whole (decoding
-    /// state; an item that follows with the same bytes is one more copy of it).
+    /// The record of the last item decoded — field 2's key, its length, its bytes — when its
+    /// bytes were seen whole (decoding state; an item that follows with the same bytes is one
+    /// more copy of it).
     last: Option<Vec<u8>>,
 }
+
+/// Field 2's key (length-delimited), as one byte.
+const ITEM_KEY: u8 = (2 << 3) | 2;
 
 impl SubmitRequestIn {
     /// Items in the request, copies counted.
@@ -61,22 +65,47 @@ impl SubmitRequestIn {
         if let Ok(len) = decode_varint(&mut peek) {
             let head = chunk.len() - peek.len();
             if let Some(body) = usize::try_from(len).ok().and_then(|l| peek.get(..l)) {
+                // The length and the bytes, as the last item's record holds them after its key.
+                let seen = &chunk[..head + body.len()];
                 if let (Some((_, n)), Some(last)) = (self.items.last_mut(), &self.last) {
-                    if body == last.as_slice() {
-                        let skip = head + body.len();
-                        buf.advance(skip);
+                    if last.get(1..) == Some(seen) {
+                        buf.advance(seen.len());
                         *n += 1;
+                        self.take_copies(buf);
                         return Ok(());
                     }
                 }
-                raw = Some(body.to_vec());
+                let mut rec = Vec::with_capacity(1 + seen.len());
+                rec.push(ITEM_KEY);
+                rec.extend_from_slice(seen);
+                raw = Some(rec);
             }
         }
         let mut item = v1::WorkItem::default();
         encoding::message::merge(WireType::LengthDelimited, &mut item, buf, ctx)?;
         self.items.push((item, 1));
         self.last = raw;
+        self.take_copies(buf);
         Ok(())
+    }
+
+    /// Counts the records right after the last item that repeat its record byte for byte
+    /// (key, length and bytes) as more copies of it, and skips them: one comparison per copy
+    /// instead of one trip through prost's field loop. Only whole records within the
+    /// buffer's current chunk; anything else is left to the field loop.
+    fn take_copies(&mut self, buf: &mut impl Buf) {
+        let (Some((_, n)), Some(rec)) = (self.items.last_mut(), &self.last) else {
+            return;
+        };
+        let chunk = buf.chunk();
+        let copies = chunk
+            .chunks_exact(rec.len())
+            .take_while(|c| c == rec)
+            .count();
+        if copies > 0 {
+            *n += copies;
+            buf.advance(copies * rec.len());
+        }
     }
 }
 

@@ -362,10 +362,18 @@ impl<'a> Cursor<'a> {
     }
 
     /// A varint and the bytes it took.
+    #[inline]
     fn varint(&mut self) -> Option<(u64, usize)> {
         // Fast path: the varint lies within the current part (nearly always: parts are
-        // frames of kilobytes, varints a byte or two), read straight from its slice.
+        // frames of kilobytes, varints a byte or two), read straight from its slice; a
+        // one-byte varint (every tag, and the length of a small item) at once.
         if let Some(rest) = self.parts.get(self.part).and_then(|p| p.get(self.off..)) {
+            if let Some(&b) = rest.first() {
+                if b & 0x80 == 0 {
+                    self.off += 1;
+                    return Some((u64::from(b), 1));
+                }
+            }
             let mut v = 0u64;
             for (i, &b) in rest.iter().take(10).enumerate() {
                 v |= u64::from(b & 0x7f) << (7 * i);
