@@ -290,6 +290,25 @@ fn a_submit_that_panics_between_items_leaves_nothing_behind() {
     scenario.teardown();
 }
 
+/// Waits until workqueue `wq` counts one item ended `Ok` (counted under L, so another L hold
+/// has seen the end).
+fn ended_ok(rig: &Rig) {
+    let t0 = Instant::now();
+    loop {
+        let ended = rig
+            .engine
+            .workqueues()
+            .into_iter()
+            .find(|w| w.attrs.name == "wq")
+            .and_then(|w| w.totals.get(&State::Ok).copied());
+        if ended == Some(1) {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "item never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A worker's full results are made and stored after the L hold they ended in, with R taken
 /// before that hold ends (`Finished` in `sched/finish.rs`). The seam pauses the worker between
 /// releasing L and storing: a flush, a look-up and a cancel that come then must wait for R and
@@ -307,20 +326,7 @@ fn a_result_stored_after_the_lock_is_found_by_whoever_comes_next() {
     let id = r.items[0].id;
     // Its end is counted under L: once another L hold sees it, its worker holds R and waits at
     // the seam.
-    let t0 = Instant::now();
-    loop {
-        let ended = rig
-            .engine
-            .workqueues()
-            .into_iter()
-            .find(|w| w.attrs.name == "wq")
-            .and_then(|w| w.totals.get(&State::Ok).copied());
-        if ended == Some(1) {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "item never ended");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    ended_ok(&rig);
     let e = &rig.engine;
     std::thread::scope(|sc| {
         let flush = sc.spawn(|| {
@@ -370,20 +376,7 @@ fn a_flush_event_sent_after_the_lock_is_awaited_and_counted_once() {
     let id = r.items[0].id;
     // Its end is counted under L: once another L hold sees it, its worker has released L and
     // R and waits at the seam with the flush's event.
-    let t0 = Instant::now();
-    loop {
-        let ended = rig
-            .engine
-            .workqueues()
-            .into_iter()
-            .find(|w| w.attrs.name == "wq")
-            .and_then(|w| w.totals.get(&State::Ok).copied());
-        if ended == Some(1) {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "item never ended");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    ended_ok(&rig);
     let e = &rig.engine;
     std::thread::scope(|sc| {
         let waiter = sc.spawn(move || flush.wait(Some(Duration::from_secs(20))));
