@@ -28,10 +28,10 @@ pub struct SubmitRequestIn {
     pub items: Vec<(v1::WorkItem, usize)>,
     /// Field 3.
     pub wait: bool,
-    /// The record of the last item decoded — field 2's key, its length, its bytes — when its
-    /// bytes were seen whole (decoding state; an item that follows with the same bytes is one
-    /// more copy of it).
-    last: Option<Vec<u8>>,
+    /// The record of the last item decoded — field 2's key, its length, its bytes — and where
+    /// its bytes begin in it, when they were seen whole (decoding state; an item that follows
+    /// with the same bytes is one more copy of it).
+    last: Option<(Vec<u8>, usize)>,
 }
 
 /// Field 2's key (length-delimited), as one byte.
@@ -65,20 +65,19 @@ impl SubmitRequestIn {
         if let Ok(len) = decode_varint(&mut peek) {
             let head = chunk.len() - peek.len();
             if let Some(body) = usize::try_from(len).ok().and_then(|l| peek.get(..l)) {
-                // The length and the bytes, as the last item's record holds them after its key.
-                let seen = &chunk[..head + body.len()];
-                if let (Some((_, n)), Some(last)) = (self.items.last_mut(), &self.last) {
-                    if last.get(1..) == Some(seen) {
-                        buf.advance(seen.len());
+                if let (Some((_, n)), Some((last, at))) = (self.items.last_mut(), &self.last) {
+                    if last.get(*at..) == Some(body) {
+                        buf.advance(head + body.len());
                         *n += 1;
                         self.take_copies(buf);
                         return Ok(());
                     }
                 }
-                let mut rec = Vec::with_capacity(1 + seen.len());
+                // Its record as a copy that follows it would repeat it: key, length, bytes.
+                let mut rec = Vec::with_capacity(1 + head + body.len());
                 rec.push(ITEM_KEY);
-                rec.extend_from_slice(seen);
-                raw = Some(rec);
+                rec.extend_from_slice(&chunk[..head + body.len()]);
+                raw = Some((rec, 1 + head));
             }
         }
         let mut item = v1::WorkItem::default();
@@ -94,7 +93,7 @@ impl SubmitRequestIn {
     /// instead of one trip through prost's field loop. Only whole records within the
     /// buffer's current chunk; anything else is left to the field loop.
     fn take_copies(&mut self, buf: &mut impl Buf) {
-        let (Some((_, n)), Some(rec)) = (self.items.last_mut(), &self.last) else {
+        let (Some((_, n)), Some((rec, _))) = (self.items.last_mut(), &self.last) else {
             return;
         };
         let chunk = buf.chunk();
@@ -241,6 +240,36 @@ mod tests {
             prop_assert_eq!(whole.into_stock(), stock.clone());
             prop_assert_eq!(split.into_stock(), stock);
         }
+    }
+
+    /// Copies whose key or length is encoded differently (valid, not minimal) still count as
+    /// copies of the item before them when their bytes are equal, and decode as the stock
+    /// type decodes them; the byte-for-byte run that follows is counted too.
+    #[test]
+    fn copies_encoded_differently_still_merge() {
+        let one = item("cpu:1", "noop", None, b"");
+        let body = one.encode_to_vec();
+        let len = u8::try_from(body.len()).unwrap();
+        assert!(len < 0x80);
+        let mut bytes = Vec::new();
+        // The item, then a copy with a two-byte length, one with a two-byte key, then three
+        // plain copies.
+        for head in [
+            vec![ITEM_KEY, len],
+            vec![ITEM_KEY, 0x80 | len, 0],
+            vec![0x80 | ITEM_KEY, 0, len],
+            vec![ITEM_KEY, len],
+            vec![ITEM_KEY, len],
+            vec![ITEM_KEY, len],
+        ] {
+            bytes.extend_from_slice(&head);
+            bytes.extend_from_slice(&body);
+        }
+        let ours = SubmitRequestIn::decode(bytes.as_slice()).unwrap();
+        assert_eq!(ours.items.len(), 1, "one run: {:?}", ours.items);
+        assert_eq!(ours.item_count(), 6);
+        let stock = v1::SubmitRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(ours.into_stock(), stock);
     }
 
     #[test]
