@@ -398,6 +398,30 @@ impl<'a> Cursor<'a> {
         None
     }
 
+    /// Steps over the entries of a run of one length-delimited field with a one-byte `key`,
+    /// each with a one-byte length (under 128 bytes: a small item), that lie whole within the
+    /// current part and within `max` bytes; returns how many and the bytes they took. Stops
+    /// at anything else, for [`count`]'s general path. A batch of a thousand small items is
+    /// such a run: a few instructions per item instead of two varint reads and a skip.
+    fn small_entries(&mut self, key: u8, max: usize) -> (u64, usize) {
+        let Some(p) = self.parts.get(self.part) else {
+            return (0, 0);
+        };
+        let start = self.off;
+        let end = p.len().min(start.saturating_add(max));
+        let (mut at, mut n) = (start, 0u64);
+        while at + 2 <= end && p[at] == key && p[at + 1] < 0x80 {
+            let next = at + 2 + usize::from(p[at + 1]);
+            if next > end {
+                break;
+            }
+            at = next;
+            n += 1;
+        }
+        self.off = at;
+        (n, at - start)
+    }
+
     /// Skips `n` bytes; `false` if the message ends first.
     fn skip(&mut self, mut n: usize) -> bool {
         while n > 0 {
@@ -423,7 +447,21 @@ impl<'a> Cursor<'a> {
 fn count(cur: &mut Cursor<'_>, len: usize, path: &[u32], varints: bool) -> u64 {
     let mut n = 0u64;
     let mut used = 0usize;
+    // The key of a run of small entries to step over at once, when the field to count is a
+    // repeated message of this message with a one-byte key.
+    let run_key = match path {
+        [f] if !varints && *f < 16 => Some((*f << 3 | 2) as u8),
+        _ => None,
+    };
     while used < len {
+        if let Some(key) = run_key {
+            let (k, b) = cur.small_entries(key, len - used);
+            n += k;
+            used += b;
+            if used >= len {
+                break;
+            }
+        }
         let Some((key, k)) = cur.varint() else {
             return n;
         };
@@ -532,7 +570,9 @@ mod tests {
                     } else {
                         String::new()
                     },
-                    payload: vec![7; i % 5],
+                    // Mostly small items (a one-byte length: `small_entries`' run), and now
+                    // and then one of 128 bytes or more, which breaks the run.
+                    payload: vec![7; if i % 7 == 6 { 150 + i } else { i % 5 }],
                     ..Default::default()
                 })
                 .collect(),
