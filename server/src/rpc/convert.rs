@@ -621,10 +621,6 @@ const RESULT_FIXED_MAX: usize = 256;
 /// Encoded bytes of one `ItemLookup` in a `GetResultsResponse` beyond its result, at most (key,
 /// length, id, status, the result's key and length).
 pub const LOOKUP_FIXED_MAX: usize = 32;
-/// Encoded bytes of one `ItemReceipt` in a `SubmitResponse` besides its `target` text, at most
-/// (key, length, four fixed fields and the target's key and length prefix), rounded up.
-const RECEIPT_MAX: usize = 56;
-
 /// An upper bound of `r.encoded_len()` as an entry of a `repeated` field, cheap to compute
 /// (no varint sizing): [`RESULT_FIXED_MAX`] plus the lengths of its strings and bytes.
 pub fn result_len_bound(r: &v1::ItemResult) -> usize {
@@ -644,10 +640,7 @@ const COUNTS_MAX: usize = 8 * 11 + 2;
 /// An upper bound of `resp.encoded_len()`: the exact size is needed only when this exceeds
 /// the message limit. The results are already encoded: their size is known.
 pub fn submit_response_len_bound(resp: &SubmitResponseOut) -> usize {
-    16 + COUNTS_MAX
-        + resp.items.len() * RECEIPT_MAX
-        + resp.items.iter().map(|r| r.target.len()).sum::<usize>()
-        + resp.results.bytes_len()
+    16 + COUNTS_MAX + resp.items.bytes_len() + resp.results.bytes_len()
 }
 
 /// Adds `n` items in state `s` to wire counts.
@@ -1368,9 +1361,13 @@ mod tests {
                     delayed: u64::MAX,
                 }),
             };
+            let mut items = wqd_proto::out::EncodedReceipts::default();
+            for r in &stock.items {
+                items.push(r);
+            }
             let mut resp = SubmitResponseOut {
                 batch_id: stock.batch_id,
-                items: stock.items.clone(),
+                items,
                 counts: stock.counts,
                 ..Default::default()
             };

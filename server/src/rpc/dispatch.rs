@@ -18,7 +18,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use wqd_proto::out::{EncodedResults, FlushEventOut, FlushResponseOut, SubmitResponseOut};
+use wqd_proto::out::{
+    EncodedReceipts, EncodedResults, FlushEventOut, FlushResponseOut, SubmitResponseOut,
+};
 use wqd_proto::submit_in::SubmitRequestIn;
 use wqd_proto::v1;
 
@@ -205,27 +207,30 @@ impl Rpc {
             .submit_specs(wq, specs, wait)
             .await
             .map_err(|e| reindex(e, &origins))?;
-        let items: Vec<v1::ItemReceipt> = rec
-            .items
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let (target, source_index) = match origins.any().then(|| origins.of(i)) {
-                    Some(o) => match o.fan {
-                        Some((_, t)) => (t.to_string(), Some(o.wire as u64)),
-                        None => (String::new(), None),
-                    },
-                    None => (String::new(), None),
-                };
-                v1::ItemReceipt {
-                    item_id: if s.queued { s.id } else { 0 },
-                    queued: s.queued,
-                    duplicate_of: if s.queued { 0 } else { s.id },
-                    target,
-                    source_index,
-                }
-            })
-            .collect();
+        // Encoded as they are made (see `EncodedReceipts`): a queued item that named one
+        // group, the common case, is a few bytes written at once.
+        let mut items = EncodedReceipts::with_capacity(rec.items.len());
+        let fanned = origins.any();
+        for (i, s) in rec.items.iter().enumerate() {
+            let fan = fanned
+                .then(|| origins.of(i))
+                .and_then(|o| Some((o.fan?.1, o.wire)));
+            if s.queued && fan.is_none() {
+                items.push_queued(s.id);
+                continue;
+            }
+            let (target, source_index) = match fan {
+                Some((t, wire)) => (t.to_string(), Some(wire as u64)),
+                None => (String::new(), None),
+            };
+            items.push(&v1::ItemReceipt {
+                item_id: if s.queued { s.id } else { 0 },
+                queued: s.queued,
+                duplicate_of: if s.queued { 0 } else { s.id },
+                target,
+                source_index,
+            });
+        }
         let mut resp = SubmitResponseOut {
             batch_id: rec.batch,
             items,
@@ -245,11 +250,14 @@ impl Rpc {
             // (`Done`) has a slot. A `Gone` item (its result forgotten before the wait began)
             // is in neither, as in a flush, whose summary lists it apart.
             let mut counts = v1::StateCounts::default();
-            let mut by_slot: Vec<Option<Arc<ItemResult>>> = vec![None; rec.items.len()];
+            let mut by_slot: Vec<Option<Arc<ItemResult>>> = Vec::new();
             for e in events {
                 match e {
                     FlushEvent::Done(r) => {
                         count_state(&mut counts, r.state, 1);
+                        if by_slot.is_empty() {
+                            by_slot.resize(rec.items.len(), None);
+                        }
                         if let Some(s) = slot_of(r.id).and_then(|i| by_slot.get_mut(i)) {
                             *s = Some(r);
                         }
@@ -261,12 +269,14 @@ impl Rpc {
             resp.counts = Some(counts);
             // Encoded once, straight from the engine's results (see `encode`); the buffer is
             // sized for a noop result up front so that it seldom grows.
-            let mut enc = ResultEncoder::default();
-            resp.results.reserve(rec.items.len() * NOOP_RESULT_BYTES);
-            for s in rec.items.iter().filter(|s| s.queued) {
-                let done = slot_of(s.id).and_then(|i| by_slot.get_mut(i)?.take());
-                if let Some(r) = done {
-                    enc.push(&r, &mut resp.results);
+            if !by_slot.is_empty() {
+                let mut enc = ResultEncoder::default();
+                resp.results.reserve(rec.items.len() * NOOP_RESULT_BYTES);
+                for s in rec.items.iter().filter(|s| s.queued) {
+                    let done = slot_of(s.id).and_then(|i| by_slot.get_mut(i)?.take());
+                    if let Some(r) = done {
+                        enc.push(&r, &mut resp.results);
+                    }
                 }
             }
             // The exact size walks every result; a cheap upper bound spares that walk for a
