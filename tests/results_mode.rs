@@ -175,28 +175,51 @@ fn a_bad_results_word_in_the_config_names_the_key() {
     );
 }
 
-/// A waited submit fills `counts` for a full workqueue too, beside the results; without wait
-/// it is unset.
+/// A waited submit fills `counts` by final state, on a full workqueue (beside the results,
+/// counted from them) as on a summary or none one (no results: the daemon's flush counts in a
+/// tally there); the receipts name every item, in order. Without wait `counts` is unset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waited_submit_counts_its_items_by_final_state() {
     let d = Daemon::start("two-socket");
     let c = d.client().await;
-    let r = c
-        .submit(
-            Batch::new()
-                .items((0..4).map(|_| Item::new("all", "noop")))
-                .item(Item::new("cpu:0", "noop").arg("fail", "boom"))
-                .wait(true),
-        )
-        .await
-        .expect("Submit wait");
-    let counts = r.counts.expect("counts with wait");
-    assert_eq!((counts.ok, counts.failed), (4, 1));
-    assert_eq!(
-        counts.pending + counts.running + counts.delayed + counts.cancelled,
-        0
-    );
-    assert_eq!(r.results.len(), 5);
+    for (name, mode) in [
+        ("w-summary", ResultsMode::Summary),
+        ("w-none", ResultsMode::None),
+    ] {
+        c.create_workqueue(attrs(name, mode)).await.expect("create");
+    }
+    for (wq, results) in [("default", 5), ("w-summary", 0), ("w-none", 0)] {
+        let r = c
+            .submit(
+                Batch::new()
+                    .workqueue(wq)
+                    .items((0..3).map(|_| Item::new("all", "noop")))
+                    .item(Item::new("cpu:0", "noop").arg("fail", "boom"))
+                    .item(Item::new("all", "noop"))
+                    .wait(true),
+            )
+            .await
+            .expect("Submit wait");
+        let counts = r.counts.expect("counts with wait");
+        assert_eq!((counts.ok, counts.failed), (4, 1), "{wq}");
+        assert_eq!(
+            counts.pending + counts.running + counts.delayed + counts.cancelled,
+            0,
+            "{wq}"
+        );
+        assert_eq!(r.results.len(), results, "{wq}");
+        let ids: Vec<u64> = r.items.iter().map(|x| x.item_id).collect();
+        let first = ids[0];
+        assert_eq!(
+            ids,
+            (first..first + 5).collect::<Vec<_>>(),
+            "{wq}: receipts in order"
+        );
+        assert!(
+            r.items.iter().all(|x| x.queued && x.duplicate_of == 0),
+            "{wq}"
+        );
+    }
     let r = c
         .submit(Batch::new().item(Item::new("all", "noop")))
         .await

@@ -1359,6 +1359,18 @@ fn results_modes_keep_what_they_say_and_every_item_still_ends_once() {
         42,
         "summary: run times kept"
     );
+    // `submit_and_wait` on a workqueue without records: a counting flush, no event per item.
+    for wq in ["sum", "none"] {
+        let (rec, mut flush) = engine.submit_and_wait(wq, batch(10, 5)).unwrap();
+        assert_eq!(rec.items.len(), 10);
+        let deadline = Some(Instant::now() + Duration::from_secs(20));
+        let ev = flush.next_blocking(deadline).expect("in time");
+        assert!(ev.is_none(), "{wq}: no per-item event, got {ev:?}");
+        let (by_state, gone) = flush.tally().expect("a counting flush");
+        assert_eq!(by_state.get(&State::Ok), Some(&8), "{wq}: {by_state:?}");
+        assert_eq!(by_state.get(&State::Failed), Some(&2), "{wq}: {by_state:?}");
+        assert!(gone.is_empty(), "{wq}");
+    }
     // Back to full: later items have records again.
     engine
         .update_workqueue(WorkqueueAttrs::named("sum").with(&WorkqueueChanges {
@@ -1374,6 +1386,20 @@ fn results_modes_keep_what_they_say_and_every_item_still_ends_once() {
     assert!(rs
         .iter()
         .all(|r| r.as_ref().is_some_and(|r| r.state == State::Ok)));
+    // ... and `submit_and_wait` hears each item's full result.
+    let (rec, mut flush) = engine.submit_and_wait("sum", batch(3, 0)).unwrap();
+    assert!(flush.tally().is_none(), "full: an event per item");
+    let deadline = Some(Instant::now() + Duration::from_secs(20));
+    let mut done = Vec::new();
+    while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
+        match ev {
+            FlushEvent::Done(r) => done.push((r.id, r.state)),
+            other => panic!("full: expected Done, got {other:?}"),
+        }
+    }
+    done.sort();
+    let want: Vec<(u64, State)> = rec.items.iter().map(|s| (s.id, State::Ok)).collect();
+    assert_eq!(done, want);
 }
 
 /// A queue whose items all ended without running (cancelled while delayed, rejected at

@@ -674,6 +674,15 @@ pub(crate) enum FlushMsg {
     Many(Vec<FlushEvent>),
 }
 
+/// Whether the flush of [`Engine::submit_flush`] counts instead of sending an event per item.
+#[derive(Debug, Clone, Copy)]
+enum Counting {
+    Always,
+    Never,
+    /// Unless the workqueue keeps full results.
+    UnlessFull,
+}
+
 /// A flush in progress. Dropping it stops the wait, never the work.
 pub struct Flush {
     inner: Arc<Inner>,
@@ -1306,7 +1315,36 @@ impl Engine {
         items: impl Into<Batch>,
         summary_only: bool,
     ) -> Result<(Receipt, Flush), EngineError> {
-        let bodies = self.bodies(items.into())?;
+        let counting = match summary_only {
+            true => Counting::Always,
+            false => Counting::Never,
+        };
+        self.submit_flush(wq, items.into(), counting)
+    }
+
+    /// [`Engine::submit_and_flush`] for a caller that waits for the batch's full results and
+    /// its counts: the flush sends an event per item (`Done`) where the workqueue keeps full
+    /// results, and otherwise counts only, as a summary-only flush ([`Flush::tally`]): an
+    /// `Ended` event per item would tell such a caller nothing the tally does not, at the
+    /// price of a channel message per item. The daemon's `Submit(wait)`.
+    ///
+    /// # Errors
+    /// As [`Engine::submit`].
+    pub fn submit_and_wait(
+        &self,
+        wq: &str,
+        items: impl Into<Batch>,
+    ) -> Result<(Receipt, Flush), EngineError> {
+        self.submit_flush(wq, items.into(), Counting::UnlessFull)
+    }
+
+    fn submit_flush(
+        &self,
+        wq: &str,
+        items: Batch,
+        counting: Counting,
+    ) -> Result<(Receipt, Flush), EngineError> {
+        let bodies = self.bodies(items)?;
         // Without a delayed entry the batch has no delayed item to promote: its ids are the
         // flush's as they are (one look-up per item less under L).
         let delays = bodies.iter().any(|e| e.delay.is_some());
@@ -1318,6 +1356,11 @@ impl Engine {
             let ids = match delays {
                 true => s.flush_ids(&scope, &mut fx)?.0,
                 false => s.scope_ids(&scope)?,
+            };
+            let summary_only = match counting {
+                Counting::Always => true,
+                Counting::Never => false,
+                Counting::UnlessFull => s.results_mode(wq)? != ResultsMode::Full,
             };
             let f = s.register_flush(&self.inner, ids, summary_only);
             Ok((rec, f))

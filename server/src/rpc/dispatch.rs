@@ -246,10 +246,17 @@ impl Rpc {
             // back in submission order without hashing.
             let first = rec.first;
             let slot_of = |id: u64| id.checked_sub(first).and_then(|i| usize::try_from(i).ok());
-            // Every item that ended counts, whatever its workqueue keeps; only a full result
-            // (`Done`) has a slot. A `Gone` item (its result forgotten before the wait began)
-            // is in neither, as in a flush, whose summary lists it apart.
+            // Every item that ended counts, whatever its workqueue keeps: a full result
+            // (`Done`, which has a slot) as its event, any other in the flush's tally (a
+            // workqueue that keeps no per-item record sends no event per item, see
+            // `Engine::submit_and_wait`). A `Gone` item (its result forgotten before the wait
+            // began) is in neither, as in a flush, whose summary lists it apart.
             let mut counts = v1::StateCounts::default();
+            if let Some((by_state, _)) = flush.tally() {
+                for (state, n) in by_state {
+                    count_state(&mut counts, state, n as u64);
+                }
+            }
             let mut by_slot: Vec<Option<Arc<ItemResult>>> = Vec::new();
             for e in events {
                 match e {
@@ -640,7 +647,7 @@ fn submit_counted(
 ) -> Result<(Receipt, Option<Flush>), RpcError> {
     let r = if wait {
         engine
-            .submit_and_flush(wq, specs, false)
+            .submit_and_wait(wq, specs)
             .map(|(rec, f)| (rec, Some(f)))
     } else {
         engine.submit(wq, specs).map(|rec| (rec, None))

@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::engine::idhash::IdMap;
-use crate::engine::{EngineError, State, WorkqueueAttrs, WorkqueueStats};
+use crate::engine::{EngineError, ResultsMode, State, WorkqueueAttrs, WorkqueueStats};
 use crate::target::Target;
 
 use super::item::ItemId;
@@ -78,6 +78,11 @@ impl Sched {
             .get(name)
             .copied()
             .ok_or_else(|| EngineError::UnknownWorkqueue(name.to_string()))
+    }
+
+    /// What workqueue `name` keeps of each item.
+    pub(crate) fn results_mode(&self, name: &str) -> Result<ResultsMode, EngineError> {
+        Ok(self.wqs[self.wq_index(name)?].attrs.results)
     }
 
     pub(crate) fn update_wq(
