@@ -1644,7 +1644,7 @@ impl Engine {
                 return 0;
             }
             s.shutdown = true;
-            let mut ids: Vec<_> = s.items.keys().copied().collect();
+            let mut ids: Vec<_> = s.items.keys().collect();
             // Oldest first: in id order the items sit in slot order (the table fills its slots
             // in submission order), so cancelling walks memory in sequence instead of at random.
             ids.sort_unstable();
@@ -1661,7 +1661,7 @@ impl Engine {
                     break;
                 }
             }
-            let running: Vec<_> = s.items.keys().copied().collect();
+            let running: Vec<_> = s.items.keys().collect();
             n += running.len();
             s.cancel(&running, &mut fx);
             while s.running_total() > 0 {

@@ -89,7 +89,7 @@ impl Sched {
                     .items
                     .iter()
                     .filter(|(_, i)| i.wi() == wi)
-                    .map(|(&id, _)| id)
+                    .map(|(id, _)| id)
                     .collect();
                 v.sort_unstable();
                 Ok(v)

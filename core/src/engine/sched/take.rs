@@ -167,7 +167,7 @@ impl Sched {
     fn bind(
         &mut self,
         id: ItemId,
-        islot: u32,
+        islot: crate::engine::items::Slot,
         qid: usize,
         cpu: u32,
         token: &CancelToken,
