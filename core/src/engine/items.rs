@@ -35,9 +35,6 @@ pub(crate) const PAGE: usize = 64;
 /// Freed pages kept for reuse.
 const SPARES: usize = 4;
 
-/// A handle on a live item, from [`Items::slot`]: its id (a page look-up is an index).
-pub(crate) type Slot = ItemId;
-
 struct Page {
     slots: [Option<Item>; PAGE],
     live: u32,
@@ -115,25 +112,6 @@ impl Items {
             return None;
         }
         self.spill_index.get(&id).copied()
-    }
-
-    /// A handle on item `id` for [`at`](Self::at) and [`at_mut`](Self::at_mut), valid until the
-    /// next insert or remove.
-    #[inline]
-    pub(crate) fn slot(&self, id: &ItemId) -> Option<Slot> {
-        self.get(id).map(|_| *id)
-    }
-
-    /// The item of `slot` (from [`slot`](Self::slot), with no insert or remove since).
-    #[inline]
-    pub(crate) fn at(&self, slot: Slot) -> Option<&Item> {
-        self.get(&slot)
-    }
-
-    /// [`at`](Self::at), to change the item.
-    #[inline]
-    pub(crate) fn at_mut(&mut self, slot: Slot) -> Option<&mut Item> {
-        self.get_mut(&slot)
     }
 
     /// Adds item `id`, replacing (and returning) an item already under that id.

@@ -84,12 +84,9 @@ impl Sched {
             let Some(&id) = self.queues[qid].items.front() else {
                 continue;
             };
-            let Some(islot) = self.items.slot(&id) else {
-                continue;
-            };
             let Some((kind, expired)) = self
                 .items
-                .at(islot)
+                .get(&id)
                 .map(|it| (it.body.kind(), it.deadline().is_some_and(|d| d <= now)))
             else {
                 continue;
@@ -114,8 +111,7 @@ impl Sched {
                 budget += 1;
                 continue;
             }
-            let Some((body, queued_at, claim)) = self.bind(id, islot, qid, cpu, token, now, true)
-            else {
+            let Some((body, queued_at, claim)) = self.bind(id, qid, cpu, token, now, true) else {
                 continue;
             };
             let wq = &mut self.wqs[wi];
@@ -161,13 +157,12 @@ impl Sched {
     /// pending item `id`, already popped from queue `qid`, becomes running on `cpu` under
     /// `token` (reset here), with the queue's fallback and reason, the fallback tally, its
     /// `running` entry (`slot`: whether it holds a `running_on` slot) and the queue and
-    /// workqueue counters. `islot` is its slot in `items` (looked up in the same step).
+    /// workqueue counters.
     /// Returns its body, queue time and claim slot for the [`Job`].
     #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
         id: ItemId,
-        islot: crate::engine::items::Slot,
         qid: usize,
         cpu: u32,
         token: &CancelToken,
@@ -179,7 +174,7 @@ impl Sched {
         let epoch = self.epoch;
         // The callers found this item pending under the same lock hold; were it gone, the id
         // they popped was a tombstone and nothing has changed yet.
-        let item = self.items.at_mut(islot)?;
+        let item = self.items.get_mut(&id)?;
         item.state = State::Running;
         item.fallback = fallback;
         if fallback.is_some() {
@@ -260,12 +255,12 @@ impl Sched {
             // One look-up per item: tombstones (ids no longer pending in this queue) are
             // dropped from the front, as `clean_front` does; the first pending item is
             // checked and bound.
-            let (id, islot, item) = loop {
+            let (id, item) = loop {
                 let Some(&id) = self.queues[qid].items.front() else {
                     break 'claim;
                 };
-                match self.items.slot(&id).map(|s| (s, self.items.at(s))) {
-                    Some((s, Some(it))) if it.is_pending_in(qid) => break (id, s, it),
+                match self.items.get(&id) {
+                    Some(it) if it.is_pending_in(qid) => break (id, it),
                     _ => {
                         self.queues[qid].items.pop_front();
                     }
@@ -284,8 +279,7 @@ impl Sched {
                 break;
             }
             self.queues[qid].items.pop_front();
-            let Some((body, queued_at, claim)) = self.bind(id, islot, qid, cpu, token, now, false)
-            else {
+            let Some((body, queued_at, claim)) = self.bind(id, qid, cpu, token, now, false) else {
                 break;
             };
             claimed += 1;
