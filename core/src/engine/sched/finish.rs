@@ -17,7 +17,7 @@ use crate::groups::Fallback;
 use crate::handler::{HandlerError, HandlerKind};
 
 use super::item::{Finish, Item, ItemId, Outcome, Started, NOT_BOUND};
-use super::results::{cut_output, ResultsGuard};
+use super::results::{cut_output, ResultsGuard, Stored, StoredExtra};
 use super::timers::TIMER_DEADLINE;
 use super::{Effects, Sched};
 
@@ -45,7 +45,7 @@ pub(crate) const NOT_LIVE: &str = "not-live";
 /// events are in it, and its waiter, woken by the send, finds every result it names stored.
 #[derive(Default)]
 pub(crate) struct Finished {
-    results: Vec<Arc<ItemResult>>,
+    results: Vec<Stored>,
     now: Option<Instant>,
     /// Per flush: its sender and the events of the batch's items it covers (empty for a
     /// counting flush whose last item ended: dropping the sender closes its channel).
@@ -77,9 +77,7 @@ impl Finished {
     /// in, then releases R.
     pub(crate) fn store(&mut self, mut store: ResultsGuard<'_>) {
         let now = self.now.unwrap_or_else(Instant::now);
-        for r in self.results.drain(..) {
-            store.insert(r, now);
-        }
+        store.insert(&mut self.results, now);
     }
 }
 
@@ -381,7 +379,9 @@ impl Sched {
         let first = (item.waiter != 0).then_some(item.waiter);
         // What the flushes, the observer and the store get: a full result, or (results =
         // summary | none) only the state, and the run time for summary.
-        let (result, run_time) = if mode == ResultsMode::Full {
+        // Made straight into the finish batch's list (one move of the record, not three);
+        // stored from there after L, or below when not in a finish batch.
+        if mode == ResultsMode::Full {
             let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
                 (error.clone(), self.epoch)
             } else {
@@ -397,40 +397,54 @@ impl Sched {
                     output.len()
                 );
             }
-            let r = Arc::new(ItemResult {
+            // Most results have none of these: no box then.
+            let plain = output.is_empty()
+                && error.is_empty()
+                && reason.is_empty()
+                && decided == 0
+                && worker.is_none()
+                && lost == 0;
+            self.fin.results.push(Stored {
                 id,
                 batch: item.batch,
                 workqueue: wq_name.clone().unwrap_or_default(),
-                state,
-                output,
-                error,
-                target: item.body.target.clone(),
                 handler: item.body.handler_name().clone(),
-                cpu_started: started.as_ref().map(|s| s.cpu),
-                cpu_finished: finished.map(|f| f.0),
-                fallback: item.fallback,
-                reason,
-                rebinds: item.rebinds.into(),
+                target: item.body.target.clone(),
                 queued_at: item.queued_at,
-                started_at: started.as_ref().map(|s| s.at),
-                finished_at: Some(finished.map_or_else(SystemTime::now, |f| f.1)),
-                epoch_started: started.map(|s| s.epoch),
-                epoch_decided: (decided != 0).then_some(decided),
-                worker,
-                worker_lost: lost,
+                started,
+                finished_at: finished.map_or_else(SystemTime::now, |f| f.1),
+                cpu_finished: finished.map(|f| f.0),
+                rebinds: item.rebinds,
+                state,
+                fallback: item.fallback,
+                extra: (!plain).then(|| {
+                    Box::new(StoredExtra {
+                        output,
+                        error,
+                        reason,
+                        epoch_decided: (decided != 0).then_some(decided),
+                        worker,
+                        worker_lost: lost,
+                    })
+                }),
             });
-            let run = r.run_time();
-            (Some(r), run)
+        }
+        let result = if mode == ResultsMode::Full {
+            self.fin.results.last()
         } else {
-            // Only the observer reads it (two clock conversions per item otherwise).
-            let run = match (mode, &started) {
-                (ResultsMode::Summary, Some(s)) if self.observed => {
-                    finished.and_then(|(_, at)| at.duration_since(s.at).ok())
-                }
-                _ => None,
-            };
-            (None, run)
+            None
         };
+        // Only the observer reads the run time (two clock conversions per item otherwise).
+        let run_time = match (&result, mode, &started) {
+            _ if !self.observed => None,
+            (Some(r), _, _) => r.run_time(),
+            (None, ResultsMode::Summary, Some(s)) => {
+                finished.and_then(|(_, at)| at.duration_since(s.at).ok())
+            }
+            _ => None,
+        };
+        // The result as the API gives it, made once for the flushes that take events.
+        let mut given: Option<Arc<ItemResult>> = None;
         for fid in first.into_iter().chain(cold_waiters) {
             if let Some(f) = self.flushes.get_mut(&fid) {
                 let ev = match (&f.tally, &result) {
@@ -438,7 +452,9 @@ impl Sched {
                         t.lock().by_state[state.index()] += 1;
                         None
                     }
-                    (None, Some(r)) => Some(FlushEvent::Done(r.clone())),
+                    (None, Some(r)) => Some(FlushEvent::Done(
+                        given.get_or_insert_with(|| Arc::new(r.to_result())).clone(),
+                    )),
                     (None, None) => Some(FlushEvent::Ended(id, state)),
                 };
                 match ev {
@@ -480,13 +496,9 @@ impl Sched {
                 remote: worker.is_some(),
             });
         }
-        if let Some(r) = result {
-            // In a worker's finish batch it is stored after L (see `finish_all`).
-            if self.holding {
-                self.fin.results.push(r);
-            } else {
-                self.results.lock().insert(r, now);
-            }
+        // In a worker's finish batch the result is stored after L (see `finish_all`).
+        if !self.holding && mode == ResultsMode::Full {
+            self.results.lock().insert(&mut self.fin.results, now);
         }
         if self.shutdown {
             fx.idle_kick = true;

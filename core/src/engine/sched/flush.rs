@@ -59,8 +59,8 @@ impl Sched {
                     self.end_unstarted(id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
                     CancelOutcome::CancelledPending
                 }
-                None => match self.results.lock().get(id) {
-                    Some(r) => CancelOutcome::AlreadyTerminal(r.state),
+                None => match self.results.lock().state(id) {
+                    Some(state) => CancelOutcome::AlreadyTerminal(state),
                     None => CancelOutcome::Unknown,
                 },
             };
@@ -151,10 +151,10 @@ impl Sched {
             if let Some(it) = self.items.get_mut(&id) {
                 it.add_waiter(fid);
                 remaining += 1;
-            } else if let Some(r) = store.get_or_insert_with(|| self.results.lock()).get(id) {
+            } else if let Some(r) = store.get_or_insert_with(|| self.results.lock()).stored(id) {
                 match &tally {
-                    Some(t) => t.lock().by_state[r.state.index()] += 1,
-                    None => ended.push(FlushEvent::Done(r)),
+                    Some(t) => t.lock().by_state[r.state().index()] += 1,
+                    None => ended.push(FlushEvent::Done(Arc::new(r.to_result()))),
                 }
             } else {
                 match &tally {

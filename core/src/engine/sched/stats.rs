@@ -37,7 +37,7 @@ impl Sched {
             pools: self.pools.values().filter(|p| p.live).count(),
             workers: self.pools.values().map(|p| p.workers).sum(),
             items: self.items.len(),
-            results: store.map.len(),
+            results: store.len(),
             results_bytes: store.bytes,
             timers: self.timers.len(),
             flushes: self.flushes.len(),

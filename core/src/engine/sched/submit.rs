@@ -286,11 +286,11 @@ impl Sched {
                         wq.keys.remove(k);
                     }
                 }
-            } else if let Some(r) = self.results.lock().take(id) {
+            } else if let Some(state) = self.results.lock().take(id) {
                 // Rejected during the submit: its result and counts go too.
-                self.totals[r.state.index()] -= 1;
+                self.totals[state.index()] -= 1;
                 let wq = &mut self.wqs[wi];
-                wq.totals[r.state.index()] -= 1;
+                wq.totals[state.index()] -= 1;
                 wq.submitted -= 1;
             }
         }
