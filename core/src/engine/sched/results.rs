@@ -132,6 +132,9 @@ pub(crate) struct Results {
     base: u64,
     /// Slots of `order[0]` already forgotten.
     head: usize,
+    /// The last chunk forgotten, emptied, kept for the next one needed (a full store forgets
+    /// a chunk for each it adds: no allocation then).
+    spare: Option<Vec<(Instant, Option<Stored>)>>,
     pub(super) max: usize,
     pub(super) ttl: Duration,
     /// Estimated bytes of the stored results ([`result_bytes`]).
@@ -162,6 +165,7 @@ impl Results {
             order: VecDeque::new(),
             base: 0,
             head: 0,
+            spare: None,
             max: max.max(1),
             ttl,
             bytes: 0,
@@ -201,7 +205,11 @@ impl Results {
                 if rs.len() == 0 {
                     break;
                 }
-                self.order.push_back(Vec::with_capacity(CHUNK));
+                let chunk = self
+                    .spare
+                    .take()
+                    .unwrap_or_else(|| Vec::with_capacity(CHUNK));
+                self.order.push_back(chunk);
             }
             let n = self.order.len();
             let Some(chunk) = self.order.back_mut() else {
@@ -256,7 +264,10 @@ impl Results {
         let old = slot.1.take();
         self.head += 1;
         if self.head == CHUNK {
-            self.order.pop_front();
+            if let Some(mut spent) = self.order.pop_front() {
+                spent.clear();
+                self.spare = Some(spent);
+            }
             self.base += CHUNK as u64;
             self.head = 0;
         }
