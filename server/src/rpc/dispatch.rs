@@ -156,8 +156,8 @@ impl Rpc {
     /// [`INLINE_ITEMS`]).
     ///
     /// The submit and its counting happen together, in one synchronous step: if the client
-    /// goes away while a large batch is in the blocking pool (the handler is dropped at the
-    /// `.await`), the batch that the pool accepted is still counted.
+    /// goes away while a large batch is in the blocking pool (a current-thread runtime: the
+    /// handler is dropped at the `.await`), the batch that the pool accepted is still counted.
     ///
     /// With `wait`, the batch's flush is registered in the same engine step
     /// (`Engine::submit_and_flush`), so no item can end before the flush hears of it: an item
