@@ -1555,16 +1555,36 @@ impl Engine {
     /// not hold up submits, takes and finishes. Only the ids not stored (live items, or ids
     /// never issued or forgotten) are looked up again under L, where an item that ended
     /// meanwhile is found stored.
+    ///
+    /// A result is made when read (the store keeps a compact record), once per distinct id:
+    /// the copies of an id named many times share it, so a request naming one id a million
+    /// times makes one `ItemResult`, not a million.
     pub fn results(&self, ids: &[ItemId]) -> Vec<Option<Arc<ItemResult>>> {
+        let mut made: idhash::IdMap<ItemId, Arc<ItemResult>> = idhash::IdMap::default();
         let mut out: Vec<Option<Arc<ItemResult>>> = {
             let store = self.inner.results.lock();
-            ids.iter().map(|&id| store.get(id)).collect()
+            ids.iter()
+                .map(|&id| {
+                    if let Some(r) = made.get(&id) {
+                        return Some(r.clone());
+                    }
+                    let r = store.get(id)?;
+                    made.insert(id, r.clone());
+                    Some(r)
+                })
+                .collect()
         };
         if out.iter().any(Option::is_none) {
             let s = self.inner.sched.lock();
             for (o, &id) in out.iter_mut().zip(ids) {
-                if o.is_none() {
-                    *o = s.result_of(id);
+                if o.is_some() {
+                    continue;
+                }
+                if let Some(r) = made.get(&id) {
+                    *o = Some(r.clone());
+                } else if let Some(r) = s.result_of(id) {
+                    made.insert(id, r.clone());
+                    *o = Some(r);
                 }
             }
         }

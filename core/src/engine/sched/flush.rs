@@ -9,8 +9,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::engine::idhash::IdMap;
 use crate::engine::{
-    CancelOutcome, EngineError, Flush, FlushEvent, FlushMsg, FlushScope, Inner, State,
+    CancelOutcome, EngineError, Flush, FlushEvent, FlushMsg, FlushScope, Inner, ItemResult, State,
 };
 
 use super::finish::CANCELLED_UNSTARTED;
@@ -147,6 +148,9 @@ impl Sched {
         // R only for an id not live (a flush of a fresh batch never takes it): a worker
         // storing its finish batch's results holds R after its L hold (see `Finished`).
         let mut store = None;
+        // A stored result is made into an `ItemResult` once per id, whatever the copies of
+        // the id in `ids` (see `Engine::results`).
+        let mut made: IdMap<ItemId, Arc<ItemResult>> = IdMap::default();
         for &id in &ids {
             if let Some(it) = self.items.get_mut(&id) {
                 it.add_waiter(fid);
@@ -154,7 +158,11 @@ impl Sched {
             } else if let Some(r) = store.get_or_insert_with(|| self.results.lock()).stored(id) {
                 match &tally {
                     Some(t) => t.lock().by_state[r.state().index()] += 1,
-                    None => ended.push(FlushEvent::Done(Arc::new(r.to_result()))),
+                    None => ended.push(FlushEvent::Done(
+                        made.entry(id)
+                            .or_insert_with(|| Arc::new(r.to_result()))
+                            .clone(),
+                    )),
                 }
             } else {
                 match &tally {
