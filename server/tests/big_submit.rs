@@ -16,6 +16,25 @@ const BIG: usize = 200;
 
 const SEAM: &str = "engine::submit-between-items";
 
+/// A daemon in-process on the `two-socket` fixture (its directory kept alive with it), and a
+/// client connected to it.
+async fn start() -> (tempfile::TempDir, Daemon, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = support::config(dir.path(), &fixture("two-socket"));
+    let d = Daemon::start(cfg).await.expect("start");
+    let c = Client::connect(Endpoint::unix(d.socket_path()))
+        .await
+        .expect("connect");
+    (dir, d, c)
+}
+
+/// A batch of [`BIG`] `noop` items on `all`, waited for.
+fn big_batch() -> Batch {
+    Batch::new()
+        .items((0..BIG).map(|_| Item::new("all", "noop")))
+        .wait(true)
+}
+
 /// On a multi-thread runtime with a single async worker, a large submit held inside the
 /// engine (a failpoint pauses it between two items) leaves that worker's other tasks free: a
 /// health check on another connection is answered while the submit is still held, and the
@@ -27,12 +46,7 @@ async fn a_held_large_submit_does_not_stall_other_connections() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = support::config(dir.path(), &fixture("two-socket"));
-    let d = Daemon::start(cfg).await.expect("start");
-    let submitter = Client::connect(Endpoint::unix(d.socket_path()))
-        .await
-        .expect("connect");
+    let (_dir, d, submitter) = start().await;
 
     wqd_core::failpoint::cfg(SEAM, "pause").expect("failpoint");
     let done = Arc::new(AtomicBool::new(false));
@@ -63,17 +77,10 @@ async fn a_held_large_submit_does_not_stall_other_connections() {
         wqd_core::failpoint::remove(SEAM);
         (checked, held)
     });
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        submitter.submit(
-            Batch::new()
-                .items((0..BIG).map(|_| Item::new("all", "noop")))
-                .wait(true),
-        ),
-    )
-    .await
-    .expect("the submit completes once released")
-    .expect("submit");
+    let r = tokio::time::timeout(Duration::from_secs(60), submitter.submit(big_batch()))
+        .await
+        .expect("the submit completes once released")
+        .expect("submit");
     done.store(true, Ordering::SeqCst);
     let (checked, held) = checker.join().expect("checker");
     checked
@@ -89,20 +96,8 @@ async fn a_held_large_submit_does_not_stall_other_connections() {
 /// allowed, a large submit goes to the blocking pool and completes: every item ran.
 #[tokio::test(flavor = "current_thread")]
 async fn a_large_submit_works_on_a_current_thread_runtime() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = support::config(dir.path(), &fixture("two-socket"));
-    let d = Daemon::start(cfg).await.expect("start");
-    let c = Client::connect(Endpoint::unix(d.socket_path()))
-        .await
-        .expect("connect");
-    let r = c
-        .submit(
-            Batch::new()
-                .items((0..BIG).map(|_| Item::new("all", "noop")))
-                .wait(true),
-        )
-        .await
-        .expect("submit");
+    let (_dir, d, c) = start().await;
+    let r = c.submit(big_batch()).await.expect("submit");
     assert_eq!(r.items.len(), BIG);
     assert_eq!(r.results.len(), BIG);
     assert!(r

@@ -1560,18 +1560,11 @@ impl Engine {
     /// the copies of an id named many times share it, so a request naming one id a million
     /// times makes one `ItemResult`, not a million.
     pub fn results(&self, ids: &[ItemId]) -> Vec<Option<Arc<ItemResult>>> {
-        let mut made: idhash::IdMap<ItemId, Arc<ItemResult>> = idhash::IdMap::default();
+        let mut made = sched::ResultsMade::default();
         let mut out: Vec<Option<Arc<ItemResult>>> = {
             let store = self.inner.results.lock();
             ids.iter()
-                .map(|&id| {
-                    if let Some(r) = made.get(&id) {
-                        return Some(r.clone());
-                    }
-                    let r = store.get(id)?;
-                    made.insert(id, r.clone());
-                    Some(r)
-                })
+                .map(|&id| store.get_once(id, &mut made))
                 .collect()
         };
         if out.iter().any(Option::is_none) {

@@ -9,13 +9,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::engine::idhash::IdMap;
 use crate::engine::{
-    CancelOutcome, EngineError, Flush, FlushEvent, FlushMsg, FlushScope, Inner, ItemResult, State,
+    CancelOutcome, EngineError, Flush, FlushEvent, FlushMsg, FlushScope, Inner, State,
 };
 
 use super::finish::CANCELLED_UNSTARTED;
 use super::item::ItemId;
+use super::results::Made;
 use super::{Effects, Sched};
 
 pub(crate) struct FlushRec {
@@ -149,8 +149,8 @@ impl Sched {
         // storing its finish batch's results holds R after its L hold (see `Finished`).
         let mut store = None;
         // A stored result is made into an `ItemResult` once per id, whatever the copies of
-        // the id in `ids` (see `Engine::results`).
-        let mut made: IdMap<ItemId, Arc<ItemResult>> = IdMap::default();
+        // the id in `ids` (as `Results::get_once` does).
+        let mut made = Made::default();
         for &id in &ids {
             if let Some(it) = self.items.get_mut(&id) {
                 it.add_waiter(fid);

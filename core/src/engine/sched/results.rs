@@ -144,6 +144,9 @@ pub(crate) struct Results {
     pub(super) max_bytes: usize,
 }
 
+/// The results one look-up made, by id (see [`Results::get_once`]).
+pub(crate) type Made = IdMap<ItemId, Arc<ItemResult>>;
+
 /// The store behind R, shared by the scheduler (inside L) and look-ups (R alone).
 pub(crate) type Store = Arc<parking_lot::Mutex<Results>>;
 
@@ -191,6 +194,17 @@ impl Results {
     /// A stored result, taken with R alone (see the module docs).
     pub(crate) fn get(&self, id: ItemId) -> Option<Arc<ItemResult>> {
         self.stored(id).map(|r| Arc::new(r.to_result()))
+    }
+    /// A stored result, made at most once per id across the calls that share `made`: the
+    /// copies of an id in one look-up share one `ItemResult` (a request naming an id a
+    /// million times must not make a million).
+    pub(crate) fn get_once(&self, id: ItemId, made: &mut Made) -> Option<Arc<ItemResult>> {
+        if let Some(r) = made.get(&id) {
+            return Some(r.clone());
+        }
+        let r = self.get(id)?;
+        made.insert(id, r.clone());
+        Some(r)
     }
     /// A stored result's state.
     pub(crate) fn state(&self, id: ItemId) -> Option<State> {
