@@ -1518,3 +1518,80 @@ fn copies_are_items_like_any_other() {
     assert_eq!(rig.engine.stats().items, 0);
     assert_eq!(rig.probe.runs.lock().len(), 7);
 }
+
+/// `submit_and_wait` on a workqueue keeping full results sends its `Done` events together,
+/// once the last item ends (one wake-up of the waiter, not one per worker finish batch),
+/// whether the others ended in a worker's finish batch or were cancelled pending; a
+/// streaming flush (`submit_and_flush`) of the same batch hears of them as they end.
+#[test]
+fn submit_and_wait_delivers_full_results_together_at_the_end() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("w", |a| a.max_active = 1);
+    // The gate holds CPU 0's one slot until cancelled; three quick items run on CPU 1; two
+    // wait behind the gate on CPU 0 (cancelled pending below).
+    let batch = || {
+        let mut v = vec![item("cpu:0", "probe").arg("ms", "20000")];
+        v.extend((0..3).map(|_| item("cpu:1", "noop")));
+        v.extend((0..2).map(|_| item("cpu:0", "noop")));
+        v
+    };
+    let settle = |ids: &[u64]| {
+        // The quick ones ended (their results are stored) and the gate is running.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(rig.engine.results(&ids[1..4]).iter().all(Option::is_some)
+            && rig.probe.total_running.load(Ordering::SeqCst) == 1)
+        {
+            assert!(Instant::now() < deadline, "the quick items did not end");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let c = rig
+            .engine
+            .cancel(FlushScope::Items(ids[4..].to_vec()))
+            .unwrap();
+        assert!(c
+            .outcomes
+            .iter()
+            .all(|(_, o)| *o == CancelOutcome::CancelledPending));
+    };
+    let soon = || Some(Instant::now() + Duration::from_millis(300));
+
+    // Streaming: the ended items' events come while the gate still runs.
+    let (rec, mut flush) = rig.engine.submit_and_flush("w", batch(), false).unwrap();
+    let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+    settle(&ids);
+    let ev = flush
+        .next_blocking(soon())
+        .expect("a streaming flush hears of ended items");
+    assert!(matches!(ev, Some(FlushEvent::Done(_))), "{ev:?}");
+    rig.engine.cancel(FlushScope::Items(vec![ids[0]])).unwrap();
+    flush.wait(Some(Duration::from_secs(20))).unwrap();
+
+    // At the end: nothing while the gate runs, then all six at once.
+    let (rec, mut flush) = rig.engine.submit_and_wait("w", batch()).unwrap();
+    let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+    settle(&ids);
+    assert!(
+        flush.next_blocking(soon()).is_err(),
+        "no event before the last item ends"
+    );
+    rig.engine.cancel(FlushScope::Items(vec![ids[0]])).unwrap();
+    let first = flush
+        .next_blocking(Some(Instant::now() + Duration::from_secs(20)))
+        .expect("the events come when the gate ends");
+    let mut done = Vec::new();
+    let mut ev = first;
+    while let Some(e) = ev {
+        match e {
+            FlushEvent::Done(r) => done.push((r.id, r.state)),
+            other => panic!("expected Done, got {other:?}"),
+        }
+        ev = flush
+            .next_blocking(Some(Instant::now() + Duration::from_secs(20)))
+            .expect("the rest of the events");
+    }
+    done.sort();
+    let mut want: Vec<(u64, State)> = vec![(ids[0], State::Cancelled)];
+    want.extend(ids[1..4].iter().map(|&id| (id, State::Ok)));
+    want.extend(ids[4..].iter().map(|&id| (id, State::Cancelled)));
+    assert_eq!(done, want);
+}

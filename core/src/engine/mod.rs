@@ -43,6 +43,7 @@ use crate::groups::{Fallback, GroupError, Level, Placement};
 use crate::handler::{Args, HandlerError, Registry};
 use crate::live::Snapshot;
 use crate::target::Target;
+use sched::Delivery;
 
 pub use sched::remote::{
     check_name as check_worker_handler_name, RemoteAnswer, RemoteInfo, RemoteJob, RemoteWorker,
@@ -1323,10 +1324,13 @@ impl Engine {
     }
 
     /// [`Engine::submit_and_flush`] for a caller that waits for the batch's full results and
-    /// its counts: the flush sends an event per item (`Done`) where the workqueue keeps full
-    /// results, and otherwise counts only, as a summary-only flush ([`Flush::tally`]): an
-    /// `Ended` event per item would tell such a caller nothing the tally does not, at the
-    /// price of a channel message per item. The daemon's `Submit(wait)`.
+    /// its counts: where the workqueue keeps full results the flush has an event per item
+    /// (`Done`), all sent in one message when the last item ends (the caller uses them
+    /// together; one wake-up of its waiter instead of one per worker finish batch), and
+    /// otherwise it counts only, as a summary-only flush ([`Flush::tally`]): an `Ended` event
+    /// per item would tell such a caller nothing the tally does not, at the price of a
+    /// channel message per item. The daemon's `Submit(wait)`. A caller that wants the results
+    /// as they come uses [`Engine::submit_and_flush`].
     ///
     /// # Errors
     /// As [`Engine::submit`].
@@ -1357,12 +1361,13 @@ impl Engine {
                 true => s.flush_ids(&scope, &mut fx)?.0,
                 false => s.scope_ids(&scope)?,
             };
-            let summary_only = match counting {
-                Counting::Always => true,
-                Counting::Never => false,
-                Counting::UnlessFull => s.results_mode(wq)? != ResultsMode::Full,
+            let delivery = match counting {
+                Counting::Always => Delivery::Count,
+                Counting::Never => Delivery::Stream,
+                Counting::UnlessFull if s.results_mode(wq)? == ResultsMode::Full => Delivery::AtEnd,
+                Counting::UnlessFull => Delivery::Count,
             };
-            let f = s.register_flush(&self.inner, ids, summary_only);
+            let f = s.register_flush(&self.inner, ids, delivery);
             Ok((rec, f))
         })();
         fx.run(&self.inner);
@@ -1472,7 +1477,11 @@ impl Engine {
         let r = {
             let mut s = self.inner.sched.lock();
             let (ids, left_out) = s.flush_ids(&scope, &mut fx)?;
-            let mut f = s.register_flush(&self.inner, ids, summary_only);
+            let delivery = match summary_only {
+                true => Delivery::Count,
+                false => Delivery::Stream,
+            };
+            let mut f = s.register_flush(&self.inner, ids, delivery);
             f.delayed_not_covered = left_out;
             f
         };
@@ -1501,7 +1510,7 @@ impl Engine {
                 .filter(|(_, o)| *o == CancelOutcome::WasRunning)
                 .map(|(id, _)| *id)
                 .collect();
-            let running = s.register_flush(&self.inner, running, false);
+            let running = s.register_flush(&self.inner, running, Delivery::Stream);
             CancelReport { outcomes, running }
         };
         fx.run(&self.inner);
@@ -1539,10 +1548,10 @@ impl Engine {
                     .filter(|id| s.items.get(id).is_some_and(|i| i.state != State::Running))
                     .collect();
                 s.cancel(&waiting, &mut fx);
-                s.register_flush(&self.inner, ids, true)
+                s.register_flush(&self.inner, ids, Delivery::Count)
             } else {
                 let (ids, _) = s.flush_ids(&all, &mut fx)?;
-                s.register_flush(&self.inner, ids, true)
+                s.register_flush(&self.inner, ids, Delivery::Count)
             }
         };
         fx.run(&self.inner);

@@ -458,6 +458,7 @@ impl Sched {
                     (None, None) => Some(FlushEvent::Ended(id, state)),
                 };
                 match ev {
+                    Some(ev) if f.kept.is_some() => f.kept.get_or_insert_default().push(ev),
                     Some(ev) if self.holding => {
                         if f.held.is_empty() {
                             self.held_flushes.push(fid);
@@ -473,11 +474,14 @@ impl Sched {
                 if f.remaining == 0 {
                     // Its last item: the record goes, and with its sender the channel closes
                     // once what it holds is sent (after L, in a worker's finish batch).
+                    // A flush that delivers at the end sends what it kept now (`held` is
+                    // empty then: its events go to `kept`).
                     if let Some(rec) = self.flushes.remove(&fid) {
+                        let evs = rec.kept.unwrap_or(rec.held);
                         if self.holding {
-                            self.fin.sends.push((rec.tx, rec.held));
-                        } else if !rec.held.is_empty() {
-                            let _ = rec.tx.send(FlushMsg::Many(rec.held));
+                            self.fin.sends.push((rec.tx, evs));
+                        } else if !evs.is_empty() {
+                            let _ = rec.tx.send(FlushMsg::Many(evs));
                         }
                     }
                 }

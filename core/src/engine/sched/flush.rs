@@ -18,6 +18,19 @@ use super::item::ItemId;
 use super::results::Made;
 use super::{Effects, Sched};
 
+/// How a flush hands over what it learns of each covered item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// An event per item as items end (one message per worker finish batch): a stream.
+    Stream,
+    /// An event per item, all in one message when the last covered item ends: for a caller
+    /// that only uses them together (the daemon's `Submit(wait)`), one wake-up of its waiter
+    /// per flush instead of one per finish batch.
+    AtEnd,
+    /// No event per item: the flush's tally counts.
+    Count,
+}
+
 pub(crate) struct FlushRec {
     pub(super) tx: flume::Sender<FlushMsg>,
     /// Events of items that ended in the current worker's finish batch, sent together when
@@ -26,6 +39,8 @@ pub(crate) struct FlushRec {
     pub(super) remaining: usize,
     /// Summary-only flushes count here instead of sending an event per item.
     pub(super) tally: Option<Arc<parking_lot::Mutex<crate::engine::Tally>>>,
+    /// [`Delivery::AtEnd`]: the events so far, sent together with the last one.
+    pub(super) kept: Option<Vec<FlushEvent>>,
 }
 
 impl FlushRec {
@@ -129,14 +144,16 @@ impl Sched {
         }
     }
 
-    /// Registers a flush over `ids`. With `summary_only`, no per-item events are sent: the
-    /// flush's tally counts terminal states and `Flush::wait` reports them.
+    /// Registers a flush over `ids`, delivering as `delivery` says. With [`Delivery::Count`]
+    /// no per-item events are sent: the flush's tally counts terminal states and
+    /// `Flush::wait` reports them.
     pub(crate) fn register_flush(
         &mut self,
         inner: &Arc<Inner>,
         ids: Vec<ItemId>,
-        summary_only: bool,
+        delivery: Delivery,
     ) -> Flush {
+        let summary_only = delivery == Delivery::Count;
         let fid = self.next_flush;
         self.next_flush += 1;
         let (tx, rx) = flume::unbounded();
@@ -172,6 +189,9 @@ impl Sched {
             }
         }
         drop(store);
+        // Kept for the last event when it delivers at the end and some item is still live.
+        let kept =
+            (delivery == Delivery::AtEnd && remaining > 0).then(|| std::mem::take(&mut ended));
         if !ended.is_empty() {
             let _ = tx.send(FlushMsg::Many(ended));
         }
@@ -183,6 +203,7 @@ impl Sched {
                     held: Vec::new(),
                     remaining,
                     tally: tally.clone(),
+                    kept,
                 },
             );
             Some(fid)
