@@ -457,8 +457,15 @@ impl Sched {
                     )),
                     (None, None) => Some(FlushEvent::Ended(id, state)),
                 };
+                // A flush that delivers at the end keeps the event until its last item.
+                let ev = match (ev, f.kept.as_mut()) {
+                    (Some(ev), Some(kept)) => {
+                        kept.push(ev);
+                        None
+                    }
+                    (ev, _) => ev,
+                };
                 match ev {
-                    Some(ev) if f.kept.is_some() => f.kept.get_or_insert_default().push(ev),
                     Some(ev) if self.holding => {
                         if f.held.is_empty() {
                             self.held_flushes.push(fid);
