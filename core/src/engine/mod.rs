@@ -1573,20 +1573,14 @@ impl Engine {
         let mut out: Vec<Option<Arc<ItemResult>>> = {
             let store = self.inner.results.lock();
             ids.iter()
-                .map(|&id| store.get_once(id, &mut made))
+                .map(|&id| made.once(id, || store.get(id)))
                 .collect()
         };
         if out.iter().any(Option::is_none) {
             let s = self.inner.sched.lock();
             for (o, &id) in out.iter_mut().zip(ids) {
-                if o.is_some() {
-                    continue;
-                }
-                if let Some(r) = made.get(&id) {
-                    *o = Some(r.clone());
-                } else if let Some(r) = s.result_of(id) {
-                    made.insert(id, r.clone());
-                    *o = Some(r);
+                if o.is_none() {
+                    *o = made.once(id, || s.result_of(id));
                 }
             }
         }

@@ -166,7 +166,7 @@ impl Sched {
         // storing its finish batch's results holds R after its L hold (see `Finished`).
         let mut store = None;
         // A stored result is made into an `ItemResult` once per id, whatever the copies of
-        // the id in `ids` (as `Results::get_once` does).
+        // the id in `ids` (`Made`, as for `Engine::results`).
         let mut made = Made::default();
         for &id in &ids {
             if let Some(it) = self.items.get_mut(&id) {
@@ -175,11 +175,10 @@ impl Sched {
             } else if let Some(r) = store.get_or_insert_with(|| self.results.lock()).stored(id) {
                 match &tally {
                     Some(t) => t.lock().by_state[r.state().index()] += 1,
-                    None => ended.push(FlushEvent::Done(
-                        made.entry(id)
-                            .or_insert_with(|| Arc::new(r.to_result()))
-                            .clone(),
-                    )),
+                    None => ended.extend(
+                        made.once(id, || Some(Arc::new(r.to_result())))
+                            .map(FlushEvent::Done),
+                    ),
                 }
             } else {
                 match &tally {

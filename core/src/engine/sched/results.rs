@@ -144,8 +144,26 @@ pub(crate) struct Results {
     pub(super) max_bytes: usize,
 }
 
-/// The results one look-up made, by id (see [`Results::get_once`]).
-pub(crate) type Made = IdMap<ItemId, Arc<ItemResult>>;
+/// The results one look-up made, by id: each is made at most once, however many times the
+/// look-up names its id (a request naming an id a million times must not make a million).
+#[derive(Default)]
+pub(crate) struct Made(IdMap<ItemId, Arc<ItemResult>>);
+
+impl Made {
+    /// `id`'s result made before in this look-up, or `make`'s (kept when there is one).
+    pub(crate) fn once(
+        &mut self,
+        id: ItemId,
+        make: impl FnOnce() -> Option<Arc<ItemResult>>,
+    ) -> Option<Arc<ItemResult>> {
+        if let Some(r) = self.0.get(&id) {
+            return Some(r.clone());
+        }
+        let r = make()?;
+        self.0.insert(id, r.clone());
+        Some(r)
+    }
+}
 
 /// The store behind R, shared by the scheduler (inside L) and look-ups (R alone).
 pub(crate) type Store = Arc<parking_lot::Mutex<Results>>;
@@ -194,17 +212,6 @@ impl Results {
     /// A stored result, taken with R alone (see the module docs).
     pub(crate) fn get(&self, id: ItemId) -> Option<Arc<ItemResult>> {
         self.stored(id).map(|r| Arc::new(r.to_result()))
-    }
-    /// A stored result, made at most once per id across the calls that share `made`: the
-    /// copies of an id in one look-up share one `ItemResult` (a request naming an id a
-    /// million times must not make a million).
-    pub(crate) fn get_once(&self, id: ItemId, made: &mut Made) -> Option<Arc<ItemResult>> {
-        if let Some(r) = made.get(&id) {
-            return Some(r.clone());
-        }
-        let r = self.get(id)?;
-        made.insert(id, r.clone());
-        Some(r)
     }
     /// A stored result's state.
     pub(crate) fn state(&self, id: ItemId) -> Option<State> {
