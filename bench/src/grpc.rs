@@ -912,12 +912,15 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
 /// For a profiler on the daemon side: `rounds` `Submit(wait)` calls of `batch` `noop` items
 /// (`wait = false`: `Submit` only) to the daemon on `socket`, one at a time; prints the rate.
 /// `summary`: on [`SUMMARY_WQ`] (created if missing), checking the counts instead of results.
+/// `flush`: each `Submit` (without wait) followed by `Flush(batch, summary_only)`, as
+/// [`Sys::Flush`]; the figures then cover both calls.
 pub fn profile_client(
     socket: &Path,
     rounds: usize,
     batch: usize,
     wait: bool,
     summary: bool,
+    flush: bool,
     pause: Duration,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -944,6 +947,10 @@ pub fn profile_client(
             }
             let t = Instant::now();
             let a = c.submit(&req).await.expect("Submit");
+            if flush {
+                let s = c.flush_summary(a.batch_id).await.expect("Flush");
+                assert_eq!(s.counts.map_or(0, |c| c.ok) as usize, batch, "flushed ok");
+            }
             lat.push(t.elapsed());
             assert_eq!(a.items.len(), batch);
             if summary && wait {
@@ -953,7 +960,8 @@ pub fn profile_client(
         let el = t0.elapsed();
         lat.sort();
         println!(
-            "{rounds} x Submit(wait = {wait}) of {batch} in {el:.1?}: {:.0} items/s; call p50 {:.1?}, p99 {:.1?}",
+            "{rounds} x Submit(wait = {wait}){} of {batch} in {el:.1?}: {:.0} items/s; call p50 {:.1?}, p99 {:.1?}",
+            if flush { " + Flush(summary)" } else { "" },
             (rounds * batch) as f64 / el.as_secs_f64(),
             lat[lat.len() / 2],
             lat[lat.len() * 99 / 100],

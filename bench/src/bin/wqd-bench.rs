@@ -3,7 +3,7 @@
 //!
 //! Usage: `wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]...
 //! [--out FILE]`, or `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler),
-//! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [pause=MS]` to drive a daemon already
+//! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [pause=MS]` to drive a daemon already
 //! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
 //! `--quick` shrinks every section (a smoke run of a few seconds); the figures are then not
 //! worth comparing. The counting allocator is installed here, for memory per pending item.
@@ -45,7 +45,7 @@ const USAGE: &str =
     "usage: wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]... \
 [--out FILE]
        wqd-bench --profile-engine ROUNDS [summary]
-       wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [pause=MS]
+       wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [pause=MS]
        wqd-bench --profile-contention one|split ROUNDS [full]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
 --quick is a smoke run whose figures are not worth comparing.";
@@ -172,6 +172,7 @@ fn main() {
         let batch: usize = args.get(i + 3).and_then(|s| s.parse().ok()).unwrap_or(1000);
         let wait = !args.iter().any(|a| a == "nowait");
         let summary = args.iter().any(|a| a == "summary");
+        let flush = args.iter().any(|a| a == "flush");
         let pause = args
             .iter()
             .find_map(|a| a.strip_prefix("pause="))
@@ -181,8 +182,9 @@ fn main() {
             std::path::Path::new(socket),
             rounds,
             batch,
-            wait,
+            wait && !flush,
             summary,
+            flush,
             pause,
         );
         return;
