@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use wqd_proto::out::{
@@ -680,126 +678,169 @@ fn submit_counted(
     r
 }
 
-/// Sends `msg` unless the client is gone or the deadline passes first; `false` then.
-async fn send<T>(
-    tx: &mpsc::Sender<Result<T, Status>>,
-    msg: Result<T, Status>,
+/// What a [`FlushBody`] sends next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlushPhase {
+    /// Events still to come.
+    Waiting,
+    /// Every covered item is terminal (the last group may have gone): the summary is next.
+    Summary,
+    /// The summary or an error status went: the stream is over.
+    Ended,
+}
+
+/// A `Flush` RPC's response stream: the flush's results in groups, then its summary. It is
+/// the response body itself, polled by the connection's task as the client reads (no task
+/// and no channel of its own between the engine's wake-up and the write), so a client that
+/// goes away drops it, and with it the engine flush, never the work. Every wait selects on
+/// the client's deadline, which ends the stream with `DEADLINE_EXCEEDED`.
+struct FlushBody {
+    /// Taken (dropped) as the summary is made.
+    flush: Option<Flush>,
+    phase: FlushPhase,
     deadline: Option<Instant>,
-) -> bool {
-    tokio::select! {
-        r = tx.send(msg) => r.is_ok(),
-        _ = sleep_until(deadline) => false,
+    summary_only: bool,
+    unknown: Vec<u64>,
+    /// A group of results goes as soon as it reaches this many bytes (half the message limit).
+    budget: usize,
+    counts: v1::StateCounts,
+    group: EncodedResults,
+    /// When the group being filled must go even if small.
+    group_due: Option<Instant>,
+    enc: ResultEncoder,
+    began: Instant,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl FlushBody {
+    fn new(
+        flush: Flush,
+        deadline: Option<Instant>,
+        summary_only: bool,
+        unknown: Vec<u64>,
+        max_bytes: usize,
+        metrics: Option<Arc<Metrics>>,
+    ) -> FlushBody {
+        FlushBody {
+            began: flush.began(),
+            flush: Some(flush),
+            phase: FlushPhase::Waiting,
+            deadline,
+            summary_only,
+            unknown,
+            budget: (max_bytes / 2).max(1),
+            counts: v1::StateCounts::default(),
+            // `ItemResults.results` is field 1.
+            group: EncodedResults::new(1),
+            group_due: None,
+            enc: ResultEncoder::default(),
+            metrics,
+        }
+    }
+
+    /// The stream's end, observed once: by the summary, the deadline, or [`Drop`].
+    fn end(&mut self, outcome: FlushOutcome) {
+        self.phase = FlushPhase::Ended;
+        observe_flush(
+            self.metrics.as_deref(),
+            FlushMethod::Flush,
+            outcome,
+            self.began,
+        );
+    }
+
+    /// The next message, `None` once the stream is over.
+    async fn next_message(&mut self) -> Option<Result<FlushResponseOut, Status>> {
+        while self.phase == FlushPhase::Waiting {
+            let Some(flush) = self.flush.as_mut() else {
+                self.phase = FlushPhase::Summary;
+                break;
+            };
+            let due = self.group_due;
+            let ev = tokio::select! {
+                _ = sleep_until(self.deadline) => {
+                    self.end(FlushOutcome::Deadline);
+                    return Some(Err(status(RpcError::Deadline {
+                        waited: self.began.elapsed(),
+                        what: "flushing".into(),
+                    })));
+                }
+                _ = sleep_until(due), if due.is_some() => None,
+                ev = flush.next() => Some(ev),
+            };
+            match ev {
+                // The group's time is up.
+                None => {}
+                Some(None) => self.phase = FlushPhase::Summary,
+                Some(Some(FlushEvent::Gone(id))) => {
+                    self.unknown.push(id);
+                    continue;
+                }
+                Some(Some(FlushEvent::Ended(_, state))) => {
+                    count_state(&mut self.counts, state, 1);
+                    continue;
+                }
+                Some(Some(FlushEvent::Done(r))) => {
+                    count_state(&mut self.counts, r.state, 1);
+                    if !self.summary_only {
+                        self.enc.push(&r, &mut self.group);
+                        self.group_due
+                            .get_or_insert_with(|| Instant::now() + FLUSH_BATCH_DELAY);
+                        if self.group.len() < FLUSH_BATCH_ITEMS
+                            && self.group.bytes_len() < self.budget
+                        {
+                            continue;
+                        }
+                    }
+                }
+            }
+            self.group_due = None;
+            if !self.group.is_empty() {
+                return Some(Ok(FlushResponseOut {
+                    event: Some(FlushEventOut::Results(self.group.take())),
+                }));
+            }
+        }
+        if self.phase != FlushPhase::Summary {
+            return None;
+        }
+        let flush = self.flush.take()?;
+        if let Some((by_state, gone)) = flush.tally() {
+            for (st, n) in by_state {
+                count_state(&mut self.counts, st, n as u64);
+            }
+            self.unknown.extend(gone);
+        }
+        self.end(FlushOutcome::Complete);
+        let mut unknown = std::mem::take(&mut self.unknown);
+        unknown.sort_unstable();
+        let summary = v1::FlushSummary {
+            counts: Some(self.counts),
+            items_covered: flush.covered() as u64,
+            waited: Some(duration_out(self.began.elapsed())),
+            unknown_item_ids: unknown,
+            delayed_not_covered: flush.delayed_not_covered() as u64,
+        };
+        Some(Ok(FlushResponseOut {
+            event: Some(FlushEventOut::Summary(summary)),
+        }))
+    }
+
+    /// The response body.
+    fn into_stream(self) -> Out<FlushResponseOut> {
+        Box::pin(futures_util::stream::unfold(self, |mut s| async move {
+            s.next_message().await.map(|m| (m, s))
+        }))
     }
 }
 
-/// Streams a flush's results in groups, then its summary. Ends early (dropping the engine
-/// flush, never the work) when the client goes away or its deadline passes.
-async fn stream_flush(
-    mut flush: Flush,
-    tx: mpsc::Sender<Result<FlushResponseOut, Status>>,
-    deadline: Option<Instant>,
-    summary_only: bool,
-    mut unknown: Vec<u64>,
-    max_bytes: usize,
-    metrics: Option<Arc<Metrics>>,
-) {
-    let budget = (max_bytes / 2).max(1);
-    let mut counts = v1::StateCounts::default();
-    // `ItemResults.results` is field 1.
-    let mut group = EncodedResults::new(1);
-    let mut group_due: Option<Instant> = None;
-    let mut enc = ResultEncoder::default();
-    let deadline_err = |began: Instant| {
-        Err(status(RpcError::Deadline {
-            waited: began.elapsed(),
-            what: "flushing".into(),
-        }))
-    };
-    let began = flush.began();
-    let observe = |o| observe_flush(metrics.as_deref(), FlushMethod::Flush, o, began);
-    loop {
-        let due = group_due;
-        let ev = tokio::select! {
-            _ = tx.closed() => {
-                tracing::debug!("flush client went away; the work goes on");
-                observe(FlushOutcome::Abandoned);
-                return;
-            }
-            _ = sleep_until(deadline) => {
-                observe(FlushOutcome::Deadline);
-                let _ = tx.try_send(deadline_err(began));
-                return;
-            }
-            _ = sleep_until(due), if due.is_some() => None,
-            ev = flush.next() => Some(ev),
-        };
-        let done = match ev {
-            // The group's time is up.
-            None => false,
-            Some(None) => true,
-            Some(Some(FlushEvent::Gone(id))) => {
-                unknown.push(id);
-                continue;
-            }
-            Some(Some(FlushEvent::Ended(_, state))) => {
-                count_state(&mut counts, state, 1);
-                continue;
-            }
-            Some(Some(FlushEvent::Done(r))) => {
-                count_state(&mut counts, r.state, 1);
-                if !summary_only {
-                    enc.push(&r, &mut group);
-                    group_due.get_or_insert_with(|| Instant::now() + FLUSH_BATCH_DELAY);
-                    if group.len() < FLUSH_BATCH_ITEMS && group.bytes_len() < budget {
-                        continue;
-                    }
-                }
-                false
-            }
-        };
-        if !group.is_empty() {
-            let msg = FlushResponseOut {
-                event: Some(FlushEventOut::Results(group.take())),
-            };
-            if !send(&tx, Ok(msg), deadline).await {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    observe(FlushOutcome::Deadline);
-                    let _ = tx.try_send(deadline_err(began));
-                } else {
-                    observe(FlushOutcome::Abandoned);
-                }
-                return;
-            }
-        }
-        group_due = None;
-        if done {
-            break;
+impl Drop for FlushBody {
+    fn drop(&mut self) {
+        if self.phase != FlushPhase::Ended {
+            tracing::debug!("flush client went away; the work goes on");
+            self.end(FlushOutcome::Abandoned);
         }
     }
-    if let Some((by_state, gone)) = flush.tally() {
-        for (st, n) in by_state {
-            count_state(&mut counts, st, n as u64);
-        }
-        unknown.extend(gone);
-    }
-    observe(FlushOutcome::Complete);
-    unknown.sort_unstable();
-    let summary = v1::FlushSummary {
-        counts: Some(counts),
-        items_covered: flush.covered() as u64,
-        waited: Some(duration_out(began.elapsed())),
-        unknown_item_ids: unknown,
-        delayed_not_covered: flush.delayed_not_covered() as u64,
-    };
-    drop(flush);
-    let _ = send(
-        &tx,
-        Ok(FlushResponseOut {
-            event: Some(FlushEventOut::Summary(summary)),
-        }),
-        deadline,
-    )
-    .await;
 }
 
 #[tonic::async_trait]
@@ -844,17 +885,17 @@ impl wqd_proto::out::dispatch_service_server::DispatchService for Rpc {
             self.engine.flush(scope)
         }
         .map_err(|e| status(e.into()))?;
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(stream_flush(
-            flush,
-            tx,
-            deadline,
-            r.summary_only,
-            unknown,
-            self.limits.load().max_message_bytes,
-            self.metrics.clone(),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(
+            FlushBody::new(
+                flush,
+                deadline,
+                r.summary_only,
+                unknown,
+                self.limits.load().max_message_bytes,
+                self.metrics.clone(),
+            )
+            .into_stream(),
+        ))
     }
 
     async fn cancel(
