@@ -184,10 +184,15 @@ impl Wqd {
     /// The engine, its items on a workqueue keeping `results` (`summary` is what the peers
     /// keep: nothing per item).
     pub fn with_results(w: u32, results: ResultsMode) -> Wqd {
+        // Keep the result store small: the runs make ~10^5 results.
+        Wqd::with_store(w, results, 1 << 16)
+    }
+
+    /// [`Wqd::with_results`], the result store holding at most `results_max` results.
+    pub fn with_store(w: u32, results: ResultsMode, results_max: usize) -> Wqd {
         let cfg = EngineConfig {
             pinning: true,
-            // Keep the result store small: the runs make ~10^5 results.
-            results_max: 1 << 16,
+            results_max,
             ..EngineConfig::default()
         };
         let engine = Engine::start(cfg, Registry::with_builtins(None), topo::host_snapshot())

@@ -2,7 +2,7 @@
 //! markdown table (stdout, and `--out FILE`).
 //!
 //! Usage: `wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]...
-//! [--out FILE]`, or `wqd-bench --profile-engine ROUNDS` to run only the engine's batch-of-10k loop (for a profiler),
+//! [--out FILE]`, or `wqd-bench --profile-engine ROUNDS [summary] [batch=N] [store=N]` to run only the engine's batch loop (batches of 10k unless said; for a profiler),
 //! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [pause=MS]` to drive a daemon already
 //! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
 //! `--quick` shrinks every section (a smoke run of a few seconds); the figures are then not
@@ -44,7 +44,7 @@ fn machine() -> String {
 const USAGE: &str =
     "usage: wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]... \
 [--out FILE]
-       wqd-bench --profile-engine ROUNDS [summary]
+       wqd-bench --profile-engine ROUNDS [summary] [batch=N] [store=N]
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [pause=MS]
        wqd-bench --profile-contention one|split ROUNDS [full]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
@@ -131,15 +131,25 @@ fn main() {
             Some(m) if m == "summary" => wqd_core::engine::ResultsMode::Summary,
             _ => wqd_core::engine::ResultsMode::Full,
         };
-        let mut e = dispatch::Wqd::with_results(w, results);
+        // `batch=N`: batches of N instead of 10 000.
+        let batch: usize = args
+            .iter()
+            .find_map(|a| a.strip_prefix("batch="))
+            .map_or(10_000, |b| b.parse().expect("batch=N"));
+        // `store=N`: the result store holds N results (2^16 unless said, as the table's).
+        let store: usize = args
+            .iter()
+            .find_map(|a| a.strip_prefix("store="))
+            .map_or(1 << 16, |b| b.parse().expect("store=N"));
+        let mut e = dispatch::Wqd::with_store(w, results, store);
         let t0 = Instant::now();
         for _ in 0..n {
-            dispatch::System::batch(&mut e, 10_000);
+            dispatch::System::batch(&mut e, batch);
         }
         let el = t0.elapsed();
         println!(
-            "{n} x 10k items in {el:.1?}: {:.0} ns/item",
-            el.as_secs_f64() * 1e9 / (n * 10_000) as f64
+            "{n} x {batch} items in {el:.1?}: {:.0} ns/item",
+            el.as_secs_f64() * 1e9 / (n * batch) as f64
         );
         return;
     }
