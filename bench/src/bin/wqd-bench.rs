@@ -122,14 +122,14 @@ fn main() {
         .position(|a| a == "--profile-engine")
         .and_then(|i| args.get(i + 1))
     {
-        // Only the engine's batch-of-10k loop, for a profiler (see docs/benchmarks.md).
+        // Only the engine's batch loop, for a profiler (see docs/benchmarks.md).
         let n: usize = n.parse().expect("--profile-engine ROUNDS");
         let (s, w) = dispatch::cpus();
         wqd_bench::topo::pin(s);
-        // `--profile-engine ROUNDS summary`: on a workqueue with results = summary.
-        let results = match args.iter().skip_while(|a| *a != "--profile-engine").nth(2) {
-            Some(m) if m == "summary" => wqd_core::engine::ResultsMode::Summary,
-            _ => wqd_core::engine::ResultsMode::Full,
+        // `summary` (anywhere after ROUNDS): on a workqueue with results = summary.
+        let results = match args.iter().any(|a| a == "summary") {
+            true => wqd_core::engine::ResultsMode::Summary,
+            false => wqd_core::engine::ResultsMode::Full,
         };
         // `batch=N`: batches of N instead of 10 000.
         let batch: usize = args
@@ -183,6 +183,14 @@ fn main() {
         let wait = !args.iter().any(|a| a == "nowait");
         let summary = args.iter().any(|a| a == "summary");
         let flush = args.iter().any(|a| a == "flush");
+        if flush && summary {
+            // A summary workqueue keeps no result for the items that end before the flush
+            // registers: there would be nothing to count.
+            eprintln!(
+                "wqd-bench: --profile-grpc: flush runs on the default workqueue, not with summary"
+            );
+            std::process::exit(2);
+        }
         let pause = args
             .iter()
             .find_map(|a| a.strip_prefix("pause="))
