@@ -116,7 +116,22 @@ impl Items {
 
     /// Adds item `id`, replacing (and returning) an item already under that id.
     pub(crate) fn insert(&mut self, id: ItemId, item: Item) -> Option<Item> {
-        // A fresh id (above every id inserted so far: the engine's case) replaces nothing.
+        // The engine's case, a batch's next entry: the id after the highest so far, on the
+        // newest page held. Its slot is free (never used), and the bounds cannot be passed:
+        // `len` grows, the pages do not (so `keep_bounded` would return at once).
+        if self.max_id.is_some_and(|m| m.checked_add(1) == Some(id)) && id >= self.base {
+            let (k, i) = self.place(id);
+            if k + 1 == self.pages.len() {
+                if let Some(Some(page)) = self.pages.back_mut() {
+                    page.slots[i] = Some(item);
+                    page.live += 1;
+                    self.len += 1;
+                    self.max_id = Some(id);
+                    return None;
+                }
+            }
+        }
+        // A fresh id (above every id inserted so far) replaces nothing.
         let old = match self.max_id {
             Some(m) if id <= m => self.remove(&id),
             _ => None,

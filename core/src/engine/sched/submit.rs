@@ -47,18 +47,23 @@ impl Sched {
         // change nothing. Everything that can fail fails here.
         let now = Instant::now();
         let mut last: Option<&Target> = None;
+        // Runs of entries sharing a body (copies) skip even the comparison of targets.
+        let mut last_body: Option<&Arc<Body>> = None;
         let mut batch_keys: HashSet<&str> = HashSet::new();
         let mut adding = 0usize;
         // (delay end, deadline) per entry; allocated only for a batch that uses either.
         let mut times: Vec<(Option<Instant>, Option<Instant>)> = Vec::new();
         for (index, e) in bodies.iter().enumerate() {
             let b = &e.body;
-            if last != Some(&b.target) {
-                self.snapshot
-                    .groups
-                    .resolve(&b.target, &self.live, Fallback::Wait)
-                    .map_err(|source| EngineError::Group { index, source })?;
-                last = Some(&b.target);
+            if !last_body.is_some_and(|lb| Arc::ptr_eq(lb, b)) {
+                if last != Some(&b.target) {
+                    self.snapshot
+                        .groups
+                        .resolve(&b.target, &self.live, Fallback::Wait)
+                        .map_err(|source| EngineError::Group { index, source })?;
+                    last = Some(&b.target);
+                }
+                last_body = Some(b);
             }
             if e.delay.is_some() || e.deadline.is_some() {
                 if times.is_empty() {
