@@ -284,7 +284,12 @@ impl Results {
         let Some(slot) = front.get_mut(self.head) else {
             return false;
         };
-        let old = slot.1.take();
+        // Read and dropped where it lies: moving a record out (to drop it) copied it whole.
+        if let Some(old) = &slot.1 {
+            self.map.remove(&old.id);
+            self.bytes -= result_bytes(old);
+        }
+        slot.1 = None;
         self.head += 1;
         if self.head == CHUNK {
             if let Some(mut spent) = self.order.pop_front() {
@@ -293,10 +298,6 @@ impl Results {
             }
             self.base += CHUNK as u64;
             self.head = 0;
-        }
-        if let Some(old) = old {
-            self.map.remove(&old.id);
-            self.bytes -= result_bytes(&old);
         }
         true
     }
