@@ -329,6 +329,45 @@ async fn metrics_move_with_the_work_and_the_topology() {
     );
     assert!(s.val("wqd_flushes_active", &[]) == 0.0);
 
+    // While they wait: a Flush that outlives the client's deadline and one the client drops
+    // unread are counted by how they ended, and neither leaves a flush registered.
+    let flushes = |s: &Scrape, outcome: &str| {
+        s.get(
+            "wqd_flush_duration_seconds_count",
+            &[("method", "Flush"), ("outcome", outcome)],
+        )
+    };
+    let complete = flushes(&s, "complete");
+    let short = c.clone().with_timeout(Some(Duration::from_millis(100)));
+    let mut st = short
+        .flush(FlushScope::Batch(held.batch_id), true)
+        .await
+        .unwrap();
+    match st.next().await {
+        Some(Err(e)) => assert_eq!(e.code(), Code::DeadlineExceeded, "{e}"),
+        other => panic!("a flush past its deadline ended with {other:?}"),
+    }
+    assert!(
+        st.next().await.is_none(),
+        "nothing after the deadline status"
+    );
+    let dropped = c
+        .flush(FlushScope::Batch(held.batch_id), true)
+        .await
+        .unwrap();
+    drop(dropped);
+    let s = scrape_until(addr, "the dropped flush counted and gone", |s| {
+        flushes(s, "abandoned") == Some(1.0) && s.get("wqd_flushes_active", &[]) == Some(0.0)
+    })
+    .await;
+    assert_eq!(flushes(&s, "deadline"), Some(1.0));
+    assert_eq!(flushes(&s, "complete"), complete, "neither completed");
+    assert_eq!(
+        s.val("wqd_items_pending", &pend),
+        5.0,
+        "the work is still there"
+    );
+
     // ... and falls once the CPU is back and the items ran.
     set_online(sys.path(), &fixture("two-socket"), 3);
     let (done, _) = c.flush_all(FlushScope::Batch(held.batch_id)).await.unwrap();
@@ -361,44 +400,6 @@ async fn metrics_move_with_the_work_and_the_topology() {
     let st = c.stats().await.unwrap();
     assert!(st.workers >= 1);
 
-    // While it sleeps: a Flush that outlives the client's deadline and one the client drops
-    // unread are counted by how they ended, and neither leaves a flush registered.
-    let flushes = |s: &Scrape, outcome: &str| {
-        s.get(
-            "wqd_flush_duration_seconds_count",
-            &[("method", "Flush"), ("outcome", outcome)],
-        )
-    };
-    let complete = flushes(&scrape(addr).await, "complete");
-    let short = c.clone().with_timeout(Some(Duration::from_millis(100)));
-    let mut st = short
-        .flush(FlushScope::Batch(slow.batch_id), true)
-        .await
-        .unwrap();
-    match st.next().await {
-        Some(Err(e)) => assert_eq!(e.code(), Code::DeadlineExceeded, "{e}"),
-        other => panic!("a flush past its deadline ended with {other:?}"),
-    }
-    assert!(
-        st.next().await.is_none(),
-        "nothing after the deadline status"
-    );
-    let dropped = c
-        .flush(FlushScope::Batch(slow.batch_id), true)
-        .await
-        .unwrap();
-    drop(dropped);
-    let s = scrape_until(addr, "the dropped flush counted and gone", |s| {
-        flushes(s, "abandoned") == Some(1.0) && s.get("wqd_flushes_active", &[]) == Some(0.0)
-    })
-    .await;
-    assert_eq!(flushes(&s, "deadline"), Some(1.0));
-    assert_eq!(flushes(&s, "complete"), complete, "neither completed");
-    assert_eq!(
-        s.val("wqd_cpu_running_items", &[("cpu", "5")]),
-        1.0,
-        "the work goes on"
-    );
     c.flush_all(FlushScope::Batch(slow.batch_id)).await.unwrap();
     let s = scrape(addr).await;
     assert_eq!(s.val("wqd_cpu_running_items", &[("cpu", "5")]), 0.0);
