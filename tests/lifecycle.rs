@@ -1,6 +1,6 @@
 //! The daemon as a process: one instance per live socket, stale sockets replaced, the socket's
-//! mode, client deadlines, clients that go away mid-flush, and a clean SIGTERM exit after all
-//! of that.
+//! mode, client deadlines, clients that go away mid-flush, a clean SIGTERM exit after all of
+//! that, and how many threads serve the API.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::{Duration, Instant};
@@ -211,4 +211,68 @@ async fn client_deadlines_end_the_wait_not_the_work() {
     );
     wait_states(&c, &ids, ItemState::Ok, LONG).await;
     settled(&c).await;
+}
+
+/// The daemon's threads named `wqd-rpc` (its runtime's workers, and blocking threads once a
+/// request needed one).
+fn rpc_threads(d: &Daemon) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", d.pid())).expect("/proc/PID/task");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.trim_end() == "wqd-rpc")
+        .count()
+}
+
+/// `--rpc-threads N` starts N threads serving the API; without it (nor `[listen]
+/// rpc_threads`), one per four CPUs the daemon may run on, at least one; the config key does
+/// the same, the flag wins over it, and a count out of range is refused at start (exit 64).
+/// Counted right after start, before any request could have needed a blocking thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_threads_follow_the_flag_the_config_and_the_cpus() {
+    let d = Daemon::builder("two-socket")
+        .arg("--rpc-threads")
+        .arg("3")
+        .start();
+    assert_eq!(rpc_threads(&d), 3, "--rpc-threads 3");
+    drop(d);
+
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let d = Daemon::start("two-socket");
+    assert_eq!(rpc_threads(&d), (cpus / 4).max(1), "default, {cpus} CPUs");
+    drop(d);
+
+    let d = Daemon::builder("two-socket")
+        .config("[listen]\nrpc_threads = 2\n")
+        .start();
+    assert_eq!(rpc_threads(&d), 2, "[listen] rpc_threads = 2");
+    drop(d);
+    let d = Daemon::builder("two-socket")
+        .config("[listen]\nrpc_threads = 2\n")
+        .arg("--rpc-threads")
+        .arg("1")
+        .start();
+    assert_eq!(rpc_threads(&d), 1, "the flag wins over the file");
+    let c = d.client().await;
+    c.submit(Batch::new().item(Item::new("cpu:0", "noop")).wait(true))
+        .await
+        .expect("one RPC thread serves");
+    drop(d);
+
+    for bad in ["0", "257", "many"] {
+        let e = match Daemon::builder("two-socket")
+            .arg("--rpc-threads")
+            .arg(bad)
+            .try_start()
+        {
+            Ok(_) => panic!("--rpc-threads {bad} started"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            e.status.code(),
+            Some(64),
+            "--rpc-threads {bad}: {}",
+            e.stderr
+        );
+        assert!(e.stderr.contains("--rpc-threads"), "{}", e.stderr);
+    }
 }

@@ -553,6 +553,28 @@ read_open = true
         assert!(c.security.tcp_plaintext_loopback);
     }
 
+    /// `listen.rpc_threads`: 0 picks one thread per four CPUs (at least one), a number is
+    /// taken as written up to 256, beyond is refused naming the key.
+    #[test]
+    fn rpc_threads_default_to_one_per_four_cpus() {
+        let auto = parse("").unwrap().listen;
+        assert_eq!(auto.rpc_threads, 0);
+        let by_cpus: Vec<usize> = [1, 2, 4, 7, 8, 64, 4096]
+            .iter()
+            .map(|&n| auto.rpc_threads_in_force(n))
+            .collect();
+        assert_eq!(by_cpus, [1, 1, 1, 1, 2, 16, 256]);
+        let three = parse("[listen]\nrpc_threads = 3").unwrap().listen;
+        assert_eq!(
+            three.rpc_threads_in_force(2),
+            3,
+            "as written, whatever the CPUs"
+        );
+        assert!(parse("[listen]\nrpc_threads = 256").is_ok());
+        let e = err("[listen]\nrpc_threads = 257");
+        assert!(e.contains("listen.rpc_threads") && e.contains("256"), "{e}");
+    }
+
     #[test]
     fn errors_name_the_key() {
         assert!(err("[limits]\nmax_batch_itmes = 3").contains("max_batch_itmes"));

@@ -49,7 +49,14 @@ pub struct ListenConfig {
     /// Rewrite the `:authority` values hyper's h2 refuses (the socket path that grpcio, grpc-java
     /// and grpc-swift send) on the Unix socket; see `crate::authority`.
     pub rewrite_authority: bool,
+    /// Threads serving the gRPC API (decoding, encoding, the engine calls of requests); 0 =
+    /// [`ListenConfig::rpc_threads_in_force`]'s rule. Read by the `wqd` binary before its
+    /// runtime starts.
+    pub rpc_threads: usize,
 }
+
+/// Most RPC threads `listen.rpc_threads` may ask for.
+pub const MAX_RPC_THREADS: usize = 256;
 
 impl Default for ListenConfig {
     fn default() -> Self {
@@ -63,6 +70,7 @@ impl Default for ListenConfig {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(60),
             rewrite_authority: true,
+            rpc_threads: 0,
         }
     }
 }
@@ -73,6 +81,18 @@ impl ListenConfig {
         self.socket
             .clone()
             .unwrap_or_else(wqd_proto::socket::default_socket_path)
+    }
+
+    /// The RPC threads to start: `rpc_threads`, or when 0 one per four of the `cpus` this
+    /// process may run on, at least one. They share those CPUs with the engine's workers, one
+    /// pinned per CPU, which run the items: on a 2-CPU host a second RPC thread only competes
+    /// with them (one client's `Submit(wait)` of 100 items ran about 8% faster with one,
+    /// docs/benchmarks.md, session 17).
+    pub fn rpc_threads_in_force(&self, cpus: usize) -> usize {
+        match self.rpc_threads {
+            0 => (cpus / 4).clamp(1, MAX_RPC_THREADS),
+            n => n,
+        }
     }
 
     /// The HTTP/2 keepalive interval, `None` when off.
@@ -103,6 +123,15 @@ impl ListenConfig {
                 format!(
                     "{:o} is not a permission mode (at most 0777)",
                     self.socket_mode
+                ),
+            ));
+        }
+        if self.rpc_threads > MAX_RPC_THREADS {
+            return Err(invalid(
+                "listen.rpc_threads",
+                format!(
+                    "{} is more than {MAX_RPC_THREADS} (0 picks one per four CPUs)",
+                    self.rpc_threads
                 ),
             ));
         }

@@ -181,7 +181,8 @@ fn check_restart_only(old: &Config, new: &Config) -> Result<(), ReloadError> {
         handshake_timeout,
         idle_timeout,
         keepalive_interval,
-        rewrite_authority
+        rewrite_authority,
+        rpc_threads
     );
     same!(old.metrics, new.metrics, "metrics", listen);
     same!(

@@ -96,6 +96,12 @@ struct Cli {
     /// Default: 10s.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     shutdown_grace: Option<Duration>,
+
+    /// Threads serving the gRPC API ([listen] rpc_threads). They share the CPUs with the
+    /// engine's workers, which run the items. Default: one per four CPUs this process may run
+    /// on, at least one.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    rpc_threads: Option<u16>,
 }
 
 impl Cli {
@@ -130,6 +136,9 @@ impl Cli {
         }
         if let Some(g) = self.shutdown_grace {
             cfg.engine.shutdown_grace = g;
+        }
+        if let Some(n) = self.rpc_threads {
+            cfg.listen.rpc_threads = usize::from(n);
         }
     }
 }
@@ -220,8 +229,11 @@ fn main() -> ExitCode {
         notify,
     };
 
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let rpc_threads = cfg.listen.rpc_threads_in_force(cpus);
+    tracing::info!(rpc_threads, cpus, "RPC threads");
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(rpc_threads)
         .thread_name("wqd-rpc")
         .enable_all()
         .build()
