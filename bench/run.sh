@@ -10,6 +10,7 @@
 #    root (otherwise the section says which is missing and reports wqd alone); the fleet
 #    section (--only fleet) runs wqd as a fleet member over nats-server, against direct
 #    submission and a bare JetStream work queue (skipped without nats-server);
+#    the workers section's Python row needs target/pyenv, made here when missing;
 # 2. the criterion benches (dispatch, resolve/build) for closer looks, reports in
 #    target/criterion/.
 set -euo pipefail
@@ -30,6 +31,13 @@ fi
 cargo build --release -p wqd-bench --bins --benches
 cargo build --release -p wqd --bin wqd
 cargo build --release -p wqd-client --bins
+# The workers section's Python row runs a stock-grpcio worker from target/pyenv, the venv the
+# test suite makes (tests/support/python.rs, which pins its requirements): made here, by one
+# quick Python test, when missing; without Python or PyPI the row says skipped.
+if [ ! -x target/pyenv/bin/python3 ]; then
+  cargo test --release -q -p wqd-e2e --test python unit_tests_against_a_fake_daemon >/dev/null 2>&1 \
+    || echo "bench/run.sh: could not make target/pyenv; the Python worker row is skipped"
+fi
 ./target/release/wqd-bench --out "$out"
 cargo bench -p wqd-bench --benches -- --noplot 2>&1 | grep -vE "^(Benchmarking|Found [0-9]+ outliers|  [0-9]+ \\()"
 echo "bench/run.sh: done in $(( $(date +%s) - start ))s; table in $out"
