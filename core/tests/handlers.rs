@@ -839,3 +839,37 @@ fn exec_config_from_toml_uses_defaults() {
         toml::from_str::<ExecConfig>("[commands.x]\npath = \"/bin/x\"\ntimeout = 1\n").is_err()
     );
 }
+
+/// The token's protocol: a waiter sleeping in `wait_timeout` is woken by a `cancel` from
+/// another thread (many rounds, each racing the cancel against the waiter going to sleep:
+/// a lost wake-up shows as a round that waits out its 10 s); `reset` lowers the flag for the
+/// next item; a token never raised times out `false`; clones share one flag.
+#[test]
+fn a_cancel_always_wakes_a_waiter_and_reset_lowers_the_flag() {
+    let t = CancelToken::new();
+    assert!(!t.wait_timeout(Duration::from_millis(20)), "never raised");
+    for round in 0..200 {
+        t.reset();
+        assert!(!t.is_cancelled(), "round {round}: reset lowers it");
+        let c = t.clone();
+        let canceller = std::thread::spawn(move || {
+            if round % 2 == 0 {
+                std::thread::yield_now();
+            }
+            c.cancel();
+        });
+        let t0 = Instant::now();
+        assert!(t.wait_timeout(Duration::from_secs(10)), "round {round}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "round {round}: woken, not timed out ({:?})",
+            t0.elapsed()
+        );
+        canceller.join().unwrap();
+        assert!(
+            t.is_cancelled() && t.clone().is_cancelled(),
+            "clones share it"
+        );
+        assert!(t.wait_timeout(Duration::ZERO), "raised before the wait");
+    }
+}

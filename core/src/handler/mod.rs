@@ -14,6 +14,7 @@ pub mod builtin;
 pub mod exec;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,8 +51,20 @@ pub enum HandlerKind {
 
 /// The cancellation signal of one item. Cheap to clone; observable by polling
 /// ([`CancelToken::is_cancelled`]) or by waiting ([`CancelToken::wait_timeout`]).
+///
+/// The flag is an atomic, so polling it and lowering it (once per item, by the engine's
+/// workers) cost a load and a store; the mutex and condvar serve only the waiters: `cancel`
+/// raises the flag with the mutex held and then wakes them, and a waiter checks the flag with
+/// the mutex held before it sleeps, so no wake-up is lost.
 #[derive(Clone, Default)]
-pub struct CancelToken(Arc<(Mutex<bool>, Condvar)>);
+pub struct CancelToken(Arc<TokenState>);
+
+#[derive(Default)]
+struct TokenState {
+    raised: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
 
 impl CancelToken {
     pub fn new() -> Self {
@@ -59,29 +72,29 @@ impl CancelToken {
     }
     /// Raises the signal and wakes every waiter. Idempotent.
     pub fn cancel(&self) {
-        let mut g = self.0 .0.lock();
-        *g = true;
-        self.0 .1.notify_all();
+        let _g = self.0.lock.lock();
+        self.0.raised.store(true, Ordering::Release);
+        self.0.cv.notify_all();
     }
     /// Lowers the signal. The engine reuses one token per worker: it resets it under its lock
     /// when it binds the worker's next item, after the previous item finished (so no cancel can
     /// still target that item). A handler must not keep the token beyond its `run`.
     pub fn reset(&self) {
-        *self.0 .0.lock() = false;
+        self.0.raised.store(false, Ordering::Release);
     }
     pub fn is_cancelled(&self) -> bool {
-        *self.0 .0.lock()
+        self.0.raised.load(Ordering::Acquire)
     }
     /// Waits up to `d`; returns `true` if the signal was raised (now or before).
     pub fn wait_timeout(&self, d: Duration) -> bool {
         let deadline = std::time::Instant::now() + d;
-        let mut g = self.0 .0.lock();
-        while !*g {
-            if self.0 .1.wait_until(&mut g, deadline).timed_out() {
+        let mut g = self.0.lock.lock();
+        while !self.is_cancelled() {
+            if self.0.cv.wait_until(&mut g, deadline).timed_out() {
                 break;
             }
         }
-        *g
+        self.is_cancelled()
     }
 }
 
