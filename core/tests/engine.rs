@@ -942,6 +942,41 @@ fn batched_takes_lose_nothing_under_hotplug_and_cancel() {
     }
 }
 
+/// Batched takes share a body: the copies of one item claimed behind the first job of a batch
+/// run with that job's body, while items claimed behind it that only do the same work (same
+/// handler and arguments, another payload) run with their own. Runs of copies and distinct
+/// payloads alternate through one CPU's worker; every `digest` result must be the hash of its
+/// own item's payload.
+#[test]
+fn batched_takes_run_each_item_with_its_own_payload() {
+    let rig = Rig::new(2, "0");
+    let payload =
+        |i: usize| format!("payload {}", if i % 8 < 4 { i / 8 } else { 1000 + i }).into_bytes();
+    for round in 0..5 {
+        let specs: Vec<ItemSpec> = (0..800)
+            .map(|i| {
+                let mut s = item("cpu:0", "digest");
+                s.payload = payload(i);
+                s
+            })
+            .collect();
+        let ids = rig.submit("default", specs);
+        let results = rig.flush(&ids);
+        assert_eq!(results.len(), ids.len(), "round {round}");
+        for (i, (id, r)) in ids.iter().zip(&results).enumerate() {
+            assert_eq!(r.id, *id);
+            assert_eq!(r.state, State::Ok, "round {round}, item {i}: {}", r.error);
+            let mut h = <sha2::Sha256 as sha2::Digest>::new();
+            sha2::Digest::update(&mut h, payload(i));
+            assert_eq!(
+                r.output,
+                hex::encode(sha2::Digest::finalize(h)).into_bytes(),
+                "round {round}, item {i}: the hash of another payload"
+            );
+        }
+    }
+}
+
 // ----- issue #10: hostile input and faults -----
 
 /// A `probe` item with a delay and/or deadline.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_utils::sync::{Parker, Unparker};
 
-use super::sched::{Effects, Finish, Finished, Job, Outcome, Sched, Started};
+use super::sched::{Body, Effects, Finish, Finished, Job, Outcome, Sched, Started};
 use super::Inner;
 use crate::handler::{CancelToken, HandlerError, WorkCtx};
 
@@ -247,6 +247,11 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         // One clock reading per batch (not per job) times it; a long wait for L before this
         // batch does not count against it.
         last = Some((Instant::now(), 1 + extra.len() as u32));
+        // The jobs claimed behind the first share its body and workqueue name (see `Job`).
+        let shared = Shared {
+            body: first.body.clone(),
+            workqueue: first.workqueue.clone(),
+        };
         for (job, token) in std::iter::once(first).chain(extra.drain(..)).zip(&tokens) {
             if exit {
                 // The pinning broke: the rest of the batch goes back to its queue unstarted.
@@ -256,7 +261,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 });
                 continue;
             }
-            let (f, ex) = execute(&inner, job, token, pinned, &mut nice);
+            let (f, ex) = execute(&inner, job, &shared, token, pinned, &mut nice);
             done.push(f);
             exit = ex;
         }
@@ -299,10 +304,18 @@ fn after_hold(inner: &Arc<Inner>, fx: Effects, fin: &mut Finished) {
     }
 }
 
+/// What the jobs of one batch share: the first job's body and workqueue name, which the jobs
+/// claimed behind it run with (their own are `None`).
+struct Shared {
+    body: Option<Arc<Body>>,
+    workqueue: Option<Arc<str>>,
+}
+
 /// Runs one job; returns how it ended and whether the worker must exit (its pinning broke).
 fn execute(
     inner: &Inner,
     job: Job,
+    shared: &Shared,
     token: &CancelToken,
     pinned: bool,
     nice: &mut i32,
@@ -361,20 +374,28 @@ fn execute(
         },
         epoch,
     };
-    if let (Some(o), Some(wq)) = (&inner.cfg.observer, &job.workqueue) {
+    if let (Some(o), Some(wq)) = (
+        &inner.cfg.observer,
+        job.workqueue.as_ref().or(shared.workqueue.as_ref()),
+    ) {
         let waited = started.at.duration_since(job.queued_at).unwrap_or_default();
         o.started(wq, job.cpu, waited);
     }
+    let Some(body) = job.body.as_ref().or(shared.body.as_ref()) else {
+        // Not made by the engine (a claimed job always has a first job's body to share).
+        tracing::error!(item = id, "a job without a body; handed back");
+        return (handback("stall"), false);
+    };
     let ctx = WorkCtx {
         item: id,
         cpu: job.cpu,
         pinned,
-        args: job.body.args(),
-        payload: job.body.payload(),
+        args: body.args(),
+        payload: body.payload(),
         cancel: token,
     };
     let res =
-        catch_unwind(AssertUnwindSafe(|| job.body.handler.handler.run(&ctx))).unwrap_or_else(|p| {
+        catch_unwind(AssertUnwindSafe(|| body.handler.handler.run(&ctx))).unwrap_or_else(|p| {
             let msg = p
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())

@@ -373,6 +373,15 @@ impl Sched {
                     break;
                 };
                 let epoch = job.epoch;
+                // A taken job has its own body (only jobs claimed behind another share one);
+                // the item's is the same.
+                let Some(body) = job
+                    .body
+                    .clone()
+                    .or_else(|| self.items.get(&job.id).map(|it| it.body.clone()))
+                else {
+                    continue;
+                };
                 if let Some(b) = self.bound_mut(job.id) {
                     b.remote = Some((w, slot));
                 }
@@ -414,9 +423,9 @@ impl Sched {
                     slot,
                     cpu,
                     epoch,
-                    handler: job.body.handler_name().clone(),
-                    args: job.body.args().clone(),
-                    payload: job.body.payload().to_vec(),
+                    handler: body.handler_name().clone(),
+                    args: body.args().clone(),
+                    payload: body.payload().to_vec(),
                     batch: self.items.get(&job.id).map_or(0, |it| it.batch),
                     workqueue: wq,
                     rebinds,

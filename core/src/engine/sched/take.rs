@@ -111,7 +111,8 @@ impl Sched {
                 budget += 1;
                 continue;
             }
-            let Some((body, queued_at, claim)) = self.bind(id, qid, cpu, token, now, true) else {
+            let Some((body, queued_at, claim)) = self.bind(id, qid, cpu, token, now, true, None)
+            else {
                 continue;
             };
             let wq = &mut self.wqs[wi];
@@ -158,7 +159,8 @@ impl Sched {
     /// `token` (reset here), with the queue's fallback and reason, the fallback tally, its
     /// `running` entry (`slot`: whether it holds a `running_on` slot) and the queue and
     /// workqueue counters.
-    /// Returns its body, queue time and claim slot for the [`Job`].
+    /// Returns its body (`None` when it is `shared`, the body of the job it is claimed
+    /// behind), queue time and claim slot for the [`Job`].
     #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
@@ -168,7 +170,8 @@ impl Sched {
         token: &CancelToken,
         now: Instant,
         slot: bool,
-    ) -> Option<(Arc<Body>, SystemTime, u32)> {
+        shared: Option<&Arc<Body>>,
+    ) -> Option<(Option<Arc<Body>>, SystemTime, u32)> {
         let q = &self.queues[qid];
         let (wi, fallback) = (q.wq, q.fallback);
         let epoch = self.epoch;
@@ -188,7 +191,11 @@ impl Sched {
                 wq.keys.remove(k);
             }
         }
-        let out = (item.body.clone(), item.queued_at);
+        let body = match shared {
+            Some(b) if Arc::ptr_eq(b, &item.body) => None,
+            _ => Some(item.body.clone()),
+        };
+        let out = (body, item.queued_at);
         let kind = item.body.kind();
         if let Some(l) = fallback {
             *self.fallbacks.entry(l.to_string()).or_default() += 1;
@@ -234,6 +241,11 @@ impl Sched {
         out: &mut Vec<Job>,
     ) {
         let (qid, cpu) = (first.queue, first.cpu);
+        // The first job of a batch always has its own body (only the jobs claimed behind it
+        // share one).
+        let Some(first_body) = first.body.as_ref() else {
+            return;
+        };
         // What cannot change within this lock hold is checked once: the queue's existence,
         // its workqueue's `ordered`, its eligibility on `cpu` and the pool's liveness are
         // changed only by topology, update and housekeeping steps, each under L.
@@ -268,9 +280,9 @@ impl Sched {
             };
             // The same work as `first` (whose predecessor just returned quickly): a different
             // handler or arguments may be slow and would hold the rest of the batch behind it.
-            let same_work = Arc::ptr_eq(&item.body, &first.body)
-                || (item.body.handler_name() == first.body.handler_name()
-                    && item.body.args() == first.body.args());
+            let same_work = Arc::ptr_eq(&item.body, first_body)
+                || (item.body.handler_name() == first_body.handler_name()
+                    && item.body.args() == first_body.args());
             if item.body.kind() != HandlerKind::CpuBound
                 || !same_work
                 || item.key.is_some()
@@ -279,7 +291,8 @@ impl Sched {
                 break;
             }
             self.queues[qid].items.pop_front();
-            let Some((body, queued_at, claim)) = self.bind(id, qid, cpu, token, now, false) else {
+            let bound = self.bind(id, qid, cpu, token, now, false, Some(first_body));
+            let Some((body, queued_at, claim)) = bound else {
                 break;
             };
             claimed += 1;
@@ -292,7 +305,7 @@ impl Sched {
                 cpu,
                 nice: first.nice,
                 queue: qid,
-                workqueue: first.workqueue.clone(),
+                workqueue: None,
                 queued_at,
                 record: first.record,
             });
