@@ -977,6 +977,44 @@ fn batched_takes_run_each_item_with_its_own_payload() {
     }
 }
 
+/// Wall-clock times of items run one at a time on one CPU (`max_active` 1, batched takes,
+/// where a job's start reuses the clock reading that ended the job before it): each item
+/// starts after it was queued and ends after it starts, and no item starts before the one
+/// run before it ended.
+#[test]
+fn items_run_one_at_a_time_have_ordered_times() {
+    let rig = Rig::new(2, "0");
+    for round in 0..3 {
+        let ids = rig.submit("default", (0..600).map(|_| item("cpu:0", "noop")).collect());
+        let mut results = rig.flush(&ids);
+        results.sort_by_key(|r| (r.started_at, r.id));
+        let mut prev_end = None;
+        for r in &results {
+            let (Some(start), Some(end)) = (r.started_at, r.finished_at) else {
+                panic!("round {round}: item {} has no times", r.id);
+            };
+            assert!(
+                r.queued_at <= start,
+                "round {round}: item {} started before it was queued",
+                r.id
+            );
+            assert!(
+                start <= end,
+                "round {round}: item {} ended before it started",
+                r.id
+            );
+            if let Some(p) = prev_end {
+                assert!(
+                    p <= start,
+                    "round {round}: item {} started before the one before it ended",
+                    r.id
+                );
+            }
+            prev_end = Some(end);
+        }
+    }
+}
+
 // ----- issue #10: hostile input and faults -----
 
 /// A `probe` item with a delay and/or deadline.
