@@ -371,7 +371,7 @@ impl Sched {
         let mode = wq.attrs.results;
         // Only a full result and the observer name the workqueue (an `Arc` clone otherwise
         // spent per item).
-        let wq_name = (mode == ResultsMode::Full || self.observed).then(|| wq.name.clone());
+        let mut wq_name = (mode == ResultsMode::Full || self.observed).then(|| wq.name.clone());
         let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
             Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
             None => (Vec::new(), String::new(), 0, None, 0),
@@ -407,7 +407,13 @@ impl Sched {
             self.fin.results.push(Stored {
                 id,
                 batch: item.batch,
-                workqueue: wq_name.clone().unwrap_or_default(),
+                // The observer's event needs the name too; otherwise the result takes it
+                // (a count less on a line every worker writes).
+                workqueue: match self.observed {
+                    true => wq_name.clone(),
+                    false => wq_name.take(),
+                }
+                .unwrap_or_default(),
                 handler: item.body.handler_name().clone(),
                 target: item.body.target.clone(),
                 queued_at: item.queued_at,
