@@ -247,10 +247,17 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         // One clock reading per batch (not per job) times it; a long wait for L before this
         // batch does not count against it.
         last = Some((Instant::now(), 1 + extra.len() as u32));
-        // The jobs claimed behind the first share its body and workqueue name (see `Job`).
+        // The jobs claimed behind the first share its body and workqueue name (see `Job`):
+        // held for the batch only when there are such jobs (a count taken and dropped on a
+        // shared line otherwise spent per job).
+        let claimed = !extra.is_empty();
         let mut shared = Shared {
-            body: first.body.clone(),
-            workqueue: first.workqueue.clone(),
+            body: if claimed { first.body.clone() } else { None },
+            workqueue: if claimed {
+                first.workqueue.clone()
+            } else {
+                None
+            },
             last_end: None,
         };
         for (job, token) in std::iter::once(first).chain(extra.drain(..)).zip(&tokens) {
