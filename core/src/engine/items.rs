@@ -311,6 +311,7 @@ mod tests {
         Item {
             batch,
             body: Arc::new(Body::new(
+                Arc::from("wq"),
                 Arc::new(HandlerRef {
                     name: Arc::from("noop"),
                     handler: h.clone(),
@@ -340,7 +341,7 @@ mod tests {
         // every pending item the difference, and so does a bigger body when each item has its
         // own (the scale bench's worst case).
         assert_eq!(std::mem::size_of::<Item>(), 80);
-        assert_eq!(std::mem::size_of::<Body>(), 48);
+        assert_eq!(std::mem::size_of::<Body>(), 64);
     }
 
     /// Checks `t` against the model: the same ids, each with its item, and the bounds of the

@@ -1292,7 +1292,7 @@ impl Engine {
     /// Unknown workqueue, draining, a bad target/handler/argument (naming the item's index),
     /// or a full workqueue; nothing is queued then.
     pub fn submit(&self, wq: &str, items: impl Into<Batch>) -> Result<Receipt, EngineError> {
-        let bodies = self.bodies(items.into())?;
+        let bodies = self.bodies(wq, items.into())?;
         let mut fx = sched::Effects::default();
         let r = {
             let mut s = self.inner.sched.lock();
@@ -1348,7 +1348,7 @@ impl Engine {
         items: Batch,
         counting: Counting,
     ) -> Result<(Receipt, Flush), EngineError> {
-        let bodies = self.bodies(items)?;
+        let bodies = self.bodies(wq, items)?;
         // Without a delayed entry the batch has no delayed item to promote: its ids are the
         // flush's as they are (one look-up per item less under L).
         let delays = bodies.iter().any(|e| e.delay.is_some());
@@ -1375,9 +1375,11 @@ impl Engine {
     }
 
     /// The batch's entries: handlers looked up and `validate`d once per run of copies (and
-    /// per run of identical neighbours), every entry of such a run sharing one body. Outside L.
-    fn bodies(&self, batch: Batch) -> Result<Vec<sched::Entry>, EngineError> {
+    /// per run of identical neighbours), every entry of such a run sharing one body, and
+    /// every body naming workqueue `wq` through one count. Outside L.
+    fn bodies(&self, wq: &str, batch: Batch) -> Result<Vec<sched::Entry>, EngineError> {
         let reg = self.inner.handlers.read();
+        let wq: Arc<str> = Arc::from(wq);
         let mut bodies = Vec::with_capacity(batch.len);
         let mut last: Option<Arc<sched::Body>> = None;
         // Bodies of one batch naming the same handler share one record of it (name, handler,
@@ -1401,7 +1403,13 @@ impl Engine {
                         .handler
                         .validate(&it.args, &it.payload)
                         .map_err(|source| EngineError::Handler { index, source })?;
-                    let b = Arc::new(sched::Body::new(handler, it.target, it.args, it.payload));
+                    let b = Arc::new(sched::Body::new(
+                        wq.clone(),
+                        handler,
+                        it.target,
+                        it.args,
+                        it.payload,
+                    ));
                     last = Some(b.clone());
                     b
                 }

@@ -17,7 +17,7 @@ use crate::groups::Fallback;
 use crate::handler::{HandlerError, HandlerKind};
 
 use super::item::{Finish, Item, ItemId, Outcome, Started, NOT_BOUND};
-use super::results::{cut_output, ResultsGuard, Stored, StoredExtra};
+use super::results::{cut_output, Names, ResultsGuard, Stored, StoredExtra};
 use super::timers::TIMER_DEADLINE;
 use super::{Effects, Sched};
 
@@ -369,9 +369,11 @@ impl Sched {
             wq.draining = false;
         }
         let mode = wq.attrs.results;
-        // Only a full result and the observer name the workqueue (an `Arc` clone otherwise
-        // spent per item).
-        let mut wq_name = (mode == ResultsMode::Full || self.observed).then(|| wq.name.clone());
+        // Only the observer names the workqueue and handler here (an `Arc` count per item
+        // otherwise); a full result names them through the body it moves to the store.
+        let names = self
+            .observed
+            .then(|| (wq.name.clone(), item.body.handler_name().clone()));
         let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
             Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
             None => (Vec::new(), String::new(), 0, None, 0),
@@ -407,15 +409,8 @@ impl Sched {
             self.fin.results.push(Stored {
                 id,
                 batch: item.batch,
-                // The observer's event needs the name too; otherwise the result takes it
-                // (a count less on a line every worker writes).
-                workqueue: match self.observed {
-                    true => wq_name.clone(),
-                    false => wq_name.take(),
-                }
-                .unwrap_or_default(),
-                handler: item.body.handler_name().clone(),
-                target: item.body.target.clone(),
+                // Moved, not counted: the store interns the names and drops the body.
+                names: Names::Body(item.body),
                 queued_at: item.queued_at,
                 started,
                 finished_at: finished.map_or_else(SystemTime::now, |f| f.1),
@@ -459,7 +454,9 @@ impl Sched {
                         None
                     }
                     (None, Some(r)) => Some(FlushEvent::Done(
-                        given.get_or_insert_with(|| Arc::new(r.to_result())).clone(),
+                        given
+                            .get_or_insert_with(|| Arc::new(r.to_result(None)))
+                            .clone(),
                     )),
                     (None, None) => Some(FlushEvent::Ended(id, state)),
                 };
@@ -503,11 +500,11 @@ impl Sched {
         if let Some(b) = self.batches.get_mut(&item.batch) {
             b.live = b.live.saturating_sub(1);
         }
-        if let Some(workqueue) = wq_name.filter(|_| self.observed) {
+        if let Some((workqueue, handler)) = names {
             fx.finished.push(Ended {
                 id,
                 workqueue,
-                handler: item.body.handler_name().clone(),
+                handler,
                 state,
                 run_time,
                 remote: worker.is_some(),

@@ -172,18 +172,16 @@ impl Sched {
             if let Some(it) = self.items.get_mut(&id) {
                 it.add_waiter(fid);
                 remaining += 1;
-            } else if let Some(r) = store.get_or_insert_with(|| self.results.lock()).stored(id) {
-                match &tally {
-                    Some(t) => t.lock().by_state[r.state().index()] += 1,
-                    None => ended.extend(
-                        made.once(id, || Some(Arc::new(r.to_result())))
+            } else {
+                let g = store.get_or_insert_with(|| self.results.lock());
+                match (g.stored(id), &tally) {
+                    (Some(r), Some(t)) => t.lock().by_state[r.state().index()] += 1,
+                    (Some(r), None) => ended.extend(
+                        made.once(id, || Some(Arc::new(r.to_result(Some(&g.names)))))
                             .map(FlushEvent::Done),
                     ),
-                }
-            } else {
-                match &tally {
-                    Some(t) => t.lock().gone.push(id),
-                    None => ended.push(FlushEvent::Gone(id)),
+                    (None, Some(t)) => t.lock().gone.push(id),
+                    (None, None) => ended.push(FlushEvent::Gone(id)),
                 }
             }
         }

@@ -10,8 +10,11 @@
 //! takes L.
 //!
 //! Invariant (under R): `map` names exactly the stored results, each by the sequence number
-//! of the one slot that holds it; `bytes` is the sum of [`result_bytes`] over them; and after
-//! each insert the store is within `max` results and `max_bytes` (keeping at least one).
+//! of the one slot that holds it; `bytes` is the sum of [`result_bytes`] over them; every
+//! stored record names its workqueue, handler and target by a live entry of `names`, whose
+//! entries are counted by exactly the records naming them; and after each insert the store
+//! is within `max` results and `max_bytes` (`bytes` plus the name table's, keeping at least
+//! one).
 //! An item leaves `items` and enters the store in one L hold, or (a worker's finish batch,
 //! `finish.rs`'s `Finished`) after it, with R taken before that hold ended; so a reader
 //! holding L, then R, finds every issued, unforgotten item in exactly one of them.
@@ -25,7 +28,7 @@ use crate::engine::{ItemResult, State, WorkerRef};
 use crate::groups::Level;
 use crate::target::Target;
 
-use super::item::{ItemId, Started};
+use super::item::{Body, ItemId, Started};
 use super::Sched;
 
 /// Cuts a handler's output to `max` bytes (limits.max_result_bytes).
@@ -45,17 +48,16 @@ pub(super) fn cut_output(mut out: Vec<u8>, max: usize) -> Vec<u8> {
 /// A terminal result as the store keeps it: inline in a slot of the store's chunks (no
 /// allocation of its own), the fields most results leave empty out of line in
 /// [`StoredExtra`], and made into an [`ItemResult`] only when someone reads it
-/// ([`Stored::to_result`]). About half the bytes of an `Arc<ItemResult>` (size checked
-/// below; with its slot and map entry a result is estimated at 216 bytes instead of 352, so
-/// `results_memory` holds 1.6 times the results), and a worker ending an item nobody waits
-/// for allocates nothing for its result.
-#[derive(Clone)]
+/// ([`Stored::to_result`]). Its workqueue, handler and target are one entry of the store's
+/// [`NameTable`], shared with the results naming the same three. Under half the bytes of an
+/// `Arc<ItemResult>` (size checked below; with its slot and map entry a result is estimated
+/// at 168 bytes instead of 352, so `results_memory` holds twice the results), and a worker
+/// ending an item nobody waits for allocates nothing for its result.
 pub(crate) struct Stored {
     pub(super) id: ItemId,
     pub(super) batch: u64,
-    pub(super) workqueue: Arc<str>,
-    pub(super) handler: Arc<str>,
-    pub(super) target: Target,
+    /// Its workqueue, handler and target.
+    pub(super) names: Names,
     pub(super) queued_at: SystemTime,
     pub(super) started: Option<Started>,
     pub(super) finished_at: SystemTime,
@@ -82,18 +84,24 @@ impl Stored {
     pub(crate) fn state(&self) -> State {
         self.state
     }
-    /// The result as the engine's API gives it.
-    pub(crate) fn to_result(&self) -> ItemResult {
+    /// The result as the engine's API gives it; `table` is the store's name table, which a
+    /// stored record needs (`None` for a record not stored yet: its names are its body's).
+    pub(crate) fn to_result(&self, table: Option<&NameTable>) -> ItemResult {
         let x = self.extra.as_deref();
+        let (workqueue, handler, target) = match (&self.names, table) {
+            (Names::Body(b), _) => (&b.workqueue, b.handler_name(), &b.target),
+            (Names::Interned(i), Some(t)) => t.names(*i),
+            (Names::Interned(_), None) => no_names(),
+        };
         ItemResult {
             id: self.id,
             batch: self.batch,
-            workqueue: self.workqueue.clone(),
+            workqueue: workqueue.clone(),
             state: self.state,
             output: x.map(|x| x.output.clone()).unwrap_or_default(),
             error: x.map(|x| x.error.clone()).unwrap_or_default(),
-            target: self.target.clone(),
-            handler: self.handler.clone(),
+            target: target.clone(),
+            handler: handler.clone(),
             cpu_started: self.started.as_ref().map(|s| s.cpu),
             cpu_finished: self.cpu_finished,
             fallback: self.fallback,
@@ -112,6 +120,181 @@ impl Stored {
     pub(super) fn run_time(&self) -> Option<Duration> {
         let s = self.started.as_ref()?;
         self.finished_at.duration_since(s.at).ok()
+    }
+}
+
+/// Which workqueue, handler and target a result names.
+pub(crate) enum Names {
+    /// Not stored yet: the item's body, moved out of the item as it ended (no count taken
+    /// on a name shared by every worker). The store interns it and drops the body.
+    Body(Arc<Body>),
+    /// Stored: an entry of the store's [`NameTable`], which counts this result.
+    Interned(u32),
+}
+
+/// Empty names, for a record whose entry is missing: unreachable, as a stored result's
+/// entry lives as long as the result and only a stored result is interned.
+fn no_names() -> (&'static Arc<str>, &'static Arc<str>, &'static Target) {
+    debug_assert!(false, "a result's names are missing");
+    static NONE: std::sync::OnceLock<(Arc<str>, Arc<str>, Target)> = std::sync::OnceLock::new();
+    let (w, h, t) = NONE.get_or_init(|| (Arc::from(""), Arc::from(""), Target::All));
+    (w, h, t)
+}
+
+/// The names of the stored results, each distinct (workqueue, handler, target) once,
+/// counted by the stored results naming it.
+///
+/// A full result used to hold its own counts on the workqueue's and handler's names (taken
+/// under L as its item ended, given back as it was forgotten: four atomic operations on
+/// lines every worker writes) and its own copy of the target (an allocation for a cpulist
+/// or a named group). The results of a run share one entry instead, found in the store
+/// under R: the last entry used is compared first, the others are found by hash.
+///
+/// Invariant (under R): an entry is live exactly while `refs` > 0, i.e. while a stored
+/// result names it; `index` holds exactly the live entries; `bytes` is the sum of
+/// [`NameTable::cost`] over them.
+#[derive(Default)]
+pub(crate) struct NameTable {
+    entries: Vec<NameEntry>,
+    /// Indexes of dead entries, for reuse.
+    free: Vec<u32>,
+    index: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
+    /// The entry interned last (a run's results come together), and the body it was
+    /// interned from: kept, so that its address names no other body while it is compared
+    /// (copies share one body: the common case is one pointer comparison).
+    last: Option<(u32, Arc<Body>)>,
+    bytes: usize,
+}
+
+struct NameEntry {
+    /// (workqueue, handler, target); `None` while the entry is dead.
+    names: Option<(Arc<str>, Arc<str>, Target)>,
+    refs: u32,
+}
+
+impl NameTable {
+    /// The names of live entry `i`.
+    fn names(&self, i: u32) -> (&Arc<str>, &Arc<str>, &Target) {
+        match self.entries.get(i as usize).and_then(|e| e.names.as_ref()) {
+            Some((w, h, t)) => (w, h, t),
+            None => no_names(),
+        }
+    }
+
+    /// Live entries.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// What an entry costs, estimated: its record, its index slot and the text and sets it
+    /// holds (counted in full, though live items may share them).
+    fn cost(w: &str, h: &str, t: &Target) -> usize {
+        let held = match t {
+            Target::Cpus(s) => s.last().map_or(0, |l| (l as usize / 64 + 1) * 8),
+            Target::Named(n) | Target::Partition { name: n, .. } => n.len(),
+            _ => 0,
+        };
+        std::mem::size_of::<NameEntry>() + 16 + w.len() + h.len() + held
+    }
+
+    fn hash(&self, w: &str, h: &str, t: &Target) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((w, h, t))
+    }
+
+    /// The entry naming `b`'s workqueue, handler and target, counted once more; `b` is
+    /// dropped (or kept as the last one interned).
+    fn intern(&mut self, b: Arc<Body>) -> u32 {
+        if let Some((i, lb)) = &self.last {
+            if Arc::ptr_eq(lb, &b) {
+                self.entries[*i as usize].refs += 1;
+                return *i;
+            }
+        }
+        let i = self.find_or_add(&b);
+        self.last = Some((i, b));
+        i
+    }
+
+    fn find_or_add(&mut self, b: &Body) -> u32 {
+        let (w, h, t) = (&b.workqueue, b.handler_name(), &b.target);
+        let same = |e: &NameEntry| {
+            e.names.as_ref().is_some_and(|(ew, eh, et)| {
+                (Arc::ptr_eq(ew, w) || **ew == **w)
+                    && (Arc::ptr_eq(eh, h) || **eh == **h)
+                    && et == t
+            })
+        };
+        let found = match &self.last {
+            Some((i, _)) if same(&self.entries[*i as usize]) => Some(*i),
+            _ => {
+                let hash = self.hash(w, h, t);
+                let entries = &self.entries;
+                self.index
+                    .find(hash, |&i| same(&entries[i as usize]))
+                    .copied()
+            }
+        };
+        let i = match found {
+            Some(i) => {
+                self.entries[i as usize].refs += 1;
+                i
+            }
+            None => {
+                let hash = self.hash(w, h, t);
+                let e = NameEntry {
+                    names: Some((w.clone(), h.clone(), t.clone())),
+                    refs: 1,
+                };
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.entries[i as usize] = e;
+                        i
+                    }
+                    None => {
+                        self.entries.push(e);
+                        (self.entries.len() - 1) as u32
+                    }
+                };
+                let (entries, hasher) = (&self.entries, &self.hasher);
+                self.index.insert_unique(hash, i, |&j| {
+                    use std::hash::BuildHasher;
+                    match &entries[j as usize].names {
+                        Some((w, h, t)) => hasher.hash_one((&**w, &**h, t)),
+                        None => 0,
+                    }
+                });
+                self.bytes += Self::cost(w, h, t);
+                i
+            }
+        };
+        i
+    }
+
+    /// A stored result naming entry `i` is gone: one count less, and the entry goes with
+    /// its last.
+    fn release(&mut self, i: u32) {
+        let Some(e) = self.entries.get_mut(i as usize) else {
+            return;
+        };
+        e.refs -= 1;
+        if e.refs > 0 {
+            return;
+        }
+        let Some((w, h, t)) = e.names.take() else {
+            return;
+        };
+        let hash = self.hash(&w, &h, &t);
+        if let Ok(slot) = self.index.find_entry(hash, |&j| j == i) {
+            slot.remove();
+        }
+        self.bytes -= Self::cost(&w, &h, &t);
+        self.free.push(i);
+        if self.last.as_ref().is_some_and(|l| l.0 == i) {
+            self.last = None;
+        }
     }
 }
 
@@ -142,6 +325,8 @@ pub(crate) struct Results {
     /// Estimated bytes of the stored results ([`result_bytes`]).
     pub(super) bytes: usize,
     pub(super) max_bytes: usize,
+    /// The names the stored results share; its bytes count toward `max_bytes`.
+    pub(super) names: NameTable,
 }
 
 /// The results one look-up made, by id: each is made at most once, however many times the
@@ -193,6 +378,7 @@ impl Results {
             ttl,
             bytes: 0,
             max_bytes,
+            names: NameTable::default(),
         }
     }
     /// Results stored.
@@ -211,7 +397,8 @@ impl Results {
     }
     /// A stored result, taken with R alone (see the module docs).
     pub(crate) fn get(&self, id: ItemId) -> Option<Arc<ItemResult>> {
-        self.stored(id).map(|r| Arc::new(r.to_result()))
+        self.stored(id)
+            .map(|r| Arc::new(r.to_result(Some(&self.names))))
     }
     /// A stored result's state.
     pub(crate) fn state(&self, id: ItemId) -> Option<State> {
@@ -245,8 +432,14 @@ impl Results {
             if chunk.len() == from {
                 break;
             }
-            for (seq, (_, r)) in (first..).zip(&chunk[from..]) {
+            for (seq, (_, r)) in (first..).zip(&mut chunk[from..]) {
                 let Some(r) = r else { continue };
+                if let Names::Body(_) = r.names {
+                    r.names = match std::mem::replace(&mut r.names, Names::Interned(0)) {
+                        Names::Body(b) => Names::Interned(self.names.intern(b)),
+                        stored => stored,
+                    };
+                }
                 self.bytes += result_bytes(r);
                 if let Some(old) = self.map.insert(r.id, seq) {
                     replaced.push(old);
@@ -257,7 +450,9 @@ impl Results {
         for old in replaced {
             self.clear(old);
         }
-        while self.map.len() > self.max || (self.bytes > self.max_bytes && self.map.len() > 1) {
+        while self.map.len() > self.max
+            || (self.bytes + self.names.bytes > self.max_bytes && self.map.len() > 1)
+        {
             if !self.pop_oldest() {
                 break;
             }
@@ -274,6 +469,9 @@ impl Results {
             .1
             .take()?;
         self.bytes -= result_bytes(&old);
+        if let Names::Interned(i) = old.names {
+            self.names.release(i);
+        }
         Some(old)
     }
     /// Forgets the oldest slot (a result, or an empty slot); `false` when there is none.
@@ -288,6 +486,9 @@ impl Results {
         if let Some(old) = &slot.1 {
             self.map.remove(&old.id);
             self.bytes -= result_bytes(old);
+            if let Names::Interned(i) = old.names {
+                self.names.release(i);
+            }
         }
         slot.1 = None;
         self.head += 1;
@@ -375,7 +576,7 @@ mod tests {
     use crate::handler::Registry;
     use crate::target::Target;
 
-    /// A stored result stays compact: 176 bytes at most, about half of what an
+    /// A stored result stays compact: 128 bytes at most, under half of what an
     /// `Arc<ItemResult>` took per result (the record, its `Arc` counts and the allocator's
     /// header). Fails when a field grows `Stored` past that; move rarely used fields to
     /// `StoredExtra` instead.
@@ -384,20 +585,54 @@ mod tests {
         let stored = std::mem::size_of::<super::Stored>();
         let arc_result = std::mem::size_of::<crate::engine::ItemResult>() + 16 + 16;
         eprintln!("Stored {stored} bytes, Arc<ItemResult> {arc_result}");
-        assert!(stored <= 176, "Stored is {stored} bytes");
+        assert!(stored <= 128, "Stored is {stored} bytes");
         assert!(100 * stored <= 55 * arc_result, "{stored} vs {arc_result}");
+    }
+
+    /// The target a test result of `id` names: one of three (runs of four ids alike), so
+    /// that the name table holds up to three entries.
+    fn target_of(id: u64) -> Target {
+        match id / 4 % 3 {
+            0 => Target::Cpu(0),
+            1 => Target::Named("group-one".into()),
+            _ => Target::Cpus(CpuSet::range(0, 200)),
+        }
+    }
+
+    /// A body of workqueue "wq", handler "noop" and `id`'s target, made afresh (as every
+    /// batch makes its own: the table must match names by content, not by address).
+    fn body(id: u64) -> Arc<crate::engine::sched::Body> {
+        let reg = Registry::with_builtins(None);
+        let Some(h) = reg.get("noop") else {
+            panic!("noop is a built-in")
+        };
+        let handler = Arc::new(crate::engine::sched::HandlerRef {
+            name: Arc::from("noop"),
+            handler: h.clone(),
+            kind: h.kind(),
+            remote: false,
+        });
+        Arc::new(crate::engine::sched::Body::new(
+            Arc::from("wq"),
+            handler,
+            target_of(id),
+            crate::handler::Args::new(),
+            Vec::new(),
+        ))
     }
 
     /// A stored result with `id`, state `Ok`, and an error text of `text` bytes (so that
     /// results differ in size).
     fn stored(id: u64, text: usize) -> super::Stored {
+        stored_with(id, text, body(id))
+    }
+
+    fn stored_with(id: u64, text: usize, body: Arc<crate::engine::sched::Body>) -> super::Stored {
         let now = std::time::SystemTime::now();
         super::Stored {
             id,
             batch: 1,
-            workqueue: "wq".into(),
-            handler: "noop".into(),
-            target: Target::All,
+            names: super::Names::Body(body),
             queued_at: now,
             started: None,
             finished_at: now,
@@ -458,12 +693,28 @@ mod tests {
             let t0 = Instant::now();
             let mut now = t0;
             let mut newest = 0u64;
+            // What the name table should cost for the results of `model`: one entry per
+            // distinct target among them.
+            let names_cost = |model: &[(u64, Instant, usize)]| {
+                let mut ts: Vec<Target> = model.iter().map(|m| target_of(m.0)).collect();
+                ts.sort();
+                ts.dedup();
+                let cost = ts.iter().map(|t| super::NameTable::cost("wq", "noop", t)).sum::<usize>();
+                (ts.len(), cost)
+            };
             let check = |store: &super::Results, model: &[(u64, Instant, usize)], next: u64| {
                 assert_eq!(store.len(), model.len());
                 assert_eq!(store.bytes, model.iter().map(|m| m.2).sum::<usize>());
+                let (entries, cost) = names_cost(model);
+                assert_eq!(store.names.len(), entries, "name entries");
+                assert_eq!(store.names.bytes, cost, "name bytes");
                 for m in model {
                     let r = store.stored(m.0).expect("stored");
                     assert_eq!(r.id, m.0);
+                    let res = r.to_result(Some(&store.names));
+                    assert_eq!(res.target, target_of(m.0));
+                    assert_eq!(&*res.workqueue, "wq");
+                    assert_eq!(&*res.handler, "noop");
                 }
                 for id in 1..next {
                     if !model.iter().any(|m| m.0 == id) {
@@ -475,7 +726,22 @@ mod tests {
                 let inserted = matches!(op, Op::Insert(..) | Op::Again(_));
                 match op {
                     Op::Insert(n, text) => {
-                        let mut rs: Vec<_> = (0..n).map(|i| stored(next + i as u64, text)).collect();
+                        // Runs of ids naming one target share one body, as copies do.
+                        let mut shared: Option<(Target, Arc<crate::engine::sched::Body>)> = None;
+                        let mut rs: Vec<_> = (0..n)
+                            .map(|i| {
+                                let id = next + i as u64;
+                                let b = match &shared {
+                                    Some((t, b)) if *t == target_of(id) => b.clone(),
+                                    _ => {
+                                        let b = body(id);
+                                        shared = Some((target_of(id), b.clone()));
+                                        b
+                                    }
+                                };
+                                stored_with(id, text, b)
+                            })
+                            .collect();
                         for r in &rs {
                             model.retain(|m| m.0 != r.id);
                             model.push((r.id, now, super::result_bytes(r)));
@@ -511,7 +777,7 @@ mod tests {
                 }
                 // The bounds (after an insert), oldest forgotten first.
                 while inserted && {
-                    let bytes: usize = model.iter().map(|m| m.2).sum();
+                    let bytes: usize = model.iter().map(|m| m.2).sum::<usize>() + names_cost(&model).1;
                     model.len() > max || (bytes > max_bytes && model.len() > 1)
                 } {
                     model.remove(0);
@@ -528,6 +794,57 @@ mod tests {
             ..EngineConfig::default()
         };
         Engine::start(cfg, Registry::with_builtins(None), snap).unwrap()
+    }
+
+    /// Results of batches of two workqueues, alike but for the workqueue (same handler,
+    /// same targets, several runs each), read back from the store: each names its own
+    /// workqueue and target, and once the store has forgotten them all its name table is
+    /// empty. Fails if the store's name table matches entries on handler and target alone,
+    /// or keeps an entry no stored result names.
+    #[test]
+    fn stored_results_keep_their_own_names() {
+        let engine = engine();
+        engine
+            .create_workqueue(crate::engine::WorkqueueAttrs::named("other"))
+            .unwrap();
+        let targets = [
+            Target::All,
+            Target::Cpus(CpuSet::range(0, 1)),
+            Target::Cpu(1),
+        ];
+        let mut want = Vec::new();
+        for round in 0..6 {
+            let wq = ["default", "other"][round % 2];
+            let mut batch = crate::engine::Batch::new();
+            for t in &targets {
+                batch.copies(ItemSpec::new(t.clone(), "noop"), 3);
+            }
+            let (receipt, flush) = engine.submit_and_flush(wq, batch, false).unwrap();
+            flush.wait(Some(Duration::from_secs(30))).unwrap();
+            for (i, s) in receipt.items.iter().enumerate() {
+                want.push((s.id, wq, targets[i / 3].clone()));
+            }
+        }
+        let ids: Vec<_> = want.iter().map(|w| w.0).collect();
+        for (got, (id, wq, t)) in engine.results(&ids).iter().zip(&want) {
+            let got = got.as_ref().expect("stored");
+            assert_eq!((got.id, &*got.workqueue, &got.target), (*id, *wq, t));
+            assert_eq!(&*got.handler, "noop");
+        }
+        let store = engine.inner.sched.lock().results_store();
+        assert_eq!(
+            store.lock().names.len(),
+            6,
+            "one entry per workqueue and target"
+        );
+        // Forget them all (a roll-back's path), and the table goes with them.
+        for id in &ids {
+            assert!(store.lock().take(*id).is_some());
+        }
+        let s = store.lock();
+        assert_eq!((s.names.len(), s.names.bytes, s.bytes), (0, 0, 0));
+        drop(s);
+        engine.shutdown(Duration::from_secs(5));
     }
 
     /// Results are made when read, once per distinct id: a look-up naming one stored id
