@@ -31,6 +31,7 @@ pub mod groups;
 pub mod handler;
 pub mod live;
 pub mod load;
+pub mod malloc;
 pub mod quote;
 pub mod target;
 pub mod topology;

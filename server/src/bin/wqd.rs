@@ -143,6 +143,9 @@ impl Cli {
     }
 }
 
+/// Freed heap the daemon keeps for reuse (glibc), at most, above what it uses.
+const KEEP_FREED_HEAP: usize = 32 << 20;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -229,6 +232,10 @@ fn main() -> ExitCode {
         notify,
     };
 
+    // Before any thread allocates: freed heap is kept for the next batches instead of being
+    // faulted in again per batch (see `wqd_core::malloc`).
+    let kept = wqd_core::malloc::keep_freed(KEEP_FREED_HEAP);
+    tracing::debug!(kept, bytes = KEEP_FREED_HEAP, "freed heap kept for reuse");
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let rpc_threads = cfg.listen.rpc_threads_in_force(cpus);
     tracing::info!(rpc_threads, cpus, "RPC threads");
