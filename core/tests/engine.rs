@@ -1668,3 +1668,42 @@ fn submit_and_wait_delivers_full_results_together_at_the_end() {
     want.extend(ids[4..].iter().map(|&id| (id, State::Cancelled)));
     assert_eq!(done, want);
 }
+
+/// Counting flushes count every item once, by state, across many workers' finish batches
+/// (their counts are added to the tally once per batch, not per item): 3 000 items, a third
+/// failing, ended by two CPUs' workers in takes of up to 16, counted by two flushes at once
+/// (the batch's own and one of the workqueue). Fails if the counts of a finish batch are
+/// lost (the batch that ends a flush, whose record goes before the batch's end) or counted
+/// twice.
+#[test]
+fn counting_flushes_count_every_finish_batch_once() {
+    let rig = Rig::new(2, "0-1");
+    for round in 0..3 {
+        let items: Vec<ItemSpec> = (0..3000)
+            .map(|i| {
+                let it = item("all", "noop");
+                if i % 3 == 2 {
+                    it.arg("fail", "on purpose")
+                } else {
+                    it
+                }
+            })
+            .collect();
+        let (receipt, batch_flush) = rig.engine.submit_and_flush("default", items, true).unwrap();
+        assert_eq!(receipt.items.len(), 3000);
+        let wq_flush = rig
+            .engine
+            .flush_summary(FlushScope::Workqueue("default".into()))
+            .unwrap();
+        let covered = wq_flush.covered();
+        for (f, want) in [(batch_flush, 3000), (wq_flush, covered)] {
+            let sum = f.wait(Some(Duration::from_secs(60))).unwrap();
+            let counted: usize = sum.by_state.values().sum::<usize>() + sum.gone;
+            assert_eq!(counted, want, "round {round}: {sum:?}");
+            if want == 3000 {
+                assert_eq!(sum.by_state.get(&State::Ok), Some(&2000), "{sum:?}");
+                assert_eq!(sum.by_state.get(&State::Failed), Some(&1000), "{sum:?}");
+            }
+        }
+    }
+}

@@ -118,6 +118,8 @@ impl Sched {
     fn send_held_events(&mut self) {
         for fid in self.held_flushes.drain(..) {
             if let Some(f) = self.flushes.get_mut(&fid) {
+                f.listed = false;
+                f.add_held_counts();
                 if !f.held.is_empty() {
                     self.fin
                         .sends
@@ -449,6 +451,16 @@ impl Sched {
         for fid in first.into_iter().chain(cold_waiters) {
             if let Some(f) = self.flushes.get_mut(&fid) {
                 let ev = match (&f.tally, &result) {
+                    // In a finish batch, counted under L and added to the tally once when
+                    // the batch ends (`send_held_events`) or the flush's last item ends.
+                    (Some(_), _) if self.holding => {
+                        f.held_counts[state.index()] += 1;
+                        if !f.listed {
+                            f.listed = true;
+                            self.held_flushes.push(fid);
+                        }
+                        None
+                    }
                     (Some(t), _) => {
                         t.lock().by_state[state.index()] += 1;
                         None
@@ -470,7 +482,8 @@ impl Sched {
                 };
                 match ev {
                     Some(ev) if self.holding => {
-                        if f.held.is_empty() {
+                        if !f.listed {
+                            f.listed = true;
                             self.held_flushes.push(fid);
                         }
                         f.held.push(ev);
@@ -486,7 +499,8 @@ impl Sched {
                     // once what it holds is sent (after L, in a worker's finish batch).
                     // A flush that delivers at the end sends what it kept now (`held` is
                     // empty then: its events go to `kept`).
-                    if let Some(rec) = self.flushes.remove(&fid) {
+                    if let Some(mut rec) = self.flushes.remove(&fid) {
+                        rec.add_held_counts();
                         let evs = rec.kept.unwrap_or(rec.held);
                         if self.holding {
                             self.fin.sends.push((rec.tx, evs));

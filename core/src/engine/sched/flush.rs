@@ -39,6 +39,13 @@ pub(crate) struct FlushRec {
     pub(super) remaining: usize,
     /// Summary-only flushes count here instead of sending an event per item.
     pub(super) tally: Option<Arc<parking_lot::Mutex<crate::engine::Tally>>>,
+    /// For a counting flush, items of the current worker's finish batch counted under L,
+    /// added to `tally` once when the batch ends (one lock of the tally per batch, not per
+    /// item); all zero whenever L is free.
+    pub(super) held_counts: [usize; 8],
+    /// Whether it is on `Sched::held_flushes` (it has held events or counts); `false`
+    /// whenever L is free.
+    pub(super) listed: bool,
     /// [`Delivery::AtEnd`]: the events so far, sent together with the last one.
     pub(super) kept: Option<Vec<FlushEvent>>,
 }
@@ -47,6 +54,21 @@ impl FlushRec {
     /// Stops per-item events: items that end from now on are counted in `t` instead.
     pub(crate) fn count_instead(&mut self, t: Arc<parking_lot::Mutex<crate::engine::Tally>>) {
         self.tally = Some(t);
+    }
+
+    /// Adds the counts held in a finish batch to the tally (before the flush's channel can
+    /// close, so its waiter reads them all).
+    pub(super) fn add_held_counts(&mut self) {
+        if self.held_counts == [0; 8] {
+            return;
+        }
+        if let Some(t) = &self.tally {
+            let mut t = t.lock();
+            for (n, held) in t.by_state.iter_mut().zip(&self.held_counts) {
+                *n += held;
+            }
+        }
+        self.held_counts = [0; 8];
     }
 }
 
@@ -200,6 +222,8 @@ impl Sched {
                     held: Vec::new(),
                     remaining,
                     tally: tally.clone(),
+                    held_counts: [0; 8],
+                    listed: false,
                     kept,
                 },
             );
