@@ -13,8 +13,9 @@
 //! its control byte from. Sequential ids, the common key, then fill a control group and a
 //! few cache lines of buckets in turn, where a plain multiplication sent each id to a bucket
 //! of its own, a cache miss per insert and per removal once the map outgrows the cache: the
-//! result store's id map holds up to `results_max` (2^20) entries, inserted in id order and
-//! removed oldest first. Measured (`wqd-bench --profile-engine 20000 batch=100 store=N`,
+//! result store's id map held up to `results_max` (2^20) entries, inserted in id order and
+//! removed oldest first (it is now a paged index whose map is keyed by page number,
+//! `sched/results.rs`'s `Index`, 32 times smaller). Measured (`wqd-bench --profile-engine 20000 batch=100 store=N`,
 //! full results, old and new alternated twice): 2^20 stored results 1 338 / 1 249 → 1 009 /
 //! 981 ns per item, 2^16 929 / 779 → 828 / 663, 2^10 unchanged. Keys in a power-of-two
 //! stride above 16 share low bits either way (the multiplication alone kept them too).
