@@ -161,9 +161,11 @@ pub(crate) struct NameTable {
     index: hashbrown::HashTable<u32>,
     hasher: std::hash::RandomState,
     /// The entry interned last (a run's results come together), and the body it was
-    /// interned from: kept, so that its address names no other body while it is compared
-    /// (copies share one body: the common case is one pointer comparison).
-    last: Option<(u32, Arc<Body>)>,
+    /// interned from when that body has no arguments or payload: kept, so that its address
+    /// names no other body while it is compared (copies share one body: the common case is
+    /// one pointer comparison). A body with a payload is not kept (the store would hold its
+    /// bytes uncounted); results of such copies match by name instead.
+    last: Option<(u32, Option<Arc<Body>>)>,
     bytes: usize,
 }
 
@@ -207,14 +209,15 @@ impl NameTable {
     /// The entry naming `b`'s workqueue, handler and target, counted once more; `b` is
     /// dropped (or kept as the last one interned).
     fn intern(&mut self, b: Arc<Body>) -> u32 {
-        if let Some((i, lb)) = &self.last {
+        if let Some((i, Some(lb))) = &self.last {
             if Arc::ptr_eq(lb, &b) {
                 self.entries[*i as usize].refs += 1;
                 return *i;
             }
         }
         let i = self.find_or_add(&b);
-        self.last = Some((i, b));
+        let keep = b.args().is_empty() && b.payload().is_empty();
+        self.last = Some((i, keep.then_some(b)));
         i
     }
 
@@ -689,6 +692,40 @@ mod tests {
             crate::handler::Args::new(),
             Vec::new(),
         ))
+    }
+
+    /// The store keeps no item's payload: once a result is stored, the body it came with
+    /// (arguments and a megabyte of payload) is held by nobody else, and its copies' results
+    /// still share one name entry. Fails if the name table keeps the last body it interned
+    /// whatever it carries (a payload held past its item's end, counted nowhere).
+    #[test]
+    fn the_store_keeps_no_payload() {
+        let mut store = super::Results::new(100, Duration::from_secs(60), 64 << 20);
+        let reg = Registry::with_builtins(None);
+        let Some(h) = reg.get("noop") else {
+            panic!("noop is a built-in")
+        };
+        let handler = Arc::new(crate::engine::sched::HandlerRef {
+            name: Arc::from("noop"),
+            handler: h.clone(),
+            kind: h.kind(),
+            remote: false,
+        });
+        let b = Arc::new(crate::engine::sched::Body::new(
+            Arc::from("wq"),
+            handler,
+            Target::All,
+            crate::handler::Args::new(),
+            vec![7u8; 1 << 20],
+        ));
+        let mut rs: Vec<_> = (1..=3).map(|id| stored_with(id, 0, b.clone())).collect();
+        store.insert(&mut rs, std::time::Instant::now());
+        assert_eq!(
+            Arc::strong_count(&b),
+            1,
+            "the store holds the payload's body"
+        );
+        assert_eq!((store.len(), store.names.len()), (3, 1));
     }
 
     /// A stored result with `id`, state `Ok`, and an error text of `text` bytes (so that
