@@ -13,8 +13,8 @@
 //! of the one slot that holds it; `bytes` is the sum of [`result_bytes`] over them; every
 //! stored record names its workqueue, handler and target by a live entry of `names`, whose
 //! entries are counted by exactly the records naming them; and after each insert the store
-//! is within `max` results and `max_bytes` (`bytes` plus the name table's, keeping at least
-//! one).
+//! is within `max` results and `max_bytes` (`bytes` plus the name table's and the index's,
+//! keeping at least one).
 //! An item leaves `items` and enters the store in one L hold, or (a worker's finish batch,
 //! `finish.rs`'s `Finished`) after it, with R taken before that hold ended; so a reader
 //! holding L, then R, finds every issued, unforgotten item in exactly one of them.
@@ -50,9 +50,10 @@ pub(super) fn cut_output(mut out: Vec<u8>, max: usize) -> Vec<u8> {
 /// [`StoredExtra`], and made into an [`ItemResult`] only when someone reads it
 /// ([`Stored::to_result`]). Its workqueue, handler and target are one entry of the store's
 /// [`NameTable`], shared with the results naming the same three. Under half the bytes of an
-/// `Arc<ItemResult>` (size checked below; with its slot and map entry a result is estimated
-/// at 168 bytes instead of 352, so `results_memory` holds twice the results), and a worker
-/// ending an item nobody waits for allocates nothing for its result.
+/// `Arc<ItemResult>` (size checked below; with its slot a result is estimated at 136 bytes,
+/// and about 9 more for its share of an index page when its neighbours are stored too,
+/// instead of 352: `results_memory` holds 2.4 times the results), and a worker ending an
+/// item nobody waits for allocates nothing for its result.
 pub(crate) struct Stored {
     pub(super) id: ItemId,
     pub(super) batch: u64,
@@ -156,8 +157,10 @@ fn no_names() -> (&'static Arc<str>, &'static Arc<str>, &'static Target) {
 #[derive(Default)]
 pub(crate) struct NameTable {
     entries: Vec<NameEntry>,
-    /// Indexes of dead entries, for reuse.
-    free: Vec<u32>,
+    /// Indexes of dead entries, for reuse, lowest first: the live entries crowd the front,
+    /// and the dead ones at the back are let go (a burst of distinct names does not leave
+    /// its table behind).
+    free: std::collections::BTreeSet<u32>,
     index: hashbrown::HashTable<u32>,
     hasher: std::hash::RandomState,
     /// The entry interned last (a run's results come together), and the body it was
@@ -190,6 +193,12 @@ impl NameTable {
         self.index.len()
     }
 
+    /// Entry slots held, live or dead, and their capacity.
+    #[cfg(test)]
+    fn slots(&self) -> (usize, usize) {
+        (self.entries.len(), self.entries.capacity())
+    }
+
     /// What an entry costs, estimated: its record, its index slot and the text and sets it
     /// holds (counted in full, though live items may share them).
     fn cost(w: &str, h: &str, t: &Target) -> usize {
@@ -206,12 +215,26 @@ impl NameTable {
         self.hasher.hash_one((w, h, t))
     }
 
+    /// [`NameTable::hash`] of entry `j` (live: only live entries are in `index`), for the
+    /// index's moves.
+    fn rehash(entries: &[NameEntry], hasher: &std::hash::RandomState, j: &u32) -> u64 {
+        use std::hash::BuildHasher;
+        match entries.get(*j as usize).and_then(|e| e.names.as_ref()) {
+            Some((w, h, t)) => hasher.hash_one((&**w, &**h, t)),
+            None => 0,
+        }
+    }
+
     /// The entry naming `b`'s workqueue, handler and target, counted once more; `b` is
     /// dropped (or kept as the last one interned).
     fn intern(&mut self, b: Arc<Body>) -> u32 {
         if let Some((i, Some(lb))) = &self.last {
-            if Arc::ptr_eq(lb, &b) {
-                self.entries[*i as usize].refs += 1;
+            if let Some(e) = self
+                .entries
+                .get_mut(*i as usize)
+                .filter(|_| Arc::ptr_eq(lb, &b))
+            {
+                e.refs += 1;
                 return *i;
             }
         }
@@ -231,7 +254,7 @@ impl NameTable {
             })
         };
         let found = match &self.last {
-            Some((i, _)) if same(&self.entries[*i as usize]) => Some(*i),
+            Some((i, _)) if self.entries.get(*i as usize).is_some_and(same) => Some(*i),
             _ => {
                 let hash = self.hash(w, h, t);
                 let entries = &self.entries;
@@ -251,7 +274,7 @@ impl NameTable {
                     names: Some((w.clone(), h.clone(), t.clone())),
                     refs: 1,
                 };
-                let i = match self.free.pop() {
+                let i = match self.free.pop_first() {
                     Some(i) => {
                         self.entries[i as usize] = e;
                         i
@@ -262,13 +285,8 @@ impl NameTable {
                     }
                 };
                 let (entries, hasher) = (&self.entries, &self.hasher);
-                self.index.insert_unique(hash, i, |&j| {
-                    use std::hash::BuildHasher;
-                    match &entries[j as usize].names {
-                        Some((w, h, t)) => hasher.hash_one((&**w, &**h, t)),
-                        None => 0,
-                    }
-                });
+                self.index
+                    .insert_unique(hash, i, |j| Self::rehash(entries, hasher, j));
                 self.bytes += Self::cost(w, h, t);
                 i
             }
@@ -294,9 +312,20 @@ impl NameTable {
             slot.remove();
         }
         self.bytes -= Self::cost(&w, &h, &t);
-        self.free.push(i);
+        self.free.insert(i);
         if self.last.as_ref().is_some_and(|l| l.0 == i) {
             self.last = None;
+        }
+        // Dead entries at the back go, and the memory of a table that shrank to a quarter.
+        while self.entries.last().is_some_and(|e| e.names.is_none()) {
+            self.entries.pop();
+            self.free.remove(&(self.entries.len() as u32));
+        }
+        if self.entries.len() * 4 < self.entries.capacity() {
+            self.entries.shrink_to(self.entries.len() * 2);
+            let (entries, hasher) = (&self.entries, &self.hasher);
+            self.index
+                .shrink_to(self.index.len() * 2, |j| Self::rehash(entries, hasher, j));
         }
     }
 }
@@ -726,6 +755,44 @@ mod tests {
             "the store holds the payload's body"
         );
         assert_eq!((store.len(), store.names.len()), (3, 1));
+    }
+
+    /// A burst of distinct names leaves no table behind: 20 000 results each naming its own
+    /// CPU, forgotten oldest first while a few later ones stay, end with the table at
+    /// the size of what is still stored. Fails if dead entries are kept (the table grew
+    /// with every distinct name ever stored).
+    #[test]
+    fn a_burst_of_distinct_names_leaves_no_table_behind() {
+        let mut store = super::Results::new(20_000, Duration::from_secs(60), usize::MAX);
+        let t0 = std::time::Instant::now();
+        let on_cpu = |id: u64| {
+            let b = body(id);
+            let b = Arc::new(crate::engine::sched::Body::new(
+                Arc::from("wq"),
+                b.handler.clone(),
+                Target::Cpu(id as u32),
+                crate::handler::Args::new(),
+                Vec::new(),
+            ));
+            stored_with(id, 0, b)
+        };
+        let mut rs: Vec<_> = (1..=20_000u64).map(on_cpu).collect();
+        store.insert(&mut rs, t0);
+        assert_eq!((store.len(), store.names.len()), (20_000, 20_000));
+        // Forget all but the last three (the newest sit at the back of the table).
+        store.max = 3;
+        store.insert(&mut vec![stored_with(20_001, 0, body(20_001))], t0);
+        assert_eq!(store.len(), 3);
+        let (held, cap) = store.names.slots();
+        assert!(held <= 20_001 && store.names.len() == 3, "{held} slots");
+        // The newest forgotten too, for one more result with names of its own (which take
+        // the lowest free slot): the slots behind it go, and the memory with them.
+        store.max = 1;
+        store.insert(&mut vec![on_cpu(30_000)], t0);
+        let (held, cap_after) = store.names.slots();
+        assert_eq!(store.names.len(), 1);
+        assert!(held <= 2, "{held} slots held for one live entry");
+        assert!(cap_after * 100 <= cap, "capacity {cap} -> {cap_after}");
     }
 
     /// A stored result with `id`, state `Ok`, and an error text of `text` bytes (so that
