@@ -232,8 +232,8 @@ fn main() -> ExitCode {
         notify,
     };
 
-    // Before any thread allocates: freed heap is kept for the next batches instead of being
-    // faulted in again per batch (see `wqd_core::malloc`).
+    // At start, before the engine and the RPC threads: freed heap is kept for the next
+    // batches instead of being faulted in again per batch (see `wqd_core::malloc`).
     let kept = wqd_core::malloc::keep_freed(KEEP_FREED_HEAP);
     tracing::debug!(kept, bytes = KEEP_FREED_HEAP, "freed heap kept for reuse");
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
