@@ -944,6 +944,22 @@ pub trait Observer: Send + Sync {
     fn started(&self, _workqueue: &str, _cpu: u32, _waited: Duration) {}
     /// An item reached a terminal state.
     fn finished(&self, _ended: &Ended) {}
+    /// Items reached a terminal state, in the order they did: what one lock hold ended (a
+    /// worker's finish batch), given at once so that an observer can look up what it keeps
+    /// per workqueue once per run of one. Default: [`Observer::finished`] for each.
+    fn finished_all(&self, ended: &[Ended]) {
+        for e in ended {
+            self.finished(e);
+        }
+    }
+    /// Items of `workqueue` passed their start check on `cpu`, having waited `waited` each:
+    /// the quick items a worker claimed behind another and ran one after the other, told
+    /// when they have run (microseconds later). Default: [`Observer::started`] for each.
+    fn started_all(&self, workqueue: &str, cpu: u32, waited: &[Duration]) {
+        for w in waited {
+            self.started(workqueue, cpu, *w);
+        }
+    }
     /// An item was handed back before it started: `offline`, `cpuset`, `isolated` (why its
     /// CPU stopped being live), `affinity` (its worker found itself on another CPU) or
     /// `stall` (it waited bound behind other work while the topology changed).

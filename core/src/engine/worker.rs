@@ -184,6 +184,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     // The full results of a finish batch, made under L and stored after it (see `release`).
     let mut fin = Finished::default();
     let mut extra: Vec<Job> = Vec::with_capacity(BATCH);
+    let mut waits: Vec<Duration> = Vec::new();
     // When the last batch began to run (after its lock hold), and how many jobs it had.
     let mut last: Option<(Instant, u32)> = None;
     let mut nice = 0;
@@ -259,6 +260,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 None
             },
             last_end: None,
+            waits: std::mem::take(&mut waits),
         };
         for (job, token) in std::iter::once(first).chain(extra.drain(..)).zip(&tokens) {
             if exit {
@@ -273,6 +275,15 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             done.push(f);
             exit = ex;
         }
+        if let (Some(o), Some(wq), false) = (
+            &inner.cfg.observer,
+            shared.workqueue.as_ref(),
+            shared.waits.is_empty(),
+        ) {
+            o.started_all(wq, cpu, &shared.waits);
+        }
+        waits = std::mem::take(&mut shared.waits);
+        waits.clear();
         if exit {
             let mut fx = Effects::default();
             {
@@ -323,6 +334,10 @@ struct Shared {
     /// two (a read is tens of nanoseconds on a VM); the start check between the two takes
     /// well under a microsecond.
     last_end: Option<SystemTime>,
+    /// The queue waits of the jobs claimed behind the first, for the observer's
+    /// `started_all` once the batch has run (quick items: microseconds later), instead of a
+    /// call per job (each a look-up of the workqueue's metrics).
+    waits: Vec<Duration>,
 }
 
 /// Runs one job; returns how it ended and whether the worker must exit (its pinning broke).
@@ -398,7 +413,11 @@ fn execute(
         job.workqueue.as_ref().or(shared.workqueue.as_ref()),
     ) {
         let waited = started.at.duration_since(job.queued_at).unwrap_or_default();
-        o.started(wq, job.cpu, waited);
+        if job.claimed {
+            shared.waits.push(waited);
+        } else {
+            o.started(wq, job.cpu, waited);
+        }
     }
     let Some(body) = job.body.as_ref().or(shared.body.as_ref()) else {
         // Not made by the engine (a claimed job always has a first job's body to share).

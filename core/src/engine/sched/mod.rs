@@ -120,8 +120,8 @@ impl Effects {
             if let Some((wq, n)) = &self.submitted {
                 o.submitted(wq, *n);
             }
-            for r in &self.finished {
-                o.finished(r);
+            if !self.finished.is_empty() {
+                o.finished_all(&self.finished);
             }
             for why in &self.rebound {
                 o.rebound(why);
