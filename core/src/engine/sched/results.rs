@@ -701,9 +701,8 @@ mod tests {
         }
     }
 
-    /// A body of workqueue "wq", handler "noop" and `id`'s target, made afresh (as every
-    /// batch makes its own: the table must match names by content, not by address).
-    fn body(id: u64) -> Arc<crate::engine::sched::Body> {
+    /// The record of the built-in `noop` as a batch makes it.
+    fn noop() -> Arc<crate::engine::sched::HandlerRef> {
         let reg = Registry::with_builtins(None);
         let Some(h) = reg.get("noop") else {
             panic!("noop is a built-in")
@@ -714,9 +713,15 @@ mod tests {
             kind: h.kind(),
             remote: false,
         });
+        handler
+    }
+
+    /// A body of workqueue "wq", handler "noop" and `id`'s target, made afresh (as every
+    /// batch makes its own: the table must match names by content, not by address).
+    fn body(id: u64) -> Arc<crate::engine::sched::Body> {
         Arc::new(crate::engine::sched::Body::new(
             Arc::from("wq"),
-            handler,
+            noop(),
             target_of(id),
             crate::handler::Args::new(),
             Vec::new(),
@@ -730,19 +735,9 @@ mod tests {
     #[test]
     fn the_store_keeps_no_payload() {
         let mut store = super::Results::new(100, Duration::from_secs(60), 64 << 20);
-        let reg = Registry::with_builtins(None);
-        let Some(h) = reg.get("noop") else {
-            panic!("noop is a built-in")
-        };
-        let handler = Arc::new(crate::engine::sched::HandlerRef {
-            name: Arc::from("noop"),
-            handler: h.clone(),
-            kind: h.kind(),
-            remote: false,
-        });
         let b = Arc::new(crate::engine::sched::Body::new(
             Arc::from("wq"),
-            handler,
+            noop(),
             Target::All,
             crate::handler::Args::new(),
             vec![7u8; 1 << 20],
