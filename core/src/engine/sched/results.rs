@@ -707,13 +707,12 @@ mod tests {
         let Some(h) = reg.get("noop") else {
             panic!("noop is a built-in")
         };
-        let handler = Arc::new(crate::engine::sched::HandlerRef {
+        Arc::new(crate::engine::sched::HandlerRef {
             name: Arc::from("noop"),
             handler: h.clone(),
             kind: h.kind(),
             remote: false,
-        });
-        handler
+        })
     }
 
     /// A body of workqueue "wq", handler "noop" and `id`'s target, made afresh (as every
