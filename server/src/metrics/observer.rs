@@ -208,19 +208,7 @@ impl Observer for EngineMetrics {
     }
 
     fn finished(&self, r: &Ended) {
-        self.with_wq(&r.workqueue, |h| {
-            if let Some(i) = terminal_index(r.state) {
-                h.finished[i].increment(1);
-            }
-            if let Some(t) = r.run_time {
-                h.run.record(t.as_secs_f64());
-            }
-        });
-        if r.remote {
-            if let Some(i) = terminal_index(r.state) {
-                self.handler(&r.handler)[i].increment(1);
-            }
-        }
+        self.finished_all(std::slice::from_ref(r));
     }
 
     fn rebound(&self, reason: &'static str) {
