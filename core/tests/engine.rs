@@ -1669,6 +1669,77 @@ fn submit_and_wait_delivers_full_results_together_at_the_end() {
     assert_eq!(done, want);
 }
 
+/// An at-end flush (`submit_and_wait`, full results) hands its caller the same results the
+/// store keeps, field by field: the worker keeps a copy of each record and the caller makes
+/// the `ItemResult` (names, target, output, error, CPUs, times). Items on several targets,
+/// with and without output, failing and not, and copies sharing one body; `Flush::wait` on
+/// such a flush counts them by state. Fails if the copy loses a field, names the wrong
+/// body, or the counting skips the kept records.
+#[test]
+fn submit_and_wait_results_equal_the_stored_ones() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("w", |a| a.max_active = 4);
+    let batch = || {
+        let mut v = vec![
+            item("cpu:0", "probe"),
+            item("cpu:1", "probe"),
+            item("cpus:0-1", "noop").arg("fail", "on purpose"),
+            item("all", "sleep").arg("ms", "1"),
+        ];
+        v.extend((0..40).map(|_| item("cpu:1", "noop")));
+        v
+    };
+    let (rec, mut flush) = rig.engine.submit_and_wait("w", batch()).unwrap();
+    let deadline = Some(Instant::now() + Duration::from_secs(20));
+    let mut got = Vec::new();
+    while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
+        match ev {
+            FlushEvent::Done(r) => got.push(r),
+            other => panic!("full: expected Done, got {other:?}"),
+        }
+    }
+    got.sort_by_key(|r| r.id);
+    let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+    assert_eq!(got.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+    let stored = rig.engine.results(&ids);
+    for (r, s) in got.iter().zip(&stored) {
+        let s = s.as_ref().expect("stored");
+        assert_eq!(
+            **r, **s,
+            "item {}: the waiter's result is the stored one",
+            r.id
+        );
+        assert_eq!(&*r.workqueue, "w");
+    }
+    assert_eq!(
+        got[0].output,
+        got[0].id.to_le_bytes().to_vec(),
+        "probe output"
+    );
+    assert_eq!(got[1].target.to_string(), "cpu:1");
+    assert_eq!(
+        (got[2].state, got[2].error.as_str(), &*got[2].handler),
+        (State::Failed, "on purpose", "noop")
+    );
+    assert_eq!(&*got[3].handler, "sleep");
+    assert!(got[4..].iter().all(|r| r.state == State::Ok
+        && r.cpu_started == Some(1)
+        && r.started_at.is_some()
+        && r.finished_at >= r.started_at));
+    // `wait` counts what the flush kept (every item ended before the wait began).
+    let (rec, flush) = rig.engine.submit_and_wait("w", batch()).unwrap();
+    let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !rig.engine.results(&ids).iter().all(Option::is_some) {
+        assert!(Instant::now() < until, "the batch did not end");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let sum = flush.wait(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(sum.covered, rec.items.len());
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&43), "{sum:?}");
+    assert_eq!(sum.by_state.get(&State::Failed), Some(&1), "{sum:?}");
+}
+
 /// Counting flushes count every item once, by state, across many workers' finish batches
 /// (their counts are added to the tally once per batch, not per item): 3 000 items, a third
 /// failing, ended by two CPUs' workers in takes of up to 16, counted by two flushes at once

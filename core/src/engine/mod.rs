@@ -673,6 +673,9 @@ pub enum FlushEvent {
 pub(crate) enum FlushMsg {
     One(FlushEvent),
     Many(Vec<FlushEvent>),
+    /// All that an at-end flush learnt (`sched::Kept`): its full results as records, made
+    /// into `Done` events by the receiver.
+    Kept(sched::Kept),
 }
 
 /// Whether the flush of [`Engine::submit_flush`] counts instead of sending an event per item.
@@ -779,6 +782,15 @@ impl Flush {
         match msg {
             FlushMsg::One(ev) => self.pending.push_back(ev),
             FlushMsg::Many(evs) => self.pending.extend(evs),
+            FlushMsg::Kept(k) => {
+                self.pending.reserve(k.events.len() + k.records.len());
+                self.pending.extend(k.events);
+                self.pending.extend(
+                    k.records
+                        .iter()
+                        .map(|r| FlushEvent::Done(Arc::new(r.to_result(None)))),
+                );
+            }
         }
     }
     /// Waits until every covered item is terminal.
@@ -818,6 +830,10 @@ impl Flush {
             match self.rx.try_recv() {
                 Ok(FlushMsg::One(ev)) => sum.add(&ev),
                 Ok(FlushMsg::Many(evs)) => evs.iter().for_each(|ev| sum.add(ev)),
+                Ok(msg @ FlushMsg::Kept(_)) => {
+                    self.unpack(msg);
+                    self.pending.drain(..).for_each(|ev| sum.add(&ev));
+                }
                 Err(flume::TryRecvError::Disconnected) => {
                     closed = true;
                     break;

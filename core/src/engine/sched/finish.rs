@@ -49,7 +49,7 @@ pub(crate) struct Finished {
     now: Option<Instant>,
     /// Per flush: its sender and the events of the batch's items it covers (empty for a
     /// counting flush whose last item ended: dropping the sender closes its channel).
-    sends: Vec<(flume::Sender<FlushMsg>, Vec<FlushEvent>)>,
+    sends: Vec<(flume::Sender<FlushMsg>, Option<FlushMsg>)>,
 }
 
 impl Finished {
@@ -66,9 +66,9 @@ impl Finished {
     /// Sends the batch's flush events (call after L is released and the results are stored):
     /// one message per flush, and a flush whose last item ended is closed here.
     pub(crate) fn send_events(&mut self) {
-        for (tx, evs) in self.sends.drain(..) {
-            if !evs.is_empty() {
-                let _ = tx.send(FlushMsg::Many(evs));
+        for (tx, msg) in self.sends.drain(..) {
+            if let Some(msg) = msg {
+                let _ = tx.send(msg);
             }
         }
     }
@@ -121,9 +121,10 @@ impl Sched {
                 f.listed = false;
                 f.add_held_counts();
                 if !f.held.is_empty() {
+                    let evs = std::mem::take(&mut f.held);
                     self.fin
                         .sends
-                        .push((f.tx.clone(), std::mem::take(&mut f.held)));
+                        .push((f.tx.clone(), Some(FlushMsg::Many(evs))));
                 }
             }
         }
@@ -450,7 +451,17 @@ impl Sched {
         let mut given: Option<Arc<ItemResult>> = None;
         for fid in first.into_iter().chain(cold_waiters) {
             if let Some(f) = self.flushes.get_mut(&fid) {
+                // A flush that delivers at the end keeps a copy of the record (one count on
+                // the body): its receiver makes the `ItemResult`, off L.
+                let kept_record = match (&f.tally, &result, f.kept.as_mut()) {
+                    (None, Some(r), Some(kept)) => {
+                        kept.records.push(r.unstored_copy());
+                        true
+                    }
+                    _ => false,
+                };
                 let ev = match (&f.tally, &result) {
+                    _ if kept_record => None,
                     // In a finish batch, counted under L and added to the tally once when
                     // the batch ends (`send_held_events`) or the flush's last item ends.
                     (Some(_), _) if self.holding => {
@@ -475,7 +486,7 @@ impl Sched {
                 // A flush that delivers at the end keeps the event until its last item.
                 let ev = match (ev, f.kept.as_mut()) {
                     (Some(ev), Some(kept)) => {
-                        kept.push(ev);
+                        kept.events.push(ev);
                         None
                     }
                     (ev, _) => ev,
@@ -501,11 +512,14 @@ impl Sched {
                     // empty then: its events go to `kept`).
                     if let Some(mut rec) = self.flushes.remove(&fid) {
                         rec.add_held_counts();
-                        let evs = rec.kept.unwrap_or(rec.held);
+                        let msg = match rec.kept {
+                            Some(k) => (!k.is_empty()).then_some(FlushMsg::Kept(k)),
+                            None => (!rec.held.is_empty()).then_some(FlushMsg::Many(rec.held)),
+                        };
                         if self.holding {
-                            self.fin.sends.push((rec.tx, evs));
-                        } else if !evs.is_empty() {
-                            let _ = rec.tx.send(FlushMsg::Many(evs));
+                            self.fin.sends.push((rec.tx, msg));
+                        } else if let Some(msg) = msg {
+                            let _ = rec.tx.send(msg);
                         }
                     }
                 }

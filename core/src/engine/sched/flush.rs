@@ -15,7 +15,7 @@ use crate::engine::{
 
 use super::finish::CANCELLED_UNSTARTED;
 use super::item::ItemId;
-use super::results::Made;
+use super::results::{Made, Stored};
 use super::{Effects, Sched};
 
 /// How a flush hands over what it learns of each covered item.
@@ -46,8 +46,26 @@ pub(crate) struct FlushRec {
     /// Whether it is on `Sched::held_flushes` (it has held events or counts); `false`
     /// whenever L is free.
     pub(super) listed: bool,
-    /// [`Delivery::AtEnd`]: the events so far, sent together with the last one.
-    pub(super) kept: Option<Vec<FlushEvent>>,
+    /// [`Delivery::AtEnd`]: what it learnt so far, sent together with the last item's.
+    pub(super) kept: Option<Kept>,
+}
+
+/// What a [`Delivery::AtEnd`] flush keeps until its last item ends, and then sends in one
+/// message ([`crate::engine::FlushMsg::Kept`]): events, and full results as copies of the
+/// records the store gets, made into [`crate::engine::ItemResult`]s by the receiver
+/// (`Flush::next`), not under L by the worker that ended the item (an allocation and three
+/// counts on names every worker shares, per item). Events before records: the caller of an
+/// at-end flush uses them together, not in order.
+#[derive(Default)]
+pub(crate) struct Kept {
+    pub(crate) events: Vec<FlushEvent>,
+    pub(crate) records: Vec<Stored>,
+}
+
+impl Kept {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.records.is_empty()
+    }
 }
 
 impl FlushRec {
@@ -209,8 +227,10 @@ impl Sched {
         }
         drop(store);
         // Kept for the last event when it delivers at the end and some item is still live.
-        let kept =
-            (delivery == Delivery::AtEnd && remaining > 0).then(|| std::mem::take(&mut ended));
+        let kept = (delivery == Delivery::AtEnd && remaining > 0).then(|| Kept {
+            events: std::mem::take(&mut ended),
+            records: Vec::new(),
+        });
         if !ended.is_empty() {
             let _ = tx.send(FlushMsg::Many(ended));
         }

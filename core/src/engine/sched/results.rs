@@ -117,6 +117,32 @@ impl Stored {
             worker_lost: x.map_or(0, |x| x.worker_lost),
         }
     }
+    /// A copy of a record not stored yet, for a flush that delivers at the end (see
+    /// `flush::Kept`): one more count on its body. (A stored record is never copied: the
+    /// name table counts its holders.)
+    pub(super) fn unstored_copy(&self) -> Stored {
+        debug_assert!(
+            matches!(self.names, Names::Body(_)),
+            "copied before it is stored"
+        );
+        let names = match &self.names {
+            Names::Body(b) => Names::Body(b.clone()),
+            Names::Interned(i) => Names::Interned(*i),
+        };
+        Stored {
+            id: self.id,
+            batch: self.batch,
+            names,
+            queued_at: self.queued_at,
+            started: self.started.clone(),
+            finished_at: self.finished_at,
+            cpu_finished: self.cpu_finished,
+            rebinds: self.rebinds,
+            state: self.state,
+            fallback: self.fallback,
+            extra: self.extra.clone(),
+        }
+    }
     /// Time from start to finish.
     pub(super) fn run_time(&self) -> Option<Duration> {
         let s = self.started.as_ref()?;
