@@ -134,7 +134,7 @@ impl Stored {
             batch: self.batch,
             names,
             queued_at: self.queued_at,
-            started: self.started.clone(),
+            started: self.started,
             finished_at: self.finished_at,
             cpu_finished: self.cpu_finished,
             rebinds: self.rebinds,
