@@ -403,3 +403,36 @@ fn bad_flags_and_config_exit_64() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--sysfs-root"));
 }
+
+/// `Submit(wait)` with full results encodes each result from the record the engine kept for
+/// the waiter (no `ItemResult` made): every result in the response is, byte for byte, the
+/// one `GetResults` reads from the store. A batch of several targets and handlers, with
+/// output, errors and copies sharing one body. Fails if the waiter's copy or its encoding
+/// loses or changes a field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_results_are_the_stored_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(config(dir.path())).await.expect("start");
+    let c = connect(&d).await;
+    let batch = Batch::new()
+        .item(Item::new("cache:1", "digest").payload(b"hello".to_vec()))
+        .item(Item::new("cpus:2-3", "noop").arg("fail", "on purpose"))
+        .item(Item::new("all", "sleep").arg("ms", "1"))
+        .items((0..50).map(|_| Item::new("node:0", "noop")))
+        .wait(true);
+    let r = c.submit(batch).await.unwrap();
+    assert_eq!(r.results.len(), 53);
+    let looked = c.results(r.items.iter().map(|i| i.item_id)).await.unwrap();
+    for (res, look) in r.results.iter().zip(&looked.items) {
+        assert_eq!(look.status, v1::LookupStatus::Found as i32, "{look:?}");
+        assert_eq!(Some(res), look.result.as_ref(), "item {}", res.item_id);
+    }
+    assert!(!r.results[0].output.is_empty(), "digest output");
+    assert_eq!(r.results[1].error, "on purpose");
+    assert_eq!(r.results[1].state, v1::ItemState::Failed as i32);
+    assert_eq!(r.results[2].handler, "sleep");
+    assert!(r.results[3..]
+        .iter()
+        .all(|x| x.target == "node:0" && x.workqueue == "default"));
+    d.shutdown().await;
+}

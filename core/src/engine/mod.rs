@@ -220,6 +220,120 @@ impl ItemResult {
     pub fn run_time(&self) -> Option<Duration> {
         self.finished_at?.duration_since(self.started_at?).ok()
     }
+    /// Its fields, borrowed.
+    pub fn view(&self) -> ResultView<'_> {
+        ResultView {
+            id: self.id,
+            batch: self.batch,
+            workqueue: &self.workqueue,
+            state: self.state,
+            output: &self.output,
+            error: &self.error,
+            target: &self.target,
+            handler: &self.handler,
+            cpu_started: self.cpu_started,
+            cpu_finished: self.cpu_finished,
+            fallback: self.fallback,
+            reason: &self.reason,
+            rebinds: self.rebinds,
+            queued_at: self.queued_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            epoch_started: self.epoch_started,
+            epoch_decided: self.epoch_decided,
+            worker: self.worker,
+            worker_lost: self.worker_lost,
+        }
+    }
+}
+
+/// The fields of an [`ItemResult`], borrowed: what an encoder reads, from an `ItemResult` or
+/// from a [`ResultRecord`] without making one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResultView<'a> {
+    pub id: ItemId,
+    pub batch: BatchId,
+    pub workqueue: &'a Arc<str>,
+    pub state: State,
+    pub output: &'a [u8],
+    pub error: &'a str,
+    pub target: &'a Target,
+    pub handler: &'a Arc<str>,
+    pub cpu_started: Option<u32>,
+    pub cpu_finished: Option<u32>,
+    pub fallback: Option<Level>,
+    pub reason: &'a str,
+    pub rebinds: u32,
+    pub queued_at: SystemTime,
+    pub started_at: Option<SystemTime>,
+    pub finished_at: Option<SystemTime>,
+    pub epoch_started: Option<u64>,
+    pub epoch_decided: Option<u64>,
+    pub worker: Option<WorkerRef>,
+    pub worker_lost: u32,
+}
+
+impl ResultView<'_> {
+    /// An owned copy (names counted, texts copied).
+    pub fn to_result(&self) -> ItemResult {
+        ItemResult {
+            id: self.id,
+            batch: self.batch,
+            workqueue: self.workqueue.clone(),
+            state: self.state,
+            output: self.output.to_vec(),
+            error: self.error.to_owned(),
+            target: self.target.clone(),
+            handler: self.handler.clone(),
+            cpu_started: self.cpu_started,
+            cpu_finished: self.cpu_finished,
+            fallback: self.fallback,
+            reason: self.reason.to_owned(),
+            rebinds: self.rebinds,
+            queued_at: self.queued_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            epoch_started: self.epoch_started,
+            epoch_decided: self.epoch_decided,
+            worker: self.worker,
+            worker_lost: self.worker_lost,
+        }
+    }
+}
+
+/// A full result as an at-end flush hands it over ([`Flush::next_delivered`]): the engine's
+/// compact record, read in place ([`ResultRecord::view`]) or made into an [`ItemResult`].
+pub struct ResultRecord(sched::Stored);
+
+impl ResultRecord {
+    pub fn id(&self) -> ItemId {
+        self.0.id()
+    }
+    pub fn state(&self) -> State {
+        self.0.state()
+    }
+    /// Its fields, borrowed.
+    pub fn view(&self) -> ResultView<'_> {
+        self.0.view(None)
+    }
+    /// The result as [`FlushEvent::Done`] carries it.
+    pub fn to_result(&self) -> ItemResult {
+        self.0.to_result(None)
+    }
+}
+
+impl fmt::Debug for ResultRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.view().fmt(f)
+    }
+}
+
+/// What [`Flush::next_delivered`] returns: an event, or the full results an at-end flush
+/// kept, as records.
+#[derive(Debug)]
+pub enum Delivered {
+    Event(FlushEvent),
+    Records(Vec<ResultRecord>),
 }
 
 /// A workqueue's attributes.
@@ -754,6 +868,28 @@ impl Flush {
             }
             let msg = self.rx.recv_async().await.ok()?;
             self.unpack(msg);
+        }
+    }
+    /// [`Flush::next`], except that the full results of an at-end flush
+    /// ([`Engine::submit_and_wait`] on a workqueue keeping them) come as the records they
+    /// were kept as, all at once, for a caller that reads them in place instead of making an
+    /// [`ItemResult`] of each ([`ResultRecord::view`]).
+    pub async fn next_delivered(&mut self) -> Option<Delivered> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return Some(Delivered::Event(ev));
+            }
+            match self.rx.recv_async().await.ok()? {
+                FlushMsg::Kept(k) => {
+                    self.pending.extend(k.events);
+                    if !k.records.is_empty() {
+                        return Some(Delivered::Records(
+                            k.records.into_iter().map(ResultRecord).collect(),
+                        ));
+                    }
+                }
+                msg => self.unpack(msg),
+            }
         }
     }
     /// Blocking [`Flush::next`]; `Err(())` when `deadline` passes first.

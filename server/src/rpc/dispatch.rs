@@ -32,7 +32,8 @@ use super::{
 };
 use crate::metrics::{FlushMethod, FlushOutcome, Metrics};
 use wqd_core::engine::{
-    Batch, CancelOutcome, EngineError, Flush, FlushEvent, FlushScope, ItemResult, Receipt,
+    Batch, CancelOutcome, Delivered, EngineError, Flush, FlushEvent, FlushScope, ItemResult,
+    Receipt, ResultRecord, ResultView,
 };
 use wqd_core::groups::GroupMap;
 
@@ -65,23 +66,42 @@ fn wq_name(s: String) -> String {
 }
 
 /// Every event of `flush` until it completes, or the deadline (`what` names the wait in the
-/// error; it is built only then).
+/// error; it is built only then): its events, and the full results an at-end flush kept, as
+/// the records they were kept as (read in place, see [`Got`]).
 async fn collect(
     flush: &mut Flush,
     deadline: Option<Instant>,
     what: impl FnOnce() -> String,
-) -> Result<Vec<FlushEvent>, RpcError> {
+) -> Result<(Vec<FlushEvent>, Vec<ResultRecord>), RpcError> {
     let began = Instant::now();
-    let mut out = Vec::with_capacity(flush.covered());
+    let mut events = Vec::new();
+    let mut records = Vec::new();
     loop {
         tokio::select! {
-            ev = flush.next() => match ev {
-                Some(ev) => out.push(ev),
-                None => return Ok(out),
+            got = flush.next_delivered() => match got {
+                Some(Delivered::Event(ev)) => events.push(ev),
+                Some(Delivered::Records(rs)) if records.is_empty() => records = rs,
+                Some(Delivered::Records(rs)) => records.extend(rs),
+                None => return Ok((events, records)),
             },
             _ = sleep_until(deadline) => {
                 return Err(RpcError::Deadline { waited: began.elapsed(), what: what() })
             }
+        }
+    }
+}
+
+/// A full result `Submit(wait)` puts in its response: an event's, or an at-end flush's record.
+enum Got {
+    Result(Arc<ItemResult>),
+    Record(ResultRecord),
+}
+
+impl Got {
+    fn view(&self) -> ResultView<'_> {
+        match self {
+            Got::Result(r) => r.view(),
+            Got::Record(r) => r.view(),
         }
     }
 }
@@ -269,21 +289,29 @@ impl Rpc {
                     count_state(&mut counts, state, n as u64);
                 }
             }
-            let mut by_slot: Vec<Option<Arc<ItemResult>>> = Vec::new();
+            let (events, records) = events;
+            let mut by_slot: Vec<Option<Got>> = Vec::new();
+            let mut put = |id: u64, got: Got| {
+                if by_slot.is_empty() {
+                    by_slot.resize_with(rec.items.len(), || None);
+                }
+                if let Some(s) = slot_of(id).and_then(|i| by_slot.get_mut(i)) {
+                    *s = Some(got);
+                }
+            };
             for e in events {
                 match e {
                     FlushEvent::Done(r) => {
                         count_state(&mut counts, r.state, 1);
-                        if by_slot.is_empty() {
-                            by_slot.resize(rec.items.len(), None);
-                        }
-                        if let Some(s) = slot_of(r.id).and_then(|i| by_slot.get_mut(i)) {
-                            *s = Some(r);
-                        }
+                        put(r.id, Got::Result(r));
                     }
                     FlushEvent::Ended(_, state) => count_state(&mut counts, state, 1),
                     FlushEvent::Gone(_) => {}
                 }
+            }
+            for r in records {
+                count_state(&mut counts, r.state(), 1);
+                put(r.id(), Got::Record(r));
             }
             resp.counts = Some(counts);
             // Encoded once, straight from the engine's results (see `encode`); the buffer is
@@ -294,7 +322,7 @@ impl Rpc {
                 for s in rec.items.iter().filter(|s| s.queued) {
                     let done = slot_of(s.id).and_then(|i| by_slot.get_mut(i)?.take());
                     if let Some(r) = done {
-                        enc.push(&r, &mut resp.results);
+                        enc.push(&r.view(), &mut resp.results);
                     }
                 }
             }
@@ -783,7 +811,7 @@ impl FlushBody {
                 Some(Some(FlushEvent::Done(r))) => {
                     count_state(&mut self.counts, r.state, 1);
                     if !self.summary_only {
-                        self.enc.push(&r, &mut self.group);
+                        self.enc.push(&r.view(), &mut self.group);
                         self.group_due
                             .get_or_insert_with(|| Instant::now() + FLUSH_BATCH_DELAY);
                         if self.group.len() < FLUSH_BATCH_ITEMS

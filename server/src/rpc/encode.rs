@@ -1,5 +1,6 @@
-//! Item results straight from the engine's [`ItemResult`] to wire bytes, for `Submit(wait)`
-//! and the `Flush` stream.
+//! Item results straight from the engine's [`ItemResult`] (or a [`ResultRecord`] read in
+//! place: a [`ResultView`] either way) to wire bytes, for `Submit(wait)` and the `Flush`
+//! stream.
 //!
 //! [`ResultsOut::result`](super::convert::ResultsOut::result) builds a [`wqd_proto::v1::ItemResult`] per
 //! result — a `String` for the workqueue, the target and the handler, copies of the output,
@@ -16,7 +17,9 @@
 use std::time::SystemTime;
 
 use prost::encoding::WireType;
-use wqd_core::engine::ItemResult;
+use wqd_core::engine::ResultView;
+#[cfg(doc)]
+use wqd_core::engine::{ItemResult, ResultRecord};
 use wqd_core::target::Target;
 use wqd_proto::out::EncodedResults;
 
@@ -35,8 +38,8 @@ pub struct ResultEncoder {
 
 impl ResultEncoder {
     /// Appends `r`, encoded as a `wqd.v1.ItemResult`, to `out`.
-    pub fn push(&mut self, r: &ItemResult, out: &mut EncodedResults) {
-        if !matches!(&self.last_target, Some((last, _)) if *last == r.target) {
+    pub fn push(&mut self, r: &ResultView<'_>, out: &mut EncodedResults) {
+        if !matches!(&self.last_target, Some((last, _)) if last == r.target) {
             self.last_target = Some((r.target.clone(), r.target.to_string()));
         }
         let target = self.last_target.as_ref().map_or("", |(_, t)| t.as_str());
@@ -151,7 +154,7 @@ fn unix_parts(t: SystemTime) -> (i64, i32) {
 /// The body of `wqd.v1.ItemResult` for `r` (no key, no length), field by field as
 /// `convert::ResultsOut::result` fills them.
 fn encode_body(
-    r: &ItemResult,
+    r: &ResultView<'_>,
     target: &str,
     queued: &mut Option<(SystemTime, Vec<u8>)>,
     buf: &mut Vec<u8>,
@@ -160,7 +163,7 @@ fn encode_body(
     put_u64(2, r.batch, buf);
     put_bytes(3, r.workqueue.as_bytes(), buf);
     put_i32(4, state_out(r.state) as i32, buf);
-    put_bytes(5, &r.output, buf);
+    put_bytes(5, r.output, buf);
     put_bytes(6, r.error.as_bytes(), buf);
     put_bytes(7, target.as_bytes(), buf);
     // `optional`: written when set, zero included.
@@ -210,7 +213,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use prost::Message;
-    use wqd_core::engine::{State, WorkerRef};
+    use wqd_core::engine::{ItemResult, State, WorkerRef};
     use wqd_core::groups::Level;
     use wqd_proto::out::{FlushEventOut, FlushResponseOut, SubmitResponseOut};
     use wqd_proto::v1;
@@ -333,7 +336,7 @@ mod tests {
             ..Default::default()
         };
         for r in &rs {
-            enc.push(r, &mut resp.results);
+            enc.push(&r.view(), &mut resp.results);
         }
         assert_eq!(resp.results.len(), rs.len());
         let bytes = resp.encode_to_vec();
@@ -395,7 +398,7 @@ mod tests {
         let mut enc = ResultEncoder::default();
         let mut resp = SubmitResponseOut::default();
         for r in &rs {
-            enc.push(r, &mut resp.results);
+            enc.push(&r.view(), &mut resp.results);
         }
         let old = v1::SubmitResponse {
             results: rs.iter().map(result_out).collect(),
@@ -411,7 +414,7 @@ mod tests {
         let mut enc = ResultEncoder::default();
         let mut group = EncodedResults::new(1);
         for r in &rs {
-            enc.push(r, &mut group);
+            enc.push(&r.view(), &mut group);
         }
         let msg = FlushResponseOut {
             event: Some(FlushEventOut::Results(group)),

@@ -75,7 +75,7 @@ pub use item::ItemId;
 #[cfg(test)]
 pub(crate) use item::NOT_BOUND;
 pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Started};
-pub(crate) use results::{Made as ResultsMade, Store as ResultStore};
+pub(crate) use results::{Made as ResultsMade, Store as ResultStore, Stored};
 
 use item::Bound;
 use queue::{Pools, Queue};

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::engine::idhash::IdMap;
-use crate::engine::{ItemResult, State, WorkerRef};
+use crate::engine::{ItemResult, ResultView, State, WorkerRef};
 use crate::groups::Level;
 use crate::target::Target;
 
@@ -88,25 +88,32 @@ impl Stored {
     /// The result as the engine's API gives it; `table` is the store's name table, which a
     /// stored record needs (`None` for a record not stored yet: its names are its body's).
     pub(crate) fn to_result(&self, table: Option<&NameTable>) -> ItemResult {
+        self.view(table).to_result()
+    }
+    pub(crate) fn id(&self) -> ItemId {
+        self.id
+    }
+    /// Its fields, borrowed; `table` as for [`Stored::to_result`].
+    pub(crate) fn view<'a>(&'a self, table: Option<&'a NameTable>) -> ResultView<'a> {
         let x = self.extra.as_deref();
         let (workqueue, handler, target) = match (&self.names, table) {
             (Names::Body(b), _) => (&b.workqueue, b.handler_name(), &b.target),
             (Names::Interned(i), Some(t)) => t.names(*i),
             (Names::Interned(_), None) => no_names(),
         };
-        ItemResult {
+        ResultView {
             id: self.id,
             batch: self.batch,
-            workqueue: workqueue.clone(),
+            workqueue,
             state: self.state,
-            output: x.map(|x| x.output.clone()).unwrap_or_default(),
-            error: x.map(|x| x.error.clone()).unwrap_or_default(),
-            target: target.clone(),
-            handler: handler.clone(),
+            output: x.map_or(&[][..], |x| &x.output),
+            error: x.map_or("", |x| &x.error),
+            target,
+            handler,
             cpu_started: self.started.as_ref().map(|s| s.cpu),
             cpu_finished: self.cpu_finished,
             fallback: self.fallback,
-            reason: x.map(|x| x.reason.clone()).unwrap_or_default(),
+            reason: x.map_or("", |x| &x.reason),
             rebinds: self.rebinds.into(),
             queued_at: self.queued_at,
             started_at: self.started.as_ref().map(|s| s.at),
