@@ -20,8 +20,10 @@
 //! * Gauges are set only at scrape time. A label set that disappears from its source is set
 //!   to 0 once, then dropped from the output after [`GAUGE_IDLE`] without updates.
 //! * Histogram samples are drained into buckets by an upkeep tick ([`UPKEEP`]) even when
-//!   nobody scrapes, so memory stays bounded.
+//!   nobody scrapes, so memory stays bounded; the per-item histograms count into buckets
+//!   directly (`buckets.rs`) and are rendered after the recorder's metrics.
 
+mod buckets;
 pub mod grpc;
 mod http;
 mod observer;
@@ -239,8 +241,6 @@ impl Metrics {
     pub fn new() -> Result<Metrics, MetricsError> {
         let full = |n: &str| Matcher::Full(n.to_string());
         let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(full(names::ITEM_QUEUE_WAIT), ITEM_BUCKETS)?
-            .set_buckets_for_metric(full(names::ITEM_RUN), ITEM_BUCKETS)?
             .set_buckets_for_metric(full(names::FLUSH_DURATION), WAIT_BUCKETS)?
             .set_buckets_for_metric(full(names::RPC_DURATION), WAIT_BUCKETS)?
             .set_buckets_for_metric(full(names::FLEET_PUBLISH), WAIT_BUCKETS)?
@@ -297,7 +297,9 @@ impl Metrics {
         if let Some(conns) = self.conns.get() {
             scrape::connections(&self.reg, conns);
         }
-        self.handle.render()
+        let mut text = self.handle.render();
+        self.observer.render_items(&mut text);
+        text
     }
 
     /// The fleet member's handles (see [`FleetMetrics`]).
@@ -438,14 +440,6 @@ fn describe(r: &PrometheusRecorder) {
     c(
         ITEMS_FINISHED,
         "Items that reached a terminal state, by workqueue and state.",
-    );
-    h(
-        ITEM_QUEUE_WAIT,
-        "Time from queueing to start of items, by workqueue.",
-    );
-    h(
-        ITEM_RUN,
-        "Run time of items that started, from start to finish, by workqueue.",
     );
     g(
         ITEMS_PENDING,

@@ -1,18 +1,21 @@
 //! The engine [`Observer`]: per-item counters and histograms, re-binds and watchdog reports.
 //!
-//! Owns the cached handles per workqueue ([`WqHandles`]). Invariant: a workqueue's handles are
-//! registered once, the first time it is seen, under the write lock; every later event takes
-//! the read lock, looks the name up (no allocation) and updates atomics. Past
-//! [`MAX_WORKQUEUE_LABELS`] names, new workqueues share the `_other` handles, so the label stays
-//! bounded whatever clients create. Called outside the engine lock, never calls back into it.
+//! Owns the cached handles per workqueue ([`WqHandles`]): the recorder's counters, and the
+//! per-item histograms of our own ([`super::buckets`]), which the scrape renders from here
+//! ([`EngineMetrics::render_items`]). Invariant: a workqueue's handles are registered once,
+//! the first time it is seen, under the write lock; every later event takes the read lock,
+//! looks the name up (no allocation) and updates atomics. Past [`MAX_WORKQUEUE_LABELS`]
+//! names, new workqueues share the `_other` handles, so the label stays bounded whatever
+//! clients create. Called outside the engine lock, never calls back into it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::metrics::{Counter, Histogram};
+use ::metrics::Counter;
 use parking_lot::RwLock;
 
+use super::buckets::{ItemHistogram, Local};
 use super::{names, Registry, MAX_WORKQUEUE_LABELS};
 use wqd_core::engine::{Ended, Observer, State};
 
@@ -32,12 +35,15 @@ fn terminal_index(s: State) -> Option<usize> {
     TERMINAL.iter().position(|t| *t == s)
 }
 
+/// Which histogram of a workqueue's handles a family renders.
+type Pick = fn(&WqHandles) -> &ItemHistogram;
+
 /// Handles of one workqueue label value.
 struct WqHandles {
     submitted: Counter,
     finished: [Counter; 5],
-    wait: Histogram,
-    run: Histogram,
+    wait: ItemHistogram,
+    run: ItemHistogram,
 }
 
 impl WqHandles {
@@ -52,8 +58,8 @@ impl WqHandles {
         WqHandles {
             submitted: reg.counter(names::ITEMS_SUBMITTED, &l(None)),
             finished: TERMINAL.map(|s| reg.counter(names::ITEMS_FINISHED, &l(Some(s)))),
-            wait: reg.histogram(names::ITEM_QUEUE_WAIT, &l(None)),
-            run: reg.histogram(names::ITEM_RUN, &l(None)),
+            wait: ItemHistogram::default(),
+            run: ItemHistogram::default(),
         }
     }
 }
@@ -148,6 +154,36 @@ impl EngineMetrics {
             .clone()
     }
 
+    /// Appends the per-item histograms in the Prometheus text format, each family with its
+    /// `# HELP` and `# TYPE`, its series by workqueue (`_other` first, then by name).
+    pub(crate) fn render_items(&self, out: &mut String) {
+        let wqs = self.wqs.read();
+        let mut series: Vec<(&str, &WqHandles)> = wqs.iter().map(|(k, v)| (&**k, &**v)).collect();
+        series.sort_unstable_by_key(|(k, _)| *k);
+        series.insert(0, (OTHER_WORKQUEUE, &self.other));
+        let families: [(&str, &str, Pick); 2] = [
+            (
+                names::ITEM_QUEUE_WAIT,
+                "Time from queueing to start of items, by workqueue.",
+                |h| &h.wait,
+            ),
+            (
+                names::ITEM_RUN,
+                "Run time of items that started, from start to finish, by workqueue.",
+                |h| &h.run,
+            ),
+        ];
+        for (name, help, hist) in families {
+            if !out.is_empty() && !out.ends_with("\n\n") {
+                out.push('\n');
+            }
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+            for (wq, h) in &series {
+                hist(h).render(name, "workqueue", wq, out);
+            }
+        }
+    }
+
     fn cpu_counter(&self, name: &'static str, cpu: u32) -> Counter {
         self.reg.counter(name, &[("cpu", cpu.to_string())])
     }
@@ -159,15 +195,13 @@ impl Observer for EngineMetrics {
     }
 
     fn started(&self, workqueue: &str, _cpu: u32, waited: Duration) {
-        self.with_wq(workqueue, |h| h.wait.record(waited.as_secs_f64()));
+        self.with_wq(workqueue, |h| h.wait.record(waited));
     }
 
     fn started_all(&self, workqueue: &str, _cpu: u32, waited: &[Duration]) {
-        self.with_wq(workqueue, |h| {
-            for w in waited {
-                h.wait.record(w.as_secs_f64());
-            }
-        });
+        let mut l = Local::default();
+        waited.iter().for_each(|w| l.record(*w));
+        self.with_wq(workqueue, |h| h.wait.add(&l));
     }
 
     /// One look-up of the workqueue's handles per run of items of one workqueue, and one
@@ -185,14 +219,16 @@ impl Observer for EngineMetrics {
             rest = tail;
             self.with_wq(&first.workqueue, |h| {
                 let mut by_state = [0u64; 5];
+                let mut times = Local::default();
                 for e in run {
                     if let Some(i) = terminal_index(e.state) {
                         by_state[i] += 1;
                     }
                     if let Some(t) = e.run_time {
-                        h.run.record(t.as_secs_f64());
+                        times.record(t);
                     }
                 }
+                h.run.add(&times);
                 for (c, n) in h.finished.iter().zip(by_state) {
                     if n > 0 {
                         c.increment(n);
@@ -279,7 +315,8 @@ mod tests {
         o.finished_all(&batch);
         o.finished_all(&batch[..1]);
         o.started_all("b", 0, &[Duration::from_micros(3); 7]);
-        let text = m.handle.render();
+        let mut text = m.handle.render();
+        o.render_items(&mut text);
         for (wq, state, n) in [
             ("a", "ok", 3),
             ("a", "failed", 1),
