@@ -629,6 +629,9 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         .build()
         .expect("client runtime");
     let wqd = start_wqd(&[]);
+    // The same daemon with metrics on (an ephemeral loopback port, never scraped here): what
+    // the per-item observer costs a Prometheus-scraped daemon.
+    let wqd_m = start_wqd(&["--metrics-listen".into(), "127.0.0.1:0".into()]);
     let floor = start_floor(false);
     let floor_nd = start_floor(true);
     eprintln!(
@@ -664,6 +667,16 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         sides[0].1.wqd[0].create_workqueue(SUMMARY_WQ, wqd_proto::v1::ResultsMode::Summary),
     )
     .expect("creating the summary workqueue");
+    let metered = rt.block_on(async {
+        let c = wire::connect(&wqd_m.unix()).await;
+        c.create_workqueue(SUMMARY_WQ, wqd_proto::v1::ResultsMode::Summary)
+            .await
+            .expect("creating the summary workqueue (metrics on)");
+        c
+    });
+    // (batch, sys, metrics on) → per-run items/s, one connection over the Unix socket.
+    let mut mt: HashMap<(usize, Sys, bool), Vec<f64>> = HashMap::new();
+    let metric_batches: Vec<usize> = cfg.batches.iter().copied().filter(|&n| n >= 100).collect();
 
     // (transport, conns, batch, sys) → per-run items/s.
     let mut tp: HashMap<(&str, usize, usize, Sys), Vec<f64>> = HashMap::new();
@@ -708,6 +721,15 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 cfg.latency_samples,
                 lat.entry(tr).or_default(),
             ));
+        }
+        for (bi, &n) in metric_batches.iter().enumerate() {
+            for sys in [Sys::Wait, Sys::WaitSummaryWq] {
+                for on in rotate(&[false, true], run + bi) {
+                    let c = if on { &metered } else { &sides[0].1.wqd[0] };
+                    let r = rt.block_on(throughput(std::slice::from_ref(c), sys, n, cfg.window));
+                    mt.entry((n, sys, on)).or_default().push(r);
+                }
+            }
         }
         eprintln!("wqd-bench: grpc: run {}/{} done", run + 1, cfg.runs);
     }
@@ -832,6 +854,33 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         }
     }
 
+    let mut mtab = Table::new(
+        "gRPC: the daemon with metrics on (items/s, higher is better)",
+        &format!(
+            "Two `wqd` daemons alike but for `--metrics-listen` (the engine then has an \
+             observer: per-item counters and histograms; nobody scrapes here), one connection \
+             each over the Unix socket, the two alternating (order rotating), {:?} window per \
+             figure; {} runs, min / median / max. `on ÷ off` is per run.",
+            cfg.window, cfg.runs
+        ),
+        &["batch", "call", "metrics off", "metrics on", "on ÷ off"],
+    );
+    for &n in &metric_batches {
+        for sys in [Sys::Wait, Sys::WaitSummaryWq] {
+            let (off, on) = (&mt[&(n, sys, false)], &mt[&(n, sys, true)]);
+            let mut r: Vec<f64> = on.iter().zip(off).map(|(a, b)| a / b).collect();
+            mtab.row(vec![
+                n.to_string(),
+                sys.label().to_string(),
+                report::rate_spread(Spread::of(&mut off.clone())),
+                report::rate_spread(Spread::of(&mut on.clone())),
+                report::spread(Spread::of(&mut r), 2),
+            ]);
+        }
+    }
+    drop(metered);
+    drop(wqd_m);
+
     let mut lt = Table::new(
         "gRPC: single-item round trip (lower is better)",
         &format!(
@@ -906,7 +955,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         t_topo.elapsed()
     );
     drop(wqd);
-    (vec![t, empty, lt, topo], verdicts)
+    (vec![t, mtab, empty, lt, topo], verdicts)
 }
 
 /// For a profiler on the daemon side: `rounds` `Submit(wait)` calls of `batch` `noop` items
