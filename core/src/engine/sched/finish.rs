@@ -47,7 +47,7 @@ pub(crate) const NOT_LIVE: &str = "not-live";
 pub(crate) struct Finished {
     results: Vec<Stored>,
     now: Option<Instant>,
-    /// Per flush: its sender and the events of the batch's items it covers (empty for a
+    /// Per flush: its sender and the message for the batch's items it covers (`None` for a
     /// counting flush whose last item ended: dropping the sender closes its channel).
     sends: Vec<(flume::Sender<FlushMsg>, Option<FlushMsg>)>,
 }
