@@ -1,5 +1,6 @@
 //! Churn stress: random CPU loss and return every few milliseconds while 100k+ items are
-//! submitted across many groups and workqueues, with random flushes and cancels.
+//! submitted across many groups and workqueues, with random flushes and cancels; some batches
+//! are submitted waiting (`submit_and_wait`, the daemon's `Submit(wait)`).
 //!
 //! Counts and asserts: every item terminal exactly once; no item run twice; every flush
 //! returned within a bound; no item started on a CPU that was dead in the epoch its start
@@ -166,15 +167,18 @@ fn churn_keeps_the_contract() {
     let flushes = Arc::new(AtomicU64::new(0));
     let cancels = Arc::new(AtomicU64::new(0));
     let total = Arc::new(AtomicU64::new(0));
+    // (id, state) of every item a `submit_and_wait` heard of.
+    let waited = Arc::new(Mutex::new(Vec::<(u64, State)>::new()));
     let mut subs = Vec::new();
     for t in 0..2u64 {
-        let (world, submitted, max_flush, flushes, cancels, total) = (
+        let (world, submitted, max_flush, flushes, cancels, total, waited) = (
             world.clone(),
             submitted.clone(),
             max_flush.clone(),
             flushes.clone(),
             cancels.clone(),
             total.clone(),
+            waited.clone(),
         );
         subs.push(std::thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(seed ^ (t + 10));
@@ -201,7 +205,18 @@ fn churn_keeps_the_contract() {
                     batch.push(it);
                 }
                 let targets_of: Vec<Target> = batch.iter().map(|i| i.target.clone()).collect();
-                let r = match world.engine.submit(wq, batch) {
+                // Some batches wait in the submit (`submit_and_wait`: an at-end flush, whose
+                // full results the workers keep as records until the last item ends).
+                let wait = rng.gen_bool(0.08);
+                let submit = if wait {
+                    world
+                        .engine
+                        .submit_and_wait(wq, batch)
+                        .map(|(r, f)| (r, Some(f)))
+                } else {
+                    world.engine.submit(wq, batch).map(|r| (r, None))
+                };
+                let (r, waiting) = match submit {
                     Ok(r) => r,
                     Err(EngineError::QueueFull { .. }) => {
                         std::thread::sleep(Duration::from_millis(1));
@@ -217,6 +232,26 @@ fn churn_keeps_the_contract() {
                     }
                 }
                 let recent: Vec<u64> = r.items.iter().map(|i| i.id).collect();
+                if let Some(mut f) = waiting {
+                    // Every item of the batch once, terminal, with its full result.
+                    let deadline = Some(Instant::now() + FLUSH_BOUND);
+                    let mut got = Vec::new();
+                    while let Some(ev) =
+                        f.next_blocking(deadline).expect("submit_and_wait in bound")
+                    {
+                        match ev {
+                            FlushEvent::Done(r) => {
+                                assert!(r.state.is_terminal(), "{} is {:?}", r.id, r.state);
+                                got.push((r.id, r.state));
+                            }
+                            other => panic!("submit_and_wait (results = full): {other:?}"),
+                        }
+                    }
+                    let mut ids: Vec<u64> = got.iter().map(|g| g.0).collect();
+                    ids.sort_unstable();
+                    assert_eq!(ids, recent, "one result per item of the waited batch");
+                    waited.lock().extend(got);
+                }
                 match rng.gen_range(0..100) {
                     0..=9 => {
                         let f = world.engine.flush(FlushScope::Batch(r.batch)).unwrap();
@@ -338,11 +373,21 @@ fn churn_keeps_the_contract() {
             }
         }
     }
+    // What each `submit_and_wait` heard is what the final flush finds.
+    let waited = std::mem::take(&mut *waited.lock());
+    for (id, state) in &waited {
+        assert_eq!(
+            results[id].state, *state,
+            "item {id}: its waiter and the store agree"
+        );
+    }
+    assert!(!waited.is_empty(), "some batches waited in the submit");
     let stats = world.engine.stats();
     eprintln!(
-        "churn: {} items, {} topology events, {} flushes (max wait {:?}), {} cancels, final flush {:?}, \
-         {} fallbacks, {} re-binds, by state {:?}, engine re-binds {:?}",
+        "churn: {} items ({} waited in the submit), {} topology events, {} flushes (max wait {:?}), \
+         {} cancels, final flush {:?}, {} fallbacks, {} re-binds, by state {:?}, engine re-binds {:?}",
         submitted.len(),
+        waited.len(),
         events,
         flushes.load(Ordering::Relaxed),
         *max_flush.lock(),
