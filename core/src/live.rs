@@ -43,6 +43,7 @@
 //! [`FULL_READ_EVERY`] old, which bounds how long a change of an online CPU's topology files
 //! without a hotplug goes unseen.
 
+use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -379,9 +380,6 @@ enum Cmd {
     Stop,
 }
 
-/// How often the uevent thread looks at the stop flag.
-const UEVENT_SLICE: Duration = Duration::from_millis(100);
-
 /// The monitor's rescans re-read every online CPU's files (a full [`Reader::read`]) at least
 /// this often; in between they re-read only what hotplug changes ([`Reader::rescan`]). With a
 /// rescan period at or above it, every periodic rescan is a full read.
@@ -396,6 +394,8 @@ pub struct Monitor {
     tx: Sender<Cmd>,
     /// Set once by `shutdown`; read by the uevent thread.
     stop: Arc<AtomicBool>,
+    /// Dropped by `shutdown`, which wakes the uevent thread (it waits on the other end).
+    uevent_wake: Option<UnixStream>,
     /// Owned by `shutdown`, which joins them.
     threads: Vec<JoinHandle<()>>,
     netlink_active: bool,
@@ -443,6 +443,7 @@ impl Monitor {
             view,
             tx,
             stop: Arc::new(AtomicBool::new(false)),
+            uevent_wake: None,
             threads: Vec::new(),
             netlink_active: false,
             reports: Arc::new(AtomicU64::new(0)),
@@ -453,16 +454,26 @@ impl Monitor {
         })?;
         monitor.threads.push(rescan);
         if cfg.netlink {
-            match UeventSocket::open() {
-                Ok(sock) => {
+            let opened = UeventSocket::open()
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    let pair = UnixStream::pair()
+                        .map_err(|e| format!("no socket pair to wake the uevent thread: {e}"))?;
+                    Ok((s, pair))
+                });
+            match opened {
+                Ok((sock, (wake, woken))) => {
                     let (tx, stop) = (monitor.tx.clone(), monitor.stop.clone());
+                    monitor.uevent_wake = Some(wake);
                     // On error `monitor` drops here, which stops the rescan thread.
-                    let t = spawn("wqd-topo-uevent", move || uevent_loop(&sock, &tx, &stop))?;
+                    let t = spawn("wqd-topo-uevent", move || {
+                        uevent_loop(&sock, &woken, &tx, &stop)
+                    })?;
                     monitor.threads.push(t);
                     monitor.netlink_active = true;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "no uevent socket; relying on periodic rescans")
+                    tracing::warn!(error = e, "no uevent socket; relying on periodic rescans")
                 }
             }
         }
@@ -492,13 +503,15 @@ impl Monitor {
     }
 
     /// Stops and joins the threads. Postcondition: no monitor thread runs and no further
-    /// snapshot comes from this monitor. Takes at most about 100 ms plus one read in progress.
+    /// snapshot comes from this monitor. Takes at most one read in progress.
     pub fn stop(self) {
         drop(self);
     }
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // Closing our end makes the uevent thread's end readable: it wakes and sees `stop`.
+        self.uevent_wake = None;
         let _ = self.tx.send(Cmd::Stop);
         for t in self.threads.drain(..) {
             let name = t.thread().name().unwrap_or("?").to_string();
@@ -607,9 +620,11 @@ fn rescan_loop(reader: &Reader, view: &LiveView, rx: &Receiver<Cmd>, period: Dur
     }
 }
 
-fn uevent_loop(sock: &UeventSocket, tx: &Sender<Cmd>, stop: &AtomicBool) {
+/// Blocks on the socket and on `woken` (the monitor closes its peer to stop it): no wake-up
+/// while nothing happens.
+fn uevent_loop(sock: &UeventSocket, woken: &UnixStream, tx: &Sender<Cmd>, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
-        match sock.recv_timeout(UEVENT_SLICE) {
+        match sock.recv_or_wake(woken) {
             Ok(None) => {}
             Ok(Some(ev)) => {
                 tracing::debug!(cpu = ev.cpu, online = ev.online, "cpu uevent");

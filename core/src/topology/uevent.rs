@@ -12,10 +12,11 @@
 //! `SUBSYSTEM=cpu\0SEQNUM=4242\0`. udev re-broadcasts on group 2 with a binary header starting
 //! `libudev\0`; those are ignored should they ever arrive.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     bind, recvfrom, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag,
     SockProtocol, SockType,
@@ -89,6 +90,50 @@ impl UeventSocket {
                 &TimeVal::microseconds(left.as_micros() as i64),
             )
             .map_err(TopologyError::Netlink)?;
+            match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), &mut buf) {
+                Ok((n, from)) => {
+                    // Only the kernel (port 0) is trusted; anything else is a forgery or udev.
+                    if from.is_some_and(|a| a.pid() != 0) {
+                        continue;
+                    }
+                    if let Some(ev) = parse_uevent(&buf[..n]) {
+                        return Ok(Some(ev));
+                    }
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                Err(e) => return Err(TopologyError::Netlink(e)),
+            }
+        }
+    }
+}
+
+impl UeventSocket {
+    /// Waits, without a timeout, for a CPU online/offline event or for `wake` to become
+    /// readable (data, or its peer closed): `Ok(None)` then. A thread blocked here costs no
+    /// wake-ups while nothing happens; whoever stops it writes to or closes `wake`'s peer.
+    ///
+    /// # Errors
+    /// As [`UeventSocket::recv_timeout`] (`ENOBUFS`: events were dropped, rescan).
+    pub fn recv_or_wake(&self, wake: &impl AsFd) -> Result<Option<CpuEvent>, TopologyError> {
+        let mut buf = vec![0u8; MAX_MSG];
+        loop {
+            let mut fds = [
+                PollFd::new(self.fd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(TopologyError::Netlink(e)),
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                return Ok(None);
+            }
+            if fds[0].revents().is_none_or(|r| r.is_empty()) {
+                continue;
+            }
+            // Readable (or an error pending, which the receive reports): one datagram, at
+            // once, since this thread is the socket's only reader.
             match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), &mut buf) {
                 Ok((n, from)) => {
                     // Only the kernel (port 0) is trusted; anything else is a forgery or udev.
