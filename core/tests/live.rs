@@ -310,10 +310,10 @@ fn rescan_now_is_synchronous() {
     assert_eq!(v.current().epoch, 2);
 }
 
-#[test]
-fn monitor_with_netlink_stops_promptly() {
-    let v = view("two-socket");
-    let m = Monitor::start(
+/// A monitor of the two-socket fixture with the uevent socket on and no periodic rescan to
+/// speak of (an hour).
+fn netlink_monitor(v: &Arc<LiveView>) -> Monitor {
+    Monitor::start(
         Reader::fixture(fixture("two-socket")),
         v.clone(),
         MonitorConfig {
@@ -321,7 +321,13 @@ fn monitor_with_netlink_stops_promptly() {
             netlink: true,
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn monitor_with_netlink_stops_promptly() {
+    let v = view("two-socket");
+    let m = netlink_monitor(&v);
     // Whether the socket opened depends on the sandbox; stopping must be prompt either way.
     let t = Instant::now();
     m.stop();
@@ -336,15 +342,7 @@ fn monitor_with_netlink_stops_promptly() {
 #[test]
 fn idle_uevent_thread_does_not_wake() {
     let v = view("two-socket");
-    let m = Monitor::start(
-        Reader::fixture(fixture("two-socket")),
-        v.clone(),
-        MonitorConfig {
-            rescan: Duration::from_secs(3600),
-            netlink: true,
-        },
-    )
-    .unwrap();
+    let m = netlink_monitor(&v);
     if !m.netlink_active() {
         eprintln!("SKIP idle_uevent_thread_does_not_wake: no uevent socket here");
         return;
@@ -384,15 +382,7 @@ fn idle_uevent_thread_does_not_wake() {
 #[test]
 fn a_kernel_uevent_reaches_the_monitor() {
     let v = view("two-socket");
-    let m = Monitor::start(
-        Reader::fixture(fixture("two-socket")),
-        v.clone(),
-        MonitorConfig {
-            rescan: Duration::from_secs(3600),
-            netlink: true,
-        },
-    )
-    .unwrap();
+    let m = netlink_monitor(&v);
     if !m.netlink_active() || !nix::unistd::Uid::effective().is_root() {
         eprintln!("SKIP a_kernel_uevent_reaches_the_monitor: needs root and a uevent socket");
         return;

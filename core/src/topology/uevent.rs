@@ -90,24 +90,12 @@ impl UeventSocket {
                 &TimeVal::microseconds(left.as_micros() as i64),
             )
             .map_err(TopologyError::Netlink)?;
-            match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), &mut buf) {
-                Ok((n, from)) => {
-                    // Only the kernel (port 0) is trusted; anything else is a forgery or udev.
-                    if from.is_some_and(|a| a.pid() != 0) {
-                        continue;
-                    }
-                    if let Some(ev) = parse_uevent(&buf[..n]) {
-                        return Ok(Some(ev));
-                    }
-                }
-                Err(Errno::EAGAIN | Errno::EINTR) => continue,
-                Err(e) => return Err(TopologyError::Netlink(e)),
+            if let Some(ev) = self.recv_one(&mut buf)? {
+                return Ok(Some(ev));
             }
         }
     }
-}
 
-impl UeventSocket {
     /// Waits, without a timeout, for a CPU online/offline event or for `wake` to become
     /// readable (data, or its peer closed): `Ok(None)` then. A thread blocked here costs no
     /// wake-ups while nothing happens; whoever stops it writes to or closes `wake`'s peer.
@@ -134,19 +122,21 @@ impl UeventSocket {
             }
             // Readable (or an error pending, which the receive reports): one datagram, at
             // once, since this thread is the socket's only reader.
-            match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), &mut buf) {
-                Ok((n, from)) => {
-                    // Only the kernel (port 0) is trusted; anything else is a forgery or udev.
-                    if from.is_some_and(|a| a.pid() != 0) {
-                        continue;
-                    }
-                    if let Some(ev) = parse_uevent(&buf[..n]) {
-                        return Ok(Some(ev));
-                    }
-                }
-                Err(Errno::EAGAIN | Errno::EINTR) => continue,
-                Err(e) => return Err(TopologyError::Netlink(e)),
+            if let Some(ev) = self.recv_one(&mut buf)? {
+                return Ok(Some(ev));
             }
+        }
+    }
+
+    /// Receives one datagram (blocking while none is queued): `Some` for a kernel CPU
+    /// online/offline event; `None` for any other datagram, or a receive to retry.
+    fn recv_one(&self, buf: &mut [u8]) -> Result<Option<CpuEvent>, TopologyError> {
+        match recvfrom::<NetlinkAddr>(self.fd.as_raw_fd(), buf) {
+            // Only the kernel (port 0) is trusted; anything else is a forgery or udev.
+            Ok((_, Some(from))) if from.pid() != 0 => Ok(None),
+            Ok((n, _)) => Ok(parse_uevent(&buf[..n])),
+            Err(Errno::EAGAIN | Errno::EINTR) => Ok(None),
+            Err(e) => Err(TopologyError::Netlink(e)),
         }
     }
 }
