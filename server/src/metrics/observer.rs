@@ -101,6 +101,11 @@ impl EngineMetrics {
         if let Some(h) = w.get(name) {
             return h.clone();
         }
+        // A workqueue named like the overflow label shares its handles (one series each).
+        if name == OTHER_WORKQUEUE {
+            w.insert(name.into(), self.other.clone());
+            return self.other.clone();
+        }
         if w.len() >= MAX_WORKQUEUE_LABELS {
             return self.other.clone();
         }
@@ -158,7 +163,11 @@ impl EngineMetrics {
     /// `# HELP` and `# TYPE`, its series by workqueue (`_other` first, then by name).
     pub(crate) fn render_items(&self, out: &mut String) {
         let wqs = self.wqs.read();
-        let mut series: Vec<(&str, &WqHandles)> = wqs.iter().map(|(k, v)| (&**k, &**v)).collect();
+        let mut series: Vec<(&str, &WqHandles)> = wqs
+            .iter()
+            .filter(|(_, v)| !Arc::ptr_eq(v, &self.other))
+            .map(|(k, v)| (&**k, &**v))
+            .collect();
         series.sort_unstable_by_key(|(k, _)| *k);
         series.insert(0, (OTHER_WORKQUEUE, &self.other));
         let families: [(&str, &str, Pick); 2] = [
@@ -271,6 +280,28 @@ impl Observer for EngineMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A workqueue named `_other` (a valid name) and the workqueues past the cap share one
+    /// series: the scrape has each histogram series once. Fails if `_other` gets handles of
+    /// its own (two series with the same labels, which Prometheus rejects).
+    #[test]
+    fn a_workqueue_named_other_shares_the_overflow_series() {
+        let m = super::super::Metrics::new().unwrap();
+        let o = &m.observer;
+        o.started("_other", 0, Duration::from_micros(3));
+        o.started("_other", 0, Duration::from_micros(3));
+        assert_eq!(o.label("_other"), OTHER_WORKQUEUE);
+        let mut text = m.handle.render();
+        o.render_items(&mut text);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("wqd_item_queue_wait_seconds_count{workqueue=\"_other\"}"))
+            .collect();
+        assert_eq!(
+            lines,
+            ["wqd_item_queue_wait_seconds_count{workqueue=\"_other\"} 2"]
+        );
+    }
 
     #[test]
     fn workqueue_labels_are_capped() {
