@@ -117,7 +117,7 @@ pub(crate) fn spawn(inner: &Arc<Inner>, cpu: u32, gen: u64) {
         }
         Err(e) => {
             tracing::error!(cpu, error = %e, "cannot start a worker thread");
-            let mut s = inner.sched.lock();
+            let mut s = inner.sched.write();
             s.arrive(cpu, gen, wid, true, false);
             s.worker_exit(cpu, gen, true);
         }
@@ -169,7 +169,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 cpu,
                 &format!("cannot pin a worker to cpu {cpu}: {e}"),
             );
-            let mut s = inner.sched.lock();
+            let mut s = inner.sched.write();
             s.arrive(cpu, gen, wid, true, false);
             s.worker_exit(cpu, gen, true);
             return;
@@ -200,7 +200,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             .take()
             .is_some_and(|(t, n)| now.duration_since(t) < QUICK * n);
         let first = {
-            let mut s = inner.sched.lock();
+            let mut s = inner.sched.write();
             s.finish_all(&mut done, now, &mut fx, &mut fin);
             let timed_out = s.arrive(cpu, gen, wid, fresh, idle_since.is_some());
             fresh = false;
@@ -287,7 +287,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         if exit {
             let mut fx = Effects::default();
             {
-                let mut s = inner.sched.lock();
+                let mut s = inner.sched.write();
                 s.finish_all(&mut done, Instant::now(), &mut fx, &mut fin);
                 s.worker_exit(cpu, gen, true);
                 release(&inner, s, &mut fin);
@@ -301,7 +301,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
 /// Ends a lock hold that began with [`Sched::finish_all`]: R is taken before L is released
 /// (hand over hand, see [`Finished`]), and the batch's full results are stored with R alone.
 /// Its flush events are sent by [`after_hold`].
-fn release(inner: &Inner, s: parking_lot::MutexGuard<'_, Sched>, fin: &mut Finished) {
+fn release(inner: &Inner, s: parking_lot::RwLockWriteGuard<'_, Sched>, fin: &mut Finished) {
     if fin.is_empty() {
         drop(s);
     } else {

@@ -686,7 +686,7 @@ impl RemoteWorker {
         inner.learn_remote(&names)?;
         let now = Instant::now();
         let id = {
-            let mut s = inner.sched.lock();
+            let mut s = inner.sched.write();
             if s.shutdown {
                 return Err(EngineError::ShuttingDown);
             }
@@ -710,7 +710,7 @@ impl RemoteWorker {
     ) -> Result<T, EngineError> {
         let mut fx = Effects::default();
         let r = {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             f(&mut s, Instant::now(), &mut fx)
         };
         fx.run(&self.inner);
@@ -773,7 +773,7 @@ impl RemoteWorker {
     pub fn held(&self) -> usize {
         self.inner
             .sched
-            .lock()
+            .write()
             .remotes
             .get(&self.id)
             .map_or(0, |r| r.held.len())
@@ -806,7 +806,7 @@ impl Drop for RemoteWorker {
 impl Inner {
     /// The attached workers, for `ListWorkers`, and (workers, items) lost since start.
     pub(crate) fn remote_infos(&self) -> (Vec<RemoteInfo>, (u64, u64)) {
-        let s = self.sched.lock();
+        let s = self.sched.write();
         (s.remote_infos(Instant::now()), s.remote_lost)
     }
 }

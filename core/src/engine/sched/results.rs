@@ -1043,7 +1043,7 @@ mod tests {
             assert_eq!((got.id, &*got.workqueue, &got.target), (*id, *wq, t));
             assert_eq!(&*got.handler, "noop");
         }
-        let store = engine.inner.sched.lock().results_store();
+        let store = engine.inner.sched.write().results_store();
         assert_eq!(
             store.lock().names.len(),
             6,
@@ -1121,7 +1121,7 @@ mod tests {
         assert_eq!(sum.covered, 100);
 
         let (tx, rx) = std::sync::mpsc::channel();
-        let held = engine.inner.sched.lock();
+        let held = engine.inner.sched.write();
         std::thread::scope(|s| {
             s.spawn(|| {
                 let got = engine.results(&ids);
