@@ -950,7 +950,7 @@ impl Flush {
         if self.tally.is_none() {
             if let Some(id) = self.id {
                 let t = Arc::new(Mutex::new(Tally::default()));
-                if let Some(rec) = self.inner.sched.write().flushes.get_mut(&id) {
+                if let Some(rec) = self.inner.sched.write().flushes.get_mut().get_mut(&id) {
                     rec.count_instead(t.clone());
                 }
                 self.tally = Some(t);
@@ -1015,7 +1015,7 @@ impl FlushSummary {
 impl Drop for Flush {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            self.inner.sched.write().flushes.remove(&id);
+            self.inner.sched.write().flushes.get_mut().remove(&id);
         }
     }
 }
@@ -1722,7 +1722,12 @@ impl Engine {
                 let waiting: Vec<ItemId> = ids
                     .iter()
                     .copied()
-                    .filter(|id| s.items.get(id).is_some_and(|i| i.state != State::Running))
+                    .filter(|id| {
+                        s.items
+                            .get_mut()
+                            .get(id)
+                            .is_some_and(|i| i.state != State::Running)
+                    })
                     .collect();
                 s.cancel(&waiting, &mut fx);
                 s.register_flush(&self.inner, ids, Delivery::Count)
@@ -1754,7 +1759,7 @@ impl Engine {
                 .collect()
         };
         if out.iter().any(Option::is_none) {
-            let s = self.inner.sched.write();
+            let mut s = self.inner.sched.write();
             for (o, &id) in out.iter_mut().zip(ids) {
                 if o.is_none() {
                     *o = made.once(id, || s.result_of(id));
@@ -1840,13 +1845,17 @@ impl Engine {
                 return 0;
             }
             s.shutdown = true;
-            let mut ids: Vec<_> = s.items.keys().collect();
+            let mut ids: Vec<_> = s.items.get_mut().keys().collect();
             // Oldest first: in id order the items sit in slot order (the table fills its slots
             // in submission order), so cancelling walks memory in sequence instead of at random.
             ids.sort_unstable();
             let mut n = 0;
             for id in ids {
-                if s.items.get(&id).is_some_and(|i| i.state != State::Running) {
+                if s.items
+                    .get_mut()
+                    .get(&id)
+                    .is_some_and(|i| i.state != State::Running)
+                {
                     s.cancel(&[id], &mut fx);
                     n += 1;
                 }
@@ -1857,7 +1866,7 @@ impl Engine {
                     break;
                 }
             }
-            let running: Vec<_> = s.items.keys().collect();
+            let running: Vec<_> = s.items.get_mut().keys().collect();
             n += running.len();
             s.cancel(&running, &mut fx);
             while s.running_total() > 0 {
@@ -1900,10 +1909,7 @@ impl Engine {
             }
         }
         if !left.is_empty() {
-            let running: Vec<String> = {
-                let s = self.inner.sched.write();
-                s.running_items()
-            };
+            let running: Vec<String> = { self.inner.sched.write().running_items() };
             tracing::error!(
                 threads = left.len(),
                 names = ?left,

@@ -117,7 +117,7 @@ impl Sched {
     /// clone of its sender, to be sent after L.
     fn send_held_events(&mut self) {
         for fid in self.held_flushes.drain(..) {
-            if let Some(f) = self.flushes.get_mut(&fid) {
+            if let Some(f) = self.flushes.get_mut().get_mut(&fid) {
                 f.listed = false;
                 f.add_held_counts();
                 if !f.held.is_empty() {
@@ -141,12 +141,12 @@ impl Sched {
         };
         let (qid, wi, kind) = (bound.queue as usize, bound.wq as usize, bound.kind);
         let cap_was_full = {
-            let wq = &self.wqs[wi];
+            let wq = self.wqs[wi].get_mut();
             wq.attrs.group_max_active > 0
-                && self.queues[qid].running >= wq.attrs.group_max_active as usize
+                && self.queues[qid].get_mut().running >= wq.attrs.group_max_active as usize
         };
-        self.queues[qid].running -= 1;
-        let wq = &mut self.wqs[wi];
+        self.queues[qid].get_mut().running -= 1;
+        let wq = self.wqs[wi].get_mut();
         wq.running -= 1;
         if bound.slot {
             if let Some(slot) = wq.running_on.get_mut(&bound.cpu) {
@@ -171,7 +171,7 @@ impl Sched {
                 if self.observed {
                     fx.rebound.push(why);
                 }
-                if let Some(item) = self.items.get_mut(&f.id) {
+                if let Some(item) = self.items.get_mut().get_mut(&f.id) {
                     item.rebinds = item.rebinds.saturating_add(1);
                 }
                 self.requeue(f.id, now, fx);
@@ -181,13 +181,15 @@ impl Sched {
                 let err = "cancelled; its attached worker was lost before it answered".into();
                 self.end_lost(f.id, State::Cancelled, err, f.started, now, fx);
             }
-            Outcome::Lost(why) if self.wqs[wi].attrs.on_worker_lost == WorkerLost::Requeue => {
+            Outcome::Lost(why)
+                if self.wqs[wi].get_mut().attrs.on_worker_lost == WorkerLost::Requeue =>
+            {
                 // A metric only: the stats' re-bind count is the sum of the items' `rebinds`
                 // (hand-backs before a start), which a re-delivery is not.
                 if self.observed {
                     fx.rebound.push("worker-lost");
                 }
-                if let Some(item) = self.items.get_mut(&f.id) {
+                if let Some(item) = self.items.get_mut().get_mut(&f.id) {
                     let c = item.cold();
                     c.lost += 1;
                     tracing::info!(item = f.id, lost = c.lost, %why, "worker lost holding an item; queued again (on_worker_lost = requeue)");
@@ -215,7 +217,7 @@ impl Sched {
             }
         }
         if cap_was_full {
-            let n = self.queues[qid].pending;
+            let n = self.queues[qid].get_mut().pending;
             self.make_ready(qid, n, fx);
         }
         if bound.slot {
@@ -223,12 +225,12 @@ impl Sched {
         }
         if ordered {
             if let Some(head) = self.ordered_head(wi) {
-                if let Some(hq) = self.items.get(&head).map(Item::qid) {
+                if let Some(hq) = self.items.get_mut().get(&head).map(Item::qid) {
                     self.make_ready(hq, 1, fx);
                 }
             }
         }
-        let q = &mut self.queues[qid];
+        let q = self.queues[qid].get_mut();
         if q.pending == 0 && q.running == 0 && q.delayed == 0 {
             q.idle_since = Some(now);
         }
@@ -244,7 +246,7 @@ impl Sched {
     /// workqueue rejects unserved items, it is rejected; otherwise its deadline timer is armed
     /// again and the queue made ready.
     fn requeue(&mut self, id: ItemId, now: Instant, fx: &mut Effects) {
-        let Some(item) = self.items.get_mut(&id) else {
+        let Some(item) = self.items.get_mut().get_mut(&id) else {
             return;
         };
         let (qid, wi) = (item.qid(), item.wi());
@@ -253,9 +255,9 @@ impl Sched {
         item.bound = NOT_BOUND;
         let key = item.key.clone();
         let deadline = item.deadline();
-        self.queues[qid].items.push_front(id);
-        self.queues[qid].pending += 1;
-        let wq = &mut self.wqs[wi];
+        self.queues[qid].get_mut().items.push_front(id);
+        self.queues[qid].get_mut().pending += 1;
+        let wq = self.wqs[wi].get_mut();
         wq.pending += 1;
         if wq.attrs.ordered {
             wq.ordered.push_front(id);
@@ -263,10 +265,10 @@ impl Sched {
         if let Some(k) = key {
             wq.keys.entry(k).or_insert(id);
         }
-        let reject = if self.queues[qid].eligible.is_empty()
-            && self.wqs[wi].attrs.fallback == Fallback::Reject
+        let reject = if self.queues[qid].get_mut().eligible.is_empty()
+            && self.wqs[wi].get_mut().attrs.fallback == Fallback::Reject
         {
-            Some(self.queues[qid].reason.clone())
+            Some(self.queues[qid].get_mut().reason.clone())
         } else {
             self.unserved(qid)
         };
@@ -352,16 +354,16 @@ impl Sched {
         fx: &mut Effects,
     ) {
         debug_assert!(state.is_terminal());
-        let Some(item) = self.items.remove(&id) else {
+        let Some(item) = self.items.get_mut().remove(&id) else {
             return;
         };
         // Its timers (a delay's, a deadline's) are garbage from now on.
         self.stale_timers +=
             usize::from(item.state == State::Delayed) + usize::from(item.deadline().is_some());
-        self.totals[state.index()] += 1;
+        self.totals.get_mut()[state.index()] += 1;
         self.uncount_waiting(&item);
         let wi = item.wi();
-        let wq = &mut self.wqs[wi];
+        let wq = self.wqs[wi].get_mut();
         wq.totals[state.index()] += 1;
         if let Some(k) = &item.key {
             if wq.keys.get(k) == Some(&id) {
@@ -450,7 +452,7 @@ impl Sched {
         // The result as the API gives it, made once for the flushes that take events.
         let mut given: Option<Arc<ItemResult>> = None;
         for fid in first.into_iter().chain(cold_waiters) {
-            if let Some(f) = self.flushes.get_mut(&fid) {
+            if let Some(f) = self.flushes.get_mut().get_mut(&fid) {
                 // A flush that delivers at the end keeps a copy of the record (one count on
                 // the body): its receiver makes the `ItemResult`, off L.
                 let kept_record = match (&f.tally, &result, f.kept.as_mut()) {
@@ -510,7 +512,7 @@ impl Sched {
                     // once what it holds is sent (after L, in a worker's finish batch).
                     // A flush that delivers at the end sends what it kept now (`held` is
                     // empty then: its events go to `kept`).
-                    if let Some(mut rec) = self.flushes.remove(&fid) {
+                    if let Some(mut rec) = self.flushes.get_mut().remove(&fid) {
                         rec.add_held_counts();
                         let msg = match rec.kept {
                             Some(k) => (!k.is_empty()).then_some(FlushMsg::Kept(k)),
@@ -525,7 +527,7 @@ impl Sched {
                 }
             }
         }
-        if let Some(b) = self.batches.get_mut(&item.batch) {
+        if let Some(b) = self.batches.get_mut().get_mut(&item.batch) {
             b.live = b.live.saturating_sub(1);
         }
         if let Some((workqueue, handler)) = names {
@@ -551,15 +553,15 @@ impl Sched {
     /// Takes an item that left `items` out of its workqueue's and queue's delayed or pending
     /// count (a running item is counted out by `finish`).
     pub(super) fn uncount_waiting(&mut self, item: &Item) {
-        let (qid, wq) = (item.qid(), &mut self.wqs[item.wi()]);
+        let (qid, wq) = (item.qid(), self.wqs[item.wi()].get_mut());
         match item.state {
             State::Delayed => {
                 wq.delayed -= 1;
-                self.queues[qid].delayed -= 1;
+                self.queues[qid].get_mut().delayed -= 1;
             }
             State::Pending => {
                 wq.pending -= 1;
-                self.queues[qid].pending -= 1;
+                self.queues[qid].get_mut().pending -= 1;
             }
             _ => {}
         }

@@ -61,7 +61,7 @@ impl Sched {
                 continue;
             }
             if let Some(names) = serves {
-                let theirs = self.queues[qid].remote.as_ref();
+                let theirs = self.queues[qid].get_mut().remote.as_ref();
                 if !theirs.is_some_and(|h| names.contains(h)) {
                     if let Some(p) = self.pools.get_mut(&cpu) {
                         p.remote_ready.push_back(qid);
@@ -70,8 +70,8 @@ impl Sched {
                 }
             }
             self.clean_front(qid);
-            if self.queues[qid].pending == 0 || !self.may_take(qid, cpu) {
-                self.queues[qid].in_ready.remove(cpu);
+            if self.queues[qid].get_mut().pending == 0 || !self.may_take(qid, cpu) {
+                self.queues[qid].get_mut().in_ready.remove(cpu);
                 continue;
             }
             if !self.limits_allow(qid, cpu) {
@@ -81,30 +81,31 @@ impl Sched {
                 continue;
             }
             // `clean_front` left a pending item of this queue at the front.
-            let Some(&id) = self.queues[qid].items.front() else {
+            let Some(&id) = self.queues[qid].get_mut().items.front() else {
                 continue;
             };
             let Some((kind, expired)) = self
                 .items
+                .get_mut()
                 .get(&id)
                 .map(|it| (it.body.kind(), it.deadline().is_some_and(|d| d <= now)))
             else {
                 continue;
             };
             // From here on the item leaves its queue and is bound or expired.
-            self.queues[qid].items.pop_front();
-            let wi = self.queues[qid].wq;
-            if self.wqs[wi].attrs.ordered {
+            self.queues[qid].get_mut().items.pop_front();
+            let wi = self.queues[qid].get_mut().wq;
+            if self.wqs[wi].get_mut().attrs.ordered {
                 self.ordered_head(wi);
-                self.wqs[wi].ordered.pop_front();
+                self.wqs[wi].get_mut().ordered.pop_front();
             }
             // Requeue the queue for this pool while it has more.
-            if self.queues[qid].pending > 1 {
+            if self.queues[qid].get_mut().pending > 1 {
                 if let Some(p) = self.pools.get_mut(&cpu) {
                     p.ready_list(remote).push_back(qid);
                 }
             } else {
-                self.queues[qid].in_ready.remove(cpu);
+                self.queues[qid].get_mut().in_ready.remove(cpu);
             }
             if expired {
                 self.end_unstarted(id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx);
@@ -115,7 +116,7 @@ impl Sched {
             else {
                 continue;
             };
-            let wq = &mut self.wqs[wi];
+            let wq = self.wqs[wi].get_mut();
             let slot = wq.running_on.entry(cpu).or_insert([0, 0]);
             slot[usize::from(kind == HandlerKind::Waits)] += 1;
             let nice = wq.attrs.nice;
@@ -146,9 +147,9 @@ impl Sched {
                 cpu,
                 nice,
                 queue: qid,
-                workqueue: self.observed.then(|| self.wqs[wi].name.clone()),
+                workqueue: self.observed.then(|| self.wqs[wi].get_mut().name.clone()),
                 queued_at,
-                record: self.observed || self.wqs[wi].attrs.results == ResultsMode::Full,
+                record: self.observed || self.wqs[wi].get_mut().attrs.results == ResultsMode::Full,
             });
         }
         None
@@ -172,12 +173,12 @@ impl Sched {
         slot: bool,
         shared: Option<&Arc<Body>>,
     ) -> Option<(Option<Arc<Body>>, SystemTime, u32)> {
-        let q = &self.queues[qid];
+        let q = self.queues[qid].get_mut();
         let (wi, fallback) = (q.wq, q.fallback);
         let epoch = self.epoch;
         // The callers found this item pending under the same lock hold; were it gone, the id
         // they popped was a tombstone and nothing has changed yet.
-        let item = self.items.get_mut(&id)?;
+        let item = self.items.get_mut().get_mut(&id)?;
         item.state = State::Running;
         item.fallback = fallback;
         if fallback.is_some() {
@@ -186,7 +187,7 @@ impl Sched {
             c.decided = epoch;
         }
         if let Some(k) = &item.key {
-            let wq = &mut self.wqs[wi];
+            let wq = self.wqs[wi].get_mut();
             if wq.keys.get(k) == Some(&id) {
                 wq.keys.remove(k);
             }
@@ -201,7 +202,7 @@ impl Sched {
             *self.fallbacks.entry(l.to_string()).or_default() += 1;
         }
         token.reset();
-        let claim = self.running.insert(Bound {
+        let claim = self.running.get_mut().insert(Bound {
             id,
             cpu,
             queue: qid as u32,
@@ -214,10 +215,10 @@ impl Sched {
             remote: None,
         }) as u32;
         item.bound = claim;
-        let q = &mut self.queues[qid];
+        let q = self.queues[qid].get_mut();
         q.pending -= 1;
         q.running += 1;
-        let wq = &mut self.wqs[wi];
+        let wq = self.wqs[wi].get_mut();
         wq.pending -= 1;
         wq.running += 1;
         Some((out.0, out.1, claim))
@@ -250,17 +251,20 @@ impl Sched {
         // its workqueue's `ordered`, its eligibility on `cpu` and the pool's liveness are
         // changed only by topology, update and housekeeping steps, each under L.
         if !self.queues.contains(qid)
-            || self.wqs[self.queues[qid].wq].attrs.ordered
+            || self.wqs[self.queues[qid].get_mut().wq]
+                .get_mut()
+                .attrs
+                .ordered
             || !self.may_take(qid, cpu)
-            || !self.pools.get(&cpu).is_some_and(|p| p.live)
+            || !self.pools.get_mut(&cpu).is_some_and(|p| p.live)
         {
             return;
         }
-        let wi = self.queues[qid].wq;
-        let cap = self.wqs[wi].attrs.group_max_active as usize;
+        let wi = self.queues[qid].get_mut().wq;
+        let cap = self.wqs[wi].get_mut().attrs.group_max_active as usize;
         let mut claimed = 0;
         'claim: for token in tokens {
-            let q = &self.queues[qid];
+            let q = self.queues[qid].get_mut();
             if q.pending == 0 || (cap > 0 && q.running >= cap) {
                 break;
             }
@@ -268,13 +272,13 @@ impl Sched {
             // dropped from the front, as `clean_front` does; the first pending item is
             // checked and bound.
             let (id, item) = loop {
-                let Some(&id) = self.queues[qid].items.front() else {
+                let Some(&id) = self.queues[qid].get_mut().items.front() else {
                     break 'claim;
                 };
-                match self.items.get(&id) {
+                match self.items.get_mut().get(&id) {
                     Some(it) if it.is_pending_in(qid) => break (id, it),
                     _ => {
-                        self.queues[qid].items.pop_front();
+                        self.queues[qid].get_mut().items.pop_front();
                     }
                 }
             };
@@ -290,7 +294,7 @@ impl Sched {
             {
                 break;
             }
-            self.queues[qid].items.pop_front();
+            self.queues[qid].get_mut().items.pop_front();
             let bound = self.bind(id, qid, cpu, token, now, false, Some(first_body));
             let Some((body, queued_at, claim)) = bound else {
                 break;
@@ -320,15 +324,19 @@ impl Sched {
 
 impl Sched {
     /// The claim of bound item `id`, if it is bound.
-    pub(super) fn bound(&self, id: ItemId) -> Option<&Bound> {
-        let it = self.items.get(&id)?;
-        self.running.get(it.bound as usize).filter(|b| b.id == id)
+    pub(super) fn bound(&mut self, id: ItemId) -> Option<&Bound> {
+        let it = self.items.get_mut().get(&id)?;
+        self.running
+            .get_mut()
+            .get(it.bound as usize)
+            .filter(|b| b.id == id)
     }
 
     /// [`bound`](Self::bound), to change the claim.
     pub(super) fn bound_mut(&mut self, id: ItemId) -> Option<&mut Bound> {
-        let it = self.items.get(&id)?;
+        let it = self.items.get_mut().get(&id)?;
         self.running
+            .get_mut()
             .get_mut(it.bound as usize)
             .filter(|b| b.id == id)
     }
@@ -338,12 +346,17 @@ impl Sched {
     /// is needed, and its `Item::bound` goes stale — the caller must end the item or, if it
     /// stays live, set it to [`NOT_BOUND`] (`requeue` does).
     pub(super) fn unbind(&mut self, id: ItemId, claim: u32) -> Option<Bound> {
-        if self.running.get(claim as usize).is_some_and(|b| b.id == id) {
-            return self.running.try_remove(claim as usize);
+        if self
+            .running
+            .get_mut()
+            .get(claim as usize)
+            .is_some_and(|b| b.id == id)
+        {
+            return self.running.get_mut().try_remove(claim as usize);
         }
-        let it = self.items.get_mut(&id)?;
+        let it = self.items.get_mut().get_mut(&id)?;
         let slot = std::mem::replace(&mut it.bound, NOT_BOUND);
-        let b = self.running.try_remove(slot as usize)?;
+        let b = self.running.get_mut().try_remove(slot as usize)?;
         debug_assert_eq!(b.id, id, "a claim names its item");
         Some(b)
     }

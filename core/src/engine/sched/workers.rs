@@ -53,8 +53,12 @@ impl Sched {
     }
 
     /// Whether a worker of generation `gen` on `cpu` should keep going.
-    pub(crate) fn worker_current(&self, cpu: u32, gen: u64) -> bool {
-        !self.shutdown && self.pools.get(&cpu).is_some_and(|p| p.live && p.gen == gen)
+    pub(crate) fn worker_current(&mut self, cpu: u32, gen: u64) -> bool {
+        !self.shutdown
+            && self
+                .pools
+                .get_mut(&cpu)
+                .is_some_and(|p| p.live && p.gen == gen)
     }
 
     /// Accounts for a worker leaving. `pin_failed` holds off respawning until the next epoch.
@@ -69,9 +73,9 @@ impl Sched {
     }
 
     /// Whether an idle worker may retire (another worker stays).
-    pub(crate) fn may_retire(&self, cpu: u32, gen: u64) -> bool {
+    pub(crate) fn may_retire(&mut self, cpu: u32, gen: u64) -> bool {
         self.pools
-            .get(&cpu)
+            .get_mut(&cpu)
             .is_some_and(|p| p.gen == gen && p.workers > 1)
     }
 
@@ -93,7 +97,7 @@ impl Sched {
                 && p.gen != gen
                 && p.ready
                     .iter()
-                    .any(|&q| queues.get(q).is_some_and(|q| q.pending > 0))
+                    .any(|&q| queues.get(q).is_some_and(|q| q.lock().pending > 0))
         }) else {
             return;
         };
