@@ -59,6 +59,7 @@ mod flush;
 mod item;
 mod queue;
 mod results;
+mod shared;
 mod stalls;
 mod stats;
 mod submit;
@@ -77,6 +78,7 @@ pub use item::ItemId;
 pub(crate) use item::NOT_BOUND;
 pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Started};
 pub(crate) use results::{Made as ResultsMade, Store as ResultStore, Stored};
+pub(crate) use shared::{Holder, SharedHold};
 
 use item::Bound;
 use queue::{Pools, Queue};

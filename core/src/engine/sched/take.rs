@@ -157,11 +157,8 @@ impl Sched {
 
     /// The bind step shared by [`take`](Self::take) and [`claim_more`](Self::claim_more):
     /// pending item `id`, already popped from queue `qid`, becomes running on `cpu` under
-    /// `token` (reset here), with the queue's fallback and reason, the fallback tally, its
-    /// `running` entry (`slot`: whether it holds a `running_on` slot) and the queue and
-    /// workqueue counters.
-    /// Returns its body (`None` when it is `shared`, the body of the job it is claimed
-    /// behind), queue time and claim slot for the [`Job`].
+    /// `token` (reset here), with the queue's fallback and reason and the fallback tally,
+    /// then [`bind_in`].
     #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
@@ -175,53 +172,36 @@ impl Sched {
     ) -> Option<(Option<Arc<Body>>, SystemTime, u32)> {
         let q = self.queues[qid].get_mut();
         let (wi, fallback) = (q.wq, q.fallback);
-        let epoch = self.epoch;
         // The callers found this item pending under the same lock hold; were it gone, the id
         // they popped was a tombstone and nothing has changed yet.
         let item = self.items.get_mut().get_mut(&id)?;
-        item.state = State::Running;
         item.fallback = fallback;
-        if fallback.is_some() {
+        if let Some(l) = fallback {
             let c = item.cold();
             c.reason = q.reason.clone();
-            c.decided = epoch;
-        }
-        if let Some(k) = &item.key {
-            let wq = self.wqs[wi].get_mut();
-            if wq.keys.get(k) == Some(&id) {
-                wq.keys.remove(k);
-            }
-        }
-        let body = match shared {
-            Some(b) if Arc::ptr_eq(b, &item.body) => None,
-            _ => Some(item.body.clone()),
-        };
-        let out = (body, item.queued_at);
-        let kind = item.body.kind();
-        if let Some(l) = fallback {
+            c.decided = self.epoch;
             *self.fallbacks.entry(l.to_string()).or_default() += 1;
         }
-        token.reset();
-        let claim = self.running.get_mut().insert(Bound {
+        let at = Binding {
             id,
+            qid,
             cpu,
-            queue: qid as u32,
-            wq: wi as u32,
-            kind,
-            at: now,
-            token: token.clone(),
-            hog_reported: false,
+            token,
+            now,
             slot,
-            remote: None,
-        }) as u32;
-        item.bound = claim;
-        let q = self.queues[qid].get_mut();
-        q.pending -= 1;
-        q.running += 1;
+            shared,
+        };
+        let key = item.key.clone();
+        let out = bind_in(&at, item, q, self.running.get_mut());
         let wq = self.wqs[wi].get_mut();
+        if let Some(k) = key {
+            if wq.keys.get(&k) == Some(&id) {
+                wq.keys.remove(&k);
+            }
+        }
         wq.pending -= 1;
         wq.running += 1;
-        Some((out.0, out.1, claim))
+        Some(out)
     }
 
     /// Right after `take` gave `first`, in the same lock hold: binds up to `tokens.len()` more
@@ -360,4 +340,56 @@ impl Sched {
         debug_assert_eq!(b.id, id, "a claim names its item");
         Some(b)
     }
+}
+
+/// Where and how [`bind_in`] binds an item.
+pub(super) struct Binding<'a> {
+    pub(super) id: ItemId,
+    pub(super) qid: usize,
+    pub(super) cpu: u32,
+    pub(super) token: &'a CancelToken,
+    pub(super) now: Instant,
+    /// Whether its claim holds a `running_on` slot (the first job of a batch).
+    pub(super) slot: bool,
+    /// The body of the job it is claimed behind, if any.
+    pub(super) shared: Option<&'a Arc<Body>>,
+}
+
+/// The bind step both paths share (exclusive L, or shared L with the queue's, items' and
+/// claims' locks held): pending `item`, already popped from queue `q`, becomes running on
+/// `at.cpu` under `at.token` (reset here): its claim in `running`, the queue's counters moved.
+/// The caller moves the workqueue's counters and releases the key; the fallback is the
+/// caller's too (the hot path binds only from queues without one). Returns its body (`None`
+/// when it is the body of the job it is claimed behind), queue time and claim slot for the
+/// [`Job`].
+pub(super) fn bind_in(
+    at: &Binding<'_>,
+    item: &mut super::Item,
+    q: &mut super::Queue,
+    running: &mut slab::Slab<Bound>,
+) -> (Option<Arc<Body>>, SystemTime, u32) {
+    let id = at.id;
+    item.state = State::Running;
+    let body = match at.shared {
+        Some(b) if Arc::ptr_eq(b, &item.body) => None,
+        _ => Some(item.body.clone()),
+    };
+    let kind = item.body.kind();
+    at.token.reset();
+    let claim = running.insert(Bound {
+        id,
+        cpu: at.cpu,
+        queue: at.qid as u32,
+        wq: q.wq as u32,
+        kind,
+        at: at.now,
+        token: at.token.clone(),
+        hog_reported: false,
+        slot: at.slot,
+        remote: None,
+    }) as u32;
+    item.bound = claim;
+    q.pending -= 1;
+    q.running += 1;
+    (body, item.queued_at, claim)
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
-use super::queue::SPAWN_HOLD;
+use super::queue::{Pool, SPAWN_HOLD};
 use super::{Effects, Sched};
 use crate::engine::worker::Wake;
 
@@ -35,21 +35,9 @@ impl Sched {
         fresh: bool,
         parked: bool,
     ) -> bool {
-        let Some(p) = self.pools.get_mut(&cpu) else {
-            return false;
-        };
-        let still_idle = parked
-            && match p.idle.iter().position(|(w, _)| *w == wid) {
-                Some(i) => {
-                    p.idle.swap_remove(i);
-                    true
-                }
-                None => false,
-            };
-        if (fresh || (parked && !still_idle)) && p.gen == gen {
-            p.coming = p.coming.saturating_sub(1);
-        }
-        still_idle
+        self.pools
+            .get_mut(&cpu)
+            .is_some_and(|p| p.arrive(gen, wid, fresh, parked))
     }
 
     /// Whether a worker of generation `gen` on `cpu` should keep going.
@@ -109,5 +97,23 @@ impl Sched {
             p.coming += p.idle.len();
             fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
         }
+    }
+}
+
+impl Pool {
+    /// [`Sched::arrive`] in this pool (also the shared hold's, under P).
+    pub(super) fn arrive(&mut self, gen: u64, wid: u64, fresh: bool, parked: bool) -> bool {
+        let still_idle = parked
+            && match self.idle.iter().position(|(w, _)| *w == wid) {
+                Some(i) => {
+                    self.idle.swap_remove(i);
+                    true
+                }
+                None => false,
+            };
+        if (fresh || (parked && !still_idle)) && self.gen == gen {
+            self.coming = self.coming.saturating_sub(1);
+        }
+        still_idle
     }
 }
