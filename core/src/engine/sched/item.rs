@@ -167,6 +167,21 @@ pub(crate) struct Cold {
 /// `Item::bound` of an item that is not bound.
 pub(crate) const NOT_BOUND: u32 = u32::MAX;
 
+/// Bits of a claim ([`Job::claim`], `Item::bound`) that hold its slot in its CPU's pool; the
+/// CPU number is above them (CPUs are below `MAX_CPUS`, 2^13).
+const SLOT_BITS: u32 = 19;
+
+/// The claim of slot `slot` of CPU `cpu`'s claims.
+pub(crate) fn claim_of(cpu: u32, slot: usize) -> u32 {
+    debug_assert!(slot < (1 << SLOT_BITS) - 1, "claim slot {slot} out of range");
+    (cpu << SLOT_BITS) | slot as u32
+}
+
+/// The CPU and slot of a claim (meaningless for [`NOT_BOUND`]).
+pub(crate) fn claim_parts(claim: u32) -> (u32, usize) {
+    (claim >> SLOT_BITS, (claim & ((1 << SLOT_BITS) - 1)) as usize)
+}
+
 impl Item {
     pub(super) fn qid(&self) -> usize {
         self.queue as usize

@@ -80,7 +80,6 @@ pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Start
 pub(crate) use results::{Made as ResultsMade, Store as ResultStore, Stored};
 pub(crate) use shared::{Holder, SharedHold};
 
-use item::Bound;
 use queue::{Pools, Queue};
 use results::Results;
 use submit::BatchRec;
@@ -163,9 +162,6 @@ pub(crate) struct Sched {
     wq_names: HashMap<String, usize>,
     queues: Slab<Mutex<Queue>>,
     pub items: Mutex<Items>,
-    /// The claims of the items bound to a worker: each bound item's `Item::bound` is its
-    /// slot here, and each claim names its item.
-    running: Mutex<Slab<Bound>>,
     next_item: ItemId,
     next_batch: u64,
     next_flush: u64,
@@ -224,7 +220,6 @@ impl Sched {
             wq_names: HashMap::new(),
             queues: Slab::new(),
             items: Mutex::new(Items::default()),
-            running: Mutex::new(Slab::new()),
             next_item: 1,
             next_batch: 1,
             next_flush: 1,

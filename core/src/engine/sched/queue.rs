@@ -114,6 +114,8 @@ pub(super) struct Pool {
     /// Attached workers' slots of this CPU waiting for work: (worker, slot).
     pub(super) idle_slots: Vec<(u64, u32)>,
     pub(super) running: usize,
+    /// The claims of the items bound to this CPU (`Item::bound` encodes CPU and slot).
+    pub(super) claims: slab::Slab<super::item::Bound>,
     pub(super) last_progress: Instant,
     pub(super) lockup_reported: bool,
     /// After a worker failed to pin: spawn no more until a newer epoch than this, or until
@@ -137,6 +139,7 @@ impl Pool {
             remote_ready: VecDeque::new(),
             idle_slots: Vec::new(),
             running: 0,
+            claims: slab::Slab::new(),
             last_progress: now,
             lockup_reported: false,
             spawn_hold: None,

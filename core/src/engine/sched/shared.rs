@@ -22,7 +22,7 @@ use crate::groups::Ranking;
 use crate::handler::{CancelToken, HandlerError, HandlerKind};
 
 use super::finish::{notify, record, send_held, End, EndCtx, Finished};
-use super::item::{Finish, Job, Outcome};
+use super::item::{claim_parts, Finish, Job, Outcome, NOT_BOUND};
 use super::queue::Pool;
 use super::take::{bind_in, Binding};
 use super::{Effects, Sched};
@@ -138,13 +138,16 @@ impl Sched {
         let mut ending = Vec::with_capacity(done.len());
         {
             let mut items = self.items.lock();
-            let mut running = self.running.lock();
             // Every check before the first change.
             for f in done.iter() {
                 if !matches!(f.outcome, Outcome::Ran(_)) {
                     return false;
                 }
-                let bound = running.get(f.claim as usize).filter(|b| b.id == f.id);
+                let (on, slot) = claim_parts(f.claim);
+                let bound = (f.claim != NOT_BOUND && on == cpu)
+                    .then(|| p.claims.get(slot))
+                    .flatten()
+                    .filter(|b| b.id == f.id);
                 if !bound
                     .is_some_and(|b| b.queue as usize == qid && b.cpu == cpu && b.remote.is_none())
                 {
@@ -159,7 +162,7 @@ impl Sched {
             // Last to first, as `finish_all`.
             while let Some(f) = done.pop() {
                 if let (Some(b), Some(it)) =
-                    (running.try_remove(f.claim as usize), items.remove(&f.id))
+                    (p.claims.try_remove(claim_parts(f.claim).1), items.remove(&f.id))
                 {
                     ending.push((f, b, it));
                 }
@@ -342,7 +345,6 @@ impl Sched {
             } else {
                 q.in_ready.remove(cpu);
             }
-            let mut running = self.running.lock();
             let at = Binding {
                 id,
                 qid,
@@ -352,7 +354,7 @@ impl Sched {
                 slot: true,
                 shared: None,
             };
-            let (body, queued_at, claim) = bind_in(&at, head, &mut q, &mut running);
+            let (body, queued_at, claim) = bind_in(&at, head, &mut q, &mut p.claims);
             let job = Job {
                 id,
                 claim,
@@ -406,7 +408,7 @@ impl Sched {
                         slot: false,
                         shared: Some(first_body),
                     };
-                    let (body, queued_at, claim) = bind_in(&at, item, &mut q, &mut running);
+                    let (body, queued_at, claim) = bind_in(&at, item, &mut q, &mut p.claims);
                     claimed += 1;
                     extra.push(Job {
                         id,
@@ -423,7 +425,7 @@ impl Sched {
                     });
                 }
             }
-            drop((running, items, q));
+            drop((items, q));
             {
                 let mut wq = wm.lock();
                 wq.pending -= 1 + claimed;

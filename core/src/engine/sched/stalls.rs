@@ -46,10 +46,10 @@ impl Sched {
                     .collect();
                 let items = self.items.get_mut();
                 let running: Vec<String> = self
-                    .running
-                    .get_mut()
-                    .iter()
-                    .filter(|(_, b)| b.cpu == cpu)
+                    .pools
+                    .get_mut(&cpu)
+                    .into_iter()
+                    .flat_map(|p| p.claims.iter())
                     .filter_map(|(_, b)| items.get(&b.id).map(|i| (b.id, i)))
                     .map(|(id, i)| {
                         format!("item {id} {} on {}", i.body.handler_name(), i.body.target)
@@ -69,7 +69,7 @@ impl Sched {
             }
         }
         if !hog.is_zero() {
-            for (_, b) in self.running.get_mut().iter_mut() {
+            for (_, b) in self.pools.values_mut().flat_map(|p| p.claims.iter_mut()) {
                 let id = b.id;
                 let Some(it) = self.items.get_mut().get(&id) else {
                     continue;

@@ -11,16 +11,17 @@ use super::Sched;
 
 impl Sched {
     pub(crate) fn running_total(&mut self) -> usize {
-        self.running.get_mut().len()
+        self.pools.values_mut().map(|p| p.claims.len()).sum()
     }
 
     /// The running items, described for a log line (shutdown stragglers).
     pub(crate) fn running_items(&mut self) -> Vec<String> {
-        self.running
-            .get_mut()
-            .iter()
+        let items = self.items.get_mut();
+        self.pools
+            .values_mut()
+            .flat_map(|p| p.claims.iter())
             .filter_map(|(_, b)| {
-                let (id, it) = (b.id, self.items.get_mut().get(&b.id)?);
+                let (id, it) = (b.id, items.get(&b.id)?);
                 Some(format!(
                     "item {id} {} on cpu {}",
                     it.body.handler_name(),

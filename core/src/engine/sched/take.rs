@@ -13,7 +13,7 @@ use crate::engine::{ResultsMode, State};
 use crate::handler::{CancelToken, HandlerKind};
 
 use super::finish::EXPIRED_UNSTARTED;
-use super::item::{Body, Bound, ItemId, Job, NOT_BOUND};
+use super::item::{claim_of, claim_parts, Body, Bound, ItemId, Job, NOT_BOUND};
 use super::{Effects, Sched};
 
 impl Sched {
@@ -192,7 +192,8 @@ impl Sched {
             shared,
         };
         let key = item.key.clone();
-        let out = bind_in(&at, item, q, self.running.get_mut());
+        let claims = &mut self.pools.get_mut(&cpu)?.claims;
+        let out = bind_in(&at, item, q, claims);
         let wq = self.wqs[wi].get_mut();
         if let Some(k) = key {
             if wq.keys.get(&k) == Some(&id) {
@@ -305,19 +306,17 @@ impl Sched {
 impl Sched {
     /// The claim of bound item `id`, if it is bound.
     pub(super) fn bound(&mut self, id: ItemId) -> Option<&Bound> {
-        let it = self.items.get_mut().get(&id)?;
-        self.running
-            .get_mut()
-            .get(it.bound as usize)
-            .filter(|b| b.id == id)
+        self.bound_mut(id).map(|b| &*b)
     }
 
     /// [`bound`](Self::bound), to change the claim.
     pub(super) fn bound_mut(&mut self, id: ItemId) -> Option<&mut Bound> {
         let it = self.items.get_mut().get(&id)?;
-        self.running
-            .get_mut()
-            .get_mut(it.bound as usize)
+        let (cpu, slot) = claim_parts(it.bound);
+        self.pools
+            .get_mut(&cpu)?
+            .claims
+            .get_mut(slot)
             .filter(|b| b.id == id)
     }
 
@@ -326,17 +325,21 @@ impl Sched {
     /// is needed, and its `Item::bound` goes stale — the caller must end the item or, if it
     /// stays live, set it to [`NOT_BOUND`] (`requeue` does).
     pub(super) fn unbind(&mut self, id: ItemId, claim: u32) -> Option<Bound> {
-        if self
-            .running
-            .get_mut()
-            .get(claim as usize)
-            .is_some_and(|b| b.id == id)
-        {
-            return self.running.get_mut().try_remove(claim as usize);
+        if claim != NOT_BOUND {
+            let (cpu, slot) = claim_parts(claim);
+            if let Some(p) = self.pools.get_mut(&cpu) {
+                if p.claims.get(slot).is_some_and(|b| b.id == id) {
+                    return p.claims.try_remove(slot);
+                }
+            }
         }
         let it = self.items.get_mut().get_mut(&id)?;
-        let slot = std::mem::replace(&mut it.bound, NOT_BOUND);
-        let b = self.running.get_mut().try_remove(slot as usize)?;
+        let claim = std::mem::replace(&mut it.bound, NOT_BOUND);
+        if claim == NOT_BOUND {
+            return None;
+        }
+        let (cpu, slot) = claim_parts(claim);
+        let b = self.pools.get_mut(&cpu)?.claims.try_remove(slot)?;
         debug_assert_eq!(b.id, id, "a claim names its item");
         Some(b)
     }
@@ -366,7 +369,7 @@ pub(super) fn bind_in(
     at: &Binding<'_>,
     item: &mut super::Item,
     q: &mut super::Queue,
-    running: &mut slab::Slab<Bound>,
+    claims: &mut slab::Slab<Bound>,
 ) -> (Option<Arc<Body>>, SystemTime, u32) {
     let id = at.id;
     item.state = State::Running;
@@ -376,7 +379,7 @@ pub(super) fn bind_in(
     };
     let kind = item.body.kind();
     at.token.reset();
-    let claim = running.insert(Bound {
+    let slot = claims.insert(Bound {
         id,
         cpu: at.cpu,
         queue: at.qid as u32,
@@ -387,7 +390,8 @@ pub(super) fn bind_in(
         hog_reported: false,
         slot: at.slot,
         remote: None,
-    }) as u32;
+    });
+    let claim = claim_of(at.cpu, slot);
     item.bound = claim;
     q.pending -= 1;
     q.running += 1;
