@@ -51,6 +51,11 @@ pub(crate) struct Finished {
     /// Per flush: its sender and the message for the batch's items it covers (`None` for a
     /// counting flush whose last item ended: dropping the sender closes its channel).
     sends: Vec<(flume::Sender<FlushMsg>, Option<FlushMsg>)>,
+    /// The shared hold's buffers (`shared.rs`), kept between holds so that a hold allocates
+    /// nothing: the items it takes out, and what their flushes are told.
+    pub(super) ending: Vec<(Finish, super::item::Bound, Item)>,
+    pub(super) notices: Vec<Notice>,
+    pub(super) held: Vec<u64>,
 }
 
 impl Finished {
@@ -450,6 +455,7 @@ pub(super) struct Tables<'a> {
 /// The part of `terminal` after the item left `items` and was counted out of its state: the
 /// workqueue's tallies, key and drain mark, then [`record`] and [`notify`]. Returns the
 /// workqueue's results mode.
+#[inline(always)]
 pub(super) fn ended(ctx: &EndCtx, e: End, t: Tables<'_>, fx: &mut Effects) -> ResultsMode {
     let (id, state) = (e.id, e.state);
     t.wq.totals[state.index()] += 1;
@@ -483,6 +489,7 @@ pub(super) struct Notice {
 /// Makes an ended item's result (results `full`: pushed to `fin`'s list, which the caller
 /// stores) and the observer's event (`name`, the workqueue's, only when observed); touches
 /// no shared table.
+#[inline(always)]
 pub(super) fn record(
     ctx: &EndCtx,
     mode: ResultsMode,
@@ -598,6 +605,7 @@ pub(super) fn record(
 /// Tells the flushes covering an ended item (events held in their records while
 /// `ctx.holding`, listed in `held_flushes`; see [`send_held`]) and counts it out of its
 /// batch. Its full result, if any, is in `fin`'s list ([`record`]).
+#[inline(always)]
 pub(super) fn notify(
     ctx: &EndCtx,
     n: Notice,

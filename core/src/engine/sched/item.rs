@@ -173,13 +173,19 @@ const SLOT_BITS: u32 = 19;
 
 /// The claim of slot `slot` of CPU `cpu`'s claims.
 pub(crate) fn claim_of(cpu: u32, slot: usize) -> u32 {
-    debug_assert!(slot < (1 << SLOT_BITS) - 1, "claim slot {slot} out of range");
+    debug_assert!(
+        slot < (1 << SLOT_BITS) - 1,
+        "claim slot {slot} out of range"
+    );
     (cpu << SLOT_BITS) | slot as u32
 }
 
 /// The CPU and slot of a claim (meaningless for [`NOT_BOUND`]).
 pub(crate) fn claim_parts(claim: u32) -> (u32, usize) {
-    (claim >> SLOT_BITS, (claim & ((1 << SLOT_BITS) - 1)) as usize)
+    (
+        claim >> SLOT_BITS,
+        (claim & ((1 << SLOT_BITS) - 1)) as usize,
+    )
 }
 
 impl Item {

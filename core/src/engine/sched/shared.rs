@@ -135,7 +135,7 @@ impl Sched {
             }
             (wq.attrs.results, self.observed.then(|| wq.name.clone()))
         };
-        let mut ending = Vec::with_capacity(done.len());
+        let mut ending = std::mem::take(&mut out.ending);
         {
             let mut items = self.items.lock();
             // Every check before the first change.
@@ -161,9 +161,10 @@ impl Sched {
             }
             // Last to first, as `finish_all`.
             while let Some(f) = done.pop() {
-                if let (Some(b), Some(it)) =
-                    (p.claims.try_remove(claim_parts(f.claim).1), items.remove(&f.id))
-                {
+                if let (Some(b), Some(it)) = (
+                    p.claims.try_remove(claim_parts(f.claim).1),
+                    items.remove(&f.id),
+                ) {
                     ending.push((f, b, it));
                 }
             }
@@ -191,8 +192,8 @@ impl Sched {
         };
         out.set_now(now);
         let mut by_state = [0u64; 8];
-        let mut notices = Vec::with_capacity(n);
-        for (f, _, item) in ending {
+        let mut notices = std::mem::take(&mut out.notices);
+        for (f, _, item) in ending.drain(..) {
             let Outcome::Ran(res) = f.outcome else {
                 continue;
             };
@@ -234,12 +235,15 @@ impl Sched {
         {
             let mut flushes = self.flushes.lock();
             let mut batches = self.batches.lock();
-            let mut held = Vec::new();
-            for n in notices {
+            let mut held = std::mem::take(&mut out.held);
+            for n in notices.drain(..) {
                 notify(&ctx, n, &mut flushes, &mut batches, &mut held, out);
             }
             send_held(&mut flushes, &mut held, out);
+            out.held = held;
         }
+        out.ending = ending;
+        out.notices = notices;
         let mut t = self.totals.lock();
         for (n, add) in t.iter_mut().zip(by_state) {
             *n += add;

@@ -365,6 +365,7 @@ pub(super) struct Binding<'a> {
 /// caller's too (the hot path binds only from queues without one). Returns its body (`None`
 /// when it is the body of the job it is claimed behind), queue time and claim slot for the
 /// [`Job`].
+#[inline(always)]
 pub(super) fn bind_in(
     at: &Binding<'_>,
     item: &mut super::Item,
