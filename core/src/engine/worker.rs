@@ -26,7 +26,7 @@ use crate::handler::{CancelToken, HandlerError, WorkCtx};
 static NICE_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Most jobs a worker binds in one lock hold (see `Sched::claim_more`).
-const BATCH: usize = 16;
+const BATCH: usize = 64;
 
 /// A worker binds more than one job per lock hold only while its last batch ran in less than
 /// this per job (its handlers and start checks, from after the lock hold that took it to
