@@ -53,7 +53,7 @@ pub(crate) struct Finished {
     sends: Vec<(flume::Sender<FlushMsg>, Option<FlushMsg>)>,
     /// The shared hold's buffers (`shared.rs`), kept between holds so that a hold allocates
     /// nothing: the items it takes out, and what their flushes are told.
-    pub(super) ending: Vec<(Finish, super::item::Bound, Item)>,
+    pub(super) ending: Vec<Item>,
     pub(super) notices: Vec<Notice>,
     pub(super) held: Vec<u64>,
 }

@@ -136,7 +136,7 @@ impl Sched {
             (wq.attrs.results, self.observed.then(|| wq.name.clone()))
         };
         let mut ending = std::mem::take(&mut out.ending);
-        {
+        let freed = {
             let mut items = self.items.lock();
             // Every check before the first change.
             for f in done.iter() {
@@ -159,28 +159,25 @@ impl Sched {
                     return false;
                 }
             }
-            // Last to first, as `finish_all`.
-            while let Some(f) = done.pop() {
-                if let (Some(b), Some(it)) = (
-                    p.claims.try_remove(claim_parts(f.claim).1),
-                    items.remove(&f.id),
-                ) {
-                    ending.push((f, b, it));
+            // Last to first, as `finish_all`; the claim's bound was checked above, so both
+            // are there.
+            let mut freed = [0u32; 2];
+            for f in done.iter().rev() {
+                if let Some(b) = p.claims.try_remove(claim_parts(f.claim).1) {
+                    if b.slot {
+                        freed[usize::from(b.kind == HandlerKind::Waits)] += 1;
+                    }
                 }
+                ending.extend(items.remove(&f.id));
             }
-        }
+            freed
+        };
         let n = ending.len();
         q.running -= n;
         if q.pending == 0 && q.running == 0 && q.delayed == 0 {
             q.idle_since = Some(now);
         }
         drop(q);
-        let mut freed = [0u32; 2];
-        for (_, b, _) in &ending {
-            if b.slot {
-                freed[usize::from(b.kind == HandlerKind::Waits)] += 1;
-            }
-        }
         p.running -= n;
         p.last_progress = now;
         p.lockup_reported = false;
@@ -193,7 +190,7 @@ impl Sched {
         out.set_now(now);
         let mut by_state = [0u64; 8];
         let mut notices = std::mem::take(&mut out.notices);
-        for (f, _, item) in ending.drain(..) {
+        for (f, item) in done.drain(..).rev().zip(ending.drain(..)) {
             let Outcome::Ran(res) = f.outcome else {
                 continue;
             };
