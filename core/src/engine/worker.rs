@@ -202,11 +202,8 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             .take()
             .is_some_and(|(t, n)| now.duration_since(t) < QUICK * n);
         // The hot path holds L shared (`sched/shared.rs`); what it cannot do, the exclusive
-        // hold below does. (`NOSHARED` set: the exclusive hold only, for measuring.)
-        let mut excl = NOSHARED.then(|| inner.sched.write());
-        let shared = if excl.is_some() {
-            SharedHold::Exclusive { arrived: None }
-        } else {
+        // hold below does.
+        let shared = {
             let s = inner.sched.read();
             let holder = Holder {
                 cpu,
@@ -240,7 +237,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             SharedHold::Exclusive { arrived } => {
                 let mut fx = Effects::default();
                 let first = {
-                    let mut s = excl.take().unwrap_or_else(|| inner.sched.write());
+                    let mut s = inner.sched.write();
                     s.finish_all(&mut done, now, &mut fx, &mut fin);
                     // The shared hold may have entered already (`arrive` is done once).
                     let timed_out = match arrived {
@@ -510,8 +507,3 @@ fn execute(
     };
     (f, false)
 }
-
-/// Measuring only (branch `exp/shared-hot-path`): `NOSHARED` in the environment keeps every
-/// worker hold exclusive.
-static NOSHARED: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os("NOSHARED").is_some());

@@ -19,7 +19,7 @@ use crate::handler::{HandlerError, HandlerKind};
 use super::item::{Finish, Item, ItemId, Outcome, Started, NOT_BOUND};
 use super::results::{cut_output, Names, ResultsGuard, Stored, StoredExtra};
 use super::timers::TIMER_DEADLINE;
-use super::{BatchRec, Effects, FlushRec, Sched};
+use super::{BatchRec, Effects, FlushRec, Sched, Wq};
 use crate::engine::idhash::IdMap;
 
 /// The error text of an item cancelled, or expired, before it started.
@@ -366,183 +366,32 @@ impl Sched {
         self.totals.get_mut()[state.index()] += 1;
         self.uncount_waiting(&item);
         let wi = item.wi();
-        let wq = self.wqs[wi].get_mut();
-        wq.totals[state.index()] += 1;
-        if let Some(k) = &item.key {
-            if wq.keys.get(k) == Some(&id) {
-                wq.keys.remove(k);
-            }
-        }
-        if wq.draining && wq.live() == 0 {
-            wq.draining = false;
-        }
-        let mode = wq.attrs.results;
-        // Only the observer names the workqueue and handler here (an `Arc` count per item
-        // otherwise); a full result names them through the body it moves to the store.
-        let names = self
-            .observed
-            .then(|| (wq.name.clone(), item.body.handler_name().clone()));
-        let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
-            Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
-            None => (Vec::new(), String::new(), 0, None, 0),
+        let ctx = EndCtx {
+            epoch: self.epoch,
+            max_result_bytes: self.max_result_bytes,
+            observed: self.observed,
+            holding: self.holding,
         };
-        let first = (item.waiter != 0).then_some(item.waiter);
-        // What the flushes, the observer and the store get: a full result, or (results =
-        // summary | none) only the state, and the run time for summary.
-        // Made straight into the finish batch's list (one move of the record, not three);
-        // stored from there after L, or below when not in a finish batch.
-        if mode == ResultsMode::Full {
-            let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
-                (error.clone(), self.epoch)
-            } else {
-                (item_reason, decided)
-            };
-            // A result's texts are bounded (limits.max_result_bytes): cut, saying so.
-            let mut error = crate::quote::cap(error, self.max_result_bytes);
-            let produced = output.len();
-            let output = cut_output(output, self.max_result_bytes);
-            if output.len() < produced && error.is_empty() {
-                error = format!(
-                    "output cut from {produced} to {} bytes (limits.max_result_bytes)",
-                    output.len()
-                );
-            }
-            // Most results have none of these: no box then.
-            let plain = output.is_empty()
-                && error.is_empty()
-                && reason.is_empty()
-                && decided == 0
-                && worker.is_none()
-                && lost == 0;
-            self.fin.results.push(Stored {
+        let mode = ended(
+            &ctx,
+            End {
                 id,
-                batch: item.batch,
-                // Moved, not counted: the store interns the names and drops the body.
-                names: Names::Body(item.body),
-                queued_at: item.queued_at,
+                item,
+                state,
+                output,
+                error,
                 started,
-                finished_at: finished.map_or_else(SystemTime::now, |f| f.1),
-                cpu_finished: finished.map(|f| f.0),
-                rebinds: item.rebinds,
-                state,
-                fallback: item.fallback,
-                extra: (!plain).then(|| {
-                    Box::new(StoredExtra {
-                        output,
-                        error,
-                        reason,
-                        epoch_decided: (decided != 0).then_some(decided),
-                        worker,
-                        worker_lost: lost,
-                    })
-                }),
-            });
-        }
-        let result = if mode == ResultsMode::Full {
-            self.fin.results.last()
-        } else {
-            None
-        };
-        // Only the observer reads the run time (two clock conversions per item otherwise).
-        let run_time = match (&result, mode, &started) {
-            _ if !self.observed => None,
-            (Some(r), _, _) => r.run_time(),
-            (None, ResultsMode::Summary, Some(s)) => {
-                finished.and_then(|(_, at)| at.duration_since(s.at).ok())
-            }
-            _ => None,
-        };
-        // The result as the API gives it, made once for the flushes that take events.
-        let mut given: Option<Arc<ItemResult>> = None;
-        for fid in first.into_iter().chain(cold_waiters) {
-            if let Some(f) = self.flushes.get_mut().get_mut(&fid) {
-                // A flush that delivers at the end keeps a copy of the record (one count on
-                // the body): its receiver makes the `ItemResult`, off L.
-                let kept_record = match (&f.tally, &result, f.kept.as_mut()) {
-                    (None, Some(r), Some(kept)) => {
-                        kept.records.push(r.unstored_copy());
-                        true
-                    }
-                    _ => false,
-                };
-                let ev = match (&f.tally, &result) {
-                    _ if kept_record => None,
-                    // In a finish batch, counted under L and added to the tally once when
-                    // the batch ends (`send_held_events`) or the flush's last item ends.
-                    (Some(_), _) if self.holding => {
-                        f.held_counts[state.index()] += 1;
-                        if !f.listed {
-                            f.listed = true;
-                            self.held_flushes.push(fid);
-                        }
-                        None
-                    }
-                    (Some(t), _) => {
-                        t.lock().by_state[state.index()] += 1;
-                        None
-                    }
-                    (None, Some(r)) => Some(FlushEvent::Done(
-                        given
-                            .get_or_insert_with(|| Arc::new(r.to_result(None)))
-                            .clone(),
-                    )),
-                    (None, None) => Some(FlushEvent::Ended(id, state)),
-                };
-                // A flush that delivers at the end keeps the event until its last item.
-                let ev = match (ev, f.kept.as_mut()) {
-                    (Some(ev), Some(kept)) => {
-                        kept.events.push(ev);
-                        None
-                    }
-                    (ev, _) => ev,
-                };
-                match ev {
-                    Some(ev) if self.holding => {
-                        if !f.listed {
-                            f.listed = true;
-                            self.held_flushes.push(fid);
-                        }
-                        f.held.push(ev);
-                    }
-                    Some(ev) => {
-                        let _ = f.tx.send(FlushMsg::One(ev));
-                    }
-                    None => {}
-                }
-                f.remaining -= 1;
-                if f.remaining == 0 {
-                    // Its last item: the record goes, and with its sender the channel closes
-                    // once what it holds is sent (after L, in a worker's finish batch).
-                    // A flush that delivers at the end sends what it kept now (`held` is
-                    // empty then: its events go to `kept`).
-                    if let Some(mut rec) = self.flushes.get_mut().remove(&fid) {
-                        rec.add_held_counts();
-                        let msg = match rec.kept {
-                            Some(k) => (!k.is_empty()).then_some(FlushMsg::Kept(k)),
-                            None => (!rec.held.is_empty()).then_some(FlushMsg::Many(rec.held)),
-                        };
-                        if self.holding {
-                            self.fin.sends.push((rec.tx, msg));
-                        } else if let Some(msg) = msg {
-                            let _ = rec.tx.send(msg);
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(b) = self.batches.get_mut().get_mut(&item.batch) {
-            b.live = b.live.saturating_sub(1);
-        }
-        if let Some((workqueue, handler)) = names {
-            fx.finished.push(Ended {
-                id,
-                workqueue,
-                handler,
-                state,
-                run_time,
-                remote: worker.is_some(),
-            });
-        }
+                finished,
+            },
+            Tables {
+                wq: self.wqs[wi].get_mut(),
+                flushes: self.flushes.get_mut(),
+                batches: self.batches.get_mut(),
+                held_flushes: &mut self.held_flushes,
+                fin: &mut self.fin,
+            },
+            fx,
+        );
         // In a worker's finish batch the result is stored after L (see `finish_all`).
         if !self.holding && mode == ResultsMode::Full {
             self.results.lock().insert(&mut self.fin.results, now);
@@ -571,7 +420,7 @@ impl Sched {
     }
 }
 
-/// What [`record`] and [`notify`] read of the scheduler.
+/// What [`ended`] reads of the scheduler.
 pub(super) struct EndCtx {
     pub(super) epoch: u64,
     pub(super) max_result_bytes: usize,
@@ -590,6 +439,39 @@ pub(super) struct End {
     pub(super) error: String,
     pub(super) started: Option<Started>,
     pub(super) finished: Option<(u32, SystemTime)>,
+}
+
+/// What [`ended`] changes: the item's workqueue, the flushes, the batches, the finish batch's
+/// list of flushes holding events and its results and sends. Exclusive L lends them from
+/// the scheduler's own fields; a hot path under shared L from the guards of their locks.
+pub(super) struct Tables<'a> {
+    pub(super) wq: &'a mut Wq,
+    pub(super) flushes: &'a mut IdMap<u64, FlushRec>,
+    pub(super) batches: &'a mut IdMap<u64, BatchRec>,
+    pub(super) held_flushes: &'a mut Vec<u64>,
+    pub(super) fin: &'a mut Finished,
+}
+
+/// The part of `terminal` after the item left `items` and was counted out of its state: the
+/// workqueue's tallies, key and drain mark, then [`record`] and [`notify`]. Returns the
+/// workqueue's results mode.
+#[inline(always)]
+pub(super) fn ended(ctx: &EndCtx, e: End, t: Tables<'_>, fx: &mut Effects) -> ResultsMode {
+    let (id, state) = (e.id, e.state);
+    t.wq.totals[state.index()] += 1;
+    if let Some(k) = &e.item.key {
+        if t.wq.keys.get(k) == Some(&id) {
+            t.wq.keys.remove(k);
+        }
+    }
+    if t.wq.draining && t.wq.live() == 0 {
+        t.wq.draining = false;
+    }
+    let mode = t.wq.attrs.results;
+    let name = ctx.observed.then(|| t.wq.name.clone());
+    let n = record(ctx, mode, name, e, t.fin, fx);
+    notify(ctx, n, t.flushes, t.batches, t.held_flushes, t.fin);
+    mode
 }
 
 /// What [`notify`] needs of an item [`record`] ended.

@@ -22,7 +22,7 @@ use crate::groups::Ranking;
 use crate::handler::{CancelToken, HandlerError, HandlerKind};
 
 use super::finish::{notify, record, send_held, End, EndCtx, Finished};
-use super::item::{claim_parts, Finish, Job, Outcome, NOT_BOUND};
+use super::item::{claim_parts, Finish, Job, Outcome, MAX_CLAIMS, NOT_BOUND};
 use super::queue::Pool;
 use super::take::{bind_in, Binding};
 use super::{Effects, Sched};
@@ -263,7 +263,11 @@ impl Sched {
         fx: &mut Effects,
         extra: &mut Vec<Job>,
     ) -> Taken {
-        let mut budget = p.ready.len();
+        let mut budget = if p.claims.len() < MAX_CLAIMS {
+            p.ready.len()
+        } else {
+            0
+        };
         while budget > 0 {
             budget -= 1;
             let Some(qid) = p.ready.pop_front() else {

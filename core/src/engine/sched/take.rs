@@ -13,7 +13,7 @@ use crate::engine::{ResultsMode, State};
 use crate::handler::{CancelToken, HandlerKind};
 
 use super::finish::EXPIRED_UNSTARTED;
-use super::item::{claim_of, claim_parts, Body, Bound, ItemId, Job, NOT_BOUND};
+use super::item::{claim_of, claim_parts, Body, Bound, ItemId, Job, MAX_CLAIMS, NOT_BOUND};
 use super::{Effects, Sched};
 
 impl Sched {
@@ -48,7 +48,7 @@ impl Sched {
         let mut budget = self
             .pools
             .get_mut(&cpu)
-            .filter(|p| p.live)?
+            .filter(|p| p.live && p.claims.len() < MAX_CLAIMS)?
             .ready_list(remote)
             .len();
         while budget > 0 {
