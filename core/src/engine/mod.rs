@@ -16,6 +16,7 @@ mod epoch;
 mod idhash;
 mod items;
 mod sched;
+mod signal;
 mod timer;
 mod watchdog;
 mod worker;
@@ -36,7 +37,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Mutex, RwLock};
 
 use crate::cpuset::{CpuSet, MAX_CPUS};
 use crate::groups::{Fallback, GroupError, Level, Placement};
@@ -949,7 +950,7 @@ impl Flush {
         if self.tally.is_none() {
             if let Some(id) = self.id {
                 let t = Arc::new(Mutex::new(Tally::default()));
-                if let Some(rec) = self.inner.sched.lock().flushes.get_mut(&id) {
+                if let Some(rec) = self.inner.sched.write().flushes.get_mut().get_mut(&id) {
                     rec.count_instead(t.clone());
                 }
                 self.tally = Some(t);
@@ -1014,7 +1015,7 @@ impl FlushSummary {
 impl Drop for Flush {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            self.inner.sched.lock().flushes.remove(&id);
+            self.inner.sched.write().flushes.get_mut().remove(&id);
         }
     }
 }
@@ -1225,14 +1226,14 @@ impl fmt::Debug for EngineConfig {
 /// State shared by the engine's threads.
 pub(crate) struct Inner {
     /// L: everything about items, queues, pools and flushes. See `sched/mod.rs`.
-    pub(crate) sched: Mutex<sched::Sched>,
+    pub(crate) sched: RwLock<sched::Sched>,
     /// R: the result store (also reached from `sched`, inside L). Look-ups of terminal
     /// results take R alone.
     pub(crate) results: sched::ResultStore,
     /// Wakes the timer thread (delays, deadlines, housekeeping). Used with `sched`.
-    pub(crate) timer_cv: Condvar,
+    pub(crate) timer_cv: signal::Signal,
     /// Wakes the watchdog and shutdown waiters. Used with `sched`.
-    pub(crate) idle_cv: Condvar,
+    pub(crate) idle_cv: signal::Signal,
     pub(crate) cfg: EngineConfig,
     pub(crate) handlers: RwLock<Registry>,
     /// Which CPUs are live, and the epoch (a seqlock, `epoch.rs`). Published only under
@@ -1324,9 +1325,9 @@ impl Engine {
         let s = sched::Sched::new(&cfg, first.clone());
         let inner = Arc::new(Inner {
             results: s.results_store(),
-            sched: Mutex::new(s),
-            timer_cv: Condvar::new(),
-            idle_cv: Condvar::new(),
+            sched: RwLock::new(s),
+            timer_cv: signal::Signal::default(),
+            idle_cv: signal::Signal::default(),
             cfg,
             handlers: RwLock::new(handlers),
             live: epoch::LiveFlags::new(MAX_CPUS as usize),
@@ -1348,7 +1349,7 @@ impl Engine {
     pub fn apply_snapshot(&self, snap: &Arc<Snapshot>) {
         let mut fx = sched::Effects::default();
         {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             s.apply_snapshot(&self.inner, snap, &mut fx);
         }
         fx.run(&self.inner);
@@ -1356,7 +1357,7 @@ impl Engine {
 
     /// The snapshot the engine currently schedules by.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.inner.sched.lock().snapshot.clone()
+        self.inner.sched.write().snapshot.clone()
     }
 
     /// Replaces the handler registry (config reload). Queued items keep their handler.
@@ -1436,7 +1437,7 @@ impl Engine {
 
     /// Attached workers per handler name, and open slots per CPU (for metrics).
     pub fn remote_counts(&self) -> (BTreeMap<String, usize>, BTreeMap<u32, usize>) {
-        self.inner.sched.lock().remote_counts()
+        self.inner.sched.write().remote_counts()
     }
 
     /// Whether workers pin themselves (false on fixture topologies).
@@ -1463,7 +1464,7 @@ impl Engine {
         let bodies = self.bodies(wq, items.into())?;
         let mut fx = sched::Effects::default();
         let r = {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             s.submit(wq, bodies, &mut fx)
         };
         fx.run(&self.inner);
@@ -1522,7 +1523,7 @@ impl Engine {
         let delays = bodies.iter().any(|e| e.delay.is_some());
         let mut fx = sched::Effects::default();
         let r = (|| {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             let rec = s.submit(wq, bodies, &mut fx)?;
             let scope = FlushScope::Batch(rec.batch);
             let ids = match delays {
@@ -1651,7 +1652,7 @@ impl Engine {
     fn flush_with(&self, scope: FlushScope, summary_only: bool) -> Result<Flush, EngineError> {
         let mut fx = sched::Effects::default();
         let r = {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             let (ids, left_out) = s.flush_ids(&scope, &mut fx)?;
             let delivery = match summary_only {
                 true => Delivery::Count,
@@ -1673,7 +1674,7 @@ impl Engine {
     pub fn cancel(&self, scope: FlushScope) -> Result<CancelReport, EngineError> {
         let mut fx = sched::Effects::default();
         let r = {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             let ids = match &scope {
                 FlushScope::Items(v) => v.clone(),
                 // Cancel covers delayed items of a workqueue too: they never run.
@@ -1712,7 +1713,7 @@ impl Engine {
     pub fn drain_with(&self, wq: &str, cancel_pending: bool) -> Result<Flush, EngineError> {
         let mut fx = sched::Effects::default();
         let r = {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             s.start_drain(wq)?;
             let all = FlushScope::WorkqueueAll(wq.to_string());
             if cancel_pending {
@@ -1721,7 +1722,12 @@ impl Engine {
                 let waiting: Vec<ItemId> = ids
                     .iter()
                     .copied()
-                    .filter(|id| s.items.get(id).is_some_and(|i| i.state != State::Running))
+                    .filter(|id| {
+                        s.items
+                            .get_mut()
+                            .get(id)
+                            .is_some_and(|i| i.state != State::Running)
+                    })
                     .collect();
                 s.cancel(&waiting, &mut fx);
                 s.register_flush(&self.inner, ids, Delivery::Count)
@@ -1753,7 +1759,7 @@ impl Engine {
                 .collect()
         };
         if out.iter().any(Option::is_none) {
-            let s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             for (o, &id) in out.iter_mut().zip(ids) {
                 if o.is_none() {
                     *o = made.once(id, || s.result_of(id));
@@ -1766,7 +1772,7 @@ impl Engine {
     /// Whether `id` was ever issued by this engine, so a `None` from [`Engine::results`] can
     /// be told apart: issued means its result was forgotten, not issued means never known.
     pub fn issued(&self, id: ItemId) -> bool {
-        self.inner.sched.lock().issued(id)
+        self.inner.sched.write().issued(id)
     }
 
     /// Item ids of a batch.
@@ -1774,7 +1780,10 @@ impl Engine {
     /// # Errors
     /// Unknown (or expired) batch.
     pub fn batch_items(&self, batch: BatchId) -> Result<Vec<ItemId>, EngineError> {
-        self.inner.sched.lock().scope_ids(&FlushScope::Batch(batch))
+        self.inner
+            .sched
+            .write()
+            .scope_ids(&FlushScope::Batch(batch))
     }
 
     /// Creates a workqueue.
@@ -1783,7 +1792,7 @@ impl Engine {
     /// Invalid attributes or an existing name.
     pub fn create_workqueue(&self, attrs: WorkqueueAttrs) -> Result<(), EngineError> {
         attrs.validate()?;
-        self.inner.sched.lock().create_wq(attrs)
+        self.inner.sched.write().create_wq(attrs)
     }
 
     /// Changes a workqueue's attributes live (re-resolving its queues). A workqueue left
@@ -1794,7 +1803,7 @@ impl Engine {
     pub fn update_workqueue(&self, attrs: WorkqueueAttrs) -> Result<(), EngineError> {
         attrs.validate()?;
         let mut fx = sched::Effects::default();
-        let r = self.inner.sched.lock().update_wq(attrs, &mut fx);
+        let r = self.inner.sched.write().update_wq(attrs, &mut fx);
         fx.run(&self.inner);
         r
     }
@@ -1804,24 +1813,24 @@ impl Engine {
     /// # Errors
     /// Unknown, `default`, or not empty.
     pub fn delete_workqueue(&self, name: &str) -> Result<(), EngineError> {
-        self.inner.sched.lock().delete_wq(name)
+        self.inner.sched.write().delete_wq(name)
     }
 
     /// Every workqueue with its numbers, by name.
     pub fn workqueues(&self) -> Vec<WorkqueueStats> {
-        self.inner.sched.lock().wq_stats()
+        self.inner.sched.write().wq_stats()
     }
 
     /// Engine-wide counters.
     pub fn stats(&self) -> EngineStats {
-        self.inner.sched.lock().stats()
+        self.inner.sched.write().stats()
     }
 
     /// Changes the longest `delay` and `deadline` items may ask for (config reload).
     pub fn set_max_durations(&self, max_delay: Duration, max_deadline: Duration) {
         self.inner
             .sched
-            .lock()
+            .write()
             .set_max_durations(max_delay, max_deadline);
     }
 
@@ -1831,38 +1840,37 @@ impl Engine {
     pub fn shutdown(&self, grace: Duration) -> usize {
         let mut fx = sched::Effects::default();
         let cancelled = {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             if s.shutdown {
                 return 0;
             }
             s.shutdown = true;
-            let mut ids: Vec<_> = s.items.keys().collect();
+            let mut ids: Vec<_> = s.items.get_mut().keys().collect();
             // Oldest first: in id order the items sit in slot order (the table fills its slots
             // in submission order), so cancelling walks memory in sequence instead of at random.
             ids.sort_unstable();
             let mut n = 0;
             for id in ids {
-                if s.items.get(&id).is_some_and(|i| i.state != State::Running) {
+                if s.items
+                    .get_mut()
+                    .get(&id)
+                    .is_some_and(|i| i.state != State::Running)
+                {
                     s.cancel(&[id], &mut fx);
                     n += 1;
                 }
             }
             let deadline = Instant::now() + grace;
             while s.running_total() > 0 {
-                if self.inner.idle_cv.wait_until(&mut s, deadline).timed_out() {
+                if self.inner.idle_cv.wait_until(&mut s, deadline) {
                     break;
                 }
             }
-            let running: Vec<_> = s.items.keys().collect();
+            let running: Vec<_> = s.items.get_mut().keys().collect();
             n += running.len();
             s.cancel(&running, &mut fx);
             while s.running_total() > 0 {
-                if self
-                    .inner
-                    .idle_cv
-                    .wait_for(&mut s, SHUTDOWN_JOIN)
-                    .timed_out()
-                {
+                if self.inner.idle_cv.wait_for(&mut s, SHUTDOWN_JOIN) {
                     tracing::warn!(
                         running = s.running_total(),
                         "items still running at shutdown"
@@ -1901,10 +1909,7 @@ impl Engine {
             }
         }
         if !left.is_empty() {
-            let running: Vec<String> = {
-                let s = self.inner.sched.lock();
-                s.running_items()
-            };
+            let running: Vec<String> = { self.inner.sched.write().running_items() };
             tracing::error!(
                 threads = left.len(),
                 names = ?left,

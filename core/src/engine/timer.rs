@@ -25,7 +25,7 @@ fn run(inner: &Arc<Inner>) {
     loop {
         let mut fx = Effects::default();
         {
-            let mut s = inner.sched.lock();
+            let mut s = inner.sched.write();
             if s.shutdown {
                 return;
             }

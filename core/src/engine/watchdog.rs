@@ -23,7 +23,7 @@ pub(crate) fn start(inner: &Arc<Inner>) {
     match std::thread::Builder::new()
         .name("wqd-watchdog".into())
         .spawn(move || loop {
-            let mut s = me.sched.lock();
+            let mut s = me.sched.write();
             if s.shutdown {
                 return;
             }

@@ -19,14 +19,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_utils::sync::{Parker, Unparker};
 
-use super::sched::{Body, Effects, Finish, Finished, Job, Outcome, Sched, Started};
+use super::sched::{Body, Effects, Finish, Finished, Holder, Job, Outcome, SharedHold, Started};
 use super::Inner;
 use crate::handler::{CancelToken, HandlerError, WorkCtx};
 
 static NICE_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Most jobs a worker binds in one lock hold (see `Sched::claim_more`).
-const BATCH: usize = 16;
+const BATCH: usize = 64;
 
 /// A worker binds more than one job per lock hold only while its last batch ran in less than
 /// this per job (its handlers and start checks, from after the lock hold that took it to
@@ -117,7 +117,7 @@ pub(crate) fn spawn(inner: &Arc<Inner>, cpu: u32, gen: u64) {
         }
         Err(e) => {
             tracing::error!(cpu, error = %e, "cannot start a worker thread");
-            let mut s = inner.sched.lock();
+            let mut s = inner.sched.write();
             s.arrive(cpu, gen, wid, true, false);
             s.worker_exit(cpu, gen, true);
         }
@@ -169,7 +169,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 cpu,
                 &format!("cannot pin a worker to cpu {cpu}: {e}"),
             );
-            let mut s = inner.sched.lock();
+            let mut s = inner.sched.write();
             s.arrive(cpu, gen, wid, true, false);
             s.worker_exit(cpu, gen, true);
             return;
@@ -191,6 +191,8 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     let mut idle_since: Option<Instant> = None;
     // Started by a scheduler step that counts this worker as coming until it enters L.
     let mut fresh = true;
+    // The queue of the batch in `done`.
+    let mut queue: Option<usize> = None;
     loop {
         let mut fx = Effects::default();
         // One clock reading serves the whole lock hold (finish, take, idle accounting) and
@@ -199,51 +201,95 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         let quick = last
             .take()
             .is_some_and(|(t, n)| now.duration_since(t) < QUICK * n);
-        let first = {
-            let mut s = inner.sched.lock();
-            s.finish_all(&mut done, now, &mut fx, &mut fin);
-            let timed_out = s.arrive(cpu, gen, wid, fresh, idle_since.is_some());
-            fresh = false;
-            if !s.worker_current(cpu, gen) {
-                s.worker_exit(cpu, gen, false);
-                s.hand_off(cpu, gen, &mut fx);
-                release(&inner, s, &mut fin);
-                after_hold(&inner, fx, &mut fin);
-                return;
+        // The hot path holds L shared (`sched/shared.rs`); what it cannot do, the exclusive
+        // hold below does.
+        let shared = {
+            let s = inner.sched.read();
+            let holder = Holder {
+                cpu,
+                gen,
+                wid,
+                fresh,
+                parked: idle_since.is_some(),
+                idle_long: idle_since
+                    .is_some_and(|t| now.duration_since(t) >= inner.cfg.worker_idle),
+                queue,
+                wake: &wake,
+            };
+            let r = s.hold_shared(
+                &holder, &mut done, now, quick, &tokens, &mut extra, &mut fx, &mut fin,
+            );
+            release(&inner, s, &mut fin);
+            after_hold(&inner, fx, &mut fin);
+            r
+        };
+        let first = match shared {
+            SharedHold::Took(job) => {
+                fresh = false;
+                idle_since = None;
+                Some(job)
             }
-            let first = match s.take(cpu, &tokens[0], now, &mut fx) {
-                Some(job) => {
-                    idle_since = None;
-                    // Items that run in microseconds: bind a few more in this same lock hold.
-                    if quick {
-                        s.claim_more(&job, &tokens[1..], now, &mut extra);
-                    }
-                    Some(job)
-                }
-                None => {
-                    let since = *idle_since.get_or_insert(now);
-                    if timed_out
-                        && now.duration_since(since) >= inner.cfg.worker_idle
-                        && s.may_retire(cpu, gen)
-                    {
+            SharedHold::Parked => {
+                fresh = false;
+                idle_since.get_or_insert(now);
+                None
+            }
+            SharedHold::Exclusive { arrived } => {
+                let mut fx = Effects::default();
+                let first = {
+                    let mut s = inner.sched.write();
+                    s.finish_all(&mut done, now, &mut fx, &mut fin);
+                    // The shared hold may have entered already (`arrive` is done once).
+                    let timed_out = match arrived {
+                        Some(t) => t,
+                        None => s.arrive(cpu, gen, wid, fresh, idle_since.is_some()),
+                    };
+                    fresh = false;
+                    if !s.worker_current(cpu, gen) {
                         s.worker_exit(cpu, gen, false);
+                        s.hand_off(cpu, gen, &mut fx);
                         release(&inner, s, &mut fin);
                         after_hold(&inner, fx, &mut fin);
                         return;
                     }
-                    s.park(cpu, wid, wake.clone());
-                    None
-                }
-            };
-            release(&inner, s, &mut fin);
-            first
+                    let first = match s.take(cpu, &tokens[0], now, &mut fx) {
+                        Some(job) => {
+                            idle_since = None;
+                            // Items that run in microseconds: bind a few more in this same
+                            // lock hold.
+                            if quick {
+                                s.claim_more(&job, &tokens[1..], now, &mut extra);
+                            }
+                            Some(job)
+                        }
+                        None => {
+                            let since = *idle_since.get_or_insert(now);
+                            if timed_out
+                                && now.duration_since(since) >= inner.cfg.worker_idle
+                                && s.may_retire(cpu, gen)
+                            {
+                                s.worker_exit(cpu, gen, false);
+                                release(&inner, s, &mut fin);
+                                after_hold(&inner, fx, &mut fin);
+                                return;
+                            }
+                            s.park(cpu, wid, wake.clone());
+                            None
+                        }
+                    };
+                    release(&inner, s, &mut fin);
+                    first
+                };
+                after_hold(&inner, fx, &mut fin);
+                first
+            }
         };
-        after_hold(&inner, fx, &mut fin);
         let Some(first) = first else {
             // A wake-up within the spin skips the futex on both sides.
             wake.wait(&parker, inner.cfg.worker_idle);
             continue;
         };
+        queue = Some(first.queue);
         let mut exit = false;
         // One clock reading per batch (not per job) times it; a long wait for L before this
         // batch does not count against it.
@@ -287,7 +333,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
         if exit {
             let mut fx = Effects::default();
             {
-                let mut s = inner.sched.lock();
+                let mut s = inner.sched.write();
                 s.finish_all(&mut done, Instant::now(), &mut fx, &mut fin);
                 s.worker_exit(cpu, gen, true);
                 release(&inner, s, &mut fin);
@@ -301,7 +347,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
 /// Ends a lock hold that began with [`Sched::finish_all`]: R is taken before L is released
 /// (hand over hand, see [`Finished`]), and the batch's full results are stored with R alone.
 /// Its flush events are sent by [`after_hold`].
-fn release(inner: &Inner, s: parking_lot::MutexGuard<'_, Sched>, fin: &mut Finished) {
+fn release<G>(inner: &Inner, s: G, fin: &mut Finished) {
     if fin.is_empty() {
         drop(s);
     } else {

@@ -19,7 +19,8 @@ use crate::handler::{HandlerError, HandlerKind};
 use super::item::{Finish, Item, ItemId, Outcome, Started, NOT_BOUND};
 use super::results::{cut_output, Names, ResultsGuard, Stored, StoredExtra};
 use super::timers::TIMER_DEADLINE;
-use super::{Effects, Sched};
+use super::{BatchRec, Effects, FlushRec, Sched, Wq};
+use crate::engine::idhash::IdMap;
 
 /// The error text of an item cancelled, or expired, before it started.
 pub(super) const CANCELLED_UNSTARTED: &str = "cancelled before it started";
@@ -50,9 +51,19 @@ pub(crate) struct Finished {
     /// Per flush: its sender and the message for the batch's items it covers (`None` for a
     /// counting flush whose last item ended: dropping the sender closes its channel).
     sends: Vec<(flume::Sender<FlushMsg>, Option<FlushMsg>)>,
+    /// The shared hold's buffers (`shared.rs`), kept between holds so that a hold allocates
+    /// nothing: the items it takes out, and what their flushes are told.
+    pub(super) ending: Vec<Item>,
+    pub(super) notices: Vec<Notice>,
+    pub(super) held: Vec<u64>,
 }
 
 impl Finished {
+    /// The clock reading of the hold that makes these results (their store's expiry clock).
+    pub(super) fn set_now(&mut self, now: Instant) {
+        self.now = Some(now);
+    }
+
     /// No result waits to be stored.
     pub(crate) fn is_empty(&self) -> bool {
         self.results.is_empty()
@@ -113,21 +124,13 @@ impl Sched {
         std::mem::swap(&mut self.fin, out);
     }
 
-    /// Moves the events held by [`Sched::finish_all`] to its `Finished`, each flush's with a
-    /// clone of its sender, to be sent after L.
+    /// Moves the events held by [`Sched::finish_all`] to its `Finished` ([`send_held`]).
     fn send_held_events(&mut self) {
-        for fid in self.held_flushes.drain(..) {
-            if let Some(f) = self.flushes.get_mut(&fid) {
-                f.listed = false;
-                f.add_held_counts();
-                if !f.held.is_empty() {
-                    let evs = std::mem::take(&mut f.held);
-                    self.fin
-                        .sends
-                        .push((f.tx.clone(), Some(FlushMsg::Many(evs))));
-                }
-            }
-        }
+        send_held(
+            self.flushes.get_mut(),
+            &mut self.held_flushes,
+            &mut self.fin,
+        );
     }
 
     /// Records how a job ended (or hands it back to its queue).
@@ -141,12 +144,12 @@ impl Sched {
         };
         let (qid, wi, kind) = (bound.queue as usize, bound.wq as usize, bound.kind);
         let cap_was_full = {
-            let wq = &self.wqs[wi];
+            let wq = self.wqs[wi].get_mut();
             wq.attrs.group_max_active > 0
-                && self.queues[qid].running >= wq.attrs.group_max_active as usize
+                && self.queues[qid].get_mut().running >= wq.attrs.group_max_active as usize
         };
-        self.queues[qid].running -= 1;
-        let wq = &mut self.wqs[wi];
+        self.queues[qid].get_mut().running -= 1;
+        let wq = self.wqs[wi].get_mut();
         wq.running -= 1;
         if bound.slot {
             if let Some(slot) = wq.running_on.get_mut(&bound.cpu) {
@@ -171,7 +174,7 @@ impl Sched {
                 if self.observed {
                     fx.rebound.push(why);
                 }
-                if let Some(item) = self.items.get_mut(&f.id) {
+                if let Some(item) = self.items.get_mut().get_mut(&f.id) {
                     item.rebinds = item.rebinds.saturating_add(1);
                 }
                 self.requeue(f.id, now, fx);
@@ -181,13 +184,15 @@ impl Sched {
                 let err = "cancelled; its attached worker was lost before it answered".into();
                 self.end_lost(f.id, State::Cancelled, err, f.started, now, fx);
             }
-            Outcome::Lost(why) if self.wqs[wi].attrs.on_worker_lost == WorkerLost::Requeue => {
+            Outcome::Lost(why)
+                if self.wqs[wi].get_mut().attrs.on_worker_lost == WorkerLost::Requeue =>
+            {
                 // A metric only: the stats' re-bind count is the sum of the items' `rebinds`
                 // (hand-backs before a start), which a re-delivery is not.
                 if self.observed {
                     fx.rebound.push("worker-lost");
                 }
-                if let Some(item) = self.items.get_mut(&f.id) {
+                if let Some(item) = self.items.get_mut().get_mut(&f.id) {
                     let c = item.cold();
                     c.lost += 1;
                     tracing::info!(item = f.id, lost = c.lost, %why, "worker lost holding an item; queued again (on_worker_lost = requeue)");
@@ -215,7 +220,7 @@ impl Sched {
             }
         }
         if cap_was_full {
-            let n = self.queues[qid].pending;
+            let n = self.queues[qid].get_mut().pending;
             self.make_ready(qid, n, fx);
         }
         if bound.slot {
@@ -223,12 +228,12 @@ impl Sched {
         }
         if ordered {
             if let Some(head) = self.ordered_head(wi) {
-                if let Some(hq) = self.items.get(&head).map(Item::qid) {
+                if let Some(hq) = self.items.get_mut().get(&head).map(Item::qid) {
                     self.make_ready(hq, 1, fx);
                 }
             }
         }
-        let q = &mut self.queues[qid];
+        let q = self.queues[qid].get_mut();
         if q.pending == 0 && q.running == 0 && q.delayed == 0 {
             q.idle_since = Some(now);
         }
@@ -244,7 +249,7 @@ impl Sched {
     /// workqueue rejects unserved items, it is rejected; otherwise its deadline timer is armed
     /// again and the queue made ready.
     fn requeue(&mut self, id: ItemId, now: Instant, fx: &mut Effects) {
-        let Some(item) = self.items.get_mut(&id) else {
+        let Some(item) = self.items.get_mut().get_mut(&id) else {
             return;
         };
         let (qid, wi) = (item.qid(), item.wi());
@@ -253,9 +258,9 @@ impl Sched {
         item.bound = NOT_BOUND;
         let key = item.key.clone();
         let deadline = item.deadline();
-        self.queues[qid].items.push_front(id);
-        self.queues[qid].pending += 1;
-        let wq = &mut self.wqs[wi];
+        self.queues[qid].get_mut().items.push_front(id);
+        self.queues[qid].get_mut().pending += 1;
+        let wq = self.wqs[wi].get_mut();
         wq.pending += 1;
         if wq.attrs.ordered {
             wq.ordered.push_front(id);
@@ -263,10 +268,10 @@ impl Sched {
         if let Some(k) = key {
             wq.keys.entry(k).or_insert(id);
         }
-        let reject = if self.queues[qid].eligible.is_empty()
-            && self.wqs[wi].attrs.fallback == Fallback::Reject
+        let reject = if self.queues[qid].get_mut().eligible.is_empty()
+            && self.wqs[wi].get_mut().attrs.fallback == Fallback::Reject
         {
-            Some(self.queues[qid].reason.clone())
+            Some(self.queues[qid].get_mut().reason.clone())
         } else {
             self.unserved(qid)
         };
@@ -352,192 +357,41 @@ impl Sched {
         fx: &mut Effects,
     ) {
         debug_assert!(state.is_terminal());
-        let Some(item) = self.items.remove(&id) else {
+        let Some(item) = self.items.get_mut().remove(&id) else {
             return;
         };
         // Its timers (a delay's, a deadline's) are garbage from now on.
         self.stale_timers +=
             usize::from(item.state == State::Delayed) + usize::from(item.deadline().is_some());
-        self.totals[state.index()] += 1;
+        self.totals.get_mut()[state.index()] += 1;
         self.uncount_waiting(&item);
         let wi = item.wi();
-        let wq = &mut self.wqs[wi];
-        wq.totals[state.index()] += 1;
-        if let Some(k) = &item.key {
-            if wq.keys.get(k) == Some(&id) {
-                wq.keys.remove(k);
-            }
-        }
-        if wq.draining && wq.live() == 0 {
-            wq.draining = false;
-        }
-        let mode = wq.attrs.results;
-        // Only the observer names the workqueue and handler here (an `Arc` count per item
-        // otherwise); a full result names them through the body it moves to the store.
-        let names = self
-            .observed
-            .then(|| (wq.name.clone(), item.body.handler_name().clone()));
-        let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
-            Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
-            None => (Vec::new(), String::new(), 0, None, 0),
+        let ctx = EndCtx {
+            epoch: self.epoch,
+            max_result_bytes: self.max_result_bytes,
+            observed: self.observed,
+            holding: self.holding,
         };
-        let first = (item.waiter != 0).then_some(item.waiter);
-        // What the flushes, the observer and the store get: a full result, or (results =
-        // summary | none) only the state, and the run time for summary.
-        // Made straight into the finish batch's list (one move of the record, not three);
-        // stored from there after L, or below when not in a finish batch.
-        if mode == ResultsMode::Full {
-            let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
-                (error.clone(), self.epoch)
-            } else {
-                (item_reason, decided)
-            };
-            // A result's texts are bounded (limits.max_result_bytes): cut, saying so.
-            let mut error = crate::quote::cap(error, self.max_result_bytes);
-            let produced = output.len();
-            let output = cut_output(output, self.max_result_bytes);
-            if output.len() < produced && error.is_empty() {
-                error = format!(
-                    "output cut from {produced} to {} bytes (limits.max_result_bytes)",
-                    output.len()
-                );
-            }
-            // Most results have none of these: no box then.
-            let plain = output.is_empty()
-                && error.is_empty()
-                && reason.is_empty()
-                && decided == 0
-                && worker.is_none()
-                && lost == 0;
-            self.fin.results.push(Stored {
+        let mode = ended(
+            &ctx,
+            End {
                 id,
-                batch: item.batch,
-                // Moved, not counted: the store interns the names and drops the body.
-                names: Names::Body(item.body),
-                queued_at: item.queued_at,
+                item,
+                state,
+                output,
+                error,
                 started,
-                finished_at: finished.map_or_else(SystemTime::now, |f| f.1),
-                cpu_finished: finished.map(|f| f.0),
-                rebinds: item.rebinds,
-                state,
-                fallback: item.fallback,
-                extra: (!plain).then(|| {
-                    Box::new(StoredExtra {
-                        output,
-                        error,
-                        reason,
-                        epoch_decided: (decided != 0).then_some(decided),
-                        worker,
-                        worker_lost: lost,
-                    })
-                }),
-            });
-        }
-        let result = if mode == ResultsMode::Full {
-            self.fin.results.last()
-        } else {
-            None
-        };
-        // Only the observer reads the run time (two clock conversions per item otherwise).
-        let run_time = match (&result, mode, &started) {
-            _ if !self.observed => None,
-            (Some(r), _, _) => r.run_time(),
-            (None, ResultsMode::Summary, Some(s)) => {
-                finished.and_then(|(_, at)| at.duration_since(s.at).ok())
-            }
-            _ => None,
-        };
-        // The result as the API gives it, made once for the flushes that take events.
-        let mut given: Option<Arc<ItemResult>> = None;
-        for fid in first.into_iter().chain(cold_waiters) {
-            if let Some(f) = self.flushes.get_mut(&fid) {
-                // A flush that delivers at the end keeps a copy of the record (one count on
-                // the body): its receiver makes the `ItemResult`, off L.
-                let kept_record = match (&f.tally, &result, f.kept.as_mut()) {
-                    (None, Some(r), Some(kept)) => {
-                        kept.records.push(r.unstored_copy());
-                        true
-                    }
-                    _ => false,
-                };
-                let ev = match (&f.tally, &result) {
-                    _ if kept_record => None,
-                    // In a finish batch, counted under L and added to the tally once when
-                    // the batch ends (`send_held_events`) or the flush's last item ends.
-                    (Some(_), _) if self.holding => {
-                        f.held_counts[state.index()] += 1;
-                        if !f.listed {
-                            f.listed = true;
-                            self.held_flushes.push(fid);
-                        }
-                        None
-                    }
-                    (Some(t), _) => {
-                        t.lock().by_state[state.index()] += 1;
-                        None
-                    }
-                    (None, Some(r)) => Some(FlushEvent::Done(
-                        given
-                            .get_or_insert_with(|| Arc::new(r.to_result(None)))
-                            .clone(),
-                    )),
-                    (None, None) => Some(FlushEvent::Ended(id, state)),
-                };
-                // A flush that delivers at the end keeps the event until its last item.
-                let ev = match (ev, f.kept.as_mut()) {
-                    (Some(ev), Some(kept)) => {
-                        kept.events.push(ev);
-                        None
-                    }
-                    (ev, _) => ev,
-                };
-                match ev {
-                    Some(ev) if self.holding => {
-                        if !f.listed {
-                            f.listed = true;
-                            self.held_flushes.push(fid);
-                        }
-                        f.held.push(ev);
-                    }
-                    Some(ev) => {
-                        let _ = f.tx.send(FlushMsg::One(ev));
-                    }
-                    None => {}
-                }
-                f.remaining -= 1;
-                if f.remaining == 0 {
-                    // Its last item: the record goes, and with its sender the channel closes
-                    // once what it holds is sent (after L, in a worker's finish batch).
-                    // A flush that delivers at the end sends what it kept now (`held` is
-                    // empty then: its events go to `kept`).
-                    if let Some(mut rec) = self.flushes.remove(&fid) {
-                        rec.add_held_counts();
-                        let msg = match rec.kept {
-                            Some(k) => (!k.is_empty()).then_some(FlushMsg::Kept(k)),
-                            None => (!rec.held.is_empty()).then_some(FlushMsg::Many(rec.held)),
-                        };
-                        if self.holding {
-                            self.fin.sends.push((rec.tx, msg));
-                        } else if let Some(msg) = msg {
-                            let _ = rec.tx.send(msg);
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(b) = self.batches.get_mut(&item.batch) {
-            b.live = b.live.saturating_sub(1);
-        }
-        if let Some((workqueue, handler)) = names {
-            fx.finished.push(Ended {
-                id,
-                workqueue,
-                handler,
-                state,
-                run_time,
-                remote: worker.is_some(),
-            });
-        }
+                finished,
+            },
+            Tables {
+                wq: self.wqs[wi].get_mut(),
+                flushes: self.flushes.get_mut(),
+                batches: self.batches.get_mut(),
+                held_flushes: &mut self.held_flushes,
+                fin: &mut self.fin,
+            },
+            fx,
+        );
         // In a worker's finish batch the result is stored after L (see `finish_all`).
         if !self.holding && mode == ResultsMode::Full {
             self.results.lock().insert(&mut self.fin.results, now);
@@ -551,17 +405,325 @@ impl Sched {
     /// Takes an item that left `items` out of its workqueue's and queue's delayed or pending
     /// count (a running item is counted out by `finish`).
     pub(super) fn uncount_waiting(&mut self, item: &Item) {
-        let (qid, wq) = (item.qid(), &mut self.wqs[item.wi()]);
+        let (qid, wq) = (item.qid(), self.wqs[item.wi()].get_mut());
         match item.state {
             State::Delayed => {
                 wq.delayed -= 1;
-                self.queues[qid].delayed -= 1;
+                self.queues[qid].get_mut().delayed -= 1;
             }
             State::Pending => {
                 wq.pending -= 1;
-                self.queues[qid].pending -= 1;
+                self.queues[qid].get_mut().pending -= 1;
             }
             _ => {}
+        }
+    }
+}
+
+/// What [`ended`] reads of the scheduler.
+pub(super) struct EndCtx {
+    pub(super) epoch: u64,
+    pub(super) max_result_bytes: usize,
+    pub(super) observed: bool,
+    /// In a worker's finish batch: flush events are held in their records and listed in
+    /// `Tables::held_flushes`, sent with the batch (see [`Sched::finish_all`]).
+    pub(super) holding: bool,
+}
+
+/// An item that left `items`, and how it ended.
+pub(super) struct End {
+    pub(super) id: ItemId,
+    pub(super) item: Item,
+    pub(super) state: State,
+    pub(super) output: Vec<u8>,
+    pub(super) error: String,
+    pub(super) started: Option<Started>,
+    pub(super) finished: Option<(u32, SystemTime)>,
+}
+
+/// What [`ended`] changes: the item's workqueue, the flushes, the batches, the finish batch's
+/// list of flushes holding events and its results and sends. Exclusive L lends them from
+/// the scheduler's own fields; a hot path under shared L from the guards of their locks.
+pub(super) struct Tables<'a> {
+    pub(super) wq: &'a mut Wq,
+    pub(super) flushes: &'a mut IdMap<u64, FlushRec>,
+    pub(super) batches: &'a mut IdMap<u64, BatchRec>,
+    pub(super) held_flushes: &'a mut Vec<u64>,
+    pub(super) fin: &'a mut Finished,
+}
+
+/// The part of `terminal` after the item left `items` and was counted out of its state: the
+/// workqueue's tallies, key and drain mark, then [`record`] and [`notify`]. Returns the
+/// workqueue's results mode.
+#[inline(always)]
+pub(super) fn ended(ctx: &EndCtx, e: End, t: Tables<'_>, fx: &mut Effects) -> ResultsMode {
+    let (id, state) = (e.id, e.state);
+    t.wq.totals[state.index()] += 1;
+    if let Some(k) = &e.item.key {
+        if t.wq.keys.get(k) == Some(&id) {
+            t.wq.keys.remove(k);
+        }
+    }
+    if t.wq.draining && t.wq.live() == 0 {
+        t.wq.draining = false;
+    }
+    let mode = t.wq.attrs.results;
+    let name = ctx.observed.then(|| t.wq.name.clone());
+    let n = record(ctx, mode, name, e, t.fin, fx);
+    notify(ctx, n, t.flushes, t.batches, t.held_flushes, t.fin);
+    mode
+}
+
+/// What [`notify`] needs of an item [`record`] ended.
+pub(super) struct Notice {
+    id: ItemId,
+    state: State,
+    batch: u64,
+    /// The flushes covering it: `Item::waiter` and the cold ones.
+    first: Option<u64>,
+    waiters: Vec<u64>,
+    /// Its full result's place in the finish batch's list.
+    stored: Option<usize>,
+}
+
+/// Makes an ended item's result (results `full`: pushed to `fin`'s list, which the caller
+/// stores) and the observer's event (`name`, the workqueue's, only when observed); touches
+/// no shared table.
+#[inline(always)]
+pub(super) fn record(
+    ctx: &EndCtx,
+    mode: ResultsMode,
+    name: Option<Arc<str>>,
+    e: End,
+    fin: &mut Finished,
+    fx: &mut Effects,
+) -> Notice {
+    let End {
+        id,
+        item,
+        state,
+        output,
+        error,
+        started,
+        finished,
+    } = e;
+    // Only the observer names the workqueue and handler here (an `Arc` count per item
+    // otherwise); a full result names them through the body it moves to the store.
+    let names = name.map(|w| (w, item.body.handler_name().clone()));
+    let batch = item.batch;
+    let (cold_waiters, item_reason, decided, worker, lost) = match item.cold {
+        Some(c) => (c.waiters, c.reason, c.decided, c.worker, c.lost),
+        None => (Vec::new(), String::new(), 0, None, 0),
+    };
+    let first = (item.waiter != 0).then_some(item.waiter);
+    // What the flushes, the observer and the store get: a full result, or (results =
+    // summary | none) only the state, and the run time for summary.
+    // Made straight into the finish batch's list (one move of the record, not three);
+    // stored from there after L, or below when not in a finish batch.
+    if mode == ResultsMode::Full {
+        let (reason, decided) = if item_reason.is_empty() && state == State::Rejected {
+            (error.clone(), ctx.epoch)
+        } else {
+            (item_reason, decided)
+        };
+        // A result's texts are bounded (limits.max_result_bytes): cut, saying so.
+        let mut error = crate::quote::cap(error, ctx.max_result_bytes);
+        let produced = output.len();
+        let output = cut_output(output, ctx.max_result_bytes);
+        if output.len() < produced && error.is_empty() {
+            error = format!(
+                "output cut from {produced} to {} bytes (limits.max_result_bytes)",
+                output.len()
+            );
+        }
+        // Most results have none of these: no box then.
+        let plain = output.is_empty()
+            && error.is_empty()
+            && reason.is_empty()
+            && decided == 0
+            && worker.is_none()
+            && lost == 0;
+        fin.results.push(Stored {
+            id,
+            batch: item.batch,
+            // Moved, not counted: the store interns the names and drops the body.
+            names: Names::Body(item.body),
+            queued_at: item.queued_at,
+            started,
+            finished_at: finished.map_or_else(SystemTime::now, |f| f.1),
+            cpu_finished: finished.map(|f| f.0),
+            rebinds: item.rebinds,
+            state,
+            fallback: item.fallback,
+            extra: (!plain).then(|| {
+                Box::new(StoredExtra {
+                    output,
+                    error,
+                    reason,
+                    epoch_decided: (decided != 0).then_some(decided),
+                    worker,
+                    worker_lost: lost,
+                })
+            }),
+        });
+    }
+    let result = if mode == ResultsMode::Full {
+        fin.results.last()
+    } else {
+        None
+    };
+    // Only the observer reads the run time (two clock conversions per item otherwise).
+    let run_time = match (&result, mode, &started) {
+        _ if !ctx.observed => None,
+        (Some(r), _, _) => r.run_time(),
+        (None, ResultsMode::Summary, Some(s)) => {
+            finished.and_then(|(_, at)| at.duration_since(s.at).ok())
+        }
+        _ => None,
+    };
+    let notice = Notice {
+        id,
+        state,
+        batch,
+        first,
+        waiters: cold_waiters,
+        stored: result.is_some().then(|| fin.results.len() - 1),
+    };
+    if let Some((workqueue, handler)) = names {
+        fx.finished.push(Ended {
+            id,
+            workqueue,
+            handler,
+            state,
+            run_time,
+            remote: worker.is_some(),
+        });
+    }
+    notice
+}
+
+/// Tells the flushes covering an ended item (events held in their records while
+/// `ctx.holding`, listed in `held_flushes`; see [`send_held`]) and counts it out of its
+/// batch. Its full result, if any, is in `fin`'s list ([`record`]).
+#[inline(always)]
+pub(super) fn notify(
+    ctx: &EndCtx,
+    n: Notice,
+    flushes: &mut IdMap<u64, FlushRec>,
+    batches: &mut IdMap<u64, BatchRec>,
+    held_flushes: &mut Vec<u64>,
+    fin: &mut Finished,
+) {
+    let Notice {
+        id,
+        state,
+        batch,
+        first,
+        waiters,
+        stored,
+    } = n;
+    let Finished { results, sends, .. } = fin;
+    let result = stored.and_then(|i| results.get(i));
+    // The result as the API gives it, made once for the flushes that take events.
+    let mut given: Option<Arc<ItemResult>> = None;
+    for fid in first.into_iter().chain(waiters) {
+        if let Some(f) = flushes.get_mut(&fid) {
+            // A flush that delivers at the end keeps a copy of the record (one count on
+            // the body): its receiver makes the `ItemResult`, off L.
+            let kept_record = match (&f.tally, &result, f.kept.as_mut()) {
+                (None, Some(r), Some(kept)) => {
+                    kept.records.push(r.unstored_copy());
+                    true
+                }
+                _ => false,
+            };
+            let ev = match (&f.tally, &result) {
+                _ if kept_record => None,
+                // In a finish batch, counted under L and added to the tally once when
+                // the batch ends (`send_held_events`) or the flush's last item ends.
+                (Some(_), _) if ctx.holding => {
+                    f.held_counts[state.index()] += 1;
+                    if !f.listed {
+                        f.listed = true;
+                        held_flushes.push(fid);
+                    }
+                    None
+                }
+                (Some(tally), _) => {
+                    tally.lock().by_state[state.index()] += 1;
+                    None
+                }
+                (None, Some(r)) => Some(FlushEvent::Done(
+                    given
+                        .get_or_insert_with(|| Arc::new(r.to_result(None)))
+                        .clone(),
+                )),
+                (None, None) => Some(FlushEvent::Ended(id, state)),
+            };
+            // A flush that delivers at the end keeps the event until its last item.
+            let ev = match (ev, f.kept.as_mut()) {
+                (Some(ev), Some(kept)) => {
+                    kept.events.push(ev);
+                    None
+                }
+                (ev, _) => ev,
+            };
+            match ev {
+                Some(ev) if ctx.holding => {
+                    if !f.listed {
+                        f.listed = true;
+                        held_flushes.push(fid);
+                    }
+                    f.held.push(ev);
+                }
+                Some(ev) => {
+                    let _ = f.tx.send(FlushMsg::One(ev));
+                }
+                None => {}
+            }
+            f.remaining -= 1;
+            if f.remaining == 0 {
+                // Its last item: the record goes, and with its sender the channel closes
+                // once what it holds is sent (after L, in a worker's finish batch).
+                // A flush that delivers at the end sends what it kept now (`held` is
+                // empty then: its events go to `kept`).
+                if let Some(mut rec) = flushes.remove(&fid) {
+                    rec.add_held_counts();
+                    let msg = match rec.kept {
+                        Some(k) => (!k.is_empty()).then_some(FlushMsg::Kept(k)),
+                        None => (!rec.held.is_empty()).then_some(FlushMsg::Many(rec.held)),
+                    };
+                    if ctx.holding {
+                        sends.push((rec.tx, msg));
+                    } else if let Some(msg) = msg {
+                        let _ = rec.tx.send(msg);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(b) = batches.get_mut(&batch) {
+        b.live = b.live.saturating_sub(1);
+    }
+}
+
+/// Moves the events held in the records of the flushes `held` lists (a finish batch's) to
+/// `fin`, each flush's with a clone of its sender, to be sent after L, and adds their held
+/// counts to their tallies; empties `held`. Called in the same hold of the flushes as the
+/// finish batch, so a record's held events and counts are empty whenever that hold ends.
+pub(super) fn send_held(
+    flushes: &mut IdMap<u64, FlushRec>,
+    held: &mut Vec<u64>,
+    fin: &mut Finished,
+) {
+    for fid in held.drain(..) {
+        if let Some(f) = flushes.get_mut(&fid) {
+            f.listed = false;
+            f.add_held_counts();
+            if !f.held.is_empty() {
+                let evs = std::mem::take(&mut f.held);
+                fin.sends.push((f.tx.clone(), Some(FlushMsg::Many(evs))));
+            }
         }
     }
 }

@@ -100,7 +100,7 @@ impl Sched {
         let mut out = Vec::with_capacity(ids.len());
         let now = Instant::now();
         for &id in ids {
-            let o = match self.items.get(&id) {
+            let o = match self.items.get_mut().get(&id) {
                 Some(it) if it.state == State::Running => {
                     if let Some(b) = self.bound(id) {
                         b.token.cancel();
@@ -126,7 +126,7 @@ impl Sched {
         out
     }
 
-    pub(crate) fn scope_ids(&self, scope: &FlushScope) -> Result<Vec<ItemId>, EngineError> {
+    pub(crate) fn scope_ids(&mut self, scope: &FlushScope) -> Result<Vec<ItemId>, EngineError> {
         match scope {
             FlushScope::Items(v) => {
                 if let Some(&bad) = v.iter().find(|&&id| id == 0 || id >= self.next_item) {
@@ -135,7 +135,11 @@ impl Sched {
                 Ok(v.clone())
             }
             FlushScope::Batch(b) => {
-                let rec = self.batches.get(b).ok_or(EngineError::UnknownBatch(*b))?;
+                let rec = self
+                    .batches
+                    .get_mut()
+                    .get(b)
+                    .ok_or(EngineError::UnknownBatch(*b))?;
                 Ok((rec.first..rec.first + rec.count as u64)
                     .filter(|id| rec.unused.binary_search(id).is_err())
                     .collect())
@@ -144,6 +148,7 @@ impl Sched {
                 let wi = self.wq_index(name)?;
                 let mut v: Vec<ItemId> = self
                     .items
+                    .get_mut()
                     .iter()
                     .filter(|(_, i)| i.wi() == wi)
                     .map(|(id, _)| id)
@@ -163,8 +168,12 @@ impl Sched {
         fx: &mut Effects,
     ) -> Result<(Vec<ItemId>, usize), EngineError> {
         let mut ids = self.scope_ids(scope)?;
-        let is_delayed =
-            |s: &Sched, id: &ItemId| s.items.get(id).is_some_and(|it| it.state == State::Delayed);
+        let is_delayed = |s: &mut Sched, id: &ItemId| {
+            s.items
+                .get_mut()
+                .get(id)
+                .is_some_and(|it| it.state == State::Delayed)
+        };
         if scope.promotes_delayed() {
             let delayed: Vec<ItemId> = ids
                 .iter()
@@ -210,7 +219,7 @@ impl Sched {
         // the id in `ids` (`Made`, as for `Engine::results`).
         let mut made = Made::default();
         for &id in &ids {
-            if let Some(it) = self.items.get_mut(&id) {
+            if let Some(it) = self.items.get_mut().get_mut(&id) {
                 it.add_waiter(fid);
                 remaining += 1;
             } else {
@@ -236,7 +245,7 @@ impl Sched {
             let _ = tx.send(FlushMsg::Many(ended));
         }
         let id = if remaining > 0 {
-            self.flushes.insert(
+            self.flushes.get_mut().insert(
                 fid,
                 FlushRec {
                     tx,

@@ -139,8 +139,9 @@ pub(crate) struct Item {
     pub cold: Option<Box<Cold>>,
     pub wq: u32,
     pub queue: u32,
-    /// While `Running`: its claim's slot in `Sched::running` ([`NOT_BOUND`] otherwise), so
-    /// that binding and finishing cost no id look-up beyond the item's own.
+    /// While `Running`: its claim, the CPU and the slot in that CPU's pool's claims
+    /// ([`claim_of`]; [`NOT_BOUND`] otherwise), so that binding and finishing cost no id
+    /// look-up beyond the item's own.
     pub bound: u32,
     /// Times it was handed back before a start (saturating: 65 535 is "at least that many").
     pub rebinds: u16,
@@ -166,6 +167,32 @@ pub(crate) struct Cold {
 
 /// `Item::bound` of an item that is not bound.
 pub(crate) const NOT_BOUND: u32 = u32::MAX;
+
+/// Bits of a claim ([`Job::claim`], `Item::bound`) that hold its slot in its CPU's pool; the
+/// CPU number is above them (CPUs are below `MAX_CPUS`, 2^13).
+const SLOT_BITS: u32 = 19;
+
+/// Claims one CPU may hold at once: a take stops (its items stay pending) while its pool
+/// holds more than this less a batch, so a slot always fits its bits and no claim is
+/// [`NOT_BOUND`]. (Half a million items running on one CPU: never in practice.)
+pub(crate) const MAX_CLAIMS: usize = (1 << SLOT_BITS) - 1024;
+
+/// The claim of slot `slot` of CPU `cpu`'s claims.
+pub(crate) fn claim_of(cpu: u32, slot: usize) -> u32 {
+    debug_assert!(
+        slot < (1 << SLOT_BITS) - 1,
+        "claim slot {slot} out of range"
+    );
+    (cpu << SLOT_BITS) | slot as u32
+}
+
+/// The CPU and slot of a claim (meaningless for [`NOT_BOUND`]).
+pub(crate) fn claim_parts(claim: u32) -> (u32, usize) {
+    (
+        claim >> SLOT_BITS,
+        (claim & ((1 << SLOT_BITS) - 1)) as usize,
+    )
+}
 
 impl Item {
     pub(super) fn qid(&self) -> usize {

@@ -43,6 +43,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use slab::Slab;
 
 use super::idhash::IdMap;
@@ -58,6 +59,7 @@ mod flush;
 mod item;
 mod queue;
 mod results;
+mod shared;
 mod stalls;
 mod stats;
 mod submit;
@@ -76,8 +78,8 @@ pub use item::ItemId;
 pub(crate) use item::NOT_BOUND;
 pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Started};
 pub(crate) use results::{Made as ResultsMade, Store as ResultStore, Stored};
+pub(crate) use shared::{Holder, SharedHold};
 
-use item::Bound;
 use queue::{Pools, Queue};
 use results::Results;
 use submit::BatchRec;
@@ -156,20 +158,17 @@ pub(crate) struct Sched {
     epoch: u64,
     live: CpuSet,
     pub snapshot: Arc<Snapshot>,
-    wqs: Slab<Wq>,
+    wqs: Slab<Mutex<Wq>>,
     wq_names: HashMap<String, usize>,
-    queues: Slab<Queue>,
-    pub items: Items,
-    /// The claims of the items bound to a worker: each bound item's `Item::bound` is its
-    /// slot here, and each claim names its item.
-    running: Slab<Bound>,
+    queues: Slab<Mutex<Queue>>,
+    pub items: Mutex<Items>,
     next_item: ItemId,
     next_batch: u64,
     next_flush: u64,
-    batches: IdMap<u64, BatchRec>,
+    batches: Mutex<IdMap<u64, BatchRec>>,
     batch_order: VecDeque<u64>,
     pools: Pools,
-    pub flushes: IdMap<u64, FlushRec>,
+    pub flushes: Mutex<IdMap<u64, FlushRec>>,
     /// Set while [`Sched::finish_all`] runs: flush events are held in their records.
     holding: bool,
     /// Flushes holding events (see `holding`).
@@ -193,7 +192,7 @@ pub(crate) struct Sched {
     load: Option<super::LoadHook>,
     observed: bool,
     /// Terminal items by state since start, over every workqueue ever (never go down).
-    totals: [u64; 8],
+    totals: Mutex<[u64; 8]>,
     max_delay: Duration,
     max_deadline: Duration,
     max_result_bytes: usize,
@@ -220,15 +219,14 @@ impl Sched {
             wqs: Slab::new(),
             wq_names: HashMap::new(),
             queues: Slab::new(),
-            items: Items::default(),
-            running: Slab::new(),
+            items: Mutex::new(Items::default()),
             next_item: 1,
             next_batch: 1,
             next_flush: 1,
-            batches: IdMap::default(),
+            batches: Mutex::new(IdMap::default()),
             batch_order: VecDeque::new(),
             pools: Pools::default(),
-            flushes: IdMap::default(),
+            flushes: Mutex::new(IdMap::default()),
             holding: false,
             held_flushes: Vec::new(),
             fin: Finished::default(),
@@ -249,7 +247,7 @@ impl Sched {
             hogs: 0,
             load: cfg.load.clone(),
             observed: cfg.observer.is_some(),
-            totals: [0; 8],
+            totals: Mutex::new([0; 8]),
             max_delay: cfg.max_delay,
             max_deadline: cfg.max_deadline,
             max_result_bytes: cfg.max_result_bytes,

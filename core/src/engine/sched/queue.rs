@@ -15,6 +15,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::{Mutex, MutexGuard};
+
 use crate::cpuset::CpuSet;
 use crate::engine::State;
 use crate::groups::{Fallback, Level, Placement, Ranking};
@@ -50,17 +52,18 @@ pub(super) struct Queue {
 /// [`crate::cpuset::MAX_CPUS`] and mostly contiguous), so finding a CPU's pool — on every
 /// take, finish and wake-up — is an index, not a tree search. Iteration is in CPU order.
 #[derive(Default)]
-pub(super) struct Pools(Vec<Option<Pool>>);
+pub(super) struct Pools(Vec<Option<Mutex<Pool>>>);
 
 impl Pools {
+    /// CPU `cpu`'s pool, locked (its lock P; uncontended under exclusive L).
     #[inline]
-    pub(super) fn get(&self, cpu: &u32) -> Option<&Pool> {
-        self.0.get(*cpu as usize)?.as_ref()
+    pub(super) fn get(&self, cpu: &u32) -> Option<MutexGuard<'_, Pool>> {
+        Some(self.0.get(*cpu as usize)?.as_ref()?.lock())
     }
 
     #[inline]
     pub(super) fn get_mut(&mut self, cpu: &u32) -> Option<&mut Pool> {
-        self.0.get_mut(*cpu as usize)?.as_mut()
+        Some(self.0.get_mut(*cpu as usize)?.as_mut()?.get_mut())
     }
 
     /// CPU `cpu`'s pool, made by `make` if it has none. `cpu` is a CPU of the machine (below
@@ -75,29 +78,20 @@ impl Pools {
         if self.0.len() <= i {
             self.0.resize_with(i + 1, || None);
         }
-        self.0[i].get_or_insert_with(make)
-    }
-
-    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, &Pool)> + '_ {
-        self.0
-            .iter()
-            .enumerate()
-            .filter_map(|(c, p)| Some((c as u32, p.as_ref()?)))
+        self.0[i]
+            .get_or_insert_with(|| Mutex::new(make()))
+            .get_mut()
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Pool)> + '_ {
         self.0
             .iter_mut()
             .enumerate()
-            .filter_map(|(c, p)| Some((c as u32, p.as_mut()?)))
-    }
-
-    pub(super) fn values(&self) -> impl Iterator<Item = &Pool> + '_ {
-        self.0.iter().flatten()
+            .filter_map(|(c, p)| Some((c as u32, p.as_mut()?.get_mut())))
     }
 
     pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Pool> + '_ {
-        self.0.iter_mut().flatten()
+        self.0.iter_mut().flatten().map(Mutex::get_mut)
     }
 }
 
@@ -120,6 +114,8 @@ pub(super) struct Pool {
     /// Attached workers' slots of this CPU waiting for work: (worker, slot).
     pub(super) idle_slots: Vec<(u64, u32)>,
     pub(super) running: usize,
+    /// The claims of the items bound to this CPU (`Item::bound` encodes CPU and slot).
+    pub(super) claims: slab::Slab<super::item::Bound>,
     pub(super) last_progress: Instant,
     pub(super) lockup_reported: bool,
     /// After a worker failed to pin: spawn no more until a newer epoch than this, or until
@@ -143,6 +139,7 @@ impl Pool {
             remote_ready: VecDeque::new(),
             idle_slots: Vec::new(),
             running: 0,
+            claims: slab::Slab::new(),
             last_progress: now,
             lockup_reported: false,
             spawn_hold: None,
@@ -192,13 +189,16 @@ impl Sched {
         remote: Option<&Arc<str>>,
     ) -> usize {
         let found = match remote {
-            None => self.wqs[wi].queues.get(target),
-            Some(h) => self.wqs[wi].remote_queues.get(&(target.clone(), h.clone())),
+            None => self.wqs[wi].get_mut().queues.get(target),
+            Some(h) => self.wqs[wi]
+                .get_mut()
+                .remote_queues
+                .get(&(target.clone(), h.clone())),
         };
         if let Some(&q) = found {
             return q;
         }
-        let qid = self.queues.insert(Queue {
+        let qid = self.queues.insert(Mutex::new(Queue {
             wq: wi,
             target: target.clone(),
             remote: remote.cloned(),
@@ -211,10 +211,11 @@ impl Sched {
             reason: String::new(),
             in_ready: CpuSet::new(),
             idle_since: None,
-        });
+        }));
         match remote {
-            None => self.wqs[wi].queues.insert(target.clone(), qid),
+            None => self.wqs[wi].get_mut().queues.insert(target.clone(), qid),
             Some(h) => self.wqs[wi]
+                .get_mut()
                 .remote_queues
                 .insert((target.clone(), h.clone()), qid),
         };
@@ -224,23 +225,26 @@ impl Sched {
     }
 
     pub(super) fn remove_queue(&mut self, qid: usize) {
-        let q = self.queues.remove(qid);
+        let q = self.queues.remove(qid).into_inner();
         for c in q.in_ready.iter() {
             if let Some(p) = self.pools.get_mut(&c) {
                 p.ready_list(q.remote.is_some()).retain(|&x| x != qid);
             }
         }
         match q.remote {
-            None => self.wqs[q.wq].queues.remove(&q.target),
-            Some(h) => self.wqs[q.wq].remote_queues.remove(&(q.target, h)),
+            None => self.wqs[q.wq].get_mut().queues.remove(&q.target),
+            Some(h) => self.wqs[q.wq]
+                .get_mut()
+                .remote_queues
+                .remove(&(q.target, h)),
         };
     }
 
     /// Re-resolves a queue's eligible CPUs against the current live set and applies the
     /// workqueue's fallback: `reject` rejects its pending items when no CPU is eligible.
     pub(super) fn resolve_queue(&mut self, qid: usize, fx: &mut Effects) {
-        let q = &self.queues[qid];
-        let wq = &self.wqs[q.wq];
+        let q = self.queues[qid].get_mut();
+        let wq = self.wqs[q.wq].get_mut();
         let policy = wq.attrs.fallback;
         let (eligible, fallback, reason) =
             match self.snapshot.groups.resolve(&q.target, &self.live, policy) {
@@ -265,7 +269,7 @@ impl Sched {
                 }
                 Err(e) => (CpuSet::new(), None, format!("{}: {e}", q.target)),
             };
-        let q = &mut self.queues[qid];
+        let q = self.queues[qid].get_mut();
         q.eligible = eligible;
         q.fallback = fallback;
         q.reason = reason;
@@ -278,34 +282,38 @@ impl Sched {
                 }
             }
         }
-        let n = self.queues[qid].pending;
+        let n = self.queues[qid].get_mut().pending;
         self.make_ready(qid, n, fx);
     }
 
-    pub(super) fn is_pending_in(&self, id: ItemId, qid: usize) -> bool {
-        self.items.get(&id).is_some_and(|it| it.is_pending_in(qid))
+    pub(super) fn is_pending_in(&mut self, id: ItemId, qid: usize) -> bool {
+        self.items
+            .get_mut()
+            .get(&id)
+            .is_some_and(|it| it.is_pending_in(qid))
     }
 
     /// Drops tombstones from the front of a queue (and of its ordered workqueue's FIFO).
     pub(super) fn clean_front(&mut self, qid: usize) {
-        while let Some(&id) = self.queues[qid].items.front() {
+        while let Some(&id) = self.queues[qid].get_mut().items.front() {
             if self.is_pending_in(id, qid) {
                 break;
             }
-            self.queues[qid].items.pop_front();
+            self.queues[qid].get_mut().items.pop_front();
         }
     }
 
     pub(super) fn ordered_head(&mut self, wi: usize) -> Option<ItemId> {
-        while let Some(&id) = self.wqs[wi].ordered.front() {
+        while let Some(&id) = self.wqs[wi].get_mut().ordered.front() {
             if self
                 .items
+                .get_mut()
                 .get(&id)
                 .is_some_and(|it| it.state == State::Pending)
             {
                 return Some(id);
             }
-            self.wqs[wi].ordered.pop_front();
+            self.wqs[wi].get_mut().ordered.pop_front();
         }
         None
     }
@@ -316,8 +324,8 @@ impl Sched {
     /// decides unless equal) and the running items second. Allocates nothing once `out` has
     /// grown (this runs on every submit).
     fn takers(&mut self, qid: usize, out: &mut Ranking) {
-        let q = &self.queues[qid];
-        let placement = self.wqs[q.wq].attrs.placement;
+        let q = self.queues[qid].get_mut();
+        let placement = self.wqs[q.wq].get_mut().attrs.placement;
         if placement == Placement::Spread && !q.eligible.is_empty() {
             self.rr = self.rr.wrapping_add(1);
         }
@@ -333,9 +341,9 @@ impl Sched {
         out.rank(placement, &q.eligible, load, self.rr);
     }
 
-    pub(super) fn may_take(&self, qid: usize, cpu: u32) -> bool {
-        let q = &self.queues[qid];
-        Ranking::admits(self.wqs[q.wq].attrs.placement, &q.eligible, cpu)
+    pub(super) fn may_take(&mut self, qid: usize, cpu: u32) -> bool {
+        let q = self.queues[qid].get_mut();
+        Ranking::admits(self.wqs[q.wq].get_mut().attrs.placement, &q.eligible, cpu)
     }
 
     /// Whether the queue's head may start on `cpu` now under the workqueue's limits.
@@ -349,21 +357,23 @@ impl Sched {
     /// the group cap; one at most for an ordered workqueue; 0 when the head cannot start.
     /// Call after `clean_front`.
     pub(super) fn head_room(&mut self, qid: usize, cpu: u32) -> usize {
-        let Some(&head) = self.queues[qid].items.front() else {
+        let Some(&head) = self.queues[qid].get_mut().items.front() else {
             return 0;
         };
-        let wi = self.queues[qid].wq;
-        if self.wqs[wi].attrs.ordered {
-            return usize::from(self.wqs[wi].running == 0 && self.ordered_head(wi) == Some(head));
+        let wi = self.queues[qid].get_mut().wq;
+        if self.wqs[wi].get_mut().attrs.ordered {
+            return usize::from(
+                self.wqs[wi].get_mut().running == 0 && self.ordered_head(wi) == Some(head),
+            );
         }
-        let q = &self.queues[qid];
-        let wq = &self.wqs[wi];
+        let q = self.queues[qid].get_mut();
+        let wq = self.wqs[wi].get_mut();
         let cap = match wq.attrs.group_max_active as usize {
             0 => usize::MAX,
             g => g.saturating_sub(q.running),
         };
         let [cb, w] = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
-        let free = match self.items.get(&head).map(|i| i.body.kind()) {
+        let free = match self.items.get_mut().get(&head).map(|i| i.body.kind()) {
             Some(HandlerKind::CpuBound) => wq.attrs.max_active.saturating_sub(cb) as usize,
             Some(HandlerKind::Waits) => wq.attrs.max_waiting.saturating_sub(w) as usize,
             None => 0,
@@ -374,7 +384,7 @@ impl Sched {
     /// Puts a queue with pending items on the ready lists of the pools that may take from it
     /// and wakes (or spawns) up to `n` workers, in placement order.
     pub(super) fn make_ready(&mut self, qid: usize, n: usize, fx: &mut Effects) {
-        if self.queues[qid].pending == 0 || self.shutdown {
+        if self.queues[qid].get_mut().pending == 0 || self.shutdown {
             return;
         }
         // The buffers go back into `self.ranking` at the end; a nested `make_ready` (none
@@ -387,14 +397,14 @@ impl Sched {
 
     /// [`make_ready`](Self::make_ready) after ranking: `takers` in placement order.
     fn wake_takers(&mut self, qid: usize, takers: &[u32], n: usize, fx: &mut Effects) {
-        let remote = self.queues[qid].remote.clone();
+        let remote = self.queues[qid].get_mut().remote.clone();
         for &c in takers {
-            if self.queues[qid].in_ready.contains(c) {
+            if self.queues[qid].get_mut().in_ready.contains(c) {
                 continue;
             }
             if let Some(p) = self.pools.get_mut(&c).filter(|p| p.live) {
                 p.ready_list(remote.is_some()).push_back(qid);
-                self.queues[qid].in_ready.insert(c);
+                self.queues[qid].get_mut().in_ready.insert(c);
             }
         }
         self.clean_front(qid);
@@ -430,7 +440,7 @@ impl Sched {
     /// A delayed item whose delay ended becomes pending in its queue (or is rejected, see
     /// [`refusal`](Self::refusal)).
     pub(super) fn enqueue(&mut self, id: ItemId, fx: &mut Effects) {
-        let Some(item) = self.items.get_mut(&id) else {
+        let Some(item) = self.items.get_mut().get_mut(&id) else {
             return;
         };
         item.state = State::Pending;
@@ -445,9 +455,9 @@ impl Sched {
     /// its workqueue's fallback is `reject`, or no attached worker serves its handler and the
     /// workqueue rejects unserved items. Nothing a submit does changes the answer, so a
     /// submit asks once per run of entries of one queue.
-    pub(super) fn refusal(&self, qid: usize) -> Option<String> {
-        let q = &self.queues[qid];
-        if q.eligible.is_empty() && self.wqs[q.wq].attrs.fallback == Fallback::Reject {
+    pub(super) fn refusal(&mut self, qid: usize) -> Option<String> {
+        let q = self.queues[qid].get_mut();
+        if q.eligible.is_empty() && self.wqs[q.wq].get_mut().attrs.fallback == Fallback::Reject {
             return Some(q.reason.clone());
         }
         self.unserved(qid)
@@ -456,9 +466,9 @@ impl Sched {
     /// Ends pending item `id` of queue `qid` (live in `items`, not yet in the queue's FIFO)
     /// `Rejected` at once, counted in and out of `pending` like any other pending item.
     pub(super) fn refuse(&mut self, id: ItemId, qid: usize, reason: String, fx: &mut Effects) {
-        let wi = self.queues[qid].wq;
-        self.queues[qid].pending += 1;
-        self.wqs[wi].pending += 1;
+        let wi = self.queues[qid].get_mut().wq;
+        self.queues[qid].get_mut().pending += 1;
+        self.wqs[wi].get_mut().pending += 1;
         self.end_unstarted(id, State::Rejected, reason, Instant::now(), fx);
     }
 
@@ -466,11 +476,11 @@ impl Sched {
     /// workqueue `wi` and counts it.
     #[inline]
     pub(super) fn push_pending(&mut self, id: ItemId, qid: usize, wi: usize) {
-        let q = &mut self.queues[qid];
+        let q = self.queues[qid].get_mut();
         q.items.push_back(id);
         q.pending += 1;
         q.idle_since = None;
-        let wq = &mut self.wqs[wi];
+        let wq = self.wqs[wi].get_mut();
         wq.pending += 1;
         if wq.attrs.ordered {
             wq.ordered.push_back(id);

@@ -161,10 +161,10 @@ impl Sched {
     /// Why queue `qid`'s items are rejected for want of a worker: it is a queue of an
     /// attached-worker handler that no attached worker serves now, and its workqueue's
     /// `unserved` policy is `reject`. `None` otherwise.
-    pub(crate) fn unserved(&self, qid: usize) -> Option<String> {
-        let q = &self.queues[qid];
+    pub(crate) fn unserved(&mut self, qid: usize) -> Option<String> {
+        let q = self.queues[qid].get_mut();
         let h = q.remote.as_ref()?;
-        if self.wqs[q.wq].attrs.unserved != crate::engine::Unserved::Reject
+        if self.wqs[q.wq].get_mut().attrs.unserved != crate::engine::Unserved::Reject
             || self.served.get(h).is_some_and(|&n| n > 0)
         {
             return None;
@@ -226,7 +226,7 @@ impl Sched {
     /// thread (or another worker's slot) is. Cheap when nothing else waits: a pool without
     /// remote queues costs one emptiness test per finish.
     pub(crate) fn offer_freed_slot(&mut self, cpu: u32, remote_finished: bool, fx: &mut Effects) {
-        let Some(p) = self.pools.get(&cpu).filter(|p| p.live) else {
+        let Some(p) = self.pools.get_mut(&cpu).filter(|p| p.live) else {
             return;
         };
         if p.remote_ready.is_empty() && !remote_finished {
@@ -241,7 +241,9 @@ impl Sched {
         let startable = |s: &mut Sched, qid: usize| {
             s.queues.contains(qid) && {
                 s.clean_front(qid);
-                s.queues[qid].pending > 0 && s.may_take(qid, cpu) && s.limits_allow(qid, cpu)
+                s.queues[qid].get_mut().pending > 0
+                    && s.may_take(qid, cpu)
+                    && s.limits_allow(qid, cpu)
             }
         };
         for qid in local {
@@ -255,7 +257,7 @@ impl Sched {
             if !startable(self, qid) {
                 continue;
             }
-            let Some(h) = self.queues[qid].remote.clone() else {
+            let Some(h) = self.queues[qid].get_mut().remote.clone() else {
                 continue;
             };
             if self.wake_slots(qid, &h, &[cpu], 1, fx) > 0 {
@@ -378,14 +380,14 @@ impl Sched {
                 let Some(body) = job
                     .body
                     .clone()
-                    .or_else(|| self.items.get(&job.id).map(|it| it.body.clone()))
+                    .or_else(|| self.items.get_mut().get(&job.id).map(|it| it.body.clone()))
                 else {
                     continue;
                 };
                 if let Some(b) = self.bound_mut(job.id) {
                     b.remote = Some((w, slot));
                 }
-                let (rebinds, attempt) = match self.items.get_mut(&job.id) {
+                let (rebinds, attempt) = match self.items.get_mut().get_mut(&job.id) {
                     Some(it) => {
                         let rebinds = it.rebinds.into();
                         let c = it.cold();
@@ -398,7 +400,10 @@ impl Sched {
                     }
                     None => (0, 0),
                 };
-                let wq = self.wqs[self.queues[job.queue].wq].name.clone();
+                let wq = self.wqs[self.queues[job.queue].get_mut().wq]
+                    .get_mut()
+                    .name
+                    .clone();
                 if self.observed {
                     let waited = wall.duration_since(job.queued_at).unwrap_or_default();
                     fx.started.push((wq.clone(), cpu, waited));
@@ -426,7 +431,7 @@ impl Sched {
                     handler: body.handler_name().clone(),
                     args: body.args().clone(),
                     payload: body.payload().to_vec(),
-                    batch: self.items.get(&job.id).map_or(0, |it| it.batch),
+                    batch: self.items.get_mut().get(&job.id).map_or(0, |it| it.batch),
                     workqueue: wq,
                     rebinds,
                     attempt,
@@ -578,17 +583,18 @@ impl Sched {
         }
         let qids: Vec<usize> = self
             .queues
-            .iter()
-            .filter(|(_, q)| {
-                q.pending > 0 && q.remote.as_ref().is_some_and(|h| unserved.contains(h))
+            .iter_mut()
+            .filter_map(|(k, q)| {
+                let q = q.get_mut();
+                (q.pending > 0 && q.remote.as_ref().is_some_and(|h| unserved.contains(h)))
+                    .then_some(k)
             })
-            .map(|(k, _)| k)
             .collect();
         for qid in qids {
             let Some(reason) = self.unserved(qid) else {
                 continue;
             };
-            let ids: Vec<ItemId> = self.queues[qid].items.iter().copied().collect();
+            let ids: Vec<ItemId> = self.queues[qid].get_mut().items.iter().copied().collect();
             for id in ids {
                 if self.is_pending_in(id, qid) {
                     self.end_unstarted(id, crate::engine::State::Rejected, reason.clone(), now, fx);
@@ -686,7 +692,7 @@ impl RemoteWorker {
         inner.learn_remote(&names)?;
         let now = Instant::now();
         let id = {
-            let mut s = inner.sched.lock();
+            let mut s = inner.sched.write();
             if s.shutdown {
                 return Err(EngineError::ShuttingDown);
             }
@@ -710,7 +716,7 @@ impl RemoteWorker {
     ) -> Result<T, EngineError> {
         let mut fx = Effects::default();
         let r = {
-            let mut s = self.inner.sched.lock();
+            let mut s = self.inner.sched.write();
             f(&mut s, Instant::now(), &mut fx)
         };
         fx.run(&self.inner);
@@ -773,7 +779,7 @@ impl RemoteWorker {
     pub fn held(&self) -> usize {
         self.inner
             .sched
-            .lock()
+            .write()
             .remotes
             .get(&self.id)
             .map_or(0, |r| r.held.len())
@@ -806,7 +812,7 @@ impl Drop for RemoteWorker {
 impl Inner {
     /// The attached workers, for `ListWorkers`, and (workers, items) lost since start.
     pub(crate) fn remote_infos(&self) -> (Vec<RemoteInfo>, (u64, u64)) {
-        let s = self.sched.lock();
+        let s = self.sched.write();
         (s.remote_infos(Instant::now()), s.remote_lost)
     }
 }

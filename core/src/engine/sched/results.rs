@@ -665,24 +665,25 @@ impl Sched {
 
     /// An item's current state (live), or its stored result; under L, so an item that ends
     /// meanwhile is found in one or the other.
-    pub(crate) fn result_of(&self, id: ItemId) -> Option<Arc<ItemResult>> {
-        let Some(it) = self.items.get(&id) else {
+    pub(crate) fn result_of(&mut self, id: ItemId) -> Option<Arc<ItemResult>> {
+        let cpu_started = self.bound(id).map(|b| b.cpu);
+        let Some(it) = self.items.get_mut().get(&id) else {
             return self.results.lock().get(id);
         };
         Some(Arc::new(ItemResult {
             id,
             batch: it.batch,
-            workqueue: self.wqs[it.wi()].name.clone(),
+            workqueue: self.wqs[it.wi()].get_mut().name.clone(),
             state: it.state,
             output: Vec::new(),
             error: String::new(),
             target: it.body.target.clone(),
             handler: it.body.handler_name().clone(),
-            cpu_started: self.bound(id).map(|b| b.cpu),
+            cpu_started,
             cpu_finished: None,
             fallback: it.fallback,
             reason: if it.state == State::Pending {
-                self.queues[it.qid()].reason.clone()
+                self.queues[it.qid()].get_mut().reason.clone()
             } else {
                 it.reason().to_string()
             },
@@ -1043,7 +1044,7 @@ mod tests {
             assert_eq!((got.id, &*got.workqueue, &got.target), (*id, *wq, t));
             assert_eq!(&*got.handler, "noop");
         }
-        let store = engine.inner.sched.lock().results_store();
+        let store = engine.inner.sched.write().results_store();
         assert_eq!(
             store.lock().names.len(),
             6,
@@ -1121,7 +1122,7 @@ mod tests {
         assert_eq!(sum.covered, 100);
 
         let (tx, rx) = std::sync::mpsc::channel();
-        let held = engine.inner.sched.lock();
+        let held = engine.inner.sched.write();
         std::thread::scope(|s| {
             s.spawn(|| {
                 let got = engine.results(&ids);

@@ -21,11 +21,12 @@ impl Sched {
         let mut reports = Vec::new();
         if !thresh.is_zero() {
             let mut stuck = Vec::new();
-            for (cpu, p) in self.pools.iter() {
+            for (cpu, p) in self.pools.iter_mut() {
                 let runnable = p.ready.iter().any(|&q| {
-                    self.queues
-                        .get(q)
-                        .is_some_and(|q| q.pending > 0 && q.eligible.contains(cpu))
+                    self.queues.get(q).is_some_and(|q| {
+                        let q = q.lock();
+                        q.pending > 0 && q.eligible.contains(cpu)
+                    })
                 });
                 let stalled = now.duration_since(p.last_progress);
                 if p.live && runnable && !p.lockup_reported && stalled >= thresh {
@@ -35,18 +36,21 @@ impl Sched {
             for (cpu, stalled) in stuck {
                 let busy: Vec<String> = self
                     .wqs
-                    .iter()
-                    .filter(|(_, w)| w.running_on.get(&cpu).is_some_and(|s| s[0] + s[1] > 0))
-                    .map(|(_, w)| {
+                    .iter_mut()
+                    .map(|(_, w)| &*w.get_mut())
+                    .filter(|w| w.running_on.get(&cpu).is_some_and(|s| s[0] + s[1] > 0))
+                    .map(|w| {
                         let s = w.running_on.get(&cpu).copied().unwrap_or_default();
                         format!("{} (active={} pending={})", w.name, s[0] + s[1], w.pending)
                     })
                     .collect();
+                let items = self.items.get_mut();
                 let running: Vec<String> = self
-                    .running
-                    .iter()
-                    .filter(|(_, b)| b.cpu == cpu)
-                    .filter_map(|(_, b)| self.items.get(&b.id).map(|i| (b.id, i)))
+                    .pools
+                    .get_mut(&cpu)
+                    .into_iter()
+                    .flat_map(|p| p.claims.iter())
+                    .filter_map(|(_, b)| items.get(&b.id).map(|i| (b.id, i)))
                     .map(|(id, i)| {
                         format!("item {id} {} on {}", i.body.handler_name(), i.body.target)
                     })
@@ -65,9 +69,9 @@ impl Sched {
             }
         }
         if !hog.is_zero() {
-            for (_, b) in self.running.iter_mut() {
+            for (_, b) in self.pools.values_mut().flat_map(|p| p.claims.iter_mut()) {
                 let id = b.id;
-                let Some(it) = self.items.get(&id) else {
+                let Some(it) = self.items.get_mut().get(&id) else {
                     continue;
                 };
                 let ran = now.duration_since(b.at);

@@ -10,16 +10,18 @@ use crate::engine::{EngineStats, State};
 use super::Sched;
 
 impl Sched {
-    pub(crate) fn running_total(&self) -> usize {
-        self.running.len()
+    pub(crate) fn running_total(&mut self) -> usize {
+        self.pools.values_mut().map(|p| p.claims.len()).sum()
     }
 
     /// The running items, described for a log line (shutdown stragglers).
-    pub(crate) fn running_items(&self) -> Vec<String> {
-        self.running
-            .iter()
+    pub(crate) fn running_items(&mut self) -> Vec<String> {
+        let items = self.items.get_mut();
+        self.pools
+            .values_mut()
+            .flat_map(|p| p.claims.iter())
             .filter_map(|(_, b)| {
-                let (id, it) = (b.id, self.items.get(&b.id)?);
+                let (id, it) = (b.id, items.get(&b.id)?);
                 Some(format!(
                     "item {id} {} on cpu {}",
                     it.body.handler_name(),
@@ -29,42 +31,46 @@ impl Sched {
             .collect()
     }
 
-    pub(crate) fn stats(&self) -> EngineStats {
+    pub(crate) fn stats(&mut self) -> EngineStats {
         let store = self.results.lock();
         EngineStats {
             epoch: self.epoch,
             live: self.live.clone(),
-            pools: self.pools.values().filter(|p| p.live).count(),
-            workers: self.pools.values().map(|p| p.workers).sum(),
-            items: self.items.len(),
+            pools: self.pools.values_mut().filter(|p| p.live).count(),
+            workers: self.pools.values_mut().map(|p| p.workers).sum(),
+            items: self.items.get_mut().len(),
             results: store.len(),
             results_bytes: store.bytes,
             timers: self.timers.len(),
-            flushes: self.flushes.len(),
+            flushes: self.flushes.get_mut().len(),
             queues: self.queues.len(),
             totals: State::ALL
                 .iter()
                 .filter(|s| s.is_terminal())
-                .map(|s| (*s, self.totals[s.index()]))
+                .map(|s| (*s, self.totals.get_mut()[s.index()]))
                 .collect(),
-            delayed: self.wqs.iter().map(|(_, w)| w.delayed).sum(),
-            pending: self.wqs.iter().map(|(_, w)| w.pending).sum(),
-            running: self.wqs.iter().map(|(_, w)| w.running).sum(),
+            delayed: self.wqs.iter_mut().map(|(_, w)| w.get_mut().delayed).sum(),
+            pending: self.wqs.iter_mut().map(|(_, w)| w.get_mut().pending).sum(),
+            running: self.wqs.iter_mut().map(|(_, w)| w.get_mut().running).sum(),
             rebinds: self.rebinds.clone(),
             fallbacks: self.fallbacks.clone(),
             lockups: self.lockups,
             hogs: self.hogs,
             running_per_cpu: self
                 .pools
-                .iter()
+                .iter_mut()
                 .filter(|(_, p)| p.running > 0)
                 .map(|(c, p)| (c, p.running))
                 .collect(),
             pending_by_level: {
                 let mut m: BTreeMap<(String, String), usize> = BTreeMap::new();
-                for (_, q) in self.queues.iter().filter(|(_, q)| q.pending > 0) {
+                for (_, q) in self.queues.iter_mut() {
+                    let q = q.get_mut();
+                    if q.pending == 0 {
+                        continue;
+                    }
                     let key = (
-                        self.wqs[q.wq].name.to_string(),
+                        self.wqs[q.wq].get_mut().name.to_string(),
                         crate::groups::Level::of(&q.target).to_string(),
                     );
                     *m.entry(key).or_default() += q.pending;

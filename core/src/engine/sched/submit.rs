@@ -40,7 +40,7 @@ impl Sched {
             return Err(EngineError::ShuttingDown);
         }
         let wi = self.wq_index(wq_name)?;
-        if self.wqs[wi].draining {
+        if self.wqs[wi].get_mut().draining {
             return Err(EngineError::Draining(wq_name.to_string()));
         }
         // Pass 1: validate everything, compute every instant and count what will be queued;
@@ -75,12 +75,12 @@ impl Sched {
                 );
             }
             match &e.key {
-                Some(k) if self.wqs[wi].keys.contains_key(k.as_str()) => {}
+                Some(k) if self.wqs[wi].get_mut().keys.contains_key(k.as_str()) => {}
                 Some(k) if !batch_keys.insert(k.as_str()) => {}
                 _ => adding += 1,
             }
         }
-        let wq = &self.wqs[wi];
+        let wq = self.wqs[wi].get_mut();
         if wq.live() + adding > wq.attrs.max_queued {
             return Err(EngineError::QueueFull {
                 workqueue: wq_name.to_string(),
@@ -130,7 +130,7 @@ impl Sched {
         // submit (rejected: no eligible CPU) is counted out of `live` like any other. Every
         // entry counts as live from the start (one update, not one look-up per entry); the
         // duplicates, which never become items, are taken out at the end.
-        self.batches.insert(
+        self.batches.get_mut().insert(
             batch,
             BatchRec {
                 first,
@@ -161,7 +161,7 @@ impl Sched {
             let id = self.next_item;
             self.next_item += 1;
             if let Some(k) = &key {
-                if let Some(&dup) = self.wqs[wi].keys.get(k) {
+                if let Some(&dup) = self.wqs[wi].get_mut().keys.get(k) {
                     out.push(Submitted {
                         id: dup,
                         queued: false,
@@ -176,8 +176,8 @@ impl Sched {
                     let remote = b.remote_name();
                     let q = match touched.last() {
                         Some(&(q, _))
-                            if self.queues[q].target == b.target
-                                && self.queues[q].remote.as_ref() == remote =>
+                            if self.queues[q].get_mut().target == b.target
+                                && self.queues[q].get_mut().remote.as_ref() == remote =>
                         {
                             q
                         }
@@ -191,7 +191,7 @@ impl Sched {
                 Some((q, n)) if *q == qid => *n += 1,
                 _ => touched.push((qid, 1)),
             }
-            let wq = &mut self.wqs[wi];
+            let wq = self.wqs[wi].get_mut();
             wq.submitted += 1;
             if let Some(k) = &key {
                 wq.keys.insert(k.clone(), id);
@@ -206,7 +206,7 @@ impl Sched {
                     r
                 }
             };
-            self.items.insert(
+            self.items.get_mut().insert(
                 id,
                 Item {
                     batch,
@@ -234,8 +234,8 @@ impl Sched {
             );
             match (delayed, refused) {
                 (Some(at), _) => {
-                    self.wqs[wi].delayed += 1;
-                    self.queues[qid].delayed += 1;
+                    self.wqs[wi].get_mut().delayed += 1;
+                    self.queues[qid].get_mut().delayed += 1;
                     self.timers.push(Reverse((at, TIMER_DELAY, id)));
                     fx.timer_kick = true;
                 }
@@ -248,13 +248,13 @@ impl Sched {
             }
             out.push(Submitted { id, queued: true });
         }
-        if let Some(rec) = self.batches.get_mut(&batch) {
+        if let Some(rec) = self.batches.get_mut().get_mut(&batch) {
             rec.live -= unused.len();
             rec.unused = unused;
         }
         if self.observed {
             let queued = out.iter().filter(|s| s.queued).count();
-            fx.submitted = Some((self.wqs[wi].name.clone(), queued));
+            fx.submitted = Some((self.wqs[wi].get_mut().name.clone(), queued));
         }
         for (qid, n) in touched {
             if self.queues.contains(qid) {
@@ -282,9 +282,9 @@ impl Sched {
             "submit panicked; rolling the batch back whole"
         );
         for id in ids.clone() {
-            if let Some(item) = self.items.remove(&id) {
+            if let Some(item) = self.items.get_mut().remove(&id) {
                 self.uncount_waiting(&item);
-                let wq = &mut self.wqs[wi];
+                let wq = self.wqs[wi].get_mut();
                 wq.submitted -= 1;
                 if let Some(k) = &item.key {
                     if wq.keys.get(k) == Some(&id) {
@@ -293,15 +293,15 @@ impl Sched {
                 }
             } else if let Some(state) = self.results.lock().take(id) {
                 // Rejected during the submit: its result and counts go too.
-                self.totals[state.index()] -= 1;
-                let wq = &mut self.wqs[wi];
+                self.totals.get_mut()[state.index()] -= 1;
+                let wq = self.wqs[wi].get_mut();
                 wq.totals[state.index()] -= 1;
                 wq.submitted -= 1;
             }
         }
         fx.finished.truncate(finished_before);
         self.timers.retain(|Reverse((_, _, id))| !ids.contains(id));
-        self.batches.remove(&batch);
+        self.batches.get_mut().remove(&batch);
         if self.batch_order.back() == Some(&batch) {
             self.batch_order.pop_back();
         }

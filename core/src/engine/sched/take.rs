@@ -13,7 +13,7 @@ use crate::engine::{ResultsMode, State};
 use crate::handler::{CancelToken, HandlerKind};
 
 use super::finish::EXPIRED_UNSTARTED;
-use super::item::{Body, Bound, ItemId, Job, NOT_BOUND};
+use super::item::{claim_of, claim_parts, Body, Bound, ItemId, Job, MAX_CLAIMS, NOT_BOUND};
 use super::{Effects, Sched};
 
 impl Sched {
@@ -48,7 +48,7 @@ impl Sched {
         let mut budget = self
             .pools
             .get_mut(&cpu)
-            .filter(|p| p.live)?
+            .filter(|p| p.live && p.claims.len() < MAX_CLAIMS)?
             .ready_list(remote)
             .len();
         while budget > 0 {
@@ -61,7 +61,7 @@ impl Sched {
                 continue;
             }
             if let Some(names) = serves {
-                let theirs = self.queues[qid].remote.as_ref();
+                let theirs = self.queues[qid].get_mut().remote.as_ref();
                 if !theirs.is_some_and(|h| names.contains(h)) {
                     if let Some(p) = self.pools.get_mut(&cpu) {
                         p.remote_ready.push_back(qid);
@@ -70,8 +70,8 @@ impl Sched {
                 }
             }
             self.clean_front(qid);
-            if self.queues[qid].pending == 0 || !self.may_take(qid, cpu) {
-                self.queues[qid].in_ready.remove(cpu);
+            if self.queues[qid].get_mut().pending == 0 || !self.may_take(qid, cpu) {
+                self.queues[qid].get_mut().in_ready.remove(cpu);
                 continue;
             }
             if !self.limits_allow(qid, cpu) {
@@ -81,30 +81,31 @@ impl Sched {
                 continue;
             }
             // `clean_front` left a pending item of this queue at the front.
-            let Some(&id) = self.queues[qid].items.front() else {
+            let Some(&id) = self.queues[qid].get_mut().items.front() else {
                 continue;
             };
             let Some((kind, expired)) = self
                 .items
+                .get_mut()
                 .get(&id)
                 .map(|it| (it.body.kind(), it.deadline().is_some_and(|d| d <= now)))
             else {
                 continue;
             };
             // From here on the item leaves its queue and is bound or expired.
-            self.queues[qid].items.pop_front();
-            let wi = self.queues[qid].wq;
-            if self.wqs[wi].attrs.ordered {
+            self.queues[qid].get_mut().items.pop_front();
+            let wi = self.queues[qid].get_mut().wq;
+            if self.wqs[wi].get_mut().attrs.ordered {
                 self.ordered_head(wi);
-                self.wqs[wi].ordered.pop_front();
+                self.wqs[wi].get_mut().ordered.pop_front();
             }
             // Requeue the queue for this pool while it has more.
-            if self.queues[qid].pending > 1 {
+            if self.queues[qid].get_mut().pending > 1 {
                 if let Some(p) = self.pools.get_mut(&cpu) {
                     p.ready_list(remote).push_back(qid);
                 }
             } else {
-                self.queues[qid].in_ready.remove(cpu);
+                self.queues[qid].get_mut().in_ready.remove(cpu);
             }
             if expired {
                 self.end_unstarted(id, State::Expired, EXPIRED_UNSTARTED.into(), now, fx);
@@ -115,7 +116,7 @@ impl Sched {
             else {
                 continue;
             };
-            let wq = &mut self.wqs[wi];
+            let wq = self.wqs[wi].get_mut();
             let slot = wq.running_on.entry(cpu).or_insert([0, 0]);
             slot[usize::from(kind == HandlerKind::Waits)] += 1;
             let nice = wq.attrs.nice;
@@ -146,9 +147,9 @@ impl Sched {
                 cpu,
                 nice,
                 queue: qid,
-                workqueue: self.observed.then(|| self.wqs[wi].name.clone()),
+                workqueue: self.observed.then(|| self.wqs[wi].get_mut().name.clone()),
                 queued_at,
-                record: self.observed || self.wqs[wi].attrs.results == ResultsMode::Full,
+                record: self.observed || self.wqs[wi].get_mut().attrs.results == ResultsMode::Full,
             });
         }
         None
@@ -156,11 +157,8 @@ impl Sched {
 
     /// The bind step shared by [`take`](Self::take) and [`claim_more`](Self::claim_more):
     /// pending item `id`, already popped from queue `qid`, becomes running on `cpu` under
-    /// `token` (reset here), with the queue's fallback and reason, the fallback tally, its
-    /// `running` entry (`slot`: whether it holds a `running_on` slot) and the queue and
-    /// workqueue counters.
-    /// Returns its body (`None` when it is `shared`, the body of the job it is claimed
-    /// behind), queue time and claim slot for the [`Job`].
+    /// `token` (reset here), with the queue's fallback and reason and the fallback tally,
+    /// then [`bind_in`].
     #[allow(clippy::too_many_arguments)]
     fn bind(
         &mut self,
@@ -172,55 +170,39 @@ impl Sched {
         slot: bool,
         shared: Option<&Arc<Body>>,
     ) -> Option<(Option<Arc<Body>>, SystemTime, u32)> {
-        let q = &self.queues[qid];
+        let q = self.queues[qid].get_mut();
         let (wi, fallback) = (q.wq, q.fallback);
-        let epoch = self.epoch;
         // The callers found this item pending under the same lock hold; were it gone, the id
         // they popped was a tombstone and nothing has changed yet.
-        let item = self.items.get_mut(&id)?;
-        item.state = State::Running;
+        let item = self.items.get_mut().get_mut(&id)?;
         item.fallback = fallback;
-        if fallback.is_some() {
+        if let Some(l) = fallback {
             let c = item.cold();
             c.reason = q.reason.clone();
-            c.decided = epoch;
-        }
-        if let Some(k) = &item.key {
-            let wq = &mut self.wqs[wi];
-            if wq.keys.get(k) == Some(&id) {
-                wq.keys.remove(k);
-            }
-        }
-        let body = match shared {
-            Some(b) if Arc::ptr_eq(b, &item.body) => None,
-            _ => Some(item.body.clone()),
-        };
-        let out = (body, item.queued_at);
-        let kind = item.body.kind();
-        if let Some(l) = fallback {
+            c.decided = self.epoch;
             *self.fallbacks.entry(l.to_string()).or_default() += 1;
         }
-        token.reset();
-        let claim = self.running.insert(Bound {
+        let at = Binding {
             id,
+            qid,
             cpu,
-            queue: qid as u32,
-            wq: wi as u32,
-            kind,
-            at: now,
-            token: token.clone(),
-            hog_reported: false,
+            token,
+            now,
             slot,
-            remote: None,
-        }) as u32;
-        item.bound = claim;
-        let q = &mut self.queues[qid];
-        q.pending -= 1;
-        q.running += 1;
-        let wq = &mut self.wqs[wi];
+            shared,
+        };
+        let key = item.key.clone();
+        let claims = &mut self.pools.get_mut(&cpu)?.claims;
+        let out = bind_in(&at, item, q, claims);
+        let wq = self.wqs[wi].get_mut();
+        if let Some(k) = key {
+            if wq.keys.get(&k) == Some(&id) {
+                wq.keys.remove(&k);
+            }
+        }
         wq.pending -= 1;
         wq.running += 1;
-        Some((out.0, out.1, claim))
+        Some(out)
     }
 
     /// Right after `take` gave `first`, in the same lock hold: binds up to `tokens.len()` more
@@ -250,17 +232,20 @@ impl Sched {
         // its workqueue's `ordered`, its eligibility on `cpu` and the pool's liveness are
         // changed only by topology, update and housekeeping steps, each under L.
         if !self.queues.contains(qid)
-            || self.wqs[self.queues[qid].wq].attrs.ordered
+            || self.wqs[self.queues[qid].get_mut().wq]
+                .get_mut()
+                .attrs
+                .ordered
             || !self.may_take(qid, cpu)
-            || !self.pools.get(&cpu).is_some_and(|p| p.live)
+            || !self.pools.get_mut(&cpu).is_some_and(|p| p.live)
         {
             return;
         }
-        let wi = self.queues[qid].wq;
-        let cap = self.wqs[wi].attrs.group_max_active as usize;
+        let wi = self.queues[qid].get_mut().wq;
+        let cap = self.wqs[wi].get_mut().attrs.group_max_active as usize;
         let mut claimed = 0;
         'claim: for token in tokens {
-            let q = &self.queues[qid];
+            let q = self.queues[qid].get_mut();
             if q.pending == 0 || (cap > 0 && q.running >= cap) {
                 break;
             }
@@ -268,13 +253,13 @@ impl Sched {
             // dropped from the front, as `clean_front` does; the first pending item is
             // checked and bound.
             let (id, item) = loop {
-                let Some(&id) = self.queues[qid].items.front() else {
+                let Some(&id) = self.queues[qid].get_mut().items.front() else {
                     break 'claim;
                 };
-                match self.items.get(&id) {
+                match self.items.get_mut().get(&id) {
                     Some(it) if it.is_pending_in(qid) => break (id, it),
                     _ => {
-                        self.queues[qid].items.pop_front();
+                        self.queues[qid].get_mut().items.pop_front();
                     }
                 }
             };
@@ -290,7 +275,7 @@ impl Sched {
             {
                 break;
             }
-            self.queues[qid].items.pop_front();
+            self.queues[qid].get_mut().items.pop_front();
             let bound = self.bind(id, qid, cpu, token, now, false, Some(first_body));
             let Some((body, queued_at, claim)) = bound else {
                 break;
@@ -320,16 +305,18 @@ impl Sched {
 
 impl Sched {
     /// The claim of bound item `id`, if it is bound.
-    pub(super) fn bound(&self, id: ItemId) -> Option<&Bound> {
-        let it = self.items.get(&id)?;
-        self.running.get(it.bound as usize).filter(|b| b.id == id)
+    pub(super) fn bound(&mut self, id: ItemId) -> Option<&Bound> {
+        self.bound_mut(id).map(|b| &*b)
     }
 
     /// [`bound`](Self::bound), to change the claim.
     pub(super) fn bound_mut(&mut self, id: ItemId) -> Option<&mut Bound> {
-        let it = self.items.get(&id)?;
-        self.running
-            .get_mut(it.bound as usize)
+        let it = self.items.get_mut().get(&id)?;
+        let (cpu, slot) = claim_parts(it.bound);
+        self.pools
+            .get_mut(&cpu)?
+            .claims
+            .get_mut(slot)
             .filter(|b| b.id == id)
     }
 
@@ -338,13 +325,76 @@ impl Sched {
     /// is needed, and its `Item::bound` goes stale — the caller must end the item or, if it
     /// stays live, set it to [`NOT_BOUND`] (`requeue` does).
     pub(super) fn unbind(&mut self, id: ItemId, claim: u32) -> Option<Bound> {
-        if self.running.get(claim as usize).is_some_and(|b| b.id == id) {
-            return self.running.try_remove(claim as usize);
+        if claim != NOT_BOUND {
+            let (cpu, slot) = claim_parts(claim);
+            if let Some(p) = self.pools.get_mut(&cpu) {
+                if p.claims.get(slot).is_some_and(|b| b.id == id) {
+                    return p.claims.try_remove(slot);
+                }
+            }
         }
-        let it = self.items.get_mut(&id)?;
-        let slot = std::mem::replace(&mut it.bound, NOT_BOUND);
-        let b = self.running.try_remove(slot as usize)?;
+        let it = self.items.get_mut().get_mut(&id)?;
+        let claim = std::mem::replace(&mut it.bound, NOT_BOUND);
+        if claim == NOT_BOUND {
+            return None;
+        }
+        let (cpu, slot) = claim_parts(claim);
+        let b = self.pools.get_mut(&cpu)?.claims.try_remove(slot)?;
         debug_assert_eq!(b.id, id, "a claim names its item");
         Some(b)
     }
+}
+
+/// Where and how [`bind_in`] binds an item.
+pub(super) struct Binding<'a> {
+    pub(super) id: ItemId,
+    pub(super) qid: usize,
+    pub(super) cpu: u32,
+    pub(super) token: &'a CancelToken,
+    pub(super) now: Instant,
+    /// Whether its claim holds a `running_on` slot (the first job of a batch).
+    pub(super) slot: bool,
+    /// The body of the job it is claimed behind, if any.
+    pub(super) shared: Option<&'a Arc<Body>>,
+}
+
+/// The bind step both paths share (exclusive L, or shared L with the queue's, items' and
+/// claims' locks held): pending `item`, already popped from queue `q`, becomes running on
+/// `at.cpu` under `at.token` (reset here): its claim in `running`, the queue's counters moved.
+/// The caller moves the workqueue's counters and releases the key; the fallback is the
+/// caller's too (the hot path binds only from queues without one). Returns its body (`None`
+/// when it is the body of the job it is claimed behind), queue time and claim slot for the
+/// [`Job`].
+#[inline(always)]
+pub(super) fn bind_in(
+    at: &Binding<'_>,
+    item: &mut super::Item,
+    q: &mut super::Queue,
+    claims: &mut slab::Slab<Bound>,
+) -> (Option<Arc<Body>>, SystemTime, u32) {
+    let id = at.id;
+    item.state = State::Running;
+    let body = match at.shared {
+        Some(b) if Arc::ptr_eq(b, &item.body) => None,
+        _ => Some(item.body.clone()),
+    };
+    let kind = item.body.kind();
+    at.token.reset();
+    let slot = claims.insert(Bound {
+        id,
+        cpu: at.cpu,
+        queue: at.qid as u32,
+        wq: q.wq as u32,
+        kind,
+        at: at.now,
+        token: at.token.clone(),
+        hog_reported: false,
+        slot: at.slot,
+        remote: None,
+    });
+    let claim = claim_of(at.cpu, slot);
+    item.bound = claim;
+    q.pending -= 1;
+    q.running += 1;
+    (body, item.queued_at, claim)
 }

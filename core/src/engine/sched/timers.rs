@@ -67,7 +67,7 @@ impl Sched {
                 break;
             }
             self.timers.pop();
-            let Some(state) = self.items.get(&id).map(|i| i.state) else {
+            let Some(state) = self.items.get_mut().get(&id).map(|i| i.state) else {
                 self.stale_timers = self.stale_timers.saturating_sub(1);
                 continue;
             };
@@ -85,14 +85,15 @@ impl Sched {
     pub(super) fn undelay(&mut self, id: ItemId, fx: &mut Effects) {
         let Some(qid) = self
             .items
+            .get_mut()
             .get(&id)
             .filter(|i| i.state == State::Delayed)
             .map(Item::qid)
         else {
             return;
         };
-        self.wqs[self.queues[qid].wq].delayed -= 1;
-        self.queues[qid].delayed -= 1;
+        self.wqs[self.queues[qid].get_mut().wq].get_mut().delayed -= 1;
+        self.queues[qid].get_mut().delayed -= 1;
         self.enqueue(id, fx);
         self.make_ready(qid, 1, fx);
     }
@@ -106,7 +107,7 @@ impl Sched {
             let has_work = p
                 .ready
                 .iter()
-                .any(|&q| self.queues.get(q).is_some_and(|q| q.pending > 0));
+                .any(|&q| self.queues.get(q).is_some_and(|q| q.lock().pending > 0));
             if p.live && p.workers == 0 && has_work && p.may_spawn(epoch) && !self.shutdown {
                 p.workers = 1;
                 p.coming += 1;
@@ -115,14 +116,14 @@ impl Sched {
         }
         let ttl = self.results.lock().ttl;
         while let Some(&b) = self.batch_order.front() {
-            let Some(rec) = self.batches.get(&b) else {
+            let Some(rec) = self.batches.get_mut().get(&b) else {
                 self.batch_order.pop_front();
                 continue;
             };
             if rec.live > 0 || now.duration_since(rec.created) < ttl {
                 break;
             }
-            self.batches.remove(&b);
+            self.batches.get_mut().remove(&b);
             self.batch_order.pop_front();
         }
         // A queue with nothing in it is dropped once it has been empty for `queue_idle`. Its
@@ -133,6 +134,7 @@ impl Sched {
         let queue_idle = self.queue_idle;
         let mut idle: Vec<usize> = Vec::new();
         for (k, q) in self.queues.iter_mut() {
+            let q = q.get_mut();
             if q.pending != 0 || q.running != 0 || q.delayed != 0 {
                 continue;
             }
@@ -153,7 +155,7 @@ impl Sched {
         if self.stale_timers < 1024 || self.stale_timers * 2 < self.timers.len() {
             return;
         }
-        let items = &self.items;
+        let items = self.items.get_mut();
         self.timers.retain(|Reverse((_, kind, id))| {
             items.get(id).is_some_and(|it| match *kind {
                 TIMER_DELAY => it.state == State::Delayed,

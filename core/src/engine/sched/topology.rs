@@ -42,7 +42,7 @@ impl Sched {
                 // woken when it is live again and a queue becomes ready on it.
                 for qid in p.ready.drain(..).chain(p.remote_ready.drain(..)) {
                     if let Some(q) = self.queues.get_mut(qid) {
-                        q.in_ready.remove(c);
+                        q.get_mut().in_ready.remove(c);
                     }
                 }
             }

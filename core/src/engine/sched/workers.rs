@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
-use super::queue::SPAWN_HOLD;
+use super::queue::{Pool, SPAWN_HOLD};
 use super::{Effects, Sched};
 use crate::engine::worker::Wake;
 
@@ -35,26 +35,18 @@ impl Sched {
         fresh: bool,
         parked: bool,
     ) -> bool {
-        let Some(p) = self.pools.get_mut(&cpu) else {
-            return false;
-        };
-        let still_idle = parked
-            && match p.idle.iter().position(|(w, _)| *w == wid) {
-                Some(i) => {
-                    p.idle.swap_remove(i);
-                    true
-                }
-                None => false,
-            };
-        if (fresh || (parked && !still_idle)) && p.gen == gen {
-            p.coming = p.coming.saturating_sub(1);
-        }
-        still_idle
+        self.pools
+            .get_mut(&cpu)
+            .is_some_and(|p| p.arrive(gen, wid, fresh, parked))
     }
 
     /// Whether a worker of generation `gen` on `cpu` should keep going.
-    pub(crate) fn worker_current(&self, cpu: u32, gen: u64) -> bool {
-        !self.shutdown && self.pools.get(&cpu).is_some_and(|p| p.live && p.gen == gen)
+    pub(crate) fn worker_current(&mut self, cpu: u32, gen: u64) -> bool {
+        !self.shutdown
+            && self
+                .pools
+                .get_mut(&cpu)
+                .is_some_and(|p| p.live && p.gen == gen)
     }
 
     /// Accounts for a worker leaving. `pin_failed` holds off respawning until the next epoch.
@@ -69,9 +61,9 @@ impl Sched {
     }
 
     /// Whether an idle worker may retire (another worker stays).
-    pub(crate) fn may_retire(&self, cpu: u32, gen: u64) -> bool {
+    pub(crate) fn may_retire(&mut self, cpu: u32, gen: u64) -> bool {
         self.pools
-            .get(&cpu)
+            .get_mut(&cpu)
             .is_some_and(|p| p.gen == gen && p.workers > 1)
     }
 
@@ -93,7 +85,7 @@ impl Sched {
                 && p.gen != gen
                 && p.ready
                     .iter()
-                    .any(|&q| queues.get(q).is_some_and(|q| q.pending > 0))
+                    .any(|&q| queues.get(q).is_some_and(|q| q.lock().pending > 0))
         }) else {
             return;
         };
@@ -105,5 +97,23 @@ impl Sched {
             p.coming += p.idle.len();
             fx.unpark.extend(p.idle.drain(..).map(|(_, u)| u));
         }
+    }
+}
+
+impl Pool {
+    /// [`Sched::arrive`] in this pool (also the shared hold's, under P).
+    pub(super) fn arrive(&mut self, gen: u64, wid: u64, fresh: bool, parked: bool) -> bool {
+        let still_idle = parked
+            && match self.idle.iter().position(|(w, _)| *w == wid) {
+                Some(i) => {
+                    self.idle.swap_remove(i);
+                    true
+                }
+                None => false,
+            };
+        if (fresh || (parked && !still_idle)) && self.gen == gen {
+            self.coming = self.coming.saturating_sub(1);
+        }
+        still_idle
     }
 }

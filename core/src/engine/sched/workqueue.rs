@@ -9,6 +9,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use crate::engine::idhash::IdMap;
 use crate::engine::{EngineError, ResultsMode, State, WorkqueueAttrs, WorkqueueStats};
 use crate::target::Target;
@@ -54,7 +56,7 @@ impl Sched {
             return Err(EngineError::WorkqueueExists(attrs.name));
         }
         let name: Arc<str> = Arc::from(attrs.name.as_str());
-        let idx = self.wqs.insert(Wq {
+        let idx = self.wqs.insert(Mutex::new(Wq {
             attrs,
             name: name.clone(),
             queues: HashMap::new(),
@@ -68,7 +70,7 @@ impl Sched {
             ordered: VecDeque::new(),
             totals: [0; 8],
             submitted: 0,
-        });
+        }));
         self.wq_names.insert(name.to_string(), idx);
         Ok(())
     }
@@ -81,8 +83,9 @@ impl Sched {
     }
 
     /// What workqueue `name` keeps of each item.
-    pub(crate) fn results_mode(&self, name: &str) -> Result<ResultsMode, EngineError> {
-        Ok(self.wqs[self.wq_index(name)?].attrs.results)
+    pub(crate) fn results_mode(&mut self, name: &str) -> Result<ResultsMode, EngineError> {
+        let wi = self.wq_index(name)?;
+        Ok(self.wqs[wi].get_mut().attrs.results)
     }
 
     pub(crate) fn update_wq(
@@ -91,7 +94,7 @@ impl Sched {
         fx: &mut Effects,
     ) -> Result<(), EngineError> {
         let wi = self.wq_index(&attrs.name)?;
-        let wq = &mut self.wqs[wi];
+        let wq = self.wqs[wi].get_mut();
         if wq.attrs.ordered != attrs.ordered && wq.live() > 0 {
             return Err(EngineError::WorkqueueNotEmpty {
                 name: attrs.name,
@@ -117,14 +120,14 @@ impl Sched {
             return Err(EngineError::DefaultWorkqueue);
         }
         let wi = self.wq_index(name)?;
-        let live = self.wqs[wi].live();
+        let live = self.wqs[wi].get_mut().live();
         if live > 0 {
             return Err(EngineError::WorkqueueNotEmpty {
                 name: name.to_string(),
                 items: live,
             });
         }
-        let qids: Vec<usize> = self.wqs[wi].all_queues().collect();
+        let qids: Vec<usize> = self.wqs[wi].get_mut().all_queues().collect();
         for qid in qids {
             self.remove_queue(qid);
         }
@@ -135,18 +138,19 @@ impl Sched {
 
     pub(crate) fn start_drain(&mut self, name: &str) -> Result<(), EngineError> {
         let wi = self.wq_index(name)?;
-        let wq = &mut self.wqs[wi];
+        let wq = self.wqs[wi].get_mut();
         if wq.live() > 0 {
             wq.draining = true;
         }
         Ok(())
     }
 
-    pub(crate) fn wq_stats(&self) -> Vec<WorkqueueStats> {
+    pub(crate) fn wq_stats(&mut self) -> Vec<WorkqueueStats> {
         let mut v: Vec<_> = self
             .wqs
-            .iter()
-            .map(|(_, wq)| WorkqueueStats {
+            .iter_mut()
+            .map(|(_, wq)| wq.get_mut())
+            .map(|wq| WorkqueueStats {
                 attrs: wq.attrs.clone(),
                 draining: wq.draining,
                 delayed: wq.delayed,
