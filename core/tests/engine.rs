@@ -1778,3 +1778,81 @@ fn counting_flushes_count_every_finish_batch_once() {
         }
     }
 }
+
+/// Items of one flush ending in two CPUs' workers at once (every worker hold is shared since
+/// session 20, and a hold hands its flush events over with a clone of the flush's sender): every
+/// flush hears each of its items exactly once and returns, whatever its delivery — full results
+/// as events, `Ended` events, a tally, or everything at the end — with two submitters at once.
+/// A hold that let a flush's last item close its channel while the other worker's events were
+/// on their way would lose them here.
+#[test]
+fn flushes_whose_items_end_on_two_cpus_at_once_hear_each_item_once() {
+    let engine = Arc::new(observed_engine(EngineConfig {
+        pinning: false,
+        ..EngineConfig::default()
+    }));
+    for (name, mode) in [("full", ResultsMode::Full), ("sum", ResultsMode::Summary)] {
+        let mut a = WorkqueueAttrs::named(name);
+        a.results = mode;
+        engine.create_workqueue(a).unwrap();
+    }
+    let batch = |n: usize| -> Vec<ItemSpec> {
+        (0..n)
+            .map(|i| ItemSpec::new(Target::Cpu((i % 2) as u32), "noop"))
+            .collect()
+    };
+    let heard = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for side in 0..2 {
+            let (engine, heard, batch) = (&engine, &heard, &batch);
+            s.spawn(move || {
+                for round in 0..200 {
+                    let n = 64 + (round * 7 + side * 13) % 200;
+                    let deadline = Some(Instant::now() + Duration::from_secs(30));
+                    match round % 4 {
+                        // Events (full results, then `Ended`), and at the end (full).
+                        0 | 1 | 2 => {
+                            let (wq, waits) = match round % 4 {
+                                0 => ("full", false),
+                                1 => ("sum", false),
+                                _ => ("full", true),
+                            };
+                            let (rec, mut flush) = if waits {
+                                engine.submit_and_wait(wq, batch(n)).unwrap()
+                            } else {
+                                engine.submit_and_flush(wq, batch(n), false).unwrap()
+                            };
+                            let mut got = Vec::new();
+                            while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
+                                match ev {
+                                    FlushEvent::Done(r) => {
+                                        assert_eq!(r.state, State::Ok);
+                                        got.push(r.id);
+                                    }
+                                    FlushEvent::Ended(id, st) => {
+                                        assert_eq!(st, State::Ok);
+                                        got.push(id);
+                                    }
+                                    other => panic!("{wq}: unexpected {other:?}"),
+                                }
+                            }
+                            got.sort_unstable();
+                            let want: Vec<u64> = rec.items.iter().map(|i| i.id).collect();
+                            assert_eq!(got, want, "{wq} (waits {waits}): each item once");
+                        }
+                        // A tally.
+                        _ => {
+                            let (_, flush) = engine.submit_and_wait("sum", batch(n)).unwrap();
+                            let sum = flush.wait(Some(Duration::from_secs(30))).unwrap();
+                            assert_eq!(sum.covered, n);
+                            assert_eq!(sum.by_state.get(&State::Ok), Some(&n), "{sum:?}");
+                        }
+                    }
+                    heard.fetch_add(n, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert!(heard.load(Ordering::Relaxed) > 2 * 200 * 64);
+    assert_eq!(engine.stats().items, 0, "nothing left live");
+}

@@ -298,6 +298,20 @@ impl Finish {
 mod tests {
     use super::*;
 
+    /// A claim (`Item::bound`, `Job::claim`) says the CPU whose pool holds it and the slot
+    /// there, for every CPU and every slot a take can reach, and is never `NOT_BOUND`.
+    #[test]
+    fn claims_name_their_cpu_and_slot_and_never_look_unbound() {
+        // The largest CPU and the largest slot a take can reach (it stops at MAX_CLAIMS
+        // claims, then binds at most a batch of 64).
+        let cpu = crate::cpuset::MAX_CPUS - 1;
+        for (c, slot) in [(0, 0), (3, 17), (cpu, 0), (cpu, MAX_CLAIMS + 64)] {
+            let claim = claim_of(c, slot);
+            assert_ne!(claim, NOT_BOUND, "cpu {c} slot {slot}");
+            assert_eq!(claim_parts(claim), (c, slot));
+        }
+    }
+
     /// One `Item` per pending item, in a hash map: its size is most of the engine's memory
     /// per pending item (target: at most 256 bytes all told, see docs/benchmarks.md).
     #[test]
