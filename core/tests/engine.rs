@@ -1811,7 +1811,7 @@ fn flushes_whose_items_end_on_two_cpus_at_once_hear_each_item_once() {
                     let deadline = Some(Instant::now() + Duration::from_secs(30));
                     match round % 4 {
                         // Events (full results, then `Ended`), and at the end (full).
-                        0 | 1 | 2 => {
+                        0..=2 => {
                             let (wq, waits) = match round % 4 {
                                 0 => ("full", false),
                                 1 => ("sum", false),
