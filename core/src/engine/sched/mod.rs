@@ -29,12 +29,15 @@
 //!
 //! The protocol they implement together is `engine/README.md`.
 //!
-//! Lock invariant: all of it is under `Inner::sched` (L). Every field of `Sched`, and of every
-//! record it holds (workqueues, queues, pools, items, flushes, timers, attached workers), is
-//! read and written only with L held, except the result store, which has its own lock R,
-//! taken inside L (`results.rs`); no method here takes any other lock or blocks, and
-//! whatever must happen outside L (unparking, spawning, notifying) is returned in
-//! [`Effects`]. `Pool::live` mirrors `Inner::pool_live`, which is written only by
+//! Lock invariant: all of it is under `Inner::sched` (L), a reader-writer lock. Every path
+//! holds L exclusive except a worker's hold (`shared.rs`), which holds it shared; so every
+//! field of `Sched`, and of every record it holds, is read and written only with L held. The
+//! pieces a shared hold writes — each pool (P), queue (Q) and workqueue, the item table, the
+//! flushes, the batches, the totals — are each behind a lock of their own, which a shared hold
+//! takes (in that order) and an exclusive holder does not need (`Mutex::get_mut`: it excludes
+//! every shared hold); every other field changes only under exclusive L. The result store has
+//! its own lock R, taken inside L (`results.rs`). No method here blocks, and whatever must
+//! happen outside L (unparking, spawning, notifying) is returned in [`Effects`]. `Pool::live` mirrors `Inner::pool_live`, which is written only by
 //! `topology.rs`, under L inside the topology seqlock. The fields are private to this module:
 //! its files see them, the rest of the engine goes through methods.
 
