@@ -40,7 +40,9 @@ impl Signal {
     ) -> bool {
         let mut g = self.gen.lock();
         let seen = *g;
-        RwLockWriteGuard::unlocked(guard, || {
+        // `move`: the generation's lock is released inside, before L is taken again (a
+        // notifier holding L takes it: the other order would deadlock).
+        RwLockWriteGuard::unlocked(guard, move || {
             while *g == seen {
                 if self.cv.wait_until(&mut g, deadline).timed_out() {
                     return true;
