@@ -207,15 +207,7 @@ impl Sched {
                 self.end_unstarted(f.id, State::Cancelled, CANCELLED_UNSTARTED.into(), now, fx);
             }
             Outcome::Ran(res) => {
-                let (state, out, err) = match res {
-                    Ok(out) => (State::Ok, out, String::new()),
-                    Err(HandlerError::Cancelled) => (
-                        State::Cancelled,
-                        Vec::new(),
-                        "cancelled while running".into(),
-                    ),
-                    Err(e) => (State::Failed, Vec::new(), e.to_string()),
-                };
+                let (state, out, err) = ran(res);
                 self.terminal(f.id, state, out, err, f.started, f.finished, now, fx);
             }
         }
@@ -417,6 +409,20 @@ impl Sched {
             }
             _ => {}
         }
+    }
+}
+
+/// The terminal state, output and error of a job whose handler returned `res` (both finish
+/// paths).
+pub(super) fn ran(res: Result<Vec<u8>, HandlerError>) -> (State, Vec<u8>, String) {
+    match res {
+        Ok(out) => (State::Ok, out, String::new()),
+        Err(HandlerError::Cancelled) => (
+            State::Cancelled,
+            Vec::new(),
+            "cancelled while running".into(),
+        ),
+        Err(e) => (State::Failed, Vec::new(), e.to_string()),
     }
 }
 

@@ -5,8 +5,9 @@
 //!
 //! Invariant: an `Item` exists (in `Sched::items`) exactly while its item is not terminal, and
 //! stays small (one per pending item: 80 bytes, checked below and in `items.rs`); a `Bound`
-//! exists (in `Sched::running`) exactly while its item is `Running`. Both are touched under L
-//! only; a `Job` and a `Finish` are the worker's own, outside L.
+//! exists (in its CPU's pool, `Pool::claims`) exactly while its item is `Running`. Both are
+//! touched under L only (shared or exclusive); a `Job` and a `Finish` are the worker's own,
+//! outside L.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -104,10 +105,10 @@ pub(crate) struct Entry {
     pub deadline: Option<Duration>,
 }
 
-/// A worker's claim on an item. Kept in `Sched::running`, not in the item: only the few
+/// A worker's claim on an item. Kept in its CPU's pool (`Pool::claims`), not in the item: only the few
 /// items bound to a worker need it.
 pub(crate) struct Bound {
-    /// The bound item (its `Item::bound` names this record's slot in `Sched::running`).
+    /// The bound item (its `Item::bound` names this record's CPU and slot, [`claim_of`]).
     pub(super) id: ItemId,
     pub(super) cpu: u32,
     /// The item's queue, workqueue and handler kind, copied from it at bind, so that a
@@ -127,7 +128,7 @@ pub(crate) struct Bound {
 }
 
 /// An item that is not terminal yet. Kept small (one of these per pending item): the fields
-/// most items never use live out of line in [`Cold`], the worker's claim in `Sched::running`.
+/// most items never use live out of line in [`Cold`], the worker's claim in its CPU's pool.
 pub(crate) struct Item {
     pub batch: u64,
     pub body: Arc<Body>,
@@ -227,7 +228,7 @@ impl Item {
 /// Work handed to a worker. Its cancel token is the worker's own (reset by `take`).
 pub(crate) struct Job {
     pub id: ItemId,
-    /// Its claim's slot in `Sched::running`, handed back in its [`Finish`].
+    /// Its claim (CPU and slot, [`claim_of`]), handed back in its [`Finish`].
     pub claim: u32,
     /// `None` for a copy claimed behind the first job of its batch (`Sched::claim_more`):
     /// it runs the first job's body, which the worker holds for the batch. Sharing it spares

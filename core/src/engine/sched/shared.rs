@@ -17,14 +17,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::worker::Wake;
-use crate::engine::{ResultsMode, State};
+use crate::engine::ResultsMode;
 use crate::groups::Ranking;
-use crate::handler::{CancelToken, HandlerError, HandlerKind};
+use crate::handler::{CancelToken, HandlerKind};
 
-use super::finish::{notify, record, send_held, End, EndCtx, Finished};
+use super::finish::{notify, ran, record, send_held, End, EndCtx, Finished};
 use super::item::{claim_parts, Finish, Job, Outcome, MAX_CLAIMS, NOT_BOUND};
 use super::queue::Pool;
-use super::take::{bind_in, Binding};
+use super::take::{bind_in, joins_batch, Binding};
 use super::{Effects, Sched};
 
 /// What a worker's shared hold did.
@@ -194,15 +194,7 @@ impl Sched {
             let Outcome::Ran(res) = f.outcome else {
                 continue;
             };
-            let (state, output, error) = match res {
-                Ok(out) => (State::Ok, out, String::new()),
-                Err(HandlerError::Cancelled) => (
-                    State::Cancelled,
-                    Vec::new(),
-                    "cancelled while running".into(),
-                ),
-                Err(e) => (State::Failed, Vec::new(), e.to_string()),
-            };
+            let (state, output, error) = ran(res);
             by_state[state.index()] += 1;
             let end = End {
                 id: f.id,
@@ -393,14 +385,7 @@ impl Sched {
                     else {
                         break;
                     };
-                    let same_work = Arc::ptr_eq(&item.body, first_body)
-                        || (item.body.handler_name() == first_body.handler_name()
-                            && item.body.args() == first_body.args());
-                    if item.body.kind() != HandlerKind::CpuBound
-                        || !same_work
-                        || item.key.is_some()
-                        || item.cold.is_some()
-                    {
+                    if !joins_batch(item, first_body) {
                         break;
                     }
                     q.items.pop_front();

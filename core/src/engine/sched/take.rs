@@ -263,16 +263,7 @@ impl Sched {
                     }
                 }
             };
-            // The same work as `first` (whose predecessor just returned quickly): a different
-            // handler or arguments may be slow and would hold the rest of the batch behind it.
-            let same_work = Arc::ptr_eq(&item.body, first_body)
-                || (item.body.handler_name() == first_body.handler_name()
-                    && item.body.args() == first_body.args());
-            if item.body.kind() != HandlerKind::CpuBound
-                || !same_work
-                || item.key.is_some()
-                || item.cold.is_some()
-            {
+            if !joins_batch(item, first_body) {
                 break;
             }
             self.queues[qid].get_mut().items.pop_front();
@@ -343,6 +334,20 @@ impl Sched {
         debug_assert_eq!(b.id, id, "a claim names its item");
         Some(b)
     }
+}
+
+/// Whether pending `item` may be claimed behind a job of body `first` (`claim_more`, both
+/// paths): plain (CPU-bound, no key — a key is released when its item is bound, and these
+/// wait a while bound —, nothing cold: no deadline, no fallback) and the same work as
+/// `first` (whose predecessor just returned quickly): a different handler or arguments may be
+/// slow and would hold the rest of the batch behind it.
+pub(super) fn joins_batch(item: &super::Item, first: &Arc<Body>) -> bool {
+    let same_work = Arc::ptr_eq(&item.body, first)
+        || (item.body.handler_name() == first.handler_name() && item.body.args() == first.args());
+    item.body.kind() == HandlerKind::CpuBound
+        && same_work
+        && item.key.is_none()
+        && item.cold.is_none()
 }
 
 /// Where and how [`bind_in`] binds an item.
