@@ -98,4 +98,57 @@ mod tests {
         let mut g = l.write();
         assert!(sig.wait_for(&mut g, Duration::from_millis(5)));
     }
+
+    /// Shutdown notifies with L held. A waiter woken (or timed out) at that moment must not
+    /// take L again while it still holds the generation's lock: the notifier, holding L, waits
+    /// for that lock, and both would wait forever. The rounds run on threads of their own; the
+    /// test fails if they have not all finished within a minute (a deadlock leaves them stuck).
+    #[test]
+    fn a_notifier_holding_l_never_deadlocks_against_a_waking_waiter() {
+        let snap = crate::live::flat_snapshot(&CpuSet::range(0, 0));
+        let l = Arc::new(RwLock::new(Sched::new(&EngineConfig::default(), snap)));
+        let sig = Arc::new(Signal::default());
+        const ROUNDS: u32 = 20_000;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let (l, sig, done) = (l.clone(), sig.clone(), done_tx.clone());
+            std::thread::spawn(move || {
+                let mut woken = 0u32;
+                for _ in 0..ROUNDS {
+                    let mut g = l.write();
+                    // Short deadlines: some waits end by timeout, some by a notification.
+                    if !sig.wait_for(&mut g, Duration::from_micros(50)) {
+                        woken += 1;
+                    }
+                }
+                done.send(()).unwrap();
+                woken
+            })
+        };
+        let notifier = {
+            let (l, sig, done) = (l.clone(), sig.clone(), done_tx);
+            std::thread::spawn(move || {
+                for _ in 0..ROUNDS {
+                    let s = l.write();
+                    // Two notifications in one hold: the waiter the first wakes wants L back
+                    // while the second takes the generation's lock.
+                    sig.notify_all();
+                    sig.notify_one();
+                    drop(s);
+                }
+                done.send(()).unwrap();
+            })
+        };
+        for _ in 0..2 {
+            done_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the waiter and a notifier holding L deadlocked");
+        }
+        notifier.join().unwrap();
+        let woken = waiter.join().unwrap();
+        assert!(
+            woken > 0,
+            "no wait ever ended by a notification: the test raced nothing"
+        );
+    }
 }
