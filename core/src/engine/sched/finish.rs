@@ -52,7 +52,8 @@ pub(crate) struct Finished {
     /// counting flush whose last item ended: dropping the sender closes its channel).
     sends: Vec<(flume::Sender<FlushMsg>, Option<FlushMsg>)>,
     /// The shared hold's buffers (`shared.rs`), kept between holds so that a hold allocates
-    /// nothing: the items it takes out, and what their flushes are told.
+    /// nothing: the items it takes out to record after the item table's lock (results other
+    /// than `full`), and what their flushes are told.
     pub(super) ending: Vec<Item>,
     pub(super) notices: Vec<Notice>,
     pub(super) held: Vec<u64>,
@@ -414,6 +415,7 @@ impl Sched {
 
 /// The terminal state, output and error of a job whose handler returned `res` (both finish
 /// paths).
+#[inline(always)]
 pub(super) fn ran(res: Result<Vec<u8>, HandlerError>) -> (State, Vec<u8>, String) {
     match res {
         Ok(out) => (State::Ok, out, String::new()),
@@ -424,6 +426,34 @@ pub(super) fn ran(res: Result<Vec<u8>, HandlerError>) -> (State, Vec<u8>, String
         ),
         Err(e) => (State::Failed, Vec::new(), e.to_string()),
     }
+}
+
+/// [`record`] for a job whose handler returned (`None` for any other outcome: the shared
+/// finish, its caller, checks that every job of its batch ran).
+#[inline(always)]
+pub(super) fn end_ran(
+    ctx: &EndCtx,
+    mode: ResultsMode,
+    name: &Option<Arc<str>>,
+    f: Finish,
+    item: Item,
+    fin: &mut Finished,
+    fx: &mut Effects,
+) -> Option<Notice> {
+    let Outcome::Ran(res) = f.outcome else {
+        return None;
+    };
+    let (state, output, error) = ran(res);
+    let end = End {
+        id: f.id,
+        item,
+        state,
+        output,
+        error,
+        started: f.started,
+        finished: f.finished,
+    };
+    Some(record(ctx, mode, name.clone(), end, fin, fx))
 }
 
 /// What [`ended`] reads of the scheduler.
@@ -478,6 +508,12 @@ pub(super) fn ended(ctx: &EndCtx, e: End, t: Tables<'_>, fx: &mut Effects) -> Re
     let n = record(ctx, mode, name, e, t.fin, fx);
     notify(ctx, n, t.flushes, t.batches, t.held_flushes, t.fin);
     mode
+}
+
+impl Notice {
+    pub(super) fn state(&self) -> State {
+        self.state
+    }
 }
 
 /// What [`notify`] needs of an item [`record`] ended.

@@ -21,7 +21,7 @@ use crate::engine::ResultsMode;
 use crate::groups::Ranking;
 use crate::handler::{CancelToken, HandlerKind};
 
-use super::finish::{notify, ran, record, send_held, End, EndCtx, Finished};
+use super::finish::{end_ran, notify, send_held, EndCtx, Finished};
 use super::item::{claim_parts, Finish, Job, Outcome, MAX_CLAIMS, NOT_BOUND};
 use super::queue::Pool;
 use super::take::{bind_in, joins_batch, Binding};
@@ -135,7 +135,16 @@ impl Sched {
             }
             (wq.attrs.results, self.observed.then(|| wq.name.clone()))
         };
-        let mut ending = std::mem::take(&mut out.ending);
+        let ctx = EndCtx {
+            epoch: self.epoch,
+            max_result_bytes: self.max_result_bytes,
+            observed: self.observed,
+            holding: true,
+        };
+        out.set_now(now);
+        let mut notices = std::mem::take(&mut out.notices);
+        let mut later = std::mem::take(&mut out.ending);
+        let n = done.len();
         let freed = {
             let mut items = self.items.lock();
             // Every check before the first change.
@@ -159,20 +168,42 @@ impl Sched {
                     return false;
                 }
             }
-            // Last to first, as `finish_all`; the claim's bound was checked above, so both
-            // are there.
+            // Last to first, as `finish_all`; the claim's bound and the item were checked
+            // above, so both are there. A full result is made as its item leaves the table:
+            // its body moves to the result, and a pass of its own would move the item twice
+            // more. Any other record drops the body, counts on names the other CPUs' workers
+            // share, so those are made after the table's lock.
             let mut freed = [0u32; 2];
-            for f in done.iter().rev() {
+            let mut unclaim = |f: &Finish| {
                 if let Some(b) = p.claims.try_remove(claim_parts(f.claim).1) {
                     if b.slot {
                         freed[usize::from(b.kind == HandlerKind::Waits)] += 1;
                     }
                 }
-                ending.extend(items.remove(&f.id));
+            };
+            if mode == ResultsMode::Full {
+                for f in done.drain(..).rev() {
+                    unclaim(&f);
+                    if let Some(item) = items.remove(&f.id) {
+                        notices.extend(end_ran(&ctx, mode, &name, f, item, out, fx));
+                    }
+                }
+            } else {
+                for f in done.iter().rev() {
+                    unclaim(f);
+                    later.extend(items.remove(&f.id));
+                }
             }
             freed
         };
-        let n = ending.len();
+        for (f, item) in done.drain(..).rev().zip(later.drain(..)) {
+            notices.extend(end_ran(&ctx, mode, &name, f, item, out, fx));
+        }
+        out.ending = later;
+        let mut by_state = [0u64; 8];
+        for n in &notices {
+            by_state[n.state().index()] += 1;
+        }
         q.running -= n;
         if q.pending == 0 && q.running == 0 && q.delayed == 0 {
             q.idle_since = Some(now);
@@ -181,32 +212,6 @@ impl Sched {
         p.running -= n;
         p.last_progress = now;
         p.lockup_reported = false;
-        let ctx = EndCtx {
-            epoch: self.epoch,
-            max_result_bytes: self.max_result_bytes,
-            observed: self.observed,
-            holding: true,
-        };
-        out.set_now(now);
-        let mut by_state = [0u64; 8];
-        let mut notices = std::mem::take(&mut out.notices);
-        for (f, item) in done.drain(..).rev().zip(ending.drain(..)) {
-            let Outcome::Ran(res) = f.outcome else {
-                continue;
-            };
-            let (state, output, error) = ran(res);
-            by_state[state.index()] += 1;
-            let end = End {
-                id: f.id,
-                item,
-                state,
-                output,
-                error,
-                started: f.started,
-                finished: f.finished,
-            };
-            notices.push(record(&ctx, mode, name.clone(), end, out, fx));
-        }
         {
             let mut wq = wm.lock();
             wq.running -= n;
@@ -231,7 +236,6 @@ impl Sched {
             send_held(&mut flushes, &mut held, out);
             out.held = held;
         }
-        out.ending = ending;
         out.notices = notices;
         let mut t = self.totals.lock();
         for (n, add) in t.iter_mut().zip(by_state) {
