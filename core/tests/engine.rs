@@ -1856,3 +1856,204 @@ fn flushes_whose_items_end_on_two_cpus_at_once_hear_each_item_once() {
     assert!(heard.load(Ordering::Relaxed) > 2 * 200 * 64);
     assert_eq!(engine.stats().items, 0, "nothing left live");
 }
+
+/// The submit takes L's shared side for a plain batch into queues that exist and can run it,
+/// and the exclusive side for everything else: a batch that makes a queue, a key, a delay, a
+/// deadline, an ordered workqueue, a queue without an eligible CPU. Both kinds run their items.
+#[test]
+fn plain_batches_are_submitted_under_the_shared_side_and_the_rest_exclusive() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("fifo", |a| a.ordered = true);
+    let shared = || rig.engine.stats().shared_submits;
+    let mut ids = Vec::new();
+    // The first batch of a target makes its queue: exclusive.
+    ids.extend(rig.submit("default", vec![item("cpu:1", "probe")]));
+    assert_eq!(shared(), 0);
+    // Plain batches into it: shared (one count per batch).
+    ids.extend(rig.submit("default", (0..50).map(|_| item("cpu:1", "probe")).collect()));
+    ids.extend(rig.submit("default", vec![item("cpu:1", "probe")]));
+    assert_eq!(shared(), 2);
+    // A key, a delay, a deadline: exclusive.
+    ids.extend(rig.submit("default", vec![keyed("cpu:1", "k")]));
+    let mut delayed = item("cpu:1", "probe");
+    delayed.delay = Some(Duration::from_millis(5));
+    let mut deadline = item("cpu:1", "probe");
+    deadline.deadline = Some(Duration::from_secs(60));
+    ids.extend(rig.submit("default", vec![delayed]));
+    ids.extend(rig.submit("default", vec![deadline]));
+    // An ordered workqueue's: exclusive, even once its queue exists.
+    ids.extend(rig.submit("fifo", vec![item("cpu:1", "probe")]));
+    ids.extend(rig.submit("fifo", vec![item("cpu:1", "probe")]));
+    assert_eq!(shared(), 2);
+    // A queue whose CPU left (fallback `widen` decides): exclusive.
+    rig.set_live("0");
+    ids.extend(rig.submit("default", vec![item("cpu:1", "probe")]));
+    assert_eq!(shared(), 2);
+    rig.set_live("0-1");
+    let res = rig.flush(&ids);
+    assert_eq!(res.len(), ids.len());
+    assert!(res.iter().all(|r| r.state == State::Ok), "{res:?}");
+}
+
+/// Shared submits racing each other never pass `max_queued` together: the limit is checked
+/// and the batch counted in one hold of the workqueue's lock. Four submitters fill a workqueue
+/// of 1 000 with batches of 100 items that wait until cancelled: exactly 1 000 are accepted,
+/// every other batch is refused whole, and the count never goes past the limit.
+#[test]
+fn shared_submits_racing_each_other_never_pass_max_queued() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("small", |a| a.max_queued = 1000);
+    // The queue exists before the race (its first batch is exclusive).
+    let first = rig.submit("small", vec![item("all", "wait").arg("ms", "60000")]);
+    let before = rig.engine.stats().shared_submits;
+    let accepted = AtomicUsize::new(first.len());
+    let refused = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    let batch: Vec<ItemSpec> = (0..100)
+                        .map(|_| item("all", "wait").arg("ms", "60000"))
+                        .collect();
+                    match rig.engine.submit("small", batch) {
+                        Ok(r) => {
+                            accepted.fetch_add(r.items.len(), Ordering::SeqCst);
+                        }
+                        Err(EngineError::QueueFull { limit: 1000, .. }) => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                    let st = rig.engine.stats();
+                    assert!(st.pending + st.running <= 1000, "{st:?}");
+                }
+            });
+        }
+    });
+    // 1 + 9 batches of 100 fit (the tenth would make 1 001).
+    assert_eq!(accepted.load(Ordering::SeqCst), 901);
+    assert_eq!(refused.load(Ordering::SeqCst), 80 - 9);
+    assert_eq!(rig.engine.stats().shared_submits - before, 9);
+    rig.engine
+        .cancel(FlushScope::Workqueue("small".into()))
+        .unwrap()
+        .running
+        .wait(Some(Duration::from_secs(30)))
+        .unwrap();
+    let t0 = Instant::now();
+    while rig.engine.stats().items > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "cancelled items end"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Shared submits racing the workers that run their items, each other, and cancels (which
+/// hold L exclusive): every item reaches exactly one terminal state, each flush hears each of
+/// its items once, and nothing is left live. Three submitters send batches into the same
+/// queues (a CPU each, and both) while a fourth thread cancels ids of recent batches.
+#[test]
+fn shared_submits_racing_workers_and_cancels_lose_and_repeat_nothing() {
+    let rig = Rig::new(2, "0-1");
+    for t in ["cpu:0", "cpu:1", "all"] {
+        rig.flush(&rig.submit("default", vec![item(t, "probe")]));
+    }
+    let before = rig.engine.stats();
+    let recent: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (ok, cancelled) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        let mut submitters = Vec::new();
+        for side in 0..3usize {
+            let (rig, recent, ok, cancelled) = (&rig, &recent, &ok, &cancelled);
+            submitters.push(s.spawn(move || {
+                for round in 0..150usize {
+                    let n = 1 + (round * 37 + side * 11) % 150;
+                    let target = ["cpu:0", "cpu:1", "all"][(round + side) % 3];
+                    let batch: Vec<ItemSpec> = (0..n).map(|_| item(target, "probe")).collect();
+                    let (rec, mut flush) = rig
+                        .engine
+                        .submit_and_flush("default", batch, false)
+                        .unwrap();
+                    recent
+                        .lock()
+                        .extend(rec.items.iter().map(|i| i.id).step_by(7));
+                    let deadline = Some(Instant::now() + Duration::from_secs(30));
+                    let mut got = Vec::new();
+                    while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
+                        let FlushEvent::Done(r) = ev else {
+                            panic!("unexpected {ev:?}");
+                        };
+                        match r.state {
+                            State::Ok => ok.fetch_add(1, Ordering::SeqCst),
+                            State::Cancelled => cancelled.fetch_add(1, Ordering::SeqCst),
+                            other => panic!("item {} ended {other:?}", r.id),
+                        };
+                        got.push(r.id);
+                    }
+                    got.sort_unstable();
+                    let want: Vec<u64> = rec.items.iter().map(|i| i.id).collect();
+                    assert_eq!(got, want, "each item of the batch heard once");
+                }
+            }));
+        }
+        let (rig, recent, done) = (&rig, &recent, &done);
+        // Set however the submitters end (a failed one panics): the canceller stops, and
+        // the test fails rather than hangs.
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _stop = Stop(done);
+        s.spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                let ids = std::mem::take(&mut *recent.lock());
+                if !ids.is_empty() {
+                    rig.engine.cancel(FlushScope::Items(ids)).unwrap();
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        let joined: Vec<_> = submitters.into_iter().map(|t| t.join()).collect();
+        done.store(true, Ordering::SeqCst);
+        for j in joined {
+            j.unwrap();
+        }
+    });
+    let st = rig.engine.stats();
+    assert_eq!(st.items, 0, "nothing left live");
+    let ended = ok.load(Ordering::SeqCst) + cancelled.load(Ordering::SeqCst);
+    let by = |s: State| {
+        st.totals.get(&s).copied().unwrap_or(0) - before.totals.get(&s).copied().unwrap_or(0)
+    };
+    assert_eq!(
+        by(State::Ok) as usize,
+        ok.load(Ordering::SeqCst),
+        "each Ok once"
+    );
+    assert_eq!(
+        by(State::Cancelled) as usize,
+        cancelled.load(Ordering::SeqCst)
+    );
+    let runs = rig.probe.runs.lock();
+    let mut seen = HashSet::new();
+    assert!(
+        runs.iter().all(|(id, _)| seen.insert(*id)),
+        "no item ran twice"
+    );
+    assert!(ended > 3 * 150, "{ended} items");
+    assert!(cancelled.load(Ordering::SeqCst) < ended, "most items ran");
+    assert!(
+        cancelled.load(Ordering::SeqCst) > 0,
+        "the cancels raced the submits"
+    );
+    assert_eq!(
+        st.shared_submits - before.shared_submits,
+        3 * 150,
+        "every batch shared"
+    );
+}

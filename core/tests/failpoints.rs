@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{
-    CancelOutcome, Engine, EngineConfig, FlushScope, ItemSpec, State, WorkqueueAttrs,
+    CancelOutcome, Engine, EngineConfig, EngineError, FlushScope, ItemSpec, State, WorkqueueAttrs,
 };
 use wqd_core::groups::Fallback;
 use wqd_core::handler::{Args, Handler, HandlerError, Registry, WorkCtx};
@@ -395,5 +395,105 @@ fn a_flush_event_sent_after_the_lock_is_awaited_and_counted_once() {
         assert_eq!(sum.gone, 0);
     });
     assert_eq!(rig.runs.n.load(Ordering::SeqCst), 1);
+    scenario.teardown();
+}
+
+/// Two shared submits can never pass `max_queued` together: the limit is checked and the
+/// batch counted in one hold of the workqueue's lock, before the items go in. The first batch
+/// is held in its insert (a failpoint sleeps between its items) while the second checks the
+/// limit; the second is refused whole, once the first is in. Workers pause before starting, so
+/// every accepted item stays live.
+#[test]
+fn a_shared_submit_held_in_its_insert_is_counted_against_max_queued() {
+    const BETWEEN: &str = "engine::submit-between-items";
+    let scenario = fail::FailScenario::setup();
+    let rig = rig(Fallback::Wait);
+    let mut a = WorkqueueAttrs::named("small");
+    a.max_queued = 10;
+    rig.engine.create_workqueue(a).unwrap();
+    let one = |n: usize| -> Vec<ItemSpec> {
+        (0..n)
+            .map(|_| ItemSpec::new(Target::Cpu(1), "count"))
+            .collect()
+    };
+    // The queue exists (its first batch is the exclusive submit's).
+    let (_, f) = rig.engine.submit_and_wait("small", one(1)).unwrap();
+    f.wait(Some(Duration::from_secs(10))).unwrap();
+    let shared = rig.engine.stats().shared_submits;
+    wqd_core::failpoint::cfg(SEAM, "pause").unwrap();
+    wqd_core::failpoint::cfg(BETWEEN, "sleep(40)").unwrap();
+    let outcomes: Vec<Result<usize, EngineError>> = std::thread::scope(|s| {
+        let first = s.spawn(|| rig.engine.submit("small", one(6)).map(|r| r.items.len()));
+        // The first is in its insert (5 sleeps of 40 ms) when the second checks the limit.
+        std::thread::sleep(Duration::from_millis(60));
+        let second = s.spawn(|| rig.engine.submit("small", one(6)).map(|r| r.items.len()));
+        vec![first.join().unwrap(), second.join().unwrap()]
+    });
+    wqd_core::failpoint::remove(BETWEEN);
+    assert!(matches!(outcomes[0], Ok(6)), "{outcomes:?}");
+    assert!(
+        matches!(
+            outcomes[1],
+            Err(EngineError::QueueFull {
+                limit: 10,
+                pending: 6,
+                adding: 6,
+                ..
+            })
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(rig.engine.stats().shared_submits, shared + 1);
+    let st = rig.engine.stats();
+    assert_eq!(st.pending + st.running, 6, "{st:?}");
+    rig.engine
+        .cancel(FlushScope::Workqueue("small".into()))
+        .unwrap();
+    wqd_core::failpoint::remove(SEAM);
+    let t0 = Instant::now();
+    while rig.engine.stats().items > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the items end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    scenario.teardown();
+}
+
+/// A shared submit that panics between two items (a bug, forced here) leaves no half batch
+/// either: its items are taken out of the table before any is in a queue, and its workqueue's
+/// counts are given back; the engine goes on, and the same batch then goes through.
+#[test]
+fn a_shared_submit_that_panics_between_items_leaves_nothing_behind() {
+    const BETWEEN: &str = "engine::submit-between-items";
+    let scenario = fail::FailScenario::setup();
+    let rig = rig(Fallback::Wait);
+    let batch = || -> Vec<ItemSpec> {
+        (0..4)
+            .map(|_| ItemSpec::new(Target::Cpu(1), "count"))
+            .collect()
+    };
+    // The queue exists (its first batch is the exclusive submit's).
+    let (_, f) = rig.engine.submit_and_wait("wq", batch()).unwrap();
+    f.wait(Some(Duration::from_secs(10))).unwrap();
+    let before_wqs = rig.engine.workqueues();
+    let before = rig.engine.stats();
+    let ran = rig.runs.n.load(Ordering::SeqCst);
+    wqd_core::failpoint::cfg(BETWEEN, "2*off->panic").unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rig.engine.submit_and_wait("wq", batch())
+    }));
+    assert!(r.is_err(), "the failpoint panics");
+    wqd_core::failpoint::remove(BETWEEN);
+    assert_eq!(rig.engine.workqueues(), before_wqs, "counters restored");
+    let st = rig.engine.stats();
+    assert_eq!((st.items, st.flushes), (0, 0));
+    assert_eq!(st.shared_submits, before.shared_submits);
+    assert_eq!(st.totals, before.totals);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(rig.runs.n.load(Ordering::SeqCst), ran, "nothing of it ran");
+    let (r, f) = rig.engine.submit_and_wait("wq", batch()).unwrap();
+    let sum = f.wait(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(sum.by_state.get(&State::Ok), Some(&4));
+    assert_eq!(r.items.len(), 4);
+    assert_eq!(rig.engine.stats().shared_submits, before.shared_submits + 1);
     scenario.teardown();
 }

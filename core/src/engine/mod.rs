@@ -802,6 +802,20 @@ enum Counting {
     UnlessFull,
 }
 
+impl Counting {
+    /// How the flush delivers, given the workqueue's results mode.
+    fn delivery(self) -> fn(ResultsMode) -> Delivery {
+        match self {
+            Counting::Always => |_| Delivery::Count,
+            Counting::Never => |_| Delivery::Stream,
+            Counting::UnlessFull => |m| match m {
+                ResultsMode::Full => Delivery::AtEnd,
+                _ => Delivery::Count,
+            },
+        }
+    }
+}
+
 /// A flush in progress. Dropping it stops the wait, never the work.
 pub struct Flush {
     inner: Arc<Inner>,
@@ -1085,6 +1099,10 @@ pub struct EngineStats {
     pub running_per_cpu: BTreeMap<u32, usize>,
     /// Pending items by (workqueue, level of their target).
     pub pending_by_level: BTreeMap<(String, String), usize>,
+    /// Batches accepted under the engine lock's shared side since start: the common case (no
+    /// key, delay or deadline; queues that exist and can run them; a workqueue neither
+    /// ordered nor draining), which does not stop the workers. The others took it exclusive.
+    pub shared_submits: u64,
 }
 
 /// Receives the engine's events for metrics. Called outside the engine lock (from workers,
@@ -1461,11 +1479,20 @@ impl Engine {
     /// Unknown workqueue, draining, a bad target/handler/argument (naming the item's index),
     /// or a full workqueue; nothing is queued then.
     pub fn submit(&self, wq: &str, items: impl Into<Batch>) -> Result<Receipt, EngineError> {
-        let bodies = self.bodies(wq, items.into())?;
+        let mut bodies = self.bodies(wq, items.into())?;
         let mut fx = sched::Effects::default();
-        let r = {
-            let mut s = self.inner.sched.write();
-            s.submit(wq, bodies, &mut fx)
+        // The common case under shared L (`sched/shared_submit.rs`); the rest exclusive.
+        let shared = self
+            .inner
+            .sched
+            .read()
+            .submit_shared(wq, &mut bodies, None, &mut fx);
+        let r = match shared {
+            Some((rec, _)) => Ok(rec),
+            None => {
+                let mut s = self.inner.sched.write();
+                s.submit(wq, bodies, &mut fx)
+            }
         };
         fx.run(&self.inner);
         r
@@ -1517,11 +1544,35 @@ impl Engine {
         items: Batch,
         counting: Counting,
     ) -> Result<(Receipt, Flush), EngineError> {
-        let bodies = self.bodies(wq, items)?;
+        let mut bodies = self.bodies(wq, items)?;
         // Without a delayed entry the batch has no delayed item to promote: its ids are the
         // flush's as they are (one look-up per item less under L).
         let delays = bodies.iter().any(|e| e.delay.is_some());
         let mut fx = sched::Effects::default();
+        // The common case under shared L (`sched/shared_submit.rs`), its flush registered
+        // before any of its items can be taken; the rest exclusive.
+        let with = sched::WithFlush {
+            inner: &self.inner,
+            delivery: counting.delivery(),
+        };
+        let shared = self
+            .inner
+            .sched
+            .read()
+            .submit_shared(wq, &mut bodies, Some(with), &mut fx);
+        if let Some((rec, f)) = shared {
+            fx.run(&self.inner);
+            return match f {
+                Some(f) => Ok((rec, f)),
+                // Not reached: a shared submit asked for a flush registers one. Were it to
+                // return none, the batch is in all the same, and a flush of it is registered
+                // now.
+                None => Ok((
+                    rec.clone(),
+                    self.flush_with(FlushScope::Batch(rec.batch), true)?,
+                )),
+            };
+        }
         let r = (|| {
             let mut s = self.inner.sched.write();
             let rec = s.submit(wq, bodies, &mut fx)?;
@@ -1530,12 +1581,7 @@ impl Engine {
                 true => s.flush_ids(&scope, &mut fx)?.0,
                 false => s.scope_ids(&scope)?,
             };
-            let delivery = match counting {
-                Counting::Always => Delivery::Count,
-                Counting::Never => Delivery::Stream,
-                Counting::UnlessFull if s.results_mode(wq)? == ResultsMode::Full => Delivery::AtEnd,
-                Counting::UnlessFull => Delivery::Count,
-            };
+            let delivery = (counting.delivery())(s.results_mode(wq)?);
             let f = s.register_flush(&self.inner, ids, delivery);
             Ok((rec, f))
         })();

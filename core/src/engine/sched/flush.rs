@@ -129,7 +129,10 @@ impl Sched {
     pub(crate) fn scope_ids(&mut self, scope: &FlushScope) -> Result<Vec<ItemId>, EngineError> {
         match scope {
             FlushScope::Items(v) => {
-                if let Some(&bad) = v.iter().find(|&&id| id == 0 || id >= self.next_item) {
+                if let Some(&bad) = v
+                    .iter()
+                    .find(|&&id| id == 0 || id >= *self.next_item.get_mut())
+                {
                     return Err(EngineError::UnknownItem(bad));
                 }
                 Ok(v.clone())
@@ -203,12 +206,9 @@ impl Sched {
         ids: Vec<ItemId>,
         delivery: Delivery,
     ) -> Flush {
-        let summary_only = delivery == Delivery::Count;
-        let fid = self.next_flush;
-        self.next_flush += 1;
-        let (tx, rx) = flume::unbounded();
-        let tally = summary_only
-            .then(|| Arc::new(parking_lot::Mutex::new(crate::engine::Tally::default())));
+        let fid = *self.next_flush.get_mut();
+        *self.next_flush.get_mut() += 1;
+        let opening = Opening::new(delivery);
         let mut remaining = 0;
         // Items already terminal: their events go in one message.
         let mut ended = Vec::new();
@@ -224,7 +224,7 @@ impl Sched {
                 remaining += 1;
             } else {
                 let g = store.get_or_insert_with(|| self.results.lock());
-                match (g.stored(id), &tally) {
+                match (g.stored(id), &opening.tally) {
                     (Some(r), Some(t)) => t.lock().by_state[r.state().index()] += 1,
                     (Some(r), None) => ended.extend(
                         made.once(id, || Some(Arc::new(r.to_result(Some(&g.names)))))
@@ -236,40 +236,74 @@ impl Sched {
             }
         }
         drop(store);
+        let (rec, flush) = opening.open(inner, fid, remaining, ids.len(), ended);
+        if let Some(rec) = rec {
+            self.flushes.get_mut().insert(fid, rec);
+        }
+        flush
+    }
+}
+
+/// A flush being registered: its channel and, when it counts ([`Delivery::Count`]), its
+/// tally.
+pub(super) struct Opening {
+    delivery: Delivery,
+    tx: flume::Sender<FlushMsg>,
+    rx: flume::Receiver<FlushMsg>,
+    pub(super) tally: Option<Arc<parking_lot::Mutex<crate::engine::Tally>>>,
+}
+
+impl Opening {
+    pub(super) fn new(delivery: Delivery) -> Opening {
+        let (tx, rx) = flume::unbounded();
+        let tally = (delivery == Delivery::Count)
+            .then(|| Arc::new(parking_lot::Mutex::new(crate::engine::Tally::default())));
+        Opening {
+            delivery,
+            tx,
+            rx,
+            tally,
+        }
+    }
+
+    /// The flush `fid` over `covered` ids, `remaining` of them live (their waiters name
+    /// `fid`) and the others ended, `ended` their events: its record (none when no covered item
+    /// is live: its channel closes once the events are in it) and its handle.
+    pub(super) fn open(
+        self,
+        inner: &Arc<Inner>,
+        fid: u64,
+        remaining: usize,
+        covered: usize,
+        mut ended: Vec<FlushEvent>,
+    ) -> (Option<FlushRec>, Flush) {
         // Kept for the last event when it delivers at the end and some item is still live.
-        let kept = (delivery == Delivery::AtEnd && remaining > 0).then(|| Kept {
+        let kept = (self.delivery == Delivery::AtEnd && remaining > 0).then(|| Kept {
             events: std::mem::take(&mut ended),
             records: Vec::new(),
         });
         if !ended.is_empty() {
-            let _ = tx.send(FlushMsg::Many(ended));
+            let _ = self.tx.send(FlushMsg::Many(ended));
         }
-        let id = if remaining > 0 {
-            self.flushes.get_mut().insert(
-                fid,
-                FlushRec {
-                    tx,
-                    held: Vec::new(),
-                    remaining,
-                    tally: tally.clone(),
-                    held_counts: [0; 8],
-                    listed: false,
-                    kept,
-                },
-            );
-            Some(fid)
-        } else {
-            None
-        };
-        Flush {
+        let rec = (remaining > 0).then(|| FlushRec {
+            tx: self.tx,
+            held: Vec::new(),
+            remaining,
+            tally: self.tally.clone(),
+            held_counts: [0; 8],
+            listed: false,
+            kept,
+        });
+        let flush = Flush {
             inner: inner.clone(),
-            id,
-            rx,
+            id: rec.as_ref().map(|_| fid),
+            rx: self.rx,
             pending: std::collections::VecDeque::new(),
-            covered: ids.len(),
+            covered,
             delayed_not_covered: 0,
             began: Instant::now(),
-            tally,
-        }
+            tally: self.tally,
+        };
+        (rec, flush)
     }
 }

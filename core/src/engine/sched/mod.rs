@@ -43,6 +43,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,7 @@ mod item;
 mod queue;
 mod results;
 mod shared;
+mod shared_submit;
 mod stalls;
 mod stats;
 mod submit;
@@ -82,6 +84,7 @@ pub(crate) use item::NOT_BOUND;
 pub(crate) use item::{Body, Entry, Finish, HandlerRef, Item, Job, Outcome, Started};
 pub(crate) use results::{Made as ResultsMade, Store as ResultStore, Stored};
 pub(crate) use shared::{Holder, SharedHold};
+pub(crate) use shared_submit::WithFlush;
 
 use queue::{Pools, Queue};
 use results::Results;
@@ -165,11 +168,14 @@ pub(crate) struct Sched {
     wq_names: HashMap<String, usize>,
     queues: Slab<Mutex<Queue>>,
     pub items: Mutex<Items>,
-    next_item: ItemId,
-    next_batch: u64,
-    next_flush: u64,
+    /// The next id, batch and flush: atomics, since a submit under shared L takes them
+    /// (`shared_submit.rs`; a batch's ids inside the item table's hold); `get_mut` under
+    /// exclusive L.
+    next_item: AtomicU64,
+    next_batch: AtomicU64,
+    next_flush: AtomicU64,
     batches: Mutex<IdMap<u64, BatchRec>>,
-    batch_order: VecDeque<u64>,
+    batch_order: Mutex<VecDeque<u64>>,
     pools: Pools,
     pub flushes: Mutex<IdMap<u64, FlushRec>>,
     /// Set while [`Sched::finish_all`] runs: flush events are held in their records.
@@ -182,7 +188,9 @@ pub(crate) struct Sched {
     results: results::Store,
     timers: BinaryHeap<Reverse<(Instant, u8, ItemId)>>,
     pub shutdown: bool,
-    rr: u64,
+    rr: AtomicU64,
+    /// Batches [`Sched::submit_shared`] accepted (`EngineStats::shared_submits`).
+    shared_submits: AtomicU64,
     /// The buffers [`Sched::make_ready`] ranks takers into (kept so ranking allocates nothing).
     ranking: Ranking,
     max_workers: usize,
@@ -223,11 +231,11 @@ impl Sched {
             wq_names: HashMap::new(),
             queues: Slab::new(),
             items: Mutex::new(Items::default()),
-            next_item: 1,
-            next_batch: 1,
-            next_flush: 1,
+            next_item: AtomicU64::new(1),
+            next_batch: AtomicU64::new(1),
+            next_flush: AtomicU64::new(1),
             batches: Mutex::new(IdMap::default()),
-            batch_order: VecDeque::new(),
+            batch_order: Mutex::new(VecDeque::new()),
             pools: Pools::default(),
             flushes: Mutex::new(IdMap::default()),
             holding: false,
@@ -240,7 +248,8 @@ impl Sched {
             ))),
             timers: BinaryHeap::new(),
             shutdown: false,
-            rr: 0,
+            rr: AtomicU64::new(0),
+            shared_submits: AtomicU64::new(0),
             ranking: Ranking::new(),
             max_workers: cfg.max_workers_per_cpu.max(1),
             queue_idle: cfg.worker_idle,

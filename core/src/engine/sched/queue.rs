@@ -327,7 +327,7 @@ impl Sched {
         let q = self.queues[qid].get_mut();
         let placement = self.wqs[q.wq].get_mut().attrs.placement;
         if placement == Placement::Spread && !q.eligible.is_empty() {
-            self.rr = self.rr.wrapping_add(1);
+            *self.rr.get_mut() = self.rr.get_mut().wrapping_add(1);
         }
         let (pools, host) = (&self.pools, &self.load);
         let load = |c: u32| {
@@ -338,7 +338,7 @@ impl Sched {
             };
             busy * 1000.0 + running
         };
-        out.rank(placement, &q.eligible, load, self.rr);
+        out.rank(placement, &q.eligible, load, *self.rr.get_mut());
     }
 
     pub(super) fn may_take(&mut self, qid: usize, cpu: u32) -> bool {

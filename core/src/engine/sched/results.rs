@@ -655,7 +655,7 @@ impl Results {
 impl Sched {
     /// Whether `id` was ever handed out (as an item or a duplicate's reserved slot).
     pub(crate) fn issued(&self, id: ItemId) -> bool {
-        id != 0 && id < self.next_item
+        id != 0 && id < self.next_item.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The store behind R, for look-ups that do not take L.

@@ -72,14 +72,19 @@ impl Sched {
         fx: &mut Effects,
         out: &mut Finished,
     ) -> SharedHold {
-        if self.shutdown
-            || (!done.is_empty() && !self.finish_shared(w.cpu, w.queue, done, now, fx, out))
-        {
+        if self.shutdown {
             return SharedHold::Exclusive { arrived: None };
         }
+        // P for the whole hold: between the finish and the take, another holder of P (a
+        // worker of this CPU, or a submit making a queue ready) would see this worker neither
+        // busy nor idle nor coming, and call or start another for the slot it is about to
+        // take (the reserve worker's rule counts idle and coming workers).
         let Some(mut p) = self.pools.get(&w.cpu) else {
             return SharedHold::Exclusive { arrived: None };
         };
+        if !done.is_empty() && !self.finish_shared(&mut p, w.cpu, w.queue, done, now, fx, out) {
+            return SharedHold::Exclusive { arrived: None };
+        }
         let timed_out = p.arrive(w.gen, w.wid, w.fresh, w.parked);
         let arrived = Some(timed_out);
         if !(p.live && p.gen == w.gen) {
@@ -103,8 +108,10 @@ impl Sched {
     /// workqueue's in one hold, the results and events are made with no lock, and the flushes
     /// and batches hear of them in one hold (their held events sent with it, as
     /// `finish_all` does; see `send_held`).
+    #[allow(clippy::too_many_arguments)]
     fn finish_shared(
         &self,
+        p: &mut Pool,
         cpu: u32,
         queue: Option<usize>,
         done: &mut Vec<Finish>,
@@ -115,7 +122,7 @@ impl Sched {
         let Some(qid) = queue else {
             return false;
         };
-        let (Some(mut p), Some(qm)) = (self.pools.get(&cpu), self.queues.get(qid)) else {
+        let Some(qm) = self.queues.get(qid) else {
             return false;
         };
         // A freed slot is offered to attached workers' slots waiting on this pool.
@@ -225,7 +232,6 @@ impl Sched {
                 *t += add;
             }
         }
-        drop(p);
         {
             let mut flushes = self.flushes.lock();
             let mut batches = self.batches.lock();

@@ -77,6 +77,7 @@ impl Sched {
                 }
                 m
             },
+            shared_submits: *self.shared_submits.get_mut(),
         }
     }
 }

@@ -92,9 +92,9 @@ impl Sched {
         drop(batch_keys);
         // Pass 2: queue. It cannot fail; should it panic all the same (a bug), the batch is
         // rolled back whole before the panic goes on, so no half batch is ever left behind.
-        let batch = self.next_batch;
-        self.next_batch += 1;
-        let first = self.next_item;
+        let batch = *self.next_batch.get_mut();
+        *self.next_batch.get_mut() += 1;
+        let first = *self.next_item.get_mut();
         let finished_before = fx.finished.len();
         let pass2 = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.queue_batch(wi, batch, now, bodies, &times, fx)
@@ -125,7 +125,7 @@ impl Sched {
         fx: &mut Effects,
     ) -> Vec<Submitted> {
         let wall = SystemTime::now();
-        let first = self.next_item;
+        let first = *self.next_item.get_mut();
         // The batch's record exists before its items do, so an item that ends during the
         // submit (rejected: no eligible CPU) is counted out of `live` like any other. Every
         // entry counts as live from the start (one update, not one look-up per entry); the
@@ -140,7 +140,7 @@ impl Sched {
                 unused: Vec::new(),
             },
         );
-        self.batch_order.push_back(batch);
+        self.batch_order.get_mut().push_back(batch);
         let wq32 = wi as u32;
         let mut out = Vec::with_capacity(bodies.len());
         let mut touched: Vec<(usize, usize)> = Vec::new();
@@ -158,8 +158,8 @@ impl Sched {
             let key: Option<Arc<str>> = key.map(Arc::from);
             // Every entry takes the next id, so entry i of a batch is `first + i`; the id of
             // a duplicate is never used and is left out of the batch's scope.
-            let id = self.next_item;
-            self.next_item += 1;
+            let id = *self.next_item.get_mut();
+            *self.next_item.get_mut() += 1;
             if let Some(k) = &key {
                 if let Some(&dup) = self.wqs[wi].get_mut().keys.get(k) {
                     out.push(Submitted {
@@ -275,7 +275,7 @@ impl Sched {
         finished_before: usize,
         fx: &mut Effects,
     ) {
-        let ids = first..self.next_item;
+        let ids = first..*self.next_item.get_mut();
         tracing::error!(
             batch,
             items = ids.end - ids.start,
@@ -302,8 +302,8 @@ impl Sched {
         fx.finished.truncate(finished_before);
         self.timers.retain(|Reverse((_, _, id))| !ids.contains(id));
         self.batches.get_mut().remove(&batch);
-        if self.batch_order.back() == Some(&batch) {
-            self.batch_order.pop_back();
+        if self.batch_order.get_mut().back() == Some(&batch) {
+            self.batch_order.get_mut().pop_back();
         }
     }
 }

@@ -115,16 +115,16 @@ impl Sched {
             }
         }
         let ttl = self.results.lock().ttl;
-        while let Some(&b) = self.batch_order.front() {
+        while let Some(&b) = self.batch_order.get_mut().front() {
             let Some(rec) = self.batches.get_mut().get(&b) else {
-                self.batch_order.pop_front();
+                self.batch_order.get_mut().pop_front();
                 continue;
             };
             if rec.live > 0 || now.duration_since(rec.created) < ttl {
                 break;
             }
             self.batches.get_mut().remove(&b);
-            self.batch_order.pop_front();
+            self.batch_order.get_mut().pop_front();
         }
         // A queue with nothing in it is dropped once it has been empty for `queue_idle`. Its
         // idle time starts when its last running item finishes (`finish`) or, for a queue
