@@ -26,16 +26,20 @@
 //! | `workers.rs` | worker threads: park, go on, exit, retire, hand off |
 //! | `stats.rs` | engine-wide stats and the running items |
 //! | `remote.rs` | attached workers: their slots, credits, answers and loss |
+//! | `shared.rs` | a worker's hold under shared L: finish, take, park |
+//! | `shared_submit.rs` | the plain submit under shared L, and its `make_ready` |
 //!
 //! The protocol they implement together is `engine/README.md`.
 //!
 //! Lock invariant: all of it is under `Inner::sched` (L), a reader-writer lock. Every path
-//! holds L exclusive except a worker's hold (`shared.rs`), which holds it shared; so every
-//! field of `Sched`, and of every record it holds, is read and written only with L held. The
-//! pieces a shared hold writes — each pool (P), queue (Q) and workqueue, the item table, the
-//! flushes, the batches, the totals — are each behind a lock of their own, which a shared hold
-//! takes (in that order) and an exclusive holder does not need (`Mutex::get_mut`: it excludes
-//! every shared hold); every other field changes only under exclusive L. The result store has
+//! holds L exclusive except a worker's hold (`shared.rs`) and a plain submit
+//! (`shared_submit.rs`), which hold it shared; so every field of `Sched`, and of every record
+//! it holds, is read and written only with L held. The pieces a shared hold writes — each pool
+//! (P), queue (Q) and workqueue, the item table, the flushes, the batches and their order, the
+//! totals — are each behind a lock of their own, which a shared hold takes (in that order) and
+//! an exclusive holder does not need (`Mutex::get_mut`: it excludes every shared hold); the
+//! next id, batch and flush, the round-robin counter and the shared submits' count are atomics
+//! (`get_mut` under exclusive L); every other field changes only under exclusive L. The result store has
 //! its own lock R, taken inside L (`results.rs`). No method here blocks, and whatever must
 //! happen outside L (unparking, spawning, notifying) is returned in [`Effects`]. `Pool::live` mirrors `Inner::pool_live`, which is written only by
 //! `topology.rs`, under L inside the topology seqlock. The fields are private to this module:
