@@ -39,10 +39,11 @@
 //! totals — are each behind a lock of their own, which a shared hold takes (in that order) and
 //! an exclusive holder does not need (`Mutex::get_mut`: it excludes every shared hold); the
 //! next id, batch and flush, the round-robin counter and the shared submits' count are atomics
-//! (`get_mut` under exclusive L); every other field changes only under exclusive L. The result store has
-//! its own lock R, taken inside L (`results.rs`). No method here blocks, and whatever must
-//! happen outside L (unparking, spawning, notifying) is returned in [`Effects`]. `Pool::live` mirrors `Inner::pool_live`, which is written only by
-//! `topology.rs`, under L inside the topology seqlock. The fields are private to this module:
+//! (`get_mut` under exclusive L); every other field changes only under exclusive L. The result
+//! store has its own lock R, taken inside L (`results.rs`). No method here blocks, and
+//! whatever must happen outside L (unparking, spawning, notifying) is returned in [`Effects`].
+//! `Pool::live` mirrors `Inner::pool_live`, which is written only by `topology.rs`, under L
+//! inside the topology seqlock. The fields are private to this module:
 //! its files see them, the rest of the engine goes through methods.
 
 use std::cmp::Reverse;

@@ -329,15 +329,7 @@ impl Sched {
         if placement == Placement::Spread && !q.eligible.is_empty() {
             *self.rr.get_mut() = self.rr.get_mut().wrapping_add(1);
         }
-        let (pools, host) = (&self.pools, &self.load);
-        let load = |c: u32| {
-            let running = pools.get(&c).map_or(0, |p| p.running) as f64;
-            let busy = match (placement, host) {
-                (Placement::Idle, Some(f)) => f(c),
-                _ => 0.0,
-            };
-            busy * 1000.0 + running
-        };
+        let load = taker_load(&self.pools, &self.load, placement);
         out.rank(placement, &q.eligible, load, *self.rr.get_mut());
     }
 
@@ -366,19 +358,13 @@ impl Sched {
                 self.wqs[wi].get_mut().running == 0 && self.ordered_head(wi) == Some(head),
             );
         }
-        let q = self.queues[qid].get_mut();
+        let Some(kind) = self.items.get_mut().get(&head).map(|i| i.body.kind()) else {
+            return 0;
+        };
+        let running = self.queues[qid].get_mut().running;
         let wq = self.wqs[wi].get_mut();
-        let cap = match wq.attrs.group_max_active as usize {
-            0 => usize::MAX,
-            g => g.saturating_sub(q.running),
-        };
-        let [cb, w] = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
-        let free = match self.items.get_mut().get(&head).map(|i| i.body.kind()) {
-            Some(HandlerKind::CpuBound) => wq.attrs.max_active.saturating_sub(cb) as usize,
-            Some(HandlerKind::Waits) => wq.attrs.max_waiting.saturating_sub(w) as usize,
-            None => 0,
-        };
-        free.min(cap)
+        let on = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
+        room(wq.slots(), on, running, kind)
     }
 
     /// Puts a queue with pending items on the ready lists of the pools that may take from it
@@ -486,6 +472,45 @@ impl Sched {
             wq.ordered.push_back(id);
         }
     }
+}
+
+/// The load [`Ranking`] orders `least-loaded` and `idle` takers by: the items running on the
+/// CPU, and for `idle` the host's busy fraction first (×1000, so it decides unless equal).
+/// Reads each CPU's pool under its P (one at a time).
+pub(super) fn taker_load<'a>(
+    pools: &'a Pools,
+    host: &'a Option<crate::engine::LoadHook>,
+    placement: Placement,
+) -> impl Fn(u32) -> f64 + 'a {
+    move |c: u32| {
+        let running = pools.get(&c).map_or(0, |p| p.running) as f64;
+        let busy = match (placement, host) {
+            (Placement::Idle, Some(f)) => f(c),
+            _ => 0.0,
+        };
+        busy * 1000.0 + running
+    }
+}
+
+/// How many more items of `kind` may start on a CPU now running `on` (CPU-bound, waiting) of
+/// a workqueue with these limits (`group` = `group_max_active`, 0 for none), from a queue
+/// running `queue_running`: the free `max_active` (or `max_waiting`) slots, within the group
+/// cap. Not for ordered workqueues (one at a time).
+pub(super) fn room(
+    [max_active, max_waiting, group]: [u32; 3],
+    on: [u32; 2],
+    queue_running: usize,
+    kind: HandlerKind,
+) -> usize {
+    let cap = match group as usize {
+        0 => usize::MAX,
+        g => g.saturating_sub(queue_running),
+    };
+    let free = match kind {
+        HandlerKind::CpuBound => max_active.saturating_sub(on[0]),
+        HandlerKind::Waits => max_waiting.saturating_sub(on[1]),
+    } as usize;
+    free.min(cap)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::handler::{CancelToken, HandlerKind};
 
 use super::finish::{end_ran, notify, send_held, EndCtx, Finished};
 use super::item::{claim_parts, Finish, Job, Outcome, MAX_CLAIMS, NOT_BOUND};
-use super::queue::Pool;
+use super::queue::{room, Pool};
 use super::take::{bind_in, joins_batch, Binding};
 use super::{Effects, Sched};
 
@@ -103,11 +103,12 @@ impl Sched {
     /// [`Sched::finish_all`] under shared L, for a batch of jobs of queue `queue` that all
     /// ran on `cpu` and returned: all of it, or (returning `false`) none of it.
     ///
-    /// Each shared table is held briefly, never across the per-item work: the items and
-    /// their claims are taken out in one hold, the queue's and pool's counters move, the
-    /// workqueue's in one hold, the results and events are made with no lock, and the flushes
-    /// and batches hear of them in one hold (their held events sent with it, as
-    /// `finish_all` does; see `send_held`).
+    /// `p` is the caller's pool, locked for its whole hold. Each other shared table is held
+    /// briefly, never across the per-item work: the items and their claims are taken out in
+    /// one hold of the item table (full results made in it as each item leaves; other records
+    /// after it, with no lock), the queue's and pool's counters move, the workqueue's in one
+    /// hold, and the flushes and batches hear of them in one hold (their held events sent with
+    /// it, as `finish_all` does; see `send_held`).
     #[allow(clippy::too_many_arguments)]
     fn finish_shared(
         &self,
@@ -295,8 +296,7 @@ impl Sched {
                 let a = &wq.attrs;
                 let limits = Limits {
                     placement: a.placement,
-                    max_active: a.max_active,
-                    max_waiting: a.max_waiting,
+                    slots: wq.slots(),
                     group: a.group_max_active as usize,
                     nice: a.nice,
                     full: a.results == ResultsMode::Full,
@@ -324,15 +324,7 @@ impl Sched {
             };
             let kind = head.body.kind();
             // `head_room` (not ordered).
-            let cap = match a.group {
-                0 => usize::MAX,
-                g => g.saturating_sub(q.running),
-            };
-            let free = match kind {
-                HandlerKind::CpuBound => a.max_active.saturating_sub(cb),
-                HandlerKind::Waits => a.max_waiting.saturating_sub(wt),
-            } as usize;
-            if free.min(cap) == 0 {
+            if room(a.slots, [cb, wt], q.running, kind) == 0 {
                 p.ready.push_back(qid);
                 continue;
             }
@@ -456,8 +448,8 @@ impl Sched {
 /// What a take reads of its workqueue's attributes, copied in one short hold.
 struct Limits {
     placement: crate::groups::Placement,
-    max_active: u32,
-    max_waiting: u32,
+    /// As [`room`] takes them.
+    slots: [u32; 3],
     group: usize,
     nice: i32,
     full: bool,

@@ -22,10 +22,10 @@ use std::time::{Instant, SystemTime};
 
 use crate::engine::{Flush, Inner, Receipt, State, Submitted};
 use crate::groups::{Fallback, Placement, Ranking};
-use crate::handler::HandlerKind;
 
 use super::flush::{Delivery, Opening};
 use super::item::{Entry, Item, NOT_BOUND};
+use super::queue::{room, taker_load, Queue};
 use super::submit::BatchRec;
 use super::{Effects, Sched};
 use crate::engine::ResultsMode;
@@ -182,7 +182,9 @@ impl Sched {
             },
         );
         self.batch_order.lock().push_back(batch);
-        // Visible: each run into its queue, and its queue made ready.
+        // Visible: each run into its queue, and its queue made ready (ranked into one buffer
+        // for the batch).
+        let mut ranking = Ranking::new();
         let mut id = first;
         for &(qid, k) in &runs {
             if let Some(qm) = self.queues.get(qid) {
@@ -192,7 +194,7 @@ impl Sched {
                 q.idle_since = None;
             }
             id += k as u64;
-            self.make_ready_shared(qid, k, placement, fx);
+            self.make_ready_shared(qid, k, placement, &mut ranking, fx);
         }
         if let Some(name) = name {
             fx.submitted = Some((name, n));
@@ -214,7 +216,14 @@ impl Sched {
     /// while `n` are not (only where the head can start now, as `call_worker_for`). Race 3
     /// holds under P: a worker registers idle in the same P hold in which it found the ready
     /// list empty, and this adds to the list and pops an idle worker in one P hold.
-    fn make_ready_shared(&self, qid: usize, n: usize, placement: Placement, fx: &mut Effects) {
+    fn make_ready_shared(
+        &self,
+        qid: usize,
+        n: usize,
+        placement: Placement,
+        ranking: &mut Ranking,
+        fx: &mut Effects,
+    ) {
         let Some(qm) = self.queues.get(qid) else {
             return;
         };
@@ -229,16 +238,7 @@ impl Sched {
             Placement::Spread => self.rr.fetch_add(1, Relaxed).wrapping_add(1),
             _ => self.rr.load(Relaxed),
         };
-        let host = &self.load;
-        let load = |c: u32| {
-            let running = self.pools.get(&c).map_or(0, |p| p.running) as f64;
-            let busy = match (placement, host) {
-                (Placement::Idle, Some(f)) => f(c),
-                _ => 0.0,
-            };
-            busy * 1000.0 + running
-        };
-        let mut ranking = Ranking::new();
+        let load = taker_load(&self.pools, &self.load, placement);
         let takers = ranking.rank(placement, &eligible, load, rr);
         let mut woken = 0;
         for &c in takers {
@@ -264,8 +264,8 @@ impl Sched {
     }
 
     /// [`Sched::head_room`] under shared L for a queue `q` (locked) of a workqueue that is not
-    /// ordered: the free slots of the head's kind on `cpu`, within the group cap.
-    fn head_room_shared(&self, q: &mut super::queue::Queue, qid: usize, cpu: u32) -> usize {
+    /// ordered.
+    fn head_room_shared(&self, q: &mut Queue, qid: usize, cpu: u32) -> usize {
         // `clean_front`: the head is the first id still pending here (a cancelled item
         // leaves its id behind).
         let kind = {
@@ -285,19 +285,13 @@ impl Sched {
         let Some(wm) = self.wqs.get(q.wq) else {
             return 0;
         };
-        let (cap, [cb, w], max_active, max_waiting) = {
+        let (slots, on) = {
             let wq = wm.lock();
-            let cap = match wq.attrs.group_max_active as usize {
-                0 => usize::MAX,
-                g => g.saturating_sub(q.running),
-            };
-            let on = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
-            (cap, on, wq.attrs.max_active, wq.attrs.max_waiting)
+            (
+                wq.slots(),
+                wq.running_on.get(&cpu).copied().unwrap_or([0, 0]),
+            )
         };
-        let free = match kind {
-            HandlerKind::CpuBound => max_active.saturating_sub(cb) as usize,
-            HandlerKind::Waits => max_waiting.saturating_sub(w) as usize,
-        };
-        free.min(cap)
+        room(slots, on, q.running, kind)
     }
 }

@@ -39,6 +39,13 @@ pub(super) struct Wq {
 }
 
 impl Wq {
+    /// Its concurrency limits, as [`super::queue::room`] takes them: `max_active`,
+    /// `max_waiting`, `group_max_active`.
+    pub(super) fn slots(&self) -> [u32; 3] {
+        let a = &self.attrs;
+        [a.max_active, a.max_waiting, a.group_max_active]
+    }
+
     pub(super) fn live(&self) -> usize {
         self.delayed + self.pending + self.running
     }
