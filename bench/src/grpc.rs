@@ -970,6 +970,7 @@ pub fn profile_client(
     wait: bool,
     summary: bool,
     flush: bool,
+    empty: bool,
     pause: Duration,
 ) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -995,6 +996,11 @@ pub fn profile_client(
                 std::thread::sleep(pause);
             }
             let t = Instant::now();
+            if empty {
+                c.empty().await.expect("empty RPC");
+                lat.push(t.elapsed());
+                continue;
+            }
             let a = c.submit(&req).await.expect("Submit");
             if flush {
                 let s = c.flush_summary(a.batch_id).await.expect("Flush");

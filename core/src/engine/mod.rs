@@ -1375,7 +1375,7 @@ impl Engine {
 
     /// The snapshot the engine currently schedules by.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.inner.sched.write().snapshot.clone()
+        self.inner.sched.read().snapshot.clone()
     }
 
     /// Replaces the handler registry (config reload). Queued items keep their handler.
@@ -1455,7 +1455,7 @@ impl Engine {
 
     /// Attached workers per handler name, and open slots per CPU (for metrics).
     pub fn remote_counts(&self) -> (BTreeMap<String, usize>, BTreeMap<u32, usize>) {
-        self.inner.sched.write().remote_counts()
+        self.inner.sched.read().remote_counts()
     }
 
     /// Whether workers pin themselves (false on fixture topologies).
@@ -1818,7 +1818,7 @@ impl Engine {
     /// Whether `id` was ever issued by this engine, so a `None` from [`Engine::results`] can
     /// be told apart: issued means its result was forgotten, not issued means never known.
     pub fn issued(&self, id: ItemId) -> bool {
-        self.inner.sched.write().issued(id)
+        self.inner.sched.read().issued(id)
     }
 
     /// Item ids of a batch.
