@@ -958,21 +958,36 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
     (vec![t, mtab, empty, lt, topo], verdicts)
 }
 
-/// For a profiler on the daemon side: `rounds` `Submit(wait)` calls of `batch` `noop` items
-/// (`wait = false`: `Submit` only) to the daemon on `socket`, one at a time; prints the rate.
-/// `summary`: on [`SUMMARY_WQ`] (created if missing), checking the counts instead of results.
-/// `flush`: each `Submit` (without wait) followed by `Flush(batch, summary_only)`, as
-/// [`Sys::Flush`]; the figures then cover both calls.
-pub fn profile_client(
-    socket: &Path,
-    rounds: usize,
-    batch: usize,
-    wait: bool,
-    summary: bool,
-    flush: bool,
-    empty: bool,
-    pause: Duration,
-) {
+/// What [`profile_client`] calls, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct ProfileCall {
+    /// `noop` items per `Submit`.
+    pub batch: usize,
+    /// `Submit` with `wait` (else `Submit` only: accepted, not run).
+    pub wait: bool,
+    /// On [`SUMMARY_WQ`] (created if missing), checking the counts instead of results.
+    pub summary: bool,
+    /// Each `Submit` (without wait) followed by `Flush(batch, summary_only)`, as
+    /// [`Sys::Flush`]; the figures then cover both calls.
+    pub flush: bool,
+    /// The empty unary RPC (health check) instead of any `Submit`: the gRPC stack alone.
+    pub empty: bool,
+    /// Slept before each call (every thread asleep when it comes, as in the service bench's
+    /// single-item loop).
+    pub pause: Duration,
+}
+
+/// For a profiler on the daemon side: `rounds` calls as `call` says to the daemon on
+/// `socket`, one at a time; prints the rate and the call's p50 and p99.
+pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
+    let ProfileCall {
+        batch,
+        wait,
+        summary,
+        flush,
+        empty,
+        pause,
+    } = call;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

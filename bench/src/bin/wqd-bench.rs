@@ -202,12 +202,14 @@ fn main() {
         grpc::profile_client(
             std::path::Path::new(socket),
             rounds,
-            batch,
-            wait && !flush,
-            summary,
-            flush,
-            args.iter().any(|a| a == "empty"),
-            pause,
+            grpc::ProfileCall {
+                batch,
+                wait: wait && !flush,
+                summary,
+                flush,
+                empty: args.iter().any(|a| a == "empty"),
+                pause,
+            },
         );
         return;
     }
