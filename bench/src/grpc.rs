@@ -959,7 +959,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
 }
 
 /// What [`profile_client`] calls, and how.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ProfileCall {
     /// `noop` items per `Submit`.
     pub batch: usize,
@@ -975,6 +975,10 @@ pub struct ProfileCall {
     /// Slept before each call (every thread asleep when it comes, as in the service bench's
     /// single-item loop).
     pub pause: Duration,
+    /// The items' targets, comma-separated, taken in turn item by item (`all` by default).
+    pub targets: String,
+    /// The targets in runs (the first `batch / n` items to the first, and so on) instead.
+    pub runs: bool,
 }
 
 /// For a profiler on the daemon side: `rounds` calls as `call` says to the daemon on
@@ -987,6 +991,7 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
         flush,
         empty,
         pause,
+        ..
     } = call;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -994,17 +999,20 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
         .expect("runtime");
     rt.block_on(async {
         let c = wire::connect(&Addr::Unix(socket.to_path_buf())).await;
-        let req = if summary {
+        let wq = if summary {
             // Already there from an earlier run against the same daemon: fine.
             let _ = c
                 .create_workqueue(SUMMARY_WQ, wqd_proto::v1::ResultsMode::Summary)
                 .await;
-            wire::noop_batch_in(SUMMARY_WQ, batch, wait)
+            SUMMARY_WQ
         } else {
-            wire::noop_batch(batch, wait)
+            ""
         };
+        let targets: Vec<&str> = call.targets.split(',').collect();
+        let req = wire::noop_batch_to(wq, &targets, call.runs, batch, wait);
         let mut lat = Vec::with_capacity(rounds);
         let t0 = Instant::now();
+        let mut items: Option<usize> = None;
         for _ in 0..rounds {
             if !pause.is_zero() {
                 // As the service bench's single-item loop: every thread has gone to sleep.
@@ -1017,16 +1025,19 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
                 continue;
             }
             let a = c.submit(&req).await.expect("Submit");
+            // An `each:` target fans a wire item out to one item per group.
+            let n = *items.get_or_insert(a.items.len());
             if flush {
                 let s = c.flush_summary(a.batch_id).await.expect("Flush");
-                assert_eq!(s.counts.map_or(0, |c| c.ok) as usize, batch, "flushed ok");
+                assert_eq!(s.counts.map_or(0, |c| c.ok) as usize, n, "flushed ok");
             }
             lat.push(t.elapsed());
-            assert_eq!(a.items.len(), batch);
+            assert_eq!(a.items.len(), n);
             if summary && wait {
-                assert_eq!(a.counts.map_or(0, |c| c.ok) as usize, batch, "items ok");
+                assert_eq!(a.counts.map_or(0, |c| c.ok) as usize, n, "items ok");
             }
         }
+        let batch = items.unwrap_or(batch);
         let el = t0.elapsed();
         lat.sort();
         println!(

@@ -88,11 +88,23 @@ pub fn noop_batch(n: usize, wait: bool) -> Pre {
 
 /// [`noop_batch`] on workqueue `wq` (`""`: the default one).
 pub fn noop_batch_in(wq: &str, n: usize, wait: bool) -> Pre {
+    noop_batch_to(wq, &["all"], false, n, wait)
+}
+
+/// `n` `noop` items on workqueue `wq`, their targets taken from `targets` in turn (item `i`
+/// gets `targets[i % len]`), or with `runs` in as many runs of equal length, one per target.
+pub fn noop_batch_to(wq: &str, targets: &[&str], runs: bool, n: usize, wait: bool) -> Pre {
+    let per_run = n.div_ceil(targets.len().max(1)).max(1);
     let req = v1::SubmitRequest {
         workqueue: wq.to_string(),
         items: (0..n)
-            .map(|_| v1::WorkItem {
-                target: "all".into(),
+            .map(|i| v1::WorkItem {
+                target: if runs {
+                    targets[(i / per_run).min(targets.len() - 1)]
+                } else {
+                    targets[i % targets.len()]
+                }
+                .into(),
                 handler: "noop".into(),
                 ..Default::default()
             })
