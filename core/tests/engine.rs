@@ -1895,6 +1895,60 @@ fn plain_batches_are_submitted_under_the_shared_side_and_the_rest_exclusive() {
     assert!(res.iter().all(|r| r.state == State::Ok), "{res:?}");
 }
 
+/// A batch whose targets alternate item by item (as a fan-out, `each:`, makes them) goes in
+/// under the shared side, each queue filled once for all its runs: every item runs once, on
+/// its own target's CPU, and each queue's items run in id order (`max_active` 1: one at a
+/// time per CPU, so the probe's log per CPU is its queue's FIFO).
+#[test]
+fn a_batch_alternating_targets_fills_each_queue_in_id_order() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("one", |a| a.max_active = 1);
+    // Both queues exist first (a batch that makes a queue is exclusive).
+    let mut ids = rig.submit("one", vec![item("cpu:0", "probe"), item("cpu:1", "probe")]);
+    let before = rig.engine.stats().shared_submits;
+    // Runs of one and two, alternating.
+    let targets = ["cpu:0", "cpu:1", "cpu:1", "cpu:0", "cpu:1"];
+    let batch: Vec<ItemSpec> = (0..300)
+        .map(|i| item(targets[i % targets.len()], "probe"))
+        .collect();
+    let shared = rig.submit("one", batch);
+    assert_eq!(
+        rig.engine.stats().shared_submits - before,
+        1,
+        "one shared submit"
+    );
+    ids.extend(&shared);
+    let res = rig.flush(&ids);
+    assert_eq!(res.len(), ids.len());
+    for r in &res {
+        assert_eq!(r.state, State::Ok, "{r:?}");
+        let want = if r.target == parse_target("cpu:0") {
+            0
+        } else {
+            1
+        };
+        assert_eq!(r.cpu_started, Some(want), "{r:?}");
+    }
+    let runs = rig.probe.runs.lock().clone();
+    let mut ran: Vec<u64> = runs.iter().map(|&(id, _)| id).collect();
+    ran.sort_unstable();
+    let mut want = ids.clone();
+    want.sort_unstable();
+    assert_eq!(ran, want, "every item ran once");
+    for (cpu, count) in [(0u32, 120), (1, 180)] {
+        let order: Vec<u64> = runs
+            .iter()
+            .filter(|&&(id, c)| c == cpu && shared.contains(&id))
+            .map(|&(id, _)| id)
+            .collect();
+        assert_eq!(order.len(), count, "cpu {cpu}");
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "cpu {cpu} ran its queue out of id order: {order:?}"
+        );
+    }
+}
+
 /// Shared submits racing each other never pass `max_queued` together: the limit is checked
 /// and the batch counted in one hold of the workqueue's lock. Four submitters fill a workqueue
 /// of 1 000 with batches of 100 items that wait until cancelled: exactly 1 000 are accepted,

@@ -14,7 +14,9 @@
 //! cannot both pass the limit. Locks are taken one at a time, except P → Q → workqueue → item
 //! table when a worker is called (the order of the worker's shared hold), and every path
 //! that is not a worker's hold or this submit holds L exclusive, so it sees all of a shared
-//! submit or none of it.
+//! submit or none of it. Each queue's FIFO gets its items in id order, all of its runs in
+//! one hold of its Q, and is made ready once per batch however its runs alternate with
+//! other queues' (a fan-out's do).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::engine::{Flush, Inner, Receipt, State, Submitted};
 use crate::groups::{Fallback, Placement, Ranking};
+use crate::target::Target;
 
 use super::flush::{Delivery, Opening};
 use super::item::{Entry, Item, NOT_BOUND};
@@ -29,6 +32,10 @@ use super::queue::{room, taker_load, Queue};
 use super::submit::BatchRec;
 use super::{Effects, Sched};
 use crate::engine::ResultsMode;
+
+/// How many distinct targets of one batch the shared submit remembers with their queues
+/// (a fan-out over more groups looks the rest up item by item, as before).
+const SEEN_TARGETS: usize = 16;
 
 /// The flush a shared submit registers with its batch: the engine's handle, and how it
 /// delivers given the workqueue's results mode.
@@ -62,6 +69,9 @@ impl Sched {
                 return None;
             }
             let mut last: Option<(&Arc<super::Body>, usize)> = None;
+            // The batch's first targets and their queues, resolved once each: a fan-out
+            // (`each:`) alternates its groups' targets item by item.
+            let mut seen: Vec<(&Target, usize)> = Vec::new();
             for e in bodies.iter() {
                 if e.key.is_some() || e.delay.is_some() || e.deadline.is_some() {
                     return None;
@@ -69,18 +79,29 @@ impl Sched {
                 let qid = match last {
                     Some((b, q)) if Arc::ptr_eq(b, &e.body) => q,
                     _ => {
-                        // A target the current groups no longer resolve is the exclusive
-                        // submit's error to report.
-                        if e.body.remote_name().is_some()
-                            || self
-                                .snapshot
-                                .groups
-                                .resolve(&e.body.target, &self.live, Fallback::Wait)
-                                .is_err()
-                        {
+                        if e.body.remote_name().is_some() {
                             return None;
                         }
-                        let q = *wq.queues.get(&e.body.target)?;
+                        let q = match seen.iter().find(|(t, _)| **t == e.body.target) {
+                            Some(&(_, q)) => q,
+                            None => {
+                                // A target the current groups no longer resolve is the
+                                // exclusive submit's error to report.
+                                if self
+                                    .snapshot
+                                    .groups
+                                    .resolve(&e.body.target, &self.live, Fallback::Wait)
+                                    .is_err()
+                                {
+                                    return None;
+                                }
+                                let q = *wq.queues.get(&e.body.target)?;
+                                if seen.len() < SEEN_TARGETS {
+                                    seen.push((&e.body.target, q));
+                                }
+                                q
+                            }
+                        };
                         last = Some((&e.body, q));
                         q
                     }
@@ -92,10 +113,22 @@ impl Sched {
             }
             (wq.attrs.placement, wq.attrs.results)
         };
+        // Each queue's runs together, in id order: a queue is filled and made ready once
+        // per batch, however its runs alternate with other queues'. (qid, first index, k).
+        let mut spans: Vec<(usize, usize, usize)> = Vec::with_capacity(runs.len());
+        let mut at = 0;
+        for &(qid, k) in &runs {
+            spans.push((qid, at, k));
+            at += k;
+        }
+        if spans.len() > 1 {
+            // Stable: a queue's spans keep their order.
+            spans.sort_by_key(|s| s.0);
+        }
         // Each queue can take its items now: an eligible CPU, no fallback in force (its
         // policy, and a rejection, are the exclusive submit's).
-        for &(qid, _) in &runs {
-            let q = self.queues.get(qid)?.lock();
+        for same in spans.chunk_by(|a, b| a.0 == b.0) {
+            let q = self.queues.get(same[0].0)?.lock();
             if q.eligible.is_empty() || q.fallback.is_some() || q.remote.is_some() {
                 return None;
             }
@@ -182,18 +215,21 @@ impl Sched {
             },
         );
         self.batch_order.lock().push_back(batch);
-        // Visible: each run into its queue, and its queue made ready (ranked into one buffer
-        // for the batch).
+        // Visible: each queue's runs into its FIFO in one hold of its Q, and the queue made
+        // ready once for all of them (ranked into one buffer for the batch).
         let mut ranking = Ranking::new();
-        let mut id = first;
-        for &(qid, k) in &runs {
+        for same in spans.chunk_by(|a, b| a.0 == b.0) {
+            let qid = same[0].0;
+            let k: usize = same.iter().map(|s| s.2).sum();
             if let Some(qm) = self.queues.get(qid) {
                 let mut q = qm.lock();
-                q.items.extend(id..id + k as u64);
+                for &(_, at, n) in same {
+                    let from = first + at as u64;
+                    q.items.extend(from..from + n as u64);
+                }
                 q.pending += k;
                 q.idle_since = None;
             }
-            id += k as u64;
             self.make_ready_shared(qid, k, placement, &mut ranking, fx);
         }
         if let Some(name) = name {

@@ -256,9 +256,14 @@ impl Sched {
             let queued = out.iter().filter(|s| s.queued).count();
             fx.submitted = Some((self.wqs[wi].get_mut().name.clone(), queued));
         }
-        for (qid, n) in touched {
+        // Each queue made ready once, for all its runs (a fan-out's runs alternate queues).
+        if touched.len() > 1 {
+            touched.sort_by_key(|t| t.0);
+        }
+        for same in touched.chunk_by(|a, b| a.0 == b.0) {
+            let qid = same[0].0;
             if self.queues.contains(qid) {
-                self.make_ready(qid, n, fx);
+                self.make_ready(qid, same.iter().map(|t| t.1).sum(), fx);
             }
         }
         out
