@@ -296,8 +296,15 @@ impl BatchSpecs {
                  names {n} groups)"
             )
         })?;
-        let longest = targets.iter().map(|t| t.to_string().len()).max();
-        let suffix = spec.key.as_ref().map_or(0, |_| 1 + longest.unwrap_or(0));
+        // Only a key grows per group (by "/" and the group's name): the names are written
+        // out for that alone.
+        let suffix = spec.key.as_ref().map_or(0, |_| {
+            1 + targets
+                .iter()
+                .map(|t| t.to_string().len())
+                .max()
+                .unwrap_or(0)
+        });
         if let Some(key) = &spec.key {
             let len = key.len() + suffix;
             if len > MAX_KEY_BYTES {

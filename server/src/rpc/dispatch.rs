@@ -53,6 +53,10 @@ type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// that lock, which every other engine call waits for wherever it runs.
 const INLINE_ITEMS: usize = 64;
 
+/// How many groups of a batch's fan-outs the receipts keep written out (a fan-out over more
+/// writes the rest out entry by entry).
+const FAN_NAMES: usize = 16;
+
 /// Encoded bytes of a `noop` item's result, about (key and length included): what
 /// `Submit(wait)` reserves per item for its results.
 const NOOP_RESULT_BYTES: usize = 96;
@@ -243,6 +247,10 @@ impl Rpc {
         // group, the common case, is a few bytes written at once.
         let mut items = EncodedReceipts::with_capacity(rec.items.len());
         let fanned = origins.any();
+        // A fan-out's groups, written out once each (its entries cycle through them), and
+        // one receipt rewritten per entry (its `target` keeps its buffer).
+        let mut names: Vec<(&wqd_core::target::Target, String)> = Vec::new();
+        let mut r = v1::ItemReceipt::default();
         for (i, s) in rec.items.iter().enumerate() {
             let fan = fanned
                 .then(|| origins.of(i))
@@ -251,17 +259,25 @@ impl Rpc {
                 items.push_queued(s.id);
                 continue;
             }
-            let (target, source_index) = match fan {
-                Some((t, wire)) => (t.to_string(), Some(wire as u64)),
-                None => (String::new(), None),
-            };
-            items.push(&v1::ItemReceipt {
-                item_id: if s.queued { s.id } else { 0 },
-                queued: s.queued,
-                duplicate_of: if s.queued { 0 } else { s.id },
-                target,
-                source_index,
-            });
+            r.target.clear();
+            r.source_index = None;
+            if let Some((t, wire)) = fan {
+                match names.iter().find(|(n, _)| *n == t) {
+                    Some((_, name)) => r.target.push_str(name),
+                    None => {
+                        let name = t.to_string();
+                        r.target.push_str(&name);
+                        if names.len() < FAN_NAMES {
+                            names.push((t, name));
+                        }
+                    }
+                }
+                r.source_index = Some(wire as u64);
+            }
+            r.item_id = if s.queued { s.id } else { 0 };
+            r.queued = s.queued;
+            r.duplicate_of = if s.queued { 0 } else { s.id };
+            items.push(&r);
         }
         let mut resp = SubmitResponseOut {
             batch_id: rec.batch,
