@@ -478,6 +478,10 @@ impl std::str::FromStr for Unserved {
     }
 }
 
+/// How many of a batch's last distinct bodies its later entries are compared with (see
+/// `Engine::bodies`): a fan-out over up to this many groups makes one body per group.
+const RECENT_BODIES: usize = 16;
+
 /// `max_queued` of a workqueue made with [`WorkqueueAttrs::named`] (an in-process engine); the
 /// daemon passes its `limits.max_queued` to [`WorkqueueAttrs::new`] instead.
 pub const DEFAULT_MAX_QUEUED: usize = 1 << 20;
@@ -1596,13 +1600,29 @@ impl Engine {
         let reg = self.inner.handlers.read();
         let wq: Arc<str> = Arc::from(wq);
         let mut bodies = Vec::with_capacity(batch.len);
-        let mut last: Option<Arc<sched::Body>> = None;
+        // The batch's last bodies, newest last: an entry equal to one of them shares it. Runs
+        // of copies find the newest; a fan-out (`each:`) cycles through one body per group.
+        // After `RECENT_BODIES` entries in a row matched none, only the newest is looked at
+        // (a batch of distinct items pays a bounded number of comparisons).
+        let mut recent: Vec<Arc<sched::Body>> = Vec::new();
+        let mut misses = 0;
         // Bodies of one batch naming the same handler share one record of it (name, handler,
         // kind).
         let mut handlers: Vec<Arc<sched::HandlerRef>> = Vec::new();
         for (it, copies) in batch.runs {
             let index = bodies.len();
-            let same = last.as_ref().filter(|b| b.same_as(&it)).cloned();
+            let look = if misses < RECENT_BODIES {
+                recent.len()
+            } else {
+                recent.len().min(1)
+            };
+            let same = recent
+                .iter()
+                .rev()
+                .take(look)
+                .find(|b| b.same_as(&it))
+                .cloned();
+            misses = if same.is_some() { 0 } else { misses + 1 };
             let body = match same {
                 Some(b) => b,
                 None => {
@@ -1625,7 +1645,10 @@ impl Engine {
                         it.args,
                         it.payload,
                     ));
-                    last = Some(b.clone());
+                    if recent.len() == RECENT_BODIES {
+                        recent.remove(0);
+                    }
+                    recent.push(b.clone());
                     b
                 }
             };
@@ -1976,5 +1999,65 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown(Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::cpuset::CpuSet;
+    use crate::engine::{Engine, EngineConfig, ItemSpec, RECENT_BODIES};
+    use crate::handler::Registry;
+    use crate::target::Target;
+
+    fn engine() -> Engine {
+        let snap = crate::live::flat_snapshot(&CpuSet::range(0, 1));
+        let cfg = EngineConfig {
+            pinning: false,
+            ..EngineConfig::default()
+        };
+        Engine::start(cfg, Registry::with_builtins(None), snap).unwrap()
+    }
+
+    fn noop(t: Target, payload: &str) -> ItemSpec {
+        let mut i = ItemSpec::new(t, "noop");
+        i.payload = payload.as_bytes().to_vec();
+        i
+    }
+
+    /// Equal entries of a batch share one body even when others come between them (a
+    /// fan-out cycles through its groups): one body per group, not one per entry. Entries
+    /// that differ in target or payload never share. Fails when only the previous entry's body
+    /// is looked at.
+    #[test]
+    fn equal_entries_share_a_body_across_the_batch() {
+        let e = engine();
+        let (a, b) = (Target::Cpu(0), Target::Cpu(1));
+        let specs = vec![
+            noop(a.clone(), "x"),
+            noop(b.clone(), "x"),
+            noop(a.clone(), "x"),
+            noop(b.clone(), "x"),
+            noop(a.clone(), "y"),
+            noop(a.clone(), "x"),
+        ];
+        let bodies = e.bodies("default", specs.into()).unwrap();
+        let same = |i: usize, j: usize| Arc::ptr_eq(&bodies[i].body, &bodies[j].body);
+        assert!(same(0, 2) && same(0, 5), "cpu:0 x shared");
+        assert!(same(1, 3), "cpu:1 x shared");
+        assert!(!same(0, 1), "targets differ");
+        assert!(!same(0, 4), "payloads differ");
+        // Past RECENT_BODIES distinct bodies the first is forgotten: a later equal entry
+        // makes its own (a batch of distinct items compares a bounded number of bodies).
+        let mut specs: Vec<ItemSpec> = (0..=RECENT_BODIES)
+            .map(|i| noop(a.clone(), &i.to_string()))
+            .collect();
+        specs.push(noop(a.clone(), "0"));
+        let bodies = e.bodies("default", specs.into()).unwrap();
+        assert!(!Arc::ptr_eq(
+            &bodies[0].body,
+            &bodies[RECENT_BODIES + 1].body
+        ));
     }
 }
