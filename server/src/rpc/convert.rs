@@ -269,26 +269,28 @@ impl BatchSpecs {
                 Ok(())
             }
             Named::Each(each, targets) => {
+                // Checked once for all the copies (they differ only in their index, which
+                // the first copy's refusal names).
+                let first_target = targets.first().cloned().unwrap_or(Target::All);
+                let spec = checked(index, it, first_target, limits)?;
                 for _ in 1..copies {
-                    self.push_each(it.clone(), &each, &targets, limits)?;
+                    self.push_fan(spec.clone(), &each, &targets, limits)?;
                 }
-                self.push_each(it, &each, &targets, limits)
+                self.push_fan(spec, &each, &targets, limits)
             }
         }
     }
 
-    /// Appends one fan-out: wire item `self.wire` expanded to one entry per group of
-    /// `targets`.
-    fn push_each(
+    /// Appends one fan-out: wire item `self.wire`, already `checked` into `spec`, expanded
+    /// to one entry per group of `targets`.
+    fn push_fan(
         &mut self,
-        it: v1::WorkItem,
+        spec: ItemSpec,
         each: &Each,
         targets: &Arc<[Target]>,
         limits: &Limits,
     ) -> Result<(), RpcError> {
         let index = self.wire;
-        let first_target = targets.first().cloned().unwrap_or(Target::All);
-        let spec = checked(index, it, first_target, limits)?;
         let n = targets.len();
         check_count(self.specs.len() + n, limits, || {
             format!(
