@@ -2011,7 +2011,8 @@ mod tests {
     use crate::handler::Registry;
     use crate::target::Target;
 
-    fn engine() -> Engine {
+    /// An engine on two flat CPUs, workers unpinned (for the engine's own unit tests).
+    pub(crate) fn engine() -> Engine {
         let snap = crate::live::flat_snapshot(&CpuSet::range(0, 1));
         let cfg = EngineConfig {
             pinning: false,

@@ -708,7 +708,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::cpuset::CpuSet;
-    use crate::engine::{Engine, EngineConfig, ItemSpec, State};
+    use crate::engine::{ItemSpec, State};
     use crate::handler::Registry;
     use crate::target::Target;
 
@@ -1000,14 +1000,7 @@ mod tests {
         }
     }
 
-    fn engine() -> Engine {
-        let snap = crate::live::flat_snapshot(&CpuSet::range(0, 1));
-        let cfg = EngineConfig {
-            pinning: false,
-            ..EngineConfig::default()
-        };
-        Engine::start(cfg, Registry::with_builtins(None), snap).unwrap()
-    }
+    use crate::engine::tests::engine;
 
     /// Results of batches of two workqueues, alike but for the workqueue (same handler,
     /// same targets, several runs each), read back from the store: each names its own
