@@ -1841,7 +1841,9 @@ impl Engine {
     /// Whether `id` was ever issued by this engine, so a `None` from [`Engine::results`] can
     /// be told apart: issued means its result was forgotten, not issued means never known.
     pub fn issued(&self, id: ItemId) -> bool {
-        self.inner.sched.read().issued(id)
+        // Exclusive: a shared submit advances `next_item` inside its insert, before the
+        // item is in the table; under shared L an id could read as issued and not found.
+        self.inner.sched.write().issued(id)
     }
 
     /// Item ids of a batch.
