@@ -2017,8 +2017,10 @@ impl Harness {
                     .map(|(id, s)| format!("{} is {s:?}", self.describe(*id)))
                     .collect();
                 Err(format!(
-                    "{what} did not complete within {:?} ({e:?}); stuck: {stuck:?}",
-                    bound()
+                    "{what} did not complete within {:?} ({e:?}); stuck: {stuck:?}\n\
+                     the engine's state:\n{}",
+                    bound(),
+                    self.engine().dump()
                 ))
             }
         }
@@ -2414,7 +2416,11 @@ impl Harness {
                     .iter()
                     .map(|(id, s)| format!("{} is {s:?}", self.describe(*id)))
                     .collect();
-                return Err(format!("stuck for {:?}: {d:?}", bound()));
+                return Err(format!(
+                    "stuck for {:?}: {d:?}\nthe engine's state:\n{}",
+                    bound(),
+                    self.engine().dump()
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         }

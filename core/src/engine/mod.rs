@@ -1897,6 +1897,14 @@ impl Engine {
         self.inner.sched.write().stats()
     }
 
+    /// Every CPU pool's and queue's scheduling state (workers, idle and coming workers, ready
+    /// lists; pending and running counts, the head of each queue), one line each: what a test
+    /// that found an item stuck prints. For people; the format may change.
+    #[doc(hidden)]
+    pub fn dump(&self) -> String {
+        self.inner.sched.write().dump()
+    }
+
     /// Changes the longest `delay` and `deadline` items may ask for (config reload).
     pub fn set_max_durations(&self, max_delay: Duration, max_deadline: Duration) {
         self.inner

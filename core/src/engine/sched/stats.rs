@@ -80,4 +80,55 @@ impl Sched {
             shared_submits: *self.shared_submits.get_mut(),
         }
     }
+
+    /// Every pool's and queue's scheduling state, one line each, for a test that found an
+    /// item stuck (the format is for people and may change).
+    pub(crate) fn dump(&mut self) -> String {
+        use std::fmt::Write;
+        let mut out = format!("epoch {} live {}\n", self.epoch, self.live);
+        for (c, p) in self.pools.iter_mut() {
+            let _ = writeln!(
+                out,
+                "cpu {c}: live {} gen {} workers {} coming {} idle {} running {} claims {} \
+                 ready {:?} remote_ready {:?} spawn_hold {:?}",
+                p.live,
+                p.gen,
+                p.workers,
+                p.coming,
+                p.idle.len(),
+                p.running,
+                p.claims.len(),
+                p.ready,
+                p.remote_ready,
+                p.spawn_hold.map(|(e, _)| e),
+            );
+        }
+        let items = self.items.get_mut();
+        for (qid, q) in self.queues.iter_mut() {
+            let q = q.get_mut();
+            let head: Vec<String> = q
+                .items
+                .iter()
+                .take(4)
+                .map(|id| match items.get(id) {
+                    Some(it) => format!("{id}:{:?}", it.state),
+                    None => format!("{id}:gone"),
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "queue {qid}: wq {} target {:?} pending {} delayed {} running {} eligible {} \
+                 in_ready {} fallback {:?} head {head:?}",
+                self.wqs[q.wq].get_mut().name,
+                q.target,
+                q.pending,
+                q.delayed,
+                q.running,
+                q.eligible,
+                q.in_ready,
+                q.fallback,
+            );
+        }
+        out
+    }
 }
