@@ -103,6 +103,21 @@ impl Sched {
                 p.spawn_hold.map(|(e, _)| e),
             );
         }
+        for (_, w) in self.wqs.iter_mut() {
+            let w = w.get_mut();
+            let mut on: Vec<_> = w.running_on.iter().filter(|(_, n)| **n != [0, 0]).collect();
+            on.sort();
+            let _ = writeln!(
+                out,
+                "wq {}: slots {:?} ordered {} pending {} running {} delayed {} running_on {on:?}",
+                w.name,
+                w.slots(),
+                w.attrs.ordered,
+                w.pending,
+                w.running,
+                w.delayed,
+            );
+        }
         let items = self.items.get_mut();
         for (qid, q) in self.queues.iter_mut() {
             let q = q.get_mut();
