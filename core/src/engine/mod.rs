@@ -2031,6 +2031,45 @@ mod tests {
         Engine::start(cfg, Registry::with_builtins(None), snap).unwrap()
     }
 
+    /// Race 4's baton. A worker called for two queues at once — one `sleep`, one `noop`, both
+    /// on CPU 0 and made ready in one submit, so the `noop`'s wake-up is held back for the
+    /// worker already coming — takes the `sleep` (first on the ready list) and blocks in it,
+    /// while a second worker of CPU 0 sleeps idle. The worker that took hands the `noop` on to
+    /// the idle one: under shared L, and (a keyed `sleep`) under exclusive L. Fails (the
+    /// `noop` waits the whole `sleep`) when a take only starts a reserve worker where none is
+    /// idle.
+    #[test]
+    fn a_worker_that_takes_a_long_item_hands_the_rest_on() {
+        use crate::engine::{FlushScope, State};
+        use std::time::{Duration, Instant};
+        for keyed in [false, true] {
+            let e = engine();
+            let sleep = |ms: &str| ItemSpec::new(Target::Cpu(0), "sleep").arg("ms", ms);
+            // Two workers on CPU 0, both idle after (a `sleep` waits: one worker each).
+            let warm = e.submit("default", vec![sleep("30"), sleep("30")]).unwrap();
+            let f = e.flush(FlushScope::Batch(warm.batch)).unwrap();
+            f.wait(Some(Duration::from_secs(5))).unwrap();
+            let mut long = sleep("4000");
+            // A keyed head is taken under exclusive L.
+            long.key = keyed.then(|| "k".to_string());
+            let quick = ItemSpec::new(Target::Cpus(CpuSet::range(0, 0)), "noop");
+            let r = e.submit("default", vec![long, quick]).unwrap();
+            let noop = r.items[1].id;
+            let t0 = Instant::now();
+            let f = e.flush(FlushScope::Items(vec![noop])).unwrap();
+            let done = f.wait(Some(Duration::from_secs(2)));
+            assert!(
+                done.is_ok(),
+                "keyed {keyed}: the noop waited {:?} behind the sleep; the engine:\n{}",
+                t0.elapsed(),
+                e.dump()
+            );
+            let res = e.results(&[noop]);
+            assert_eq!(res[0].as_ref().map(|r| r.state), Some(State::Ok));
+            e.cancel(FlushScope::Items(vec![r.items[0].id])).unwrap();
+        }
+    }
+
     fn noop(t: Target, payload: &str) -> ItemSpec {
         let mut i = ItemSpec::new(t, "noop");
         i.payload = payload.as_bytes().to_vec();

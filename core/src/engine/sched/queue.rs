@@ -423,6 +423,55 @@ impl Sched {
             .is_some_and(|p| p.call_worker(cpu, epoch, max, fx))
     }
 
+    /// After a take on `cpu`: calls one more worker there (wakes an idle one, or starts one)
+    /// when none is coming and the pool's ready list has more — always while no worker is
+    /// idle (one in reserve), and while one is, if the head of a queue on the list could
+    /// start there now. The baton of race 4: `call_worker_for` holds back the wake-up of a
+    /// queue whose free slots the coming workers fill, but a coming worker takes one queue's
+    /// job, and if that job runs long the other queues it was counted for would wait for it
+    /// beside a sleeping idle worker. So each worker that takes hands the rest on.
+    pub(super) fn pass_on(&mut self, cpu: u32, fx: &mut Effects) {
+        let Some(p) = self.pools.get_mut(&cpu) else {
+            return;
+        };
+        if p.coming > 0 || p.ready.is_empty() {
+            return;
+        }
+        if !p.idle.is_empty() && !self.ready_startable(cpu) {
+            return;
+        }
+        let (epoch, max) = (self.epoch, self.max_workers);
+        if let Some(p) = self.pools.get_mut(&cpu) {
+            p.call_worker(cpu, epoch, max, fx);
+        }
+    }
+
+    /// Whether the head of a queue on `cpu`'s ready list could start there now (tombstones
+    /// at the fronts dropped on the way, as a take does).
+    fn ready_startable(&mut self, cpu: u32) -> bool {
+        let n = self.pools.get_mut(&cpu).map_or(0, |p| p.ready.len());
+        for i in 0..n {
+            let Some(qid) = self
+                .pools
+                .get_mut(&cpu)
+                .and_then(|p| p.ready.get(i).copied())
+            else {
+                break;
+            };
+            if !self.queues.contains(qid) {
+                continue;
+            }
+            self.clean_front(qid);
+            if self.queues[qid].get_mut().pending > 0
+                && self.may_take(qid, cpu)
+                && self.head_room(qid, cpu) > 0
+            {
+                return true;
+            }
+        }
+        false
+    }
+
     /// A delayed item whose delay ended becomes pending in its queue (or is rejected, see
     /// [`refusal`](Self::refusal)).
     pub(super) fn enqueue(&mut self, id: ItemId, fx: &mut Effects) {

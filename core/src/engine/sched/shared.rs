@@ -78,7 +78,7 @@ impl Sched {
         // P for the whole hold: between the finish and the take, another holder of P (a
         // worker of this CPU, or a submit making a queue ready) would see this worker neither
         // busy nor idle nor coming, and call or start another for the slot it is about to
-        // take (the reserve worker's rule counts idle and coming workers).
+        // take (the baton's rule, `Sched::pass_on`, counts idle and coming workers).
         let Some(mut p) = self.pools.get(&w.cpu) else {
             return SharedHold::Exclusive { arrived: None };
         };
@@ -417,6 +417,16 @@ impl Sched {
                     });
                 }
             }
+            // Whether the queue's next head could start here too (see `pass_on`), asked only
+            // when an idle worker might otherwise sleep beside it.
+            let more_here = p.coming == 0
+                && !p.idle.is_empty()
+                && q.pending > 0
+                && head_of(&mut q, &items, qid).is_some_and(|next| {
+                    let mut on = [cb, wt];
+                    on[usize::from(kind == HandlerKind::Waits)] += 1;
+                    room(a.slots, on, q.running, next) > 0
+                });
             drop((items, q));
             {
                 let mut wq = wm.lock();
@@ -428,21 +438,63 @@ impl Sched {
             p.running += 1 + claimed;
             p.last_progress = now;
             p.lockup_reported = false;
-            // Keep one worker in reserve while this pool has more it could start (a coming
-            // worker is one).
-            if p.idle.is_empty()
-                && p.coming == 0
+            // `Sched::pass_on` under shared L.
+            if p.coming == 0
                 && !p.ready.is_empty()
-                && p.workers < self.max_workers
+                && (p.idle.is_empty() || more_here || self.others_startable(p, cpu, qid))
             {
-                p.workers += 1;
-                p.coming += 1;
-                fx.spawn.push((cpu, p.gen));
+                p.call_worker(cpu, self.epoch, self.max_workers, fx);
             }
             return Taken::Job(job);
         }
         Taken::Nothing
     }
+}
+
+impl Sched {
+    /// [`Sched::pass_on`]'s look at the ready list under shared L: whether a queue on `p`'s
+    /// list other than `skip` has a head that could start on `cpu` now. Locks each queue's
+    /// Q, its workqueue and the item table in turn (P → Q → workqueue → items); an ordered
+    /// workqueue counts as startable (a wake-up too many, never one too few).
+    fn others_startable(&self, p: &Pool, cpu: u32, skip: usize) -> bool {
+        p.ready.iter().filter(|&&q| q != skip).any(|&qid| {
+            let Some(qm) = self.queues.get(qid) else {
+                return false;
+            };
+            let mut q = qm.lock();
+            if q.pending == 0 || q.remote.is_some() {
+                return false;
+            }
+            let Some(wm) = self.wqs.get(q.wq) else {
+                return false;
+            };
+            let wq = wm.lock();
+            if wq.attrs.ordered {
+                return true;
+            }
+            if !Ranking::admits(wq.attrs.placement, &q.eligible, cpu) {
+                return false;
+            }
+            let on = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
+            let items = self.items.lock();
+            head_of(&mut q, &items, qid)
+                .is_some_and(|kind| room(wq.slots(), on, q.running, kind) > 0)
+        })
+    }
+}
+
+/// The kind of queue `qid`'s first pending item, tombstones before it dropped (as
+/// `clean_front`).
+fn head_of(q: &mut super::queue::Queue, items: &super::Items, qid: usize) -> Option<HandlerKind> {
+    while let Some(&id) = q.items.front() {
+        match items.get(&id) {
+            Some(it) if it.is_pending_in(qid) => return Some(it.body.kind()),
+            _ => {
+                q.items.pop_front();
+            }
+        }
+    }
+    None
 }
 
 /// What a take reads of its workqueue's attributes, copied in one short hold.

@@ -120,23 +120,13 @@ impl Sched {
             let slot = wq.running_on.entry(cpu).or_insert([0, 0]);
             slot[usize::from(kind == HandlerKind::Waits)] += 1;
             let nice = wq.attrs.nice;
-            let max = self.max_workers;
             if let Some(pool) = self.pools.get_mut(&cpu) {
                 pool.running += 1;
                 pool.last_progress = now;
                 pool.lockup_reported = false;
-                // Keep one worker in reserve while this pool has more it could start (a
-                // coming worker is one).
-                if !remote
-                    && pool.idle.is_empty()
-                    && pool.coming == 0
-                    && !pool.ready.is_empty()
-                    && pool.workers < max
-                {
-                    pool.workers += 1;
-                    pool.coming += 1;
-                    fx.spawn.push((cpu, pool.gen));
-                }
+            }
+            if !remote {
+                self.pass_on(cpu, fx);
             }
             return Some(Job {
                 id,
