@@ -23,7 +23,11 @@
 //! every accepted item must have reached exactly one terminal state exactly once (one
 //! `Observer::finished` call per id), and `Engine::shutdown` must return.
 //!
-//! A failing sequence is shrunk by proptest and printed, one step per line.
+//! A failing sequence is shrunk by proptest and printed, one step per line, with the seed the
+//! sequences were drawn from: `WQD_MODEL_SEED=N` draws the same sequences again, and
+//! `WQD_MODEL_REPEAT=K` runs each of them (and each shrinking candidate) up to K times, until
+//! one run fails — for a failure that depends on timing (session 23 found a lost wake-up this
+//! way: one failure in about 25 000 sequences, one in three runs of its sequence).
 //! `PROPTEST_CASES` sets the number of sequences (default 64); `WQD_MODEL_COVERAGE=1` prints
 //! what they exercised; `WQD_MODEL_AVOID` leaves features out (see [`avoided`]).
 
@@ -38,7 +42,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 use wqd_core::cpuset::CpuSet;
 use wqd_core::engine::{
     CancelOutcome, Engine, EngineConfig, EngineError, Flush, FlushScope, ItemSpec, Observer,
@@ -2581,14 +2585,36 @@ fn engine_matches_the_model() {
         max_shrink_time: 120_000,
         ..Config::default()
     };
-    let mut runner = TestRunner::new(config);
+    let env = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<u64>().ok());
+    let seed = env("WQD_MODEL_SEED").unwrap_or_else(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+    });
+    let repeat = env("WQD_MODEL_REPEAT").unwrap_or(1).max(1);
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
+    let mut runner = TestRunner::new_with_rng(config, rng);
     let t0 = Instant::now();
     let result = runner.run(&ops_s(), |ops| {
-        run_sequence(&ops).map_err(|e| {
+        let mut r = Ok(());
+        for _ in 0..repeat {
+            r = run_sequence(&ops);
+            if r.is_err() {
+                break;
+            }
+        }
+        r.map_err(|e| {
             SHRINKING.store(true, Ordering::Relaxed);
             TestCaseError::fail(e)
         })
     });
+    println!(
+        "model: seed {seed} (WQD_MODEL_SEED={seed} draws these sequences again), each run up to \
+         {repeat} time(s)"
+    );
     println!(
         "model: {} sequences ({} ops, longest {}) in {:.1?}",
         SEQUENCES.load(Ordering::Relaxed),
@@ -2605,7 +2631,8 @@ fn engine_matches_the_model() {
     match result {
         Ok(()) => {}
         Err(TestError::Fail(why, ops)) => panic!(
-            "the engine broke the contract: {why}\nshrunk sequence ({} steps):\n{}",
+            "the engine broke the contract: {why}\nshrunk sequence ({} steps; drawn with \
+             WQD_MODEL_SEED={seed}):\n{}",
             ops.len(),
             print_sequence(&ops)
         ),
