@@ -305,18 +305,12 @@ impl Sched {
                 (limits, on, self.observed.then(|| wq.name.clone()))
             };
             let mut items = self.items.lock();
-            // `clean_front`.
-            while let Some(&id) = q.items.front() {
-                if items.get(&id).is_some_and(|it| it.is_pending_in(qid)) {
-                    break;
-                }
-                q.items.pop_front();
-            }
+            let front = front_pending(&mut q, &items, qid);
             if q.pending == 0 || !Ranking::admits(a.placement, &q.eligible, cpu) {
                 q.in_ready.remove(cpu);
                 continue;
             }
-            let Some(&id) = q.items.front() else {
+            let Some(id) = front else {
                 continue;
             };
             let Some(head) = items.get_mut(&id) else {
@@ -374,15 +368,7 @@ impl Sched {
                         break;
                     }
                     // As `claim_more`: tombstones dropped, the first pending item checked.
-                    let next = loop {
-                        let Some(&id) = q.items.front() else {
-                            break None;
-                        };
-                        if items.get(&id).is_some_and(|it| it.is_pending_in(qid)) {
-                            break Some(id);
-                        }
-                        q.items.pop_front();
-                    };
+                    let next = front_pending(&mut q, &items, qid);
                     let Some((id, item)) = next.and_then(|id| Some((id, items.get_mut(&id)?)))
                     else {
                         break;
@@ -422,7 +408,7 @@ impl Sched {
             let more_here = p.coming == 0
                 && !p.idle.is_empty()
                 && q.pending > 0
-                && head_of(&mut q, &items, qid).is_some_and(|next| {
+                && head_kind(&mut q, &items, qid).is_some_and(|next| {
                     let mut on = [cb, wt];
                     on[usize::from(kind == HandlerKind::Waits)] += 1;
                     room(a.slots, on, q.running, next) > 0
@@ -477,24 +463,32 @@ impl Sched {
             }
             let on = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
             let items = self.items.lock();
-            head_of(&mut q, &items, qid)
+            head_kind(&mut q, &items, qid)
                 .is_some_and(|kind| room(wq.slots(), on, q.running, kind) > 0)
         })
     }
 }
 
-/// The kind of queue `qid`'s first pending item, tombstones before it dropped (as
-/// `clean_front`).
-fn head_of(q: &mut super::queue::Queue, items: &super::Items, qid: usize) -> Option<HandlerKind> {
+/// Queue `qid`'s first pending item, the tombstones before it dropped (`Sched::clean_front`
+/// under shared L: the caller holds the queue's Q and the item table).
+fn front_pending(
+    q: &mut super::queue::Queue,
+    items: &super::Items,
+    qid: usize,
+) -> Option<super::ItemId> {
     while let Some(&id) = q.items.front() {
-        match items.get(&id) {
-            Some(it) if it.is_pending_in(qid) => return Some(it.body.kind()),
-            _ => {
-                q.items.pop_front();
-            }
+        if items.get(&id).is_some_and(|it| it.is_pending_in(qid)) {
+            return Some(id);
         }
+        q.items.pop_front();
     }
     None
+}
+
+/// The kind of queue `qid`'s first pending item ([`front_pending`]).
+fn head_kind(q: &mut super::queue::Queue, items: &super::Items, qid: usize) -> Option<HandlerKind> {
+    let id = front_pending(q, items, qid)?;
+    items.get(&id).map(|it| it.body.kind())
 }
 
 /// What a take reads of its workqueue's attributes, copied in one short hold.
