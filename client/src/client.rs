@@ -78,7 +78,11 @@ pub async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Erro
     tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = Arc::clone(&path);
-            async move { UnixStream::connect(&*path).await.map(TokioIo::new) }
+            async move {
+                UnixStream::connect(&*path)
+                    .await
+                    .map(|s| TokioIo::new(crate::coalesce::Coalesce::new(s)))
+            }
         }))
         .await
 }

@@ -28,6 +28,7 @@
 
 pub mod chunk;
 pub mod client;
+mod coalesce;
 pub mod endpoint;
 pub mod error;
 #[cfg(feature = "fleet")]
