@@ -486,3 +486,45 @@ impl MetricsArg for wqd_e2e::DaemonBuilder {
         self.arg("--metrics-listen").arg("127.0.0.1:0")
     }
 }
+
+/// The Rust client over plain TCP (`http://`), by address and by name: a small batch (its
+/// request kept and written with its headers in one call) and a large one (written through
+/// in many frames) both run whole, each item once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_submits_over_plain_tcp() {
+    use wqd_client::proto::ItemState;
+    let d = Daemon::builder("two-socket")
+        .config("[security]\ntcp_plaintext_loopback = true\n")
+        .arg("--tcp-listen")
+        .arg("127.0.0.1:0")
+        .start();
+    let addr = tcp_addr(&d).await;
+    for url in [
+        format!("http://{addr}"),
+        format!("http://localhost:{}", addr.port()),
+    ] {
+        let c = Client::connect(url.parse().expect("endpoint"))
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        for n in [3usize, 5000] {
+            let r = c
+                .submit(
+                    Batch::new()
+                        .items((0..n).map(|_| Item::new("cpu:0", "noop")))
+                        .wait(true),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{url}: submit of {n}: {e}"));
+            assert_eq!(r.results.len(), n, "{url}: one result per item");
+            let ids: Vec<u64> = r.results.iter().map(|x| x.item_id).collect();
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), n, "{url}: each item once");
+            assert!(
+                r.results.iter().all(|x| x.state() == ItemState::Ok),
+                "{url}: every item ran"
+            );
+        }
+    }
+}

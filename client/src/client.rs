@@ -68,7 +68,9 @@ pub enum FlushEvent {
 
 /// One HTTP/2 connection (a tonic [`Channel`]) to the daemon's Unix socket at `path`,
 /// connected eagerly. Every Rust client of the socket connects through here: this library,
-/// the worker library, the benchmarks and the end-to-end tests.
+/// the worker library, the benchmarks and the end-to-end tests. What the connection writes in
+/// one turn of the scheduler leaves in one system call (a unary call's HEADERS and DATA
+/// together; see the `coalesce` module).
 ///
 /// # Errors
 /// The socket cannot be connected to, or the HTTP/2 handshake fails.
@@ -85,6 +87,19 @@ pub async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Erro
             }
         }))
         .await
+}
+
+/// A TCP connection to `uri`'s host and port (80 unless said), Nagle's algorithm off (as
+/// tonic's own connector sets it): each address the name resolves to is tried in turn.
+async fn tcp_connect(uri: &Uri) -> std::io::Result<tokio::net::TcpStream> {
+    let host = uri
+        .host()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no host"))?;
+    // An IPv6 literal comes bracketed ("[::1]").
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let s = tokio::net::TcpStream::connect((host, uri.port_u16().unwrap_or(80))).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
 }
 
 /// A connection to wqd.
@@ -186,8 +201,17 @@ impl Client {
                         t = t.domain_name(d);
                     }
                     ep = ep.tls_config(t).map_err(invalid)?;
+                    ep.connect().await.map_err(conn_err)?
+                } else {
+                    // Plain TCP: the same one-write-per-call stream as the Unix socket's.
+                    ep.connect_with_connector(tower::service_fn(|uri: Uri| async move {
+                        tcp_connect(&uri)
+                            .await
+                            .map(|s| TokioIo::new(crate::coalesce::Coalesce::new(s)))
+                    }))
+                    .await
+                    .map_err(conn_err)?
                 }
-                ep.connect().await.map_err(conn_err)?
             }
         };
         debug!(%endpoint, "connected to wqd");
