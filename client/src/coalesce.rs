@@ -17,7 +17,7 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -50,12 +50,10 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
     /// Writes everything kept; `Ready(Ok)` once `kept` is empty.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.kept.is_empty() {
-            let n = match Pin::new(&mut self.io).poll_write(cx, &self.kept) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            };
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.kept))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
             self.kept.drain(..n);
         }
         self.deferred = false;
@@ -85,11 +83,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
             return Poll::Ready(Ok(buf.len()));
         }
         // Too big to keep: what is kept goes first, then this write as it is.
-        match this.poll_drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_write(cx, buf),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -105,11 +100,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
             }
             return Poll::Ready(Ok(total));
         }
-        match this.poll_drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_write_vectored(cx, bufs),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -126,18 +118,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        match this.poll_drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_flush(cx),
-            other => other,
-        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match this.poll_drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_shutdown(cx),
-            other => other,
-        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
