@@ -3,10 +3,10 @@
 //! A unary call on an HTTP/2 connection leaves the client as two frames written by two tasks:
 //! the connection task writes the request's HEADERS as soon as it opens the stream, and the
 //! body's task (hyper's pipe, woken once the new stream has flow-control capacity) writes its
-//! DATA a moment later. On the socket that was two `writev`s per call, and the daemon often
+//! DATA a moment later. On the socket that was two `writev`s per call, and the daemon at times
 //! woke for the HEADERS alone, handed the stream to a task that found no body yet, and slept
-//! again until the DATA came (measured on the Unix socket: 2 writes per single-item call, and
-//! one request in five read in two parts).
+//! again until the DATA came (measured on the Unix socket: 2 writes per single-item call;
+//! under `perf trace`, one request in five read in two parts).
 //!
 //! [`Coalesce`] wraps the stream: small writes are kept in a buffer, and a flush that finds
 //! bytes kept gives way once (the task wakes itself and is polled again after the tasks already
@@ -296,9 +296,9 @@ mod tests {
         headers_then_body(rt);
     }
 
-    /// Small and large writes mixed, far more than the socket buffer holds (the flushes wait
-    /// on a slow reader): every byte arrives, in order, and a flush returns only once all of
-    /// it is written.
+    /// Small and large writes mixed, far more than the socket buffer holds (writes and
+    /// flushes meet backpressure while the reader catches up): every byte arrives, in order,
+    /// and a flush returns only once all of it is written.
     #[test]
     fn mixed_writes_under_backpressure_arrive_whole_and_in_order() {
         let rt = tokio::runtime::Builder::new_current_thread()
