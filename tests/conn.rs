@@ -528,3 +528,66 @@ async fn the_rust_client_submits_over_plain_tcp() {
         }
     }
 }
+
+/// The sockets process `pid`'s epoll instances hold, by socket inode, with the events each is
+/// registered for (as `/proc/PID/fdinfo` reports them).
+fn registered_sockets(pid: u32) -> std::collections::HashMap<String, u32> {
+    let mut out = std::collections::HashMap::new();
+    let link = |fd: &str| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd") {
+        let fd = e
+            .expect("fd entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        if !link(&fd).is_some_and(|t| t.to_string_lossy().contains("eventpoll")) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        for line in info.lines() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            if let ["tfd:", tfd, "events:", ev, ..] = w[..] {
+                let target = link(tfd).map(|t| t.to_string_lossy().into_owned());
+                if let Some(inode) = target.as_deref().and_then(|t| t.strip_prefix("socket:")) {
+                    out.insert(inode.to_string(), u32::from_str_radix(ev, 16).expect("hex"));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_connection_wakes_the_daemon_for_requests_not_when_the_client_reads() {
+    const EPOLLIN: u32 = 0x1;
+    const EPOLLOUT: u32 = 0x4;
+    let d = Daemon::start("two-socket");
+    let before = registered_sockets(d.pid());
+    let c = d.client().await;
+    for _ in 0..3 {
+        let r = c
+            .submit(
+                Batch::new()
+                    .items((0..3).map(|_| Item::new("cpu:0", "noop")))
+                    .wait(true),
+            )
+            .await
+            .expect("submit");
+        assert_eq!(r.results.len(), 3);
+    }
+    let after = registered_sockets(d.pid());
+    let new: Vec<(&String, &u32)> = after
+        .iter()
+        .filter(|(inode, _)| !before.contains_key(*inode))
+        .collect();
+    // The client's connection, registered for reads only: a response the client reads frees
+    // the daemon's send buffer, which would otherwise wake the daemon for nothing.
+    assert!(!new.is_empty(), "the connection is registered: {after:?}");
+    for (inode, ev) in new {
+        assert_eq!(
+            ev & (EPOLLIN | EPOLLOUT),
+            EPOLLIN,
+            "socket {inode}: events {ev:x}"
+        );
+    }
+}

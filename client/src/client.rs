@@ -81,8 +81,8 @@ pub async fn unix_channel(path: &Path) -> Result<Channel, tonic::transport::Erro
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = Arc::clone(&path);
             async move {
-                UnixStream::connect(&*path)
-                    .await
+                let s = UnixStream::connect(&*path).await?;
+                wqd_proto::stream::QuietUnixStream::from_tokio(s)
                     .map(|s| TokioIo::new(crate::coalesce::Coalesce::new(s)))
             }
         }))

@@ -3,7 +3,8 @@
 //! the field-by-field documentation).
 //!
 //! This crate owns the generated code, the descriptor set, the one codec both sides use
-//! ([`codec::Codec`]), the default socket path both sides meet at ([`socket`]) and the daemon's
+//! ([`codec::Codec`]), the default socket path both sides meet at ([`socket`]), the Unix stream
+//! both sides read and write it through ([`stream`]) and the daemon's
 //! build of `DispatchService`, which sends item results pre-encoded in the stock wire bytes
 //! ([`out`]). Invariant: it adds no behaviour beyond that codec's error mapping, so
 //! any other-language client compiled from the same .proto files sees exactly what Rust
@@ -13,6 +14,7 @@ pub mod codec;
 pub mod fleet;
 pub mod out;
 pub mod socket;
+pub mod stream;
 pub mod submit_in;
 
 /// Generated types live under their protobuf package path.

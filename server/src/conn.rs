@@ -355,7 +355,14 @@ pub trait Accept: Unpin {
     type Io: AsyncRead + AsyncWrite + Connected + Unpin;
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Raw>>;
     /// Called only for connections under the cap.
-    fn prepare(raw: Self::Raw, settings: &ConnSettings, stats: &Arc<ListenerStats>) -> Self::Io;
+    ///
+    /// # Errors
+    /// The connection cannot be set up (it is dropped).
+    fn prepare(
+        raw: Self::Raw,
+        settings: &ConnSettings,
+        stats: &Arc<ListenerStats>,
+    ) -> io::Result<Self::Io>;
 }
 
 impl Accept for tokio::net::UnixListener {
@@ -364,9 +371,13 @@ impl Accept for tokio::net::UnixListener {
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Raw>> {
         tokio::net::UnixListener::poll_accept(self, cx).map_ok(|(s, _)| s)
     }
-    fn prepare(raw: Self::Raw, settings: &ConnSettings, stats: &Arc<ListenerStats>) -> Self::Io {
+    fn prepare(
+        raw: Self::Raw,
+        settings: &ConnSettings,
+        stats: &Arc<ListenerStats>,
+    ) -> io::Result<Self::Io> {
         let rewriter = settings.rewrite_authority.then(Rewriter::new);
-        Rewrite::new(PeerStream::new(raw), rewriter, stats.clone())
+        Ok(Rewrite::new(PeerStream::new(raw)?, rewriter, stats.clone()))
     }
 }
 
@@ -376,13 +387,13 @@ impl Accept for tokio::net::TcpListener {
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Raw>> {
         tokio::net::TcpListener::poll_accept(self, cx).map_ok(|(s, _)| s)
     }
-    fn prepare(raw: Self::Raw, _: &ConnSettings, _: &Arc<ListenerStats>) -> Self::Io {
+    fn prepare(raw: Self::Raw, _: &ConnSettings, _: &Arc<ListenerStats>) -> io::Result<Self::Io> {
         // tonic's own nodelay setting does not reach sockets of a passed-in stream; without it
         // Nagle holds multi-write responses ~40 ms.
         if let Err(e) = raw.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
         }
-        raw
+        Ok(raw)
     }
 }
 
@@ -504,9 +515,19 @@ impl<L: Accept> tokio_stream::Stream for Incoming<L> {
                     match this.cap.try_take() {
                         Some(slot) => {
                             bump(&this.stats.accepted);
-                            let io = L::prepare(raw, &this.settings, &this.stats);
-                            let conn = Conn::new(io, slot, this.settings, this.stats.clone());
-                            return Poll::Ready(Some(Ok(conn)));
+                            match L::prepare(raw, &this.settings, &this.stats) {
+                                Ok(io) => {
+                                    let conn =
+                                        Conn::new(io, slot, this.settings, this.stats.clone());
+                                    return Poll::Ready(Some(Ok(conn)));
+                                }
+                                // Dropping the socket closes it; the slot goes back to the cap.
+                                Err(e) => tracing::warn!(
+                                    listener = %this.stats.listener,
+                                    error = %e,
+                                    "accepted connection dropped: cannot set it up"
+                                ),
+                            }
                         }
                         None => this.refuse(raw),
                     }

@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::server::Connected;
+use wqd_proto::stream::QuietUnixStream;
 
 /// The credentials of a Unix socket peer at connect time, as the kernel reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,16 +38,21 @@ pub struct PeerCred {
 #[derive(Debug, Clone)]
 pub struct UnixPeer(pub Option<Arc<PeerCred>>);
 
-/// A Unix connection with its peer's credentials, read once when it was accepted.
+/// A Unix connection with its peer's credentials, read once when it was accepted. The stream
+/// is a [`QuietUnixStream`]: the reactor wakes the connection when a request arrives, not also
+/// each time the client reads a response.
 #[derive(Debug)]
 pub struct PeerStream {
-    io: UnixStream,
+    io: QuietUnixStream,
     peer: UnixPeer,
 }
 
 impl PeerStream {
     /// Reads the peer's credentials of an accepted connection.
-    pub fn new(io: UnixStream) -> Self {
+    ///
+    /// # Errors
+    /// The stream cannot be registered with the reactor again (see [`QuietUnixStream`]).
+    pub fn new(io: UnixStream) -> io::Result<Self> {
         let peer = match io.peer_cred() {
             Ok(c) => Some(Arc::new(PeerCred {
                 uid: c.uid(),
@@ -59,10 +65,10 @@ impl PeerStream {
                 None
             }
         };
-        Self {
-            io,
+        Ok(Self {
+            io: QuietUnixStream::from_tokio(io)?,
             peer: UnixPeer(peer),
-        }
+        })
     }
 
     /// The peer's credentials, if they could be read.
