@@ -70,7 +70,8 @@ pub enum FlushEvent {
 /// connected eagerly. Every Rust client of the socket connects through here: this library,
 /// the worker library, the benchmarks and the end-to-end tests. What the connection writes in
 /// one turn of the scheduler leaves in one system call (a unary call's HEADERS and DATA
-/// together; see the `coalesce` module).
+/// together; see the `coalesce` module), and the daemon reading a request does not wake the
+/// client ([`wqd_proto::stream::QuietUnixStream`]).
 ///
 /// # Errors
 /// The socket cannot be connected to, or the HTTP/2 handshake fails.
