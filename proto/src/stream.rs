@@ -8,18 +8,20 @@
 //! request), the daemon once the client reads the response (measured with `perf sched` and
 //! `strace`: one `epoll_wait` per call returning only `EPOLLOUT`).
 //!
-//! [`QuietUnixStream`] registers the socket for readable events only. A write is tried
-//! directly; only when one returns `WouldBlock` is a duplicate of the descriptor registered for
-//! writable events, and it stays registered for the life of the stream (a connection that has
-//! filled its socket buffer once is the kind that will again). Invariant: a write that blocked
-//! is retried only after the writable registration reports readiness, which `epoll_ctl` checks
-//! at registration time, so no wake-up is lost between the `WouldBlock` and the registration.
+//! [`QuietUnixStream`] registers the socket for readable events only and writes directly. The
+//! first write that returns `WouldBlock` turns it, for the rest of its life, into tokio's own
+//! `UnixStream` (registered for both events; a connection that filled its socket buffer once is
+//! the kind that will again), which then waits for room. Invariants: no second descriptor is
+//! ever opened (a daemon at its descriptor limit has none to spare); no wake-up is lost in the
+//! switch: `epoll_ctl` reports an already-ready socket at registration, and the task waiting to
+//! read on the old registration is woken here (tokio *clears* a dropped registration's wakers
+//! without waking them, so the stream keeps the reader's waker itself).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -28,19 +30,32 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 /// the module docs).
 #[derive(Debug)]
 pub struct QuietUnixStream {
-    rd: AsyncFd<UnixStream>,
-    /// A duplicate of `rd`'s descriptor registered for writable events, from the first write
-    /// that blocked.
-    wr: Option<AsyncFd<UnixStream>>,
+    io: Io,
+    /// While quiet: the waker of the last read that found nothing, woken at the switch.
+    reader: Option<Waker>,
+}
+
+#[derive(Debug)]
+enum Io {
+    /// Registered for readable events only.
+    Quiet(AsyncFd<UnixStream>),
+    /// After a write blocked: tokio's stream, registered for both.
+    Full(tokio::net::UnixStream),
+    /// Only when the switch to `Full` failed (the error went to that write's caller).
+    Lost,
 }
 
 impl QuietUnixStream {
     /// Wraps a connected stream (set non-blocking here). Must be called within a tokio runtime.
     pub fn new(s: UnixStream) -> io::Result<Self> {
         s.set_nonblocking(true)?;
+        // SAFETY: the `UnixStream` owns its descriptor: it stays open, and `as_raw_fd` returns
+        // it, until the stream is dropped, which happens only when the `AsyncFd` owning it is
+        // (or after `into_inner` hands it back).
+        let fd = unsafe { AsyncFd::register_with_interest(s, Interest::READABLE) }?;
         Ok(QuietUnixStream {
-            rd: register(s, Interest::READABLE)?,
-            wr: None,
+            io: Io::Quiet(fd),
+            reader: None,
         })
     }
 
@@ -49,45 +64,55 @@ impl QuietUnixStream {
         Self::new(s.into_std()?)
     }
 
-    /// The underlying socket.
-    pub fn get_ref(&self) -> &UnixStream {
-        self.rd.get_ref()
+    /// Whether a write has blocked, so that the stream is registered for writable events too.
+    pub fn registered_for_writes(&self) -> bool {
+        !matches!(self.io, Io::Quiet(_))
     }
 
-    /// Writes with `f`, waiting for the writable registration (made on the first `WouldBlock`)
-    /// whenever the socket is full.
+    /// From quiet to tokio's stream, registered for both events.
+    fn switch(&mut self) -> io::Result<()> {
+        match std::mem::replace(&mut self.io, Io::Lost) {
+            Io::Quiet(fd) => {
+                // Dropping the registration forgets its waiters: wake the reader, whose next
+                // poll waits on the new one.
+                let s = fd.into_inner();
+                if let Some(w) = self.reader.take() {
+                    w.wake();
+                }
+                self.io = Io::Full(tokio::net::UnixStream::from_std(s)?);
+            }
+            other => self.io = other,
+        }
+        Ok(())
+    }
+
+    /// Writes with `f` while quiet; on the first `WouldBlock`, switches to tokio's stream and
+    /// lets it write with `full`.
     fn poll_write_with<R>(
         &mut self,
         cx: &mut Context<'_>,
-        mut f: impl FnMut(&UnixStream) -> io::Result<R>,
+        f: impl FnOnce(&UnixStream) -> io::Result<R>,
+        full: impl FnOnce(Pin<&mut tokio::net::UnixStream>, &mut Context<'_>) -> Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
-        loop {
-            let Some(wr) = &self.wr else {
-                match f(self.rd.get_ref()) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.wr = Some(register(
-                            self.rd.get_ref().try_clone()?,
-                            Interest::WRITABLE,
-                        )?);
-                        continue;
-                    }
-                    r => return Poll::Ready(r),
-                }
-            };
-            let mut guard = ready!(wr.poll_write_ready(cx))?;
-            match guard.try_io(|s| f(s.get_ref())) {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
+        if let Io::Quiet(fd) = &self.io {
+            match f(fd.get_ref()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.switch()?,
+                r => return Poll::Ready(r),
             }
+        }
+        match &mut self.io {
+            Io::Full(s) => full(Pin::new(s), cx),
+            _ => Poll::Ready(Err(lost())),
         }
     }
 }
 
-/// `s` registered with the reactor for `interest`.
-fn register(s: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixStream>> {
-    // SAFETY: the `UnixStream` owns its descriptor: it stays open, and `as_raw_fd` returns it,
-    // until the stream is dropped, which happens only when the `AsyncFd` owning it is.
-    unsafe { AsyncFd::register_with_interest(s, interest) }.map_err(io::Error::from)
+/// The error of a stream whose switch to writable events failed.
+fn lost() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the stream could not be registered for writable events",
+    )
 }
 
 impl AsyncRead for QuietUnixStream {
@@ -97,8 +122,22 @@ impl AsyncRead for QuietUnixStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let fd = match &mut this.io {
+            Io::Quiet(fd) => fd,
+            Io::Full(s) => return Pin::new(s).poll_read(cx, buf),
+            Io::Lost => return Poll::Ready(Err(lost())),
+        };
         loop {
-            let mut guard = ready!(this.rd.poll_read_ready(cx))?;
+            let mut guard = match fd.poll_read_ready(cx) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    match &mut this.reader {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        w => *w = Some(cx.waker().clone()),
+                    }
+                    return Poll::Pending;
+                }
+            };
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|s| s.get_ref().read(unfilled)) {
                 Ok(Ok(n)) => {
@@ -123,7 +162,8 @@ impl AsyncWrite for QuietUnixStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_write_with(cx, |mut s| s.write(buf))
+        self.get_mut()
+            .poll_write_with(cx, |mut s| s.write(buf), |s, cx| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -131,8 +171,11 @@ impl AsyncWrite for QuietUnixStream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut()
-            .poll_write_with(cx, |mut s| s.write_vectored(bufs))
+        self.get_mut().poll_write_with(
+            cx,
+            |mut s| s.write_vectored(bufs),
+            |s, cx| s.poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -143,8 +186,12 @@ impl AsyncWrite for QuietUnixStream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.rd.get_ref().shutdown(Shutdown::Write))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Quiet(fd) => Poll::Ready(fd.get_ref().shutdown(Shutdown::Write)),
+            Io::Full(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Lost => Poll::Ready(Err(lost())),
+        }
     }
 }
 
@@ -202,52 +249,76 @@ mod tests {
         (i % 251) as u8 ^ (i / 251 % 256) as u8
     }
 
+    /// How many of this process's descriptors refer to the same socket as `fd`.
+    fn descriptors_of(fd: i32) -> usize {
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == target))
+            .count()
+    }
+
     #[test]
     fn the_socket_is_registered_for_reads_only_until_a_write_blocks() {
         rt().block_on(async {
             let (a, b) = UnixStream::pair().unwrap();
-            let mut q = QuietUnixStream::new(a).unwrap();
-            let fd = q.get_ref().as_raw_fd();
+            let fd = a.as_raw_fd();
+            let q = QuietUnixStream::new(a).unwrap();
             let ev = registered_events(fd);
             assert!(!ev.is_empty());
             assert!(
                 ev.iter().all(|e| e & (EPOLLIN | EPOLLOUT) == EPOLLIN),
                 "{ev:x?}"
             );
+            let (mut rd, mut wr) = tokio::io::split(q);
 
             // Writes that fit leave it so: the peer reading them cannot wake this side.
-            q.write_all(b"request").await.unwrap();
+            wr.write_all(b"request").await.unwrap();
             let mut got = [0u8; 7];
             (&b).read_exact(&mut got).unwrap();
             assert_eq!(&got, b"request");
-            assert!(q.wr.is_none());
             assert_eq!(registered_events(fd), ev);
 
-            // A write larger than the socket's buffer blocks: a duplicate descriptor is
-            // registered for writable events, and the write completes once the peer reads.
+            // A reader waits on the read-only registration while a write larger than the
+            // socket's buffer blocks: the stream switches to a registration for both events on
+            // the same descriptor, the write completes once the peer reads, and the waiting
+            // reader still gets what the peer sends afterwards.
+            let reader = tokio::spawn(async move {
+                let mut got = [0u8; 5];
+                rd.read_exact(&mut got).await.unwrap();
+                (rd, got)
+            });
+            tokio::task::yield_now().await;
             let total = 8 << 20;
             let data: Vec<u8> = (0..total).map(byte).collect();
-            let reader = std::thread::spawn(move || {
+            let peer = std::thread::spawn(move || {
                 let mut all = vec![0u8; total];
                 // Late, so the writer has certainly filled the buffer first.
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 (&b).read_exact(&mut all).unwrap();
-                all
+                (&b).write_all(b"reply").unwrap();
+                (b, all)
             });
-            q.write_all(&data).await.unwrap();
-            let wr =
-                q.wr.as_ref()
-                    .expect("a blocked write registers for writable events");
-            let wfd = wr.as_raw_fd();
-            assert_ne!(wfd, fd);
-            let wev = registered_events(wfd);
-            assert!(!wev.is_empty());
+            wr.write_all(&data).await.unwrap();
+            let (b, all) = peer.join().unwrap();
+            assert!(all == data, "every byte, in order");
+            let (rd, got) = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+                .await
+                .expect("the waiting reader was woken")
+                .unwrap();
+            assert_eq!(&got, b"reply");
+            let q = rd.unsplit(wr);
+            assert!(q.registered_for_writes());
+            let ev = registered_events(fd);
+            assert!(!ev.is_empty());
             assert!(
-                wev.iter().all(|e| e & (EPOLLIN | EPOLLOUT) == EPOLLOUT),
-                "{wev:x?}"
+                ev.iter()
+                    .all(|e| e & (EPOLLIN | EPOLLOUT) == EPOLLIN | EPOLLOUT),
+                "{ev:x?}"
             );
-            assert_eq!(registered_events(fd), ev);
-            assert!(reader.join().unwrap() == data, "every byte, in order");
+            assert_eq!(descriptors_of(fd), 1, "no second descriptor");
+            drop(b);
         });
     }
 
