@@ -434,8 +434,7 @@ async fn submit_wait_response_over_the_message_limit_is_resource_exhausted() {
             .items((0..n).map(|_| Item::new("all", "noop")))
             .wait(true)
     };
-    // Under the bound (and inline in the daemon), then over the bound but under the limit
-    // (through the blocking pool): every result, in order.
+    // Under the bound, then over the bound but under the limit: every result, in order.
     for n in [10, 100] {
         let r = c.submit(wait(n)).await.expect("fits in one message");
         assert_eq!(r.results.len(), n);

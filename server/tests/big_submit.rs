@@ -11,8 +11,9 @@ use support::fixture;
 use wqd::daemon::Daemon;
 use wqd_client::{Batch, Client, Endpoint, Item};
 
-/// More items than the daemon submits on the request's own task (`INLINE_ITEMS`, 64).
-const BIG: usize = 200;
+/// More items than the daemon submits on the request's own task (`INLINE_SUBMIT_ITEMS`,
+/// 1 024).
+const BIG: usize = 2_000;
 
 const SEAM: &str = "engine::submit-between-items";
 
