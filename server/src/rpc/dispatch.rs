@@ -191,8 +191,8 @@ impl Rpc {
         Ok(())
     }
 
-    /// Calls the engine on the request's own task (see [`INLINE_SUBMIT_ITEMS`]); a panic there is an
-    /// internal error, as in the blocking pool.
+    /// Calls the engine on the request's own task (see [`INLINE_SUBMIT_ITEMS`] and
+    /// [`INLINE_ITEMS`]); a panic there is an internal error, as in the blocking pool.
     fn inline<T>(
         &self,
         what: &str,
@@ -1034,7 +1034,7 @@ mod tests {
         assert_eq!(slots, vec![2, 5, 6, NO_RESULT, NO_RESULT]);
         assert!(result_slots(5, 10, [None, None, Some(9)].into_iter()).is_empty());
         assert!(result_slots(0, 10, [Some(10)].into_iter()).is_empty());
-        // An id far past the batch (and past `usize` from `first`) has no slot.
+        // An id far past the batch has no slot.
         assert_eq!(
             result_slots(1, 0, [Some(u64::MAX), Some(0)].into_iter()),
             vec![1]
