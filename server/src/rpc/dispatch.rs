@@ -56,9 +56,11 @@ const INLINE_ITEMS: usize = 64;
 /// run as blocking calls ([`Rpc::blocking`]), so that one big submit never stalls the other
 /// connections for long. A submit costs about 55 ns per item (its items made and queued; the
 /// request was decoded and checked before), so the other connections wait at most about
-/// 60 µs behind one submitted here, under a single item's round trip. Handing the worker's
-/// other tasks to another thread instead (`block_in_place`) wakes that thread on every such
-/// call, and on a host whose CPUs the item workers keep busy it competes with them. Measured
+/// 60 µs behind one submitted here, under a single item's round trip (once it holds the
+/// engine's lock: one that waits for the lock waits on this task, as every smaller submit
+/// and cancel always did). Handing the worker's other tasks to another thread instead
+/// (`block_in_place`) wakes that thread on every such call, and on a host whose CPUs the item
+/// workers keep busy it competes with them. Measured
 /// at batches of 1 000 (old/new daemon alternated, 2 000 calls a run): `Submit(wait)`
 /// 1.24–1.29M → 1.30–1.41M items/s (5 runs of 5), on a summary workqueue 2.15–2.31M →
 /// 2.26–2.59M, `Submit` + `Flush(summary)` 1.75–1.78M → 2.03–2.09M; the RPC thread's CPU per
