@@ -106,6 +106,30 @@ fn result_slots(n: usize, first: u64, delivered: impl Iterator<Item = Option<u64
     slots
 }
 
+/// Encodes the `at`th delivered result (`events`' entries, then `records`, numbered as
+/// [`result_slots`] numbers them) into `out`; nothing when that entry is not a full result.
+///
+/// Each view is built where it is encoded: returned from a `match` instead, the 216-byte view
+/// was moved three times per result (three `memcpy` calls, 9% of the RPC thread at batches of
+/// 1 000).
+fn push_delivered(
+    enc: &mut ResultEncoder,
+    events: &[FlushEvent],
+    records: &[ResultRecord],
+    at: usize,
+    out: &mut EncodedResults,
+) {
+    match events.get(at) {
+        Some(FlushEvent::Done(r)) => enc.push(&r.view(), out),
+        Some(_) => {}
+        None => {
+            if let Some(r) = records.get(at - events.len()) {
+                enc.push(&r.view(), out);
+            }
+        }
+    }
+}
+
 fn wq_name(s: String) -> String {
     if s.is_empty() {
         "default".to_string()
@@ -357,11 +381,6 @@ impl Rpc {
                 })
                 .chain(records.iter().map(|r| Some(r.id())));
             let mut by_slot = result_slots(rec.items.len(), first, delivered);
-            let nth = |at: usize| match events.get(at) {
-                Some(FlushEvent::Done(r)) => Some(r.view()),
-                Some(_) => None,
-                None => records.get(at - events.len()).map(ResultRecord::view),
-            };
             // Encoded once, straight from the engine's results (see `encode`); the buffer is
             // sized for a noop result up front so that it seldom grows.
             if !by_slot.is_empty() {
@@ -372,8 +391,8 @@ impl Rpc {
                     let at = slot_of(s.id)
                         .and_then(|i| by_slot.get_mut(i))
                         .map_or(NO_RESULT, |a| std::mem::replace(a, NO_RESULT));
-                    if let Some(v) = (at != NO_RESULT).then(|| nth(at)).flatten() {
-                        enc.push(&v, &mut resp.results);
+                    if at != NO_RESULT {
+                        push_delivered(&mut enc, &events, &records, at, &mut resp.results);
                     }
                 }
             }
