@@ -78,6 +78,12 @@ const NOOP_RESULT_BYTES: usize = 96;
 /// A slot of `Submit(wait)`'s response with no full result (see [`result_slots`]).
 const NO_RESULT: usize = usize::MAX;
 
+/// The entry of item `id` in a batch whose first item is `first` (a batch's ids are
+/// consecutive, one per entry); `None` below the batch. The caller bounds it by the batch.
+fn slot_of(id: u64, first: u64) -> Option<usize> {
+    id.checked_sub(first).and_then(|i| usize::try_from(i).ok())
+}
+
 /// Where each of a batch's `n` entries (entry i has id `first + i`) finds its full result
 /// among those `Submit(wait)` was delivered: `delivered` gives each delivery's id in order
 /// (`None` for one that is not a full result), and a slot holds the index of its id's last
@@ -89,11 +95,7 @@ const NO_RESULT: usize = usize::MAX;
 fn result_slots(n: usize, first: u64, delivered: impl Iterator<Item = Option<u64>>) -> Vec<usize> {
     let mut slots = Vec::new();
     for (at, id) in delivered.enumerate() {
-        let Some(i) = id
-            .and_then(|id| id.checked_sub(first))
-            .and_then(|i| usize::try_from(i).ok())
-            .filter(|&i| i < n)
-        else {
+        let Some(i) = id.and_then(|id| slot_of(id, first)).filter(|&i| i < n) else {
             continue;
         };
         if slots.is_empty() {
@@ -347,7 +349,6 @@ impl Rpc {
             // Entry i of the batch has id `first + i`: a slot per entry puts the results
             // back in submission order without hashing.
             let first = rec.first;
-            let slot_of = |id: u64| id.checked_sub(first).and_then(|i| usize::try_from(i).ok());
             // Every item that ended counts, whatever its workqueue keeps: a full result
             // (`Done`, which has a slot) as its event, any other in the flush's tally (a
             // workqueue that keeps no per-item record sends no event per item, see
@@ -388,7 +389,7 @@ impl Rpc {
                 resp.results.reserve(rec.items.len() * NOOP_RESULT_BYTES);
                 for s in rec.items.iter().filter(|s| s.queued) {
                     // Taken: each slot's result is written once.
-                    let at = slot_of(s.id)
+                    let at = slot_of(s.id, first)
                         .and_then(|i| by_slot.get_mut(i))
                         .map_or(NO_RESULT, |a| std::mem::replace(a, NO_RESULT));
                     if at != NO_RESULT {
