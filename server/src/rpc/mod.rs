@@ -19,7 +19,7 @@
 pub mod budget;
 pub mod convert;
 mod dispatch;
-mod encode;
+pub mod encode;
 pub mod limits;
 mod stats;
 mod topology;
