@@ -1,9 +1,10 @@
-//! Criterion view of the daemon's result encoder (`wqd::rpc::encode::ResultEncoder`) side by
-//! side with prost's generated code for the same bytes (`result_out`, then
-//! `Message::encode`): the 1 000 results of one `Submit(wait)` of `noop` items as a worker
-//! ends them (one workqueue, target and handler; one queue time; each item started at the
-//! clock reading that ended the one before). The ratio of the two is the encoder's gain
-//! over the stock path; `docs/benchmarks.md` records it.
+//! Criterion view of the daemon's response encoding for `Submit(wait)` side by side with
+//! prost's generated code for the same bytes: the answer to one call of 1 000 `noop` items as
+//! a worker ends them (one workqueue, target and handler; one queue time; each item started
+//! at the clock reading that ended the one before), its receipts (`EncodedReceipts`) and its
+//! results (`wqd::rpc::encode::ResultEncoder`) against `v1::ItemReceipt`s and `result_out`
+//! then `Message::encode`. The ratio of the two is the encoder's gain over the stock path;
+//! `docs/benchmarks.md` records it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,7 +15,7 @@ use wqd::rpc::convert::result_out;
 use wqd::rpc::encode::ResultEncoder;
 use wqd_core::engine::{ItemResult, State};
 use wqd_core::target::Target;
-use wqd_proto::out::SubmitResponseOut;
+use wqd_proto::out::{EncodedReceipts, SubmitResponseOut};
 use wqd_proto::v1;
 
 /// Results of one batch of `n` `noop` items, 300 ns each, run back to back on CPU 1.
@@ -48,43 +49,49 @@ fn batch(n: u64) -> Vec<ItemResult> {
         .collect()
 }
 
-fn encode(c: &mut Criterion) {
-    let rs = batch(1000);
-    let mut g = c.benchmark_group("encode_1000_results");
-    g.throughput(Throughput::Elements(rs.len() as u64));
-    // The daemon's path: views of the results straight to bytes.
-    g.bench_function("result_encoder", |b| {
-        b.iter(|| {
-            let mut enc = ResultEncoder::default();
-            let mut resp = SubmitResponseOut::default();
-            for r in &rs {
-                enc.push(&r.view(), &mut resp.results);
-            }
-            resp.encode_to_vec()
-        })
-    });
-    // The stock path: a `v1::ItemResult` per result, then prost's encoding.
-    g.bench_function("prost_generated", |b| {
-        b.iter(|| {
-            v1::SubmitResponse {
-                results: rs.iter().map(result_out).collect(),
-                ..Default::default()
-            }
-            .encode_to_vec()
-        })
-    });
-    g.finish();
-    // Both paths write the same bytes (the encoder's tests check more shapes).
-    let mut enc = ResultEncoder::default();
-    let mut resp = SubmitResponseOut::default();
-    for r in &rs {
-        enc.push(&r.view(), &mut resp.results);
-    }
-    let stock = v1::SubmitResponse {
-        results: rs.iter().map(result_out).collect(),
+/// The daemon's path: plain receipts and result views straight to bytes.
+fn ours(rs: &[ItemResult]) -> Vec<u8> {
+    let mut resp = SubmitResponseOut {
+        batch_id: 77,
+        items: EncodedReceipts::with_capacity(rs.len()),
         ..Default::default()
     };
-    assert_eq!(resp.encode_to_vec(), stock.encode_to_vec());
+    let mut enc = ResultEncoder::default();
+    for r in rs {
+        resp.items.push_queued(r.id);
+        enc.push(&r.view(), &mut resp.results);
+    }
+    resp.encode_to_vec()
+}
+
+/// The stock path: a `v1::ItemReceipt` and a `v1::ItemResult` per item, then prost's
+/// encoding.
+fn stock(rs: &[ItemResult]) -> Vec<u8> {
+    v1::SubmitResponse {
+        batch_id: 77,
+        items: rs
+            .iter()
+            .map(|r| v1::ItemReceipt {
+                item_id: r.id,
+                queued: true,
+                ..Default::default()
+            })
+            .collect(),
+        results: rs.iter().map(result_out).collect(),
+        counts: None,
+    }
+    .encode_to_vec()
+}
+
+fn encode(c: &mut Criterion) {
+    let rs = batch(1000);
+    // Both paths write the same bytes (the encoders' tests check more shapes).
+    assert_eq!(ours(&rs), stock(&rs));
+    let mut g = c.benchmark_group("submit_wait_response_1000");
+    g.throughput(Throughput::Elements(rs.len() as u64));
+    g.bench_function("wqd_encoders", |b| b.iter(|| ours(&rs)));
+    g.bench_function("prost_generated", |b| b.iter(|| stock(&rs)));
+    g.finish();
 }
 
 criterion_group! {
