@@ -12,7 +12,7 @@
 //! `SUBSYSTEM=cpu\0SEQNUM=4242\0`. udev re-broadcasts on group 2 with a binary header starting
 //! `libudev\0`; those are ignored should they ever arrive.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -21,7 +21,6 @@ use nix::sys::socket::{
     bind, recvfrom, setsockopt, socket, sockopt, AddressFamily, NetlinkAddr, SockFlag,
     SockProtocol, SockType,
 };
-use nix::sys::time::{TimeVal, TimeValLike};
 
 use super::TopologyError;
 
@@ -74,26 +73,7 @@ impl UeventSocket {
     /// [`TopologyError::Netlink`]. `ENOBUFS` means the kernel dropped events because the buffer
     /// was full: the caller must rescan, then may keep receiving.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<CpuEvent>, TopologyError> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = vec![0u8; MAX_MSG];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            // SO_RCVTIMEO of zero means "block forever": never pass less than 1 ms. Long waits
-            // are sliced (the loop goes round) so the microsecond count always fits.
-            let left = left.clamp(Duration::from_millis(1), Duration::from_secs(3600));
-            setsockopt(
-                &self.fd,
-                sockopt::ReceiveTimeout,
-                &TimeVal::microseconds(left.as_micros() as i64),
-            )
-            .map_err(TopologyError::Netlink)?;
-            if let Some(ev) = self.recv_one(&mut buf)? {
-                return Ok(Some(ev));
-            }
-        }
+        self.recv_until(None, Some(Instant::now() + timeout))
     }
 
     /// Waits, without a timeout, for a CPU online/offline event or for `wake` to become
@@ -103,18 +83,42 @@ impl UeventSocket {
     /// # Errors
     /// As [`UeventSocket::recv_timeout`] (`ENOBUFS`: events were dropped, rescan).
     pub fn recv_or_wake(&self, wake: &impl AsFd) -> Result<Option<CpuEvent>, TopologyError> {
+        self.recv_until(Some(wake.as_fd()), None)
+    }
+
+    /// Waits for a CPU online/offline event until `deadline` (none: for ever) or until `wake`
+    /// is readable: `Ok(None)` then. The socket is read only when `poll` says a datagram is
+    /// there, so no receive ever blocks (and no socket option is set per wait).
+    fn recv_until(
+        &self,
+        wake: Option<BorrowedFd<'_>>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<CpuEvent>, TopologyError> {
         let mut buf = vec![0u8; MAX_MSG];
         loop {
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    // Whole milliseconds, rounded up (a wait cut to zero would spin).
+                    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128);
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+                }
+            };
             let mut fds = [
                 PollFd::new(self.fd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake.unwrap_or(self.fd.as_fd()), PollFlags::POLLIN),
             ];
-            match poll(&mut fds, PollTimeout::NONE) {
+            let n = if wake.is_some() { 2 } else { 1 };
+            match poll(&mut fds[..n], timeout) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(TopologyError::Netlink(e)),
             }
-            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            if wake.is_some() && fds[1].revents().is_some_and(|r| !r.is_empty()) {
                 return Ok(None);
             }
             if fds[0].revents().is_none_or(|r| r.is_empty()) {
@@ -246,6 +250,42 @@ mod tests {
             let r = s.recv_timeout(Duration::from_millis(50));
             assert!(r.is_ok());
             assert!(t.elapsed() < Duration::from_secs(2));
+        }
+    }
+
+    /// A receive waits its whole timeout (no CPU changes on this host, which the tests never
+    /// offline), and one waiting on a wake socket returns once its peer writes or closes.
+    #[test]
+    fn a_receive_ends_at_its_timeout_or_its_wake() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        let Ok(s) = UeventSocket::open() else {
+            eprintln!("skipped: no uevent socket here");
+            return;
+        };
+        let t = Instant::now();
+        assert!(matches!(
+            s.recv_timeout(Duration::from_millis(30)),
+            Ok(None)
+        ));
+        assert!(
+            t.elapsed() >= Duration::from_millis(30),
+            "{:?}",
+            t.elapsed()
+        );
+        for close in [false, true] {
+            let (mut peer, wake) = UnixStream::pair().expect("socketpair");
+            let waker = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                match close {
+                    true => drop(peer),
+                    false => peer.write_all(b"x").expect("write"),
+                }
+            });
+            let t = Instant::now();
+            assert!(matches!(s.recv_or_wake(&wake), Ok(None)));
+            assert!(t.elapsed() >= Duration::from_millis(20));
+            waker.join().expect("waker");
         }
     }
 }
