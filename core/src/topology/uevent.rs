@@ -73,7 +73,8 @@ impl UeventSocket {
     /// [`TopologyError::Netlink`]. `ENOBUFS` means the kernel dropped events because the buffer
     /// was full: the caller must rescan, then may keep receiving.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<CpuEvent>, TopologyError> {
-        self.recv_until(None, Some(Instant::now() + timeout))
+        // A timeout past the clock's range waits for ever.
+        self.recv_until(None, Instant::now().checked_add(timeout))
     }
 
     /// Waits, without a timeout, for a CPU online/offline event or for `wake` to become
