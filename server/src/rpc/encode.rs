@@ -438,6 +438,20 @@ mod tests {
         assert_eq!(bytes, old.encode_to_vec());
     }
 
+    /// `rs` as the encoder writes them, and as the stock conversion gives them.
+    fn both_ways(rs: &[ItemResult]) -> (SubmitResponseOut, v1::SubmitResponse) {
+        let mut enc = ResultEncoder::default();
+        let mut resp = SubmitResponseOut::default();
+        for r in rs {
+            enc.push(&r.view(), &mut resp.results);
+        }
+        let old = v1::SubmitResponse {
+            results: rs.iter().map(result_out).collect(),
+            ..Default::default()
+        };
+        (resp, old)
+    }
+
     /// A batch's results share `queued_at`: the encoder writes the cached field for a repeat
     /// and the fresh one after a change, and both decode as prost's conversion.
     #[test]
@@ -453,15 +467,7 @@ mod tests {
         later.queued_at += Duration::new(3, 1);
         rs.push(later);
         rs.push(rs[0].clone());
-        let mut enc = ResultEncoder::default();
-        let mut resp = SubmitResponseOut::default();
-        for r in &rs {
-            enc.push(&r.view(), &mut resp.results);
-        }
-        let old = v1::SubmitResponse {
-            results: rs.iter().map(result_out).collect(),
-            ..Default::default()
-        };
+        let (resp, old) = both_ways(&rs);
         assert_eq!(resp.encode_to_vec(), old.encode_to_vec());
     }
 
@@ -503,15 +509,7 @@ mod tests {
                 r
             })
             .collect();
-        let mut enc = ResultEncoder::default();
-        let mut resp = SubmitResponseOut::default();
-        for r in &rs {
-            enc.push(&r.view(), &mut resp.results);
-        }
-        let old = v1::SubmitResponse {
-            results: rs.iter().map(result_out).collect(),
-            ..Default::default()
-        };
+        let (resp, old) = both_ways(&rs);
         let got = v1::SubmitResponse::decode(&resp.encode_to_vec()[..]).expect("stock decode");
         for (g, o) in got.results.iter().zip(&old.results) {
             assert_eq!((g.started_at, g.finished_at), (o.started_at, o.finished_at));
