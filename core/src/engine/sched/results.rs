@@ -378,11 +378,18 @@ const IPAGE: u64 = 32;
 /// their order), so a page's slots are written one after the other and forgotten the same
 /// way, and the page map is small (2^15 pages for 2^20 dense results).
 ///
-/// Invariant: a page is held exactly while one of its slots is set; `len` counts the set
+/// The page the last insert wrote and the page the last removal cleared are held out of the
+/// map, in `hot`: most inserts and removals find their page there without hashing (a page
+/// changes hands between the map and `hot` once per run of [`IPAGE`] ids).
+///
+/// Invariant: a page is held exactly while one of its slots is set, either in `pages` or in
+/// `hot`, never in both, and `hot`'s two pages are different ones; `len` counts the set
 /// slots. A slot holds `seq + 1` (0 = none).
 #[derive(Default)]
 struct Index {
     pages: IdMap<u64, Box<IndexPage>>,
+    /// `[the last insert's page, the last removal's page]`, with their page numbers.
+    hot: [Option<(u64, Box<IndexPage>)>; 2],
     len: usize,
 }
 
@@ -391,23 +398,53 @@ struct IndexPage {
     live: u32,
 }
 
+/// Which of [`Index::hot`]'s pages an operation keeps at hand.
+const HOT_INSERT: usize = 0;
+const HOT_REMOVE: usize = 1;
+
 impl Index {
     /// What a held page costs, estimated: the page and its map entry.
     const PAGE_BYTES: usize = std::mem::size_of::<IndexPage>() + 24;
 
+    fn page(&self, k: u64) -> Option<&IndexPage> {
+        match &self.hot {
+            [Some((h, p)), _] | [_, Some((h, p))] if *h == k => Some(p),
+            _ => self.pages.get(&k).map(|p| &**p),
+        }
+    }
+
+    /// Page `k`, made hot as `which` (the page hot as `which` before goes back to the map);
+    /// made afresh when `create` and it is held nowhere.
+    fn hot_page(&mut self, k: u64, which: usize, create: bool) -> Option<&mut IndexPage> {
+        let at = match &self.hot {
+            [Some((h, _)), _] if *h == k => HOT_INSERT,
+            [_, Some((h, _))] if *h == k => HOT_REMOVE,
+            _ => {
+                let page = match self.pages.remove(&k) {
+                    Some(p) => p,
+                    None if create => Box::new(IndexPage {
+                        seqs: [0; IPAGE as usize],
+                        live: 0,
+                    }),
+                    None => return None,
+                };
+                if let Some((h, old)) = self.hot[which].replace((k, page)) {
+                    self.pages.insert(h, old);
+                }
+                which
+            }
+        };
+        self.hot[at].as_mut().map(|(_, p)| &mut **p)
+    }
+
     fn get(&self, id: ItemId) -> Option<u64> {
-        let v = self.pages.get(&(id / IPAGE))?.seqs[(id % IPAGE) as usize];
+        let v = self.page(id / IPAGE)?.seqs[(id % IPAGE) as usize];
         v.checked_sub(1)
     }
 
     /// Sets `id`'s sequence number, returning the one it replaces.
     fn insert(&mut self, id: ItemId, seq: u64) -> Option<u64> {
-        let page = self.pages.entry(id / IPAGE).or_insert_with(|| {
-            Box::new(IndexPage {
-                seqs: [0; IPAGE as usize],
-                live: 0,
-            })
-        });
+        let page = self.hot_page(id / IPAGE, HOT_INSERT, true)?;
         let old = std::mem::replace(&mut page.seqs[(id % IPAGE) as usize], seq + 1);
         if old == 0 {
             page.live += 1;
@@ -418,18 +455,51 @@ impl Index {
 
     fn remove(&mut self, id: ItemId) -> Option<u64> {
         let k = id / IPAGE;
-        let page = self.pages.get_mut(&k)?;
+        let page = self.hot_page(k, HOT_REMOVE, false)?;
         let old = std::mem::take(&mut page.seqs[(id % IPAGE) as usize]).checked_sub(1)?;
         page.live -= 1;
+        let empty = page.live == 0;
         self.len -= 1;
-        if page.live == 0 {
-            self.pages.remove(&k);
+        if empty {
+            // The page is hot (`hot_page` made it so): dropped from there.
+            for h in &mut self.hot {
+                if h.as_ref().is_some_and(|(hk, _)| *hk == k) {
+                    *h = None;
+                }
+            }
         }
         Some(old)
     }
 
+    /// Pages held.
+    fn held(&self) -> usize {
+        self.pages.len() + self.hot.iter().filter(|h| h.is_some()).count()
+    }
+
     fn bytes(&self) -> usize {
-        self.pages.len() * Self::PAGE_BYTES
+        self.held() * Self::PAGE_BYTES
+    }
+
+    /// Panics unless the invariant holds: every held page has a set slot and counts them,
+    /// `len` counts all, and no page is held twice (in `pages` and `hot`, or hot twice).
+    #[cfg(test)]
+    fn check(&self) {
+        let hot = self.hot.iter().flatten().map(|(k, p)| (*k, &**p));
+        let all: Vec<(u64, &IndexPage)> = hot
+            .chain(self.pages.iter().map(|(k, p)| (*k, &**p)))
+            .collect();
+        let mut keys: Vec<u64> = all.iter().map(|(k, _)| *k).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), all.len(), "a page held twice");
+        let mut len = 0;
+        for (k, p) in all {
+            let set = p.seqs.iter().filter(|&&v| v != 0).count();
+            assert!(set > 0, "page {k} held with no slot set");
+            assert_eq!(p.live as usize, set, "page {k}'s count");
+            len += set;
+        }
+        assert_eq!(self.len, len, "slots counted");
     }
 }
 
@@ -851,6 +921,51 @@ mod tests {
         }
     }
 
+    /// The index against a plain map, in an order that moves pages between its hot slots
+    /// and its map every way: inserts and removals in one page and in others, a removal that
+    /// empties the insert's hot page, ids stored again. Fails on a slot read from the wrong
+    /// page, a page kept with no slot set, or one held twice.
+    #[test]
+    fn the_index_finds_what_a_map_finds() {
+        use std::collections::BTreeMap;
+        let mut index = super::Index::default();
+        let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut seq = 0u64;
+        let page = super::IPAGE;
+        // Ids from five pages, interleaved; some stored twice.
+        let ids: Vec<u64> = (0..400u64)
+            .map(|i| (i * 7919) % (5 * page) + (i % 3) * 100 * page)
+            .collect();
+        for (n, &id) in ids.iter().enumerate() {
+            seq += 1;
+            assert_eq!(index.insert(id, seq), model.insert(id, seq), "insert {id}");
+            // Every third step forgets an id: the oldest, a recent one, or one never stored.
+            if n % 3 == 2 {
+                let gone = match n % 9 {
+                    2 => model.keys().next().copied(),
+                    5 => Some(id),
+                    _ => Some(id + 1_000_000),
+                };
+                if let Some(g) = gone {
+                    assert_eq!(index.remove(g), model.remove(&g), "remove {g}");
+                }
+            }
+            index.check();
+            for (&k, &v) in &model {
+                assert_eq!(index.get(k), Some(v), "get {k}");
+            }
+        }
+        // Everything forgotten, in reverse: nothing held after.
+        let keys: Vec<u64> = model.keys().rev().copied().collect();
+        for k in keys {
+            assert_eq!(index.remove(k), model.remove(&k));
+            assert_eq!(index.get(k), None);
+            index.check();
+        }
+        assert_eq!(index.held(), 0);
+        assert_eq!(index.bytes(), 0);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         /// Store a batch of this many new ids (each with this many text bytes).
@@ -919,6 +1034,7 @@ mod tests {
                 assert_eq!(store.names.len(), entries, "name entries");
                 assert_eq!(store.names.bytes, cost, "name bytes");
                 assert_eq!(store.map.bytes(), index_cost(model), "index bytes");
+                store.map.check();
                 for m in model {
                     let r = store.stored(m.0).expect("stored");
                     assert_eq!(r.id, m.0);
