@@ -317,9 +317,15 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 });
                 continue;
             }
-            let (f, ex) = execute(&inner, job, &mut shared, token, pinned, &mut nice);
-            done.push(f);
-            exit = ex;
+            exit = execute(
+                &inner,
+                job,
+                &mut shared,
+                token,
+                pinned,
+                &mut nice,
+                &mut done,
+            );
         }
         if let (Some(o), Some(wq), false) = (
             &inner.cfg.observer,
@@ -386,7 +392,8 @@ struct Shared {
     waits: Vec<Duration>,
 }
 
-/// Runs one job; returns how it ended and whether the worker must exit (its pinning broke).
+/// Runs one job and pushes how it ended to `done`; returns whether the worker must exit (its
+/// pinning broke).
 fn execute(
     inner: &Inner,
     job: Job,
@@ -394,7 +401,8 @@ fn execute(
     token: &CancelToken,
     pinned: bool,
     nice: &mut i32,
-) -> (Finish, bool) {
+    done: &mut Vec<Finish>,
+) -> bool {
     let id = job.id;
     let claim = job.claim;
     let handback = |why: &'static str| Finish {
@@ -414,7 +422,8 @@ fn execute(
             started: None,
             finished: None,
         };
-        return (f, false);
+        done.push(f);
+        return false;
     }
     if pinned {
         let on = current_cpu();
@@ -425,18 +434,21 @@ fn execute(
                 &format!("worker of cpu {} found itself on cpu {on:?}", job.cpu),
             );
             let exit = pin(job.cpu).is_err() || current_cpu() != Some(job.cpu);
-            return (handback("affinity"), exit);
+            done.push(handback("affinity"));
+            return exit;
         }
     }
     let Some(epoch) = inner.live_now(job.cpu) else {
         // `Sched::finish` names why: offline, cpuset or isolated.
-        return (handback(super::sched::NOT_LIVE), false);
+        done.push(handback(super::sched::NOT_LIVE));
+        return false;
     };
     // A job claimed behind another waited bound while its predecessors ran: if the topology
     // changed meanwhile (its queue may have been re-resolved away from this CPU), it goes back
     // to be placed afresh.
     if job.claimed && epoch != job.epoch {
-        return (handback("stall"), false);
+        done.push(handback("stall"));
+        return false;
     }
     let carried = if job.nice != *nice {
         set_nice(job.nice);
@@ -468,7 +480,8 @@ fn execute(
     let Some(body) = job.body.as_ref().or(shared.body.as_ref()) else {
         // Not made by the engine (a claimed job always has a first job's body to share).
         tracing::error!(item = id, "a job without a body; handed back");
-        return (handback("stall"), false);
+        done.push(handback("stall"));
+        return false;
     };
     let ctx = WorkCtx {
         item: id,
@@ -505,5 +518,6 @@ fn execute(
         started: Some(started),
         finished,
     };
-    (f, false)
+    done.push(f);
+    false
 }
