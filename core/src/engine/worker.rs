@@ -308,7 +308,7 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
             last_end: None,
             waits: std::mem::take(&mut waits),
         };
-        for (job, token) in std::iter::once(first).chain(extra.drain(..)).zip(&tokens) {
+        for (job, token) in std::iter::once(&first).chain(extra.iter()).zip(&tokens) {
             if exit {
                 // The pinning broke: the rest of the batch goes back to its queue unstarted.
                 done.push(Finish {
@@ -327,6 +327,8 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 &mut done,
             );
         }
+        // Read in place above (a job moved out of `extra` was a copy per job).
+        extra.clear();
         if let (Some(o), Some(wq), false) = (
             &inner.cfg.observer,
             shared.workqueue.as_ref(),
@@ -396,7 +398,7 @@ struct Shared {
 /// pinning broke).
 fn execute(
     inner: &Inner,
-    job: Job,
+    job: &Job,
     shared: &mut Shared,
     token: &CancelToken,
     pinned: bool,
