@@ -12,6 +12,7 @@
 //! every covered item is terminal. The protocol, its races and why each is safe are in
 //! `README.md` beside this file.
 
+mod clock;
 mod epoch;
 mod idhash;
 mod items;
@@ -189,6 +190,10 @@ pub struct ItemResult {
     /// 65 535, then it stays there).
     pub rebinds: u32,
     pub queued_at: SystemTime,
+    /// Wall-clock times. A worker running a batch of quick items back to back reads the wall
+    /// clock at the batch's first start and after its last end, and places the times in
+    /// between by the CPU's counter (linear interpolation: each time lies between those two
+    /// readings, and an item never ends before it starts; see `engine/clock.rs`).
     pub started_at: Option<SystemTime>,
     pub finished_at: Option<SystemTime>,
     /// The topology epoch in which the item started.

@@ -1,16 +1,17 @@
 //! Workers: OS threads pinned to one CPU that take items from their pool's ready queues.
 //!
 //! A worker belongs to one (CPU, generation). It takes an item under the engine lock (binding
-//! it) — and, while its items run in microseconds, up to 15 more of the same queue in that
+//! it) — and, while its items run in microseconds, up to 63 more of the same queue in that
 //! same lock hold (a batch, see README "Batched take") — then, outside the lock, right before
 //! calling each handler, checks that it really is on its CPU (`sched_getcpu`, when pinned),
 //! that the CPU is live in the current epoch (lock-free seqlock read; for batched items, the
 //! epoch they were bound in) and that the item's own cancel token is not raised. If a check
 //! fails the item is handed back to its queue (counted as a re-bind) or cancelled, and never
 //! starts here. Finishes are reported at the next entry into the lock (their full results
-//! stored right after that hold, under R taken before it ended). Invariant: a handler is
-//! called only after its own checks passed, with the epoch that proved the CPU live recorded
-//! in the result.
+//! stored right after that hold, under R taken before it ended); a batch's recorded times are
+//! counter readings until the batch ends, then placed on the wall clock (`clock.rs`).
+//! Invariant: a handler is called only after its own checks passed, with the epoch that
+//! proved the CPU live recorded in the result.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_utils::sync::{Parker, Unparker};
 
+use super::clock::{Span, Ticks};
 use super::sched::{Body, Effects, Finish, Finished, Holder, Job, Outcome, SharedHold, Started};
 use super::Inner;
 use crate::handler::{CancelToken, HandlerError, WorkCtx};
@@ -185,6 +187,9 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
     let mut fin = Finished::default();
     let mut extra: Vec<Job> = Vec::with_capacity(BATCH);
     let mut waits: Vec<Duration> = Vec::new();
+    let mut timed: Vec<Timed> = Vec::with_capacity(BATCH);
+    // The counter the batch's jobs are timed by between two wall-clock readings (`clock.rs`).
+    let mut ticks = Ticks::new();
     // When the last batch began to run (after its lock hold), and how many jobs it had.
     let mut last: Option<(Instant, u32)> = None;
     let mut nice = 0;
@@ -306,7 +311,9 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 None
             },
             last_end: None,
+            start: None,
             waits: std::mem::take(&mut waits),
+            timed: std::mem::take(&mut timed),
         };
         for (job, token) in std::iter::once(&first).chain(extra.iter()).zip(&tokens) {
             if exit {
@@ -325,10 +332,18 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 pinned,
                 &mut nice,
                 &mut done,
+                &mut ticks,
             );
         }
         // Read in place above (a job moved out of `extra` was a copy per job).
         extra.clear();
+        place_times(
+            &mut shared,
+            &mut done,
+            &mut ticks,
+            inner.cfg.observer.is_some(),
+        );
+        timed = std::mem::take(&mut shared.timed);
         if let (Some(o), Some(wq), false) = (
             &inner.cfg.observer,
             shared.workqueue.as_ref(),
@@ -382,20 +397,68 @@ fn after_hold(inner: &Arc<Inner>, fx: Effects, fin: &mut Finished) {
 struct Shared {
     body: Option<Arc<Body>>,
     workqueue: Option<Arc<str>>,
-    /// The wall-clock reading that ended the previous job, when its end was recorded: the
-    /// next job's start, if that job starts right after (its start check passes and its nice
-    /// level is the same), is that same reading. One clock read per recorded item instead of
-    /// two (a read is tens of nanoseconds on a VM); the start check between the two takes
-    /// well under a microsecond.
-    last_end: Option<SystemTime>,
+    /// The counter reading that ended the previous job, when its end was recorded: the next
+    /// job's start, if that job starts right after (its start check passes and its nice
+    /// level is the same), is that same reading (the start check between the two takes well
+    /// under a microsecond).
+    last_end: Option<u64>,
+    /// The batch's first real reading (wall clock, counter), taken as its first recorded job
+    /// starts; the second is taken after the batch ([`place_times`]).
+    start: Option<(SystemTime, u64)>,
+    /// The recorded jobs' counter readings, placed on the wall clock after the batch.
+    timed: Vec<Timed>,
     /// The queue waits of the jobs claimed behind the first, for the observer's
     /// `started_all` once the batch has run (quick items: microseconds later), instead of a
     /// call per job (each a look-up of the workqueue's metrics).
     waits: Vec<Duration>,
 }
 
+/// A recorded job's times as counter readings, until [`place_times`] makes them wall-clock
+/// times in its `Finish`.
+struct Timed {
+    /// Its `Finish`'s place in `done`.
+    at: usize,
+    /// Its start, when it is a counter reading (`None`: the batch's first real reading, set
+    /// already).
+    start: Option<u64>,
+    end: u64,
+    /// For the observer's queue wait of a job claimed behind the first.
+    queued_at: SystemTime,
+    claimed: bool,
+}
+
+/// Places the batch's recorded times on the wall clock, between the batch's first real
+/// reading and one taken now (see `clock.rs`), and adds the queue waits of the jobs claimed
+/// behind the first to `shared.waits` for the observer.
+fn place_times(shared: &mut Shared, done: &mut [Finish], ticks: &mut Ticks, observed: bool) {
+    let Some(first) = shared.start.take() else {
+        return;
+    };
+    let span = Span::new(first, ticks.anchor());
+    for t in shared.timed.drain(..) {
+        let Some(f) = done.get_mut(t.at) else {
+            continue;
+        };
+        let started = f.started.as_mut().map(|s| {
+            if let Some(c) = t.start {
+                s.at = span.at(c);
+            }
+            s.at
+        });
+        if let Some((_, at)) = f.finished.as_mut() {
+            *at = span.at(t.end);
+        }
+        if let (true, true, Some(s)) = (observed, t.claimed, started) {
+            shared
+                .waits
+                .push(s.duration_since(t.queued_at).unwrap_or_default());
+        }
+    }
+}
+
 /// Runs one job and pushes how it ended to `done`; returns whether the worker must exit (its
 /// pinning broke).
+#[allow(clippy::too_many_arguments)]
 fn execute(
     inner: &Inner,
     job: &Job,
@@ -404,6 +467,7 @@ fn execute(
     pinned: bool,
     nice: &mut i32,
     done: &mut Vec<Finish>,
+    ticks: &mut Ticks,
 ) -> bool {
     let id = job.id;
     let claim = job.claim;
@@ -459,25 +523,39 @@ fn execute(
     } else {
         carried
     };
+    // A recorded job's start: the batch's first real reading, or a counter reading (the
+    // previous job's end, or a fresh one) placed on the wall clock after the batch.
+    let (at, start_tick) = match (job.record, carried, shared.start) {
+        (false, _, _) => (SystemTime::UNIX_EPOCH, None),
+        (true, None, None) => {
+            let first = ticks.anchor();
+            shared.start = Some(first);
+            (first.0, None)
+        }
+        (true, Some(c), _) => (SystemTime::UNIX_EPOCH, Some(c)),
+        (true, None, Some(_)) => (SystemTime::UNIX_EPOCH, Some(ticks.now())),
+    };
     let started = Started {
         cpu: job.cpu,
-        at: if job.record {
-            carried.unwrap_or_else(SystemTime::now)
-        } else {
-            SystemTime::UNIX_EPOCH
-        },
+        at,
         epoch,
     };
-    if let (Some(o), Some(wq)) = (
+    // The first job's queue wait now (its start is a real reading); those claimed behind it
+    // once their starts are placed, for `started_all` after the batch.
+    if let (Some(o), Some(wq), false) = (
         &inner.cfg.observer,
         job.workqueue.as_ref().or(shared.workqueue.as_ref()),
+        job.claimed,
     ) {
-        let waited = started.at.duration_since(job.queued_at).unwrap_or_default();
-        if job.claimed {
-            shared.waits.push(waited);
-        } else {
-            o.started(wq, job.cpu, waited);
-        }
+        debug_assert!(
+            start_tick.is_none(),
+            "a batch's first job starts at a real reading"
+        );
+        o.started(
+            wq,
+            job.cpu,
+            at.duration_since(job.queued_at).unwrap_or_default(),
+        );
     }
     let Some(body) = job.body.as_ref().or(shared.body.as_ref()) else {
         // Not made by the engine (a claimed job always has a first job's body to share).
@@ -509,9 +587,16 @@ fn execute(
         } else {
             job.cpu
         };
-        let end = SystemTime::now();
+        let end = ticks.now();
         shared.last_end = Some(end);
-        (cpu, end)
+        shared.timed.push(Timed {
+            at: done.len(),
+            start: start_tick,
+            end,
+            queued_at: job.queued_at,
+            claimed: job.claimed,
+        });
+        (cpu, SystemTime::UNIX_EPOCH)
     });
     let f = Finish {
         id,
