@@ -14,25 +14,24 @@
 //! lies outside the batch's real readings, however the counter and the wall clock drift
 //! apart: the error is bounded by the batch's own length and does not carry over.
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Whether the time-stamp counter may be read directly: on x86-64, when the kernel's own
 /// clocksource is `tsc` (it checked that the counter is invariant and synchronised across
-/// CPUs; a worker may run unpinned).
+/// CPUs; a worker may run unpinned). Elsewhere the monotonic clock is the counter.
+#[cfg(target_arch = "x86_64")]
 fn tsc_usable() -> bool {
-    static USABLE: OnceLock<bool> = OnceLock::new();
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *USABLE.get_or_init(|| {
-        cfg!(target_arch = "x86_64")
-            && std::fs::read_to_string(
-                "/sys/devices/system/clocksource/clocksource0/current_clocksource",
-            )
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
             .is_ok_and(|s| s.trim() == "tsc")
     })
 }
 
 /// Readings of the cheap counter, for one worker: never decreasing.
 pub(crate) struct Ticks {
+    /// Whether `read` uses `rdtsc` (x86-64 only).
+    #[cfg(target_arch = "x86_64")]
     tsc: bool,
     /// Origin of the fallback counter (nanoseconds of the monotonic clock since then).
     base: Instant,
@@ -42,6 +41,7 @@ pub(crate) struct Ticks {
 impl Ticks {
     pub(crate) fn new() -> Ticks {
         Ticks {
+            #[cfg(target_arch = "x86_64")]
             tsc: tsc_usable(),
             base: Instant::now(),
             last: 0,
