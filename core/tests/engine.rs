@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use wqd_core::engine::{
-    Batch, CancelOutcome, Engine, EngineConfig, EngineError, FlushEvent, FlushScope, ItemResult,
-    ItemSpec, ResultsMode, State, WorkqueueAttrs, WorkqueueChanges,
+    Batch, CancelOutcome, Delivered, Engine, EngineConfig, EngineError, Flush, FlushEvent,
+    FlushScope, ItemResult, ItemSpec, ResultsMode, State, WorkqueueAttrs, WorkqueueChanges,
 };
 use wqd_core::groups::{Fallback, Placement};
 use wqd_core::handler::{Args, Handler, HandlerError, HandlerKind, Registry, WorkCtx};
@@ -1660,10 +1660,11 @@ fn copies_are_items_like_any_other() {
     assert_eq!(rig.probe.runs.lock().len(), 7);
 }
 
-/// `submit_and_wait` on a workqueue keeping full results sends its `Done` events together,
-/// once the last item ends (one wake-up of the waiter, not one per worker finish batch),
-/// whether the others ended in a worker's finish batch or were cancelled pending; a
-/// streaming flush (`submit_and_flush`) of the same batch hears of them as they end.
+/// `submit_and_wait` on a workqueue keeping full results sends its `Done` events together
+/// (fewer than 256 of them: see the next test), once the last item ends (one wake-up of the
+/// waiter, not one per worker finish batch), whether the others ended in a worker's finish
+/// batch or were cancelled pending; a streaming flush (`submit_and_flush`) of the same batch
+/// hears of them as they end.
 #[test]
 fn submit_and_wait_delivers_full_results_together_at_the_end() {
     let rig = Rig::new(2, "0-1");
@@ -1735,6 +1736,86 @@ fn submit_and_wait_delivers_full_results_together_at_the_end() {
     want.extend(ids[1..4].iter().map(|&id| (id, State::Ok)));
     want.extend(ids[4..].iter().map(|&id| (id, State::Cancelled)));
     assert_eq!(done, want);
+}
+
+/// `Flush::next_delivered` with a timeout: `None` when nothing came within `within`, else
+/// what it returned (`Some(None)` at the end of the flush). Polled on this thread (the core
+/// has no async runtime of its own).
+fn delivered_within(flush: &mut Flush, within: Duration) -> Option<Option<Delivered>> {
+    use std::future::Future;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let until = Instant::now() + within;
+    let mut next = std::pin::pin!(flush.next_delivered());
+    loop {
+        if let Poll::Ready(d) = next.as_mut().poll(&mut cx) {
+            return Some(d);
+        }
+        let now = Instant::now();
+        if now >= until {
+            return None;
+        }
+        std::thread::park_timeout(until - now);
+    }
+}
+
+/// An at-end flush keeping full results hands over what it kept in parts of 256 while items
+/// are still live, so that its waiter can work on them (the daemon encodes them) before the
+/// last item ends; the rest comes with the last item. 600 quick items on CPU 1 end while a
+/// gate holds CPU 0: two parts of 256 come meanwhile and nothing more; the gate cancelled,
+/// the other 88 and the gate come in one part, then the end. Every item is in exactly one
+/// part. Fails if the parts wait for the last item, come smaller, or lose or repeat a record.
+#[test]
+fn submit_and_wait_hands_over_full_results_in_parts_while_items_run() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("w", |a| a.max_active = 1);
+    let mut batch = vec![item("cpu:0", "probe").arg("ms", "20000")];
+    batch.extend((0..600).map(|_| item("cpu:1", "noop")));
+    let (rec, mut flush) = rig.engine.submit_and_wait("w", batch).unwrap();
+    let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+    let long = Duration::from_secs(20);
+    let mut parts = Vec::new();
+    for _ in 0..2 {
+        match delivered_within(&mut flush, long) {
+            Some(Some(Delivered::Records(rs))) => parts.push(rs),
+            other => panic!("expected a part while the gate runs, got {other:?}"),
+        }
+    }
+    assert!(
+        delivered_within(&mut flush, Duration::from_millis(300)).is_none(),
+        "the rest waits for the last item"
+    );
+    assert_eq!(
+        rig.probe.total_running.load(Ordering::SeqCst),
+        1,
+        "the gate runs"
+    );
+    rig.engine.cancel(FlushScope::Items(vec![ids[0]])).unwrap();
+    loop {
+        match delivered_within(&mut flush, long) {
+            Some(Some(Delivered::Records(rs))) => parts.push(rs),
+            Some(None) => break,
+            other => panic!("expected the last part or the end, got {other:?}"),
+        }
+    }
+    let sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [256, 256, 89]);
+    let mut got: Vec<(u64, State)> = parts
+        .iter()
+        .flatten()
+        .map(|r| (r.id(), r.state()))
+        .collect();
+    got.sort_unstable();
+    let mut want: Vec<(u64, State)> = vec![(ids[0], State::Cancelled)];
+    want.extend(ids[1..].iter().map(|&id| (id, State::Ok)));
+    assert_eq!(got, want, "each item in one part");
 }
 
 /// An at-end flush (`submit_and_wait`, full results) hands its caller the same results the

@@ -797,8 +797,9 @@ pub enum FlushEvent {
 pub(crate) enum FlushMsg {
     One(FlushEvent),
     Many(Vec<FlushEvent>),
-    /// All that an at-end flush learnt (`sched::Kept`): its full results as records, made
-    /// into `Done` events by the receiver.
+    /// What an at-end flush learnt (`sched::Kept`): its full results as records, made into
+    /// `Done` events by the receiver. A part of at least `KEPT_CHUNK` entries while covered
+    /// items are live, the rest with the last one.
     Kept(sched::Kept),
 }
 
@@ -896,8 +897,10 @@ impl Flush {
     }
     /// [`Flush::next`], except that the full results of an at-end flush
     /// ([`Engine::submit_and_wait`] on a workqueue keeping them) come as the records they
-    /// were kept as, all at once, for a caller that reads them in place instead of making an
-    /// [`ItemResult`] of each ([`ResultRecord::view`]).
+    /// were kept as, a few hundred at a time (the last part when the last item ends), for a
+    /// caller that reads them in place instead of making an [`ItemResult`] of each
+    /// ([`ResultRecord::view`]). Parts handed over by different workers may come in any
+    /// order.
     pub async fn next_delivered(&mut self) -> Option<Delivered> {
         loop {
             if let Some(ev) = self.pending.pop_front() {
@@ -1530,8 +1533,9 @@ impl Engine {
 
     /// [`Engine::submit_and_flush`] for a caller that waits for the batch's full results and
     /// its counts: where the workqueue keeps full results the flush has an event per item
-    /// (`Done`), all sent in one message when the last item ends (the caller uses them
-    /// together; one wake-up of its waiter instead of one per worker finish batch), and
+    /// (`Done`), sent in parts of a few hundred while items are live and the rest when the
+    /// last item ends (the caller handles them in bulk: a few wake-ups of its waiter instead
+    /// of one per worker finish batch), and
     /// otherwise it counts only, as a summary-only flush ([`Flush::tally`]): an `Ended` event
     /// per item would tell such a caller nothing the tally does not, at the price of a
     /// channel message per item. The daemon's `Submit(wait)`. A caller that wants the results

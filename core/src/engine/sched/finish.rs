@@ -16,6 +16,7 @@ use crate::engine::{Ended, FlushEvent, FlushMsg, ItemResult, ResultsMode, State,
 use crate::groups::Fallback;
 use crate::handler::{HandlerError, HandlerKind};
 
+use super::flush::KEPT_CHUNK;
 use super::item::{Finish, Item, ItemId, Outcome, Started, NOT_BOUND};
 use super::results::{cut_output, Names, ResultsGuard, Stored, StoredExtra};
 use super::timers::TIMER_DEADLINE;
@@ -724,7 +725,19 @@ pub(super) fn notify(
                 None => {}
             }
             f.remaining -= 1;
-            if f.remaining == 0 {
+            if f.remaining > 0 {
+                // An at-end flush hands over what it kept every `KEPT_CHUNK` entries, so
+                // that its waiter works on them (the daemon encodes them) while the rest
+                // run; the last part goes with the last item, below.
+                if let Some(kept) = f.kept.as_mut().filter(|k| k.len() >= KEPT_CHUNK) {
+                    let msg = FlushMsg::Kept(std::mem::take(kept));
+                    if ctx.holding {
+                        sends.push((f.tx.clone(), Some(msg)));
+                    } else {
+                        let _ = f.tx.send(msg);
+                    }
+                }
+            } else {
                 // Its last item: the record goes, and with its sender the channel closes
                 // once what it holds is sent (after L, in a worker's finish batch).
                 // A flush that delivers at the end sends what it kept now (`held` is

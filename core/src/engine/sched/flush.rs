@@ -23,9 +23,10 @@ use super::{Effects, Sched};
 pub(crate) enum Delivery {
     /// An event per item as items end (one message per worker finish batch): a stream.
     Stream,
-    /// An event per item, all in one message when the last covered item ends: for a caller
-    /// that only uses them together (the daemon's `Submit(wait)`), one wake-up of its waiter
-    /// per flush instead of one per finish batch.
+    /// An event per item, in messages of at least [`KEPT_CHUNK`] entries, the rest when the
+    /// last covered item ends: for a caller that handles them in bulk (the daemon's
+    /// `Submit(wait)`), a few wake-ups of its waiter per flush instead of one per finish
+    /// batch.
     AtEnd,
     /// No event per item: the flush's tally counts.
     Count,
@@ -50,8 +51,8 @@ pub(crate) struct FlushRec {
     pub(super) kept: Option<Kept>,
 }
 
-/// What a [`Delivery::AtEnd`] flush keeps until its last item ends, and then sends in one
-/// message ([`crate::engine::FlushMsg::Kept`]): events, and full results as copies of the
+/// What a [`Delivery::AtEnd`] flush keeps until its last item ends or [`KEPT_CHUNK`] entries
+/// are kept, and then sends in one message ([`crate::engine::FlushMsg::Kept`]): events, and full results as copies of the
 /// records the store gets, made into [`crate::engine::ItemResult`]s by the receiver
 /// (`Flush::next`) or read in place (`Flush::next_delivered`), not made under L by the worker
 /// that ended the item (an allocation and three counts on names every worker shares, per
@@ -67,7 +68,17 @@ impl Kept {
     pub(crate) fn is_empty(&self) -> bool {
         self.events.is_empty() && self.records.is_empty()
     }
+
+    /// Events and records kept.
+    pub(crate) fn len(&self) -> usize {
+        self.events.len() + self.records.len()
+    }
 }
+
+/// How many entries an at-end flush keeps before it hands them over while items are still
+/// live (see `notify`): a batch of 1 000 wakes its waiter about four times instead of once,
+/// and the waiter's work on the first parts overlaps the items still running.
+pub(crate) const KEPT_CHUNK: usize = 256;
 
 impl FlushRec {
     /// Stops per-item events: items that end from now on are counted in `t` instead.
