@@ -27,13 +27,13 @@ use super::convert::{
     ResultsOut, LOOKUP_FIXED_MAX,
 };
 use super::encode::ResultEncoder;
+use super::wait::InOrder;
 use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
 };
 use crate::metrics::{FlushMethod, FlushOutcome, Metrics};
 use wqd_core::engine::{
     Batch, CancelOutcome, Delivered, EngineError, Flush, FlushEvent, FlushScope, Receipt,
-    ResultRecord,
 };
 use wqd_core::groups::GroupMap;
 
@@ -71,67 +71,6 @@ const INLINE_SUBMIT_ITEMS: usize = 1024;
 /// writes the rest out entry by entry).
 const FAN_NAMES: usize = 16;
 
-/// Encoded bytes of a `noop` item's result, about (key and length included): what
-/// `Submit(wait)` reserves per item for its results.
-const NOOP_RESULT_BYTES: usize = 96;
-
-/// A slot of `Submit(wait)`'s response with no full result (see [`result_slots`]).
-const NO_RESULT: usize = usize::MAX;
-
-/// The entry of item `id` in a batch whose first item is `first` (a batch's ids are
-/// consecutive, one per entry); `None` below the batch. The caller bounds it by the batch.
-fn slot_of(id: u64, first: u64) -> Option<usize> {
-    id.checked_sub(first).and_then(|i| usize::try_from(i).ok())
-}
-
-/// Where each of a batch's `n` entries (entry i has id `first + i`) finds its full result
-/// among those `Submit(wait)` was delivered: `delivered` gives each delivery's id in order
-/// (`None` for one that is not a full result), and a slot holds the index of its id's last
-/// delivery, or [`NO_RESULT`]. Empty when there is no full result at all.
-///
-/// The results stay where they were delivered and only their indexes move: putting the
-/// results themselves in the slots copied each record whole into a fresh allocation, 8% of
-/// the RPC thread's time at batches of 1 000.
-fn result_slots(n: usize, first: u64, delivered: impl Iterator<Item = Option<u64>>) -> Vec<usize> {
-    let mut slots = Vec::new();
-    for (at, id) in delivered.enumerate() {
-        let Some(i) = id.and_then(|id| slot_of(id, first)).filter(|&i| i < n) else {
-            continue;
-        };
-        if slots.is_empty() {
-            slots.resize(n, NO_RESULT);
-        }
-        if let Some(s) = slots.get_mut(i) {
-            *s = at;
-        }
-    }
-    slots
-}
-
-/// Encodes the `at`th delivered result (`events`' entries, then `records`, numbered as
-/// [`result_slots`] numbers them) into `out`; nothing when that entry is not a full result.
-///
-/// Each view is built where it is encoded: returned from a `match` instead, the 216-byte view
-/// was moved three times per result (three `memcpy` calls, 9% of the RPC thread at batches of
-/// 1 000).
-fn push_delivered(
-    enc: &mut ResultEncoder,
-    events: &[FlushEvent],
-    records: &[ResultRecord],
-    at: usize,
-    out: &mut EncodedResults,
-) {
-    match events.get(at) {
-        Some(FlushEvent::Done(r)) => enc.push(&r.view(), out),
-        Some(_) => {}
-        None => {
-            if let Some(r) = records.get(at - events.len()) {
-                enc.push(&r.view(), out);
-            }
-        }
-    }
-}
-
 fn wq_name(s: String) -> String {
     if s.is_empty() {
         "default".to_string()
@@ -140,24 +79,20 @@ fn wq_name(s: String) -> String {
     }
 }
 
-/// Every event of `flush` until it completes, or the deadline (`what` names the wait in the
-/// error; it is built only then): its events, and the full results an at-end flush kept, as
-/// the records they were kept as (read in place, see [`Got`]).
+/// Hands every delivery of `flush` to `sink` until the flush completes, or the deadline
+/// passes (`what` names the wait in the error; it is built only then).
 async fn collect(
     flush: &mut Flush,
     deadline: Option<Instant>,
     what: impl FnOnce() -> String,
-) -> Result<(Vec<FlushEvent>, Vec<ResultRecord>), RpcError> {
+    mut sink: impl FnMut(Delivered),
+) -> Result<(), RpcError> {
     let began = Instant::now();
-    let mut events = Vec::new();
-    let mut records = Vec::new();
     loop {
         tokio::select! {
             got = flush.next_delivered() => match got {
-                Some(Delivered::Event(ev)) => events.push(ev),
-                Some(Delivered::Records(rs)) if records.is_empty() => records = rs,
-                Some(Delivered::Records(rs)) => records.extend(rs),
-                None => return Ok((events, records)),
+                Some(d) => sink(d),
+                None => return Ok(()),
             },
             _ = sleep_until(deadline) => {
                 return Err(RpcError::Deadline { waited: began.elapsed(), what: what() })
@@ -343,60 +278,27 @@ impl Rpc {
         if let Some(mut flush) = flush {
             let batch = rec.batch;
             let what = || format!("waiting for batch {batch}");
-            let events = collect(&mut flush, deadline, what).await;
-            self.flush_waited(FlushMethod::Submit, flush.began(), &events);
-            let events = events?;
-            // Entry i of the batch has id `first + i`: a slot per entry puts the results
-            // back in submission order without hashing.
-            let first = rec.first;
+            // The results are encoded as they come, in entry order (see `wait.rs`): by the
+            // time the last item ends, most of them are.
+            let out = std::mem::replace(&mut resp.results, EncodedResults::new(3));
+            let mut got = InOrder::new(&rec.items, rec.first, out);
+            let waited = collect(&mut flush, deadline, what, |d| got.take(d)).await;
+            self.flush_waited(FlushMethod::Submit, flush.began(), &waited);
+            waited?;
             // Every item that ended counts, whatever its workqueue keeps: a full result
-            // (`Done`, which has a slot) as its event, any other in the flush's tally (a
-            // workqueue that keeps no per-item record sends no event per item, see
-            // `Engine::submit_and_wait`). A `Gone` item (its result forgotten before the wait
-            // began) is in neither, as in a flush, whose summary lists it apart.
-            let mut counts = v1::StateCounts::default();
+            // (`Done` or a record) or an event that says only its state, as `InOrder`
+            // counted them, any other in the flush's tally (a workqueue that keeps no
+            // per-item record sends no event per item, see `Engine::submit_and_wait`). A
+            // `Gone` item (its result forgotten before the wait began) is in neither, as in
+            // a flush, whose summary lists it apart.
+            let (mut counts, results) = got.finish();
             if let Some((by_state, _)) = flush.tally() {
                 for (state, n) in by_state {
                     count_state(&mut counts, state, n as u64);
                 }
             }
-            let (events, records) = events;
-            for e in &events {
-                match e {
-                    FlushEvent::Done(r) => count_state(&mut counts, r.state, 1),
-                    FlushEvent::Ended(_, state) => count_state(&mut counts, *state, 1),
-                    FlushEvent::Gone(_) => {}
-                }
-            }
-            for r in &records {
-                count_state(&mut counts, r.state(), 1);
-            }
             resp.counts = Some(counts);
-            // The full results, left where they were delivered: `events`' `Done`s, then
-            // `records`, numbered in that order.
-            let delivered = events
-                .iter()
-                .map(|e| match e {
-                    FlushEvent::Done(r) => Some(r.id),
-                    _ => None,
-                })
-                .chain(records.iter().map(|r| Some(r.id())));
-            let mut by_slot = result_slots(rec.items.len(), first, delivered);
-            // Encoded once, straight from the engine's results (see `encode`); the buffer is
-            // sized for a noop result up front so that it seldom grows.
-            if !by_slot.is_empty() {
-                let mut enc = ResultEncoder::default();
-                resp.results.reserve(rec.items.len() * NOOP_RESULT_BYTES);
-                for s in rec.items.iter().filter(|s| s.queued) {
-                    // Taken: each slot's result is written once.
-                    let at = slot_of(s.id, first)
-                        .and_then(|i| by_slot.get_mut(i))
-                        .map_or(NO_RESULT, |a| std::mem::replace(a, NO_RESULT));
-                    if at != NO_RESULT {
-                        push_delivered(&mut enc, &events, &records, at, &mut resp.results);
-                    }
-                }
-            }
+            resp.results = results;
             // The exact size walks every result; a cheap upper bound spares that walk for a
             // response that plainly fits. Over the bound, the exact size decides, as before.
             let max = self.limits.load().max_message_bytes;
@@ -590,9 +492,12 @@ impl Rpc {
             _ => self.inline("cancel", |e| e.cancel(scope))??,
         };
         let running = report.running.covered();
-        let waited = collect(&mut report.running, deadline, || {
-            format!("waiting for {running} running items to stop after cancel")
-        })
+        let waited = collect(
+            &mut report.running,
+            deadline,
+            || format!("waiting for {running} running items to stop after cancel"),
+            drop,
+        )
         .await;
         self.flush_waited(FlushMethod::Cancel, report.running.began(), &waited);
         waited?;
@@ -637,13 +542,18 @@ impl Rpc {
         let w = wq.clone();
         // A drain's flush counts (no event per item), so this wait holds no results.
         let mut flush = self.engine.drain_with(&w, cancel_pending)?;
-        let waited = collect(&mut flush, deadline, || {
-            format!(
-                "draining workqueue {} (it stays draining, refusing submissions, until it is \
-                 empty; UpdateWorkqueue takes it back)",
-                wqd_core::quote::quote(&wq)
-            )
-        })
+        let waited = collect(
+            &mut flush,
+            deadline,
+            || {
+                format!(
+                    "draining workqueue {} (it stays draining, refusing submissions, until it \
+                     is empty; UpdateWorkqueue takes it back)",
+                    wqd_core::quote::quote(&wq)
+                )
+            },
+            drop,
+        )
         .await;
         self.flush_waited(FlushMethod::Drain, flush.began(), &waited);
         waited?;
@@ -1028,38 +938,5 @@ impl wqd_proto::out::dispatch_service_server::DispatchService for Rpc {
         self.do_get_results(req.into_inner())
             .map(Response::new)
             .map_err(status)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each slot finds its id's last full result, whichever list delivered it; deliveries
-    /// that are not full results, ids of other batches and entries without a result leave
-    /// their slots empty; no full result at all is no slots.
-    #[test]
-    fn each_slot_finds_its_ids_last_delivery() {
-        // A batch of five entries, ids 10–14. Deliveries, numbered from 0: an event that is
-        // not a full result, 12, 10, an id of another batch (99, then 9 below the batch),
-        // then records 11 and 12 again.
-        let delivered = [
-            None,
-            Some(12),
-            Some(10),
-            Some(99),
-            Some(9),
-            Some(11),
-            Some(12),
-        ];
-        let slots = result_slots(5, 10, delivered.into_iter());
-        assert_eq!(slots, vec![2, 5, 6, NO_RESULT, NO_RESULT]);
-        assert!(result_slots(5, 10, [None, None, Some(9)].into_iter()).is_empty());
-        assert!(result_slots(0, 10, [Some(10)].into_iter()).is_empty());
-        // An id far past the batch has no slot.
-        assert_eq!(
-            result_slots(1, 0, [Some(u64::MAX), Some(0)].into_iter()),
-            vec![1]
-        );
     }
 }

@@ -23,6 +23,7 @@ pub mod encode;
 pub mod limits;
 mod stats;
 mod topology;
+mod wait;
 pub mod worker;
 mod workqueue;
 
