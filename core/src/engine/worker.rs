@@ -85,7 +85,9 @@ impl Wake {
             if self.consume() {
                 return;
             }
-            super::spin(&mut rounds);
+            if !super::spin(&mut rounds) {
+                break;
+            }
         }
         if self
             .state
