@@ -280,8 +280,7 @@ impl Rpc {
             let what = || format!("waiting for batch {batch}");
             // The results are encoded as they come, in entry order (see `wait.rs`): by the
             // time the last item ends, most of them are.
-            let out = std::mem::replace(&mut resp.results, EncodedResults::new(3));
-            let mut got = InOrder::new(&rec.items, rec.first, out);
+            let mut got = InOrder::new(&rec.items, rec.first, resp.results.take());
             let waited = collect(&mut flush, deadline, what, |d| got.take(d)).await;
             self.flush_waited(FlushMethod::Submit, flush.began(), &waited);
             waited?;
