@@ -527,24 +527,26 @@ std::thread_local! {
 /// 100 ms at most.
 pub(crate) fn spin(rounds: &mut u32) -> bool {
     *rounds = rounds.wrapping_add(1);
-    if *rounds != 1 && !rounds.is_multiple_of(64) {
-        std::hint::spin_loop();
-        return true;
+    let first = *rounds == 1;
+    let yield_now = rounds.is_multiple_of(64);
+    // The pause is checked on the first round (a paused thread sleeps at once) and before
+    // each yield; the rounds between are a pause hint only.
+    if first || yield_now {
+        let now = Instant::now();
+        if NO_SPIN_UNTIL.get().is_some_and(|t| now < t) {
+            return false;
+        }
+        if yield_now {
+            std::thread::yield_now();
+            let back = Instant::now();
+            if back.duration_since(now) > YIELD_SLOW {
+                NO_SPIN_UNTIL.set(Some(back + BUSY_PAUSE));
+                return false;
+            }
+            return true;
+        }
     }
-    let now = Instant::now();
-    if NO_SPIN_UNTIL.get().is_some_and(|t| now < t) {
-        return false;
-    }
-    if *rounds == 1 {
-        std::hint::spin_loop();
-        return true;
-    }
-    std::thread::yield_now();
-    let back = Instant::now();
-    if back.duration_since(now) > YIELD_SLOW {
-        NO_SPIN_UNTIL.set(Some(back + BUSY_PAUSE));
-        return false;
-    }
+    std::hint::spin_loop();
     true
 }
 

@@ -52,12 +52,12 @@ pub(crate) struct FlushRec {
 }
 
 /// What a [`Delivery::AtEnd`] flush keeps until its last item ends or [`KEPT_CHUNK`] entries
-/// are kept, and then sends in one message ([`crate::engine::FlushMsg::Kept`]): events, and full results as copies of the
-/// records the store gets, made into [`crate::engine::ItemResult`]s by the receiver
-/// (`Flush::next`) or read in place (`Flush::next_delivered`), not made under L by the worker
-/// that ended the item (an allocation and three counts on names every worker shares, per
-/// item). Events before records: the caller of an at-end flush uses them together, not in
-/// order.
+/// are kept, and then sends in one message ([`crate::engine::FlushMsg::Kept`]): events, and
+/// full results as copies of the records the store gets, made into
+/// [`crate::engine::ItemResult`]s by the receiver (`Flush::next`) or read in place
+/// (`Flush::next_delivered`), not made under L by the worker that ended the item (an
+/// allocation and three counts on names every worker shares, per item). Events before
+/// records: the caller of an at-end flush uses them together, not in order.
 #[derive(Default)]
 pub(crate) struct Kept {
     pub(crate) events: Vec<FlushEvent>,
