@@ -41,7 +41,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `DispatchService`'s server once more, into OUT_DIR/out, for the daemon: every message is
     // the stock one (`crate::v1`) except the two responses that carry item results, which the
     // server sends pre-encoded (src/out.rs; same wire bytes), and `SubmitRequest`, whose items
-    // it decodes as runs of identical items (src/submit_in.rs). Clients keep the stock types.
+    // it decodes as runs of identical items (src/submit_in.rs); a session's messages wrap those
+    // two. Clients keep the stock types.
     let out = out_dir.join("out");
     std::fs::create_dir_all(&out)?;
     tonic_prost_build::configure()
@@ -53,6 +54,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".wqd.v1.SubmitResponse", "crate::out::SubmitResponseOut")
         .extern_path(".wqd.v1.FlushResponse", "crate::out::FlushResponseOut")
         .extern_path(".wqd.v1.SubmitRequest", "crate::submit_in::SubmitRequestIn")
+        .extern_path(
+            ".wqd.v1.SessionRequest",
+            "crate::submit_in::SessionRequestIn",
+        )
+        .extern_path(".wqd.v1.SessionResponse", "crate::out::SessionResponseOut")
         .out_dir(&out)
         .compile_fds(protox::compile(["wqd/v1/dispatch.proto"], ["."])?)?;
     Ok(())

@@ -1,5 +1,5 @@
 //! The transport floor of the gRPC benchmarks: a benchmark-only `wqd.v1.DispatchService`
-//! whose `Submit` only decodes the batch and acknowledges it, served exactly as the daemon
+//! whose `Submit` (and each request of a `Session`) only decodes the batch and acknowledges it, served exactly as the daemon
 //! serves its own service (kept out of the production service; run by the
 //! `wqd-bench-floor` binary as a separate process, like `wqd`).
 //!
@@ -32,8 +32,36 @@ type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// The decode-and-acknowledge service.
 #[derive(Debug, Default)]
 pub struct Floor {
+    ids: std::sync::Arc<Ids>,
+}
+
+/// The ids the floor hands out.
+#[derive(Debug, Default)]
+struct Ids {
     next: AtomicU64,
     batches: AtomicU64,
+}
+
+impl Ids {
+    /// One receipt per item, ids from the counter; `wait` ignored.
+    fn ack(&self, r: v1::SubmitRequest) -> v1::SubmitResponse {
+        let n = r.items.len() as u64;
+        let first = self.next.fetch_add(n, Ordering::Relaxed) + 1;
+        let batch_id = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
+        v1::SubmitResponse {
+            batch_id,
+            items: (first..first + n)
+                .map(|id| v1::ItemReceipt {
+                    item_id: id,
+                    queued: true,
+                    duplicate_of: 0,
+                    ..Default::default()
+                })
+                .collect(),
+            results: Vec::new(),
+            counts: None,
+        }
+    }
 }
 
 fn unimplemented<T>(what: &str) -> Result<T, Status> {
@@ -48,23 +76,26 @@ impl v1::dispatch_service_server::DispatchService for Floor {
         &self,
         req: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
-        let r = req.into_inner();
-        let n = r.items.len() as u64;
-        let first = self.next.fetch_add(n, Ordering::Relaxed) + 1;
-        let batch_id = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Response::new(v1::SubmitResponse {
-            batch_id,
-            items: (first..first + n)
-                .map(|id| v1::ItemReceipt {
-                    item_id: id,
-                    queued: true,
-                    duplicate_of: 0,
-                    ..Default::default()
-                })
-                .collect(),
-            results: Vec::new(),
-            counts: None,
-        }))
+        Ok(Response::new(self.ids.ack(req.into_inner())))
+    }
+
+    type SessionStream = Out<v1::SessionResponse>;
+
+    /// Each request acknowledged as `Submit` is, in order, on the response stream's poll (as
+    /// the daemon's session runs).
+    async fn session(
+        &self,
+        req: Request<Streaming<v1::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let ids = self.ids.clone();
+        Ok(Response::new(Box::pin(req.into_inner().map(move |m| {
+            m.map(|r| v1::SessionResponse {
+                tag: r.tag,
+                outcome: Some(v1::session_response::Outcome::Submitted(
+                    ids.ack(r.submit.unwrap_or_default()),
+                )),
+            })
+        }))))
     }
 
     async fn submit_stream(

@@ -316,6 +316,16 @@ impl Client {
         Ok(r.into_inner())
     }
 
+    /// Opens a [`crate::Session`]: many batches over one stream, each answered as
+    /// [`Client::submit`] would answer it, by tag. The client's timeout (if set) bounds the
+    /// whole session.
+    ///
+    /// # Errors
+    /// The daemon's status when the stream cannot be opened.
+    pub async fn session(&self) -> Result<crate::Session, ClientError> {
+        crate::Session::start(self.dispatch.clone(), |s| self.req(s)).await
+    }
+
     /// Submits a batch of any size through `SubmitStream`, pulling items lazily and sending
     /// them in messages under the chunk budget. Nothing is queued unless the whole stream
     /// is accepted. Per-item receipts: [`crate::chunk::stream_receipts`].

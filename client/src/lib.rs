@@ -34,6 +34,7 @@ pub mod error;
 #[cfg(feature = "fleet")]
 pub mod fleet;
 pub mod item;
+pub mod session;
 pub mod worker;
 
 pub use client::{
@@ -42,5 +43,6 @@ pub use client::{
 pub use endpoint::{default_socket_path, Endpoint};
 pub use error::ClientError;
 pub use item::{Batch, Item, Target};
+pub use session::{Session, SessionAnswer};
 /// The generated `wqd.v1` types and service clients/servers.
 pub use wqd_proto::v1 as proto;

@@ -64,6 +64,13 @@ impl ds::DispatchService for Stub {
             duplicates: vec![],
         }))
     }
+    type SessionStream = Out<v1::SessionResponse>;
+    async fn session(
+        &self,
+        _r: Request<Streaming<v1::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
     type FlushStream = Out<v1::FlushResponse>;
     async fn flush(
         &self,

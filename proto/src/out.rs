@@ -1,6 +1,6 @@
-//! The server's side of the two responses that carry item results (`SubmitResponse` and
-//! `FlushResponse`), with the results already encoded, and the `DispatchService` server that
-//! sends them.
+//! The server's side of the responses that carry item results (`SubmitResponse`,
+//! `FlushResponse`, and `SessionResponse`, which wraps a `SubmitResponse`), with the results
+//! already encoded, and the `DispatchService` server that sends them.
 //!
 //! A daemon converting each engine result into a [`v1::ItemResult`] (a `String` per text, a
 //! `Vec` per output) only to have prost encode and drop it spent more on that than on running
@@ -355,6 +355,85 @@ impl Message for FlushResponseOut {
     }
 }
 
+/// [`v1::SessionResponse`] with its `submitted` outcome a [`SubmitResponseOut`]; same wire
+/// bytes.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SessionResponseOut {
+    /// Field 1.
+    pub tag: u64,
+    pub outcome: Option<SessionOutcomeOut>,
+}
+
+/// The `outcome` oneof of [`SessionResponseOut`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionOutcomeOut {
+    /// Field 2.
+    Submitted(SubmitResponseOut),
+    /// Field 3.
+    Error(v1::SessionError),
+}
+
+impl Message for SessionResponseOut {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        if self.tag != 0 {
+            encoding::uint64::encode(1, &self.tag, buf);
+        }
+        match &self.outcome {
+            None => {}
+            Some(SessionOutcomeOut::Submitted(r)) => encoding::message::encode(2, r, buf),
+            Some(SessionOutcomeOut::Error(e)) => encoding::message::encode(3, e, buf),
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            1 => encoding::uint64::merge(wire_type, &mut self.tag, buf, ctx),
+            2 => {
+                let mut r = match self.outcome.take() {
+                    Some(SessionOutcomeOut::Submitted(r)) => r,
+                    _ => SubmitResponseOut::default(),
+                };
+                encoding::message::merge(wire_type, &mut r, buf, ctx)?;
+                self.outcome = Some(SessionOutcomeOut::Submitted(r));
+                Ok(())
+            }
+            3 => {
+                let mut e = match self.outcome.take() {
+                    Some(SessionOutcomeOut::Error(e)) => e,
+                    _ => v1::SessionError::default(),
+                };
+                encoding::message::merge(wire_type, &mut e, buf, ctx)?;
+                self.outcome = Some(SessionOutcomeOut::Error(e));
+                Ok(())
+            }
+            _ => encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        let tag = if self.tag != 0 {
+            encoding::uint64::encoded_len(1, &self.tag)
+        } else {
+            0
+        };
+        tag + match &self.outcome {
+            None => 0,
+            Some(SessionOutcomeOut::Submitted(r)) => encoding::message::encoded_len(2, r),
+            Some(SessionOutcomeOut::Error(e)) => encoding::message::encoded_len(3, e),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = SessionResponseOut::default();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +535,60 @@ mod tests {
         assert_eq!(out.encode_to_vec(), stock.encode_to_vec());
         assert_eq!(fast.len(), ids.len());
         assert_eq!(fast.decoded().ok(), Some(stock.items));
+    }
+
+    #[test]
+    fn session_response_is_the_stock_encoding() {
+        let submitted = v1::SubmitResponse {
+            batch_id: 3,
+            items: vec![v1::ItemReceipt {
+                item_id: 7,
+                queued: true,
+                ..Default::default()
+            }],
+            results: vec![result(7)],
+            counts: Some(v1::StateCounts {
+                ok: 1,
+                ..Default::default()
+            }),
+        };
+        let mut items = EncodedReceipts::default();
+        items.push_queued(7);
+        let mut out = SubmitResponseOut {
+            batch_id: 3,
+            items,
+            counts: submitted.counts,
+            ..Default::default()
+        };
+        out.results.push(&result(7).encode_to_vec());
+        let error = v1::SessionError {
+            code: 3,
+            message: "items[0].target: no".into(),
+        };
+        use v1::session_response::Outcome;
+        for (tag, stock, ours) in [
+            (
+                9,
+                Some(Outcome::Submitted(submitted)),
+                Some(SessionOutcomeOut::Submitted(out)),
+            ),
+            (
+                0,
+                Some(Outcome::Error(error.clone())),
+                Some(SessionOutcomeOut::Error(error)),
+            ),
+            (1, None, None),
+        ] {
+            let stock = v1::SessionResponse {
+                tag,
+                outcome: stock,
+            };
+            let ours = SessionResponseOut { tag, outcome: ours };
+            let bytes = ours.encode_to_vec();
+            assert_eq!(bytes, stock.encode_to_vec());
+            assert_eq!(ours.encoded_len(), bytes.len());
+            assert_eq!(SessionResponseOut::decode(&bytes[..]).ok(), Some(ours));
+        }
     }
 
     #[test]

@@ -165,6 +165,65 @@ impl Message for SubmitRequestIn {
     }
 }
 
+/// [`v1::SessionRequest`] with its batch as a [`SubmitRequestIn`].
+///
+/// The batch's bytes are cut out of the message before they are decoded, so that
+/// [`SubmitRequestIn`]'s look-ahead (which compares the bytes that follow an item with it)
+/// sees only the batch's own bytes, whatever follows it in the session message.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionRequestIn {
+    /// Field 1.
+    pub tag: u64,
+    /// Field 2.
+    pub submit: Option<SubmitRequestIn>,
+}
+
+impl Message for SessionRequestIn {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        if self.tag != 0 {
+            encoding::uint64::encode(1, &self.tag, buf);
+        }
+        if let Some(s) = &self.submit {
+            encoding::message::encode(2, s, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        match tag {
+            1 => encoding::uint64::merge(wire_type, &mut self.tag, buf, ctx),
+            2 => {
+                let mut body = prost::bytes::Bytes::new();
+                encoding::bytes::merge(wire_type, &mut body, buf, ctx)?;
+                // A second occurrence of the field merges into the first, as prost does.
+                self.submit.get_or_insert_with(Default::default).merge(body)
+            }
+            _ => encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        let tag = if self.tag != 0 {
+            encoding::uint64::encoded_len(1, &self.tag)
+        } else {
+            0
+        };
+        tag + self
+            .submit
+            .as_ref()
+            .map_or(0, |s| encoding::message::encoded_len(2, s))
+    }
+
+    fn clear(&mut self) {
+        *self = SessionRequestIn::default();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +329,72 @@ mod tests {
         assert_eq!(ours.item_count(), 6);
         let stock = v1::SubmitRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(ours.into_stock(), stock);
+    }
+
+    /// A session request decodes as the stock type, even when its batch is followed by bytes
+    /// that repeat the batch's last item record byte for byte: here a second `submit` field
+    /// (which protobuf merges into the first) whose bytes are at once a valid `WorkItem` and
+    /// a valid `SubmitRequest`. Decoded without cutting the batch out first, the look-ahead
+    /// would count it as a third copy of the item.
+    #[test]
+    fn a_session_request_decodes_as_the_stock_type() {
+        let x = item("cpu:0", "", None, b"");
+        let body = x.encode_to_vec();
+        let batch = v1::SubmitRequest {
+            workqueue: String::new(),
+            items: vec![x.clone(), x.clone()],
+            wait: true,
+        };
+        let plain = v1::SessionRequest {
+            tag: 42,
+            submit: Some(batch.clone()),
+        };
+        let check = |bytes: &[u8]| {
+            let stock = v1::SessionRequest::decode(bytes).unwrap();
+            let ours = SessionRequestIn::decode(bytes).unwrap();
+            assert_eq!(ours.tag, stock.tag);
+            assert_eq!(ours.submit.map(SubmitRequestIn::into_stock), stock.submit);
+        };
+        let bytes = plain.encode_to_vec();
+        check(&bytes);
+        assert_eq!(
+            SessionRequestIn::decode(bytes.as_slice())
+                .unwrap()
+                .encode_to_vec(),
+            bytes
+        );
+        // The batch without `wait` (so that its last record is the item's), then a second
+        // `submit` whose bytes are the item's record's.
+        let mut tricky = v1::SessionRequest {
+            tag: 0,
+            submit: Some(v1::SubmitRequest {
+                wait: false,
+                ..batch
+            }),
+        }
+        .encode_to_vec();
+        tricky.push(ITEM_KEY);
+        tricky.push(u8::try_from(body.len()).unwrap());
+        tricky.extend_from_slice(&body);
+        let stock = v1::SessionRequest::decode(tricky.as_slice()).unwrap();
+        assert_eq!(stock.submit.as_ref().unwrap().items.len(), 2);
+        assert_eq!(stock.submit.as_ref().unwrap().workqueue, "cpu:0");
+        check(&tricky);
+        // No batch at all, and a truncated one.
+        check(
+            &v1::SessionRequest {
+                tag: 1,
+                submit: None,
+            }
+            .encode_to_vec(),
+        );
+        for cut in 0..bytes.len() {
+            assert_eq!(
+                SessionRequestIn::decode(&bytes[..cut]).is_ok(),
+                v1::SessionRequest::decode(&bytes[..cut]).is_ok(),
+                "cut at {cut}"
+            );
+        }
     }
 
     #[test]

@@ -77,6 +77,11 @@ fn rule_for(path: &str) -> Option<Rule> {
     Some(match path {
         "/wqd.v1.DispatchService/Submit" => items(false, "the batch's item count"),
         "/wqd.v1.DispatchService/SubmitStream" => items(true, "the streamed batch's item count"),
+        // Each session request is a batch of its own (`SessionRequest.submit.items`).
+        "/wqd.v1.DispatchService/Session" => Rule {
+            path: &[2, 2],
+            ..items(false, "a session request's item count")
+        },
         "/wqd.v1.DispatchService/GetResults" => ids(&[1], true),
         "/wqd.v1.DispatchService/Flush" | "/wqd.v1.DispatchService/Cancel" => ids(&[1, 1], true),
         _ => return None,
@@ -170,6 +175,13 @@ impl http_body::Body for Scanned {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     if let Err(st) = this.scan.feed(data) {
+                        // The whole messages before the refused one, in this frame, go
+                        // through first (a session's requests read before the refusal are
+                        // answered); the refusal comes at the next poll (`refused`).
+                        let keep = std::mem::take(&mut this.scan.keep);
+                        if keep > 0 {
+                            return Poll::Ready(Some(Ok(Frame::data(data.slice(..keep)))));
+                        }
                         return Poll::Ready(Some(Err(st)));
                     }
                 }
@@ -210,6 +222,9 @@ struct Scan {
     refused: Option<Status>,
     /// Where a refused batch is counted (batch methods only).
     batches: Option<Arc<super::Counters>>,
+    /// After a refusal: the bytes of the frame fed last that came before the refused message
+    /// (whole messages, passed on before the refusal).
+    keep: usize,
 }
 
 impl Scan {
@@ -227,6 +242,7 @@ impl Scan {
             bytes: 0,
             refused: None,
             batches: None,
+            keep: 0,
         }
     }
 
@@ -236,9 +252,14 @@ impl Scan {
     /// The limit's status when a completed message (or the stream so far) is over a limit.
     fn feed(&mut self, data: &Bytes) -> Result<(), Status> {
         let mut at = 0;
+        // Where the message being read began in `data` (0: in an earlier frame).
+        let mut start = 0;
         while at < data.len() {
             match self.left {
                 None => {
+                    if self.header_got == 0 {
+                        start = at;
+                    }
                     let take = (5 - self.header_got).min(data.len() - at);
                     self.header[self.header_got..self.header_got + take]
                         .copy_from_slice(&data[at..at + take]);
@@ -255,7 +276,10 @@ impl Scan {
                         self.skip = self.header[0] != 0;
                         self.left = Some(len);
                         if len == 0 {
-                            self.complete()?;
+                            if let Err(st) = self.complete() {
+                                self.keep = start;
+                                return Err(st);
+                            }
                         }
                     }
                 }
@@ -267,7 +291,10 @@ impl Scan {
                     at += take;
                     self.left = Some(left - take);
                     if left == take {
-                        self.complete()?;
+                        if let Err(st) = self.complete() {
+                            self.keep = start;
+                            return Err(st);
+                        }
                     }
                 }
             }
@@ -652,6 +679,43 @@ mod tests {
             e.message()
         );
         assert_eq!(run(rule, 100, u64::MAX, &wire, &[]).ok(), Some(12));
+    }
+
+    /// A session's requests are counted one by one (`SessionRequest.submit.items`), and a
+    /// refused request leaves the whole requests before it, in the same frame, to be passed on
+    /// (they are read and answered); a refusal whose message began in an earlier frame keeps
+    /// nothing of this one.
+    #[test]
+    fn session_requests_count_one_by_one_and_earlier_ones_pass() {
+        let rule = rule_for("/wqd.v1.DispatchService/Session").unwrap();
+        let req = |tag, n| {
+            v1::SessionRequest {
+                tag,
+                submit: Some(submit(n, "all")),
+            }
+            .encode_to_vec()
+        };
+        let wire = framed(&[req(1, 6), req(2, 6), req(3, 6)]);
+        assert_eq!(run(rule, 6, u64::MAX, &wire, &[]).ok(), Some(6));
+        let wire = framed(&[req(1, 6), req(2, 7)]);
+        let first = framed(&[req(1, 6)]).len();
+        let mut scan = Scan::new(rule, 6, u64::MAX);
+        let e = scan.feed(&Bytes::from(wire.clone())).unwrap_err();
+        assert!(
+            e.message().contains("a session request's item count is 7"),
+            "{}",
+            e.message()
+        );
+        assert_eq!(scan.keep, first, "the first request passes whole");
+        let mut scan = Scan::new(rule, 6, u64::MAX);
+        scan.feed(&Bytes::copy_from_slice(&wire[..first + 3]))
+            .expect("nothing complete is over");
+        scan.feed(&Bytes::copy_from_slice(&wire[first + 3..]))
+            .unwrap_err();
+        assert_eq!(
+            scan.keep, 0,
+            "the refused message began in the earlier frame"
+        );
     }
 
     #[test]

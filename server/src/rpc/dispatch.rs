@@ -17,9 +17,10 @@ use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use wqd_proto::out::{
-    EncodedReceipts, EncodedResults, FlushEventOut, FlushResponseOut, SubmitResponseOut,
+    EncodedReceipts, EncodedResults, FlushEventOut, FlushResponseOut, SessionResponseOut,
+    SubmitResponseOut,
 };
-use wqd_proto::submit_in::SubmitRequestIn;
+use wqd_proto::submit_in::{SessionRequestIn, SubmitRequestIn};
 use wqd_proto::v1;
 
 use super::convert::{
@@ -27,6 +28,7 @@ use super::convert::{
     ResultsOut, LOOKUP_FIXED_MAX,
 };
 use super::encode::ResultEncoder;
+use super::session::Session;
 use super::wait::InOrder;
 use super::{
     deadline_of, sleep_until, status, Rpc, RpcError, FLUSH_BATCH_DELAY, FLUSH_BATCH_ITEMS,
@@ -200,13 +202,13 @@ impl Rpc {
         self.engine.snapshot().groups.clone()
     }
 
-    fn refused(&self) {
+    pub(super) fn refused(&self) {
         self.counters
             .batches_refused
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    async fn do_submit(
+    pub(super) async fn do_submit(
         &self,
         mut r: SubmitRequestIn,
         deadline: Option<Instant>,
@@ -873,6 +875,18 @@ impl wqd_proto::out::dispatch_service_server::DispatchService for Rpc {
             .await
             .map(Response::new)
             .map_err(status)
+    }
+
+    type SessionStream = Out<SessionResponseOut>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<SessionRequestIn>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let deadline = deadline_of(req.metadata());
+        Ok(Response::new(
+            Session::new(self.clone(), req.into_inner(), deadline).into_stream(),
+        ))
     }
 
     type FlushStream = Out<FlushResponseOut>;

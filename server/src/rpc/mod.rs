@@ -21,6 +21,7 @@ pub mod convert;
 mod dispatch;
 pub mod encode;
 pub mod limits;
+mod session;
 mod stats;
 mod topology;
 mod wait;

@@ -218,6 +218,7 @@ mod tests {
         for m in [
             "Submit",
             "SubmitStream",
+            "Session",
             "Cancel",
             "Drain",
             "NewRpcAddedLater",
@@ -269,6 +270,7 @@ mod tests {
             [
                 "Cancel",
                 "Drain",
+                "Session",
                 "Submit",
                 "SubmitStream",
                 "CreateWorkqueue",
@@ -286,7 +288,7 @@ mod tests {
             classify("/wqd.v1.WorkerService/ListWorkers"),
             Class::Observe
         );
-        assert_eq!(seen.len(), 15, "{seen:?}");
+        assert_eq!(seen.len(), 16, "{seen:?}");
     }
 
     #[test]

@@ -1,0 +1,203 @@
+//! `DispatchService.Session`: many batches over one stream, each answered as a `Submit` is.
+//!
+//! A unary `Submit` of one item costs the daemon and its client a new HTTP/2 stream each: the
+//! request's headers decoded and routed, a task spawned, the response's headers and trailers
+//! encoded. A session pays that once; each request after it is one DATA frame in and one out.
+//! This module owns the session's loop ([`Session`]): it reads requests while fewer than
+//! [`IN_FLIGHT`] are unanswered, runs each through the same code as `Submit`
+//! ([`Rpc::do_submit`]), and answers each with its tag as soon as it is done, in the order they
+//! finish.
+//!
+//! Invariants: every request read is answered exactly once, unless the session ends first
+//! (its deadline, the client gone), in which case the unanswered requests' work goes on as a
+//! `Submit`'s does when its client goes away; a refused request is answered with its status
+//! and the session goes on; a failed read (a message over the request limits, a message that
+//! does not decode) or the daemon stopping stops the reading, and the session ends with that
+//! status (UNAVAILABLE for the daemon stopping) once every request already read is answered. The loop runs inside the
+//! response stream's poll, with no task of its own, so an answer is no further hand-off than a
+//! unary call's.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tonic::{Status, Streaming};
+use wqd_proto::out::{SessionOutcomeOut, SessionResponseOut};
+use wqd_proto::submit_in::SessionRequestIn;
+use wqd_proto::v1;
+
+use super::{sleep_until, status, Rpc, RpcError};
+use crate::shared::stopped;
+
+/// At most this many requests of one session are read and not yet answered; the session
+/// reads the next request once one is answered, and HTTP/2 flow control holds the rest back in
+/// the client.
+pub const IN_FLIGHT: usize = 64;
+
+type Answer = Pin<Box<dyn Future<Output = SessionResponseOut> + Send>>;
+
+/// One session's state, polled by its response stream (see the module docs).
+pub(super) struct Session {
+    rpc: Rpc,
+    /// `None` once the client half-closed or a read failed.
+    inbound: Option<Streaming<SessionRequestIn>>,
+    /// Requests read and not yet answered.
+    running: FuturesUnordered<Answer>,
+    /// The status to end with once `running` is empty (a failed read).
+    ending: Option<Status>,
+    deadline: Option<Instant>,
+    began: Instant,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// `stop` has fired (it must not be polled again).
+    stopping: bool,
+    /// Requests read, and answered.
+    read: u64,
+    answered: u64,
+    done: bool,
+}
+
+impl Session {
+    pub(super) fn new(
+        rpc: Rpc,
+        inbound: Streaming<SessionRequestIn>,
+        deadline: Option<Instant>,
+    ) -> Session {
+        let stop = Box::pin(stopped(rpc.stopping.clone()));
+        Session {
+            rpc,
+            inbound: Some(inbound),
+            running: FuturesUnordered::new(),
+            ending: None,
+            deadline,
+            began: Instant::now(),
+            stop,
+            stopping: false,
+            read: 0,
+            answered: 0,
+            done: false,
+        }
+    }
+
+    /// Runs one request as a `Submit` would; its refusal becomes its answer.
+    fn start(&mut self, req: SessionRequestIn) {
+        self.read += 1;
+        let rpc = self.rpc.clone();
+        let tag = req.tag;
+        self.running.push(Box::pin(async move {
+            let outcome = match req.submit {
+                None => {
+                    rpc.refused();
+                    Err(RpcError::Field {
+                        field: "submit".into(),
+                        problem: "required".into(),
+                    })
+                }
+                // The session's deadline ends the session (see `next_message`), not each wait.
+                Some(s) => rpc.do_submit(s, None).await,
+            };
+            let outcome = match outcome {
+                Ok(r) => SessionOutcomeOut::Submitted(r),
+                Err(e) => {
+                    let st = status(e);
+                    SessionOutcomeOut::Error(v1::SessionError {
+                        code: st.code() as i32,
+                        message: st.message().to_string(),
+                    })
+                }
+            };
+            SessionResponseOut {
+                tag,
+                outcome: Some(outcome),
+            }
+        }));
+    }
+
+    /// The next message of the response stream, `None` once it is over.
+    async fn next_message(&mut self) -> Option<Result<SessionResponseOut, Status>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let reading = self.inbound.is_some() && self.running.len() < IN_FLIGHT;
+            if !reading && self.running.is_empty() {
+                self.done = true;
+                tracing::debug!(
+                    requests = self.read,
+                    "session ended by the client after {:?}",
+                    self.began.elapsed()
+                );
+                return self.ending.take().map(Err);
+            }
+            let inbound = &mut self.inbound;
+            let read = async {
+                match inbound {
+                    Some(s) => s.message().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Answers first: a ready answer never waits behind a read.
+                biased;
+                Some(answer) = self.running.next() => {
+                    self.answered += 1;
+                    return Some(Ok(answer));
+                }
+                m = read, if reading => match m {
+                    Ok(Some(req)) => self.start(req),
+                    Ok(None) => self.inbound = None,
+                    Err(st) => {
+                        // wqd's own status for tonic's refusals (too large, bad framing).
+                        self.inbound = None;
+                        self.ending = Some(status(RpcError::Transport(st)));
+                    }
+                },
+                _ = sleep_until(self.deadline) => {
+                    return Some(Err(self.end(RpcError::Deadline {
+                        waited: self.began.elapsed(),
+                        what: format!("the session ({} requests unanswered; their work goes on)",
+                            self.running.len()),
+                    })));
+                }
+                _ = &mut self.stop, if !self.stopping => {
+                    // As in a graceful shutdown's unary calls: what is open is answered,
+                    // nothing more is read.
+                    self.stopping = true;
+                    self.inbound = None;
+                    self.ending = Some(Status::unavailable(format!(
+                        "the daemon is stopping: the session read {} requests and answered \
+                         each; no more are read",
+                        self.read
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Ends the session early with `e`'s status; unanswered requests' work goes on.
+    fn end(&mut self, e: RpcError) -> Status {
+        self.done = true;
+        self.running = FuturesUnordered::new();
+        status(e)
+    }
+
+    /// The response body.
+    pub(super) fn into_stream(
+        self,
+    ) -> Pin<Box<dyn tokio_stream::Stream<Item = Result<SessionResponseOut, Status>> + Send>> {
+        Box::pin(futures_util::stream::unfold(self, |mut s| async move {
+            s.next_message().await.map(|m| (m, s))
+        }))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.done && !self.running.is_empty() {
+            tracing::debug!(
+                unanswered = self.running.len(),
+                "session client went away; the work goes on"
+            );
+        }
+    }
+}
