@@ -105,6 +105,38 @@ class ClientTest(unittest.TestCase):
         for name in ("py-res", "py-res2"):
             self.c.delete_workqueue(name)
 
+    def test_session_answers_each_request_by_tag(self) -> None:
+        # Stock grpcio's bidi stream: the answers come as requests finish, each by its tag;
+        # a refused request is an answer and the session goes on; after close() the open
+        # requests are answered and the stream ends.
+        with self.c.session() as s:
+            r = s.submit([wqd.Item("cache:1", "noop")] * 3, wait=True)
+            self.assertEqual([x.state for x in r.results], [wqd.State.OK] * 3)
+            self.assertTrue(all(x.cpu_started in {2, 3, 10, 11} for x in r.results), r)
+            slow = s.send([wqd.Item("cpu:1", "sleep", args={"ms": "500"})], wait=True)
+            bad = s.send([wqd.Item("cache:x", "noop")])
+            quick = s.send([wqd.Item("cpu:2", "noop")])
+            self.assertEqual(s.open, 3)
+            s.close()
+            answers = {}
+            while True:
+                a = s.next()
+                if a is None:
+                    break
+                answers[a.tag] = a
+            self.assertEqual(sorted(answers), [slow, bad, quick])
+            err = answers[bad].error
+            assert err is not None
+            self.assertEqual(err.code, grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn("items[0].target", err.message)
+            done = answers[slow].submitted
+            assert done is not None and done.counts is not None
+            self.assertEqual(done.counts.ok, 1)
+            q = answers[quick].submitted
+            assert q is not None
+            self.assertIsNone(q.counts)
+            self.assertEqual(len(q.item_ids), 1)
+
     def test_errors_carry_code_and_message(self) -> None:
         with self.assertRaises(wqd.WqdError) as e:
             self.c.submit([wqd.Item("all", "noop"), wqd.Item("cache:x", "noop")])

@@ -71,6 +71,32 @@ class SubmitResponse(_message.Message):
     counts: _item_pb2.StateCounts
     def __init__(self, batch_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ItemReceipt, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[_item_pb2.ItemResult, _Mapping]]] = ..., counts: _Optional[_Union[_item_pb2.StateCounts, _Mapping]] = ...) -> None: ...
 
+class SessionRequest(_message.Message):
+    __slots__ = ("tag", "submit")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    submit: SubmitRequest
+    def __init__(self, tag: _Optional[int] = ..., submit: _Optional[_Union[SubmitRequest, _Mapping]] = ...) -> None: ...
+
+class SessionError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("tag", "submitted", "error")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    submitted: SubmitResponse
+    error: SessionError
+    def __init__(self, tag: _Optional[int] = ..., submitted: _Optional[_Union[SubmitResponse, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ...) -> None: ...
+
 class SubmitOptions(_message.Message):
     __slots__ = ("workqueue",)
     WORKQUEUE_FIELD_NUMBER: _ClassVar[int]

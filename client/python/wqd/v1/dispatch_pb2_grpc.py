@@ -51,6 +51,11 @@ class DispatchServiceStub:
                 request_serializer=wqd_dot_v1_dot_dispatch__pb2.SubmitStreamRequest.SerializeToString,
                 response_deserializer=wqd_dot_v1_dot_dispatch__pb2.SubmitStreamResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/wqd.v1.DispatchService/Session',
+                request_serializer=wqd_dot_v1_dot_dispatch__pb2.SessionRequest.SerializeToString,
+                response_deserializer=wqd_dot_v1_dot_dispatch__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.Flush = channel.unary_stream(
                 '/wqd.v1.DispatchService/Flush',
                 request_serializer=wqd_dot_v1_dot_dispatch__pb2.FlushRequest.SerializeToString,
@@ -101,6 +106,34 @@ class DispatchServiceServicer:
         before it queues nothing. After the commit the daemon reads on to the end
         of the stream (half-close right after the last message): a message after
         the commit is INVALID_ARGUMENT and queues nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Many batches over one stream, for a caller that submits small batches
+        often (one item at a time, say) and wants each answered with the least
+        per-call cost: no headers, trailers or new HTTP/2 stream per batch.
+
+        Each SessionRequest is one Submit: the same checks, all-or-nothing, the
+        same SubmitResponse (with wait = true, once every item is terminal),
+        answered by one SessionResponse carrying the request's tag. Answers come
+        in the order they are ready, not the order asked: a wait = false request
+        sent after a waiting one is answered first. A request the daemon refuses
+        is answered with its status (code and message, as Submit's) and the
+        session goes on; only a message too big to decode (over
+        limits.max_batch_items or limits.max_request_memory) ends the session,
+        with that status, since it is refused before it is read.
+
+        At most 64 requests of one session are unanswered at a time; the daemon
+        reads the next one after an answer (HTTP/2 flow control holds the rest
+        back). After the client half-closes, the daemon answers every request
+        still open, then ends the stream with OK. A daemon that stops reads no
+        more requests, answers the open ones, then ends the stream with
+        UNAVAILABLE. If the client goes away or its deadline passes, the session
+        ends at once and its work keeps running (its results stay readable with
+        GetResults and Flush).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -158,6 +191,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.SubmitStream,
                     request_deserializer=wqd_dot_v1_dot_dispatch__pb2.SubmitStreamRequest.FromString,
                     response_serializer=wqd_dot_v1_dot_dispatch__pb2.SubmitStreamResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=wqd_dot_v1_dot_dispatch__pb2.SessionRequest.FromString,
+                    response_serializer=wqd_dot_v1_dot_dispatch__pb2.SessionResponse.SerializeToString,
             ),
             'Flush': grpc.unary_stream_rpc_method_handler(
                     servicer.Flush,
@@ -241,6 +279,33 @@ class DispatchService:
             '/wqd.v1.DispatchService/SubmitStream',
             wqd_dot_v1_dot_dispatch__pb2.SubmitStreamRequest.SerializeToString,
             wqd_dot_v1_dot_dispatch__pb2.SubmitStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wqd.v1.DispatchService/Session',
+            wqd_dot_v1_dot_dispatch__pb2.SessionRequest.SerializeToString,
+            wqd_dot_v1_dot_dispatch__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
