@@ -985,6 +985,8 @@ pub struct ProfileCall {
     pub flush: bool,
     /// The empty unary RPC (health check) instead of any `Submit`: the gRPC stack alone.
     pub empty: bool,
+    /// Each `Submit` as a request of one `Session` opened at the start (without `flush`).
+    pub session: bool,
     /// Slept before each call (every thread asleep when it comes, as in the service bench's
     /// single-item loop).
     pub pause: Duration,
@@ -1003,6 +1005,7 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
         summary,
         flush,
         empty,
+        session,
         pause,
         ..
     } = call;
@@ -1023,6 +1026,12 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
         };
         let targets: Vec<&str> = call.targets.split(',').collect();
         let req = wire::noop_batch_to(wq, &targets, call.runs, batch, wait);
+        let mut sess = if session && !flush {
+            Some(c.session().await.expect("Session"))
+        } else {
+            None
+        };
+        let sreq = wire::session_request(1, &req);
         let mut lat = Vec::with_capacity(rounds);
         let t0 = Instant::now();
         let mut items: Option<usize> = None;
@@ -1037,7 +1046,10 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
                 lat.push(t.elapsed());
                 continue;
             }
-            let a = c.submit(&req).await.expect("Submit");
+            let a = match sess.as_mut() {
+                Some(s) => s.call(&sreq).await.expect("Session"),
+                None => c.submit(&req).await.expect("Submit"),
+            };
             // An `each:` target fans a wire item out to one item per group.
             let n = *items.get_or_insert(a.items.len());
             if flush {
@@ -1054,7 +1066,8 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
         let el = t0.elapsed();
         lat.sort();
         println!(
-            "{rounds} x Submit(wait = {wait}){} of {batch} in {el:.1?}: {:.0} items/s; call p50 {:.1?}, p99 {:.1?}",
+            "{rounds} x {}(wait = {wait}){} of {batch} in {el:.1?}: {:.0} items/s; call p50 {:.1?}, p99 {:.1?}",
+            if sess.is_some() { "Session" } else { "Submit" },
             if flush { " + Flush(summary)" } else { "" },
             (rounds * batch) as f64 / el.as_secs_f64(),
             lat[lat.len() / 2],

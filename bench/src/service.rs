@@ -9,11 +9,13 @@
 //!   ([`crate::grpc::start_wqd`]: host topology, one pinned worker per CPU, default workqueue),
 //!   `noop` items targeting `all`, one client connection over the Unix socket on a
 //!   current-thread runtime driven by the calling thread (as `wqctl`, and as the synchronous
-//!   Redis client), requests pre-encoded ([`crate::wire`]); three rows: `Submit(wait)` on the
+//!   Redis client), requests pre-encoded ([`crate::wire`]); five rows: `Submit(wait)` on the
 //!   default workqueue (returns every item's full result), `Submit` then `Flush(summary_only)` (returns counts) —
-//!   the gRPC section's [`crate::grpc::call`] — and `Submit(wait)` on a workqueue created at
+//!   the gRPC section's [`crate::grpc::call`] — `Submit(wait)` on a workqueue created at
 //!   start with `results = summary` (no per-item record; the call returns counts), which is
-//!   what the peers keep. The verdicts judge wqd's best row per figure and name it. One more
+//!   what the peers keep, and the first and third as requests of one `Session` kept open on
+//!   the same connection (as the peers' clients keep theirs: a request is a DATA frame each
+//!   way, no new HTTP/2 stream). The verdicts judge wqd's best row per figure and name it. One more
 //!   row, not judged, makes the summary call through a second connection on a 2-thread
 //!   runtime (the client of sessions 6 and 7), so the client's share stays visible.
 //! - **NATS JetStream** and **Redis**: see [`crate::peers`] (servers on loopback TCP, two
@@ -67,6 +69,10 @@ enum Sys {
     Flush,
     /// `Submit(wait)` on [`SUMMARY_WQ`].
     WaitSummary,
+    /// [`Sys::Wait`]'s request as one request of a `Session` kept open.
+    Session,
+    /// [`Sys::WaitSummary`]'s request as one request of that `Session`.
+    SessionSummary,
     /// [`Sys::WaitSummary`] from a client whose connection runs on a 2-thread runtime (the
     /// setup of sessions 6 and 7), for comparison: not one of wqd's judged rows.
     WaitSummaryMt,
@@ -80,6 +86,8 @@ impl Sys {
             Sys::Wait => grpc::Sys::Wait.label(),
             Sys::Flush => grpc::Sys::Flush.label(),
             Sys::WaitSummary => "wqd Submit(wait), results summary",
+            Sys::Session => "wqd Session(wait)",
+            Sys::SessionSummary => "wqd Session(wait), results summary",
             Sys::WaitSummaryMt => "wqd Submit(wait), results summary, client on a 2-thread runtime",
             Sys::Nats => "NATS JetStream",
             Sys::Redis => "Redis",
@@ -97,7 +105,13 @@ impl Sys {
 }
 
 /// wqd's rows.
-const WQD: [Sys; 3] = [Sys::Wait, Sys::Flush, Sys::WaitSummary];
+const WQD: [Sys; 5] = [
+    Sys::Wait,
+    Sys::Flush,
+    Sys::WaitSummary,
+    Sys::Session,
+    Sys::SessionSummary,
+];
 
 /// Every system of the section, started.
 struct Rig {
@@ -111,20 +125,51 @@ struct Rig {
     wqd: Conn,
     /// A second connection, on `rt`.
     wqd_mt: Conn,
-    /// Batch size → (`Submit(wait)`, `Submit`, `Submit(wait)` on [`SUMMARY_WQ`]) requests.
-    pre: HashMap<usize, (Pre, Pre, Pre)>,
+    /// A `Session` on `wqd`'s connection, open for the whole section.
+    session: wire::Session,
+    /// Batch size → requests.
+    pre: HashMap<usize, Reqs>,
     nats: Option<Nats>,
     redis: Option<Redis>,
     // Last: the daemon stops after the client's connection is gone.
     _daemon: grpc::Server,
 }
 
+/// The requests of one batch size, encoded once.
+struct Reqs {
+    /// `Submit(wait)`, `Submit`, `Submit(wait)` on [`SUMMARY_WQ`].
+    wait: Pre,
+    nowait: Pre,
+    summary: Pre,
+    /// `wait` and `summary` as session requests.
+    session: Pre,
+    session_summary: Pre,
+}
+
 impl Rig {
     /// One batch of `n` through `sys`, completion awaited.
     fn batch(&mut self, sys: Sys, n: usize) {
         match sys {
+            Sys::Session | Sys::SessionSummary => {
+                let r = &self.pre[&n];
+                let req = if sys == Sys::Session {
+                    &r.session
+                } else {
+                    &r.session_summary
+                };
+                let a = self
+                    .wqd_rt
+                    .block_on(self.session.call(req))
+                    .expect("wqd Session");
+                if sys == Sys::Session {
+                    assert_eq!(a.results.len(), n, "wqd session: results");
+                } else {
+                    let ok = a.counts.map_or(0, |c| c.ok);
+                    assert_eq!(ok as usize, n, "wqd session summary: items ok");
+                }
+            }
             Sys::WaitSummary | Sys::WaitSummaryMt => {
-                let req = &self.pre[&n].2;
+                let req = &self.pre[&n].summary;
                 let a = if sys == Sys::WaitSummary {
                     self.wqd_rt.block_on(self.wqd.submit(req))
                 } else {
@@ -135,7 +180,7 @@ impl Rig {
                 assert_eq!(ok as usize, n, "wqd summary: items ok");
             }
             Sys::Wait | Sys::Flush => {
-                let (wait, nowait, _) = &self.pre[&n];
+                let Reqs { wait, nowait, .. } = &self.pre[&n];
                 let s = if sys == Sys::Wait {
                     grpc::Sys::Wait
                 } else {
@@ -197,17 +242,21 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
     let pre = sizes
         .into_iter()
         .map(|n| {
+            let wait = wire::noop_batch(n, true);
             let summary = wire::noop_batch_in(SUMMARY_WQ, n, true);
-            (
-                n,
-                (
-                    wire::noop_batch(n, true),
-                    wire::noop_batch(n, false),
-                    summary,
-                ),
-            )
+            let r = Reqs {
+                session: wire::session_request(1, &wait),
+                session_summary: wire::session_request(1, &summary),
+                wait,
+                nowait: wire::noop_batch(n, false),
+                summary,
+            };
+            (n, r)
         })
         .collect();
+    let session = wqd_rt
+        .block_on(wqd.session())
+        .expect("opening a wqd Session");
     // Peers: started when installed; otherwise a line, and a skipped row.
     let mut missing: Vec<Sys> = Vec::new();
     let mut found = |sys: Sys| {
@@ -241,6 +290,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         wqd_rt,
         wqd,
         wqd_mt,
+        session,
         pre,
         nats,
         redis,
@@ -317,7 +367,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
              the calling thread (a current-thread tokio runtime, as `wqctl` runs, like Redis's \
              synchronous client here; the row `client on a 2-thread runtime` is the same call \
              through a connection on a 2-thread runtime, as sessions 6 and 7 measured), `noop` \
-             items targeting `all`. NATS JetStream ({}): work-queue stream in memory, one durable \
+             items targeting `all`; the `Session` rows send the same requests as requests of \
+             one `DispatchService.Session` kept open on that connection. NATS JetStream ({}): work-queue stream in memory, one durable \
              pull consumer (explicit ack) shared by {cpus} worker threads (`messages()`, acks \
              each item, publishes the ids of each run of ready items to a results subject), \
              client publishes with async publish and awaits every publish ack. Redis ({}): \
@@ -339,12 +390,16 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             "wqd Submit(wait) ÷ this",
             "wqd Submit + Flush ÷ this",
             "wqd Submit(wait), summary ÷ this",
+            "wqd Session(wait) ÷ this",
+            "wqd Session(wait), summary ÷ this",
         ],
     );
     let all = [
         Sys::Wait,
         Sys::Flush,
         Sys::WaitSummary,
+        Sys::Session,
+        Sys::SessionSummary,
         Sys::WaitSummaryMt,
         Sys::Nats,
         Sys::Redis,

@@ -22,6 +22,9 @@ use wqd_proto::v1;
 /// Largest message either side sends (as the daemon's default limit).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// Requests a [`Session`] buffers before the stream takes them (one is in flight at a time).
+const SESSION_QUEUE: usize = 4;
+
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addr {
@@ -114,6 +117,54 @@ pub fn noop_batch_to(wq: &str, targets: &[&str], runs: bool, n: usize, wait: boo
     Pre(req.encode_to_vec().into())
 }
 
+/// `SessionResponse` read lazily: the answer as an [`Ack`], or the refusal.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SessionAck {
+    #[prost(uint64, tag = "1")]
+    pub tag: u64,
+    #[prost(message, optional, tag = "2")]
+    pub submitted: Option<Ack>,
+    #[prost(message, optional, tag = "3")]
+    pub error: Option<v1::SessionError>,
+}
+
+/// The `SessionRequest` carrying `submit` (a pre-encoded `SubmitRequest`) under `tag`.
+pub fn session_request(tag: u64, submit: &Pre) -> Pre {
+    let mut b = Vec::with_capacity(submit.0.len() + 16);
+    prost::encoding::uint64::encode(1, &tag, &mut b);
+    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut b);
+    prost::encoding::encode_varint(submit.0.len() as u64, &mut b);
+    b.extend_from_slice(&submit.0);
+    Pre(b.into())
+}
+
+/// One open `DispatchService/Session`: one request in flight at a time.
+#[derive(Debug)]
+pub struct Session {
+    tx: tokio::sync::mpsc::Sender<Pre>,
+    rx: tonic::Streaming<SessionAck>,
+}
+
+impl Session {
+    /// Sends `req` (a [`session_request`]) and reads its answer.
+    pub async fn call(&mut self, req: &Pre) -> Result<Ack, tonic::Status> {
+        self.tx
+            .send(req.clone())
+            .await
+            .map_err(|_| tonic::Status::unavailable("the session's request stream is closed"))?;
+        match self.rx.message().await? {
+            Some(SessionAck {
+                submitted: Some(a), ..
+            }) => Ok(a),
+            Some(SessionAck { error: Some(e), .. }) => {
+                Err(tonic::Status::new(e.code.into(), e.message))
+            }
+            Some(_) => Err(tonic::Status::internal("a session answer with no outcome")),
+            None => Err(tonic::Status::unavailable("the session ended")),
+        }
+    }
+}
+
 /// One HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct Conn {
@@ -157,6 +208,27 @@ impl Conn {
         )
         .await
         .map(|r| r.into_inner())
+    }
+
+    /// Opens a `DispatchService/Session` on this connection.
+    pub async fn session(&self) -> Result<Session, tonic::Status> {
+        let mut g = tonic::client::Grpc::new(self.ch.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        g.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let (tx, out) = tokio::sync::mpsc::channel(SESSION_QUEUE);
+        let codec: ProstCodec<Pre, SessionAck> = ProstCodec::default();
+        let rx = g
+            .streaming(
+                tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out)),
+                PathAndQuery::from_static("/wqd.v1.DispatchService/Session"),
+                codec,
+            )
+            .await?
+            .into_inner();
+        Ok(Session { tx, rx })
     }
 
     /// `grpc.health.v1.Health/Check` of the server as a whole: the empty unary RPC.
