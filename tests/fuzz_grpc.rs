@@ -3,7 +3,8 @@
 //! `wqd.v1` messages built with the generated types are mutated (bit flips, truncation,
 //! garbage, wrong wire types, bad UTF-8, huge varints and length prefixes), durations are set to
 //! extremes, strings made enormous, gRPC frame headers claim gigabytes, requests claim millions
-//! of items, and streams (SubmitStream, Flush, Submit with wait, WatchTopology) are reset with
+//! of items, sessions carry good and mutated requests, and streams (SubmitStream, Flush,
+//! Submit with wait, WatchTopology) are reset with
 //! CANCEL / NO_ERROR / PROTOCOL_ERROR, cut by dropping the connection, or ended by a GOAWAY.
 //!
 //! The invariant, checked after every case: the daemon answers a normal client within 2 s; a
@@ -62,6 +63,7 @@ const MAX_MESSAGE_BYTES: u64 = 64 << 20;
 const MAX_PROTO_SECONDS: i64 = 315_576_000_000;
 
 const SUBMIT: &str = "/wqd.v1.DispatchService/Submit";
+const SESSION: &str = "/wqd.v1.DispatchService/Session";
 const SUBMIT_STREAM: &str = "/wqd.v1.DispatchService/SubmitStream";
 const FLUSH: &str = "/wqd.v1.DispatchService/Flush";
 const CANCEL: &str = "/wqd.v1.DispatchService/Cancel";
@@ -746,17 +748,7 @@ impl Fuzz {
         };
         match path {
             SUBMIT => match v1::SubmitResponse::decode(msg) {
-                Ok(r) => {
-                    self.batches += 1;
-                    let ids: Vec<u64> = r
-                        .items
-                        .iter()
-                        .filter(|x| x.queued)
-                        .map(|x| x.item_id)
-                        .collect();
-                    self.items += ids.len() as u64;
-                    self.remember(r.batch_id, ids, long);
-                }
+                Ok(r) => self.accepted(&r, long),
                 Err(e) => self.violation("behaviour", format!("Submit: undecodable response: {e}")),
             },
             SUBMIT_STREAM => match v1::SubmitStreamResponse::decode(msg) {
@@ -777,6 +769,19 @@ impl Fuzz {
             },
             _ => {}
         }
+    }
+
+    /// Counts a batch a `SubmitResponse` says was accepted.
+    fn accepted(&mut self, r: &v1::SubmitResponse, long: bool) {
+        self.batches += 1;
+        let ids: Vec<u64> = r
+            .items
+            .iter()
+            .filter(|x| x.queued)
+            .map(|x| x.item_id)
+            .collect();
+        self.items += ids.len() as u64;
+        self.remember(r.batch_id, ids, long);
     }
 
     fn remember(&mut self, batch: u64, ids: Vec<u64>, long: bool) {
@@ -1480,6 +1485,77 @@ impl Fuzz {
             }
         }
         self.account(SUBMIT_STREAM, &end, false);
+    }
+
+    /// A `Session` of good and mutated requests, half-closed: each answer is Submit's (an
+    /// accepted batch counted, a refusal a documented code with a short message), at most one
+    /// answer per request, and the stream ends OK, or at the first message that does not
+    /// decode or is over the limits with INVALID_ARGUMENT / RESOURCE_EXHAUSTED (the requests
+    /// before it answered, the ones after it never read).
+    async fn session(&mut self) {
+        let n = self.rng.gen_range(1..=8u64);
+        let mut body = Vec::new();
+        let mut mutated = 0;
+        for tag in 1..=n {
+            let req = v1::SessionRequest {
+                tag,
+                submit: Some(v1::SubmitRequest {
+                    workqueue: if self.rng.gen_bool(0.2) { OWN_WQ } else { "" }.into(),
+                    items: good_items(&mut self.rng, 10),
+                    wait: self.rng.gen_bool(0.5),
+                }),
+            };
+            let mut b = req.encode_to_vec();
+            if self.rng.gen_bool(0.25) {
+                mutate(&mut self.rng, &mut b);
+                mutated += 1;
+            }
+            body.extend(frame(&b));
+        }
+        let what = format!("a session of {n} requests, {mutated} mutated");
+        let end = unary(&self.sock, SESSION, body, Some("10S")).await;
+        self.judge(
+            &what,
+            &end,
+            &[Code::Ok, Code::InvalidArgument, Code::ResourceExhausted],
+            &[],
+        );
+        if mutated == 0 && end.code().is_some_and(|c| c != Code::Ok) {
+            self.violation(
+                "behaviour",
+                format!("{what}: ended {:?} without a mutated request", end.code()),
+            );
+        }
+        let answers = end.messages().len() as u64;
+        if answers > n || (end.code() == Some(Code::Ok) && answers != n) {
+            self.violation(
+                "behaviour",
+                format!("{what}: {answers} answers, ended {:?}", end.code()),
+            );
+        }
+        for m in end.messages().to_vec() {
+            match v1::SessionResponse::decode(m) {
+                Ok(v1::SessionResponse {
+                    outcome: Some(v1::session_response::Outcome::Submitted(r)),
+                    ..
+                }) => self.accepted(&r, false),
+                Ok(v1::SessionResponse {
+                    outcome: Some(v1::session_response::Outcome::Error(e)),
+                    tag,
+                }) => {
+                    let refused = End::Status {
+                        code: Code::from(e.code),
+                        message: e.message,
+                        messages: Vec::new(),
+                    };
+                    self.judge(&format!("{what}: request {tag}"), &refused, &[], &[]);
+                }
+                other => self.violation(
+                    "behaviour",
+                    format!("{what}: an answer without an outcome: {other:?}"),
+                ),
+            }
+        }
     }
 
     /// A SubmitStream that half-closes cleanly without a commit message, or sends a message
@@ -2201,7 +2277,8 @@ async fn fuzz_grpc_surface() {
         f.note.clear();
         let roll = f.rng.gen_range(0..100);
         f.kind = match roll {
-            0..=19 => "submit_mutated",
+            0..=15 => "submit_mutated",
+            16..=19 => "session",
             20..=29 => "other_mutated",
             30..=37 => "structural",
             38..=45 => "durations",
@@ -2219,6 +2296,7 @@ async fn fuzz_grpc_surface() {
         *f.counts.entry(f.kind).or_default() += 1;
         match f.kind {
             "submit_mutated" => f.submit_mutated().await,
+            "session" => f.session().await,
             "other_mutated" => f.other_mutated().await,
             "structural" => f.structural().await,
             "durations" => f.durations().await,
