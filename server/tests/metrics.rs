@@ -269,6 +269,19 @@ async fn metrics_move_with_the_work_and_the_topology() {
     let e = c.flush_all(FlushScope::Batch(999_999)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
+    // A session counts once as an RPC, when it ends; its requests each by their code.
+    let mut sess = c.session().await.unwrap();
+    sess.submit(Batch::new().item(Item::new("all", "noop")).wait(true))
+        .await
+        .unwrap();
+    let e = sess
+        .submit(Batch::new().item(Item::new("cash:1", "noop")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    sess.close();
+    assert!(sess.next().await.unwrap().is_none());
+
     // A streamed flush counts once, when the stream ends with OK.
     let (results, summary) = c.flush_all(FlushScope::Batch(r.batch_id)).await.unwrap();
     assert_eq!(results.len(), 20);
@@ -281,6 +294,14 @@ async fn metrics_move_with_the_work_and_the_topology() {
     assert_eq!(code(SUBMIT, "OK"), Some(1.0));
     assert_eq!(code(FLUSH, "NOT_FOUND"), Some(1.0));
     assert_eq!(code(FLUSH, "OK"), Some(1.0));
+    assert_eq!(code("wqd.v1.DispatchService/Session", "OK"), Some(1.0));
+    for (c, n) in [("OK", 1.0), ("INVALID_ARGUMENT", 1.0)] {
+        assert_eq!(
+            s.get("wqd_session_requests_total", &[("code", c)]),
+            Some(n),
+            "{c}"
+        );
+    }
     assert_eq!(
         s.val(
             "wqd_flush_duration_seconds_count",

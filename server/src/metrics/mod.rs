@@ -82,6 +82,7 @@ pub mod names {
     pub const CPU_HOGS: &str = "wqd_cpu_hogs_total";
     pub const RPC_HANDLED: &str = "wqd_rpc_handled_total";
     pub const RPC_DURATION: &str = "wqd_rpc_duration_seconds";
+    pub const SESSION_REQUESTS: &str = "wqd_session_requests_total";
     pub const WORKERS: &str = "wqd_workers";
     pub const FLUSHES_ACTIVE: &str = "wqd_flushes_active";
     pub const RESULTS_RETAINED: &str = "wqd_results_retained";
@@ -209,6 +210,8 @@ pub struct Metrics {
     observer: Arc<observer::EngineMetrics>,
     rpc: Arc<grpc::RpcMetrics>,
     flush: FlushMetrics,
+    /// `wqd_session_requests_total` by code number, registered at first use.
+    session: [OnceLock<Counter>; 17],
     /// L: serialises scrapes (each refresh compares with the previous one).
     scrape: Mutex<scrape::ScrapeState>,
     /// Set once by the daemon after its listeners are up; read at scrape time.
@@ -258,6 +261,7 @@ impl Metrics {
             observer: Arc::new(observer::EngineMetrics::new(reg.clone())),
             rpc: Arc::new(grpc::RpcMetrics::new(reg.clone())),
             flush: FlushMetrics::new(),
+            session: std::array::from_fn(|_| OnceLock::new()),
             scrape: Mutex::new(scrape::ScrapeState::default()),
             conns: OnceLock::new(),
             handle,
@@ -280,6 +284,21 @@ impl Metrics {
         self.flush
             .get(&self.reg, method, outcome)
             .record(took.as_secs_f64());
+    }
+
+    /// Counts one answered request of a `DispatchService.Session` by its code (`OK` for an
+    /// accepted batch): a session counts once in `wqd_rpc_handled_total`, when it ends, so its
+    /// requests' refusals would be invisible there.
+    pub fn session_answered(&self, code: tonic::Code) {
+        let i = (code as usize).min(grpc::CODE_NAMES.len() - 1);
+        self.session[i]
+            .get_or_init(|| {
+                self.reg.counter(
+                    names::SESSION_REQUESTS,
+                    &[("code", grpc::CODE_NAMES[i].to_string())],
+                )
+            })
+            .increment(1);
     }
 
     /// Publishes the connection counters of these listeners at every scrape (the daemon calls
@@ -507,6 +526,10 @@ fn describe(r: &PrometheusRecorder) {
     c(
         RPC_HANDLED,
         "RPCs completed, by method and final gRPC status code (streams when they end).",
+    );
+    c(
+        SESSION_REQUESTS,
+        "Requests of DispatchService.Session answered, by gRPC status code (OK: accepted).",
     );
     h(
         RPC_DURATION,

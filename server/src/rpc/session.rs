@@ -13,9 +13,9 @@
 //! `Submit`'s does when its client goes away; a refused request is answered with its status
 //! and the session goes on; a failed read (a message over the request limits, a message that
 //! does not decode) or the daemon stopping stops the reading, and the session ends with that
-//! status (UNAVAILABLE for the daemon stopping) once every request already read is answered. The loop runs inside the
-//! response stream's poll, with no task of its own, so an answer is no further hand-off than a
-//! unary call's.
+//! status (UNAVAILABLE for the daemon stopping) once every request already read is answered.
+//! The loop runs inside the response stream's poll, with no task of its own, so an answer is
+//! no further hand-off than a unary call's.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,7 +44,8 @@ pub(super) struct Session {
     inbound: Option<Streaming<SessionRequestIn>>,
     /// Requests read and not yet answered.
     running: FuturesUnordered<Answer>,
-    /// The status to end with once `running` is empty (a failed read).
+    /// The status to end with once `running` is empty: the first of a failed read and the
+    /// daemon stopping.
     ending: Option<Status>,
     deadline: Option<Instant>,
     began: Instant,
@@ -106,6 +107,12 @@ impl Session {
                     })
                 }
             };
+            if let Some(m) = &rpc.metrics {
+                m.session_answered(match &outcome {
+                    SessionOutcomeOut::Submitted(_) => tonic::Code::Ok,
+                    SessionOutcomeOut::Error(e) => tonic::Code::from(e.code),
+                });
+            }
             SessionResponseOut {
                 tag,
                 outcome: Some(outcome),
@@ -123,8 +130,10 @@ impl Session {
             if !reading && self.running.is_empty() {
                 self.done = true;
                 tracing::debug!(
-                    requests = self.read,
-                    "session ended by the client after {:?}",
+                    read = self.read,
+                    answered = self.answered,
+                    ending = ?self.ending.as_ref().map(Status::code),
+                    "session over after {:?}",
                     self.began.elapsed()
                 );
                 return self.ending.take().map(Err);
@@ -149,7 +158,7 @@ impl Session {
                     Err(st) => {
                         // wqd's own status for tonic's refusals (too large, bad framing).
                         self.inbound = None;
-                        self.ending = Some(status(RpcError::Transport(st)));
+                        self.ending.get_or_insert(status(RpcError::Transport(st)));
                     }
                 },
                 _ = sleep_until(self.deadline) => {
@@ -164,7 +173,7 @@ impl Session {
                     // nothing more is read.
                     self.stopping = true;
                     self.inbound = None;
-                    self.ending = Some(Status::unavailable(format!(
+                    self.ending.get_or_insert(Status::unavailable(format!(
                         "the daemon is stopping: the session read {} requests and answered \
                          each; no more are read",
                         self.read
