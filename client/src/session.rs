@@ -67,8 +67,11 @@ impl Session {
         })
     }
 
-    /// Sends one batch; returns its tag. Waits while the stream's buffer is full (the daemon
-    /// reads at most 64 requests ahead of its answers).
+    /// Sends one batch; returns its tag. Waits while the stream's buffer is full: the daemon
+    /// reads at most 64 requests ahead of its answers, and the answers wait for
+    /// [`Session::next`]. A caller that sends many waiting batches before reading any can
+    /// therefore wait here until its deadline: keep [`Session::open`] bounded (say, under 64)
+    /// by reading answers as it goes.
     ///
     /// # Errors
     /// `INVALID_ARGUMENT` for an empty batch, or after [`Session::close`]; `UNAVAILABLE`
