@@ -126,9 +126,17 @@ class DispatchServiceServicer:
         limits.max_batch_items or limits.max_request_memory) ends the session,
         with that status, since it is refused before it is read.
 
+        The requests of a session run side by side, like concurrent Submit calls:
+        one is not queued before another because it was sent first (a batch of
+        over 1 024 items is queued from a blocking thread, and a small one sent
+        after it may be queued first). A client that needs one batch queued before the next (an
+        ordered workqueue, say) waits for the first one's answer, or sends both
+        in one batch.
+
         At most 64 requests of one session are unanswered at a time; the daemon
         reads the next one after an answer (HTTP/2 flow control holds the rest
-        back). After the client half-closes, the daemon answers every request
+        back). Answers wait for the client to read them, so a client that sends
+        many waiting requests before reading any can stall its own session. After the client half-closes, the daemon answers every request
         still open, then ends the stream with OK. A daemon that stops reads no
         more requests, answers the open ones, then ends the stream with
         UNAVAILABLE. If the client goes away or its deadline passes, the session
