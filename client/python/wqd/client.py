@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import queue
 from dataclasses import dataclass, field
 from typing import (
     Any,
@@ -285,8 +286,6 @@ class Session:
     _END = object()
 
     def __init__(self, stub: Any, kw: Dict[str, Any]) -> None:
-        import queue
-
         self._q: "queue.Queue[Any]" = queue.Queue()
         self._tag = 0
         self._open = 0

@@ -276,10 +276,7 @@ impl Scan {
                         self.skip = self.header[0] != 0;
                         self.left = Some(len);
                         if len == 0 {
-                            if let Err(st) = self.complete() {
-                                self.keep = start;
-                                return Err(st);
-                            }
+                            self.complete(start)?;
                         }
                     }
                 }
@@ -291,10 +288,7 @@ impl Scan {
                     at += take;
                     self.left = Some(left - take);
                     if left == take {
-                        if let Err(st) = self.complete() {
-                            self.keep = start;
-                            return Err(st);
-                        }
+                        self.complete(start)?;
                     }
                 }
             }
@@ -302,10 +296,12 @@ impl Scan {
         Ok(())
     }
 
-    /// A whole message is in `parts`: count and check it; a refusal is counted once.
-    fn complete(&mut self) -> Result<(), Status> {
+    /// A whole message, which began at `start` of the frame fed last, is in `parts`: count
+    /// and check it; a refusal is counted once, and keeps the frame's bytes before `start`.
+    fn complete(&mut self, start: usize) -> Result<(), Status> {
         let r = self.check();
         if r.is_err() {
+            self.keep = start;
             if let Some(c) = self.batches.take() {
                 c.batches_refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
