@@ -1496,19 +1496,35 @@ impl Fuzz {
         let n = self.rng.gen_range(1..=8u64);
         let mut body = Vec::new();
         let mut mutated = 0;
+        // Unmutated requests whose wait limit must be refused.
+        let mut bad_limit = Vec::new();
         for tag in 1..=n {
+            let wait = self.rng.gen_bool(0.5);
+            // A wait limit now and then: one that never ends a wait here, or one that must be
+            // refused (negative, nanos out of range, or on a request that does not wait).
+            let wait_timeout = match self.rng.gen_range(0..8) {
+                0 if wait => Some((30, 0)),
+                1 => Some((-1, 0)),
+                2 => Some((0, 1_000_000_000)),
+                3 if !wait => Some((1, 0)),
+                _ => None,
+            }
+            .map(|(seconds, nanos)| prost_types::Duration { seconds, nanos });
             let req = v1::SessionRequest {
                 tag,
                 submit: Some(v1::SubmitRequest {
                     workqueue: if self.rng.gen_bool(0.2) { OWN_WQ } else { "" }.into(),
                     items: good_items(&mut self.rng, 10),
-                    wait: self.rng.gen_bool(0.5),
+                    wait,
                 }),
+                wait_timeout,
             };
             let mut b = req.encode_to_vec();
             if self.rng.gen_bool(0.25) {
                 mutate(&mut self.rng, &mut b);
                 mutated += 1;
+            } else if req.wait_timeout.is_some_and(|d| d.seconds != 30) {
+                bad_limit.push(tag);
             }
             body.extend(frame(&b));
         }
@@ -1534,11 +1550,58 @@ impl Fuzz {
             );
         }
         for m in end.messages().to_vec() {
+            if let Ok(a) = v1::SessionResponse::decode(m.clone()) {
+                let refused = matches!(&a.outcome,
+                    Some(v1::session_response::Outcome::Error(e))
+                        if Code::from(e.code) == Code::InvalidArgument
+                            && e.message.starts_with("wait_timeout: ")
+                            && e.batch_id == 0);
+                // (With a mutated request in the session, its tag may have changed too.)
+                if mutated == 0 && bad_limit.contains(&a.tag) && !refused {
+                    self.violation(
+                        "behaviour",
+                        format!(
+                            "{what}: request {} has a wait limit to refuse, answered {:?}",
+                            a.tag, a.outcome
+                        ),
+                    );
+                }
+            }
             match v1::SessionResponse::decode(m) {
                 Ok(v1::SessionResponse {
                     outcome: Some(v1::session_response::Outcome::Submitted(r)),
                     ..
                 }) => self.accepted(&r, false),
+                Ok(v1::SessionResponse {
+                    outcome: Some(v1::session_response::Outcome::Error(e)),
+                    tag,
+                }) if e.batch_id != 0 => {
+                    // Queued, then its answer failed (a mutated wait limit that ran out): the
+                    // batch must exist and be flushable, and its items count as accepted.
+                    let code = Code::from(e.code);
+                    if !matches!(code, Code::DeadlineExceeded | Code::ResourceExhausted) {
+                        self.violation(
+                            "behaviour",
+                            format!(
+                                "{what}: request {tag} answered {code:?} naming batch {}: {}",
+                                e.batch_id, e.message
+                            ),
+                        );
+                    }
+                    match self.client.flush_all(FlushScope::Batch(e.batch_id)).await {
+                        Ok((_, summary)) if summary.items_covered > 0 => {
+                            self.batches += 1;
+                            self.items += summary.items_covered;
+                        }
+                        other => self.violation(
+                            "behaviour",
+                            format!(
+                                "{what}: request {tag} named batch {}, whose flush gave {other:?}",
+                                e.batch_id
+                            ),
+                        ),
+                    }
+                }
                 Ok(v1::SessionResponse {
                     outcome: Some(v1::session_response::Outcome::Error(e)),
                     tag,

@@ -146,24 +146,63 @@ async fn a_refused_request_is_answered_with_its_status_and_the_session_goes_on()
     tx.send(proto::SessionRequest {
         tag: 7,
         submit: None,
+        wait_timeout: None,
     })
     .await
     .expect("send");
-    let m = raw.message().await.expect("answer").expect("one");
-    assert_eq!(m.tag, 7);
-    match m.outcome {
-        Some(proto::session_response::Outcome::Error(e)) => {
-            assert_eq!(e.code, Code::InvalidArgument as i32);
-            assert!(e.message.contains("submit"), "{}", e.message);
+    let refusal = |m: proto::SessionResponse, tag: u64, says: &str| {
+        assert_eq!(m.tag, tag);
+        match m.outcome {
+            Some(proto::session_response::Outcome::Error(e)) => {
+                assert_eq!(e.code, Code::InvalidArgument as i32, "{}", e.message);
+                assert!(e.message.contains(says), "{}", e.message);
+                assert_eq!(e.batch_id, 0, "nothing queued");
+            }
+            other => panic!("want an error, got {other:?}"),
         }
-        other => panic!("want an error, got {other:?}"),
+    };
+    refusal(
+        raw.message().await.expect("answer").expect("one"),
+        7,
+        "submit",
+    );
+    // Wait limits that are refused: negative, nanos out of range, and one on a request that
+    // does not wait.
+    let one = || proto::SubmitRequest {
+        items: vec![Item::new("cpu:0", "noop").into_proto()],
+        wait: true,
+        ..Default::default()
+    };
+    for (tag, wait, seconds, nanos, says) in [
+        (8, true, -1, 0, "wait_timeout: must not be negative"),
+        (9, true, 0, 1_000_000_000, "wait_timeout: nanos"),
+        (
+            10,
+            false,
+            1,
+            0,
+            "wait_timeout: set on a request without submit.wait",
+        ),
+    ] {
+        tx.send(proto::SessionRequest {
+            tag,
+            submit: Some(proto::SubmitRequest { wait, ..one() }),
+            wait_timeout: Some(prost_types::Duration { seconds, nanos }),
+        })
+        .await
+        .expect("send");
+        refusal(
+            raw.message().await.expect("answer").expect("one"),
+            tag,
+            says,
+        );
     }
     drop(tx);
     assert!(raw.message().await.expect("clean end").is_none());
 
     let mid = stats(&c).await;
     assert_eq!(mid.batches_accepted, before.batches_accepted);
-    assert_eq!(mid.batches_refused, before.batches_refused + 4);
+    assert_eq!(mid.batches_refused, before.batches_refused + 7);
     assert_eq!(total(&mid.items.unwrap()), total(&before.items.unwrap()));
     let r = s
         .submit(Batch::new().item(Item::new("cpu:1", "noop")).wait(true))
@@ -197,6 +236,121 @@ async fn answers_come_as_requests_finish_not_as_sent() {
     assert_eq!(second.tag, slow);
     let r = second.outcome.expect("accepted");
     assert_eq!(r.results[0].state(), ItemState::Ok);
+}
+
+/// A request's wait limit ends its own wait: it is answered DEADLINE_EXCEEDED with its
+/// batch's id once the limit passes, while its item still runs; the batch can be flushed by
+/// that id and its item ends OK; requests sent after it are answered, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_limit_ends_that_requests_wait_and_the_session_goes_on() {
+    let d = daemon();
+    let c = d.client().await;
+    let mut s = c.session().await.expect("Session");
+    let began = std::time::Instant::now();
+    let limited = s
+        .send_with_wait_limit(
+            Batch::new()
+                .item(Item::new("cpu:1", "sleep").arg("ms", "1500"))
+                .wait(true),
+            Duration::from_millis(300),
+        )
+        .await
+        .expect("send");
+    let quick = s
+        .send(Batch::new().item(Item::new("cpu:2", "noop")).wait(true))
+        .await
+        .expect("send");
+    let a = s.next().await.expect("answer").expect("one");
+    assert_eq!(a.tag, quick);
+    assert_eq!(a.outcome.expect("ok").results[0].state(), ItemState::Ok);
+    let a = s.next().await.expect("answer").expect("one");
+    let waited = began.elapsed();
+    assert_eq!(a.tag, limited);
+    let e = a.outcome.expect_err("its wait ended");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(
+        (Duration::from_millis(300)..Duration::from_millis(1400)).contains(&waited),
+        "answered after {waited:?}: the limit, not the item, ended the wait"
+    );
+    let batch = a.queued_batch.expect("the queued batch is named");
+    assert!(e.message().contains(&format!("batch {batch}")), "{e}");
+    assert_eq!(
+        stats(&c).await.items.unwrap().running,
+        1,
+        "the item still runs"
+    );
+    // The session goes on while the item runs, and the batch is flushed by its id.
+    let r = s
+        .submit(Batch::new().item(Item::new("cpu:3", "noop")).wait(true))
+        .await
+        .expect("the session goes on");
+    assert_eq!(r.results[0].state(), ItemState::Ok);
+    let (results, summary) = c
+        .flush_all(wqd_client::FlushScope::Batch(batch))
+        .await
+        .expect("flush the batch");
+    assert_eq!(summary.items_covered, 1);
+    assert_eq!(results[0].state(), ItemState::Ok, "the work went on");
+    // A limit the batch beats changes nothing.
+    let tag = s
+        .send_with_wait_limit(
+            Batch::new().item(Item::new("cpu:0", "noop")).wait(true),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("send");
+    let a = s.next().await.expect("answer").expect("one");
+    assert_eq!((a.tag, a.queued_batch), (tag, None));
+    assert_eq!(a.outcome.expect("ok").results[0].state(), ItemState::Ok);
+    assert!(s
+        .send_with_wait_limit(
+            Batch::new().item(Item::new("cpu:0", "noop")),
+            Duration::from_secs(1)
+        )
+        .await
+        .is_err_and(|e| e.code() == Code::InvalidArgument));
+}
+
+/// A request whose wait limit passed no longer holds one of the session's 64 places: 64
+/// waiting requests for 30-second items, each limited to 300 ms, then a 65th request, which
+/// is read and answered once the limits pass (without them it would wait 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_wait_limit_frees_its_place() {
+    let d = daemon();
+    let c = d.client().await;
+    let before = stats(&c).await.batches_accepted;
+    let mut s = c.session().await.expect("Session");
+    for i in 0..64 {
+        s.send_with_wait_limit(
+            Batch::new()
+                .item(Item::new(format!("cpu:{}", i % 4), "sleep").arg("ms", "30000"))
+                .wait(true),
+            Duration::from_millis(300),
+        )
+        .await
+        .expect("send");
+    }
+    let last = s
+        .send(Batch::new().item(Item::new("cpu:0", "noop")))
+        .await
+        .expect("send");
+    let mut batches = BTreeSet::new();
+    let answered = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let a = s.next().await.expect("answer").expect("one");
+            if a.tag == last {
+                return a;
+            }
+            let e = a.outcome.expect_err("each limited wait ends");
+            assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+            assert!(batches.insert(a.queued_batch.expect("named")));
+        }
+    })
+    .await
+    .expect("the 65th request answered well before its neighbours' items end");
+    answered.outcome.expect("accepted");
+    assert!(!batches.is_empty(), "a place was freed by a limit");
+    assert_eq!(stats(&c).await.batches_accepted - before, 65);
 }
 
 /// After a half-close the daemon answers every open request, then ends the stream with OK.

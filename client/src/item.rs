@@ -197,6 +197,10 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
+    /// Whether the batch waits (see [`Batch::wait`]).
+    pub fn waits(&self) -> bool {
+        self.wait
+    }
     /// The wire message.
     pub fn into_proto(self) -> v1::SubmitRequest {
         v1::SubmitRequest {

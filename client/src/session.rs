@@ -25,6 +25,10 @@ pub struct SessionAnswer {
     pub tag: u64,
     /// What `Submit` would have returned: its response, or its status.
     pub outcome: Result<v1::SubmitResponse, ClientError>,
+    /// With an error outcome: the batch's id when it was queued all the same (its wait limit
+    /// passed, `DEADLINE_EXCEEDED`; its results were over the daemon's message limit,
+    /// `RESOURCE_EXHAUSTED`). Its work goes on: flush it, or fetch its results, by this id.
+    pub queued_batch: Option<u64>,
 }
 
 /// An open session (see the module docs). Dropping it ends the session; work already
@@ -77,6 +81,38 @@ impl Session {
     /// `INVALID_ARGUMENT` for an empty batch, or after [`Session::close`]; `UNAVAILABLE`
     /// when the session has ended (read [`Session::next`] for its status).
     pub async fn send(&mut self, batch: Batch) -> Result<u64, ClientError> {
+        self.send_request(batch, None).await
+    }
+
+    /// As [`Session::send`], for a waiting batch whose wait ends after `limit`: past it the
+    /// answer is `DEADLINE_EXCEEDED` with [`SessionAnswer::queued_batch`] set (the work goes
+    /// on), and the request no longer counts against the daemon's 64 open requests. The
+    /// session itself goes on.
+    ///
+    /// # Errors
+    /// As [`Session::send`], and `INVALID_ARGUMENT` for a batch that does not wait.
+    pub async fn send_with_wait_limit(
+        &mut self,
+        batch: Batch,
+        limit: std::time::Duration,
+    ) -> Result<u64, ClientError> {
+        if !batch.waits() {
+            return Err(ClientError::InvalidRequest(
+                "a wait limit needs a batch that waits (Batch::wait(true))".into(),
+            ));
+        }
+        let limit = prost_types::Duration {
+            seconds: i64::try_from(limit.as_secs()).unwrap_or(i64::MAX),
+            nanos: limit.subsec_nanos() as i32,
+        };
+        self.send_request(batch, Some(limit)).await
+    }
+
+    async fn send_request(
+        &mut self,
+        batch: Batch,
+        wait_timeout: Option<prost_types::Duration>,
+    ) -> Result<u64, ClientError> {
         let submit = batch.into_proto();
         if submit.items.is_empty() {
             return Err(ClientError::InvalidRequest(
@@ -92,6 +128,7 @@ impl Session {
         tx.send(v1::SessionRequest {
             tag,
             submit: Some(submit),
+            wait_timeout,
         })
         .await
         .map_err(|_| {
@@ -116,11 +153,16 @@ impl Session {
             return Ok(None);
         };
         self.open = self.open.saturating_sub(1);
+        let mut queued_batch = None;
         let outcome = match m.outcome {
             Some(v1::session_response::Outcome::Submitted(r)) => Ok(r),
-            Some(v1::session_response::Outcome::Error(e)) => Err(ClientError::Status(
-                tonic::Status::new(tonic::Code::from(e.code), e.message),
-            )),
+            Some(v1::session_response::Outcome::Error(e)) => {
+                queued_batch = (e.batch_id != 0).then_some(e.batch_id);
+                Err(ClientError::Status(tonic::Status::new(
+                    tonic::Code::from(e.code),
+                    e.message,
+                )))
+            }
             None => Err(ClientError::Protocol(format!(
                 "session answer {} has no outcome",
                 m.tag
@@ -129,6 +171,7 @@ impl Session {
         Ok(Some(SessionAnswer {
             tag: m.tag,
             outcome,
+            queued_batch,
         }))
     }
 

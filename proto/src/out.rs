@@ -562,8 +562,9 @@ mod tests {
         };
         out.results.push(&result(7).encode_to_vec());
         let error = v1::SessionError {
-            code: 3,
-            message: "items[0].target: no".into(),
+            code: 4,
+            message: "waiting for batch 9: ...".into(),
+            batch_id: 9,
         };
         use v1::session_response::Outcome;
         for (tag, stock, ours) in [

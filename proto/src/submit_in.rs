@@ -176,6 +176,8 @@ pub struct SessionRequestIn {
     pub tag: u64,
     /// Field 2.
     pub submit: Option<SubmitRequestIn>,
+    /// Field 3, as the stock type decodes it.
+    pub wait_timeout: Option<prost_types::Duration>,
 }
 
 impl Message for SessionRequestIn {
@@ -185,6 +187,9 @@ impl Message for SessionRequestIn {
         }
         if let Some(s) = &self.submit {
             encoding::message::encode(2, s, buf);
+        }
+        if let Some(d) = &self.wait_timeout {
+            encoding::message::encode(3, d, buf);
         }
     }
 
@@ -203,6 +208,12 @@ impl Message for SessionRequestIn {
                 // A second occurrence of the field merges into the first, as prost does.
                 self.submit.get_or_insert_with(Default::default).merge(body)
             }
+            3 => encoding::message::merge(
+                wire_type,
+                self.wait_timeout.get_or_insert_with(Default::default),
+                buf,
+                ctx,
+            ),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -217,6 +228,10 @@ impl Message for SessionRequestIn {
             .submit
             .as_ref()
             .map_or(0, |s| encoding::message::encoded_len(2, s))
+            + self
+                .wait_timeout
+                .as_ref()
+                .map_or(0, |d| encoding::message::encoded_len(3, d))
     }
 
     fn clear(&mut self) {
@@ -348,11 +363,16 @@ mod tests {
         let plain = v1::SessionRequest {
             tag: 42,
             submit: Some(batch.clone()),
+            wait_timeout: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 500,
+            }),
         };
         let check = |bytes: &[u8]| {
             let stock = v1::SessionRequest::decode(bytes).unwrap();
             let ours = SessionRequestIn::decode(bytes).unwrap();
             assert_eq!(ours.tag, stock.tag);
+            assert_eq!(ours.wait_timeout, stock.wait_timeout);
             assert_eq!(ours.submit.map(SubmitRequestIn::into_stock), stock.submit);
         };
         let bytes = plain.encode_to_vec();
@@ -371,6 +391,7 @@ mod tests {
                 wait: false,
                 ..batch
             }),
+            wait_timeout: None,
         }
         .encode_to_vec();
         tricky.push(ITEM_KEY);
@@ -385,6 +406,7 @@ mod tests {
             &v1::SessionRequest {
                 tag: 1,
                 submit: None,
+                wait_timeout: None,
             }
             .encode_to_vec(),
         );

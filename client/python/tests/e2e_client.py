@@ -137,6 +137,26 @@ class ClientTest(unittest.TestCase):
             self.assertIsNone(q.counts)
             self.assertEqual(len(q.item_ids), 1)
 
+    def test_a_session_wait_timeout_ends_only_that_wait(self) -> None:
+        # The limited request is answered DEADLINE_EXCEEDED with its batch's id while its
+        # item still runs; the batch flushes by that id, and the session goes on.
+        with self.c.session() as s:
+            limited = s.send([wqd.Item("cpu:1", "sleep", args={"ms": "1000"})], wait=True,
+                             wait_timeout=0.2)
+            a = s.next()
+            assert a is not None and a.error is not None, a
+            self.assertEqual(a.tag, limited)
+            self.assertEqual(a.error.code, grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert a.queued_batch is not None
+            self.assertIn(f"batch {a.queued_batch}", a.error.message)
+            r = s.submit([wqd.Item("cpu:2", "noop")], wait=True)
+            self.assertEqual([x.state for x in r.results], [wqd.State.OK])
+            with self.assertRaises(ValueError):
+                s.send([wqd.Item("cpu:2", "noop")], wait_timeout=1.0)
+        f = self.c.flush(batch=a.queued_batch)
+        self.assertEqual(f.summary.items_covered, 1)
+        self.assertEqual([x.state for x in f.results], [wqd.State.OK])
+
     def test_errors_carry_code_and_message(self) -> None:
         with self.assertRaises(wqd.WqdError) as e:
             self.c.submit([wqd.Item("all", "noop"), wqd.Item("cache:x", "noop")])

@@ -269,6 +269,11 @@ class SessionAnswer:
     tag: int
     submitted: Optional[Submitted]
     error: Optional["WqdError"]
+    #: With ``error``: the batch's id when it was queued all the same (its
+    #: ``wait_timeout`` passed, DEADLINE_EXCEEDED; its results were over the
+    #: daemon's message limit, RESOURCE_EXHAUSTED). Its work goes on: flush it
+    #: or fetch its results by this id.
+    queued_batch: Optional[int] = None
 
 
 class Session:
@@ -301,15 +306,23 @@ class Session:
         self._responses = stub.Session(requests(), **kw)
 
     def send(self, items: Iterable[Item], *, workqueue: str = "",
-             wait: bool = False) -> int:
-        """Sends one batch; returns its tag."""
+             wait: bool = False, wait_timeout: Optional[float] = None) -> int:
+        """Sends one batch; returns its tag.
+
+        ``wait_timeout`` (seconds, with ``wait`` only) ends this request's
+        wait: past it the answer's ``error`` is DEADLINE_EXCEEDED and its
+        ``queued_batch`` names the batch, whose work goes on; the session goes
+        on too."""
         if self._closed:
             raise ValueError("the session was closed for sending")
+        if wait_timeout is not None and not wait:
+            raise ValueError("wait_timeout needs wait=True: there is no wait to limit")
         self._tag += 1
         self._q.put(dispatch_pb2.SessionRequest(
             tag=self._tag,
             submit=dispatch_pb2.SubmitRequest(
-                workqueue=workqueue, items=[i.to_pb() for i in items], wait=wait)))
+                workqueue=workqueue, items=[i.to_pb() for i in items], wait=wait),
+            wait_timeout=_duration(wait_timeout)))
         self._open += 1
         return self._tag
 
@@ -329,7 +342,8 @@ class Session:
         if which == "error":
             code = next((c for c in grpc.StatusCode if c.value[0] == m.error.code),
                         grpc.StatusCode.UNKNOWN)
-            return SessionAnswer(m.tag, None, WqdError(code, m.error.message))
+            return SessionAnswer(m.tag, None, WqdError(code, m.error.message),
+                                 m.error.batch_id or None)
         raise WqdError(grpc.StatusCode.INTERNAL, f"session answer {m.tag} has no outcome")
 
     def submit(self, items: Iterable[Item], *, workqueue: str = "",

@@ -688,6 +688,7 @@ mod tests {
             v1::SessionRequest {
                 tag,
                 submit: Some(submit(n, "all")),
+                wait_timeout: None,
             }
             .encode_to_vec()
         };

@@ -208,10 +208,15 @@ impl Rpc {
             .fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `Submit`: checks, queues all or nothing, and with `wait` collects the batch's results
+    /// until `deadline`. `queued` is set to the batch's id once it is queued, so that a caller
+    /// answering an error after that (the wait's deadline, results over the message limit)
+    /// can name the batch whose work goes on.
     pub(super) async fn do_submit(
         &self,
         mut r: SubmitRequestIn,
         deadline: Option<Instant>,
+        queued: &mut u64,
     ) -> Result<SubmitResponseOut, RpcError> {
         let limits = self.limits.load();
         let (wq, wait) = (wq_name(std::mem::take(&mut r.workqueue)), r.wait);
@@ -236,6 +241,7 @@ impl Rpc {
             .submit_specs(wq, specs, wait)
             .await
             .map_err(|e| reindex(e, &origins))?;
+        *queued = rec.batch;
         // Encoded as they are made (see `EncodedReceipts`): a queued item that named one
         // group, the common case, is a few bytes written at once.
         let mut items = EncodedReceipts::with_capacity(rec.items.len());
@@ -860,7 +866,7 @@ impl wqd_proto::out::dispatch_service_server::DispatchService for Rpc {
         req: Request<SubmitRequestIn>,
     ) -> Result<Response<SubmitResponseOut>, Status> {
         let deadline = deadline_of(req.metadata());
-        self.do_submit(req.into_inner(), deadline)
+        self.do_submit(req.into_inner(), deadline, &mut 0)
             .await
             .map(Response::new)
             .map_err(status)

@@ -6,7 +6,9 @@
 //! This module owns the session's loop ([`Session`]): it reads requests while fewer than
 //! [`IN_FLIGHT`] are unanswered, runs each through the same code as `Submit`
 //! ([`Rpc::do_submit`]), and answers each with its tag as soon as it is done, in the order they
-//! finish.
+//! finish. A request's `wait_timeout` ends its own wait (answered DEADLINE_EXCEEDED with its
+//! batch's id; the work goes on), so a wait that outlives its use does not hold one of the
+//! [`IN_FLIGHT`] places until the session ends.
 //!
 //! Invariants: every request read is answered exactly once, unless the session ends first
 //! (its deadline, the client gone), in which case the unanswered requests' work goes on as a
@@ -24,9 +26,10 @@ use std::time::Instant;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tonic::{Status, Streaming};
 use wqd_proto::out::{SessionOutcomeOut, SessionResponseOut};
-use wqd_proto::submit_in::SessionRequestIn;
+use wqd_proto::submit_in::{SessionRequestIn, SubmitRequestIn};
 use wqd_proto::v1;
 
+use super::convert::duration_in;
 use super::{sleep_until, status, Rpc, RpcError};
 use crate::shared::stopped;
 
@@ -36,6 +39,31 @@ use crate::shared::stopped;
 pub const IN_FLIGHT: usize = 64;
 
 type Answer = Pin<Box<dyn Future<Output = SessionResponseOut> + Send>>;
+
+/// A request's batch and the end of its wait (from `wait_timeout`, measured from now), or
+/// why the request is refused before anything is queued.
+fn checked(req: SessionRequestIn) -> Result<(SubmitRequestIn, Option<Instant>), RpcError> {
+    let bad = |problem: String| RpcError::Field {
+        field: "wait_timeout".into(),
+        problem,
+    };
+    let Some(s) = req.submit else {
+        return Err(RpcError::Field {
+            field: "submit".into(),
+            problem: "required".into(),
+        });
+    };
+    let limit = duration_in(req.wait_timeout)
+        .map_err(bad)?
+        .filter(|d| !d.is_zero());
+    if limit.is_some() && !s.wait {
+        return Err(bad(
+            "set on a request without submit.wait: there is no wait to limit".into(),
+        ));
+    }
+    // A limit past what `Instant` can hold is no limit.
+    Ok((s, limit.and_then(|d| Instant::now().checked_add(d))))
+}
 
 /// One session's state, polled by its response stream (see the module docs).
 pub(super) struct Session {
@@ -86,16 +114,16 @@ impl Session {
         let rpc = self.rpc.clone();
         let tag = req.tag;
         self.running.push(Box::pin(async move {
-            let outcome = match req.submit {
-                None => {
+            // Set once the batch is queued: an error answered after that names it.
+            let mut queued = 0;
+            let outcome = match checked(req) {
+                Err(e) => {
                     rpc.refused();
-                    Err(RpcError::Field {
-                        field: "submit".into(),
-                        problem: "required".into(),
-                    })
+                    Err(e)
                 }
-                // The session's deadline ends the session (see `next_message`), not each wait.
-                Some(s) => rpc.do_submit(s, None).await,
+                // The session's deadline ends the session (see `next_message`); a request's
+                // own `wait_timeout` ends only its wait.
+                Ok((s, wait_until)) => rpc.do_submit(s, wait_until, &mut queued).await,
             };
             let outcome = match outcome {
                 Ok(r) => SessionOutcomeOut::Submitted(r),
@@ -104,6 +132,7 @@ impl Session {
                     SessionOutcomeOut::Error(v1::SessionError {
                         code: st.code() as i32,
                         message: st.message().to_string(),
+                        batch_id: queued,
                     })
                 }
             };

@@ -72,20 +72,24 @@ class SubmitResponse(_message.Message):
     def __init__(self, batch_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ItemReceipt, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[_item_pb2.ItemResult, _Mapping]]] = ..., counts: _Optional[_Union[_item_pb2.StateCounts, _Mapping]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("tag", "submit")
+    __slots__ = ("tag", "submit", "wait_timeout")
     TAG_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     tag: int
     submit: SubmitRequest
-    def __init__(self, tag: _Optional[int] = ..., submit: _Optional[_Union[SubmitRequest, _Mapping]] = ...) -> None: ...
+    wait_timeout: _duration_pb2.Duration
+    def __init__(self, tag: _Optional[int] = ..., submit: _Optional[_Union[SubmitRequest, _Mapping]] = ..., wait_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class SessionError(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "batch_id")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    batch_id: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
     __slots__ = ("tag", "submitted", "error")

@@ -136,7 +136,10 @@ class DispatchServiceServicer:
         At most 64 requests of one session are unanswered at a time; the daemon
         reads the next one after an answer (HTTP/2 flow control holds the rest
         back). Answers wait for the client to read them, so a client that sends
-        many waiting requests before reading any can stall its own session. After the client half-closes, the daemon answers every request
+        many waiting requests before reading any can stall its own session. A
+        waiting request's wait_timeout ends that wait alone (DEADLINE_EXCEEDED,
+        the batch named, its work going on) and frees its place among the 64.
+        After the client half-closes, the daemon answers every request
         still open, then ends the stream with OK. A daemon that stops reads no
         more requests, answers the open ones, then ends the stream with
         UNAVAILABLE. If the client goes away or its deadline passes, the session
