@@ -353,6 +353,61 @@ async fn a_request_past_its_wait_limit_frees_its_place() {
     assert_eq!(stats(&c).await.batches_accepted - before, 65);
 }
 
+/// A split session: two tasks send 150 waiting requests each through clones of the sender
+/// while a third reads the answers, far more than the 64 the daemon reads ahead and the
+/// client buffers (sent without reading, they would stall). Every tag from 1 to 300 is
+/// answered once, and once both senders are dropped the receiver sees the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_session_sends_from_two_tasks_and_reads_in_a_third() {
+    let d = daemon();
+    let c = d.client().await;
+    let (tx, mut rx) = c.session().await.expect("Session").split();
+    let senders: Vec<_> = (0..2)
+        .map(|k| {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut tags = Vec::new();
+                for i in 0..150 {
+                    let b = Batch::new()
+                        .item(Item::new(format!("cpu:{}", (k + 2 * i) % 4), "noop"))
+                        .wait(true);
+                    tags.push(tx.send(b).await.expect("send"));
+                }
+                tags
+            })
+        })
+        .collect();
+    tx.close();
+    let reader = tokio::spawn(async move {
+        let mut answered = BTreeSet::new();
+        while let Some(a) = rx.next().await.expect("no error") {
+            let r = a.outcome.expect("accepted");
+            assert_eq!(r.results[0].state(), ItemState::Ok);
+            assert!(answered.insert(a.tag), "tag {} answered twice", a.tag);
+        }
+        (answered, rx.open())
+    });
+    let mut sent = BTreeSet::new();
+    for s in senders {
+        let tags = tokio::time::timeout(Duration::from_secs(60), s)
+            .await
+            .expect("the senders never stall on unread answers")
+            .expect("join");
+        sent.extend(tags);
+    }
+    let (answered, open) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the session ends once both senders are gone")
+        .expect("join");
+    assert_eq!(
+        sent,
+        (1..=300).collect::<BTreeSet<u64>>(),
+        "tags 1 to 300, once each"
+    );
+    assert_eq!(answered, sent, "every request answered once");
+    assert_eq!(open, 0);
+}
+
 /// After a half-close the daemon answers every open request, then ends the stream with OK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_close_answers_the_open_requests_then_ends() {

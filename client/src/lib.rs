@@ -43,6 +43,6 @@ pub use client::{
 pub use endpoint::{default_socket_path, Endpoint};
 pub use error::ClientError;
 pub use item::{Batch, Item, Target};
-pub use session::{Session, SessionAnswer};
+pub use session::{Session, SessionAnswer, SessionReceiver, SessionSender};
 /// The generated `wqd.v1` types and service clients/servers.
 pub use wqd_proto::v1 as proto;
