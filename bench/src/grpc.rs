@@ -15,7 +15,8 @@
 //!   a fixed window. Systems: the floor's `Submit` (decode + ack), wqd's `Submit` with
 //!   `wait = true` (returns when every item is done, with every result), and wqd's `Submit`
 //!   (no wait) followed by `Flush(batch_id, summary_only)`, and `Submit(wait)` on a workqueue
-//!   with `results = summary` ([`SUMMARY_WQ`]); plus the empty unary RPC
+//!   with `results = summary` ([`SUMMARY_WQ`]), and those two `Submit(wait)` requests as
+//!   requests of a `DispatchService.Session` kept open per connection; plus the empty unary RPC
 //!   (`grpc.health.v1.Health/Check` on wqd) in calls/s. Ratios are wqd ÷ floor items/s per
 //!   run (1.00 = as fast as the floor).
 //! - Latency: one connection to wqd and one to the floor per transport; one call at a time,
@@ -301,6 +302,11 @@ pub enum Sys {
     /// cannot do this job there: items that ended before it registered have no result left
     /// to count.
     WaitSummaryWq,
+    /// [`Sys::Wait`]'s request as one request of a `DispatchService.Session` kept open on the
+    /// connection (opened before the figure's window).
+    Session,
+    /// [`Sys::WaitSummaryWq`]'s request as one request of such a session.
+    SessionSummaryWq,
 }
 
 /// The workqueue with `results = summary` that [`Sys::WaitSummaryWq`] submits to (created by
@@ -317,7 +323,13 @@ impl Sys {
             Sys::NoWait => "wqd Submit (no wait)",
             Sys::Flush => "wqd Submit + Flush(summary)",
             Sys::WaitSummaryWq => "wqd Submit(wait), results = summary",
+            Sys::Session => "wqd Session(wait)",
+            Sys::SessionSummaryWq => "wqd Session(wait), results = summary",
         }
+    }
+
+    fn is_session(self) -> bool {
+        matches!(self, Sys::Session | Sys::SessionSummaryWq)
     }
 }
 
@@ -362,6 +374,20 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
             let ok = s.counts.map_or(0, |c| c.ok);
             assert_eq!(ok as usize, n, "flushed items ok: {s:?}");
         }
+        Sys::Session | Sys::SessionSummaryWq => {
+            panic!("a session's calls go through its open session (see `throughput`)")
+        }
+    }
+}
+
+/// One request of `sys` (a session kind) on `session`: `req` is the session request.
+async fn session_call(session: &mut wire::Session, sys: Sys, n: usize, req: &Pre) {
+    let a = session.call(req).await.expect("wqd Session request");
+    if sys == Sys::Session {
+        assert_eq!(a.results.len(), n, "wqd session results");
+    } else {
+        let ok = a.counts.map_or(0, |c| c.ok);
+        assert_eq!(ok as usize, n, "wqd session summary: items ok");
     }
 }
 
@@ -370,7 +396,7 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
 /// call, larger ones start timed at once: the connections are warm from the figures before).
 pub async fn throughput(conns: &[Conn], sys: Sys, n: usize, window: Duration) -> f64 {
     let wait = match sys {
-        Sys::WaitSummaryWq => wire::noop_batch_in(SUMMARY_WQ, n, true),
+        Sys::WaitSummaryWq | Sys::SessionSummaryWq => wire::noop_batch_in(SUMMARY_WQ, n, true),
         _ => wire::noop_batch(n, true),
     };
     let nowait = wire::noop_batch(n, false);
@@ -380,14 +406,24 @@ pub async fn throughput(conns: &[Conn], sys: Sys, n: usize, window: Duration) ->
     for c in conns {
         let (c, wait, nowait, barrier) = (c.clone(), wait.clone(), nowait.clone(), barrier.clone());
         tasks.push(tokio::spawn(async move {
-            if n <= 100 {
-                call(&c, sys, n, &wait, &nowait).await;
+            // A session's requests carry the same batch; the tag is not read here.
+            let req = wire::session_request(1, &wait);
+            let mut session = match sys.is_session() {
+                true => Some(c.session().await.expect("opening a wqd Session")),
+                false => None,
+            };
+            let mut one = async || match &mut session {
+                Some(s) => session_call(s, sys, n, &req).await,
+                None => call(&c, sys, n, &wait, &nowait).await,
+            };
+            if n <= 100 || sys.is_session() {
+                one().await;
             }
             barrier.wait().await;
             let t0 = Instant::now();
             let mut items = 0u64;
             loop {
-                call(&c, sys, n, &wait, &nowait).await;
+                one().await;
                 items += per_call;
                 if t0.elapsed() >= window {
                     break;
@@ -694,7 +730,14 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 tp.entry((tr, nc, 0, Sys::Empty)).or_default().push(r);
                 for (bi, &n) in cfg.batches.iter().enumerate() {
                     let systems: &[Sys] = if side.floor_nd.is_empty() {
-                        &[Sys::Floor, Sys::Wait, Sys::Flush, Sys::WaitSummaryWq]
+                        &[
+                            Sys::Floor,
+                            Sys::Wait,
+                            Sys::Flush,
+                            Sys::WaitSummaryWq,
+                            Sys::Session,
+                            Sys::SessionSummaryWq,
+                        ]
                     } else {
                         &[
                             Sys::Floor,
@@ -702,6 +745,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                             Sys::Wait,
                             Sys::Flush,
                             Sys::WaitSummaryWq,
+                            Sys::Session,
+                            Sys::SessionSummaryWq,
                         ]
                     };
                     for sys in rotate(systems, run + bi) {
@@ -767,6 +812,31 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             "Submit(wait) of nodelay floor",
         ],
     );
+    let mut st = Table::new(
+        "gRPC: the same batches as requests of a session (items/s, higher is better)",
+        &format!(
+            "The throughput table's `Submit(wait)` requests (default workqueue, full results; \
+             and on the `results = summary` workqueue), sent as requests of one \
+             `DispatchService.Session` per connection, opened before the figure (each request \
+             is one DATA frame each way: no new HTTP/2 stream, headers or trailers); one \
+             request in flight per connection, in the same runs, {:?} window per figure, \
+             min / median / max. `÷ Submit(wait)` is the session's items/s over the unary \
+             call's of the same kind, per run.",
+            cfg.window
+        ),
+        &[
+            "transport",
+            "conns",
+            "batch",
+            "floor: decode + ack",
+            "wqd Session(wait)",
+            "of floor",
+            "÷ Submit(wait)",
+            "wqd Session(wait), results = summary",
+            "of floor",
+            "÷ Submit(wait), results = summary",
+        ],
+    );
     let mut empty = Table::new(
         "gRPC: the empty unary RPC (calls/s, higher is better)",
         "`grpc.health.v1.Health/Check` on the same wqd process and connections, in the same \
@@ -801,6 +871,19 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 let (rw, rf) = (per_run(&wa, &fl), per_run(&fu, &fl));
                 let fs = get(n, Sys::WaitSummaryWq);
                 let rs = per_run(&fs, &fl);
+                let (se, ss) = (get(n, Sys::Session), get(n, Sys::SessionSummaryWq));
+                st.row(vec![
+                    tr.to_string(),
+                    nc.to_string(),
+                    n.to_string(),
+                    report::rate_spread(Spread::of(&mut fl.clone())),
+                    report::rate_spread(Spread::of(&mut se.clone())),
+                    report::spread(per_run(&se, &fl), 2),
+                    report::spread(per_run(&se, &wa), 2),
+                    report::rate_spread(Spread::of(&mut ss.clone())),
+                    report::spread(per_run(&ss, &fl), 2),
+                    report::spread(per_run(&ss, &fs), 2),
+                ]);
                 let nd = tp.get(&(*tr, nc, n, Sys::FloorNd)).cloned();
                 let (nd_rate, nd_ratio) = match &nd {
                     Some(v) => (
@@ -846,12 +929,17 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                         format!(
                             "Submit(wait) {:.0}% of {floor_name} ({} vs {} items/s); \
                              Submit+Flush {:.0}%; Submit(wait) on a results = summary \
-                             workqueue {:.0}%{}",
+                             workqueue {:.0}%; as session requests {:.0}% ({} items/s) and \
+                             {:.0}% ({} items/s){}",
                             jw * 100.0,
                             report::rate(Spread::of(&mut wa.clone()).median),
                             report::rate(Spread::of(&mut base.clone()).median),
                             jf * 100.0,
                             js * 100.0,
+                            per_run(&se, base).median * 100.0,
+                            report::rate(Spread::of(&mut se.clone()).median),
+                            per_run(&ss, base).median * 100.0,
+                            report::rate(Spread::of(&mut ss.clone()).median),
                             if nd.is_some() {
                                 format!(
                                     " (the floor as served, Nagle on: {} items/s)",
@@ -968,7 +1056,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         t_topo.elapsed()
     );
     drop(wqd);
-    (vec![t, mtab, empty, lt, topo], verdicts)
+    (vec![t, st, mtab, empty, lt, topo], verdicts)
 }
 
 /// What [`profile_client`] calls, and how.
