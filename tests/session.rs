@@ -408,6 +408,77 @@ async fn a_split_session_sends_from_two_tasks_and_reads_in_a_third() {
     assert_eq!(open, 0);
 }
 
+/// A session's batches are queued in the order sent, even when an earlier one is large enough
+/// to leave the request's task (over 1 024 items): on an ordered workqueue, five one-item
+/// batches sent right behind a 3 000-item one get later item ids and start after its last
+/// item ends. (With such batches submitted through the blocking pool instead of in place,
+/// this fails in the first round: checked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_batches_are_queued_in_the_order_sent() {
+    let d = Daemon::builder("two-socket").start();
+    let c = d.client().await;
+    c.create_workqueue(proto::WorkqueueAttrs {
+        name: "in-order".into(),
+        ordered: true,
+        ..Default::default()
+    })
+    .await
+    .expect("create the ordered workqueue");
+    for round in 0..3 {
+        let mut s = c.session().await.expect("Session");
+        let big = s
+            .send(
+                Batch::new()
+                    .workqueue("in-order")
+                    .items((0..3000).map(|_| Item::new("all", "noop")))
+                    .wait(true),
+            )
+            .await
+            .expect("send");
+        for _ in 0..5 {
+            s.send(
+                Batch::new()
+                    .workqueue("in-order")
+                    .item(Item::new("all", "noop"))
+                    .wait(true),
+            )
+            .await
+            .expect("send");
+        }
+        s.close();
+        let mut answers = BTreeMap::new();
+        while let Some(a) = s.next().await.expect("no error") {
+            answers.insert(a.tag, a.outcome.expect("accepted"));
+        }
+        assert_eq!(answers.len(), 6);
+        let at = |t: &Option<prost_types::Timestamp>| {
+            let t = t.as_ref().expect("timestamp");
+            (t.seconds, t.nanos)
+        };
+        let big = &answers[&big];
+        let last_id = big
+            .results
+            .iter()
+            .map(|r| r.item_id)
+            .max()
+            .expect("results");
+        let last_end = big.results.iter().map(|r| at(&r.finished_at)).max();
+        for (tag, r) in answers.iter().filter(|(t, _)| **t != 1) {
+            let one = &r.results[0];
+            assert!(
+                one.item_id > last_id,
+                "round {round}: request {tag}'s item {} was queued before the 3 000 sent \
+                 ahead of it (the last of them {last_id})",
+                one.item_id
+            );
+            assert!(
+                Some(at(&one.started_at)) >= last_end,
+                "round {round}: request {tag}"
+            );
+        }
+    }
+}
+
 /// After a half-close the daemon answers every open request, then ends the stream with OK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_close_answers_the_open_requests_then_ends() {

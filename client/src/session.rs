@@ -107,7 +107,9 @@ impl Session {
         })
     }
 
-    /// Sends one batch; returns its tag. Waits while the stream's buffer is full: the daemon
+    /// Sends one batch; returns its tag. The daemon queues a session's batches in the order
+    /// they are sent (with several senders, the order their sends complete); their answers come
+    /// as they finish. Waits while the stream's buffer is full: the daemon
     /// reads at most 64 requests ahead of its answers, and the answers wait for
     /// [`Session::next`]. A caller that sends many waiting batches before reading any can
     /// therefore wait here until its deadline: keep [`Session::open`] bounded (say, under 64)

@@ -134,6 +134,8 @@ impl Rpc {
     ) -> Result<T, RpcError> {
         let multi = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        // In place: the caller's task waits for the engine, so a session's next request is
+        // not queued before this one (see `session.rs`).
         if multi {
             return tokio::task::block_in_place(|| self.inline("blocking call", f));
         }

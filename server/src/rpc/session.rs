@@ -10,7 +10,11 @@
 //! batch's id; the work goes on), so a wait that outlives its use does not hold one of the
 //! [`IN_FLIGHT`] places until the session ends.
 //!
-//! Invariants: every request read is answered exactly once, unless the session ends first
+//! Invariants: batches are queued in the order their requests were read (a request's future
+//! is first polled before any later one's, `FuturesUnordered` being FIFO for new futures,
+//! and `do_submit` queues within that first poll: inline, or in place on the daemon's
+//! multi-thread runtime; the blocking pool, used only on a current-thread runtime, would not
+//! keep the order); every request read is answered exactly once, unless the session ends first
 //! (its deadline, the client gone), in which case the unanswered requests' work goes on as a
 //! `Submit`'s does when its client goes away; a refused request is answered with its status
 //! and the session goes on; a failed read (a message over the request limits, a message that

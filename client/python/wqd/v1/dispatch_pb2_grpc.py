@@ -126,12 +126,12 @@ class DispatchServiceServicer:
         limits.max_batch_items or limits.max_request_memory) ends the session,
         with that status, since it is refused before it is read.
 
-        The requests of a session run side by side, like concurrent Submit calls:
-        one is not queued before another because it was sent first (a batch of
-        over 1 024 items is queued from a blocking thread, and a small one sent
-        after it may be queued first). A client that needs one batch queued before the next (an
-        ordered workqueue, say) waits for the first one's answer, or sends both
-        in one batch.
+        A session's batches are queued in the order sent: each request's batch is
+        queued before the next request is taken up (a batch of over 1 024 items
+        holds the session while it is queued), so on an ordered workqueue the
+        items of consecutive requests run in the order sent. Their waits run side
+        by side, like concurrent Submit calls, and the answers come as they are
+        ready.
 
         At most 64 requests of one session are unanswered at a time; the daemon
         reads the next one after an answer (HTTP/2 flow control holds the rest
