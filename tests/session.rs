@@ -20,6 +20,13 @@ fn daemon() -> Daemon {
     Daemon::builder("two-socket").config(LIMITS).start()
 }
 
+/// A waiting batch of one 30-second item, on CPU `i % 4`.
+fn long_wait(i: usize) -> Batch {
+    Batch::new()
+        .item(Item::new(format!("cpu:{}", i % 4), "sleep").arg("ms", "30000"))
+        .wait(true)
+}
+
 /// 240 requests in rounds of 60 (sent, then read): waiting ones of 1 to 5 items with every
 /// 5th failing, and not-waiting ones. Every tag is answered once; a waiting answer carries
 /// one result per item, in order, each the one `GetResults` has; a not-waiting one carries
@@ -321,14 +328,9 @@ async fn a_request_past_its_wait_limit_frees_its_place() {
     let before = stats(&c).await.batches_accepted;
     let mut s = c.session().await.expect("Session");
     for i in 0..64 {
-        s.send_with_wait_limit(
-            Batch::new()
-                .item(Item::new(format!("cpu:{}", i % 4), "sleep").arg("ms", "30000"))
-                .wait(true),
-            Duration::from_millis(300),
-        )
-        .await
-        .expect("send");
+        s.send_with_wait_limit(long_wait(i), Duration::from_millis(300))
+            .await
+            .expect("send");
     }
     let last = s
         .send(Batch::new().item(Item::new("cpu:0", "noop")))
@@ -522,13 +524,7 @@ async fn a_session_reads_at_most_64_requests_ahead_of_its_answers() {
     let before = stats(&c).await.batches_accepted;
     let mut s = c.session().await.expect("Session");
     for i in 0..80 {
-        s.send(
-            Batch::new()
-                .item(Item::new(format!("cpu:{}", i % 4), "sleep").arg("ms", "30000"))
-                .wait(true),
-        )
-        .await
-        .expect("send");
+        s.send(long_wait(i)).await.expect("send");
     }
     wait_for("64 batches accepted", Duration::from_secs(10), || async {
         (stats(&c).await.batches_accepted - before == 64).then_some(())
