@@ -1550,7 +1550,8 @@ impl Fuzz {
             );
         }
         for m in end.messages().to_vec() {
-            if let Ok(a) = v1::SessionResponse::decode(m.clone()) {
+            let answer = v1::SessionResponse::decode(m);
+            if let Ok(a) = &answer {
                 let refused = matches!(&a.outcome,
                     Some(v1::session_response::Outcome::Error(e))
                         if Code::from(e.code) == Code::InvalidArgument
@@ -1567,7 +1568,7 @@ impl Fuzz {
                     );
                 }
             }
-            match v1::SessionResponse::decode(m) {
+            match answer {
                 Ok(v1::SessionResponse {
                     outcome: Some(v1::session_response::Outcome::Submitted(r)),
                     ..
