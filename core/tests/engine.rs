@@ -2006,6 +2006,89 @@ fn flushes_whose_items_end_on_two_cpus_at_once_hear_each_item_once() {
     assert_eq!(engine.stats().items, 0, "nothing left live");
 }
 
+/// Both CPUs' workers take from one queue (every item targets `all`) and finish in it, under
+/// L's shared side: a worker releases the queue's lock before it makes its batch's records,
+/// so the other takes from the queue meanwhile. Every item is heard of once, in either
+/// results mode, both CPUs run items, nothing is left live, and the queue's counts come back
+/// to zero (an idle queue is dropped only with none pending or running).
+#[test]
+fn one_queue_shared_by_both_cpus_workers_ends_each_item_once() {
+    let engine = Arc::new(observed_engine(EngineConfig {
+        pinning: false,
+        worker_idle: Duration::from_millis(100),
+        ..EngineConfig::default()
+    }));
+    let before = engine.stats().queues;
+    for (name, mode) in [("full", ResultsMode::Full), ("sum", ResultsMode::Summary)] {
+        let mut a = WorkqueueAttrs::named(name);
+        a.results = mode;
+        engine.create_workqueue(a).unwrap();
+    }
+    let batch = |n: usize| -> Vec<ItemSpec> {
+        (0..n).map(|_| ItemSpec::new(Target::All, "noop")).collect()
+    };
+    let heard = AtomicUsize::new(0);
+    let on_cpu = [AtomicUsize::new(0), AtomicUsize::new(0)];
+    std::thread::scope(|s| {
+        for side in 0..2 {
+            let (engine, heard, on_cpu, batch) = (&engine, &heard, &on_cpu, &batch);
+            s.spawn(move || {
+                for round in 0..150 {
+                    let n = 200 + (round * 37 + side * 11) % 400;
+                    let wq = if round % 2 == side { "sum" } else { "full" };
+                    let deadline = Some(Instant::now() + Duration::from_secs(30));
+                    let (rec, mut flush) = engine.submit_and_flush(wq, batch(n), false).unwrap();
+                    let mut got = Vec::new();
+                    while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
+                        match ev {
+                            FlushEvent::Done(r) => {
+                                assert_eq!(r.state, State::Ok);
+                                if let Some(c) = r.cpu_finished {
+                                    on_cpu[c as usize].fetch_add(1, Ordering::Relaxed);
+                                }
+                                got.push(r.id);
+                            }
+                            FlushEvent::Ended(id, st) => {
+                                assert_eq!(st, State::Ok);
+                                got.push(id);
+                            }
+                            other => panic!("{wq}: unexpected {other:?}"),
+                        }
+                    }
+                    got.sort_unstable();
+                    let want: Vec<u64> = rec.items.iter().map(|i| i.id).collect();
+                    assert_eq!(got, want, "{wq}: each item once");
+                    heard.fetch_add(n, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert!(heard.load(Ordering::Relaxed) >= 2 * 150 * 200);
+    let ran = on_cpu.each_ref().map(|c| c.load(Ordering::Relaxed));
+    assert!(
+        ran[0] > 0 && ran[1] > 0,
+        "both CPUs ran items of the queue: {ran:?}"
+    );
+    let t0 = Instant::now();
+    loop {
+        let s = engine.stats();
+        assert_eq!(
+            (s.items, s.pending, s.running),
+            (0, 0, 0),
+            "nothing left live"
+        );
+        if s.queues <= before {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} queues still there ({before} before): one still counts an item running",
+            s.queues
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The submit takes L's shared side for a plain batch into queues that exist and can run it,
 /// and the exclusive side for everything else: a batch that makes a queue, a key, a delay, a
 /// deadline, an ordered workqueue, a queue without an eligible CPU. Both kinds run their items.

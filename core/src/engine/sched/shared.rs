@@ -105,10 +105,11 @@ impl Sched {
     ///
     /// `p` is the caller's pool, locked for its whole hold. Each other shared table is held
     /// briefly, never across the per-item work: the items and their claims are taken out in
-    /// one hold of the item table (full results made in it as each item leaves; other records
-    /// after it, with no lock), the queue's and pool's counters move, the workqueue's in one
-    /// hold, and the flushes and batches hear of them in one hold (their held events sent with
-    /// it, as `finish_all` does; see `send_held`).
+    /// one hold of the item table (full results made in it as each item leaves), the queue's
+    /// counters move and its lock is released, other records are made (with only P held: the
+    /// other CPU's worker takes from or finishes in the same queue meanwhile), the pool's
+    /// counters move, the workqueue's in one hold, and the flushes and batches hear of them
+    /// in one hold (their held events sent with it, as `finish_all` does; see `send_held`).
     #[allow(clippy::too_many_arguments)]
     fn finish_shared(
         &self,
@@ -204,6 +205,11 @@ impl Sched {
             }
             freed
         };
+        q.running -= n;
+        if q.pending == 0 && q.running == 0 && q.delayed == 0 {
+            q.idle_since = Some(now);
+        }
+        drop(q);
         for (f, item) in done.drain(..).rev().zip(later.drain(..)) {
             notices.extend(end_ran(&ctx, mode, &name, f, item, out, fx));
         }
@@ -212,11 +218,6 @@ impl Sched {
         for n in &notices {
             by_state[n.state().index()] += 1;
         }
-        q.running -= n;
-        if q.pending == 0 && q.running == 0 && q.delayed == 0 {
-            q.idle_since = Some(now);
-        }
-        drop(q);
         p.running -= n;
         p.last_progress = now;
         p.lockup_reported = false;
