@@ -53,7 +53,7 @@ pub struct Cli {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
-    /// File holding the bearer token for a daemon with [security] token_file (sent as
+    /// File holding the bearer token for a daemon with `[security] token_file` (sent as
     /// `authorization: Bearer ...`); WQD_TOKEN gives the token itself
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
