@@ -1932,6 +1932,33 @@ fn counting_flushes_count_every_finish_batch_once() {
 /// session 20, and a hold hands its flush events over with a clone of the flush's sender): every
 /// flush hears each of its items exactly once and returns, whatever its delivery — full results
 /// as events, `Ended` events, a tally, or everything at the end — with two submitters at once.
+/// The ids a flush hears of until it ends (by `deadline`), sorted: every item must have ended
+/// `Ok`, as a full result (`Done`, also given to `done`) or a state (`Ended`).
+fn ended_ok(
+    flush: &mut Flush,
+    deadline: Option<Instant>,
+    wq: &str,
+    mut done: impl FnMut(&ItemResult),
+) -> Vec<u64> {
+    let mut got = Vec::new();
+    while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
+        match ev {
+            FlushEvent::Done(r) => {
+                assert_eq!(r.state, State::Ok);
+                done(&r);
+                got.push(r.id);
+            }
+            FlushEvent::Ended(id, st) => {
+                assert_eq!(st, State::Ok);
+                got.push(id);
+            }
+            other => panic!("{wq}: unexpected {other:?}"),
+        }
+    }
+    got.sort_unstable();
+    got
+}
+
 /// A hold that let a flush's last item close its channel while the other worker's events were
 /// on their way would lose them here.
 #[test]
@@ -1971,21 +1998,7 @@ fn flushes_whose_items_end_on_two_cpus_at_once_hear_each_item_once() {
                             } else {
                                 engine.submit_and_flush(wq, batch(n), false).unwrap()
                             };
-                            let mut got = Vec::new();
-                            while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
-                                match ev {
-                                    FlushEvent::Done(r) => {
-                                        assert_eq!(r.state, State::Ok);
-                                        got.push(r.id);
-                                    }
-                                    FlushEvent::Ended(id, st) => {
-                                        assert_eq!(st, State::Ok);
-                                        got.push(id);
-                                    }
-                                    other => panic!("{wq}: unexpected {other:?}"),
-                                }
-                            }
-                            got.sort_unstable();
+                            let got = ended_ok(&mut flush, deadline, wq, |_| {});
                             let want: Vec<u64> = rec.items.iter().map(|i| i.id).collect();
                             assert_eq!(got, want, "{wq} (waits {waits}): each item once");
                         }
@@ -2038,24 +2051,11 @@ fn one_queue_shared_by_both_cpus_workers_ends_each_item_once() {
                     let wq = if round % 2 == side { "sum" } else { "full" };
                     let deadline = Some(Instant::now() + Duration::from_secs(30));
                     let (rec, mut flush) = engine.submit_and_flush(wq, batch(n), false).unwrap();
-                    let mut got = Vec::new();
-                    while let Some(ev) = flush.next_blocking(deadline).expect("in time") {
-                        match ev {
-                            FlushEvent::Done(r) => {
-                                assert_eq!(r.state, State::Ok);
-                                if let Some(c) = r.cpu_finished {
-                                    on_cpu[c as usize].fetch_add(1, Ordering::Relaxed);
-                                }
-                                got.push(r.id);
-                            }
-                            FlushEvent::Ended(id, st) => {
-                                assert_eq!(st, State::Ok);
-                                got.push(id);
-                            }
-                            other => panic!("{wq}: unexpected {other:?}"),
+                    let got = ended_ok(&mut flush, deadline, wq, |r| {
+                        if let Some(c) = r.cpu_finished {
+                            on_cpu[c as usize].fetch_add(1, Ordering::Relaxed);
                         }
-                    }
-                    got.sort_unstable();
+                    });
                     let want: Vec<u64> = rec.items.iter().map(|i| i.id).collect();
                     assert_eq!(got, want, "{wq}: each item once");
                     heard.fetch_add(n, Ordering::Relaxed);
