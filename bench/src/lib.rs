@@ -25,6 +25,7 @@
 //! - [`alloc`]: the counting allocator the binary installs to measure memory.
 
 pub mod alloc;
+pub mod busy;
 pub mod contention;
 pub mod dispatch;
 pub mod fleet;

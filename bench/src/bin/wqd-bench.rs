@@ -44,11 +44,12 @@ fn machine() -> String {
 const USAGE: &str =
     "usage: wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]... \
 [--out FILE]
-       wqd-bench --profile-engine ROUNDS [summary] [batch=N] [store=N]
-       wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs]
-       wqd-bench --profile-contention one|split ROUNDS [full]
+       wqd-bench --profile-engine ROUNDS [summary] [batch=N] [store=N] [busy]
+       wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs] [busy]
+       wqd-bench --profile-contention one|split ROUNDS [full] [busy]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
---quick is a smoke run whose figures are not worth comparing.";
+--quick is a smoke run whose figures are not worth comparing. `busy` runs a profile loop beside
+a thread that never sleeps on each CPU, at nice 10.";
 
 const SECTIONS: [&str; 8] = [
     "dispatch",
@@ -145,6 +146,11 @@ fn main() {
             .find_map(|a| a.strip_prefix("store="))
             .map_or(1 << 16, |b| b.parse().expect("store=N"));
         let mut e = dispatch::Wqd::with_store(w, results, store);
+        // `busy`: beside a busy thread on each CPU (`busy.rs`).
+        let _busy = args
+            .iter()
+            .any(|a| a == "busy")
+            .then(wqd_bench::busy::Neighbours::start);
         let t0 = Instant::now();
         for _ in 0..n {
             dispatch::System::batch(&mut e, batch);
@@ -162,12 +168,16 @@ fn main() {
             Some("one") => true,
             Some("split") => false,
             _ => {
-                eprintln!("usage: wqd-bench --profile-contention one|split ROUNDS [full]");
+                eprintln!("usage: wqd-bench --profile-contention one|split ROUNDS [full] [busy]");
                 std::process::exit(2);
             }
         };
         let rounds: usize = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(300);
-        let full = args.get(i + 3).map(String::as_str) == Some("full");
+        let full = args.iter().skip(i + 3).any(|a| a == "full");
+        let _busy = args
+            .iter()
+            .any(|a| a == "busy")
+            .then(wqd_bench::busy::Neighbours::start);
         let el = contention::profile(one, rounds, full);
         println!(
             "{} engine(s), 2 x {rounds} x 1000 items in {el:.2}s: {:.0} items/s",
@@ -194,6 +204,10 @@ fn main() {
             );
             std::process::exit(2);
         }
+        let _busy = args
+            .iter()
+            .any(|a| a == "busy")
+            .then(wqd_bench::busy::Neighbours::start);
         let pause = args
             .iter()
             .find_map(|a| a.strip_prefix("pause="))
