@@ -16,6 +16,7 @@ mod clock;
 mod epoch;
 mod idhash;
 mod items;
+mod lock;
 mod sched;
 mod signal;
 mod timer;
@@ -554,25 +555,26 @@ pub(crate) fn spin(rounds: &mut u32) -> bool {
 /// as long as an idle worker spins for work ([`SPIN`]).
 const LOCK_SPIN: Duration = SPIN;
 
-/// Takes `m`, trying for up to [`LOCK_SPIN`] before it parks in `m.lock()`: rounds of
+/// Takes `m`, trying for up to [`LOCK_SPIN`] before it waits in `m.lock()`: rounds of
 /// [`spin`] (pause hints, a yield every 64, none on a CPU found shared with a thread that
-/// does not sleep), each trying the lock when it looks free.
+/// does not sleep), trying the lock every fourth.
 ///
 /// For the locks the two CPUs' workers meet on in their shared holds (a queue's Q and the
 /// item table, taken for binds and removals of the same batch) and R, which both take to
 /// store their results. Each is held for a few microseconds at a time (never across an
-/// item's run), but `parking_lot` parks after a few yields, and a futex wait and wake-up cost
-/// tens of microseconds on a VM. Session requests of 1 000 items over gRPC, two workers on
+/// item's run), but [`lock::Mutex`] waits on the futex after a short spin, and a futex wait
+/// and wake-up cost tens of microseconds on a VM. Session requests of 1 000 items over gRPC, two workers on
 /// one queue: 1.49–1.58M -> 1.60–1.69M items/s with full results, 2.90–3.57M -> 3.70–4.17M
 /// with summary ones; two busy groups through one engine 5.6–5.9M -> 6.6–6.7M (session 33).
-pub(crate) fn lock_spinning<T>(m: &parking_lot::Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
+pub(crate) fn lock_spinning<T>(m: &lock::Mutex<T>) -> lock::MutexGuard<'_, T> {
     if let Some(g) = m.try_lock() {
         return g;
     }
     let until = Instant::now() + LOCK_SPIN;
     let mut rounds = 0u32;
     loop {
-        if !m.is_locked() {
+        // Tried every 4 rounds: each try writes the line its holder is using.
+        if rounds.is_multiple_of(4) {
             if let Some(g) = m.try_lock() {
                 return g;
             }
@@ -1048,12 +1050,16 @@ impl Flush {
         };
         // Nobody reads per-item events from here on: turn the flush into a counting one, so
         // the items still to finish bump a tally instead of each sending (and waking us).
-        // Under the engine lock, so every item is counted once: either its event is already
-        // in the channel (drained below) or it finds the tally.
+        // Under the flushes' lock (with L shared, which every path that tells a flush holds:
+        // a worker's shared finish, in its hold of the flushes; every other path with L
+        // exclusive), so every item is counted once: either its event is already in the
+        // channel or held by a worker to send there (drained below), or it finds the tally.
+        // Not under L exclusive, which would wait for every shared holder and keep out new
+        // ones: beside a busy thread its writer side yields for whole time slices.
         if self.tally.is_none() {
             if let Some(id) = self.id {
                 let t = Arc::new(Mutex::new(Tally::default()));
-                if let Some(rec) = self.inner.sched.write().flushes.get_mut().get_mut(&id) {
+                if let Some(rec) = self.inner.sched.read().flushes.lock().get_mut(&id) {
                     rec.count_instead(t.clone());
                 }
                 self.tally = Some(t);
@@ -1117,9 +1123,11 @@ impl FlushSummary {
 }
 
 impl Drop for Flush {
+    /// Removes the flush's record, under L shared and the flushes' lock (as `wait`'s switch
+    /// to a tally, and for the same reason).
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            self.inner.sched.write().flushes.get_mut().remove(&id);
+            self.inner.sched.read().flushes.lock().remove(&id);
         }
     }
 }
@@ -2252,7 +2260,7 @@ mod tests {
     #[test]
     fn lock_spinning_excludes_and_outlasts_long_holds() {
         use std::time::{Duration, Instant};
-        let m = Arc::new(parking_lot::Mutex::new(0u64));
+        let m = Arc::new(super::lock::Mutex::new(0u64));
         const THREADS: u64 = 4;
         const ADDS: u64 = 2_000;
         let threads: Vec<_> = (0..THREADS)

@@ -52,7 +52,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use crate::engine::lock::Mutex;
 use slab::Slab;
 
 use super::idhash::IdMap;
@@ -246,7 +246,7 @@ impl Sched {
             holding: false,
             held_flushes: Vec::new(),
             fin: Finished::default(),
-            results: Arc::new(parking_lot::Mutex::new(Results::new(
+            results: Arc::new(Mutex::new(Results::new(
                 cfg.results_max,
                 cfg.results_ttl,
                 cfg.results_memory,

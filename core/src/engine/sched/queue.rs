@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, MutexGuard};
+use crate::engine::lock::{Mutex, MutexGuard};
 
 use crate::cpuset::CpuSet;
 use crate::engine::State;

@@ -554,10 +554,10 @@ impl Made {
 }
 
 /// The store behind R, shared by the scheduler (inside L) and look-ups (R alone).
-pub(crate) type Store = Arc<parking_lot::Mutex<Results>>;
+pub(crate) type Store = Arc<crate::engine::lock::Mutex<Results>>;
 
 /// R, held.
-pub(crate) type ResultsGuard<'a> = parking_lot::MutexGuard<'a, Results>;
+pub(crate) type ResultsGuard<'a> = crate::engine::lock::MutexGuard<'a, Results>;
 
 /// What one stored result costs, estimated: its slot, and its out-of-line part with its texts
 /// when it has one (its index slot and names are counted by the [`Index`] and the

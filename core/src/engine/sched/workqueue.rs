@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use crate::engine::lock::Mutex;
 
 use crate::engine::idhash::IdMap;
 use crate::engine::{EngineError, ResultsMode, State, WorkqueueAttrs, WorkqueueStats};
