@@ -17,6 +17,11 @@ pub struct Neighbours {
 }
 
 impl Neighbours {
+    /// Started when the profile's arguments ask for `busy` (anywhere among them).
+    pub fn if_asked(args: &[String]) -> Option<Neighbours> {
+        args.iter().any(|a| a == "busy").then(Neighbours::start)
+    }
+
     /// Starts one busy thread per CPU the bench may run on.
     pub fn start() -> Neighbours {
         let stop = Arc::new(AtomicBool::new(false));

@@ -146,11 +146,7 @@ fn main() {
             .find_map(|a| a.strip_prefix("store="))
             .map_or(1 << 16, |b| b.parse().expect("store=N"));
         let mut e = dispatch::Wqd::with_store(w, results, store);
-        // `busy`: beside a busy thread on each CPU (`busy.rs`).
-        let _busy = args
-            .iter()
-            .any(|a| a == "busy")
-            .then(wqd_bench::busy::Neighbours::start);
+        let _busy = wqd_bench::busy::Neighbours::if_asked(&args);
         let t0 = Instant::now();
         for _ in 0..n {
             dispatch::System::batch(&mut e, batch);
@@ -174,10 +170,7 @@ fn main() {
         };
         let rounds: usize = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(300);
         let full = args.iter().skip(i + 3).any(|a| a == "full");
-        let _busy = args
-            .iter()
-            .any(|a| a == "busy")
-            .then(wqd_bench::busy::Neighbours::start);
+        let _busy = wqd_bench::busy::Neighbours::if_asked(&args);
         let el = contention::profile(one, rounds, full);
         println!(
             "{} engine(s), 2 x {rounds} x 1000 items in {el:.2}s: {:.0} items/s",
@@ -204,10 +197,7 @@ fn main() {
             );
             std::process::exit(2);
         }
-        let _busy = args
-            .iter()
-            .any(|a| a == "busy")
-            .then(wqd_bench::busy::Neighbours::start);
+        let _busy = wqd_bench::busy::Neighbours::if_asked(&args);
         let pause = args
             .iter()
             .find_map(|a| a.strip_prefix("pause="))

@@ -376,7 +376,7 @@ fn release<G>(inner: &Inner, s: G, fin: &mut Finished) {
     if fin.is_empty() {
         drop(s);
     } else {
-        let store = super::lock_spinning(&inner.results);
+        let store = inner.results.lock_spinning();
         drop(s);
         crate::failpoint::seam!("engine::results-unstored");
         fin.store(store);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::worker::Wake;
-use crate::engine::{lock_spinning, ResultsMode};
+use crate::engine::ResultsMode;
 use crate::groups::Ranking;
 use crate::handler::{CancelToken, HandlerKind};
 
@@ -131,7 +131,7 @@ impl Sched {
         if !p.remote_ready.is_empty() {
             return false;
         }
-        let mut q = lock_spinning(qm);
+        let mut q = qm.lock_spinning();
         let Some(wm) = self.wqs.get(q.wq) else {
             return false;
         };
@@ -155,7 +155,7 @@ impl Sched {
         let mut later = std::mem::take(&mut out.ending);
         let n = done.len();
         let freed = {
-            let mut items = lock_spinning(&self.items);
+            let mut items = self.items.lock_spinning();
             // Every check before the first change.
             for f in done.iter() {
                 if !matches!(f.outcome, Outcome::Ran(_)) {
@@ -280,7 +280,7 @@ impl Sched {
             let Some(qm) = self.queues.get(qid) else {
                 continue;
             };
-            let mut q = lock_spinning(qm);
+            let mut q = qm.lock_spinning();
             let wm = match self.wqs.get(q.wq) {
                 Some(wm) if q.remote.is_none() => wm,
                 _ => {
@@ -305,7 +305,7 @@ impl Sched {
                 let on = wq.running_on.get(&cpu).copied().unwrap_or([0, 0]);
                 (limits, on, self.observed.then(|| wq.name.clone()))
             };
-            let mut items = lock_spinning(&self.items);
+            let mut items = self.items.lock_spinning();
             let front = front_pending(&mut q, &items, qid);
             if q.pending == 0 || !Ranking::admits(a.placement, &q.eligible, cpu) {
                 q.in_ready.remove(cpu);
