@@ -11,6 +11,8 @@
 #    section (--only fleet) runs wqd as a fleet member over nats-server, against direct
 #    submission and a bare JetStream work queue (skipped without nats-server);
 #    the workers section's Python row needs target/pyenv, made here when missing;
+#    the busy section repeats the in-process, two-groups and service comparisons beside a
+#    thread that never sleeps on each CPU (bench/src/busy.rs);
 # 2. the criterion benches (dispatch, resolve/build, the authority rewriter, the result
 #    encoder against prost) for closer looks, reports in
 #    target/criterion/.

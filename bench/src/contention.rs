@@ -19,6 +19,7 @@ use wqd_core::engine::{Batch, Engine, EngineConfig, ItemSpec, ResultsMode, Workq
 use wqd_core::handler::Registry;
 use wqd_core::target::Target;
 
+use crate::busy::{self, Neighbours};
 use crate::report::{self, Table, Verdict};
 use crate::stats::Spread;
 use crate::topo;
@@ -29,6 +30,8 @@ pub struct Cfg {
     pub runs: usize,
     /// (batch size, batches per submitter per run).
     pub batches: [(usize, usize); 2],
+    /// Measured beside a busy thread on each CPU ([`crate::busy`]).
+    pub busy: bool,
 }
 
 impl Default for Cfg {
@@ -36,6 +39,7 @@ impl Default for Cfg {
         Cfg {
             runs: 5,
             batches: [(100, 3000), (1000, 300)],
+            busy: false,
         }
     }
 }
@@ -173,6 +177,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         "wqd, one engine",
     ];
     let mut rates: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); 3]; cfg.batches.len()];
+    let neighbours = cfg.busy.then(Neighbours::start);
     for run in 0..cfg.runs {
         for (j, &(n, rounds)) in cfg.batches.iter().enumerate() {
             for k in 0..3 {
@@ -188,6 +193,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             }
         }
     }
+    drop(neighbours);
     let mut t = Table::new(
         "Two groups at once: one engine lock against one engine per group (items/s, higher is better)",
         &format!(
@@ -221,6 +227,9 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 },
             ]);
         }
+    }
+    if cfg.busy {
+        busy::mark(&mut t);
     }
     (vec![t], Vec::new())
 }

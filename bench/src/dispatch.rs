@@ -18,6 +18,7 @@ use wqd_core::engine::{Batch, Engine, EngineConfig, ItemSpec, ResultsMode, Workq
 use wqd_core::handler::Registry;
 use wqd_core::target::Target;
 
+use crate::busy::{self, Neighbours};
 use crate::report::{self, Table, Verdict};
 use crate::stats::{ns, percentile, Spread};
 use crate::topo;
@@ -256,6 +257,8 @@ pub struct Cfg {
     /// (batch size, batches per run).
     pub batches: [(usize, usize); 3],
     pub latency_samples: usize,
+    /// Measured beside a busy thread on each CPU ([`crate::busy`]); no target judged.
+    pub busy: bool,
 }
 
 impl Default for Cfg {
@@ -264,6 +267,7 @@ impl Default for Cfg {
             runs: 7,
             batches: [(1, 3000), (100, 200), (10_000, 4)],
             latency_samples: 1000,
+            busy: false,
         }
     }
 }
@@ -312,6 +316,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         }
         x.batch(10_000);
     }
+    let neighbours = cfg.busy.then(Neighbours::start);
     for run in 0..cfg.runs {
         // Rotate the order so no system always runs right after the same one.
         for k in 0..sys.len() {
@@ -330,6 +335,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             figs[i].p99.push(ns(percentile(&mut lat, 99.0)));
         }
     }
+    drop(neighbours);
     let names: Vec<&str> = sys.iter().map(|x| x.name()).collect();
     drop(sys);
     topo::unpin(&all);
@@ -398,6 +404,32 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         ]);
     }
     tables.push(l);
+    if cfg.busy {
+        // The verdicts' figures, as a table: no target is judged beside busy threads.
+        let mut v = Table::new(
+            "In-process dispatch: wqd against rayon and tokio (higher is better)",
+            "wqd's items/s over rayon's and tokio's in the same run, per run, min / median / max.",
+            &[
+                "system",
+                "batch",
+                "÷ rayon spawn",
+                "÷ tokio spawn",
+                "x floor",
+            ],
+        );
+        for (name, n, floor, rayon, tokio) in wqd_vs {
+            v.row(vec![
+                name.to_string(),
+                n.to_string(),
+                report::spread(rayon, 2),
+                report::spread(tokio, 2),
+                report::spread(floor, 2),
+            ]);
+        }
+        tables.push(v);
+        tables.iter_mut().for_each(busy::mark);
+        return (tables, Vec::new());
+    }
 
     let mut verdicts = Vec::new();
     for (name, n, floor, rayon, tokio) in wqd_vs {

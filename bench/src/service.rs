@@ -31,6 +31,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::busy::{self, Neighbours};
 use crate::grpc::{self, rotate, SUMMARY_WQ};
 use crate::peers::{self, Nats, Redis};
 use crate::report::{self, Table, Verdict};
@@ -48,6 +49,8 @@ pub struct Cfg {
     pub latency_samples: usize,
     /// The pause before each single item (see [`run`]'s latency loop).
     pub latency_gap: Duration,
+    /// Measured beside a busy thread on each CPU ([`crate::busy`]); no target judged.
+    pub busy: bool,
 }
 
 impl Default for Cfg {
@@ -58,6 +61,7 @@ impl Default for Cfg {
             batches: vec![100, 1000],
             latency_samples: 1000,
             latency_gap: Duration::from_millis(1),
+            busy: false,
         }
     }
 }
@@ -317,6 +321,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
     // (batch, system) → per-run items/s; system → per-run (p50, p99) in ns.
     let mut tp: HashMap<(usize, Sys), Vec<f64>> = HashMap::new();
     let mut lat: HashMap<Sys, Vec<(f64, f64)>> = HashMap::new();
+    let neighbours = cfg.busy.then(Neighbours::start);
     for run in 0..cfg.runs {
         for (bi, &n) in cfg.batches.iter().enumerate() {
             for s in rotate(&systems, run + bi) {
@@ -346,6 +351,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         }
         eprintln!("wqd-bench: service: run {}/{} done", run + 1, cfg.runs);
     }
+    drop(neighbours);
     drop(rig);
 
     let skipped = |s: Sys| {
@@ -538,6 +544,11 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         ok,
         measured.join("; "),
     ));
+    if cfg.busy {
+        busy::mark(&mut t);
+        busy::mark(&mut lt);
+        return (vec![t, lt], Vec::new());
+    }
     (vec![t, lt], verdicts)
 }
 

@@ -1,7 +1,7 @@
 //! `wqd-bench`: runs every measurement of `docs/benchmarks.md` in one process and writes the
 //! markdown table (stdout, and `--out FILE`).
 //!
-//! Usage: `wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]...
+//! Usage: `wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet|busy]...
 //! [--out FILE]`, or `wqd-bench --profile-engine ROUNDS [summary] [batch=N] [store=N]` to run only the engine's batch loop (batches of 10k unless said; for a profiler),
 //! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs]` to drive a daemon already
 //! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
@@ -42,7 +42,7 @@ fn machine() -> String {
 }
 
 const USAGE: &str =
-    "usage: wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet]... \
+    "usage: wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet|busy]... \
 [--out FILE]
        wqd-bench --profile-engine ROUNDS [summary] [batch=N] [store=N] [busy]
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs] [busy]
@@ -51,7 +51,7 @@ Runs every measurement of docs/benchmarks.md (several minutes) and prints the ma
 --quick is a smoke run whose figures are not worth comparing. `busy` runs a profile loop beside
 a thread that never sleeps on each CPU, at nice 10.";
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "dispatch",
     "contention",
     "hotplug",
@@ -60,6 +60,7 @@ const SECTIONS: [&str; 8] = [
     "workers",
     "service",
     "fleet",
+    "busy",
 ];
 
 /// Refuses what a full run would otherwise ignore (a mistyped flag, or `--help`, must not start
@@ -249,6 +250,7 @@ fn main() {
                 runs: 2,
                 batches: [(1, 200), (100, 10), (10_000, 1)],
                 latency_samples: 100,
+                busy: false,
             };
         }
         dispatch::run(cfg)
@@ -259,6 +261,7 @@ fn main() {
             cfg = contention::Cfg {
                 runs: 1,
                 batches: [(100, 20), (1000, 4)],
+                busy: false,
             };
         }
         contention::run(cfg)
@@ -325,6 +328,47 @@ fn main() {
             };
         }
         service::run(cfg)
+    });
+    // The busy host: the in-process, two-groups and service comparisons again, shorter,
+    // beside a thread that never sleeps on each CPU (no target is judged there).
+    section("busy", &mut || {
+        let mut d = dispatch::Cfg {
+            runs: 5,
+            batches: [(1, 1000), (100, 100), (10_000, 2)],
+            latency_samples: 300,
+            busy: true,
+        };
+        let mut c = contention::Cfg {
+            runs: 3,
+            busy: true,
+            ..contention::Cfg::default()
+        };
+        let mut s = service::Cfg {
+            runs: 3,
+            window: Duration::from_millis(300),
+            latency_samples: 300,
+            busy: true,
+            ..service::Cfg::default()
+        };
+        if quick {
+            d = dispatch::Cfg {
+                runs: 1,
+                batches: [(1, 100), (100, 10), (10_000, 1)],
+                latency_samples: 50,
+                busy: true,
+            };
+            c.runs = 1;
+            c.batches = [(100, 20), (1000, 4)];
+            s.runs = 1;
+            s.window = Duration::from_millis(50);
+            s.latency_samples = 50;
+        }
+        let (mut tables, mut verdicts) = dispatch::run(d);
+        for (t, v) in [contention::run(c), service::run(s)] {
+            tables.extend(t);
+            verdicts.extend(v);
+        }
+        (tables, verdicts)
     });
     section("fleet", &mut || {
         let mut cfg = fleet::Cfg::default();
