@@ -11,8 +11,9 @@
 //! items/s (4.3M with this lock; 7.3M on a quiet host, 6.9M with this lock). `std`'s slow
 //! path spins without yielding and then waits on the futex, and a woken waiter runs soon
 //! even beside a busy thread. The shared holds' own spinning is [`Mutex::lock_spinning`]'s,
-//! which stops beside a busy thread. (L, the engine's `RwLock`, is still `parking_lot`'s: its
-//! exclusive holds are off the hot path, and a flush no longer takes it exclusive.)
+//! which stops yielding beside a busy thread (`spin`). (L, the engine's `RwLock`, is still
+//! `parking_lot`'s: its exclusive holds are off the hot path, and a flush no longer takes it
+//! exclusive.)
 //!
 //! Invariant: a panic while the lock is held does not poison it (as with `parking_lot`): the
 //! engine's holders leave every piece consistent before anything that may panic, or roll
@@ -71,7 +72,8 @@ impl<T> Mutex<T> {
                 }
             }
             // The clock is read every 16 rounds, not each (a round is one pause hint).
-            if !spin(&mut rounds) || (rounds.is_multiple_of(16) && Instant::now() >= until) {
+            spin(&mut rounds);
+            if rounds.is_multiple_of(16) && Instant::now() >= until {
                 return self.lock();
             }
         }

@@ -499,56 +499,56 @@ pub const DEFAULT_MAX_QUEUED: usize = 1 << 20;
 pub(crate) const SPIN: Duration = Duration::from_micros(50);
 
 /// A yield that kept the thread off its CPU longer than this means it shares the CPU with a
-/// thread that does not sleep (another process's, most likely: beside one, a yield lasts a
-/// time slice, 1.5–4 ms on this host): [`spin`] stops spinning for [`BUSY_PAUSE`]. Ten times
-/// the spin's own length, so a yield that long left nothing worth spinning for anyway (the
-/// daemon's RPC thread decoding a batch of 10 000 runs about that long).
+/// thread that does not sleep (beside one, some yields last a time slice, 1.5–4 ms on this
+/// host): [`spin`] stops yielding for [`BUSY_PAUSE`]. Ten times the spin's own length; on a
+/// quiet host a yield that long is rare (one in 1.6 s of `Submit(wait)` batches of 1 000,
+/// whose workers yield thousands of times a second there, session 35).
 const YIELD_SLOW: Duration = Duration::from_micros(500);
 
-/// How long a thread that found its CPU shared (see [`YIELD_SLOW`]) does not spin.
+/// How long a thread that found its CPU shared (see [`YIELD_SLOW`]) spins without yielding.
 const BUSY_PAUSE: Duration = Duration::from_millis(100);
 
 std::thread_local! {
-    /// Until when this thread does not spin (see [`spin`]).
-    static NO_SPIN_UNTIL: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+    /// Until when this thread spins without yielding (see [`spin`]).
+    static NO_YIELD_UNTIL: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
-/// One round of a bounded spin: a pause hint, and every 64 rounds a yield. `false` when the
-/// caller should stop spinning and sleep: its CPU is shared with a thread that does not sleep.
+/// One round of a spin the caller bounds (by [`SPIN`] mostly): a pause hint, and every 64
+/// rounds a yield, unless this thread found its CPU shared with a thread that never sleeps.
 ///
 /// The yield lets a thread that shares the CPU and has work (the daemon's RPC thread, on a
 /// small host) run at once instead of after the spin: on two CPUs, `Submit(wait)` of 1 000
 /// ran about 5% faster with it than with no yield at all. But a yield puts the thread behind
-/// every runnable thread of its CPU for their whole time slice, and beside a thread that
-/// never sleeps (a busy host) that is milliseconds: a batch of 100 took 4 ms, 38–40 µs per
-/// item (`--profile-engine 200 batch=100` beside a busy loop on each CPU, or on one). So a
-/// yield that took longer than [`YIELD_SLOW`] stops this thread's spins for [`BUSY_PAUSE`]:
-/// it sleeps at once and is woken through the futex, and a woken sleeper runs soon even
-/// beside a busy thread (1.2–1.6 µs per item there). Under such load one slow yield per
-/// 100 ms at most.
-pub(crate) fn spin(rounds: &mut u32) -> bool {
+/// every runnable thread of its CPU, and beside a thread that never sleeps each costs from
+/// 20 µs to a whole time slice. So a yield that took longer than [`YIELD_SLOW`] stops this
+/// thread's yields for [`BUSY_PAUSE`]; it spins on without them, and finds its work without
+/// a futex wake-up. Sessions 30–34 stopped spinning for the pause instead (the thread slept
+/// at once and was woken through the futex): beside a `nice 10` spinning thread on each CPU,
+/// the daemon's session requests of 1 000 ran 1.7–2.3M items/s that way and 3.2–4.7M this
+/// way, beside `nice 0` ones 1.2–1.3M and 1.6–2.1M, and batches of 100 in process 700 and
+/// 400–530 ns per item; on a quiet host the same (session 35, `docs/benchmarks.md`).
+pub(crate) fn spin(rounds: &mut u32) {
     *rounds = rounds.wrapping_add(1);
-    let first = *rounds == 1;
-    let yield_now = rounds.is_multiple_of(64);
-    // The pause is checked on the first round (a paused thread sleeps at once) and before
-    // each yield; the rounds between are a pause hint only.
-    if first || yield_now {
-        let now = Instant::now();
-        if NO_SPIN_UNTIL.get().is_some_and(|t| now < t) {
-            return false;
-        }
-        if yield_now {
-            std::thread::yield_now();
-            let back = Instant::now();
-            if back.duration_since(now) > YIELD_SLOW {
-                NO_SPIN_UNTIL.set(Some(back + BUSY_PAUSE));
-                return false;
-            }
-            return true;
-        }
+    if !rounds.is_multiple_of(64) {
+        std::hint::spin_loop();
+        return;
     }
-    std::hint::spin_loop();
-    true
+    let now = Instant::now();
+    if NO_YIELD_UNTIL.get().is_some_and(|t| now < t) {
+        std::hint::spin_loop();
+        return;
+    }
+    std::thread::yield_now();
+    let back = Instant::now();
+    if back.duration_since(now) > YIELD_SLOW {
+        NO_YIELD_UNTIL.set(Some(back + BUSY_PAUSE));
+    }
+}
+
+/// Whether this thread's spins yield now (see [`spin`]); for tests.
+#[cfg(test)]
+pub(crate) fn spin_yields() -> bool {
+    NO_YIELD_UNTIL.get().is_none_or(|t| Instant::now() >= t)
 }
 
 /// Attributes to set on a workqueue, `None` keeping the value there is (the default, for a new
@@ -1049,8 +1049,7 @@ impl Flush {
                     closed = true;
                     break;
                 }
-                Err(flume::TryRecvError::Empty)
-                    if Instant::now() < spin_until && spin(&mut spins) => {}
+                Err(flume::TryRecvError::Empty) if Instant::now() < spin_until => spin(&mut spins),
                 Err(flume::TryRecvError::Empty) => break,
             }
         }
@@ -2081,13 +2080,12 @@ mod tests {
     use crate::handler::Registry;
     use crate::target::Target;
 
-    /// A spin beside a thread that never sleeps, on the same CPU, stops: its yield kept it
-    /// off the CPU for a time slice, so the waiter sleeps instead of spinning on (and handing
-    /// the CPU away for a slice per yield), and its next spins stop at once, until the pause
-    /// ends. Fails with spins that yield on and on beside a busy thread (38 µs per item at
-    /// batches of 100 in process, against 1.2–1.6 µs).
+    /// A spin beside a thread that never sleeps, on the same CPU, stops yielding: one of its
+    /// yields kept it off the CPU for a time slice, so the waiter spins on without handing the
+    /// CPU away (a slice per yield there), until the pause ends. Fails with spins that yield on
+    /// and on beside a busy thread (38 µs per item at batches of 100 in process, session 30).
     #[test]
-    fn a_spin_beside_a_busy_thread_stops() {
+    fn a_spin_beside_a_busy_thread_stops_yielding() {
         use std::sync::atomic::{AtomicBool, Ordering};
         let Some(cpu) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
             .ok()
@@ -2099,32 +2097,42 @@ mod tests {
         };
         let cpu = cpu as u32;
         let stop = Arc::new(AtomicBool::new(false));
+        let spinning = Arc::new(AtomicBool::new(false));
         let busy = {
-            let stop = stop.clone();
+            let (stop, spinning) = (stop.clone(), spinning.clone());
             std::thread::spawn(move || {
                 crate::engine::worker::pin(cpu).expect("pin the busy thread");
+                spinning.store(true, Ordering::Release);
                 while !stop.load(Ordering::Relaxed) {
                     std::hint::spin_loop();
                 }
             })
         };
+        while !spinning.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
         let waiter = std::thread::spawn(move || {
             crate::engine::worker::pin(cpu).expect("pin the waiter");
+            assert!(super::spin_yields(), "a new thread's spins yield");
             let mut rounds = 0;
-            let mut spun = 0u32;
-            // 64 yields at most before one takes a time slice (each beside the busy thread).
-            while super::spin(&mut rounds) {
-                spun += 1;
-                assert!(spun < 64 * 64, "the spin went on beside a busy thread");
+            // A yield every 64 rounds, each beside the busy thread; within a few of them
+            // one lasts its time slice.
+            while super::spin_yields() {
+                super::spin(&mut rounds);
+                assert!(
+                    rounds < 64 * 64,
+                    "the spins yielded on beside a busy thread"
+                );
             }
-            let mut again = 0;
-            (spun, super::spin(&mut again))
+            rounds
         });
-        let (spun, again) = waiter.join().expect("the waiter");
+        let rounds = waiter.join().expect("the waiter");
         stop.store(true, Ordering::Relaxed);
         busy.join().expect("the busy thread");
-        assert!(spun >= 63, "it spun up to its first yield: {spun} rounds");
-        assert!(!again, "the next spin stops at once");
+        assert!(
+            rounds >= 64,
+            "it spun up to its first yield: {rounds} rounds"
+        );
     }
 
     /// An engine on two flat CPUs, workers unpinned (for the engine's own unit tests).

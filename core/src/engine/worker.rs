@@ -85,9 +85,7 @@ impl Wake {
             if self.consume() {
                 return;
             }
-            if !super::spin(&mut rounds) {
-                break;
-            }
+            super::spin(&mut rounds);
         }
         if self
             .state
