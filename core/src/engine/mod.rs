@@ -524,9 +524,9 @@ std::thread_local! {
 /// thread's yields for [`BUSY_PAUSE`]; it spins on without them, and finds its work without
 /// a futex wake-up. Sessions 30–34 stopped spinning for the pause instead (the thread slept
 /// at once and was woken through the futex): beside a `nice 10` spinning thread on each CPU,
-/// the daemon's session requests of 1 000 ran 1.7–2.3M items/s that way and 3.2–4.7M this
-/// way, beside `nice 0` ones 1.2–1.3M and 1.6–2.1M, and batches of 100 in process 700 and
-/// 400–530 ns per item; on a quiet host the same (session 35, `docs/benchmarks.md`).
+/// the daemon's session requests of 1 000 ran 2.1–3.2M items/s that way and 2.9–3.8M this
+/// way, beside `nice 0` ones 1.2–1.3M and 1.6–2.1M, and batches of 100 in process took 700
+/// and 510–530 ns per item; on a quiet host the same (session 35, `docs/benchmarks.md`).
 pub(crate) fn spin(rounds: &mut u32) {
     *rounds = rounds.wrapping_add(1);
     if !rounds.is_multiple_of(64) {
