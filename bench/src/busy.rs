@@ -1,8 +1,8 @@
 //! Busy neighbours for the `busy` section and the profile loops' `busy` option: one thread per
-//! CPU of the bench's affinity that never sleeps, at 10 nice levels below the bench (below every
-//! thread of the bench and of the servers it starts), for as long as the [`Neighbours`] value
-//! lives. It stands for a host whose other work keeps
-//! every CPU busy, the case where a thread that yields loses its CPU for a time slice.
+//! CPU of the bench's affinity that never sleeps, 10 nice levels below the bench (below every
+//! thread of the bench and of the servers it starts; at most nice 19), for as long as the
+//! [`Neighbours`] value lives. It stands for a host whose other work keeps every CPU busy, the
+//! case where a thread that yields loses its CPU for a time slice.
 //!
 //! Invariant: the threads stop and are joined when the value is dropped; each loop checks
 //! the stop flag on every round.
@@ -89,8 +89,8 @@ pub fn mark(t: &mut Table) {
     t.note = format!(
         "{} Measured beside one thread per CPU that never sleeps, 10 nice levels below the \
          bench (at most nice 19; `bench/src/busy.rs`, started after the warm-up): a host \
-         whose other work keeps every CPU busy, where a thread that yields its CPU loses it for a time slice. No \
-         target is judged here.",
+         whose other work keeps every CPU busy, where a thread that yields its CPU loses it \
+         for a time slice. No target is judged here.",
         t.note
     );
 }

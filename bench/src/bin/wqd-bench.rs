@@ -48,8 +48,8 @@ const USAGE: &str =
        wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs] [busy]
        wqd-bench --profile-contention one|split ROUNDS [full] [busy]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
---quick is a smoke run whose figures are not worth comparing. `busy` runs a profile loop beside
-a thread that never sleeps on each CPU, at nice 10.";
+--quick is a smoke run whose figures are not worth comparing. The busy section, and `busy` on a
+profile loop, run beside a thread that never sleeps on each CPU, 10 nice levels below the bench.";
 
 const SECTIONS: [&str; 9] = [
     "dispatch",
