@@ -351,12 +351,9 @@ fn main() {
             ..service::Cfg::default()
         };
         if quick {
-            d = dispatch::Cfg {
-                runs: 1,
-                batches: [(1, 100), (100, 10), (10_000, 1)],
-                latency_samples: 50,
-                busy: true,
-            };
+            d.runs = 1;
+            d.batches = [(1, 100), (100, 10), (10_000, 1)];
+            d.latency_samples = 50;
             c.runs = 1;
             c.batches = [(100, 20), (1000, 4)];
             s.runs = 1;
