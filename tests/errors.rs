@@ -423,6 +423,30 @@ async fn malformed_requests_are_refused() {
 /// was accepted and ran; Flush fetches its results), and one under it comes back whole, even
 /// when the daemon's cheap size bound is over the limit and only the exact size fits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_receipts_mode_is_refused_whole() {
+    let d = daemon();
+    let c = d.client().await;
+    for mode in [3, -1, i32::MAX] {
+        let before = stats(&c).await;
+        let e = c
+            .dispatch_stub()
+            .submit(proto::SubmitRequest {
+                items: vec![Item::new("cpu:0", "noop").into_proto()],
+                receipts: mode,
+                ..Default::default()
+            })
+            .await
+            .expect_err("an unknown receipts mode");
+        assert_eq!(e.code(), Code::InvalidArgument, "{mode}: {e:?}");
+        assert!(
+            e.message().contains("receipts") && e.message().contains(&mode.to_string()),
+            "the message names the field and the value: {e:?}"
+        );
+        assert_refused_whole(&c, &before, "unknown receipts mode").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_wait_response_over_the_message_limit_is_resource_exhausted() {
     // A `noop` result on `all` takes ≈ 90 bytes here; the daemon's bound counts ≈ 300.
     let d = Daemon::builder("two-socket")

@@ -897,6 +897,8 @@ impl Fuzz {
                 },
                 items,
                 wait: false,
+                // Every mode, and one the daemon does not know.
+                receipts: self.rng.gen_range(0..4),
             }
             .encode_to_vec();
             mutate(&mut self.rng, &mut b);
@@ -1085,6 +1087,7 @@ impl Fuzz {
                 workqueue: String::new(),
                 items,
                 wait: false,
+                receipts: 0,
             };
             // Build with a placeholder, then swap its bytes for the bad ones.
             let marker = "\u{1}MARKER\u{1}";
@@ -1119,6 +1122,7 @@ impl Fuzz {
                     workqueue: String::new(),
                     items,
                     wait: false,
+                    receipts: 0,
                 }
                 .encode_to_vec(),
                 SUBMIT_STREAM => stream_msg(Some(""), items, false),
@@ -1223,6 +1227,7 @@ impl Fuzz {
                         workqueue: DUR_WQ.into(),
                         items,
                         wait: false,
+                        receipts: 0,
                     }
                     .encode_to_vec(),
                 ),
@@ -1274,6 +1279,7 @@ impl Fuzz {
                     workqueue: String::new(),
                     items,
                     wait: false,
+                    receipts: 0,
                 };
                 (SUBMIT, r.encode_to_vec(), &[Code::InvalidArgument])
             }
@@ -1283,6 +1289,7 @@ impl Fuzz {
                     workqueue: huge.clone(),
                     items,
                     wait: false,
+                    receipts: 0,
                 }
                 .encode_to_vec(),
                 &[Code::NotFound, Code::InvalidArgument],
@@ -1338,6 +1345,7 @@ impl Fuzz {
                         workqueue: String::new(),
                         items,
                         wait: false,
+                        receipts: 0,
                     }
                     .encode_to_vec(),
                     &[Code::InvalidArgument],
@@ -1516,6 +1524,7 @@ impl Fuzz {
                     workqueue: if self.rng.gen_bool(0.2) { OWN_WQ } else { "" }.into(),
                     items: good_items(&mut self.rng, 10),
                     wait,
+                    receipts: 0,
                 }),
                 wait_timeout,
             };
@@ -1847,6 +1856,7 @@ impl Fuzz {
                 workqueue: String::new(),
                 items,
                 wait: true,
+                receipts: 0,
             }
             .encode_to_vec(),
         );
@@ -2040,6 +2050,7 @@ impl Fuzz {
                     workqueue: String::new(),
                     items,
                     wait: true,
+                    receipts: 0,
                 };
                 (SUBMIT, r.encode_to_vec())
             }
@@ -2088,6 +2099,7 @@ impl Fuzz {
                 workqueue: name.clone(),
                 items,
                 wait: true,
+                receipts: 0,
             }
             .encode_to_vec(),
         );

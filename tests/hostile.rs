@@ -157,6 +157,7 @@ async fn huge_delays_and_deadlines_are_refused_whole() {
                 bad,
             ],
             wait: false,
+            receipts: 0,
         };
         let e = c.dispatch_stub().submit(req).await.expect_err(field);
         assert_eq!(e.code(), Code::InvalidArgument, "{field} {d_:?}: {e:?}");

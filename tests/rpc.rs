@@ -299,6 +299,95 @@ async fn submit_wait_results_in_parts_stay_in_submission_order() {
     }
 }
 
+/// Items 0-11 on `node:0`, delayed so that they stay pending (a repeated key is then a
+/// duplicate); items 5 and 9 carry `key`, and item 11 is `each:node` (two items, one per node).
+fn keyed_batch(key: &str) -> Batch {
+    Batch::new().items((0..12).map(|i| {
+        let t = if i == 11 { "each:node" } else { "node:0" };
+        let it = Item::new(t, "noop").delay(Duration::from_millis(300));
+        if i == 5 || i == 9 {
+            it.key(key)
+        } else {
+            it
+        }
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_without_receipts_answers_with_the_batch_shape() {
+    let d = Daemon::start("two-socket");
+    let c = d.client().await;
+
+    // A receipt per item (the default): the shape fields agree with them.
+    let r = c.submit(keyed_batch("a")).await.expect("Submit");
+    assert_eq!(r.items.len(), 13, "each:node counts as its two items");
+    assert_eq!(r.item_count, 13);
+    assert_eq!(r.queued_count, 12);
+    assert!(r.duplicates.is_empty(), "the receipts say it: {r:?}");
+    for (i, rc) in r.items.iter().enumerate() {
+        if rc.queued {
+            assert_eq!(rc.item_id, r.first_item_id + i as u64, "entry {i}");
+        } else {
+            assert_eq!((i, rc.duplicate_of), (9, r.first_item_id + 5));
+        }
+    }
+
+    // No receipts: the same batch in SubmitStream's shape, duplicates included.
+    let r = c
+        .submit(keyed_batch("b").receipts(false))
+        .await
+        .expect("Submit without receipts");
+    assert!(r.items.is_empty(), "{r:?}");
+    assert_eq!((r.item_count, r.queued_count), (13, 12));
+    let first = r.first_item_id;
+    let dups: Vec<(u64, u64)> = r
+        .duplicates
+        .iter()
+        .map(|x| (x.index, x.duplicate_of))
+        .collect();
+    assert_eq!(dups, vec![(9, first + 5)]);
+    let (results, summary) = c
+        .flush_all(FlushScope::Batch(r.batch_id))
+        .await
+        .expect("Flush");
+    assert_eq!(summary.items_covered, 12);
+    assert_eq!(summary.counts.unwrap().ok, 12);
+    let ids: BTreeSet<u64> = results.iter().map(|x| x.item_id).collect();
+    let want: BTreeSet<u64> = (0..13).filter(|&i| i != 9).map(|i| first + i).collect();
+    assert_eq!(ids, want, "the queued items are first_item_id + i");
+
+    // With wait: the results and counts as ever, still no receipts.
+    let r = c
+        .submit(
+            Batch::new()
+                .items((0..4).map(|i| Item::new(format!("cpu:{i}"), "noop")))
+                .wait(true)
+                .receipts(false),
+        )
+        .await
+        .expect("Submit(wait) without receipts");
+    assert!(r.items.is_empty());
+    assert_eq!((r.item_count, r.queued_count), (4, 4));
+    assert_eq!(r.counts.map(|c| c.ok), Some(4));
+    let ids: Vec<u64> = r.results.iter().map(|x| x.item_id).collect();
+    assert_eq!(ids, (0..4).map(|i| r.first_item_id + i).collect::<Vec<_>>());
+
+    // A session's request asks the same way.
+    let mut s = c.session().await.expect("Session");
+    let r = s
+        .submit(
+            Batch::new()
+                .items((0..3).map(|_| Item::new("all", "noop")))
+                .wait(true)
+                .receipts(false),
+        )
+        .await
+        .expect("a session request without receipts");
+    assert!(r.items.is_empty());
+    assert_eq!((r.item_count, r.queued_count), (3, 3));
+    assert_eq!(r.results.len(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_stream_with_duplicates_then_flush() {
     let d = Daemon::start("two-socket");

@@ -79,6 +79,7 @@ fn stock(rs: &[ItemResult]) -> Vec<u8> {
             .collect(),
         results: rs.iter().map(result_out).collect(),
         counts: None,
+        ..Default::default()
     }
     .encode_to_vec()
 }

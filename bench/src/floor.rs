@@ -43,14 +43,16 @@ struct Ids {
 }
 
 impl Ids {
-    /// One receipt per item, ids from the counter; `wait` ignored.
+    /// One receipt per item (none when the request asks for none, as wqd does), ids from the
+    /// counter; `wait` ignored.
     fn ack(&self, r: v1::SubmitRequest) -> v1::SubmitResponse {
         let n = r.items.len() as u64;
         let first = self.next.fetch_add(n, Ordering::Relaxed) + 1;
         let batch_id = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
+        let each = r.receipts() != v1::ReceiptsMode::None;
         v1::SubmitResponse {
             batch_id,
-            items: (first..first + n)
+            items: (first..first + if each { n } else { 0 })
                 .map(|id| v1::ItemReceipt {
                     item_id: id,
                     queued: true,
@@ -60,6 +62,10 @@ impl Ids {
                 .collect(),
             results: Vec::new(),
             counts: None,
+            first_item_id: first,
+            item_count: n,
+            queued_count: n,
+            duplicates: Vec::new(),
         }
     }
 }

@@ -307,7 +307,23 @@ pub enum Sys {
     Session,
     /// [`Sys::WaitSummaryWq`]'s request as one request of such a session.
     SessionSummaryWq,
+    /// [`Sys::Floor`], asked for no receipt per item (`receipts = RECEIPTS_MODE_NONE`).
+    FloorBare,
+    /// [`Sys::Wait`] without receipts: the full results, and the batch's shape.
+    WaitBare,
+    /// [`Sys::Flush`] without receipts: the `Submit` answers with the batch's shape.
+    FlushBare,
+    /// [`Sys::Session`] without receipts.
+    SessionBare,
 }
+
+/// The kinds that ask for no receipt per item.
+const BARE: [Sys; 4] = [
+    Sys::FloorBare,
+    Sys::WaitBare,
+    Sys::FlushBare,
+    Sys::SessionBare,
+];
 
 /// The workqueue with `results = summary` that [`Sys::WaitSummaryWq`] submits to (created by
 /// the section on the daemon it starts).
@@ -325,11 +341,26 @@ impl Sys {
             Sys::WaitSummaryWq => "wqd Submit(wait), results = summary",
             Sys::Session => "wqd Session(wait)",
             Sys::SessionSummaryWq => "wqd Session(wait), results = summary",
+            Sys::FloorBare => "floor: decode + ack, no receipts",
+            Sys::WaitBare => "wqd Submit(wait), no receipts",
+            Sys::FlushBare => "wqd Submit + Flush(summary), no receipts",
+            Sys::SessionBare => "wqd Session(wait), no receipts",
         }
     }
 
     fn is_session(self) -> bool {
-        matches!(self, Sys::Session | Sys::SessionSummaryWq)
+        matches!(
+            self,
+            Sys::Session | Sys::SessionSummaryWq | Sys::SessionBare
+        )
+    }
+
+    /// Asks for no receipt per item.
+    fn bare(self) -> bool {
+        matches!(
+            self,
+            Sys::FloorBare | Sys::WaitBare | Sys::FlushBare | Sys::SessionBare
+        )
     }
 }
 
@@ -350,6 +381,22 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
         Sys::Floor | Sys::FloorNd => {
             let a = c.submit(nowait).await.expect("floor Submit");
             assert_eq!(a.items.len(), n, "floor receipts");
+        }
+        Sys::FloorBare => {
+            let a = c.submit(nowait).await.expect("floor Submit");
+            assert_eq!((a.items.len(), a.item_count), (0, n as u64), "floor shape");
+        }
+        Sys::WaitBare => {
+            let a = c.submit(wait).await.expect("wqd Submit(wait)");
+            assert_eq!(a.results.len(), n, "wqd results");
+            assert_eq!((a.items.len(), a.item_count), (0, n as u64), "wqd shape");
+        }
+        Sys::FlushBare => {
+            let a = c.submit(nowait).await.expect("wqd Submit");
+            assert_eq!((a.items.len(), a.queued_count), (0, n as u64), "wqd shape");
+            let s = c.flush_summary(a.batch_id).await.expect("wqd Flush");
+            let ok = s.counts.map_or(0, |c| c.ok);
+            assert_eq!(ok as usize, n, "flushed items ok: {s:?}");
         }
         Sys::Wait => {
             let a = c.submit(wait).await.expect("wqd Submit(wait)");
@@ -374,7 +421,7 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
             let ok = s.counts.map_or(0, |c| c.ok);
             assert_eq!(ok as usize, n, "flushed items ok: {s:?}");
         }
-        Sys::Session | Sys::SessionSummaryWq => {
+        Sys::Session | Sys::SessionSummaryWq | Sys::SessionBare => {
             panic!("a session's calls go through its open session (see `throughput`)")
         }
     }
@@ -383,8 +430,10 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
 /// One request of `sys` (a session kind) on `session`: `req` is the session request.
 async fn session_call(session: &mut wire::Session, sys: Sys, n: usize, req: &Pre) {
     let a = session.call(req).await.expect("wqd Session request");
-    if sys == Sys::Session {
+    if sys == Sys::Session || sys == Sys::SessionBare {
         assert_eq!(a.results.len(), n, "wqd session results");
+        let receipts = if sys == Sys::Session { n } else { 0 };
+        assert_eq!(a.items.len(), receipts, "wqd session receipts");
     } else {
         let ok = a.counts.map_or(0, |c| c.ok);
         assert_eq!(ok as usize, n, "wqd session summary: items ok");
@@ -400,6 +449,13 @@ pub async fn throughput(conns: &[Conn], sys: Sys, n: usize, window: Duration) ->
         _ => wire::noop_batch(n, true),
     };
     let nowait = wire::noop_batch(n, false);
+    let (wait, nowait) = match sys.bare() {
+        true => (
+            wire::without_receipts(&wait),
+            wire::without_receipts(&nowait),
+        ),
+        false => (wait, nowait),
+    };
     let per_call = if sys == Sys::Empty { 1 } else { n as u64 };
     let mut tasks = Vec::new();
     let barrier = Arc::new(tokio::sync::Barrier::new(conns.len()));
@@ -729,29 +785,25 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 let r = rt.block_on(throughput(w, Sys::Empty, 1, cfg.window));
                 tp.entry((tr, nc, 0, Sys::Empty)).or_default().push(r);
                 for (bi, &n) in cfg.batches.iter().enumerate() {
-                    let systems: &[Sys] = if side.floor_nd.is_empty() {
-                        &[
-                            Sys::Floor,
-                            Sys::Wait,
-                            Sys::Flush,
-                            Sys::WaitSummaryWq,
-                            Sys::Session,
-                            Sys::SessionSummaryWq,
-                        ]
-                    } else {
-                        &[
-                            Sys::Floor,
-                            Sys::FloorNd,
-                            Sys::Wait,
-                            Sys::Flush,
-                            Sys::WaitSummaryWq,
-                            Sys::Session,
-                            Sys::SessionSummaryWq,
-                        ]
-                    };
-                    for sys in rotate(systems, run + bi) {
+                    let mut systems = vec![
+                        Sys::Floor,
+                        Sys::Wait,
+                        Sys::Flush,
+                        Sys::WaitSummaryWq,
+                        Sys::Session,
+                        Sys::SessionSummaryWq,
+                    ];
+                    if !side.floor_nd.is_empty() {
+                        systems.push(Sys::FloorNd);
+                    }
+                    // Without receipts: where they weigh (a receipt per item), on the
+                    // transport the targets are judged on.
+                    if *tr == "unix" && n >= 100 {
+                        systems.extend(BARE);
+                    }
+                    for sys in rotate(&systems, run + bi) {
                         let conns = match sys {
-                            Sys::Floor => f,
+                            Sys::Floor | Sys::FloorBare => f,
                             Sys::FloorNd => &side.floor_nd[..nc],
                             _ => w,
                         };
@@ -837,6 +889,31 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             "÷ Submit(wait), results = summary",
         ],
     );
+    let mut bare = Table::new(
+        "gRPC: the same calls without a receipt per item (items/s, higher is better)",
+        &format!(
+            "The throughput and session tables' calls with `receipts = RECEIPTS_MODE_NONE`: \
+             the answer carries the batch's shape (`first_item_id`, `item_count`, \
+             `queued_count`, the duplicates) instead of an `ItemReceipt` per item; Unix \
+             socket, batches of 100 and more, in the same runs, {:?} window per figure, min / \
+             median / max. The floor answers the same way. `÷ with` is this figure over the \
+             same call's with receipts, per run.",
+            cfg.window
+        ),
+        &[
+            "transport",
+            "conns",
+            "batch",
+            "floor, no receipts",
+            "÷ with",
+            "wqd Submit(wait), no receipts",
+            "÷ with",
+            "wqd Submit + Flush(summary), no receipts",
+            "÷ with",
+            "wqd Session(wait), no receipts",
+            "÷ with",
+        ],
+    );
     let mut empty = Table::new(
         "gRPC: the empty unary RPC (calls/s, higher is better)",
         "`grpc.health.v1.Health/Check` on the same wqd process and connections, in the same \
@@ -884,6 +961,19 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                     report::spread(per_run(&ss, &fl), 2),
                     report::spread(per_run(&ss, &fs), 2),
                 ]);
+                if let Some(fb) = tp.get(&(*tr, nc, n, Sys::FloorBare)) {
+                    let mut row = vec![tr.to_string(), nc.to_string(), n.to_string()];
+                    for (with, without) in [
+                        (&fl, fb),
+                        (&wa, &get(n, Sys::WaitBare)),
+                        (&fu, &get(n, Sys::FlushBare)),
+                        (&se, &get(n, Sys::SessionBare)),
+                    ] {
+                        row.push(report::rate_spread(Spread::of(&mut without.clone())));
+                        row.push(report::spread(per_run(without, with), 2));
+                    }
+                    bare.row(row);
+                }
                 let nd = tp.get(&(*tr, nc, n, Sys::FloorNd)).cloned();
                 let (nd_rate, nd_ratio) = match &nd {
                     Some(v) => (
@@ -1056,7 +1146,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
         t_topo.elapsed()
     );
     drop(wqd);
-    (vec![t, st, mtab, empty, lt, topo], verdicts)
+    (vec![t, st, bare, mtab, empty, lt, topo], verdicts)
 }
 
 /// What [`profile_client`] calls, and how.
@@ -1082,6 +1172,9 @@ pub struct ProfileCall {
     pub targets: String,
     /// The targets in runs (the first `batch / n` items to the first, and so on) instead.
     pub runs: bool,
+    /// A receipt per item in each answer (else `receipts = RECEIPTS_MODE_NONE`: the item
+    /// count is checked instead).
+    pub receipts: bool,
 }
 
 /// For a profiler on the daemon side: `rounds` calls as `call` says to the daemon on
@@ -1095,6 +1188,7 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
         empty,
         session,
         pause,
+        receipts,
         ..
     } = call;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1114,6 +1208,11 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
         };
         let targets: Vec<&str> = call.targets.split(',').collect();
         let req = wire::noop_batch_to(wq, &targets, call.runs, batch, wait);
+        let req = if receipts {
+            req
+        } else {
+            wire::without_receipts(&req)
+        };
         let mut sess = if session && !flush {
             Some(c.session().await.expect("Session"))
         } else {
@@ -1139,13 +1238,14 @@ pub fn profile_client(socket: &Path, rounds: usize, call: ProfileCall) {
                 None => c.submit(&req).await.expect("Submit"),
             };
             // An `each:` target fans a wire item out to one item per group.
-            let n = *items.get_or_insert(a.items.len());
+            let n = *items.get_or_insert(a.item_count as usize);
             if flush {
                 let s = c.flush_summary(a.batch_id).await.expect("Flush");
                 assert_eq!(s.counts.map_or(0, |c| c.ok) as usize, n, "flushed ok");
             }
             lat.push(t.elapsed());
-            assert_eq!(a.items.len(), n);
+            assert_eq!(a.item_count as usize, n, "items in the batch");
+            assert_eq!(a.items.len(), if receipts { n } else { 0 }, "receipts");
             if summary && wait {
                 assert_eq!(a.counts.map_or(0, |c| c.ok) as usize, n, "items ok");
             }

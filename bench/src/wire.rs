@@ -82,6 +82,13 @@ pub struct Ack {
     /// returns).
     #[prost(message, optional, tag = "4")]
     pub counts: Option<v1::StateCounts>,
+    /// The batch's shape, whatever the receipts mode.
+    #[prost(uint64, tag = "5")]
+    pub first_item_id: u64,
+    #[prost(uint64, tag = "6")]
+    pub item_count: u64,
+    #[prost(uint64, tag = "7")]
+    pub queued_count: u64,
 }
 
 /// A `SubmitRequest` of `n` `noop` items targeting `all` on the default workqueue, encoded.
@@ -113,8 +120,19 @@ pub fn noop_batch_to(wq: &str, targets: &[&str], runs: bool, n: usize, wait: boo
             })
             .collect(),
         wait,
+        receipts: v1::ReceiptsMode::Unspecified as i32,
     };
     Pre(req.encode_to_vec().into())
+}
+
+/// `req` (a [`noop_batch`]-style `SubmitRequest`) asking for no receipt per item
+/// (`receipts = RECEIPTS_MODE_NONE`, field 4 appended: a field that comes last is read as if
+/// it were in place).
+pub fn without_receipts(req: &Pre) -> Pre {
+    let mut b = Vec::with_capacity(req.0.len() + 2);
+    b.extend_from_slice(&req.0);
+    prost::encoding::int32::encode(4, &(v1::ReceiptsMode::None as i32), &mut b);
+    Pre(b.into())
 }
 
 /// `SessionResponse` read lazily: the answer as an [`Ack`], or the refusal.

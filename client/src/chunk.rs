@@ -9,7 +9,7 @@
 
 use prost::Message;
 use wqd_proto::v1::{
-    ItemReceipt, SubmitOptions, SubmitStreamRequest, SubmitStreamResponse, WorkItem,
+    DuplicateItem, ItemReceipt, SubmitOptions, SubmitStreamRequest, SubmitStreamResponse, WorkItem,
 };
 
 /// Default encoded size of one stream message: well under gRPC's usual 4 MiB limit.
@@ -82,8 +82,20 @@ impl<I: Iterator<Item = WorkItem>> Iterator for Chunker<I> {
 /// Expands the compact receipt of a streamed batch into one [`ItemReceipt`] per item, in
 /// stream order — the same shape `Submit` returns.
 pub fn stream_receipts(resp: &SubmitStreamResponse) -> Vec<ItemReceipt> {
-    let mut dups = resp.duplicates.iter().peekable();
-    (0..resp.item_count)
+    shape_receipts(resp.first_item_id, resp.item_count, &resp.duplicates)
+}
+
+/// One [`ItemReceipt`] per item of a batch known by its shape: item `i` queued as
+/// `first_item_id + i` unless `duplicates` (in index order) names it. A `SubmitStream`'s
+/// answer, and a `Submit`'s without receipts (`Batch::receipts(false)`), which lack only the
+/// groups `each:` items were expanded to.
+pub fn shape_receipts(
+    first_item_id: u64,
+    item_count: u64,
+    duplicates: &[DuplicateItem],
+) -> Vec<ItemReceipt> {
+    let mut dups = duplicates.iter().peekable();
+    (0..item_count)
         .map(|i| match dups.peek() {
             Some(d) if d.index == i => {
                 let r = ItemReceipt {
@@ -96,7 +108,7 @@ pub fn stream_receipts(resp: &SubmitStreamResponse) -> Vec<ItemReceipt> {
                 r
             }
             _ => ItemReceipt {
-                item_id: resp.first_item_id + i,
+                item_id: first_item_id + i,
                 queued: true,
                 duplicate_of: 0,
                 ..Default::default()

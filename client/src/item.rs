@@ -157,15 +157,27 @@ impl From<v1::WorkItem> for Item {
 }
 
 /// A batch for [`crate::Client::submit`].
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     workqueue: String,
     items: Vec<v1::WorkItem>,
     wait: bool,
+    receipts: bool,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            workqueue: String::new(),
+            items: Vec::new(),
+            wait: false,
+            receipts: true,
+        }
+    }
 }
 
 impl Batch {
-    /// An empty batch for the `default` workqueue.
+    /// An empty batch for the `default` workqueue, with a receipt per item.
     pub fn new() -> Self {
         Self::default()
     }
@@ -189,6 +201,14 @@ impl Batch {
         self.wait = wait;
         self
     }
+    /// Whether the response carries one receipt per item (the default, `true`). Without them
+    /// (`RECEIPTS_MODE_NONE`) its `items` is empty and `first_item_id`, `item_count` and
+    /// `queued_count` describe the batch: for a caller that follows the batch by its id or
+    /// its counts, and would only decode and drop a receipt per item.
+    pub fn receipts(mut self, each: bool) -> Self {
+        self.receipts = each;
+        self
+    }
     /// Number of items.
     pub fn len(&self) -> usize {
         self.items.len()
@@ -207,6 +227,11 @@ impl Batch {
             workqueue: self.workqueue,
             items: self.items,
             wait: self.wait,
+            receipts: if self.receipts {
+                v1::ReceiptsMode::Unspecified
+            } else {
+                v1::ReceiptsMode::None
+            } as i32,
         }
     }
 }
@@ -232,6 +257,9 @@ mod tests {
             .into_proto();
         assert_eq!(req.workqueue, "wq1");
         assert!(req.wait);
+        assert_eq!(req.receipts(), v1::ReceiptsMode::Unspecified);
+        let bare = Batch::new().receipts(false).into_proto();
+        assert_eq!(bare.receipts(), v1::ReceiptsMode::None);
         let a = &req.items[0];
         assert_eq!(a.target, "cache:1");
         assert_eq!(a.args.get("ms").map(String::as_str), Some("5"));

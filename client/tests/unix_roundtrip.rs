@@ -36,6 +36,10 @@ impl ds::DispatchService for Stub {
                 .collect(),
             results: vec![],
             counts: None,
+            first_item_id: 100,
+            item_count: n,
+            queued_count: n,
+            duplicates: Vec::new(),
         }))
     }
     async fn submit_stream(

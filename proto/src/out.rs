@@ -205,6 +205,10 @@ pub struct SubmitResponseOut {
     pub items: EncodedReceipts,
     pub results: EncodedResults,
     pub counts: Option<v1::StateCounts>,
+    pub first_item_id: u64,
+    pub item_count: u64,
+    pub queued_count: u64,
+    pub duplicates: Vec<v1::DuplicateItem>,
 }
 
 impl Default for SubmitResponseOut {
@@ -214,7 +218,22 @@ impl Default for SubmitResponseOut {
             items: EncodedReceipts::default(),
             results: EncodedResults::new(3),
             counts: None,
+            first_item_id: 0,
+            item_count: 0,
+            queued_count: 0,
+            duplicates: Vec::new(),
         }
+    }
+}
+
+impl SubmitResponseOut {
+    /// Fields 5–7 with their numbers, in order: the batch's shape, whatever the receipts mode.
+    fn tail(&self) -> [(u32, u64); 3] {
+        [
+            (5, self.first_item_id),
+            (6, self.item_count),
+            (7, self.queued_count),
+        ]
     }
 }
 
@@ -228,6 +247,12 @@ impl Message for SubmitResponseOut {
         if let Some(c) = &self.counts {
             encoding::message::encode(4, c, buf);
         }
+        for (tag, v) in self.tail() {
+            if v != 0 {
+                encoding::uint64::encode(tag, &v, buf);
+            }
+        }
+        encoding::message::encode_repeated(8, &self.duplicates, buf);
     }
 
     fn merge_field(
@@ -253,11 +278,21 @@ impl Message for SubmitResponseOut {
                 buf,
                 ctx,
             ),
+            5 => encoding::uint64::merge(wire_type, &mut self.first_item_id, buf, ctx),
+            6 => encoding::uint64::merge(wire_type, &mut self.item_count, buf, ctx),
+            7 => encoding::uint64::merge(wire_type, &mut self.queued_count, buf, ctx),
+            8 => encoding::message::merge_repeated(wire_type, &mut self.duplicates, buf, ctx),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
 
     fn encoded_len(&self) -> usize {
+        let tail: usize = self
+            .tail()
+            .into_iter()
+            .filter(|&(_, v)| v != 0)
+            .map(|(tag, v)| encoding::uint64::encoded_len(tag, &v))
+            .sum();
         let batch = if self.batch_id != 0 {
             encoding::uint64::encoded_len(1, &self.batch_id)
         } else {
@@ -270,6 +305,8 @@ impl Message for SubmitResponseOut {
                 .counts
                 .as_ref()
                 .map_or(0, |c| encoding::message::encoded_len(4, c))
+            + tail
+            + encoding::message::encoded_len_repeated(8, &self.duplicates)
     }
 
     fn clear(&mut self) {
@@ -481,6 +518,10 @@ mod tests {
                 ok: 2,
                 ..Default::default()
             }),
+            first_item_id: 1,
+            item_count: 3,
+            queued_count: 2,
+            duplicates: Vec::new(),
         };
         let mut items = EncodedReceipts::default();
         items.push_queued(1);
@@ -490,6 +531,9 @@ mod tests {
             batch_id: 9,
             items,
             counts: stock.counts,
+            first_item_id: 1,
+            item_count: 3,
+            queued_count: 2,
             ..Default::default()
         };
         for r in &stock.results {
@@ -504,6 +548,37 @@ mod tests {
             empty.encode_to_vec(),
             v1::SubmitResponse::default().encode_to_vec()
         );
+        // Without receipts (`RECEIPTS_MODE_NONE`): the batch's shape alone, ids of any length.
+        let duplicates = vec![
+            v1::DuplicateItem {
+                index: 0,
+                duplicate_of: 3,
+            },
+            v1::DuplicateItem {
+                index: 1 << 35,
+                duplicate_of: u64::MAX,
+            },
+        ];
+        let bare = v1::SubmitResponse {
+            batch_id: 9,
+            first_item_id: u64::MAX - 5,
+            item_count: 1 << 40,
+            queued_count: 127,
+            duplicates: duplicates.clone(),
+            ..Default::default()
+        };
+        let out = SubmitResponseOut {
+            batch_id: 9,
+            first_item_id: u64::MAX - 5,
+            item_count: 1 << 40,
+            queued_count: 127,
+            duplicates,
+            ..Default::default()
+        };
+        let bytes = out.encode_to_vec();
+        assert_eq!(bytes, bare.encode_to_vec());
+        assert_eq!(out.encoded_len(), bytes.len());
+        assert_eq!(SubmitResponseOut::decode(&bytes[..]).ok(), Some(out));
     }
 
     #[test]
@@ -551,6 +626,10 @@ mod tests {
                 ok: 1,
                 ..Default::default()
             }),
+            first_item_id: 7,
+            item_count: 1,
+            queued_count: 1,
+            duplicates: Vec::new(),
         };
         let mut items = EncodedReceipts::default();
         items.push_queued(7);
@@ -558,6 +637,9 @@ mod tests {
             batch_id: 3,
             items,
             counts: submitted.counts,
+            first_item_id: 7,
+            item_count: 1,
+            queued_count: 1,
             ..Default::default()
         };
         out.results.push(&result(7).encode_to_vec());

@@ -28,6 +28,8 @@ pub struct SubmitRequestIn {
     pub items: Vec<(v1::WorkItem, usize)>,
     /// Field 3.
     pub wait: bool,
+    /// Field 4, the `ReceiptsMode` as sent (an unknown value is the daemon's to refuse).
+    pub receipts: i32,
     /// The record of the last item decoded — field 2's key, its length, its bytes — and where
     /// its bytes begin in it, when they were seen whole (decoding state; an item that follows
     /// with the same bytes is one more copy of it).
@@ -53,6 +55,7 @@ impl SubmitRequestIn {
                 .flat_map(|(it, n)| std::iter::repeat_n(it, n))
                 .collect(),
             wait: self.wait,
+            receipts: self.receipts,
         }
     }
 
@@ -121,6 +124,9 @@ impl Message for SubmitRequestIn {
         if self.wait {
             encoding::bool::encode(3, &self.wait, buf);
         }
+        if self.receipts != 0 {
+            encoding::int32::encode(4, &self.receipts, buf);
+        }
     }
 
     fn merge_field(
@@ -137,6 +143,7 @@ impl Message for SubmitRequestIn {
                 self.merge_item(buf, ctx)
             }
             3 => encoding::bool::merge(wire_type, &mut self.wait, buf, ctx),
+            4 => encoding::int32::merge(wire_type, &mut self.receipts, buf, ctx),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -157,7 +164,12 @@ impl Message for SubmitRequestIn {
         } else {
             0
         };
-        wq + items + wait
+        let receipts = if self.receipts != 0 {
+            encoding::int32::encoded_len(4, &self.receipts)
+        } else {
+            0
+        };
+        wq + items + wait + receipts
     }
 
     fn clear(&mut self) {
@@ -288,6 +300,7 @@ mod tests {
             picks in proptest::collection::vec(0usize..5, 0..40),
             step in 1usize..64,
             wait: bool,
+            receipts in 0i32..4,
         ) {
             let pool = [
                 item("cpu:0", "noop", None, b""),
@@ -300,6 +313,7 @@ mod tests {
                 workqueue: "wq".into(),
                 items: picks.iter().map(|&i| pool[i].clone()).collect(),
                 wait,
+                receipts,
             };
             let bytes = stock.encode_to_vec();
             let whole = SubmitRequestIn::decode(bytes.as_slice()).unwrap();
@@ -359,6 +373,7 @@ mod tests {
             workqueue: String::new(),
             items: vec![x.clone(), x.clone()],
             wait: true,
+            receipts: 0,
         };
         let plain = v1::SessionRequest {
             tag: 42,
@@ -425,6 +440,7 @@ mod tests {
             workqueue: String::new(),
             items: vec![item("cpu:0", "noop", None, b""); 3],
             wait: false,
+            receipts: 0,
         };
         let bytes = stock.encode_to_vec();
         for cut in 0..bytes.len() {
@@ -443,6 +459,7 @@ mod tests {
                 item("cpu:1", "noop", None, b""),
             ],
             wait: false,
+            receipts: 0,
         }
         .encode_to_vec();
         let at = bad.iter().rposition(|&b| b == b'1').unwrap();

@@ -3,7 +3,7 @@
 //!
 //! Usage: `wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet|busy]...
 //! [--out FILE]`, or `wqd-bench --profile-engine ROUNDS [summary] [batch=N] [store=N]` to run only the engine's batch loop (batches of 10k unless said; for a profiler),
-//! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs]` to drive a daemon already
+//! or `wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs] [noreceipts]` to drive a daemon already
 //! running on SOCKET (e.g. under callgrind) with `Submit(wait)` batches.
 //! `--quick` shrinks every section (a smoke run of a few seconds); the figures are then not
 //! worth comparing. The counting allocator is installed here, for memory per pending item.
@@ -45,7 +45,7 @@ const USAGE: &str =
     "usage: wqd-bench [--quick] [--only dispatch|contention|hotplug|scale|grpc|workers|service|fleet|busy]... \
 [--out FILE]
        wqd-bench --profile-engine ROUNDS [summary] [batch=N] [store=N] [busy]
-       wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs] [busy]
+       wqd-bench --profile-grpc SOCKET ROUNDS [BATCH] [nowait] [summary] [flush] [empty] [session] [pause=MS] [target=T,..] [runs] [noreceipts] [busy]
        wqd-bench --profile-contention one|split ROUNDS [full] [busy]
 Runs every measurement of docs/benchmarks.md (several minutes) and prints the markdown tables;
 --quick is a smoke run whose figures are not worth comparing. The busy section, and `busy` on a
@@ -221,6 +221,7 @@ fn main() {
                     .unwrap_or("all")
                     .to_string(),
                 runs: args.iter().any(|a| a == "runs"),
+                receipts: !args.iter().any(|a| a == "noreceipts"),
             },
         );
         return;

@@ -42,6 +42,22 @@ class ClientTest(unittest.TestCase):
         assert summary is not None
         self.assertEqual((summary.items_covered, summary.counts.ok), (4, 4))
 
+    def test_submit_without_receipts(self) -> None:
+        # Delayed, so that the keyed items are still pending when the third comes.
+        items = [wqd.Item("all", "noop", delay=0.3, key="r" if i in (1, 3) else "")
+                 for i in range(5)]
+        s = self.c.submit(items, receipts=False)
+        self.assertEqual(s.receipts, [])
+        self.assertEqual((s.item_count, s.queued_count), (5, 4))
+        self.assertEqual(s.duplicates, {3: s.first_item_id + 1})
+        self.assertEqual(s.item_ids, [s.first_item_id + i for i in (0, 1, 2, 4)])
+        seen = [x.item_id for x in self.c.flush_iter(batch=s.batch_id)
+                if not isinstance(x, wqd.FlushSummary)]
+        self.assertEqual(sorted(seen), s.item_ids)
+        w = self.c.submit([wqd.Item("all", "noop")] * 3, wait=True, receipts=False)
+        self.assertEqual((w.receipts, w.counts.ok if w.counts else None), ([], 3))
+        self.assertEqual([r.item_id for r in w.results], w.item_ids)
+
     def test_submit_stream_of_a_large_batch(self) -> None:
         n = 2500
         items = (wqd.Item("all", "noop", key=f"s{i}" if i % 1000 else "") for i in range(n))

@@ -234,12 +234,21 @@ class Submitted:
     with ``wait=True`` the queued items by final state (``counts``) and every
     queued item's result. A workqueue created with ``results="summary"`` or
     ``results="none"`` keeps no per-item results: ``results`` is then empty
-    and ``counts`` is the answer. ``counts`` is None without ``wait``."""
+    and ``counts`` is the answer. ``counts`` is None without ``wait``.
+
+    Whatever the receipts, item i (expanded) has id ``first_item_id + i`` when
+    queued; ``item_count`` and ``queued_count`` count them. Submitted with
+    ``receipts=False`` there are no receipts and ``duplicates`` (index ->
+    pending id) names the items that were not queued, as in :class:`Streamed`."""
 
     batch_id: int
     receipts: List[Receipt]
     results: List[Result]
     counts: Optional["Counts"] = None
+    first_item_id: int = 0
+    item_count: int = 0
+    queued_count: int = 0
+    duplicates: Dict[int, int] = field(default_factory=dict)
 
     @staticmethod
     def from_pb(r: dispatch_pb2.SubmitResponse) -> "Submitted":
@@ -252,12 +261,19 @@ class Submitted:
             ],
             results=[Result.from_pb(x) for x in r.results],
             counts=Counts.from_pb(r.counts) if r.HasField("counts") else None,
+            first_item_id=r.first_item_id,
+            item_count=r.item_count,
+            queued_count=r.queued_count,
+            duplicates={d.index: d.duplicate_of for d in r.duplicates},
         )
 
     @property
     def item_ids(self) -> List[int]:
         """The ids of the queued items, in submission order."""
-        return [r.item_id for r in self.receipts if r.queued]
+        if self.receipts or not self.item_count:
+            return [r.item_id for r in self.receipts if r.queued]
+        return [self.first_item_id + i for i in range(self.item_count)
+                if i not in self.duplicates]
 
 
 @dataclass
@@ -306,8 +322,10 @@ class Session:
         self._responses = stub.Session(requests(), **kw)
 
     def send(self, items: Iterable[Item], *, workqueue: str = "",
-             wait: bool = False, wait_timeout: Optional[float] = None) -> int:
-        """Sends one batch; returns its tag.
+             wait: bool = False, wait_timeout: Optional[float] = None,
+             receipts: bool = True) -> int:
+        """Sends one batch; returns its tag (``receipts`` as in
+        :meth:`Client.submit`).
 
         ``wait_timeout`` (seconds, with ``wait`` only) ends this request's
         wait: past it the answer's ``error`` is DEADLINE_EXCEEDED and its
@@ -320,8 +338,7 @@ class Session:
         self._tag += 1
         self._q.put(dispatch_pb2.SessionRequest(
             tag=self._tag,
-            submit=dispatch_pb2.SubmitRequest(
-                workqueue=workqueue, items=[i.to_pb() for i in items], wait=wait),
+            submit=_submit_request(items, workqueue, wait, receipts),
             wait_timeout=_duration(wait_timeout)))
         self._open += 1
         return self._tag
@@ -347,12 +364,12 @@ class Session:
         raise WqdError(grpc.StatusCode.INTERNAL, f"session answer {m.tag} has no outcome")
 
     def submit(self, items: Iterable[Item], *, workqueue: str = "",
-               wait: bool = False) -> Submitted:
+               wait: bool = False, receipts: bool = True) -> Submitted:
         """Sends one batch and returns its answer (raising its error), for a
         caller with no other request open."""
         if self._open:
             raise ValueError(f"{self._open} requests are open; read them with next() first")
-        tag = self.send(items, workqueue=workqueue, wait=wait)
+        tag = self.send(items, workqueue=workqueue, wait=wait, receipts=receipts)
         a = self.next()
         if a is None or a.tag != tag:
             raise WqdError(grpc.StatusCode.INTERNAL,
@@ -383,6 +400,14 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.cancel()
+
+
+def _submit_request(items: Iterable[Item], workqueue: str, wait: bool,
+                    receipts: bool) -> dispatch_pb2.SubmitRequest:
+    return dispatch_pb2.SubmitRequest(
+        workqueue=workqueue, items=[i.to_pb() for i in items], wait=wait,
+        receipts=(dispatch_pb2.RECEIPTS_MODE_UNSPECIFIED if receipts
+                  else dispatch_pb2.RECEIPTS_MODE_NONE))
 
 
 @dataclass
@@ -544,14 +569,15 @@ class Client:
         *,
         workqueue: str = "",
         wait: bool = False,
+        receipts: bool = True,
         timeout: Optional[float] = None,
     ) -> Submitted:
         """Submits one batch (all or nothing). With ``wait=True`` returns once
         every item is terminal, with their counts by state and (on a workqueue
         that keeps full results) their results; the timeout bounds that wait
-        (on DEADLINE_EXCEEDED the items stay queued)."""
-        req = dispatch_pb2.SubmitRequest(
-            workqueue=workqueue, items=[i.to_pb() for i in items], wait=wait)
+        (on DEADLINE_EXCEEDED the items stay queued). ``receipts=False`` asks
+        for no receipt per item (see :class:`Submitted`)."""
+        req = _submit_request(items, workqueue, wait, receipts)
         r = self._dispatch.Submit(req, **self._kw(timeout))
         return Submitted.from_pb(r)
 

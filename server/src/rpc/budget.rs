@@ -600,6 +600,7 @@ mod tests {
                 })
                 .collect(),
             wait: n.is_multiple_of(2),
+            receipts: 0,
         }
     }
 

@@ -649,7 +649,12 @@ const COUNTS_MAX: usize = 8 * 11 + 2;
 /// An upper bound of `resp.encoded_len()`: the exact size is needed only when this exceeds
 /// the message limit. The results are already encoded: their size is known.
 pub fn submit_response_len_bound(resp: &SubmitResponseOut) -> usize {
-    16 + COUNTS_MAX + resp.items.bytes_len() + resp.results.bytes_len()
+    // The batch id, then the first item's id and the two counts: a key and a varint each.
+    16 + 3 * 11
+        + COUNTS_MAX
+        + resp.items.bytes_len()
+        + resp.results.bytes_len()
+        + prost::encoding::message::encoded_len_repeated(8, &resp.duplicates)
 }
 
 /// Adds `n` items in state `s` to wire counts.
@@ -1369,6 +1374,16 @@ mod tests {
                     rejected: u64::MAX,
                     delayed: u64::MAX,
                 }),
+                first_item_id: u64::MAX,
+                item_count: u64::MAX,
+                queued_count: u64::MAX,
+                duplicates: vec![
+                    v1::DuplicateItem {
+                        index: u64::MAX,
+                        duplicate_of: u64::MAX,
+                    };
+                    3
+                ],
             };
             let mut items = wqd_proto::out::EncodedReceipts::default();
             for r in &stock.items {
@@ -1378,6 +1393,10 @@ mod tests {
                 batch_id: stock.batch_id,
                 items,
                 counts: stock.counts,
+                first_item_id: u64::MAX,
+                item_count: u64::MAX,
+                queued_count: u64::MAX,
+                duplicates: stock.duplicates.clone(),
                 ..Default::default()
             };
             for r in &stock.results {

@@ -73,6 +73,32 @@ const INLINE_SUBMIT_ITEMS: usize = 1024;
 /// writes the rest out entry by entry).
 const FAN_NAMES: usize = 16;
 
+/// A wire `ReceiptsMode`: whether the response carries a receipt per item (unset is
+/// `RECEIPTS_MODE_EACH`); a text for values outside the enum.
+fn receipts_in(v: i32) -> Result<bool, String> {
+    match v1::ReceiptsMode::try_from(v) {
+        Ok(v1::ReceiptsMode::Unspecified | v1::ReceiptsMode::Each) => Ok(true),
+        Ok(v1::ReceiptsMode::None) => Ok(false),
+        Err(_) => Err(format!(
+            "unknown receipts mode {v} (RECEIPTS_MODE_EACH = 1, RECEIPTS_MODE_NONE = 2, or unset)"
+        )),
+    }
+}
+
+/// The entries of a batch that were not queued, in index order (`SubmitStream`'s answer, and
+/// `Submit`'s without receipts).
+fn duplicates_of(rec: &Receipt) -> Vec<v1::DuplicateItem> {
+    rec.items
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.queued)
+        .map(|(i, s)| v1::DuplicateItem {
+            index: i as u64,
+            duplicate_of: s.id,
+        })
+        .collect()
+}
+
 fn wq_name(s: String) -> String {
     if s.is_empty() {
         "default".to_string()
@@ -222,7 +248,12 @@ impl Rpc {
     ) -> Result<SubmitResponseOut, RpcError> {
         let limits = self.limits.load();
         let (wq, wait) = (wq_name(std::mem::take(&mut r.workqueue)), r.wait);
+        let mut each = true;
         let (specs, origins) = (|| {
+            each = receipts_in(r.receipts).map_err(|problem| RpcError::Field {
+                field: "receipts".into(),
+                problem,
+            })?;
             if r.items.is_empty() {
                 return Err(RpcError::Field {
                     field: "items".into(),
@@ -244,15 +275,16 @@ impl Rpc {
             .await
             .map_err(|e| reindex(e, &origins))?;
         *queued = rec.batch;
+        let queued_count = rec.items.iter().filter(|s| s.queued).count();
         // Encoded as they are made (see `EncodedReceipts`): a queued item that named one
         // group, the common case, is a few bytes written at once.
-        let mut items = EncodedReceipts::with_capacity(rec.items.len());
+        let mut items = EncodedReceipts::with_capacity(if each { rec.items.len() } else { 0 });
         let fanned = origins.any();
         // A fan-out's groups, written out once each (its entries cycle through them), and
         // one receipt rewritten per entry (its `target` keeps its buffer).
         let mut names: Vec<(&wqd_core::target::Target, String)> = Vec::new();
         let mut r = v1::ItemReceipt::default();
-        for (i, s) in rec.items.iter().enumerate() {
+        for (i, s) in rec.items.iter().enumerate().filter(|_| each) {
             let fan = fanned
                 .then(|| origins.of(i))
                 .and_then(|o| Some((o.fan?.1, o.wire)));
@@ -283,6 +315,14 @@ impl Rpc {
         let mut resp = SubmitResponseOut {
             batch_id: rec.batch,
             items,
+            first_item_id: rec.first,
+            item_count: rec.items.len() as u64,
+            queued_count: queued_count as u64,
+            duplicates: if each || queued_count == rec.items.len() {
+                Vec::new()
+            } else {
+                duplicates_of(&rec)
+            },
             ..Default::default()
         };
         if let Some(mut flush) = flush {
@@ -423,16 +463,7 @@ impl Rpc {
             .submit_specs(wq, specs, false)
             .await
             .map_err(|e| reindex(e, &origins))?;
-        let duplicates: Vec<v1::DuplicateItem> = rec
-            .items
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.queued)
-            .map(|(i, s)| v1::DuplicateItem {
-                index: i as u64,
-                duplicate_of: s.id,
-            })
-            .collect();
+        let duplicates = duplicates_of(&rec);
         Ok(v1::SubmitStreamResponse {
             batch_id: rec.batch,
             first_item_id: rec.first,

@@ -405,6 +405,7 @@ mod tests {
             items: Vec::new(),
             results: rs.iter().map(result_out).collect(),
             counts: resp.counts,
+            ..Default::default()
         };
         assert_eq!(got.results.len(), old.results.len());
         for (g, o) in got.results.iter().zip(&old.results) {

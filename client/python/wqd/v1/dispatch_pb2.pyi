@@ -11,6 +11,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReceiptsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECEIPTS_MODE_UNSPECIFIED: _ClassVar[ReceiptsMode]
+    RECEIPTS_MODE_EACH: _ClassVar[ReceiptsMode]
+    RECEIPTS_MODE_NONE: _ClassVar[ReceiptsMode]
+
 class CancelOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CANCEL_OUTCOME_UNSPECIFIED: _ClassVar[CancelOutcome]
@@ -25,6 +31,9 @@ class LookupStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOOKUP_STATUS_FOUND: _ClassVar[LookupStatus]
     LOOKUP_STATUS_UNKNOWN: _ClassVar[LookupStatus]
     LOOKUP_STATUS_FORGOTTEN: _ClassVar[LookupStatus]
+RECEIPTS_MODE_UNSPECIFIED: ReceiptsMode
+RECEIPTS_MODE_EACH: ReceiptsMode
+RECEIPTS_MODE_NONE: ReceiptsMode
 CANCEL_OUTCOME_UNSPECIFIED: CancelOutcome
 CANCEL_OUTCOME_CANCELLED_PENDING: CancelOutcome
 CANCEL_OUTCOME_WAITED_RUNNING: CancelOutcome
@@ -36,14 +45,16 @@ LOOKUP_STATUS_UNKNOWN: LookupStatus
 LOOKUP_STATUS_FORGOTTEN: LookupStatus
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("workqueue", "items", "wait")
+    __slots__ = ("workqueue", "items", "wait", "receipts")
     WORKQUEUE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    RECEIPTS_FIELD_NUMBER: _ClassVar[int]
     workqueue: str
     items: _containers.RepeatedCompositeFieldContainer[_item_pb2.WorkItem]
     wait: bool
-    def __init__(self, workqueue: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_item_pb2.WorkItem, _Mapping]]] = ..., wait: _Optional[bool] = ...) -> None: ...
+    receipts: ReceiptsMode
+    def __init__(self, workqueue: _Optional[str] = ..., items: _Optional[_Iterable[_Union[_item_pb2.WorkItem, _Mapping]]] = ..., wait: _Optional[bool] = ..., receipts: _Optional[_Union[ReceiptsMode, str]] = ...) -> None: ...
 
 class ItemReceipt(_message.Message):
     __slots__ = ("item_id", "queued", "duplicate_of", "target", "source_index")
@@ -60,16 +71,24 @@ class ItemReceipt(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., queued: _Optional[bool] = ..., duplicate_of: _Optional[int] = ..., target: _Optional[str] = ..., source_index: _Optional[int] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("batch_id", "items", "results", "counts")
+    __slots__ = ("batch_id", "items", "results", "counts", "first_item_id", "item_count", "queued_count", "duplicates")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     items: _containers.RepeatedCompositeFieldContainer[ItemReceipt]
     results: _containers.RepeatedCompositeFieldContainer[_item_pb2.ItemResult]
     counts: _item_pb2.StateCounts
-    def __init__(self, batch_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ItemReceipt, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[_item_pb2.ItemResult, _Mapping]]] = ..., counts: _Optional[_Union[_item_pb2.StateCounts, _Mapping]] = ...) -> None: ...
+    first_item_id: int
+    item_count: int
+    queued_count: int
+    duplicates: _containers.RepeatedCompositeFieldContainer[DuplicateItem]
+    def __init__(self, batch_id: _Optional[int] = ..., items: _Optional[_Iterable[_Union[ItemReceipt, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[_item_pb2.ItemResult, _Mapping]]] = ..., counts: _Optional[_Union[_item_pb2.StateCounts, _Mapping]] = ..., first_item_id: _Optional[int] = ..., item_count: _Optional[int] = ..., queued_count: _Optional[int] = ..., duplicates: _Optional[_Iterable[_Union[DuplicateItem, _Mapping]]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("tag", "submit", "wait_timeout")
