@@ -278,13 +278,14 @@ impl Rpc {
         let queued_count = rec.items.iter().filter(|s| s.queued).count();
         // Encoded as they are made (see `EncodedReceipts`): a queued item that named one
         // group, the common case, is a few bytes written at once.
-        let mut items = EncodedReceipts::with_capacity(if each { rec.items.len() } else { 0 });
+        let listed: &[_] = if each { &rec.items } else { &[] };
+        let mut items = EncodedReceipts::with_capacity(listed.len());
         let fanned = origins.any();
         // A fan-out's groups, written out once each (its entries cycle through them), and
         // one receipt rewritten per entry (its `target` keeps its buffer).
         let mut names: Vec<(&wqd_core::target::Target, String)> = Vec::new();
         let mut r = v1::ItemReceipt::default();
-        for (i, s) in rec.items.iter().enumerate().filter(|_| each) {
+        for (i, s) in listed.iter().enumerate() {
             let fan = fanned
                 .then(|| origins.of(i))
                 .and_then(|o| Some((o.fan?.1, o.wire)));
