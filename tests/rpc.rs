@@ -299,6 +299,16 @@ async fn submit_wait_results_in_parts_stay_in_submission_order() {
     }
 }
 
+/// Flushes batch `batch` and checks that exactly the items `ids` ran, each ending ok.
+async fn flush_ok(c: &wqd_client::Client, batch: u64, ids: impl Iterator<Item = u64>) {
+    let want: BTreeSet<u64> = ids.collect();
+    let (results, summary) = c.flush_all(FlushScope::Batch(batch)).await.expect("Flush");
+    assert_eq!(summary.items_covered, want.len() as u64);
+    assert_eq!(summary.counts.unwrap().ok, want.len() as u64);
+    let got: BTreeSet<u64> = results.iter().map(|x| x.item_id).collect();
+    assert_eq!(got, want);
+}
+
 /// Items 0-11 on `node:0`, delayed so that they stay pending (a repeated key is then a
 /// duplicate); items 5 and 9 carry `key`, and item 11 is `each:node` (two items, one per node).
 fn keyed_batch(key: &str) -> Batch {
@@ -346,15 +356,13 @@ async fn submit_without_receipts_answers_with_the_batch_shape() {
         .map(|x| (x.index, x.duplicate_of))
         .collect();
     assert_eq!(dups, vec![(9, first + 5)]);
-    let (results, summary) = c
-        .flush_all(FlushScope::Batch(r.batch_id))
-        .await
-        .expect("Flush");
-    assert_eq!(summary.items_covered, 12);
-    assert_eq!(summary.counts.unwrap().ok, 12);
-    let ids: BTreeSet<u64> = results.iter().map(|x| x.item_id).collect();
-    let want: BTreeSet<u64> = (0..13).filter(|&i| i != 9).map(|i| first + i).collect();
-    assert_eq!(ids, want, "the queued items are first_item_id + i");
+    // The queued items are first_item_id + i.
+    flush_ok(
+        &c,
+        r.batch_id,
+        (0..13).filter(|&i| i != 9).map(|i| first + i),
+    )
+    .await;
 
     // With wait: the results and counts as ever, still no receipts.
     let r = c
@@ -418,18 +426,8 @@ async fn submit_stream_with_duplicates_then_flush() {
         vec![(19, first + 9), (29, first + 9), (39, first + 9)]
     );
 
-    let (results, summary) = c
-        .flush_all(FlushScope::Batch(r.batch_id))
-        .await
-        .expect("Flush");
-    assert_eq!(summary.items_covered, 37);
-    assert_eq!(summary.counts.unwrap().ok, 37);
-    let ids: BTreeSet<u64> = results.iter().map(|x| x.item_id).collect();
-    let want: BTreeSet<u64> = (0..40)
-        .filter(|i| ![19, 29, 39].contains(i))
-        .map(|i| first + i)
-        .collect();
-    assert_eq!(ids, want);
+    let queued = (0..40).filter(|i| ![19, 29, 39].contains(i));
+    flush_ok(&c, r.batch_id, queued.map(|i| first + i)).await;
     let s = stats(&c).await;
     assert_eq!(s.deduplicated, 3);
 }

@@ -184,76 +184,45 @@ fn submit_flush_streams_large_batches() {
     );
     assert_eq!(cpus.iter().map(|(_, n)| n).sum::<u64>(), 20000);
 
-    // --stream for a small batch, with a key: one queued, the rest deduplicated.
-    let r = d.wqctl(&[
-        "-o",
-        "json",
-        "submit",
-        "-t",
-        "cpu:0",
-        "--handler",
-        "noop",
-        "-n",
-        "5",
-        "--key",
-        "k",
-        "--delay",
-        "200ms",
-        "--stream",
-        "--wait",
-    ]);
-    let v = r.expect_code(0).json();
-    assert_eq!(v["item_count"], 5);
-    assert_eq!(v["queued_count"], 1);
-    assert_eq!(v["deduplicated_count"], 4);
-    let first = ids(&v)[0];
-    for (i, dup) in v["duplicates"].as_array().unwrap().iter().enumerate() {
-        assert_eq!(dup["index"], i + 1);
-        assert_eq!(dup["duplicate_of"], first);
-    }
-    assert_eq!(v["summary"]["states"]["ok"], 1);
-
-    // The same in one Submit, which wqctl asks without receipts: the answer's shape gives the
-    // same duplicates.
-    let r = d.wqctl(&[
-        "-o",
-        "json",
-        "submit",
-        "-t",
-        "cpu:0",
-        "--handler",
-        "noop",
-        "-n",
-        "5",
-        "--key",
-        "k2",
-        "--delay",
-        "200ms",
-        "--wait",
-    ]);
-    let v = r.expect_code(0).json();
-    assert_eq!(
-        (
-            &v["item_count"],
-            &v["queued_count"],
-            &v["deduplicated_count"]
-        ),
-        (&5.into(), &1.into(), &4.into())
-    );
-    let first = ids(&v)[0];
-    let dups: Vec<(u64, u64)> = v["duplicates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
+    // A small batch with a key: one queued, the rest deduplicated. Streamed, and in one Submit,
+    // which wqctl asks without receipts (the answer's shape gives the same duplicates).
+    for (key, stream) in [("k", true), ("k2", false)] {
+        let mut args = vec![
+            "-o",
+            "json",
+            "submit",
+            "-t",
+            "cpu:0",
+            "--handler",
+            "noop",
+            "-n",
+            "5",
+            "--key",
+            key,
+            "--delay",
+            "200ms",
+            "--wait",
+        ];
+        if stream {
+            args.push("--stream");
+        }
+        let v = d.wqctl(&args).expect_code(0).json();
+        assert_eq!(
             (
-                d["index"].as_u64().unwrap(),
-                d["duplicate_of"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(dups, (1..5).map(|i| (i, first)).collect::<Vec<_>>());
-    assert_eq!(v["summary"]["states"]["ok"], 1);
+                &v["item_count"],
+                &v["queued_count"],
+                &v["deduplicated_count"]
+            ),
+            (&5.into(), &1.into(), &4.into()),
+            "stream {stream}"
+        );
+        let first = ids(&v)[0];
+        for (i, dup) in v["duplicates"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(dup["index"], i + 1);
+            assert_eq!(dup["duplicate_of"], first);
+        }
+        assert_eq!(v["summary"]["states"]["ok"], 1);
+    }
 }
 
 #[test]
