@@ -299,6 +299,11 @@ async fn submit_wait_results_in_parts_stay_in_submission_order() {
     }
 }
 
+/// A batch's duplicates as (index, pending id).
+fn pairs(d: &[proto::DuplicateItem]) -> Vec<(u64, u64)> {
+    d.iter().map(|x| (x.index, x.duplicate_of)).collect()
+}
+
 /// Flushes batch `batch` and checks that exactly the items `ids` ran, each ending ok.
 async fn flush_ok(c: &wqd_client::Client, batch: u64, ids: impl Iterator<Item = u64>) {
     let want: BTreeSet<u64> = ids.collect();
@@ -350,11 +355,7 @@ async fn submit_without_receipts_answers_with_the_batch_shape() {
     assert!(r.items.is_empty(), "{r:?}");
     assert_eq!((r.item_count, r.queued_count), (13, 12));
     let first = r.first_item_id;
-    let dups: Vec<(u64, u64)> = r
-        .duplicates
-        .iter()
-        .map(|x| (x.index, x.duplicate_of))
-        .collect();
+    let dups = pairs(&r.duplicates);
     assert_eq!(dups, vec![(9, first + 5)]);
     // The queued items are first_item_id + i.
     flush_ok(
@@ -364,36 +365,25 @@ async fn submit_without_receipts_answers_with_the_batch_shape() {
     )
     .await;
 
-    // With wait: the results and counts as ever, still no receipts.
-    let r = c
-        .submit(
-            Batch::new()
-                .items((0..4).map(|i| Item::new(format!("cpu:{i}"), "noop")))
-                .wait(true)
-                .receipts(false),
-        )
-        .await
-        .expect("Submit(wait) without receipts");
-    assert!(r.items.is_empty());
-    assert_eq!((r.item_count, r.queued_count), (4, 4));
-    assert_eq!(r.counts.map(|c| c.ok), Some(4));
-    let ids: Vec<u64> = r.results.iter().map(|x| x.item_id).collect();
-    assert_eq!(ids, (0..4).map(|i| r.first_item_id + i).collect::<Vec<_>>());
-
-    // A session's request asks the same way.
+    // With wait, unary and as a session's request: the results and counts as ever, still no
+    // receipts.
     let mut s = c.session().await.expect("Session");
-    let r = s
-        .submit(
-            Batch::new()
-                .items((0..3).map(|_| Item::new("all", "noop")))
-                .wait(true)
-                .receipts(false),
-        )
-        .await
-        .expect("a session request without receipts");
-    assert!(r.items.is_empty());
-    assert_eq!((r.item_count, r.queued_count), (3, 3));
-    assert_eq!(r.results.len(), 3);
+    for session in [false, true] {
+        let batch = Batch::new()
+            .items((0..4).map(|i| Item::new(format!("cpu:{i}"), "noop")))
+            .wait(true)
+            .receipts(false);
+        let r = match session {
+            false => c.submit(batch).await,
+            true => s.submit(batch).await,
+        }
+        .expect("Submit(wait) without receipts");
+        assert!(r.items.is_empty(), "session {session}");
+        assert_eq!((r.item_count, r.queued_count), (4, 4));
+        assert_eq!(r.counts.map(|c| c.ok), Some(4));
+        let ids: Vec<u64> = r.results.iter().map(|x| x.item_id).collect();
+        assert_eq!(ids, (0..4).map(|i| r.first_item_id + i).collect::<Vec<_>>());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,11 +406,7 @@ async fn submit_stream_with_duplicates_then_flush() {
     assert_eq!(r.item_count, 40);
     assert_eq!(r.queued_count, 37);
     let first = r.first_item_id;
-    let dups: Vec<(u64, u64)> = r
-        .duplicates
-        .iter()
-        .map(|x| (x.index, x.duplicate_of))
-        .collect();
+    let dups = pairs(&r.duplicates);
     assert_eq!(
         dups,
         vec![(19, first + 9), (29, first + 9), (39, first + 9)]
