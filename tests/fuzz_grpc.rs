@@ -755,11 +755,7 @@ impl Fuzz {
                 Ok(r) => {
                     self.batches += 1;
                     self.items += r.queued_count;
-                    let dups: Vec<u64> = r.duplicates.iter().map(|d| d.index).collect();
-                    let ids = (0..r.item_count)
-                        .filter(|i| !dups.contains(i))
-                        .map(|i| r.first_item_id + i)
-                        .collect();
+                    let ids = shape_ids(r.first_item_id, r.item_count, &r.duplicates);
                     self.remember(r.batch_id, ids, long);
                 }
                 Err(e) => self.violation(
@@ -771,15 +767,35 @@ impl Fuzz {
         }
     }
 
-    /// Counts a batch a `SubmitResponse` says was accepted.
+    /// Counts a batch a `SubmitResponse` says was accepted: by its receipts, or by its shape
+    /// when it was asked for none; with receipts, the shape must say the same.
     fn accepted(&mut self, r: &v1::SubmitResponse, long: bool) {
         self.batches += 1;
-        let ids: Vec<u64> = r
-            .items
-            .iter()
-            .filter(|x| x.queued)
-            .map(|x| x.item_id)
-            .collect();
+        let shape = shape_ids(r.first_item_id, r.item_count, &r.duplicates);
+        let ids: Vec<u64> = match r.items.is_empty() {
+            true => shape,
+            false => {
+                let ids: Vec<u64> = r
+                    .items
+                    .iter()
+                    .filter(|x| x.queued)
+                    .map(|x| x.item_id)
+                    .collect();
+                let n = r.items.len() as u64;
+                if (r.item_count, r.queued_count) != (n, ids.len() as u64) {
+                    self.violation(
+                        "behaviour",
+                        format!(
+                            "Submit: {n} receipts, {} queued, but the shape says {} / {}",
+                            ids.len(),
+                            r.item_count,
+                            r.queued_count
+                        ),
+                    );
+                }
+                ids
+            }
+        };
         self.items += ids.len() as u64;
         self.remember(r.batch_id, ids, long);
     }
@@ -2420,4 +2436,13 @@ async fn fuzz_grpc_surface() {
         );
     }
     assert!(d.is_running(), "the daemon kept running");
+}
+
+/// The ids a batch's shape gives its queued items: `first + i`, but for the duplicates.
+fn shape_ids(first: u64, count: u64, duplicates: &[v1::DuplicateItem]) -> Vec<u64> {
+    let dups: Vec<u64> = duplicates.iter().map(|d| d.index).collect();
+    (0..count)
+        .filter(|i| !dups.contains(i))
+        .map(|i| first + i)
+        .collect()
 }
