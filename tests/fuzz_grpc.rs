@@ -2438,11 +2438,12 @@ async fn fuzz_grpc_surface() {
     assert!(d.is_running(), "the daemon kept running");
 }
 
-/// The ids a batch's shape gives its queued items: `first + i`, but for the duplicates.
+/// The ids a batch's shape gives its queued items: `first + i`, but for the duplicates (the
+/// client library's expansion, the one `wqctl` relies on).
 fn shape_ids(first: u64, count: u64, duplicates: &[v1::DuplicateItem]) -> Vec<u64> {
-    let dups: Vec<u64> = duplicates.iter().map(|d| d.index).collect();
-    (0..count)
-        .filter(|i| !dups.contains(i))
-        .map(|i| first + i)
+    wqd_client::chunk::shape_receipts(first, count, duplicates)
+        .into_iter()
+        .filter(|r| r.queued)
+        .map(|r| r.item_id)
         .collect()
 }
