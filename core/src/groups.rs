@@ -1343,6 +1343,15 @@ impl Ranking {
         }
     }
 
+    /// Moves `cpu` to the front of the last [`rank`](Ranking::rank)'s order, the others
+    /// keeping theirs; nothing when it is not listed. Returns the order.
+    pub fn prefer(&mut self, cpu: u32) -> &[u32] {
+        if let Some(i) = self.order.iter().position(|&c| c == cpu) {
+            self.order[..=i].rotate_right(1);
+        }
+        &self.order
+    }
+
     /// The order of the last [`rank`](Ranking::rank).
     pub fn as_slice(&self) -> &[u32] {
         &self.order

@@ -78,6 +78,10 @@ struct Rig {
 
 impl Rig {
     fn new(n: u32, live: &str) -> Rig {
+        Rig::with(n, live, |_| {})
+    }
+    /// As `new`, with `f` applied to the engine's config (workers not pinned).
+    fn with(n: u32, live: &str, f: impl FnOnce(&mut EngineConfig)) -> Rig {
         let topo = common::topology(n);
         let snap = common::snapshot(&topo, 1, &live.parse().unwrap());
         let probe = Arc::new(Probe::default());
@@ -92,10 +96,11 @@ impl Rig {
             "wait",
             HandlerKind::Waits,
         )));
-        let cfg = EngineConfig {
+        let mut cfg = EngineConfig {
             pinning: false,
             ..EngineConfig::default()
         };
+        f(&mut cfg);
         let engine = Engine::start(cfg, reg, snap.clone()).unwrap();
         Rig {
             engine,
@@ -171,6 +176,82 @@ fn runs_on_the_named_cpu_and_reports_it() {
         assert_eq!(r.epoch_started, Some(1));
     }
     assert_eq!(rig.probe.runs.lock().len(), 20);
+}
+
+/// The CPUs this thread may run on.
+fn allowed_cpus() -> Vec<u32> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(r, 0, "sched_getaffinity");
+    (0..libc::CPU_SETSIZE as u32)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
+        .collect()
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: u32) {
+    // SAFETY: as in `allowed_cpus`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    assert_eq!(r, 0, "sched_setaffinity to {cpu}");
+}
+
+/// `wake_local` (the daemon's default): a batch of one item goes to the submitting thread's
+/// CPU first when that CPU is in the group and runs no item; without it, `spread` goes round
+/// the group. The submitter is pinned to a host CPU that is also a CPU of the fixture (its
+/// workers are not pinned: the pool's CPU is what the result reports), the highest it may use
+/// below 4, so that round robin starting at the group's low CPUs would show.
+#[test]
+fn wake_local_sends_a_lone_item_to_the_submitters_cpu() {
+    let Some(&here) = allowed_cpus().iter().filter(|&&c| c < 4).max() else {
+        eprintln!("skipped: this thread may run on none of CPUs 0-3");
+        return;
+    };
+    let cpus_of = |wake_local: bool| -> Vec<u32> {
+        let rig = Rig::with(4, "0-3", |c| c.wake_local = wake_local);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                pin_to(here);
+                (0..12)
+                    .map(|_| {
+                        let ids = rig.submit("default", vec![item("all", "probe")]);
+                        let r = rig.flush(&ids);
+                        assert_eq!(r[0].state, State::Ok, "{:?}", r[0]);
+                        r[0].cpu_started.expect("started")
+                    })
+                    .collect()
+            })
+            .join()
+            .unwrap()
+        })
+    };
+    let local = cpus_of(true);
+    assert!(
+        local.iter().all(|&c| c == here),
+        "{local:?} not all on {here}"
+    );
+    let round = cpus_of(false);
+    let distinct: HashSet<u32> = round.iter().copied().collect();
+    assert!(distinct.len() >= 3, "spread went round: {round:?}");
+    // A batch of two is not a lone item: it still goes round, from wherever it is submitted.
+    let rig = Rig::with(4, "0-3", |c| c.wake_local = true);
+    let pairs: HashSet<u32> = std::thread::scope(|s| {
+        s.spawn(|| {
+            pin_to(here);
+            (0..8)
+                .flat_map(|_| {
+                    let ids = rig.submit("default", vec![item("all", "probe"); 2]);
+                    rig.flush(&ids)
+                })
+                .filter_map(|r| r.cpu_started)
+                .collect()
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(pairs.len() >= 3, "pairs went round: {pairs:?}");
 }
 
 #[test]

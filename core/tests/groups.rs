@@ -456,6 +456,15 @@ fn ranking_puts_nan_last_and_breaks_ties_by_cpu() {
     assert!(!Ranking::admits(Placement::First, &e, 3));
     assert!(Ranking::admits(Placement::Spread, &e, 3));
     assert!(!Ranking::admits(Placement::Idle, &e, 2));
+    // `prefer` moves one listed CPU to the front, the rest keeping their order; an unlisted
+    // one (not eligible, or not the `first`) changes nothing.
+    r.rank(Placement::Spread, &e, load, 7);
+    assert_eq!(r.prefer(8), [8, 4, 6, 1, 3]);
+    assert_eq!(r.prefer(3), [3, 8, 4, 6, 1]);
+    assert_eq!(r.prefer(3), [3, 8, 4, 6, 1]);
+    assert_eq!(r.prefer(2), [3, 8, 4, 6, 1]);
+    r.rank(Placement::First, &e, load, 7);
+    assert_eq!(r.prefer(4), [1]);
 }
 
 #[test]

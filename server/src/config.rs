@@ -217,6 +217,9 @@ pub struct EngineSection {
     pub load_sample: Duration,
     /// Bytes all retained results may take (estimated); the oldest are forgotten beyond it.
     pub results_memory: usize,
+    /// `spread` wakes a worker on the CPU the RPC thread runs on first, when that CPU is in
+    /// the group and runs no item (see `EngineConfig::wake_local`).
+    pub wake_local: bool,
 }
 
 impl Default for EngineSection {
@@ -231,6 +234,9 @@ impl Default for EngineSection {
             shutdown_grace: Duration::from_secs(10),
             load_sample: wqd_core::load::DEFAULT_PERIOD,
             results_memory: e.results_memory,
+            // The library's default is off (an in-process submitter may keep its CPU); the
+            // daemon's RPC thread gives it up.
+            wake_local: true,
         }
     }
 }
@@ -436,6 +442,7 @@ impl Config {
             max_deadline: self.limits.max_deadline,
             default_wq,
             max_credits: self.workers.max_credits,
+            wake_local: e.wake_local,
             ..EngineConfig::default()
         })
     }
@@ -551,6 +558,18 @@ read_open = true
         assert_eq!(e.default_wq.results, ResultsMode::Full);
         assert!(c.exec.is_some());
         assert!(c.security.tcp_plaintext_loopback);
+    }
+
+    /// `engine.wake_local` is on unless the config turns it off (the library's own default is
+    /// off), and reaches the engine's config; a value that is not a boolean is refused.
+    #[test]
+    fn wake_local_defaults_on_for_the_daemon() {
+        assert!(!EngineConfig::default().wake_local);
+        assert!(parse("").unwrap().engine_config().unwrap().wake_local);
+        let off = parse("[engine]\nwake_local = false").unwrap();
+        assert!(!off.engine_config().unwrap().wake_local);
+        let e = err("[engine]\nwake_local = \"yes\"");
+        assert!(e.contains("wake_local"), "{e}");
     }
 
     /// `listen.rpc_threads`: 0 picks one thread per four CPUs (at least one), a number is

@@ -891,6 +891,9 @@ pub struct Flush {
 pub(crate) struct Tally {
     pub(crate) by_state: [usize; 8],
     pub(crate) gone: Vec<ItemId>,
+    /// The waiter spins on the channel ([`Flush::wait`]'s first [`SPIN`]): the worker that
+    /// ends the flush needs not get off its CPU for it (see `worker.rs`, `Wake::wait`).
+    pub(crate) waiter_spins: bool,
 }
 
 /// Counts of a finished flush.
@@ -1030,6 +1033,9 @@ impl Flush {
                 self.tally = Some(t);
             }
         }
+        if let Some(t) = &self.tally {
+            t.lock().waiter_spins = true;
+        }
         // Spin first (see SPIN): a flush that ends within it returns without a futex wake-up.
         let spin_until = Instant::now() + SPIN;
         let mut closed = false;
@@ -1052,6 +1058,9 @@ impl Flush {
                 Err(flume::TryRecvError::Empty) if Instant::now() < spin_until => spin(&mut spins),
                 Err(flume::TryRecvError::Empty) => break,
             }
+        }
+        if let (false, Some(t)) = (closed, &self.tally) {
+            t.lock().waiter_spins = false;
         }
         while !closed {
             match self.next_blocking(deadline) {
@@ -1264,6 +1273,13 @@ pub struct EngineConfig {
     pub default_wq: WorkqueueAttrs,
     /// Items one slot of an attached worker may hold at once (`workers.max_credits`).
     pub max_credits: u32,
+    /// `spread` wakes the submitting thread's own CPU first, when that CPU may take the work
+    /// and runs no item (`engine.wake_local`; the daemon's default, off for the library).
+    /// Worth it for a submitter that gives its CPU up next, as the daemon's RPC thread does
+    /// (it waits on the network): on a host whose other CPUs sleep, a call then stays on one
+    /// CPU instead of waking a sleeping one (see `sched/queue.rs`, `local_first`). A
+    /// submitter that keeps its CPU (spinning in [`Flush::wait`]) would only share it.
+    pub wake_local: bool,
     pub report: Option<ReportHook>,
     pub load: Option<LoadHook>,
     pub observer: Option<Arc<dyn Observer>>,
@@ -1285,6 +1301,7 @@ impl Default for EngineConfig {
             hog_thresh: Duration::from_secs(10),
             default_wq: WorkqueueAttrs::default(),
             max_credits: 1,
+            wake_local: false,
             report: None,
             load: None,
             observer: None,
@@ -1321,6 +1338,8 @@ pub(crate) struct Inner {
     pub(crate) live: epoch::LiveFlags,
     pub(crate) threads: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) next_worker: AtomicU64,
+    /// Worker threads running or spinning, not parked (`worker.rs`, `Wake::wait`).
+    pub(crate) awake: std::sync::atomic::AtomicUsize,
     /// Threads the last shutdown left running.
     pub(crate) stragglers: std::sync::atomic::AtomicUsize,
     /// Handler names attached workers serve: those ever served since start, and those
@@ -1413,6 +1432,7 @@ impl Engine {
             live: epoch::LiveFlags::new(MAX_CPUS as usize),
             threads: Mutex::new(Vec::new()),
             next_worker: AtomicU64::new(0),
+            awake: std::sync::atomic::AtomicUsize::new(0),
             stragglers: std::sync::atomic::AtomicUsize::new(0),
             remote_known: RwLock::new(HashMap::new()),
         });

@@ -14,7 +14,7 @@
 //! proved the CPU live recorded in the result.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -76,10 +76,11 @@ impl Wake {
             .is_ok()
     }
 
-    /// Waits for a wake-up: spins up to [`super::SPIN`], then parks up to `timeout`. Returns
-    /// with the wake-up consumed (or the timeout passed); the state is `IDLE` again.
-    fn wait(&self, parker: &Parker, timeout: Duration) {
-        let until = Instant::now() + super::SPIN;
+    /// Waits for a wake-up: spins up to [`super::SPIN`] (when `spin`), then parks up to
+    /// `timeout`. Returns with the wake-up consumed (or the timeout passed); the state is
+    /// `IDLE` again.
+    fn wait(&self, parker: &Parker, timeout: Duration, spin: bool, awake: &AtomicUsize) {
+        let until = Instant::now() + if spin { super::SPIN } else { Duration::ZERO };
         let mut rounds = 0;
         while Instant::now() < until {
             if self.consume() {
@@ -96,7 +97,9 @@ impl Wake {
             self.state.store(IDLE, Ordering::Release);
             return;
         }
+        awake.fetch_sub(1, Ordering::Relaxed);
         parker.park_timeout(timeout);
+        awake.fetch_add(1, Ordering::Relaxed);
         // Woken, timed out, or a spurious return: either way the caller goes back to L and
         // looks. A waker that swaps out `PARKED` after a timeout leaves one parker token
         // (one extra trip through L at worst).
@@ -162,7 +165,24 @@ fn report(inner: &Inner, cpu: u32, why: &str) {
     }
 }
 
+/// Counts its worker in `Inner::awake` while the thread runs (parks aside).
+struct Awake<'a>(&'a AtomicUsize);
+
+impl<'a> Awake<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Awake(n)
+    }
+}
+
+impl Drop for Awake<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
+    let _awake = Awake::new(&inner.awake);
     let pinned = inner.cfg.pinning;
     if pinned {
         if let Err(e) = pin(cpu) {
@@ -289,9 +309,24 @@ fn run(inner: Arc<Inner>, cpu: u32, gen: u64, wid: u64) {
                 first
             }
         };
+        // Whether the holds above ended a flush whose waiter sleeps: its wake-up is sent.
+        let woke = fin.take_woke();
         let Some(first) = first else {
-            // A wake-up within the spin skips the futex on both sides.
-            wake.wait(&parker, inner.cfg.worker_idle);
+            // A wake-up within the spin skips the futex on both sides. But not after waking a
+            // flush's waiter while every other worker sleeps: the kernel places a woken thread
+            // on a sleeping CPU rather than beside a running one, so a spin here would send
+            // that waiter (the RPC thread that answers, then its client) to wake another CPU
+            // (≈ 40 µs on this project's VM, most of a single item's round trip); parked, this
+            // worker leaves them its own. While another worker is awake its CPU is not
+            // sleeping, and the spin still catches the next batch (session 37,
+            // `docs/benchmarks.md`).
+            let alone = inner.awake.load(Ordering::Relaxed) <= 1;
+            wake.wait(
+                &parker,
+                inner.cfg.worker_idle,
+                !(woke && alone),
+                &inner.awake,
+            );
             continue;
         };
         queue = Some(first.queue);

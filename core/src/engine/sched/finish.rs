@@ -58,6 +58,9 @@ pub(crate) struct Finished {
     pub(super) ending: Vec<Item>,
     pub(super) notices: Vec<Notice>,
     pub(super) held: Vec<u64>,
+    /// A flush whose waiter does not spin ended in a hold since [`Finished::take_woke`]:
+    /// sending its end wakes that waiter (a thread, or the task of an RPC).
+    woke: bool,
 }
 
 impl Finished {
@@ -84,6 +87,11 @@ impl Finished {
                 let _ = tx.send(msg);
             }
         }
+    }
+
+    /// Whether a flush whose waiter does not spin ended since the last call (see `woke`).
+    pub(crate) fn take_woke(&mut self) -> bool {
+        std::mem::take(&mut self.woke)
     }
 
     /// Stores the results, with `store` the R guard taken inside the L hold they were made
@@ -665,7 +673,12 @@ pub(super) fn notify(
         waiters,
         stored,
     } = n;
-    let Finished { results, sends, .. } = fin;
+    let Finished {
+        results,
+        sends,
+        woke,
+        ..
+    } = fin;
     let result = stored.and_then(|i| results.get(i));
     // The result as the API gives it, made once for the flushes that take events.
     let mut given: Option<Arc<ItemResult>> = None;
@@ -744,6 +757,7 @@ pub(super) fn notify(
                 // empty then: its events go to `kept`).
                 if let Some(mut rec) = flushes.remove(&fid) {
                     rec.add_held_counts();
+                    *woke |= ctx.holding && !rec.waiter_spins();
                     let msg = match rec.kept {
                         Some(k) => (!k.is_empty()).then_some(FlushMsg::Kept(k)),
                         None => (!rec.held.is_empty()).then_some(FlushMsg::Many(rec.held)),

@@ -206,6 +206,8 @@ pub(crate) struct Sched {
     lockups: u64,
     hogs: u64,
     load: Option<super::LoadHook>,
+    /// The engine's `wake_local` ([`queue::local_first`]).
+    wake_local: bool,
     observed: bool,
     /// Terminal items by state since start, over every workqueue ever (never go down).
     totals: Mutex<[u64; 8]>,
@@ -263,6 +265,7 @@ impl Sched {
             lockups: 0,
             hogs: 0,
             load: cfg.load.clone(),
+            wake_local: cfg.wake_local,
             observed: cfg.observer.is_some(),
             totals: Mutex::new([0; 8]),
             max_delay: cfg.max_delay,

@@ -323,7 +323,8 @@ impl Sched {
     /// items running on the CPU; `idle` puts the host's busy fraction first (×1000, so it
     /// decides unless equal) and the running items second. Allocates nothing once `out` has
     /// grown (this runs on every submit).
-    fn takers(&mut self, qid: usize, out: &mut Ranking) {
+    /// `submitted`: a submit of one item (see [`local_first`]).
+    fn takers(&mut self, qid: usize, out: &mut Ranking, submitted: bool) {
         let q = self.queues[qid].get_mut();
         let placement = self.wqs[q.wq].get_mut().attrs.placement;
         if placement == Placement::Spread && !q.eligible.is_empty() {
@@ -331,6 +332,9 @@ impl Sched {
         }
         let load = taker_load(&self.pools, &self.load, placement);
         out.rank(placement, &q.eligible, load, *self.rr.get_mut());
+        if let Some(c) = local_first(&self.pools, placement, self.wake_local && submitted) {
+            out.prefer(c);
+        }
     }
 
     pub(super) fn may_take(&mut self, qid: usize, cpu: u32) -> bool {
@@ -370,13 +374,23 @@ impl Sched {
     /// Puts a queue with pending items on the ready lists of the pools that may take from it
     /// and wakes (or spawns) up to `n` workers, in placement order.
     pub(super) fn make_ready(&mut self, qid: usize, n: usize, fx: &mut Effects) {
+        self.make_ready_from(qid, n, false, fx);
+    }
+
+    /// [`make_ready`](Self::make_ready) for `n` items just submitted: one alone may go to
+    /// the submitting thread's CPU first ([`local_first`]).
+    pub(super) fn make_ready_submitted(&mut self, qid: usize, n: usize, fx: &mut Effects) {
+        self.make_ready_from(qid, n, n == 1, fx);
+    }
+
+    fn make_ready_from(&mut self, qid: usize, n: usize, one_submitted: bool, fx: &mut Effects) {
         if self.queues[qid].get_mut().pending == 0 || self.shutdown {
             return;
         }
         // The buffers go back into `self.ranking` at the end; a nested `make_ready` (none
         // today) would only rank into fresh ones.
         let mut ranking = std::mem::take(&mut self.ranking);
-        self.takers(qid, &mut ranking);
+        self.takers(qid, &mut ranking, one_submitted);
         self.wake_takers(qid, ranking.as_slice(), n, fx);
         self.ranking = ranking;
     }
@@ -541,6 +555,31 @@ pub(super) fn taker_load<'a>(
     }
 }
 
+/// The CPU `spread` wakes first for a submit of one item, when the engine's `wake_local` is
+/// on (`on`): the calling thread's own, when its pool is live and runs no item (the caller
+/// moves it to the front of the ranking, where it counts only if it is eligible). Placement
+/// stays round-robin otherwise, so items that keep their CPUs busy still go round, and so do
+/// larger batches: they need more than one CPU, and their submitter's CPU is busy with the
+/// rest of the call (unary `Submit(wait)` of 1 000 ran about 5% slower when it woke that CPU
+/// first).
+///
+/// Why: a daemon's RPC thread submits and then gives its CPU up (it waits on the network).
+/// A worker woken on that CPU runs as soon as it does, and the answer's wake-ups stay there
+/// too; a worker woken on a sleeping CPU first waits for that CPU to wake (on this project's
+/// 2-vCPU VM about 40 µs, most of a single item's round trip; session 37 in
+/// `docs/benchmarks.md`). The kernel's `queue_work` on an unbound CPU picks the local one for
+/// the same reason.
+pub(super) fn local_first(pools: &Pools, placement: Placement, on: bool) -> Option<u32> {
+    if !on || placement != Placement::Spread {
+        return None;
+    }
+    let c = crate::engine::worker::current_cpu()?;
+    pools
+        .get(&c)
+        .is_some_and(|p| p.live && p.running == 0)
+        .then_some(c)
+}
+
 /// How many more items of `kind` may start on a CPU now running `on` (CPU-bound, waiting) of
 /// a workqueue with these limits (`group` = `group_max_active`, 0 for none), from a queue
 /// running `queue_running`: the free `max_active` (or `max_waiting`) slots, within the group
@@ -596,7 +635,7 @@ mod tests {
             s.create_wq(attrs).unwrap();
             let wi = s.wq_index(placement.as_str()).unwrap();
             let qid = s.queue_for(wi, &Target::Cpus(all.clone()), None);
-            s.takers(qid, &mut order);
+            s.takers(qid, &mut order, false);
             assert_eq!(order.as_slice(), want, "{placement}");
         }
     }

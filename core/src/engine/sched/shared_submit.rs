@@ -28,7 +28,7 @@ use crate::target::Target;
 
 use super::flush::{Delivery, Opening};
 use super::item::{Entry, Item, NOT_BOUND};
-use super::queue::{room, taker_load, Queue};
+use super::queue::{local_first, room, taker_load, Queue};
 use super::submit::BatchRec;
 use super::{Effects, Sched};
 use crate::engine::ResultsMode;
@@ -275,7 +275,11 @@ impl Sched {
             _ => self.rr.load(Relaxed),
         };
         let load = taker_load(&self.pools, &self.load, placement);
-        let takers = ranking.rank(placement, &eligible, load, rr);
+        ranking.rank(placement, &eligible, load, rr);
+        let takers = match local_first(&self.pools, placement, self.wake_local && n == 1) {
+            Some(c) => ranking.prefer(c),
+            None => ranking.as_slice(),
+        };
         let mut woken = 0;
         for &c in takers {
             let Some(mut p) = self.pools.get(&c) else {

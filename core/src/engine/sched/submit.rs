@@ -263,7 +263,7 @@ impl Sched {
         for same in touched.chunk_by(|a, b| a.0 == b.0) {
             let qid = same[0].0;
             if self.queues.contains(qid) {
-                self.make_ready(qid, same.iter().map(|t| t.1).sum(), fx);
+                self.make_ready_submitted(qid, same.iter().map(|t| t.1).sum(), fx);
             }
         }
         out
