@@ -249,7 +249,7 @@ fn main() {
         if quick {
             cfg = dispatch::Cfg {
                 runs: 2,
-                batches: [(1, 200), (100, 10), (10_000, 1)],
+                batches: vec![(1, 200), (100, 10), (dispatch::COMPARATOR, 2), (10_000, 1)],
                 latency_samples: 100,
                 busy: false,
             };
@@ -335,7 +335,12 @@ fn main() {
     section("busy", &mut || {
         let mut d = dispatch::Cfg {
             runs: 5,
-            batches: [(1, 1000), (100, 100), (10_000, 2)],
+            batches: vec![
+                (1, 1000),
+                (100, 100),
+                (dispatch::COMPARATOR, 20),
+                (10_000, 2),
+            ],
             latency_samples: 300,
             busy: true,
         };
@@ -353,7 +358,7 @@ fn main() {
         };
         if quick {
             d.runs = 1;
-            d.batches = [(1, 100), (100, 10), (10_000, 1)];
+            d.batches = vec![(1, 100), (100, 10), (dispatch::COMPARATOR, 1), (10_000, 1)];
             d.latency_samples = 50;
             c.runs = 1;
             c.batches = [(100, 20), (1000, 4)];
