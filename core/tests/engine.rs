@@ -178,24 +178,12 @@ fn runs_on_the_named_cpu_and_reports_it() {
     assert_eq!(rig.probe.runs.lock().len(), 20);
 }
 
-/// The CPUs this thread may run on.
-fn allowed_cpus() -> Vec<u32> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call writes at most its size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    assert_eq!(r, 0, "sched_getaffinity");
-    (0..libc::CPU_SETSIZE as u32)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c as usize, &set) })
-        .collect()
-}
-
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: u32) {
-    // SAFETY: as in `allowed_cpus`.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    assert_eq!(r, 0, "sched_setaffinity to {cpu}");
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu as usize).expect("a CPU number within the set");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .unwrap_or_else(|e| panic!("sched_setaffinity to {cpu}: {e}"));
 }
 
 /// `wake_local` (the daemon's default): a batch of one item goes to the submitting thread's
@@ -205,7 +193,8 @@ fn pin_to(cpu: u32) {
 /// below 4, so that round robin starting at the group's low CPUs would show.
 #[test]
 fn wake_local_sends_a_lone_item_to_the_submitters_cpu() {
-    let Some(&here) = allowed_cpus().iter().filter(|&&c| c < 4).max() else {
+    let allowed = wqd_core::topology::sysfs::affinity().expect("sched_getaffinity");
+    let Some(here) = allowed.iter().filter(|&c| c < 4).max() else {
         eprintln!("skipped: this thread may run on none of CPUs 0-3");
         return;
     };

@@ -892,7 +892,7 @@ pub(crate) struct Tally {
     pub(crate) by_state: [usize; 8],
     pub(crate) gone: Vec<ItemId>,
     /// The waiter spins on the channel ([`Flush::wait`]'s first [`SPIN`]): the worker that
-    /// ends the flush needs not get off its CPU for it (see `worker.rs`, `Wake::wait`).
+    /// ends the flush need not get off its CPU for it (see `worker.rs`, `Wake::wait`).
     pub(crate) waiter_spins: bool,
 }
 
