@@ -198,8 +198,21 @@ fn wake_local_sends_a_lone_item_to_the_submitters_cpu() {
         eprintln!("skipped: this thread may run on none of CPUs 0-3");
         return;
     };
-    let cpus_of = |wake_local: bool| -> Vec<u32> {
+    // A worker entering L for the first time takes from its pool's ready list whatever it
+    // finds there (late binding), wherever the wake-up went: each pool first runs one item,
+    // so that every worker has arrived and parked before the items that count.
+    let warmed = |wake_local: bool| {
         let rig = Rig::with(4, "0-3", |c| c.wake_local = wake_local);
+        let ids = rig.submit(
+            "default",
+            (0..4).map(|c| item(&format!("cpu:{c}"), "probe")).collect(),
+        );
+        rig.flush(&ids);
+        std::thread::sleep(Duration::from_millis(50));
+        rig
+    };
+    let cpus_of = |wake_local: bool| -> Vec<u32> {
+        let rig = warmed(wake_local);
         std::thread::scope(|s| {
             s.spawn(|| {
                 pin_to(here);
@@ -224,8 +237,10 @@ fn wake_local_sends_a_lone_item_to_the_submitters_cpu() {
     let round = cpus_of(false);
     let distinct: HashSet<u32> = round.iter().copied().collect();
     assert!(distinct.len() >= 3, "spread went round: {round:?}");
-    // A batch of two is not a lone item: it still goes round, from wherever it is submitted.
-    let rig = Rig::with(4, "0-3", |c| c.wake_local = true);
+    // A batch of two is not a lone item: its wake-ups still go round (so not every pair runs
+    // where it is submitted; which CPUs run them depends on which woken worker arrives
+    // first, since one binds both).
+    let rig = warmed(true);
     let pairs: HashSet<u32> = std::thread::scope(|s| {
         s.spawn(|| {
             pin_to(here);
@@ -240,7 +255,10 @@ fn wake_local_sends_a_lone_item_to_the_submitters_cpu() {
         .join()
         .unwrap()
     });
-    assert!(pairs.len() >= 3, "pairs went round: {pairs:?}");
+    assert!(
+        pairs.iter().any(|&c| c != here),
+        "pairs all ran on {here}: {pairs:?}"
+    );
 }
 
 #[test]
