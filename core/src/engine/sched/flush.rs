@@ -86,14 +86,14 @@ impl FlushRec {
         self.tally = Some(t);
     }
 
-    /// Adds the counts held in a finish batch to the tally (before the flush's channel can
-    /// close, so its waiter reads them all).
     /// Whether the flush's waiter spins on its channel now (a sync [`Flush::wait`] in its
     /// first `SPIN`; never an async one).
     pub(super) fn waiter_spins(&self) -> bool {
         self.tally.as_ref().is_some_and(|t| t.lock().waiter_spins)
     }
 
+    /// Adds the counts held in a finish batch to the tally (before the flush's channel can
+    /// close, so its waiter reads them all).
     pub(super) fn add_held_counts(&mut self) {
         if self.held_counts == [0; 8] {
             return;
