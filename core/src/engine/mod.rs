@@ -1273,8 +1273,9 @@ pub struct EngineConfig {
     pub default_wq: WorkqueueAttrs,
     /// Items one slot of an attached worker may hold at once (`workers.max_credits`).
     pub max_credits: u32,
-    /// `spread` wakes the submitting thread's own CPU first, when that CPU may take the work
-    /// and runs no item (`engine.wake_local`; the daemon's default, off for the library).
+    /// For a batch of one item, `spread` wakes the submitting thread's own CPU first, when
+    /// that CPU may take the work and runs no item (`engine.wake_local`; the daemon's default,
+    /// off for the library).
     /// Worth it for a submitter that gives its CPU up next, as the daemon's RPC thread does
     /// (it waits on the network): on a host whose other CPUs sleep, a call then stays on one
     /// CPU instead of waking a sleeping one (see `sched/queue.rs`, `local_first`). A
