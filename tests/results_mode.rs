@@ -228,8 +228,8 @@ async fn a_waited_submit_counts_its_items_by_final_state() {
 }
 
 /// What the engine does with `summary` and `none`: a waited submit answers with counts and no
-/// results; a flush streams no result but counts the items that end while it waits (those
-/// already ended are listed as unknown); an ended item is looked up as forgotten, a live one
+/// results; a flush streams no result but counts the items that end while it waits, and a
+/// batch flush also those already ended (a flush of their ids lists them as unknown); an ended item is looked up as forgotten, a live one
 /// found; after an update to `full` later items have results again (the earlier ones stay
 /// without).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,12 +256,42 @@ async fn summary_and_none_workqueues_keep_counts_only() {
         assert_eq!(r.counts.expect("counts").ok, n as u64, "{name}");
         let ids: Vec<u64> = r.items.iter().map(|x| x.item_id).collect();
 
-        // A flush that begins after they ended finds no record of them: they are listed as
-        // unknown (forgotten), as items whose results expired.
+        // A flush of the batch that begins after they ended counts them from the batch's
+        // record, summary-only or not: no result streamed, none unknown.
         let (results, summary) = flush(&c, r.batch_id).await;
         assert!(results.is_empty(), "{name}: a flush streams no ItemResult");
-        assert_eq!(total(&summary.counts.expect("counts")), 0, "{name}");
-        assert_eq!(summary.unknown_item_ids, ids, "{name}");
+        let counts = summary.counts.expect("counts");
+        assert_eq!((counts.ok, total(&counts)), (n as u64, n as u64), "{name}");
+        assert!(summary.unknown_item_ids.is_empty(), "{name}: {summary:?}");
+        assert_eq!(summary.items_covered, n as u64, "{name}");
+        let mut s = c
+            .flush(FlushScope::Batch(r.batch_id), true)
+            .await
+            .expect("Flush summary_only");
+        let mut last = None;
+        while let Some(ev) = s.next().await {
+            if let FlushEvent::Summary(sum) = ev.expect("flush event") {
+                last = Some(sum);
+            }
+        }
+        let sum = last.expect("a summary");
+        assert_eq!(sum.counts.map(|c| c.ok), Some(n as u64), "{name}: {sum:?}");
+        assert!(sum.unknown_item_ids.is_empty(), "{name}: {sum:?}");
+        // A flush of their ids finds no record of them: they are listed as unknown
+        // (forgotten), as items whose results expired.
+        let mut s = c
+            .flush(FlushScope::Items(ids.clone()), false)
+            .await
+            .expect("Flush items");
+        let mut last = None;
+        while let Some(ev) = s.next().await {
+            if let FlushEvent::Summary(sum) = ev.expect("flush event") {
+                last = Some(sum);
+            }
+        }
+        let sum = last.expect("a summary");
+        assert_eq!(total(&sum.counts.expect("counts")), 0, "{name}");
+        assert_eq!(sum.unknown_item_ids, ids, "{name}");
 
         let l = c.results(ids.clone()).await.expect("GetResults");
         assert!(

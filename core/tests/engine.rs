@@ -1567,9 +1567,21 @@ fn results_modes_keep_what_they_say_and_every_item_still_ends_once() {
         ended.sort();
         let want: Vec<(u64, State)> = rec.items.iter().map(|s| (s.id, State::Ok)).collect();
         assert_eq!(ended, want, "{wq}: one Ended per item");
-        // A flush that begins after they ended learns only that their results are gone.
+        // A flush of the batch that begins after they ended counts them from the batch's
+        // record, summary-only or not; a flush of their ids has nothing to count them by.
+        for summary_only in [true, false] {
+            let f = match summary_only {
+                true => engine.flush_summary(FlushScope::Batch(rec.batch)),
+                false => engine.flush(FlushScope::Batch(rec.batch)),
+            };
+            let late = f.unwrap().wait(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(late.covered, 6, "{wq}: {late:?}");
+            assert_eq!(late.by_state.get(&State::Ok), Some(&6), "{wq}: {late:?}");
+            assert_eq!((late.gone, late.by_state.len()), (0, 1), "{wq}: {late:?}");
+        }
+        let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
         let late = engine
-            .flush_summary(FlushScope::Batch(rec.batch))
+            .flush_summary(FlushScope::Items(ids))
             .unwrap()
             .wait(Some(Duration::from_secs(5)))
             .unwrap();
@@ -1629,6 +1641,190 @@ fn results_modes_keep_what_they_say_and_every_item_still_ends_once() {
     done.sort();
     let want: Vec<(u64, State)> = rec.items.iter().map(|s| (s.id, State::Ok)).collect();
     assert_eq!(done, want);
+}
+
+/// Waits until none of `ids` is live (a workqueue keeping no record answers `None` for an
+/// item that ended).
+fn until_ended(engine: &Engine, ids: &[u64]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.results(ids).iter().any(|r| {
+        r.as_ref()
+            .is_some_and(|r| matches!(r.state, State::Pending | State::Running))
+    }) {
+        assert!(Instant::now() < deadline, "items {ids:?} never ended");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A flush of a batch that begins after some of its items ended, on a workqueue keeping no
+/// per-item result, counts them by state from the batch's record (they used to be "gone"),
+/// and still waits for the live ones; one that begins after all ended counts all, whether it
+/// is a counting flush or an event flush.
+#[test]
+fn a_late_batch_flush_counts_items_that_ended_without_a_record() {
+    for mode in [ResultsMode::Summary, ResultsMode::None] {
+        let rig = Rig::new(4, "0-2");
+        rig.wq("w", |a| {
+            a.results = mode;
+            a.fallback = Fallback::Reject;
+            a.max_active = 4;
+        });
+        let rec = rig
+            .engine
+            .submit(
+                "w",
+                vec![
+                    item("cpu:1", "probe"),
+                    item("cpu:1", "probe"),
+                    item("cpu:1", "probe"),
+                    item("cpu:0", "noop").arg("fail", "x"),
+                    // Cpu 3 is offline: rejected during the submit.
+                    item("cpu:3", "probe"),
+                    // Runs until cancelled.
+                    item("cpu:2", "probe").arg("ms", "60000"),
+                ],
+            )
+            .unwrap();
+        let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+        until_ended(&rig.engine, &ids[..5]);
+        let f = rig
+            .engine
+            .flush_summary(FlushScope::Batch(rec.batch))
+            .unwrap();
+        assert_eq!(f.covered(), 6);
+        let (so_far, gone) = f.tally().expect("a counting flush");
+        let want_before =
+            BTreeMap::from([(State::Ok, 3), (State::Failed, 1), (State::Rejected, 1)]);
+        assert_eq!((&so_far, gone.len()), (&want_before, 0), "{mode:?}");
+        // The live one is still waited for.
+        assert!(
+            f.wait(Some(Duration::from_millis(50))).is_err(),
+            "{mode:?}: the flush must wait for the running item"
+        );
+        let f = rig
+            .engine
+            .flush_summary(FlushScope::Batch(rec.batch))
+            .unwrap();
+        let report = rig.engine.cancel(FlushScope::Items(vec![ids[5]])).unwrap();
+        assert_eq!(report.outcomes[0].1, CancelOutcome::WasRunning);
+        let sum = f.wait(Some(Duration::from_secs(20))).unwrap();
+        let mut want = want_before.clone();
+        want.insert(State::Cancelled, 1);
+        assert_eq!(
+            (&sum.by_state, sum.gone, sum.covered),
+            (&want, 0, 6),
+            "{mode:?}"
+        );
+        // After all ended: an event flush counts them too (no event: nothing to say per item).
+        for summary_only in [true, false] {
+            let mut f = match summary_only {
+                true => rig.engine.flush_summary(FlushScope::Batch(rec.batch)),
+                false => rig.engine.flush(FlushScope::Batch(rec.batch)),
+            }
+            .unwrap();
+            let (by_state, gone) = f.tally().expect("counts of the ended items");
+            assert_eq!((&by_state, gone.len()), (&want, 0), "{mode:?}");
+            let deadline = Some(Instant::now() + Duration::from_secs(5));
+            assert!(f.next_blocking(deadline).unwrap().is_none(), "{mode:?}");
+            let sum = f.wait(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!((&sum.by_state, sum.gone), (&want, 0), "{mode:?}");
+        }
+        // `submit_and_wait` counts the items its submit rejected at once.
+        let (_, mut flush) = rig
+            .engine
+            .submit_and_wait("w", vec![item("cpu:3", "probe"), item("cpu:0", "probe")])
+            .unwrap();
+        let deadline = Some(Instant::now() + Duration::from_secs(20));
+        assert!(flush.next_blocking(deadline).unwrap().is_none());
+        let (by_state, gone) = flush.tally().expect("a counting flush");
+        assert_eq!(
+            (by_state, gone.len()),
+            (BTreeMap::from([(State::Ok, 1), (State::Rejected, 1)]), 0),
+            "{mode:?}"
+        );
+    }
+}
+
+/// A batch whose workqueue switched from `full` to `summary` while it ran: a late flush
+/// counts the recorded items by their results and the others by the batch's record.
+#[test]
+fn a_late_batch_flush_counts_recorded_and_unrecorded_items_alike() {
+    let rig = Rig::new(4, "0-3");
+    rig.wq("w", |a| a.max_active = 4);
+    let rec = rig
+        .engine
+        .submit(
+            "w",
+            vec![
+                item("cpu:0", "probe"),
+                item("cpu:0", "noop").arg("fail", "x"),
+                item("cpu:1", "probe").arg("ms", "60000"),
+                item("cpu:2", "probe").arg("ms", "60000"),
+            ],
+        )
+        .unwrap();
+    let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
+    until_ended(&rig.engine, &ids[..2]);
+    assert!(
+        rig.engine.results(&ids[..2]).iter().all(Option::is_some),
+        "full: kept"
+    );
+    rig.engine
+        .update_workqueue(WorkqueueAttrs::named("w").with(&WorkqueueChanges {
+            results: Some(ResultsMode::Summary),
+            max_active: Some(4),
+            ..Default::default()
+        }))
+        .unwrap();
+    rig.engine
+        .cancel(FlushScope::Items(ids[2..].to_vec()))
+        .unwrap();
+    until_ended(&rig.engine, &ids);
+    assert!(
+        rig.engine.results(&ids[2..]).iter().all(Option::is_none),
+        "summary: none"
+    );
+    let sum = rig
+        .engine
+        .flush_summary(FlushScope::Batch(rec.batch))
+        .unwrap()
+        .wait(Some(Duration::from_secs(5)))
+        .unwrap();
+    let want = BTreeMap::from([(State::Ok, 1), (State::Failed, 1), (State::Cancelled, 2)]);
+    assert_eq!((sum.by_state, sum.gone, sum.covered), (want, 0, 4));
+}
+
+/// Draining with `cancel_pending` on a workqueue keeping no result counts the items it
+/// cancelled (they end with no record before the drain's flush registers).
+#[test]
+fn a_cancelling_drain_counts_what_it_cancelled_without_records() {
+    let rig = Rig::new(2, "0-1");
+    rig.wq("w", |a| {
+        a.results = ResultsMode::Summary;
+        a.max_active = 1;
+    });
+    let mut items = vec![item("cpu:0", "probe").arg("ms", "60000")];
+    items.extend((0..3).map(|_| item("cpu:0", "probe")));
+    let ids = rig.submit("w", items);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rig.engine.results(&ids[..1])[0].as_ref().map(|r| r.state) != Some(State::Running) {
+        assert!(Instant::now() < deadline, "the first item never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let drain = rig.engine.drain_with("w", true).unwrap();
+    let (by_state, gone) = drain.tally().expect("a counting flush");
+    assert_eq!(
+        (by_state, gone.len()),
+        (BTreeMap::from([(State::Cancelled, 3)]), 0)
+    );
+    rig.engine
+        .cancel(FlushScope::Items(ids[..1].to_vec()))
+        .unwrap();
+    let sum = drain.wait(Some(Duration::from_secs(20))).unwrap();
+    assert_eq!(
+        (sum.by_state, sum.gone, sum.covered),
+        (BTreeMap::from([(State::Cancelled, 4)]), 0, 4)
+    );
 }
 
 /// A queue whose items all ended without running (cancelled while delayed, rejected at

@@ -884,6 +884,10 @@ pub struct Flush {
     /// Set for summary-only flushes (`Engine::flush_summary`): the counts, filled under the
     /// engine lock; final once `rx` is disconnected.
     tally: Option<Arc<Mutex<Tally>>>,
+    /// Covered items that had ended without a record (their workqueue keeps no per-item
+    /// result) when the flush began, by state: counted from their batch's record (see
+    /// `Sched::register_flush`), in [`Flush::tally`] and [`Flush::wait`]'s summary.
+    pub(crate) ended_unrecorded: [usize; 8],
 }
 
 /// Terminal counts of a summary-only flush.
@@ -919,14 +923,27 @@ impl Flush {
     }
     /// For a summary-only flush ([`Engine::flush_summary`]): the terminal counts so far (final
     /// once [`Flush::next`] returned `None`) and the ids whose results had already expired.
+    ///
+    /// Any flush that began after some covered items had ended without a record (a batch of
+    /// a workqueue with `results` summary or none) counts those here too, by state.
     pub fn tally(&self) -> Option<(BTreeMap<State, usize>, Vec<ItemId>)> {
-        let t = self.tally.as_ref()?.lock();
+        let (mut counts, gone) = match &self.tally {
+            Some(t) => {
+                let t = t.lock();
+                (t.by_state, t.gone.clone())
+            }
+            None if self.ended_unrecorded == [0; 8] => return None,
+            None => ([0; 8], Vec::new()),
+        };
+        for (n, before) in counts.iter_mut().zip(self.ended_unrecorded) {
+            *n += before;
+        }
         let by_state = State::ALL
             .into_iter()
-            .filter(|s| t.by_state[s.index()] > 0)
-            .map(|s| (s, t.by_state[s.index()]))
+            .filter(|s| counts[s.index()] > 0)
+            .map(|s| (s, counts[s.index()]))
             .collect();
-        Some((by_state, t.gone.clone()))
+        Some((by_state, gone))
     }
     /// When the flush began.
     pub fn began(&self) -> Instant {
@@ -1078,6 +1095,12 @@ impl Flush {
                 }
             }
             sum.gone += t.gone.len();
+        }
+        for s in State::ALL {
+            let n = self.ended_unrecorded[s.index()];
+            if n > 0 {
+                *sum.by_state.entry(s).or_default() += n;
+            }
         }
         sum.waited = self.began.elapsed();
         Ok(sum)
@@ -1666,7 +1689,9 @@ impl Engine {
                 false => s.scope_ids(&scope)?,
             };
             let delivery = (counting.delivery())(s.results_mode(wq)?);
-            let f = s.register_flush(&self.inner, ids, delivery);
+            // Items the submit rejected at once on a workqueue keeping no result: counted.
+            let unrecorded = s.unrecorded(&scope);
+            let f = s.register_flush(&self.inner, ids, delivery, unrecorded);
             Ok((rec, f))
         })();
         fx.run(&self.inner);
@@ -1807,7 +1832,8 @@ impl Engine {
                 true => Delivery::Count,
                 false => Delivery::Stream,
             };
-            let mut f = s.register_flush(&self.inner, ids, delivery);
+            let unrecorded = s.unrecorded(&scope);
+            let mut f = s.register_flush(&self.inner, ids, delivery, unrecorded);
             f.delayed_not_covered = left_out;
             f
         };
@@ -1836,7 +1862,7 @@ impl Engine {
                 .filter(|(_, o)| *o == CancelOutcome::WasRunning)
                 .map(|(id, _)| *id)
                 .collect();
-            let running = s.register_flush(&self.inner, running, Delivery::Stream);
+            let running = s.register_flush(&self.inner, running, Delivery::Stream, [0; 8]);
             CancelReport { outcomes, running }
         };
         fx.run(&self.inner);
@@ -1878,11 +1904,20 @@ impl Engine {
                             .is_some_and(|i| i.state != State::Running)
                     })
                     .collect();
-                s.cancel(&waiting, &mut fx);
-                s.register_flush(&self.inner, ids, Delivery::Count)
+                let cancelled = s
+                    .cancel(&waiting, &mut fx)
+                    .iter()
+                    .filter(|(_, o)| *o == CancelOutcome::CancelledPending)
+                    .count();
+                // On a workqueue keeping no per-item result they ended with none: counted.
+                let mut unrecorded = [0; 8];
+                if s.results_mode(wq)? != ResultsMode::Full {
+                    unrecorded[State::Cancelled.index()] = cancelled;
+                }
+                s.register_flush(&self.inner, ids, Delivery::Count, unrecorded)
             } else {
                 let (ids, _) = s.flush_ids(&all, &mut fx)?;
-                s.register_flush(&self.inner, ids, Delivery::Count)
+                s.register_flush(&self.inner, ids, Delivery::Count, [0; 8])
             }
         };
         fx.run(&self.inner);

@@ -773,6 +773,9 @@ pub(super) fn notify(
     }
     if let Some(b) = batches.get_mut(&batch) {
         b.live = b.live.saturating_sub(1);
+        if stored.is_none() {
+            b.unrecorded[state.index()] += 1;
+        }
     }
 }
 

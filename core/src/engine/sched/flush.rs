@@ -179,6 +179,19 @@ impl Sched {
         }
     }
 
+    /// For a batch scope, its items that ended without a record, by state (see
+    /// [`Sched::register_flush`]); zeros for every other scope, or a batch no longer known.
+    pub(crate) fn unrecorded(&mut self, scope: &FlushScope) -> [usize; 8] {
+        match scope {
+            FlushScope::Batch(b) => self
+                .batches
+                .get_mut()
+                .get(b)
+                .map_or([0; 8], |rec| rec.unrecorded),
+            _ => [0; 8],
+        }
+    }
+
     /// The ids a flush of `scope` covers, and how many delayed items it leaves out. Delayed
     /// items of an item, batch or `WorkqueueAll` scope are queued at once (the kernel's
     /// `flush_delayed_work()`); a `Workqueue` scope leaves them out and counts them.
@@ -217,46 +230,78 @@ impl Sched {
     /// Registers a flush over `ids`, delivering as `delivery` says. With [`Delivery::Count`]
     /// no per-item events are sent: the flush's tally counts terminal states and
     /// `Flush::wait` reports them.
+    ///
+    /// `unrecorded`, by state: how many of the `ids` not live ended without a record (their
+    /// workqueue keeps no per-item result), when the caller knows it (a batch's
+    /// [`BatchRec::unrecorded`](super::submit::BatchRec), or the pending items a drain just
+    /// cancelled); zeros otherwise. When those are all of the ended ids the store has no
+    /// record of, the flush counts them by state instead of listing them as gone; were any
+    /// of them expired results as well, no id can be told from another and all are gone, as
+    /// without the counts.
     pub(crate) fn register_flush(
         &mut self,
         inner: &Arc<Inner>,
         ids: Vec<ItemId>,
         delivery: Delivery,
+        unrecorded: [usize; 8],
     ) -> Flush {
         let fid = *self.next_flush.get_mut();
         *self.next_flush.get_mut() += 1;
         let opening = Opening::new(delivery);
         let mut remaining = 0;
-        // Items already terminal: their events go in one message.
-        let mut ended = Vec::new();
-        // R only for an id not live (a flush of a fresh batch never takes it): a worker
-        // storing its finish batch's results holds R after its L hold (see `Finished`).
-        let mut store = None;
-        // A stored result is made into an `ItemResult` once per id, whatever the copies of
-        // the id in `ids` (`Made`, as for `Engine::results`).
-        let mut made = Made::default();
+        // Covered ids no longer live.
+        let mut ended_ids = Vec::new();
         for &id in &ids {
             if let Some(it) = self.items.get_mut().get_mut(&id) {
                 it.add_waiter(fid);
                 remaining += 1;
             } else {
-                let g = store.get_or_insert_with(|| self.results.lock());
+                ended_ids.push(id);
+            }
+        }
+        let n_unrecorded: usize = unrecorded.iter().sum();
+        // Items already terminal: their events go in one message.
+        let mut ended = Vec::new();
+        // Ended ids the store has no record of.
+        let mut missing = Vec::new();
+        // When the unrecorded are all the ended ids, no look-up is needed (a batch of a
+        // workqueue keeping no per-item result).
+        let look_up = n_unrecorded != ended_ids.len();
+        if look_up {
+            // R only for an id not live (a flush of a fresh batch never takes it): a worker
+            // storing its finish batch's results holds R after its L hold (see `Finished`).
+            let g = self.results.lock();
+            // A stored result is made into an `ItemResult` once per id, whatever the copies
+            // of the id in `ids` (`Made`, as for `Engine::results`).
+            let mut made = Made::default();
+            for id in ended_ids {
                 match (g.stored(id), &opening.tally) {
                     (Some(r), Some(t)) => t.lock().by_state[r.state().index()] += 1,
                     (Some(r), None) => ended.extend(
                         made.once(id, || Some(Arc::new(r.to_result(Some(&g.names)))))
                             .map(FlushEvent::Done),
                     ),
-                    (None, Some(t)) => t.lock().gone.push(id),
-                    (None, None) => ended.push(FlushEvent::Gone(id)),
+                    (None, _) => missing.push(id),
                 }
             }
         }
-        drop(store);
-        let (rec, flush) = opening.open(inner, fid, remaining, ids.len(), ended);
+        // The unrecorded never have a record: when as many ids have none, they are those.
+        let counted = n_unrecorded > 0 && (!look_up || missing.len() == n_unrecorded);
+        let mut precounted = [0; 8];
+        if counted {
+            precounted = unrecorded;
+        } else {
+            // Expired results among them (or no counts): every one is gone.
+            match &opening.tally {
+                Some(t) => t.lock().gone.append(&mut missing),
+                None => ended.extend(missing.into_iter().map(FlushEvent::Gone)),
+            }
+        }
+        let (rec, mut flush) = opening.open(inner, fid, remaining, ids.len(), ended);
         if let Some(rec) = rec {
             self.flushes.get_mut().insert(fid, rec);
         }
+        flush.ended_unrecorded = precounted;
         flush
     }
 }
@@ -320,6 +365,7 @@ impl Opening {
             delayed_not_covered: 0,
             began: Instant::now(),
             tally: self.tally,
+            ended_unrecorded: [0; 8],
         };
         (rec, flush)
     }

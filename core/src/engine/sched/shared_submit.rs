@@ -212,6 +212,7 @@ impl Sched {
                 unused: Vec::new(),
                 live: n,
                 created: now,
+                unrecorded: [0; 8],
             },
         );
         self.batch_order.lock().push_back(batch);

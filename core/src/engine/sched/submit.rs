@@ -27,6 +27,9 @@ pub(super) struct BatchRec {
     pub(super) unused: Vec<ItemId>,
     pub(super) live: usize,
     pub(super) created: Instant,
+    /// Its items that ended without a record (their workqueue keeps no per-item result), by
+    /// state: what a flush of the batch that begins after they ended counts them as.
+    pub(super) unrecorded: [usize; 8],
 }
 
 impl Sched {
@@ -138,6 +141,7 @@ impl Sched {
                 live: bodies.len(),
                 created: now,
                 unused: Vec::new(),
+                unrecorded: [0; 8],
             },
         );
         self.batch_order.get_mut().push_back(batch);
