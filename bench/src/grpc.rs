@@ -14,8 +14,9 @@
 //!   1000 and 10k, with 1 and 4 connections, each with one call in flight (closed loop) for
 //!   a fixed window. Systems: the floor's `Submit` (decode + ack), wqd's `Submit` with
 //!   `wait = true` (returns when every item is done, with every result), and wqd's `Submit`
-//!   (no wait) followed by `Flush(batch_id, summary_only)`, and `Submit(wait)` on a workqueue
-//!   with `results = summary` ([`SUMMARY_WQ`]), and those two `Submit(wait)` requests as
+//!   (no wait) followed by `Flush(batch_id, summary_only)`, the same pair and `Submit(wait)`
+//!   on a workqueue with `results = summary` ([`SUMMARY_WQ`]), and the two `Submit(wait)`
+//!   requests as
 //!   requests of a `DispatchService.Session` kept open per connection; plus the empty unary RPC
 //!   (`grpc.health.v1.Health/Check` on wqd) in calls/s. Ratios are wqd ÷ floor items/s per
 //!   run (1.00 = as fast as the floor).
@@ -298,9 +299,7 @@ pub enum Sys {
     Flush,
     /// wqd `Submit(wait)` on a workqueue with `results = summary` ([`SUMMARY_WQ`]): submit,
     /// wait for every item and get the counts, in one call — what a client that wants counts
-    /// only configures (no per-item result is built or stored). A `Flush` after a `Submit`
-    /// cannot do this job there: items that ended before it registered have no result left
-    /// to count.
+    /// only configures (no per-item result is built or stored).
     WaitSummaryWq,
     /// [`Sys::Wait`]'s request as one request of a `DispatchService.Session` kept open on the
     /// connection (opened before the figure's window).
@@ -313,15 +312,23 @@ pub enum Sys {
     WaitBare,
     /// [`Sys::Flush`] without receipts: the `Submit` answers with the batch's shape.
     FlushBare,
+    /// [`Sys::Flush`] on the `results = summary` workqueue ([`SUMMARY_WQ`]): no per-item
+    /// result is built or stored, and the flush counts the items that ended before it
+    /// registered from the batch's record. The in-process comparator of the target
+    /// "`Submit` + summary flush" is the engine with summary results.
+    FlushSummaryWq,
+    /// [`Sys::FlushSummaryWq`] without receipts.
+    FlushSummaryWqBare,
     /// [`Sys::Session`] without receipts.
     SessionBare,
 }
 
 /// The kinds that ask for no receipt per item.
-const BARE: [Sys; 4] = [
+const BARE: [Sys; 5] = [
     Sys::FloorBare,
     Sys::WaitBare,
     Sys::FlushBare,
+    Sys::FlushSummaryWqBare,
     Sys::SessionBare,
 ];
 
@@ -344,6 +351,10 @@ impl Sys {
             Sys::FloorBare => "floor: decode + ack, no receipts",
             Sys::WaitBare => "wqd Submit(wait), no receipts",
             Sys::FlushBare => "wqd Submit + Flush(summary), no receipts",
+            Sys::FlushSummaryWq => "wqd Submit + Flush(summary), results = summary",
+            Sys::FlushSummaryWqBare => {
+                "wqd Submit + Flush(summary), results = summary, no receipts"
+            }
             Sys::SessionBare => "wqd Session(wait), no receipts",
         }
     }
@@ -359,7 +370,11 @@ impl Sys {
     fn bare(self) -> bool {
         matches!(
             self,
-            Sys::FloorBare | Sys::WaitBare | Sys::FlushBare | Sys::SessionBare
+            Sys::FloorBare
+                | Sys::WaitBare
+                | Sys::FlushBare
+                | Sys::FlushSummaryWqBare
+                | Sys::SessionBare
         )
     }
 }
@@ -391,7 +406,7 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
             assert_eq!(a.results.len(), n, "wqd results");
             assert_eq!((a.items.len(), a.item_count), (0, n as u64), "wqd shape");
         }
-        Sys::FlushBare => {
+        Sys::FlushBare | Sys::FlushSummaryWqBare => {
             let a = c.submit(nowait).await.expect("wqd Submit");
             assert_eq!((a.items.len(), a.queued_count), (0, n as u64), "wqd shape");
             let s = c.flush_summary(a.batch_id).await.expect("wqd Flush");
@@ -414,7 +429,7 @@ pub async fn call(c: &Conn, sys: Sys, n: usize, wait: &Pre, nowait: &Pre) {
             let ok = a.counts.map_or(0, |c| c.ok);
             assert_eq!(ok as usize, n, "wqd summary: items ok");
         }
-        Sys::Flush => {
+        Sys::Flush | Sys::FlushSummaryWq => {
             let a = c.submit(nowait).await.expect("wqd Submit");
             assert_eq!(a.items.len(), n, "wqd receipts");
             let s = c.flush_summary(a.batch_id).await.expect("wqd Flush");
@@ -448,7 +463,10 @@ pub async fn throughput(conns: &[Conn], sys: Sys, n: usize, window: Duration) ->
         Sys::WaitSummaryWq | Sys::SessionSummaryWq => wire::noop_batch_in(SUMMARY_WQ, n, true),
         _ => wire::noop_batch(n, true),
     };
-    let nowait = wire::noop_batch(n, false);
+    let nowait = match sys {
+        Sys::FlushSummaryWq | Sys::FlushSummaryWqBare => wire::noop_batch_in(SUMMARY_WQ, n, false),
+        _ => wire::noop_batch(n, false),
+    };
     let (wait, nowait) = match sys.bare() {
         true => (
             wire::without_receipts(&wait),
@@ -789,6 +807,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                         Sys::Floor,
                         Sys::Wait,
                         Sys::Flush,
+                        Sys::FlushSummaryWq,
                         Sys::WaitSummaryWq,
                         Sys::Session,
                         Sys::SessionSummaryWq,
@@ -841,7 +860,9 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
              in flight per connection, {:?} window per figure; {} runs, min / median / max. \
              `Submit(wait), results = summary` submits to a workqueue created with `results = \
              summary` and waits in the same call (no per-item result built or stored; the \
-             counts come back: what a client that only wants counts configures). \
+             counts come back: what a client that only wants counts configures); `Submit + \
+             Flush(summary), results = summary` submits there and then flushes the batch (the \
+             flush counts items that ended before it from the batch's record). \
              `of floor` is wqd's items/s ÷ the floor's in the same run (1.00 = as fast as the \
              floor; the target is ≥ 0.70 at 1000). The floor is served as wqd serves (tonic \
              `serve_with_incoming` over a `TcpListenerStream`, which leaves Nagle on for \
@@ -858,6 +879,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             "Submit(wait) of floor",
             "wqd Submit + Flush(summary)",
             "Submit+Flush of floor",
+            "wqd Submit + Flush(summary), results = summary",
+            "of floor",
             "wqd Submit(wait), results = summary",
             "of floor",
             "floor, nodelay",
@@ -910,6 +933,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
             "÷ with",
             "wqd Submit + Flush(summary), no receipts",
             "÷ with",
+            "wqd Submit + Flush(summary), results = summary, no receipts",
+            "÷ with",
             "wqd Session(wait), no receipts",
             "÷ with",
         ],
@@ -948,6 +973,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                 let (rw, rf) = (per_run(&wa, &fl), per_run(&fu, &fl));
                 let fs = get(n, Sys::WaitSummaryWq);
                 let rs = per_run(&fs, &fl);
+                let ff = get(n, Sys::FlushSummaryWq);
+                let rff = per_run(&ff, &fl);
                 let (se, ss) = (get(n, Sys::Session), get(n, Sys::SessionSummaryWq));
                 st.row(vec![
                     tr.to_string(),
@@ -967,6 +994,7 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                         (&fl, fb),
                         (&wa, &get(n, Sys::WaitBare)),
                         (&fu, &get(n, Sys::FlushBare)),
+                        (&ff, &get(n, Sys::FlushSummaryWqBare)),
                         (&se, &get(n, Sys::SessionBare)),
                     ] {
                         row.push(report::rate_spread(Spread::of(&mut without.clone())));
@@ -991,6 +1019,8 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                     report::spread(rw, 2),
                     report::rate_spread(Spread::of(&mut fu.clone())),
                     report::spread(rf, 2),
+                    report::rate_spread(Spread::of(&mut ff.clone())),
+                    report::spread(rff, 2),
                     report::rate_spread(Spread::of(&mut fs.clone())),
                     report::spread(rs, 2),
                     nd_rate,
@@ -1018,13 +1048,15 @@ pub fn run(cfg: Cfg) -> (Vec<Table>, Vec<Verdict>) {
                         judged >= 0.70,
                         format!(
                             "Submit(wait) {:.0}% of {floor_name} ({} vs {} items/s); \
-                             Submit+Flush {:.0}%; Submit(wait) on a results = summary \
+                             Submit+Flush {:.0}% (on a results = summary workqueue {:.0}%); \
+                             Submit(wait) on a results = summary \
                              workqueue {:.0}%; as session requests {:.0}% ({} items/s) and \
                              {:.0}% ({} items/s){}",
                             jw * 100.0,
                             report::rate(Spread::of(&mut wa.clone()).median),
                             report::rate(Spread::of(&mut base.clone()).median),
                             jf * 100.0,
+                            per_run(&ff, base).median * 100.0,
                             js * 100.0,
                             per_run(&se, base).median * 100.0,
                             report::rate(Spread::of(&mut se.clone()).median),

@@ -190,14 +190,6 @@ fn main() {
         let wait = !args.iter().any(|a| a == "nowait");
         let summary = args.iter().any(|a| a == "summary");
         let flush = args.iter().any(|a| a == "flush");
-        if flush && summary {
-            // A summary workqueue keeps no result for the items that end before the flush
-            // registers: there would be nothing to count.
-            eprintln!(
-                "wqd-bench: --profile-grpc: flush runs on the default workqueue, not with summary"
-            );
-            std::process::exit(2);
-        }
         let _busy = wqd_bench::busy::Neighbours::if_asked(&args);
         let pause = args
             .iter()
