@@ -1745,6 +1745,81 @@ fn a_late_batch_flush_counts_items_that_ended_without_a_record() {
     }
 }
 
+/// Polls the engine's batch records until `done` holds of their count (housekeeping runs
+/// once a second), failing after 10 s.
+fn until_batches(engine: &Engine, done: impl Fn(usize) -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = engine.stats().batches;
+        if done(n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {n} batch records kept");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Quick single-item batches behind a long one: a run of `n` of them, flushed to the end.
+fn quick_batches(rig: &Rig, n: usize) -> Vec<u64> {
+    let mut batches = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let r = rig
+            .engine
+            .submit("default", vec![item("cpu:1", "noop")])
+            .unwrap();
+        batches.push(r.batch);
+        ids.extend(r.items.iter().map(|s| s.id));
+    }
+    rig.engine
+        .flush_summary(FlushScope::Items(ids))
+        .unwrap()
+        .wait(Some(Duration::from_secs(20)))
+        .unwrap();
+    batches
+}
+
+/// Batch records are bounded in count, not only by age: past `results_max` the oldest ended
+/// ones go (a client submitting many small batches must not grow them for a whole ttl), and
+/// a live batch at the front does not hold them up.
+#[test]
+fn batch_records_are_bounded_by_results_max() {
+    let rig = Rig::with(2, "0-1", |c| c.results_max = 10);
+    let long = rig
+        .engine
+        .submit("default", vec![item("cpu:0", "probe").arg("ms", "60000")])
+        .unwrap();
+    let quick = quick_batches(&rig, 50);
+    until_batches(&rig.engine, |n| n <= 10, "results_max 10");
+    let known = |b: u64| match rig.engine.flush_summary(FlushScope::Batch(b)) {
+        Ok(_) => true,
+        Err(EngineError::UnknownBatch(x)) if x == b => false,
+        Err(e) => panic!("flush of batch {b}: {e:?}"),
+    };
+    assert!(known(long.batch), "a live batch is kept");
+    assert!(!known(quick[0]), "the oldest ended batch went");
+    assert!(known(quick[49]), "the newest is kept");
+    rig.engine.cancel(FlushScope::Batch(long.batch)).unwrap();
+}
+
+/// An ended batch's record goes once `results_ttl` has passed, even behind a batch that is
+/// still live (which used to keep every later record until it ended).
+#[test]
+fn ended_batch_records_expire_behind_a_live_one() {
+    let rig = Rig::with(2, "0-1", |c| c.results_ttl = Duration::from_millis(100));
+    let long = rig
+        .engine
+        .submit("default", vec![item("cpu:0", "probe").arg("ms", "60000")])
+        .unwrap();
+    quick_batches(&rig, 20);
+    until_batches(&rig.engine, |n| n == 1, "ttl 100 ms");
+    assert!(rig
+        .engine
+        .flush_summary(FlushScope::Batch(long.batch))
+        .is_ok());
+    rig.engine.cancel(FlushScope::Batch(long.batch)).unwrap();
+}
+
 /// A batch whose workqueue switched from `full` to `summary` while it ran: a late flush
 /// counts the recorded items by their results and the others by the batch's record.
 #[test]

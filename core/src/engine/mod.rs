@@ -1175,6 +1175,10 @@ pub struct EngineStats {
     /// items that have one).
     pub timers: usize,
     pub flushes: usize,
+    /// Batch records kept (a batch flush or cancel names one): while an item of the batch is
+    /// live, then until `results_ttl` after its submit, and no more than `results_max` of
+    /// them once their items ended (the oldest go first; housekeeping, once a second).
+    pub batches: usize,
     /// Queues, one per (workqueue, target) (and handler, for attached workers) that has had
     /// items; an empty one is dropped after `worker_idle`.
     pub queues: usize,

@@ -187,7 +187,7 @@ impl Sched {
                 .batches
                 .get_mut()
                 .get(b)
-                .map_or([0; 8], |rec| rec.unrecorded),
+                .map_or([0; 8], |rec| rec.unrecorded.map(|n| n as usize)),
             _ => [0; 8],
         }
     }

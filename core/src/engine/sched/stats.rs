@@ -43,6 +43,7 @@ impl Sched {
             results_bytes: store.bytes,
             timers: self.timers.len(),
             flushes: self.flushes.get_mut().len(),
+            batches: self.batches.get_mut().len(),
             queues: self.queues.len(),
             totals: State::ALL
                 .iter()

@@ -29,7 +29,7 @@ pub(super) struct BatchRec {
     pub(super) created: Instant,
     /// Its items that ended without a record (their workqueue keeps no per-item result), by
     /// state: what a flush of the batch that begins after they ended counts them as.
-    pub(super) unrecorded: [usize; 8],
+    pub(super) unrecorded: [u32; 8],
 }
 
 impl Sched {

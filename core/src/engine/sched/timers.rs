@@ -5,7 +5,9 @@
 //!
 //! Invariant (under L): a timer entry whose item ended or left the state it was for is
 //! garbage, counted in `stale_timers`; the heap is rebuilt without it once garbage is over 1024
-//! entries and half the heap, so it stays within about twice the live items' timers.
+//! entries and half the heap, so it stays within about twice the live items' timers. A batch
+//! record stays while an item of its batch is live; once none is, housekeeping drops it when
+//! `results_ttl` has passed since its submit or while more than `results_max` records are kept.
 
 use std::cmp::Reverse;
 use std::time::{Duration, Instant};
@@ -55,6 +57,10 @@ fn humanize(d: Duration) -> String {
         format!("{}ms", d.as_millis())
     }
 }
+
+/// Live batch records a housekeeping pass moves from the front of the batch order to its
+/// back at most (each a constant-time step): a pass stays short whatever is live.
+const ROTATE: usize = 64;
 
 impl Sched {
     pub(crate) fn next_timer(&self) -> Option<Instant> {
@@ -114,17 +120,40 @@ impl Sched {
                 fx.spawn.push((cpu, p.gen));
             }
         }
-        let ttl = self.results.lock().ttl;
-        while let Some(&b) = self.batch_order.get_mut().front() {
+        // Batch records: one goes once all its items ended and `results_ttl` has passed since
+        // its submit, or sooner while more are kept than the store keeps results
+        // (`results_max`), oldest first: a client submitting many small batches must not grow
+        // them for a whole ttl. One still live at the front moves to the back (at most
+        // `ROTATE` per pass) instead of holding up the ended ones behind it.
+        let (ttl, max) = {
+            let r = self.results.lock();
+            (r.ttl, r.max)
+        };
+        let mut rotated = 0;
+        loop {
+            let order = self.batch_order.get_mut();
+            let Some(&b) = order.front() else {
+                break;
+            };
+            let over = order.len() > max;
             let Some(rec) = self.batches.get_mut().get(&b) else {
-                self.batch_order.get_mut().pop_front();
+                order.pop_front();
                 continue;
             };
-            if rec.live > 0 || now.duration_since(rec.created) < ttl {
+            if !over && now.duration_since(rec.created) < ttl {
                 break;
             }
+            if rec.live > 0 {
+                if rotated == ROTATE {
+                    break;
+                }
+                rotated += 1;
+                order.pop_front();
+                order.push_back(b);
+                continue;
+            }
             self.batches.get_mut().remove(&b);
-            self.batch_order.get_mut().pop_front();
+            order.pop_front();
         }
         // A queue with nothing in it is dropped once it has been empty for `queue_idle`. Its
         // idle time starts when its last running item finishes (`finish`) or, for a queue
