@@ -1687,19 +1687,28 @@ fn a_late_batch_flush_counts_items_that_ended_without_a_record() {
             .unwrap();
         let ids: Vec<u64> = rec.items.iter().map(|s| s.id).collect();
         until_ended(&rig.engine, &ids[..5]);
+        // An event flush counts the ended ones as it begins (it waits on the live one's
+        // record); a counting flush of the batch waits on the batch's record, and has its
+        // counts when the batch's last item ends.
+        let f = rig.engine.flush(FlushScope::Batch(rec.batch)).unwrap();
+        assert_eq!(f.covered(), 6);
+        let (so_far, gone) = f.tally().expect("counts of the ended items");
+        let want_before =
+            BTreeMap::from([(State::Ok, 3), (State::Failed, 1), (State::Rejected, 1)]);
+        assert_eq!((&so_far, gone.len()), (&want_before, 0), "{mode:?}");
+        // The live one is still waited for, by either kind.
+        assert!(
+            f.wait(Some(Duration::from_millis(50))).is_err(),
+            "{mode:?}: the flush must wait for the running item"
+        );
         let f = rig
             .engine
             .flush_summary(FlushScope::Batch(rec.batch))
             .unwrap();
         assert_eq!(f.covered(), 6);
-        let (so_far, gone) = f.tally().expect("a counting flush");
-        let want_before =
-            BTreeMap::from([(State::Ok, 3), (State::Failed, 1), (State::Rejected, 1)]);
-        assert_eq!((&so_far, gone.len()), (&want_before, 0), "{mode:?}");
-        // The live one is still waited for.
         assert!(
             f.wait(Some(Duration::from_millis(50))).is_err(),
-            "{mode:?}: the flush must wait for the running item"
+            "{mode:?}: the counting flush must wait for the running item"
         );
         let f = rig
             .engine
@@ -1818,6 +1827,66 @@ fn ended_batch_records_expire_behind_a_live_one() {
         .flush_summary(FlushScope::Batch(long.batch))
         .is_ok());
     rig.engine.cancel(FlushScope::Batch(long.batch)).unwrap();
+}
+
+/// Counting flushes of whole batches wait on the batch's record (under L shared) while the
+/// batch's items end on both CPUs: each must count every item once, never return before the
+/// last one ended and never hang, whether registered at once, from another thread while
+/// items end, or after they all ended, with flushes dropped unread beside them.
+#[test]
+fn batch_record_flushes_count_every_item_once_under_load() {
+    for mode in [ResultsMode::Summary, ResultsMode::Full] {
+        let rig = Rig::new(2, "0-1");
+        rig.wq("w", |a| {
+            a.results = mode;
+            a.max_active = 4;
+        });
+        for round in 0..150usize {
+            let n = 1 + (round * 37) % 300;
+            let items: Vec<ItemSpec> = (0..n)
+                .map(|i| {
+                    let it = item(&format!("cpu:{}", i % 2), "noop");
+                    if i % 7 == 0 {
+                        it.arg("fail", "x")
+                    } else {
+                        it
+                    }
+                })
+                .collect();
+            let failed = (0..n).filter(|i| i % 7 == 0).count();
+            let rec = rig.engine.submit("w", items).unwrap();
+            let b = rec.batch;
+            let early = rig.engine.flush_summary(FlushScope::Batch(b)).unwrap();
+            drop(rig.engine.flush_summary(FlushScope::Batch(b)).unwrap());
+            let engine = &rig.engine;
+            let (first, second) = std::thread::scope(|sc| {
+                let h = sc.spawn(move || {
+                    std::thread::sleep(Duration::from_micros((round % 5) as u64 * 20));
+                    let f = engine.flush_summary(FlushScope::Batch(b)).unwrap();
+                    f.wait(Some(Duration::from_secs(20)))
+                });
+                let a = early.wait(Some(Duration::from_secs(20)));
+                (a, h.join().unwrap())
+            });
+            let late = rig
+                .engine
+                .flush_summary(FlushScope::Batch(b))
+                .unwrap()
+                .wait(Some(Duration::from_secs(20)));
+            for (what, sum) in [("early", first), ("other thread", second), ("late", late)] {
+                let sum = sum.unwrap_or_else(|e| panic!("{mode:?} round {round} {what}: {e:?}"));
+                let want = BTreeMap::from([(State::Ok, n - failed), (State::Failed, failed)]);
+                let want: BTreeMap<State, usize> =
+                    want.into_iter().filter(|(_, k)| *k > 0).collect();
+                assert_eq!(
+                    (&sum.by_state, sum.gone, sum.covered),
+                    (&want, 0, n),
+                    "{mode:?} round {round} {what}"
+                );
+            }
+        }
+        assert_eq!(rig.engine.stats().flushes, 0, "{mode:?}: no record left");
+    }
 }
 
 /// A batch whose workqueue switched from `full` to `summary` while it ran: a late flush

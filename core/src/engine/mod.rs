@@ -884,10 +884,11 @@ pub struct Flush {
     /// Set for summary-only flushes (`Engine::flush_summary`): the counts, filled under the
     /// engine lock; final once `rx` is disconnected.
     tally: Option<Arc<Mutex<Tally>>>,
-    /// Covered items that had ended without a record (their workqueue keeps no per-item
-    /// result) when the flush began, by state: counted from their batch's record (see
-    /// `Sched::register_flush`), in [`Flush::tally`] and [`Flush::wait`]'s summary.
-    pub(crate) ended_unrecorded: [usize; 8],
+    /// Covered items counted by state from their batch's record when the flush began: those
+    /// that had ended without a record (their workqueue keeps no per-item result; see
+    /// `Sched::register_flush`), or every item of a batch that had ended
+    /// (`Sched::flush_batch_shared`). In [`Flush::tally`] and [`Flush::wait`]'s summary.
+    pub(crate) counted_before: [usize; 8],
 }
 
 /// Terminal counts of a summary-only flush.
@@ -932,10 +933,10 @@ impl Flush {
                 let t = t.lock();
                 (t.by_state, t.gone.clone())
             }
-            None if self.ended_unrecorded == [0; 8] => return None,
+            None if self.counted_before == [0; 8] => return None,
             None => ([0; 8], Vec::new()),
         };
-        for (n, before) in counts.iter_mut().zip(self.ended_unrecorded) {
+        for (n, before) in counts.iter_mut().zip(self.counted_before) {
             *n += before;
         }
         let by_state = State::ALL
@@ -1097,7 +1098,7 @@ impl Flush {
             sum.gone += t.gone.len();
         }
         for s in State::ALL {
-            let n = self.ended_unrecorded[s.index()];
+            let n = self.counted_before[s.index()];
             if n > 0 {
                 *sum.by_state.entry(s).or_default() += n;
             }
@@ -1694,8 +1695,8 @@ impl Engine {
             };
             let delivery = (counting.delivery())(s.results_mode(wq)?);
             // Items the submit rejected at once on a workqueue keeping no result: counted.
-            let unrecorded = s.unrecorded(&scope);
-            let f = s.register_flush(&self.inner, ids, delivery, unrecorded);
+            let known = s.ended_counts(&scope);
+            let f = s.register_flush(&self.inner, ids, delivery, known);
             Ok((rec, f))
         })();
         fx.run(&self.inner);
@@ -1828,6 +1829,13 @@ impl Engine {
     }
 
     fn flush_with(&self, scope: FlushScope, summary_only: bool) -> Result<Flush, EngineError> {
+        // A counting flush of a whole batch waits on the batch's record, under L shared: the
+        // workers are not stopped for it (every item's waiters are not needed to count them).
+        if let (true, FlushScope::Batch(b)) = (summary_only, &scope) {
+            if let Some(f) = self.inner.sched.read().flush_batch_shared(&self.inner, *b) {
+                return Ok(f);
+            }
+        }
         let mut fx = sched::Effects::default();
         let r = {
             let mut s = self.inner.sched.write();
@@ -1836,8 +1844,8 @@ impl Engine {
                 true => Delivery::Count,
                 false => Delivery::Stream,
             };
-            let unrecorded = s.unrecorded(&scope);
-            let mut f = s.register_flush(&self.inner, ids, delivery, unrecorded);
+            let known = s.ended_counts(&scope);
+            let mut f = s.register_flush(&self.inner, ids, delivery, known);
             f.delayed_not_covered = left_out;
             f
         };
@@ -1866,7 +1874,12 @@ impl Engine {
                 .filter(|(_, o)| *o == CancelOutcome::WasRunning)
                 .map(|(id, _)| *id)
                 .collect();
-            let running = s.register_flush(&self.inner, running, Delivery::Stream, [0; 8]);
+            let running = s.register_flush(
+                &self.inner,
+                running,
+                Delivery::Stream,
+                sched::EndedCounts::default(),
+            );
             CancelReport { outcomes, running }
         };
         fx.run(&self.inner);
@@ -1914,14 +1927,19 @@ impl Engine {
                     .filter(|(_, o)| *o == CancelOutcome::CancelledPending)
                     .count();
                 // On a workqueue keeping no per-item result they ended with none: counted.
-                let mut unrecorded = [0; 8];
+                let mut known = sched::EndedCounts::default();
                 if s.results_mode(wq)? != ResultsMode::Full {
-                    unrecorded[State::Cancelled.index()] = cancelled;
+                    known.by_state[State::Cancelled.index()] = cancelled;
                 }
-                s.register_flush(&self.inner, ids, Delivery::Count, unrecorded)
+                s.register_flush(&self.inner, ids, Delivery::Count, known)
             } else {
                 let (ids, _) = s.flush_ids(&all, &mut fx)?;
-                s.register_flush(&self.inner, ids, Delivery::Count, [0; 8])
+                s.register_flush(
+                    &self.inner,
+                    ids,
+                    Delivery::Count,
+                    sched::EndedCounts::default(),
+                )
             }
         };
         fx.run(&self.inner);

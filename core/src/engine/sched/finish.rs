@@ -773,8 +773,23 @@ pub(super) fn notify(
     }
     if let Some(b) = batches.get_mut(&batch) {
         b.live = b.live.saturating_sub(1);
-        if stored.is_none() {
-            b.unrecorded[state.index()] += 1;
+        b.ended[state.index()] += 1;
+        b.recorded += u32::from(stored.is_some());
+        if b.live == 0 {
+            // The batch's flushes registered on its record: counts in, then the channel
+            // closes (after L when in a finish batch, as a record's last message).
+            for w in b.waiters.drain(..) {
+                {
+                    let mut t = w.tally.lock();
+                    for (n, e) in t.by_state.iter_mut().zip(b.ended) {
+                        *n += e as usize;
+                    }
+                    *woke |= ctx.holding && !t.waiter_spins;
+                }
+                if ctx.holding {
+                    sends.push((w.tx, None));
+                }
+            }
         }
     }
 }

@@ -4,7 +4,11 @@
 //! Invariant (under L): coverage is computed and registered in one lock hold, so each covered
 //! item is either live (its waiters hold the flush, and `terminal` counts it) or already
 //! terminal (its stored result is sent at once); a flush's `remaining` reaches zero exactly
-//! when its last covered item ends, and its record is then removed, closing its channel.
+//! when its last covered item ends, and its record is then removed, closing its channel. A
+//! counting flush of a whole batch may instead wait on the batch's record
+//! ([`Sched::flush_batch_shared`], under L shared and the batches' lock): it is told, with the
+//! batch's counts, by the `notify` that takes the record's `live` to zero, or at once if it
+//! is zero.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +20,7 @@ use crate::engine::{
 use super::finish::CANCELLED_UNSTARTED;
 use super::item::ItemId;
 use super::results::{Made, Stored};
+use super::submit::BatchWaiter;
 use super::{Effects, Sched};
 
 /// How a flush hands over what it learns of each covered item.
@@ -179,16 +184,20 @@ impl Sched {
         }
     }
 
-    /// For a batch scope, its items that ended without a record, by state (see
-    /// [`Sched::register_flush`]); zeros for every other scope, or a batch no longer known.
-    pub(crate) fn unrecorded(&mut self, scope: &FlushScope) -> [usize; 8] {
+    /// For a batch scope, what its record counted of its ended items (see
+    /// [`Sched::register_flush`]); nothing for every other scope, or a batch no longer known.
+    pub(crate) fn ended_counts(&mut self, scope: &FlushScope) -> EndedCounts {
         match scope {
-            FlushScope::Batch(b) => self
-                .batches
-                .get_mut()
-                .get(b)
-                .map_or([0; 8], |rec| rec.unrecorded.map(|n| n as usize)),
-            _ => [0; 8],
+            FlushScope::Batch(b) => {
+                self.batches
+                    .get_mut()
+                    .get(b)
+                    .map_or(EndedCounts::default(), |rec| EndedCounts {
+                        by_state: rec.ended.map(|n| n as usize),
+                        recorded: rec.recorded as usize,
+                    })
+            }
+            _ => EndedCounts::default(),
         }
     }
 
@@ -231,19 +240,20 @@ impl Sched {
     /// no per-item events are sent: the flush's tally counts terminal states and
     /// `Flush::wait` reports them.
     ///
-    /// `unrecorded`, by state: how many of the `ids` not live ended without a record (their
-    /// workqueue keeps no per-item result), when the caller knows it (a batch's
-    /// [`BatchRec::unrecorded`](super::submit::BatchRec), or the pending items a drain just
-    /// cancelled); zeros otherwise. When those are all of the ended ids the store has no
-    /// record of, the flush counts them by state instead of listing them as gone; were any
-    /// of them expired results as well, no id can be told from another and all are gone, as
-    /// without the counts.
+    /// `known`: what the caller knows of the `ids` not live (a batch's record, or the pending
+    /// items a drain just cancelled on a workqueue keeping no result): how many ended, by
+    /// state, and how many of them with a record in the store; nothing otherwise. The others
+    /// ended without a record (their workqueue keeps no per-item result). When as many ended
+    /// ids as that are missing from the store, they are those, and the flush counts them by
+    /// state (the known counts less the stored results found) instead of listing them as
+    /// gone; were expired results missing as well, no id can be told from another and all
+    /// are gone, as without the counts. When none has a record, nothing is looked up.
     pub(crate) fn register_flush(
         &mut self,
         inner: &Arc<Inner>,
         ids: Vec<ItemId>,
         delivery: Delivery,
-        unrecorded: [usize; 8],
+        known: EndedCounts,
     ) -> Flush {
         let fid = *self.next_flush.get_mut();
         *self.next_flush.get_mut() += 1;
@@ -259,14 +269,18 @@ impl Sched {
                 ended_ids.push(id);
             }
         }
-        let n_unrecorded: usize = unrecorded.iter().sum();
+        let n_known: usize = known.by_state.iter().sum();
+        // The counts describe these ids, or nothing is taken from them.
+        let fits = n_known == ended_ids.len();
+        let n_unrecorded = n_known.saturating_sub(known.recorded);
         // Items already terminal: their events go in one message.
         let mut ended = Vec::new();
-        // Ended ids the store has no record of.
+        // Ended ids the store has no record of, and the stored results found, by state.
         let mut missing = Vec::new();
-        // When the unrecorded are all the ended ids, no look-up is needed (a batch of a
+        let mut found = [0usize; 8];
+        // When none of the ended ids has a record, no look-up is needed (a batch of a
         // workqueue keeping no per-item result).
-        let look_up = n_unrecorded != ended_ids.len();
+        let look_up = !(fits && known.recorded == 0 && n_known > 0);
         if look_up {
             // R only for an id not live (a flush of a fresh batch never takes it): a worker
             // storing its finish batch's results holds R after its L hold (see `Finished`).
@@ -275,21 +289,28 @@ impl Sched {
             // of the id in `ids` (`Made`, as for `Engine::results`).
             let mut made = Made::default();
             for id in ended_ids {
-                match (g.stored(id), &opening.tally) {
-                    (Some(r), Some(t)) => t.lock().by_state[r.state().index()] += 1,
-                    (Some(r), None) => ended.extend(
+                let Some(r) = g.stored(id) else {
+                    missing.push(id);
+                    continue;
+                };
+                found[r.state().index()] += 1;
+                match &opening.tally {
+                    Some(t) => t.lock().by_state[r.state().index()] += 1,
+                    None => ended.extend(
                         made.once(id, || Some(Arc::new(r.to_result(Some(&g.names)))))
                             .map(FlushEvent::Done),
                     ),
-                    (None, _) => missing.push(id),
                 }
             }
         }
         // The unrecorded never have a record: when as many ids have none, they are those.
-        let counted = n_unrecorded > 0 && (!look_up || missing.len() == n_unrecorded);
+        let counted = fits && n_unrecorded > 0 && missing.len() == n_unrecorded;
+        let counted = counted || !look_up;
         let mut precounted = [0; 8];
         if counted {
-            precounted = unrecorded;
+            for ((p, k), f) in precounted.iter_mut().zip(known.by_state).zip(found) {
+                *p = k.saturating_sub(f);
+            }
         } else {
             // Expired results among them (or no counts): every one is gone.
             match &opening.tally {
@@ -301,9 +322,65 @@ impl Sched {
         if let Some(rec) = rec {
             self.flushes.get_mut().insert(fid, rec);
         }
-        flush.ended_unrecorded = precounted;
+        flush.counted_before = precounted;
         flush
     }
+}
+
+impl Sched {
+    /// A counting flush of batch `b` registered on the batch's record, under L *shared*: no
+    /// item is touched, and the workers go on. `None` when the batch is unknown, or had
+    /// delayed entries (a batch flush queues them at once, which only the exclusive path
+    /// does); [`Sched::register_flush`] answers then.
+    ///
+    /// Under the batches' lock, in which `notify` counts each ended item into the record
+    /// (`live` down, `ended` up) and, when `live` reaches zero, gives every waiter the counts
+    /// and closes its channel: a flush registered while `live` is above zero is told by the
+    /// item that takes it to zero, and one registered at zero is answered now. Either way its
+    /// counts are every covered item's final state, once.
+    pub(crate) fn flush_batch_shared(&self, inner: &Arc<Inner>, b: u64) -> Option<Flush> {
+        let mut batches = self.batches.lock();
+        let rec = batches.get_mut(&b)?;
+        if rec.delays {
+            return None;
+        }
+        let covered = rec.count - rec.unused.len();
+        let opening = Opening::new(Delivery::Count);
+        if rec.live == 0 {
+            let (_, mut flush) = opening.open(inner, 0, 0, covered, Vec::new());
+            flush.counted_before = rec.ended.map(|n| n as usize);
+            return Some(flush);
+        }
+        // Waiters whose flush was dropped (a client gone) go now: the list stays as long as
+        // the flushes still waiting.
+        rec.waiters.retain(|w| !w.tx.is_disconnected());
+        let tally = opening.tally.clone()?;
+        let Opening { tx, rx, .. } = opening;
+        rec.waiters.push(BatchWaiter {
+            tx,
+            tally: tally.clone(),
+        });
+        Some(Flush {
+            inner: inner.clone(),
+            id: None,
+            rx,
+            pending: std::collections::VecDeque::new(),
+            covered,
+            delayed_not_covered: 0,
+            began: Instant::now(),
+            tally: Some(tally),
+            counted_before: [0; 8],
+        })
+    }
+}
+
+/// What a flush's caller knows of the covered ids that ended (see
+/// [`Sched::register_flush`]): how many by state, and how many of them have a record in the
+/// store.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct EndedCounts {
+    pub(crate) by_state: [usize; 8],
+    pub(crate) recorded: usize,
 }
 
 /// A flush being registered: its channel and, when it counts ([`Delivery::Count`]), its
@@ -365,7 +442,7 @@ impl Opening {
             delayed_not_covered: 0,
             began: Instant::now(),
             tally: self.tally,
-            ended_unrecorded: [0; 8],
+            counted_before: [0; 8],
         };
         (rec, flush)
     }

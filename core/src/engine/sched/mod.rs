@@ -82,7 +82,7 @@ mod workqueue;
 pub(crate) mod remote;
 
 pub(crate) use finish::{Finished, NOT_LIVE};
-pub(crate) use flush::{Delivery, FlushRec, Kept};
+pub(crate) use flush::{Delivery, EndedCounts, FlushRec, Kept};
 pub use item::ItemId;
 #[cfg(test)]
 pub(crate) use item::NOT_BOUND;

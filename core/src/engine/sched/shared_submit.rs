@@ -212,7 +212,10 @@ impl Sched {
                 unused: Vec::new(),
                 live: n,
                 created: now,
-                unrecorded: [0; 8],
+                ended: [0; 8],
+                recorded: 0,
+                waiters: Vec::new(),
+                delays: false,
             },
         );
         self.batch_order.lock().push_back(batch);

@@ -27,9 +27,24 @@ pub(super) struct BatchRec {
     pub(super) unused: Vec<ItemId>,
     pub(super) live: usize,
     pub(super) created: Instant,
-    /// Its items that ended without a record (their workqueue keeps no per-item result), by
-    /// state: what a flush of the batch that begins after they ended counts them as.
-    pub(super) unrecorded: [u32; 8],
+    /// Its items that ended, by state: what a flush of the batch that begins after they ended
+    /// counts those without a record as (see `Sched::register_flush`).
+    pub(super) ended: [u32; 8],
+    /// How many of them ended with a full result in the store.
+    pub(super) recorded: u32,
+    /// Counting flushes of the whole batch registered on the record rather than on each item
+    /// (`Sched::flush_batch_shared`): told, with `ended`, when `live` reaches zero.
+    pub(super) waiters: Vec<BatchWaiter>,
+    /// Some entry was delayed at submit: a flush of the batch queues delayed items at once,
+    /// which only the exclusive path does.
+    pub(super) delays: bool,
+}
+
+/// A counting flush waiting on a batch record: its channel closes, after its tally got the
+/// batch's counts, when the batch's last item ends.
+pub(crate) struct BatchWaiter {
+    pub(super) tx: flume::Sender<crate::engine::FlushMsg>,
+    pub(super) tally: std::sync::Arc<parking_lot::Mutex<crate::engine::Tally>>,
 }
 
 impl Sched {
@@ -141,7 +156,10 @@ impl Sched {
                 live: bodies.len(),
                 created: now,
                 unused: Vec::new(),
-                unrecorded: [0; 8],
+                ended: [0; 8],
+                recorded: 0,
+                waiters: Vec::new(),
+                delays: false,
             },
         );
         self.batch_order.get_mut().push_back(batch);
@@ -154,6 +172,7 @@ impl Sched {
         let mut last_body: Option<(Arc<Body>, usize)> = None;
         // The last queue asked for its refusal (see `Sched::refusal`), and the answer.
         let mut refusal: Option<(usize, Option<String>)> = None;
+        let mut delays = false;
         for (index, Entry { body: b, key, .. }) in bodies.into_iter().enumerate() {
             if index > 0 {
                 crate::failpoint::seam!("engine::submit-between-items");
@@ -238,6 +257,7 @@ impl Sched {
             );
             match (delayed, refused) {
                 (Some(at), _) => {
+                    delays = true;
                     self.wqs[wi].get_mut().delayed += 1;
                     self.queues[qid].get_mut().delayed += 1;
                     self.timers.push(Reverse((at, TIMER_DELAY, id)));
@@ -255,6 +275,7 @@ impl Sched {
         if let Some(rec) = self.batches.get_mut().get_mut(&batch) {
             rec.live -= unused.len();
             rec.unused = unused;
+            rec.delays = delays;
         }
         if self.observed {
             let queued = out.iter().filter(|s| s.queued).count();
