@@ -39,10 +39,17 @@ async fn results_of(c: &Client, name: &str) -> ResultsMode {
 
 /// Every result and the summary of a flush of `batch`.
 async fn flush(c: &Client, batch: u64) -> (Vec<proto::ItemResult>, proto::FlushSummary) {
-    let mut s = c
-        .flush(FlushScope::Batch(batch), false)
-        .await
-        .expect("Flush");
+    flush_of(c, FlushScope::Batch(batch), false).await
+}
+
+/// The results a flush of `scope` streams, and its summary.
+async fn flush_of(
+    c: &Client,
+    scope: FlushScope,
+    summary_only: bool,
+) -> (Vec<proto::ItemResult>, proto::FlushSummary) {
+    let what = format!("{scope:?}");
+    let mut s = c.flush(scope, summary_only).await.expect("Flush");
     let mut results = Vec::new();
     while let Some(ev) = s.next().await {
         match ev.expect("flush event") {
@@ -50,7 +57,7 @@ async fn flush(c: &Client, batch: u64) -> (Vec<proto::ItemResult>, proto::FlushS
             FlushEvent::Summary(sum) => return (results, sum),
         }
     }
-    panic!("the flush of batch {batch} ended without a summary");
+    panic!("the flush of {what} ended without a summary");
 }
 
 fn noops(wq: &str, n: usize) -> Batch {
@@ -264,32 +271,14 @@ async fn summary_and_none_workqueues_keep_counts_only() {
         assert_eq!((counts.ok, total(&counts)), (n as u64, n as u64), "{name}");
         assert!(summary.unknown_item_ids.is_empty(), "{name}: {summary:?}");
         assert_eq!(summary.items_covered, n as u64, "{name}");
-        let mut s = c
-            .flush(FlushScope::Batch(r.batch_id), true)
-            .await
-            .expect("Flush summary_only");
-        let mut last = None;
-        while let Some(ev) = s.next().await {
-            if let FlushEvent::Summary(sum) = ev.expect("flush event") {
-                last = Some(sum);
-            }
-        }
-        let sum = last.expect("a summary");
+        let (results, sum) = flush_of(&c, FlushScope::Batch(r.batch_id), true).await;
+        assert!(results.is_empty(), "{name}");
         assert_eq!(sum.counts.map(|c| c.ok), Some(n as u64), "{name}: {sum:?}");
         assert!(sum.unknown_item_ids.is_empty(), "{name}: {sum:?}");
         // A flush of their ids finds no record of them: they are listed as unknown
         // (forgotten), as items whose results expired.
-        let mut s = c
-            .flush(FlushScope::Items(ids.clone()), false)
-            .await
-            .expect("Flush items");
-        let mut last = None;
-        while let Some(ev) = s.next().await {
-            if let FlushEvent::Summary(sum) = ev.expect("flush event") {
-                last = Some(sum);
-            }
-        }
-        let sum = last.expect("a summary");
+        let (results, sum) = flush_of(&c, FlushScope::Items(ids.clone()), false).await;
+        assert!(results.is_empty(), "{name}");
         assert_eq!(total(&sum.counts.expect("counts")), 0, "{name}");
         assert_eq!(sum.unknown_item_ids, ids, "{name}");
 

@@ -1697,19 +1697,14 @@ fn a_late_batch_flush_counts_items_that_ended_without_a_record() {
             BTreeMap::from([(State::Ok, 3), (State::Failed, 1), (State::Rejected, 1)]);
         assert_eq!((&so_far, gone.len()), (&want_before, 0), "{mode:?}");
         // The live one is still waited for, by either kind.
-        assert!(
-            f.wait(Some(Duration::from_millis(50))).is_err(),
-            "{mode:?}: the flush must wait for the running item"
-        );
-        let f = rig
-            .engine
-            .flush_summary(FlushScope::Batch(rec.batch))
-            .unwrap();
-        assert_eq!(f.covered(), 6);
-        assert!(
-            f.wait(Some(Duration::from_millis(50))).is_err(),
-            "{mode:?}: the counting flush must wait for the running item"
-        );
+        let counting = rig.engine.flush_summary(FlushScope::Batch(rec.batch));
+        for (what, f) in [("event", f), ("counting", counting.unwrap())] {
+            assert_eq!(f.covered(), 6, "{mode:?} {what}");
+            assert!(
+                f.wait(Some(Duration::from_millis(50))).is_err(),
+                "{mode:?}: the {what} flush must wait for the running item"
+            );
+        }
         let f = rig
             .engine
             .flush_summary(FlushScope::Batch(rec.batch))
