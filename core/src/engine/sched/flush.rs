@@ -201,6 +201,51 @@ impl Sched {
         }
     }
 
+    /// A counting flush of batch `b` registered on the batch's record, under L *shared*: no
+    /// item is touched, and the workers go on. `None` when the batch is unknown, or had
+    /// delayed entries (a batch flush queues them at once, which only the exclusive path
+    /// does); [`Sched::register_flush`] answers then.
+    ///
+    /// Under the batches' lock, in which `notify` counts each ended item into the record
+    /// (`live` down, `ended` up) and, when `live` reaches zero, gives every waiter the counts
+    /// and closes its channel: a flush registered while `live` is above zero is told by the
+    /// item that takes it to zero, and one registered at zero is answered now. Either way its
+    /// counts are every covered item's final state, once.
+    pub(crate) fn flush_batch_shared(&self, inner: &Arc<Inner>, b: u64) -> Option<Flush> {
+        let mut batches = self.batches.lock();
+        let rec = batches.get_mut(&b)?;
+        if rec.delays {
+            return None;
+        }
+        let covered = rec.count - rec.unused.len();
+        let opening = Opening::new(Delivery::Count);
+        if rec.live == 0 {
+            let (_, mut flush) = opening.open(inner, 0, 0, covered, Vec::new());
+            flush.counted_before = rec.ended.map(|n| n as usize);
+            return Some(flush);
+        }
+        // Waiters whose flush was dropped (a client gone) go now: the list stays as long as
+        // the flushes still waiting.
+        rec.waiters.retain(|w| !w.tx.is_disconnected());
+        let Opening { tx, rx, tally, .. } = opening;
+        let tally = tally?;
+        rec.waiters.push(BatchWaiter {
+            tx,
+            tally: tally.clone(),
+        });
+        Some(Flush {
+            inner: inner.clone(),
+            id: None,
+            rx,
+            pending: std::collections::VecDeque::new(),
+            covered,
+            delayed_not_covered: 0,
+            began: Instant::now(),
+            tally: Some(tally),
+            counted_before: [0; 8],
+        })
+    }
+
     /// The ids a flush of `scope` covers, and how many delayed items it leaves out. Delayed
     /// items of an item, batch or `WorkqueueAll` scope are queued at once (the kernel's
     /// `flush_delayed_work()`); a `Workqueue` scope leaves them out and counts them.
@@ -303,9 +348,9 @@ impl Sched {
                 }
             }
         }
-        // The unrecorded never have a record: when as many ids have none, they are those.
-        let counted = fits && n_unrecorded > 0 && missing.len() == n_unrecorded;
-        let counted = counted || !look_up;
+        // The unrecorded never have a record: when as many ids have none, they are those (all
+        // of them when nothing was looked up).
+        let counted = fits && n_unrecorded > 0 && (!look_up || missing.len() == n_unrecorded);
         let mut precounted = [0; 8];
         if counted {
             for ((p, k), f) in precounted.iter_mut().zip(known.by_state).zip(found) {
@@ -324,53 +369,6 @@ impl Sched {
         }
         flush.counted_before = precounted;
         flush
-    }
-}
-
-impl Sched {
-    /// A counting flush of batch `b` registered on the batch's record, under L *shared*: no
-    /// item is touched, and the workers go on. `None` when the batch is unknown, or had
-    /// delayed entries (a batch flush queues them at once, which only the exclusive path
-    /// does); [`Sched::register_flush`] answers then.
-    ///
-    /// Under the batches' lock, in which `notify` counts each ended item into the record
-    /// (`live` down, `ended` up) and, when `live` reaches zero, gives every waiter the counts
-    /// and closes its channel: a flush registered while `live` is above zero is told by the
-    /// item that takes it to zero, and one registered at zero is answered now. Either way its
-    /// counts are every covered item's final state, once.
-    pub(crate) fn flush_batch_shared(&self, inner: &Arc<Inner>, b: u64) -> Option<Flush> {
-        let mut batches = self.batches.lock();
-        let rec = batches.get_mut(&b)?;
-        if rec.delays {
-            return None;
-        }
-        let covered = rec.count - rec.unused.len();
-        let opening = Opening::new(Delivery::Count);
-        if rec.live == 0 {
-            let (_, mut flush) = opening.open(inner, 0, 0, covered, Vec::new());
-            flush.counted_before = rec.ended.map(|n| n as usize);
-            return Some(flush);
-        }
-        // Waiters whose flush was dropped (a client gone) go now: the list stays as long as
-        // the flushes still waiting.
-        rec.waiters.retain(|w| !w.tx.is_disconnected());
-        let tally = opening.tally.clone()?;
-        let Opening { tx, rx, .. } = opening;
-        rec.waiters.push(BatchWaiter {
-            tx,
-            tally: tally.clone(),
-        });
-        Some(Flush {
-            inner: inner.clone(),
-            id: None,
-            rx,
-            pending: std::collections::VecDeque::new(),
-            covered,
-            delayed_not_covered: 0,
-            began: Instant::now(),
-            tally: Some(tally),
-            counted_before: [0; 8],
-        })
     }
 }
 
