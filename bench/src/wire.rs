@@ -4,9 +4,9 @@
 //!
 //! - A batch is encoded once ([`Pre`]) and every call sends the same bytes (a refcount
 //!   bump, no re-encoding of 10k items per call).
-//! - A `SubmitResponse` is decoded as [`Ack`]: receipts and results are counted (each kept
-//!   as its undecoded bytes), not parsed field by field. The count is checked, so a call
-//!   that did less than asked fails the run.
+//! - A `SubmitResponse` is decoded as [`Ack`]: receipts and results are counted as they are
+//!   skipped ([`Counted`]), not parsed field by field or kept. The count is checked, so a
+//!   call that did less than asked fails the run.
 //! - One [`Conn`] is one HTTP/2 connection (its own tonic `Channel`), used by one task at a
 //!   time: one call in flight per connection (a closed loop).
 
