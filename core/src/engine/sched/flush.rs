@@ -227,23 +227,9 @@ impl Sched {
         // Waiters whose flush was dropped (a client gone) go now: the list stays as long as
         // the flushes still waiting.
         rec.waiters.retain(|w| !w.tx.is_disconnected());
-        let Opening { tx, rx, tally, .. } = opening;
-        let tally = tally?;
-        rec.waiters.push(BatchWaiter {
-            tx,
-            tally: tally.clone(),
-        });
-        Some(Flush {
-            inner: inner.clone(),
-            id: None,
-            rx,
-            pending: std::collections::VecDeque::new(),
-            covered,
-            delayed_not_covered: 0,
-            began: Instant::now(),
-            tally: Some(tally),
-            counted_before: [0; 8],
-        })
+        let (waiter, flush) = opening.on_record(inner, covered)?;
+        rec.waiters.push(waiter);
+        Some(flush)
     }
 
     /// The ids a flush of `scope` covers, and how many delayed items it leaves out. Delayed
@@ -431,17 +417,47 @@ impl Opening {
             listed: false,
             kept,
         });
-        let flush = Flush {
-            inner: inner.clone(),
-            id: rec.as_ref().map(|_| fid),
-            rx: self.rx,
-            pending: std::collections::VecDeque::new(),
+        let flush = handle(
+            inner,
+            rec.as_ref().map(|_| fid),
+            self.rx,
             covered,
-            delayed_not_covered: 0,
-            began: Instant::now(),
-            tally: self.tally,
-            counted_before: [0; 8],
-        };
+            self.tally,
+        );
         (rec, flush)
+    }
+
+    /// A counting flush over `covered` ids that waits on their batch's record instead of a
+    /// record of its own: the waiter the batch's record keeps (see `notify`) and the handle.
+    /// `None` for a flush that does not count.
+    pub(super) fn on_record(
+        self,
+        inner: &Arc<Inner>,
+        covered: usize,
+    ) -> Option<(BatchWaiter, Flush)> {
+        let tally = self.tally?;
+        let flush = handle(inner, None, self.rx, covered, Some(tally.clone()));
+        Some((BatchWaiter { tx: self.tx, tally }, flush))
+    }
+}
+
+/// The handle of flush `id` (`None`: registered nowhere by id) over `covered` ids.
+fn handle(
+    inner: &Arc<Inner>,
+    id: Option<u64>,
+    rx: flume::Receiver<FlushMsg>,
+    covered: usize,
+    tally: Option<Arc<parking_lot::Mutex<crate::engine::Tally>>>,
+) -> Flush {
+    Flush {
+        inner: inner.clone(),
+        id,
+        rx,
+        pending: std::collections::VecDeque::new(),
+        covered,
+        delayed_not_covered: 0,
+        began: Instant::now(),
+        tally,
+        counted_before: [0; 8],
     }
 }
