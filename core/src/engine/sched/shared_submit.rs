@@ -204,20 +204,9 @@ impl Sched {
             }
             flush
         });
-        self.batches.lock().insert(
-            batch,
-            BatchRec {
-                first,
-                count: n,
-                unused: Vec::new(),
-                live: n,
-                created: now,
-                ended: [0; 8],
-                recorded: 0,
-                waiters: Vec::new(),
-                delays: false,
-            },
-        );
+        self.batches
+            .lock()
+            .insert(batch, BatchRec::new(first, n, now));
         self.batch_order.lock().push_back(batch);
         // Visible: each queue's runs into its FIFO in one hold of its Q, and the queue made
         // ready once for all of them (ranked into one buffer for the batch).

@@ -40,6 +40,23 @@ pub(super) struct BatchRec {
     pub(super) delays: bool,
 }
 
+impl BatchRec {
+    /// The record of a batch of `count` entries from id `first`, all live, submitted `now`.
+    pub(super) fn new(first: ItemId, count: usize, now: Instant) -> BatchRec {
+        BatchRec {
+            first,
+            count,
+            unused: Vec::new(),
+            live: count,
+            created: now,
+            ended: [0; 8],
+            recorded: 0,
+            waiters: Vec::new(),
+            delays: false,
+        }
+    }
+}
+
 /// A counting flush waiting on a batch record: its channel closes, after its tally got the
 /// batch's counts, when the batch's last item ends.
 pub(crate) struct BatchWaiter {
@@ -148,20 +165,9 @@ impl Sched {
         // submit (rejected: no eligible CPU) is counted out of `live` like any other. Every
         // entry counts as live from the start (one update, not one look-up per entry); the
         // duplicates, which never become items, are taken out at the end.
-        self.batches.get_mut().insert(
-            batch,
-            BatchRec {
-                first,
-                count: bodies.len(),
-                live: bodies.len(),
-                created: now,
-                unused: Vec::new(),
-                ended: [0; 8],
-                recorded: 0,
-                waiters: Vec::new(),
-                delays: false,
-            },
-        );
+        self.batches
+            .get_mut()
+            .insert(batch, BatchRec::new(first, bodies.len(), now));
         self.batch_order.get_mut().push_back(batch);
         let wq32 = wi as u32;
         let mut out = Vec::with_capacity(bodies.len());
